@@ -1,0 +1,1 @@
+"""Client-side code: imports only the generated stubs (recserve.v1), never server."""

@@ -1,0 +1,298 @@
+# Top-k selection with exclusions: the one selection routine every recserve
+# scoring kernel uses. Partial selection with a k-sized heap (O(n log k)),
+# never a full sort; exactly min(k, eligible) results; deterministic ties.
+import numpy as np
+
+from cython.parallel cimport parallel, prange, threadid
+
+from kernels.parallel cimport recserve_have_openmp, resolve_threads
+
+
+cdef inline bint worse(float sa, int ia, float sb, int ib) noexcept nogil:
+    """True when (sa, ia) ranks below (sb, ib): lower score, or equal score and higher index."""
+    return sa < sb or (sa == sb and ia > ib)
+
+
+cdef inline void sift_down(int* hi, float* hv, int size, int pos) noexcept nogil:
+    cdef int child
+    cdef int ti = hi[pos]
+    cdef float tv = hv[pos]
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and worse(hv[child + 1], hi[child + 1], hv[child], hi[child]):
+            child += 1
+        if worse(hv[child], hi[child], tv, ti):
+            hi[pos] = hi[child]
+            hv[pos] = hv[child]
+            pos = child
+        else:
+            break
+    hi[pos] = ti
+    hv[pos] = tv
+
+
+cdef inline void sift_up(int* hi, float* hv, int pos) noexcept nogil:
+    cdef int parent
+    cdef int ti = hi[pos]
+    cdef float tv = hv[pos]
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if worse(tv, ti, hv[parent], hi[parent]):
+            hi[pos] = hi[parent]
+            hv[pos] = hv[parent]
+            pos = parent
+        else:
+            break
+    hi[pos] = ti
+    hv[pos] = tv
+
+
+cdef inline int heap_offer(int* hi, float* hv, int size, int k, int item, float s) noexcept nogil:
+    """Offer one candidate to a heap holding the `size` best so far; return the new size."""
+    if size < k:
+        hi[size] = item
+        hv[size] = s
+        sift_up(hi, hv, size)
+        return size + 1
+    if worse(hv[0], hi[0], s, item):
+        hi[0] = item
+        hv[0] = s
+        sift_down(hi, hv, size, 0)
+    return size
+
+
+cdef inline int heap_drain(int* hi, float* hv, int size, int* out_idx, float* out_val) noexcept nogil:
+    """Write the heap's items best-first into out_*; return how many."""
+    cdef int m = size
+    while size > 0:
+        size -= 1
+        out_idx[size] = hi[0]
+        out_val[size] = hv[0]
+        hi[0] = hi[size]
+        hv[0] = hv[size]
+        sift_down(hi, hv, size, 0)
+    return m
+
+
+cdef int select_topk(const float* scores, int n, int k, unsigned char* mask,
+                     const int* cand, int n_cand,
+                     int* heap_idx, float* heap_val,
+                     int* out_idx, float* out_val) noexcept nogil:
+    """Best k of scores[0:n] whose mask byte is 0, best first; NaN never selected.
+
+    With `cand` (n_cand item ids) only those items are considered; repeated or
+    out-of-range candidates are ignored. The mask is left as it was found.
+    """
+    cdef int i, c, size = 0
+    cdef float s
+    if k <= 0:
+        return 0
+    if cand == NULL:
+        for i in range(n):
+            if mask[i]:
+                continue
+            s = scores[i]
+            if s != s:
+                continue
+            size = heap_offer(heap_idx, heap_val, size, k, i, s)
+    else:
+        for i in range(n_cand):
+            c = cand[i]
+            if c < 0 or c >= n or mask[c]:
+                continue
+            mask[c] = 2  # seen once: a repeated candidate is skipped
+            s = scores[c]
+            if s != s:
+                continue
+            size = heap_offer(heap_idx, heap_val, size, k, c, s)
+        for i in range(n_cand):
+            c = cand[i]
+            if 0 <= c < n and mask[c] == 2:
+                mask[c] = 0
+    return heap_drain(heap_idx, heap_val, size, out_idx, out_val)
+
+
+cdef int walk_ranked(const int* order, const float* scores, int n, int k,
+                     unsigned char* mask, int* out_idx, float* out_val) noexcept nogil:
+    """First k items of a precomputed best-first `order` whose mask byte is 0.
+
+    For scores shared by every query (popularity): O(k + excluded) per query.
+    """
+    cdef int i, item, m = 0
+    if k <= 0:
+        return 0
+    for i in range(n):
+        item = order[i]
+        if mask[item]:
+            continue
+        out_idx[m] = item
+        out_val[m] = scores[item]
+        m += 1
+        if m == k:
+            break
+    return m
+
+
+cdef void mark(unsigned char* mask, const int* items, long long start, long long stop,
+               int n, unsigned char value) noexcept nogil:
+    """Set mask[items[start:stop]] = value, ignoring out-of-range item ids."""
+    cdef long long j
+    cdef int item
+    for j in range(start, stop):
+        item = items[j]
+        if 0 <= item < n:
+            mask[item] = value
+
+
+# ---------------------------------------------------------------------------
+# Python-level wrappers: validate, then run the nogil kernels.
+
+def have_openmp() -> bool:
+    """Whether these kernels were compiled with OpenMP."""
+    return bool(recserve_have_openmp())
+
+
+def check_array(arr, str name, dtype, int ndim):
+    """Return `arr` if it is a C-contiguous ndarray of `dtype` and `ndim`, else raise naming it."""
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(arr).__name__}")
+    want = np.dtype(dtype)
+    if arr.dtype != want:
+        raise TypeError(f"{name}: expected dtype {want}, got {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim}-d array, got shape {arr.shape}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous (np.ascontiguousarray)")
+    return arr
+
+
+def check_rows(indptr, indices, Py_ssize_t n_rows, str name):
+    """Validate a CSR-style (indptr int64, indices int32) pair with n_rows rows."""
+    check_array(indptr, f"{name}_indptr", np.int64, 1)
+    check_array(indices, f"{name}_indices", np.int32, 1)
+    if indptr.shape[0] != n_rows + 1:
+        raise ValueError(
+            f"{name}_indptr: expected length {n_rows + 1} (one row per query), "
+            f"got {indptr.shape[0]}")
+    cdef const long long[::1] ip = indptr
+    cdef Py_ssize_t i
+    if ip[0] != 0 or ip[n_rows] > indices.shape[0]:
+        raise ValueError(f"{name}_indptr: must start at 0 and end within {name}_indices")
+    for i in range(n_rows):
+        if ip[i + 1] < ip[i]:
+            raise ValueError(f"{name}_indptr: decreases at row {i}")
+
+
+def _rows_or_empty(indptr, indices, Py_ssize_t n_rows, str name):
+    if indptr is None and indices is None:
+        return np.zeros(n_rows + 1, np.int64), np.zeros(0, np.int32), False
+    if indptr is None or indices is None:
+        raise ValueError(f"{name}_indptr and {name}_indices go together")
+    check_rows(indptr, indices, n_rows, name)
+    return indptr, indices, True
+
+
+def topk_dense(scores, int k, exclude_indptr=None, exclude_indices=None,
+               cand_indptr=None, cand_indices=None, int n_threads=0):
+    """Top-k per row of a dense float32 score matrix, with per-row exclusions.
+
+    exclude_*: CSR rows of item ids never returned for that row (seen items,
+    request excludes). cand_*: CSR rows restricting a row to those items; an
+    empty candidate row means "no restriction". Returns (items int32, scores
+    float32), both (n_rows, k), best first, padded with -1 / -inf where fewer
+    than k items are eligible.
+    """
+    check_array(scores, "scores", np.float32, 2)
+    if k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}")
+    cdef Py_ssize_t nq = scores.shape[0]
+    cdef int n = <int> scores.shape[1]
+    ex_ptr, ex_ind, _ = _rows_or_empty(exclude_indptr, exclude_indices, nq, "exclude")
+    ca_ptr, ca_ind, _ = _rows_or_empty(cand_indptr, cand_indices, nq, "cand")
+    cdef int nt = resolve_threads(n_threads)
+    out_idx = np.full((nq, k), -1, np.int32)
+    out_val = np.full((nq, k), -np.inf, np.float32)
+    masks = np.zeros((nt, max(n, 1)), np.uint8)
+    heap_i = np.empty((nt, max(k, 1)), np.int32)
+    heap_v = np.empty((nt, max(k, 1)), np.float32)
+    cdef const float[:, ::1] S = scores
+    cdef const long long[::1] exp = ex_ptr
+    cdef const int[::1] exi = ex_ind
+    cdef const long long[::1] cap = ca_ptr
+    cdef const int[::1] cai = ca_ind
+    cdef int[:, ::1] oi = out_idx
+    cdef float[:, ::1] ov = out_val
+    cdef unsigned char[:, ::1] M = masks
+    cdef int[:, ::1] HI = heap_i
+    cdef float[:, ::1] HV = heap_v
+    cdef Py_ssize_t q
+    cdef int t, nc
+    if nq == 0 or k == 0:
+        return out_idx, out_val
+    with nogil, parallel(num_threads=nt):
+        for q in prange(nq, schedule="dynamic", chunksize=16):
+            t = threadid()
+            mark(&M[t, 0], &exi[0] if exi.shape[0] else NULL, exp[q], exp[q + 1], n, 1)
+            nc = <int> (cap[q + 1] - cap[q])
+            select_topk(&S[q, 0], n, k, &M[t, 0],
+                        &cai[cap[q]] if nc > 0 else NULL, nc,
+                        &HI[t, 0], &HV[t, 0], &oi[q, 0], &ov[q, 0])
+            mark(&M[t, 0], &exi[0] if exi.shape[0] else NULL, exp[q], exp[q + 1], n, 0)
+    return out_idx, out_val
+
+
+def topk_ranked(order, scores, Py_ssize_t n_queries, int k,
+                exclude_indptr=None, exclude_indices=None,
+                cand_indptr=None, cand_indices=None, int n_threads=0):
+    """Top-k for many queries that share one score vector (e.g. popularity).
+
+    `order` is every item id best-first (ties by lower id) and `scores` the
+    shared float32 scores. Per-query exclusions and candidates as in topk_dense.
+    """
+    check_array(order, "order", np.int32, 1)
+    check_array(scores, "scores", np.float32, 1)
+    if order.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"order: length {order.shape[0]} differs from scores length {scores.shape[0]}")
+    if k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}")
+    if n_queries < 0:
+        raise ValueError(f"n_queries: must be >= 0, got {n_queries}")
+    cdef int n = <int> scores.shape[0]
+    ex_ptr, ex_ind, _ = _rows_or_empty(exclude_indptr, exclude_indices, n_queries, "exclude")
+    ca_ptr, ca_ind, _ = _rows_or_empty(cand_indptr, cand_indices, n_queries, "cand")
+    cdef int nt = resolve_threads(n_threads)
+    out_idx = np.full((n_queries, k), -1, np.int32)
+    out_val = np.full((n_queries, k), -np.inf, np.float32)
+    masks = np.zeros((nt, max(n, 1)), np.uint8)
+    heap_i = np.empty((nt, max(k, 1)), np.int32)
+    heap_v = np.empty((nt, max(k, 1)), np.float32)
+    cdef const int[::1] O = order
+    cdef const float[::1] S = scores
+    cdef const long long[::1] exp = ex_ptr
+    cdef const int[::1] exi = ex_ind
+    cdef const long long[::1] cap = ca_ptr
+    cdef const int[::1] cai = ca_ind
+    cdef int[:, ::1] oi = out_idx
+    cdef float[:, ::1] ov = out_val
+    cdef unsigned char[:, ::1] M = masks
+    cdef int[:, ::1] HI = heap_i
+    cdef float[:, ::1] HV = heap_v
+    cdef Py_ssize_t q
+    cdef int t, nc
+    if n_queries == 0 or k == 0 or n == 0:
+        return out_idx, out_val
+    with nogil, parallel(num_threads=nt):
+        for q in prange(n_queries, schedule="dynamic", chunksize=64):
+            t = threadid()
+            mark(&M[t, 0], &exi[0] if exi.shape[0] else NULL, exp[q], exp[q + 1], n, 1)
+            nc = <int> (cap[q + 1] - cap[q])
+            if nc > 0:
+                select_topk(&S[0], n, k, &M[t, 0], &cai[cap[q]], nc,
+                            &HI[t, 0], &HV[t, 0], &oi[q, 0], &ov[q, 0])
+            else:
+                walk_ranked(&O[0], &S[0], n, k, &M[t, 0], &oi[q, 0], &ov[q, 0])
+            mark(&M[t, 0], &exi[0] if exi.shape[0] else NULL, exp[q], exp[q + 1], n, 0)
+    return out_idx, out_val

@@ -1,0 +1,114 @@
+"""kernels.topk against a brute-force Python reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import topk
+
+
+def reference(scores: np.ndarray, k: int, exclude: set[int], cand: list[int]) -> list[int]:
+    """Best k eligible items: higher score first, then lower index; NaN never."""
+    pool = set(cand) if cand else set(range(scores.size))
+    eligible = [
+        j for j in pool if 0 <= j < scores.size and j not in exclude and not np.isnan(scores[j])
+    ]
+    return sorted(eligible, key=lambda j: (-float(scores[j]), j))[:k]
+
+
+def rows(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    indptr = np.zeros(len(lists) + 1, np.int64)
+    np.cumsum([len(x) for x in lists], out=indptr[1:])
+    flat = [j for x in lists for j in x]
+    return indptr, np.array(flat, np.int32)
+
+
+def check(scores, k, excl, cand, out_i, out_s):
+    for q in range(scores.shape[0]):
+        ref = reference(scores[q], k, set(excl[q]), cand[q] if cand else [])
+        got = [int(j) for j in out_i[q] if j >= 0]
+        assert got == ref, (q, got, ref)
+        assert (out_i[q, len(ref) :] == -1).all()
+        np.testing.assert_array_equal(out_s[q, : len(ref)], scores[q, ref])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_matches_reference_with_ties_and_exclusions(threads):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, (64, 40)).astype(np.float32)  # many ties
+    scores[3, 5] = np.nan
+    excl = [list(rng.integers(0, 40, rng.integers(0, 10))) for _ in range(64)]
+    excl[7] = list(range(40))  # nothing eligible
+    excl[8] = list(range(35))  # fewer than k eligible
+    cand = [[] if q % 3 else list(rng.integers(0, 40, 6)) for q in range(64)]
+    cand[9] = [2, 2, 2, 50, -1]  # repeats and out-of-range candidates
+    i, s = topk.topk_dense(scores, 8, *rows(excl), *rows(cand), n_threads=threads)
+    check(scores, 8, excl, cand, i, s)
+
+
+def test_read_only_memory_mapped_input(tmp_path):
+    scores = np.random.default_rng(1).random((5, 30), dtype=np.float32)
+    np.save(tmp_path / "s.npy", scores)
+    mapped = np.load(tmp_path / "s.npy", mmap_mode="r")
+    assert not mapped.flags.writeable
+    i, _ = topk.topk_dense(mapped, 4)
+    check(scores, 4, [[]] * 5, None, i, _)
+
+
+def test_ranked_walk_equals_dense_selection():
+    rng = np.random.default_rng(2)
+    shared = rng.integers(0, 6, 50).astype(np.float32)
+    order = np.lexsort((np.arange(50), -shared)).astype(np.int32)
+    excl = [list(rng.integers(0, 50, rng.integers(0, 20))) for _ in range(30)]
+    cand = [[] if q % 4 else list(rng.integers(0, 50, 8)) for q in range(30)]
+    i1, s1 = topk.topk_ranked(order, shared, 30, 10, *rows(excl), *rows(cand))
+    dense = np.ascontiguousarray(np.broadcast_to(shared, (30, 50)))
+    i2, s2 = topk.topk_dense(dense, 10, *rows(excl), *rows(cand))
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+
+
+def test_wrappers_name_what_is_wrong():
+    good = np.zeros((2, 3), np.float32)
+    with pytest.raises(TypeError, match="scores: expected dtype float32, got float64"):
+        topk.topk_dense(good.astype(np.float64), 2)
+    with pytest.raises(ValueError, match="scores: expected 2-d"):
+        topk.topk_dense(np.zeros(3, np.float32), 2)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        topk.topk_dense(np.zeros((3, 4), np.float32).T, 2)
+    with pytest.raises(ValueError, match="exclude_indptr: expected length 3"):
+        topk.topk_dense(good, 2, np.zeros(2, np.int64), np.zeros(0, np.int32))
+    with pytest.raises(ValueError, match="decreases at row 1"):
+        topk.topk_dense(good, 2, np.array([0, 2, 1], np.int64), np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="k: must be >= 0"):
+        topk.topk_dense(good, -1)
+    with pytest.raises(TypeError, match="exclude_indices: expected dtype int32"):
+        topk.topk_dense(good, 2, np.zeros(3, np.int64), np.zeros(0, np.int64))
+
+
+def test_openmp_is_compiled_in():
+    assert topk.have_openmp(), "setup.py should build with OpenMP on this machine (gcc)"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    k=st.integers(1, 70),
+    data=st.data(),
+)
+def test_properties(n, k, data):
+    values = data.draw(
+        st.lists(st.sampled_from([0.0, 1.0, 2.5, -3.0, np.inf, -np.inf]), min_size=n, max_size=n)
+    )
+    scores = np.array([values], np.float32)
+    excl = data.draw(st.lists(st.integers(-5, n + 5), max_size=n))
+    i, s = topk.topk_dense(scores, k, *rows([excl]))
+    got = [int(j) for j in i[0] if j >= 0]
+    eligible = {j for j in range(n)} - set(excl)
+    assert len(got) == min(k, len(eligible))
+    assert not set(got) & set(excl)
+    assert len(set(got)) == len(got)
+    assert all(s[0, a] >= s[0, a + 1] for a in range(len(got) - 1))
