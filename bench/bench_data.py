@@ -1,0 +1,79 @@
+"""Data-layer scale benchmark: synthesize N events, then load them back.
+
+Each phase runs in a fresh subprocess so its peak resident memory (ru_maxrss)
+is its own. Targets (issue: Foundation): 20M events synthesized in < 60 s,
+loaded in < 30 s with < 3 GB peak on a 2-core machine.
+
+    python bench/bench_data.py --interactions 20000000 --users 200000 --items 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PHASES = {
+    "synth": (
+        "from server.data import generate, write_csv\n"
+        "s = generate({users}, {items}, {interactions}, seed=7)\n"
+        "write_csv(s, {out!r})\n"
+    ),
+    "load": (
+        "from server.data import load_dataset\n"
+        "d = load_dataset({out!r})\n"
+        "assert d.nnz == {interactions}, d.nnz\n"
+    ),
+    "baseline": "import numpy, scipy.sparse, pyarrow.csv\n",
+}
+
+
+def run_phase(code: str) -> dict[str, float]:
+    """Run `code` in a fresh interpreter; return wall seconds and peak RSS bytes."""
+    wrapped = (
+        "import resource, time, json\n"
+        "t = time.perf_counter()\n"
+        + code
+        + "print(json.dumps({'seconds': time.perf_counter() - t, "
+        "'peak_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", wrapped],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--interactions", type=int, default=20_000_000)
+    ap.add_argument("--users", type=int, default=200_000)
+    ap.add_argument("--items", type=int, default=50_000)
+    ap.add_argument("--out", default=None, help="folder for the CSV (default: a temp dir)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or tmp
+        fmt = dict(users=args.users, items=args.items, interactions=args.interactions, out=out)
+        rows = {}
+        for phase, code in PHASES.items():
+            rows[phase] = run_phase(code.format(**fmt))
+        size = (Path(out) / "interactions.csv").stat().st_size
+    print(f"{'phase':<10}{'seconds':>10}{'peak MB':>10}   target")
+    targets = {"synth": "< 60 s", "load": "< 30 s, < 3000 MB", "baseline": "(imports only)"}
+    for phase, r in rows.items():
+        print(f"{phase:<10}{r['seconds']:>10.1f}{r['peak_bytes'] / 1e6:>10.0f}   {targets[phase]}")
+    print(
+        f"{args.interactions:,} events, CSV {size / 1e6:.0f} MB, "
+        f"load rate {args.interactions / rows['load']['seconds'] / 1e6:.2f} M rows/s"
+    )
+    print(json.dumps({"interactions": args.interactions, "csv_bytes": size, **rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,651 @@
+"""Readers for public interaction-log formats, auto-detected from the path.
+
+Formats: MovieLens 100K (u.data, u.item), 1M/10M (ratings.dat, movies.dat),
+20M/25M/latest (ratings.csv, movies.csv, tags.csv), goodbooks-10k (ratings.csv,
+books.csv, book_tags.csv + tags.csv) and a generic CSV (user_id,item_id,rating,
+timestamp with a header, optional items.csv with item_id,title,genres|tags).
+Any file may be gzip (.gz) or xz (.xz) compressed. Large files are parsed by
+pyarrow's multithreaded CSV reader, never a Python loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import lzma
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from server.data.dataset import Dataset, IdMap, build_csr, features_matrix
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("ml-100k", "ml-1m", "ml-20m", "goodbooks", "csv")
+COMPRESSED = (".gz", ".xz")
+ML100K_GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
+_FLOAT_RE = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+_INT_RE = r"^\s*[-+]?\d+\s*$"
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the line and the problem."""
+
+    def __init__(self, path: Path | str, problem: str, line: int | None = None) -> None:
+        where = f"{path}" if line is None else f"{path}, line {line}"
+        super().__init__(f"{where}: {problem}")
+        self.path = str(path)
+        self.line = line
+
+
+@dataclass
+class ItemMeta:
+    """Item metadata from a side file: titles and tags (genres) per item id."""
+
+    item_ids: list[str] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)
+    tags: list[list[str]] = field(default_factory=list)
+    weights: list[list[float]] | None = None
+
+
+@dataclass
+class Raw:
+    """Interactions as read, before ids become dense indices."""
+
+    users: pa.Array
+    items: pa.Array
+    values: np.ndarray
+    timestamps: np.ndarray
+    has_timestamps: bool
+
+
+# ---------------------------------------------------------------------------
+# files
+
+
+def find_file(folder: Path, name: str) -> Path | None:
+    """`folder/name`, or its .gz/.xz variant, if present."""
+    for suffix in ("", *COMPRESSED):
+        p = folder / f"{name}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def base_name(path: Path) -> str:
+    """File name without a compression suffix."""
+    name = path.name
+    for suffix in COMPRESSED:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    """Open a possibly compressed file for reading bytes."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".xz"):
+        return lzma.open(path, "rb")
+    return open(path, "rb")
+
+
+def first_line(path: Path, encoding: str = "utf-8") -> str:
+    with open_binary(path) as fh:
+        return fh.readline().decode(encoding, errors="replace").strip("\r\n\ufeff")
+
+
+def header_columns(path: Path, delimiter: str = ",", encoding: str = "utf-8") -> list[str]:
+    """Column names from a header line (surrounding quotes removed)."""
+    return [c.strip().strip('"').strip() for c in first_line(path, encoding).split(delimiter)]
+
+
+def read_table(
+    path: Path,
+    columns: dict[str, pa.DataType],
+    *,
+    delimiter: str = ",",
+    names: list[str] | None = None,
+    encoding: str = "utf8",
+    quoted: bool = True,
+    required: tuple[str, ...] = (),
+) -> pa.Table:
+    """Read the named columns of a delimited file with pyarrow, with errors that name the line.
+
+    `names` gives column names for a file without a header. `required` columns
+    must be present in a header (others in `columns` are read when present).
+    """
+    header_lines = 0 if names else 1
+    if not names:
+        cols = header_columns(path, delimiter, "utf-8" if encoding == "utf8" else encoding)
+        if not any(cols):
+            raise DataError(path, "empty file (no header line)", 1)
+        dupes = sorted({c for c in cols if cols.count(c) > 1})
+        if dupes:
+            raise DataError(path, f"duplicate column(s) in header: {', '.join(dupes)}", 1)
+        missing = [c for c in required if c not in cols]
+        if missing:
+            raise DataError(
+                path, f"missing column(s) {', '.join(missing)}; header has {', '.join(cols)}", 1
+            )
+        columns = {k: v for k, v in columns.items() if k in cols}
+    read_opts = pacsv.ReadOptions(
+        column_names=names, encoding=encoding, block_size=1 << 24, use_threads=True
+    )
+    parse_opts = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False)
+    # Only an empty field is missing: "nan" or "N/A" must not silently become null.
+    convert_opts = pacsv.ConvertOptions(
+        column_types=columns,
+        include_columns=list(columns),
+        strings_can_be_null=False,
+        null_values=[""],
+    )
+
+    def source() -> IO[bytes] | str:
+        return str(path) if not path.name.endswith(COMPRESSED) else open_binary(path)
+
+    try:
+        table = pacsv.read_csv(source(), read_opts, parse_opts, convert_opts)
+    except pa.ArrowInvalid as exc:
+        raise _explain(path, exc, columns, read_opts, parse_opts, header_lines, source) from None
+    if table.num_rows == 0:
+        raise DataError(path, "no data rows", header_lines + 1)
+    for name, dtype in columns.items():
+        col = table.column(name)
+        if col.null_count:
+            row = int(pc.index(pc.is_null(col), True).as_py())
+            raise DataError(path, f"missing value in column {name}", row + header_lines + 1)
+        if pa.types.is_floating(dtype):
+            finite = pc.is_finite(col)
+            if not pc.all(finite).as_py():
+                row = int(pc.index(finite, False).as_py())
+                raise DataError(
+                    path,
+                    f"non-finite {name} {col[row].as_py()!r} (NaN or inf)",
+                    row + header_lines + 1,
+                )
+        if pa.types.is_string(dtype):
+            empty = pc.equal(pc.utf8_length(col), 0)
+            if pc.any(empty).as_py():
+                row = int(pc.index(empty, True).as_py())
+                raise DataError(path, f"empty {name}", row + header_lines + 1)
+    return table
+
+
+def _explain(
+    path: Path,
+    exc: pa.ArrowInvalid,
+    columns: dict[str, pa.DataType],
+    read_opts: pacsv.ReadOptions,
+    parse_opts: pacsv.ParseOptions,
+    header_lines: int,
+    source: Callable[[], IO[bytes] | str],
+) -> DataError:
+    """Turn a pyarrow error into a DataError with the offending line (re-reads on failure only)."""
+    text = str(exc)
+    if "Empty CSV file" in text:
+        return DataError(path, "empty file", 1)
+    if "parse error" in text:
+        bad: list[tuple[int | None, str]] = []
+
+        def handler(row: pacsv.InvalidRow) -> str:
+            bad.append(
+                (
+                    row.number,
+                    f"expected {row.expected_columns} columns, "
+                    f"got {row.actual_columns}: {row.text[:80]!r}",
+                )
+            )
+            return "skip"
+
+        serial = pacsv.ReadOptions(
+            column_names=read_opts.column_names, encoding=read_opts.encoding, use_threads=False
+        )
+        opts = pacsv.ParseOptions(
+            delimiter=parse_opts.delimiter,
+            quote_char=parse_opts.quote_char,
+            invalid_row_handler=handler,
+        )
+        with contextlib.suppress(pa.ArrowInvalid):
+            pacsv.read_csv(
+                source(),
+                serial,
+                opts,
+                pacsv.ConvertOptions(
+                    column_types={k: pa.string() for k in columns}, include_columns=list(columns)
+                ),
+            )
+        if bad:
+            return DataError(path, bad[0][1], bad[0][0])
+        return DataError(path, text)
+    match = re.search(r"column #(\d+).*conversion error to (\w+)", text)
+    if match:
+        # Re-read every wanted column as text and find the first unparsable value.
+        as_text = pacsv.read_csv(
+            source(),
+            read_opts,
+            parse_opts,
+            pacsv.ConvertOptions(
+                column_types={k: pa.string() for k in columns},
+                include_columns=list(columns),
+                strings_can_be_null=False,
+            ),
+        )
+        for name, dtype in columns.items():
+            if pa.types.is_string(dtype):
+                continue
+            pattern = _FLOAT_RE if pa.types.is_floating(dtype) else _INT_RE
+            col = as_text.column(name)
+            ok = pc.match_substring_regex(col, pattern)
+            if pa.types.is_floating(dtype):
+                ok = pc.or_(ok, pc.match_substring_regex(pc.utf8_lower(col), r"^\s*[-+]?(nan|inf)"))
+            if not pc.all(ok).as_py():
+                row = int(pc.index(ok, False).as_py())
+                value = col[row].as_py()
+                hint = " (a repeated header line?)" if value.strip() == name else ""
+                kind = "a number" if pa.types.is_floating(dtype) else "an integer"
+                return DataError(
+                    path,
+                    f"column {name}: {value!r} is not {kind}{hint}",
+                    row + header_lines + 1,
+                )
+    return DataError(path, text)
+
+
+# ---------------------------------------------------------------------------
+# formats
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of a dataset path (a folder or a ratings file)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if find_file(p, "u.data"):
+            return "ml-100k"
+        if find_file(p, "ratings.dat"):
+            return "ml-1m"
+        for name in ("ratings.csv", "interactions.csv"):
+            f = find_file(p, name)
+            if f:
+                return _csv_kind(f)
+        raise DataError(
+            p,
+            "no known dataset here (looked for u.data, ratings.dat, ratings.csv, "
+            "interactions.csv, each optionally .gz/.xz); pass --format",
+        )
+    name = base_name(p)
+    if name == "u.data":
+        return "ml-100k"
+    if name.endswith(".dat"):
+        return "ml-1m"
+    if name.endswith((".csv", ".tsv")):
+        return _csv_kind(p)
+    raise DataError(p, "cannot tell the format from the file name; pass --format")
+
+
+def _csv_kind(path: Path) -> str:
+    header = header_columns(path)
+    if "userId" in header and "movieId" in header:
+        return "ml-20m"
+    if "book_id" in header and "user_id" in header:
+        return "goodbooks"
+    return "csv"
+
+
+def _folder_and_file(path: Path, name: str) -> tuple[Path, Path]:
+    if path.is_dir():
+        f = find_file(path, name)
+        if f is None:
+            raise DataError(path, f"no {name} (or .gz/.xz) in this folder")
+        return path, f
+    return path.parent, path
+
+
+def read_ml100k(path: Path) -> tuple[Raw, ItemMeta | None]:
+    folder, data = _folder_and_file(path, "u.data")
+    t = read_table(
+        data,
+        {"user": pa.string(), "item": pa.string(), "rating": pa.float32(), "ts": pa.int64()},
+        delimiter="\t",
+        names=["user", "item", "rating", "ts"],
+        quoted=False,
+    )
+    meta = None
+    item_file = find_file(folder, "u.item")
+    if item_file:
+        genres = ML100K_GENRES
+        genre_file = find_file(folder, "u.genre")
+        if genre_file:
+            with open_binary(genre_file) as fh:
+                rows = [ln.split("|") for ln in fh.read().decode("latin-1").splitlines() if ln]
+            genres = [name for name, _ in sorted(rows, key=lambda r: int(r[1]))]
+        meta = ItemMeta()
+        with open_binary(item_file) as fh:
+            for n, line in enumerate(fh.read().decode("latin-1").splitlines(), 1):
+                if not line.strip():
+                    continue
+                parts = line.split("|")
+                if len(parts) < 5 + len(genres):
+                    raise DataError(
+                        item_file, f"expected {5 + len(genres)} fields, got {len(parts)}", n
+                    )
+                flags = parts[5 : 5 + len(genres)]
+                meta.item_ids.append(parts[0])
+                meta.titles.append(parts[1])
+                meta.tags.append([g for g, f in zip(genres, flags, strict=True) if f == "1"])
+    return _raw(t, "user", "item", "rating", "ts"), meta
+
+
+def read_ml1m(path: Path) -> tuple[Raw, ItemMeta | None]:
+    """ratings.dat uses '::' separators; no field contains ':' so ':' splits it."""
+    folder, data = _folder_and_file(path, "ratings.dat")
+    names = ["user", "e1", "item", "e2", "rating", "e3", "ts"]
+    t = read_table(
+        data,
+        {"user": pa.string(), "item": pa.string(), "rating": pa.float32(), "ts": pa.int64()},
+        delimiter=":",
+        names=names,
+        quoted=False,
+    )
+    meta = None
+    movies = find_file(folder, "movies.dat")
+    if movies:
+        meta = ItemMeta()
+        with open_binary(movies) as fh:
+            raw = fh.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")  # ML-1M is ISO-8859-1
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split("::")
+            if len(parts) != 3:
+                raise DataError(movies, f"expected MovieID::Title::Genres, got {line[:80]!r}", n)
+            meta.item_ids.append(parts[0])
+            meta.titles.append(parts[1])
+            meta.tags.append(_split_tags(parts[2]))
+    return _raw(t, "user", "item", "rating", "ts"), meta
+
+
+def read_ml20m(path: Path) -> tuple[Raw, ItemMeta | None]:
+    folder, data = _folder_and_file(path, "ratings.csv")
+    t = read_table(
+        data,
+        {
+            "userId": pa.string(),
+            "movieId": pa.string(),
+            "rating": pa.float32(),
+            "timestamp": pa.int64(),
+        },
+        required=("userId", "movieId", "rating", "timestamp"),
+    )
+    meta = None
+    movies = find_file(folder, "movies.csv")
+    if movies:
+        mt = read_table(
+            movies,
+            {"movieId": pa.string(), "title": pa.string(), "genres": pa.string()},
+            required=("movieId", "title", "genres"),
+        )
+        meta = ItemMeta(
+            item_ids=mt.column("movieId").to_pylist(),
+            titles=mt.column("title").to_pylist(),
+            tags=[_split_tags(g) for g in mt.column("genres").to_pylist()],
+        )
+        tags = find_file(folder, "tags.csv")
+        if tags:
+            tt = read_table(
+                tags, {"movieId": pa.string(), "tag": pa.string()}, required=("movieId", "tag")
+            )
+            _add_tags(
+                meta,
+                tt.column("movieId").to_pylist(),
+                [f"tag:{s.strip().lower()}" for s in tt.column("tag").to_pylist()],
+            )
+    return _raw(t, "userId", "movieId", "rating", "timestamp"), meta
+
+
+def read_goodbooks(path: Path) -> tuple[Raw, ItemMeta | None]:
+    folder, data = _folder_and_file(path, "ratings.csv")
+    t = read_table(
+        data,
+        {"user_id": pa.string(), "book_id": pa.string(), "rating": pa.float32()},
+        required=("user_id", "book_id", "rating"),
+    )
+    meta = None
+    books = find_file(folder, "books.csv")
+    if books:
+        bt = read_table(
+            books,
+            {"book_id": pa.string(), "goodreads_book_id": pa.string(), "title": pa.string()},
+            required=("book_id", "title"),
+        )
+        ids = bt.column("book_id").to_pylist()
+        meta = ItemMeta(
+            item_ids=ids,
+            titles=bt.column("title").to_pylist(),
+            tags=[[] for _ in ids],
+            weights=[[] for _ in ids],
+        )
+        book_tags, tag_names = find_file(folder, "book_tags.csv"), find_file(folder, "tags.csv")
+        if book_tags and tag_names and "goodreads_book_id" in bt.column_names:
+            names_t = read_table(
+                tag_names,
+                {"tag_id": pa.string(), "tag_name": pa.string()},
+                required=("tag_id", "tag_name"),
+            )
+            name_of = dict(
+                zip(
+                    names_t.column("tag_id").to_pylist(),
+                    names_t.column("tag_name").to_pylist(),
+                    strict=True,
+                )
+            )
+            gr_to_book = dict(zip(bt.column("goodreads_book_id").to_pylist(), ids, strict=True))
+            bk = read_table(
+                book_tags,
+                {"goodreads_book_id": pa.string(), "tag_id": pa.string(), "count": pa.float32()},
+                required=("goodreads_book_id", "tag_id", "count"),
+            )
+            row_of = {b: i for i, b in enumerate(ids)}
+            for gr, tag, cnt in zip(
+                bk.column("goodreads_book_id").to_pylist(),
+                bk.column("tag_id").to_pylist(),
+                bk.column("count").to_pylist(),
+                strict=True,
+            ):
+                book = gr_to_book.get(gr)
+                if book is None or cnt <= 0:
+                    continue
+                i = row_of[book]
+                meta.tags[i].append(name_of.get(tag, f"tag{tag}"))
+                assert meta.weights is not None
+                meta.weights[i].append(float(cnt))
+    log.warning("%s: goodbooks ratings have no timestamps; file order stands in for time", data)
+    return _raw(t, "user_id", "book_id", "rating", None), meta
+
+
+def read_generic(path: Path) -> tuple[Raw, ItemMeta | None]:
+    if path.is_dir():
+        data = find_file(path, "interactions.csv") or find_file(path, "ratings.csv")
+        if data is None:
+            raise DataError(path, "no interactions.csv or ratings.csv (or .gz/.xz) here")
+        folder = path
+    else:
+        folder, data = path.parent, path
+    t = read_table(
+        data,
+        {
+            "user_id": pa.string(),
+            "item_id": pa.string(),
+            "rating": pa.float32(),
+            "timestamp": pa.int64(),
+        },
+        required=("user_id", "item_id"),
+    )
+    meta = None
+    items = find_file(folder, "items.csv")
+    if items:
+        header = header_columns(items)
+        tag_col = "genres" if "genres" in header else ("tags" if "tags" in header else None)
+        cols = {"item_id": pa.string()}
+        if "title" in header:
+            cols["title"] = pa.string()
+        if tag_col:
+            cols[tag_col] = pa.string()
+        it = read_table(items, cols, required=("item_id",))
+        ids = it.column("item_id").to_pylist()
+        meta = ItemMeta(
+            item_ids=ids,
+            titles=it.column("title").to_pylist() if "title" in cols else ["" for _ in ids],
+            tags=[_split_tags(s) for s in it.column(tag_col).to_pylist()]
+            if tag_col
+            else [[] for _ in ids],
+        )
+    rating = "rating" if "rating" in t.column_names else None
+    ts = "timestamp" if "timestamp" in t.column_names else None
+    return _raw(t, "user_id", "item_id", rating, ts), meta
+
+
+def _split_tags(s: str | None) -> list[str]:
+    if not s or s == "(no genres listed)":
+        return []
+    return [g.strip() for g in s.split("|") if g.strip()]
+
+
+def _add_tags(meta: ItemMeta, item_ids: list[str], tags: list[str]) -> None:
+    row_of = {i: n for n, i in enumerate(meta.item_ids)}
+    for item, tag in zip(item_ids, tags, strict=True):
+        n = row_of.get(item)
+        if n is None:
+            row_of[item] = n = len(meta.item_ids)
+            meta.item_ids.append(item)
+            meta.titles.append("")
+            meta.tags.append([])
+        meta.tags[n].append(tag)
+
+
+def _raw(t: pa.Table, user: str, item: str, rating: str | None, ts: str | None) -> Raw:
+    n = t.num_rows
+    values = (
+        t.column(rating).to_numpy().astype(np.float32, copy=False)
+        if rating
+        else np.ones(n, np.float32)
+    )
+    stamps = t.column(ts).to_numpy().astype(np.int64, copy=False) if ts else np.zeros(n, np.int64)
+    return Raw(
+        t.column(user).combine_chunks(),
+        t.column(item).combine_chunks(),
+        values,
+        stamps,
+        ts is not None,
+    )
+
+
+READERS: dict[str, Callable[[Path], tuple[Raw, ItemMeta | None]]] = {
+    "ml-100k": read_ml100k,
+    "ml-1m": read_ml1m,
+    "ml-20m": read_ml20m,
+    "goodbooks": read_goodbooks,
+    "csv": read_generic,
+}
+
+
+# ---------------------------------------------------------------------------
+# assembly
+
+
+def _sorted_ids(*arrays: pa.Array) -> np.ndarray:
+    """Sorted unique ids (as UTF-8 bytes) of the given string arrays."""
+    parts = [pc.unique(a).cast(pa.binary()).to_numpy(zero_copy_only=False) for a in arrays]
+    merged = np.concatenate(parts) if parts else np.zeros(0, object)
+    if merged.size == 0:
+        return np.zeros(0, dtype="S1")
+    return np.unique(merged.astype("S"))
+
+
+def _dense(column: pa.Array, ids: np.ndarray) -> np.ndarray:
+    idx = pc.index_in(column.cast(pa.binary()), value_set=pa.array(ids, type=pa.binary()))
+    return idx.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def load_dataset(path: str | Path, fmt: str | None = None, duplicates: str = "last") -> Dataset:
+    """Read a dataset in any supported format (auto-detected unless `fmt` is given)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    fmt = fmt or detect_format(p)
+    if fmt not in READERS:
+        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    raw, meta = READERS[fmt](p)
+    user_ids = _sorted_ids(raw.users)
+    meta_items = pa.array(meta.item_ids, pa.string()) if meta else pa.array([], pa.string())
+    item_ids = _sorted_ids(raw.items, meta_items)
+    users = _dense(raw.users, user_ids)
+    items = _dense(raw.items, item_ids)
+    matrix, stamps = build_csr(
+        users,
+        items,
+        raw.values,
+        raw.timestamps,
+        len(user_ids),
+        len(item_ids),
+        duplicates=duplicates,
+    )
+    titles = features = None
+    names: list[str] = []
+    if meta:
+        rows = _dense(meta_items, item_ids)
+        titles = np.full(len(item_ids), "", dtype=object)
+        titles[rows] = meta.titles
+        tags: list[list[str]] = [[] for _ in range(len(item_ids))]
+        weights: list[list[float]] | None = [[] for _ in range(len(item_ids))]
+        for r, t, i in zip(rows, meta.tags, range(len(rows)), strict=True):
+            tags[r] = t
+            assert weights is not None
+            weights[r] = meta.weights[i] if meta.weights else [1.0] * len(t)
+        features, names = features_matrix(tags, weights)
+    name = p.name if p.is_dir() else p.parent.name or p.stem
+    return Dataset(
+        interactions=matrix,
+        timestamps=stamps,
+        users=IdMap(user_ids),
+        items=IdMap(item_ids),
+        item_titles=titles,
+        item_features=features,
+        feature_names=names,
+        has_timestamps=raw.has_timestamps,
+        name=name,
+    )

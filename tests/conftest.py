@@ -1,0 +1,26 @@
+"""Shared fixtures: a small synthetic dataset and the optional real ml-100k."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.data import Dataset, generate, to_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
+
+
+@pytest.fixture(scope="session")
+def small() -> Dataset:
+    """1,000 users x 300 items x 30,000 events, deterministic."""
+    return to_dataset(generate(1_000, 300, 30_000, seed=3), name="small")
+
+
+@pytest.fixture(scope="session")
+def ml100k_path() -> Path:
+    """The real MovieLens 100K folder; the test is skipped when ../shared/data is absent."""
+    if not (ML100K / "u.data.xz").exists() and not (ML100K / "u.data").exists():
+        pytest.skip(f"{ML100K} not present (a fresh clone has no ../shared/data)")
+    return ML100K

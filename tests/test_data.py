@@ -1,0 +1,233 @@
+"""Readers against small files in every supported format; bad input; synthetic data."""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.data import (
+    DataError,
+    IdMap,
+    build_csr,
+    detect_format,
+    generate,
+    load_dataset,
+    to_dataset,
+    write_csv,
+)
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode(encoding)
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data)
+    elif path.name.endswith(".xz"):
+        data = lzma.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def entries(ds) -> dict[tuple[str, str], float]:
+    m = ds.interactions.tocoo()
+    users, items = ds.users.ids(m.row), ds.items.ids(m.col)
+    return {(u, i): float(v) for u, i, v in zip(users, items, m.data, strict=True)}
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".xz"])
+def test_ml100k(tmp_path, suffix):
+    write(
+        tmp_path / f"u.data{suffix}",
+        "196\t242\t3\t881250949\n186\t302\t3.5\t891717742\n196\t302\t1\t881250950\n",
+    )
+    flags = ["0"] * 19
+    action = flags.copy()
+    action[1] = "1"
+    write(
+        tmp_path / "u.item",
+        "242|Kolya (1996)|24-Jan-1997||http://x|" + "|".join(action) + "\n"
+        "302|L.A. Confidential (1997)|01-Jan-1997||http://y|" + "|".join(flags) + "\n"
+        "999|Caf\xe9 (1990)|01-Jan-1990||http://z|" + "|".join(action) + "\n",
+        encoding="latin-1",
+    )
+    assert detect_format(tmp_path) == "ml-100k"
+    ds = load_dataset(tmp_path)
+    assert entries(ds) == {("196", "242"): 3.0, ("186", "302"): 3.5, ("196", "302"): 1.0}
+    assert ds.n_items == 3  # 999 has metadata but no events: still an item
+    j = ds.items.get("999")
+    assert ds.item_titles[j] == "Café (1990)"
+    assert ds.feature_names == ["Action"]
+    assert ds.item_features[j].toarray().tolist() == [[1.0]]
+    assert ds.item_features[ds.items.get("302")].nnz == 0
+    assert sorted(ds.timestamps.tolist()) == [881250949, 881250950, 891717742]
+
+
+def test_ml1m_dat_with_colons_in_titles(tmp_path):
+    write(
+        tmp_path / "ratings.dat.gz",
+        "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n",
+    )
+    write(
+        tmp_path / "movies.dat",
+        "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+        "661::Star Wars: Episode IV (1977)::Action|Sci-Fi\n",
+        encoding="latin-1",
+    )
+    assert detect_format(tmp_path) == "ml-1m"
+    assert detect_format(tmp_path / "ratings.dat.gz") == "ml-1m"
+    ds = load_dataset(tmp_path)
+    assert entries(ds) == {("1", "1193"): 5.0, ("1", "661"): 3.0, ("2", "1193"): 4.0}
+    assert ds.item_titles[ds.items.get("661")] == "Star Wars: Episode IV (1977)"
+    assert ds.feature_names == ["Action", "Drama", "Sci-Fi"]
+
+
+def test_ml20m_csv_with_quoted_titles_and_tags(tmp_path):
+    write(
+        tmp_path / "ratings.csv.xz",
+        "userId,movieId,rating,timestamp\n1,2,3.5,1112486027\n"
+        "1,29,3.5,1112484676\n7,2,4.0,1112484819\n",
+    )
+    write(
+        tmp_path / "movies.csv",
+        'movieId,title,genres\n2,"Jumanji, The (1995)",'
+        "Adventure|Children\n29,City (1995),(no genres listed)\n",
+    )
+    write(tmp_path / "tags.csv", "userId,movieId,tag,timestamp\n1,29,Dark ,1\n7,29,dark,2\n")
+    assert detect_format(tmp_path) == "ml-20m"
+    ds = load_dataset(tmp_path)
+    assert entries(ds) == {("1", "2"): 3.5, ("1", "29"): 3.5, ("7", "2"): 4.0}
+    assert ds.item_titles[ds.items.get("2")] == "Jumanji, The (1995)"
+    feats = dict(
+        zip(ds.feature_names, ds.item_features[ds.items.get("29")].toarray()[0], strict=True)
+    )
+    assert feats["tag:dark"] == 2.0 and feats["Adventure"] == 0.0
+
+
+def test_goodbooks(tmp_path):
+    write(tmp_path / "ratings.csv", "user_id,book_id,rating\n1,258,5\n2,4081,4\n2,258,5\n")
+    write(tmp_path / "books.csv", "book_id,goodreads_book_id,title\n258,1,A Book\n4081,2,Another\n")
+    write(
+        tmp_path / "book_tags.csv",
+        "goodreads_book_id,tag_id,count\n1,30574,167697\n1,11305,37174\n2,30574,10\n",
+    )
+    write(tmp_path / "tags.csv", "tag_id,tag_name\n11305,fantasy\n30574,to-read\n")
+    assert detect_format(tmp_path) == "goodbooks"
+    ds = load_dataset(tmp_path)
+    assert not ds.has_timestamps
+    assert entries(ds) == {("1", "258"): 5.0, ("2", "4081"): 4.0, ("2", "258"): 5.0}
+    row = ds.item_features[ds.items.get("258")].toarray()[0]
+    assert dict(zip(ds.feature_names, row, strict=True)) == {
+        "fantasy": 37174.0,
+        "to-read": 167697.0,
+    }
+
+
+def test_generic_csv_with_items_and_optional_columns(tmp_path):
+    write(tmp_path / "interactions.csv", "user_id,item_id\nalice,x\nbob,y\nalice,y\n")
+    write(tmp_path / "items.csv", "item_id,title,tags\nx,Ex,a|b\nz,Zed,b\n")
+    ds = load_dataset(tmp_path)
+    assert entries(ds) == {("alice", "x"): 1.0, ("bob", "y"): 1.0, ("alice", "y"): 1.0}
+    assert ds.items.ids(range(ds.n_items)) == ["x", "y", "z"]
+    assert ds.feature_names == ["a", "b"]
+    assert load_dataset(tmp_path / "interactions.csv", fmt="csv").nnz == 3
+
+
+def test_duplicates_last_or_sum():
+    u = np.array([0, 0, 0, 1])
+    i = np.array([1, 1, 1, 0])
+    v = np.array([1.0, 5.0, 3.0, 2.0])
+    ts = np.array([10, 30, 20, 5])
+    last, kept = build_csr(u, i, v, ts, 2, 2)
+    assert last.toarray().tolist() == [[0, 5], [2, 0]]  # latest timestamp wins, not file order
+    assert sorted(kept.tolist()) == [5, 30]
+    summed, _ = build_csr(u, i, v, ts, 2, 2, duplicates="sum")
+    assert summed.toarray().tolist() == [[0, 9], [2, 0]]
+
+
+@pytest.mark.parametrize(
+    "body, line, message",
+    [
+        ("user_id,rating\n1,2\n", 1, "missing column.*item_id"),
+        ("user_id,item_id,rating\n1,2,3\n1,3,abc\n", 3, "rating: 'abc' is not a number"),
+        ("user_id,item_id,rating\n1,2,3\nuser_id,item_id,rating\n", 3, "repeated header"),
+        ("user_id,item_id,user_id\n1,2,3\n", 1, "duplicate column.*user_id"),
+        ("user_id,item_id,rating\n1,2,3\n1,3\n", 3, "expected 3 columns, got 2"),
+        ("user_id,item_id,rating\n1,2,nan\n", 2, "non-finite rating"),
+        ("user_id,item_id,rating\n1,,4\n", 2, "empty item_id"),
+        ("user_id,item_id,rating\n1,2,\n", 2, "missing value in column rating"),
+        ("user_id,item_id,rating,timestamp\n1,2,3,4.5\n", 2, "timestamp: '4.5' is not an integer"),
+        ("user_id,item_id,rating\n", 2, "no data rows"),
+    ],
+)
+def test_bad_input_names_file_line_and_problem(tmp_path, body, line, message):
+    path = write(tmp_path / "ratings.csv", body)
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset(path, fmt="csv")
+    assert info.value.line == line
+    assert str(path) in str(info.value)
+
+
+def test_empty_file_and_unknown_layout(tmp_path):
+    path = write(tmp_path / "ratings.csv", "")
+    with pytest.raises(DataError, match="empty"):
+        load_dataset(path, fmt="csv")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DataError, match="no known dataset"):
+        load_dataset(tmp_path / "other")
+    with pytest.raises(FileNotFoundError):
+        load_dataset(tmp_path / "missing")
+
+
+def test_idmap_lookups():
+    ids = IdMap.from_ids(["b", "a", "ü", "10", "2", "a"])
+    assert len(ids) == 5
+    assert ids.ids(ids.index(["ü", "a", "10"])) == ["ü", "a", "10"]
+    assert ids.index(["zz", "", "a\x00"]).tolist() == [-1, -1, -1]
+    assert IdMap.from_ids([]).index(["a"]).tolist() == [-1]
+
+
+def test_synthetic_is_deterministic_long_tailed_and_round_trips(tmp_path):
+    a, b = generate(800, 400, 20_000, seed=5), generate(800, 400, 20_000, seed=5)
+    np.testing.assert_array_equal(a.items, b.items)
+    np.testing.assert_array_equal(a.timestamps, b.timestamps)
+    assert not np.array_equal(a.items, generate(800, 400, 20_000, seed=6).items)
+    ds = to_dataset(a)
+    assert ds.nnz == 20_000 and np.diff(ds.interactions.indptr).min() >= 1
+    counts = np.sort(np.bincount(ds.interactions.indices, minlength=ds.n_items))[::-1]
+    assert counts[: ds.n_items // 10].sum() > 0.3 * ds.nnz  # top 10% of items: > 30% of events
+    assert set(np.unique(ds.interactions.data)) <= {1, 2, 3, 4, 5}
+    back = load_dataset(write_csv(a, tmp_path / "syn"))
+    assert back.users == ds.users and back.items == ds.items
+    assert (back.interactions != ds.interactions).nnz == 0
+    np.testing.assert_array_equal(back.timestamps, ds.timestamps)
+    assert (back.item_features != ds.item_features).nnz == 0
+
+
+def test_synthetic_carries_collaborative_signal(small):
+    """A plain numpy item-cosine kNN beats popularity on held-out events."""
+    m = small.interactions.tocsr()
+    rng = np.random.default_rng(0)
+    test = np.zeros(m.shape, bool)
+    train = (m > 0).toarray().astype(np.float64)
+    for u in range(m.shape[0]):
+        items = m.indices[m.indptr[u] : m.indptr[u + 1]]
+        if items.size >= 4:
+            held = rng.choice(items, items.size // 4, replace=False)
+            test[u, held], train[u, held] = True, 0
+    norms = np.sqrt(train.sum(0)) + 1e-9
+    sim = (train.T @ train) / np.outer(norms, norms)
+    np.fill_diagonal(sim, 0)
+
+    def recall(scores):
+        scores = np.where(train > 0, -np.inf, scores)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        hits = np.take_along_axis(test, top, 1).sum(1)
+        n = np.minimum(test.sum(1), 10)
+        return float((hits[n > 0] / n[n > 0]).mean())
+
+    knn, pop = recall(train @ sim), recall(np.broadcast_to(train.sum(0), train.shape))
+    assert knn > 1.3 * pop, (knn, pop)
