@@ -1,0 +1,250 @@
+"""Offline evaluation: splitting protocols and vectorised ranking and rating metrics.
+
+Protocols
+  random    per user, a seeded random fraction of their interactions is held out
+  temporal  per user, the last n interactions (by timestamp) are held out
+  users     a fraction of users is held out entirely (strong generalisation);
+            part of each held-out user's history is folded in at test time and
+            the rest is the test set
+Metrics at each K: Recall@K (hits / min(K, |test|)), NDCG@K, Precision@K,
+MAP@K, HitRate@K, catalogue coverage; MRR within the largest K; RMSE and MAE
+for rating models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from server.data import Dataset
+from server.models.base import Recommender
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("random", "temporal", "users")
+
+
+@dataclass
+class Split:
+    """A train dataset and held-out test interactions (users x items, raw values)."""
+
+    train: Dataset
+    test: sp.csr_matrix
+    fold_in: sp.csr_matrix | None = None  # users protocol: histories given at test time
+
+
+def _row_of(m: sp.csr_matrix) -> np.ndarray:
+    return np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
+
+
+def _split_mask(
+    m: sp.csr_matrix, test_mask: np.ndarray, ts: np.ndarray
+) -> tuple[sp.csr_matrix, np.ndarray, sp.csr_matrix]:
+    def part(mask: np.ndarray) -> sp.csr_matrix:
+        sub = sp.csr_matrix(
+            (
+                m.data[mask],
+                m.indices[mask],
+                np.r_[0, np.cumsum(np.bincount(_row_of(m)[mask], minlength=m.shape[0]))],
+            ),
+            shape=m.shape,
+        )
+        sub.has_sorted_indices = True
+        return sub
+
+    return part(~test_mask), ts[~test_mask], part(test_mask)
+
+
+def split_random(
+    ds: Dataset, fraction: float = 0.2, seed: int = 0, min_interactions: int = 2
+) -> Split:
+    """Hold out round(fraction * n) (at least 1) random interactions of each user with >= 2."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction: must be in (0, 1), got {fraction}")
+    m = ds.interactions
+    lengths = np.diff(m.indptr)
+    n_test = np.where(
+        lengths >= max(2, min_interactions), np.clip(np.rint(fraction * lengths), 1, lengths - 1), 0
+    ).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    row = _row_of(m)
+    order = np.lexsort((rng.random(m.nnz), row))
+    pos = np.empty(m.nnz, np.int64)
+    pos[order] = np.arange(m.nnz) - m.indptr[row[order]]
+    train, ts, test = _split_mask(m, pos < n_test[row], ds.timestamps)
+    return Split(ds.with_interactions(train, ts), test)
+
+
+def split_temporal(ds: Dataset, n: int = 1) -> Split:
+    """Hold out each user's last `n` interactions (users with more than n)."""
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n}")
+    if not ds.has_timestamps:
+        log.warning("%s has no timestamps: file order stands in for time", ds.name)
+    m = ds.interactions
+    lengths = np.diff(m.indptr)
+    row = _row_of(m)
+    order = np.lexsort((np.arange(m.nnz), ds.timestamps, row))
+    pos = np.empty(m.nnz, np.int64)
+    pos[order] = np.arange(m.nnz) - m.indptr[row[order]]
+    test_mask = (pos >= (lengths - n)[row]) & (lengths > n)[row]
+    train, ts, test = _split_mask(m, test_mask, ds.timestamps)
+    return Split(ds.with_interactions(train, ts), test)
+
+
+def split_users(
+    ds: Dataset, fraction: float = 0.1, fold_in_fraction: float = 0.8, seed: int = 0
+) -> Split:
+    """Hold out a fraction of users; their histories split into fold-in and test parts."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction: must be in (0, 1), got {fraction}")
+    if not 0 < fold_in_fraction < 1:
+        raise ValueError(f"fold_in_fraction: must be in (0, 1), got {fold_in_fraction}")
+    m = ds.interactions
+    lengths = np.diff(m.indptr)
+    rng = np.random.default_rng(seed)
+    eligible = np.flatnonzero(lengths >= 2)
+    held = rng.choice(eligible, size=max(1, round(fraction * eligible.size)), replace=False)
+    is_held = np.zeros(m.shape[0], bool)
+    is_held[held] = True
+    row = _row_of(m)
+    n_test = np.where(
+        is_held,
+        np.clip(np.rint((1 - fold_in_fraction) * lengths), 1, np.maximum(lengths - 1, 1)),
+        0,
+    ).astype(np.int64)
+    order = np.lexsort((rng.random(m.nnz), row))
+    pos = np.empty(m.nnz, np.int64)
+    pos[order] = np.arange(m.nnz) - m.indptr[row[order]]
+    test_mask = pos < n_test[row]
+    fold_mask = is_held[row] & ~test_mask
+    keep = ~is_held[row]
+    train, ts, _ = _split_mask(m, ~keep, ds.timestamps)
+    _, _, test = _split_mask(m, test_mask, ds.timestamps)
+    _, _, fold_in = _split_mask(m, fold_mask, ds.timestamps)
+    return Split(ds.with_interactions(train, ts), test, fold_in)
+
+
+def ranking_metrics(
+    recs: np.ndarray, test: sp.csr_matrix, ks: Sequence[int], n_items: int
+) -> dict[str, float]:
+    """Mean ranking metrics of recommendation lists (rows of recs, -1 = empty slot)
+    against binary relevance (the nonzeros of each test row). Rows without any
+    relevant item are skipped."""
+    test = test.tocsr().copy()
+    test.eliminate_zeros()
+    test.sort_indices()
+    keep = np.diff(test.indptr) > 0
+    recs, test = recs[keep], test[keep]
+    n, width = recs.shape
+    if n == 0:
+        raise ValueError("no user has a relevant test item to evaluate")
+    if max(ks) > width:
+        raise ValueError(f"k={max(ks)} exceeds the {width} recommendations given")
+    n_rel = np.diff(test.indptr)
+    test_keys = _row_of(test) * n_items + test.indices
+    rec_keys = np.repeat(np.arange(n, dtype=np.int64), width) * n_items + recs.ravel()
+    pos = np.minimum(np.searchsorted(test_keys, rec_keys), test_keys.size - 1)
+    hits = ((test_keys[pos] == rec_keys) & (recs.ravel() >= 0)).reshape(n, width)
+    hits = hits.astype(np.float64)
+    discount = 1.0 / np.log2(np.arange(2, width + 2))
+    ideal = np.cumsum(discount)
+    out: dict[str, float] = {"users": float(n)}
+    for k in sorted(set(ks)):
+        h = hits[:, :k]
+        n_hit = h.sum(axis=1)
+        denom = np.minimum(k, n_rel)
+        precision_at = np.cumsum(h, axis=1) / np.arange(1, k + 1)
+        top = recs[:, :k]
+        out[f"recall@{k}"] = float(np.mean(n_hit / denom))
+        out[f"precision@{k}"] = float(np.mean(n_hit / k))
+        out[f"ndcg@{k}"] = float(np.mean((h @ discount[:k]) / ideal[denom - 1]))
+        out[f"map@{k}"] = float(np.mean((precision_at * h).sum(axis=1) / denom))
+        out[f"hit_rate@{k}"] = float(np.mean(n_hit > 0))
+        out[f"coverage@{k}"] = float(np.unique(top[top >= 0]).size / n_items)
+    first = np.argmax(hits, axis=1)
+    out["mrr"] = float(np.mean(np.where(hits.any(axis=1), 1.0 / (first + 1), 0.0)))
+    return out
+
+
+def rating_metrics(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """RMSE and MAE of predicted ratings."""
+    err = np.asarray(predicted, np.float64) - np.asarray(actual, np.float64)
+    if err.size == 0:
+        raise ValueError("no ratings to compare")
+    return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
+
+
+def make_split(
+    ds: Dataset, protocol: str, fraction: float = 0.2, seed: int = 0, leave_last: int = 1
+) -> Split:
+    """The split for a protocol name."""
+    if protocol == "random":
+        return split_random(ds, fraction, seed)
+    if protocol == "temporal":
+        return split_temporal(ds, leave_last)
+    if protocol == "users":
+        return split_users(ds, fraction, seed=seed)
+    raise ValueError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+
+
+def evaluate(
+    model: Recommender,
+    ds: Dataset,
+    protocol: str = "random",
+    ks: Sequence[int] = (10, 20, 50),
+    fraction: float = 0.2,
+    seed: int = 0,
+    leave_last: int = 1,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Fit `model` on a split of `ds` and measure it on the held-out part.
+
+    threshold: when set, only held-out interactions with value >= threshold
+    count as relevant (e.g. 4 for "rated 4 or 5").
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] <= 0:
+        raise ValueError(f"k: expected positive cut-offs, got {ks}")
+    split = make_split(ds, protocol, fraction, seed, leave_last)
+    t0 = time.perf_counter()
+    model.fit(split.train)
+    fit_s = time.perf_counter() - t0
+    relevant = split.test.copy()
+    if threshold is not None:
+        relevant.data = (relevant.data >= threshold).astype(np.float32)
+        relevant.eliminate_zeros()
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    t1 = time.perf_counter()
+    if split.fold_in is not None:
+        recs, _ = model.recommend_histories(split.fold_in[users], max(ks))
+    else:
+        recs, _ = model.recommend(users, max(ks))
+    rec_s = time.perf_counter() - t1
+    result: dict[str, Any] = {
+        "algorithm": model.algorithm,
+        "params": model.params,
+        "protocol": protocol,
+        "dataset": ds.summary(),
+        "threshold": threshold,
+        "fit_seconds": round(fit_s, 4),
+        "recommend_seconds": round(rec_s, 4),
+        "metrics": ranking_metrics(recs, relevant[users], ks, ds.n_items),
+    }
+    if model.predicts_ratings and split.fold_in is None:
+        t = split.test
+        pred = np.concatenate(
+            [np.zeros(0, np.float32)]
+            + [
+                model.score(u, t.indices[t.indptr[u] : t.indptr[u + 1]])[0]
+                for u in np.flatnonzero(np.diff(t.indptr))
+            ]
+        )
+        result["metrics"].update(rating_metrics(pred, t.data))
+    return result

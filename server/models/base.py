@@ -1,0 +1,426 @@
+"""The model contract, stated once.
+
+Every algorithm subclasses Recommender and gets recommend / fold-in /
+similar-items / score / save / load with exclusions handled here. Models work
+on dense indices; external string ids are mapped by the caller through
+`model.users` / `model.items` (IdMaps stored in the bundle).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import scipy.sparse as sp
+
+from kernels import topk
+from server import __version__, artifacts
+from server.data import Dataset, IdMap, build_csr
+
+log = logging.getLogger(__name__)
+
+Exclude = np.ndarray | Sequence[int] | Sequence[np.ndarray | Sequence[int]] | None
+SCORE_CHUNK = 1024  # users scored densely at once; bounds memory to chunk x items floats
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter: type, default, help, optional bounds or choices."""
+
+    type: type
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def parse(self, name: str, value: Any) -> Any:
+        """Convert and check a value (strings come from --param key=value)."""
+        try:
+            if self.type is bool and isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                v: Any = value.lower() in ("1", "true", "yes")
+            else:
+                v = self.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"param {name}: expected {self.type.__name__}, got {value!r}"
+            ) from None
+        if isinstance(v, float) and not np.isfinite(v):
+            raise ValueError(f"param {name}: must be finite, got {value!r}")
+        if self.min is not None and v < self.min:
+            raise ValueError(f"param {name}: must be >= {self.min}, got {v}")
+        if self.max is not None and v > self.max:
+            raise ValueError(f"param {name}: must be <= {self.max}, got {v}")
+        if self.choices is not None and v not in self.choices:
+            raise ValueError(f"param {name}: expected one of {', '.join(self.choices)}, got {v!r}")
+        return v
+
+
+class NotFittedError(RuntimeError):
+    """The model has neither been fitted nor loaded."""
+
+
+class Recommender(ABC):
+    """Base class of every recserve model: the contract and its shared machinery."""
+
+    algorithm: ClassVar[str] = ""
+    params_spec: ClassVar[Mapping[str, Param]] = {}
+    predicts_ratings: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.params_spec))
+        if unknown:
+            known = ", ".join(sorted(self.params_spec)) or "none"
+            raise ValueError(
+                f"{self.algorithm}: unknown param(s) {', '.join(unknown)} (known: {known})"
+            )
+        self.params: dict[str, Any] = {
+            name: spec.parse(name, params.get(name, spec.default))
+            for name, spec in self.params_spec.items()
+        }
+        self.users: IdMap | None = None
+        self.items: IdMap | None = None
+        self.user_items: sp.csr_matrix | None = None
+        self.manifest: dict[str, Any] = {}  # set when loaded from a bundle
+        self.n_threads = 0  # kernel threads; 0 = OpenMP default
+
+    # -- to implement -------------------------------------------------------
+
+    @abstractmethod
+    def _fit(self, dataset: Dataset) -> None:
+        """Learn from dataset (user_items, users and items are already set)."""
+
+    @abstractmethod
+    def _score_users(self, users: np.ndarray) -> np.ndarray:
+        """Dense float32 scores (len(users), n_items) for known users."""
+
+    @abstractmethod
+    def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
+        """Dense float32 scores (rows, n_items) for users given only by history rows."""
+
+    @abstractmethod
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """The model's own arrays to store in a bundle."""
+
+    @abstractmethod
+    def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Set the model's state from (memory-mapped) bundle arrays."""
+
+    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k similar items per item (item itself excluded); override per model."""
+        raise NotImplementedError(f"{self.algorithm} has no item similarity")
+
+    def _topk(
+        self,
+        scores: np.ndarray,
+        k: int,
+        excl: tuple[np.ndarray, np.ndarray],
+        cand: tuple[np.ndarray, np.ndarray] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of dense scores with exclusions (models with shared scores override)."""
+        ca = cand if cand is not None else (None, None)
+        return topk.topk_dense(scores, k, excl[0], excl[1], ca[0], ca[1], self.n_threads)
+
+    # -- the contract ---------------------------------------------------------
+
+    @property
+    def n_users(self) -> int:
+        return 0 if self.users is None else len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return 0 if self.items is None else len(self.items)
+
+    def _require_fitted(self) -> sp.csr_matrix:
+        if self.user_items is None:
+            raise NotFittedError(f"{self.algorithm}: fit or load the model first")
+        return self.user_items
+
+    def fit(self, dataset: Dataset) -> Self:
+        """Train on a dataset; returns self."""
+        if dataset.nnz == 0:
+            raise ValueError(f"{dataset.name}: no interactions to train on")
+        t = time.perf_counter()
+        self.users, self.items = dataset.users, dataset.items
+        m = dataset.interactions.tocsr()
+        self.user_items = sp.csr_matrix(
+            (
+                m.data.astype(np.float32, copy=False),
+                m.indices.astype(np.int32, copy=False),
+                m.indptr.astype(np.int64, copy=False),
+            ),
+            shape=m.shape,
+        )
+        self._fit(dataset)
+        log.info("%s: fitted on %s in %.2fs", self.algorithm, dataset.name, time.perf_counter() - t)
+        return self
+
+    def recommend(
+        self,
+        users: Sequence[int] | np.ndarray,
+        k: int = 10,
+        exclude: Exclude = None,
+        filter_seen: bool = True,
+        candidates: Exclude = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items for known users (dense indices).
+
+        exclude / candidates: one list for every user or one list per user.
+        Returns (items int32, scores float32) of shape (len(users), k), best
+        first, padded with -1 / -inf only where fewer than k items are eligible.
+        """
+        seen = self._require_fitted()
+        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        if users.size and (users.min() < 0 or users.max() >= self.n_users):
+            raise IndexError(f"users: indices must be in [0, {self.n_users})")
+        _check_k(k)
+        out_i = np.empty((users.size, k), np.int32)
+        out_s = np.empty((users.size, k), np.float32)
+        for lo in range(0, users.size, SCORE_CHUNK):
+            chunk = users[lo : lo + SCORE_CHUNK]
+            history = seen[chunk] if filter_seen else None
+            excl = exclusion_rows(
+                history, _rows_for(exclude, lo, chunk.size), chunk.size, self.n_items
+            )
+            cand = candidate_rows(_rows_for(candidates, lo, chunk.size), chunk.size)
+            scores = self._score_users(chunk) if self._needs_scores() else None
+            out_i[lo : lo + chunk.size], out_s[lo : lo + chunk.size] = self._topk(
+                scores, k, excl, cand
+            )
+        return out_i, out_s
+
+    def recommend_from_history(
+        self,
+        items: Sequence[int] | np.ndarray,
+        values: Sequence[float] | np.ndarray | None = None,
+        k: int = 10,
+        exclude: Sequence[int] | np.ndarray | None = None,
+        filter_seen: bool = True,
+        candidates: Sequence[int] | np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k for a user not seen in training, from an inline history (fold-in).
+
+        Returns 1-d (items, scores), exactly min(k, eligible) long.
+        """
+        self._require_fitted()
+        history = self.history_matrix([items], None if values is None else [values])
+        i, s = self.recommend_histories(
+            history,
+            k,
+            None if exclude is None else [exclude],
+            filter_seen,
+            None if candidates is None else [candidates],
+        )
+        n = int((i[0] >= 0).sum())
+        return i[0, :n], s[0, :n]
+
+    def recommend_histories(
+        self,
+        history: sp.csr_matrix,
+        k: int = 10,
+        exclude: Exclude = None,
+        filter_seen: bool = True,
+        candidates: Exclude = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Batch fold-in: top-k for each row of a (rows x items) history matrix."""
+        self._require_fitted()
+        _check_k(k)
+        history = history.tocsr()
+        if history.shape[1] != self.n_items:
+            raise ValueError(
+                f"history: expected {self.n_items} item columns, got {history.shape[1]}"
+            )
+        n = history.shape[0]
+        out_i = np.empty((n, k), np.int32)
+        out_s = np.empty((n, k), np.float32)
+        for lo in range(0, n, SCORE_CHUNK):
+            rows = history[lo : lo + SCORE_CHUNK]
+            size = rows.shape[0]
+            excl = exclusion_rows(
+                rows if filter_seen else None, _rows_for(exclude, lo, size), size, self.n_items
+            )
+            cand = candidate_rows(_rows_for(candidates, lo, size), size)
+            scores = self._score_history(rows) if self._needs_scores() else None
+            out_i[lo : lo + size], out_s[lo : lo + size] = self._topk(scores, k, excl, cand)
+        return out_i, out_s
+
+    def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """The k items most similar to one item (never the item itself), best first."""
+        self._require_fitted()
+        _check_k(k)
+        if not 0 <= int(item) < self.n_items:
+            raise IndexError(f"item: index must be in [0, {self.n_items})")
+        i, s = self._similar(np.array([item], np.int64), k)
+        n = int((i[0] >= 0).sum())
+        return i[0, :n], s[0, :n]
+
+    def score(
+        self, user: int, items: Sequence[int] | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores (and std where the model has uncertainty, else None) of items for a user."""
+        self._require_fitted()
+        items = np.asarray(items, dtype=np.int64)
+        if items.size and (items.min() < 0 or items.max() >= self.n_items):
+            raise IndexError(f"items: indices must be in [0, {self.n_items})")
+        return self._score_users(np.array([user], np.int64))[0, items], None
+
+    def history_matrix(
+        self,
+        histories: Sequence[Sequence[int] | np.ndarray],
+        values: Sequence[Sequence[float] | np.ndarray] | None = None,
+    ) -> sp.csr_matrix:
+        """Histories (dense item indices, optional values) as a rows x items CSR.
+
+        Repeated items keep their last value; indices outside the catalogue
+        raise IndexError naming them.
+        """
+        rows, cols, vals = [], [], []
+        for r, items in enumerate(histories):
+            items = np.asarray(items, dtype=np.int64).reshape(-1)
+            bad = items[(items < 0) | (items >= self.n_items)]
+            if bad.size:
+                raise IndexError(f"history: item index {int(bad[0])} outside [0, {self.n_items})")
+            v = (
+                np.ones(items.size, np.float32)
+                if values is None
+                else np.asarray(values[r], dtype=np.float32).reshape(-1)
+            )
+            if v.shape != items.shape:
+                raise ValueError("history: values and items differ in length")
+            if not np.isfinite(v).all():
+                raise ValueError("history: values must be finite")
+            rows.append(np.full(items.size, r, np.int64))
+            cols.append(items)
+            vals.append(v)
+        n = len(histories)
+        r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+        v = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+        m, _ = build_csr(r, c, v, np.arange(r.size), n, self.n_items)
+        return m
+
+    def _needs_scores(self) -> bool:
+        return True
+
+    # -- bundles ----------------------------------------------------------------
+
+    def save(
+        self,
+        models_dir: str | Path,
+        name: str,
+        metrics: Mapping[str, float] | None = None,
+        dataset: Dataset | None = None,
+        make_current: bool = True,
+    ) -> Path:
+        """Publish this model as a new bundle version of `name`; returns its folder."""
+        seen = self._require_fitted()
+        assert self.users is not None and self.items is not None
+        arrays = {
+            "user_ids": self.users.array,
+            "item_ids": self.items.array,
+            "seen_indptr": seen.indptr.astype(np.int64, copy=False),
+            "seen_indices": seen.indices,
+            "seen_data": seen.data,
+        }
+        for key, arr in self._arrays().items():
+            if key in arrays:
+                raise KeyError(f"{self.algorithm}: array name {key!r} is reserved")
+            arrays[key] = arr
+        manifest = {
+            "algorithm": self.algorithm,
+            "params": self.params,
+            "recserve_version": __version__,
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "metrics": dict(metrics or {}),
+            "dataset": (
+                {**dataset.summary(), "fingerprint": dataset.fingerprint()}
+                if dataset is not None
+                else {}
+            ),
+        }
+        return artifacts.publish(
+            models_dir, name, manifest, arrays, self._files(), make_current=make_current
+        )
+
+    def _files(self) -> dict[str, Any]:
+        """Extra non-array files for the bundle (FAISS indexes); none by default."""
+        return {}
+
+    @classmethod
+    def from_bundle(cls, path: Path, doc: Mapping[str, Any], mmap: bool = True) -> Self:
+        """Rebuild a model from a verified bundle's manifest and arrays."""
+        model = cls(**doc["params"])
+        arrays = artifacts.load_arrays(path, doc, mmap=mmap)
+        model.users = IdMap(arrays["user_ids"])
+        model.items = IdMap(arrays["item_ids"])
+        model.user_items = sp.csr_matrix(
+            (arrays["seen_data"], arrays["seen_indices"], arrays["seen_indptr"]),
+            shape=(len(model.users), len(model.items)),
+            copy=False,
+        )
+        model._restore(arrays)
+        return model
+
+
+def _check_k(k: int) -> None:
+    if not isinstance(k, int | np.integer) or k <= 0:
+        raise ValueError(f"k: must be a positive integer, got {k!r}")
+
+
+def _rows_for(spec: Exclude, lo: int, size: int) -> list[np.ndarray] | None:
+    """Per-row item lists for rows lo..lo+size of an exclude/candidates spec."""
+    if spec is None:
+        return None
+    if isinstance(spec, np.ndarray) and spec.ndim == 1 and spec.dtype.kind in "iu":
+        return [spec] * size
+    seq = list(spec)
+    if seq and all(isinstance(x, int | np.integer) for x in seq):
+        arr = np.asarray(seq, dtype=np.int64)
+        return [arr] * size
+    return [np.asarray(x, dtype=np.int64).reshape(-1) for x in seq[lo : lo + size]]
+
+
+def exclusion_rows(
+    history: sp.csr_matrix | None, extra: list[np.ndarray] | None, n_rows: int, n_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (indptr int64, indices int32) of items to exclude per row: history plus extras."""
+    parts = []
+    if history is not None:
+        parts.append(history.tocsr())
+    if extra is not None:
+        parts.append(_lists_to_csr(extra, n_rows, n_items))
+    if not parts:
+        return np.zeros(n_rows + 1, np.int64), np.zeros(0, np.int32)
+    m = parts[0] if len(parts) == 1 else (abs(parts[0]) + abs(parts[1])).tocsr()
+    return m.indptr.astype(np.int64), m.indices.astype(np.int32, copy=False)
+
+
+def candidate_rows(
+    lists: list[np.ndarray] | None, n_rows: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """CSR of allowed items per row (an empty row means unrestricted), or None."""
+    if lists is None:
+        return None
+    indptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum([len(x) for x in lists], out=indptr[1:])
+    indices = np.concatenate(lists).astype(np.int32) if indptr[-1] else np.zeros(0, np.int32)
+    return indptr, indices
+
+
+def _lists_to_csr(lists: list[np.ndarray], n_rows: int, n_items: int) -> sp.csr_matrix:
+    lengths = np.array([len(x) for x in lists], np.int64)
+    cols = np.concatenate(lists).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
+    keep = (cols >= 0) & (cols < n_items)
+    rows = np.repeat(np.arange(n_rows), lengths)[keep]
+    m = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols[keep])), shape=(n_rows, n_items))
+    m.sum_duplicates()
+    return m

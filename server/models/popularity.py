@@ -1,0 +1,104 @@
+"""Popularity: the most interacted-with items, optionally time-decayed.
+
+The cheapest model and the end of every fallback chain: it answers any
+request, including users with no history at all. Scores are shared by every
+user, so ranking walks one precomputed order, skipping excluded items
+(O(k + excluded) per user instead of scoring the catalogue).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from kernels import topk
+from server.data import Dataset
+from server.models.base import Param, Recommender
+from server.models.registry import register
+
+DAY = 86_400
+
+
+@register
+class Popularity(Recommender):
+    """Items ranked by interaction count (or summed value), with optional half-life decay."""
+
+    algorithm = "popularity"
+    params_spec: ClassVar[Mapping[str, Param]] = {
+        "half_life_days": Param(float, 0.0, "time decay half-life in days; 0 = no decay", min=0),
+        "weighting": Param(
+            str, "count", "count events, or sum their values", choices=("count", "value")
+        ),
+    }
+
+    def _fit(self, dataset: Dataset) -> None:
+        m = dataset.interactions
+        weights = (
+            np.ones(m.nnz, np.float64)
+            if self.params["weighting"] == "count"
+            else m.data.astype(np.float64)
+        )
+        half_life = self.params["half_life_days"]
+        if half_life > 0:
+            if not dataset.has_timestamps:
+                raise ValueError(
+                    f"{dataset.name}: half_life_days needs timestamps, and this dataset has none"
+                )
+            ts = dataset.timestamps.astype(np.float64)
+            age_days = (ts.max() - ts) / DAY
+            weights = weights * np.exp2(-age_days / half_life)
+        scores = np.bincount(m.indices, weights=weights, minlength=m.shape[1])
+        self._set_scores(scores.astype(np.float32))
+
+    def _set_scores(self, scores: np.ndarray) -> None:
+        self.scores = scores
+        # Best first; ties by lower item index (lexsort's last key is primary).
+        self.order = np.lexsort((np.arange(scores.size), -scores)).astype(np.int32)
+
+    def _needs_scores(self) -> bool:
+        return False  # _topk walks the shared order instead
+
+    def _topk(
+        self,
+        scores: np.ndarray | None,
+        k: int,
+        excl: tuple[np.ndarray, np.ndarray],
+        cand: tuple[np.ndarray, np.ndarray] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        ca = cand if cand is not None else (None, None)
+        n = excl[0].shape[0] - 1
+        return topk.topk_ranked(
+            self.order, self.scores, n, k, excl[0], excl[1], ca[0], ca[1], self.n_threads
+        )
+
+    def _score_users(self, users: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(self.scores, (users.size, self.scores.size))
+
+    def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
+        return np.broadcast_to(self.scores, (history.shape[0], self.scores.size))
+
+    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # Popularity knows no item-item relation: the most popular other items.
+        n = items.size
+        indptr = np.arange(n + 1, dtype=np.int64)
+        return topk.topk_ranked(
+            self.order,
+            self.scores,
+            n,
+            k,
+            indptr,
+            items.astype(np.int32),
+            None,
+            None,
+            self.n_threads,
+        )
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"scores": self.scores, "order": self.order}
+
+    def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.scores = arrays["scores"]
+        self.order = arrays["order"]

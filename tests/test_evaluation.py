@@ -1,0 +1,114 @@
+"""Evaluation: splits keep every event exactly once; metrics match hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from server.data import load_dataset
+from server.evaluation import (
+    evaluate,
+    ranking_metrics,
+    rating_metrics,
+    split_random,
+    split_temporal,
+    split_users,
+)
+from server.models import create
+
+
+def test_metrics_hand_computed():
+    # user 0: relevant {2, 5}, list [1, 2, 3] -> one hit at rank 2
+    # user 1: relevant {0},    list [0, 4, -1] -> hit at rank 1, one empty slot
+    recs = np.array([[1, 2, 3], [0, 4, -1]])
+    test = sp.csr_matrix(np.array([[0, 0, 1, 0, 0, 1], [1, 0, 0, 0, 0, 0]], np.float32))
+    m = ranking_metrics(recs, test, [1, 3], n_items=6)
+    assert m["users"] == 2
+    assert m["recall@1"] == pytest.approx((0 + 1) / 2)
+    assert m["recall@3"] == pytest.approx((1 / 2 + 1 / 1) / 2)
+    assert m["precision@3"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+    ndcg0 = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
+    assert m["ndcg@3"] == pytest.approx((ndcg0 + 1.0) / 2)
+    assert m["map@3"] == pytest.approx(((1 / 2) / 2 + 1.0) / 2)
+    assert m["hit_rate@1"] == pytest.approx(0.5)
+    assert m["mrr"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["coverage@3"] == pytest.approx(5 / 6)  # items 0-4 appear
+
+
+def test_users_without_relevant_items_are_skipped():
+    recs = np.array([[0, 1], [0, 1]])
+    test = sp.csr_matrix(np.array([[1, 0], [0, 0]], np.float32))
+    assert ranking_metrics(recs, test, [2], 2)["users"] == 1
+
+
+def test_rating_metrics():
+    got = rating_metrics(np.array([3.0, 4.0, 5.0]), np.array([4.0, 4.0, 3.0]))
+    assert got["rmse"] == pytest.approx(math.sqrt(5 / 3))
+    assert got["mae"] == pytest.approx(1.0)
+
+
+def _keys(m):
+    c = m.tocoo()
+    return set(zip(c.row.tolist(), c.col.tolist(), strict=True))
+
+
+def test_random_split_partitions_each_user(small):
+    s = split_random(small, 0.25, seed=1)
+    all_keys, train, test = _keys(small.interactions), _keys(s.train.interactions), _keys(s.test)
+    assert train | test == all_keys and not train & test
+    n = np.diff(small.interactions.indptr)
+    held = np.diff(s.test.indptr)
+    np.testing.assert_array_equal(held, np.where(n >= 2, np.clip(np.rint(0.25 * n), 1, n - 1), 0))
+    assert s.train.timestamps.size == s.train.nnz
+    assert _keys(split_random(small, 0.25, seed=1).test) == test  # seeded
+
+
+def test_temporal_split_holds_out_the_latest(small):
+    s = split_temporal(small, n=2)
+    m, ts = small.interactions, small.timestamps
+    for u in range(0, small.n_users, 37):
+        lo, hi = m.indptr[u], m.indptr[u + 1]
+        latest = m.indices[lo:hi][np.lexsort((np.arange(hi - lo), ts[lo:hi]))][-2:]
+        assert set(s.test[u].indices) == (set(latest) if hi - lo > 2 else set())
+
+
+def test_user_split_hides_test_users_from_training(small):
+    s = split_users(small, 0.2, seed=2)
+    held = np.flatnonzero(np.diff(s.test.indptr))
+    assert np.diff(s.train.interactions.indptr)[held].sum() == 0
+    assert (np.diff(s.fold_in.indptr)[held] > 0).all()
+    assert _keys(s.train.interactions) | _keys(s.test) | _keys(s.fold_in) == _keys(
+        small.interactions
+    )
+
+
+def test_every_protocol_gives_bounded_monotone_metrics(small):
+    """Metrics lie in [0, 1] and hit rate cannot fall as K grows."""
+    for protocol in ("random", "temporal", "users"):
+        r = evaluate(create("popularity"), small, protocol, (10, 20))
+        for key, value in r["metrics"].items():
+            if key != "users":
+                assert 0.0 <= value <= 1.0, (protocol, key, value)
+        assert r["metrics"]["hit_rate@20"] >= r["metrics"]["hit_rate@10"]
+        assert r["metrics"]["users"] > 0
+
+
+def test_ml100k_popularity_recall_matches_numpy_reference(ml100k_path):
+    ds = load_dataset(ml100k_path)
+    got = evaluate(create("popularity"), ds, "random", (20,), fraction=0.2, seed=0)
+    # Independent reference: same split, plain numpy counting, sorting and recall.
+    split = split_random(ds, 0.2, seed=0)
+    train = split.train.interactions.toarray() > 0
+    test = split.test.toarray() > 0
+    counts = train.sum(axis=0).astype(float)
+    recalls = []
+    for u in range(train.shape[0]):
+        if not test[u].any():
+            continue
+        scores = np.where(train[u], -np.inf, counts)
+        top = sorted(range(scores.size), key=lambda j: (-scores[j], j))[:20]
+        recalls.append(test[u, top].sum() / min(20, test[u].sum()))
+    assert abs(got["metrics"]["recall@20"] - float(np.mean(recalls))) < 0.01

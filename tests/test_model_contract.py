@@ -1,0 +1,107 @@
+"""The model contract, checked on every registered algorithm with its defaults.
+
+A new algorithm gets these tests by registering itself; per-algorithm
+parameters for speed go in FAST_PARAMS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.models import NotFittedError, algorithms, create, load_named
+
+FAST_PARAMS: dict[str, dict[str, object]] = {}
+
+
+@pytest.fixture(scope="module", params=algorithms())
+def fitted(request, small):
+    model = create(request.param, **FAST_PARAMS.get(request.param, {}))
+    return model.fit(small)
+
+
+def test_recommend_shape_order_and_no_seen_items(fitted, small):
+    users = np.arange(0, small.n_users, 97)
+    items, scores = fitted.recommend(users, k=15)
+    assert items.shape == scores.shape == (users.size, 15)
+    seen = small.interactions
+    for row, u in enumerate(users):
+        got = items[row][items[row] >= 0]
+        eligible = small.n_items - seen[u].nnz
+        assert got.size == min(15, eligible)
+        assert not set(got) & set(seen.indices[seen.indptr[u] : seen.indptr[u + 1]])
+        assert np.all(np.diff(scores[row][: got.size]) <= 0)
+        assert len(set(got)) == got.size
+
+
+def test_exclusions_never_shorten_results(fitted):
+    items, _ = fitted.recommend([0], k=10)
+    banned = items[0][:5]
+    again, _ = fitted.recommend([0], k=10, exclude=banned)
+    assert again.shape == (1, 10) and (again[0] >= 0).all()
+    assert not set(again[0]) & set(banned)
+    # Items 1-5 of the first list still come first, in order.
+    assert list(again[0][:5]) == list(items[0][5:10])
+
+
+def test_include_seen_and_candidates(fitted, small):
+    seen = small.interactions[3].indices
+    with_seen, _ = fitted.recommend([3], k=fitted.n_items, filter_seen=False)
+    assert set(seen) <= set(with_seen[0])
+    cands = np.array([5, 6, 7, int(seen[0])])
+    got, _ = fitted.recommend([3], k=10, candidates=cands)
+    valid = got[0][got[0] >= 0]
+    assert set(valid) == set(cands[:3]) - set(seen)
+
+
+def test_fold_in_excludes_history_and_returns_exactly_k(fitted):
+    history = np.array([1, 2, 3, 50])
+    items, scores = fitted.recommend_from_history(history, k=20, exclude=[4])
+    assert items.size == 20 and not set(items) & {1, 2, 3, 4, 50}
+    assert np.all(np.diff(scores) <= 0)
+    empty, _ = fitted.recommend_from_history([], k=5)  # no history at all still answers
+    assert empty.size == 5
+
+
+def test_similar_items_never_returns_the_item(fitted):
+    items, scores = fitted.similar_items(7, k=10)
+    assert items.size == 10 and 7 not in items
+    assert np.all(np.diff(scores) <= 0)
+
+
+def test_score_matches_ranking(fitted):
+    items, scores = fitted.recommend([11], k=5)
+    got, std = fitted.score(11, items[0])
+    np.testing.assert_allclose(got, scores[0], rtol=1e-5)
+    assert std is None or std.shape == got.shape
+
+
+def test_save_load_round_trip_is_identical(fitted, small, tmp_path):
+    fitted.save(tmp_path, "m", metrics={"recall@10": 0.5}, dataset=small)
+    loaded = load_named(tmp_path, "m")
+    assert loaded.algorithm == fitted.algorithm and loaded.params == fitted.params
+    assert loaded.manifest["metrics"] == {"recall@10": 0.5}
+    users = np.arange(0, small.n_users, 50)
+    for a, b in zip(fitted.recommend(users, 10), loaded.recommend(users, 10), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        fitted.recommend_from_history([1, 2], k=7)[0], loaded.recommend_from_history([1, 2], k=7)[0]
+    )
+
+
+def test_errors_are_clear(fitted):
+    algo = fitted.algorithm
+    with pytest.raises(ValueError, match="unknown param"):
+        create(algo, no_such_param=1)
+    with pytest.raises(NotFittedError):
+        create(algo).recommend([0], 5)
+    with pytest.raises(ValueError, match="k: must be a positive integer"):
+        fitted.recommend([0], 0)
+    with pytest.raises(IndexError, match="users"):
+        fitted.recommend([fitted.n_users], 5)
+    with pytest.raises(IndexError, match="history"):
+        fitted.recommend_from_history([fitted.n_items], k=5)
+    with pytest.raises(ValueError, match="finite"):
+        fitted.recommend_from_history([1], [np.nan], k=5)
+    with pytest.raises(IndexError, match="item"):
+        fitted.similar_items(-1, 5)
