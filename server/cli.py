@@ -1,0 +1,369 @@
+"""The `recserve` command line (also `python -m server`).
+
+    recserve data synth --users N --items M --interactions K --seed S --out DIR
+    recserve data info --data PATH [--format F]
+    recserve train --data PATH --algo NAME [--param key=value ...] --name NAME --models DIR
+    recserve evaluate --data PATH --algo NAME --protocol random|temporal|users --k 10,20,50
+    recserve models list|verify --models DIR
+    recserve recommend --models DIR --name NAME (--user ID | --history ID,ID,...) [--k 10]
+    recserve quickstart [--workdir var]   the embedded default: synthetic data + models
+
+Progress and logs go to stderr; results (JSON summaries, tables) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from server import __version__, artifacts
+from server.data import FORMATS, DataError, generate, load_dataset, write_csv
+from server.evaluation import PROTOCOLS, evaluate
+from server.models import algorithms, create, load, parse_params
+
+log = logging.getLogger("recserve")
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not ks or ks[0] <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive cut-offs, got {text!r}")
+    return ks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="recserve", description="Train and serve recommenders.")
+    ap.add_argument("--version", action="version", version=f"recserve {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    synth = data.add_parser("synth", help="write a deterministic synthetic dataset (generic CSV)")
+    synth.add_argument("--users", type=int, default=5_000)
+    synth.add_argument("--items", type=int, default=2_000)
+    synth.add_argument("--interactions", type=int, default=200_000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="output folder")
+    info = data.add_parser("info", help="read a dataset and print its sizes")
+    _data_args(info)
+
+    train = sub.add_parser("train", help="fit a model and publish it as a bundle")
+    _data_args(train)
+    _algo_args(train)
+    train.add_argument("--name", required=True, help="model name in the models folder")
+    train.add_argument("--models", required=True, help="models folder")
+    train.add_argument(
+        "--no-evaluate",
+        dest="evaluate",
+        action="store_false",
+        help="skip the offline evaluation stored in the manifest",
+    )
+    train.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="random",
+        help="protocol of the stored offline evaluation",
+    )
+    train.add_argument("--k", type=_ks, default=[10, 20], help="cut-offs, e.g. 10,20")
+
+    ev = sub.add_parser("evaluate", help="offline evaluation of an algorithm on a dataset")
+    _data_args(ev)
+    _algo_args(ev)
+    ev.add_argument("--protocol", choices=PROTOCOLS, default="random")
+    ev.add_argument("--k", type=_ks, default=[10, 20, 50], help="cut-offs, e.g. 10,20,50")
+    ev.add_argument(
+        "--fraction",
+        type=float,
+        default=0.2,
+        help="held-out fraction (random: of each user's events; users: of users)",
+    )
+    ev.add_argument("--leave-last", type=int, default=1, help="temporal: events held out per user")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="held-out events count as relevant only if value >= this",
+    )
+    ev.add_argument(
+        "--out", default=None, help="JSON results file (default: evaluation-<algo>-<protocol>.json)"
+    )
+
+    models = sub.add_parser("models", help="model bundles").add_subparsers(
+        dest="action", required=True
+    )
+    for action, text in (
+        ("list", "list models and versions"),
+        ("verify", "check every file of every current bundle"),
+    ):
+        p = models.add_parser(action, help=text)
+        p.add_argument("--models", required=True, help="models folder")
+        p.add_argument("--name", default=None, help="only this model")
+
+    rec = sub.add_parser("recommend", help="top-k from a bundle, without a server")
+    rec.add_argument("--models", required=True)
+    rec.add_argument("--name", required=True)
+    who = rec.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a user id known to the model")
+    who.add_argument("--history", help="comma-separated item ids (fold-in of a new user)")
+    rec.add_argument("--k", type=int, default=10)
+    qs = sub.add_parser("quickstart", help="make the embedded default dataset and models")
+    qs.add_argument("--workdir", default="var", help="holds data/default and models/")
+    return ap
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset folder or ratings file")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: detect from path")
+
+
+def _algo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--algo", required=True, help=f"one of: {', '.join(algorithms())}")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hyper-parameter (repeatable)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="kernel threads (0 = all cores)")
+
+
+def _model(args: argparse.Namespace) -> Any:
+    model = create(args.algo, **parse_params(args.param))
+    model.n_threads = args.threads
+    return model
+
+
+def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
+    if args.action == "synth":
+        t = time.perf_counter()
+        log.info(
+            "generating %s events for %s users x %s items (seed %s)",
+            f"{args.interactions:,}",
+            f"{args.users:,}",
+            f"{args.items:,}",
+            args.seed,
+        )
+        s = generate(args.users, args.items, args.interactions, seed=args.seed)
+        out = write_csv(s, args.out)
+        return {
+            "out": str(out),
+            "users": args.users,
+            "items": args.items,
+            "interactions": args.interactions,
+            "seconds": round(time.perf_counter() - t, 2),
+        }
+    t = time.perf_counter()
+    ds = load_dataset(args.data, args.format)
+    return {**ds.summary(), "seconds": round(time.perf_counter() - t, 2)}
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    artifacts.check_name(args.name)
+    t0 = time.perf_counter()
+    model = _model(args)  # fail on bad params before reading data
+    stages = ["read data", *(["evaluate"] if args.evaluate else []), "fit", "publish"]
+    with tqdm(total=len(stages), desc="train", unit="stage", file=sys.stderr, disable=None) as bar:
+        bar.set_postfix_str(stages[0])
+        ds = load_dataset(args.data, args.format)
+        log.info("data: %s", ds.summary())
+        bar.update()
+        metrics: dict[str, float] = {}
+        if args.evaluate:
+            bar.set_postfix_str("evaluate")
+            result = evaluate(_model(args), ds, args.protocol, args.k)
+            metrics = {k: round(v, 6) for k, v in result["metrics"].items()}
+            log.info(
+                "offline %s: %s",
+                args.protocol,
+                ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@" in k),
+            )
+            bar.update()
+        bar.set_postfix_str("fit")
+        t_fit = time.perf_counter()
+        model.fit(ds)
+        fit_s = time.perf_counter() - t_fit
+        bar.update()
+        bar.set_postfix_str("publish")
+        path = model.save(args.models, args.name, metrics=metrics, dataset=ds)
+        bar.update()
+    doc = artifacts.read_manifest(path)
+    return {
+        "name": args.name,
+        "version": doc["version"],
+        "algorithm": args.algo,
+        "path": str(path),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "fit_seconds": round(fit_s, 3),
+        "bytes": artifacts.bundle_bytes(doc),
+    }
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    ds = load_dataset(args.data, args.format)
+    result = evaluate(
+        _model(args),
+        ds,
+        args.protocol,
+        args.k,
+        fraction=args.fraction,
+        seed=args.seed,
+        leave_last=args.leave_last,
+        threshold=args.threshold,
+    )
+    out = Path(args.out or f"evaluation-{args.algo}-{args.protocol}.json")
+    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    m = result["metrics"]
+    names = ["recall", "ndcg", "precision", "map", "hit_rate", "coverage"]
+    print(
+        f"{args.algo} on {ds.name}, {args.protocol} protocol, {int(m['users'])} users "
+        f"(fit {result['fit_seconds']:.2f}s, recommend {result['recommend_seconds']:.2f}s)"
+    )
+    print(f"{'K':>5}" + "".join(f"{n:>11}" for n in names))
+    for k in args.k:
+        print(f"{k:>5}" + "".join(f"{m[f'{n}@{k}']:>11.4f}" for n in names))
+    extra = {k: v for k, v in m.items() if k in ("mrr", "rmse", "mae")}
+    print("  ".join(f"{k}={v:.4f}" for k, v in extra.items()))
+    return {"out": str(out)}
+
+
+def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
+    entries = artifacts.list_bundles(args.models)
+    if args.name:
+        entries = [e for e in entries if e["name"] == args.name]
+        if not entries:
+            raise artifacts.BundleError(f"{args.models}: no model named {args.name!r}")
+    if args.action == "list":
+        return {"models": entries}
+    failures = 0
+    for e in entries:
+        try:
+            if not e.get("current"):
+                raise artifacts.BundleError(f"{e['name']}: no current version")
+            artifacts.verify(artifacts.resolve(args.models, e["name"]), full=True)
+            e["ok"] = True
+        except artifacts.BundleError as exc:
+            e["ok"], e["error"] = False, str(exc)
+            failures += 1
+            log.error("%s", exc)
+    if failures:
+        raise SystemExit(_emit({"models": entries, "failed": failures}) or 1)
+    return {"models": entries, "failed": 0}
+
+
+def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
+    model = load(artifacts.resolve(args.models, args.name))
+    if args.user is not None:
+        u = model.users.get(args.user)
+        if u < 0:
+            raise ValueError(
+                f"user: {args.user!r} is not known to {args.name}; "
+                "pass --history to fold in a new user"
+            )
+        items, scores = model.recommend([u], args.k)
+        items, scores = items[0][items[0] >= 0], scores[0][: (items[0] >= 0).sum()]
+    else:
+        ids = [x.strip() for x in args.history.split(",") if x.strip()]
+        idx = model.items.index(ids)
+        unknown = [i for i, j in zip(ids, idx, strict=True) if j < 0]
+        if unknown:
+            log.warning("history: ignoring unknown item ids %s", ", ".join(unknown[:10]))
+        items, scores = model.recommend_from_history(idx[idx >= 0], k=args.k)
+    return {
+        "model": args.name,
+        "version": model.manifest.get("version"),
+        "items": [
+            {"item_id": i, "score": float(s), "rank": r + 1}
+            for r, (i, s) in enumerate(zip(model.items.ids(items), scores, strict=True))
+        ],
+    }
+
+
+# The embedded default: a synthetic catalogue big enough to show real
+# behaviour (long tail, collaborative signal) and small enough to train in seconds.
+DEFAULT_DATA = {"users": 6_000, "items": 2_500, "interactions": 300_000, "seed": 42}
+DEFAULT_MODELS = [("popularity", "popularity", [])]
+
+
+def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.workdir)
+    data, models = work / "data" / "default", work / "models"
+    if not (data / "interactions.csv").is_file():
+        cmd_data(argparse.Namespace(action="synth", out=str(data), **DEFAULT_DATA))
+    else:
+        log.info("default data already at %s", data)
+    trained = []
+    for name, algo, params in DEFAULT_MODELS:
+        if (models / name / artifacts.CURRENT).is_file():
+            log.info("model %s already published in %s", name, models)
+            continue
+        ns = argparse.Namespace(
+            data=str(data),
+            format="csv",
+            algo=algo,
+            param=params,
+            threads=0,
+            name=name,
+            models=str(models),
+            evaluate=True,
+            protocol="random",
+            k=[10, 20],
+        )
+        trained.append(cmd_train(ns))
+    log.info("try: recserve recommend --models %s --name popularity --user 1 --k 5", models)
+    return {
+        "data": str(data),
+        "models": str(models),
+        "trained": trained,
+        "available": [e["name"] for e in artifacts.list_bundles(models)],
+    }
+
+
+def _emit(payload: dict[str, Any]) -> None:
+    print(json.dumps(payload, separators=(",", ":"), default=str))
+
+
+COMMANDS = {
+    "data": cmd_data,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "models": cmd_models,
+    "recommend": cmd_recommend,
+    "quickstart": cmd_quickstart,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `recserve` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        result = COMMANDS[args.command](args)
+    except (DataError, artifacts.BundleError, ValueError, FileNotFoundError) as exc:
+        print(f"recserve: error: {exc}", file=sys.stderr)
+        return 2
+    if result is not None:
+        _emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""The recserve command line, run in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(out):
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_synth_train_list_verify_recommend(tmp_path, capsys):
+    data, models = tmp_path / "data", tmp_path / "models"
+    code, out, _ = run(
+        capsys,
+        "data",
+        "synth",
+        "--users",
+        300,
+        "--items",
+        120,
+        "--interactions",
+        6000,
+        "--seed",
+        1,
+        "--out",
+        data,
+    )
+    assert code == 0 and last_json(out)["interactions"] == 6000
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--data",
+        data,
+        "--algo",
+        "popularity",
+        "--param",
+        "weighting=value",
+        "--name",
+        "pop",
+        "--models",
+        models,
+    )
+    summary = last_json(out)
+    assert code == 0 and summary["name"] == "pop" and summary["bytes"] > 0
+    assert set(summary) >= {"name", "version", "seconds", "bytes"}
+    code, out, _ = run(capsys, "models", "list", "--models", models)
+    entry = last_json(out)["models"][0]
+    assert entry["current"] == summary["version"] and "recall@10" in entry["metrics"]
+    code, out, _ = run(capsys, "models", "verify", "--models", models)
+    assert code == 0 and last_json(out)["failed"] == 0
+    code, out, _ = run(
+        capsys, "recommend", "--models", models, "--name", "pop", "--user", "5", "--k", 4
+    )
+    items = last_json(out)["items"]
+    assert code == 0 and [i["rank"] for i in items] == [1, 2, 3, 4]
+    code, out, _ = run(
+        capsys, "recommend", "--models", models, "--name", "pop", "--history", "1,2,nope", "--k", 3
+    )
+    assert code == 0 and not {"1", "2"} & {i["item_id"] for i in last_json(out)["items"]}
+
+
+def test_verify_fails_on_a_tampered_bundle(tmp_path, capsys):
+    data, models = tmp_path / "data", tmp_path / "models"
+    run(
+        capsys,
+        "data",
+        "synth",
+        "--users",
+        100,
+        "--items",
+        50,
+        "--interactions",
+        1000,
+        "--out",
+        data,
+    )
+    run(
+        capsys,
+        "train",
+        "--data",
+        data,
+        "--algo",
+        "popularity",
+        "--name",
+        "p",
+        "--models",
+        models,
+        "--no-evaluate",
+    )
+    scores = next(models.glob("p/*/scores.npy"))
+    scores.write_bytes(scores.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(SystemExit) as info:
+        run(capsys, "models", "verify", "--models", models)
+    assert info.value.code == 1
+    assert "scores.npy: sha256 differs" in capsys.readouterr().out
+
+
+def test_evaluate_prints_a_table_and_writes_json(tmp_path, capsys):
+    data = tmp_path / "data"
+    run(
+        capsys,
+        "data",
+        "synth",
+        "--users",
+        200,
+        "--items",
+        80,
+        "--interactions",
+        4000,
+        "--out",
+        data,
+    )
+    out_file = tmp_path / "e.json"
+    code, out, _ = run(
+        capsys,
+        "evaluate",
+        "--data",
+        data,
+        "--algo",
+        "popularity",
+        "--protocol",
+        "temporal",
+        "--k",
+        "5,10",
+        "--out",
+        out_file,
+    )
+    assert code == 0 and "recall" in out and "temporal" in out
+    result = json.loads(out_file.read_text())
+    assert result["protocol"] == "temporal" and "ndcg@5" in result["metrics"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--data", "{d}", "--algo", "nope", "--name", "x", "--models", "{m}"],
+            "unknown algorithm 'nope'",
+        ),
+        (
+            [
+                "train",
+                "--data",
+                "{d}",
+                "--algo",
+                "popularity",
+                "--param",
+                "bad",
+                "--name",
+                "x",
+                "--models",
+                "{m}",
+            ],
+            "expected key=value",
+        ),
+        (
+            [
+                "train",
+                "--data",
+                "{d}",
+                "--algo",
+                "popularity",
+                "--param",
+                "weighting=max",
+                "--name",
+                "x",
+                "--models",
+                "{m}",
+            ],
+            "weighting: expected one of count, value",
+        ),
+        (
+            ["train", "--data", "{d}", "--algo", "popularity", "--name", "../x", "--models", "{m}"],
+            "model name",
+        ),
+        (
+            [
+                "train",
+                "--data",
+                "{d}/missing",
+                "--algo",
+                "popularity",
+                "--name",
+                "x",
+                "--models",
+                "{m}",
+            ],
+            "no such file",
+        ),
+        (["recommend", "--models", "{m}", "--name", "x", "--user", "1"], "no current version"),
+    ],
+)
+def test_errors_exit_2_with_a_message(tmp_path, capsys, argv, message):
+    argv = [a.format(d=tmp_path, m=tmp_path / "models") for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err
+
+
+def test_quickstart_is_idempotent(tmp_path, capsys, monkeypatch):
+    import server.cli as cli
+
+    monkeypatch.setattr(
+        cli, "DEFAULT_DATA", {"users": 200, "items": 90, "interactions": 3000, "seed": 1}
+    )
+    code, out, _ = run(capsys, "quickstart", "--workdir", tmp_path)
+    first = last_json(out)
+    assert code == 0 and [t["name"] for t in first["trained"]] == ["popularity"]
+    code, out, _ = run(capsys, "quickstart", "--workdir", tmp_path)
+    again = last_json(out)
+    assert code == 0 and again["trained"] == [] and again["available"] == ["popularity"]
