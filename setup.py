@@ -14,7 +14,6 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
-from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 PROTO_DIR = ROOT / "proto"
@@ -95,17 +94,6 @@ class BuildExt(build_ext):
             ext.extra_link_args = list(lflags)
         super().build_extensions()
 
-    def run(self) -> None:
-        generate_stubs()
-        super().run()
-
-
-class BuildPy(build_py):
-    """Generate the gRPC stubs before collecting Python sources."""
-
-    def run(self) -> None:
-        generate_stubs()
-        super().run()
 
 
 def extensions() -> list[Extension]:
@@ -127,6 +115,9 @@ def extensions() -> list[Extension]:
 if __name__ == "__main__":
     if "clean" in sys.argv:
         shutil.rmtree(ROOT / "build", ignore_errors=True)
+    # Stubs first: setuptools collects the recserve.v1 package before any build
+    # command runs, and a fresh clone has no generated files yet.
+    generate_stubs()
     setup(
         name="recserve",
         version="0.1.0",
@@ -143,7 +134,7 @@ if __name__ == "__main__":
         ],
         package_data={"kernels": ["*.pxd", "*.pyx"], "recserve.v1": ["*.pyi"]},
         ext_modules=extensions(),
-        cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
+        cmdclass={"build_ext": BuildExt},
         install_requires=[
             "numpy>=1.26",
             "scipy>=1.11",
