@@ -95,7 +95,6 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-
 def extensions() -> list[Extension]:
     from Cython.Build import cythonize  # build requirement
 
