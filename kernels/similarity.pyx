@@ -1,0 +1,361 @@
+# Sparse neighbourhood kernels: top-K similarity between the rows of A and the
+# columns of B (A @ B, item-item when A is items x users and B its transpose),
+# BM25 / TF-IDF weighting, and fused "history x similarity -> top-k" scoring.
+# All work runs under nogil in OpenMP prange loops with per-thread scratch.
+import numpy as np
+
+from cython.parallel cimport parallel, prange, threadid
+from libc.math cimport pow, sqrt
+
+from kernels.parallel cimport resolve_threads
+from kernels.topk cimport mark, select_topk
+
+from kernels.topk import check_array, check_rows
+
+SIMILARITIES = {"dot": 0, "cosine": 1, "asymmetric": 2, "jaccard": 3}
+WEIGHTINGS = {"none": 0, "bm25": 1, "tfidf": 2}
+
+
+def as_csr(indptr, indices, data, Py_ssize_t n_cols, str name):
+    """Validate CSR arrays and return them as (int64, int32, float32) without
+    copying when they already are (read-only, memory-mapped arrays included).
+    float64 data and int32 index pointers are converted; anything else is
+    refused with a message naming the argument."""
+    if not isinstance(indptr, np.ndarray) or indptr.dtype.kind not in "iu":
+        raise TypeError(f"{name}_indptr: expected an integer numpy array")
+    if not isinstance(indices, np.ndarray) or indices.dtype.kind not in "iu":
+        raise TypeError(f"{name}_indices: expected an integer numpy array")
+    if not isinstance(data, np.ndarray) or data.dtype not in (np.float32, np.float64):
+        got = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
+        raise TypeError(f"{name}_data: expected float32 or float64, got {got}")
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
+        raise ValueError(f"{name}_indices: values must lie in [0, {n_cols})")
+    indices = np.ascontiguousarray(indices, dtype=np.int32)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if data.shape[0] != indices.shape[0]:
+        raise ValueError(f"{name}_data: length {data.shape[0]} != {name}_indices "
+                         f"length {indices.shape[0]}")
+    check_rows(indptr, indices, indptr.shape[0] - 1, name)
+    return indptr, indices, data
+
+
+def weight(indptr, indices, data, Py_ssize_t n_cols, str scheme="bm25", double K1=1.2,
+           double B=0.75, idf=None, double avg_len=0.0, int n_threads=0):
+    """BM25 or TF-IDF weights of a CSR whose rows are documents and columns terms.
+
+    idf = log(n_rows) - log1p(document frequency) and the mean row length come
+    from the matrix itself unless given (to weight a new row exactly as the
+    training rows were). Returns (weighted float32 data, idf float32, avg_len).
+    BM25: x (K1 + 1) / (K1 (1 - B + B len / avg_len) + x) idf; TF-IDF: sqrt(x) idf.
+    """
+    if scheme not in ("bm25", "tfidf"):
+        raise ValueError(f"weighting: expected bm25 or tfidf, got {scheme!r}")
+    indptr, indices, data = as_csr(indptr, indices, data, n_cols, "x")
+    cdef Py_ssize_t n_rows = indptr.shape[0] - 1
+    if idf is None:
+        df = np.bincount(indices, minlength=n_cols)
+        idf = (np.log(max(n_rows, 1)) - np.log1p(df)).astype(np.float32)
+    else:
+        idf = check_array(np.ascontiguousarray(idf, dtype=np.float32), "idf", np.float32, 1)
+        if idf.shape[0] != n_cols:
+            raise ValueError(f"idf: expected length {n_cols}, got {idf.shape[0]}")
+    lengths = np.add.reduceat(data.astype(np.float64), indptr[:n_rows]) if data.size else None
+    if lengths is not None:
+        lengths[np.diff(indptr) == 0] = 0.0
+    else:
+        lengths = np.zeros(n_rows)
+    if avg_len <= 0:
+        avg_len = float(lengths.mean()) if n_rows else 1.0
+    if avg_len <= 0:
+        avg_len = 1.0
+    out = np.empty_like(data)
+    cdef const long long[::1] ip = indptr
+    cdef const int[::1] ix = indices
+    cdef const float[::1] x = data
+    cdef const float[::1] w = idf
+    cdef const double[::1] ln = np.ascontiguousarray(lengths, dtype=np.float64)
+    cdef float[::1] o = out
+    cdef int bm25 = scheme == "bm25"
+    cdef double k1 = K1, b = B, avg = avg_len, norm
+    cdef Py_ssize_t i
+    cdef long long p
+    with nogil:
+        for i in prange(n_rows, schedule="static", num_threads=resolve_threads(n_threads)):
+            norm = K1 * (1.0 - b + b * ln[i] / avg)
+            for p in range(ip[i], ip[i + 1]):
+                if bm25:
+                    o[p] = <float>(x[p] * (k1 + 1.0) / (norm + x[p]) * w[ix[p]])
+                else:
+                    o[p] = <float>(sqrt(x[p]) * w[ix[p]])
+    return out, idf, avg_len
+
+
+def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_cols,
+        int k, str similarity="cosine", double alpha=0.5, double shrink=0.0,
+        col_scale=None, bint exclude_self=False, int n_threads=0):
+    """Top-k entries of every row of A @ B under a similarity transform.
+
+    A is rows x inner (CSR), B is inner x n_cols (CSR). With d = (A @ B)[i, j]:
+      dot         d
+      cosine      d / (|a_i| |b_j| + shrink)              (|.| = L2 norm)
+      asymmetric  d / (|a_i|^2alpha |b_j|^2(1-alpha) + shrink)
+      jaccard     c / (n_i + n_j - c + shrink), on binarised A and B
+    optionally times col_scale[j] (RP3beta's popularity penalty). With
+    exclude_self, entry (i, i) is never kept. Returns CSR (indptr int64,
+    indices int32, data float32), at most k entries per row, best first,
+    ties by lower column.
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity: expected one of {', '.join(SIMILARITIES)}, "
+                         f"got {similarity!r}")
+    if k <= 0:
+        raise ValueError(f"k: must be positive, got {k}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: must be in [0, 1], got {alpha}")
+    if shrink < 0:
+        raise ValueError(f"shrink: must be >= 0, got {shrink}")
+    a_indptr, a_indices, a_data = as_csr(a_indptr, a_indices, a_data,
+                                         b_indptr.shape[0] - 1, "a")
+    b_indptr, b_indices, b_data = as_csr(b_indptr, b_indices, b_data, n_cols, "b")
+    cdef int kind = SIMILARITIES[similarity]
+    cdef Py_ssize_t n_rows = a_indptr.shape[0] - 1
+    if exclude_self and n_rows > n_cols:
+        raise ValueError("exclude_self needs a square product (rows <= n_cols)")
+    binary = kind == 3
+    if binary:
+        row_norm = np.diff(a_indptr).astype(np.float64)
+        col_norm = np.bincount(b_indices, minlength=n_cols).astype(np.float64)
+    else:
+        sq = a_data.astype(np.float64) ** 2
+        row_norm = np.zeros(n_rows)
+        nz = np.diff(a_indptr) > 0
+        if sq.size:
+            row_norm[nz] = np.add.reduceat(sq, a_indptr[:n_rows][nz])
+        col_norm = np.bincount(b_indices, weights=b_data.astype(np.float64) ** 2,
+                               minlength=n_cols)
+    if kind == 1:
+        row_norm, col_norm = np.sqrt(row_norm), np.sqrt(col_norm)
+    elif kind == 2:
+        row_norm, col_norm = row_norm ** alpha, col_norm ** (1.0 - alpha)
+    scale = (np.ones(n_cols, np.float32) if col_scale is None
+             else check_array(np.ascontiguousarray(col_scale, dtype=np.float32),
+                              "col_scale", np.float32, 1))
+    if scale.shape[0] != n_cols:
+        raise ValueError(f"col_scale: expected length {n_cols}, got {scale.shape[0]}")
+
+    cdef int nt = resolve_threads(n_threads)
+    out_idx = np.empty((n_rows, k), np.int32)
+    out_val = np.empty((n_rows, k), np.float32)
+    counts = np.zeros(n_rows, np.int32)
+    width = max(n_cols, 1)
+    acc_buf = np.zeros((nt, width), np.float64)
+    val_buf = np.zeros((nt, width), np.float32)
+    flag_buf = np.zeros((nt, width), np.uint8)
+    mask_buf = np.zeros((nt, width), np.uint8)
+    touch_buf = np.empty((nt, width), np.int32)
+    heap_i = np.empty((nt, k), np.int32)
+    heap_v = np.empty((nt, k), np.float32)
+
+    cdef const long long[::1] aip = a_indptr
+    cdef const int[::1] aix = a_indices
+    cdef const float[::1] ax = a_data
+    cdef const long long[::1] bip = b_indptr
+    cdef const int[::1] bix = b_indices
+    cdef const float[::1] bx = b_data
+    cdef const double[::1] rn = np.ascontiguousarray(row_norm, dtype=np.float64)
+    cdef const double[::1] cn = np.ascontiguousarray(col_norm, dtype=np.float64)
+    cdef const float[::1] cs = scale
+    cdef int[:, ::1] oi = out_idx
+    cdef float[:, ::1] ov = out_val
+    cdef int[::1] cnt = counts
+    cdef double[:, ::1] ACC = acc_buf
+    cdef float[:, ::1] VAL = val_buf
+    cdef unsigned char[:, ::1] FLAG = flag_buf
+    cdef unsigned char[:, ::1] MASK = mask_buf
+    cdef int[:, ::1] TOUCH = touch_buf
+    cdef int[:, ::1] HI = heap_i
+    cdef float[:, ::1] HV = heap_v
+    cdef double sh = shrink, d, den, s, w
+    cdef bint bin_ = binary, excl = exclude_self
+    cdef Py_ssize_t i
+    cdef long long p, q
+    cdef int t, j, u, n_touched, m, c
+    if n_rows == 0:
+        return np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    with nogil, parallel(num_threads=nt):
+        for i in prange(n_rows, schedule="dynamic", chunksize=32):
+            t = threadid()
+            n_touched = 0
+            for p in range(aip[i], aip[i + 1]):
+                u = aix[p]
+                w = 1.0 if bin_ else ax[p]
+                for q in range(bip[u], bip[u + 1]):
+                    j = bix[q]
+                    if not FLAG[t, j]:
+                        FLAG[t, j] = 1
+                        TOUCH[t, n_touched] = j
+                        n_touched = n_touched + 1
+                    ACC[t, j] += w * (1.0 if bin_ else bx[q])
+            for c in range(n_touched):
+                j = TOUCH[t, c]
+                d = ACC[t, j]
+                if kind == 0:
+                    s = d
+                elif kind == 3:
+                    den = rn[i] + cn[j] - d + sh
+                    s = d / den if den > 0 else 0.0
+                else:
+                    den = rn[i] * cn[j] + sh
+                    s = d / den if den > 0 else 0.0
+                VAL[t, j] = <float>(s * cs[j])
+            if excl:
+                MASK[t, i] = 1
+            m = select_topk(&VAL[t, 0], <int>n_cols, k, &MASK[t, 0],
+                            &TOUCH[t, 0] if n_touched > 0 else NULL, n_touched,
+                            &HI[t, 0], &HV[t, 0], &oi[i, 0], &ov[i, 0])
+            if n_touched == 0:
+                m = 0
+            cnt[i] = m
+            if excl:
+                MASK[t, i] = 0
+            for c in range(n_touched):
+                j = TOUCH[t, c]
+                ACC[t, j] = 0.0
+                VAL[t, j] = 0.0
+                FLAG[t, j] = 0
+    keep = np.arange(k)[None, :] < counts[:, None]
+    indptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return indptr, out_idx[keep], out_val[keep]
+
+
+cdef inline bint better(float sa, int ia, float sb, int ib) noexcept nogil:
+    return sa > sb or (sa == sb and ia < ib)
+
+
+def score_topk(h_indptr, h_indices, h_data, s_indptr, s_indices, s_data, Py_ssize_t n_items,
+               int k, exclude_indptr=None, exclude_indices=None, cand_indptr=None,
+               cand_indices=None, int n_threads=0):
+    """Top-k of (H @ S) per row with exclusions, without materialising dense scores.
+
+    H (rows x inner) holds histories (or neighbour weights), S (inner x items)
+    similarities (or neighbours' items). Items untouched by a row score 0 and
+    still count as eligible, so a row gets exactly min(k, eligible) items,
+    matching a dense computation (best first, ties by lower item id).
+    Exclusions / candidates as in kernels.topk.topk_dense.
+    """
+    if k <= 0:
+        raise ValueError(f"k: must be positive, got {k}")
+    s_indptr, s_indices, s_data = as_csr(s_indptr, s_indices, s_data, n_items, "s")
+    h_indptr, h_indices, h_data = as_csr(h_indptr, h_indices, h_data,
+                                         s_indptr.shape[0] - 1, "h")
+    cdef Py_ssize_t nq = h_indptr.shape[0] - 1
+    if exclude_indptr is None and exclude_indices is None:
+        exclude_indptr, exclude_indices = np.zeros(nq + 1, np.int64), np.zeros(0, np.int32)
+    else:
+        check_rows(exclude_indptr, exclude_indices, nq, "exclude")
+    if cand_indptr is None and cand_indices is None:
+        cand_indptr, cand_indices = np.zeros(nq + 1, np.int64), np.zeros(0, np.int32)
+    else:
+        check_rows(cand_indptr, cand_indices, nq, "cand")
+    cdef int nt = resolve_threads(n_threads)
+    out_idx = np.full((nq, k), -1, np.int32)
+    out_val = np.full((nq, k), -np.inf, np.float32)
+    width = max(n_items, 1)
+    acc_buf = np.zeros((nt, width), np.float32)
+    flag_buf = np.zeros((nt, width), np.uint8)
+    mask_buf = np.zeros((nt, width), np.uint8)
+    touch_buf = np.empty((nt, width), np.int32)
+    heap_i = np.empty((nt, k), np.int32)
+    heap_v = np.empty((nt, k), np.float32)
+    tmp_i = np.empty((nt, k), np.int32)
+    tmp_v = np.empty((nt, k), np.float32)
+    zero_i = np.empty((nt, k), np.int32)
+
+    cdef const long long[::1] hip = h_indptr
+    cdef const int[::1] hix = h_indices
+    cdef const float[::1] hx = h_data
+    cdef const long long[::1] sip = s_indptr
+    cdef const int[::1] six = s_indices
+    cdef const float[::1] sx = s_data
+    cdef const long long[::1] exp = exclude_indptr
+    cdef const int[::1] exi = exclude_indices
+    cdef const long long[::1] cap = cand_indptr
+    cdef const int[::1] cai = cand_indices
+    cdef int[:, ::1] oi = out_idx
+    cdef float[:, ::1] ov = out_val
+    cdef float[:, ::1] ACC = acc_buf
+    cdef unsigned char[:, ::1] FLAG = flag_buf
+    cdef unsigned char[:, ::1] MASK = mask_buf
+    cdef int[:, ::1] TOUCH = touch_buf
+    cdef int[:, ::1] HI = heap_i
+    cdef float[:, ::1] HV = heap_v
+    cdef int[:, ::1] TI = tmp_i
+    cdef float[:, ::1] TV = tmp_v
+    cdef int[:, ::1] ZI = zero_i
+    cdef Py_ssize_t qi
+    cdef long long p, r
+    cdef int t, i, j, c, n_touched, m, nc, nz, a, b, o
+    cdef float w
+    cdef int n = <int>n_items
+    if nq == 0:
+        return out_idx, out_val
+    with nogil, parallel(num_threads=nt):
+        for qi in prange(nq, schedule="dynamic", chunksize=16):
+            t = threadid()
+            n_touched = 0
+            for p in range(hip[qi], hip[qi + 1]):
+                i = hix[p]
+                w = hx[p]
+                for r in range(sip[i], sip[i + 1]):
+                    j = six[r]
+                    if not FLAG[t, j]:
+                        FLAG[t, j] = 1
+                        TOUCH[t, n_touched] = j
+                        n_touched = n_touched + 1
+                    ACC[t, j] += w * sx[r]
+            mark(&MASK[t, 0], &exi[0] if exi.shape[0] else NULL, exp[qi], exp[qi + 1], n, 1)
+            nc = <int>(cap[qi + 1] - cap[qi])
+            if nc > 0:
+                # Dense scores (0 where untouched) restricted to the candidates.
+                select_topk(&ACC[t, 0], n, k, &MASK[t, 0], &cai[cap[qi]], nc,
+                            &HI[t, 0], &HV[t, 0], &oi[qi, 0], &ov[qi, 0])
+            else:
+                m = 0
+                if n_touched > 0:
+                    m = select_topk(&ACC[t, 0], n, k, &MASK[t, 0], &TOUCH[t, 0], n_touched,
+                                    &HI[t, 0], &HV[t, 0], &TI[t, 0], &TV[t, 0])
+                if m == k and TV[t, k - 1] >= 0:
+                    for c in range(k):
+                        oi[qi, c] = TI[t, c]
+                        ov[qi, c] = TV[t, c]
+                else:
+                    # Untouched eligible items score 0: take them in id order and
+                    # merge with the touched ones (negatives rank below zeros).
+                    nz = 0
+                    for j in range(n):
+                        if nz == k:
+                            break
+                        if not MASK[t, j] and not FLAG[t, j]:
+                            ZI[t, nz] = j
+                            nz = nz + 1
+                    a = 0
+                    b = 0
+                    for o in range(k):
+                        if a < m and (b >= nz or better(TV[t, a], TI[t, a], 0.0, ZI[t, b])):
+                            oi[qi, o] = TI[t, a]
+                            ov[qi, o] = TV[t, a]
+                            a = a + 1
+                        elif b < nz:
+                            oi[qi, o] = ZI[t, b]
+                            ov[qi, o] = 0.0
+                            b = b + 1
+                        else:
+                            break
+            mark(&MASK[t, 0], &exi[0] if exi.shape[0] else NULL, exp[qi], exp[qi + 1], n, 0)
+            for c in range(n_touched):
+                j = TOUCH[t, c]
+                ACC[t, j] = 0.0
+                FLAG[t, j] = 0
+    return out_idx, out_val

@@ -1,0 +1,222 @@
+"""kernels.similarity against dense numpy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import similarity as simk
+
+
+def random_csr(rows, cols, density, seed, dtype=np.float32, integer=True):
+    m = sp.random(rows, cols, density=density, random_state=seed, format="csr", dtype=dtype)
+    if integer:  # small integers: plenty of exact ties
+        m.data = np.ceil(m.data * 3).astype(dtype)
+    m = m.tolil()
+    m[:, cols // 2] = 0  # an empty column
+    m[rows // 3, :] = 0  # an empty row
+    m = m.tocsr()
+    m.eliminate_zeros()
+    return m
+
+
+def dense_similarity(a, b, kind, alpha=0.5, shrink=0.0, col_scale=None):
+    a, b = a.toarray().astype(np.float64), b.toarray().astype(np.float64)
+    if kind == "jaccard":
+        a, b = (a != 0).astype(float), (b != 0).astype(float)
+    d = a @ b
+    if kind == "dot":
+        s = d
+    elif kind == "jaccard":
+        den = a.sum(1)[:, None] + b.sum(0)[None, :] - d + shrink
+        s = np.divide(d, den, out=np.zeros_like(d), where=den > 0)
+    else:
+        rn, cn = (a**2).sum(1), (b**2).sum(0)
+        if kind == "cosine":
+            den = np.sqrt(rn)[:, None] * np.sqrt(cn)[None, :] + shrink
+        else:
+            den = (rn**alpha)[:, None] * (cn ** (1 - alpha))[None, :] + shrink
+        s = np.divide(d, den, out=np.zeros_like(d), where=den > 0)
+    if col_scale is not None:
+        s = s * col_scale[None, :]
+    return d, s
+
+
+def reference_topk(d, s, k, exclude_self):
+    """Per row: top-k columns with a nonzero product, ties by lower column."""
+    out = []
+    for i in range(s.shape[0]):
+        cols = [j for j in range(s.shape[1]) if d[i, j] != 0 and not (exclude_self and j == i)]
+        out.append(sorted(cols, key=lambda j: (-np.float32(s[i, j]), j))[:k])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dot", "cosine", "asymmetric", "jaccard"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_item_item_knn_matches_dense(kind, dtype, threads):
+    x = random_csr(120, 60, 0.08, seed=1, dtype=dtype)  # users x items
+    a = x.T.tocsr()
+    b = a.T.tocsr()
+    ip, ix, v = simk.knn(
+        a.indptr,
+        a.indices,
+        a.data,
+        b.indptr,
+        b.indices,
+        b.data,
+        60,
+        7,
+        kind,
+        alpha=0.3,
+        shrink=2.0 if kind != "dot" else 0.0,
+        exclude_self=True,
+        n_threads=threads,
+    )
+    d, s = dense_similarity(a, b, kind, alpha=0.3, shrink=2.0 if kind != "dot" else 0.0)
+    ref = reference_topk(d, s, 7, exclude_self=True)
+    for i in range(60):
+        got = ix[ip[i] : ip[i + 1]].tolist()
+        assert got == ref[i], (i, got, ref[i])
+        np.testing.assert_allclose(v[ip[i] : ip[i + 1]], s[i, ref[i]], rtol=2e-6)
+    assert ip[31] == ip[30]  # the empty item has no neighbours
+
+
+def test_knn_on_read_only_memory_mapped_arrays(tmp_path):
+    x = random_csr(50, 30, 0.2, seed=2)
+    a = x.T.tocsr()
+    b = a.T.tocsr()
+    for name, arr in [("ip", a.indptr.astype(np.int64)), ("ix", a.indices), ("v", a.data)]:
+        np.save(tmp_path / f"{name}.npy", arr)
+    mapped = [np.load(tmp_path / f"{n}.npy", mmap_mode="r") for n in ("ip", "ix", "v")]
+    got = simk.knn(*mapped, b.indptr, b.indices, b.data, 30, 5, "cosine", exclude_self=True)
+    want = simk.knn(
+        a.indptr, a.indices, a.data, b.indptr, b.indices, b.data, 30, 5, "cosine", exclude_self=True
+    )
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_col_scale_rp3_style():
+    x = random_csr(80, 40, 0.1, seed=3)
+    a, b = x.T.tocsr(), x
+    scale = np.linspace(0.1, 2.0, 40).astype(np.float32)
+    ip, ix, v = simk.knn(
+        a.indptr,
+        a.indices,
+        a.data,
+        b.indptr,
+        b.indices,
+        b.data,
+        40,
+        6,
+        "dot",
+        col_scale=scale,
+        exclude_self=True,
+    )
+    d, s = dense_similarity(a, b, "dot", col_scale=scale.astype(np.float64))
+    ref = reference_topk(d, s, 6, True)
+    assert [ix[ip[i] : ip[i + 1]].tolist() for i in range(40)] == ref
+    for i in range(40):
+        np.testing.assert_allclose(v[ip[i] : ip[i + 1]], s[i, ref[i]], rtol=2e-6)
+
+
+def test_weighting_bm25_and_tfidf_match_formulas():
+    m = random_csr(30, 20, 0.3, seed=4)  # rows are documents
+    dense = m.toarray().astype(np.float64)
+    df = (dense != 0).sum(0)
+    idf = np.log(30) - np.log1p(df)
+    lengths = dense.sum(1)
+    norm = 1.2 * (1 - 0.75 + 0.75 * lengths / lengths.mean())
+    bm25 = np.where(dense != 0, dense * 2.2 / (norm[:, None] + dense) * idf[None, :], 0)
+    data, got_idf, avg = simk.weight(m.indptr, m.indices, m.data, 20, "bm25", 1.2, 0.75)
+    np.testing.assert_allclose(
+        sp.csr_matrix((data, m.indices, m.indptr)).toarray(), bm25, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(got_idf, idf, rtol=1e-6)
+    assert avg == pytest.approx(lengths.mean())
+    data, _, _ = simk.weight(m.indptr, m.indices, m.data, 20, "tfidf")
+    np.testing.assert_allclose(
+        sp.csr_matrix((data, m.indices, m.indptr)).toarray(),
+        np.sqrt(dense) * idf[None, :],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def dense_topk(scores, k, excl, cand):
+    out = []
+    for q in range(scores.shape[0]):
+        pool = set(cand[q]) if cand and cand[q] else set(range(scores.shape[1]))
+        el = [j for j in pool if j not in set(excl[q])]
+        out.append(sorted(el, key=lambda j: (-np.float32(scores[q, j]), j))[:k])
+    return out
+
+
+def lists_csr(lists):
+    indptr = np.zeros(len(lists) + 1, np.int64)
+    np.cumsum([len(x) for x in lists], out=indptr[1:])
+    return indptr, np.array([j for x in lists for j in x], np.int32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_score_topk_matches_dense_including_zero_fill_and_negatives(threads):
+    rng = np.random.default_rng(5)
+    h = random_csr(40, 25, 0.1, seed=6)
+    h.data[::4] *= -1  # negative history weights: some scores fall below zero
+    s = random_csr(25, 50, 0.1, seed=7)
+    scores = (h @ s).toarray()
+    excl = [list(rng.integers(0, 50, rng.integers(0, 8))) for _ in range(40)]
+    cand = [[] if q % 3 else list(rng.integers(0, 50, 5)) for q in range(40)]
+    i, v = simk.score_topk(
+        h.indptr,
+        h.indices,
+        h.data,
+        s.indptr,
+        s.indices,
+        s.data,
+        50,
+        12,
+        *lists_csr(excl),
+        *lists_csr(cand),
+        n_threads=threads,
+    )
+    ref = dense_topk(scores, 12, excl, cand)
+    for q in range(40):
+        got = [int(j) for j in i[q] if j >= 0]
+        assert got == ref[q], (q, got, ref[q])
+        np.testing.assert_allclose(v[q, : len(got)], scores[q, got], rtol=1e-5, atol=1e-6)
+
+
+def test_wrappers_reject_bad_input():
+    x = random_csr(10, 8, 0.3, seed=8)
+    with pytest.raises(ValueError, match="similarity: expected one of"):
+        simk.knn(x.indptr, x.indices, x.data, x.indptr, x.indices, x.data, 8, 3, "pearson")
+    with pytest.raises(TypeError, match="a_data: expected float32 or float64"):
+        simk.knn(x.indptr, x.indices, x.data.astype(np.int32), x.indptr, x.indices, x.data, 8, 3)
+    with pytest.raises(ValueError, match=r"b_indices: values must lie in \[0, 4\)"):
+        simk.knn(x.indptr, x.indices, x.data, x.indptr, x.indices, x.data, 4, 3)
+    with pytest.raises(ValueError, match="k: must be positive"):
+        simk.score_topk(x.indptr, x.indices, x.data, x.indptr, x.indices, x.data, 8, 0)
+    with pytest.raises(ValueError, match="weighting: expected bm25 or tfidf"):
+        simk.weight(x.indptr, x.indices, x.data, 8, "log")
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=st.data(), k=st.integers(1, 30))
+def test_score_topk_properties(data, k):
+    n_items = data.draw(st.integers(1, 25))
+    seed = data.draw(st.integers(0, 10_000))
+    h = random_csr(1, 6, 0.5, seed=seed) if seed % 2 else sp.csr_matrix((1, 6), dtype=np.float32)
+    s = sp.random(6, n_items, density=0.3, random_state=seed, format="csr", dtype=np.float32)
+    excl = data.draw(st.lists(st.integers(0, n_items - 1), max_size=n_items))
+    i, v = simk.score_topk(
+        h.indptr, h.indices, h.data, s.indptr, s.indices, s.data, n_items, k, *lists_csr([excl])
+    )
+    got = [int(j) for j in i[0] if j >= 0]
+    assert len(got) == min(k, n_items - len(set(excl)))
+    assert not set(got) & set(excl) and len(set(got)) == len(got)
+    assert all(v[0, a] >= v[0, a + 1] for a in range(len(got) - 1))
