@@ -118,15 +118,23 @@ class Recommender(ABC):
         """Top-k similar items per item (item itself excluded); override per model."""
         raise NotImplementedError(f"{self.algorithm} has no item similarity")
 
-    def _topk(
+    def _rank(
         self,
-        scores: np.ndarray,
+        users: np.ndarray | None,
+        history: sp.csr_matrix,
         k: int,
         excl: tuple[np.ndarray, np.ndarray],
         cand: tuple[np.ndarray, np.ndarray] | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of dense scores with exclusions (models with shared scores override)."""
+        """Top-k per row for known `users` (history = their training rows) or, when
+        users is None, for users given only by `history` rows (fold-in).
+
+        The default scores densely and selects with the shared top-k kernel;
+        sparse models override this to fuse scoring and selection.
+        """
+        scores = self._score_users(users) if users is not None else self._score_history(history)
         ca = cand if cand is not None else (None, None)
+        scores = np.ascontiguousarray(scores, dtype=np.float32)
         return topk.topk_dense(scores, k, excl[0], excl[1], ca[0], ca[1], self.n_threads)
 
     # -- the contract ---------------------------------------------------------
@@ -186,14 +194,16 @@ class Recommender(ABC):
         out_s = np.empty((users.size, k), np.float32)
         for lo in range(0, users.size, SCORE_CHUNK):
             chunk = users[lo : lo + SCORE_CHUNK]
-            history = seen[chunk] if filter_seen else None
+            history = seen[chunk]
             excl = exclusion_rows(
-                history, _rows_for(exclude, lo, chunk.size), chunk.size, self.n_items
+                history if filter_seen else None,
+                _rows_for(exclude, lo, chunk.size),
+                chunk.size,
+                self.n_items,
             )
             cand = candidate_rows(_rows_for(candidates, lo, chunk.size), chunk.size)
-            scores = self._score_users(chunk) if self._needs_scores() else None
-            out_i[lo : lo + chunk.size], out_s[lo : lo + chunk.size] = self._topk(
-                scores, k, excl, cand
+            out_i[lo : lo + chunk.size], out_s[lo : lo + chunk.size] = self._rank(
+                chunk, history, k, excl, cand
             )
         return out_i, out_s
 
@@ -248,8 +258,7 @@ class Recommender(ABC):
                 rows if filter_seen else None, _rows_for(exclude, lo, size), size, self.n_items
             )
             cand = candidate_rows(_rows_for(candidates, lo, size), size)
-            scores = self._score_history(rows) if self._needs_scores() else None
-            out_i[lo : lo + size], out_s[lo : lo + size] = self._topk(scores, k, excl, cand)
+            out_i[lo : lo + size], out_s[lo : lo + size] = self._rank(None, rows, k, excl, cand)
         return out_i, out_s
 
     def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -261,6 +270,35 @@ class Recommender(ABC):
         i, s = self._similar(np.array([item], np.int64), k)
         n = int((i[0] >= 0).sum())
         return i[0, :n], s[0, :n]
+
+    def explain(self, user: int, item: int, n: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Up to n items of the user's history that contributed most to `item`'s score,
+        with their contributions, largest first. Empty where the model's score does
+        not depend on the history (popularity)."""
+        seen = self._require_fitted()
+        if not 0 <= int(user) < self.n_users:
+            raise IndexError(f"user: index must be in [0, {self.n_users})")
+        return self.explain_history(seen[int(user)], item, n, user=int(user))
+
+    def explain_history(
+        self, history: sp.csr_matrix, item: int, n: int = 5, user: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """explain() for a history row (1 x items); `user` when it is a known user."""
+        self._require_fitted()
+        if not 0 <= int(item) < self.n_items:
+            raise IndexError(f"item: index must be in [0, {self.n_items})")
+        history = history.tocsr()
+        items, contrib = self._contributions(history, int(item), user)
+        keep = contrib > 0
+        items, contrib = items[keep], contrib[keep]
+        order = np.lexsort((items, -contrib))[:n]
+        return items[order].astype(np.int32), contrib[order].astype(np.float32)
+
+    def _contributions(
+        self, history: sp.csr_matrix, item: int, user: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(history items, their contribution to item's score); none by default."""
+        return np.zeros(0, np.int32), np.zeros(0, np.float32)
 
     def score(
         self, user: int, items: Sequence[int] | np.ndarray
@@ -306,9 +344,6 @@ class Recommender(ABC):
         v = np.concatenate(vals) if vals else np.zeros(0, np.float32)
         m, _ = build_csr(r, c, v, np.arange(r.size), n, self.n_items)
         return m
-
-    def _needs_scores(self) -> bool:
-        return True
 
     # -- bundles ----------------------------------------------------------------
 

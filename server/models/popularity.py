@@ -58,16 +58,15 @@ class Popularity(Recommender):
         # Best first; ties by lower item index (lexsort's last key is primary).
         self.order = np.lexsort((np.arange(scores.size), -scores)).astype(np.int32)
 
-    def _needs_scores(self) -> bool:
-        return False  # _topk walks the shared order instead
-
-    def _topk(
+    def _rank(
         self,
-        scores: np.ndarray | None,
+        users: np.ndarray | None,
+        history: sp.csr_matrix,
         k: int,
         excl: tuple[np.ndarray, np.ndarray],
         cand: tuple[np.ndarray, np.ndarray] | None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        # Shared scores: walk the precomputed order instead of scoring every item.
         ca = cand if cand is not None else (None, None)
         n = excl[0].shape[0] - 1
         return topk.topk_ranked(

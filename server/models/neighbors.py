@@ -1,0 +1,346 @@
+"""Neighbourhood models: item-kNN, user-kNN, RP3beta and content similarity.
+
+All four are "history x similarity": a sparse neighbour matrix is built once
+by kernels.similarity.knn (top-K per row, self excluded) and a user's scores
+are their history times it, selected by the fused score_topk kernel. They
+differ only in which matrices the neighbours come from:
+
+  itemknn   items x users interactions (optionally BM25/TF-IDF weighted)
+  userknn   users x items; a user's score sums their neighbours' rows
+  rp3beta   random walk item -> user -> item (Paudel et al. 2016), with a
+            popularity penalty deg(j)^-beta
+  content   items x features (genres, tags) with TF-IDF: it recommends items
+            that have no interactions at all (how new items get served)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from kernels import similarity as simk
+from server.data import Dataset
+from server.models.base import Param, Recommender
+from server.models.registry import register
+
+SIMILARITY = Param(
+    str, "cosine", "dot, cosine, asymmetric (alpha) or jaccard", choices=tuple(simk.SIMILARITIES)
+)
+WEIGHTING = Param(
+    str, "none", "input weighting: none, bm25 or tfidf", choices=tuple(simk.WEIGHTINGS)
+)
+COMMON: dict[str, Param] = {
+    "k": Param(int, 100, "neighbours kept per row", min=1, max=100_000),
+    "shrink": Param(float, 0.0, "shrinkage added to the similarity denominator", min=0),
+    "similarity": SIMILARITY,
+    "alpha": Param(float, 0.5, "asymmetric cosine exponent", min=0, max=1),
+    "weighting": WEIGHTING,
+    "K1": Param(float, 1.2, "BM25 term saturation", min=0),
+    "B": Param(float, 0.75, "BM25 length normalisation", min=0, max=1),
+}
+
+
+def csr(
+    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: tuple[int, int]
+) -> sp.csr_matrix:
+    """A CSR view over existing (possibly memory-mapped) arrays, no copy."""
+    m = sp.csr_matrix((data, indices, indptr), shape=shape, copy=False)
+    m.has_sorted_indices = False
+    return m
+
+
+class _Neighbourhood(Recommender):
+    """Shared machinery: a neighbour CSR `sim` and history x sim scoring."""
+
+    sim: sp.csr_matrix
+
+    def _weighted(self, rows_by_docs: sp.csr_matrix) -> sp.csr_matrix:
+        """Apply the configured weighting to a CSR whose rows are documents."""
+        scheme = self.params.get("weighting", "none")
+        m = rows_by_docs.tocsr().astype(np.float32)
+        if scheme == "none":
+            return m
+        data, idf, avg = simk.weight(
+            m.indptr,
+            m.indices,
+            m.data,
+            m.shape[1],
+            scheme,
+            self.params["K1"],
+            self.params["B"],
+            n_threads=self.n_threads,
+        )
+        self._idf, self._avg_len = idf, avg
+        return csr(m.indptr.astype(np.int64), m.indices, data, m.shape)
+
+    def _knn(
+        self,
+        a: sp.csr_matrix,
+        b: sp.csr_matrix,
+        n_cols: int,
+        exclude_self: bool,
+        col_scale: np.ndarray | None = None,
+        similarity: str | None = None,
+    ) -> sp.csr_matrix:
+        p = self.params
+        ip, ix, v = simk.knn(
+            a.indptr,
+            a.indices,
+            a.data,
+            b.indptr,
+            b.indices,
+            b.data,
+            n_cols,
+            p["k"],
+            similarity or p.get("similarity", "dot"),
+            p.get("alpha", 0.5),
+            p.get("shrink", 0.0),
+            col_scale,
+            exclude_self,
+            self.n_threads,
+        )
+        return csr(ip, ix, v, (a.shape[0], n_cols))
+
+    def _score(
+        self,
+        h: sp.csr_matrix,
+        s: sp.csr_matrix,
+        k: int,
+        excl: tuple[np.ndarray, np.ndarray],
+        cand: tuple[np.ndarray, np.ndarray] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        ca = cand if cand is not None else (None, None)
+        return simk.score_topk(
+            h.indptr,
+            h.indices,
+            h.data,
+            s.indptr,
+            s.indices,
+            s.data,
+            s.shape[1],
+            k,
+            excl[0],
+            excl[1],
+            ca[0],
+            ca[1],
+            self.n_threads,
+        )
+
+    def _rank(self, users, history, k, excl, cand):
+        return self._score(history.tocsr(), self.sim, k, excl, cand)
+
+    def _score_users(self, users: np.ndarray) -> np.ndarray:
+        assert self.user_items is not None
+        return self._score_history(self.user_items[users])
+
+    def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
+        return np.asarray((history @ self.sim).toarray(), dtype=np.float32)
+
+    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = items.size
+        unit = sp.csr_matrix(
+            (np.ones(n, np.float32), items.astype(np.int32), np.arange(n + 1, dtype=np.int64)),
+            shape=(n, self.n_items),
+        )
+        excl = (np.arange(n + 1, dtype=np.int64), items.astype(np.int32))
+        return self._score(unit, self.sim, k, excl, None)
+
+    def _contributions(self, history, item, user):
+        items = history.indices
+        weights = history.data.astype(np.float64)
+        col = np.asarray(self.sim[items][:, [item]].toarray()).ravel()
+        return items, weights * col
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "sim_indptr": self.sim.indptr,
+            "sim_indices": self.sim.indices,
+            "sim_data": self.sim.data,
+        }
+
+    def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        n = arrays["sim_indptr"].shape[0] - 1
+        self.sim = csr(
+            arrays["sim_indptr"], arrays["sim_indices"], arrays["sim_data"], (n, self._sim_cols())
+        )
+
+    def _sim_cols(self) -> int:
+        return self.n_items
+
+
+@register
+class ItemKNN(_Neighbourhood):
+    """Item-based kNN: items similar to the user's items, weighted by their history."""
+
+    algorithm = "itemknn"
+    params_spec: ClassVar[Mapping[str, Param]] = COMMON
+
+    def _fit(self, dataset: Dataset) -> None:
+        assert self.user_items is not None
+        a = self._weighted(self.user_items.T.tocsr())  # items are the documents
+        self.sim = self._knn(a, a.T.tocsr(), self.n_items, exclude_self=True)
+
+
+@register
+class RP3beta(_Neighbourhood):
+    """RP3beta: 3-step random-walk item similarity with a popularity penalty."""
+
+    algorithm = "rp3beta"
+    params_spec: ClassVar[Mapping[str, Param]] = {
+        "k": COMMON["k"],
+        "alpha": Param(float, 1.0, "exponent on the transition probabilities", min=0),
+        "beta": Param(float, 0.6, "popularity penalty exponent", min=0),
+        "binary": Param(bool, True, "use interactions as 0/1"),
+    }
+
+    def _fit(self, dataset: Dataset) -> None:
+        assert self.user_items is not None
+        x = self.user_items.astype(np.float32)
+        if self.params["binary"]:
+            x = x.copy()
+            x.data[:] = 1.0
+        alpha = self.params["alpha"]
+        p_ui = _row_normalise(x).power(alpha).tocsr()  # users x items
+        p_iu = _row_normalise(x.T.tocsr()).power(alpha).tocsr()  # items x users
+        degree = np.diff(x.tocsc().indptr).astype(np.float64)
+        penalty = np.zeros_like(degree)
+        penalty[degree > 0] = degree[degree > 0] ** -self.params["beta"]
+        self.sim = self._knn(
+            p_iu,
+            p_ui,
+            self.n_items,
+            exclude_self=True,
+            col_scale=penalty.astype(np.float32),
+            similarity="dot",
+        )
+
+
+@register
+class ContentKNN(_Neighbourhood):
+    """Content similarity: TF-IDF genres/tags, cosine item-item, scored from the history."""
+
+    algorithm = "content"
+    params_spec: ClassVar[Mapping[str, Param]] = {
+        "k": COMMON["k"],
+        "shrink": COMMON["shrink"],
+        "weighting": Param(
+            str, "tfidf", "feature weighting: none, bm25 or tfidf", choices=tuple(simk.WEIGHTINGS)
+        ),
+        "K1": COMMON["K1"],
+        "B": COMMON["B"],
+    }
+
+    def _fit(self, dataset: Dataset) -> None:
+        f = dataset.item_features
+        if f is None or f.nnz == 0:
+            raise ValueError(
+                f"{dataset.name}: the content model needs item features "
+                "(genres or tags), and this dataset has none"
+            )
+        a = self._weighted(f.tocsr())  # items are the documents, features the terms
+        self.sim = self._knn(a, a.T.tocsr(), self.n_items, exclude_self=True, similarity="cosine")
+
+
+@register
+class UserKNN(_Neighbourhood):
+    """User-based kNN: the items of the users most similar to this one.
+
+    `sim` is users x users. A new user is folded in by computing their
+    similarity to every training user with the same weighting (stored idf).
+    """
+
+    algorithm = "userknn"
+    params_spec: ClassVar[Mapping[str, Param]] = COMMON
+
+    def _fit(self, dataset: Dataset) -> None:
+        assert self.user_items is not None
+        self._idf = np.zeros(0, np.float32)
+        self._avg_len = 0.0
+        self.users_w = self._weighted(self.user_items)  # users are the documents
+        self.sim = self._knn(self.users_w, self.users_w.T.tocsr(), self.n_users, exclude_self=True)
+
+    def _neighbours(self, history: sp.csr_matrix) -> sp.csr_matrix:
+        """Top-k similar training users of each history row (fold-in)."""
+        h = history.tocsr().astype(np.float32)
+        if self.params["weighting"] != "none" and h.nnz:
+            data, _, _ = simk.weight(
+                h.indptr,
+                h.indices,
+                h.data,
+                self.n_items,
+                self.params["weighting"],
+                self.params["K1"],
+                self.params["B"],
+                idf=self._idf,
+                avg_len=self._avg_len,
+                n_threads=self.n_threads,
+            )
+            h = csr(h.indptr.astype(np.int64), h.indices, data, h.shape)
+        b = self.users_w.T.tocsr()
+        return self._knn(h, b, self.n_users, exclude_self=False)
+
+    def _rank(self, users, history, k, excl, cand):
+        h = self.sim[users] if users is not None else self._neighbours(history)
+        return self._score(h.tocsr(), self.user_items, k, excl, cand)
+
+    def _score_users(self, users: np.ndarray) -> np.ndarray:
+        return np.asarray((self.sim[users] @ self.user_items).toarray(), np.float32)
+
+    def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
+        return np.asarray((self._neighbours(history) @ self.user_items).toarray(), np.float32)
+
+    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # Items co-consumed with the item, weighted like user-user cosine on the item side.
+        x = self.user_items
+        cols = x.T.tocsr()
+        n = items.size
+        h = cols[items]
+        excl = (np.arange(n + 1, dtype=np.int64), items.astype(np.int32))
+        return self._score(h, x, k, excl, None)
+
+    def _contributions(self, history, item, user):
+        # Neighbours who have `item`, weighted by similarity; credit the history
+        # items they share with this user.
+        nb = self.sim[user] if user is not None else self._neighbours(history)
+        x = self.user_items
+        has = np.asarray(x[nb.indices][:, [item]].toarray()).ravel()
+        weights = nb.data * has
+        shared = np.asarray((sp.csr_matrix(weights[None, :]) @ x[nb.indices]).toarray()).ravel()
+        return history.indices, shared[history.indices] * history.data
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        w = self.users_w
+        return {
+            **super()._arrays(),
+            "uw_indptr": w.indptr.astype(np.int64),
+            "uw_indices": w.indices,
+            "uw_data": w.data,
+            "idf": np.asarray(self._idf, np.float32),
+            "avg_len": np.array([self._avg_len], np.float64),
+        }
+
+    def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        super()._restore(arrays)
+        self.users_w = csr(
+            arrays["uw_indptr"],
+            arrays["uw_indices"],
+            arrays["uw_data"],
+            (self.n_users, self.n_items),
+        )
+        self._idf = arrays["idf"]
+        self._avg_len = float(arrays["avg_len"][0])
+
+    def _sim_cols(self) -> int:
+        return self.n_users
+
+
+def _row_normalise(m: sp.csr_matrix) -> sp.csr_matrix:
+    """Rows scaled to sum to 1 (empty rows stay empty)."""
+    m = m.tocsr().astype(np.float32)
+    sums = np.asarray(m.sum(axis=1)).ravel()
+    inv = np.zeros_like(sums)
+    inv[sums > 0] = 1.0 / sums[sums > 0]
+    return sp.diags(inv.astype(np.float32)) @ m
