@@ -8,7 +8,7 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport pow, sqrt
 
 from kernels.parallel cimport resolve_threads
-from kernels.topk cimport mark, select_topk
+from kernels.topk cimport heap_drain, heap_offer, mark, select_topk, worse
 
 from kernels.topk import check_array, check_rows
 
@@ -228,6 +228,204 @@ def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_c
     indptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
     return indptr, out_idx[keep], out_val[keep]
+
+
+cdef inline double transform(int kind, double d, double ri, double cj, double sh) noexcept nogil:
+    """Similarity from a dot product d and the two sides' norms (see knn)."""
+    cdef double den
+    if kind == 0:
+        return d
+    if kind == 3:
+        den = ri + cj - d + sh
+    else:
+        den = ri * cj + sh
+    return d / den if den > 0 else 0.0
+
+
+def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="cosine",
+             double alpha=0.5, double shrink=0.0, col_scale=None, int n_threads=0):
+    """Top-k neighbours of every row of A among the other rows: knn(A, A.T) with
+    exclude_self, computing each pair's dot product once.
+
+    A is rows x n_inner (items x users for item-item). Row i accumulates only
+    the rows j > i and offers the pair to both rows' top-k heaps; each thread
+    keeps its own heaps for every row (no locks), merged per row at the end.
+    That halves the scatter-add work of the general kernel. Results equal
+    knn(A, A.T, exclude_self=True) exactly, ties included.
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity: expected one of {', '.join(SIMILARITIES)}, "
+                         f"got {similarity!r}")
+    if k <= 0:
+        raise ValueError(f"k: must be positive, got {k}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: must be in [0, 1], got {alpha}")
+    if shrink < 0:
+        raise ValueError(f"shrink: must be >= 0, got {shrink}")
+    indptr, indices, data = as_csr(indptr, indices, data, n_inner, "a")
+    cdef Py_ssize_t n = indptr.shape[0] - 1
+    cdef int kind = SIMILARITIES[similarity]
+    binary = kind == 3
+    sq = np.ones(data.shape[0]) if binary else data.astype(np.float64) ** 2
+    norm = np.zeros(n)
+    nz = np.diff(indptr) > 0
+    if sq.size:
+        norm[nz] = np.add.reduceat(sq, indptr[:n][nz])
+    if kind == 1:
+        rnorm = cnorm = np.sqrt(norm)
+    elif kind == 2:
+        rnorm, cnorm = norm ** alpha, norm ** (1.0 - alpha)
+    else:
+        rnorm = cnorm = norm
+    scale = (np.ones(n, np.float32) if col_scale is None
+             else check_array(np.ascontiguousarray(col_scale, dtype=np.float32),
+                              "col_scale", np.float32, 1))
+    if scale.shape[0] != n:
+        raise ValueError(f"col_scale: expected length {n}, got {scale.shape[0]}")
+    if n == 0:
+        return np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+
+    # Transpose (counting sort, rows ascending so B's rows are sorted) and
+    # remember where each entry of A landed in B: row i then scans B row u
+    # from just past its own entry, i.e. only the partners j > i.
+    cdef Py_ssize_t nnz = indices.shape[0]
+    b_indptr = np.zeros(n_inner + 1, np.int64)
+    np.cumsum(np.bincount(indices, minlength=n_inner), out=b_indptr[1:])
+    b_indices = np.empty(nnz, np.int32)
+    b_data = np.empty(nnz, np.float32)
+    pos = np.empty(nnz, np.int64)
+    fill = b_indptr[:n_inner].copy()
+    cdef const long long[::1] aip = indptr
+    cdef const int[::1] aix = indices
+    cdef const float[::1] ax = data
+    cdef int[::1] bix_w = b_indices
+    cdef float[::1] bx_w = b_data
+    cdef long long[::1] pos_w = pos
+    cdef long long[::1] fill_w = fill
+    cdef Py_ssize_t i
+    cdef long long p, q
+    with nogil:
+        for i in range(n):
+            for p in range(aip[i], aip[i + 1]):
+                q = fill_w[aix[p]]
+                fill_w[aix[p]] = q + 1
+                bix_w[q] = <int>i
+                bx_w[q] = ax[p]
+                pos_w[p] = q
+
+    cdef int nt = resolve_threads(n_threads)
+    heap_i = np.empty((nt, n, k), np.int32)
+    heap_v = np.empty((nt, n, k), np.float32)
+    heap_n = np.zeros((nt, n), np.int32)
+    # Each heap's worst kept entry, in compact arrays that stay in cache: most
+    # offers lose to it and never touch the (large, cold) heap itself.
+    floor_v = np.empty((nt, n), np.float32)
+    floor_i = np.empty((nt, n), np.int32)
+    acc_buf = np.zeros((nt, n), np.float64)
+    flag_buf = np.zeros((nt, n), np.uint8)
+    touch_buf = np.empty((nt, n + 1), np.int32)  # +1: the branch-free store
+    cdef const long long[::1] bip = b_indptr
+    cdef const int[::1] bix = b_indices
+    cdef const float[::1] bx = b_data
+    cdef const long long[::1] ps = pos
+    cdef const double[::1] rn = np.ascontiguousarray(rnorm, dtype=np.float64)
+    cdef const double[::1] cn = np.ascontiguousarray(cnorm, dtype=np.float64)
+    cdef const float[::1] cs = scale
+    cdef int[:, :, ::1] HI = heap_i
+    cdef float[:, :, ::1] HV = heap_v
+    cdef int[:, ::1] HN = heap_n
+    cdef float[:, ::1] FV = floor_v
+    cdef int[:, ::1] FI = floor_i
+    cdef double[:, ::1] ACC = acc_buf
+    cdef unsigned char[:, ::1] FLAG = flag_buf
+    cdef int[:, ::1] TOUCH = touch_buf
+    cdef double* acc
+    cdef unsigned char* flag
+    cdef int* touch
+    cdef const long long* bp = &bip[0]
+    cdef const int* bi = &bix[0]
+    cdef const float* bv = &bx[0]
+    cdef double sh = shrink, d, w
+    cdef float sij, sji
+    cdef bint bin_ = binary
+    cdef int t, j, u, c, n_touched
+    # Raw pointers everywhere in the hot loops: memoryview fields would be
+    # reloaded on every iteration (the compiler cannot rule out aliasing).
+    cdef const long long* ap = &aip[0]
+    cdef const int* ai = &aix[0]
+    cdef const float* av = &ax[0]
+    cdef const long long* pp = &ps[0]
+    cdef const double* rnp = &rn[0]
+    cdef const double* cnp = &cn[0]
+    cdef const float* csp = &cs[0]
+    cdef int* hn
+    cdef float* fv
+    cdef int* fi
+    cdef int* hi
+    cdef float* hv
+    with nogil, parallel(num_threads=nt):
+        for i in prange(n, schedule="dynamic", chunksize=16):
+            t = threadid()
+            acc = &ACC[t, 0]
+            flag = &FLAG[t, 0]
+            touch = &TOUCH[t, 0]
+            hn = &HN[t, 0]
+            fv = &FV[t, 0]
+            fi = &FI[t, 0]
+            hi = &HI[t, 0, 0]
+            hv = &HV[t, 0, 0]
+            n_touched = 0
+            for p in range(ap[i], ap[i + 1]):
+                u = ai[p]
+                w = 1.0 if bin_ else av[p]
+                for q in range(pp[p] + 1, bp[u + 1]):
+                    j = bi[q]
+                    touch[n_touched] = j
+                    n_touched = n_touched + 1 - flag[j]
+                    flag[j] = 1
+                    acc[j] += w * (1.0 if bin_ else bv[q])
+            for c in range(n_touched):
+                j = touch[c]
+                d = acc[j]
+                acc[j] = 0.0
+                flag[j] = 0
+                sij = <float>(transform(kind, d, rnp[i], cnp[j], sh) * csp[j])
+                sji = <float>(transform(kind, d, rnp[j], cnp[i], sh) * csp[i])
+                if hn[i] < k or worse(fv[i], fi[i], sij, j):
+                    hn[i] = heap_offer(hi + i * k, hv + i * k, hn[i], k, j, sij)
+                    fv[i] = hv[i * k]
+                    fi[i] = hi[i * k]
+                if hn[j] < k or worse(fv[j], fi[j], sji, <int>i):
+                    hn[j] = heap_offer(hi + <Py_ssize_t>j * k, hv + <Py_ssize_t>j * k, hn[j],
+                                       k, <int>i, sji)
+                    fv[j] = hv[<Py_ssize_t>j * k]
+                    fi[j] = hi[<Py_ssize_t>j * k]
+
+    # Merge: every row's per-thread heaps into one top-k, best first.
+    out_idx = np.empty((n, k), np.int32)
+    out_val = np.empty((n, k), np.float32)
+    counts = np.zeros(n, np.int32)
+    merge_i = np.empty((nt, k), np.int32)
+    merge_v = np.empty((nt, k), np.float32)
+    cdef int[:, ::1] oi = out_idx
+    cdef float[:, ::1] ov = out_val
+    cdef int[::1] cnt = counts
+    cdef int[:, ::1] MI = merge_i
+    cdef float[:, ::1] MV = merge_v
+    cdef int src, e, size
+    with nogil, parallel(num_threads=nt):
+        for i in prange(n, schedule="static"):
+            t = threadid()
+            size = 0
+            for src in range(nt):
+                for e in range(HN[src, i]):
+                    size = heap_offer(&MI[t, 0], &MV[t, 0], size, k, HI[src, i, e],
+                                      HV[src, i, e])
+            cnt[i] = heap_drain(&MI[t, 0], &MV[t, 0], size, &oi[i, 0], &ov[i, 0])
+    keep = np.arange(k)[None, :] < counts[:, None]
+    out_indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=out_indptr[1:])
+    return out_indptr, out_idx[keep], out_val[keep]
 
 
 cdef inline bint better(float sa, int ia, float sb, int ib) noexcept nogil:

@@ -220,3 +220,32 @@ def test_score_topk_properties(data, k):
     assert len(got) == min(k, n_items - len(set(excl)))
     assert not set(got) & set(excl) and len(set(got)) == len(got)
     assert all(v[0, a] >= v[0, a + 1] for a in range(len(got) - 1))
+
+
+@pytest.mark.parametrize("kind", ["dot", "cosine", "asymmetric", "jaccard"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_knn_self_equals_general_knn_exactly(kind, threads):
+    """The pair-once kernel gives the same lists, values and ties as knn(A, A.T)."""
+    x = random_csr(150, 70, 0.1, seed=9)
+    a = x.T.tocsr()
+    b = a.T.tocsr()
+    want = simk.knn(
+        a.indptr,
+        a.indices,
+        a.data,
+        b.indptr,
+        b.indices,
+        b.data,
+        70,
+        9,
+        kind,
+        alpha=0.3,
+        shrink=1.0,
+        exclude_self=True,
+        n_threads=threads,
+    )
+    got = simk.knn_self(
+        a.indptr, a.indices, a.data, 150, 9, kind, alpha=0.3, shrink=1.0, n_threads=threads
+    )
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
