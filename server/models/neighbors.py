@@ -76,6 +76,23 @@ class _Neighbourhood(Recommender):
         self._idf, self._avg_len = idf, avg
         return csr(m.indptr.astype(np.int64), m.indices, data, m.shape)
 
+    def _knn_self(self, a: sp.csr_matrix, similarity: str | None = None) -> sp.csr_matrix:
+        """Top-k neighbours among the rows of `a` (itself excluded), each pair computed once."""
+        p = self.params
+        ip, ix, v = simk.knn_self(
+            a.indptr,
+            a.indices,
+            a.data,
+            a.shape[1],
+            p["k"],
+            similarity or p.get("similarity", "dot"),
+            p.get("alpha", 0.5),
+            p.get("shrink", 0.0),
+            None,
+            self.n_threads,
+        )
+        return csr(ip, ix, v, (a.shape[0], a.shape[0]))
+
     def _knn(
         self,
         a: sp.csr_matrix,
@@ -181,7 +198,7 @@ class ItemKNN(_Neighbourhood):
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
         a = self._weighted(self.user_items.T.tocsr())  # items are the documents
-        self.sim = self._knn(a, a.T.tocsr(), self.n_items, exclude_self=True)
+        self.sim = self._knn_self(a)
 
 
 @register
@@ -241,7 +258,7 @@ class ContentKNN(_Neighbourhood):
                 "(genres or tags), and this dataset has none"
             )
         a = self._weighted(f.tocsr())  # items are the documents, features the terms
-        self.sim = self._knn(a, a.T.tocsr(), self.n_items, exclude_self=True, similarity="cosine")
+        self.sim = self._knn_self(a, similarity="cosine")
 
 
 @register
@@ -260,7 +277,7 @@ class UserKNN(_Neighbourhood):
         self._idf = np.zeros(0, np.float32)
         self._avg_len = 0.0
         self.users_w = self._weighted(self.user_items)  # users are the documents
-        self.sim = self._knn(self.users_w, self.users_w.T.tocsr(), self.n_users, exclude_self=True)
+        self.sim = self._knn_self(self.users_w)
 
     def _neighbours(self, history: sp.csr_matrix) -> sp.csr_matrix:
         """Top-k similar training users of each history row (fold-in)."""
