@@ -103,9 +103,10 @@ def publish(
             check_name(key)
             arr = np.ascontiguousarray(arr)
             if arr.dtype.hasobject:
+                # Object arrays can only be stored by pickling, and a pickle runs code.
                 raise TypeError(f"array {key}: object arrays would need pickle; refuse")
             fname = f"{key}.npy"
-            np.save(tmp / fname, arr, allow_pickle=False)
+            np.save(tmp / fname, arr, allow_pickle=False)  # never pickle: it runs code on load
             array_meta[key] = {"file": fname, "dtype": arr.dtype.str, "shape": list(arr.shape)}
         for fname, writer in (files or {}).items():
             check_name(fname)
@@ -221,6 +222,7 @@ def load_arrays(
         # A zero-length array has no data to map; np.load refuses to mmap it.
         mode = "r" if mmap and int(np.prod(meta["shape"])) > 0 else None
         try:
+            # allow_pickle=False: a tampered .npy holding a pickle is refused, never executed.
             arr = np.load(fpath, mmap_mode=mode, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise BundleError(f"{fpath}: not a plain .npy array ({exc})") from None
