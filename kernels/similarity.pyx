@@ -12,6 +12,24 @@ from kernels.topk cimport heap_drain, heap_offer, mark, select_topk, worse
 
 from kernels.topk import check_array, check_rows
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define recserve_prefetch(p) __builtin_prefetch((p), 0, 1)
+    #else
+    #define recserve_prefetch(p) ((void)0)
+    #endif
+    """
+    void recserve_prefetch(const void* p) noexcept nogil
+
+
+ctypedef struct Entry:
+    # One nonzero of the transposed matrix: column and value side by side, so
+    # the hot loop reads one stream (and half the cache lines) instead of two.
+    int col
+    float val
+
+
 SIMILARITIES = {"dot": 0, "cosine": 1, "asymmetric": 2, "jaccard": 3}
 WEIGHTINGS = {"none": 0, "bm25": 1, "tfidf": 2}
 
@@ -177,6 +195,7 @@ def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_c
     cdef int[:, ::1] HI = heap_i
     cdef float[:, ::1] HV = heap_v
     cdef double sh = shrink, d, den, s, w
+    cdef float nan = float("nan")
     cdef bint bin_ = binary, excl = exclude_self
     cdef Py_ssize_t i
     cdef long long p, q
@@ -200,6 +219,9 @@ def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_c
             for c in range(n_touched):
                 j = TOUCH[t, c]
                 d = ACC[t, j]
+                if d == 0.0:
+                    VAL[t, j] = nan  # products that cancel exactly make no neighbour
+                    continue
                 if kind == 0:
                     s = d
                 elif kind == 3:
@@ -242,6 +264,35 @@ cdef inline double transform(int kind, double d, double ri, double cj, double sh
     return d / den if den > 0 else 0.0
 
 
+cdef void apply_offers(const int* rows, const int* items, const float* scores, int m,
+                       int* counts, int* order, int n, int k, int* hn, float* fv, int* fi,
+                       int* hi, float* hv) noexcept nogil:
+    """Apply m buffered (row, item, score) offers to the rows' heaps in row order.
+
+    A counting sort by row turns random heap accesses (cache misses) into a
+    sequential walk over the heaps.
+    """
+    cdef int e, r, j
+    cdef Py_ssize_t base
+    for r in range(n + 1):
+        counts[r] = 0
+    for e in range(m):
+        counts[rows[e] + 1] += 1
+    for r in range(n):
+        counts[r + 1] += counts[r]
+    for e in range(m):
+        order[counts[rows[e]]] = e
+        counts[rows[e]] += 1
+    for r in range(m):
+        e = order[r]
+        j = rows[e]
+        if hn[j] < k or worse(fv[j], fi[j], scores[e], items[e]):
+            base = <Py_ssize_t>j * k
+            hn[j] = heap_offer(hi + base, hv + base, hn[j], k, items[e], scores[e])
+            fv[j] = hv[base]
+            fi[j] = hi[base]
+
+
 def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="cosine",
              double alpha=0.5, double shrink=0.0, col_scale=None, int n_threads=0):
     """Top-k neighbours of every row of A among the other rows: knn(A, A.T) with
@@ -266,17 +317,6 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
     cdef Py_ssize_t n = indptr.shape[0] - 1
     cdef int kind = SIMILARITIES[similarity]
     binary = kind == 3
-    sq = np.ones(data.shape[0]) if binary else data.astype(np.float64) ** 2
-    norm = np.zeros(n)
-    nz = np.diff(indptr) > 0
-    if sq.size:
-        norm[nz] = np.add.reduceat(sq, indptr[:n][nz])
-    if kind == 1:
-        rnorm = cnorm = np.sqrt(norm)
-    elif kind == 2:
-        rnorm, cnorm = norm ** alpha, norm ** (1.0 - alpha)
-    else:
-        rnorm = cnorm = norm
     scale = (np.ones(n, np.float32) if col_scale is None
              else check_array(np.ascontiguousarray(col_scale, dtype=np.float32),
                               "col_scale", np.float32, 1))
@@ -285,33 +325,60 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
     if n == 0:
         return np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
 
-    # Transpose (counting sort, rows ascending so B's rows are sorted) and
-    # remember where each entry of A landed in B: row i then scans B row u
-    # from just past its own entry, i.e. only the partners j > i.
+    # Rows are visited in order of increasing length (popularity, for items)
+    # under new labels: on long-tailed data most accumulations then land in a
+    # small, cache-resident suffix of the accumulator. Heaps hold original
+    # ids, so ties still break by the original id and results are identical.
+    relabel = np.argsort(np.diff(indptr), kind="stable").astype(np.int32)  # new -> old
+    newlabel = np.empty(n, np.int32)
+    newlabel[relabel] = np.arange(n, dtype=np.int32)
+
+    # One serial pass: column counts, squared norms (under new labels), then
+    # the transpose B = A.T as interleaved (col, val) entries with rows
+    # visited in new-label order so B's rows are sorted, plus the position
+    # of every entry of A inside B: row i then scans B row u from just past
+    # its own entry, i.e. only the partners j > i.
     cdef Py_ssize_t nnz = indices.shape[0]
     b_indptr = np.zeros(n_inner + 1, np.int64)
-    np.cumsum(np.bincount(indices, minlength=n_inner), out=b_indptr[1:])
-    b_indices = np.empty(nnz, np.int32)
-    b_data = np.empty(nnz, np.float32)
+    norm = np.zeros(n, np.float64)
+    entries = np.empty(2 * max(nnz, 1), np.int32)  # Entry records, 8 bytes each
     pos = np.empty(nnz, np.int64)
-    fill = b_indptr[:n_inner].copy()
+    fill = np.empty(n_inner, np.int64)
     cdef const long long[::1] aip = indptr
     cdef const int[::1] aix = indices
     cdef const float[::1] ax = data
-    cdef int[::1] bix_w = b_indices
-    cdef float[::1] bx_w = b_data
+    cdef const int[::1] rl = relabel
+    cdef long long[::1] bip_w = b_indptr
+    cdef double[::1] norm_w = norm
+    cdef int[::1] ent_w = entries
+    cdef Entry* B = <Entry*>&ent_w[0]
     cdef long long[::1] pos_w = pos
     cdef long long[::1] fill_w = fill
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, o
     cdef long long p, q
+    cdef bint bin0 = binary
     with nogil:
+        for p in range(nnz):
+            bip_w[aix[p] + 1] += 1
+        for o in range(n_inner):
+            bip_w[o + 1] += bip_w[o]
+            fill_w[o] = bip_w[o]
         for i in range(n):
-            for p in range(aip[i], aip[i + 1]):
+            o = rl[i]
+            for p in range(aip[o], aip[o + 1]):
+                norm_w[i] += 1.0 if bin0 else <double>ax[p] * ax[p]
                 q = fill_w[aix[p]]
                 fill_w[aix[p]] = q + 1
-                bix_w[q] = <int>i
-                bx_w[q] = ax[p]
+                B[q].col = <int>i
+                B[q].val = ax[p]
                 pos_w[p] = q
+    if kind == 1:
+        rnorm = cnorm = np.sqrt(norm)
+    elif kind == 2:
+        rnorm, cnorm = norm ** alpha, norm ** (1.0 - alpha)
+    else:
+        rnorm = cnorm = norm
+    scale = np.ascontiguousarray(scale[relabel])
 
     cdef int nt = resolve_threads(n_threads)
     heap_i = np.empty((nt, n, k), np.int32)
@@ -323,10 +390,16 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
     floor_i = np.empty((nt, n), np.int32)
     acc_buf = np.zeros((nt, n), np.float64)
     flag_buf = np.zeros((nt, n), np.uint8)
-    touch_buf = np.empty((nt, n + 1), np.int32)  # +1: the branch-free store
+    touch_buf = np.empty((nt, n), np.int32)
+    # Deferred offers to other rows' heaps (see apply_offers).
+    cdef int cap = <int>min(1 << 20, max(1024, 4 * n))
+    buf_rows = np.empty((nt, cap), np.int32)
+    buf_items = np.empty((nt, cap), np.int32)
+    buf_scores = np.empty((nt, cap), np.float32)
+    buf_order = np.empty((nt, cap), np.int32)
+    buf_counts = np.empty((nt, n + 1), np.int32)
+    buf_n = np.zeros(nt, np.int32)
     cdef const long long[::1] bip = b_indptr
-    cdef const int[::1] bix = b_indices
-    cdef const float[::1] bx = b_data
     cdef const long long[::1] ps = pos
     cdef const double[::1] rn = np.ascontiguousarray(rnorm, dtype=np.float64)
     cdef const double[::1] cn = np.ascontiguousarray(cnorm, dtype=np.float64)
@@ -343,12 +416,22 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
     cdef unsigned char* flag
     cdef int* touch
     cdef const long long* bp = &bip[0]
-    cdef const int* bi = &bix[0]
-    cdef const float* bv = &bx[0]
+    cdef int[:, ::1] BR = buf_rows
+    cdef int[:, ::1] BI = buf_items
+    cdef float[:, ::1] BS = buf_scores
+    cdef int[:, ::1] BO = buf_order
+    cdef int[:, ::1] BC = buf_counts
+    cdef int[::1] BN = buf_n
+    cdef int* br
+    cdef int* bitems
+    cdef float* bs
+    cdef const int[::1] orig_v = relabel
+    cdef const int* orig = &orig_v[0]
     cdef double sh = shrink, d, w
     cdef float sij, sji
-    cdef bint bin_ = binary
-    cdef int t, j, u, c, n_touched
+    cdef bint bin_ = binary, dense
+    cdef long long work
+    cdef int t, me, j, u, c, n_touched
     # Raw pointers everywhere in the hot loops: memoryview fields would be
     # reloaded on every iteration (the compiler cannot rule out aliasing).
     cdef const long long* ap = &aip[0]
@@ -374,32 +457,71 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
             fi = &FI[t, 0]
             hi = &HI[t, 0, 0]
             hv = &HV[t, 0, 0]
+            br = &BR[t, 0]
+            bitems = &BI[t, 0]
+            bs = &BS[t, 0]
+            # Work of this row (entries it will scatter); when it is large
+            # next to the columns it can reach (j > i), skip first-touch
+            # bookkeeping and find the touched columns by one sequential scan.
+            o = orig[i]
+            work = 0
+            for p in range(ap[o], ap[o + 1]):
+                u = ai[p]
+                work = work + bp[u + 1] - pp[p] - 1
+            dense = work * 4 >= n - i
             n_touched = 0
-            for p in range(ap[i], ap[i + 1]):
+            for p in range(ap[o], ap[o + 1]):
                 u = ai[p]
                 w = 1.0 if bin_ else av[p]
-                for q in range(pp[p] + 1, bp[u + 1]):
-                    j = bi[q]
-                    touch[n_touched] = j
-                    n_touched = n_touched + 1 - flag[j]
-                    flag[j] = 1
-                    acc[j] += w * (1.0 if bin_ else bv[q])
+                if p + 1 < ap[o + 1]:  # the next segment is a random jump: fetch it early
+                    recserve_prefetch(&B[pp[p + 1] + 1])
+                if dense:
+                    if bin_:
+                        for q in range(pp[p] + 1, bp[u + 1]):
+                            acc[B[q].col] += 1.0
+                    else:
+                        for q in range(pp[p] + 1, bp[u + 1]):
+                            acc[B[q].col] += w * B[q].val
+                else:
+                    for q in range(pp[p] + 1, bp[u + 1]):
+                        j = B[q].col
+                        if not flag[j]:
+                            flag[j] = 1
+                            touch[n_touched] = j
+                            n_touched = n_touched + 1
+                        acc[j] += w * (1.0 if bin_ else B[q].val)
+            if dense:
+                for j in range(<int>i + 1, <int>n):
+                    if acc[j] != 0.0:
+                        touch[n_touched] = j
+                        n_touched = n_touched + 1
             for c in range(n_touched):
                 j = touch[c]
                 d = acc[j]
                 acc[j] = 0.0
                 flag[j] = 0
+                if d == 0.0:
+                    continue  # products that cancel exactly make no neighbour
                 sij = <float>(transform(kind, d, rnp[i], cnp[j], sh) * csp[j])
                 sji = <float>(transform(kind, d, rnp[j], cnp[i], sh) * csp[i])
-                if hn[i] < k or worse(fv[i], fi[i], sij, j):
-                    hn[i] = heap_offer(hi + i * k, hv + i * k, hn[i], k, j, sij)
+                if hn[i] < k or worse(fv[i], fi[i], sij, orig[j]):
+                    hn[i] = heap_offer(hi + i * k, hv + i * k, hn[i], k, orig[j], sij)
                     fv[i] = hv[i * k]
                     fi[i] = hi[i * k]
-                if hn[j] < k or worse(fv[j], fi[j], sji, <int>i):
-                    hn[j] = heap_offer(hi + <Py_ssize_t>j * k, hv + <Py_ssize_t>j * k, hn[j],
-                                       k, <int>i, sji)
-                    fv[j] = hv[<Py_ssize_t>j * k]
-                    fi[j] = hi[<Py_ssize_t>j * k]
+                if hn[j] < k or worse(fv[j], fi[j], sji, orig[i]):
+                    if BN[t] == cap:
+                        apply_offers(br, bitems, bs, BN[t], &BC[t, 0], &BO[t, 0], <int>n, k,
+                                     hn, fv, fi, hi, hv)
+                        BN[t] = 0
+                    br[BN[t]] = j
+                    bitems[BN[t]] = orig[i]
+                    bs[BN[t]] = sji
+                    BN[t] += 1
+        # What each thread still holds goes to its own heaps.
+        me = threadid()
+        apply_offers(&BR[me, 0], &BI[me, 0], &BS[me, 0], BN[me], &BC[me, 0], &BO[me, 0],
+                     <int>n, k, &HN[me, 0], &FV[me, 0], &FI[me, 0], &HI[me, 0, 0],
+                     &HV[me, 0, 0])
 
     # Merge: every row's per-thread heaps into one top-k, best first.
     out_idx = np.empty((n, k), np.int32)
@@ -422,6 +544,10 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
                     size = heap_offer(&MI[t, 0], &MV[t, 0], size, k, HI[src, i, e],
                                       HV[src, i, e])
             cnt[i] = heap_drain(&MI[t, 0], &MV[t, 0], size, &oi[i, 0], &ov[i, 0])
+    # Back to the original row order.
+    back = np.empty_like(relabel)
+    back[relabel] = np.arange(n, dtype=np.int32)
+    out_idx, out_val, counts = out_idx[back], out_val[back], counts[back]
     keep = np.arange(k)[None, :] < counts[:, None]
     out_indptr = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=out_indptr[1:])
