@@ -296,7 +296,11 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
 # The embedded default: a synthetic catalogue big enough to show real
 # behaviour (long tail, collaborative signal) and small enough to train in seconds.
 DEFAULT_DATA = {"users": 6_000, "items": 2_500, "interactions": 300_000, "seed": 42}
-DEFAULT_MODELS = [("popularity", "popularity", [])]
+DEFAULT_MODELS = [
+    ("popularity", "popularity", []),
+    ("itemknn", "itemknn", ["k=100"]),
+    ("content", "content", ["k=100"]),
+]
 
 
 def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
