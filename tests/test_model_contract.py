@@ -11,7 +11,7 @@ import pytest
 
 from server.models import NotFittedError, algorithms, create, load_named
 
-FAST_PARAMS: dict[str, dict[str, object]] = {}
+FAST_PARAMS: dict[str, dict[str, object]] = {"als": {"factors": 16, "iterations": 5}}
 
 
 @pytest.fixture(scope="module", params=algorithms())

@@ -1,0 +1,161 @@
+"""Matrix factorization models. `als`: implicit-feedback ALS (Hu, Koren & Volinsky 2008).
+
+Confidence c = 1 + alpha * value for observed pairs, preference 1; every
+other pair has confidence 1 and preference 0. Each iteration solves all users
+given the items, then all items given the users (kernels.als, conjugate
+gradient by default, exact Cholesky with cg_steps=0). Training ends with one
+exact user pass, and fold-in runs that same exact solve against the stored
+YtY + reg I: a user folded in from their history gets exactly their trained
+vector.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from kernels import als as alsk
+from kernels import topk
+from server.data import Dataset
+from server.models.base import Param, Recommender
+from server.models.registry import register
+
+
+@register
+class ALS(Recommender):
+    """Implicit ALS: user and item factors whose dot product ranks items."""
+
+    algorithm = "als"
+    params_spec: ClassVar[Mapping[str, Param]] = {
+        "factors": Param(int, 64, "latent dimensions", min=1, max=1024),
+        "regularization": Param(float, 0.01, "L2 penalty", min=0),
+        "alpha": Param(float, 1.0, "confidence = 1 + alpha * value", min=0),
+        "iterations": Param(int, 15, "alternating sweeps", min=1, max=1000),
+        "cg_steps": Param(int, 3, "CG steps per solve; 0 = exact Cholesky", min=0, max=100),
+        "seed": Param(int, 0, "random seed of the initial factors"),
+        "binary": Param(bool, False, "treat every interaction as value 1"),
+    }
+
+    def _confidence(self, m: sp.csr_matrix) -> sp.csr_matrix:
+        m = m.tocsr().astype(np.float32)
+        values = np.ones_like(m.data) if self.params["binary"] else m.data
+        c = (1.0 + self.params["alpha"] * values).astype(np.float32)
+        return sp.csr_matrix((c, m.indices, m.indptr), shape=m.shape)
+
+    def _fit(self, dataset: Dataset) -> None:
+        assert self.user_items is not None
+        p = self.params
+        cui = self._confidence(self.user_items)
+        ciu = cui.T.tocsr()
+        rng = np.random.default_rng(p["seed"])
+        f = p["factors"]
+        self.user_factors = (rng.standard_normal((self.n_users, f)) * 0.01).astype(np.float32)
+        self.item_factors = (rng.standard_normal((self.n_items, f)) * 0.01).astype(np.float32)
+        reg, steps, nt = p["regularization"], p["cg_steps"], self.n_threads
+        for _ in tqdm(
+            range(p["iterations"]),
+            desc="als",
+            unit="it",
+            file=sys.stderr,
+            disable=None,
+            leave=False,
+        ):
+            alsk.solve_rows(
+                cui.indptr,
+                cui.indices,
+                cui.data,
+                self.item_factors,
+                self.user_factors,
+                reg,
+                steps,
+                n_threads=nt,
+            )
+            alsk.solve_rows(
+                ciu.indptr,
+                ciu.indices,
+                ciu.data,
+                self.user_factors,
+                self.item_factors,
+                reg,
+                steps,
+                n_threads=nt,
+            )
+        self.gram = alsk.gram(self.item_factors, reg)
+        alsk.solve_rows(
+            cui.indptr,
+            cui.indices,
+            cui.data,
+            self.item_factors,
+            self.user_factors,
+            reg,
+            0,
+            G=self.gram,
+            n_threads=nt,
+        )
+
+    def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
+        """Factors of users given only by history rows: the exact training solve."""
+        c = self._confidence(history)
+        x = np.zeros((c.shape[0], self.item_factors.shape[1]), np.float32)
+        return alsk.solve_rows(
+            c.indptr,
+            c.indices,
+            c.data,
+            self.item_factors,
+            x,
+            self.params["regularization"],
+            0,
+            G=np.asarray(self.gram),
+            n_threads=self.n_threads,
+        )
+
+    def _score_users(self, users: np.ndarray) -> np.ndarray:
+        return np.asarray(self.user_factors[users] @ self.item_factors.T, np.float32)
+
+    def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
+        return np.asarray(self.fold_in(history) @ self.item_factors.T, np.float32)
+
+    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # Cosine between item factors; zero vectors score 0 against everything.
+        y = np.asarray(self.item_factors, np.float32)
+        norms = np.linalg.norm(y, axis=1)
+        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        scores = np.ascontiguousarray(
+            (y[items] * inv[items, None]) @ (y * inv[:, None]).T, dtype=np.float32
+        )
+        n = items.size
+        return topk.topk_dense(
+            scores,
+            k,
+            np.arange(n + 1, dtype=np.int64),
+            items.astype(np.int32),
+            None,
+            None,
+            self.n_threads,
+        )
+
+    def _contributions(self, history, item, user):
+        # score(u, j) = y_j . A^-1 sum_i c_i y_i: history item i contributes c_i y_j.A^-1 y_i
+        c = self._confidence(history)
+        y = np.asarray(self.item_factors, np.float64)
+        yi = y[c.indices]
+        a = np.asarray(self.gram, np.float64) + (yi.T * (c.data - 1.0)) @ yi
+        z = np.linalg.solve(a, y[item])
+        return c.indices, c.data * (yi @ z)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "user_factors": self.user_factors,
+            "item_factors": self.item_factors,
+            "gram": self.gram,
+        }
+
+    def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.user_factors = arrays["user_factors"]
+        self.item_factors = arrays["item_factors"]
+        self.gram = arrays["gram"]

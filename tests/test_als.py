@@ -1,0 +1,106 @@
+"""Implicit ALS against numpy least squares, and its fold-in and explain guarantees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from kernels import als as alsk
+from server.evaluation import evaluate
+from server.models import create
+
+
+def weighted_lstsq(conf_row: sp.csr_matrix, y: np.ndarray, reg: float) -> np.ndarray:
+    """argmin_x sum_i c_i (p_i - y_i.x)^2 + reg |x|^2 over every item i (numpy, float64)."""
+    n, f = y.shape
+    c, p = np.ones(n), np.zeros(n)
+    c[conf_row.indices], p[conf_row.indices] = conf_row.data, 1.0
+    if conf_row.nnz == 0:
+        return np.zeros(f)
+    yd = y.astype(np.float64)
+    w = np.sqrt(c)[:, None]
+    x, *_ = np.linalg.lstsq(
+        np.vstack([w * yd, np.sqrt(reg) * np.eye(f)]),
+        np.concatenate([np.sqrt(c) * p, np.zeros(f)]),
+        rcond=None,
+    )
+    return x
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_exact_sweep_equals_numpy_least_squares(threads):
+    rng = np.random.default_rng(0)
+    conf = sp.random(60, 40, density=0.15, random_state=2, format="csr", dtype=np.float32)
+    conf.data = 1.0 + 5.0 * conf.data
+    y = (rng.standard_normal((40, 12)) * 0.5).astype(np.float32)
+    x = np.full((60, 12), 7.0, np.float32)  # overwritten, even rows without events
+    alsk.solve_rows(conf.indptr, conf.indices, conf.data, y, x, 0.3, n_threads=threads)
+    for u in range(60):
+        np.testing.assert_allclose(x[u], weighted_lstsq(conf[u], y, 0.3), rtol=1e-4, atol=1e-6)
+
+
+def test_cg_converges_to_cholesky():
+    rng = np.random.default_rng(1)
+    conf = sp.random(80, 50, density=0.1, random_state=3, format="csr", dtype=np.float32)
+    conf.data = 1.0 + 10.0 * conf.data
+    y = (rng.standard_normal((50, 16)) * 0.3).astype(np.float32)
+    exact = np.zeros((80, 16), np.float32)
+    alsk.solve_rows(conf.indptr, conf.indices, conf.data, y, exact, 0.05)
+    cg = np.zeros((80, 16), np.float32)
+    errors = []
+    for _ in range(30):  # warm-started 3-step rounds, as training runs them
+        alsk.solve_rows(conf.indptr, conf.indices, conf.data, y, cg, 0.05, cg_steps=3)
+        errors.append(float(np.abs(cg - exact).max()))
+    assert errors[-1] < 1e-5 and errors[-1] < errors[0] / 1e4
+    full = np.zeros((80, 16), np.float32)  # f steps: CG is exact in exact arithmetic
+    alsk.solve_rows(conf.indptr, conf.indices, conf.data, y, full, 0.05, cg_steps=16)
+    np.testing.assert_allclose(full, exact, atol=1e-4)
+
+
+def test_fold_in_equals_the_trained_user(small):
+    model = create("als", factors=24, iterations=6).fit(small)
+    for u in (0, 5, 321):
+        folded = model.fold_in(small.interactions[u])
+        np.testing.assert_allclose(folded[0], model.user_factors[u], rtol=1e-5, atol=1e-6)
+        items = small.interactions[u].indices
+        a, _ = model.recommend([u], 10)
+        b, _ = model.recommend_from_history(items, small.interactions[u].data, k=10)
+        np.testing.assert_array_equal(a[0], b)
+
+
+def test_explain_contributions_sum_to_the_score(small):
+    model = create("als", factors=16, iterations=5).fit(small)
+    items, scores = model.recommend([42], 3)
+    for item, score in zip(items[0], scores[0], strict=True):
+        _, contrib = model.explain(42, int(item), n=10_000)
+        # explain keeps positive contributions only; add the rest back for the check
+        c = model._contributions(small.interactions[42], int(item), 42)[1]
+        assert c.sum() == pytest.approx(score, rel=1e-3)
+        assert np.all(np.diff(contrib) <= 0) and contrib.size <= c.size
+
+
+def test_als_beats_popularity_on_collaborative_data(small):
+    pop = evaluate(create("popularity"), small, "random", (20,))["metrics"]["recall@20"]
+    als = evaluate(create("als", factors=32, iterations=10, alpha=5.0), small, "random", (20,))[
+        "metrics"
+    ]["recall@20"]
+    assert als > 1.2 * pop, (als, pop)
+
+
+def test_solve_rows_rejects_bad_input():
+    y = np.zeros((5, 3), np.float32)
+    x = np.zeros((2, 3), np.float32)
+    ip, ix, c = np.array([0, 1, 1]), np.array([4]), np.array([2.0])
+    with pytest.raises(TypeError, match="Y: expected dtype float32"):
+        alsk.solve_rows(ip, ix, c, y.astype(np.float64), x, 0.1)
+    with pytest.raises(ValueError, match="X: has 4 factors"):
+        alsk.solve_rows(ip, ix, c, y, np.zeros((2, 4), np.float32), 0.1)
+    with pytest.raises(ValueError, match=r"item ids must lie in \[0, 5\)"):
+        alsk.solve_rows(ip, np.array([9]), c, y, x, 0.1)
+    with pytest.raises(ValueError, match="regularization"):
+        alsk.solve_rows(ip, ix, c, y, x, -1.0)
+    ro = np.zeros((2, 3), np.float32)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        alsk.solve_rows(ip, ix, c, y, ro, 0.1)
