@@ -2,8 +2,9 @@
 #   (YtY + reg I + sum_i (c_i - 1) y_i y_i^T) x = sum_i c_i y_i
 # over the row's nonzeros i with confidences c_i (the matrix values; 1 + alpha r
 # is applied by the caller). Exact solves use a Cholesky factorisation in double
-# precision; the CG solver runs a few warm-started conjugate-gradient steps that
-# never form the f x f matrix (Takacs, Pilaszy & Tikk 2011). The same row solve
+# precision (float32 LAPACK); the CG solver runs a few warm-started conjugate-gradient steps that
+# never form the f x f matrix (Takacs, Pilaszy & Tikk 2011); vector work goes
+# through SciPy's BLAS/LAPACK (cython_blas, nogil). The same row solve
 # trains users, trains items and folds in new users, so a folded-in user equals
 # the trained one.
 import numpy as np
@@ -11,130 +12,103 @@ import numpy as np
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport sqrt
 
+from libc.math cimport sqrt as csqrt
+from scipy.linalg.cython_blas cimport saxpy, sdot, sscal, ssymv, ssyr, ssyrk
+from scipy.linalg.cython_lapack cimport sposv
+
 from kernels.parallel cimport resolve_threads
 
 from kernels.topk import check_array, check_rows
 
 
-cdef int cholesky_solve(double* A, double* b, int f) noexcept nogil:
-    """Solve A x = b in place (x overwrites b; A's lower triangle is destroyed).
-    Returns 0, or -1 when A is not positive definite."""
-    cdef int i, j, c
-    cdef double s
-    for j in range(f):
-        s = A[j * f + j]
-        for c in range(j):
-            s -= A[j * f + c] * A[j * f + c]
-        if s <= 0:
-            return -1
-        A[j * f + j] = sqrt(s)
-        for i in range(j + 1, f):
-            s = A[i * f + j]
-            for c in range(j):
-                s -= A[i * f + c] * A[j * f + c]
-            A[i * f + j] = s / A[j * f + j]
-    for i in range(f):  # L y = b
-        s = b[i]
-        for c in range(i):
-            s -= A[i * f + c] * b[c]
-        b[i] = s / A[i * f + i]
-    for i in range(f - 1, -1, -1):  # L^T x = y
-        s = b[i]
-        for c in range(i + 1, f):
-            s -= A[c * f + i] * b[c]
-        b[i] = s / A[i * f + i]
-    return 0
+cdef int CHUNK = 64  # items per rank-k update in solve_exact
 
 
 cdef void solve_exact(const long long* ip, const int* ix, const float* c, Py_ssize_t row,
-                      const float* Y, const double* G, int f, double* A, double* b,
-                      float* out) noexcept nogil:
+                      const float* Y, const float* G, int f, float* A, float* b,
+                      float* Z, float* out) noexcept nogil:
+    """x = (G + sum (c - 1) y y^T)^-1 sum c y, by Cholesky (sposv).
+
+    The sum of outer products goes through ssyrk on chunks of CHUNK items
+    (rows sqrt(c - 1) y): level-3 BLAS instead of one rank-1 update per item.
+    Items with c < 1 (negative feedback) take a rank-1 ssyr. Fold-in runs this
+    same routine, so a folded-in user reproduces the trained vector.
+    """
     cdef long long p
-    cdef int a, e, item
-    cdef double conf, ya
+    cdef int a, one = 1, info = 0, nn = f, m = 0
+    cdef float conf, w, one_f = 1.0
     cdef const float* y
+    cdef char lower = b"L"
+    cdef char notrans = b"N"
     for a in range(f * f):
         A[a] = G[a]
     for a in range(f):
         b[a] = 0.0
     for p in range(ip[row], ip[row + 1]):
-        item = ix[p]
         conf = c[p]
-        y = Y + <Py_ssize_t>item * f
+        y = Y + <Py_ssize_t>ix[p] * f
         for a in range(f):
-            ya = y[a]
-            b[a] += conf * ya
-            ya = (conf - 1.0) * ya
-            for e in range(a + 1):
-                A[a * f + e] += ya * y[e]
-    if cholesky_solve(A, b, f) == 0:
+            b[a] += conf * y[a]
+        w = conf - 1.0
+        if w >= 0:
+            w = <float>csqrt(w)
+            for a in range(f):
+                Z[m * f + a] = w * y[a]
+            m = m + 1
+            if m == CHUNK:
+                ssyrk(&lower, &notrans, &nn, &m, &one_f, Z, &nn, &one_f, A, &nn)
+                m = 0
+        else:
+            ssyr(&lower, &nn, &w, <float*>y, &one, A, &nn)
+    if m > 0:
+        ssyrk(&lower, &notrans, &nn, &m, &one_f, Z, &nn, &one_f, A, &nn)
+    sposv(&lower, &nn, &one, A, &nn, b, &nn, &info)
+    if info == 0:
         for a in range(f):
-            out[a] = <float>b[a]
+            out[a] = b[a]
 
 
 cdef void solve_cg(const long long* ip, const int* ix, const float* c, Py_ssize_t row,
-                   const float* Y, const double* G, int f, int steps, double* r,
-                   double* pv, double* Ap, double* x, float* out) noexcept nogil:
+                   const float* Y, const float* G, int f, int steps, float* r,
+                   float* pv, float* Ap, float* x) noexcept nogil:
+    """`steps` CG iterations on x in place, float32 BLAS, never forming the row's matrix."""
     cdef long long q
-    cdef int a, e, item, it
-    cdef double conf, yx, rs_old, rs_new, alpha, s
+    cdef int it, one = 1, nn = f
+    cdef float conf, s, alpha, rs_old, rs_new, beta, minus_one = -1.0, zero = 0.0
+    cdef float one_f = 1.0
     cdef const float* y
-    for a in range(f):
-        x[a] = out[a]
+    cdef char upper = b"U"
     # r = b - A x = sum c y - G x - sum (c - 1)(y . x) y
-    for a in range(f):
-        s = 0.0
-        for e in range(f):
-            s += G[a * f + e] * x[e]
-        r[a] = -s
+    ssymv(&upper, &nn, &minus_one, <float*>G, &nn, x, &one, &zero, r, &one)
     for q in range(ip[row], ip[row + 1]):
-        item = ix[q]
         conf = c[q]
-        y = Y + <Py_ssize_t>item * f
-        yx = 0.0
-        for a in range(f):
-            yx += y[a] * x[a]
-        s = conf - (conf - 1.0) * yx
-        for a in range(f):
-            r[a] += s * y[a]
-    rs_old = 0.0
-    for a in range(f):
-        pv[a] = r[a]
-        rs_old += r[a] * r[a]
+        y = Y + <Py_ssize_t>ix[q] * f
+        s = conf - (conf - 1.0) * sdot(&nn, <float*>y, &one, x, &one)
+        saxpy(&nn, &s, <float*>y, &one, r, &one)
+    for it in range(f):
+        pv[it] = r[it]
+    rs_old = sdot(&nn, r, &one, r, &one)
     for it in range(steps):
         if rs_old < 1e-20:
             break
-        for a in range(f):
-            s = 0.0
-            for e in range(f):
-                s += G[a * f + e] * pv[e]
-            Ap[a] = s
+        ssymv(&upper, &nn, &one_f, <float*>G, &nn, pv, &one, &zero, Ap, &one)
         for q in range(ip[row], ip[row + 1]):
-            item = ix[q]
             conf = c[q]
-            y = Y + <Py_ssize_t>item * f
-            yx = 0.0
-            for a in range(f):
-                yx += y[a] * pv[a]
-            yx *= conf - 1.0
-            for a in range(f):
-                Ap[a] += yx * y[a]
-        s = 0.0
-        for a in range(f):
-            s += pv[a] * Ap[a]
+            y = Y + <Py_ssize_t>ix[q] * f
+            s = (conf - 1.0) * sdot(&nn, <float*>y, &one, pv, &one)
+            saxpy(&nn, &s, <float*>y, &one, Ap, &one)
+        s = sdot(&nn, pv, &one, Ap, &one)
         if s <= 0:
             break
         alpha = rs_old / s
-        rs_new = 0.0
-        for a in range(f):
-            x[a] += alpha * pv[a]
-            r[a] -= alpha * Ap[a]
-            rs_new += r[a] * r[a]
-        for a in range(f):
-            pv[a] = r[a] + (rs_new / rs_old) * pv[a]
+        saxpy(&nn, &alpha, pv, &one, x, &one)
+        alpha = -alpha
+        saxpy(&nn, &alpha, Ap, &one, r, &one)
+        rs_new = sdot(&nn, r, &one, r, &one)
+        beta = rs_new / rs_old
+        sscal(&nn, &beta, pv, &one)
+        saxpy(&nn, &one_f, r, &one, pv, &one)
         rs_old = rs_new
-    for a in range(f):
-        out[a] = <float>x[a]
 
 
 def gram(Y, double regularization=0.0):
@@ -182,7 +156,8 @@ def solve_rows(indptr, indices, confidence, Y, X, double regularization,
     if todo.size and (todo.min() < 0 or todo.max() >= X.shape[0]):
         raise ValueError(f"rows: must lie in [0, {X.shape[0]})")
     cdef int nt = resolve_threads(n_threads)
-    scratch = np.empty((nt, f * f + 4 * f), np.float64)
+    scratch32 = np.empty((nt, f * f + f + CHUNK * f + 3 * f), np.float32)
+    G32 = np.ascontiguousarray(G, dtype=np.float32)
     cdef const long long[::1] ipv = indptr
     cdef const int[::1] ixv = indices
     cdef const float[::1] cv = confidence
@@ -190,7 +165,8 @@ def solve_rows(indptr, indices, confidence, Y, X, double regularization,
     cdef float[:, ::1] Xv = X
     cdef const double[:, ::1] Gv = G
     cdef const long long[::1] tv = todo
-    cdef double[:, ::1] S = scratch
+    cdef float[:, ::1] S32 = scratch32
+    cdef const float[:, ::1] G32v = G32
     cdef Py_ssize_t n = todo.shape[0], k, row
     cdef int t, a
     cdef bint exact = cg_steps <= 0
@@ -198,21 +174,22 @@ def solve_rows(indptr, indices, confidence, Y, X, double regularization,
     cdef const long long* ip = &ipv[0]
     cdef const int* ix = &ixv[0] if ixv.shape[0] else NULL
     cdef const float* c = &cv[0] if cv.shape[0] else NULL
-    cdef double* w
+    cdef float* w32
     if n == 0 or f == 0:
         return X
     with nogil, parallel(num_threads=nt):
         for k in prange(n, schedule="dynamic", chunksize=64):
             t = threadid()
             row = tv[k]
-            w = &S[t, 0]
+            w32 = &S32[t, 0]
             if ip[row + 1] == ip[row]:
                 for a in range(f):
                     Xv[row, a] = 0.0
             elif exact:
-                solve_exact(ip, ix, c, row, &Yv[0, 0], &Gv[0, 0], f, w, w + f * f,
-                            &Xv[row, 0])
+                solve_exact(ip, ix, c, row, &Yv[0, 0], &G32v[0, 0], f, w32, w32 + f * f,
+                            w32 + f * f + f, &Xv[row, 0])
             else:
-                solve_cg(ip, ix, c, row, &Yv[0, 0], &Gv[0, 0], f, cg_steps, w + f * f,
-                         w + f * f + f, w + f * f + 2 * f, w + f * f + 3 * f, &Xv[row, 0])
+                w32 = w32 + f * f + f + CHUNK * f
+                solve_cg(ip, ix, c, row, &Yv[0, 0], &G32v[0, 0], f, cg_steps, w32, w32 + f,
+                         w32 + 2 * f, &Xv[row, 0])
     return X

@@ -2,11 +2,12 @@
 
 Confidence c = 1 + alpha * value for observed pairs, preference 1; every
 other pair has confidence 1 and preference 0. Each iteration solves all users
-given the items, then all items given the users (kernels.als, conjugate
-gradient by default, exact Cholesky with cg_steps=0). Training ends with one
-exact user pass, and fold-in runs that same exact solve against the stored
-YtY + reg I: a user folded in from their history gets exactly their trained
-vector.
+given the items, then all items given the users (kernels.als: a few
+warm-started conjugate-gradient steps by default, exact Cholesky with
+cg_steps=0). Training ends with one exact user pass against the final items,
+and fold-in runs that same exact solve against the stored YtY + reg I: a user
+folded in from their history gets their trained vector. (Solving items first
+was measured: 0.01 lower Recall@20 on ml-100k at 64-128 factors.)
 """
 
 from __future__ import annotations
@@ -57,14 +58,15 @@ class ALS(Recommender):
         self.user_factors = (rng.standard_normal((self.n_users, f)) * 0.01).astype(np.float32)
         self.item_factors = (rng.standard_normal((self.n_items, f)) * 0.01).astype(np.float32)
         reg, steps, nt = p["regularization"], p["cg_steps"], self.n_threads
-        for _ in tqdm(
+        bar = tqdm(
             range(p["iterations"]),
             desc="als",
             unit="it",
             file=sys.stderr,
             disable=None,
             leave=False,
-        ):
+        )
+        for _ in bar:
             alsk.solve_rows(
                 cui.indptr,
                 cui.indices,
@@ -85,6 +87,7 @@ class ALS(Recommender):
                 steps,
                 n_threads=nt,
             )
+        # Users end fitted to the final items by the exact solve fold-in runs.
         self.gram = alsk.gram(self.item_factors, reg)
         alsk.solve_rows(
             cui.indptr,
