@@ -1,0 +1,99 @@
+"""EASE (Steck 2019): a closed-form linear item-item model with a zero diagonal.
+
+    P = (X^T X + l2 I)^-1,   B = I - P diag(1 / diag(P))   (so diag(B) = 0)
+
+Scores are history x B. The solve is dense in the number of items, so the
+memory it needs (about three items x items float64 matrices) is checked
+against `max_memory_gb` before anything is allocated, and refused with a
+message naming both figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+
+from kernels import topk
+from server.data import Dataset
+from server.models.base import Param, Recommender
+from server.models.registry import register
+
+
+def ease_bytes(n_items: int) -> int:
+    """Peak bytes of the dense EASE solve for n_items (Gram, inverse, float32 result)."""
+    return int(n_items) ** 2 * (8 + 8 + 4)
+
+
+@register
+class EASE(Recommender):
+    """EASE: item-item weights from one regularised least-squares solve."""
+
+    algorithm = "ease"
+    params_spec: ClassVar[Mapping[str, Param]] = {
+        "l2": Param(float, 500.0, "L2 regularization of the item-item weights", min=0),
+        "binary": Param(bool, True, "use interactions as 0/1"),
+        "max_memory_gb": Param(float, 4.0, "refuse catalogues whose solve needs more", min=0),
+    }
+
+    def _fit(self, dataset: Dataset) -> None:
+        assert self.user_items is not None
+        need = ease_bytes(self.n_items)
+        limit = self.params["max_memory_gb"] * 1e9
+        if need > limit:
+            raise ValueError(
+                f"ease: {self.n_items:,} items need {need / 1e9:.1f} GB for the dense "
+                f"solve, over max_memory_gb={self.params['max_memory_gb']:g}; use itemknn "
+                "or als for a catalogue this size, or raise max_memory_gb"
+            )
+        x = self.user_items.astype(np.float64)
+        if self.params["binary"]:
+            x = x.copy()
+            x.data[:] = 1.0
+        gram = (x.T @ x).toarray()
+        gram[np.diag_indices_from(gram)] += self.params["l2"]
+        # Cholesky-based inverse of the symmetric positive definite Gram matrix.
+        p = scipy.linalg.cho_solve(
+            scipy.linalg.cho_factor(gram, overwrite_a=True), np.eye(self.n_items), overwrite_b=True
+        )
+        b = -p / np.diag(p)[None, :]
+        np.fill_diagonal(b, 0.0)
+        self.weights = np.ascontiguousarray(b, dtype=np.float32)
+
+    def _score_users(self, users: np.ndarray) -> np.ndarray:
+        assert self.user_items is not None
+        return self._score_history(self.user_items[users])
+
+    def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
+        h = history.tocsr().astype(np.float32)
+        if self.params["binary"]:
+            h = h.copy()
+            h.data[:] = 1.0
+        return np.asarray(h @ self.weights, np.float32)
+
+    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # Row i of B: how strongly item i predicts each other item.
+        scores = np.ascontiguousarray(self.weights[items], dtype=np.float32)
+        n = items.size
+        return topk.topk_dense(
+            scores,
+            k,
+            np.arange(n + 1, dtype=np.int64),
+            items.astype(np.int32),
+            None,
+            None,
+            self.n_threads,
+        )
+
+    def _contributions(self, history, item, user):
+        values = np.ones_like(history.data) if self.params["binary"] else history.data
+        return history.indices, values * np.asarray(self.weights[history.indices, item])
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"weights": self.weights}
+
+    def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.weights = arrays["weights"]
