@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from kernels import als as alsk
+from kernels import sgd as sgdk
 from kernels import topk
 from server.data import Dataset
 from server.models.base import Param, Recommender
@@ -162,3 +163,127 @@ class ALS(Recommender):
         self.user_factors = arrays["user_factors"]
         self.item_factors = arrays["item_factors"]
         self.gram = arrays["gram"]
+
+
+@register
+class BiasedMF(Recommender):
+    """Explicit biased MF (Surprise's SVD): rating = mu + b_u + b_i + p_u . q_i.
+
+    Trained by SGD over a seeded random order each epoch (kernels.sgd; one
+    thread is deterministic, `hogwild=true` uses every thread). score() gives
+    predicted ratings clipped to the training data's rating scale; ranking
+    uses the unclipped predictions. A new user is folded in by the exact ridge
+    solution of the same objective for (b_u, p_u) given the item parameters.
+    """
+
+    algorithm = "svd"
+    predicts_ratings = True
+    params_spec: ClassVar[Mapping[str, Param]] = {
+        "factors": Param(int, 100, "latent dimensions", min=1, max=1024),
+        "epochs": Param(int, 20, "passes over the ratings", min=1, max=10_000),
+        "lr": Param(float, 0.005, "SGD learning rate", min=1e-9),
+        "reg": Param(float, 0.02, "L2 penalty per rating", min=0),
+        "init_std": Param(float, 0.1, "std of the initial factors", min=0),
+        "seed": Param(int, 0, "random seed (initial factors, rating order)"),
+        "hogwild": Param(bool, False, "parallel lock-free SGD (nondeterministic)"),
+    }
+
+    def _fit(self, dataset: Dataset) -> None:
+        assert self.user_items is not None
+        p = self.params
+        m = self.user_items.tocoo()
+        users, items = m.row.astype(np.int32), m.col.astype(np.int32)
+        ratings = m.data.astype(np.float32)
+        rng = np.random.default_rng(p["seed"])
+        f = p["factors"]
+        self.mu = float(ratings.mean())
+        self.scale = (float(ratings.min()), float(ratings.max()))
+        self.P = (rng.standard_normal((self.n_users, f)) * p["init_std"]).astype(np.float32)
+        self.Q = (rng.standard_normal((self.n_items, f)) * p["init_std"]).astype(np.float32)
+        self.bu = np.zeros(self.n_users, np.float32)
+        self.bi = np.zeros(self.n_items, np.float32)
+        threads = self.n_threads if p["hogwild"] else 1
+        bar = tqdm(
+            range(p["epochs"]), desc="svd", unit="epoch", file=sys.stderr, disable=None, leave=False
+        )
+        for _ in bar:
+            order = rng.permutation(ratings.size).astype(np.int64)
+            sse = sgdk.svd_epoch(
+                users,
+                items,
+                ratings,
+                order,
+                self.mu,
+                self.bu,
+                self.bi,
+                self.P,
+                self.Q,
+                p["lr"],
+                p["reg"],
+                threads,
+            )
+            bar.set_postfix(rmse=f"{np.sqrt(sse / max(ratings.size, 1)):.4f}")
+
+    def _predict(self, p: np.ndarray, bu: np.ndarray) -> np.ndarray:
+        return np.asarray(self.mu + bu[:, None] + self.bi[None, :] + p @ self.Q.T, np.float32)
+
+    def _score_users(self, users: np.ndarray) -> np.ndarray:
+        return self._predict(self.P[users], self.bu[users])
+
+    def fold_in(self, history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        """(p, b_u) per history row: argmin sum (r - mu - b_i - b_u - q_i.p)^2
+        + reg * n * (b_u^2 + |p|^2), the objective SGD optimises for a user."""
+        h = history.tocsr()
+        f = self.Q.shape[1]
+        ps = np.zeros((h.shape[0], f), np.float32)
+        bs = np.zeros(h.shape[0], np.float32)
+        for r in range(h.shape[0]):
+            idx = h.indices[h.indptr[r] : h.indptr[r + 1]]
+            if idx.size == 0:
+                continue
+            z = np.hstack([np.ones((idx.size, 1)), np.asarray(self.Q[idx], np.float64)])
+            t = h.data[h.indptr[r] : h.indptr[r + 1]] - self.mu - np.asarray(self.bi[idx])
+            w = np.linalg.solve(z.T @ z + self.params["reg"] * idx.size * np.eye(f + 1), z.T @ t)
+            bs[r], ps[r] = w[0], w[1:]
+        return ps, bs
+
+    def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
+        p, b = self.fold_in(history)
+        return self._predict(p, b)
+
+    def score(self, user: int, items) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predicted ratings clipped to the training rating scale; no std."""
+        raw, _ = super().score(user, items)
+        return np.clip(raw, *self.scale), None
+
+    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.asarray(self.Q, np.float32)
+        norms = np.linalg.norm(q, axis=1)
+        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        scores = np.ascontiguousarray(
+            (q[items] * inv[items, None]) @ (q * inv[:, None]).T, dtype=np.float32
+        )
+        n = items.size
+        return topk.topk_dense(
+            scores,
+            k,
+            np.arange(n + 1, dtype=np.int64),
+            items.astype(np.int32),
+            None,
+            None,
+            self.n_threads,
+        )
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "P": self.P,
+            "Q": self.Q,
+            "bu": self.bu,
+            "bi": self.bi,
+            "stats": np.array([self.mu, *self.scale], np.float64),
+        }
+
+    def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.P, self.Q, self.bu, self.bi = (arrays[k] for k in ("P", "Q", "bu", "bi"))
+        stats = np.asarray(arrays["stats"])
+        self.mu, self.scale = float(stats[0]), (float(stats[1]), float(stats[2]))
