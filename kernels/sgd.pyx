@@ -12,6 +12,34 @@ from kernels.parallel cimport resolve_threads
 from kernels.topk import check_array
 
 
+cdef extern from *:
+    """
+    /* Vector kernels for one SGD step. The pragmas ask for SIMD explicitly (a
+       float reduction is otherwise never vectorised without fast-math); builds
+       without OpenMP ignore them and stay correct. p (a user row) and q (an
+       item row) never alias. */
+    static inline float recserve_dot(const float *restrict x, const float *restrict y,
+                                     int f) {
+        float s = 0.0f;
+        #pragma omp simd reduction(+:s)
+        for (int a = 0; a < f; a++) s += x[a] * y[a];
+        return s;
+    }
+    static inline void recserve_sgd_update(float *restrict p, float *restrict q, int f,
+                                           float err, float lr, float reg) {
+        #pragma omp simd
+        for (int a = 0; a < f; a++) {
+            float pf = p[a], qf = q[a];
+            p[a] = pf + lr * (err * qf - reg * pf);
+            q[a] = qf + lr * (err * pf - reg * qf);
+        }
+    }
+    """
+    float recserve_dot(const float* x, const float* y, int f) noexcept nogil
+    void recserve_sgd_update(float* p, float* q, int f, float err, float lr,
+                             float reg) noexcept nogil
+
+
 def svd_epoch(users, items, ratings, order, double mu, bu, bi, P, Q, double lr, double reg,
               int n_threads=1):
     """One epoch over the ratings in `order`; updates bu, bi, P, Q in place.
@@ -50,24 +78,24 @@ def svd_epoch(users, items, ratings, order, double mu, bu, bi, P, Q, double lr, 
     cdef float[::1] BI = bi
     cdef float[:, ::1] PV = P
     cdef float[:, ::1] QV = Q
-    cdef int f = <int>P.shape[1], a, u, i
+    cdef int f = <int>P.shape[1], u, i
     cdef Py_ssize_t k, m = order.shape[0]
-    cdef double err, dot, pf, qf, sse = 0.0
+    cdef double sse = 0.0
+    cdef float err, lr_f = <float>lr, reg_f = <float>reg, mu_f = <float>mu
+    cdef float* pu
+    cdef float* qi
     cdef int nt = resolve_threads(n_threads)
+    if m == 0:
+        return 0.0
     with nogil:
         for k in prange(m, schedule="static", num_threads=nt):
             u = U[O[k]]
             i = I[O[k]]
-            dot = 0.0
-            for a in range(f):
-                dot = dot + PV[u, a] * QV[i, a]
-            err = R[O[k]] - (mu + BU[u] + BI[i] + dot)
+            pu = &PV[u, 0]
+            qi = &QV[i, 0]
+            err = R[O[k]] - (mu_f + BU[u] + BI[i] + recserve_dot(pu, qi, f))
             sse += err * err
-            BU[u] = <float>(BU[u] + lr * (err - reg * BU[u]))
-            BI[i] = <float>(BI[i] + lr * (err - reg * BI[i]))
-            for a in range(f):
-                pf = PV[u, a]
-                qf = QV[i, a]
-                PV[u, a] = <float>(pf + lr * (err * qf - reg * pf))
-                QV[i, a] = <float>(qf + lr * (err * pf - reg * qf))
+            BU[u] = BU[u] + lr_f * (err - reg_f * BU[u])
+            BI[i] = BI[i] + lr_f * (err - reg_f * BI[i])
+            recserve_sgd_update(pu, qi, f, err, lr_f, reg_f)
     return sse

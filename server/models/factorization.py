@@ -169,8 +169,9 @@ class ALS(Recommender):
 class BiasedMF(Recommender):
     """Explicit biased MF (Surprise's SVD): rating = mu + b_u + b_i + p_u . q_i.
 
-    Trained by SGD over a seeded random order each epoch (kernels.sgd; one
-    thread is deterministic, `hogwild=true` uses every thread). score() gives
+    Trained by SGD (kernels.sgd), ratings grouped by user with the users in a
+    seeded random order each epoch; one thread is deterministic, `hogwild=true`
+    uses every thread. score() gives
     predicted ratings clipped to the training data's rating scale; ranking
     uses the unclipped predictions. A new user is folded in by the exact ridge
     solution of the same objective for (b_u, p_u) given the item parameters.
@@ -206,8 +207,15 @@ class BiasedMF(Recommender):
         bar = tqdm(
             range(p["epochs"]), desc="svd", unit="epoch", file=sys.stderr, disable=None, leave=False
         )
+        # Ratings are grouped by user (the user's row stays in cache, as in
+        # Surprise); the order of the users is reshuffled every epoch.
+        starts = self.user_items.indptr[:-1].astype(np.int64)
+        lengths = np.diff(self.user_items.indptr).astype(np.int64)
         for _ in bar:
-            order = rng.permutation(ratings.size).astype(np.int64)
+            perm = rng.permutation(self.n_users)
+            lens = lengths[perm]
+            offsets = np.cumsum(lens) - lens
+            order = np.repeat(starts[perm] - offsets, lens) + np.arange(ratings.size)
             sse = sgdk.svd_epoch(
                 users,
                 items,
