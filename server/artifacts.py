@@ -1,13 +1,12 @@
-"""Model bundles: publish, verify and load, pickle-free and memory-mapped.
+"""Model bundles: publish, verify and load, memory-mapped and unable to run code.
 
 A bundle is a folder MODELS/<name>/<version>/ holding manifest.json and plain
 files (.npy arrays, later FAISS indexes). The manifest records the sha256 and
 size of every file. Publishing writes a temporary folder, fsyncs it and
 renames it into place, then atomically replaces MODELS/<name>/current, so a
-reader sees the old version or the new one, never half of one. Arrays load
-with np.load(mmap_mode="r", allow_pickle=False): loading costs milliseconds,
-processes share the pages, and no model file can run code (pickle is never
-used for that reason).
+reader sees the old version or the new one, never half of one. Arrays are
+memory-mapped read-only: loading costs milliseconds and processes share the
+pages. Only plain numeric and bytes arrays are stored.
 """
 
 from __future__ import annotations
@@ -103,10 +102,11 @@ def publish(
             check_name(key)
             arr = np.ascontiguousarray(arr)
             if arr.dtype.hasobject:
-                # Object arrays can only be stored by pickling, and a pickle runs code.
-                raise TypeError(f"array {key}: object arrays would need pickle; refuse")
+                # Object arrays can only be stored by pickling, and loading a
+                # pickle runs code: never stored, so never loaded either.
+                raise TypeError(f"array {key}: object arrays cannot be stored in a bundle")
             fname = f"{key}.npy"
-            np.save(tmp / fname, arr, allow_pickle=False)  # never pickle: it runs code on load
+            np.save(tmp / fname, arr)  # plain dtypes only (checked above)
             array_meta[key] = {"file": fname, "dtype": arr.dtype.str, "shape": list(arr.shape)}
         for fname, writer in (files or {}).items():
             check_name(fname)
@@ -222,8 +222,10 @@ def load_arrays(
         # A zero-length array has no data to map; np.load refuses to mmap it.
         mode = "r" if mmap and int(np.prod(meta["shape"])) > 0 else None
         try:
-            # allow_pickle=False: a tampered .npy holding a pickle is refused, never executed.
-            arr = np.load(fpath, mmap_mode=mode, allow_pickle=False)
+            # np.load refuses pickled (object) arrays by default: a tampered .npy
+            # holding a pickle is refused, never executed (see
+            # tests/test_artifacts.py::test_pickled_array_is_never_unpickled).
+            arr = np.load(fpath, mmap_mode=mode)
         except (ValueError, OSError, EOFError) as exc:
             raise BundleError(f"{fpath}: not a plain .npy array ({exc})") from None
         if arr.dtype.str != meta["dtype"] or list(arr.shape) != meta["shape"]:
