@@ -106,10 +106,8 @@ def generate(
     taste /= taste.sum(axis=1, keepdims=True)
     activity = rng.lognormal(0.0, 1.0, n_users)
     activity /= activity.sum()
-    # Stacked per-user taste CDFs (u + cdf) so one searchsorted draws every genre.
     taste_cdf = np.cumsum(taste, axis=1)
     taste_cdf[:, -1] = 1.0
-    taste_flat = (taste_cdf + np.arange(n_users)[:, None]).ravel()
     user_start = rng.integers(START, START + SPAN // 2, n_users)
     user_span = rng.integers(86_400, SPAN // 2, n_users)
 
@@ -117,11 +115,14 @@ def generate(
     target = n_interactions
     draw = int(target * 1.2) + 16
     for attempt in range(50):
-        u = rng.choice(n_users, size=draw, p=activity)
-        if attempt == 0:  # every user appears at least once, as in any real log
-            u[: min(n_users, draw)] = np.arange(min(n_users, draw))
-        flat = np.searchsorted(taste_flat, u + rng.random(draw) * (1 - 1e-12), side="right")
-        g = np.minimum(flat - u * n_genres, n_genres - 1)
+        # Events per user in one multinomial draw (no per-event search); the
+        # first round also gives every user one event, as in any real log.
+        counts = rng.multinomial(draw, activity)
+        if attempt == 0:
+            counts += 1
+        u = np.repeat(np.arange(n_users), counts)
+        draw = u.size
+        g = _draw_genres(taste_cdf, u, rng)
         pos = np.searchsorted(stacked, g + rng.random(draw) * (1 - 1e-12), side="right")
         pos = np.minimum(pos, n_items - 1)
         it = by_genre[pos]
@@ -150,6 +151,20 @@ def generate(
         for i in range(n_items)
     ]
     return Synthetic(users, items, ratings, timestamps, genres, n_users, n_items)
+
+
+def _draw_genres(
+    taste_cdf: np.ndarray, users: np.ndarray, rng: np.random.Generator, chunk: int = 1 << 20
+) -> np.ndarray:
+    """One genre per event from its user's taste CDF (inverse CDF over the user's
+    own few genres, in bounded chunks: no search over all users' CDFs)."""
+    out = np.empty(users.size, np.int64)
+    last = taste_cdf.shape[1] - 1
+    for lo in range(0, users.size, chunk):
+        u = users[lo : lo + chunk]
+        r = rng.random(u.size)
+        out[lo : lo + chunk] = np.minimum((taste_cdf[u] < r[:, None]).sum(axis=1), last)
+    return out
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
