@@ -300,6 +300,7 @@ DEFAULT_MODELS = [
     ("popularity", "popularity", []),
     ("itemknn", "itemknn", ["k=100"]),
     ("content", "content", ["k=100"]),
+    ("als", "als", ["factors=64", "iterations=15", "alpha=2"]),
 ]
 
 

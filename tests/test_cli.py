@@ -216,7 +216,7 @@ def test_quickstart_is_idempotent(tmp_path, capsys, monkeypatch):
     code, out, _ = run(capsys, "quickstart", "--workdir", tmp_path)
     first = last_json(out)
     names = [t["name"] for t in first["trained"]]
-    assert code == 0 and names == ["popularity", "itemknn", "content"]
+    assert code == 0 and names == ["popularity", "itemknn", "content", "als"]
     code, out, _ = run(capsys, "quickstart", "--workdir", tmp_path)
     again = last_json(out)
     assert code == 0 and again["trained"] == [] and again["available"] == sorted(names)
