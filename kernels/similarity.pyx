@@ -109,6 +109,19 @@ def weight(indptr, indices, data, Py_ssize_t n_cols, str scheme="bm25", double K
     return out, idf, avg_len
 
 
+def check_knn_params(str similarity, int k, double alpha, double shrink):
+    """Validate the similarity parameters shared by knn and knn_self."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity: expected one of {', '.join(SIMILARITIES)}, "
+                         f"got {similarity!r}")
+    if k <= 0:
+        raise ValueError(f"k: must be positive, got {k}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: must be in [0, 1], got {alpha}")
+    if shrink < 0:
+        raise ValueError(f"shrink: must be >= 0, got {shrink}")
+
+
 def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_cols,
         int k, str similarity="cosine", double alpha=0.5, double shrink=0.0,
         col_scale=None, bint exclude_self=False, int n_threads=0):
@@ -124,15 +137,7 @@ def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_c
     indices int32, data float32), at most k entries per row, best first,
     ties by lower column.
     """
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity: expected one of {', '.join(SIMILARITIES)}, "
-                         f"got {similarity!r}")
-    if k <= 0:
-        raise ValueError(f"k: must be positive, got {k}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha: must be in [0, 1], got {alpha}")
-    if shrink < 0:
-        raise ValueError(f"shrink: must be >= 0, got {shrink}")
+    check_knn_params(similarity, k, alpha, shrink)
     a_indptr, a_indices, a_data = as_csr(a_indptr, a_indices, a_data,
                                          b_indptr.shape[0] - 1, "a")
     b_indptr, b_indices, b_data = as_csr(b_indptr, b_indices, b_data, n_cols, "b")
@@ -304,15 +309,7 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
     That halves the scatter-add work of the general kernel. Results equal
     knn(A, A.T, exclude_self=True) exactly, ties included.
     """
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity: expected one of {', '.join(SIMILARITIES)}, "
-                         f"got {similarity!r}")
-    if k <= 0:
-        raise ValueError(f"k: must be positive, got {k}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha: must be in [0, 1], got {alpha}")
-    if shrink < 0:
-        raise ValueError(f"shrink: must be >= 0, got {shrink}")
+    check_knn_params(similarity, k, alpha, shrink)
     indptr, indices, data = as_csr(indptr, indices, data, n_inner, "a")
     cdef Py_ssize_t n = indptr.shape[0] - 1
     cdef int kind = SIMILARITIES[similarity]

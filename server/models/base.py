@@ -406,6 +406,35 @@ class Recommender(ABC):
         return model
 
 
+def topk_excluding_self(
+    scores: np.ndarray, items: np.ndarray, k: int, n_threads: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k per row of `scores` (row r scores every item against items[r]),
+    never returning the row's own item."""
+    n = items.size
+    return topk.topk_dense(
+        np.ascontiguousarray(scores, dtype=np.float32),
+        k,
+        np.arange(n + 1, dtype=np.int64),
+        items.astype(np.int32),
+        None,
+        None,
+        n_threads,
+    )
+
+
+def cosine_similar(
+    factors: np.ndarray, items: np.ndarray, k: int, n_threads: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Items most similar to `items` by cosine of their factor rows; a zero
+    row scores 0 against everything rather than NaN."""
+    y = np.asarray(factors, np.float32)
+    norms = np.linalg.norm(y, axis=1)
+    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    scores = (y[items] * inv[items, None]) @ (y * inv[:, None]).T
+    return topk_excluding_self(scores, items, k, n_threads)
+
+
 def _check_k(k: int) -> None:
     if not isinstance(k, int | np.integer) or k <= 0:
         raise ValueError(f"k: must be a positive integer, got {k!r}")

@@ -17,9 +17,8 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-from kernels import topk
 from server.data import Dataset
-from server.models.base import Param, Recommender
+from server.models.base import Param, Recommender, topk_excluding_self
 from server.models.registry import register
 
 
@@ -76,17 +75,7 @@ class EASE(Recommender):
 
     def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         # Row i of B: how strongly item i predicts each other item.
-        scores = np.ascontiguousarray(self.weights[items], dtype=np.float32)
-        n = items.size
-        return topk.topk_dense(
-            scores,
-            k,
-            np.arange(n + 1, dtype=np.int64),
-            items.astype(np.int32),
-            None,
-            None,
-            self.n_threads,
-        )
+        return topk_excluding_self(self.weights[items], items, k, self.n_threads)
 
     def _contributions(self, history, item, user):
         values = np.ones_like(history.data) if self.params["binary"] else history.data

@@ -22,9 +22,8 @@ from tqdm import tqdm
 
 from kernels import als as alsk
 from kernels import sgd as sgdk
-from kernels import topk
 from server.data import Dataset
-from server.models.base import Param, Recommender
+from server.models.base import Param, Recommender, cosine_similar
 from server.models.registry import register
 
 
@@ -125,23 +124,7 @@ class ALS(Recommender):
         return np.asarray(self.fold_in(history) @ self.item_factors.T, np.float32)
 
     def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        # Cosine between item factors; zero vectors score 0 against everything.
-        y = np.asarray(self.item_factors, np.float32)
-        norms = np.linalg.norm(y, axis=1)
-        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-        scores = np.ascontiguousarray(
-            (y[items] * inv[items, None]) @ (y * inv[:, None]).T, dtype=np.float32
-        )
-        n = items.size
-        return topk.topk_dense(
-            scores,
-            k,
-            np.arange(n + 1, dtype=np.int64),
-            items.astype(np.int32),
-            None,
-            None,
-            self.n_threads,
-        )
+        return cosine_similar(self.item_factors, items, k, self.n_threads)
 
     def _contributions(self, history, item, user):
         # score(u, j) = y_j . A^-1 sum_i c_i y_i: history item i contributes c_i y_j.A^-1 y_i
@@ -265,22 +248,7 @@ class BiasedMF(Recommender):
         return np.clip(raw, *self.scale), None
 
     def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.asarray(self.Q, np.float32)
-        norms = np.linalg.norm(q, axis=1)
-        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-        scores = np.ascontiguousarray(
-            (q[items] * inv[items, None]) @ (q * inv[:, None]).T, dtype=np.float32
-        )
-        n = items.size
-        return topk.topk_dense(
-            scores,
-            k,
-            np.arange(n + 1, dtype=np.int64),
-            items.astype(np.int32),
-            None,
-            None,
-            self.n_threads,
-        )
+        return cosine_similar(self.Q, items, k, self.n_threads)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
