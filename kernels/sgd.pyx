@@ -1,15 +1,17 @@
-# Stochastic gradient descent for explicit biased matrix factorization (the
-# model Surprise calls SVD): prediction mu + b_u + b_i + p_u . q_i, squared
-# error with L2 on biases and factors, one update per rating. One thread is
-# deterministic (the caller's order); more threads run Hogwild (lock-free,
-# nondeterministic), which SGD tolerates on sparse data.
+# Stochastic gradient descent kernels for two models. svd (explicit biased
+# matrix factorization, what Surprise calls SVD): prediction mu + b_u + b_i +
+# p_u . q_i, squared error with L2 on biases and factors, one update per
+# rating. BPR (below) for implicit feedback. One thread is deterministic; more
+# threads run Hogwild (lock-free, nondeterministic), which SGD tolerates on
+# sparse data.
 import numpy as np
 
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange, threadid
+from libc.math cimport exp
 
 from kernels.parallel cimport resolve_threads
 
-from kernels.topk import check_array
+from kernels.topk import check_array, check_rows
 
 
 cdef extern from *:
@@ -99,3 +101,176 @@ def svd_epoch(users, items, ratings, order, double mu, bu, bi, P, Q, double lr, 
             BI[i] = BI[i] + lr_f * (err - reg_f * BI[i])
             recserve_sgd_update(pu, qi, f, err, lr_f, reg_f)
     return sse
+
+
+# ---------------------------------------------------------------------------
+# BPR (Rendle et al. 2009): maximise ln sigmoid(x_ui - x_uj) over triples of a
+# user, a positive item and a sampled negative, with x = p_u . q + b.
+
+cdef inline unsigned long long splitmix64(unsigned long long* state) noexcept nogil:
+    cdef unsigned long long z
+    state[0] += 0x9E3779B97F4A7C15ULL
+    z = state[0]
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
+cdef inline bint is_positive(const int* row, long long n, int item) noexcept nogil:
+    """Binary search in a user's sorted item ids."""
+    cdef long long lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if row[mid] < item:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < n and row[lo] == item
+
+
+cdef inline bint sample_triple(unsigned long long* state, const long long* ip, const int* ix,
+                               const int* rows, long long nnz, int n_items, int* u, int* i,
+                               int* j) noexcept nogil:
+    """Draw (u, i) uniformly among the positives and j uniformly among the items,
+    redrawn while it is one of u's positives. False when u has every item (or
+    1000 redraws all hit positives): the step is skipped."""
+    cdef long long pos = <long long>(splitmix64(state) % <unsigned long long>nnz)
+    cdef int tries = 0
+    u[0] = rows[pos]
+    i[0] = ix[pos]
+    if ip[u[0] + 1] - ip[u[0]] >= n_items:
+        return False
+    j[0] = <int>(splitmix64(state) % <unsigned long long>n_items)
+    while is_positive(ix + ip[u[0]], ip[u[0] + 1] - ip[u[0]], j[0]):
+        tries = tries + 1
+        if tries == 1000:
+            return False
+        j[0] = <int>(splitmix64(state) % <unsigned long long>n_items)
+    return True
+
+
+cdef inline double bpr_update(float* p, float* qi, float* qj, float* bi, float* bj, int f,
+                              float lr, float reg, bint items_too) noexcept nogil:
+    """One BPR step; returns sigmoid(-(x_ui - x_uj)) (the gradient scale z)."""
+    cdef int a
+    cdef double x = bi[0] - bj[0]
+    cdef float z, pf, qif, qjf
+    for a in range(f):
+        x += p[a] * (qi[a] - qj[a])
+    z = <float>(1.0 / (1.0 + exp(x)))
+    for a in range(f):
+        pf = p[a]
+        qif = qi[a]
+        qjf = qj[a]
+        p[a] = pf + lr * (z * (qif - qjf) - reg * pf)
+        if items_too:
+            qi[a] = qif + lr * (z * pf - reg * qif)
+            qj[a] = qjf + lr * (-z * pf - reg * qjf)
+    if items_too:
+        bi[0] = bi[0] + lr * (z - reg * bi[0])
+        bj[0] = bj[0] + lr * (-z - reg * bj[0])
+    return z
+
+
+def bpr_epoch(indptr, indices, P, Q, bias, double lr, double reg, unsigned long long seed,
+              int n_threads=1, bint update_items=True):
+    """One BPR epoch of nnz sampled triples; updates P (and Q, bias) in place.
+
+    indptr/indices: the users' positives (CSR, sorted item ids per row). Each
+    step draws a positive (u, i) uniformly and a negative j uniformly among
+    the items, redrawn while it is one of u's positives (a user who has every
+    item is skipped). One thread is deterministic for a given seed; more run
+    Hogwild. Returns the fraction of steps whose triple was ranked correctly.
+    """
+    for name, arr, dim in (("P", P, 2), ("Q", Q, 2), ("bias", bias, 1)):
+        check_array(arr, name, np.float32, dim)
+        written = name == "P" or update_items
+        if written and not arr.flags.writeable:
+            raise ValueError(f"{name}: must be writeable (updated in place)")
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    indices = np.ascontiguousarray(indices, dtype=np.int32)
+    if indptr.shape[0] != P.shape[0] + 1:
+        raise ValueError(f"indptr: expected {P.shape[0] + 1} entries (one row per user)")
+    if P.shape[1] != Q.shape[1] or bias.shape[0] != Q.shape[0]:
+        raise ValueError("P and Q need the same factors, bias one entry per item")
+    if indices.size and (indices.min() < 0 or indices.max() >= Q.shape[0]):
+        raise ValueError(f"indices: item ids must lie in [0, {Q.shape[0]})")
+    if lr <= 0 or reg < 0:
+        raise ValueError(f"lr must be > 0 and reg >= 0, got lr={lr}, reg={reg}")
+    cdef Py_ssize_t nnz = indices.shape[0]
+    # Row of every nonzero, to draw positives uniformly over all (u, i) pairs.
+    row_of = np.repeat(np.arange(P.shape[0], dtype=np.int32), np.diff(indptr))
+    cdef const long long[::1] ip = indptr
+    cdef const int[::1] ix = indices
+    cdef const int[::1] rows = row_of
+    cdef float[:, ::1] PV = P
+    # Items are read through const views (they may be a read-only memory map
+    # when update_items is False) and only written when update_items is True.
+    cdef const float[:, ::1] QV = Q
+    cdef const float[::1] B = bias
+    cdef float* q0 = <float*>&QV[0, 0]
+    cdef float* b0 = <float*>&B[0]
+    cdef int f = <int>P.shape[1], n_items = <int>Q.shape[0], u, i, j
+    cdef int nt = resolve_threads(n_threads)
+    cdef Py_ssize_t s, k
+    cdef float lr_f = <float>lr, reg_f = <float>reg
+    cdef double correct = 0.0
+    cdef unsigned long long state
+    if nnz == 0:
+        return 0.0
+    with nogil, parallel(num_threads=nt):
+        state = seed * 0x100000001B3ULL + <unsigned long long>threadid() * 0x9E3779B97F4A7C15ULL
+        for s in prange(nnz, schedule="static"):
+            if not sample_triple(&state, &ip[0], &ix[0], &rows[0], nnz, n_items, &u, &i, &j):
+                continue
+            if bpr_update(&PV[u, 0], q0 + <Py_ssize_t>i * f, q0 + <Py_ssize_t>j * f,
+                          b0 + i, b0 + j, f, lr_f, reg_f, update_items) < 0.5:
+                correct += 1.0
+    return correct / nnz
+
+
+def bpr_apply(users, pos_items, neg_items, P, Q, bias, double lr, double reg):
+    """Apply given (u, i, j) triples in order (no sampling): the exact BPR step,
+    for tests and for replaying a sample."""
+    cdef Py_ssize_t n = users.shape[0], s
+    check_array(users, "users", np.int32, 1)
+    check_array(pos_items, "pos_items", np.int32, 1)
+    check_array(neg_items, "neg_items", np.int32, 1)
+    cdef const int[::1] U = users
+    cdef const int[::1] I = pos_items
+    cdef const int[::1] J = neg_items
+    cdef float[:, ::1] PV = P
+    cdef float[:, ::1] QV = Q
+    cdef float[::1] B = bias
+    cdef int f = <int>P.shape[1]
+    with nogil:
+        for s in range(n):
+            bpr_update(&PV[U[s], 0], &QV[I[s], 0], &QV[J[s], 0], &B[I[s]], &B[J[s]], f,
+                       <float>lr, <float>reg, True)
+
+
+def bpr_sample(indptr, indices, int n_items, Py_ssize_t n, unsigned long long seed):
+    """n triples (u, i, j) from the sampler bpr_epoch uses (one thread, same seed
+    convention); skipped draws are returned as -1. For tests and inspection."""
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    indices = np.ascontiguousarray(indices, dtype=np.int32)
+    check_rows(indptr, indices, indptr.shape[0] - 1, "positives")
+    row_of = np.repeat(np.arange(indptr.shape[0] - 1, dtype=np.int32), np.diff(indptr))
+    out = np.full((n, 3), -1, np.int32)
+    cdef const long long[::1] ip = indptr
+    cdef const int[::1] ix = indices
+    cdef const int[::1] rows = row_of
+    cdef int[:, ::1] o = out
+    cdef unsigned long long state = seed * 0x100000001B3ULL
+    cdef long long nnz = indices.shape[0]
+    cdef Py_ssize_t s
+    cdef int u, i, j
+    if nnz == 0:
+        return out
+    with nogil:
+        for s in range(n):
+            if sample_triple(&state, &ip[0], &ix[0], &rows[0], nnz, n_items, &u, &i, &j):
+                o[s, 0] = u
+                o[s, 1] = i
+                o[s, 2] = j
+    return out

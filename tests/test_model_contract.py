@@ -14,6 +14,7 @@ from server.models import NotFittedError, algorithms, create, load_named
 FAST_PARAMS: dict[str, dict[str, object]] = {
     "als": {"factors": 16, "iterations": 5},
     "svd": {"factors": 16, "epochs": 5},
+    "bpr": {"factors": 16, "epochs": 5, "fold_in_epochs": 5},
 }
 
 

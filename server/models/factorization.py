@@ -263,3 +263,96 @@ class BiasedMF(Recommender):
         self.P, self.Q, self.bu, self.bi = (arrays[k] for k in ("P", "Q", "bu", "bi"))
         stats = np.asarray(arrays["stats"])
         self.mu, self.scale = float(stats[0]), (float(stats[1]), float(stats[2]))
+
+
+@register
+class BPR(Recommender):
+    """Bayesian Personalized Ranking (Rendle et al. 2009) by SGD on sampled triples.
+
+    Score p_u . q_i + b_i. Each epoch draws nnz (user, positive, negative)
+    triples; the negative is never one of the user's positives. One thread is
+    deterministic for a seed; more threads run Hogwild. A new user is folded in
+    by the same SGD with the items frozen, from a seed derived from the history.
+    """
+
+    algorithm = "bpr"
+    params_spec: ClassVar[Mapping[str, Param]] = {
+        "factors": Param(int, 64, "latent dimensions", min=1, max=1024),
+        "lr": Param(float, 0.01, "SGD learning rate", min=1e-9),
+        "reg": Param(float, 0.01, "L2 penalty", min=0),
+        "epochs": Param(int, 100, "passes (nnz sampled triples each)", min=1, max=100_000),
+        "fold_in_epochs": Param(int, 50, "SGD passes when folding in a new user", min=1),
+        "seed": Param(int, 0, "random seed (initial factors, sampling)"),
+    }
+
+    def _fit(self, dataset: Dataset) -> None:
+        assert self.user_items is not None
+        p = self.params
+        x = self.user_items.tocsr()
+        x.sort_indices()
+        rng = np.random.default_rng(p["seed"])
+        f = p["factors"]
+        self.P = ((rng.random((self.n_users, f)) - 0.5) / f).astype(np.float32)
+        self.Q = ((rng.random((self.n_items, f)) - 0.5) / f).astype(np.float32)
+        self.bias = np.zeros(self.n_items, np.float32)
+        bar = tqdm(
+            range(p["epochs"]), desc="bpr", unit="epoch", file=sys.stderr, disable=None, leave=False
+        )
+        for epoch in bar:
+            correct = sgdk.bpr_epoch(
+                x.indptr,
+                x.indices,
+                self.P,
+                self.Q,
+                self.bias,
+                p["lr"],
+                p["reg"],
+                p["seed"] * 1_000_003 + epoch,
+                self.n_threads,
+            )
+            bar.set_postfix(correct=f"{correct:.3f}")
+
+    def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
+        """User factors for history rows: BPR SGD on the user's own triples, items frozen."""
+        h = history.tocsr()
+        h.sort_indices()
+        f = self.Q.shape[1]
+        out = np.zeros((h.shape[0], f), np.float32)
+        q = np.ascontiguousarray(self.Q)
+        b = np.ascontiguousarray(self.bias)
+        for r in range(h.shape[0]):
+            row = h[r]
+            if row.nnz == 0:
+                continue
+            seed = int(np.uint64(row.indices.sum() + 7919 * row.nnz))
+            p = np.zeros((1, f), np.float32)
+            for epoch in range(self.params["fold_in_epochs"]):
+                sgdk.bpr_epoch(
+                    row.indptr,
+                    row.indices,
+                    p,
+                    q,
+                    b,
+                    self.params["lr"],
+                    self.params["reg"],
+                    seed + epoch,
+                    1,
+                    update_items=False,
+                )
+            out[r] = p[0]
+        return out
+
+    def _score_users(self, users: np.ndarray) -> np.ndarray:
+        return np.asarray(self.P[users] @ self.Q.T + self.bias[None, :], np.float32)
+
+    def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
+        return np.asarray(self.fold_in(history) @ self.Q.T + self.bias[None, :], np.float32)
+
+    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return cosine_similar(self.Q, items, k, self.n_threads)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"P": self.P, "Q": self.Q, "bias": self.bias}
+
+    def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.P, self.Q, self.bias = arrays["P"], arrays["Q"], arrays["bias"]

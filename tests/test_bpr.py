@@ -1,0 +1,63 @@
+"""BPR: the SGD step against numpy, the sampler, determinism, and ranking quality."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from kernels import sgd
+from server.evaluation import evaluate
+from server.models import create
+
+
+def test_bpr_step_equals_numpy():
+    rng = np.random.default_rng(0)
+    p = (rng.standard_normal((3, 4)) * 0.3).astype(np.float32)
+    q = (rng.standard_normal((5, 4)) * 0.3).astype(np.float32)
+    b = (rng.standard_normal(5) * 0.1).astype(np.float32)
+    u, i, j, lr, reg = 1, 2, 4, 0.05, 0.01
+    pu, qi, qj = p[u].astype(float), q[i].astype(float), q[j].astype(float)
+    z = 1.0 / (1.0 + np.exp(pu @ (qi - qj) + b[i] - b[j]))  # sigmoid(-(x_ui - x_uj))
+    want_p = pu + lr * (z * (qi - qj) - reg * pu)
+    want_qi = qi + lr * (z * pu - reg * qi)
+    want_qj = qj + lr * (-z * pu - reg * qj)
+    want_bi, want_bj = b[i] + lr * (z - reg * b[i]), b[j] + lr * (-z - reg * b[j])
+    sgd.bpr_apply(
+        np.array([u], np.int32), np.array([i], np.int32), np.array([j], np.int32), p, q, b, lr, reg
+    )
+    np.testing.assert_allclose(p[u], want_p, rtol=1e-5)
+    np.testing.assert_allclose(q[i], want_qi, rtol=1e-5)
+    np.testing.assert_allclose(q[j], want_qj, rtol=1e-5)
+    np.testing.assert_allclose([b[i], b[j]], [want_bi, want_bj], rtol=1e-5)
+
+
+def test_sampler_never_picks_a_positive_and_covers_the_rest():
+    x = sp.random(50, 30, density=0.3, random_state=1, format="lil", dtype=np.float32)
+    x[7, :] = 1.0  # a user with every item: always skipped
+    x = x.tocsr()
+    x.sort_indices()
+    triples = sgd.bpr_sample(x.indptr, x.indices, 30, 20_000, seed=3)
+    drawn = triples[triples[:, 0] >= 0]
+    dense = x.toarray() > 0
+    assert drawn.shape[0] > 15_000
+    assert dense[drawn[:, 0], drawn[:, 1]].all()  # i is a positive
+    assert not dense[drawn[:, 0], drawn[:, 2]].any()  # j never is
+    assert 7 not in set(drawn[:, 0])
+    negatives = np.bincount(drawn[:, 2], minlength=30)
+    assert (negatives > 0).all()  # every item can be a negative for someone
+
+
+def test_one_thread_is_deterministic(small):
+    a = create("bpr", factors=8, epochs=3)
+    a.n_threads = 1
+    b = create("bpr", factors=8, epochs=3)
+    b.n_threads = 1
+    np.testing.assert_array_equal(a.fit(small).Q, b.fit(small).Q)
+
+
+def test_bpr_beats_popularity(small):
+    pop = evaluate(create("popularity"), small, "random", (20,))["metrics"]["recall@20"]
+    model = create("bpr", factors=32, epochs=60, lr=0.05)
+    model.n_threads = 1
+    bpr = evaluate(model, small, "random", (20,))["metrics"]["recall@20"]
+    assert bpr > 1.1 * pop, (bpr, pop)
