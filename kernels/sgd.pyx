@@ -128,24 +128,33 @@ cdef inline bint is_positive(const int* row, long long n, int item) noexcept nog
     return lo < n and row[lo] == item
 
 
+cdef inline int draw_negative(unsigned long long* state, const int* ix, long long nnz,
+                              int n_items, bint popular) noexcept nogil:
+    """A candidate negative: uniform over items, or (popular) the item of a
+    uniformly drawn interaction, i.e. proportional to item popularity."""
+    if popular:
+        return ix[<long long>(splitmix64(state) % <unsigned long long>nnz)]
+    return <int>(splitmix64(state) % <unsigned long long>n_items)
+
+
 cdef inline bint sample_triple(unsigned long long* state, const long long* ip, const int* ix,
-                               const int* rows, long long nnz, int n_items, int* u, int* i,
-                               int* j) noexcept nogil:
-    """Draw (u, i) uniformly among the positives and j uniformly among the items,
-    redrawn while it is one of u's positives. False when u has every item (or
-    1000 redraws all hit positives): the step is skipped."""
+                               const int* rows, long long nnz, int n_items, bint popular,
+                               int* u, int* i, int* j) noexcept nogil:
+    """Draw (u, i) uniformly among the positives and a negative j (uniform or
+    popularity-proportional), redrawn while it is one of u's positives. False
+    when u has every item (or 1000 redraws all hit positives): step skipped."""
     cdef long long pos = <long long>(splitmix64(state) % <unsigned long long>nnz)
     cdef int tries = 0
     u[0] = rows[pos]
     i[0] = ix[pos]
     if ip[u[0] + 1] - ip[u[0]] >= n_items:
         return False
-    j[0] = <int>(splitmix64(state) % <unsigned long long>n_items)
+    j[0] = draw_negative(state, ix, nnz, n_items, popular)
     while is_positive(ix + ip[u[0]], ip[u[0] + 1] - ip[u[0]], j[0]):
         tries = tries + 1
         if tries == 1000:
             return False
-        j[0] = <int>(splitmix64(state) % <unsigned long long>n_items)
+        j[0] = draw_negative(state, ix, nnz, n_items, popular)
     return True
 
 
@@ -173,13 +182,14 @@ cdef inline double bpr_update(float* p, float* qi, float* qj, float* bi, float* 
 
 
 def bpr_epoch(indptr, indices, P, Q, bias, double lr, double reg, unsigned long long seed,
-              int n_threads=1, bint update_items=True):
+              int n_threads=1, bint update_items=True, bint popular_negatives=False):
     """One BPR epoch of nnz sampled triples; updates P (and Q, bias) in place.
 
     indptr/indices: the users' positives (CSR, sorted item ids per row). Each
     step draws a positive (u, i) uniformly and a negative j uniformly among
-    the items, redrawn while it is one of u's positives (a user who has every
-    item is skipped). One thread is deterministic for a given seed; more run
+    the items (or, with popular_negatives, proportionally to popularity),
+    redrawn while it is one of u's positives (a user who has every item is
+    skipped). One thread is deterministic for a given seed; more run
     Hogwild. Returns the fraction of steps whose triple was ranked correctly.
     """
     for name, arr, dim in (("P", P, 2), ("Q", Q, 2), ("bias", bias, 1)):
@@ -221,7 +231,8 @@ def bpr_epoch(indptr, indices, P, Q, bias, double lr, double reg, unsigned long 
     with nogil, parallel(num_threads=nt):
         state = seed * 0x100000001B3ULL + <unsigned long long>threadid() * 0x9E3779B97F4A7C15ULL
         for s in prange(nnz, schedule="static"):
-            if not sample_triple(&state, &ip[0], &ix[0], &rows[0], nnz, n_items, &u, &i, &j):
+            if not sample_triple(&state, &ip[0], &ix[0], &rows[0], nnz, n_items,
+                                 popular_negatives, &u, &i, &j):
                 continue
             if bpr_update(&PV[u, 0], q0 + <Py_ssize_t>i * f, q0 + <Py_ssize_t>j * f,
                           b0 + i, b0 + j, f, lr_f, reg_f, update_items) < 0.5:
@@ -249,7 +260,8 @@ def bpr_apply(users, pos_items, neg_items, P, Q, bias, double lr, double reg):
                        <float>lr, <float>reg, True)
 
 
-def bpr_sample(indptr, indices, int n_items, Py_ssize_t n, unsigned long long seed):
+def bpr_sample(indptr, indices, int n_items, Py_ssize_t n, unsigned long long seed,
+               bint popular_negatives=False):
     """n triples (u, i, j) from the sampler bpr_epoch uses (one thread, same seed
     convention); skipped draws are returned as -1. For tests and inspection."""
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
@@ -269,7 +281,8 @@ def bpr_sample(indptr, indices, int n_items, Py_ssize_t n, unsigned long long se
         return out
     with nogil:
         for s in range(n):
-            if sample_triple(&state, &ip[0], &ix[0], &rows[0], nnz, n_items, &u, &i, &j):
+            if sample_triple(&state, &ip[0], &ix[0], &rows[0], nnz, n_items,
+                             popular_negatives, &u, &i, &j):
                 o[s, 0] = u
                 o[s, 1] = i
                 o[s, 2] = j

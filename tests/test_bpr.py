@@ -45,6 +45,15 @@ def test_sampler_never_picks_a_positive_and_covers_the_rest():
     assert 7 not in set(drawn[:, 0])
     negatives = np.bincount(drawn[:, 2], minlength=30)
     assert (negatives > 0).all()  # every item can be a negative for someone
+    # Popularity-proportional negatives: still never a positive, and popular
+    # items are drawn more often than under uniform sampling.
+    pop = sgd.bpr_sample(x.indptr, x.indices, 30, 20_000, seed=3, popular_negatives=True)
+    pop = pop[pop[:, 0] >= 0]
+    assert not dense[pop[:, 0], pop[:, 2]].any()
+    counts = dense.sum(axis=0)
+    top = np.argsort(-counts)[:5]
+    share = lambda d: np.isin(d[:, 2], top).mean()  # noqa: E731
+    assert share(pop) > share(drawn)
 
 
 def test_one_thread_is_deterministic(small):

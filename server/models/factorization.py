@@ -282,6 +282,13 @@ class BPR(Recommender):
         "reg": Param(float, 0.01, "L2 penalty", min=0),
         "epochs": Param(int, 100, "passes (nnz sampled triples each)", min=1, max=100_000),
         "fold_in_epochs": Param(int, 50, "SGD passes when folding in a new user", min=1),
+        "negatives": Param(
+            str,
+            "uniform",
+            "negative sampling: uniform over items, or "
+            "popular (proportional to popularity, as implicit samples)",
+            choices=("uniform", "popular"),
+        ),
         "seed": Param(int, 0, "random seed (initial factors, sampling)"),
     }
 
@@ -309,11 +316,13 @@ class BPR(Recommender):
                 p["reg"],
                 p["seed"] * 1_000_003 + epoch,
                 self.n_threads,
+                popular_negatives=p["negatives"] == "popular",
             )
             bar.set_postfix(correct=f"{correct:.3f}")
 
     def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
-        """User factors for history rows: BPR SGD on the user's own triples, items frozen."""
+        """User factors for history rows: BPR SGD on the user's own triples, items
+        frozen, negatives uniform (the row alone carries no item popularity)."""
         h = history.tocsr()
         h.sort_indices()
         f = self.Q.shape[1]
