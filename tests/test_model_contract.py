@@ -58,6 +58,13 @@ def test_include_seen_and_candidates(fitted, small):
     assert set(valid) == set(cands[:3]) - set(seen)
 
 
+def test_empty_exclude_and_candidate_lists_mean_no_restriction(fitted):
+    base, _ = fitted.recommend([0, 1], k=5)
+    for kwargs in ({"exclude": []}, {"candidates": []}, {"exclude": np.array([], int)}):
+        got, _ = fitted.recommend([0, 1], k=5, **kwargs)
+        np.testing.assert_array_equal(got, base)
+
+
 def test_fold_in_excludes_history_and_returns_exactly_k(fitted):
     history = np.array([1, 2, 3, 50])
     items, scores = fitted.recommend_from_history(history, k=20, exclude=[4])

@@ -447,7 +447,9 @@ def _rows_for(spec: Exclude, lo: int, size: int) -> list[np.ndarray] | None:
     if isinstance(spec, np.ndarray) and spec.ndim == 1 and spec.dtype.kind in "iu":
         return [spec] * size
     seq = list(spec)
-    if seq and all(isinstance(x, int | np.integer) for x in seq):
+    if not seq:
+        return None  # an empty list excludes nothing and restricts nothing
+    if all(isinstance(x, int | np.integer) for x in seq):
         arr = np.asarray(seq, dtype=np.int64)
         return [arr] * size
     return [np.asarray(x, dtype=np.int64).reshape(-1) for x in seq[lo : lo + size]]
