@@ -132,3 +132,20 @@ def test_userknn_explain_names_history_items(small):
     because, contrib = model.explain(8, item, n=3)
     assert 0 < because.size <= 3 and set(because) <= set(small.interactions[8].indices)
     assert np.all(np.diff(contrib) <= 0)
+
+
+@pytest.mark.parametrize("algo", ["itemknn", "userknn", "content"])
+def test_memory_budget_fallback_gives_the_same_neighbours(small, monkeypatch, algo):
+    import server.models.neighbors as nb
+
+    pair_once = create(algo, k=25).fit(small).sim
+    monkeypatch.setattr(nb, "KNN_SELF_BUDGET", 0)  # force the general kernel
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("knn_self ran although over the memory budget")
+
+    monkeypatch.setattr(nb.simk, "knn_self", must_not_run)
+    general = create(algo, k=25).fit(small).sim
+    np.testing.assert_array_equal(pair_once.indptr, general.indptr)
+    np.testing.assert_array_equal(pair_once.indices, general.indices)
+    np.testing.assert_allclose(pair_once.data, general.data, rtol=1e-6)

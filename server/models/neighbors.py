@@ -15,6 +15,7 @@ differ only in which matrices the neighbours come from:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -25,6 +26,10 @@ from kernels import similarity as simk
 from server.data import Dataset
 from server.models.base import Param, Recommender
 from server.models.registry import register
+
+# Bytes of per-row top-k buffers knn_self may hold (threads x rows x k x 8);
+# beyond it the general kernel runs instead (same result, less memory).
+KNN_SELF_BUDGET = 512 * 2**20
 
 SIMILARITY = Param(
     str, "cosine", "dot, cosine, asymmetric (alpha) or jaccard", choices=tuple(simk.SIMILARITIES)
@@ -77,15 +82,24 @@ class _Neighbourhood(Recommender):
         return csr(m.indptr.astype(np.int64), m.indices, data, m.shape)
 
     def _knn_self(self, a: sp.csr_matrix, similarity: str | None = None) -> sp.csr_matrix:
-        """Top-k neighbours among the rows of `a` (itself excluded), each pair computed once."""
+        """Top-k neighbours among the rows of `a` (itself excluded).
+
+        knn_self computes each pair once but keeps a top-k buffer per row and
+        thread; above KNN_SELF_BUDGET bytes the general kernel (per-thread
+        scratch only, same result) is used instead.
+        """
         p = self.params
+        sim = similarity or p.get("similarity", "dot")
+        threads = self.n_threads if self.n_threads > 0 else (os.cpu_count() or 1)
+        if threads * a.shape[0] * p["k"] * 8 > KNN_SELF_BUDGET:
+            return self._knn(a, a.T.tocsr(), a.shape[0], exclude_self=True, similarity=sim)
         ip, ix, v = simk.knn_self(
             a.indptr,
             a.indices,
             a.data,
             a.shape[1],
             p["k"],
-            similarity or p.get("similarity", "dot"),
+            sim,
             p.get("alpha", 0.5),
             p.get("shrink", 0.0),
             None,
