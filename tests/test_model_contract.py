@@ -15,6 +15,7 @@ FAST_PARAMS: dict[str, dict[str, object]] = {
     "als": {"factors": 16, "iterations": 5},
     "svd": {"factors": 16, "epochs": 5},
     "bpr": {"factors": 16, "epochs": 5, "fold_in_epochs": 5},
+    "bayes_mf": {"factors": 8, "epochs": 5},
 }
 
 

@@ -1,0 +1,54 @@
+"""Bayesian MF: calibrated predictive intervals, RMSE close to biased MF, fold-in std."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.data import load_dataset
+from server.evaluation import rating_metrics, split_random
+from server.models import create
+
+Z90 = 1.6448536269514722  # central 90% of a standard normal
+
+
+def coverage_and_rmse(model, split):
+    test = split.test
+    inside, means, truth = [], [], []
+    for u in np.flatnonzero(np.diff(test.indptr)):
+        items = test.indices[test.indptr[u] : test.indptr[u + 1]]
+        ratings = test.data[test.indptr[u] : test.indptr[u + 1]]
+        mean, std = model.score(int(u), items)
+        if std is not None:  # svd predicts without uncertainty
+            inside.append(np.abs(ratings - mean) <= Z90 * std)
+        means.append(mean)
+        truth.append(ratings)
+    rmse = rating_metrics(np.concatenate(means), np.concatenate(truth))["rmse"]
+    return (float(np.concatenate(inside).mean()) if inside else float("nan")), rmse
+
+
+def test_ml100k_intervals_are_calibrated_and_rmse_close_to_biased_mf(ml100k_path):
+    split = split_random(load_dataset(ml100k_path), 0.2, seed=0)
+    coverage, rmse = coverage_and_rmse(create("bayes_mf").fit(split.train), split)
+    assert 0.85 <= coverage <= 0.95, coverage
+    _, svd_rmse = coverage_and_rmse(create("svd").fit(split.train), split)
+    assert rmse <= svd_rmse + 0.02, (rmse, svd_rmse)
+
+
+def test_std_is_positive_and_shrinks_with_more_history(small):
+    model = create("bayes_mf", factors=8, epochs=10).fit(small)
+    assert model.sigma > 0
+    items = np.arange(small.n_items)
+    _, std = model.score(0, items)
+    assert std.shape == items.shape and np.all(std >= model.sigma)
+    short = small.interactions[0].copy()  # the same user with only two ratings
+    short.data[2:] = 0
+    short.eliminate_zeros()
+    _, std_short = model.score_history(short, items)
+    _, std_full = model.score_history(small.interactions[0], items)
+    assert std_full.mean() < std_short.mean()  # more evidence, less uncertainty
+
+
+def test_calibration_on_synthetic_data(small):
+    split = split_random(small, 0.2, seed=1)
+    coverage, _ = coverage_and_rmse(create("bayes_mf", factors=8).fit(split.train), split)
+    assert 0.8 <= coverage <= 0.97, coverage
