@@ -236,7 +236,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{'K':>5}" + "".join(f"{n:>11}" for n in names))
     for k in args.k:
         print(f"{k:>5}" + "".join(f"{m[f'{n}@{k}']:>11.4f}" for n in names))
-    extra = {k: v for k, v in m.items() if k in ("mrr", "rmse", "mae")}
+    extra = {k: v for k, v in m.items() if k in ("mrr", "rmse", "mae", "interval90")}
     print("  ".join(f"{k}={v:.4f}" for k, v in extra.items()))
     return {"out": str(out)}
 

@@ -181,6 +181,27 @@ def rating_metrics(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float
     return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
 
 
+Z90 = 1.6448536269514722  # half-width of the central 90% of a standard normal
+
+
+def rating_and_interval_metrics(model: Recommender, test: sp.csr_matrix) -> dict[str, float]:
+    """RMSE/MAE of a rating model on held-out ratings and, when it predicts a std,
+    `interval90`: the fraction of ratings inside the central 90% predictive
+    interval (a calibrated model scores about 0.9)."""
+    means, stds = [], []
+    for u in np.flatnonzero(np.diff(test.indptr)):
+        mean, std = model.score(int(u), test.indices[test.indptr[u] : test.indptr[u + 1]])
+        means.append(mean)
+        stds.append(std)
+    if not means:
+        raise ValueError("no held-out ratings to compare")
+    pred = np.concatenate(means)
+    out = rating_metrics(pred, test.data)
+    if all(s is not None for s in stds):
+        out["interval90"] = float(np.mean(np.abs(test.data - pred) <= Z90 * np.concatenate(stds)))
+    return out
+
+
 def make_split(
     ds: Dataset, protocol: str, fraction: float = 0.2, seed: int = 0, leave_last: int = 1
 ) -> Split:
@@ -238,13 +259,5 @@ def evaluate(
         "metrics": ranking_metrics(recs, relevant[users], ks, ds.n_items),
     }
     if model.predicts_ratings and split.fold_in is None:
-        t = split.test
-        pred = np.concatenate(
-            [np.zeros(0, np.float32)]
-            + [
-                model.score(u, t.indices[t.indptr[u] : t.indptr[u + 1]])[0]
-                for u in np.flatnonzero(np.diff(t.indptr))
-            ]
-        )
-        result["metrics"].update(rating_metrics(pred, t.data))
+        result["metrics"].update(rating_and_interval_metrics(model, split.test))
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from server.data import load_dataset
-from server.evaluation import rating_metrics, split_random
+from server.evaluation import evaluate, rating_metrics, split_random
 from server.models import create
 
 Z90 = 1.6448536269514722  # central 90% of a standard normal
@@ -52,3 +52,9 @@ def test_calibration_on_synthetic_data(small):
     split = split_random(small, 0.2, seed=1)
     coverage, _ = coverage_and_rmse(create("bayes_mf", factors=8).fit(split.train), split)
     assert 0.8 <= coverage <= 0.97, coverage
+
+
+def test_evaluate_reports_interval_coverage(small):
+    result = evaluate(create("bayes_mf", factors=8), small, "random", (10,))
+    assert 0.8 <= result["metrics"]["interval90"] <= 0.97
+    assert "interval90" not in evaluate(create("svd", factors=8), small, "random", (10,))["metrics"]
