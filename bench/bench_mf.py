@@ -41,6 +41,24 @@ from server.models import create
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
 
+def ranking_row(name, model, f, ours_s, theirs_s, rec_ours, rec_theirs, split, users, n_items):
+    """One comparison row: timings, their ratio and Recall/NDCG@20 of both lists."""
+    m_o = ranking_metrics(rec_ours, split.test[users], [20], n_items)
+    m_t = ranking_metrics(np.asarray(rec_theirs), split.test[users], [20], n_items)
+    return {
+        "dataset": name,
+        "model": model,
+        "factors": f,
+        "s_per_iter": ours_s,
+        "s_per_iter_implicit": theirs_s,
+        "ratio": ours_s / theirs_s,
+        "recall@20": m_o["recall@20"],
+        "recall@20_implicit": m_t["recall@20"],
+        "ndcg@20": m_o["ndcg@20"],
+        "ndcg@20_implicit": m_t["ndcg@20"],
+    }
+
+
 def run_als(name, ds, factors, iterations, threads, alpha, reg):
     from implicit.cpu.als import AlternatingLeastSquares
 
@@ -73,20 +91,7 @@ def run_als(name, ds, factors, iterations, threads, alpha, reg):
         theirs_s = (time.perf_counter() - t) / iterations
         rec_o, _ = ours.recommend(users, 20)
         rec_t, _ = theirs.recommend(users, train[users], N=20, filter_already_liked_items=True)
-        m_o = ranking_metrics(rec_o, split.test[users], [20], ds.n_items)
-        m_t = ranking_metrics(np.asarray(rec_t), split.test[users], [20], ds.n_items)
-        row = {
-            "dataset": name,
-            "model": "als",
-            "factors": f,
-            "s_per_iter": ours_s,
-            "s_per_iter_implicit": theirs_s,
-            "ratio": ours_s / theirs_s,
-            "recall@20": m_o["recall@20"],
-            "recall@20_implicit": m_t["recall@20"],
-            "ndcg@20": m_o["ndcg@20"],
-            "ndcg@20_implicit": m_t["ndcg@20"],
-        }
+        row = ranking_row(name, "als", f, ours_s, theirs_s, rec_o, rec_t, split, users, ds.n_items)
         rows.append(row)
         print(
             f"{name:<12}{f:>8}{ours_s:>10.3f}{theirs_s:>10.3f}{row['ratio']:>7.2f}"
@@ -117,7 +122,6 @@ def run_bpr(name, ds, factors, iterations, threads):
         theirs.fit(train, show_progress=False)
         theirs_s = (time.perf_counter() - t) / iterations
         rec_t, _ = theirs.recommend(users, train[users], N=20, filter_already_liked_items=True)
-        m_t = ranking_metrics(np.asarray(rec_t), split.test[users], [20], ds.n_items)
         # implicit draws negatives proportionally to popularity; ours offers both.
         for negatives in ("uniform", "popular"):
             ours = create(
@@ -128,19 +132,18 @@ def run_bpr(name, ds, factors, iterations, threads):
             ours.fit(split.train)
             ours_s = (time.perf_counter() - t) / iterations
             rec_o, _ = ours.recommend(users, 20)
-            m_o = ranking_metrics(rec_o, split.test[users], [20], ds.n_items)
-            row = {
-                "dataset": name,
-                "model": f"bpr {negatives}",
-                "factors": f,
-                "s_per_iter": ours_s,
-                "s_per_iter_implicit": theirs_s,
-                "ratio": ours_s / theirs_s,
-                "recall@20": m_o["recall@20"],
-                "recall@20_implicit": m_t["recall@20"],
-                "ndcg@20": m_o["ndcg@20"],
-                "ndcg@20_implicit": m_t["ndcg@20"],
-            }
+            row = ranking_row(
+                name,
+                f"bpr {negatives}",
+                f,
+                ours_s,
+                theirs_s,
+                rec_o,
+                rec_t,
+                split,
+                users,
+                ds.n_items,
+            )
             rows.append(row)
             print(
                 f"{name:<12}{negatives:<9}{f:>5}{ours_s:>10.4f}{theirs_s:>10.4f}"

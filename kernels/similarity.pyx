@@ -10,7 +10,7 @@ from libc.math cimport pow, sqrt
 from kernels.parallel cimport resolve_threads
 from kernels.topk cimport heap_drain, heap_offer, mark, select_topk, worse
 
-from kernels.topk import check_array, check_rows
+from kernels.topk import check_array, check_rows, rows_or_empty
 
 cdef extern from *:
     """
@@ -572,14 +572,9 @@ def score_topk(h_indptr, h_indices, h_data, s_indptr, s_indices, s_data, Py_ssiz
     h_indptr, h_indices, h_data = as_csr(h_indptr, h_indices, h_data,
                                          s_indptr.shape[0] - 1, "h")
     cdef Py_ssize_t nq = h_indptr.shape[0] - 1
-    if exclude_indptr is None and exclude_indices is None:
-        exclude_indptr, exclude_indices = np.zeros(nq + 1, np.int64), np.zeros(0, np.int32)
-    else:
-        check_rows(exclude_indptr, exclude_indices, nq, "exclude")
-    if cand_indptr is None and cand_indices is None:
-        cand_indptr, cand_indices = np.zeros(nq + 1, np.int64), np.zeros(0, np.int32)
-    else:
-        check_rows(cand_indptr, cand_indices, nq, "cand")
+    exclude_indptr, exclude_indices = rows_or_empty(exclude_indptr, exclude_indices, nq,
+                                                    "exclude")
+    cand_indptr, cand_indices = rows_or_empty(cand_indptr, cand_indices, nq, "cand")
     cdef int nt = resolve_threads(n_threads)
     out_idx = np.full((nq, k), -1, np.int32)
     out_val = np.full((nq, k), -np.inf, np.float32)

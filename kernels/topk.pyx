@@ -117,13 +117,14 @@ def check_rows(indptr, indices, Py_ssize_t n_rows, str name):
             raise ValueError(f"{name}_indptr: decreases at row {i}")
 
 
-def _rows_or_empty(indptr, indices, Py_ssize_t n_rows, str name):
+def rows_or_empty(indptr, indices, Py_ssize_t n_rows, str name):
+    """Validated (indptr, indices) per-row lists, or empty rows when both are None."""
     if indptr is None and indices is None:
-        return np.zeros(n_rows + 1, np.int64), np.zeros(0, np.int32), False
+        return np.zeros(n_rows + 1, np.int64), np.zeros(0, np.int32)
     if indptr is None or indices is None:
         raise ValueError(f"{name}_indptr and {name}_indices go together")
     check_rows(indptr, indices, n_rows, name)
-    return indptr, indices, True
+    return indptr, indices
 
 
 def topk_dense(scores, int k, exclude_indptr=None, exclude_indices=None,
@@ -141,8 +142,8 @@ def topk_dense(scores, int k, exclude_indptr=None, exclude_indices=None,
         raise ValueError(f"k: must be >= 0, got {k}")
     cdef Py_ssize_t nq = scores.shape[0]
     cdef int n = <int> scores.shape[1]
-    ex_ptr, ex_ind, _ = _rows_or_empty(exclude_indptr, exclude_indices, nq, "exclude")
-    ca_ptr, ca_ind, _ = _rows_or_empty(cand_indptr, cand_indices, nq, "cand")
+    ex_ptr, ex_ind = rows_or_empty(exclude_indptr, exclude_indices, nq, "exclude")
+    ca_ptr, ca_ind = rows_or_empty(cand_indptr, cand_indices, nq, "cand")
     cdef int nt = resolve_threads(n_threads)
     out_idx = np.full((nq, k), -1, np.int32)
     out_val = np.full((nq, k), -np.inf, np.float32)
@@ -193,8 +194,8 @@ def topk_ranked(order, scores, Py_ssize_t n_queries, int k,
     if n_queries < 0:
         raise ValueError(f"n_queries: must be >= 0, got {n_queries}")
     cdef int n = <int> scores.shape[0]
-    ex_ptr, ex_ind, _ = _rows_or_empty(exclude_indptr, exclude_indices, n_queries, "exclude")
-    ca_ptr, ca_ind, _ = _rows_or_empty(cand_indptr, cand_indices, n_queries, "cand")
+    ex_ptr, ex_ind = rows_or_empty(exclude_indptr, exclude_indices, n_queries, "exclude")
+    ca_ptr, ca_ind = rows_or_empty(cand_indptr, cand_indices, n_queries, "cand")
     cdef int nt = resolve_threads(n_threads)
     out_idx = np.full((n_queries, k), -1, np.int32)
     out_val = np.full((n_queries, k), -np.inf, np.float32)

@@ -221,21 +221,32 @@ class BiasedMF(Recommender):
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         return self._predict(self.P[users], self.bu[users])
 
+    def _design(self, items: np.ndarray) -> np.ndarray:
+        """Rows z_i = [1, q_i]: the features of a user's (b_u, p_u) regression."""
+        return np.hstack([np.ones((items.size, 1)), np.asarray(self.Q[items], np.float64)])
+
+    def _precision(self, z: np.ndarray) -> np.ndarray:
+        """A = Z^T Z + reg * n I: the precision of (b_u, p_u) given n rated items."""
+        return z.T @ z + self.params["reg"] * max(z.shape[0], 1) * np.eye(z.shape[1])
+
+    def _posterior(self, row: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        """(w, A) for one history row: w = [b_u, p_u] = A^-1 Z^T (r - mu - b_i), the
+        minimiser of sum (r - mu - b_i - b_u - q_i.p)^2 + reg n (b_u^2 + |p|^2)."""
+        z = self._design(row.indices)
+        a = self._precision(z)
+        w = np.linalg.solve(a, z.T @ (row.data - self.mu - np.asarray(self.bi[row.indices])))
+        return w, a
+
     def fold_in(self, history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-        """(p, b_u) per history row: argmin sum (r - mu - b_i - b_u - q_i.p)^2
-        + reg * n * (b_u^2 + |p|^2), the objective SGD optimises for a user."""
+        """(p, b_u) per history row: the objective SGD optimises, solved exactly for
+        the user given the items (empty rows get zeros)."""
         h = history.tocsr()
-        f = self.Q.shape[1]
-        ps = np.zeros((h.shape[0], f), np.float32)
+        ps = np.zeros((h.shape[0], self.Q.shape[1]), np.float32)
         bs = np.zeros(h.shape[0], np.float32)
         for r in range(h.shape[0]):
-            idx = h.indices[h.indptr[r] : h.indptr[r + 1]]
-            if idx.size == 0:
-                continue
-            z = np.hstack([np.ones((idx.size, 1)), np.asarray(self.Q[idx], np.float64)])
-            t = h.data[h.indptr[r] : h.indptr[r + 1]] - self.mu - np.asarray(self.bi[idx])
-            w = np.linalg.solve(z.T @ z + self.params["reg"] * idx.size * np.eye(f + 1), z.T @ t)
-            bs[r], ps[r] = w[0], w[1:]
+            if h.indptr[r + 1] > h.indptr[r]:
+                w, _ = self._posterior(h[r])
+                bs[r], ps[r] = w[0], w[1:]
         return ps, bs
 
     def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
@@ -415,15 +426,15 @@ class BayesianMF(BiasedMF):
         self.user_items = full
         super()._fit(dataset)
 
-    def posterior_std(self, history: sp.csr_matrix, items: np.ndarray) -> np.ndarray:
-        """Predictive std of the ratings of `items` for the user of a history row."""
-        idx = history.indices
-        f = self.Q.shape[1]
-        z_hist = np.hstack([np.ones((idx.size, 1)), np.asarray(self.Q[idx], np.float64)])
-        a = z_hist.T @ z_hist + self.params["reg"] * max(idx.size, 1) * np.eye(f + 1)
-        z = np.hstack([np.ones((items.size, 1)), np.asarray(self.Q[items], np.float64)])
+    def _predictive_std(self, a: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """sigma * sqrt(1 + z^T A^-1 z) for each item, given a user's precision A."""
+        z = self._design(items)
         quad = np.einsum("ij,ji->i", z, np.linalg.solve(a, z.T))
         return (self.sigma * np.sqrt(1.0 + quad)).astype(np.float32)
+
+    def posterior_std(self, history: sp.csr_matrix, items: np.ndarray) -> np.ndarray:
+        """Predictive std of the ratings of `items` for the user of a history row."""
+        return self._predictive_std(self._precision(self._design(history.indices)), items)
 
     def score(self, user: int, items) -> tuple[np.ndarray, np.ndarray | None]:
         """Predicted ratings (clipped to the scale) and their predictive std."""
@@ -434,12 +445,9 @@ class BayesianMF(BiasedMF):
     def score_history(self, history: sp.csr_matrix, items) -> tuple[np.ndarray, np.ndarray]:
         """score() for a user given only by a history row (fold-in), with std."""
         items = np.asarray(items, dtype=np.int64)
-        p, b = self.fold_in(history)
-        mean = self.mu + b[0] + self.bi[items] + self.Q[items] @ p[0]
-        return (
-            np.clip(mean, *self.scale).astype(np.float32),
-            self.posterior_std(history.tocsr(), items),
-        )
+        w, a = self._posterior(history.tocsr())
+        mean = self.mu + w[0] + self.bi[items] + self.Q[items] @ w[1:]
+        return np.clip(mean, *self.scale).astype(np.float32), self._predictive_std(a, items)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {**super()._arrays(), "sigma": np.array([self.sigma], np.float64)}

@@ -1,7 +1,8 @@
 """Neighbourhood models: item-kNN, user-kNN, RP3beta and content similarity.
 
 All four are "history x similarity": a sparse neighbour matrix is built once
-by kernels.similarity.knn (top-K per row, self excluded) and a user's scores
+by kernels.similarity (knn_self for the symmetric item-item, user-user and
+content cases, knn for RP3beta; top-K per row, self excluded) and a user's scores
 are their history times it, selected by the fused score_topk kernel. They
 differ only in which matrices the neighbours come from:
 
@@ -62,12 +63,13 @@ class _Neighbourhood(Recommender):
 
     sim: sp.csr_matrix
 
-    def _weighted(self, rows_by_docs: sp.csr_matrix) -> sp.csr_matrix:
-        """Apply the configured weighting to a CSR whose rows are documents."""
+    def _weighted(self, rows_by_docs: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray, float]:
+        """The configured weighting applied to a CSR whose rows are documents, with
+        the idf and mean row length it used (to weight a new row the same way)."""
         scheme = self.params.get("weighting", "none")
         m = rows_by_docs.tocsr().astype(np.float32)
         if scheme == "none":
-            return m
+            return m, np.zeros(0, np.float32), 0.0
         data, idf, avg = simk.weight(
             m.indptr,
             m.indices,
@@ -78,8 +80,7 @@ class _Neighbourhood(Recommender):
             self.params["B"],
             n_threads=self.n_threads,
         )
-        self._idf, self._avg_len = idf, avg
-        return csr(m.indptr.astype(np.int64), m.indices, data, m.shape)
+        return csr(m.indptr.astype(np.int64), m.indices, data, m.shape), idf, avg
 
     def _knn_self(self, a: sp.csr_matrix, similarity: str | None = None) -> sp.csr_matrix:
         """Top-k neighbours among the rows of `a` (itself excluded).
@@ -211,7 +212,7 @@ class ItemKNN(_Neighbourhood):
 
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
-        a = self._weighted(self.user_items.T.tocsr())  # items are the documents
+        a, _, _ = self._weighted(self.user_items.T.tocsr())  # items are the documents
         self.sim = self._knn_self(a)
 
 
@@ -271,7 +272,7 @@ class ContentKNN(_Neighbourhood):
                 f"{dataset.name}: the content model needs item features "
                 "(genres or tags), and this dataset has none"
             )
-        a = self._weighted(f.tocsr())  # items are the documents, features the terms
+        a, _, _ = self._weighted(f.tocsr())  # items are the documents, features the terms
         self.sim = self._knn_self(a, similarity="cosine")
 
 
@@ -288,9 +289,8 @@ class UserKNN(_Neighbourhood):
 
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
-        self._idf = np.zeros(0, np.float32)
-        self._avg_len = 0.0
-        self.users_w = self._weighted(self.user_items)  # users are the documents
+        # Users are the documents; keep the idf and mean length to weight new users.
+        self.users_w, self._idf, self._avg_len = self._weighted(self.user_items)
         self.sim = self._knn_self(self.users_w)
 
     def _neighbours(self, history: sp.csr_matrix) -> sp.csr_matrix:
