@@ -157,6 +157,11 @@ if __name__ == "__main__":
             ],
             "bench": ["implicit>=0.7", "scikit-surprise>=1.1.4"],
         },
-        entry_points={"console_scripts": ["recserve=server.cli:main"]},
+        entry_points={
+            "console_scripts": [
+                "recserve=server.cli:main",
+                "recserve-health=clients.health:main",
+            ]
+        },
         zip_safe=False,
     )

@@ -7,6 +7,7 @@
     recserve models list|verify --models DIR
     recserve recommend --models DIR --name NAME (--user ID | --history ID,ID,...) [--k 10]
     recserve quickstart [--workdir var]   the embedded default: synthetic data + models
+    recserve serve [--config FILE] [--models DIR] [--port 50051] [--metrics-port 9090]
 
 Progress and logs go to stderr; results (JSON summaries, tables) to stdout.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--k", type=int, default=10)
     qs = sub.add_parser("quickstart", help="make the embedded default dataset and models")
     qs.add_argument("--workdir", default="var", help="holds data/default and models/")
+
+    sv = sub.add_parser(
+        "serve",
+        help="serve the models over gRPC",
+        description="Serve every model under --models over gRPC. Settings come from --config "
+        "(TOML), then RECSERVE_* environment variables, then these flags.",
+    )
+    sv.add_argument("--config", default=None, help="TOML config file (see server/config.py)")
+    sv.add_argument("--models", default=None, help="models folder (default var/models)")
+    sv.add_argument("--host", default=None, help="address to bind (default [::])")
+    sv.add_argument("--port", type=int, default=None, help="gRPC port (default 50051; 0 = any)")
+    sv.add_argument(
+        "--metrics-port", type=int, default=None, help="Prometheus port (default 9090; 0 = off)"
+    )
+    sv.add_argument("--default-model", default=None, help="model for requests naming none")
+    sv.add_argument("--feedback-db", default=None, help="SQLite feedback log ('' = memory)")
     return ap
 
 
@@ -338,6 +357,43 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from server.config import load_config
+    from server.service import App
+
+    cfg = load_config(
+        args.config,
+        overrides={
+            "models": args.models,
+            "host": args.host,
+            "port": args.port,
+            "metrics_port": args.metrics_port,
+            "default_model": args.default_model,
+            "feedback_db": args.feedback_db,
+        },
+    )
+    if not Path(cfg.models).is_dir():
+        raise FileNotFoundError(f"models: {cfg.models} is not a folder (run `make serve` first?)")
+    app = App(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    port = app.start()
+    host = "localhost" if cfg.host in ("[::]", "0.0.0.0") else cfg.host
+    log.info(
+        'try: grpcurl -plaintext -d \'{"user_id": "1", "k": 5}\' %s:%d '
+        "recserve.v1.Recommender/Recommend",
+        host,
+        port,
+    )
+    log.info("  or: python -m clients --target %s:%d recommend --user 1 --k 5", host, port)
+    if app.metrics_port:
+        log.info("metrics: http://%s:%d/metrics", host, app.metrics_port)
+    stop.wait()
+    log.info("signal received: draining (grace %.1fs)", cfg.grace_seconds)
+    app.drain()
+
+
 def _emit(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, separators=(",", ":"), default=str))
 
@@ -349,6 +405,7 @@ COMMANDS = {
     "models": cmd_models,
     "recommend": cmd_recommend,
     "quickstart": cmd_quickstart,
+    "serve": cmd_serve,
 }
 
 
@@ -362,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result = COMMANDS[args.command](args)
-    except (DataError, artifacts.BundleError, ValueError, FileNotFoundError) as exc:
+    except (DataError, artifacts.BundleError, ValueError, OSError) as exc:
         print(f"recserve: error: {exc}", file=sys.stderr)
         return 2
     if result is not None:

@@ -74,6 +74,11 @@ class Recommender(ABC):
     algorithm: ClassVar[str] = ""
     params_spec: ClassVar[Mapping[str, Param]] = {}
     predicts_ratings: ClassVar[bool] = False
+    # True when an empty history still gets a meaningful ranking (popularity):
+    # the service sends users it knows nothing about only to such models.
+    serves_cold: ClassVar[bool] = False
+    # True when score()/score_history() return a std (Bayesian models).
+    uncertainty: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.params_spec))
@@ -309,6 +314,16 @@ class Recommender(ABC):
         if items.size and (items.min() < 0 or items.max() >= self.n_items):
             raise IndexError(f"items: indices must be in [0, {self.n_items})")
         return self._score_users(np.array([user], np.int64))[0, items], None
+
+    def score_history(
+        self, history: sp.csr_matrix, items: Sequence[int] | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """score() for a user given only by a history row (fold-in)."""
+        self._require_fitted()
+        items = np.asarray(items, dtype=np.int64)
+        if items.size and (items.min() < 0 or items.max() >= self.n_items):
+            raise IndexError(f"items: indices must be in [0, {self.n_items})")
+        return np.asarray(self._score_history(history.tocsr())[0, items], np.float32), None
 
     def history_matrix(
         self,

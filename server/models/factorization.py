@@ -258,6 +258,11 @@ class BiasedMF(Recommender):
         raw, _ = super().score(user, items)
         return np.clip(raw, *self.scale), None
 
+    def score_history(self, history: sp.csr_matrix, items) -> tuple[np.ndarray, np.ndarray | None]:
+        """score() for a user given only by a history row: clipped, no std."""
+        raw, _ = super().score_history(history, items)
+        return np.clip(raw, *self.scale), None
+
     def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return cosine_similar(self.Q, items, k, self.n_threads)
 
@@ -397,6 +402,7 @@ class BayesianMF(BiasedMF):
     """
 
     algorithm = "bayes_mf"
+    uncertainty = True
     params_spec: ClassVar[Mapping[str, Param]] = {
         **BiasedMF.params_spec,
         "factors": Param(int, 20, "latent dimensions", min=1, max=256),

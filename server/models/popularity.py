@@ -27,6 +27,7 @@ class Popularity(Recommender):
     """Items ranked by interaction count (or summed value), with optional half-life decay."""
 
     algorithm = "popularity"
+    serves_cold = True
     params_spec: ClassVar[Mapping[str, Param]] = {
         "half_life_days": Param(float, 0.0, "time decay half-life in days; 0 = no decay", min=0),
         "weighting": Param(

@@ -1,0 +1,59 @@
+"""`python -m clients`: call a recserve server from the shell, print JSON lines.
+
+python -m clients --target localhost:50051 recommend --user 42 --k 10 [--model als]
+python -m clients recommend --history 12,40,7 --k 5 --explain
+python -m clients similar --item 12 --k 5
+python -m clients models
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+from clients.client import RecommenderClient, RecserveError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    ap = argparse.ArgumentParser(prog="python -m clients", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="localhost:50051")
+    ap.add_argument("--deadline", type=float, default=5.0, help="seconds")
+    sub = ap.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("recommend")
+    rec.add_argument("--user", default="")
+    rec.add_argument("--history", default="", help="comma-separated item ids")
+    rec.add_argument("--k", type=int, default=10)
+    rec.add_argument("--model", default="")
+    rec.add_argument("--explain", action="store_true")
+    sim = sub.add_parser("similar")
+    sim.add_argument("--item", required=True)
+    sim.add_argument("--k", type=int, default=10)
+    sim.add_argument("--model", default="")
+    sub.add_parser("models")
+    args = ap.parse_args(argv)
+    with RecommenderClient(args.target, deadline=args.deadline) as rc:
+        try:
+            if args.command == "recommend":
+                history = [h for h in args.history.split(",") if h]
+                out = rc.recommend(
+                    args.user, args.k, history=history, model=args.model, explain=args.explain
+                )
+            elif args.command == "similar":
+                out = rc.similar_items(args.item, args.k, args.model)
+            else:
+                for m in rc.models():
+                    print(json.dumps(dataclasses.asdict(m)))
+                return 0
+        except RecserveError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(dataclasses.asdict(out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""`recserve-health`: a gRPC health probe for Docker HEALTHCHECK and Kubernetes probes.
+
+    recserve-health [--target localhost:50051] [--service NAME] [--timeout 2] [--wait 0]
+
+Asks grpc.health.v1.Health/Check. Exit 0 when SERVING, 1 when NOT_SERVING or
+the service name is unknown, 2 when the server cannot be reached in time.
+`--service ""` (default) is the whole server; `model/<name>` is one model.
+`--wait N` retries for up to N seconds (start-up scripts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def check(target: str, service: str = "", timeout: float = 2.0) -> str:
+    """The health status name of `service` at `target` (SERVING, NOT_SERVING, ...).
+
+    Raises grpc.RpcError when the server cannot be reached in time.
+    """
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `recserve-health`."""
+    ap = argparse.ArgumentParser(prog="recserve-health", description=__doc__.split("\n\n")[0])
+    default_target = f"localhost:{os.environ.get('RECSERVE_PORT', '50051')}"
+    ap.add_argument("--target", default=default_target, help=f"default {default_target}")
+    ap.add_argument("--service", default="", help="health service name ('' = the server)")
+    ap.add_argument("--timeout", type=float, default=2.0, help="seconds per attempt")
+    ap.add_argument("--wait", type=float, default=0.0, help="keep retrying for this many seconds")
+    args = ap.parse_args(argv)
+    end = time.monotonic() + args.wait
+    while True:
+        try:
+            status = check(args.target, args.service, args.timeout)
+        except grpc.RpcError as exc:
+            status, rc = f"unreachable ({exc.code().name})", 2
+        else:
+            rc = 0 if status == "SERVING" else 1
+        if rc == 0 or time.monotonic() >= end:
+            print(f"{args.target} {args.service or '(server)'}: {status}")
+            return rc
+        time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

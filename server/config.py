@@ -1,0 +1,244 @@
+"""Server configuration: a TOML file, then `RECSERVE_*` environment variables, then flags.
+
+    [server]                      # every key may also come from RECSERVE_<KEY>
+    models = "var/models"         # the models folder (bundles published by `recserve train`)
+    port = 50051
+    metrics_port = 9090           # 0 disables the Prometheus endpoint
+    default_model = "hybrid"      # used when a request names no model
+    fallback = ["popularity"]     # tried after a model's own chain
+    max_k = 1000
+    max_concurrency = 64          # Recommender RPCs in flight; more fail fast
+    feedback_db = "var/feedback.sqlite"   # "" keeps feedback in memory only
+
+    [fallbacks]                   # per-model chains, tried in order
+    hybrid = ["als", "popularity"]
+
+    [hybrids.hybrid]              # a blend of normalized scores, itself a model name
+    als = 0.6
+    itemknn = 0.4
+
+    [experiments.homepage]        # an A/B split: a model name whose arms are models
+    arms = { als = 0.5, itemknn = 0.5 }
+    salt = "2026-11"              # changes the assignment; default: the experiment name
+
+Validation happens here, once, with messages naming the key, so a typo in a
+config stops the server at start-up instead of at the first request.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from server.artifacts import NAME_RE
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Hybrid:
+    """A weighted blend of component models' min-max-normalized scores."""
+
+    name: str
+    weights: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A deterministic split of users over arms (model names) by hashed user id."""
+
+    name: str
+    arms: dict[str, float]
+    salt: str
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `recserve serve` needs; defaults suit a single small machine."""
+
+    models: str = "var/models"
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int = 9090
+    default_model: str = ""
+    fallback: tuple[str, ...] = ("popularity",)
+    max_k: int = 1000
+    max_concurrency: int = 64
+    max_history: int = 10_000
+    max_ids: int = 100_000
+    max_message_bytes: int = 16 * 1024 * 1024
+    unknown_item_tolerance: float = 0.5
+    grace_seconds: float = 10.0
+    verify: str = "full"
+    feedback_db: str = ""
+    online_history: int = 1000
+    kernel_threads: int = 1
+    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    hybrids: dict[str, Hybrid] = field(default_factory=dict)
+    experiments: dict[str, Experiment] = field(default_factory=dict)
+
+    def chain(self, name: str) -> list[str]:
+        """`name`, its own fallbacks, then the global fallback list, without repeats."""
+        out: list[str] = []
+        for n in (name, *self.fallbacks.get(name, ()), *self.fallback):
+            if n not in out:
+                out.append(n)
+        return out
+
+
+_TABLES = ("fallbacks", "hybrids", "experiments")
+_SCALARS = frozenset(f.name for f in fields(ServerConfig)) - set(_TABLES)
+_CHECKS: dict[str, tuple[float, float]] = {
+    "port": (0, 65535),
+    "metrics_port": (0, 65535),
+    "max_k": (1, 1_000_000),
+    "max_concurrency": (1, 100_000),
+    "max_history": (1, 10_000_000),
+    "max_ids": (1, 10_000_000),
+    "max_message_bytes": (1024, 2**31 - 1),
+    "unknown_item_tolerance": (0.0, 1.0),
+    "grace_seconds": (0.0, 3600.0),
+    "online_history": (1, 1_000_000),
+    "kernel_threads": (0, 1024),
+}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert a TOML/env/flag value to the field's type, naming the key on failure."""
+    if key not in _SCALARS:
+        known = ", ".join(sorted(_SCALARS))
+        raise ConfigError(f"{key}: unknown setting (known: {known})")
+    default = getattr(ServerConfig(), key)
+    try:
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            out: Any = tuple(str(x).strip() for x in items if str(x).strip())
+        elif isinstance(default, bool):
+            out = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not an integer")
+            out = int(value)
+        elif isinstance(default, float):
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError("not finite")
+        else:
+            out = str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot use {value!r} ({exc})") from None
+    if key in _CHECKS:
+        lo, hi = _CHECKS[key]
+        if not lo <= out <= hi:
+            raise ConfigError(f"{key}: must be in [{lo:g}, {hi:g}], got {out}")
+    if key == "verify" and out not in ("full", "size"):
+        raise ConfigError(f"verify: expected 'full' (sha256) or 'size', got {out!r}")
+    return out
+
+
+def _model_name(where: str, name: Any) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"{where}: {name!r} is not a valid model name")
+    return name
+
+
+def _weights(where: str, table: Any, what: str) -> dict[str, float]:
+    if not isinstance(table, Mapping) or not table:
+        raise ConfigError(f"{where}: expected a table of model = {what}")
+    out = {}
+    for name, w in table.items():
+        _model_name(where, name)
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"{where}.{name}: {what} must be a finite number >= 0, got {w!r}")
+        out[name] = float(w)
+    if sum(out.values()) <= 0:
+        raise ConfigError(f"{where}: {what}s sum to 0")
+    return out
+
+
+def _tables(doc: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    fb = doc.get("fallbacks", {})
+    if not isinstance(fb, Mapping):
+        raise ConfigError("fallbacks: expected a table of model = [models]")
+    out["fallbacks"] = {
+        _model_name("fallbacks", k): tuple(_model_name(f"fallbacks.{k}", x) for x in v)
+        for k, v in fb.items()
+    }
+    hy = doc.get("hybrids", {})
+    if not isinstance(hy, Mapping):
+        raise ConfigError("hybrids: expected [hybrids.<name>] tables")
+    out["hybrids"] = {
+        _model_name("hybrids", k): Hybrid(k, _weights(f"hybrids.{k}", v, "weight"))
+        for k, v in hy.items()
+    }
+    ex = doc.get("experiments", {})
+    if not isinstance(ex, Mapping):
+        raise ConfigError("experiments: expected [experiments.<name>] tables")
+    exps = {}
+    for k, v in ex.items():
+        _model_name("experiments", k)
+        if not isinstance(v, Mapping) or set(v) - {"arms", "salt"}:
+            raise ConfigError(f"experiments.{k}: expected keys arms and (optional) salt")
+        exps[k] = Experiment(
+            k, _weights(f"experiments.{k}.arms", v.get("arms"), "fraction"), str(v.get("salt", k))
+        )
+    out["experiments"] = exps
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Build the config: file (if any), then RECSERVE_* variables, then non-None overrides."""
+    values: dict[str, Any] = {}
+    doc: dict[str, Any] = {}
+    if path:
+        try:
+            doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: unreadable TOML ({exc})") from None
+        extra = sorted(set(doc) - {"server", *_TABLES})
+        if extra:
+            raise ConfigError(f"{path}: unknown table(s) {', '.join(extra)}")
+        for key, value in doc.get("server", {}).items():
+            values[key] = _coerce(key, value)
+    env = os.environ if env is None else env
+    for name, value in env.items():
+        key = name[9:].lower()
+        if name.startswith("RECSERVE_") and key in _SCALARS:
+            values[key] = _coerce(key, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value)
+    cfg = replace(ServerConfig(), **values, **_tables(doc))
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: ServerConfig) -> None:
+    virtual = set(cfg.hybrids) | set(cfg.experiments)
+    both = set(cfg.hybrids) & set(cfg.experiments)
+    if both:
+        raise ConfigError(f"{', '.join(sorted(both))}: both a hybrid and an experiment")
+    for h in cfg.hybrids.values():
+        nested = sorted(set(h.weights) & virtual)
+        if nested:
+            raise ConfigError(f"hybrids.{h.name}: components must be models, not {nested}")
+    for e in cfg.experiments.values():
+        nested = sorted(set(e.arms) & set(cfg.experiments))
+        if nested:
+            raise ConfigError(f"experiments.{e.name}: arms must not be experiments ({nested})")
+    if cfg.default_model and not NAME_RE.match(cfg.default_model):
+        raise ConfigError(f"default_model: {cfg.default_model!r} is not a valid model name")

@@ -1,0 +1,104 @@
+"""Protobuf messages <-> the plain values of server.retrieval. No logic beyond shape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from recserve.v1 import recommender_pb2 as pb
+from server.retrieval import Prediction, Ranked, RecQuery, Slot
+
+STATE = {"loading": pb.MODEL_STATE_LOADING, "serving": pb.MODEL_STATE_SERVING}
+STATE_FAILED = pb.MODEL_STATE_FAILED
+
+
+def rec_query(req: pb.RecommendRequest) -> RecQuery:
+    """A RecommendRequest as a RecQuery (history values stay raw; 0 means 1 later)."""
+    return RecQuery(
+        user_id=req.user_id,
+        history=[(h.item_id, float(h.value)) for h in req.history],
+        k=int(req.k),
+        model=req.model,
+        exclude=list(req.exclude_item_ids),
+        candidates=list(req.candidate_item_ids),
+        include_seen=req.include_seen,
+        explain=req.explain,
+    )
+
+
+def ranked_items(r: Ranked) -> Iterator[pb.RankedItem]:
+    """RankedItems best first with 1-based ranks."""
+    for pos, (item_id, score) in enumerate(zip(r.item_ids, r.scores, strict=True)):
+        yield pb.RankedItem(
+            item_id=item_id,
+            score=score,
+            rank=pos + 1,
+            because=r.because[pos] if r.because else (),
+            score_std=r.std[pos] if r.std else 0.0,
+        )
+
+
+def metadata(r: Ranked) -> tuple[tuple[str, str], ...]:
+    """Initial metadata naming the model, version, fallback and arm."""
+    md = [("x-recserve-model", r.model), ("x-recserve-version", r.version)]
+    if r.served_by:
+        md.append(("x-recserve-served-by", r.served_by))
+    if r.arm:
+        md.append(("x-recserve-arm", r.arm))
+    return tuple(md)
+
+
+def response(request_id: str, r: Ranked) -> pb.RecommendResponse:
+    """One RecommendBatch answer."""
+    return pb.RecommendResponse(
+        request_id=request_id,
+        items=list(ranked_items(r)),
+        model=r.model,
+        version=r.version,
+        served_by=r.served_by,
+        arm=r.arm,
+        status=pb.Status(code=0),
+    )
+
+
+def predictions(p: Prediction) -> pb.PredictRatingsResponse:
+    """PredictRatingsResponse in request order."""
+    return pb.PredictRatingsResponse(
+        predictions=[
+            pb.RatingPrediction(item_id=i, rating=r, std=s, lower=lo, upper=hi)
+            for i, r, s, lo, hi in zip(p.item_ids, p.rating, p.std, p.lower, p.upper, strict=True)
+        ],
+        interval=p.interval,
+    )
+
+
+def model_info(slot: Slot) -> pb.ModelInfo:
+    """ModelInfo of a real model."""
+    m = slot.model
+    doc = m.manifest if m is not None else {}
+    return pb.ModelInfo(
+        name=slot.name,
+        algorithm=str(doc.get("algorithm", "")),
+        version=slot.version,
+        params={k: str(v) for k, v in doc.get("params", {}).items()},
+        metrics={k: float(v) for k, v in doc.get("metrics", {}).items() if _number(v)},
+        bytes=slot.bytes,
+        load_seconds=slot.load_seconds,
+        state=STATE.get(slot.state, STATE_FAILED),
+        error=slot.error,
+        n_users=0 if m is None else m.n_users,
+        n_items=0 if m is None else m.n_items,
+    )
+
+
+def virtual_info(name: str, kind: str, weights: dict[str, float], ready: bool) -> pb.ModelInfo:
+    """ModelInfo of a hybrid or an experiment (params = component weights / fractions)."""
+    return pb.ModelInfo(
+        name=name,
+        algorithm=kind,
+        params={k: repr(v) for k, v in weights.items()},
+        state=pb.MODEL_STATE_SERVING if ready else pb.MODEL_STATE_LOADING,
+    )
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)

@@ -1,0 +1,130 @@
+"""Feedback: durable event log (SQLite, WAL) and the per-user online state it feeds.
+
+`RecordInteractions` acknowledges events only after the transaction holding
+them has committed (`synchronous=FULL`, so a commit survives power loss, not
+just a process crash). At start-up every stored event is replayed into the
+online state, so a restarted server recommends exactly as before it stopped.
+The online state keeps, per user, the most recent `limit` distinct items with
+their last value; models fold the user in again from training row + these.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Event:
+    """One stored interaction (ids as on the wire; value already defaulted)."""
+
+    user_id: str
+    item_id: str
+    value: float
+    timestamp: int
+
+
+class FeedbackStore:
+    """Append-only event log; `path=""` keeps events in memory (lost at exit)."""
+
+    def __init__(self, path: str | Path = "") -> None:
+        self.path = str(path)
+        if self.path:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.path or ":memory:", check_same_thread=False, isolation_level=None
+        )
+        if self.path:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise OSError(f"{self.path}: SQLite refused WAL mode (got {mode})")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS events ("
+            " id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, item_id TEXT NOT NULL,"
+            " value REAL NOT NULL, ts INTEGER NOT NULL)"
+        )
+
+    def append(self, events: Iterable[Event]) -> int:
+        """Store events in one transaction; returns how many, after the commit."""
+        rows = [(e.user_id, e.item_id, e.value, e.timestamp) for e in events]
+        if not rows:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO events (user_id, item_id, value, ts) VALUES (?, ?, ?, ?)", rows
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return len(rows)
+
+    def replay(self, batch: int = 10_000) -> Iterator[Event]:
+        """Every stored event in arrival order."""
+        last = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, user_id, item_id, value, ts FROM events WHERE id > ?"
+                    " ORDER BY id LIMIT ?",
+                    (last, batch),
+                ).fetchall()
+            if not rows:
+                return
+            for _, u, i, v, ts in rows:
+                yield Event(u, i, float(v), int(ts))
+            last = rows[-1][0]
+
+    def count(self) -> int:
+        """Events stored."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    def close(self) -> None:
+        """Checkpoint the WAL and close the database."""
+        with self._lock:
+            self._db.close()
+
+
+class OnlineState:
+    """Per-user recent interactions recorded since the models were trained."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self.limit = limit
+        self._users: dict[str, OrderedDict[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def apply(self, events: Iterable[Event]) -> None:
+        """Add events; a repeated item moves to the end with its latest value."""
+        with self._lock:
+            for e in events:
+                items = self._users.setdefault(e.user_id, OrderedDict())
+                items.pop(e.item_id, None)
+                items[e.item_id] = e.value
+                while len(items) > self.limit:
+                    items.popitem(last=False)
+
+    def history(self, user_id: str) -> list[tuple[str, float]]:
+        """The user's recorded (item id, value) pairs, oldest first; [] if none."""
+        if not user_id:
+            return []
+        with self._lock:
+            items = self._users.get(user_id)
+            return list(items.items()) if items else []
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+
+def now() -> int:
+    """Unix seconds, the timestamp of events sent with timestamp 0."""
+    return int(time.time())

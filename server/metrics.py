@@ -1,0 +1,94 @@
+"""Every Prometheus metric recserve exports, defined once.
+
+Names carry their unit (`_seconds`, `_bytes`, `_total`); labels hold only
+bounded values (method, status code, configured model names, arms), never a
+user or item id. Process memory and CPU come from prometheus_client's default
+process collector (`process_resident_memory_bytes`, ...). This module imports
+nothing of the project, so anything may import it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+# 100 us .. 10 s, roughly x2.5 per step.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Metrics:
+    """The service's metrics on one registry (tests use a fresh one each)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.rpc_seconds = Histogram(
+            "recserve_rpc_duration_seconds",
+            "RPC duration over the whole response stream, by method and status code",
+            ["method", "code"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.first_item_seconds = Histogram(
+            "recserve_time_to_first_item_seconds",
+            "Time from request to the first streamed item",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.requests = Counter(
+            "recserve_requests_total",
+            "Answered requests by asked model, the model that served them and experiment arm",
+            ["method", "model", "served_by", "arm"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "recserve_rejected_requests_total",
+            "Requests refused before any work, by status code",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "recserve_inflight_requests",
+            "Recommender RPCs currently running",
+            registry=registry,
+        )
+        self.model_serving = Gauge(
+            "recserve_model_serving",
+            "1 when the model is loaded and serving, else 0",
+            ["model"],
+            registry=registry,
+        )
+        self.model_load_seconds = Gauge(
+            "recserve_model_load_seconds",
+            "Seconds the serving version took to load",
+            ["model"],
+            registry=registry,
+        )
+        self.model_bytes = Gauge(
+            "recserve_model_bundle_bytes",
+            "Bytes of the serving version's bundle files",
+            ["model"],
+            registry=registry,
+        )
+        self.feedback_events = Counter(
+            "recserve_feedback_events_total",
+            "Feedback events by outcome (accepted, rejected)",
+            ["outcome"],
+            registry=registry,
+        )

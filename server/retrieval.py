@@ -1,0 +1,759 @@
+"""The serving path, free of gRPC: which model answers, for which user, with what.
+
+`Catalog` owns the loaded bundles: it loads them in the background, cheapest
+first, so the service is ready as soon as popularity is, and swaps in new
+versions on reload (a refused bundle leaves the old one serving). `Router`
+answers requests with plain Python values:
+
+1. name: "" -> the default model; an experiment -> its arm (hash of the id);
+2. chain: the model, its fallbacks, the global fallbacks: the first one that
+   is loaded and can serve this user answers (a hybrid is ready when all its
+   components are);
+3. user: a known id uses its training row, plus events recorded since (then
+   it is folded in again); an unknown id with a history is folded in exactly
+   as the model's recommend_from_history; a user with nothing goes to the
+   first model that serves cold users (popularity), else to the popularity
+   of the first loaded model's training data.
+
+Errors are `RequestError`s with a status name and the offending field; the
+gRPC layer maps them to status codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import scipy.sparse as sp
+
+from server import artifacts
+from server.config import Hybrid, ServerConfig
+from server.feedback import OnlineState
+from server.models import Recommender, load
+
+log = logging.getLogger("recserve.retrieval")
+
+LOADING, SERVING, FAILED = "loading", "serving", "failed"
+BUILTIN = "builtin-popularity"
+MAX_ID_BYTES = 1024
+EXPLAIN_ITEMS = 3
+
+
+class RequestError(Exception):
+    """A request the service refuses; `status` names a gRPC status code."""
+
+    def __init__(self, status: str, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.status = status
+        self.field = field
+
+
+def _invalid(field: str, message: str) -> RequestError:
+    return RequestError("INVALID_ARGUMENT", field, message)
+
+
+# -- the catalogue of loaded models --------------------------------------------------
+
+
+@dataclass
+class Slot:
+    """One named model: its load state and, once loaded, the model."""
+
+    name: str
+    state: str = LOADING
+    model: Recommender | None = None
+    version: str = ""
+    path: str = ""
+    error: str = ""
+    load_seconds: float = 0.0
+    bytes: int = 0
+    _popular: np.ndarray | None = field(default=None, repr=False)
+    _counts: np.ndarray | None = field(default=None, repr=False)
+
+    def popular_counts(self) -> np.ndarray:
+        """Training interactions per item (the last-resort ranking's scores)."""
+        if self._counts is None:
+            assert self.model is not None and self.model.user_items is not None
+            self._counts = np.bincount(self.model.user_items.indices, minlength=self.model.n_items)
+        return self._counts
+
+    def popular_order(self) -> np.ndarray:
+        """Items by training interaction count (ties by index): the last resort."""
+        if self._popular is None:
+            counts = self.popular_counts()
+            self._popular = np.lexsort((np.arange(counts.size), -counts))
+        return self._popular
+
+
+Loader = Callable[[Path, bool], Recommender]
+
+
+def default_loader(path: Path, full_verify: bool) -> Recommender:
+    """Verify (sha256 when full_verify) and memory-map a bundle."""
+    return load(path, verify=full_verify)
+
+
+class Catalog:
+    """Every model under the models folder, loaded in the background."""
+
+    def __init__(
+        self,
+        models_dir: str | Path,
+        full_verify: bool = True,
+        kernel_threads: int = 1,
+        loader: Loader = default_loader,
+        on_change: Callable[[Slot], None] | None = None,
+    ) -> None:
+        self.models_dir = Path(models_dir)
+        self.full_verify = full_verify
+        self.kernel_threads = kernel_threads
+        self.loader = loader
+        self.on_change = on_change or (lambda slot: None)
+        self._slots: dict[str, Slot] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list = []
+        self.started = time.monotonic()
+
+    def discover(self) -> dict[str, tuple[Path, int]]:
+        """name -> (current version folder, bytes) for every published model."""
+        out = {}
+        for entry in artifacts.list_bundles(self.models_dir):
+            if entry.get("current") and "error" not in entry:
+                path = self.models_dir / entry["name"] / entry["current"]
+                out[entry["name"]] = (path, int(entry.get("bytes", 0)))
+            elif entry.get("error"):
+                log.error("model %s: %s", entry["name"], entry["error"])
+        return out
+
+    def start(self, workers: int = 2) -> None:
+        """Register every published model as LOADING and load them, smallest first."""
+        found = self.discover()
+        if not found:
+            log.warning("no published models under %s", self.models_dir)
+        self.started = time.monotonic()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="load")
+        for name, (path, size) in sorted(found.items(), key=lambda kv: (kv[1][1], kv[0])):
+            slot = Slot(name, path=str(path), bytes=size)
+            with self._lock:
+                self._slots[name] = slot
+            self.on_change(slot)
+            self._pending.append(self._pool.submit(self._load_into, slot, path))
+
+    def _load_into(self, slot: Slot, path: Path) -> None:
+        t = time.perf_counter()
+        try:
+            model = self.loader(path, self.full_verify)
+            model.n_threads = self.kernel_threads
+        except Exception as exc:  # any failure to load is reported, never fatal
+            slot.state, slot.error = FAILED, str(exc)
+            log.error("model %s: failed to load %s: %s", slot.name, path, exc)
+        else:
+            slot.model, slot.version = model, path.name
+            slot.load_seconds = time.perf_counter() - t
+            slot.state = SERVING
+            log.info(
+                "model %s %s serving (%.3fs to load, %.3fs after start)",
+                slot.name,
+                slot.version,
+                slot.load_seconds,
+                time.monotonic() - self.started,
+            )
+        self.on_change(slot)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every initial load finished; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for fut in list(self._pending):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                fut.result(timeout=left)
+            except TimeoutError:
+                return False
+        return True
+
+    def get(self, name: str) -> Slot | None:
+        """The slot of a model name, or None."""
+        with self._lock:
+            return self._slots.get(name)
+
+    def slots(self) -> list[Slot]:
+        """Every slot, by name."""
+        with self._lock:
+            return [self._slots[n] for n in sorted(self._slots)]
+
+    def ready(self, name: str) -> bool:
+        """True when `name` is a loaded real model."""
+        slot = self.get(name)
+        return slot is not None and slot.state == SERVING
+
+    def reload(self) -> tuple[list[Slot], list[Slot]]:
+        """Load every model whose current version changed (or that is new).
+
+        Returns (switched, refused). A refused version leaves the serving one in place.
+        """
+        switched, refused = [], []
+        for name, (path, size) in self.discover().items():
+            old = self.get(name)
+            if old is not None and old.path == str(path) and old.state == SERVING:
+                continue
+            fresh = Slot(name, path=str(path), bytes=size)
+            self._load_into_quiet(fresh, path)
+            if fresh.state == SERVING:
+                with self._lock:
+                    self._slots[name] = fresh
+                self.on_change(fresh)
+                switched.append(fresh)
+            else:
+                if old is None:
+                    with self._lock:
+                        self._slots[name] = fresh
+                    self.on_change(fresh)
+                refused.append(fresh)
+        return switched, refused
+
+    def _load_into_quiet(self, slot: Slot, path: Path) -> None:
+        t = time.perf_counter()
+        try:
+            model = self.loader(path, True)  # reloads always check every sha256
+            model.n_threads = self.kernel_threads
+        except Exception as exc:
+            slot.state, slot.error = FAILED, str(exc)
+            log.error("model %s: refused %s: %s", slot.name, path, exc)
+            return
+        slot.model, slot.version, slot.state = model, path.name, SERVING
+        slot.load_seconds = time.perf_counter() - t
+
+    def close(self) -> None:
+        """Stop loading (pending loads are abandoned)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# -- requests and answers --------------------------------------------------------------
+
+
+@dataclass
+class RecQuery:
+    """A Recommend request in plain values."""
+
+    user_id: str = ""
+    history: Sequence[tuple[str, float]] = ()
+    k: int = 10
+    model: str = ""
+    exclude: Sequence[str] = ()
+    candidates: Sequence[str] = ()
+    include_seen: bool = False
+    explain: bool = False
+
+
+@dataclass
+class Ranked:
+    """Ranked item ids with scores (and explanations / std where asked and known)."""
+
+    item_ids: list[str]
+    scores: list[float]
+    because: list[list[str]] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    model: str = ""  # the name the caller asked for (after defaulting)
+    version: str = ""
+    served_by: str = ""  # set when another model than the asked one answered
+    arm: str = ""
+
+
+@dataclass
+class Prediction:
+    """Predicted ratings in request order."""
+
+    item_ids: list[str]
+    rating: list[float]
+    std: list[float]
+    lower: list[float]
+    upper: list[float]
+    interval: float
+    model: str
+    version: str
+    served_by: str = ""
+
+
+@dataclass
+class _Served:
+    """What one real model produced for a request, plus what explain/std need."""
+
+    slot: Slot
+    items: np.ndarray  # dense indices of the model
+    scores: np.ndarray
+    user: int  # -1 when folded in
+    row: sp.csr_matrix | None  # the folded-in history row
+
+
+Check = Callable[[], None]
+
+
+def _nothing() -> None:
+    return None
+
+
+def _arm(salt: str, key: str, arms: dict[str, float]) -> str:
+    """Deterministic arm of `key`: sha256(salt, key) as a uniform number in [0, 1)."""
+    h = hashlib.sha256(salt.encode() + b"\x00" + key.encode("utf-8", "surrogatepass")).digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    total = sum(arms.values())
+    acc = 0.0
+    names = [n for n in arms if arms[n] > 0]
+    for name in names:
+        acc += arms[name] / total
+        if u < acc:
+            return name
+    return names[-1]
+
+
+def _check_id(field: str, value: str) -> None:
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        raise _invalid(field, f"longer than {MAX_ID_BYTES} bytes")
+
+
+class Router:
+    """Answers Recommend / SimilarItems / PredictRatings from the catalogue."""
+
+    def __init__(self, cfg: ServerConfig, catalog: Catalog, online: OnlineState) -> None:
+        self.cfg = cfg
+        self.catalog = catalog
+        self.online = online
+
+    # -- names -------------------------------------------------------------------
+
+    def default_model(self) -> str:
+        """The configured default, else popularity, else the first model by name."""
+        if self.cfg.default_model:
+            return self.cfg.default_model
+        names = [s.name for s in self.catalog.slots()]
+        if "popularity" in names:
+            return "popularity"
+        return names[0] if names else "popularity"
+
+    def names(self) -> list[str]:
+        """Every name a request may use: models, hybrids, experiments."""
+        real = [s.name for s in self.catalog.slots()]
+        return sorted(set(real) | set(self.cfg.hybrids) | set(self.cfg.experiments))
+
+    def ready(self, name: str) -> bool:
+        """Whether `name` answers itself now (hybrid: every weighted component)."""
+        hy = self.cfg.hybrids.get(name)
+        if hy is not None:
+            return all(self.catalog.ready(n) for n, w in hy.weights.items() if w > 0)
+        exp = self.cfg.experiments.get(name)
+        if exp is not None:
+            return all(self.ready(a) for a, w in exp.arms.items() if w > 0)
+        return self.catalog.ready(name)
+
+    def _target(self, requested: str, key: str) -> tuple[str, str, str]:
+        """(name asked, model to start the chain from, experiment arm or "")."""
+        name = requested or self.default_model()
+        _check_id("model", name)
+        exp = self.cfg.experiments.get(name)
+        if exp is not None:
+            arm = _arm(exp.salt, key, exp.arms)
+            return name, arm, arm
+        if name in self.cfg.hybrids or self.catalog.get(name) is not None:
+            return name, name, ""
+        raise RequestError(
+            "NOT_FOUND", "model", f"unknown model {name!r} (available: {', '.join(self.names())})"
+        )
+
+    def _chain(self, start: str) -> Iterable[tuple[str, Slot | Hybrid]]:
+        """The ready models of start's chain, in order."""
+        for name in self.cfg.chain(start):
+            hy = self.cfg.hybrids.get(name)
+            if hy is not None:
+                if self.ready(name):
+                    yield name, hy
+                continue
+            slot = self.catalog.get(name)
+            if slot is not None and slot.state == SERVING:
+                yield name, slot
+
+    # -- Recommend ---------------------------------------------------------------------
+
+    def validate(self, q: RecQuery) -> None:
+        """Refuse malformed requests before any work, naming the field."""
+        if not 1 <= q.k <= self.cfg.max_k:
+            raise _invalid("k", f"must be in [1, {self.cfg.max_k}], got {q.k}")
+        _check_id("user_id", q.user_id)
+        if not q.user_id and not q.history:
+            raise _invalid("user_id", "give a user_id or a history")
+        if len(q.history) > self.cfg.max_history:
+            raise _invalid(
+                "history", f"{len(q.history)} events; at most {self.cfg.max_history} allowed"
+            )
+        for i, (item, value) in enumerate(q.history):
+            if not item:
+                raise _invalid(f"history[{i}].item_id", "empty")
+            _check_id(f"history[{i}].item_id", item)
+            if not np.isfinite(value):
+                raise _invalid(f"history[{i}].value", f"must be finite, got {value}")
+        for fname, ids in (("exclude_item_ids", q.exclude), ("candidate_item_ids", q.candidates)):
+            if len(ids) > self.cfg.max_ids:
+                raise _invalid(fname, f"{len(ids)} ids; at most {self.cfg.max_ids} allowed")
+
+    def recommend(self, q: RecQuery, check: Check = _nothing) -> Ranked:
+        """Top-k for one request: validated, routed, folded in, explained."""
+        self.validate(q)
+        asked, start, arm = self._target(q.model, q.user_id)
+        any_ready = False
+        for name, entry in self._chain(start):
+            any_ready = True
+            check()
+            out = self._hybrid(entry, q, check) if isinstance(entry, Hybrid) else None
+            if isinstance(entry, Slot):
+                served = self._serve(entry, q, q.k, check)
+                out = None if served is None else self._ranked(served, q, check)
+            if out is not None:
+                out.model, out.arm = asked, arm
+                out.served_by = "" if name == start else name
+                return out
+        slot = next((s for s in self.catalog.slots() if s.state == SERVING), None)
+        if slot is None:
+            raise RequestError(
+                "UNAVAILABLE", "model", f"{start!r} and its fallbacks are not loaded yet"
+            )
+        if any_ready:
+            log.debug("%s: no model of the chain serves this user; builtin popularity", start)
+        out = self._builtin(slot, q)
+        out.model, out.arm, out.served_by = asked, arm, f"{BUILTIN}:{slot.name}"
+        return out
+
+    def _history(self, model: Recommender, q: RecQuery, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Recorded + inline history as the model's item indices and values."""
+        assert model.items is not None
+        recorded = self.online.history(q.user_id)
+        if recorded:
+            ids = [i for i, _ in recorded]
+            idx = model.items.index(ids)
+            vals = np.array([v for _, v in recorded], np.float32)
+            keep = idx >= 0  # recorded events may name items another model knows
+            idx_r, val_r = idx[keep], vals[keep]
+        else:
+            idx_r, val_r = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if q.history:
+            ids = [i for i, _ in q.history]
+            idx = model.items.index(ids)
+            unknown = int((idx < 0).sum())
+            if unknown > self.cfg.unknown_item_tolerance * len(ids):
+                first = ids[int(np.flatnonzero(idx < 0)[0])]
+                raise _invalid(
+                    "history",
+                    f"{unknown} of {len(ids)} item ids are unknown to model {name!r} "
+                    f"(tolerance {self.cfg.unknown_item_tolerance:.0%}), e.g. {first!r}",
+                )
+            vals = np.array([v if v != 0 else 1.0 for _, v in q.history], np.float32)
+            keep = idx >= 0
+            idx_r = np.concatenate([idx_r, idx[keep]])
+            val_r = np.concatenate([val_r, vals[keep]])
+        return idx_r, val_r
+
+    def _serve(self, slot: Slot, q: RecQuery, k: int, check: Check) -> _Served | None:
+        """One real model's top-k for the request; None when it cannot serve this user."""
+        m = slot.model
+        assert m is not None and m.items is not None and m.users is not None
+        extra_idx, extra_val = self._history(m, q, slot.name)
+        user = m.users.get(q.user_id) if q.user_id else -1
+        excl = m.items.index(list(q.exclude)) if q.exclude else np.zeros(0, np.int64)
+        excl = excl[excl >= 0]
+        cand = None
+        if q.candidates:
+            cand = m.items.index(list(q.candidates))
+            cand = cand[cand >= 0]
+            if cand.size == 0:
+                empty = np.zeros(0, np.int32)
+                return _Served(slot, empty, np.zeros(0, np.float32), user, None)
+        check()
+        if user >= 0 and extra_idx.size == 0:
+            items, scores = m.recommend(
+                [user],
+                k,
+                exclude=excl,
+                filter_seen=not q.include_seen,
+                candidates=None if cand is None else cand,
+            )
+            items, scores, row = items[0], scores[0], None
+        else:
+            if user >= 0:
+                assert m.user_items is not None
+                own = m.user_items[user]
+                extra_idx = np.concatenate([own.indices.astype(np.int64), extra_idx])
+                extra_val = np.concatenate([own.data.astype(np.float32), extra_val])
+                user = -1
+            if extra_idx.size == 0 and not m.serves_cold:
+                return None
+            row = m.history_matrix([extra_idx], [extra_val])
+            items, scores = m.recommend_histories(
+                row,
+                k,
+                exclude=[excl],
+                filter_seen=not q.include_seen,
+                candidates=None if cand is None else [cand],
+            )
+            items, scores = items[0], scores[0]
+        n = int((items >= 0).sum())
+        return _Served(slot, items[:n], scores[:n], user, row)
+
+    def _ranked(self, s: _Served, q: RecQuery, check: Check) -> Ranked:
+        m = s.slot.model
+        assert m is not None and m.items is not None
+        out = Ranked(m.items.ids(s.items), s.scores.astype(float).tolist(), version=s.slot.version)
+        if q.explain and s.items.size:
+            check()
+            out.because = [self._because(s, int(i)) for i in s.items]
+        if m.uncertainty and s.items.size:
+            _, std = m.score(s.user, s.items) if s.row is None else m.score_history(s.row, s.items)
+            if std is not None:
+                out.std = np.asarray(std, float).tolist()
+        return out
+
+    def _because(self, s: _Served, item: int) -> list[str]:
+        m = s.slot.model
+        assert m is not None and m.items is not None
+        if s.row is None:
+            idx, _ = m.explain(s.user, item, EXPLAIN_ITEMS)
+        else:
+            idx, _ = m.explain_history(s.row, item, EXPLAIN_ITEMS)
+        return m.items.ids(idx)
+
+    def _hybrid(self, hy: Hybrid, q: RecQuery, check: Check) -> Ranked | None:
+        """Blend the components' min-max-normalized scores over their top candidates."""
+        n = max(3 * q.k, 100)
+        parts: list[tuple[float, _Served]] = []
+        for name, w in hy.weights.items():
+            slot = self.catalog.get(name)
+            if w <= 0 or slot is None or slot.model is None:
+                continue
+            check()
+            served = self._serve(slot, q, min(n, max(slot.model.n_items, 1)), check)
+            if served is not None and served.items.size:
+                parts.append((w, served))
+        if not parts:
+            return None
+        blend: dict[str, float] = {}
+        for w, s in parts:
+            assert s.slot.model is not None and s.slot.model.items is not None
+            lo, hi = float(s.scores.min()), float(s.scores.max())
+            norm = (s.scores - lo) / (hi - lo) if hi > lo else np.ones_like(s.scores)
+            for item_id, v in zip(s.slot.model.items.ids(s.items), norm.tolist(), strict=True):
+                blend[item_id] = blend.get(item_id, 0.0) + w * v
+        order = sorted(blend.items(), key=lambda kv: (-kv[1], kv[0]))[: q.k]
+        out = Ranked([i for i, _ in order], [v for _, v in order])
+        out.version = ",".join(f"{s.slot.name}@{s.slot.version}" for _, s in parts)
+        if q.explain:
+            check()
+            out.because = [self._hybrid_because(parts, item_id) for item_id in out.item_ids]
+        return out
+
+    def _hybrid_because(self, parts: list[tuple[float, _Served]], item_id: str) -> list[str]:
+        found: list[str] = []
+        for _, s in sorted(parts, key=lambda p: -p[0]):
+            m = s.slot.model
+            assert m is not None and m.items is not None
+            idx = m.items.get(item_id)
+            if idx >= 0:
+                found += [b for b in self._because(s, idx) if b not in found]
+        return found[:EXPLAIN_ITEMS]
+
+    def _builtin(self, slot: Slot, q: RecQuery) -> Ranked:
+        """Most-interacted items of a loaded model's training data, with exclusions."""
+        m = slot.model
+        assert m is not None and m.items is not None and m.users is not None
+        order = slot.popular_order()
+        banned = np.zeros(m.n_items, bool)
+        if q.exclude:
+            e = m.items.index(list(q.exclude))
+            banned[e[e >= 0]] = True
+        user = m.users.get(q.user_id) if q.user_id else -1
+        if user >= 0 and not q.include_seen:
+            assert m.user_items is not None
+            banned[m.user_items[user].indices] = True
+        if q.candidates:
+            allowed = np.zeros(m.n_items, bool)
+            c = m.items.index(list(q.candidates))
+            allowed[c[c >= 0]] = True
+            banned |= ~allowed
+        pick = order[~banned[order]][: q.k]
+        scores = slot.popular_counts()[pick].astype(float).tolist()
+        return Ranked(m.items.ids(pick), scores, version=slot.version)
+
+    # -- SimilarItems ----------------------------------------------------------------
+
+    def similar(self, item_id: str, k: int, model: str = "", check: Check = _nothing) -> Ranked:
+        """The k items most similar to one item, from the first model of the chain
+        that is loaded, knows the item and has an item similarity."""
+        if not 1 <= k <= self.cfg.max_k:
+            raise _invalid("k", f"must be in [1, {self.cfg.max_k}], got {k}")
+        if not item_id:
+            raise _invalid("item_id", "empty")
+        _check_id("item_id", item_id)
+        asked, start, arm = self._target(model, item_id)
+        any_ready = False
+        for name, entry in self._chain(start):
+            any_ready = True
+            check()
+            if isinstance(entry, Hybrid):
+                out = self._similar_hybrid(entry, item_id, k)
+            else:
+                out = self._similar_one(entry, item_id, k)
+            if out is not None:
+                out.model, out.arm = asked, arm
+                out.served_by = "" if name == start else name
+                return out
+        if not any_ready:
+            raise RequestError(
+                "UNAVAILABLE", "model", f"{start!r} and its fallbacks are not loaded yet"
+            )
+        raise RequestError(
+            "NOT_FOUND", "item_id", f"unknown item {item_id!r} for model {start!r} and fallbacks"
+        )
+
+    def _similar_one(self, slot: Slot, item_id: str, k: int) -> Ranked | None:
+        m = slot.model
+        assert m is not None and m.items is not None
+        idx = m.items.get(item_id)
+        if idx < 0:
+            return None
+        try:
+            items, scores = m.similar_items(idx, min(k, max(m.n_items - 1, 1)))
+        except NotImplementedError:
+            return None
+        return Ranked(m.items.ids(items), scores.astype(float).tolist(), version=slot.version)
+
+    def _similar_hybrid(self, hy: Hybrid, item_id: str, k: int) -> Ranked | None:
+        n = max(3 * k, 100)
+        blend: dict[str, float] = {}
+        versions = []
+        for name, w in hy.weights.items():
+            slot = self.catalog.get(name)
+            if w <= 0 or slot is None:
+                continue
+            part = self._similar_one(slot, item_id, n)
+            if part is None or not part.item_ids:
+                continue
+            versions.append(f"{name}@{slot.version}")
+            sc = np.asarray(part.scores)
+            lo, hi = float(sc.min()), float(sc.max())
+            norm = (sc - lo) / (hi - lo) if hi > lo else np.ones_like(sc)
+            for i, v in zip(part.item_ids, norm.tolist(), strict=True):
+                blend[i] = blend.get(i, 0.0) + w * v
+        if not blend:
+            return None
+        order = sorted(blend.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        return Ranked([i for i, _ in order], [v for _, v in order], version=",".join(versions))
+
+    # -- PredictRatings ----------------------------------------------------------------
+
+    def predict(
+        self,
+        user_id: str,
+        history: Sequence[tuple[str, float]],
+        item_ids: Sequence[str],
+        model: str = "",
+        interval: float = 0.0,
+    ) -> Prediction:
+        """Predicted ratings (mean, std, central interval) from a rating model."""
+        level = interval or 0.95
+        if not 0 < level < 1:
+            raise _invalid("interval", f"must be in (0, 1), got {interval}")
+        if not item_ids:
+            raise _invalid("item_ids", "give at least one item")
+        if len(item_ids) > self.cfg.max_ids:
+            raise _invalid("item_ids", f"{len(item_ids)} ids; at most {self.cfg.max_ids} allowed")
+        q = RecQuery(user_id=user_id, history=history, k=1, model=model)
+        if user_id or history:
+            self.validate(q)
+        asked, start, _ = self._target(model, user_id)
+        if model and not self._predicts(start):
+            raise _invalid("model", f"{start!r} does not predict ratings")
+        rating_models = [n for n in self.cfg.chain(start) if self._predicts(n)]
+        if not model:  # the default model may rank only: any rating model will do
+            rating_models += [s.name for s in self.catalog.slots() if self._predicts(s.name)]
+        for name in rating_models:
+            slot = self.catalog.get(name)
+            if slot is None or slot.state != SERVING:
+                continue
+            out = self._predict_one(slot, q, list(item_ids), level)
+            out.model = asked
+            out.served_by = "" if name == start else name
+            return out
+        raise RequestError(
+            "UNAVAILABLE", "model", f"no rating model of {start!r}'s chain is loaded"
+        )
+
+    def _predicts(self, name: str) -> bool:
+        slot = self.catalog.get(name)
+        if slot is None:
+            return False
+        if slot.model is not None:
+            return slot.model.predicts_ratings
+        from server.models.registry import MODELS  # the algorithm's class says it
+
+        try:
+            algo = artifacts.read_manifest(slot.path)["algorithm"]
+        except artifacts.BundleError:
+            return False
+        cls = MODELS.get(algo)
+        return bool(cls and cls.predicts_ratings)
+
+    def _predict_one(
+        self, slot: Slot, q: RecQuery, item_ids: list[str], level: float
+    ) -> Prediction:
+        m = slot.model
+        assert m is not None and m.items is not None and m.users is not None
+        idx = m.items.index(item_ids)
+        if (idx < 0).any():
+            bad = item_ids[int(np.flatnonzero(idx < 0)[0])]
+            raise RequestError("NOT_FOUND", "item_ids", f"unknown item {bad!r} for {slot.name!r}")
+        extra_idx, extra_val = self._history(m, q, slot.name)
+        user = m.users.get(q.user_id) if q.user_id else -1
+        if user >= 0 and extra_idx.size == 0:
+            mean, std = m.score(user, idx)
+        else:
+            if user >= 0:
+                assert m.user_items is not None
+                own = m.user_items[user]
+                extra_idx = np.concatenate([own.indices.astype(np.int64), extra_idx])
+                extra_val = np.concatenate([own.data.astype(np.float32), extra_val])
+            mean, std = m.score_history(m.history_matrix([extra_idx], [extra_val]), idx)
+        mean = np.asarray(mean, np.float64)
+        std = np.zeros_like(mean) if std is None else np.asarray(std, np.float64)
+        z = NormalDist().inv_cdf(0.5 + level / 2)
+        lo, hi = getattr(m, "scale", (-np.inf, np.inf))
+        return Prediction(
+            item_ids,
+            mean.tolist(),
+            std.tolist(),
+            np.clip(mean - z * std, lo, hi).tolist(),
+            np.clip(mean + z * std, lo, hi).tolist(),
+            level,
+            model=slot.name,
+            version=slot.version,
+        )
+
+    # -- feedback ------------------------------------------------------------------------
+
+    def known_item(self, item_id: str) -> bool:
+        """True when some loaded model knows the item (feedback validation)."""
+        for slot in self.catalog.slots():
+            m = slot.model
+            if (
+                slot.state == SERVING
+                and m is not None
+                and m.items is not None
+                and (m.items.get(item_id) >= 0)
+            ):
+                return True
+        return False

@@ -1,0 +1,405 @@
+"""The gRPC service: validate -> convert -> call the router -> stream. No math here.
+
+`App` assembles a running server: config, feedback store (replayed into the
+online state), the model catalogue loading in the background, health (overall
+SERVING as soon as any model is loaded; `model/<name>` per model, hybrid and
+experiment), server reflection, Prometheus metrics, an admission limit that
+fails fast with RESOURCE_EXHAUSTED, and a drain that answers in-flight
+streams before exiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from recserve.v1 import recommender_pb2 as pb
+from recserve.v1 import recommender_pb2_grpc as pb_grpc
+from server import convert
+from server.config import ServerConfig
+from server.feedback import Event, FeedbackStore, OnlineState, now
+from server.metrics import Metrics
+from server.retrieval import (
+    MAX_ID_BYTES,
+    SERVING,
+    Catalog,
+    Loader,
+    Ranked,
+    RequestError,
+    Router,
+    Slot,
+    default_loader,
+)
+
+log = logging.getLogger("recserve.service")
+
+OVERALL = ""
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["Recommender"].full_name,
+    pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+FEEDBACK_BATCH = 1000
+CHECK_EVERY = 64  # streamed items between cancellation checks
+
+
+def health_name(model: str) -> str:
+    """The health service name of one model (models cannot contain '/')."""
+    return f"model/{model}"
+
+
+class _Stop(Exception):
+    """The client went away or its deadline passed: stop working."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class App:
+    """A configured recserve server: build, start, drain."""
+
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        loader: Loader = default_loader,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics(registry) if registry is not None else Metrics()
+        self.health = health.HealthServicer()
+        self.online = OnlineState(cfg.online_history)
+        self.store = FeedbackStore(cfg.feedback_db)
+        self.catalog = Catalog(
+            cfg.models,
+            full_verify=cfg.verify == "full",
+            kernel_threads=cfg.kernel_threads,
+            loader=loader,
+            on_change=self._model_changed,
+        )
+        self.router = Router(cfg, self.catalog, self.online)
+        self._admit = threading.BoundedSemaphore(cfg.max_concurrency)
+        self.draining = False
+        self.server: grpc.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self.started = time.monotonic()
+        self.serving_after: float | None = None  # seconds from start to overall SERVING
+        for name in (OVERALL, *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Replay feedback, bind, start loading models; returns the bound port."""
+        self.started = time.monotonic()
+        n = 0
+        for batch in _batches(self.store.replay(), FEEDBACK_BATCH):
+            self.online.apply(batch)
+            n += len(batch)
+        if n:
+            log.info("replayed %d feedback events for %d users", n, len(self.online))
+        opts = [
+            ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
+            ("grpc.max_send_message_length", self.cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        # Workers beyond the admission cap leave room for health, admin and the
+        # RESOURCE_EXHAUSTED answers themselves.
+        pool = ThreadPoolExecutor(self.cfg.max_concurrency + 8, thread_name_prefix="rpc")
+        server = grpc.server(pool, options=opts)
+        pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(self), server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"port: cannot bind {address} ({exc})") from None
+        if port == 0:
+            raise OSError(f"port: cannot bind {address}")
+        server.start()
+        self.server, self.port = server, port
+        if self.cfg.metrics_port:
+            start_http_server(self.cfg.metrics_port, registry=self.metrics.registry)
+            self.metrics_port = self.cfg.metrics_port
+        self.catalog.start()
+        self._refresh_health()
+        log.info(
+            "listening on %s:%d (%d models loading)", self.cfg.host, port, len(self.catalog.slots())
+        )
+        return port
+
+    def drain(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` s."""
+        grace = self.cfg.grace_seconds if grace is None else grace
+        self.draining = True
+        self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            self.server.stop(grace).wait()
+        self.catalog.close()
+        self.store.close()
+        log.info("drained and stopped")
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        if self.server is not None:
+            self.server.wait_for_termination()
+
+    # -- health --------------------------------------------------------------------------
+
+    def _model_changed(self, slot: Slot) -> None:
+        m = self.metrics
+        m.model_serving.labels(slot.name).set(1 if slot.state == SERVING else 0)
+        if slot.state == SERVING:
+            m.model_load_seconds.labels(slot.name).set(slot.load_seconds)
+            m.model_bytes.labels(slot.name).set(slot.bytes)
+        self._refresh_health()
+
+    def _refresh_health(self) -> None:
+        if self.draining:
+            return
+        S, N = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        names = self.router.names()
+        for name in names:
+            self.health.set(health_name(name), S if self.router.ready(name) else N)
+        if any(s.state == SERVING for s in self.catalog.slots()):
+            if self.serving_after is None:
+                self.serving_after = time.monotonic() - self.started
+                log.info("SERVING %.3fs after start", self.serving_after)
+            for name in (OVERALL, *SERVICE_NAMES):
+                self.health.set(name, S)
+
+    # -- admission -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def admitted(self, method: str, context: grpc.ServicerContext) -> Iterator[dict[str, Any]]:
+        """Hold one of max_concurrency slots for the call, or fail fast; time the call."""
+        t0 = time.perf_counter()
+        if self.draining:
+            self.metrics.rejected.labels(method, "UNAVAILABLE").inc()
+            context.abort(grpc.StatusCode.UNAVAILABLE, "server: draining, retry another replica")
+        if not self._admit.acquire(blocking=False):
+            self.metrics.rejected.labels(method, "RESOURCE_EXHAUSTED").inc()
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server: {self.cfg.max_concurrency} requests in flight (max_concurrency); retry",
+            )
+        state: dict[str, Any] = {"code": "OK", "t0": t0}
+        self.metrics.inflight.inc()
+        try:
+            yield state
+        except _Stop as stop:
+            state["code"] = stop.code.name
+            if stop.code is not grpc.StatusCode.CANCELLED:
+                context.abort(stop.code, str(stop))
+        except RequestError as err:
+            state["code"] = err.status
+            context.abort(getattr(grpc.StatusCode, err.status), str(err))
+        except GeneratorExit:
+            state["code"] = "CANCELLED"
+            raise
+        except Exception as exc:
+            state["code"] = "INTERNAL"
+            log.exception("%s failed", method)
+            context.abort(
+                grpc.StatusCode.INTERNAL, f"server: internal error ({type(exc).__name__}), logged"
+            )
+        finally:
+            self._admit.release()
+            self.metrics.inflight.dec()
+            self.metrics.rpc_seconds.labels(method, state["code"]).observe(time.perf_counter() - t0)
+
+    def checker(self, context: grpc.ServicerContext, stage: str = "") -> Callable[[], None]:
+        """A callable that raises _Stop once the client cancelled or its deadline passed."""
+
+        def check() -> None:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise _Stop(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the answer")
+            if not context.is_active():
+                raise _Stop(grpc.StatusCode.CANCELLED, "client cancelled")
+
+        return check
+
+    def stream(
+        self, method: str, context: grpc.ServicerContext, r: Ranked, state: dict[str, Any]
+    ) -> Iterator[pb.RankedItem]:
+        """Send metadata, then the ranked items, stopping if the client goes away."""
+        context.send_initial_metadata(convert.metadata(r))
+        self.metrics.requests.labels(method, r.model, r.served_by or r.arm or r.model, r.arm).inc()
+        check = self.checker(context)
+        for n, item in enumerate(convert.ranked_items(r)):
+            if n == 0:
+                self.metrics.first_item_seconds.labels(method).observe(
+                    time.perf_counter() - state["t0"]
+                )
+            elif n % CHECK_EVERY == 0:
+                check()
+            yield item
+
+
+def _batches(events: Iterator[Event], size: int) -> Iterator[list[Event]]:
+    batch: list[Event] = []
+    for e in events:
+        batch.append(e)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """recserve.v1.Recommender over an App."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext):
+        with self.app.admitted("Recommend", context) as state:
+            r = self.app.router.recommend(convert.rec_query(request), self.app.checker(context))
+            self.app.checker(context)()
+            yield from self.app.stream("Recommend", context, r, state)
+
+    def RecommendBatch(self, request_iterator, context: grpc.ServicerContext):
+        with self.app.admitted("RecommendBatch", context):
+            check = self.app.checker(context)
+            for request in request_iterator:
+                check()
+                try:
+                    r = self.app.router.recommend(convert.rec_query(request), check)
+                except RequestError as err:
+                    code = getattr(grpc.StatusCode, err.status)
+                    yield pb.RecommendResponse(
+                        request_id=request.request_id,
+                        model=request.model,
+                        status=pb.Status(code=code.value[0], message=str(err)),
+                    )
+                    continue
+                self.app.metrics.requests.labels(
+                    "RecommendBatch", r.model, r.served_by or r.arm or r.model, r.arm
+                ).inc()
+                yield convert.response(request.request_id, r)
+
+    def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext):
+        with self.app.admitted("SimilarItems", context) as state:
+            check = self.app.checker(context)
+            r = self.app.router.similar(request.item_id, int(request.k), request.model, check)
+            check()
+            yield from self.app.stream("SimilarItems", context, r, state)
+
+    def PredictRatings(
+        self, request: pb.PredictRatingsRequest, context: grpc.ServicerContext
+    ) -> pb.PredictRatingsResponse:
+        with self.app.admitted("PredictRatings", context):
+            p = self.app.router.predict(
+                request.user_id,
+                [(h.item_id, float(h.value)) for h in request.history],
+                list(request.item_ids),
+                request.model,
+                float(request.interval),
+            )
+            self.app.checker(context)()
+            md = [("x-recserve-model", p.model), ("x-recserve-version", p.version)]
+            if p.served_by:
+                md.append(("x-recserve-served-by", p.served_by))
+            context.send_initial_metadata(tuple(md))
+            return convert.predictions(p)
+        return pb.PredictRatingsResponse()  # reached only when the client cancelled
+
+    def RecordInteractions(
+        self, request_iterator, context: grpc.ServicerContext
+    ) -> pb.RecordSummary:
+        app = self.app
+        with app.admitted("RecordInteractions", context):
+            accepted = rejected = 0
+            batch: list[Event] = []
+
+            def flush() -> None:
+                nonlocal accepted
+                if batch:
+                    accepted += app.store.append(batch)  # committed before it counts
+                    app.online.apply(batch)
+                    batch.clear()
+
+            for ev in request_iterator:
+                e = _event(ev)
+                if e is None or not app.router.known_item(e.item_id):
+                    rejected += 1
+                    continue
+                batch.append(e)
+                if len(batch) >= FEEDBACK_BATCH:
+                    flush()
+            flush()
+            app.metrics.feedback_events.labels("accepted").inc(accepted)
+            app.metrics.feedback_events.labels("rejected").inc(rejected)
+            return pb.RecordSummary(accepted=accepted, rejected=rejected)
+        return pb.RecordSummary()  # reached only when the client cancelled
+
+
+def _event(ev: pb.Interaction) -> Event | None:
+    """A valid feedback event, or None (counted as rejected)."""
+    if not ev.user_id or not ev.item_id or not np.isfinite(ev.value):
+        return None
+    if max(len(ev.user_id.encode()), len(ev.item_id.encode())) > MAX_ID_BYTES:
+        return None
+    return Event(ev.user_id, ev.item_id, float(ev.value) or 1.0, int(ev.timestamp) or now())
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    """recserve.v1.Admin over an App."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def _infos(self) -> list[pb.ModelInfo]:
+        router, cfg = self.app.router, self.app.cfg
+        out = [convert.model_info(s) for s in self.app.catalog.slots()]
+        out += [
+            convert.virtual_info(h.name, "hybrid", h.weights, router.ready(h.name))
+            for h in cfg.hybrids.values()
+        ]
+        out += [
+            convert.virtual_info(e.name, "experiment", e.arms, router.ready(e.name))
+            for e in cfg.experiments.values()
+        ]
+        return sorted(out, key=lambda i: i.name)
+
+    def ListModels(self, request, context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=self._infos())
+
+    def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
+        for info in self._infos():
+            if info.name == request.name:
+                return info
+        known = ", ".join(self.app.router.names())
+        context.abort(
+            grpc.StatusCode.NOT_FOUND, f"name: unknown model {request.name!r} (available: {known})"
+        )
+        raise AssertionError("unreachable")
+
+    def ReloadModels(self, request, context) -> pb.ReloadModelsResponse:
+        switched, refused = self.app.catalog.reload()
+        return pb.ReloadModelsResponse(
+            reloaded=[convert.model_info(s) for s in switched],
+            refused=[convert.model_info(s) for s in refused],
+        )

@@ -1,0 +1,96 @@
+"""Shared pieces of the service tests: published models, a running in-process server."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from recserve.v1 import recommender_pb2 as pb
+from recserve.v1 import recommender_pb2_grpc as pb_grpc
+from server.config import ServerConfig
+from server.models import Recommender, create
+from server.retrieval import default_loader
+from server.service import App
+
+MODELS = {
+    "popularity": ("popularity", {}),
+    "itemknn": ("itemknn", {"k": 50}),
+    "als": ("als", {"factors": 16, "iterations": 5}),
+    "bayes_mf": ("bayes_mf", {"factors": 8, "epochs": 5}),
+}
+
+
+def publish_models(small, root: Path) -> dict[str, Recommender]:
+    """Train and publish the test models; returns the fitted models by name."""
+    out = {}
+    for name, (algo, params) in MODELS.items():
+        model = create(algo, **params).fit(small)
+        model.save(root, name, dataset=small)
+        out[name] = model
+    return out
+
+
+class Gate:
+    """A loader that holds chosen models back until released (a slow load, on demand)."""
+
+    def __init__(self, *names: str) -> None:
+        self.events = {n: threading.Event() for n in names}
+
+    def __call__(self, path: Path, full: bool) -> Recommender:
+        ev = self.events.get(path.parent.name)
+        if ev is not None:
+            ev.wait(60)
+        return default_loader(path, full)
+
+    def release(self, name: str) -> None:
+        self.events[name].set()
+
+
+class Server:
+    """A running App on a loopback port with stubs for each service."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.target = f"127.0.0.1:{app.port}"
+        self.channel = grpc.insecure_channel(self.target)
+        self.rec = pb_grpc.RecommenderStub(self.channel)
+        self.admin = pb_grpc.AdminStub(self.channel)
+
+    def recommend(self, **kw) -> tuple[list[pb.RankedItem], dict[str, str]]:
+        """Items and initial metadata of one Recommend call."""
+        kw.setdefault("k", 10)
+        call = self.rec.Recommend(pb.RecommendRequest(**kw), timeout=10)
+        items = list(call)
+        return items, dict(call.initial_metadata())
+
+    def error(self, fn, request, **kw) -> grpc.RpcError:
+        """The RpcError a call fails with (AssertionError when it succeeds)."""
+        try:
+            out = fn(request, timeout=kw.pop("timeout", 10), **kw)
+            if hasattr(out, "__iter__") and not hasattr(out, "DESCRIPTOR"):
+                list(out)
+        except grpc.RpcError as exc:
+            return exc
+        raise AssertionError("the call succeeded")
+
+
+@contextlib.contextmanager
+def running(models: Path, loader=default_loader, wait: bool = True, **settings) -> Iterator[Server]:
+    """An App on 127.0.0.1:<free port>, drained at exit."""
+    settings.setdefault("metrics_port", 0)
+    cfg = ServerConfig(models=str(models), host="127.0.0.1", port=0, **settings)
+    app = App(cfg, loader=loader, registry=CollectorRegistry())
+    app.start()
+    if wait:
+        app.catalog.wait(60)
+    srv = Server(app)
+    try:
+        yield srv
+    finally:
+        srv.channel.close()
+        app.drain(grace=0)

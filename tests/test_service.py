@@ -1,0 +1,443 @@
+"""The gRPC service over a real server on a loopback port, against the offline models."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from recserve.v1 import recommender_pb2 as pb
+from server.config import Experiment, Hybrid
+from server.retrieval import _arm
+from tests.service_helpers import Gate, publish_models, running
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def published(small, tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return root, publish_models(small, root)
+
+
+@pytest.fixture(scope="module")
+def srv(published):
+    root, _ = published
+    with running(root, max_k=500) as s:
+        yield s
+
+
+def ids(items):
+    return [i.item_id for i in items]
+
+
+def test_stream_order_ranks_and_k(srv, published, small):
+    _, models = published
+    for name in ("popularity", "itemknn", "als"):
+        items, md = srv.recommend(user_id="7", k=15, model=name)
+        assert [i.rank for i in items] == list(range(1, 16))
+        scores = [i.score for i in items]
+        assert scores == sorted(scores, reverse=True)
+        m = models[name]
+        want, _ = m.recommend([small.users.get("7")], k=15)
+        assert ids(items) == m.items.ids(want[0])
+        assert md["x-recserve-model"] == name
+        assert md["x-recserve-version"] == srv.app.catalog.get(name).version
+        assert "x-recserve-served-by" not in md
+
+
+def test_seen_excluded_unless_include_seen_and_exclusions_never_shorten(srv, published, small):
+    m = published[1]["als"]
+    u = small.users.get("12")
+    seen = set(m.items.ids(small.interactions[u].indices))
+    items, _ = srv.recommend(user_id="12", k=20, model="als")
+    assert len(items) == 20 and not set(ids(items)) & seen
+    banned = ids(items)[:5]
+    again, _ = srv.recommend(user_id="12", k=20, model="als", exclude_item_ids=banned)
+    assert len(again) == 20 and not set(ids(again)) & set(banned)
+    assert ids(again)[:15] == ids(items)[5:20]
+    everything, _ = srv.recommend(user_id="12", k=300, model="als", include_seen=True)
+    assert seen <= set(ids(everything))
+    cands = ids(items)[3:6] + sorted(seen)[:2] + ["no-such-item"]
+    got, _ = srv.recommend(user_id="12", k=10, model="als", candidate_item_ids=cands)
+    assert ids(got) == ids(items)[3:6]  # only eligible candidates, in model order
+
+
+@pytest.mark.parametrize("name", ["als", "itemknn"])
+def test_fold_in_equals_offline_recommend_from_history(srv, published, name):
+    m = published[1][name]
+    hist = ["3", "17", "42", "100", "150"]
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    want_i, want_s = m.recommend_from_history(m.items.index(hist), values, k=12)
+    history = [pb.Interaction(item_id=i, value=v) for i, v in zip(hist, values, strict=True)]
+    items, md = srv.recommend(user_id="brand-new", history=history, k=12, model=name)
+    assert ids(items) == m.items.ids(want_i)
+    np.testing.assert_allclose([i.score for i in items], want_s, rtol=1e-5, atol=1e-6)
+    assert "x-recserve-served-by" not in md
+
+
+def test_unknown_user_without_history_goes_down_the_chain(srv):
+    items, md = srv.recommend(user_id="never-seen", k=5, model="als")
+    assert md["x-recserve-served-by"] == "popularity"
+    pop, _ = srv.recommend(user_id="never-seen", k=5, model="popularity")
+    assert ids(items) == ids(pop) and len(items) == 5
+
+
+def test_chain_without_a_cold_model_ends_in_builtin_popularity(published, small):
+    root, _ = published
+    with running(root, fallback=()) as s:
+        items, md = s.recommend(user_id="never-seen", k=8, model="itemknn")
+    # No model of itemknn's chain serves cold users: the most popular training items
+    # of a loaded model answer (the first loaded, whichever that is).
+    assert md["x-recserve-served-by"].startswith("builtin-popularity:")
+    counts = np.bincount(small.interactions.indices, minlength=small.n_items)
+    order = np.lexsort((np.arange(counts.size), -counts))[:8]
+    assert ids(items) == small.items.ids(order)
+
+
+def test_explain_names_history_items(srv, published, small):
+    items, _ = srv.recommend(user_id="5", k=5, model="itemknn", explain=True)
+    m = published[1]["itemknn"]
+    u = small.users.get("5")
+    seen = set(m.items.ids(small.interactions[u].indices))
+    for it in items:
+        assert it.because and set(it.because) <= seen
+        want, _ = m.explain(u, m.items.get(it.item_id), 3)
+        assert list(it.because) == m.items.ids(want)
+
+
+def test_score_std_from_a_bayesian_model(srv, published, small):
+    m = published[1]["bayes_mf"]
+    items, _ = srv.recommend(user_id="9", k=5, model="bayes_mf")
+    _, std = m.score(small.users.get("9"), m.items.index(ids(items)))
+    np.testing.assert_allclose([i.score_std for i in items], std, rtol=1e-5)
+    assert all(i.score_std > 0 for i in items)
+
+
+def test_predict_ratings_mean_std_interval(srv, published, small):
+    m = published[1]["bayes_mf"]
+    want = ["1", "2", "30"]
+    resp = srv.rec.PredictRatings(
+        pb.PredictRatingsRequest(user_id="9", item_ids=want, model="bayes_mf", interval=0.9)
+    )
+    mean, std = m.score(small.users.get("9"), m.items.index(want))
+    assert [p.item_id for p in resp.predictions] == want and resp.interval == pytest.approx(0.9)
+    np.testing.assert_allclose([p.rating for p in resp.predictions], mean, rtol=1e-5)
+    np.testing.assert_allclose([p.std for p in resp.predictions], std, rtol=1e-5)
+    for p in resp.predictions:
+        lo, hi = max(p.rating - 1.6448536 * p.std, 1.0), min(p.rating + 1.6448536 * p.std, 5.0)
+        assert p.lower == pytest.approx(lo, rel=1e-4) and p.upper == pytest.approx(hi, rel=1e-4)
+    # The default model (popularity) ranks only: a rating model is found for the caller.
+    auto = srv.rec.PredictRatings(pb.PredictRatingsRequest(user_id="9", item_ids=want))
+    assert [p.rating for p in auto.predictions] == [p.rating for p in resp.predictions]
+    err = srv.error(
+        srv.rec.PredictRatings, pb.PredictRatingsRequest(user_id="9", item_ids=want, model="als")
+    )
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT and "model" in err.details()
+
+
+def test_similar_items(srv, published):
+    m = published[1]["itemknn"]
+    items = list(srv.rec.SimilarItems(pb.SimilarItemsRequest(item_id="10", k=7, model="itemknn")))
+    want, _ = m.similar_items(m.items.get("10"), 7)
+    assert ids(items) == m.items.ids(want) and "10" not in ids(items)
+    assert [i.rank for i in items] == list(range(1, 8))
+
+
+def test_status_codes_name_the_field(srv):
+    rec = srv.rec.Recommend
+    cases = [
+        (pb.RecommendRequest(user_id="1", k=0), "INVALID_ARGUMENT", "k"),
+        (pb.RecommendRequest(user_id="1", k=501), "INVALID_ARGUMENT", "k"),
+        (pb.RecommendRequest(k=5), "INVALID_ARGUMENT", "user_id"),
+        (
+            pb.RecommendRequest(k=5, history=[pb.Interaction(item_id="1", value=float("nan"))]),
+            "INVALID_ARGUMENT",
+            "history[0].value",
+        ),
+        (
+            pb.RecommendRequest(
+                k=5,
+                model="als",
+                history=[pb.Interaction(item_id="x1"), pb.Interaction(item_id="x2")],
+            ),
+            "INVALID_ARGUMENT",
+            "history",
+        ),
+        (pb.RecommendRequest(user_id="1", k=5, model="nope"), "NOT_FOUND", "model"),
+    ]
+    for req, code, field in cases:
+        err = srv.error(rec, req)
+        assert err.code().name == code, (req, err.details())
+        assert err.details().startswith(field + ":"), err.details()
+    err = srv.error(srv.rec.SimilarItems, pb.SimilarItemsRequest(item_id="zzz", k=3))
+    assert err.code() is grpc.StatusCode.NOT_FOUND and err.details().startswith("item_id:")
+    err = srv.error(srv.admin.GetModel, pb.GetModelRequest(name="nope"))
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_history_items_within_tolerance_are_dropped(srv, published):
+    m = published[1]["als"]
+    hist = ["3", "17", "unknown-item"]  # 1 of 3 unknown: within the 50% default
+    items, _ = srv.recommend(
+        user_id="n", history=[pb.Interaction(item_id=i) for i in hist], k=5, model="als"
+    )
+    want, _ = m.recommend_from_history(m.items.index(hist[:2]), k=5)
+    assert ids(items) == m.items.ids(want)
+
+
+def test_recommend_batch_answers_each_request(srv, published, small):
+    reqs = [
+        pb.RecommendRequest(request_id="a", user_id="7", k=4, model="als"),
+        pb.RecommendRequest(request_id="b", user_id="7", k=0),
+        pb.RecommendRequest(request_id="c", user_id="x", k=3, model="als"),
+    ]
+    out = list(srv.rec.RecommendBatch(iter(reqs), timeout=10))
+    assert [r.request_id for r in out] == ["a", "b", "c"]
+    single, _ = srv.recommend(user_id="7", k=4, model="als")
+    assert ids(out[0].items) == ids(single) and out[0].status.code == 0
+    assert out[1].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert out[1].status.message.startswith("k:") and not out[1].items
+    assert out[2].served_by == "popularity" and len(out[2].items) == 3
+
+
+def test_admin_lists_models_with_state(srv):
+    names = {m.name: m for m in srv.admin.ListModels(pb.ListModelsRequest()).models}
+    assert set(names) == {"popularity", "itemknn", "als", "bayes_mf"}
+    als = names["als"]
+    assert als.state == pb.MODEL_STATE_SERVING and als.algorithm == "als"
+    assert als.params["factors"] == "16" and als.bytes > 0 and als.n_items == 300
+    assert srv.admin.GetModel(pb.GetModelRequest(name="itemknn")).algorithm == "itemknn"
+
+
+def test_reflection_lists_the_services(srv):
+    stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
+    resp = next(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    )
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"recserve.v1.Recommender", "recserve.v1.Admin", "grpc.health.v1.Health"} <= names
+
+
+def health(channel, service=""):
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def wait_for(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_fallback_and_health_while_a_slow_model_loads(published):
+    root, _ = published
+    gate = Gate("als")
+    hybrid = {"hybrid": Hybrid("hybrid", {"als": 0.6, "itemknn": 0.4})}
+    with running(
+        root, loader=gate, wait=False, hybrids=hybrid, fallbacks={"hybrid": ("als",)}
+    ) as s:
+        assert wait_for(lambda: health(s.channel) == SERVING)
+        assert wait_for(lambda: s.app.catalog.ready("itemknn"))
+        assert health(s.channel, "model/popularity") == SERVING
+        assert health(s.channel, "model/als") == NOT_SERVING
+        assert health(s.channel, "model/hybrid") == NOT_SERVING
+        info = s.admin.GetModel(pb.GetModelRequest(name="als"))
+        assert info.state == pb.MODEL_STATE_LOADING
+        items, md = s.recommend(user_id="7", k=5, model="hybrid")
+        assert md["x-recserve-model"] == "hybrid" and md["x-recserve-served-by"] == "popularity"
+        pop, _ = s.recommend(user_id="7", k=5, model="popularity")
+        assert ids(items) == ids(pop)
+        gate.release("als")
+        assert wait_for(lambda: health(s.channel, "model/hybrid") == SERVING)
+        assert health(s.channel, "model/als") == SERVING
+        items, md = s.recommend(user_id="7", k=5, model="hybrid")
+        assert "x-recserve-served-by" not in md
+        assert md["x-recserve-version"].startswith("als@")
+
+
+def test_hybrid_blends_normalized_scores(published, small):
+    root, models = published
+    hybrid = {"mix": Hybrid("mix", {"als": 0.6, "itemknn": 0.4})}
+    with running(root, hybrids=hybrid) as s:
+        items, md = s.recommend(user_id="21", k=10, model="mix")
+    u = small.users.get("21")
+    blend: dict[str, float] = {}
+    for name, w in (("als", 0.6), ("itemknn", 0.4)):
+        m = models[name]
+        i, sc = m.recommend([u], k=100)
+        sc = sc[0][i[0] >= 0]
+        norm = (sc - sc.min()) / (sc.max() - sc.min())
+        for item, v in zip(m.items.ids(i[0][i[0] >= 0]), norm, strict=True):
+            blend[item] = blend.get(item, 0.0) + w * float(v)
+    want = sorted(blend, key=lambda x: (-blend[x], x))[:10]
+    assert ids(items) == want
+    np.testing.assert_allclose([i.score for i in items], [blend[x] for x in want], rtol=1e-5)
+    assert md["x-recserve-model"] == "mix"
+
+
+def test_experiment_assigns_arms_deterministically(published):
+    root, _ = published
+    exp = {"homepage": Experiment("homepage", {"als": 0.5, "itemknn": 0.5}, "s1")}
+    with running(root, experiments=exp) as s:
+        seen_arms = {}
+        for user in [str(i) for i in range(1, 60)]:
+            items, md = s.recommend(user_id=user, k=5, model="homepage")
+            arm = md["x-recserve-arm"]
+            assert arm == _arm("s1", user, {"als": 0.5, "itemknn": 0.5})
+            direct, _ = s.recommend(user_id=user, k=5, model=arm)
+            assert ids(items) == ids(direct)
+            seen_arms[user] = arm
+        again = {
+            u: s.recommend(user_id=u, k=5, model="homepage")[1]["x-recserve-arm"]
+            for u in list(seen_arms)[:10]
+        }
+        assert all(seen_arms[u] == a for u, a in again.items())
+        assert set(seen_arms.values()) == {"als", "itemknn"}
+        metric = s.app.metrics.registry.get_sample_value(
+            "recserve_requests_total",
+            {"method": "Recommend", "model": "homepage", "served_by": "als", "arm": "als"},
+        )
+        assert metric == sum(1 for a in seen_arms.values() if a == "als") + sum(
+            1 for a in again.values() if a == "als"
+        )
+
+
+def test_resource_exhausted_when_the_concurrency_cap_is_reached(published):
+    root, _ = published
+    with running(root, max_concurrency=1) as s:
+        entered, leave = threading.Event(), threading.Event()
+        model = s.app.catalog.get("als").model
+        original = model.recommend
+
+        def slow(*a, **kw):
+            entered.set()
+            leave.wait(10)
+            return original(*a, **kw)
+
+        model.recommend = slow
+        t = threading.Thread(target=lambda: s.recommend(user_id="7", k=3, model="als"))
+        t.start()
+        assert entered.wait(10)
+        err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3))
+        assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_concurrency" in err.details()
+        assert health(s.channel) == SERVING  # health is never refused
+        leave.set()
+        t.join(10)
+        items, _ = s.recommend(user_id="7", k=3)
+        assert len(items) == 3
+
+
+def test_deadline_stops_work_and_cancel_stops_the_stream(published):
+    root, _ = published
+    hybrid = {"mix": Hybrid("mix", {"als": 0.5, "itemknn": 0.5})}
+    with running(root, hybrids=hybrid) as s:
+        als = s.app.catalog.get("als").model
+        knn = s.app.catalog.get("itemknn").model
+        calls = []
+        original_als, original_knn = als.recommend, knn.recommend
+
+        def slow(*a, **kw):
+            time.sleep(0.6)
+            return original_als(*a, **kw)
+
+        def counted(*a, **kw):
+            calls.append(1)
+            return original_knn(*a, **kw)
+
+        als.recommend, knn.recommend = slow, counted
+        err = s.error(
+            s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3, model="mix"), timeout=0.2
+        )
+        assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        reg = s.app.metrics.registry
+
+        def count(code):
+            return reg.get_sample_value(
+                "recserve_rpc_duration_seconds_count", {"method": "Recommend", "code": code}
+            )
+
+        assert wait_for(lambda: count("DEADLINE_EXCEEDED") == 1)
+        assert calls == []  # the second component never ran: work stopped at the deadline
+
+        call = s.rec.Recommend(pb.RecommendRequest(user_id="7", k=3, model="als"), timeout=10)
+        time.sleep(0.1)
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        assert info.value.code() is grpc.StatusCode.CANCELLED
+        assert wait_for(lambda: count("CANCELLED") == 1)
+        answered = reg.get_sample_value(
+            "recserve_requests_total",
+            {"method": "Recommend", "model": "als", "served_by": "als", "arm": ""},
+        )
+        assert answered is None  # nothing was streamed for the cancelled call
+
+
+def test_draining_refuses_new_calls_with_unavailable(published):
+    root, _ = published
+    with running(root) as s:
+        s.app.draining = True
+        err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3))
+        assert err.code() is grpc.StatusCode.UNAVAILABLE and "draining" in err.details()
+        s.app.draining = False
+
+
+def test_feedback_is_applied_and_survives_a_restart(published, small, tmp_path):
+    root, models = published
+    db = tmp_path / "feedback.sqlite"
+    m = models["als"]
+    u = small.users.get("33")
+    new = ["1", "2", "3", "4"]
+    row = small.interactions[u]
+    hist_i = np.concatenate([row.indices, m.items.index(new)])
+    hist_v = np.concatenate([row.data, np.full(4, 5.0, np.float32)])
+    want, _ = m.recommend_from_history(hist_i, hist_v, k=10)
+    with running(root, feedback_db=str(db)) as s:
+        before, _ = s.recommend(user_id="33", k=10, model="als")
+        events = [pb.Interaction(user_id="33", item_id=i, value=5.0) for i in new]
+        events += [
+            pb.Interaction(user_id="33", item_id="no-such-item"),
+            pb.Interaction(user_id="", item_id="1"),
+            pb.Interaction(user_id="33", item_id="1", value=float("inf")),
+        ]
+        summary = s.rec.RecordInteractions(iter(events), timeout=10)
+        assert (summary.accepted, summary.rejected) == (4, 3)
+        after, _ = s.recommend(user_id="33", k=10, model="als")
+        assert ids(after) == m.items.ids(want) and ids(after) != ids(before)
+        assert not set(ids(after)) & set(new)  # recorded items now count as seen
+    with running(root, feedback_db=str(db)) as s:
+        again, _ = s.recommend(user_id="33", k=10, model="als")
+    assert ids(again) == ids(after)
+
+
+def test_reload_switches_versions_and_refuses_corrupt_ones(published, small, tmp_path):
+    import shutil
+
+    root = tmp_path / "models"
+    shutil.copytree(published[0], root)
+    with running(root) as s:
+        old = s.app.catalog.get("popularity").version
+        reloaded = s.admin.ReloadModels(pb.ReloadModelsRequest())
+        assert not reloaded.reloaded and not reloaded.refused
+        published[1]["popularity"].save(root, "popularity")
+        bad = published[1]["itemknn"].save(root, "itemknn")
+        victim = next(p for p in bad.iterdir() if p.suffix == ".npy")
+        victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)  # same size, new bytes
+        out = s.admin.ReloadModels(pb.ReloadModelsRequest())
+        assert [m.name for m in out.reloaded] == ["popularity"]
+        assert out.reloaded[0].version != old
+        assert [m.name for m in out.refused] == ["itemknn"] and "sha256" in out.refused[0].error
+        items, md = s.recommend(user_id="7", k=3, model="itemknn")
+        assert len(items) == 3 and "x-recserve-served-by" not in md  # old version serves
+        assert md["x-recserve-version"] != bad.name
