@@ -1,0 +1,34 @@
+// Calls recserve.v1.Recommender/Recommend with @grpc/grpc-js, using only the .proto
+// files: usage `node recommend.js TARGET PROTO_ROOT USER_ID K [MODEL]`.
+// Prints one JSON object: {"metadata": {...}, "items": [...]} or {"error": {...}}.
+"use strict";
+const path = require("path");
+const grpc = require("@grpc/grpc-js");
+const protoLoader = require("@grpc/proto-loader");
+
+const [target, protoRoot, userId, k, model] = process.argv.slice(2);
+const definition = protoLoader.loadSync(path.join("recserve", "v1", "recommender.proto"), {
+  includeDirs: [protoRoot],
+  keepCase: true,
+  longs: String,
+  defaults: true,
+});
+const recserve = grpc.loadPackageDefinition(definition).recserve.v1;
+const client = new recserve.Recommender(target, grpc.credentials.createInsecure());
+const deadline = new Date(Date.now() + 10000);
+const call = client.Recommend({ user_id: userId, k: Number(k), model: model || "" }, { deadline });
+const items = [];
+let metadata = {};
+let done = false;
+function finish(result) {
+  if (done) return; // grpc-js may signal "end" after "error": print one result
+  done = true;
+  console.log(JSON.stringify(result));
+  client.close();
+}
+call.on("metadata", (md) => {
+  metadata = md.getMap();
+});
+call.on("data", (item) => items.push(item));
+call.on("error", (err) => finish({ error: { code: err.code, details: err.details } }));
+call.on("end", () => finish({ metadata, items }));

@@ -1,0 +1,87 @@
+"""The typed client: dataclasses out, RecserveError with the status name on failure."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.client import Event, Item, Recommendation, RecommenderClient, RecserveError
+from tests.service_helpers import publish_models, running
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def served(small, tmp_path_factory):
+    root = tmp_path_factory.mktemp("client-models")
+    models = publish_models(small, root)
+    with running(root) as srv:
+        yield srv, models
+
+
+def test_recommend_returns_plain_dataclasses(served, small):
+    srv, models = served
+    with RecommenderClient(srv.target, deadline=5) as rc:
+        rec = rc.recommend("7", 5, model="als", explain=True)
+        assert isinstance(rec, Recommendation) and all(isinstance(i, Item) for i in rec.items)
+        m = models["als"]
+        want, _ = m.recommend([small.users.get("7")], k=5)
+        assert rec.item_ids == m.items.ids(want[0])
+        assert [i.rank for i in rec.items] == [1, 2, 3, 4, 5]
+        assert rec.model == "als" and rec.version and rec.served_by == ""
+        new = rc.recommend(history=[Event("3", 5.0), "17"], k=4, model="als")
+        want, _ = m.recommend_from_history(m.items.index(["3", "17"]), [5.0, 1.0], k=4)
+        assert new.item_ids == m.items.ids(want)
+        assert rc.recommend("nobody", 3, model="als").served_by == "popularity"
+        sim = rc.similar_items("10", 3, model="itemknn")
+        assert len(sim.items) == 3 and "10" not in sim.item_ids
+
+
+def test_errors_carry_the_status_name(served):
+    srv, _ = served
+    with RecommenderClient(srv.target) as rc:
+        with pytest.raises(RecserveError) as info:
+            rc.recommend("7", 0)
+        assert info.value.code == "INVALID_ARGUMENT" and info.value.message.startswith("k:")
+        with pytest.raises(RecserveError) as info:
+            rc.model("nope")
+        assert info.value.code == "NOT_FOUND"
+
+
+def test_batch_predict_record_and_admin(served, small):
+    srv, models = served
+    with RecommenderClient(srv.target) as rc:
+        out = list(
+            rc.recommend_batch(
+                [{"request_id": "a", "user_id": "7", "k": 3}, {"request_id": "b", "k": 3}]
+            )
+        )
+        assert [r.request_id for r in out] == ["a", "b"]
+        assert out[0].error is None and len(out[0].items) == 3
+        assert out[1].error is not None and out[1].error.code == "INVALID_ARGUMENT"
+        ratings = rc.predict_ratings(["1", "2"], "9", model="bayes_mf", interval=0.8)
+        m = models["bayes_mf"]
+        mean, _ = m.score(small.users.get("9"), m.items.index(["1", "2"]))
+        assert [r.item_id for r in ratings] == ["1", "2"]
+        np.testing.assert_allclose([r.rating for r in ratings], mean, 1e-5)
+        assert all(r.lower <= r.rating <= r.upper for r in ratings)
+        assert rc.record("client-user", ["1", "no-such-item"]) == (1, 1)
+        names = {m.name: m for m in rc.models()}
+        assert names["als"].state == "serving" and names["als"].n_items == small.n_items
+        assert rc.reload() == ([], [])
+
+
+def test_clients_import_only_the_stubs():
+    """clients/ never imports server (the architecture's import direction)."""
+    for path in (ROOT / "clients").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not [n for n in names if n.split(".")[0] in ("server", "kernels")], path

@@ -1,0 +1,194 @@
+"""`recserve serve` as a real process: start-up health, SIGTERM drain, restart durability,
+and the `recserve-health` probe's exit codes."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from clients.client import RecommenderClient
+from clients.health import check
+from recserve.v1 import recommender_pb2 as pb
+from recserve.v1 import recommender_pb2_grpc as pb_grpc
+from tests.service_helpers import publish_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models_dir(small, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    publish_models(small, root)
+    return root
+
+
+class Proc:
+    """A `recserve serve` subprocess; stderr is collected for the bound port and logs."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        self.port: queue.Queue[int] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            m = re.search(r"listening on \S+:(\d+)", line)
+            if m:
+                self.port.put(int(m.group(1)))
+
+    def target(self) -> str:
+        try:
+            return f"127.0.0.1:{self.port.get(timeout=60)}"
+        except queue.Empty:
+            raise AssertionError("server did not start:\n" + "".join(self.lines)) from None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+def wait_serving(target: str, service: str = "", timeout: float = 30) -> float:
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        try:
+            if check(target, service, 1.0) == "SERVING":
+                return time.monotonic() - t
+        except grpc.RpcError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"{service or 'server'} not SERVING after {timeout}s")
+
+
+def test_sigterm_drains_in_flight_streams_and_feedback_survives_restart(models_dir, tmp_path):
+    db = tmp_path / "fb.sqlite"
+    args = ["--models", str(models_dir), "--port", "0", "--metrics-port", "0"]
+    p = Proc(*args, "--feedback-db", str(db))
+    target = p.target()
+    wait_serving(target)
+    for name in ("popularity", "itemknn", "als", "bayes_mf"):
+        wait_serving(target, f"model/{name}")
+    with RecommenderClient(target) as rc:
+        assert rc.record("501", ["1", "2", "3"]) == (3, 0)
+        before = rc.recommend("501", 10, model="als").item_ids
+
+    # An open RecommendBatch stream: requests go in one at a time.
+    channel = grpc.insecure_channel(target)
+    stub = pb_grpc.RecommenderStub(channel)
+    requests: queue.Queue = queue.Queue()
+
+    def feed():
+        while (req := requests.get()) is not None:
+            yield req
+
+    responses = stub.RecommendBatch(feed(), timeout=30)
+    requests.put(pb.RecommendRequest(request_id="1", user_id="7", k=5))
+    assert next(responses).request_id == "1"
+
+    p.proc.send_signal(signal.SIGTERM)
+    # New calls are refused while the open stream is still answered.
+    deadline = time.monotonic() + 10
+    refused = None
+    while time.monotonic() < deadline:
+        try:
+            with RecommenderClient(target, deadline=2) as rc:
+                rc.recommend("7", 3)
+        except Exception as exc:  # RecserveError
+            refused = exc
+            break
+        time.sleep(0.05)
+    assert refused is not None and refused.code == "UNAVAILABLE", refused
+    requests.put(pb.RecommendRequest(request_id="2", user_id="8", k=5))
+    second = next(responses)
+    assert second.request_id == "2" and len(second.items) == 5
+    requests.put(None)
+    assert list(responses) == []
+    channel.close()
+    assert p.proc.wait(30) == 0
+    assert any("draining" in line for line in p.lines)
+
+    # Restart: the recorded events are replayed, recommendations are unchanged.
+    p2 = Proc(*args, "--feedback-db", str(db))
+    try:
+        target = p2.target()
+        wait_serving(target, "model/als")
+        with RecommenderClient(target) as rc:
+            assert rc.recommend("501", 10, model="als").item_ids == before
+    finally:
+        assert p2.stop() == 0
+    assert any("replayed 3 feedback events" in line for line in p2.lines)
+
+
+def test_health_probe_exit_codes(models_dir):
+    p = Proc("--models", str(models_dir), "--port", "0", "--metrics-port", "0")
+    try:
+        target = p.target()
+        probe = [sys.executable, "-m", "clients.health", "--target", target, "--wait", "30"]
+        ok = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT)
+        assert ok.returncode == 0 and "SERVING" in ok.stdout
+        model = subprocess.run(
+            [*probe[:-2], "--service", "model/als", "--wait", "30"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert model.returncode == 0
+        unknown = subprocess.run(
+            [*probe[:-2], "--service", "model/nope"], capture_output=True, text=True, cwd=ROOT
+        )
+        assert unknown.returncode == 1 and "SERVICE_UNKNOWN" in unknown.stdout
+    finally:
+        assert p.stop() == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    down = subprocess.run(
+        [sys.executable, "-m", "clients.health", "--target", f"127.0.0.1:{free}", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert down.returncode == 2 and "unreachable" in down.stdout
+
+
+def test_serve_refuses_a_bad_config_naming_the_key(models_dir, tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[server]\nmax_k = -3\n")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--config",
+            str(cfg),
+            "--models",
+            str(models_dir),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "max_k: must be in" in out.stderr
