@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
-# First version (Foundation issue): builds the wheel in a builder stage and runs
-# `recserve quickstart`, which makes the default data and model bundles in the
-# /var/lib/recserve volume. The serving command, gRPC ports and the gRPC health
-# probe arrive with the service issue.
+# Builds the wheel (compiled kernels + generated stubs) in a builder stage; the
+# runtime stage has no compiler. By default the container makes the embedded
+# default data and models in the /var/lib/recserve volume (once), then serves
+# them: gRPC on 50051, Prometheus on 9090. To serve your own bundles, mount them
+# and run `recserve serve --models /models` (plus --config for hybrids etc.).
 
 FROM python:3.11-slim-bookworm AS builder
 RUN apt-get update \
@@ -30,8 +31,12 @@ RUN pip install --no-cache-dir --no-index --find-links /wheels recserve \
 USER recserve
 WORKDIR /var/lib/recserve
 VOLUME ["/var/lib/recserve"]
-ENV PYTHONUNBUFFERED=1
-# Healthy while every published bundle verifies (sha256 of every file).
-HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \
-  CMD ["recserve", "models", "verify", "--models", "/var/lib/recserve/models"]
-CMD ["recserve", "quickstart", "--workdir", "/var/lib/recserve"]
+# Drain within Docker's default 10 s stop timeout: in-flight streams finish first.
+ENV PYTHONUNBUFFERED=1 RECSERVE_GRACE_SECONDS=8 RECSERVE_PORT=50051 RECSERVE_METRICS_PORT=9090
+EXPOSE 50051 9090
+# grpc.health.v1 Check of the whole server: SERVING as soon as one model is loaded.
+# The start period covers the first run's quickstart training (about 10 s).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+  CMD ["recserve-health", "--timeout", "2"]
+STOPSIGNAL SIGTERM
+CMD ["sh", "-c", "recserve quickstart --workdir /var/lib/recserve && exec recserve serve --config /var/lib/recserve/recserve.toml"]

@@ -30,8 +30,9 @@ test: build  ## run the test suite
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
-serve: build  ## make the default dataset and models, then serve them
+serve: build  ## make the default dataset and models, then serve them over gRPC (Ctrl-C stops)
 	$(BIN)/recserve quickstart --workdir $(WORKDIR)
+	$(BIN)/recserve serve --config $(WORKDIR)/recserve.toml
 
 bench: build  ## data-layer scale benchmark (20M synthetic events)
 	$(BIN)/python bench/bench_data.py

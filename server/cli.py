@@ -323,6 +323,29 @@ DEFAULT_MODELS = [
 ]
 
 
+# The serving config quickstart writes next to the models: a hybrid as the default
+# model (falling back to ALS, then popularity while models load) and an A/B
+# experiment, so every feature of the service is live on the embedded default.
+QUICKSTART_CONFIG = """\
+# Written by `recserve quickstart`; edit freely (all settings: server/config.py).
+[server]
+models = "{models}"
+default_model = "hybrid"
+feedback_db = "{feedback}"
+
+[fallbacks]
+hybrid = ["als", "itemknn"]
+
+[hybrids.hybrid]
+als = 0.5
+itemknn = 0.3
+content = 0.2
+
+[experiments.homepage]
+arms = {{ hybrid = 0.5, als = 0.5 }}
+"""
+
+
 def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.workdir)
     data, models = work / "data" / "default", work / "models"
@@ -348,10 +371,17 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
             k=[10, 20],
         )
         trained.append(cmd_train(ns))
-    log.info("try: recserve recommend --models %s --name popularity --user 1 --k 5", models)
+    config = work / "recserve.toml"
+    if not config.is_file():
+        config.write_text(
+            QUICKSTART_CONFIG.format(models=models, feedback=work / "feedback.sqlite"),
+            encoding="utf-8",
+        )
+    log.info("serve them: recserve serve --config %s", config)
     return {
         "data": str(data),
         "models": str(models),
+        "config": str(config),
         "trained": trained,
         "available": [e["name"] for e in artifacts.list_bundles(models)],
     }
@@ -374,6 +404,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     if not Path(cfg.models).is_dir():
         raise FileNotFoundError(f"models: {cfg.models} is not a folder (run `make serve` first?)")
+    if not cfg.feedback_db:
+        log.warning(
+            "feedback_db is not set: recorded interactions live in memory and are lost at exit"
+        )
     app = App(cfg)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

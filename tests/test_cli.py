@@ -220,3 +220,35 @@ def test_quickstart_is_idempotent(tmp_path, capsys, monkeypatch):
     code, out, _ = run(capsys, "quickstart", "--workdir", tmp_path)
     again = last_json(out)
     assert code == 0 and again["trained"] == [] and again["available"] == sorted(names)
+
+
+def test_quickstart_config_serves_the_hybrid_default(tmp_path, capsys, monkeypatch):
+    """`make serve`'s second step: the config quickstart writes starts a server whose
+    default model is the hybrid, with the experiment live."""
+    from dataclasses import replace
+
+    from prometheus_client import CollectorRegistry
+
+    import server.cli as cli
+    from clients.client import RecommenderClient
+    from server.config import load_config
+    from server.service import App
+
+    monkeypatch.setattr(
+        cli, "DEFAULT_DATA", {"users": 200, "items": 90, "interactions": 3000, "seed": 1}
+    )
+    code, out, _ = run(capsys, "quickstart", "--workdir", tmp_path)
+    assert code == 0
+    cfg = load_config(last_json(out)["config"], env={})
+    app = App(replace(cfg, host="127.0.0.1", port=0, metrics_port=0), registry=CollectorRegistry())
+    app.start()
+    try:
+        assert app.catalog.wait(30)
+        with RecommenderClient(f"127.0.0.1:{app.port}") as rc:
+            rec = rc.recommend("1", 5)
+            assert rec.model == "hybrid" and rec.served_by == "" and len(rec.items) == 5
+            assert rec.version.count("@") == 3  # als, itemknn and content blended
+            arm = rc.recommend("1", 5, model="homepage").arm
+            assert arm in ("hybrid", "als")
+    finally:
+        app.drain(grace=0)

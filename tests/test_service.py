@@ -441,3 +441,18 @@ def test_reload_switches_versions_and_refuses_corrupt_ones(published, small, tmp
         items, md = s.recommend(user_id="7", k=3, model="itemknn")
         assert len(items) == 3 and "x-recserve-served-by" not in md  # old version serves
         assert md["x-recserve-version"] != bad.name
+
+
+def test_unavailable_while_nothing_is_loaded(published):
+    root, _ = published
+    gate = Gate(*published[1])
+    with running(root, loader=gate, wait=False) as s:
+        err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3))
+        assert err.code() is grpc.StatusCode.UNAVAILABLE and err.details().startswith("model:")
+        assert health(s.channel) == NOT_SERVING
+        gate.release("popularity")
+        assert wait_for(lambda: health(s.channel) == SERVING)
+        items, md = s.recommend(user_id="7", k=3, model="als")
+        assert md["x-recserve-served-by"] == "popularity" and len(items) == 3
+        for name in gate.events:
+            gate.release(name)
