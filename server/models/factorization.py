@@ -24,11 +24,12 @@ from kernels import als as alsk
 from kernels import sgd as sgdk
 from server.data import Dataset
 from server.models.base import Param, Recommender, cosine_similar
+from server.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
 from server.models.registry import register
 
 
 @register
-class ALS(Recommender):
+class ALS(EmbeddingIndexMixin):
     """Implicit ALS: user and item factors whose dot product ranks items."""
 
     algorithm = "als"
@@ -40,6 +41,7 @@ class ALS(Recommender):
         "cg_steps": Param(int, 3, "CG steps per solve; 0 = exact Cholesky", min=0, max=100),
         "seed": Param(int, 0, "random seed of the initial factors"),
         "binary": Param(bool, False, "treat every interaction as value 1"),
+        **INDEX_PARAMS,
     }
 
     def _confidence(self, m: sp.csr_matrix) -> sp.csr_matrix:
@@ -100,6 +102,7 @@ class ALS(Recommender):
             G=self.gram,
             n_threads=nt,
         )
+        self.build_index()
 
     def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
         """Factors of users given only by history rows: the exact training solve."""
@@ -123,8 +126,17 @@ class ALS(Recommender):
     def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
         return np.asarray(self.fold_in(history) @ self.item_factors.T, np.float32)
 
-    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return cosine_similar(self.item_factors, items, k, self.n_threads)
+    def _item_vectors(self) -> np.ndarray:
+        return self.item_factors
+
+    def _user_queries(self, users: np.ndarray) -> np.ndarray:
+        return np.asarray(self.user_factors[users], np.float32)
+
+    def _history_queries(self, history: sp.csr_matrix) -> np.ndarray:
+        return self.fold_in(history)
+
+    def _similarity_vectors(self) -> np.ndarray:
+        return self.item_factors
 
     def _contributions(self, history, item, user):
         # score(u, j) = y_j . A^-1 sum_i c_i y_i: history item i contributes c_i y_j.A^-1 y_i
@@ -140,6 +152,7 @@ class ALS(Recommender):
             "user_factors": self.user_factors,
             "item_factors": self.item_factors,
             "gram": self.gram,
+            **self._index_arrays(),
         }
 
     def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -282,7 +295,7 @@ class BiasedMF(Recommender):
 
 
 @register
-class BPR(Recommender):
+class BPR(EmbeddingIndexMixin):
     """Bayesian Personalized Ranking (Rendle et al. 2009) by SGD on sampled triples.
 
     Score p_u . q_i + b_i. Each epoch draws nnz (user, positive, negative)
@@ -306,6 +319,7 @@ class BPR(Recommender):
             choices=("uniform", "popular"),
         ),
         "seed": Param(int, 0, "random seed (initial factors, sampling)"),
+        **INDEX_PARAMS,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -335,6 +349,7 @@ class BPR(Recommender):
                 popular_negatives=p["negatives"] == "popular",
             )
             bar.set_postfix(correct=f"{correct:.3f}")
+        self.build_index()
 
     def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
         """User factors for history rows: BPR SGD on the user's own triples, items
@@ -373,11 +388,23 @@ class BPR(Recommender):
     def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
         return np.asarray(self.fold_in(history) @ self.Q.T + self.bias[None, :], np.float32)
 
-    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return cosine_similar(self.Q, items, k, self.n_threads)
+    # score = [p, 1] . [q, b]: an inner product, so the item index serves BPR too.
+    def _item_vectors(self) -> np.ndarray:
+        return np.hstack([self.Q, np.asarray(self.bias)[:, None]]).astype(np.float32)
+
+    def _user_queries(self, users: np.ndarray) -> np.ndarray:
+        p = np.asarray(self.P[users], np.float32)
+        return np.hstack([p, np.ones((p.shape[0], 1), np.float32)])
+
+    def _history_queries(self, history: sp.csr_matrix) -> np.ndarray:
+        p = self.fold_in(history)
+        return np.hstack([p, np.ones((p.shape[0], 1), np.float32)])
+
+    def _similarity_vectors(self) -> np.ndarray:
+        return self.Q
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        return {"P": self.P, "Q": self.Q, "bias": self.bias}
+        return {"P": self.P, "Q": self.Q, "bias": self.bias, **self._index_arrays()}
 
     def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
         self.P, self.Q, self.bias = arrays["P"], arrays["Q"], arrays["bias"]

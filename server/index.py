@@ -1,0 +1,379 @@
+"""FAISS retrieval over item vectors: maximum inner product search with exclusions.
+
+Kinds (the `index` model parameter):
+
+- `flat`: exact inner product (IndexFlatIP).
+- `hnsw`: HNSW graph searched with the inner-product metric directly.
+- `ivf`, `ivfpq`: inverted lists on the standard reduction of MIPS to
+  nearest-neighbour search (Bachrach et al. 2014): items become
+  [y, sqrt(M^2 - |y|^2)] and queries [q, 0], so the L2 order is the inner
+  product order and k-means clusters are meaningful.
+
+Which metric for which structure was measured, on ALS factors of the
+synthetic set (3,000 items, 32 factors, recall@10 against exact with seen
+items excluded): HNSW efSearch=128 reaches 0.9998 with the inner product and
+0.917 on the L2 reduction (all augmented points sit on one sphere, where the
+extra coordinate dominates and the graph navigates badly); IVF nprobe=32
+reaches 0.9998 on the L2 reduction and 0.955 with the inner product (IP
+k-means centroids favour large norms). Zero and near-zero item vectors are
+never normalised (no NaN): with 20% zero vectors HNSW still reaches 0.9997.
+Scores returned are always the exact inner products of the returned items,
+recomputed from the item vectors.
+
+Exclusions: one batched search over-fetches k + (most excluded in any row)
+and drops excluded items; a row still short of min(k, eligible) is searched
+again alone with an IDSelector excluding its items and a wider search, and if
+that is short too, scored exactly. An allow-list (candidates) is scored
+exactly: it is given explicitly and is small next to the catalogue. So
+exactly min(k, eligible) items come back, always.
+
+Search parameters (efSearch, nprobe) are passed per call as
+SearchParameters objects, never set on the shared index, so concurrent
+requests are safe. OpenMP threads are set per calling thread (an OpenMP ICV is
+per thread): one thread for a single query (no team start-up), `n_threads`
+for batches.
+
+`similar` is a second index over the unit-normalised vectors (inner product =
+cosine) for item-to-item similarity; zero vectors are left out of it (they have
+no direction) and never returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from kernels import topk
+
+KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+REDUCED = ("ivf", "ivfpq")  # kinds searched on the MIPS -> L2 reduction
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
+DEFAULT_EF_SEARCH = 128
+DEFAULT_NPROBE = 32
+RETRY_WIDEN = 4  # second pass: efSearch / nprobe times this
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class SearchConfig:
+    """Per-call search settings (never stored on the index)."""
+
+    ef_search: int = DEFAULT_EF_SEARCH
+    nprobe: int = DEFAULT_NPROBE
+    n_threads: int = 0  # batch searches; 0 = all cores
+
+
+@contextlib.contextmanager
+def _omp_threads(n: int) -> Iterator[None]:
+    """OpenMP threads for FAISS calls made by this thread (an OpenMP setting is
+    per thread), restored afterwards so later kernels in the thread are unaffected."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+
+
+def _augment_items(vectors: np.ndarray, max_norm: float) -> np.ndarray:
+    extra = np.sqrt(np.maximum(max_norm**2 - _norms(vectors) ** 2, 0.0))
+    return np.hstack([vectors, extra[:, None]]).astype(np.float32)
+
+
+def _augment_queries(q: np.ndarray) -> np.ndarray:
+    return np.hstack([q, np.zeros((q.shape[0], 1), np.float32)]).astype(np.float32)
+
+
+def _factory(kind: str, n: int, d: int) -> tuple[str, int]:
+    """FAISS factory string and metric for a kind and catalogue size."""
+    if kind == "flat":
+        return "Flat", faiss.METRIC_INNER_PRODUCT
+    if kind == "hnsw":
+        return f"HNSW{HNSW_M},Flat", faiss.METRIC_INNER_PRODUCT
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # >= 39 training points per list
+    if kind == "ivf":
+        return f"IVF{nlist},Flat", faiss.METRIC_L2
+    if kind == "ivfpq":
+        # The largest sub-quantizer count <= d/4 that divides d (d includes the
+        # reduction's extra coordinate): >= 4 dims per code keeps training fast.
+        m = next(m for m in range(max(d // 4, 1), 0, -1) if d % m == 0)
+        # 2^bits codewords per sub-quantizer need >= 39 training points each.
+        bits = max(1, min(8, int(math.log2(max(n // 39, 2)))))
+        return f"IVF{nlist},PQ{m}x{bits}", faiss.METRIC_L2
+    raise ValueError(f"index: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+class ItemIndex:
+    """A FAISS index over one model's item vectors (the vectors stay the model's)."""
+
+    def __init__(self, kind: str, index: faiss.Index, vectors: np.ndarray, max_norm: float) -> None:
+        self.kind = kind
+        self.index = index
+        self.vectors = vectors  # (n_items, d) float32, possibly memory-mapped
+        self.max_norm = max_norm
+
+    @property
+    def n_items(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, kind: str = "flat", seed: int = 0) -> ItemIndex:
+        """Build an index of `kind` over item vectors (n_items x d)."""
+        v = np.ascontiguousarray(vectors, dtype=np.float32)
+        if v.ndim != 2 or v.shape[0] == 0:
+            raise ValueError(f"index: need a non-empty 2-d array of item vectors, got {v.shape}")
+        if not np.isfinite(v).all():
+            raise ValueError("index: item vectors contain NaN or inf")
+        n = v.shape[0]
+        reduced = kind in REDUCED
+        max_norm = float(_norms(v).max()) if reduced else 0.0
+        data = _augment_items(v, max_norm) if reduced else v
+        factory, metric = _factory(kind, n, data.shape[1])
+        index = faiss.index_factory(data.shape[1], factory, metric)
+        if kind == "hnsw":
+            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        if not index.is_trained:
+            faiss.extract_index_ivf(index).cp.seed = seed
+            rng = np.random.default_rng(seed)
+            sample = data if n <= 256 * 1024 else data[rng.choice(n, 256 * 1024, replace=False)]
+            index.train(sample)
+        index.add(data)
+        return cls(kind, index, v, max_norm)
+
+    # -- persistence ---------------------------------------------------------------
+
+    def write(self, path: Path) -> None:
+        """Write the FAISS index file (the vectors are stored by the model as .npy)."""
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def read(
+        cls, path: Path, kind: str, vectors: np.ndarray, max_norm: float, mmap: bool = True
+    ) -> ItemIndex:
+        """Read an index file, memory-mapped where FAISS can map the index type."""
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: not a readable FAISS index ({exc})") from None
+        if index.ntotal != vectors.shape[0]:
+            raise ValueError(f"{path}: {index.ntotal} vectors, the model has {vectors.shape[0]}")
+        return cls(kind, index, vectors, max_norm)
+
+    # -- search ------------------------------------------------------------------------
+
+    def _params(self, cfg: SearchConfig, widen: int, sel: faiss.IDSelector | None):
+        if self.kind == "hnsw":
+            p = faiss.SearchParametersHNSW()
+            p.efSearch = cfg.ef_search * widen
+        elif self.kind in ("ivf", "ivfpq"):
+            p = faiss.SearchParametersIVF()
+            p.nprobe = min(cfg.nprobe * widen, self.index.nlist)
+        else:
+            p = faiss.SearchParameters()
+        if sel is not None:
+            p.sel = sel
+        return p
+
+    def _raw(
+        self, q: np.ndarray, k: int, cfg: SearchConfig, widen: int = 1, sel=None
+    ) -> np.ndarray:
+        """FAISS ids (n, k), -1 where it found fewer."""
+        x = _augment_queries(q) if self.kind in REDUCED else q
+        params = self._params(cfg, widen, sel)
+        if self.kind == "hnsw":
+            params.efSearch = max(params.efSearch, k)
+        _, ids = self.index.search(x, k, params=params)
+        return ids
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        excl: tuple[np.ndarray, np.ndarray] | None = None,
+        cand: tuple[np.ndarray, np.ndarray] | None = None,
+        cfg: SearchConfig | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items by inner product per query row, never an excluded item.
+
+        excl / cand: CSR (indptr, indices) per row; an empty candidate row means
+        unrestricted. Returns (items int32, scores float32), (n, k), padded with
+        -1 / -inf only where fewer than k items are eligible.
+        """
+        cfg = cfg or SearchConfig()
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        n = q.shape[0]
+        out_i = np.full((n, k), -1, np.int32)
+        out_s = np.full((n, k), -np.inf, np.float32)
+        if n == 0:
+            return out_i, out_s
+        with _omp_threads(1 if n == 1 else (cfg.n_threads or CORES)):
+            return self._search(q, k, excl, cand, cfg, out_i, out_s)
+
+    def _search(self, q, k, excl, cand, cfg, out_i, out_s):
+        n = q.shape[0]
+        if excl is None:
+            excl = (np.zeros(n + 1, np.int64), np.zeros(0, np.int64))
+        ex_ptr, ex_idx = excl
+        rows_excl = np.diff(ex_ptr)
+        free = np.ones(n, bool)
+        if cand is not None:
+            has = np.diff(cand[0]) > 0
+            for r in np.flatnonzero(has):
+                allowed = cand[1][cand[0][r] : cand[0][r + 1]]
+                self._exact_rows(
+                    q[r : r + 1], k, ex_idx[ex_ptr[r] : ex_ptr[r + 1]], allowed, out_i[r], out_s[r]
+                )
+            free &= ~has
+        rows = np.flatnonzero(free)
+        if rows.size == 0:
+            return out_i, out_s
+        fetch = min(self.n_items, k + int(rows_excl[rows].max(initial=0)))
+        ids = self._raw(q[rows], fetch, cfg)
+        for j, r in enumerate(rows):
+            banned = ex_idx[ex_ptr[r] : ex_ptr[r + 1]]
+            got = ids[j][ids[j] >= 0]
+            if banned.size:
+                got = got[~np.isin(got, banned)]
+            eligible = (
+                self.n_items - np.unique(banned[(banned >= 0) & (banned < self.n_items)]).size
+            )
+            need = min(k, eligible)
+            if got.size < need:
+                got = self._retry(q[r : r + 1], k, banned, cfg)
+                if got.size < need:
+                    self._exact_rows(q[r : r + 1], k, banned, None, out_i[r], out_s[r])
+                    continue
+            self._fill(q[r], got, k, out_i[r], out_s[r])
+        return out_i, out_s
+
+    def _retry(self, q: np.ndarray, k: int, banned: np.ndarray, cfg: SearchConfig) -> np.ndarray:
+        """One query again, with an IDSelector and a wider search."""
+        ids64 = np.ascontiguousarray(banned, dtype=np.int64)
+        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(ids64)) if ids64.size else None
+        found = self._raw(q, k, cfg, RETRY_WIDEN, sel)[0]
+        return found[found >= 0]
+
+    def _fill(self, qv: np.ndarray, ids: np.ndarray, k: int, oi: np.ndarray, os_: np.ndarray):
+        """Exact scores of found ids, best first (ties by id), first k."""
+        ids = ids.astype(np.int64)
+        scores = np.asarray(self.vectors[ids] @ qv, np.float32)
+        order = np.lexsort((ids, -scores))[:k]
+        oi[: order.size] = ids[order]
+        os_[: order.size] = scores[order]
+
+    def _exact_rows(self, q, k, banned, allowed, oi, os_) -> None:
+        """Brute force for one query: over `allowed` only when given."""
+        if allowed is not None:
+            allowed = np.unique(allowed[(allowed >= 0) & (allowed < self.n_items)])
+            if banned.size:
+                allowed = allowed[~np.isin(allowed, banned)]
+            self._fill(q[0], allowed, k, oi, os_)
+            return
+        scores = np.ascontiguousarray(np.asarray(q @ np.asarray(self.vectors).T, np.float32))
+        ptr = np.array([0, banned.size], np.int64)
+        i, s = topk.topk_dense(scores, k, ptr, banned.astype(np.int32), None, None, 1)
+        oi[:], os_[:] = i[0], s[0]
+
+
+class SimilarIndex:
+    """Cosine item-item neighbours from an inner-product index over unit vectors."""
+
+    def __init__(self, kind: str, index: faiss.Index, ids: np.ndarray) -> None:
+        self.kind = kind
+        self.index = index
+        self.ids = ids  # item index of each indexed vector (zero vectors left out)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, kind: str = "hnsw", seed: int = 0) -> SimilarIndex:
+        """Index the non-zero item vectors, normalised."""
+        v = np.asarray(vectors, np.float32)
+        norms = _norms(v)
+        ids = np.flatnonzero(norms > 0).astype(np.int64)
+        unit = (v[ids] / norms[ids, None]).astype(np.float32)
+        factory, _ = _factory(kind, max(ids.size, 1), v.shape[1])
+        index = faiss.index_factory(v.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        if kind == "hnsw":
+            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        if not index.is_trained and ids.size:
+            faiss.extract_index_ivf(index).cp.seed = seed
+            index.train(unit)
+        index.add(unit)
+        return cls(kind, index, ids)
+
+    def write(self, path: Path) -> None:
+        """Write the FAISS index file (ids are stored by the model as .npy)."""
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def read(cls, path: Path, kind: str, ids: np.ndarray, mmap: bool = True) -> SimilarIndex:
+        """Read an index file, memory-mapped where FAISS can map the index type."""
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: not a readable FAISS index ({exc})") from None
+        if index.ntotal != ids.shape[0]:
+            raise ValueError(f"{path}: {index.ntotal} vectors, expected {ids.shape[0]}")
+        return cls(kind, index, ids)
+
+    def similar(
+        self, items: np.ndarray, vectors: np.ndarray, k: int, cfg: SearchConfig | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k cosine neighbours of each item (never itself), padded with -1 / -inf."""
+        cfg = cfg or SearchConfig()
+        n = items.size
+        out_i = np.full((n, k), -1, np.int32)
+        out_s = np.full((n, k), -np.inf, np.float32)
+        if n == 0:
+            return out_i, out_s
+        with _omp_threads(1 if n == 1 else (cfg.n_threads or CORES)):
+            return self._similar(items, vectors, k, cfg, out_i, out_s)
+
+    def _similar(self, items, vectors, k, cfg, out_i, out_s):
+        n = items.size
+        v = np.asarray(vectors[items], np.float32)
+        norms = _norms(v)
+        q = np.divide(v, norms[:, None], out=np.zeros_like(v), where=norms[:, None] > 0)
+        q = q.astype(np.float32)
+        if self.kind == "hnsw":
+            p = faiss.SearchParametersHNSW()
+            p.efSearch = max(cfg.ef_search, k + 1)
+        elif self.kind in ("ivf", "ivfpq"):
+            p = faiss.SearchParametersIVF()
+            p.nprobe = min(cfg.nprobe, self.index.nlist)
+        else:
+            p = faiss.SearchParameters()
+        fetch = min(k + 1, self.ids.size)
+        pos = self.index.search(q, fetch, params=p)[1] if fetch else np.zeros((n, 0), np.int64)
+        n_items = vectors.shape[0]
+        for r in range(n):
+            if norms[r] == 0:
+                # No direction: cosine 0 with everything, ties by index (as the
+                # exact cosine_similar does), so k neighbours still come back.
+                others = np.arange(min(k + 1, n_items))
+                others = others[others != items[r]][:k]
+                out_i[r, : others.size], out_s[r, : others.size] = others, 0.0
+                continue
+            found = self.ids[pos[r][pos[r] >= 0]]
+            found = found[found != items[r]]
+            if found.size < min(k, self.ids.size - 1):
+                found = self.ids[self.ids != items[r]]  # ANN came back short: exact
+            w = np.asarray(vectors[found], np.float32)
+            scores = (w @ q[r]) / _norms(w).astype(np.float32)
+            order = np.lexsort((found, -scores))[:k]
+            out_i[r, : order.size] = found[order]
+            out_s[r, : order.size] = scores[order]
+        return out_i, out_s

@@ -1,0 +1,150 @@
+"""Embedding models (score = query . item vector) ranked through a FAISS index.
+
+A mixin for models whose ranking score is an inner product: ALS (user x item
+factors) and BPR ([p, 1] . [q, b]). The `index` parameter picks the retrieval:
+
+- `exact`: dense scores for every item and the shared top-k kernel (no FAISS);
+- `flat`: FAISS exact inner product;
+- `hnsw`, `ivf`, `ivfpq`: approximate (server/index.py), with a second, cosine
+  index for similar_items;
+- `auto` (default): `exact` below AUTO_ANN_ITEMS items, `hnsw` from there:
+  the crossover measured by bench/bench_index.py (see the README).
+
+Index files are bundle files (sha256 in the manifest) and load memory-mapped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import scipy.sparse as sp
+
+from server import artifacts
+from server.index import ItemIndex, SearchConfig, SimilarIndex
+from server.models.base import Param, Recommender, cosine_similar
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("auto", "exact", "flat", "hnsw", "ivf", "ivfpq")
+# From bench/bench_index.py: below this many items exact scoring is as fast as
+# HNSW per query and has perfect recall; above it HNSW pays.
+AUTO_ANN_ITEMS = 200_000
+ITEMS_FILE = "items.faiss"
+SIMILAR_FILE = "similar.faiss"
+
+INDEX_PARAMS: Mapping[str, Param] = {
+    "index": Param(
+        str,
+        "auto",
+        "retrieval: exact scoring, FAISS flat, or ANN (hnsw, ivf, ivfpq); auto picks by size",
+        choices=INDEX_KINDS,
+    ),
+    "ef_search": Param(int, 128, "HNSW efSearch per query", min=1, max=100_000),
+    "nprobe": Param(int, 32, "IVF lists probed per query", min=1, max=100_000),
+}
+
+
+class EmbeddingIndexMixin(Recommender):
+    """Ranks through `item_index` when the model has one; else the dense default."""
+
+    item_index: ItemIndex | None = None
+    similar_index: SimilarIndex | None = None
+    _index_kinds: ClassVar[tuple[str, ...]] = INDEX_KINDS
+
+    # -- what a model provides -------------------------------------------------------
+
+    def _item_vectors(self) -> np.ndarray:
+        """(n_items, d) vectors whose inner product with a query is the score."""
+        raise NotImplementedError
+
+    def _user_queries(self, users: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _history_queries(self, history: sp.csr_matrix) -> np.ndarray:
+        raise NotImplementedError
+
+    def _similarity_vectors(self) -> np.ndarray:
+        """Vectors whose cosine defines item-item similarity."""
+        raise NotImplementedError
+
+    # -- index life cycle ------------------------------------------------------------------
+
+    def index_kind(self) -> str:
+        """The resolved retrieval kind (auto -> exact or hnsw by catalogue size)."""
+        kind = self.params["index"]
+        if kind == "auto":
+            return "hnsw" if self.n_items >= AUTO_ANN_ITEMS else "exact"
+        return kind
+
+    def build_index(self) -> None:
+        """(Re)build the FAISS indexes from the current vectors."""
+        kind = self.index_kind()
+        self.item_index = self.similar_index = None
+        if kind == "exact":
+            return
+        seed = int(self.params.get("seed", 0))
+        self.item_index = ItemIndex.build(self._item_vectors(), kind, seed)
+        if kind != "flat":
+            self.similar_index = SimilarIndex.build(self._similarity_vectors(), kind, seed)
+
+    def _search_config(self) -> SearchConfig:
+        return SearchConfig(self.params["ef_search"], self.params["nprobe"], self.n_threads)
+
+    def _rank(self, users, history, k, excl, cand):
+        if self.item_index is None:
+            return super()._rank(users, history, k, excl, cand)
+        q = self._user_queries(users) if users is not None else self._history_queries(history)
+        return self.item_index.search(q, k, excl, cand, self._search_config())
+
+    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.similar_index is None:
+            return cosine_similar(self._similarity_vectors(), items, k, self.n_threads)
+        return self.similar_index.similar(
+            items, self._similarity_vectors(), k, self._search_config()
+        )
+
+    # -- bundles ---------------------------------------------------------------------------
+
+    def _files(self) -> dict[str, Any]:
+        files: dict[str, Any] = {}
+        if self.item_index is not None:
+            files[ITEMS_FILE] = self.item_index.write
+        if self.similar_index is not None:
+            files[SIMILAR_FILE] = self.similar_index.write
+        return files
+
+    def _index_arrays(self) -> dict[str, np.ndarray]:
+        """Small arrays the indexes need at load (stored next to the model's own)."""
+        out = {}
+        if self.item_index is not None:
+            out["index_max_norm"] = np.array([self.item_index.max_norm], np.float64)
+        if self.similar_index is not None:
+            out["similar_ids"] = self.similar_index.ids
+        return out
+
+    @classmethod
+    def from_bundle(cls, path: Path, doc: Mapping[str, Any], mmap: bool = True) -> Self:
+        model = super().from_bundle(path, doc, mmap)
+        kind = model.index_kind()
+        if kind == "exact":
+            return model
+        if ITEMS_FILE not in doc["files"]:
+            log.warning("%s: no %s in the bundle; ranking by exact scoring", path, ITEMS_FILE)
+            return model
+        arrays = artifacts.load_arrays(path, doc, mmap=mmap)  # mapped: no copy
+        model.item_index = ItemIndex.read(
+            path / ITEMS_FILE,
+            kind,
+            np.asarray(model._item_vectors(), np.float32),
+            float(arrays["index_max_norm"][0]),
+            mmap=mmap,
+        )
+        if SIMILAR_FILE in doc["files"]:
+            model.similar_index = SimilarIndex.read(
+                path / SIMILAR_FILE, kind, np.asarray(arrays["similar_ids"], np.int64), mmap
+            )
+        return model

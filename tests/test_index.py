@@ -1,0 +1,186 @@
+"""FAISS retrieval (server/index.py) against brute-force numpy, and in the models."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import faiss
+import numpy as np
+import pytest
+
+from server import artifacts
+from server.data import generate, to_dataset
+from server.index import ItemIndex, SearchConfig
+from server.models import create, load_named
+
+
+def brute(q, y, k, banned=None, allowed=None):
+    """Exact top-k by inner product, ties by lower index, as lists per row."""
+    out = []
+    for r in range(q.shape[0]):
+        s = y.astype(np.float64) @ q[r].astype(np.float64)
+        ok = np.ones(y.shape[0], bool)
+        if banned is not None:
+            ok[banned[r]] = False
+        if allowed is not None and len(allowed[r]):
+            mask = np.zeros_like(ok)
+            mask[allowed[r]] = True
+            ok &= mask
+        idx = np.flatnonzero(ok)
+        order = np.lexsort((idx, -s[idx]))[:k]
+        out.append(idx[order].tolist())
+    return out
+
+
+def csr(lists):
+    ptr = np.zeros(len(lists) + 1, np.int64)
+    np.cumsum([len(x) for x in lists], out=ptr[1:])
+    idx = np.concatenate([np.asarray(x, np.int32) for x in lists]) if ptr[-1] else np.zeros(0)
+    return ptr, idx.astype(np.int32)
+
+
+def valid(row):
+    return [int(x) for x in row if x >= 0]
+
+
+@pytest.fixture(scope="module")
+def factors():
+    """ALS factors of a synthetic long-tail dataset (3,000 items) and each user's seen items."""
+    ds = to_dataset(generate(4_000, 3_000, 160_000, seed=11))
+    m = create("als", factors=32, iterations=8, index="exact").fit(ds)
+    seen = [m.user_items[u].indices for u in range(400)]
+    return np.asarray(m.user_factors[:400]), np.asarray(m.item_factors), seen
+
+
+def test_flat_equals_brute_force_with_exclusions_and_candidates():
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((500, 16)).astype(np.float32)
+    q = rng.standard_normal((30, 16)).astype(np.float32)
+    banned = [rng.choice(500, rng.integers(0, 60), replace=False) for _ in range(30)]
+    allowed = [rng.choice(500, 25, replace=False) if r % 3 == 0 else [] for r in range(30)]
+    index = ItemIndex.build(y, "flat")
+    items, scores = index.search(q, 10, csr(banned), csr(allowed))
+    assert [valid(r) for r in items] == brute(q, y, 10, banned, allowed)
+    want = np.take_along_axis(q @ y.T, items.astype(np.int64), axis=1)
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
+    one_i, _ = index.search(q[:1], 10, csr(banned[:1]))  # a single query, the 1-thread path
+    assert valid(one_i[0]) == brute(q[:1], y, 10, banned[:1])[0]
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_ann_recall_at_defaults(factors, kind):
+    users, items, seen = factors
+    index = ItemIndex.build(items, kind)
+    got, _ = index.search(users, 10, csr(seen))
+    want = brute(users, items, 10, seen)
+    recall = np.mean([len(set(valid(g)) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
+    assert recall >= 0.98, recall
+    for r, row in enumerate(got):
+        assert len(valid(row)) == 10 and not set(valid(row)) & set(seen[r].tolist())
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_exclusions_never_leak_and_never_shorten(factors, kind):
+    users, items, _ = factors
+    n = items.shape[0]
+    rng = np.random.default_rng(5)
+    # 97% of the catalogue excluded for some rows: ANN must still return k eligible items.
+    banned = [rng.choice(n, int(n * f), replace=False) for f in (0.0, 0.5, 0.9, 0.97)]
+    q = users[:4]
+    index = ItemIndex.build(items, kind)
+    got, scores = index.search(q, 50, csr(banned))
+    for r in range(4):
+        row = valid(got[r])
+        assert len(row) == 50 and len(set(row)) == 50
+        assert not set(row) & set(banned[r].tolist())
+        assert np.all(np.diff(scores[r]) <= 1e-6)
+    # Fewer eligible than k: exactly the eligible ones, then padding.
+    almost = [np.setdiff1d(np.arange(n), [3, 7, 11])]
+    got, _ = index.search(q[:1], 10, csr(almost))
+    assert sorted(valid(got[0])) == [3, 7, 11] and (got[0][3:] == -1).all()
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_zero_vectors_do_not_break_recall(factors, kind):
+    users, items, seen = factors
+    y = items.copy()
+    zero = np.random.default_rng(1).choice(y.shape[0], y.shape[0] // 5, replace=False)
+    y[zero] = 0.0
+    y[zero[:10]] = 1e-30  # near-zero too
+    index = ItemIndex.build(y, kind)
+    got, scores = index.search(users, 10, csr(seen))
+    assert np.isfinite(scores).all()
+    want = brute(users, y, 10, seen)
+    recall = np.mean([len(set(valid(g)) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
+    assert recall >= 0.98, recall
+
+
+def test_concurrent_searches_with_different_parameters_agree_with_serial(factors):
+    users, items, seen = factors
+    index = ItemIndex.build(items, "hnsw")
+    before = faiss.omp_get_max_threads()
+    cfgs = [SearchConfig(ef_search=ef) for ef in (16, 64, 256)]
+    serial = [
+        np.vstack(
+            [index.search(users[r : r + 1], 10, csr(seen[r : r + 1]), cfg=c)[0] for r in range(50)]
+        )
+        for c in cfgs
+    ]
+    results: dict[int, list] = {}
+
+    def run(j):
+        results[j] = [
+            index.search(users[r : r + 1], 10, csr(seen[r : r + 1]), cfg=cfgs[j % 3])[0]
+            for r in range(50)
+        ]
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for j, rows in results.items():
+        np.testing.assert_array_equal(np.vstack(rows), serial[j % 3])
+    assert faiss.omp_get_max_threads() == before  # the main thread's setting is untouched
+
+
+@pytest.mark.parametrize("algo", ["als", "bpr"])
+def test_models_rank_through_the_index_and_round_trip(tmp_path, algo):
+    ds = to_dataset(generate(1_500, 1_200, 60_000, seed=2))
+    params = {"factors": 16, "iterations": 5} if algo == "als" else {"factors": 16, "epochs": 10}
+    model = create(algo, **params, index="hnsw").fit(ds)
+    exact = copy.copy(model)  # the same factors (BPR's Hogwild fit is not repeatable)
+    exact.item_index = exact.similar_index = None
+    users = np.arange(0, 1_500, 7)
+    ei, _ = exact.recommend(users, k=10)
+    mi, ms = model.recommend(users, k=10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ei, mi, strict=True)])
+    assert overlap >= 0.98
+    hi, _ = model.recommend_from_history([1, 2, 3], k=10)
+    he, _ = exact.recommend_from_history([1, 2, 3], k=10)
+    assert len(set(hi) & set(he)) >= 9
+    si, _ = model.similar_items(5, 10)
+    se, _ = exact.similar_items(5, 10)
+    assert 5 not in si and len(set(si) & set(se)) >= 9
+    path = model.save(tmp_path, algo)
+    doc = artifacts.read_manifest(path)
+    assert {"items.faiss", "similar.faiss"} <= set(doc["files"])
+    loaded = load_named(tmp_path, algo)
+    assert loaded.item_index is not None and loaded.item_index.kind == "hnsw"
+    li, ls = loaded.recommend(users, k=10)
+    np.testing.assert_array_equal(li, mi)
+    np.testing.assert_allclose(ls, ms, rtol=1e-6)
+    np.testing.assert_array_equal(loaded.similar_items(5, 10)[0], si)
+    victim = path / "items.faiss"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(artifacts.BundleError, match=r"items\.faiss"):
+        load_named(tmp_path, algo)
+
+
+def test_auto_picks_exact_for_small_catalogues():
+    ds = to_dataset(generate(300, 200, 6_000, seed=1))
+    m = create("als", factors=8, iterations=2).fit(ds)
+    assert m.index_kind() == "exact" and m.item_index is None
