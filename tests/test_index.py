@@ -184,3 +184,17 @@ def test_auto_picks_exact_for_small_catalogues():
     ds = to_dataset(generate(300, 200, 6_000, seed=1))
     m = create("als", factors=8, iterations=2).fit(ds)
     assert m.index_kind() == "exact" and m.item_index is None
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_index_file_round_trip_memory_mapped(factors, tmp_path, kind):
+    users, items, seen = factors
+    index = ItemIndex.build(items, kind)
+    index.write(tmp_path / "i.faiss")
+    loaded = ItemIndex.read(tmp_path / "i.faiss", kind, items, index.max_norm, mmap=True)
+    a = index.search(users[:20], 10, csr(seen[:20]))
+    b = loaded.search(users[:20], 10, csr(seen[:20]))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    with pytest.raises(ValueError, match="vectors"):
+        ItemIndex.read(tmp_path / "i.faiss", kind, items[:-1], index.max_norm)
