@@ -33,7 +33,13 @@ LATENCY_BUCKETS = (
 
 
 class Metrics:
-    """The service's metrics on one registry (tests use a fresh one each)."""
+    """The service's metrics on one registry (tests use a fresh one each).
+
+    Gauges carry a multiprocess mode for `recserve serve --workers N`
+    (prometheus_client's multi-process mode, set up by the launcher): in-flight
+    calls and process memory add up over live workers; model gauges take the
+    live workers' maximum (each worker maps the same files).
+    """
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
@@ -51,44 +57,103 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.stage_seconds = Histogram(
+            "recserve_stage_duration_seconds",
+            "Time per serving stage: resolve (user, history, ids), retrieve (the model's "
+            "top-k), rank (blend, explanations, uncertainty)",
+            ["method", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.requests = Counter(
             "recserve_requests_total",
             "Answered requests by asked model, the model that served them and experiment arm",
             ["method", "model", "served_by", "arm"],
             registry=registry,
         )
+        self.items = Counter(
+            "recserve_streamed_items_total",
+            "Ranked items sent",
+            ["method"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "recserve_fallbacks_total",
+            "Requests another model answered, by the model asked (after experiments) and "
+            "the model that answered",
+            ["from_model", "to_model"],
+            registry=registry,
+        )
+        self.fold_ins = Counter(
+            "recserve_fold_ins_total",
+            "Requests where a model folded the user in from a history",
+            ["model"],
+            registry=registry,
+        )
+        self.assignments = Counter(
+            "recserve_experiment_assignments_total",
+            "Experiment arm assignments",
+            ["experiment", "arm"],
+            registry=registry,
+        )
         self.rejected = Counter(
             "recserve_rejected_requests_total",
-            "Requests refused before any work, by status code",
+            "Requests refused before any work (overload, draining), by status code",
             ["method", "code"],
+            registry=registry,
+        )
+        self.feedback_events = Counter(
+            "recserve_feedback_events_total",
+            "Recorded feedback events by outcome (accepted, rejected)",
+            ["outcome"],
             registry=registry,
         )
         self.inflight = Gauge(
             "recserve_inflight_requests",
             "Recommender RPCs currently running",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.model_serving = Gauge(
             "recserve_model_serving",
             "1 when the model is loaded and serving, else 0",
             ["model"],
             registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.model_info = Gauge(
+            "recserve_model_info",
+            "1 for the serving version of each model",
+            ["model", "algorithm", "version"],
+            registry=registry,
+            multiprocess_mode="livemax",
         )
         self.model_load_seconds = Gauge(
             "recserve_model_load_seconds",
             "Seconds the serving version took to load",
             ["model"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.model_bytes = Gauge(
-            "recserve_model_bundle_bytes",
-            "Bytes of the serving version's bundle files",
-            ["model"],
+            "recserve_model_bytes",
+            "Bytes of each bundle file of a serving model: mapped (file size) and resident "
+            "(pages of it in this process's memory)",
+            ["model", "component", "kind"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
-        self.feedback_events = Counter(
-            "recserve_feedback_events_total",
-            "Feedback events by outcome (accepted, rejected)",
-            ["outcome"],
+        self.resident_bytes = Gauge(
+            "recserve_process_resident_memory_bytes",
+            "Resident memory of the serving process(es); shared mapped pages count once per "
+            "process",
             registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.proportional_bytes = Gauge(
+            "recserve_process_proportional_memory_bytes",
+            "Proportional set size (shared pages split between the processes mapping them): "
+            "sums correctly over worker processes",
+            registry=registry,
+            multiprocess_mode="livesum",
         )

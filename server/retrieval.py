@@ -267,6 +267,9 @@ class Ranked:
     version: str = ""
     served_by: str = ""  # set when another model than the asked one answered
     arm: str = ""
+    start: str = ""  # the model the chain started from (the arm, for experiments)
+    folded_in: bool = False  # a model folded the user in from a history
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per serving stage
 
 
 @dataclass
@@ -293,6 +296,10 @@ class _Served:
     scores: np.ndarray
     user: int  # -1 when folded in
     row: sp.csr_matrix | None  # the folded-in history row
+
+    @property
+    def folded_in(self) -> bool:
+        return self.row is not None
 
 
 Check = Callable[[], None]
@@ -405,19 +412,27 @@ class Router:
                 raise _invalid(fname, f"{len(ids)} ids; at most {self.cfg.max_ids} allowed")
 
     def recommend(self, q: RecQuery, check: Check = _nothing) -> Ranked:
-        """Top-k for one request: validated, routed, folded in, explained."""
+        """Top-k for one request: validated, routed, folded in, explained.
+
+        The answer's `stages` holds the seconds spent resolving the user
+        (ids, history), retrieving candidates (the model's top-k) and ranking
+        (blending, explanations, uncertainty)."""
+        t = time.perf_counter()
+        stages = {"resolve": 0.0, "retrieve": 0.0, "rank": 0.0}
         self.validate(q)
         asked, start, arm = self._target(q.model, q.user_id)
+        stages["resolve"] += time.perf_counter() - t
         any_ready = False
         for name, entry in self._chain(start):
             any_ready = True
             check()
-            out = self._hybrid(entry, q, check) if isinstance(entry, Hybrid) else None
-            if isinstance(entry, Slot):
-                served = self._serve(entry, q, q.k, check)
-                out = None if served is None else self._ranked(served, q, check)
+            if isinstance(entry, Hybrid):
+                out = self._hybrid(entry, q, check, stages)
+            else:
+                served = self._serve(entry, q, q.k, check, stages)
+                out = None if served is None else self._ranked(served, q, check, stages)
             if out is not None:
-                out.model, out.arm = asked, arm
+                out.model, out.arm, out.start, out.stages = asked, arm, start, stages
                 out.served_by = "" if name == start else name
                 return out
         slot = next((s for s in self.catalog.slots() if s.state == SERVING), None)
@@ -427,8 +442,11 @@ class Router:
             )
         if any_ready:
             log.debug("%s: no model of the chain serves this user; builtin popularity", start)
+        t = time.perf_counter()
         out = self._builtin(slot, q)
-        out.model, out.arm, out.served_by = asked, arm, f"{BUILTIN}:{slot.name}"
+        stages["retrieve"] += time.perf_counter() - t
+        out.model, out.arm, out.start, out.stages = asked, arm, start, stages
+        out.served_by = f"{BUILTIN}:{slot.name}"
         return out
 
     def _history(self, model: Recommender, q: RecQuery, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -460,10 +478,13 @@ class Router:
             val_r = np.concatenate([val_r, vals[keep]])
         return idx_r, val_r
 
-    def _serve(self, slot: Slot, q: RecQuery, k: int, check: Check) -> _Served | None:
+    def _serve(
+        self, slot: Slot, q: RecQuery, k: int, check: Check, stages: dict[str, float]
+    ) -> _Served | None:
         """One real model's top-k for the request; None when it cannot serve this user."""
         m = slot.model
         assert m is not None and m.items is not None and m.users is not None
+        t = time.perf_counter()
         extra_idx, extra_val = self._history(m, q, slot.name)
         user = m.users.get(q.user_id) if q.user_id else -1
         excl = m.items.index(list(q.exclude)) if q.exclude else np.zeros(0, np.int64)
@@ -472,10 +493,20 @@ class Router:
         if q.candidates:
             cand = m.items.index(list(q.candidates))
             cand = cand[cand >= 0]
-            if cand.size == 0:
-                empty = np.zeros(0, np.int32)
-                return _Served(slot, empty, np.zeros(0, np.float32), user, None)
+        t2 = time.perf_counter()
+        stages["resolve"] += t2 - t
+        if cand is not None and cand.size == 0:
+            empty = np.zeros(0, np.int32)
+            return _Served(slot, empty, np.zeros(0, np.float32), user, None)
         check()
+        try:
+            return self._retrieve(slot, q, k, user, extra_idx, extra_val, excl, cand)
+        finally:
+            stages["retrieve"] += time.perf_counter() - t2
+
+    def _retrieve(self, slot, q, k, user, extra_idx, extra_val, excl, cand) -> _Served | None:
+        """The model's top-k for a resolved user (known row, or history to fold in)."""
+        m = slot.model
         if user >= 0 and extra_idx.size == 0:
             items, scores = m.recommend(
                 [user],
@@ -506,10 +537,18 @@ class Router:
         n = int((items >= 0).sum())
         return _Served(slot, items[:n], scores[:n], user, row)
 
-    def _ranked(self, s: _Served, q: RecQuery, check: Check) -> Ranked:
+    def _ranked(self, s: _Served, q: RecQuery, check: Check, stages: dict[str, float]) -> Ranked:
+        t = time.perf_counter()
+        try:
+            return self._ranked_timed(s, q, check)
+        finally:
+            stages["rank"] += time.perf_counter() - t
+
+    def _ranked_timed(self, s: _Served, q: RecQuery, check: Check) -> Ranked:
         m = s.slot.model
         assert m is not None and m.items is not None
         out = Ranked(m.items.ids(s.items), s.scores.astype(float).tolist(), version=s.slot.version)
+        out.folded_in = s.folded_in
         if q.explain and s.items.size:
             check()
             out.because = [self._because(s, int(i)) for i in s.items]
@@ -528,7 +567,9 @@ class Router:
             idx, _ = m.explain_history(s.row, item, EXPLAIN_ITEMS)
         return m.items.ids(idx)
 
-    def _hybrid(self, hy: Hybrid, q: RecQuery, check: Check) -> Ranked | None:
+    def _hybrid(
+        self, hy: Hybrid, q: RecQuery, check: Check, stages: dict[str, float]
+    ) -> Ranked | None:
         """Blend the components' min-max-normalized scores over their top candidates."""
         n = max(3 * q.k, 100)
         parts: list[tuple[float, _Served]] = []
@@ -537,11 +578,18 @@ class Router:
             if w <= 0 or slot is None or slot.model is None:
                 continue
             check()
-            served = self._serve(slot, q, min(n, max(slot.model.n_items, 1)), check)
+            served = self._serve(slot, q, min(n, max(slot.model.n_items, 1)), check, stages)
             if served is not None and served.items.size:
                 parts.append((w, served))
         if not parts:
             return None
+        t = time.perf_counter()
+        try:
+            return self._blend(parts, q, check)
+        finally:
+            stages["rank"] += time.perf_counter() - t
+
+    def _blend(self, parts: list[tuple[float, _Served]], q: RecQuery, check: Check) -> Ranked:
         blend: dict[str, float] = {}
         for w, s in parts:
             assert s.slot.model is not None and s.slot.model.items is not None
@@ -552,6 +600,7 @@ class Router:
         order = sorted(blend.items(), key=lambda kv: (-kv[1], kv[0]))[: q.k]
         out = Ranked([i for i, _ in order], [v for _, v in order])
         out.version = ",".join(f"{s.slot.name}@{s.slot.version}" for _, s in parts)
+        out.folded_in = any(s.folded_in for _, s in parts)
         if q.explain:
             check()
             out.because = [self._hybrid_because(parts, item_id) for item_id in out.item_ids]

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,6 +30,7 @@ from recserve.v1 import recommender_pb2_grpc as pb_grpc
 from server import convert
 from server.config import ServerConfig
 from server.feedback import Event, FeedbackStore, OnlineState, now
+from server.memstat import file_residency, process_memory
 from server.metrics import Metrics
 from server.retrieval import (
     MAX_ID_BYTES,
@@ -50,6 +52,7 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
 FEEDBACK_BATCH = 1000
+MEMORY_INTERVAL = 5.0  # seconds between memory gauge updates
 CHECK_EVERY = 64  # streamed items between cancellation checks
 
 
@@ -95,6 +98,9 @@ class App:
         self.metrics_port = 0
         self.started = time.monotonic()
         self.serving_after: float | None = None  # seconds from start to overall SERVING
+        self._info_labels: dict[str, tuple[str, str, str]] = {}
+        self._stopped = threading.Event()
+        self._metrics_http: tuple[Any, Any] | None = None
         for name in (OVERALL, *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -139,10 +145,13 @@ class App:
         server.start()
         self.server, self.port = server, port
         if self.cfg.metrics_port:
-            start_http_server(self.cfg.metrics_port, registry=self.metrics.registry)
+            self._metrics_http = start_http_server(
+                self.cfg.metrics_port, registry=self.metrics.registry
+            )
             self.metrics_port = self.cfg.metrics_port
         self.catalog.start()
         self._refresh_health()
+        threading.Thread(target=self._sample_forever, name="memory", daemon=True).start()
         log.info(
             "listening on %s:%d (%d models loading)", self.cfg.host, port, len(self.catalog.slots())
         )
@@ -152,11 +161,14 @@ class App:
         """NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` s."""
         grace = self.cfg.grace_seconds if grace is None else grace
         self.draining = True
+        self._stopped.set()
         self.health.enter_graceful_shutdown()
         if self.server is not None:
             self.server.stop(grace).wait()
         self.catalog.close()
         self.store.close()
+        if self._metrics_http is not None:
+            self._metrics_http[0].shutdown()
         log.info("drained and stopped")
 
     def wait(self) -> None:
@@ -169,10 +181,42 @@ class App:
     def _model_changed(self, slot: Slot) -> None:
         m = self.metrics
         m.model_serving.labels(slot.name).set(1 if slot.state == SERVING else 0)
-        if slot.state == SERVING:
+        if slot.state == SERVING and slot.model is not None:
             m.model_load_seconds.labels(slot.name).set(slot.load_seconds)
-            m.model_bytes.labels(slot.name).set(slot.bytes)
+            old = self._info_labels.pop(slot.name, None)
+            if old is not None:
+                with contextlib.suppress(KeyError):
+                    m.model_info.remove(*old)
+            labels = (slot.name, slot.model.algorithm, slot.version)
+            m.model_info.labels(*labels).set(1)
+            self._info_labels[slot.name] = labels
+            self.sample_memory()
         self._refresh_health()
+
+    def sample_memory(self) -> None:
+        """Update the memory gauges: process RSS/PSS, per model file mapped/resident."""
+        m = self.metrics
+        rss, pss = process_memory()
+        m.resident_bytes.set(rss)
+        m.proportional_bytes.set(pss)
+        files: dict[str, tuple[str, str, int]] = {}
+        for slot in self.catalog.slots():
+            if slot.state != SERVING or slot.model is None:
+                continue
+            for fname, entry in slot.model.manifest.get("files", {}).items():
+                path = str((Path(slot.path) / fname).resolve())
+                files[path] = (slot.name, fname.removesuffix(".npy"), int(entry["bytes"]))
+        resident = file_residency(files)
+        for path, (model, component, size) in files.items():
+            m.model_bytes.labels(model, component, "mapped").set(size)
+            m.model_bytes.labels(model, component, "resident").set(resident.get(path, 0))
+
+    def _sample_forever(self) -> None:
+        while not self._stopped.wait(MEMORY_INTERVAL):
+            try:
+                self.sample_memory()
+            except Exception:  # metrics must never take the server down
+                log.exception("memory sampling failed")
 
     def _refresh_health(self) -> None:
         if self.draining:
@@ -245,16 +289,34 @@ class App:
     ) -> Iterator[pb.RankedItem]:
         """Send metadata, then the ranked items, stopping if the client goes away."""
         context.send_initial_metadata(convert.metadata(r))
-        self.metrics.requests.labels(method, r.model, r.served_by or r.arm or r.model, r.arm).inc()
+        self.observe(method, r)
         check = self.checker(context)
-        for n, item in enumerate(convert.ranked_items(r)):
-            if n == 0:
-                self.metrics.first_item_seconds.labels(method).observe(
-                    time.perf_counter() - state["t0"]
-                )
-            elif n % CHECK_EVERY == 0:
-                check()
-            yield item
+        sent = 0
+        try:
+            for item in convert.ranked_items(r):
+                if sent == 0:
+                    self.metrics.first_item_seconds.labels(method).observe(
+                        time.perf_counter() - state["t0"]
+                    )
+                elif sent % CHECK_EVERY == 0:
+                    check()
+                yield item
+                sent += 1
+        finally:
+            self.metrics.items.labels(method).inc(sent)
+
+    def observe(self, method: str, r: Ranked) -> None:
+        """Count an answered request: who served it, fallbacks, fold-ins, arms, stages."""
+        m = self.metrics
+        m.requests.labels(method, r.model, r.served_by or r.arm or r.model, r.arm).inc()
+        for stage, seconds in r.stages.items():
+            m.stage_seconds.labels(method, stage).observe(seconds)
+        if r.served_by:
+            m.fallbacks.labels(r.start, r.served_by).inc()
+        if r.folded_in:
+            m.fold_ins.labels(r.served_by or r.start).inc()
+        if r.arm:
+            m.assignments.labels(r.model, r.arm).inc()
 
 
 def _batches(events: Iterator[Event], size: int) -> Iterator[list[Event]]:
@@ -295,9 +357,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                         status=pb.Status(code=code.value[0], message=str(err)),
                     )
                     continue
-                self.app.metrics.requests.labels(
-                    "RecommendBatch", r.model, r.served_by or r.arm or r.model, r.arm
-                ).inc()
+                self.app.observe("RecommendBatch", r)
+                self.app.metrics.items.labels("RecommendBatch").inc(len(r.item_ids))
                 yield convert.response(request.request_id, r)
 
     def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext):
@@ -323,6 +384,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             if p.served_by:
                 md.append(("x-recserve-served-by", p.served_by))
             context.send_initial_metadata(tuple(md))
+            self.app.metrics.requests.labels(
+                "PredictRatings", p.model, p.served_by or p.model, ""
+            ).inc()
             return convert.predictions(p)
         return pb.PredictRatingsResponse()  # reached only when the client cancelled
 

@@ -1,0 +1,153 @@
+"""/metrics of a real server after real calls: every family, sensible values."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from recserve.v1 import recommender_pb2 as pb
+from server import convert
+from server.config import Experiment, Hybrid
+from tests.service_helpers import publish_models, running
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, list]:
+    """family name -> samples, parsed by prometheus_client's own parser."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def value(fams, family, sample=None, **labels):
+    for s in fams[family]:
+        if (sample is None or s.name == sample) and all(
+            s.labels.get(k) == v for k, v in labels.items()
+        ):
+            return s.value
+    return None
+
+
+@pytest.fixture(scope="module")
+def published(small, tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics-models")
+    publish_models(small, root)
+    return root
+
+
+def test_every_family_after_real_calls(published):
+    port = free_port()
+    exp = {"ab": Experiment("ab", {"als": 0.5, "itemknn": 0.5}, "x")}
+    hy = {"mix": Hybrid("mix", {"als": 0.5, "itemknn": 0.5})}
+    with running(published, metrics_port=port, experiments=exp, hybrids=hy) as s:
+        s.recommend(user_id="7", k=5, model="als")
+        s.recommend(user_id="new", k=4, model="als", history=[pb.Interaction(item_id="3")])
+        s.recommend(user_id="nobody", k=3, model="als")  # falls back to popularity
+        for u in range(10):
+            s.recommend(user_id=str(u + 1), k=2, model="ab")
+        s.recommend(user_id="7", k=5, model="mix", explain=True)
+        list(s.rec.SimilarItems(pb.SimilarItemsRequest(item_id="10", k=3, model="itemknn")))
+        s.rec.RecordInteractions(iter([pb.Interaction(user_id="7", item_id="1")]))
+        s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=0))
+        s.app.sample_memory()
+        fams = scrape(port)
+    rpc = "recserve_rpc_duration_seconds"
+    assert value(fams, rpc, rpc + "_count", method="Recommend", code="OK") == 14
+    assert value(fams, rpc, rpc + "_count", method="Recommend", code="INVALID_ARGUMENT") == 1
+    assert value(fams, rpc, rpc + "_count", method="SimilarItems", code="OK") == 1
+    ttfi = "recserve_time_to_first_item_seconds"
+    assert value(fams, ttfi, ttfi + "_count", method="Recommend") == 14
+    stage = "recserve_stage_duration_seconds"
+    for name in ("resolve", "retrieve", "rank"):
+        assert value(fams, stage, stage + "_count", method="Recommend", stage=name) == 14
+        assert value(fams, stage, stage + "_sum", method="Recommend", stage=name) > 0
+    assert value(fams, "recserve_streamed_items", method="Recommend") == 5 + 4 + 3 + 20 + 5
+    assert value(fams, "recserve_fallbacks", from_model="als", to_model="popularity") == 1
+    assert value(fams, "recserve_fold_ins", model="als") == 1
+    arms = [s for s in fams["recserve_experiment_assignments"] if s.name.endswith("_total")]
+    assert sum(s.value for s in arms) == 10 and {s.labels["experiment"] for s in arms} == {"ab"}
+    assert value(fams, "recserve_requests", model="mix", served_by="mix") == 1
+    assert value(fams, "recserve_feedback_events", outcome="accepted") == 1
+    assert value(fams, "recserve_inflight_requests") == 0
+    assert value(fams, "recserve_model_serving", model="als") == 1
+    info = [s for s in fams["recserve_model_info"] if s.labels["model"] == "als"]
+    assert len(info) == 1 and info[0].labels["algorithm"] == "als" and info[0].labels["version"]
+    assert value(fams, "recserve_model_load_seconds", model="als") > 0
+    mapped = value(
+        fams, "recserve_model_bytes", model="als", component="item_factors", kind="mapped"
+    )
+    resident = value(
+        fams, "recserve_model_bytes", model="als", component="item_factors", kind="resident"
+    )
+    assert (
+        mapped
+        == (published / "als" / info[0].labels["version"] / "item_factors.npy").stat().st_size
+    )
+    assert 0 < resident <= mapped + 4096  # touched by the calls above: resident
+    assert value(fams, "recserve_process_resident_memory_bytes") > 50e6
+    assert value(fams, "recserve_process_proportional_memory_bytes") > 0
+    assert not [s for f in fams.values() for s in f if "user" in s.labels or "item" in s.labels]
+
+
+def test_stream_duration_covers_the_whole_stream(published, monkeypatch):
+    port = free_port()
+    slow_items = convert.ranked_items
+
+    def slow(r):
+        for item in slow_items(r):
+            time.sleep(0.05)
+            yield item
+
+    with running(published, metrics_port=port) as s:
+        monkeypatch.setattr(convert, "ranked_items", slow)
+        t = time.perf_counter()
+        items, _ = s.recommend(user_id="7", k=8, model="popularity")
+        elapsed = time.perf_counter() - t
+        time.sleep(0.1)  # the server records after the last item is sent
+        fams = scrape(port)
+    assert len(items) == 8 and elapsed >= 0.4
+    rpc = "recserve_rpc_duration_seconds"
+    assert value(fams, rpc, rpc + "_sum", method="Recommend", code="OK") >= 0.38
+    ttfi = "recserve_time_to_first_item_seconds"
+    assert value(fams, ttfi, ttfi + "_sum", method="Recommend") < 0.2
+
+
+def test_overload_is_counted(published):
+    import threading
+
+    port = free_port()
+    with running(published, metrics_port=port, max_concurrency=1) as s:
+        model = s.app.catalog.get("als").model
+        gate = threading.Event()
+        entered = threading.Event()
+        original = model.recommend
+
+        def blocked(*a, **kw):
+            entered.set()
+            gate.wait(10)
+            return original(*a, **kw)
+
+        model.recommend = blocked
+        t = threading.Thread(target=lambda: s.recommend(user_id="7", k=3, model="als"))
+        t.start()
+        assert entered.wait(10)
+        assert s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3)).code() is (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        assert value(scrape(port), "recserve_inflight_requests") == 1
+        gate.set()
+        t.join(10)
+        fams = scrape(port)
+    assert (
+        value(fams, "recserve_rejected_requests", method="Recommend", code="RESOURCE_EXHAUSTED")
+        == 1
+    )
