@@ -7,7 +7,7 @@
     recserve models list|verify --models DIR
     recserve recommend --models DIR --name NAME (--user ID | --history ID,ID,...) [--k 10]
     recserve quickstart [--workdir var]   the embedded default: synthetic data + models
-    recserve serve [--config FILE] [--models DIR] [--port 50051] [--metrics-port 9090]
+    recserve serve [--config FILE] [--models DIR] [--port 50051] [--metrics-port 9090] [--workers N]
 
 Progress and logs go to stderr; results (JSON summaries, tables) to stdout.
 """
@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--default-model", default=None, help="model for requests naming none")
     sv.add_argument("--feedback-db", default=None, help="SQLite feedback log ('' = memory)")
+    sv.add_argument(
+        "--workers", type=int, default=None, help="processes sharing the port (default 1)"
+    )
     return ap
 
 
@@ -389,7 +390,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from server.config import load_config
-    from server.service import App
+    from server.launch import serve
 
     cfg = load_config(
         args.config,
@@ -400,6 +401,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "metrics_port": args.metrics_port,
             "default_model": args.default_model,
             "feedback_db": args.feedback_db,
+            "workers": args.workers,
         },
     )
     if not Path(cfg.models).is_dir():
@@ -407,25 +409,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not cfg.feedback_db:
         log.warning(
             "feedback_db is not set: recorded interactions live in memory and are lost at exit"
+            + ("; with several workers each keeps its own" if cfg.workers > 1 else "")
         )
-    app = App(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    port = app.start()
-    host = "localhost" if cfg.host in ("[::]", "0.0.0.0") else cfg.host
-    log.info(
-        'try: grpcurl -plaintext -d \'{"user_id": "1", "k": 5}\' %s:%d '
-        "recserve.v1.Recommender/Recommend",
-        host,
-        port,
-    )
-    log.info("  or: python -m clients --target %s:%d recommend --user 1 --k 5", host, port)
-    if app.metrics_port:
-        log.info("metrics: http://%s:%d/metrics", host, app.metrics_port)
-    stop.wait()
-    log.info("signal received: draining (grace %.1fs)", cfg.grace_seconds)
-    app.drain()
+    serve(cfg)
 
 
 def _emit(payload: dict[str, Any]) -> None:

@@ -7,7 +7,8 @@
     default_model = "hybrid"      # used when a request names no model
     fallback = ["popularity"]     # tried after a model's own chain
     max_k = 1000
-    max_concurrency = 64          # Recommender RPCs in flight; more fail fast
+    max_concurrency = 64          # Recommender RPCs in flight (per worker); more fail fast
+    workers = 1                   # processes sharing the port (SO_REUSEPORT)
     feedback_db = "var/feedback.sqlite"   # "" keeps feedback in memory only
 
     [fallbacks]                   # per-model chains, tried in order
@@ -80,6 +81,7 @@ class ServerConfig:
     feedback_db: str = ""
     online_history: int = 1000
     kernel_threads: int = 1
+    workers: int = 1
     fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     hybrids: dict[str, Hybrid] = field(default_factory=dict)
     experiments: dict[str, Experiment] = field(default_factory=dict)
@@ -107,6 +109,7 @@ _CHECKS: dict[str, tuple[float, float]] = {
     "grace_seconds": (0.0, 3600.0),
     "online_history": (1, 1_000_000),
     "kernel_threads": (0, 1024),
+    "workers": (1, 256),
 }
 
 

@@ -6,6 +6,9 @@ just a process crash). At start-up every stored event is replayed into the
 online state, so a restarted server recommends exactly as before it stopped.
 The online state keeps, per user, the most recent `limit` distinct items with
 their last value; models fold the user in again from training row + these.
+With several worker processes every worker reads the shared log (`sync`)
+before it resolves a user, so an event recorded through one worker shows in
+the next answer of any of them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Event:
     item_id: str
     value: float
     timestamp: int
+    id: int = 0  # the log's row id, once stored
 
 
 class FeedbackStore:
@@ -37,8 +41,9 @@ class FeedbackStore:
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # timeout: with several worker processes a writer waits for the lock.
         self._db = sqlite3.connect(
-            self.path or ":memory:", check_same_thread=False, isolation_level=None
+            self.path or ":memory:", check_same_thread=False, isolation_level=None, timeout=30
         )
         if self.path:
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -68,9 +73,9 @@ class FeedbackStore:
             self._db.execute("COMMIT")
         return len(rows)
 
-    def replay(self, batch: int = 10_000) -> Iterator[Event]:
-        """Every stored event in arrival order."""
-        last = 0
+    def replay(self, after: int = 0, batch: int = 10_000) -> Iterator[Event]:
+        """Every stored event with id > after, in arrival order."""
+        last = after
         while True:
             with self._lock:
                 rows = self._db.execute(
@@ -80,8 +85,8 @@ class FeedbackStore:
                 ).fetchall()
             if not rows:
                 return
-            for _, u, i, v, ts in rows:
-                yield Event(u, i, float(v), int(ts))
+            for row_id, u, i, v, ts in rows:
+                yield Event(u, i, float(v), int(ts), int(row_id))
             last = rows[-1][0]
 
     def count(self) -> int:
@@ -96,12 +101,36 @@ class FeedbackStore:
 
 
 class OnlineState:
-    """Per-user recent interactions recorded since the models were trained."""
+    """Per-user recent interactions recorded since the models were trained.
+
+    It is fed only from the log (`sync`), in id order, so every worker process
+    sharing one log converges to the same state, and `last_id` says how far.
+    """
 
     def __init__(self, limit: int = 1000) -> None:
         self.limit = limit
+        self.last_id = 0
         self._users: dict[str, OrderedDict[str, float]] = {}
         self._lock = threading.Lock()
+        self._sync = threading.Lock()
+
+    def sync(self, store: FeedbackStore) -> int:
+        """Apply every event the log holds beyond last_id; returns how many."""
+        with self._sync:
+            n = 0
+            batch: list[Event] = []
+            for e in store.replay(self.last_id):
+                batch.append(e)
+                if len(batch) >= 10_000:
+                    n += self._apply(batch)
+                    batch = []
+            return n + self._apply(batch)
+
+    def _apply(self, events: list[Event]) -> int:
+        if events:
+            self.apply(events)
+            self.last_id = max(self.last_id, events[-1].id)
+        return len(events)
 
     def apply(self, events: Iterable[Event]) -> None:
         """Add events; a repeated item moves to the end with its latest value."""

@@ -143,6 +143,12 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+        self.workers = Gauge(
+            "recserve_worker_processes",
+            "Serving processes (1 each; summed over live workers)",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.resident_bytes = Gauge(
             "recserve_process_resident_memory_bytes",
             "Resident memory of the serving process(es); shared mapped pages count once per "

@@ -109,16 +109,15 @@ class App:
     def start(self) -> int:
         """Replay feedback, bind, start loading models; returns the bound port."""
         self.started = time.monotonic()
-        n = 0
-        for batch in _batches(self.store.replay(), FEEDBACK_BATCH):
-            self.online.apply(batch)
-            n += len(batch)
+        n = self.online.sync(self.store)
         if n:
             log.info("replayed %d feedback events for %d users", n, len(self.online))
         opts = [
             ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
             ("grpc.max_send_message_length", self.cfg.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Several worker processes share the port; one process must fail to
+            # bind a taken port instead of silently sharing it.
+            ("grpc.so_reuseport", 1 if self.cfg.workers > 1 else 0),
         ]
         # Workers beyond the admission cap leave room for health, admin and the
         # RESOURCE_EXHAUSTED answers themselves.
@@ -150,6 +149,7 @@ class App:
             )
             self.metrics_port = self.cfg.metrics_port
         self.catalog.start()
+        self.metrics.workers.set(1)
         self._refresh_health()
         threading.Thread(target=self._sample_forever, name="memory", daemon=True).start()
         log.info(
@@ -175,6 +175,11 @@ class App:
         """Block until the server stops."""
         if self.server is not None:
             self.server.wait_for_termination()
+
+    def shared_sync(self) -> None:
+        """With several workers, pick up events other workers recorded (one indexed read)."""
+        if self.cfg.workers > 1:
+            self.online.sync(self.store)
 
     # -- health --------------------------------------------------------------------------
 
@@ -319,17 +324,6 @@ class App:
             m.assignments.labels(r.model, r.arm).inc()
 
 
-def _batches(events: Iterator[Event], size: int) -> Iterator[list[Event]]:
-    batch: list[Event] = []
-    for e in events:
-        batch.append(e)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     """recserve.v1.Recommender over an App."""
 
@@ -338,6 +332,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext):
         with self.app.admitted("Recommend", context) as state:
+            self.app.shared_sync()
             r = self.app.router.recommend(convert.rec_query(request), self.app.checker(context))
             self.app.checker(context)()
             yield from self.app.stream("Recommend", context, r, state)
@@ -347,6 +342,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             check = self.app.checker(context)
             for request in request_iterator:
                 check()
+                self.app.shared_sync()
                 try:
                     r = self.app.router.recommend(convert.rec_query(request), check)
                 except RequestError as err:
@@ -372,6 +368,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self, request: pb.PredictRatingsRequest, context: grpc.ServicerContext
     ) -> pb.PredictRatingsResponse:
         with self.app.admitted("PredictRatings", context):
+            self.app.shared_sync()
             p = self.app.router.predict(
                 request.user_id,
                 [(h.item_id, float(h.value)) for h in request.history],
@@ -402,7 +399,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 nonlocal accepted
                 if batch:
                     accepted += app.store.append(batch)  # committed before it counts
-                    app.online.apply(batch)
+                    app.online.sync(app.store)
                     batch.clear()
 
             for ev in request_iterator:

@@ -1,0 +1,173 @@
+"""`recserve serve`: one process, or N worker processes sharing the port.
+
+With `workers > 1` the launcher forks N workers before any gRPC object exists
+(gRPC must not be running across a fork). Each worker runs a full App bound to
+the same port with SO_REUSEPORT (the kernel spreads connections over them),
+maps the same bundle files (page cache shared, so memory does not grow
+N-fold), and caps BLAS/OpenMP pools to its share of the cores (threadpoolctl)
+so the workers do not oversubscribe. Prometheus runs in multi-process mode:
+the launcher sets PROMETHEUS_MULTIPROC_DIR before prometheus_client is
+imported anywhere and serves /metrics aggregated over the workers. SIGTERM to
+the launcher is passed on to every worker, each drains, the launcher exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from dataclasses import replace
+
+from server.config import ServerConfig
+
+log = logging.getLogger("recserve")
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _announce(cfg: ServerConfig, port: int) -> None:
+    host = "localhost" if cfg.host in ("[::]", "0.0.0.0") else cfg.host
+    log.info(
+        'try: grpcurl -plaintext -d \'{"user_id": "1", "k": 5}\' %s:%d '
+        "recserve.v1.Recommender/Recommend",
+        host,
+        port,
+    )
+    log.info("  or: python -m clients --target %s:%d recommend --user 1 --k 5", host, port)
+    if cfg.metrics_port:
+        log.info("metrics: http://%s:%d/metrics", host, cfg.metrics_port)
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def serve(cfg: ServerConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then drain; workers > 1 forks worker processes."""
+    if cfg.workers > 1:
+        serve_workers(cfg)
+        return
+    from server.service import App
+
+    app = App(cfg)
+    port = app.start()
+    _announce(cfg, port)
+    _wait_for_signal()
+    log.info("signal received: draining (grace %.1fs)", cfg.grace_seconds)
+    app.drain()
+
+
+def _reserve_port(cfg: ServerConfig) -> tuple[socket.socket, int]:
+    """A bound (not listening) SO_REUSEPORT socket holding the port for the workers."""
+    host = "::" if cfg.host in ("[::]", "::") else cfg.host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, cfg.port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"port: cannot bind {cfg.host}:{cfg.port} ({exc})") from None
+    return sock, sock.getsockname()[1]
+
+
+def _worker(cfg: ServerConfig, index: int) -> int:
+    """Body of one forked worker process; returns its exit code."""
+    from threadpoolctl import threadpool_limits
+
+    from server.service import App
+
+    share = max(1, cores() // cfg.workers)
+    threadpool_limits(limits=share)
+    app = App(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    app.start()
+    log.info("worker %d (pid %d) serving, %d BLAS/OpenMP thread(s)", index, os.getpid(), share)
+    stop.wait()
+    app.drain()
+    return 0
+
+
+def serve_workers(cfg: ServerConfig) -> None:
+    """Fork cfg.workers workers on one port; aggregate their metrics; pass signals on."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("workers: prometheus_client was imported before the launcher ran")
+    metrics_dir = tempfile.mkdtemp(prefix="recserve-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    holder, port = _reserve_port(cfg)
+    worker_cfg = replace(cfg, port=port, metrics_port=0)
+    pids: list[int] = []
+    for i in range(cfg.workers):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                holder.close()
+                code = _worker(worker_cfg, i)
+            except BaseException:
+                log.exception("worker %d failed", i)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        pids.append(pid)
+    holder.close()  # the workers' listening sockets hold the port now
+    log.info("listening on %s:%d (%d workers: %s)", cfg.host, port, cfg.workers, pids)
+
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    http = None
+    if cfg.metrics_port:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        http = start_http_server(cfg.metrics_port, registry=registry)
+    _announce(cfg, port)
+    stopping = threading.Event()
+
+    def forward(signum, _frame) -> None:
+        stopping.set()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    failed = 0
+    alive = set(pids)
+    while alive:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid not in alive:
+            continue
+        alive.discard(pid)
+        multiprocess.mark_process_dead(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            failed += 1
+            log.error("worker pid %d exited with %d", pid, code)
+        if not stopping.is_set():
+            log.error("worker pid %d stopped unexpectedly; stopping the others", pid)
+            forward(signal.SIGTERM, None)
+    if http is not None:
+        http[0].shutdown()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    log.info("all workers stopped")
+    if failed:
+        raise SystemExit(1)
