@@ -7,6 +7,7 @@
     recserve models list|verify --models DIR
     recserve recommend --models DIR --name NAME (--user ID | --history ID,ID,...) [--k 10]
     recserve quickstart [--workdir var]   the embedded default: synthetic data + models
+    recserve bench --target HOST:PORT [--concurrency 8 | --rate QPS] [--ceiling] [--json]
     recserve serve [--config FILE] [--models DIR] [--port 50051] [--metrics-port 9090] [--workers N]
 
 Progress and logs go to stderr; results (JSON summaries, tables) to stdout.
@@ -141,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--feedback-db", default=None, help="SQLite feedback log ('' = memory)")
     sv.add_argument(
         "--workers", type=int, default=None, help="processes sharing the port (default 1)"
+    )
+
+    from clients.bench import build_parser as bench_parser
+
+    bench_parser(
+        sub.add_parser(
+            "bench",
+            help="load-test a running server",
+            description="Closed- or open-loop load on a recserve server; see clients/bench.py.",
+        )
     )
     return ap
 
@@ -414,6 +425,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(cfg)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from clients.bench import run_cli
+
+    code = run_cli(args)
+    if code:
+        raise SystemExit(code)
+
+
 def _emit(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, separators=(",", ":"), default=str))
 
@@ -426,6 +445,7 @@ COMMANDS = {
     "recommend": cmd_recommend,
     "quickstart": cmd_quickstart,
     "serve": cmd_serve,
+    "bench": cmd_bench,
 }
 
 

@@ -1,0 +1,92 @@
+"""The bench client against a real server: closed and open loop, errors by code, ceiling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clients.bench import Load, run, table
+from server.cli import main
+from tests.service_helpers import publish_models, running
+
+
+@pytest.fixture(scope="module")
+def srv(small, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-models")
+    publish_models(small, root)
+    with running(root) as s:
+        yield s
+
+
+def test_closed_loop_counts_every_request(srv):
+    users = [str(i) for i in range(1, 200)]
+    load = Load(
+        target=srv.target,
+        model="als",
+        concurrency=4,
+        requests=120,
+        warmup=0,
+        users=users,
+        items=[str(i) for i in range(1, 300)],
+        processes=1,
+        cold=0.3,
+    )
+    r = run(load)
+    assert r.requests == 120 and not r.errors and r.qps > 0
+    assert 0 < r.first_item_ms["p50"] <= r.latency_ms["p50"] <= r.latency_ms["p99"]
+    served = srv.app.metrics.registry.get_sample_value("recserve_fold_ins_total", {"model": "als"})
+    assert served and 20 <= served <= 60  # ~30% of 120 were cold users with a history
+
+
+def test_open_loop_keeps_the_schedule_and_errors_are_counted(srv):
+    load = Load(
+        target=srv.target,
+        model="als",
+        rate=100,
+        duration=1.0,
+        warmup=0,
+        users=["1"],
+        items=["1"],
+        processes=1,
+        k=0,
+    )  # k=0: every call refused
+    r = run(load)
+    assert 80 <= r.requests <= 120  # 100/s for 1 s
+    assert r.errors == {"INVALID_ARGUMENT": r.requests} and r.qps == 0
+
+
+def test_recserve_bench_json_with_ceiling(srv, capsys):
+    code = main(
+        [
+            "bench",
+            "--target",
+            srv.target,
+            "--model",
+            "popularity",
+            "--requests",
+            "60",
+            "--warmup",
+            "0",
+            "--concurrency",
+            "2",
+            "--processes",
+            "2",
+            "--ceiling",
+            "--json",
+        ]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["result"]["requests"] == 60 and out["ceiling"]["rpc"] == "health"
+    assert out["ceiling"]["requests"] == 60 and out["result"]["processes"] == 2
+
+
+def test_table_prints_ratios():
+    from clients.bench import Result
+
+    pct = {"p50": 1.0, "p90": 2.0, "p99": 3.0, "p99.9": 4.0, "mean": 1.5}
+    a = Result("recommend", 10, 1.0, 10.0, pct, pct, {}, 1, 0.0, 1)
+    b = Result("health", 20, 1.0, 20.0, {**pct, "p50": 0.5, "p99": 1.5}, pct, {}, 1, 0.0, 1)
+    text = table([a], b)
+    assert "throughput 0.50x" in text and "p50 +0.500 ms" in text and "p99 2.00x" in text
