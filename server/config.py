@@ -9,6 +9,7 @@
     max_k = 1000
     max_concurrency = 64          # Recommender RPCs in flight (per worker); more fail fast
     workers = 1                   # processes sharing the port (SO_REUSEPORT)
+    server = "threads"            # or "asyncio" (grpc.aio, requests computed on the loop)
     feedback_db = "var/feedback.sqlite"   # "" keeps feedback in memory only
 
     [fallbacks]                   # per-model chains, tried in order
@@ -82,6 +83,7 @@ class ServerConfig:
     online_history: int = 1000
     kernel_threads: int = 1
     workers: int = 1
+    server: str = "threads"
     fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     hybrids: dict[str, Hybrid] = field(default_factory=dict)
     experiments: dict[str, Experiment] = field(default_factory=dict)
@@ -143,6 +145,8 @@ def _coerce(key: str, value: Any) -> Any:
             raise ConfigError(f"{key}: must be in [{lo:g}, {hi:g}], got {out}")
     if key == "verify" and out not in ("full", "size"):
         raise ConfigError(f"verify: expected 'full' (sha256) or 'size', got {out!r}")
+    if key == "server" and out not in ("threads", "asyncio"):
+        raise ConfigError(f"server: expected 'threads' or 'asyncio', got {out!r}")
     return out
 
 

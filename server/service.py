@@ -10,6 +10,7 @@ streams before exiting.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -80,7 +81,10 @@ class App:
     ) -> None:
         self.cfg = cfg
         self.metrics = Metrics(registry) if registry is not None else Metrics()
-        self.health = health.HealthServicer()
+        self.aio = cfg.server == "asyncio"
+        self.health = health.aio.HealthServicer() if self.aio else health.HealthServicer()
+        self._loop: Any = None  # the asyncio server's event loop (server = "asyncio")
+        self._health_state: dict[str, int] = {}
         self.online = OnlineState(cfg.online_history)
         self.store = FeedbackStore(cfg.feedback_db)
         self.catalog = Catalog(
@@ -102,7 +106,17 @@ class App:
         self._stopped = threading.Event()
         self._metrics_http: tuple[Any, Any] | None = None
         for name in (OVERALL, *SERVICE_NAMES):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _set_health(self, name: str, status: int) -> None:
+        """Set a health status from any thread (the asyncio servicer lives on its loop)."""
+        if self._health_state.get(name) == status:
+            return
+        self._health_state[name] = status
+        if not self.aio:
+            self.health.set(name, status)
+        elif self._loop is not None:  # before the loop runs, start_aio applies _health_state
+            asyncio.run_coroutine_threadsafe(self.health.set(name, status), self._loop)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -112,19 +126,41 @@ class App:
         n = self.online.sync(self.store)
         if n:
             log.info("replayed %d feedback events for %d users", n, len(self.online))
-        opts = [
+        if self.aio:
+            from server.service_aio import start_aio
+
+            port = start_aio(self)
+        else:
+            port = self._start_threads()
+        self.port = port
+        if self.cfg.metrics_port:
+            self._metrics_http = start_http_server(
+                self.cfg.metrics_port, registry=self.metrics.registry
+            )
+            self.metrics_port = self.cfg.metrics_port
+        self.catalog.start()
+        self.metrics.workers.set(1)
+        self._refresh_health()
+        threading.Thread(target=self._sample_forever, name="memory", daemon=True).start()
+        log.info(
+            "listening on %s:%d (%d models loading)", self.cfg.host, port, len(self.catalog.slots())
+        )
+        return port
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """Channel options shared by both server kinds."""
+        return [
             ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
             ("grpc.max_send_message_length", self.cfg.max_message_bytes),
             # Several worker processes share the port; one process must fail to
             # bind a taken port instead of silently sharing it.
             ("grpc.so_reuseport", 1 if self.cfg.workers > 1 else 0),
         ]
-        # Workers beyond the admission cap leave room for health, admin and the
-        # RESOURCE_EXHAUSTED answers themselves.
-        pool = ThreadPoolExecutor(self.cfg.max_concurrency + 8, thread_name_prefix="rpc")
-        server = grpc.server(pool, options=opts)
-        pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(self), server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(self), server)
+
+    def register(self, server: Any, recommender: Any, admin: Any) -> int:
+        """Add every service and reflection to a (sync or asyncio) server; bind; the port."""
+        pb_grpc.add_RecommenderServicer_to_server(recommender, server)
+        pb_grpc.add_AdminServicer_to_server(admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -141,20 +177,16 @@ class App:
             raise OSError(f"port: cannot bind {address} ({exc})") from None
         if port == 0:
             raise OSError(f"port: cannot bind {address}")
+        return port
+
+    def _start_threads(self) -> int:
+        # Workers beyond the admission cap leave room for health, admin and the
+        # RESOURCE_EXHAUSTED answers themselves.
+        pool = ThreadPoolExecutor(self.cfg.max_concurrency + 8, thread_name_prefix="rpc")
+        server = grpc.server(pool, options=self.server_options())
+        port = self.register(server, RecommenderServicer(self), AdminServicer(self))
         server.start()
-        self.server, self.port = server, port
-        if self.cfg.metrics_port:
-            self._metrics_http = start_http_server(
-                self.cfg.metrics_port, registry=self.metrics.registry
-            )
-            self.metrics_port = self.cfg.metrics_port
-        self.catalog.start()
-        self.metrics.workers.set(1)
-        self._refresh_health()
-        threading.Thread(target=self._sample_forever, name="memory", daemon=True).start()
-        log.info(
-            "listening on %s:%d (%d models loading)", self.cfg.host, port, len(self.catalog.slots())
-        )
+        self.server = server
         return port
 
     def drain(self, grace: float | None = None) -> None:
@@ -162,9 +194,14 @@ class App:
         grace = self.cfg.grace_seconds if grace is None else grace
         self.draining = True
         self._stopped.set()
-        self.health.enter_graceful_shutdown()
-        if self.server is not None:
-            self.server.stop(grace).wait()
+        if self.aio:
+            from server.service_aio import stop_aio
+
+            stop_aio(self, grace)
+        else:
+            self.health.enter_graceful_shutdown()
+            if self.server is not None:
+                self.server.stop(grace).wait()
         self.catalog.close()
         self.store.close()
         if self._metrics_http is not None:
@@ -229,53 +266,66 @@ class App:
         S, N = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         names = self.router.names()
         for name in names:
-            self.health.set(health_name(name), S if self.router.ready(name) else N)
+            self._set_health(health_name(name), S if self.router.ready(name) else N)
         if any(s.state == SERVING for s in self.catalog.slots()):
             if self.serving_after is None:
                 self.serving_after = time.monotonic() - self.started
                 log.info("SERVING %.3fs after start", self.serving_after)
             for name in (OVERALL, *SERVICE_NAMES):
-                self.health.set(name, S)
+                self._set_health(name, S)
 
     # -- admission -----------------------------------------------------------------------
+
+    def try_admit(self, method: str) -> tuple[grpc.StatusCode, str] | None:
+        """Take one of max_concurrency slots; else the status to fail fast with."""
+        if self.draining:
+            self.metrics.rejected.labels(method, "UNAVAILABLE").inc()
+            return grpc.StatusCode.UNAVAILABLE, "server: draining, retry another replica"
+        if not self._admit.acquire(blocking=False):
+            self.metrics.rejected.labels(method, "RESOURCE_EXHAUSTED").inc()
+            return (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server: {self.cfg.max_concurrency} requests in flight (max_concurrency); retry",
+            )
+        self.metrics.inflight.inc()
+        return None
+
+    def finish(self, method: str, code: str, t0: float) -> None:
+        """Release the slot and record the call's duration under its final status."""
+        self._admit.release()
+        self.metrics.inflight.dec()
+        self.metrics.rpc_seconds.labels(method, code).observe(time.perf_counter() - t0)
+
+    @staticmethod
+    def failure(method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        """The status and message for an exception raised while answering."""
+        if isinstance(exc, _Stop):
+            return exc.code, str(exc)
+        if isinstance(exc, RequestError):
+            return getattr(grpc.StatusCode, exc.status), str(exc)
+        log.exception("%s failed", method, exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"server: internal error ({type(exc).__name__}), logged"
 
     @contextlib.contextmanager
     def admitted(self, method: str, context: grpc.ServicerContext) -> Iterator[dict[str, Any]]:
         """Hold one of max_concurrency slots for the call, or fail fast; time the call."""
         t0 = time.perf_counter()
-        if self.draining:
-            self.metrics.rejected.labels(method, "UNAVAILABLE").inc()
-            context.abort(grpc.StatusCode.UNAVAILABLE, "server: draining, retry another replica")
-        if not self._admit.acquire(blocking=False):
-            self.metrics.rejected.labels(method, "RESOURCE_EXHAUSTED").inc()
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server: {self.cfg.max_concurrency} requests in flight (max_concurrency); retry",
-            )
+        refused = self.try_admit(method)
+        if refused is not None:
+            context.abort(*refused)
         state: dict[str, Any] = {"code": "OK", "t0": t0}
-        self.metrics.inflight.inc()
         try:
             yield state
-        except _Stop as stop:
-            state["code"] = stop.code.name
-            if stop.code is not grpc.StatusCode.CANCELLED:
-                context.abort(stop.code, str(stop))
-        except RequestError as err:
-            state["code"] = err.status
-            context.abort(getattr(grpc.StatusCode, err.status), str(err))
         except GeneratorExit:
             state["code"] = "CANCELLED"
             raise
         except Exception as exc:
-            state["code"] = "INTERNAL"
-            log.exception("%s failed", method)
-            context.abort(
-                grpc.StatusCode.INTERNAL, f"server: internal error ({type(exc).__name__}), logged"
-            )
+            code, message = self.failure(method, exc)
+            state["code"] = code.name
+            if code is not grpc.StatusCode.CANCELLED:
+                context.abort(code, message)
         finally:
-            self._admit.release()
-            self.metrics.inflight.dec()
-            self.metrics.rpc_seconds.labels(method, state["code"]).observe(time.perf_counter() - t0)
+            self.finish(method, state["code"], t0)
 
     def checker(self, context: grpc.ServicerContext, stage: str = "") -> Callable[[], None]:
         """A callable that raises _Stop once the client cancelled or its deadline passed."""

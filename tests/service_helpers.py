@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +84,8 @@ class Server:
 def running(models: Path, loader=default_loader, wait: bool = True, **settings) -> Iterator[Server]:
     """An App on 127.0.0.1:<free port>, drained at exit."""
     settings.setdefault("metrics_port", 0)
+    # RECSERVE_TEST_SERVER=asyncio runs the same tests on the grpc.aio server.
+    settings.setdefault("server", os.environ.get("RECSERVE_TEST_SERVER", "threads"))
     cfg = ServerConfig(models=str(models), host="127.0.0.1", port=0, **settings)
     app = App(cfg, loader=loader, registry=CollectorRegistry())
     app.start()

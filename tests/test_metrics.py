@@ -122,31 +122,18 @@ def test_stream_duration_covers_the_whole_stream(published, monkeypatch):
 
 
 def test_overload_is_counted(published):
-    import threading
+    from tests.test_service import hold_a_slot
 
     port = free_port()
     with running(published, metrics_port=port, max_concurrency=1) as s:
-        model = s.app.catalog.get("als").model
-        gate = threading.Event()
-        entered = threading.Event()
-        original = model.recommend
-
-        def blocked(*a, **kw):
-            entered.set()
-            gate.wait(10)
-            return original(*a, **kw)
-
-        model.recommend = blocked
-        t = threading.Thread(target=lambda: s.recommend(user_id="7", k=3, model="als"))
-        t.start()
-        assert entered.wait(10)
+        release = hold_a_slot(s)
         assert s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3)).code() is (
             grpc.StatusCode.RESOURCE_EXHAUSTED
         )
         assert value(scrape(port), "recserve_inflight_requests") == 1
-        gate.set()
-        t.join(10)
+        release()
         fams = scrape(port)
+    assert value(fams, "recserve_inflight_requests") == 0
     assert (
         value(fams, "recserve_rejected_requests", method="Recommend", code="RESOURCE_EXHAUSTED")
         == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import queue
 import time
 
 import grpc
@@ -312,28 +312,34 @@ def test_experiment_assigns_arms_deterministically(published):
         )
 
 
+def hold_a_slot(s):
+    """An open RecommendBatch stream: it holds one admission slot until closed."""
+    requests: queue.Queue = queue.Queue()
+
+    def feed():
+        while (req := requests.get()) is not None:
+            yield req
+
+    responses = s.rec.RecommendBatch(feed(), timeout=30)
+    requests.put(pb.RecommendRequest(request_id="held", user_id="7", k=2))
+    assert next(responses).request_id == "held"  # admitted and answering
+
+    def release():
+        requests.put(None)
+        assert list(responses) == []
+
+    return release
+
+
 def test_resource_exhausted_when_the_concurrency_cap_is_reached(published):
     root, _ = published
     with running(root, max_concurrency=1) as s:
-        entered, leave = threading.Event(), threading.Event()
-        model = s.app.catalog.get("als").model
-        original = model.recommend
-
-        def slow(*a, **kw):
-            entered.set()
-            leave.wait(10)
-            return original(*a, **kw)
-
-        model.recommend = slow
-        t = threading.Thread(target=lambda: s.recommend(user_id="7", k=3, model="als"))
-        t.start()
-        assert entered.wait(10)
+        release = hold_a_slot(s)
         err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3))
         assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_concurrency" in err.details()
         assert health(s.channel) == SERVING  # health is never refused
-        leave.set()
-        t.join(10)
+        release()
         items, _ = s.recommend(user_id="7", k=3)
         assert len(items) == 3
 

@@ -1,0 +1,283 @@
+"""The asyncio (grpc.aio) variant of the service: `server = "asyncio"` in the config.
+
+Same contract, validation, metrics and drain as the thread-pool server in
+server/service.py, on one event loop running in its own thread. Requests are
+computed on the loop itself: handing each request to a thread pool and back
+costs more on a small machine than the compute it would overlap (measured with
+`recserve bench`; see the README). A request therefore occupies the loop while
+its model works: use `--workers N` for more cores. Feedback writes (an fsync)
+and model reloads (sha256 of every file) go to a thread so they never stall
+the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from recserve.v1 import recommender_pb2 as pb
+from recserve.v1 import recommender_pb2_grpc as pb_grpc
+from server import convert
+from server.feedback import Event
+from server.retrieval import RequestError
+from server.service import (
+    CHECK_EVERY,
+    FEEDBACK_BATCH,
+    AdminServicer,
+    App,
+    _event,
+    _Stop,
+)
+
+
+def _checker(context: grpc.aio.ServicerContext) -> Callable[[], None]:
+    def check() -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise _Stop(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the answer")
+        if context.cancelled():
+            raise _Stop(grpc.StatusCode.CANCELLED, "client cancelled")
+
+    return check
+
+
+class AioRecommender(pb_grpc.RecommenderServicer):
+    """recserve.v1.Recommender on grpc.aio."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def _ranked(self, method: str, context, compute) -> AsyncIterator[pb.RankedItem]:
+        app = self.app
+        t0 = time.perf_counter()
+        refused = app.try_admit(method)
+        if refused is not None:
+            await context.abort(*refused)
+        code = "OK"
+        sent = 0
+        try:
+            check = _checker(context)
+            r = compute(check)
+            check()
+            await context.send_initial_metadata(convert.metadata(r))
+            app.observe(method, r)
+            for item in convert.ranked_items(r):
+                if sent == 0:
+                    app.metrics.first_item_seconds.labels(method).observe(time.perf_counter() - t0)
+                elif sent % CHECK_EVERY == 0:
+                    check()
+                yield item
+                sent += 1
+        except (_Stop, RequestError, Exception) as exc:
+            status, message = app.failure(method, exc)
+            code = status.name
+            if status is not grpc.StatusCode.CANCELLED:
+                await context.abort(status, message)
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            app.metrics.items.labels(method).inc(sent)
+            app.finish(method, code, t0)
+
+    # grpc.aio needs the handlers themselves to be async generator functions.
+    async def Recommend(self, request, context):
+        app = self.app
+
+        def compute(check):
+            app.shared_sync()
+            return app.router.recommend(convert.rec_query(request), check)
+
+        async for item in self._ranked("Recommend", context, compute):
+            yield item
+
+    async def SimilarItems(self, request, context):
+        app = self.app
+
+        def compute(check):
+            return app.router.similar(request.item_id, int(request.k), request.model, check)
+
+        async for item in self._ranked("SimilarItems", context, compute):
+            yield item
+
+    async def RecommendBatch(self, request_iterator, context):
+        app = self.app
+        method = "RecommendBatch"
+        t0 = time.perf_counter()
+        refused = app.try_admit(method)
+        if refused is not None:
+            await context.abort(*refused)
+        code = "OK"
+        try:
+            check = _checker(context)
+            async for request in request_iterator:
+                check()
+                app.shared_sync()
+                try:
+                    r = app.router.recommend(convert.rec_query(request), check)
+                except RequestError as err:
+                    status = getattr(grpc.StatusCode, err.status)
+                    yield pb.RecommendResponse(
+                        request_id=request.request_id,
+                        model=request.model,
+                        status=pb.Status(code=status.value[0], message=str(err)),
+                    )
+                    continue
+                app.observe(method, r)
+                app.metrics.items.labels(method).inc(len(r.item_ids))
+                yield convert.response(request.request_id, r)
+        except (_Stop, Exception) as exc:
+            status, message = app.failure(method, exc)
+            code = status.name
+            if status is not grpc.StatusCode.CANCELLED:
+                await context.abort(status, message)
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            app.finish(method, code, t0)
+
+    async def PredictRatings(self, request, context):
+        app = self.app
+        method = "PredictRatings"
+        t0 = time.perf_counter()
+        refused = app.try_admit(method)
+        if refused is not None:
+            await context.abort(*refused)
+        code = "OK"
+        try:
+            app.shared_sync()
+            p = app.router.predict(
+                request.user_id,
+                [(h.item_id, float(h.value)) for h in request.history],
+                list(request.item_ids),
+                request.model,
+                float(request.interval),
+            )
+            _checker(context)()
+            md = [("x-recserve-model", p.model), ("x-recserve-version", p.version)]
+            if p.served_by:
+                md.append(("x-recserve-served-by", p.served_by))
+            await context.send_initial_metadata(tuple(md))
+            app.metrics.requests.labels(method, p.model, p.served_by or p.model, "").inc()
+            return convert.predictions(p)
+        except (_Stop, RequestError, Exception) as exc:
+            status, message = app.failure(method, exc)
+            code = status.name
+            await context.abort(status, message)
+        finally:
+            app.finish(method, code, t0)
+
+    async def RecordInteractions(self, request_iterator, context):
+        app = self.app
+        method = "RecordInteractions"
+        t0 = time.perf_counter()
+        refused = app.try_admit(method)
+        if refused is not None:
+            await context.abort(*refused)
+        code = "OK"
+        loop = asyncio.get_running_loop()
+        accepted = rejected = 0
+        batch: list[Event] = []
+
+        def store(events: list[Event]) -> int:
+            n = app.store.append(events)  # committed (fsync) before it counts
+            app.online.sync(app.store)
+            return n
+
+        try:
+            async for ev in request_iterator:
+                e = _event(ev)
+                if e is None or not app.router.known_item(e.item_id):
+                    rejected += 1
+                    continue
+                batch.append(e)
+                if len(batch) >= FEEDBACK_BATCH:
+                    accepted += await loop.run_in_executor(None, store, list(batch))
+                    batch.clear()
+            if batch:
+                accepted += await loop.run_in_executor(None, store, list(batch))
+            app.metrics.feedback_events.labels("accepted").inc(accepted)
+            app.metrics.feedback_events.labels("rejected").inc(rejected)
+            return pb.RecordSummary(accepted=accepted, rejected=rejected)
+        except Exception as exc:
+            status, message = app.failure(method, exc)
+            code = status.name
+            await context.abort(status, message)
+        finally:
+            app.finish(method, code, t0)
+
+
+class AioAdmin(pb_grpc.AdminServicer):
+    """recserve.v1.Admin on grpc.aio (the thread-pool servicer's logic)."""
+
+    def __init__(self, app: App) -> None:
+        self.sync = AdminServicer(app)
+
+    async def ListModels(self, request, context):
+        return self.sync.ListModels(request, context)
+
+    async def GetModel(self, request, context):
+        for info in self.sync._infos():
+            if info.name == request.name:
+                return info
+        known = ", ".join(self.sync.app.router.names())
+        await context.abort(
+            grpc.StatusCode.NOT_FOUND, f"name: unknown model {request.name!r} (available: {known})"
+        )
+
+    async def ReloadModels(self, request, context):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.sync.ReloadModels, request, context)
+
+
+def start_aio(app: App) -> int:
+    """Start the asyncio server on a new loop thread; returns the bound port."""
+    loop = asyncio.new_event_loop()
+    ready: dict[str, Any] = {}
+    started = threading.Event()
+
+    async def boot() -> None:
+        try:
+            server = grpc.aio.server(options=app.server_options())
+            port = app.register(server, AioRecommender(app), AioAdmin(app))
+            for name, status in list(app._health_state.items()):
+                await app.health.set(name, status)
+            await server.start()
+            ready.update(server=server, port=port)
+        except BaseException as exc:  # reported to the caller of start_aio
+            ready["error"] = exc
+        finally:
+            started.set()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        ready["boot"] = loop.create_task(boot())
+        loop.run_forever()
+
+    threading.Thread(target=run, name="grpc-aio", daemon=True).start()
+    started.wait()
+    if "error" in ready:
+        loop.call_soon_threadsafe(loop.stop)
+        raise ready["error"]
+    app._loop, app.server = loop, ready["server"]
+    return int(ready["port"])
+
+
+def stop_aio(app: App, grace: float) -> None:
+    """Health NOT_SERVING, stop accepting, let streams finish within grace, stop the loop."""
+    loop = app._loop
+    if loop is None or app.server is None:
+        return
+
+    async def shutdown() -> None:
+        await app.health.enter_graceful_shutdown()
+        await app.server.stop(grace)
+
+    asyncio.run_coroutine_threadsafe(shutdown(), loop).result(grace + 30)
+    loop.call_soon_threadsafe(loop.stop)
