@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
 
 
-def start(models: Path, workers: int, metrics_port: int) -> tuple[subprocess.Popen, str]:
+def start(models: Path, workers: int, metrics_port: int, kind: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -55,6 +55,7 @@ def start(models: Path, workers: int, metrics_port: int) -> tuple[subprocess.Pop
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "RECSERVE_SERVER": kind},
     )
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -87,7 +88,7 @@ def bench(label: str, models: Path, n_users: int, n_items: int, args) -> None:
     items = [str(i) for i in range(1, n_items + 1)]
     print(f"\n{label}")
     print(
-        f"{'workers':>7}{'conc':>6}{'q/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'server':>8}{'workers':>8}{'conc':>6}{'q/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'ceil q/s':>10}{'ceil p50':>10}{'ceil p99':>10}"
         f"{'q/s ratio':>11}{'p50 diff':>10}{'p99 ratio':>11}"
     )
@@ -110,7 +111,7 @@ def bench(label: str, models: Path, n_users: int, n_items: int, args) -> None:
                 r = run(Load(rpc="recommend", **common))
                 c = run(Load(rpc="health", **common))
                 print(
-                    f"{workers:>7}{conc:>6}{r.qps:>9,.0f}{r.latency_ms['p50']:>9.2f}"
+                    f"{kind:>8}{workers:>8}{conc:>6}{r.qps:>9,.0f}{r.latency_ms['p50']:>9.2f}"
                     f"{r.latency_ms['p99']:>9.2f}{c.qps:>10,.0f}{c.latency_ms['p50']:>10.2f}"
                     f"{c.latency_ms['p99']:>10.2f}{r.qps / c.qps:>11.2f}"
                     f"{r.latency_ms['p50'] - c.latency_ms['p50']:>10.2f}"
@@ -119,7 +120,7 @@ def bench(label: str, models: Path, n_users: int, n_items: int, args) -> None:
                     flush=True,
                 )
             print(
-                f"{'':>7}memory with {workers} worker(s): RSS {rss / 1e6:.0f} MB, "
+                f"{'':>8}memory with {workers} {kind} worker(s): RSS {rss / 1e6:.0f} MB, "
                 f"PSS {pss / 1e6:.0f} MB (summed over workers)"
             )
         finally:
