@@ -15,6 +15,7 @@ import threading
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from server.config import ServerConfig
 from server.data import generate, to_dataset
@@ -47,6 +48,9 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--calls", type=int, default=4000)
     args = ap.parse_args()
+    # As `recserve serve` does: one BLAS/OpenMP thread per request, the requests
+    # themselves spread over the cores.
+    threadpool_limits(limits=1)
     n = args.items
     ds = to_dataset(generate(n, n, 25 * n, seed=1))
     print(f"{'what':<34}{'1 thread /s':>12}{'2 threads /s':>14}{'speed-up':>10}")

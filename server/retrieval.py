@@ -529,7 +529,7 @@ class Router:
             items, scores = m.recommend_histories(
                 row,
                 k,
-                exclude=[excl],
+                exclude=[excl] if excl.size else None,
                 filter_seen=not q.include_seen,
                 candidates=None if cand is None else [cand],
             )

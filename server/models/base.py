@@ -199,7 +199,8 @@ class Recommender(ABC):
         out_s = np.empty((users.size, k), np.float32)
         for lo in range(0, users.size, SCORE_CHUNK):
             chunk = users[lo : lo + SCORE_CHUNK]
-            history = seen[chunk]
+            # One user (the serving case): a row slice, far cheaper than fancy indexing.
+            history = seen[int(chunk[0]) : int(chunk[0]) + 1] if chunk.size == 1 else seen[chunk]
             excl = exclusion_rows(
                 history if filter_seen else None,
                 _rows_for(exclude, lo, chunk.size),
@@ -460,7 +461,7 @@ def _rows_for(spec: Exclude, lo: int, size: int) -> list[np.ndarray] | None:
     if spec is None:
         return None
     if isinstance(spec, np.ndarray) and spec.ndim == 1 and spec.dtype.kind in "iu":
-        return [spec] * size
+        return [spec] * size if spec.size else None  # empty: excludes nothing
     seq = list(spec)
     if not seq:
         return None  # an empty list excludes nothing and restricts nothing
