@@ -9,7 +9,7 @@
     max_k = 1000
     max_concurrency = 64          # Recommender RPCs in flight (per worker); more fail fast
     workers = 1                   # processes sharing the port (SO_REUSEPORT)
-    server = "threads"            # or "asyncio" (grpc.aio, requests computed on the loop)
+    server = "asyncio"            # grpc.aio, requests computed on the loop; or "threads"
     feedback_db = "var/feedback.sqlite"   # "" keeps feedback in memory only
 
     [fallbacks]                   # per-model chains, tried in order
@@ -83,7 +83,7 @@ class ServerConfig:
     online_history: int = 1000
     kernel_threads: int = 1
     workers: int = 1
-    server: str = "threads"
+    server: str = "asyncio"
     fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     hybrids: dict[str, Hybrid] = field(default_factory=dict)
     experiments: dict[str, Experiment] = field(default_factory=dict)

@@ -60,6 +60,15 @@ def response(request_id: str, r: Ranked) -> pb.RecommendResponse:
     )
 
 
+def batch_error(request: pb.RecommendRequest, code: int, message: str) -> pb.RecommendResponse:
+    """A RecommendBatch answer for one refused request; the stream carries on."""
+    return pb.RecommendResponse(
+        request_id=request.request_id,
+        model=request.model,
+        status=pb.Status(code=code, message=message),
+    )
+
+
 def predictions(p: Prediction) -> pb.PredictRatingsResponse:
     """PredictRatingsResponse in request order."""
     return pb.PredictRatingsResponse(

@@ -96,6 +96,17 @@ def _omp_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+def _read(path: Path, expected: int, mmap: bool) -> faiss.Index:
+    """A FAISS index file holding `expected` vectors (ValueError naming the file if not)."""
+    try:
+        index = faiss.read_index(str(path), MMAP_FLAGS if mmap else 0)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: not a readable FAISS index ({exc})") from None
+    if index.ntotal != expected:
+        raise ValueError(f"{path}: {index.ntotal} vectors, the model has {expected}")
+    return index
+
+
 def _norms(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
 
@@ -176,14 +187,7 @@ class ItemIndex:
         cls, path: Path, kind: str, vectors: np.ndarray, max_norm: float, mmap: bool = True
     ) -> ItemIndex:
         """Read an index file, memory-mapped where FAISS can map the index type."""
-        flags = MMAP_FLAGS if mmap else 0
-        try:
-            index = faiss.read_index(str(path), flags)
-        except RuntimeError as exc:
-            raise ValueError(f"{path}: not a readable FAISS index ({exc})") from None
-        if index.ntotal != vectors.shape[0]:
-            raise ValueError(f"{path}: {index.ntotal} vectors, the model has {vectors.shape[0]}")
-        return cls(kind, index, vectors, max_norm)
+        return cls(kind, _read(path, vectors.shape[0], mmap), vectors, max_norm)
 
     # -- search ------------------------------------------------------------------------
 
@@ -333,14 +337,7 @@ class SimilarIndex:
     @classmethod
     def read(cls, path: Path, kind: str, ids: np.ndarray, mmap: bool = True) -> SimilarIndex:
         """Read an index file, memory-mapped where FAISS can map the index type."""
-        flags = MMAP_FLAGS if mmap else 0
-        try:
-            index = faiss.read_index(str(path), flags)
-        except RuntimeError as exc:
-            raise ValueError(f"{path}: not a readable FAISS index ({exc})") from None
-        if index.ntotal != ids.shape[0]:
-            raise ValueError(f"{path}: {index.ntotal} vectors, expected {ids.shape[0]}")
-        return cls(kind, index, ids)
+        return cls(kind, _read(path, ids.shape[0], mmap), ids)
 
     def similar(
         self, items: np.ndarray, vectors: np.ndarray, k: int, cfg: SearchConfig | None = None

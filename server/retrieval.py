@@ -328,6 +328,20 @@ def _check_id(field: str, value: str) -> None:
         raise _invalid(field, f"longer than {MAX_ID_BYTES} bytes")
 
 
+def _with_training_row(
+    m: Recommender, user: int, idx: np.ndarray, val: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A known user's training row followed by newer events (later values win)."""
+    if user < 0:
+        return idx, val
+    assert m.user_items is not None
+    own = m.user_items[user]
+    return (
+        np.concatenate([own.indices.astype(np.int64), idx]),
+        np.concatenate([own.data.astype(np.float32), val]),
+    )
+
+
 class Router:
     """Answers Recommend / SimilarItems / PredictRatings from the catalogue."""
 
@@ -517,12 +531,8 @@ class Router:
             )
             items, scores, row = items[0], scores[0], None
         else:
-            if user >= 0:
-                assert m.user_items is not None
-                own = m.user_items[user]
-                extra_idx = np.concatenate([own.indices.astype(np.int64), extra_idx])
-                extra_val = np.concatenate([own.data.astype(np.float32), extra_val])
-                user = -1
+            extra_idx, extra_val = _with_training_row(m, user, extra_idx, extra_val)
+            user = -1
             if extra_idx.size == 0 and not m.serves_cold:
                 return None
             row = m.history_matrix([extra_idx], [extra_val])
@@ -771,11 +781,7 @@ class Router:
         if user >= 0 and extra_idx.size == 0:
             mean, std = m.score(user, idx)
         else:
-            if user >= 0:
-                assert m.user_items is not None
-                own = m.user_items[user]
-                extra_idx = np.concatenate([own.indices.astype(np.int64), extra_idx])
-                extra_val = np.concatenate([own.data.astype(np.float32), extra_val])
+            extra_idx, extra_val = _with_training_row(m, user, extra_idx, extra_val)
             mean, std = m.score_history(m.history_matrix([extra_idx], [extra_val]), idx)
         mean = np.asarray(mean, np.float64)
         std = np.zeros_like(mean) if std is None else np.asarray(std, np.float64)

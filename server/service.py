@@ -396,12 +396,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 try:
                     r = self.app.router.recommend(convert.rec_query(request), check)
                 except RequestError as err:
-                    code = getattr(grpc.StatusCode, err.status)
-                    yield pb.RecommendResponse(
-                        request_id=request.request_id,
-                        model=request.model,
-                        status=pb.Status(code=code.value[0], message=str(err)),
-                    )
+                    number = getattr(grpc.StatusCode, err.status).value[0]
+                    yield convert.batch_error(request, number, str(err))
                     continue
                 self.app.observe("RecommendBatch", r)
                 self.app.metrics.items.labels("RecommendBatch").inc(len(r.item_ids))

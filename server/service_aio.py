@@ -1,4 +1,4 @@
-"""The asyncio (grpc.aio) variant of the service: `server = "asyncio"` in the config.
+"""The asyncio (grpc.aio) server: `server = "asyncio"`, the default.
 
 Same contract, validation, metrics and drain as the thread-pool server in
 server/service.py, on one event loop running in its own thread. Requests are
@@ -63,6 +63,9 @@ class AioRecommender(pb_grpc.RecommenderServicer):
         try:
             check = _checker(context)
             r = compute(check)
+            # The loop was busy computing: let it take in a cancellation or a
+            # deadline that arrived meanwhile before anything is sent.
+            await asyncio.sleep(0)
             check()
             await context.send_initial_metadata(convert.metadata(r))
             app.observe(method, r)
@@ -121,12 +124,8 @@ class AioRecommender(pb_grpc.RecommenderServicer):
                 try:
                     r = app.router.recommend(convert.rec_query(request), check)
                 except RequestError as err:
-                    status = getattr(grpc.StatusCode, err.status)
-                    yield pb.RecommendResponse(
-                        request_id=request.request_id,
-                        model=request.model,
-                        status=pb.Status(code=status.value[0], message=str(err)),
-                    )
+                    number = getattr(grpc.StatusCode, err.status).value[0]
+                    yield convert.batch_error(request, number, str(err))
                     continue
                 app.observe(method, r)
                 app.metrics.items.labels(method).inc(len(r.item_ids))

@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from clients.client import RecommenderClient
 from tests.service_helpers import publish_models
+from tests.test_metrics import free_port, scrape
 from tests.test_serve_process import Proc, wait_serving
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> dict[str, list]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
 @pytest.fixture(scope="module")
