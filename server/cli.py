@@ -7,6 +7,7 @@
     recserve models list|verify --models DIR
     recserve recommend --models DIR --name NAME (--user ID | --history ID,ID,...) [--k 10]
     recserve quickstart [--workdir var]   the embedded default: synthetic data + models
+    recserve import spark-als --user-factors P --item-factors P --name NAME --models DIR
     recserve bench --target HOST:PORT [--concurrency 8 | --rate QPS] [--ceiling] [--json]
     recserve serve [--config FILE] [--models DIR] [--port 50051] [--metrics-port 9090] [--workers N]
 
@@ -143,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--workers", type=int, default=None, help="processes sharing the port (default 1)"
     )
+
+    imp = sub.add_parser("import", help="bundles from factors trained elsewhere").add_subparsers(
+        dest="source", required=True
+    )
+    spark = imp.add_parser(
+        "spark-als",
+        help="Spark MLlib ALSModel factors (Parquet) -> an als bundle",
+        description="Turn the userFactors / itemFactors Parquet of a saved Spark ALSModel "
+        "into an als bundle (see server/importers.py).",
+    )
+    spark.add_argument("--user-factors", required=True, help="userFactors Parquet file or folder")
+    spark.add_argument("--item-factors", required=True, help="itemFactors Parquet file or folder")
+    spark.add_argument("--name", required=True, help="model name to publish as")
+    spark.add_argument("--models", required=True, help="models folder")
+    spark.add_argument("--data", default=None, help="dataset whose interactions count as seen")
+    spark.add_argument("--regularization", type=float, default=0.1, help="fold-in L2 penalty")
+    spark.add_argument("--alpha", type=float, default=1.0, help="fold-in confidence alpha")
+    spark.add_argument("--index", default="auto", help="retrieval: auto, exact, flat, hnsw, ivf")
 
     from clients.bench import build_parser as bench_parser
 
@@ -425,6 +444,33 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(cfg)
 
 
+def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
+    from server.importers import spark_als
+
+    t = time.perf_counter()
+    path = spark_als(
+        args.user_factors,
+        args.item_factors,
+        args.name,
+        args.models,
+        data=args.data,
+        regularization=args.regularization,
+        alpha=args.alpha,
+        index=args.index,
+    )
+    doc = artifacts.read_manifest(path)
+    return {
+        "name": args.name,
+        "version": path.name,
+        "path": str(path),
+        "users": doc["n_users"],
+        "items": doc["n_items"],
+        "factors": doc["params"]["factors"],
+        "index": doc["params"]["index"],
+        "seconds": round(time.perf_counter() - t, 2),
+    }
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from clients.bench import run_cli
 
@@ -446,6 +492,7 @@ COMMANDS = {
     "quickstart": cmd_quickstart,
     "serve": cmd_serve,
     "bench": cmd_bench,
+    "import": cmd_import,
 }
 
 

@@ -1,0 +1,123 @@
+"""Bundles from factors trained elsewhere: Spark MLlib's ALS.
+
+    recserve import spark-als --user-factors PATH --item-factors PATH --name NAME --models DIR
+
+`ALSModel.write().save(path)` leaves `userFactors` and `itemFactors` as Parquet
+(`id: int`, `features: array<float>`), each a folder of part files. They
+become an `als` bundle: ids as strings, rows reordered to recserve's sorted id
+maps, the Gram matrix for exact fold-in of new users, and the retrieval index
+`index=auto` chooses for the catalogue size. An optional `--data` dataset
+supplies the users' seen items (excluded from their recommendations); without
+it nothing counts as seen.
+
+Spark's `regParam` is scaled by each user's number of ratings (ALS-WR) while
+recserve's `regularization` is not, so fold-in of new users uses the
+`--regularization` given here (default 0.1); the served scores of known users
+are Spark's own dot products either way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from kernels import als as alsk
+from server.data import Dataset, IdMap, load_dataset
+from server.models import create
+from server.models.factorization import ALS
+
+
+class SparkImportError(ValueError):
+    """The factor files are missing, malformed or inconsistent (the message says which)."""
+
+
+def read_factors(path: str | Path, what: str) -> tuple[list[str], np.ndarray]:
+    """(ids as strings, float32 factors) of a Spark factor Parquet file or folder."""
+    try:
+        table = pq.read_table(str(path), columns=["id", "features"])
+    except FileNotFoundError:
+        raise SparkImportError(f"{what}: {path} not found") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise SparkImportError(f"{what}: {path} is not Spark factor Parquet ({exc})") from None
+    if table.num_rows == 0:
+        raise SparkImportError(f"{what}: {path} has no rows")
+    lengths = pc.list_value_length(table["features"]).to_numpy(zero_copy_only=False)
+    if lengths.min() != lengths.max() or lengths.min() == 0:
+        raise SparkImportError(
+            f"{what}: rows of {path} have {lengths.min()}..{lengths.max()} features"
+        )
+    flat = pc.list_flatten(table["features"]).to_numpy(zero_copy_only=False)
+    factors = np.asarray(flat, dtype=np.float32).reshape(table.num_rows, int(lengths[0]))
+    if not np.isfinite(factors).all():
+        raise SparkImportError(f"{what}: {path} holds NaN or inf factors")
+    ids = [str(x) for x in table["id"].to_pylist()]
+    if len(set(ids)) != len(ids):
+        raise SparkImportError(f"{what}: {path} repeats ids")
+    return ids, factors
+
+
+def _sorted(ids: list[str], factors: np.ndarray) -> tuple[IdMap, np.ndarray]:
+    idmap = IdMap.from_ids(ids)
+    rows = np.empty(len(ids), np.int64)
+    rows[idmap.index(ids)] = np.arange(len(ids))
+    return idmap, np.ascontiguousarray(factors[rows])
+
+
+def spark_als(
+    user_factors: str | Path,
+    item_factors: str | Path,
+    name: str,
+    models_dir: str | Path,
+    data: str | Path | None = None,
+    regularization: float = 0.1,
+    alpha: float = 1.0,
+    index: str = "auto",
+) -> Path:
+    """Publish Spark ALS factors as an `als` bundle; returns the version folder."""
+    u_ids, u = read_factors(user_factors, "user-factors")
+    i_ids, y = read_factors(item_factors, "item-factors")
+    if u.shape[1] != y.shape[1]:
+        raise SparkImportError(
+            f"user-factors have rank {u.shape[1]}, item-factors rank {y.shape[1]}: not one model"
+        )
+    users, u = _sorted(u_ids, u)
+    items, y = _sorted(i_ids, y)
+    model = create(
+        "als",
+        factors=u.shape[1],
+        regularization=regularization,
+        alpha=alpha,
+        index=index,
+    )
+    assert isinstance(model, ALS)
+    seen = sp.csr_matrix((len(users), len(items)), dtype=np.float32)
+    dataset = None
+    if data is not None:
+        dataset = load_dataset(data)
+        seen = _align(dataset, users, items)
+    model.users, model.items = users, items
+    model.user_items = sp.csr_matrix(
+        (seen.data.astype(np.float32), seen.indices.astype(np.int32), seen.indptr.astype(np.int64)),
+        shape=seen.shape,
+    )
+    model.user_factors, model.item_factors = u, y
+    model.gram = alsk.gram(y, regularization)
+    model.build_index()
+    return model.save(models_dir, name, dataset=dataset)
+
+
+def _align(ds: Dataset, users: IdMap, items: IdMap) -> sp.csr_matrix:
+    """The dataset's interactions re-indexed to the factor files' users and items."""
+    m = ds.interactions.tocoo()
+    u = users.index(ds.users.array[m.row])
+    i = items.index(ds.items.array[m.col])
+    keep = (u >= 0) & (i >= 0)
+    out = sp.csr_matrix(
+        (m.data[keep], (u[keep], i[keep])), shape=(len(users), len(items)), dtype=np.float32
+    )
+    out.sum_duplicates()
+    return out

@@ -1,0 +1,137 @@
+"""`recserve import spark-als`: Spark ALSModel Parquet factors -> a bundle that ranks
+exactly as numpy does over the same factors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from server.cli import main
+from server.models import load_named
+
+
+def write_spark(folder, ids, factors, parts=2):
+    """Factors laid out as Spark writes them: a folder of part files, id + features."""
+    folder.mkdir(parents=True)
+    order = np.random.default_rng(0).permutation(len(ids))  # Spark's row order is arbitrary
+    for p, chunk in enumerate(np.array_split(order, parts)):
+        table = pa.table(
+            {
+                "id": pa.array([int(ids[i]) for i in chunk], pa.int32()),
+                "features": pa.array([factors[i].tolist() for i in chunk], pa.list_(pa.float32())),
+            }
+        )
+        pq.write_table(table, folder / f"part-{p:05d}.snappy.parquet")
+
+
+@pytest.fixture()
+def spark(tmp_path):
+    rng = np.random.default_rng(1)
+    users, items = np.arange(1, 61), np.arange(1, 121) * 7  # Spark ids: ints, any values
+    u = rng.standard_normal((60, 8)).astype(np.float32)
+    y = rng.standard_normal((120, 8)).astype(np.float32)
+    write_spark(tmp_path / "userFactors", users, u)
+    write_spark(tmp_path / "itemFactors", items, y)
+    return tmp_path, users, items, u, y
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("index", ["auto", "flat", "hnsw"])
+def test_round_trip_ranks_like_numpy(spark, capsys, index):
+    tmp, users, items, u, y = spark
+    code, out, _ = run(
+        capsys,
+        "import",
+        "spark-als",
+        "--user-factors",
+        tmp / "userFactors",
+        "--item-factors",
+        tmp / "itemFactors",
+        "--name",
+        "spark",
+        "--models",
+        tmp / "models",
+        "--index",
+        index,
+    )
+    assert code == 0, out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["users"], summary["items"], summary["factors"]) == (60, 120, 8)
+    model = load_named(tmp / "models", "spark")
+    for r in range(0, 60, 7):
+        want = np.argsort(-(y @ u[r]), kind="stable")[:10]
+        got, scores = model.recommend([model.users.get(str(users[r]))], k=10)
+        assert model.items.ids(got[0]) == [str(items[i]) for i in want]
+        np.testing.assert_allclose(scores[0], np.sort(y @ u[r])[::-1][:10], rtol=1e-5)
+
+
+def test_seen_items_from_a_dataset_are_excluded(spark, capsys):
+    tmp, users, items, u, y = spark
+    data = tmp / "data"
+    data.mkdir()
+    top = [int(items[i]) for i in np.argsort(-(y @ u[0]))[:3]]
+    lines = ["user_id,item_id,rating,timestamp"] + [f"{users[0]},{i},5,1" for i in top]
+    (data / "interactions.csv").write_text("\n".join(lines) + "\n")
+    code, out, _ = run(
+        capsys,
+        "import",
+        "spark-als",
+        "--user-factors",
+        tmp / "userFactors",
+        "--item-factors",
+        tmp / "itemFactors",
+        "--name",
+        "spark",
+        "--models",
+        tmp / "models",
+        "--data",
+        data,
+    )
+    assert code == 0, out
+    model = load_named(tmp / "models", "spark")
+    got, _ = model.recommend([model.users.get(str(users[0]))], k=10)
+    assert not set(model.items.ids(got[0])) & {str(i) for i in top}
+    new, _ = model.recommend_from_history(model.items.index([str(items[5])]), k=5)
+    assert len(new) == 5  # fold-in of a new user works from the imported factors
+
+
+def test_bad_inputs_are_named(spark, capsys):
+    tmp, _, items, _, _ = spark
+    write_spark(tmp / "wrongRank", items, np.ones((120, 4), np.float32))
+    code, _, err = run(
+        capsys,
+        "import",
+        "spark-als",
+        "--user-factors",
+        tmp / "userFactors",
+        "--item-factors",
+        tmp / "wrongRank",
+        "--name",
+        "x",
+        "--models",
+        tmp / "models",
+    )
+    assert code == 2 and "rank 8" in err and "rank 4" in err
+    code, _, err = run(
+        capsys,
+        "import",
+        "spark-als",
+        "--user-factors",
+        tmp / "nope",
+        "--item-factors",
+        tmp / "itemFactors",
+        "--name",
+        "x",
+        "--models",
+        tmp / "models",
+    )
+    assert code == 2 and "user-factors" in err and "nope" in err
