@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -134,15 +135,28 @@ class RecommenderClient:
         deadline: float = 5.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
+        token: str = "",
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
     ) -> None:
+        """`token`: bearer token sent with every call; `tls_ca`: PEM CA file of the
+        server's certificate (TLS); `tls_cert` + `tls_key`: this client's certificate
+        (mutual TLS)."""
         self.deadline = deadline
-        self._channel = channel or grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        self._md = (("authorization", f"Bearer {token}"),) if token else None
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if channel is None and tls_ca:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes(),
+                private_key=Path(tls_key).read_bytes() if tls_key else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+            )
+            channel = grpc.secure_channel(target, creds, options=options)
+        self._channel = channel or grpc.insecure_channel(target, options=options)
         self._rec = pb_grpc.RecommenderStub(self._channel)
         self._admin = pb_grpc.AdminStub(self._channel)
 
@@ -185,7 +199,7 @@ class RecommenderClient:
             include_seen=include_seen,
             explain=explain,
         )
-        call = self._rec.Recommend(req, timeout=self._timeout(deadline))
+        call = self._rec.Recommend(req, timeout=self._timeout(deadline), metadata=self._md)
         try:
             items = _items(call)
             md = dict(call.initial_metadata())
@@ -220,7 +234,9 @@ class RecommenderClient:
                 )
 
         try:
-            for resp in self._rec.RecommendBatch(messages(), timeout=self._timeout(deadline)):
+            for resp in self._rec.RecommendBatch(
+                messages(), timeout=self._timeout(deadline), metadata=self._md
+            ):
                 err = None
                 if resp.status.code:
                     err = RecserveError(_code_name(resp.status.code), resp.status.message)
@@ -243,6 +259,7 @@ class RecommenderClient:
         call = self._rec.SimilarItems(
             pb.SimilarItemsRequest(item_id=item_id, k=k, model=model),
             timeout=self._timeout(deadline),
+            metadata=self._md,
         )
         try:
             items = _items(call)
@@ -276,7 +293,7 @@ class RecommenderClient:
             interval=interval,
         )
         try:
-            resp = self._rec.PredictRatings(req, timeout=self._timeout(deadline))
+            resp = self._rec.PredictRatings(req, timeout=self._timeout(deadline), metadata=self._md)
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return [Rating(p.item_id, p.rating, p.std, p.lower, p.upper) for p in resp.predictions]
@@ -295,7 +312,9 @@ class RecommenderClient:
             for e in (Event(x) if isinstance(x, str) else x for x in events)
         ]
         try:
-            s = self._rec.RecordInteractions(iter(msgs), timeout=self._timeout(deadline))
+            s = self._rec.RecordInteractions(
+                iter(msgs), timeout=self._timeout(deadline), metadata=self._md
+            )
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return int(s.accepted), int(s.rejected)
@@ -303,7 +322,9 @@ class RecommenderClient:
     def models(self, deadline: float | None = None) -> list[ModelDetails]:
         """Every model the server knows, with its state."""
         try:
-            resp = self._admin.ListModels(pb.ListModelsRequest(), timeout=self._timeout(deadline))
+            resp = self._admin.ListModels(
+                pb.ListModelsRequest(), timeout=self._timeout(deadline), metadata=self._md
+            )
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return [_details(m) for m in resp.models]
@@ -311,7 +332,9 @@ class RecommenderClient:
     def model(self, name: str, deadline: float | None = None) -> ModelDetails:
         """One model's details."""
         try:
-            m = self._admin.GetModel(pb.GetModelRequest(name=name), timeout=self._timeout(deadline))
+            m = self._admin.GetModel(
+                pb.GetModelRequest(name=name), timeout=self._timeout(deadline), metadata=self._md
+            )
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return _details(m)
@@ -321,7 +344,9 @@ class RecommenderClient:
     ) -> tuple[list[ModelDetails], list[ModelDetails]]:
         """Ask the server to switch to newly published versions: (reloaded, refused)."""
         try:
-            r = self._admin.ReloadModels(pb.ReloadModelsRequest(), timeout=self._timeout(deadline))
+            r = self._admin.ReloadModels(
+                pb.ReloadModelsRequest(), timeout=self._timeout(deadline), metadata=self._md
+            )
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return [_details(m) for m in r.reloaded], [_details(m) for m in r.refused]

@@ -14,17 +14,36 @@ import argparse
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def check(target: str, service: str = "", timeout: float = 2.0) -> str:
+def _channel(target: str, tls_ca: str = "", tls_cert: str = "", tls_key: str = "") -> grpc.Channel:
+    if not tls_ca:
+        return grpc.insecure_channel(target)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes(),
+        private_key=Path(tls_key).read_bytes() if tls_key else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+    )
+    return grpc.secure_channel(target, creds)
+
+
+def check(
+    target: str,
+    service: str = "",
+    timeout: float = 2.0,
+    tls_ca: str = "",
+    tls_cert: str = "",
+    tls_key: str = "",
+) -> str:
     """The health status name of `service` at `target` (SERVING, NOT_SERVING, ...).
 
     Raises grpc.RpcError when the server cannot be reached in time.
     """
-    with grpc.insecure_channel(target) as channel:
+    with _channel(target, tls_ca, tls_cert, tls_key) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -43,11 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--service", default="", help="health service name ('' = the server)")
     ap.add_argument("--timeout", type=float, default=2.0, help="seconds per attempt")
     ap.add_argument("--wait", type=float, default=0.0, help="keep retrying for this many seconds")
+    ap.add_argument("--tls-ca", default="", help="PEM CA of the server certificate (TLS)")
+    ap.add_argument("--tls-cert", default="", help="client certificate (mutual TLS)")
+    ap.add_argument("--tls-key", default="", help="client key (mutual TLS)")
     args = ap.parse_args(argv)
     end = time.monotonic() + args.wait
     while True:
         try:
-            status = check(args.target, args.service, args.timeout)
+            status = check(
+                args.target, args.service, args.timeout, args.tls_ca, args.tls_cert, args.tls_key
+            )
         except grpc.RpcError as exc:
             status, rc = f"unreachable ({exc.code().name})", 2
         else:

@@ -10,6 +10,8 @@
     max_concurrency = 64          # Recommender RPCs in flight (per worker); more fail fast
     workers = 1                   # processes sharing the port (SO_REUSEPORT)
     server = "asyncio"            # grpc.aio, requests computed on the loop; or "threads"
+    admin_token = ""              # better RECSERVE_ADMIN_TOKEN; "authorization: Bearer <token>"
+    tls_cert = ""                 # + tls_key: TLS; + tls_client_ca: mutual TLS
     feedback_db = "var/feedback.sqlite"   # "" keeps feedback in memory only
 
     [fallbacks]                   # per-model chains, tried in order
@@ -84,6 +86,11 @@ class ServerConfig:
     kernel_threads: int = 1
     workers: int = 1
     server: str = "asyncio"
+    admin_token: str = ""  # bearer token Admin RPCs require ("" = no check)
+    token_for_all: bool = False  # require the token on Recommender RPCs too
+    tls_cert: str = ""  # PEM server certificate chain: serve TLS when set
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA bundle: require client certificates (mutual TLS)
     fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     hybrids: dict[str, Hybrid] = field(default_factory=dict)
     experiments: dict[str, Experiment] = field(default_factory=dict)
@@ -247,5 +254,15 @@ def _check_consistency(cfg: ServerConfig) -> None:
         nested = sorted(set(e.arms) & set(cfg.experiments))
         if nested:
             raise ConfigError(f"experiments.{e.name}: arms must not be experiments ({nested})")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("tls_cert / tls_key: give both or neither")
+    if cfg.tls_client_ca and not cfg.tls_cert:
+        raise ConfigError("tls_client_ca: mutual TLS needs tls_cert and tls_key too")
+    for key in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(cfg, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{key}: {path} is not a file")
+    if cfg.token_for_all and not cfg.admin_token:
+        raise ConfigError("token_for_all: set admin_token too")
     if cfg.default_model and not NAME_RE.match(cfg.default_model):
         raise ConfigError(f"default_model: {cfg.default_model!r} is not a valid model name")

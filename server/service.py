@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import threading
 import time
@@ -172,12 +173,29 @@ class App:
         )
         address = f"{self.cfg.host}:{self.cfg.port}"
         try:
-            port = server.add_insecure_port(address)
+            creds = self.server_credentials()
+            port = (
+                server.add_secure_port(address, creds)
+                if creds is not None
+                else server.add_insecure_port(address)
+            )
         except RuntimeError as exc:
             raise OSError(f"port: cannot bind {address} ({exc})") from None
         if port == 0:
             raise OSError(f"port: cannot bind {address}")
         return port
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS (mutual when tls_client_ca is set) from the configured PEM files, or None."""
+        cfg = self.cfg
+        if not cfg.tls_cert:
+            return None
+        ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
 
     def _start_threads(self) -> int:
         # Workers beyond the admission cap leave room for health, admin and the
@@ -276,8 +294,28 @@ class App:
 
     # -- admission -----------------------------------------------------------------------
 
-    def try_admit(self, method: str) -> tuple[grpc.StatusCode, str] | None:
+    def auth_error(self, context: Any, admin: bool) -> str | None:
+        """Why the call's bearer token is refused, or None when it may proceed.
+
+        Admin RPCs need `authorization: Bearer <admin_token>` when a token is
+        configured; Recommender RPCs too with token_for_all. The comparison is
+        constant-time, and the token is never logged or echoed."""
+        token = self.cfg.admin_token
+        if not token or not (admin or self.cfg.token_for_all):
+            return None
+        given = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                given = value.removeprefix("Bearer ").strip()
+        if hmac.compare_digest(given.encode(), token.encode()):
+            return None
+        return "authorization: missing or wrong bearer token"
+
+    def try_admit(self, method: str, context: Any = None) -> tuple[grpc.StatusCode, str] | None:
         """Take one of max_concurrency slots; else the status to fail fast with."""
+        if context is not None and (denied := self.auth_error(context, admin=False)):
+            self.metrics.rejected.labels(method, "UNAUTHENTICATED").inc()
+            return grpc.StatusCode.UNAUTHENTICATED, denied
         if self.draining:
             self.metrics.rejected.labels(method, "UNAVAILABLE").inc()
             return grpc.StatusCode.UNAVAILABLE, "server: draining, retry another replica"
@@ -310,7 +348,7 @@ class App:
     def admitted(self, method: str, context: grpc.ServicerContext) -> Iterator[dict[str, Any]]:
         """Hold one of max_concurrency slots for the call, or fail fast; time the call."""
         t0 = time.perf_counter()
-        refused = self.try_admit(method)
+        refused = self.try_admit(method, context)
         if refused is not None:
             context.abort(*refused)
         state: dict[str, Any] = {"code": "OK", "t0": t0}
@@ -491,10 +529,17 @@ class AdminServicer(pb_grpc.AdminServicer):
         ]
         return sorted(out, key=lambda i: i.name)
 
+    def _deny(self, context) -> None:
+        denied = self.app.auth_error(context, admin=True)
+        if denied:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+
     def ListModels(self, request, context) -> pb.ListModelsResponse:
+        self._deny(context)
         return pb.ListModelsResponse(models=self._infos())
 
     def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
+        self._deny(context)
         for info in self._infos():
             if info.name == request.name:
                 return info
@@ -505,6 +550,11 @@ class AdminServicer(pb_grpc.AdminServicer):
         raise AssertionError("unreachable")
 
     def ReloadModels(self, request, context) -> pb.ReloadModelsResponse:
+        self._deny(context)
+        return self.reload()
+
+    def reload(self) -> pb.ReloadModelsResponse:
+        """Switch to newly published versions (no authorization check: callers do it)."""
         switched, refused = self.app.catalog.reload()
         return pb.ReloadModelsResponse(
             reloaded=[convert.model_info(s) for s in switched],

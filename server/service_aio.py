@@ -55,7 +55,7 @@ class AioRecommender(pb_grpc.RecommenderServicer):
     async def _ranked(self, method: str, context, compute) -> AsyncIterator[pb.RankedItem]:
         app = self.app
         t0 = time.perf_counter()
-        refused = app.try_admit(method)
+        refused = app.try_admit(method, context)
         if refused is not None:
             await context.abort(*refused)
         code = "OK"
@@ -112,7 +112,7 @@ class AioRecommender(pb_grpc.RecommenderServicer):
         app = self.app
         method = "RecommendBatch"
         t0 = time.perf_counter()
-        refused = app.try_admit(method)
+        refused = app.try_admit(method, context)
         if refused is not None:
             await context.abort(*refused)
         code = "OK"
@@ -145,7 +145,7 @@ class AioRecommender(pb_grpc.RecommenderServicer):
         app = self.app
         method = "PredictRatings"
         t0 = time.perf_counter()
-        refused = app.try_admit(method)
+        refused = app.try_admit(method, context)
         if refused is not None:
             await context.abort(*refused)
         code = "OK"
@@ -176,7 +176,7 @@ class AioRecommender(pb_grpc.RecommenderServicer):
         app = self.app
         method = "RecordInteractions"
         t0 = time.perf_counter()
-        refused = app.try_admit(method)
+        refused = app.try_admit(method, context)
         if refused is not None:
             await context.abort(*refused)
         code = "OK"
@@ -218,10 +218,17 @@ class AioAdmin(pb_grpc.AdminServicer):
     def __init__(self, app: App) -> None:
         self.sync = AdminServicer(app)
 
+    async def _deny(self, context) -> None:
+        denied = self.sync.app.auth_error(context, admin=True)
+        if denied:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+
     async def ListModels(self, request, context):
-        return self.sync.ListModels(request, context)
+        await self._deny(context)
+        return pb.ListModelsResponse(models=self.sync._infos())
 
     async def GetModel(self, request, context):
+        await self._deny(context)
         for info in self.sync._infos():
             if info.name == request.name:
                 return info
@@ -231,8 +238,9 @@ class AioAdmin(pb_grpc.AdminServicer):
         )
 
     async def ReloadModels(self, request, context):
+        await self._deny(context)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.sync.ReloadModels, request, context)
+        return await loop.run_in_executor(None, self.sync.reload)
 
 
 def start_aio(app: App) -> int:
