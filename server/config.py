@@ -85,6 +85,9 @@ class ServerConfig:
     online_history: int = 1000
     kernel_threads: int = 1
     workers: int = 1
+    memory_budget_mb: int = (
+        0  # bundles mapped at once; a bundle beyond it is refused (0 = no limit)
+    )
     server: str = "asyncio"
     admin_token: str = ""  # bearer token Admin RPCs require ("" = no check)
     token_for_all: bool = False  # require the token on Recommender RPCs too
@@ -119,6 +122,7 @@ _CHECKS: dict[str, tuple[float, float]] = {
     "online_history": (1, 1_000_000),
     "kernel_threads": (0, 1024),
     "workers": (1, 256),
+    "memory_budget_mb": (0.0, 1e7),
 }
 
 

@@ -108,6 +108,13 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.refused_versions = Counter(
+            "recserve_refused_versions_total",
+            "Published model versions a reload refused (corrupt, unreadable, over the memory "
+            "budget); the previous version kept serving",
+            ["model"],
+            registry=registry,
+        )
         self.inflight = Gauge(
             "recserve_inflight_requests",
             "Recommender RPCs currently running",

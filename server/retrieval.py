@@ -77,6 +77,7 @@ class Slot:
     bytes: int = 0
     _popular: np.ndarray | None = field(default=None, repr=False)
     _counts: np.ndarray | None = field(default=None, repr=False)
+    reserved: bool = False  # counted against the memory budget while loading
 
     def popular_counts(self) -> np.ndarray:
         """Training interactions per item (the last-resort ranking's scores)."""
@@ -111,8 +112,10 @@ class Catalog:
         kernel_threads: int = 1,
         loader: Loader = default_loader,
         on_change: Callable[[Slot], None] | None = None,
+        memory_budget: int = 0,
     ) -> None:
         self.models_dir = Path(models_dir)
+        self.memory_budget = memory_budget  # bytes of bundles mapped at once; 0 = no limit
         self.full_verify = full_verify
         self.kernel_threads = kernel_threads
         self.loader = loader
@@ -148,13 +151,30 @@ class Catalog:
             self.on_change(slot)
             self._pending.append(self._pool.submit(self._load_into, slot, path))
 
+    def over_budget(self, slot: Slot) -> str | None:
+        """Why loading `slot` would exceed the memory budget (checked before loading)."""
+        if not self.memory_budget:
+            return None
+        with self._lock:
+            others = sum(
+                s.bytes for s in self._slots.values() if s.state == SERVING and s.name != slot.name
+            )
+        if others + slot.bytes <= self.memory_budget:
+            return None
+        return (
+            f"memory budget: {slot.bytes:,} bytes of bundle + {others:,} already mapped "
+            f"> memory_budget {self.memory_budget:,}"
+        )
+
     def _load_into(self, slot: Slot, path: Path) -> None:
         t = time.perf_counter()
         try:
+            if reason := self.over_budget(slot):
+                raise artifacts.BundleError(reason)
             model = self.loader(path, self.full_verify)
             model.n_threads = self.kernel_threads
         except Exception as exc:  # any failure to load is reported, never fatal
-            slot.state, slot.error = FAILED, str(exc)
+            slot.state, slot.error, slot.reserved = FAILED, str(exc), False
             log.error("model %s: failed to load %s: %s", slot.name, path, exc)
         else:
             slot.model, slot.version = model, path.name
@@ -223,10 +243,12 @@ class Catalog:
     def _load_into_quiet(self, slot: Slot, path: Path) -> None:
         t = time.perf_counter()
         try:
+            if reason := self.over_budget(slot):
+                raise artifacts.BundleError(reason)
             model = self.loader(path, True)  # reloads always check every sha256
             model.n_threads = self.kernel_threads
         except Exception as exc:
-            slot.state, slot.error = FAILED, str(exc)
+            slot.state, slot.error, slot.reserved = FAILED, str(exc), False
             log.error("model %s: refused %s: %s", slot.name, path, exc)
             return
         slot.model, slot.version, slot.state = model, path.name, SERVING

@@ -94,6 +94,7 @@ class App:
             kernel_threads=cfg.kernel_threads,
             loader=loader,
             on_change=self._model_changed,
+            memory_budget=int(cfg.memory_budget_mb * 1024 * 1024),
         )
         self.router = Router(cfg, self.catalog, self.online)
         self._admit = threading.BoundedSemaphore(cfg.max_concurrency)
@@ -556,6 +557,8 @@ class AdminServicer(pb_grpc.AdminServicer):
     def reload(self) -> pb.ReloadModelsResponse:
         """Switch to newly published versions (no authorization check: callers do it)."""
         switched, refused = self.app.catalog.reload()
+        for slot in refused:
+            self.app.metrics.refused_versions.labels(slot.name).inc()
         return pb.ReloadModelsResponse(
             reloaded=[convert.model_info(s) for s in switched],
             refused=[convert.model_info(s) for s in refused],
