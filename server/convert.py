@@ -2,10 +2,63 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
 
 from recserve.v1 import recommender_pb2 as pb
 from server.retrieval import Prediction, Ranked, RecQuery, Slot
+
+
+class Undecodable:
+    """Stands for a request whose bytes are not the expected message: the servicer
+    answers INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing"."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    @property
+    def message(self) -> str:
+        return f"request: not a valid {self.kind} message"
+
+
+def _parser(cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError):
+            return Undecodable(cls.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def add_services(server: Any, recommender: Any, admin: Any) -> None:
+    """Register both services on a sync or asyncio server, as the generated
+    add_*_to_server functions do, but with request parsers that never raise."""
+    for service, impl in (("Recommender", recommender), ("Admin", admin)):
+        desc = pb.DESCRIPTOR.services_by_name[service]
+        handlers = {}
+        for method in desc.methods:
+            kind = (
+                ("stream" if method.client_streaming else "unary")
+                + "_"
+                + ("stream" if method.server_streaming else "unary")
+            )
+            make = getattr(grpc, f"{kind}_rpc_method_handler")
+            request = getattr(pb, method.input_type.name)
+            response = getattr(pb, method.output_type.name)
+            handlers[method.name] = make(
+                getattr(impl, method.name),
+                request_deserializer=_parser(request),
+                response_serializer=response.SerializeToString,
+            )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(desc.full_name, handlers),)
+        )
+        server.add_registered_method_handlers(desc.full_name, handlers)
+
 
 STATE = {"loading": pb.MODEL_STATE_LOADING, "serving": pb.MODEL_STATE_SERVING}
 STATE_FAILED = pb.MODEL_STATE_FAILED

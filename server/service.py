@@ -161,8 +161,7 @@ class App:
 
     def register(self, server: Any, recommender: Any, admin: Any) -> int:
         """Add every service and reflection to a (sync or asyncio) server; bind; the port."""
-        pb_grpc.add_RecommenderServicer_to_server(recommender, server)
-        pb_grpc.add_AdminServicer_to_server(admin, server)
+        convert.add_services(server, recommender, admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -420,6 +419,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self.app = app
 
     def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext):
+        _refuse_undecodable(request, context)
         with self.app.admitted("Recommend", context) as state:
             self.app.shared_sync()
             r = self.app.router.recommend(convert.rec_query(request), self.app.checker(context))
@@ -431,6 +431,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             check = self.app.checker(context)
             for request in request_iterator:
                 check()
+                if isinstance(request, convert.Undecodable):
+                    number = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                    yield convert.batch_error(pb.RecommendRequest(), number, request.message)
+                    continue
                 self.app.shared_sync()
                 try:
                     r = self.app.router.recommend(convert.rec_query(request), check)
@@ -443,6 +447,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 yield convert.response(request.request_id, r)
 
     def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext):
+        _refuse_undecodable(request, context)
         with self.app.admitted("SimilarItems", context) as state:
             check = self.app.checker(context)
             r = self.app.router.similar(request.item_id, int(request.k), request.model, check)
@@ -452,6 +457,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def PredictRatings(
         self, request: pb.PredictRatingsRequest, context: grpc.ServicerContext
     ) -> pb.PredictRatingsResponse:
+        _refuse_undecodable(request, context)
         with self.app.admitted("PredictRatings", context):
             self.app.shared_sync()
             p = self.app.router.predict(
@@ -488,7 +494,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                     batch.clear()
 
             for ev in request_iterator:
-                e = _event(ev)
+                e = None if isinstance(ev, convert.Undecodable) else _event(ev)
                 if e is None or not app.router.known_item(e.item_id):
                     rejected += 1
                     continue
@@ -500,6 +506,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             app.metrics.feedback_events.labels("rejected").inc(rejected)
             return pb.RecordSummary(accepted=accepted, rejected=rejected)
         return pb.RecordSummary()  # reached only when the client cancelled
+
+
+def _refuse_undecodable(request: Any, context: grpc.ServicerContext) -> None:
+    if isinstance(request, convert.Undecodable):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
 def _event(ev: pb.Interaction) -> Event | None:

@@ -52,8 +52,10 @@ class AioRecommender(pb_grpc.RecommenderServicer):
     def __init__(self, app: App) -> None:
         self.app = app
 
-    async def _ranked(self, method: str, context, compute) -> AsyncIterator[pb.RankedItem]:
+    async def _ranked(self, method: str, request, context, compute) -> AsyncIterator[pb.RankedItem]:
         app = self.app
+        if isinstance(request, convert.Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         t0 = time.perf_counter()
         refused = app.try_admit(method, context)
         if refused is not None:
@@ -96,7 +98,7 @@ class AioRecommender(pb_grpc.RecommenderServicer):
             app.shared_sync()
             return app.router.recommend(convert.rec_query(request), check)
 
-        async for item in self._ranked("Recommend", context, compute):
+        async for item in self._ranked("Recommend", request, context, compute):
             yield item
 
     async def SimilarItems(self, request, context):
@@ -105,7 +107,7 @@ class AioRecommender(pb_grpc.RecommenderServicer):
         def compute(check):
             return app.router.similar(request.item_id, int(request.k), request.model, check)
 
-        async for item in self._ranked("SimilarItems", context, compute):
+        async for item in self._ranked("SimilarItems", request, context, compute):
             yield item
 
     async def RecommendBatch(self, request_iterator, context):
@@ -120,6 +122,10 @@ class AioRecommender(pb_grpc.RecommenderServicer):
             check = _checker(context)
             async for request in request_iterator:
                 check()
+                if isinstance(request, convert.Undecodable):
+                    number = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                    yield convert.batch_error(pb.RecommendRequest(), number, request.message)
+                    continue
                 app.shared_sync()
                 try:
                     r = app.router.recommend(convert.rec_query(request), check)
@@ -144,6 +150,8 @@ class AioRecommender(pb_grpc.RecommenderServicer):
     async def PredictRatings(self, request, context):
         app = self.app
         method = "PredictRatings"
+        if isinstance(request, convert.Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         t0 = time.perf_counter()
         refused = app.try_admit(method, context)
         if refused is not None:
@@ -191,7 +199,7 @@ class AioRecommender(pb_grpc.RecommenderServicer):
 
         try:
             async for ev in request_iterator:
-                e = _event(ev)
+                e = None if isinstance(ev, convert.Undecodable) else _event(ev)
                 if e is None or not app.router.known_item(e.item_id):
                     rejected += 1
                     continue

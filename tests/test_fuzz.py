@@ -1,0 +1,175 @@
+"""Hostile requests for every RPC (hypothesis, bounded example counts): the server
+answers only with documented status codes, never UNKNOWN or INTERNAL, stays alive,
+and its memory stays bounded."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from recserve.v1 import recommender_pb2 as pb
+from recserve.v1 import recommender_pb2_grpc as pb_grpc
+from server.memstat import process_memory
+from tests.service_helpers import publish_models, running
+
+DOCUMENTED = {
+    "OK",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+}
+CODES: Counter[str] = Counter()  # every fuzzed request's status, for the closing note
+EXAMPLES = int(os.environ.get("RECSERVE_FUZZ_EXAMPLES", "60"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300)
+ids = st.one_of(text, st.integers(0, 400).map(str), st.just("x" * 5000))
+values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-5, 5).map(float)
+)
+ks = st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-2, 1200))
+models = st.sampled_from(["", "als", "popularity", "itemknn", "bayes_mf", "nope", "../etc", "a/b"])
+interaction = st.builds(
+    pb.Interaction,
+    user_id=ids,
+    item_id=ids,
+    value=values,
+    timestamp=st.integers(-(2**63), 2**63 - 1),
+)
+recommend = st.builds(
+    pb.RecommendRequest,
+    user_id=ids,
+    history=st.lists(interaction, max_size=30),
+    k=ks,
+    model=models,
+    exclude_item_ids=st.lists(ids, max_size=20),
+    candidate_item_ids=st.lists(ids, max_size=20),
+    include_seen=st.booleans(),
+    explain=st.booleans(),
+    request_id=text,
+)
+
+
+@pytest.fixture(scope="module", params=["asyncio", "threads"])
+def srv(request, small, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz-models")
+    publish_models(small, root)
+    with running(root, server=request.param, max_message_bytes=4 * 1024 * 1024) as s:
+        s.rss_before = process_memory()[0]
+        yield s
+        alive = s.rec.Recommend(pb.RecommendRequest(user_id="7", k=3), timeout=10)
+        assert len(list(alive)) == 3  # still serving after everything below
+
+
+def status(fn) -> str:
+    try:
+        out = fn()
+        if hasattr(out, "__iter__") and not hasattr(out, "DESCRIPTOR"):
+            list(out)
+        code = "OK"
+    except grpc.RpcError as exc:
+        code = exc.code().name
+    CODES[code] += 1
+    assert code in DOCUMENTED, code
+    return code
+
+
+@FUZZ
+@given(req=recommend)
+def test_recommend(srv, req):
+    status(lambda: srv.rec.Recommend(req, timeout=10))
+
+
+@FUZZ
+@given(reqs=st.lists(recommend, max_size=5))
+def test_recommend_batch(srv, reqs):
+    status(lambda: srv.rec.RecommendBatch(iter(reqs), timeout=10))
+
+
+@FUZZ
+@given(item=ids, k=ks, model=models)
+def test_similar_items(srv, item, k, model):
+    req = pb.SimilarItemsRequest(item_id=item, k=k, model=model)
+    status(lambda: srv.rec.SimilarItems(req, timeout=10))
+
+
+@FUZZ
+@given(
+    user=ids,
+    history=st.lists(interaction, max_size=20),
+    items=st.lists(ids, max_size=20),
+    model=models,
+    interval=st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_predict_ratings(srv, user, history, items, model, interval):
+    req = pb.PredictRatingsRequest(
+        user_id=user, history=history, item_ids=items, model=model, interval=interval
+    )
+    code = status(lambda: srv.rec.PredictRatings(req, timeout=10))
+    if not (0 <= interval < 1) and not (isinstance(interval, float) and math.isnan(interval)):
+        assert code != "OK" or interval == 0
+
+
+@FUZZ
+@given(events=st.lists(interaction, max_size=30))
+def test_record_interactions(srv, events):
+    status(lambda: srv.rec.RecordInteractions(iter(events), timeout=10))
+
+
+@FUZZ
+@given(payload=st.binary(max_size=400))
+def test_random_bytes_as_requests(srv, payload):
+    for method in ("Recommend", "SimilarItems"):
+        call = srv.channel.unary_stream(f"/recserve.v1.Recommender/{method}")
+        status(lambda call=call: call(payload, timeout=10))
+    call = srv.channel.unary_unary("/recserve.v1.Recommender/PredictRatings")
+    status(lambda: call(payload, timeout=10))
+    call = srv.channel.stream_unary("/recserve.v1.Recommender/RecordInteractions")
+    status(lambda: call(iter([payload, payload]), timeout=10))
+
+
+def test_huge_requests(srv):
+    big_history = [pb.Interaction(item_id=str(i % 300 + 1)) for i in range(100_000)]
+    code = status(
+        lambda: srv.rec.Recommend(
+            pb.RecommendRequest(user_id="n", history=big_history, k=5), timeout=30
+        )
+    )
+    assert code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")  # over max_history or the size cap
+    near = pb.RecommendRequest(user_id="7", k=5, exclude_item_ids=["x" * 1000] * 3_900)
+    assert near.ByteSize() < 4 * 1024 * 1024
+    status(lambda: srv.rec.Recommend(near, timeout=30))
+    over = pb.RecommendRequest(user_id="7", k=5, exclude_item_ids=["x" * 1000] * 5_000)
+    assert status(lambda: srv.rec.Recommend(over, timeout=30)) == "RESOURCE_EXHAUSTED"
+    # Empty and endless client streams.
+    assert status(lambda: srv.rec.RecordInteractions(iter([]), timeout=10)) == "OK"
+
+    def endless():
+        while True:
+            yield pb.RecommendRequest(user_id="7", k=1)
+
+    code = status(
+        lambda: list(zip(range(200), srv.rec.RecommendBatch(endless(), timeout=2), strict=False))
+    )
+    assert code in ("OK", "DEADLINE_EXCEEDED")
+
+
+def test_memory_stays_bounded(srv):
+    # Runs after the fuzzing above in this module (definition order).
+    grown = process_memory()[0] - srv.rss_before
+    assert grown < 300e6, f"resident memory grew by {grown / 1e6:.0f} MB"
+    stub = pb_grpc.RecommenderStub(srv.channel)
+    assert len(list(stub.Recommend(pb.RecommendRequest(user_id="7", k=3), timeout=10))) == 3
+    print(f"\nfuzzed requests by status ({srv.app.cfg.server}): {dict(sorted(CODES.items()))}")
