@@ -38,7 +38,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 
-RPCS = ("recommend", "batch", "similar", "predict", "health")
+RPCS = ("recommend", "batch", "similar", "predict", "health", "mixed")
+MIX = (("recommend", 0.8), ("similar", 0.1), ("batch", 0.1))  # rpc = "mixed"
 
 
 @dataclass
@@ -113,23 +114,26 @@ class _Sender:
         load = self.load
         first = None
         code = "OK"
+        rpc = load.rpc
+        if rpc == "mixed":
+            rpc = MIX[int(np.searchsorted(np.cumsum([w for _, w in MIX]), self.rng.random()))][0]
         try:
-            if load.rpc == "recommend":
+            if rpc == "recommend":
                 async for _ in stubs["rec"].Recommend(self._request(), timeout=load.deadline):
                     if first is None:
                         first = time.perf_counter()
-            elif load.rpc == "batch":
+            elif rpc == "batch":
                 reqs = [self._request() for _ in range(load.batch)]
                 async for _ in stubs["rec"].RecommendBatch(iter(reqs), timeout=load.deadline):
                     if first is None:
                         first = time.perf_counter()
-            elif load.rpc == "similar":
+            elif rpc == "similar":
                 item = load.items[int(self.rng.integers(0, len(load.items)))]
                 req = pb.SimilarItemsRequest(item_id=item, k=load.k, model=load.model)
                 async for _ in stubs["rec"].SimilarItems(req, timeout=load.deadline):
                     if first is None:
                         first = time.perf_counter()
-            elif load.rpc == "predict":
+            elif rpc == "predict":
                 r = self._request()
                 items = [load.items[int(i)] for i in self.rng.integers(0, len(load.items), load.k)]
                 req = pb.PredictRatingsRequest(

@@ -1,0 +1,124 @@
+"""Soak: N minutes of a mixed workload at a fixed rate against a fresh server; reports
+errors, p99 per minute (drift from the first to the last) and resident-memory growth.
+
+    python bench/soak.py --minutes 10 --rate 300          # not run in CI
+
+Starts `recserve serve` on the embedded default data and models (made with
+`recserve quickstart` in a temporary folder unless --workdir has them), runs
+the bench client's open loop ("mixed": 80% Recommend with 20% cold users
+sending a history, 10% SimilarItems, 10% RecommendBatch), one window per
+minute, and reads the server's RSS from its /metrics at the start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from clients.bench import Load, run
+from clients.health import check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return float(re.search(r"^recserve_process_resident_memory_bytes (\S+)", text, re.M)[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=int, default=10)
+    ap.add_argument("--rate", type=float, default=300.0, help="requests/s (70%% of the max)")
+    ap.add_argument("--workdir", default="", help="quickstart folder (default: a temp one)")
+    ap.add_argument("--server", default="asyncio")
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="recserve-soak-"))
+    subprocess.run(
+        [sys.executable, "-m", "server", "quickstart", "--workdir", str(work)],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    port, mport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--config",
+            str(work / "recserve.toml"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(mport),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={"RECSERVE_SERVER": args.server, "PATH": "/usr/bin:/bin"},
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if check(target, "model/hybrid", 1) == "SERVING":
+                    break
+            except Exception:
+                pass
+            time.sleep(0.1)
+        warm = Load(
+            target=target,
+            rpc="mixed",
+            rate=args.rate,
+            duration=20,
+            warmup=0,
+            cold=0.2,
+            zipf=1.1,
+            users=[str(i) for i in range(1, 6001)],
+            items=[str(i) for i in range(1, 2501)],
+            processes=2,
+        )
+        run(warm)  # warm-up minute fraction: caches, first allocations
+        start_rss = rss(mport)
+        print(f"{'minute':>6}{'requests':>10}{'q/s':>8}{'p50 ms':>9}{'p99 ms':>9}  errors")
+        p99s, errors = [], 0
+        for minute in range(1, args.minutes + 1):
+            r = run(Load(**{**warm.__dict__, "duration": 60.0}))
+            p99s.append(r.latency_ms["p99"])
+            errors += sum(r.errors.values())
+            print(
+                f"{minute:>6}{r.requests:>10}{r.qps:>8.0f}{r.latency_ms['p50']:>9.2f}"
+                f"{r.latency_ms['p99']:>9.2f}  {r.errors or '-'}",
+                flush=True,
+            )
+        end_rss = rss(mport)
+        print(
+            f"errors: {errors}; p99 first/last minute: {p99s[0]:.2f} / {p99s[-1]:.2f} ms; "
+            f"resident memory {start_rss / 1e6:.1f} -> {end_rss / 1e6:.1f} MB "
+            f"({(end_rss / start_rss - 1) * 100:+.1f}%)"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()
