@@ -144,3 +144,39 @@ def test_acknowledged_feedback_survives_kill_9(published, tmp_path):
     finally:
         assert p2.stop() == 0
     assert any(f"replayed {stored} feedback events" in line for line in p2.lines)
+
+
+def test_graceful_shutdown_under_load_cuts_no_stream(published):
+    """SIGTERM while clients hammer the server: every call either completes with all
+    its items or is refused with UNAVAILABLE; none is cut mid-stream."""
+    root, _ = published
+    p = Proc("--models", str(root), "--port", "0", "--metrics-port", "0")
+    target = p.target()
+    wait_serving(target, "model/als")
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def hammer() -> None:
+        with RecommenderClient(target, deadline=10) as rc:
+            for _ in range(100_000):
+                try:
+                    rec = rc.recommend(str(np.random.randint(1, 900)), 20, model="als")
+                    result = "OK" if len(rec.items) == 20 else f"SHORT {len(rec.items)}"
+                except RecserveError as exc:
+                    result = exc.code
+                with lock:
+                    outcomes.append(result)
+                if result != "OK":
+                    return
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    p.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert p.proc.wait(30) == 0
+    counts = {o: outcomes.count(o) for o in set(outcomes)}
+    assert counts.get("OK", 0) > 20
+    assert set(counts) <= {"OK", "UNAVAILABLE"}, counts
