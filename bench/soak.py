@@ -42,7 +42,9 @@ def rss(port: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=int, default=10)
-    ap.add_argument("--rate", type=float, default=300.0, help="requests/s (70%% of the max)")
+    ap.add_argument(
+        "--rate", type=float, default=0.0, help="requests/s (default: 70%% of the measured max)"
+    )
     ap.add_argument("--workdir", default="", help="quickstart folder (default: a temp one)")
     ap.add_argument("--server", default="asyncio")
     args = ap.parse_args()
