@@ -86,19 +86,26 @@ def main() -> None:
             except Exception:
                 pass
             time.sleep(0.1)
-        warm = Load(
+        common = dict(
             target=target,
             rpc="mixed",
-            rate=args.rate,
-            duration=20,
-            warmup=0,
             cold=0.2,
             zipf=1.1,
+            processes=2,
             users=[str(i) for i in range(1, 6001)],
             items=[str(i) for i in range(1, 2501)],
-            processes=2,
         )
-        run(warm)  # warm-up minute fraction: caches, first allocations
+        rate = args.rate
+        if not rate:  # the maximum: a closed loop at concurrency 16 for 20 s
+            top = run(Load(**common, concurrency=16, duration=20, warmup=5))
+            rate = 0.7 * top.qps
+            print(
+                f"maximum {top.qps:.0f} requests/s (closed loop, 16 in flight); "
+                f"soak at 70%: {rate:.0f}/s",
+                flush=True,
+            )
+        warm = Load(**common, rate=rate, duration=20, warmup=0)
+        run(warm)  # caches, first allocations
         start_rss = rss(mport)
         print(f"{'minute':>6}{'requests':>10}{'q/s':>8}{'p50 ms':>9}{'p99 ms':>9}  errors")
         p99s, errors = [], 0
