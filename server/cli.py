@@ -163,15 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     spark.add_argument("--alpha", type=float, default=1.0, help="fold-in confidence alpha")
     spark.add_argument("--index", default="auto", help="retrieval: auto, exact, flat, hnsw, ivf")
 
-    from clients.bench import build_parser as bench_parser
-
-    bench_parser(
-        sub.add_parser(
-            "bench",
-            help="load-test a running server",
-            description="Closed- or open-loop load on a recserve server; see clients/bench.py.",
-        )
+    # The bench client's own parser reads these arguments: importing it (and gRPC)
+    # here would put gRPC in the process `serve --workers` forks from.
+    bench = sub.add_parser(
+        "bench",
+        help="load-test a running server (recserve bench --help)",
+        add_help=False,
+        prefix_chars="\0",
     )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return ap
 
 
@@ -472,9 +472,9 @@ def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from clients.bench import run_cli
+    from clients.bench import main as bench_main
 
-    code = run_cli(args)
+    code = bench_main(args.bench_args)
     if code:
         raise SystemExit(code)
 

@@ -39,15 +39,20 @@ def test_two_workers_share_port_metrics_and_feedback(models_dir, tmp_path):
         target = p.target()
         for name in ("", "model/als"):
             wait_serving(target, name)
+        # Every worker has ALS loaded: model_serving is the minimum over live workers.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             fams = scrape(mport)
-            if fams.get("recserve_worker_processes", [None])[0] and (
-                fams["recserve_worker_processes"][0].value == 2
-            ):
+            workers = [s.value for s in fams.get("recserve_worker_processes", [])]
+            als = [
+                s.value
+                for s in fams.get("recserve_model_serving", [])
+                if s.labels.get("model") == "als"
+            ]
+            if workers == [2] and als == [1]:
                 break
             time.sleep(0.1)
-        assert fams["recserve_worker_processes"][0].value == 2
+        assert workers == [2] and als == [1]
         # New connections spread over the workers; all answer the same.
         before = set()
         for _ in range(12):
@@ -72,6 +77,9 @@ def test_two_workers_share_port_metrics_and_feedback(models_dir, tmp_path):
         pss = fams["recserve_process_proportional_memory_bytes"][0].value
         rss = fams["recserve_process_resident_memory_bytes"][0].value
         assert 0 < pss <= rss
+    except BaseException:
+        print("server log:\n" + "".join(p.lines)[-6000:])  # for a failure's report
+        raise
     finally:
         p.proc.send_signal(signal.SIGTERM)
         assert p.proc.wait(30) == 0
