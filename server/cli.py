@@ -28,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from server import __version__, artifacts
-from server.data import FORMATS, DataError, generate, load_dataset, write_csv
+from server.data import FORMATS, DataError, generate, write_csv
 from server.evaluation import PROTOCOLS, evaluate
 from server.models import algorithms, create, load, parse_params
 
@@ -196,6 +196,13 @@ def _model(args: argparse.Namespace) -> Any:
     model = create(args.algo, **parse_params(args.param))
     model.n_threads = args.threads
     return model
+
+
+def load_dataset(path: str, fmt: str | None = None) -> Any:
+    """server.data.load_dataset, imported when a command reads data (pyarrow is heavy)."""
+    from server.data import load_dataset as load
+
+    return load(path, fmt)
 
 
 def cmd_data(args: argparse.Namespace) -> dict[str, Any]:

@@ -47,10 +47,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from kernels import topk
+from server.lazy import lazy_module
+
+faiss = lazy_module("faiss")  # ~70 ms to import: only when an index is built or read
 
 KINDS = ("flat", "hnsw", "ivf", "ivfpq")
 REDUCED = ("ivf", "ivfpq")  # kinds searched on the MIPS -> L2 reduction
@@ -58,10 +60,15 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 DEFAULT_EF_SEARCH = 128
 DEFAULT_NPROBE = 32
+
+
 # IO_FLAG_MMAP_IFC maps the stored vectors / codes of flat, HNSW and IVF indexes
 # (measured: loading a 200k x 64 index grows RSS by 0.7 MB for flat and 1.5 MB
 # for IVF instead of ~52 MB, and by the 19.5 MB graph instead of 68 MB for HNSW).
-MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+def _mmap_flags() -> int:
+    return faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+
+
 RETRY_WIDEN = 4  # second pass: efSearch / nprobe times this
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -99,7 +106,7 @@ def _omp_threads(n: int) -> Iterator[None]:
 def _read(path: Path, expected: int, mmap: bool) -> faiss.Index:
     """A FAISS index file holding `expected` vectors (ValueError naming the file if not)."""
     try:
-        index = faiss.read_index(str(path), MMAP_FLAGS if mmap else 0)
+        index = faiss.read_index(str(path), _mmap_flags() if mmap else 0)
     except RuntimeError as exc:
         raise ValueError(f"{path}: not a readable FAISS index ({exc})") from None
     if index.ntotal != expected:

@@ -1,8 +1,23 @@
 """Interaction data: readers for public formats, the Dataset, and a synthetic generator."""
 
+from typing import Any
+
 from server.data.dataset import Dataset, IdMap, build_csr, features_matrix
-from server.data.readers import FORMATS, DataError, detect_format, load_dataset
+from server.data.formats import FORMATS, DataError
 from server.data.synth import generate, to_dataset, write_csv
+
+# The readers need pyarrow (~75 ms to import); a serving process never reads a
+# dataset, so they are imported on first use (PEP 562).
+_READERS = ("detect_format", "load_dataset")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _READERS:
+        from server.data import readers
+
+        return getattr(readers, name)
+    raise AttributeError(f"module 'server.data' has no attribute {name!r}")
+
 
 __all__ = [
     "FORMATS",

@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from server.data.dataset import Dataset, IdMap, build_csr, features_matrix
+from server.data.formats import FORMATS, DataError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("ml-100k", "ml-1m", "ml-20m", "goodbooks", "csv")
 COMPRESSED = (".gz", ".xz")
 ML100K_GENRES = [
     "unknown",
@@ -54,16 +54,6 @@ ML100K_GENRES = [
 ]
 _FLOAT_RE = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _INT_RE = r"^\s*[-+]?\d+\s*$"
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the line and the problem."""
-
-    def __init__(self, path: Path | str, problem: str, line: int | None = None) -> None:
-        where = f"{path}" if line is None else f"{path}, line {line}"
-        super().__init__(f"{where}: {problem}")
-        self.path = str(path)
-        self.line = line
 
 
 @dataclass

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from server.data.dataset import Dataset, IdMap, build_csr, features_matrix
 
@@ -204,6 +202,9 @@ def write_csv(s: Synthetic, out: str | Path) -> Path:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     order = np.argsort(s.timestamps, kind="stable")
+    import pyarrow as pa  # only here: serving processes never write CSVs
+    import pyarrow.csv as pacsv
+
     table = pa.table(
         {
             "user_id": pa.array(s.users[order] + 1),
