@@ -13,6 +13,7 @@ the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -46,6 +47,29 @@ def _checker(context: grpc.aio.ServicerContext) -> Callable[[], None]:
     return check
 
 
+@contextlib.asynccontextmanager
+async def _admitted(app: App, method: str, context) -> AsyncIterator[dict[str, Any]]:
+    """The thread-pool server's `App.admitted` for grpc.aio (whose abort is awaited):
+    take a slot or fail fast, turn exceptions into statuses, time the call."""
+    t0 = time.perf_counter()
+    refused = app.try_admit(method, context)
+    if refused is not None:
+        await context.abort(*refused)
+    state: dict[str, Any] = {"code": "OK", "t0": t0}
+    try:
+        yield state
+    except Exception as exc:
+        status, message = app.failure(method, exc)
+        state["code"] = status.name
+        if status is not grpc.StatusCode.CANCELLED:
+            await context.abort(status, message)
+    except BaseException:  # the client went away (GeneratorExit, CancelledError)
+        state["code"] = "CANCELLED"
+        raise
+    finally:
+        app.finish(method, state["code"], t0)
+
+
 class AioRecommender(pb_grpc.RecommenderServicer):
     """recserve.v1.Recommender on grpc.aio."""
 
@@ -56,39 +80,27 @@ class AioRecommender(pb_grpc.RecommenderServicer):
         app = self.app
         if isinstance(request, convert.Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        t0 = time.perf_counter()
-        refused = app.try_admit(method, context)
-        if refused is not None:
-            await context.abort(*refused)
-        code = "OK"
         sent = 0
         try:
-            check = _checker(context)
-            r = compute(check)
-            # The loop was busy computing: let it take in a cancellation or a
-            # deadline that arrived meanwhile before anything is sent.
-            await asyncio.sleep(0)
-            check()
-            await context.send_initial_metadata(convert.metadata(r))
-            app.observe(method, r)
-            for item in convert.ranked_items(r):
-                if sent == 0:
-                    app.metrics.first_item_seconds.labels(method).observe(time.perf_counter() - t0)
-                elif sent % CHECK_EVERY == 0:
-                    check()
-                yield item
-                sent += 1
-        except (_Stop, RequestError, Exception) as exc:
-            status, message = app.failure(method, exc)
-            code = status.name
-            if status is not grpc.StatusCode.CANCELLED:
-                await context.abort(status, message)
-        except BaseException:
-            code = "CANCELLED"
-            raise
+            async with _admitted(app, method, context) as state:
+                check = _checker(context)
+                r = compute(check)
+                # The loop was busy computing: let it take in a cancellation or a
+                # deadline that arrived meanwhile before anything is sent.
+                await asyncio.sleep(0)
+                check()
+                await context.send_initial_metadata(convert.metadata(r))
+                app.observe(method, r)
+                for item in convert.ranked_items(r):
+                    if sent == 0:
+                        elapsed = time.perf_counter() - state["t0"]
+                        app.metrics.first_item_seconds.labels(method).observe(elapsed)
+                    elif sent % CHECK_EVERY == 0:
+                        check()
+                    yield item
+                    sent += 1
         finally:
             app.metrics.items.labels(method).inc(sent)
-            app.finish(method, code, t0)
 
     # grpc.aio needs the handlers themselves to be async generator functions.
     async def Recommend(self, request, context):
@@ -113,12 +125,7 @@ class AioRecommender(pb_grpc.RecommenderServicer):
     async def RecommendBatch(self, request_iterator, context):
         app = self.app
         method = "RecommendBatch"
-        t0 = time.perf_counter()
-        refused = app.try_admit(method, context)
-        if refused is not None:
-            await context.abort(*refused)
-        code = "OK"
-        try:
+        async with _admitted(app, method, context):
             check = _checker(context)
             async for request in request_iterator:
                 check()
@@ -136,28 +143,13 @@ class AioRecommender(pb_grpc.RecommenderServicer):
                 app.observe(method, r)
                 app.metrics.items.labels(method).inc(len(r.item_ids))
                 yield convert.response(request.request_id, r)
-        except (_Stop, Exception) as exc:
-            status, message = app.failure(method, exc)
-            code = status.name
-            if status is not grpc.StatusCode.CANCELLED:
-                await context.abort(status, message)
-        except BaseException:
-            code = "CANCELLED"
-            raise
-        finally:
-            app.finish(method, code, t0)
 
     async def PredictRatings(self, request, context):
         app = self.app
         method = "PredictRatings"
         if isinstance(request, convert.Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        t0 = time.perf_counter()
-        refused = app.try_admit(method, context)
-        if refused is not None:
-            await context.abort(*refused)
-        code = "OK"
-        try:
+        async with _admitted(app, method, context):
             app.shared_sync()
             p = app.router.predict(
                 request.user_id,
@@ -173,21 +165,11 @@ class AioRecommender(pb_grpc.RecommenderServicer):
             await context.send_initial_metadata(tuple(md))
             app.metrics.requests.labels(method, p.model, p.served_by or p.model, "").inc()
             return convert.predictions(p)
-        except (_Stop, RequestError, Exception) as exc:
-            status, message = app.failure(method, exc)
-            code = status.name
-            await context.abort(status, message)
-        finally:
-            app.finish(method, code, t0)
+        return pb.PredictRatingsResponse()  # reached only when the client cancelled
 
     async def RecordInteractions(self, request_iterator, context):
         app = self.app
         method = "RecordInteractions"
-        t0 = time.perf_counter()
-        refused = app.try_admit(method, context)
-        if refused is not None:
-            await context.abort(*refused)
-        code = "OK"
         loop = asyncio.get_running_loop()
         accepted = rejected = 0
         batch: list[Event] = []
@@ -197,7 +179,7 @@ class AioRecommender(pb_grpc.RecommenderServicer):
             app.online.sync(app.store)
             return n
 
-        try:
+        async with _admitted(app, method, context):
             async for ev in request_iterator:
                 e = None if isinstance(ev, convert.Undecodable) else _event(ev)
                 if e is None or not app.router.known_item(e.item_id):
@@ -212,12 +194,7 @@ class AioRecommender(pb_grpc.RecommenderServicer):
             app.metrics.feedback_events.labels("accepted").inc(accepted)
             app.metrics.feedback_events.labels("rejected").inc(rejected)
             return pb.RecordSummary(accepted=accepted, rejected=rejected)
-        except Exception as exc:
-            status, message = app.failure(method, exc)
-            code = status.name
-            await context.abort(status, message)
-        finally:
-            app.finish(method, code, t0)
+        return pb.RecordSummary()  # reached only when the client cancelled
 
 
 class AioAdmin(pb_grpc.AdminServicer):
