@@ -98,6 +98,8 @@ class App:
         )
         self.router = Router(cfg, self.catalog, self.online)
         self._admit = threading.BoundedSemaphore(cfg.max_concurrency)
+        self.active = 0  # admitted calls still running (the drain waits for them)
+        self._active_lock = threading.Lock()
         self.draining = False
         self.server: grpc.Server | None = None
         self.port = 0
@@ -326,11 +328,15 @@ class App:
                 f"server: {self.cfg.max_concurrency} requests in flight (max_concurrency); retry",
             )
         self.metrics.inflight.inc()
+        with self._active_lock:
+            self.active += 1
         return None
 
     def finish(self, method: str, code: str, t0: float) -> None:
         """Release the slot and record the call's duration under its final status."""
         self._admit.release()
+        with self._active_lock:
+            self.active -= 1
         self.metrics.inflight.dec()
         self.metrics.rpc_seconds.labels(method, code).observe(time.perf_counter() - t0)
 

@@ -268,8 +268,14 @@ def stop_aio(app: App, grace: float) -> None:
         return
 
     async def shutdown() -> None:
+        # New calls already get UNAVAILABLE from the draining flag; wait for the
+        # admitted ones here, then stop. (Stopping at once would make grpc.aio
+        # answer calls that arrive meanwhile with CANCELLED, not UNAVAILABLE.)
         await app.health.enter_graceful_shutdown()
-        await app.server.stop(grace)
+        end = loop.time() + grace
+        while app.active and loop.time() < end:
+            await asyncio.sleep(0.02)
+        await app.server.stop(max(0.0, end - loop.time()))
 
     asyncio.run_coroutine_threadsafe(shutdown(), loop).result(grace + 30)
     loop.call_soon_threadsafe(loop.stop)
