@@ -16,7 +16,7 @@ from libc.math cimport sqrt as csqrt
 from scipy.linalg.cython_blas cimport saxpy, sdot, sscal, ssymv, ssyr, ssyrk
 from scipy.linalg.cython_lapack cimport sposv
 
-from kernels.parallel cimport resolve_threads
+from kernels.parallel cimport threads_for
 
 from kernels.topk import check_array, check_rows
 
@@ -155,7 +155,7 @@ def solve_rows(indptr, indices, confidence, Y, X, double regularization,
             else np.ascontiguousarray(rows, dtype=np.int64))
     if todo.size and (todo.min() < 0 or todo.max() >= X.shape[0]):
         raise ValueError(f"rows: must lie in [0, {X.shape[0]})")
-    cdef int nt = resolve_threads(n_threads)
+    cdef int nt = threads_for(n_threads, todo.shape[0])
     scratch32 = np.empty((nt, f * f + f + CHUNK * f + 3 * f), np.float32)
     G32 = np.ascontiguousarray(G, dtype=np.float32)
     cdef const long long[::1] ipv = indptr

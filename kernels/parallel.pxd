@@ -22,3 +22,12 @@ cdef inline int resolve_threads(int requested) noexcept nogil:
     if requested > 0:
         return requested
     return recserve_max_threads()
+
+
+cdef inline int threads_for(int requested, Py_ssize_t rows) noexcept nogil:
+    """resolve_threads capped at the number of rows: a one-row call (a single
+    serving request) then runs on one thread instead of waking a whole team."""
+    cdef int nt = resolve_threads(requested)
+    if rows < nt:
+        nt = <int> rows if rows > 0 else 1
+    return nt

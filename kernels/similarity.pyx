@@ -7,7 +7,7 @@ import numpy as np
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport pow, sqrt
 
-from kernels.parallel cimport resolve_threads
+from kernels.parallel cimport resolve_threads, threads_for
 from kernels.topk cimport heap_drain, heap_offer, mark, select_topk, worse
 
 from kernels.topk import check_array, check_rows, rows_or_empty
@@ -575,7 +575,7 @@ def score_topk(h_indptr, h_indices, h_data, s_indptr, s_indices, s_data, Py_ssiz
     exclude_indptr, exclude_indices = rows_or_empty(exclude_indptr, exclude_indices, nq,
                                                     "exclude")
     cand_indptr, cand_indices = rows_or_empty(cand_indptr, cand_indices, nq, "cand")
-    cdef int nt = resolve_threads(n_threads)
+    cdef int nt = threads_for(n_threads, nq)
     out_idx = np.full((nq, k), -1, np.int32)
     out_val = np.full((nq, k), -np.inf, np.float32)
     width = max(n_items, 1)

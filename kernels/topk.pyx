@@ -5,7 +5,7 @@ import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
 
-from kernels.parallel cimport recserve_have_openmp, resolve_threads
+from kernels.parallel cimport recserve_have_openmp, threads_for
 
 
 cdef int select_topk(const float* scores, int n, int k, unsigned char* mask,
@@ -144,7 +144,7 @@ def topk_dense(scores, int k, exclude_indptr=None, exclude_indices=None,
     cdef int n = <int> scores.shape[1]
     ex_ptr, ex_ind = rows_or_empty(exclude_indptr, exclude_indices, nq, "exclude")
     ca_ptr, ca_ind = rows_or_empty(cand_indptr, cand_indices, nq, "cand")
-    cdef int nt = resolve_threads(n_threads)
+    cdef int nt = threads_for(n_threads, nq)
     out_idx = np.full((nq, k), -1, np.int32)
     out_val = np.full((nq, k), -np.inf, np.float32)
     masks = np.zeros((nt, max(n, 1)), np.uint8)
@@ -196,7 +196,7 @@ def topk_ranked(order, scores, Py_ssize_t n_queries, int k,
     cdef int n = <int> scores.shape[0]
     ex_ptr, ex_ind = rows_or_empty(exclude_indptr, exclude_indices, n_queries, "exclude")
     ca_ptr, ca_ind = rows_or_empty(cand_indptr, cand_indices, n_queries, "cand")
-    cdef int nt = resolve_threads(n_threads)
+    cdef int nt = threads_for(n_threads, n_queries)
     out_idx = np.full((n_queries, k), -1, np.int32)
     out_val = np.full((n_queries, k), -np.inf, np.float32)
     masks = np.zeros((nt, max(n, 1)), np.uint8)

@@ -233,7 +233,9 @@ def load_arrays(
                 f"{fpath}: dtype/shape {arr.dtype.str}{list(arr.shape)} differ "
                 f"from the manifest's {meta['dtype']}{meta['shape']}"
             )
-        out[key] = arr
+        # A plain (read-only, still file-backed) view: np.memmap's per-index
+        # __getitem__/__array_finalize__ cost tens of microseconds per request.
+        out[key] = np.asarray(arr)
     return out
 
 

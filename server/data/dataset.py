@@ -65,8 +65,12 @@ class IdMap:
         return out
 
     def get(self, item_id: str) -> int:
-        """Dense index of one id, or -1."""
-        return int(self.index([item_id])[0])
+        """Dense index of one id, or -1 (a scalar search: the serving path's lookup)."""
+        key = str(item_id).encode("utf-8")
+        if key.endswith(b"\x00") or len(self) == 0:  # NUL-ended ids never match (index())
+            return -1
+        pos = int(self._ids.searchsorted(key))
+        return pos if pos < len(self) and self._ids[pos] == key else -1
 
     def ids(self, indices: Iterable[int] | np.ndarray) -> list[str]:
         """External ids of dense indices."""

@@ -79,6 +79,9 @@ class Recommender(ABC):
     serves_cold: ClassVar[bool] = False
     # True when score()/score_history() return a std (Bayesian models).
     uncertainty: ClassVar[bool] = False
+    # True when _rank reads the training rows of known users (item-kNN scores
+    # history x similarity); otherwise recommend() passes history=None for them.
+    ranks_from_history: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.params_spec))
@@ -126,13 +129,14 @@ class Recommender(ABC):
     def _rank(
         self,
         users: np.ndarray | None,
-        history: sp.csr_matrix,
+        history: sp.csr_matrix | None,
         k: int,
         excl: tuple[np.ndarray, np.ndarray],
         cand: tuple[np.ndarray, np.ndarray] | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k per row for known `users` (history = their training rows) or, when
-        users is None, for users given only by `history` rows (fold-in).
+        """Top-k per row for known `users` (history = their training rows, or None
+        unless `ranks_from_history`) or, when users is None, for users given only
+        by `history` rows (fold-in).
 
         The default scores densely and selects with the shared top-k kernel;
         sparse models override this to fuse scoring and selection.
@@ -195,6 +199,8 @@ class Recommender(ABC):
         if users.size and (users.min() < 0 or users.max() >= self.n_users):
             raise IndexError(f"users: indices must be in [0, {self.n_users})")
         _check_k(k)
+        if users.size == 1 and (exclude is None or len(exclude) == 0):
+            return self._recommend_one(int(users[0]), k, filter_seen, candidates)
         out_i = np.empty((users.size, k), np.int32)
         out_s = np.empty((users.size, k), np.float32)
         for lo in range(0, users.size, SCORE_CHUNK):
@@ -212,6 +218,41 @@ class Recommender(ABC):
                 chunk, history, k, excl, cand
             )
         return out_i, out_s
+
+    def _recommend_one(
+        self, user: int, k: int, filter_seen: bool, candidates: Exclude
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """recommend() for one user without extra exclusions (the serving case):
+        the seen items are a slice of the training CSR, so no sparse matrix is
+        built unless the model ranks from history rows. Same answer as the batch path."""
+        seen = self.user_items
+        assert seen is not None
+        indptr, indices = self._csr_views()
+        a, b = int(indptr[user]), int(indptr[user + 1])
+        if filter_seen:
+            excl = (np.array([0, b - a], np.int64), indices[a:b])
+        else:
+            excl = (np.zeros(2, np.int64), np.zeros(0, np.int32))
+        history = None
+        if self.ranks_from_history:
+            history = sp.csr_matrix(
+                (np.asarray(seen.data)[a:b], indices[a:b], np.array([0, b - a], np.int64)),
+                shape=(1, seen.shape[1]),
+                copy=False,
+            )
+        cand = candidate_rows(_rows_for(candidates, 0, 1), 1)
+        users = np.array([user], np.int64)
+        return self._rank(users, history, k, excl, cand)
+
+    def _csr_views(self) -> tuple[np.ndarray, np.ndarray]:
+        """Plain-ndarray views of the training CSR's indptr and indices (a
+        memmap's __getitem__ costs microseconds per call on the serving path)."""
+        seen = self.user_items
+        cached = getattr(self, "_views", None)
+        if cached is None or cached[0] is not seen:
+            cached = (seen, np.asarray(seen.indptr), np.asarray(seen.indices, np.int32))
+            self._views = cached
+        return cached[1], cached[2]
 
     def recommend_from_history(
         self,

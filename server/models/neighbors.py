@@ -62,6 +62,7 @@ class _Neighbourhood(Recommender):
     """Shared machinery: a neighbour CSR `sim` and history x sim scoring."""
 
     sim: sp.csr_matrix
+    ranks_from_history = True
 
     def _weighted(self, rows_by_docs: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray, float]:
         """The configured weighting applied to a CSR whose rows are documents, with
@@ -286,6 +287,7 @@ class UserKNN(_Neighbourhood):
 
     algorithm = "userknn"
     params_spec: ClassVar[Mapping[str, Param]] = COMMON
+    ranks_from_history = False  # known users rank from their sim row
 
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
