@@ -101,16 +101,30 @@ def metadata(r: Ranked) -> tuple[tuple[str, str], ...]:
 
 
 def response(request_id: str, r: Ranked) -> pb.RecommendResponse:
-    """One RecommendBatch answer."""
-    return pb.RecommendResponse(
+    """Recommend's answer, and one RecommendBatch answer (items added in place:
+    a third of the cost of building RankedItem objects first)."""
+    out = pb.RecommendResponse(
         request_id=request_id,
-        items=list(ranked_items(r)),
         model=r.model,
         version=r.version,
         served_by=r.served_by,
         arm=r.arm,
         status=pb.Status(code=0),
     )
+    add = out.items.add
+    if r.because or r.std:
+        for pos, (item_id, score) in enumerate(zip(r.item_ids, r.scores, strict=True)):
+            add(
+                item_id=item_id,
+                score=score,
+                rank=pos + 1,
+                because=r.because[pos] if r.because else (),
+                score_std=r.std[pos] if r.std else 0.0,
+            )
+    else:
+        for pos, (item_id, score) in enumerate(zip(r.item_ids, r.scores, strict=True)):
+            add(item_id=item_id, score=score, rank=pos + 1)
+    return out
 
 
 def batch_error(request: pb.RecommendRequest, code: int, message: str) -> pb.RecommendResponse:

@@ -9,6 +9,8 @@ nothing of the project, so anything may import it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 # 100 us .. 10 s, roughly x2.5 per step.
@@ -32,6 +34,30 @@ LATENCY_BUCKETS = (
 )
 
 
+class _Children:
+    """A labelled metric whose children are looked up once per label set.
+
+    prometheus_client's labels() validates and locks on every call; the serving
+    path records about ten labelled values per request, so it keeps the
+    children in a dict. Label sets are bounded (see the module docstring), and
+    everything else (remove, collect) goes to the metric itself."""
+
+    __slots__ = ("_children", "metric")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.metric, name)
+
+
 class Metrics:
     """The service's metrics on one registry (tests use a fresh one each).
 
@@ -52,7 +78,7 @@ class Metrics:
         )
         self.first_item_seconds = Histogram(
             "recserve_time_to_first_item_seconds",
-            "Time from request to the first streamed item",
+            "Time from request to the first ranked item sent (for unary Recommend: the answer)",
             ["method"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -170,3 +196,15 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        # Recorded on every request: cached children (see _Children).
+        for name in (
+            "rpc_seconds",
+            "first_item_seconds",
+            "stage_seconds",
+            "requests",
+            "items",
+            "fallbacks",
+            "fold_ins",
+            "assignments",
+        ):
+            setattr(self, name, _Children(getattr(self, name)))
