@@ -4,6 +4,10 @@
     recserve bench --rate 500 --duration 10                 # open loop: 500 requests/s
     recserve bench --rpc similar --ceiling --json           # + a health-check ceiling run
 
+`--rpc` picks the call: recommend (unary Recommend), stream (RecommendStream,
+one message per item), batch (RecommendBatch), similar, predict, health, or
+mixed (80% recommend, 10% similar, 10% batch).
+
 Closed loop: `concurrency` requests in flight, each sent when the previous one
 ends. Open loop: requests start on a fixed schedule whatever the server does,
 and latency counts from the scheduled start (no coordinated omission). Several
@@ -38,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 
-RPCS = ("recommend", "batch", "similar", "predict", "health", "mixed")
+RPCS = ("recommend", "stream", "batch", "similar", "predict", "health", "mixed")
 MIX = (("recommend", 0.8), ("similar", 0.1), ("batch", 0.1))  # rpc = "mixed"
 
 
@@ -119,7 +123,10 @@ class _Sender:
             rpc = MIX[int(np.searchsorted(np.cumsum([w for _, w in MIX]), self.rng.random()))][0]
         try:
             if rpc == "recommend":
-                async for _ in stubs["rec"].Recommend(self._request(), timeout=load.deadline):
+                await stubs["rec"].Recommend(self._request(), timeout=load.deadline)
+                first = time.perf_counter()
+            elif rpc == "stream":
+                async for _ in stubs["rec"].RecommendStream(self._request(), timeout=load.deadline):
                     if first is None:
                         first = time.perf_counter()
             elif rpc == "batch":

@@ -116,6 +116,30 @@ def _history(events: Iterable[Event | str] | None) -> list[pb.Interaction]:
     return out
 
 
+def _request(
+    user_id: str,
+    k: int,
+    history: Iterable[Event | str] | None,
+    model: str,
+    exclude: Sequence[str],
+    candidates: Sequence[str],
+    include_seen: bool,
+    explain: bool,
+    request_id: str = "",
+) -> pb.RecommendRequest:
+    return pb.RecommendRequest(
+        user_id=user_id,
+        history=_history(history),
+        k=k,
+        model=model,
+        exclude_item_ids=list(exclude),
+        candidate_item_ids=list(candidates),
+        include_seen=include_seen,
+        explain=explain,
+        request_id=request_id,
+    )
+
+
 def _items(msgs: Iterable[pb.RankedItem]) -> list[Item]:
     return [Item(m.item_id, m.score, m.rank, tuple(m.because), m.score_std) for m in msgs]
 
@@ -189,29 +213,38 @@ class RecommenderClient:
         deadline: float | None = None,
     ) -> Recommendation:
         """Top-k items for a user id (known, or new with an inline history)."""
-        req = pb.RecommendRequest(
-            user_id=user_id,
-            history=_history(history),
-            k=k,
-            model=model,
-            exclude_item_ids=list(exclude),
-            candidate_item_ids=list(candidates),
-            include_seen=include_seen,
-            explain=explain,
-        )
-        call = self._rec.Recommend(req, timeout=self._timeout(deadline), metadata=self._md)
+        req = _request(user_id, k, history, model, exclude, candidates, include_seen, explain)
         try:
-            items = _items(call)
-            md = dict(call.initial_metadata())
+            resp = self._rec.Recommend(req, timeout=self._timeout(deadline), metadata=self._md)
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return Recommendation(
-            items,
-            model=md.get("x-recserve-model", ""),
-            version=md.get("x-recserve-version", ""),
-            served_by=md.get("x-recserve-served-by", ""),
-            arm=md.get("x-recserve-arm", ""),
+            _items(resp.items), resp.model, resp.version, resp.served_by, resp.arm
         )
+
+    def recommend_stream(
+        self,
+        user_id: str = "",
+        k: int = 10,
+        *,
+        history: Iterable[Event | str] | None = None,
+        model: str = "",
+        exclude: Sequence[str] = (),
+        candidates: Sequence[str] = (),
+        include_seen: bool = False,
+        explain: bool = False,
+        deadline: float | None = None,
+    ) -> Iterator[Item]:
+        """recommend() as a stream of Items, best first, for long lists a caller
+        consumes as they arrive (each message costs the server ~0.15 ms)."""
+        req = _request(user_id, k, history, model, exclude, candidates, include_seen, explain)
+        try:
+            for m in self._rec.RecommendStream(
+                req, timeout=self._timeout(deadline), metadata=self._md
+            ):
+                yield Item(m.item_id, m.score, m.rank, tuple(m.because), m.score_std)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
 
     def recommend_batch(
         self, requests: Iterable[dict[str, Any]], deadline: float | None = None
@@ -221,16 +254,16 @@ class RecommenderClient:
 
         def messages() -> Iterator[pb.RecommendRequest]:
             for r in requests:
-                yield pb.RecommendRequest(
-                    user_id=r.get("user_id", ""),
-                    history=_history(r.get("history")),
-                    k=r.get("k", 10),
-                    model=r.get("model", ""),
-                    exclude_item_ids=list(r.get("exclude", ())),
-                    candidate_item_ids=list(r.get("candidates", ())),
-                    include_seen=r.get("include_seen", False),
-                    explain=r.get("explain", False),
-                    request_id=str(r.get("request_id", "")),
+                yield _request(
+                    r.get("user_id", ""),
+                    r.get("k", 10),
+                    r.get("history"),
+                    r.get("model", ""),
+                    r.get("exclude", ()),
+                    r.get("candidates", ()),
+                    r.get("include_seen", False),
+                    r.get("explain", False),
+                    str(r.get("request_id", "")),
                 )
 
         try:

@@ -99,6 +99,7 @@ class App:
         self.router = Router(cfg, self.catalog, self.online)
         self._admit = threading.BoundedSemaphore(cfg.max_concurrency)
         self.active = 0  # admitted calls still running (the drain waits for them)
+        self.last_call = 0.0  # monotonic time of the last call that asked for a slot
         self._active_lock = threading.Lock()
         self.draining = False
         self.server: grpc.Server | None = None
@@ -315,6 +316,7 @@ class App:
 
     def try_admit(self, method: str, context: Any = None) -> tuple[grpc.StatusCode, str] | None:
         """Take one of max_concurrency slots; else the status to fail fast with."""
+        self.last_call = time.monotonic()
         if context is not None and (denied := self.auth_error(context, admin=False)):
             self.metrics.rejected.labels(method, "UNAUTHENTICATED").inc()
             return grpc.StatusCode.UNAUTHENTICATED, denied
@@ -404,6 +406,20 @@ class App:
         finally:
             self.metrics.items.labels(method).inc(sent)
 
+    def answer(
+        self, method: str, context: Any, request_id: str, r: Ranked, state: dict[str, Any]
+    ) -> pb.RecommendResponse:
+        """A unary ranking: one message, the metadata as trailers (no extra header
+        write), and the same metrics a stream records; shared by both servers."""
+        context.set_trailing_metadata(convert.metadata(r))
+        self.observe(method, r)
+        if r.item_ids:
+            self.metrics.first_item_seconds.labels(method).observe(
+                time.perf_counter() - state["t0"]
+            )
+            self.metrics.items.labels(method).inc(len(r.item_ids))
+        return convert.response(request_id, r)
+
     def observe(self, method: str, r: Ranked) -> None:
         """Count an answered request: who served it, fallbacks, fold-ins, arms, stages."""
         m = self.metrics
@@ -424,13 +440,25 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, app: App) -> None:
         self.app = app
 
-    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext):
+    def Recommend(
+        self, request: pb.RecommendRequest, context: grpc.ServicerContext
+    ) -> pb.RecommendResponse:
         _refuse_undecodable(request, context)
         with self.app.admitted("Recommend", context) as state:
             self.app.shared_sync()
+            check = self.app.checker(context)
+            r = self.app.router.recommend(convert.rec_query(request), check)
+            check()
+            return self.app.answer("Recommend", context, request.request_id, r, state)
+        return pb.RecommendResponse()  # reached only when the client cancelled
+
+    def RecommendStream(self, request: pb.RecommendRequest, context: grpc.ServicerContext):
+        _refuse_undecodable(request, context)
+        with self.app.admitted("RecommendStream", context) as state:
+            self.app.shared_sync()
             r = self.app.router.recommend(convert.rec_query(request), self.app.checker(context))
             self.app.checker(context)()
-            yield from self.app.stream("Recommend", context, r, state)
+            yield from self.app.stream("RecommendStream", context, r, state)
 
     def RecommendBatch(self, request_iterator, context: grpc.ServicerContext):
         with self.app.admitted("RecommendBatch", context):

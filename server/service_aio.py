@@ -35,6 +35,9 @@ from server.service import (
     _Stop,
 )
 
+# Seconds without a new call after which a draining asyncio server stops.
+DRAIN_QUIET = 0.25
+
 
 def _checker(context: grpc.aio.ServicerContext) -> Callable[[], None]:
     def check() -> None:
@@ -102,15 +105,28 @@ class AioRecommender(pb_grpc.RecommenderServicer):
         finally:
             app.metrics.items.labels(method).inc(sent)
 
-    # grpc.aio needs the handlers themselves to be async generator functions.
     async def Recommend(self, request, context):
+        app = self.app
+        method = "Recommend"
+        if isinstance(request, convert.Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        async with _admitted(app, method, context) as state:
+            check = _checker(context)
+            app.shared_sync()
+            r = app.router.recommend(convert.rec_query(request), check)
+            check()  # a deadline that passed while computing (a cancel shows only later)
+            return app.answer(method, context, request.request_id, r, state)
+        return pb.RecommendResponse()  # reached only when the client cancelled
+
+    # grpc.aio needs streaming handlers themselves to be async generator functions.
+    async def RecommendStream(self, request, context):
         app = self.app
 
         def compute(check):
             app.shared_sync()
             return app.router.recommend(convert.rec_query(request), check)
 
-        async for item in self._ranked("Recommend", request, context, compute):
+        async for item in self._ranked("RecommendStream", request, context, compute):
             yield item
 
     async def SimilarItems(self, request, context):
@@ -269,11 +285,11 @@ def stop_aio(app: App, grace: float) -> None:
 
     async def shutdown() -> None:
         # New calls already get UNAVAILABLE from the draining flag; wait for the
-        # admitted ones here, then stop. (Stopping at once would make grpc.aio
-        # answer calls that arrive meanwhile with CANCELLED, not UNAVAILABLE.)
+        # admitted ones and for callers to go quiet, then stop. (grpc.aio's stop
+        # answers calls that are still arriving with CANCELLED, not UNAVAILABLE.)
         await app.health.enter_graceful_shutdown()
         end = loop.time() + grace
-        while app.active and loop.time() < end:
+        while loop.time() < end and (app.active or time.monotonic() - app.last_call < DRAIN_QUIET):
             await asyncio.sleep(0.02)
         await app.server.stop(max(0.0, end - loop.time()))
 

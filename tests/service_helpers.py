@@ -63,9 +63,22 @@ class Server:
         self.admin = pb_grpc.AdminStub(self.channel)
 
     def recommend(self, **kw) -> tuple[list[pb.RankedItem], dict[str, str]]:
-        """Items and initial metadata of one Recommend call."""
+        """Items and metadata of one (unary) Recommend call. The metadata comes as
+        trailers and must agree with the response's own fields."""
         kw.setdefault("k", 10)
-        call = self.rec.Recommend(pb.RecommendRequest(**kw), timeout=10)
+        resp, call = self.rec.Recommend.with_call(pb.RecommendRequest(**kw), timeout=10)
+        md = dict(call.trailing_metadata())
+        assert md["x-recserve-model"] == resp.model
+        assert md["x-recserve-version"] == resp.version
+        assert md.get("x-recserve-served-by", "") == resp.served_by
+        assert md.get("x-recserve-arm", "") == resp.arm
+        assert resp.request_id == kw.get("request_id", "")
+        return list(resp.items), md
+
+    def recommend_stream(self, **kw) -> tuple[list[pb.RankedItem], dict[str, str]]:
+        """Items and initial metadata of one RecommendStream call."""
+        kw.setdefault("k", 10)
+        call = self.rec.RecommendStream(pb.RecommendRequest(**kw), timeout=10)
         items = list(call)
         return items, dict(call.initial_metadata())
 

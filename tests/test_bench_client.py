@@ -19,9 +19,16 @@ def srv(small, tmp_path_factory):
         yield s
 
 
-def test_closed_loop_counts_every_request(srv):
+@pytest.mark.parametrize("rpc", ["recommend", "stream"])
+def test_closed_loop_counts_every_request(srv, rpc):
+    reg = srv.app.metrics.registry
+    method = {"recommend": "Recommend", "stream": "RecommendStream"}[rpc]
+    labels = {"method": method, "code": "OK"}
+    before = reg.get_sample_value("recserve_rpc_duration_seconds_count", labels) or 0
+    folded = reg.get_sample_value("recserve_fold_ins_total", {"model": "als"}) or 0
     users = [str(i) for i in range(1, 200)]
     load = Load(
+        rpc=rpc,
         target=srv.target,
         model="als",
         concurrency=4,
@@ -35,8 +42,9 @@ def test_closed_loop_counts_every_request(srv):
     r = run(load)
     assert r.requests == 120 and not r.errors and r.qps > 0
     assert 0 < r.first_item_ms["p50"] <= r.latency_ms["p50"] <= r.latency_ms["p99"]
-    served = srv.app.metrics.registry.get_sample_value("recserve_fold_ins_total", {"model": "als"})
-    assert served and 20 <= served <= 60  # ~30% of 120 were cold users with a history
+    assert reg.get_sample_value("recserve_rpc_duration_seconds_count", labels) - before == 120
+    served = reg.get_sample_value("recserve_fold_ins_total", {"model": "als"}) - folded
+    assert 20 <= served <= 60  # ~30% of 120 were cold users with a history
 
 
 def test_open_loop_keeps_the_schedule_and_errors_are_counted(srv):

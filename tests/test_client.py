@@ -38,6 +38,8 @@ def test_recommend_returns_plain_dataclasses(served, small):
         assert rc.recommend("nobody", 3, model="als").served_by == "popularity"
         sim = rc.similar_items("10", 3, model="itemknn")
         assert len(sim.items) == 3 and "10" not in sim.item_ids
+        streamed = list(rc.recommend_stream("7", 5, model="als", explain=True))
+        assert streamed == rec.items
 
 
 def test_errors_carry_the_status_name(served):
@@ -45,6 +47,9 @@ def test_errors_carry_the_status_name(served):
     with RecommenderClient(srv.target) as rc:
         with pytest.raises(RecserveError) as info:
             rc.recommend("7", 0)
+        assert info.value.code == "INVALID_ARGUMENT" and info.value.message.startswith("k:")
+        with pytest.raises(RecserveError) as info:
+            list(rc.recommend_stream("7", 0))
         assert info.value.code == "INVALID_ARGUMENT" and info.value.message.startswith("k:")
         with pytest.raises(RecserveError) as info:
             rc.model("nope")

@@ -70,7 +70,7 @@ def srv(request, small, tmp_path_factory):
         s.rss_before = process_memory()[0]
         yield s
         alive = s.rec.Recommend(pb.RecommendRequest(user_id="7", k=3), timeout=10)
-        assert len(list(alive)) == 3  # still serving after everything below
+        assert len(alive.items) == 3  # still serving after everything below
 
 
 def status(fn) -> str:
@@ -90,6 +90,12 @@ def status(fn) -> str:
 @given(req=recommend)
 def test_recommend(srv, req):
     status(lambda: srv.rec.Recommend(req, timeout=10))
+
+
+@FUZZ
+@given(req=recommend)
+def test_recommend_stream(srv, req):
+    status(lambda: srv.rec.RecommendStream(req, timeout=10))
 
 
 @FUZZ
@@ -131,11 +137,12 @@ def test_record_interactions(srv, events):
 @FUZZ
 @given(payload=st.binary(max_size=400))
 def test_random_bytes_as_requests(srv, payload):
-    for method in ("Recommend", "SimilarItems"):
+    for method in ("RecommendStream", "SimilarItems"):
         call = srv.channel.unary_stream(f"/recserve.v1.Recommender/{method}")
         status(lambda call=call: call(payload, timeout=10))
-    call = srv.channel.unary_unary("/recserve.v1.Recommender/PredictRatings")
-    status(lambda: call(payload, timeout=10))
+    for method in ("Recommend", "PredictRatings"):
+        call = srv.channel.unary_unary(f"/recserve.v1.Recommender/{method}")
+        status(lambda call=call: call(payload, timeout=10))
     call = srv.channel.stream_unary("/recserve.v1.Recommender/RecordInteractions")
     status(lambda: call(iter([payload, payload]), timeout=10))
 
@@ -171,5 +178,5 @@ def test_memory_stays_bounded(srv):
     grown = process_memory()[0] - srv.rss_before
     assert grown < 300e6, f"resident memory grew by {grown / 1e6:.0f} MB"
     stub = pb_grpc.RecommenderStub(srv.channel)
-    assert len(list(stub.Recommend(pb.RecommendRequest(user_id="7", k=3), timeout=10))) == 3
+    assert len(stub.Recommend(pb.RecommendRequest(user_id="7", k=3), timeout=10).items) == 3
     print(f"\nfuzzed requests by status ({srv.app.cfg.server}): {dict(sorted(CODES.items()))}")

@@ -110,15 +110,15 @@ def test_stream_duration_covers_the_whole_stream(published, monkeypatch):
     with running(published, metrics_port=port) as s:
         monkeypatch.setattr(convert, "ranked_items", slow)
         t = time.perf_counter()
-        items, _ = s.recommend(user_id="7", k=8, model="popularity")
+        items, _ = s.recommend_stream(user_id="7", k=8, model="popularity")
         elapsed = time.perf_counter() - t
         time.sleep(0.1)  # the server records after the last item is sent
         fams = scrape(port)
     assert len(items) == 8 and elapsed >= 0.4
     rpc = "recserve_rpc_duration_seconds"
-    assert value(fams, rpc, rpc + "_sum", method="Recommend", code="OK") >= 0.38
+    assert value(fams, rpc, rpc + "_sum", method="RecommendStream", code="OK") >= 0.38
     ttfi = "recserve_time_to_first_item_seconds"
-    assert value(fams, ttfi, ttfi + "_sum", method="Recommend") < 0.2
+    assert value(fams, ttfi, ttfi + "_sum", method="RecommendStream") < 0.2
 
 
 def test_overload_is_counted(published):

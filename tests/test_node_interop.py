@@ -61,7 +61,8 @@ def test_node_client_calls_recommend(node, small, tmp_path):
     assert [i["item_id"] for i in got["items"]] == [i.item_id for i in want]
     assert [i["rank"] for i in got["items"]] == [1, 2, 3, 4, 5, 6]
     assert got["metadata"]["x-recserve-model"] == "als"
-    assert got["metadata"]["x-recserve-version"] == md["x-recserve-version"]
+    assert got["metadata"]["x-recserve-version"] == md["x-recserve-version"] == got["version"]
+    assert got["model"] == "als"
     assert [i["item_id"] for i in fallback["items"]] == [i.item_id for i in cold]
     assert fallback["metadata"]["x-recserve-served-by"] == cold_md["x-recserve-served-by"]
     assert bad["error"]["code"] == 3 and bad["error"]["details"].startswith(

@@ -37,19 +37,23 @@ def ids(items):
     return [i.item_id for i in items]
 
 
-def test_stream_order_ranks_and_k(srv, published, small):
+def test_order_ranks_and_k_unary_and_streamed(srv, published, small):
     _, models = published
     for name in ("popularity", "itemknn", "als"):
-        items, md = srv.recommend(user_id="7", k=15, model=name)
+        items, md = srv.recommend(user_id="7", k=15, model=name, request_id="r-7")
         assert [i.rank for i in items] == list(range(1, 16))
         scores = [i.score for i in items]
         assert scores == sorted(scores, reverse=True)
         m = models[name]
-        want, _ = m.recommend([small.users.get("7")], k=15)
+        want, want_scores = m.recommend([small.users.get("7")], k=15)
         assert ids(items) == m.items.ids(want[0])
+        np.testing.assert_allclose(scores, want_scores[0], rtol=1e-6)
         assert md["x-recserve-model"] == name
         assert md["x-recserve-version"] == srv.app.catalog.get(name).version
         assert "x-recserve-served-by" not in md
+        # RecommendStream: the same ranking, one message per item, metadata first.
+        streamed, smd = srv.recommend_stream(user_id="7", k=15, model=name)
+        assert streamed == items and smd == md
 
 
 def test_seen_excluded_unless_include_seen_and_exclusions_never_shorten(srv, published, small):
@@ -376,16 +380,35 @@ def test_deadline_stops_work_and_cancel_stops_the_stream(published):
         assert wait_for(lambda: count("DEADLINE_EXCEEDED") == 1)
         assert calls == []  # the second component never ran: work stopped at the deadline
 
-        call = s.rec.Recommend(pb.RecommendRequest(user_id="7", k=3, model="als"), timeout=10)
+        fut = s.rec.Recommend.future(pb.RecommendRequest(user_id="7", k=3, model="als"))
+        time.sleep(0.1)
+        assert fut.cancel() and fut.cancelled()
+        if s.app.cfg.server == "threads":
+            assert wait_for(lambda: count("CANCELLED") == 1)
+        else:
+            # grpc.aio computes on the loop, which sees the cancel only after the
+            # answer is built: the call is then recorded as answered (the client
+            # still sees CANCELLED). Either way it is recorded exactly once.
+            assert wait_for(lambda: (count("CANCELLED") or 0) + (count("OK") or 0) == 1)
+
+        call = s.rec.RecommendStream(pb.RecommendRequest(user_id="7", k=3, model="als"))
         time.sleep(0.1)
         call.cancel()
         with pytest.raises(grpc.RpcError) as info:
             list(call)
         assert info.value.code() is grpc.StatusCode.CANCELLED
-        assert wait_for(lambda: count("CANCELLED") == 1)
+        assert wait_for(
+            lambda: (
+                reg.get_sample_value(
+                    "recserve_rpc_duration_seconds_count",
+                    {"method": "RecommendStream", "code": "CANCELLED"},
+                )
+                == 1
+            )
+        )
         answered = reg.get_sample_value(
             "recserve_requests_total",
-            {"method": "Recommend", "model": "als", "served_by": "als", "arm": ""},
+            {"method": "RecommendStream", "model": "als", "served_by": "als", "arm": ""},
         )
         assert answered is None  # nothing was streamed for the cancelled call
 

@@ -1,6 +1,6 @@
 // Calls recserve.v1.Recommender/Recommend with @grpc/grpc-js, using only the .proto
 // files: usage `node recommend.js TARGET PROTO_ROOT USER_ID K [MODEL]`.
-// Prints one JSON object: {"metadata": {...}, "items": [...]} or {"error": {...}}.
+// Prints one JSON object: {"metadata": {...}, "items": [...], ...} or {"error": {...}}.
 "use strict";
 const path = require("path");
 const grpc = require("@grpc/grpc-js");
@@ -16,19 +16,31 @@ const definition = protoLoader.loadSync(path.join("recserve", "v1", "recommender
 const recserve = grpc.loadPackageDefinition(definition).recserve.v1;
 const client = new recserve.Recommender(target, grpc.credentials.createInsecure());
 const deadline = new Date(Date.now() + 10000);
-const call = client.Recommend({ user_id: userId, k: Number(k), model: model || "" }, { deadline });
-const items = [];
-let metadata = {};
+// Unary: the ranking arrives in one RecommendResponse, the x-recserve-* metadata
+// as trailers (the "status" event). Print once both have arrived.
+let response = null;
+let trailers = null;
 let done = false;
 function finish(result) {
-  if (done) return; // grpc-js may signal "end" after "error": print one result
+  if (done) return;
   done = true;
   console.log(JSON.stringify(result));
   client.close();
 }
-call.on("metadata", (md) => {
-  metadata = md.getMap();
+function maybeFinish() {
+  if (response !== null && trailers !== null) {
+    finish({ metadata: trailers, items: response.items, model: response.model, version: response.version });
+  }
+}
+const call = client.Recommend({ user_id: userId, k: Number(k), model: model || "" }, { deadline }, (err, resp) => {
+  if (err) {
+    finish({ error: { code: err.code, details: err.details } });
+    return;
+  }
+  response = resp;
+  maybeFinish();
 });
-call.on("data", (item) => items.push(item));
-call.on("error", (err) => finish({ error: { code: err.code, details: err.details } }));
-call.on("end", () => finish({ metadata, items }));
+call.on("status", (status) => {
+  trailers = status.metadata.getMap();
+  maybeFinish();
+});
