@@ -456,6 +456,9 @@ class Router:
         t = time.perf_counter()
         stages = {"resolve": 0.0, "retrieve": 0.0, "rank": 0.0}
         self.validate(q)
+        plain = self._plain(q, t, stages, check)
+        if plain is not None:
+            return plain
         asked, start, arm = self._target(q.model, q.user_id)
         stages["resolve"] += time.perf_counter() - t
         any_ready = False
@@ -483,6 +486,40 @@ class Router:
         stages["retrieve"] += time.perf_counter() - t
         out.model, out.arm, out.start, out.stages = asked, arm, start, stages
         out.served_by = f"{BUILTIN}:{slot.name}"
+        return out
+
+    def _plain(
+        self, q: RecQuery, t: float, stages: dict[str, float], check: Check
+    ) -> Ranked | None:
+        """The common request, answered without the general path's machinery: a
+        known user of a loaded real model, asked by name or as the default, with
+        no inline or recorded history, exclusions, candidates or explanations.
+        The same calls as the general path (tests/test_service.py compares
+        them); None when the request is anything else."""
+        if q.history or q.exclude or q.candidates or q.explain or not q.user_id:
+            return None
+        name = q.model or self.default_model()
+        if name in self.cfg.experiments or name in self.cfg.hybrids:
+            return None
+        slot = self.catalog.get(name)
+        if slot is None or slot.state != SERVING:
+            return None
+        m = slot.model
+        assert m is not None and m.users is not None
+        user = m.users.get(q.user_id)
+        if user < 0 or self.online.history(q.user_id):
+            return None
+        t2 = time.perf_counter()
+        stages["resolve"] += t2 - t
+        check()
+        items, scores = m.recommend([user], q.k, filter_seen=not q.include_seen)
+        n = int((items[0] >= 0).sum())
+        served = _Served(slot, items[0, :n], scores[0, :n], user, None)
+        t3 = time.perf_counter()
+        stages["retrieve"] += t3 - t2
+        out = self._ranked_timed(served, q, check)
+        stages["rank"] += time.perf_counter() - t3
+        out.model, out.arm, out.start, out.stages, out.served_by = name, "", name, stages, ""
         return out
 
     def _history(self, model: Recommender, q: RecQuery, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recserve.v1 import recommender_pb2 as pb
 from server.config import Experiment, Hybrid
-from server.retrieval import _arm
+from server.retrieval import RecQuery, _arm
 from tests.service_helpers import Gate, publish_models, running
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -54,6 +54,31 @@ def test_order_ranks_and_k_unary_and_streamed(srv, published, small):
         # RecommendStream: the same ranking, one message per item, metadata first.
         streamed, smd = srv.recommend_stream(user_id="7", k=15, model=name)
         assert streamed == items and smd == md
+
+
+def test_plain_requests_answer_as_the_general_path(srv, published, small):
+    """Router._plain (known user, nothing else) equals the general path, reached
+    here by excluding an id no model knows (dropped, so the ranking is the same)."""
+    router = srv.app.router
+    for name in ("popularity", "itemknn", "als", "bayes_mf"):
+        for user in ("1", "7", "42", "300"):
+            for include_seen in (False, True):
+                q = RecQuery(user_id=user, k=12, model=name, include_seen=include_seen)
+                general = RecQuery(
+                    user_id=user, k=12, model=name, include_seen=include_seen, exclude=["zz-none"]
+                )
+                a, b = router.recommend(q), router.recommend(general)
+                assert a.item_ids == b.item_ids and a.scores == b.scores, (name, user)
+                assert (a.model, a.version, a.served_by, a.std) == (
+                    b.model,
+                    b.version,
+                    b.served_by,
+                    b.std,
+                )
+                assert set(a.stages) == {"resolve", "retrieve", "rank"}
+                stages = {"resolve": 0.0, "retrieve": 0.0, "rank": 0.0}
+                assert router._plain(q, time.perf_counter(), stages, lambda: None) is not None
+                assert router._plain(general, time.perf_counter(), stages, lambda: None) is None
 
 
 def test_seen_excluded_unless_include_seen_and_exclusions_never_shorten(srv, published, small):
