@@ -7,7 +7,8 @@ health-check ceiling on the same server with the same settings.
 For each dataset, server kind (thread pool, asyncio), workers (1, 2) and
 concurrency (1, 8, 32): Recommend k=10
 QPS and p50/p99 next to the ceiling's, and the ratios the service targets are
-stated in (throughput / ceiling, p50 - ceiling p50, p99 / ceiling p99). Client
+stated in (throughput / ceiling, p50 - ceiling p50, p99 / ceiling p99): medians
+over `--rounds` alternating runs, with the range of the throughput ratio. Client
 and server share this machine's cores, so the ratios are the figures to quote.
 Also prints the server processes' summed RSS and PSS with 1 and 2 workers.
 """
@@ -22,9 +23,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
-from clients.bench import Load, run
+import numpy as np
+
+from clients.bench import Load, Result, run
 from clients.health import check
 from server.data import generate, load_dataset, to_dataset
 from server.models import create
@@ -83,6 +87,27 @@ def memory(metrics_port: int) -> tuple[float, float]:
     return rss, pss
 
 
+def _median(results: list[Result]) -> Result:
+    """Per-figure medians of several runs of one load (as one Result)."""
+
+    def mid(values: list[float]) -> float:
+        return float(np.median(values))
+
+    first = results[0]
+    return Result(
+        first.rpc,
+        sum(x.requests for x in results),
+        sum(x.seconds for x in results),
+        mid([x.qps for x in results]),
+        {q: mid([x.latency_ms[q] for x in results]) for q in first.latency_ms},
+        {q: mid([x.first_item_ms[q] for x in results]) for q in first.first_item_ms},
+        dict(sum((Counter(x.errors) for x in results), Counter())),
+        first.concurrency,
+        first.rate,
+        first.processes,
+    )
+
+
 def bench(label: str, models: Path, n_users: int, n_items: int, args) -> None:
     users = [str(i) for i in range(1, n_users + 1)]
     items = [str(i) for i in range(1, n_items + 1)]
@@ -90,7 +115,7 @@ def bench(label: str, models: Path, n_users: int, n_items: int, args) -> None:
     print(
         f"{'server':>8}{'workers':>8}{'conc':>6}{'q/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'ceil q/s':>10}{'ceil p50':>10}{'ceil p99':>10}"
-        f"{'q/s ratio':>11}{'p50 diff':>10}{'p99 ratio':>11}"
+        f"{'q/s ratio':>11}{'p50 diff':>10}{'p99 ratio':>11}  ratio range"
     )
     for kind, workers in [(k, w) for k in args.server.split(",") for w in (1, 2)]:
         proc, target = start(models, workers, args.metrics_port, kind)
@@ -108,15 +133,25 @@ def bench(label: str, models: Path, n_users: int, n_items: int, args) -> None:
                     items=items,
                     processes=min(2, conc),
                 )
-                r = run(Load(rpc="recommend", **common))
-                c = run(Load(rpc="health", **common))
+                # Alternate Recommend and ceiling rounds and take medians: this VM's
+                # speed drifts by 20-30% over seconds, which one pair of runs shows
+                # as a ratio swing of the same size.
+                rs, cs = [], []
+                for _ in range(args.rounds):
+                    rs.append(run(Load(rpc=args.rpc, **common)))
+                    cs.append(run(Load(rpc="health", **common)))
+                r = _median(rs)
+                c = _median(cs)
+                ratios = sorted(a.qps / b.qps for a, b in zip(rs, cs, strict=True))
+                errors = sum((x.errors for x in rs), Counter())
                 print(
                     f"{kind:>8}{workers:>8}{conc:>6}{r.qps:>9,.0f}{r.latency_ms['p50']:>9.2f}"
                     f"{r.latency_ms['p99']:>9.2f}{c.qps:>10,.0f}{c.latency_ms['p50']:>10.2f}"
                     f"{c.latency_ms['p99']:>10.2f}{r.qps / c.qps:>11.2f}"
                     f"{r.latency_ms['p50'] - c.latency_ms['p50']:>10.2f}"
                     f"{r.latency_ms['p99'] / c.latency_ms['p99']:>11.2f}"
-                    + (f"  errors {r.errors}" if r.errors else ""),
+                    f"  {ratios[0]:.2f}-{ratios[-1]:.2f}"
+                    + (f"  errors {dict(errors)}" if errors else ""),
                     flush=True,
                 )
             print(
@@ -132,6 +167,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating Recommend/ceiling runs")
+    ap.add_argument("--rpc", default="recommend", help="recommend (unary) or stream")
     ap.add_argument("--metrics-port", type=int, default=9464)
     ap.add_argument("--skip-ml100k", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")
