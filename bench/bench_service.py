@@ -143,7 +143,7 @@ def bench(label: str, models: Path, n_users: int, n_items: int, args) -> None:
                 r = _median(rs)
                 c = _median(cs)
                 ratios = sorted(a.qps / b.qps for a, b in zip(rs, cs, strict=True))
-                errors = sum((x.errors for x in rs), Counter())
+                errors = r.errors
                 print(
                     f"{kind:>8}{workers:>8}{conc:>6}{r.qps:>9,.0f}{r.latency_ms['p50']:>9.2f}"
                     f"{r.latency_ms['p99']:>9.2f}{c.qps:>10,.0f}{c.latency_ms['p50']:>10.2f}"
@@ -151,7 +151,7 @@ def bench(label: str, models: Path, n_users: int, n_items: int, args) -> None:
                     f"{r.latency_ms['p50'] - c.latency_ms['p50']:>10.2f}"
                     f"{r.latency_ms['p99'] / c.latency_ms['p99']:>11.2f}"
                     f"  {ratios[0]:.2f}-{ratios[-1]:.2f}"
-                    + (f"  errors {dict(errors)}" if errors else ""),
+                    + (f"  errors {errors}" if errors else ""),
                     flush=True,
                 )
             print(

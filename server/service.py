@@ -1,10 +1,11 @@
-"""The gRPC service: validate -> convert -> call the router -> stream. No math here.
+"""The gRPC service: validate -> convert -> call the router -> answer (one message,
+or a stream). No math here.
 
 `App` assembles a running server: config, feedback store (replayed into the
 online state), the model catalogue loading in the background, health (overall
 SERVING as soon as any model is loaded; `model/<name>` per model, hybrid and
 experiment), server reflection, Prometheus metrics, an admission limit that
-fails fast with RESOURCE_EXHAUSTED, and a drain that answers in-flight
+fails fast with RESOURCE_EXHAUSTED, and a drain that answers in-flight calls and
 streams before exiting.
 """
 
