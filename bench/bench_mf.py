@@ -30,9 +30,11 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
+# Before numpy loads OpenBLAS: implicit asks for serial BLAS (it calls BLAS from
+# its OpenMP threads, as our ALS does; recserve limits its own with threadpoolctl).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # implicit warns otherwise
+import numpy as np
 
 from server.data import generate, load_dataset, to_dataset
 from server.evaluation import ranking_metrics, rating_metrics, split_random

@@ -12,12 +12,14 @@ was measured: 0.01 lower Recall@20 on ml-100k at 64-128 factors.)
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from kernels import als as alsk
@@ -26,6 +28,11 @@ from server.data import Dataset
 from server.models.base import Param, Recommender, cosine_similar
 from server.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
 from server.models.registry import register
+
+
+def serial_blas() -> threadpool_limits:
+    """BLAS on one thread, for kernels that call it from every OpenMP thread."""
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 @register
@@ -59,7 +66,6 @@ class ALS(EmbeddingIndexMixin):
         f = p["factors"]
         self.user_factors = (rng.standard_normal((self.n_users, f)) * 0.01).astype(np.float32)
         self.item_factors = (rng.standard_normal((self.n_items, f)) * 0.01).astype(np.float32)
-        reg, steps, nt = p["regularization"], p["cg_steps"], self.n_threads
         bar = tqdm(
             range(p["iterations"]),
             desc="als",
@@ -68,6 +74,16 @@ class ALS(EmbeddingIndexMixin):
             disable=None,
             leave=False,
         )
+        # The row solves call BLAS from every OpenMP thread: a threaded BLAS
+        # inside them oversubscribes the cores (measured on 2 cores, 128
+        # factors: the exact pass took 21 s with 2 OpenBLAS threads, 3.8 s with 1).
+        with serial_blas():
+            self._sweeps(cui, ciu, bar)
+        self.build_index()
+
+    def _sweeps(self, cui: sp.csr_matrix, ciu: sp.csr_matrix, bar: Any) -> None:
+        p = self.params
+        reg, steps, nt = p["regularization"], p["cg_steps"], self.n_threads
         for _ in bar:
             alsk.solve_rows(
                 cui.indptr,
@@ -102,23 +118,26 @@ class ALS(EmbeddingIndexMixin):
             G=self.gram,
             n_threads=nt,
         )
-        self.build_index()
 
     def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
         """Factors of users given only by history rows: the exact training solve."""
         c = self._confidence(history)
         x = np.zeros((c.shape[0], self.item_factors.shape[1]), np.float32)
-        return alsk.solve_rows(
-            c.indptr,
-            c.indices,
-            c.data,
-            self.item_factors,
-            x,
-            self.params["regularization"],
-            0,
-            G=np.asarray(self.gram),
-            n_threads=self.n_threads,
-        )
+        # Many rows run on every OpenMP thread: serial BLAS inside (see _fit).
+        # One row (a serving request) runs on one thread and skips the 0.6 ms
+        # threadpoolctl costs.
+        with serial_blas() if c.shape[0] > 1 else contextlib.nullcontext():
+            return alsk.solve_rows(
+                c.indptr,
+                c.indices,
+                c.data,
+                self.item_factors,
+                x,
+                self.params["regularization"],
+                0,
+                G=np.asarray(self.gram),
+                n_threads=self.n_threads,
+            )
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         return np.asarray(self.user_factors[users] @ self.item_factors.T, np.float32)
