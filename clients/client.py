@@ -140,8 +140,12 @@ def _request(
     )
 
 
+def _item(m: pb.RankedItem) -> Item:
+    return Item(m.item_id, m.score, m.rank, tuple(m.because), m.score_std)
+
+
 def _items(msgs: Iterable[pb.RankedItem]) -> list[Item]:
-    return [Item(m.item_id, m.score, m.rank, tuple(m.because), m.score_std) for m in msgs]
+    return [_item(m) for m in msgs]
 
 
 def _error(exc: grpc.RpcError) -> RecserveError:
@@ -242,7 +246,7 @@ class RecommenderClient:
             for m in self._rec.RecommendStream(
                 req, timeout=self._timeout(deadline), metadata=self._md
             ):
-                yield Item(m.item_id, m.score, m.rank, tuple(m.because), m.score_std)
+                yield _item(m)
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
