@@ -76,7 +76,8 @@ class ALS(EmbeddingIndexMixin):
         )
         # The row solves call BLAS from every OpenMP thread: a threaded BLAS
         # inside them oversubscribes the cores (measured on 2 cores, 128
-        # factors: the exact pass took 21 s with 2 OpenBLAS threads, 3.8 s with 1).
+        # factors: the exact pass took 21 s with 2 OpenBLAS threads, 3.6 s with 1;
+        # bench/bench_als_passes.py).
         with serial_blas():
             self._sweeps(cui, ciu, bar)
         self.build_index()
