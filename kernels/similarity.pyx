@@ -8,7 +8,7 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport pow, sqrt
 
 from kernels.parallel cimport resolve_threads, threads_for
-from kernels.topk cimport heap_drain, heap_offer, mark, select_topk, worse
+from kernels.topk cimport best_of_row, buffer_offer, drain_best, heap_drain, heap_offer, mark, select_topk, worse
 
 from kernels.topk import check_array, check_rows, rows_or_empty
 
@@ -270,12 +270,12 @@ cdef inline double transform(int kind, double d, double ri, double cj, double sh
 
 
 cdef void apply_offers(const int* rows, const int* items, const float* scores, int m,
-                       int* counts, int* order, int n, int k, int* hn, float* fv, int* fi,
-                       int* hi, float* hv) noexcept nogil:
-    """Apply m buffered (row, item, score) offers to the rows' heaps in row order.
+                       int* counts, int* order, int n, int k, int cap, int* bn, float* fv,
+                       int* fi, int* bi, float* bv) noexcept nogil:
+    """Apply m deferred (row, item, score) offers to the rows' top-k buffers in row order.
 
-    A counting sort by row turns random heap accesses (cache misses) into a
-    sequential walk over the heaps.
+    A counting sort by row turns random buffer accesses (cache misses) into a
+    sequential walk over the buffers.
     """
     cdef int e, r, j
     cdef Py_ssize_t base
@@ -291,11 +291,10 @@ cdef void apply_offers(const int* rows, const int* items, const float* scores, i
     for r in range(m):
         e = order[r]
         j = rows[e]
-        if hn[j] < k or worse(fv[j], fi[j], scores[e], items[e]):
-            base = <Py_ssize_t>j * k
-            hn[j] = heap_offer(hi + base, hv + base, hn[j], k, items[e], scores[e])
-            fv[j] = hv[base]
-            fi[j] = hi[base]
+        if worse(fv[j], fi[j], scores[e], items[e]):
+            base = <Py_ssize_t>j * cap
+            bn[j] = buffer_offer(bi + base, bv + base, bn[j], cap, k, items[e], scores[e],
+                                 &fv[j], &fi[j])
 
 
 def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="cosine",
@@ -304,8 +303,8 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
     exclude_self, computing each pair's dot product once.
 
     A is rows x n_inner (items x users for item-item). Row i accumulates only
-    the rows j > i and offers the pair to both rows' top-k heaps; each thread
-    keeps its own heaps for every row (no locks), merged per row at the end.
+    the rows j > i and offers the pair to both rows' top-k buffers; each thread
+    keeps its own buffers for every row (no locks), merged per row at the end.
     That halves the scatter-add work of the general kernel. Results equal
     knn(A, A.T, exclude_self=True) exactly, ties included.
     """
@@ -330,45 +329,64 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
     newlabel = np.empty(n, np.int32)
     newlabel[relabel] = np.arange(n, dtype=np.int32)
 
-    # One serial pass: column counts, squared norms (under new labels), then
-    # the transpose B = A.T as interleaved (col, val) entries with rows
-    # visited in new-label order so B's rows are sorted, plus the position
-    # of every entry of A inside B: row i then scans B row u from just past
-    # its own entry, i.e. only the partners j > i.
+    # The transpose B = A.T as interleaved (col, val) entries, with rows
+    # visited in new-label order so B's rows are sorted, the squared norms
+    # (under new labels), and the position of every entry of A inside B: row
+    # i then scans B row u from just past its own entry, i.e. only the
+    # partners j > i. Threads fill disjoint ranges of rows (equal shares of
+    # the entries); per-thread column counts give each its own slots in B.
+    cdef int nt = resolve_threads(n_threads)
     cdef Py_ssize_t nnz = indices.shape[0]
+    cdef int tt = <int>max(1, min(nt, (64 * 2**20) // max(1, 8 * (n_inner + 1))))
+    lengths = np.diff(indptr)[relabel]
+    bounds = np.searchsorted(np.cumsum(lengths), np.arange(1, tt) * (nnz / tt))
+    bounds = np.concatenate([[0], np.minimum(bounds + 1, n), [n]]).astype(np.int64)
+    slots = np.zeros((tt, n_inner + 1), np.int64)
     b_indptr = np.zeros(n_inner + 1, np.int64)
     norm = np.zeros(n, np.float64)
     entries = np.empty(2 * max(nnz, 1), np.int32)  # Entry records, 8 bytes each
     pos = np.empty(nnz, np.int64)
-    fill = np.empty(n_inner, np.int64)
     cdef const long long[::1] aip = indptr
     cdef const int[::1] aix = indices
     cdef const float[::1] ax = data
     cdef const int[::1] rl = relabel
+    cdef const long long[::1] rb = bounds
+    cdef long long[:, ::1] SL = slots
     cdef long long[::1] bip_w = b_indptr
     cdef double[::1] norm_w = norm
     cdef int[::1] ent_w = entries
     cdef Entry* B = <Entry*>&ent_w[0]
     cdef long long[::1] pos_w = pos
-    cdef long long[::1] fill_w = fill
+    cdef long long* fill
     cdef Py_ssize_t i, o
     cdef long long p, q
+    cdef int tid
     cdef bint bin0 = binary
     with nogil:
-        for p in range(nnz):
-            bip_w[aix[p] + 1] += 1
-        for o in range(n_inner):
-            bip_w[o + 1] += bip_w[o]
-            fill_w[o] = bip_w[o]
-        for i in range(n):
-            o = rl[i]
-            for p in range(aip[o], aip[o + 1]):
-                norm_w[i] += 1.0 if bin0 else <double>ax[p] * ax[p]
-                q = fill_w[aix[p]]
-                fill_w[aix[p]] = q + 1
-                B[q].col = <int>i
-                B[q].val = ax[p]
-                pos_w[p] = q
+        for tid in prange(tt, schedule="static", num_threads=tt):
+            fill = &SL[tid, 0]
+            for i in range(rb[tid], rb[tid + 1]):
+                o = rl[i]
+                for p in range(aip[o], aip[o + 1]):
+                    fill[aix[p]] += 1
+        for o in range(n_inner):  # slots[t, u]: where thread t starts in B's row u
+            q = bip_w[o]
+            for tid in range(tt):
+                p = SL[tid, o]
+                SL[tid, o] = q
+                q = q + p
+            bip_w[o + 1] = q
+        for tid in prange(tt, schedule="static", num_threads=tt):
+            fill = &SL[tid, 0]
+            for i in range(rb[tid], rb[tid + 1]):
+                o = rl[i]
+                for p in range(aip[o], aip[o + 1]):
+                    norm_w[i] += 1.0 if bin0 else <double>ax[p] * ax[p]
+                    q = fill[aix[p]]
+                    fill[aix[p]] = q + 1
+                    B[q].col = <int>i
+                    B[q].val = ax[p]
+                    pos_w[p] = q
     if kind == 1:
         rnorm = cnorm = np.sqrt(norm)
     elif kind == 2:
@@ -377,18 +395,26 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
         rnorm = cnorm = norm
     scale = np.ascontiguousarray(scale[relabel])
 
-    cdef int nt = resolve_threads(n_threads)
-    heap_i = np.empty((nt, n, k), np.int32)
-    heap_v = np.empty((nt, n, k), np.float32)
-    heap_n = np.zeros((nt, n), np.int32)
-    # Each heap's worst kept entry, in compact arrays that stay in cache: most
-    # offers lose to it and never touch the (large, cold) heap itself.
-    floor_v = np.empty((nt, n), np.float32)
-    floor_i = np.empty((nt, n), np.int32)
+    if <double>n * n * 4 <= DENSE_SCORES_BYTES:
+        out_idx, out_val, counts = _dense_scores_topk(
+            indptr, indices, data, b_indptr, entries, pos, relabel,
+            np.ascontiguousarray(rnorm, dtype=np.float64),
+            np.ascontiguousarray(cnorm, dtype=np.float64), scale, k, kind, shrink,
+            binary, col_scale is None and kind != 2, nt)
+        return _to_csr(out_idx, out_val, counts, k)
+    # Per thread and row a top-k buffer of 2k slots (see buffer_offer), and
+    # its floor in compact arrays that stay in cache: most offers lose to the
+    # floor and never touch the (large, cold) buffer itself.
+    cdef int bcap = 2 * k
+    buf_i = np.empty((nt, n, bcap), np.int32)
+    buf_v = np.empty((nt, n, bcap), np.float32)
+    buf_size = np.zeros((nt, n), np.int32)
+    floor_v = np.full((nt, n), -np.inf, np.float32)
+    floor_i = np.full((nt, n), np.iinfo(np.int32).max, np.int32)
     acc_buf = np.zeros((nt, n), np.float64)
     flag_buf = np.zeros((nt, n), np.uint8)
     touch_buf = np.empty((nt, n), np.int32)
-    # Deferred offers to other rows' heaps (see apply_offers).
+    # Deferred offers to other rows' buffers (see apply_offers).
     cdef int cap = <int>min(1 << 20, max(1024, 4 * n))
     buf_rows = np.empty((nt, cap), np.int32)
     buf_items = np.empty((nt, cap), np.int32)
@@ -401,9 +427,9 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
     cdef const double[::1] rn = np.ascontiguousarray(rnorm, dtype=np.float64)
     cdef const double[::1] cn = np.ascontiguousarray(cnorm, dtype=np.float64)
     cdef const float[::1] cs = scale
-    cdef int[:, :, ::1] HI = heap_i
-    cdef float[:, :, ::1] HV = heap_v
-    cdef int[:, ::1] HN = heap_n
+    cdef int[:, :, ::1] HI = buf_i
+    cdef float[:, :, ::1] HV = buf_v
+    cdef int[:, ::1] HN = buf_size
     cdef float[:, ::1] FV = floor_v
     cdef int[:, ::1] FI = floor_i
     cdef double[:, ::1] ACC = acc_buf
@@ -425,8 +451,14 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
     cdef const int[::1] orig_v = relabel
     cdef const int* orig = &orig_v[0]
     cdef double sh = shrink, d, w
-    cdef float sij, sji
+    cdef float sij, sji, fvi
+    cdef double ri
+    cdef int fii, oi_, nbuf
     cdef bint bin_ = binary, dense
+    # Without a column scale, dot, cosine and Jaccard give (j, i) the very same
+    # float as (i, j) (the denominator's factors commute): compute it once, and
+    # skip the multiplication by a scale of ones.
+    cdef bint mirrored = col_scale is None and kind != 2
     cdef long long work
     cdef int t, me, j, u, c, n_touched
     # Raw pointers everywhere in the hot loops: memoryview fields would be
@@ -470,8 +502,9 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
             for p in range(ap[o], ap[o + 1]):
                 u = ai[p]
                 w = 1.0 if bin_ else av[p]
-                if p + 1 < ap[o + 1]:  # the next segment is a random jump: fetch it early
-                    recserve_prefetch(&B[pp[p + 1] + 1])
+                if p + 2 < ap[o + 1]:  # later segments are random jumps: fetch them early
+                    recserve_prefetch(&B[pp[p + 2] + 1])
+                    recserve_prefetch(&B[pp[p + 2] + 9])
                 if dense:
                     if bin_:
                         for q in range(pp[p] + 1, bp[u + 1]):
@@ -487,45 +520,61 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
                             touch[n_touched] = j
                             n_touched = n_touched + 1
                         acc[j] += w * (1.0 if bin_ else B[q].val)
-            if dense:
+            if dense:  # branch-free compaction: the nonzero test is a coin flip here
                 for j in range(<int>i + 1, <int>n):
-                    if acc[j] != 0.0:
-                        touch[n_touched] = j
-                        n_touched = n_touched + 1
+                    touch[n_touched] = j
+                    n_touched = n_touched + (acc[j] != 0.0)
+            if not dense:
+                for c in range(n_touched):
+                    flag[touch[c]] = 0
+            # Row i's floor, its id and the deferred-offer count live in locals
+            # (the compiler must otherwise reload them after every store);
+            # they are re-read whenever a call below may have changed them.
+            fvi = fv[i]
+            fii = fi[i]
+            oi_ = orig[i]
+            ri = rnp[i]
+            nbuf = BN[t]
             for c in range(n_touched):
                 j = touch[c]
                 d = acc[j]
                 acc[j] = 0.0
-                flag[j] = 0
                 if d == 0.0:
                     continue  # products that cancel exactly make no neighbour
-                sij = <float>(transform(kind, d, rnp[i], cnp[j], sh) * csp[j])
-                sji = <float>(transform(kind, d, rnp[j], cnp[i], sh) * csp[i])
-                if hn[i] < k or worse(fv[i], fi[i], sij, orig[j]):
-                    hn[i] = heap_offer(hi + i * k, hv + i * k, hn[i], k, orig[j], sij)
-                    fv[i] = hv[i * k]
-                    fi[i] = hi[i * k]
-                if hn[j] < k or worse(fv[j], fi[j], sji, orig[i]):
-                    if BN[t] == cap:
-                        apply_offers(br, bitems, bs, BN[t], &BC[t, 0], &BO[t, 0], <int>n, k,
-                                     hn, fv, fi, hi, hv)
-                        BN[t] = 0
-                    br[BN[t]] = j
-                    bitems[BN[t]] = orig[i]
-                    bs[BN[t]] = sji
-                    BN[t] += 1
-        # What each thread still holds goes to its own heaps.
+                if mirrored:
+                    sij = sji = <float>transform(kind, d, ri, cnp[j], sh)
+                else:
+                    sij = <float>(transform(kind, d, ri, cnp[j], sh) * csp[j])
+                    sji = <float>(transform(kind, d, rnp[j], cnp[i], sh) * csp[i])
+                if worse(fvi, fii, sij, orig[j]):
+                    hn[i] = buffer_offer(hi + i * bcap, hv + i * bcap, hn[i], bcap, k, orig[j],
+                                         sij, &fv[i], &fi[i])
+                    fvi = fv[i]
+                    fii = fi[i]
+                if worse(fv[j], fi[j], sji, oi_):
+                    if nbuf == cap:
+                        apply_offers(br, bitems, bs, nbuf, &BC[t, 0], &BO[t, 0], <int>n, k,
+                                     bcap, hn, fv, fi, hi, hv)
+                        nbuf = 0
+                        fvi = fv[i]
+                        fii = fi[i]
+                    br[nbuf] = j
+                    bitems[nbuf] = oi_
+                    bs[nbuf] = sji
+                    nbuf = nbuf + 1
+            BN[t] = nbuf
+        # What each thread still holds goes to its own buffers.
         me = threadid()
         apply_offers(&BR[me, 0], &BI[me, 0], &BS[me, 0], BN[me], &BC[me, 0], &BO[me, 0],
-                     <int>n, k, &HN[me, 0], &FV[me, 0], &FI[me, 0], &HI[me, 0, 0],
+                     <int>n, k, bcap, &HN[me, 0], &FV[me, 0], &FI[me, 0], &HI[me, 0, 0],
                      &HV[me, 0, 0])
 
-    # Merge: every row's per-thread heaps into one top-k, best first.
+    # Merge: every row's per-thread buffers into one top-k, best first.
     out_idx = np.empty((n, k), np.int32)
     out_val = np.empty((n, k), np.float32)
     counts = np.zeros(n, np.int32)
-    merge_i = np.empty((nt, k), np.int32)
-    merge_v = np.empty((nt, k), np.float32)
+    merge_i = np.empty((nt, nt * bcap), np.int32)
+    merge_v = np.empty((nt, nt * bcap), np.float32)
     cdef int[:, ::1] oi = out_idx
     cdef float[:, ::1] ov = out_val
     cdef int[::1] cnt = counts
@@ -538,17 +587,122 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
             size = 0
             for src in range(nt):
                 for e in range(HN[src, i]):
-                    size = heap_offer(&MI[t, 0], &MV[t, 0], size, k, HI[src, i, e],
-                                      HV[src, i, e])
-            cnt[i] = heap_drain(&MI[t, 0], &MV[t, 0], size, &oi[i, 0], &ov[i, 0])
-    # Back to the original row order.
-    back = np.empty_like(relabel)
-    back[relabel] = np.arange(n, dtype=np.int32)
-    out_idx, out_val, counts = out_idx[back], out_val[back], counts[back]
-    keep = np.arange(k)[None, :] < counts[:, None]
+                    MI[t, size] = HI[src, i, e]
+                    MV[t, size] = HV[src, i, e]
+                    size = size + 1
+            o = orig[i]  # written straight to the row's original place
+            cnt[o] = drain_best(&MI[t, 0], &MV[t, 0], size, k, &oi[o, 0], &ov[o, 0])
+    return _to_csr(out_idx, out_val, counts, k)
+
+
+def _to_csr(out_idx, out_val, counts, int k):
+    """CSR (indptr, indices, data) of per-row top-k lists (n x k, counts[i] valid)."""
+    n = counts.shape[0]
     out_indptr = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=out_indptr[1:])
+    if out_indptr[n] == n * k:  # every row full (the usual case): no gather
+        return out_indptr, out_idx.reshape(-1), out_val.reshape(-1)
+    keep = np.arange(k)[None, :] < counts[:, None]
     return out_indptr, out_idx[keep], out_val[keep]
+
+
+# Up to this many bytes of float32 scores (n x n), knn_self keeps every pair's
+# score in one dense matrix instead of per-row top-k buffers: on small, dense
+# catalogues (MovieLens: 1.7k-3.7k items, most pairs co-occur) the buffers
+# would accept half of all offers, and a dense row is selected in one pass.
+DENSE_SCORES_BYTES = 64 * 2**20
+
+
+cdef _dense_scores_topk(indptr, indices, data, b_indptr, entries, pos, relabel, rnorm, cnorm,
+                        scale, int k, int kind, double shrink, bint binary, bint mirrored,
+                        int nt):
+    """knn_self's path for small n: row i's scatter (partners j > i, as in the
+    buffered path) fills S[i, j] and S[j, i]; then every row of S is selected
+    on its own. Same candidates, same floats, same order, so the same result."""
+    cdef Py_ssize_t n = indptr.shape[0] - 1
+    scores = np.empty((n, n), np.float32)
+    acc_buf = np.zeros((nt, n), np.float64)
+    cand_i = np.empty((nt, n), np.int32)
+    cand_v = np.empty((nt, n), np.float32)
+    out_idx = np.empty((n, k), np.int32)
+    out_val = np.empty((n, k), np.float32)
+    counts = np.zeros(n, np.int32)
+    cdef const long long[::1] aip = indptr
+    cdef const int[::1] aix = indices
+    cdef const float[::1] ax = data
+    cdef const long long[::1] bip = b_indptr
+    cdef const int[::1] ent = entries
+    cdef const Entry* B = <const Entry*>&ent[0]
+    cdef const long long[::1] ps = pos
+    cdef const int[::1] orig = relabel
+    cdef const double[::1] rn = rnorm
+    cdef const double[::1] cn = cnorm
+    cdef const float[::1] cs = scale
+    cdef float[:, ::1] S = scores
+    cdef double[:, ::1] ACC = acc_buf
+    cdef int[:, ::1] CI = cand_i
+    cdef float[:, ::1] CV = cand_v
+    cdef int[:, ::1] oi = out_idx
+    cdef float[:, ::1] ov = out_val
+    cdef int[::1] cnt = counts
+    cdef double* acc
+    cdef float* srow
+    cdef int* ci
+    cdef float* cv
+    cdef float nan = float("nan")
+    cdef float sij, sji
+    cdef double d, w, sh = shrink
+    cdef Py_ssize_t i, j
+    cdef long long p, q
+    cdef int t, u, o, m
+    with nogil, parallel(num_threads=nt):
+        for i in prange(n, schedule="dynamic", chunksize=16):
+            t = threadid()
+            acc = &ACC[t, 0]
+            o = orig[i]
+            for p in range(aip[o], aip[o + 1]):
+                u = aix[p]
+                w = 1.0 if binary else ax[p]
+                if p + 2 < aip[o + 1]:
+                    recserve_prefetch(&B[ps[p + 2] + 1])
+                if binary:
+                    for q in range(ps[p] + 1, bip[u + 1]):
+                        acc[B[q].col] += 1.0
+                else:
+                    for q in range(ps[p] + 1, bip[u + 1]):
+                        acc[B[q].col] += w * B[q].val
+            srow = &S[i, 0]
+            srow[i] = nan
+            for j in range(i + 1, n):
+                d = acc[j]
+                acc[j] = 0.0
+                if d == 0.0:  # no co-occurrence, or products that cancel: no neighbour
+                    sij = sji = nan
+                elif mirrored:
+                    sij = sji = <float>transform(kind, d, rn[i], cn[j], sh)
+                else:
+                    sij = <float>(transform(kind, d, rn[i], cn[j], sh) * cs[j])
+                    sji = <float>(transform(kind, d, rn[j], cn[i], sh) * cs[i])
+                srow[j] = sij
+                if not mirrored:
+                    S[j, i] = sji
+    cdef Py_ssize_t nb = (n + 63) // 64, bj, bi, r, c, r1, c1
+    if mirrored:  # the lower triangle as the upper's transpose, tile by tile
+        with nogil, parallel(num_threads=nt):
+            for bj in prange(nb, schedule="dynamic"):
+                for bi in range(bj + 1):
+                    r1 = min(n, (bj + 1) * 64)
+                    for r in range(bj * 64, r1):
+                        c1 = min(r, (bi + 1) * 64)
+                        for c in range(bi * 64, c1):
+                            S[r, c] = S[c, r]
+    with nogil, parallel(num_threads=nt):
+        for i in prange(n, schedule="static"):
+            t = threadid()
+            u = orig[i]  # written straight to the row's original place
+            cnt[u] = best_of_row(&S[i, 0], &orig[0], <int>n, k, &CI[t, 0], &CV[t, 0],
+                                 &oi[u, 0], &ov[u, 0])
+    return out_idx, out_val, counts
 
 
 cdef inline bint better(float sa, int ia, float sb, int ib) noexcept nogil:

@@ -5,9 +5,18 @@
 # The heap primitives are defined here (inline) so every kernel that keeps
 # its own heaps compiles them in place instead of calling across modules.
 
+from libc.math cimport INFINITY
+
+
 cdef inline bint worse(float sa, int ia, float sb, int ib) noexcept nogil:
     """True when (sa, ia) ranks below (sb, ib): lower score, or equal score and higher index."""
     return sa < sb or (sa == sb and ia > ib)
+
+
+cdef inline int at_least(float sa, int ia, float sb, int ib) noexcept nogil:
+    """1 when (sa, ia) ranks at or above (sb, ib), else 0: `not worse` without
+    branches, for filter loops whose outcome is unpredictable."""
+    return (sa > sb) | ((sa == sb) & (ia <= ib))
 
 
 cdef inline void sift_down(int* hi, float* hv, int size, int pos) noexcept nogil:
@@ -71,6 +80,150 @@ cdef inline int heap_drain(int* hi, float* hv, int size, int* out_idx, float* ou
         hv[0] = hv[size]
         sift_down(hi, hv, size, 0)
     return m
+
+
+cdef inline void swap_entries(int* ix, float* v, int a, int b) noexcept nogil:
+    cdef int ti = ix[a]
+    cdef float tv = v[a]
+    ix[a] = ix[b]
+    v[a] = v[b]
+    ix[b] = ti
+    v[b] = tv
+
+
+cdef inline void nth_best(int* ix, float* v, int n, int kth) noexcept nogil:
+    """Partial selection (quickselect, median-of-three Hoare partition): afterwards
+    position kth holds the (kth+1)-best entry, every entry before it ranks above
+    it and every one after below. Entries are ordered as by `worse` (score, then
+    lower index first); ids must be distinct, which makes the order total.
+    """
+    cdef int lo = 0, hi = n - 1, mid, a, b, pi
+    cdef float pv
+    while hi > lo:
+        mid = lo + (hi - lo) // 2
+        if worse(v[lo], ix[lo], v[mid], ix[mid]):
+            swap_entries(ix, v, lo, mid)
+        if worse(v[lo], ix[lo], v[hi], ix[hi]):
+            swap_entries(ix, v, lo, hi)
+        if worse(v[mid], ix[mid], v[hi], ix[hi]):
+            swap_entries(ix, v, mid, hi)
+        pv = v[mid]
+        pi = ix[mid]
+        a = lo
+        b = hi
+        while a <= b:
+            while worse(pv, pi, v[a], ix[a]):
+                a += 1
+            while worse(v[b], ix[b], pv, pi):
+                b -= 1
+            if a <= b:
+                swap_entries(ix, v, a, b)
+                a += 1
+                b -= 1
+        if kth <= b:
+            hi = b
+        elif kth >= a:
+            lo = a
+        else:
+            return
+
+
+cdef inline int buffer_offer(int* bi, float* bv, int size, int cap, int k, int item, float s,
+                             float* floor_v, int* floor_i) noexcept nogil:
+    """Append a candidate to a top-k buffer of `cap` (> k) slots; return the new size.
+
+    The caller has checked that (s, item) beats the buffer's floor. A full
+    buffer is cut back to its k best by one partial selection and the floor
+    rises to the k-th best, so each offer costs O(1) amortised instead of a
+    heap's log(k) sift with its unpredictable branches. Until the first cut
+    the floor is (-inf, INT_MAX): every candidate enters.
+    """
+    bi[size] = item
+    bv[size] = s
+    size += 1
+    if size == cap:
+        nth_best(bi, bv, cap, k - 1)
+        floor_v[0] = bv[k - 1]
+        floor_i[0] = bi[k - 1]
+        size = k
+    return size
+
+
+cdef inline int drain_best(int* ix, float* v, int size, int k, int* out_idx,
+                           float* out_val) noexcept nogil:
+    """Write the best min(size, k) of the `size` entries best-first into out_*
+    (entries are reordered in place); return how many were written."""
+    cdef int p
+    cdef int a, b, ti
+    cdef float tv
+    if size > k:
+        nth_best(ix, v, size, k - 1)
+        size = k
+    if size <= 128:
+        # Insertion sort: about size^2/4 cheap, predictable moves, where a
+        # heap sort pays ~2 size log(size) mispredicted comparisons.
+        for a in range(size):
+            ti = ix[a]
+            tv = v[a]
+            b = a
+            while b > 0 and worse(v[b - 1], ix[b - 1], tv, ti):
+                ix[b] = ix[b - 1]
+                v[b] = v[b - 1]
+                b -= 1
+            ix[b] = ti
+            v[b] = tv
+        for a in range(size):
+            out_idx[a] = ix[a]
+            out_val[a] = v[a]
+        return size
+    p = size // 2 - 1
+    while p >= 0:
+        sift_down(ix, v, size, p)
+        p -= 1
+    return heap_drain(ix, v, size, out_idx, out_val)
+
+
+cdef inline int best_of_row(const float* row, const int* ids, int n, int k, int* ci, float* cv,
+                            int* out_idx, float* out_val) noexcept nogil:
+    """Write the best min(valid, k) entries of a dense row best-first into out_*
+    (ids[j] names entry j and breaks ties; NaN marks no entry); return how many.
+
+    The k-th best of an evenly spaced sample sets a floor that about 2k
+    entries reach; a branch-free count proves it is not above the true k-th
+    best (at least k reach it) before only those entries are gathered into
+    the scratch ci/cv (n slots). Otherwise every valid entry is gathered.
+    """
+    cdef int si[256]
+    cdef float sv[256]
+    cdef int r = 256 if n > 256 else n
+    cdef int q = <int>((2 * <long long>k * r) // n) + 1 if n > 0 else 1
+    cdef int a, j, m = 0
+    cdef long long at
+    cdef float tv = -INFINITY
+    cdef int ti = 2147483647
+    if q < r:
+        for a in range(r):
+            at = (<long long>a * n) // r
+            sv[a] = row[at] if row[at] == row[at] else -INFINITY
+            si[a] = ids[at] if row[at] == row[at] else 2147483647
+        nth_best(si, sv, r, q - 1)
+        tv = sv[q - 1]
+        ti = si[q - 1]
+        for j in range(n):
+            m = m + at_least(row[j], ids[j], tv, ti)
+    if m >= k:
+        m = 0
+        for j in range(n):
+            ci[m] = ids[j]
+            cv[m] = row[j]
+            m = m + at_least(row[j], ids[j], tv, ti)
+    else:
+        m = 0
+        for j in range(n):
+            ci[m] = ids[j]
+            cv[m] = row[j]
+            m = m + (row[j] == row[j])
+    return drain_best(ci, cv, m, k, out_idx, out_val)
 
 
 cdef int select_topk(const float* scores, int n, int k, unsigned char* mask,

@@ -222,13 +222,25 @@ def test_score_topk_properties(data, k):
     assert all(v[0, a] >= v[0, a + 1] for a in range(len(got) - 1))
 
 
+@pytest.fixture(params=["dense", "buffered"])
+def knn_self_path(request, monkeypatch):
+    """Run knn_self on its dense score matrix (small catalogues) or on its
+    per-row top-k buffers (forced by a zero dense budget)."""
+    if request.param == "buffered":
+        monkeypatch.setattr(simk, "DENSE_SCORES_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["dot", "cosine", "asymmetric", "jaccard"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_knn_self_equals_general_knn_exactly(kind, threads):
-    """The pair-once kernel gives the same lists, values and ties as knn(A, A.T)."""
+@pytest.mark.parametrize("scaled", [False, True])
+def test_knn_self_equals_general_knn_exactly(kind, threads, scaled, knn_self_path):
+    """The pair-once kernel gives the same lists, values and ties as knn(A, A.T),
+    on both of its paths, with and without a column scale."""
     x = random_csr(150, 70, 0.1, seed=9)
     a = x.T.tocsr()
     b = a.T.tocsr()
+    scale = np.random.default_rng(3).uniform(0.5, 2.0, 70).astype(np.float32) if scaled else None
     want = simk.knn(
         a.indptr,
         a.indices,
@@ -241,11 +253,47 @@ def test_knn_self_equals_general_knn_exactly(kind, threads):
         kind,
         alpha=0.3,
         shrink=1.0,
+        col_scale=scale,
         exclude_self=True,
         n_threads=threads,
     )
     got = simk.knn_self(
-        a.indptr, a.indices, a.data, 150, 9, kind, alpha=0.3, shrink=1.0, n_threads=threads
+        a.indptr,
+        a.indices,
+        a.data,
+        150,
+        9,
+        kind,
+        alpha=0.3,
+        shrink=1.0,
+        col_scale=scale,
+        n_threads=threads,
     )
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("k", [1, 4, 40, 300])
+def test_knn_self_matches_dense_reference(k, knn_self_path):
+    """Against numpy: binary data (ties everywhere, broken by the lower id),
+    rows with fewer than k partners, and pairs whose products cancel to an
+    exact zero (no neighbour) on a catalogue wider than the sampled floor."""
+    x = random_csr(60, 400, 0.03, seed=4)
+    x.data[:] = 1.0
+    x = x.tolil()
+    x[0, 0], x[0, 1], x[1, 0], x[1, 1] = 1.0, 1.0, 1.0, -1.0  # items 0, 1 cancel exactly
+    x[2, 0] = x[2, 1] = 0.0
+    x = x.tocsr()
+    x.eliminate_zeros()
+    a = x.T.tocsr()  # items x users
+    dense = a.toarray().astype(np.float64)
+    d = dense @ dense.T
+    np.fill_diagonal(d, 0.0)
+    ip, ix, v = simk.knn_self(a.indptr, a.indices, a.data, 60, k, "dot", n_threads=2)
+    for i in range(400):
+        row = [(-d[i, j], j) for j in np.flatnonzero(d[i])]
+        want = sorted(row)[:k]
+        got = ix[ip[i] : ip[i + 1]]
+        assert got.tolist() == [j for _, j in want], i
+        np.testing.assert_allclose(v[ip[i] : ip[i + 1]], [-s for s, _ in want], rtol=1e-6)
+    assert 1 not in ix[ip[0] : ip[1]].tolist()  # the cancelled pair is no neighbour

@@ -28,8 +28,10 @@ from server.data import Dataset
 from server.models.base import Param, Recommender
 from server.models.registry import register
 
-# Bytes of per-row top-k buffers knn_self may hold (threads x rows x k x 8);
-# beyond it the general kernel runs instead (same result, less memory).
+# Bytes of per-row top-k buffers knn_self may hold (threads x rows x 2k slots
+# x 8 bytes); beyond it the general kernel runs instead (same result, less
+# memory). Small catalogues take knn_self's dense path (at most
+# simk.DENSE_SCORES_BYTES of scores) and never reach this limit.
 KNN_SELF_BUDGET = 512 * 2**20
 
 SIMILARITY = Param(
@@ -93,7 +95,7 @@ class _Neighbourhood(Recommender):
         p = self.params
         sim = similarity or p.get("similarity", "dot")
         threads = self.n_threads if self.n_threads > 0 else (os.cpu_count() or 1)
-        if threads * a.shape[0] * p["k"] * 8 > KNN_SELF_BUDGET:
+        if threads * a.shape[0] * p["k"] * 16 > KNN_SELF_BUDGET:
             return self._knn(a, a.T.tocsr(), a.shape[0], exclude_self=True, similarity=sim)
         ip, ix, v = simk.knn_self(
             a.indptr,
