@@ -92,13 +92,18 @@ cdef inline void swap_entries(int* ix, float* v, int a, int b) noexcept nogil:
 
 
 cdef inline void nth_best(int* ix, float* v, int n, int kth) noexcept nogil:
-    """Partial selection (quickselect, median-of-three Hoare partition): afterwards
+    """Partial selection (quickselect, median-of-three pivot): afterwards
     position kth holds the (kth+1)-best entry, every entry before it ranks above
     it and every one after below. Entries are ordered as by `worse` (score, then
     lower index first); ids must be distinct, which makes the order total.
+
+    The partition is Lomuto's without branches (every element is swapped with
+    the boundary, which advances by the comparison's 0/1): on scores in no
+    particular order a branching partition mispredicts every other element.
     """
-    cdef int lo = 0, hi = n - 1, mid, a, b, pi
-    cdef float pv
+    cdef int lo = 0, hi = n - 1, mid, a, store, xi, ti
+    cdef float xv, tv, pv
+    cdef int pi
     while hi > lo:
         mid = lo + (hi - lo) // 2
         if worse(v[lo], ix[lo], v[mid], ix[mid]):
@@ -107,25 +112,27 @@ cdef inline void nth_best(int* ix, float* v, int n, int kth) noexcept nogil:
             swap_entries(ix, v, lo, hi)
         if worse(v[mid], ix[mid], v[hi], ix[hi]):
             swap_entries(ix, v, mid, hi)
-        pv = v[mid]
-        pi = ix[mid]
-        a = lo
-        b = hi
-        while a <= b:
-            while worse(pv, pi, v[a], ix[a]):
-                a += 1
-            while worse(v[b], ix[b], pv, pi):
-                b -= 1
-            if a <= b:
-                swap_entries(ix, v, a, b)
-                a += 1
-                b -= 1
-        if kth <= b:
-            hi = b
-        elif kth >= a:
-            lo = a
-        else:
+        swap_entries(ix, v, mid, hi)  # the median is the pivot, parked at hi
+        pv = v[hi]
+        pi = ix[hi]
+        store = lo
+        for a in range(lo, hi):
+            xv = v[a]
+            xi = ix[a]
+            tv = v[store]
+            ti = ix[store]
+            v[store] = xv
+            ix[store] = xi
+            v[a] = tv
+            ix[a] = ti
+            store = store + ((xv > pv) | ((xv == pv) & (xi < pi)))
+        swap_entries(ix, v, store, hi)
+        if kth == store:
             return
+        if kth < store:
+            hi = store - 1
+        else:
+            lo = store + 1
 
 
 cdef inline int buffer_offer(int* bi, float* bv, int size, int cap, int k, int item, float s,
