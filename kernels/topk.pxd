@@ -2,8 +2,9 @@
 # models alike): one heap-based partial selection, deterministic tie-break
 # (higher score first, then lower item index), NaN scores never selected.
 # `mask` is per-thread scratch: a nonzero byte excludes that item.
-# The heap primitives are defined here (inline) so every kernel that keeps
-# its own heaps compiles them in place instead of calling across modules.
+# The heap, quickselect (nth_best), top-k buffer and dense-row primitives are
+# defined here (inline) so every kernel that keeps its own candidates compiles
+# them in place instead of calling across modules.
 
 from libc.math cimport INFINITY
 
@@ -11,12 +12,6 @@ from libc.math cimport INFINITY
 cdef inline bint worse(float sa, int ia, float sb, int ib) noexcept nogil:
     """True when (sa, ia) ranks below (sb, ib): lower score, or equal score and higher index."""
     return sa < sb or (sa == sb and ia > ib)
-
-
-cdef inline int at_least(float sa, int ia, float sb, int ib) noexcept nogil:
-    """1 when (sa, ia) ranks at or above (sb, ib), else 0: `not worse` without
-    branches, for filter loops whose outcome is unpredictable."""
-    return (sa > sb) | ((sa == sb) & (ia <= ib))
 
 
 cdef inline void sift_down(int* hi, float* hv, int size, int pos) noexcept nogil:
@@ -195,10 +190,11 @@ cdef inline int best_of_row(const float* row, const int* ids, int n, int k, int*
     """Write the best min(valid, k) entries of a dense row best-first into out_*
     (ids[j] names entry j and breaks ties; NaN marks no entry); return how many.
 
-    The k-th best of an evenly spaced sample sets a floor that about 2k
-    entries reach; a branch-free count proves it is not above the true k-th
-    best (at least k reach it) before only those entries are gathered into
-    the scratch ci/cv (n slots). Otherwise every valid entry is gathered.
+    The k-th best score of an evenly spaced sample sets a floor that about 2k
+    entries reach; one branch-free pass gathers those into the scratch ci/cv
+    (n slots). If at least k were gathered the floor was not above the true
+    k-th best, so the gathered entries hold the answer; otherwise every valid
+    entry is gathered.
     """
     cdef int si[256]
     cdef float sv[256]
@@ -206,8 +202,7 @@ cdef inline int best_of_row(const float* row, const int* ids, int n, int k, int*
     cdef int q = <int>((2 * <long long>k * r) // n) + 1 if n > 0 else 1
     cdef int a, j, m = 0
     cdef long long at
-    cdef float tv = -INFINITY
-    cdef int ti = 2147483647
+    cdef float tv
     if q < r:
         for a in range(r):
             at = (<long long>a * n) // r
@@ -215,16 +210,11 @@ cdef inline int best_of_row(const float* row, const int* ids, int n, int k, int*
             si[a] = ids[at] if row[at] == row[at] else 2147483647
         nth_best(si, sv, r, q - 1)
         tv = sv[q - 1]
-        ti = si[q - 1]
-        for j in range(n):
-            m = m + at_least(row[j], ids[j], tv, ti)
-    if m >= k:
-        m = 0
-        for j in range(n):
+        for j in range(n):  # NaN fails the comparison: never gathered
             ci[m] = ids[j]
             cv[m] = row[j]
-            m = m + at_least(row[j], ids[j], tv, ti)
-    else:
+            m = m + (row[j] >= tv)
+    if m < k:
         m = 0
         for j in range(n):
             ci[m] = ids[j]
