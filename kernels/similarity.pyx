@@ -617,8 +617,10 @@ cdef _dense_scores_topk(indptr, indices, data, b_indptr, entries, pos, relabel, 
                         scale, int k, int kind, double shrink, bint binary, bint mirrored,
                         int nt):
     """knn_self's path for small n: row i's scatter (partners j > i, as in the
-    buffered path) fills S[i, j] and S[j, i]; then every row of S is selected
-    on its own. Same candidates, same floats, same order, so the same result."""
+    buffered path) fills S[i, j > i] (and S[j, i] when the two directions
+    differ; otherwise the lower triangle is the upper's transpose, copied tile
+    by tile); then every row of S is selected on its own by best_of_row. Same
+    candidates, same floats, same total order, so the same result."""
     cdef Py_ssize_t n = indptr.shape[0] - 1
     scores = np.empty((n, n), np.float32)
     acc_buf = np.zeros((nt, n), np.float64)
@@ -647,14 +649,12 @@ cdef _dense_scores_topk(indptr, indices, data, b_indptr, entries, pos, relabel, 
     cdef int[::1] cnt = counts
     cdef double* acc
     cdef float* srow
-    cdef int* ci
-    cdef float* cv
     cdef float nan = float("nan")
     cdef float sij, sji
     cdef double d, w, sh = shrink
     cdef Py_ssize_t i, j
     cdef long long p, q
-    cdef int t, u, o, m
+    cdef int t, u, o
     with nogil, parallel(num_threads=nt):
         for i in prange(n, schedule="dynamic", chunksize=16):
             t = threadid()

@@ -206,8 +206,8 @@ cdef inline int best_of_row(const float* row, const int* ids, int n, int k, int*
     if q < r:
         for a in range(r):
             at = (<long long>a * n) // r
-            sv[a] = row[at] if row[at] == row[at] else -INFINITY
-            si[a] = ids[at] if row[at] == row[at] else 2147483647
+            sv[a] = row[at] if row[at] == row[at] else -INFINITY  # NaN ranks last
+            si[a] = ids[at]
         nth_best(si, sv, r, q - 1)
         tv = sv[q - 1]
         for j in range(n):  # NaN fails the comparison: never gathered
