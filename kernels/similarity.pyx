@@ -297,6 +297,32 @@ cdef void apply_offers(const int* rows, const int* items, const float* scores, i
                                  &fv[j], &fi[j])
 
 
+cdef inline void scatter_partners(const long long* ap, const int* ai, const float* av,
+                                  const long long* pp, const long long* bp, const Entry* B,
+                                  int o, bint binary, double* acc) noexcept nogil:
+    """acc[j] += a[o, u] * a[j, u] for every entry (o, u) of A's row o and every
+    partner j that follows it in B's row u (B = A.T, rows sorted by label).
+
+    knn_self's pair-once scatter, shared by its dense and buffered paths so
+    both sum every dot product in the same order (hence the same floats).
+    """
+    cdef long long p, q
+    cdef int u
+    cdef double w
+    for p in range(ap[o], ap[o + 1]):
+        u = ai[p]
+        w = 1.0 if binary else av[p]
+        if p + 2 < ap[o + 1]:  # later segments are random jumps: fetch them early
+            recserve_prefetch(&B[pp[p + 2] + 1])
+            recserve_prefetch(&B[pp[p + 2] + 9])
+        if binary:
+            for q in range(pp[p] + 1, bp[u + 1]):
+                acc[B[q].col] += 1.0
+        else:
+            for q in range(pp[p] + 1, bp[u + 1]):
+                acc[B[q].col] += w * B[q].val
+
+
 def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="cosine",
              double alpha=0.5, double shrink=0.0, col_scale=None, int n_threads=0):
     """Top-k neighbours of every row of A among the other rows: knn(A, A.T) with
@@ -499,20 +525,14 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
                 work = work + bp[u + 1] - pp[p] - 1
             dense = work * 4 >= n - i
             n_touched = 0
-            for p in range(ap[o], ap[o + 1]):
-                u = ai[p]
-                w = 1.0 if bin_ else av[p]
-                if p + 2 < ap[o + 1]:  # later segments are random jumps: fetch them early
-                    recserve_prefetch(&B[pp[p + 2] + 1])
-                    recserve_prefetch(&B[pp[p + 2] + 9])
-                if dense:
-                    if bin_:
-                        for q in range(pp[p] + 1, bp[u + 1]):
-                            acc[B[q].col] += 1.0
-                    else:
-                        for q in range(pp[p] + 1, bp[u + 1]):
-                            acc[B[q].col] += w * B[q].val
-                else:
+            if dense:
+                scatter_partners(ap, ai, av, pp, bp, B, o, bin_, acc)
+            else:
+                for p in range(ap[o], ap[o + 1]):
+                    u = ai[p]
+                    w = 1.0 if bin_ else av[p]
+                    if p + 2 < ap[o + 1]:  # later segments are random jumps: fetch early
+                        recserve_prefetch(&B[pp[p + 2] + 1])
                     for q in range(pp[p] + 1, bp[u + 1]):
                         j = B[q].col
                         if not flag[j]:
@@ -651,26 +671,15 @@ cdef _dense_scores_topk(indptr, indices, data, b_indptr, entries, pos, relabel, 
     cdef float* srow
     cdef float nan = float("nan")
     cdef float sij, sji
-    cdef double d, w, sh = shrink
+    cdef double d, sh = shrink
     cdef Py_ssize_t i, j
-    cdef long long p, q
-    cdef int t, u, o
+    cdef int t, u
     with nogil, parallel(num_threads=nt):
         for i in prange(n, schedule="dynamic", chunksize=16):
             t = threadid()
             acc = &ACC[t, 0]
-            o = orig[i]
-            for p in range(aip[o], aip[o + 1]):
-                u = aix[p]
-                w = 1.0 if binary else ax[p]
-                if p + 2 < aip[o + 1]:
-                    recserve_prefetch(&B[ps[p + 2] + 1])
-                if binary:
-                    for q in range(ps[p] + 1, bip[u + 1]):
-                        acc[B[q].col] += 1.0
-                else:
-                    for q in range(ps[p] + 1, bip[u + 1]):
-                        acc[B[q].col] += w * B[q].val
+            scatter_partners(&aip[0], &aix[0], &ax[0], &ps[0], &bip[0], B, orig[i], binary,
+                             acc)
             srow = &S[i, 0]
             srow[i] = nan
             for j in range(i + 1, n):
