@@ -26,28 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
+from alternate import best_of
 
 from server.data import generate, load_dataset, to_dataset
 from server.evaluation import ranking_metrics, split_random
 from server.models import create
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
-
-
-def best_of(repeat, ours, theirs):
-    """(min seconds, last result) of each of two functions over `repeat` rounds,
-    run alternately so that a slow phase of this shared VM hits both sides."""
-    best, out = [float("inf"), float("inf")], [None, None]
-    for _ in range(repeat):
-        for side, fn in enumerate((ours, theirs)):
-            t = time.perf_counter()
-            out[side] = fn()
-            best[side] = min(best[side], time.perf_counter() - t)
-    return best[0], out[0], best[1], out[1]
 
 
 def overlap(ours, theirs) -> float:
@@ -84,12 +72,12 @@ def run(name, ds, k, threads, repeat):
         ours = create("itemknn", k=k, **params)
         ours.n_threads = threads
         theirs = make_theirs()
-        b_ours, _, b_theirs, _ = best_of(
+        (b_ours, _), (b_theirs, _) = best_of(
             repeat,
             lambda m=ours: m.fit(split.train),
             lambda m=theirs: m.fit(train, show_progress=False),
         )
-        r_ours, (rec_ours, _), r_theirs, rec_theirs = best_of(
+        (r_ours, (rec_ours, _)), (r_theirs, rec_theirs) = best_of(
             repeat,
             lambda m=ours: m.recommend(users, 20),
             lambda m=theirs: m.recommend(
