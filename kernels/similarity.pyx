@@ -7,20 +7,10 @@ import numpy as np
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport pow, sqrt
 
-from kernels.parallel cimport resolve_threads, threads_for
+from kernels.parallel cimport recserve_prefetch, resolve_threads, threads_for
 from kernels.topk cimport best_of_row, buffer_offer, drain_best, heap_drain, heap_offer, mark, select_topk, worse
 
 from kernels.topk import check_array, check_rows, rows_or_empty
-
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-    #define recserve_prefetch(p) __builtin_prefetch((p), 0, 1)
-    #else
-    #define recserve_prefetch(p) ((void)0)
-    #endif
-    """
-    void recserve_prefetch(const void* p) noexcept nogil
 
 
 ctypedef struct Entry:

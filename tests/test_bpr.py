@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from kernels import sgd
@@ -70,3 +71,84 @@ def test_bpr_beats_popularity(small):
     model.n_threads = 1
     bpr = evaluate(model, small, "random", (20,))["metrics"]["recall@20"]
     assert bpr > 1.1 * pop, (bpr, pop)
+
+
+def _positives(n_users=400, n_items=64, seed=5):
+    rng = np.random.default_rng(seed)
+    x = sp.random(n_users, n_items, density=0.15, random_state=rng, format="csr", dtype=np.float32)
+    x.sort_indices()
+    return x
+
+
+def test_threads_draw_independent_streams():
+    # Each thread's stream starts from the seed and its id hashed together. The
+    # old start (seed + thread * SplitMix64's increment) made thread 1's stream
+    # thread 0's shifted by one draw: with popular negatives thread 1's j at
+    # step k was always thread 0's i at step k + 1.
+    x = _positives(2000, 500)
+    t0 = sgd.bpr_sample(x.indptr, x.indices, 500, 20_000, seed=11, popular_negatives=True)
+    t1 = sgd.bpr_sample(x.indptr, x.indices, 500, 20_000, seed=11, popular_negatives=True, thread=1)
+    chance = np.square(np.bincount(x.indices, minlength=500) / x.nnz).sum()
+    for lag in range(-3, 4):
+        a, b = t0[max(lag, 0) : 20_000 + min(lag, 0)], t1[max(-lag, 0) : 20_000 - max(lag, 0)]
+        for col_a, col_b in ((1, 2), (2, 1), (1, 1), (0, 0)):
+            same = (a[:, col_a] == b[:, col_b]) & (a[:, col_a] >= 0)
+            assert same.mean() < 5 * chance + 0.01, (lag, col_a, col_b, same.mean())
+
+
+def test_parallel_steps_keep_their_own_triples():
+    # One-hot item factors and no regularization: a step adds to P[u, i] and
+    # subtracts from P[u, j], so P[u, a] > 0 only where a is one of u's
+    # positives and < 0 only where it is not. A step that mixed one thread's
+    # user with another thread's items (shared u, i, j: a race the kernel once
+    # had) breaks that sign pattern.
+    x = _positives()
+    n_users, n_items = x.shape
+    positive = x.toarray() > 0
+    for negatives in (False, True):
+        p = np.zeros((n_users, n_items), np.float32)
+        q = np.eye(n_items, dtype=np.float32)
+        b = np.zeros(n_items, np.float32)
+        sgd.bpr_epochs(
+            x.indptr,
+            x.indices,
+            p,
+            q,
+            b,
+            0.05,
+            0.0,
+            seed=2,
+            epochs=20,
+            n_threads=2,
+            update_items=False,
+            popular_negatives=negatives,
+        )
+        assert (p[~positive] <= 0).all() and (p[positive] >= 0).all()
+        assert (p[positive] > 0).mean() > 0.9  # the steps did run
+
+
+def test_epochs_validates_and_reports_progress():
+    x = _positives(50, 20)
+    rng = np.random.default_rng(0)
+    p = (rng.random((50, 8), dtype=np.float32) - 0.5) / 8
+    q = (rng.random((20, 8), dtype=np.float32) - 0.5) / 8
+    b = np.zeros(20, np.float32)
+    seen = []
+    last = sgd.bpr_epochs(
+        x.indptr,
+        x.indices,
+        p,
+        q,
+        b,
+        0.05,
+        0.01,
+        seed=0,
+        epochs=30,
+        on_epoch=lambda e, c: seen.append((e, c)),
+    )
+    assert [e for e, _ in seen] == list(range(30))
+    assert last == seen[-1][1] and seen[-1][1] > seen[0][1]  # it learns to rank
+    with pytest.raises(ValueError, match="epochs"):
+        sgd.bpr_epochs(x.indptr, x.indices, p, q, b, 0.05, 0.01, seed=0, epochs=-1)
+    with pytest.raises(ValueError, match="indptr"):
+        sgd.bpr_epochs(x.indptr[:-1], x.indices, p, q, b, 0.05, 0.01, seed=0)

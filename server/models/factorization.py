@@ -334,8 +334,9 @@ class BPR(EmbeddingIndexMixin):
         "negatives": Param(
             str,
             "uniform",
-            "negative sampling: uniform over items, or "
-            "popular (proportional to popularity, as implicit samples)",
+            "negative sampling: uniform over items (redrawn while a positive), or "
+            "popular (proportional to popularity, the step skipped when the draw "
+            "is a positive: implicit's sampler)",
             choices=("uniform", "popular"),
         ),
         "seed": Param(int, 0, "random seed (initial factors, sampling)"),
@@ -353,10 +354,15 @@ class BPR(EmbeddingIndexMixin):
         self.Q = ((rng.random((self.n_items, f)) - 0.5) / f).astype(np.float32)
         self.bias = np.zeros(self.n_items, np.float32)
         bar = tqdm(
-            range(p["epochs"]), desc="bpr", unit="epoch", file=sys.stderr, disable=None, leave=False
+            total=p["epochs"], desc="bpr", unit="epoch", file=sys.stderr, disable=None, leave=False
         )
-        for epoch in bar:
-            correct = sgdk.bpr_epoch(
+
+        def progress(epoch: int, correct: float) -> None:
+            bar.update(1)
+            bar.set_postfix(correct=f"{correct:.3f}")
+
+        with bar:
+            sgdk.bpr_epochs(
                 x.indptr,
                 x.indices,
                 self.P,
@@ -364,11 +370,12 @@ class BPR(EmbeddingIndexMixin):
                 self.bias,
                 p["lr"],
                 p["reg"],
-                p["seed"] * 1_000_003 + epoch,
-                self.n_threads,
+                p["seed"],
+                epochs=p["epochs"],
+                n_threads=self.n_threads,
                 popular_negatives=p["negatives"] == "popular",
+                on_epoch=progress,
             )
-            bar.set_postfix(correct=f"{correct:.3f}")
         self.build_index()
 
     def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
@@ -386,19 +393,19 @@ class BPR(EmbeddingIndexMixin):
                 continue
             seed = int(np.uint64(row.indices.sum() + 7919 * row.nnz))
             p = np.zeros((1, f), np.float32)
-            for epoch in range(self.params["fold_in_epochs"]):
-                sgdk.bpr_epoch(
-                    row.indptr,
-                    row.indices,
-                    p,
-                    q,
-                    b,
-                    self.params["lr"],
-                    self.params["reg"],
-                    seed + epoch,
-                    1,
-                    update_items=False,
-                )
+            sgdk.bpr_epochs(
+                row.indptr,
+                row.indices,
+                p,
+                q,
+                b,
+                self.params["lr"],
+                self.params["reg"],
+                seed,
+                epochs=self.params["fold_in_epochs"],
+                n_threads=1,
+                update_items=False,
+            )
             out[r] = p[0]
         return out
 
