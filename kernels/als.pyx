@@ -1,19 +1,19 @@
 # Implicit-feedback ALS (Hu, Koren & Volinsky 2008) solves, one row at a time:
 #   (YtY + reg I + sum_i (c_i - 1) y_i y_i^T) x = sum_i c_i y_i
 # over the row's nonzeros i with confidences c_i (the matrix values; 1 + alpha r
-# is applied by the caller). Exact solves use a Cholesky factorisation in double
-# precision (float32 LAPACK); the CG solver runs a few warm-started conjugate-gradient steps that
-# never form the f x f matrix (Takacs, Pilaszy & Tikk 2011); vector work goes
-# through SciPy's BLAS/LAPACK (cython_blas, nogil). The same row solve
-# trains users, trains items and folds in new users, so a folded-in user equals
-# the trained one.
+# is applied by the caller). Exact solves form the row's f x f matrix with
+# level-3 BLAS and factor it by Cholesky (float32, SciPy's cython_blas and
+# cython_lapack, nogil). The CG solver runs a few warm-started
+# conjugate-gradient steps that never form it (Takacs, Pilaszy & Tikk 2011), in
+# C loops below. Training ends with an exact user pass, and fold-in runs that
+# same exact solve, so a folded-in user equals the trained one.
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport sqrt
 
 from libc.math cimport sqrt as csqrt
-from scipy.linalg.cython_blas cimport saxpy, sdot, sscal, ssymv, ssyr, ssyrk
+from scipy.linalg.cython_blas cimport ssyr, ssyrk
 from scipy.linalg.cython_lapack cimport sposv
 
 from kernels.parallel cimport threads_for
@@ -22,6 +22,117 @@ from kernels.topk import check_array, check_rows
 
 
 cdef int CHUNK = 64  # items per rank-k update in solve_exact
+
+
+cdef extern from *:
+    """
+    /* The CG row solve in C: its per-nonzero work is a dot product and an
+       axpy over f floats, twice per step. As BLAS calls (what implicit does)
+       the call overhead outweighed the arithmetic at 32-64 factors; here they
+       are fused loops the compiler vectorises, built twice on x86-64 Linux
+       with GCC (AVX2/FMA and baseline, picked at load time) since the wheel
+       targets baseline x86-64. G is the full symmetric f x f matrix, so G v
+       is a sum of its rows scaled by v: no horizontal sums. */
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #define RECSERVE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+    #else
+    #define RECSERVE_CLONES
+    #endif
+    /* The helpers must be inlined into each clone to be built for its target. */
+    #if defined(__GNUC__) || defined(__clang__)
+    #define RS_INLINE static inline __attribute__((always_inline))
+    #else
+    #define RS_INLINE static inline
+    #endif
+    #if defined(__GNUC__) || defined(__clang__)
+    #define recserve_als_prefetch(p) __builtin_prefetch((p), 0, 3)
+    #else
+    #define recserve_als_prefetch(p) ((void)0)
+    #endif
+
+    /* a . b. With GCC/Clang vector types: four 8-float accumulators, so the
+       multiply-adds do not wait on each other (one accumulator, what a simd
+       reduction gives without -ffast-math, made 16 of them wait in a row at
+       128 factors: 1.4-2x slower per nonzero, dot plus axpy, 32-128 factors). */
+    #if defined(__GNUC__) || defined(__clang__)
+    typedef float rs_v8 __attribute__((vector_size(32), aligned(4)));
+    RS_INLINE float recserve_sdot(const float *restrict a, const float *restrict b, int f) {
+        rs_v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        int k = 0;
+        for (; k + 32 <= f; k += 32) {
+            s0 += *(const rs_v8 *)(a + k) * *(const rs_v8 *)(b + k);
+            s1 += *(const rs_v8 *)(a + k + 8) * *(const rs_v8 *)(b + k + 8);
+            s2 += *(const rs_v8 *)(a + k + 16) * *(const rs_v8 *)(b + k + 16);
+            s3 += *(const rs_v8 *)(a + k + 24) * *(const rs_v8 *)(b + k + 24);
+        }
+        for (; k + 8 <= f; k += 8) s0 += *(const rs_v8 *)(a + k) * *(const rs_v8 *)(b + k);
+        rs_v8 t = (s0 + s1) + (s2 + s3);
+        float s = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+        for (; k < f; k++) s += a[k] * b[k];
+        return s;
+    }
+    #else
+    RS_INLINE float recserve_sdot(const float *restrict a, const float *restrict b, int f) {
+        float s = 0.0f;
+        for (int k = 0; k < f; k++) s += a[k] * b[k];
+        return s;
+    }
+    #endif
+
+    RS_INLINE void recserve_saxpy(float s, const float *restrict a, float *restrict b, int f) {
+        #pragma omp simd
+        for (int k = 0; k < f; k++) b[k] += s * a[k];
+    }
+
+    /* out = A v = G v + sum over the row's nonzeros of (c - 1)(y . v) y; with
+       residual, out = b - A v instead, where b = sum c y. G is symmetric, so
+       G v is a sum of its rows scaled by v: no horizontal sums. */
+    RS_INLINE void recserve_apply(const long long *ip, const int *ix, const float *c,
+                                  long long row, const float *Y, const float *G, int f,
+                                  const float *restrict v, float *restrict out, int residual) {
+        for (int k = 0; k < f; k++) out[k] = 0.0f;
+        for (int b = 0; b < f; b++) recserve_saxpy(v[b], G + (long long)b * f, out, f);
+        if (residual)
+            for (int k = 0; k < f; k++) out[k] = -out[k];
+        long long end = ip[row + 1];
+        for (long long q = ip[row]; q < end; q++) {
+            const float *y = Y + (long long)ix[q] * f;
+            if (q + 2 < end) recserve_als_prefetch(Y + (long long)ix[q + 2] * f);
+            float conf = c[q], d = recserve_sdot(y, v, f);
+            recserve_saxpy(residual ? conf - (conf - 1.0f) * d : (conf - 1.0f) * d, y, out, f);
+        }
+    }
+
+    /* `steps` CG iterations on x in place (Takacs et al.): r = b - A x, then
+       the usual updates with A p computed from G and the row's nonzeros, never
+       forming A. Stops early on a vanishing residual or a non-positive
+       curvature (A is SPD, so only from rounding). */
+    RECSERVE_CLONES
+    static void recserve_cg_row(const long long *ip, const int *ix, const float *c,
+                                long long row, const float *Y, const float *G, int f,
+                                int steps, float *restrict r, float *restrict p,
+                                float *restrict Ap, float *restrict x) {
+        recserve_apply(ip, ix, c, row, Y, G, f, x, r, 1);
+        for (int k = 0; k < f; k++) p[k] = r[k];
+        float rs_old = recserve_sdot(r, r, f);
+        for (int it = 0; it < steps; it++) {
+            if (rs_old < 1e-20f) break;
+            recserve_apply(ip, ix, c, row, Y, G, f, p, Ap, 0);
+            float curv = recserve_sdot(p, Ap, f);
+            if (curv <= 0.0f) break;
+            float alpha = rs_old / curv;
+            recserve_saxpy(alpha, p, x, f);
+            recserve_saxpy(-alpha, Ap, r, f);
+            float rs_new = recserve_sdot(r, r, f);
+            float beta = rs_new / rs_old;
+            for (int k = 0; k < f; k++) p[k] = r[k] + beta * p[k];
+            rs_old = rs_new;
+        }
+    }
+    """
+    void recserve_cg_row(const long long* ip, const int* ix, const float* c, long long row,
+                         const float* Y, const float* G, int f, int steps, float* r,
+                         float* p, float* Ap, float* x) noexcept nogil
 
 
 cdef void solve_exact(const long long* ip, const int* ix, const float* c, Py_ssize_t row,
@@ -66,49 +177,6 @@ cdef void solve_exact(const long long* ip, const int* ix, const float* c, Py_ssi
     if info == 0:
         for a in range(f):
             out[a] = b[a]
-
-
-cdef void solve_cg(const long long* ip, const int* ix, const float* c, Py_ssize_t row,
-                   const float* Y, const float* G, int f, int steps, float* r,
-                   float* pv, float* Ap, float* x) noexcept nogil:
-    """`steps` CG iterations on x in place, float32 BLAS, never forming the row's matrix."""
-    cdef long long q
-    cdef int it, one = 1, nn = f
-    cdef float conf, s, alpha, rs_old, rs_new, beta, minus_one = -1.0, zero = 0.0
-    cdef float one_f = 1.0
-    cdef const float* y
-    cdef char upper = b"U"
-    # r = b - A x = sum c y - G x - sum (c - 1)(y . x) y
-    ssymv(&upper, &nn, &minus_one, <float*>G, &nn, x, &one, &zero, r, &one)
-    for q in range(ip[row], ip[row + 1]):
-        conf = c[q]
-        y = Y + <Py_ssize_t>ix[q] * f
-        s = conf - (conf - 1.0) * sdot(&nn, <float*>y, &one, x, &one)
-        saxpy(&nn, &s, <float*>y, &one, r, &one)
-    for it in range(f):
-        pv[it] = r[it]
-    rs_old = sdot(&nn, r, &one, r, &one)
-    for it in range(steps):
-        if rs_old < 1e-20:
-            break
-        ssymv(&upper, &nn, &one_f, <float*>G, &nn, pv, &one, &zero, Ap, &one)
-        for q in range(ip[row], ip[row + 1]):
-            conf = c[q]
-            y = Y + <Py_ssize_t>ix[q] * f
-            s = (conf - 1.0) * sdot(&nn, <float*>y, &one, pv, &one)
-            saxpy(&nn, &s, <float*>y, &one, Ap, &one)
-        s = sdot(&nn, pv, &one, Ap, &one)
-        if s <= 0:
-            break
-        alpha = rs_old / s
-        saxpy(&nn, &alpha, pv, &one, x, &one)
-        alpha = -alpha
-        saxpy(&nn, &alpha, Ap, &one, r, &one)
-        rs_new = sdot(&nn, r, &one, r, &one)
-        beta = rs_new / rs_old
-        sscal(&nn, &beta, pv, &one)
-        saxpy(&nn, &one_f, r, &one, pv, &one)
-        rs_old = rs_new
 
 
 def gram(Y, double regularization=0.0):
@@ -192,6 +260,6 @@ def solve_rows(indptr, indices, confidence, Y, X, double regularization,
                             w32 + f * f + f, &Xv[row, 0])
             else:
                 w32 = w32 + f * f + f + CHUNK * f
-                solve_cg(ip, ix, c, row, &Yv[0, 0], &G32v[0, 0], f, cg_steps, w32, w32 + f,
-                         w32 + 2 * f, &Xv[row, 0])
+                recserve_cg_row(ip, ix, c, row, &Yv[0, 0], &G32v[0, 0], f, cg_steps, w32,
+                                w32 + f, w32 + 2 * f, &Xv[row, 0])
     return X
