@@ -44,16 +44,11 @@ cdef extern from *:
     #else
     #define RS_INLINE static inline
     #endif
-    #if defined(__GNUC__) || defined(__clang__)
-    #define recserve_als_prefetch(p) __builtin_prefetch((p), 0, 3)
-    #else
-    #define recserve_als_prefetch(p) ((void)0)
-    #endif
 
     /* a . b. With GCC/Clang vector types: four 8-float accumulators, so the
        multiply-adds do not wait on each other (one accumulator, what a simd
        reduction gives without -ffast-math, made 16 of them wait in a row at
-       128 factors: 1.4-2x slower per nonzero, dot plus axpy, 32-128 factors). */
+       128 factors). */
     #if defined(__GNUC__) || defined(__clang__)
     typedef float rs_v8 __attribute__((vector_size(32), aligned(4)));
     RS_INLINE float recserve_sdot(const float *restrict a, const float *restrict b, int f) {
@@ -97,7 +92,7 @@ cdef extern from *:
         long long end = ip[row + 1];
         for (long long q = ip[row]; q < end; q++) {
             const float *y = Y + (long long)ix[q] * f;
-            if (q + 2 < end) recserve_als_prefetch(Y + (long long)ix[q + 2] * f);
+            if (q + 2 < end) recserve_prefetch_keep(Y + (long long)ix[q + 2] * f);
             float conf = c[q], d = recserve_sdot(y, v, f);
             recserve_saxpy(residual ? conf - (conf - 1.0f) * d : (conf - 1.0f) * d, y, out, f);
         }

@@ -15,9 +15,11 @@ cdef extern from *:
     #endif
     #if defined(__GNUC__) || defined(__clang__)
     #define recserve_prefetch(p) __builtin_prefetch((p), 0, 1)
+    #define recserve_prefetch_keep(p) __builtin_prefetch((p), 0, 3)
     #define recserve_prefetch_write(p) __builtin_prefetch((p), 1, 3)
     #else
     #define recserve_prefetch(p) ((void)0)
+    #define recserve_prefetch_keep(p) ((void)0)
     #define recserve_prefetch_write(p) ((void)0)
     #endif
     """
@@ -25,6 +27,8 @@ cdef extern from *:
     int recserve_have_openmp() noexcept nogil
     # Read soon, once (a random row of a large array).
     void recserve_prefetch(const void* p) noexcept nogil
+    # Read soon and again after (rows a CG solve reads at every step).
+    void recserve_prefetch_keep(const void* p) noexcept nogil
     # Read and written soon (factor rows an SGD step updates).
     void recserve_prefetch_write(const void* p) noexcept nogil
 
