@@ -10,7 +10,6 @@
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport sqrt
 
 from libc.math cimport sqrt as csqrt
 from scipy.linalg.cython_blas cimport ssyr, ssyrk
