@@ -14,8 +14,8 @@ draws negatives proportionally to popularity and skips a step whose negative
 is a positive: our `negatives=popular` is that sampler (the like-for-like
 row); `uniform` (our default) is timed and scored beside it.
 
-ALS and BPR timings are the best of --repeat rounds (at least 3 on data under
-1M interactions), the sides run alternately within each round.
+All timings are the best of --repeat rounds (at least 3 on data under 1M
+interactions), the sides run alternately within each round.
 
 svd: our explicit biased MF vs Surprise's SVD with the same factors, epochs,
 learning rate and regularization on the same 80/20 split of the ratings
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 # Before numpy loads OpenBLAS: implicit asks for serial BLAS (it calls BLAS from
@@ -204,16 +203,26 @@ def surprise_trainset(train):
     return Trainset(ur2, ir2, len(u_in), len(i_in), coo.nnz, scale, u_in, i_in), u_in, i_in
 
 
-def run_svd(name, ds, factors, epochs, threads):
+def run_svd(name, ds, factors, epochs, threads, repeat):
     from surprise import SVD
 
     split = split_random(ds, 0.2, seed=0)
     test = split.test.tocoo()
     trainset, u_in, i_in = surprise_trainset(split.train.interactions)
-    theirs = SVD(n_factors=factors, n_epochs=epochs, lr_all=0.005, reg_all=0.02, random_state=0)
-    t = time.perf_counter()
-    theirs.fit(trainset)
-    theirs_s = time.perf_counter() - t
+
+    def fit_theirs():
+        model = SVD(n_factors=factors, n_epochs=epochs, lr_all=0.005, reg_all=0.02, random_state=0)
+        return model.fit(trainset)
+
+    def fit_ours(hogwild):
+        # Serial SGD is deterministic; Hogwild uses `threads` (same hyper-parameters).
+        model = create("svd", factors=factors, epochs=epochs, hogwild=hogwild)
+        model.n_threads = threads
+        return model.fit(split.train)
+
+    (theirs_s, theirs), *ours_runs = best_of(
+        rounds(ds, repeat), fit_theirs, lambda: fit_ours(False), lambda: fit_ours(True)
+    )
     pred_t = np.array(
         [
             theirs.estimate(u_in[u], i_in[i]) if u in u_in and i in i_in else trainset.global_mean
@@ -222,13 +231,7 @@ def run_svd(name, ds, factors, epochs, threads):
     )
     m_t = rating_metrics(np.clip(pred_t, *trainset.rating_scale), test.data)
     rows = []
-    # Serial SGD is deterministic; Hogwild uses `threads` (same hyper-parameters).
-    for label, hogwild in (("serial", False), (f"hogwild x{threads}", True)):
-        ours = create("svd", factors=factors, epochs=epochs, hogwild=hogwild)
-        ours.n_threads = threads
-        t = time.perf_counter()
-        ours.fit(split.train)
-        ours_s = time.perf_counter() - t
+    for label, (ours_s, ours) in zip(("serial", f"hogwild x{threads}"), ours_runs, strict=True):
         pred = np.clip(
             ours.mu
             + ours.bu[test.row]
@@ -294,7 +297,7 @@ def main() -> None:
         "--repeat",
         type=int,
         default=1,
-        help="ALS/BPR timings: best of this many alternating rounds (3 or more under 1M)",
+        help="timings: best of this many alternating rounds (3 or more under 1M)",
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -337,10 +340,10 @@ def main() -> None:
         f"{'RMSE':>9}{'surprise':>9}{'MAE':>9}{'surprise':>9}"
     )
     if ml is not None:
-        rows += run_svd("ml-100k", ml, args.svd_factors, args.svd_epochs, args.threads)
+        rows += run_svd("ml-100k", ml, args.svd_factors, args.svd_epochs, args.threads, args.repeat)
     if args.svd_synthetic:
         ds = synthetic(args.svd_synthetic)
-        rows += run_svd(ds.name, ds, args.svd_factors, args.svd_epochs, args.threads)
+        rows += run_svd(ds.name, ds, args.svd_factors, args.svd_epochs, args.threads, args.repeat)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

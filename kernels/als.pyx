@@ -30,49 +30,9 @@ cdef extern from *:
        the call overhead outweighed the arithmetic at 32-64 factors; here they
        are fused loops the compiler vectorises, built twice on x86-64 Linux
        with GCC (AVX2/FMA and baseline, picked at load time) since the wheel
-       targets baseline x86-64. G is the full symmetric f x f matrix, so G v
-       is a sum of its rows scaled by v: no horizontal sums. */
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-    #define RECSERVE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-    #else
-    #define RECSERVE_CLONES
-    #endif
-    /* The helpers must be inlined into each clone to be built for its target. */
-    #if defined(__GNUC__) || defined(__clang__)
-    #define RS_INLINE static inline __attribute__((always_inline))
-    #else
-    #define RS_INLINE static inline
-    #endif
-
-    /* a . b. With GCC/Clang vector types: four 8-float accumulators, so the
-       multiply-adds do not wait on each other (one accumulator, what a simd
-       reduction gives without -ffast-math, made 16 of them wait in a row at
-       128 factors). */
-    #if defined(__GNUC__) || defined(__clang__)
-    typedef float rs_v8 __attribute__((vector_size(32), aligned(4)));
-    RS_INLINE float recserve_sdot(const float *restrict a, const float *restrict b, int f) {
-        rs_v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-        int k = 0;
-        for (; k + 32 <= f; k += 32) {
-            s0 += *(const rs_v8 *)(a + k) * *(const rs_v8 *)(b + k);
-            s1 += *(const rs_v8 *)(a + k + 8) * *(const rs_v8 *)(b + k + 8);
-            s2 += *(const rs_v8 *)(a + k + 16) * *(const rs_v8 *)(b + k + 16);
-            s3 += *(const rs_v8 *)(a + k + 24) * *(const rs_v8 *)(b + k + 24);
-        }
-        for (; k + 8 <= f; k += 8) s0 += *(const rs_v8 *)(a + k) * *(const rs_v8 *)(b + k);
-        rs_v8 t = (s0 + s1) + (s2 + s3);
-        float s = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
-        for (; k < f; k++) s += a[k] * b[k];
-        return s;
-    }
-    #else
-    RS_INLINE float recserve_sdot(const float *restrict a, const float *restrict b, int f) {
-        float s = 0.0f;
-        for (int k = 0; k < f; k++) s += a[k] * b[k];
-        return s;
-    }
-    #endif
-
+       targets baseline x86-64 (RECSERVE_CLONES, kernels/parallel.pxd). G is
+       the full symmetric f x f matrix, so G v is a sum of its rows scaled by
+       v: no horizontal sums. */
     RS_INLINE void recserve_saxpy(float s, const float *restrict a, float *restrict b, int f) {
         #pragma omp simd
         for (int k = 0; k < f; k++) b[k] += s * a[k];

@@ -20,21 +20,41 @@ cdef extern from *:
        float reduction is otherwise never vectorised without fast-math); builds
        without OpenMP ignore them and stay correct. p (a user row) and q (an
        item row) never alias. */
-    static inline float recserve_dot(const float *restrict x, const float *restrict y,
-                                     int f) {
-        float s = 0.0f;
-        #pragma omp simd reduction(+:s)
-        for (int a = 0; a < f; a++) s += x[a] * y[a];
-        return s;
-    }
-    static inline void recserve_sgd_update(float *restrict p, float *restrict q, int f,
-                                           float err, float lr, float reg) {
+    /* The svd step on a user row p and an item row q (both read before
+       either is written, as in Surprise). */
+    RS_INLINE void recserve_sgd_update(float *restrict p, float *restrict q, int f,
+                                       float err, float lr, float reg) {
         #pragma omp simd
         for (int a = 0; a < f; a++) {
             float pf = p[a], qf = q[a];
             p[a] = pf + lr * (err * qf - reg * pf);
             q[a] = qf + lr * (err * pf - reg * qf);
         }
+    }
+    /* svd SGD over positions [lo, hi) of `order`; returns the sum of squared
+       errors before each update. Built for AVX2/FMA and baseline
+       (RECSERVE_CLONES): at 100 factors the step is a 100-float dot whose
+       result the update waits for, so the dot's accumulators set the pace.
+       The item row of a step a few ahead is prefetched (ratings come grouped
+       by user, so the user row stays in cache). */
+    RECSERVE_CLONES
+    static double recserve_svd_run(const int *U, const int *I, const float *R,
+                                   const long long *O, long long lo, long long hi,
+                                   float mu, float *bu, float *bi, float *P, float *Q,
+                                   int f, float lr, float reg) {
+        double sse = 0.0;
+        for (long long k = lo; k < hi; k++) {
+            long long o = O[k];
+            int u = U[o], i = I[o];
+            if (k + 4 < hi) recserve_prefetch_write(Q + (long long)I[O[k + 4]] * f);
+            float *p = P + (long long)u * f, *q = Q + (long long)i * f;
+            float err = R[o] - (mu + bu[u] + bi[i] + recserve_sdot(p, q, f));
+            sse += (double)(err * err);
+            bu[u] += lr * (err - reg * bu[u]);
+            bi[i] += lr * (err - reg * bi[i]);
+            recserve_sgd_update(p, q, f, err, lr, reg);
+        }
+        return sse;
     }
     /* BPR: p . (qi - qj), and the step on all three rows (i != j always:
        the negative is never a positive). */
@@ -89,9 +109,9 @@ cdef extern from *:
     #endif
     }
     """
-    float recserve_dot(const float* x, const float* y, int f) noexcept nogil
-    void recserve_sgd_update(float* p, float* q, int f, float err, float lr,
-                             float reg) noexcept nogil
+    double recserve_svd_run(const int* U, const int* I, const float* R, const long long* O,
+                            long long lo, long long hi, float mu, float* bu, float* bi,
+                            float* P, float* Q, int f, float lr, float reg) noexcept nogil
     float recserve_bpr_dot(const float* p, const float* qi, const float* qj,
                            int f) noexcept nogil
     void recserve_bpr_update(float* p, float* qi, float* qj, int f, float z, float lr,
@@ -139,26 +159,21 @@ def svd_epoch(users, items, ratings, order, double mu, bu, bi, P, Q, double lr, 
     cdef float[::1] BI = bi
     cdef float[:, ::1] PV = P
     cdef float[:, ::1] QV = Q
-    cdef int f = <int>P.shape[1], u, i
-    cdef Py_ssize_t k, m = order.shape[0]
+    cdef int f = <int>P.shape[1], t
+    cdef Py_ssize_t m = order.shape[0]
     cdef double sse = 0.0
-    cdef float err, lr_f = <float>lr, reg_f = <float>reg, mu_f = <float>mu
-    cdef float* pu
-    cdef float* qi
     cdef int nt = resolve_threads(n_threads)
-    if m == 0:
+    if m == 0 or P.shape[0] == 0 or Q.shape[0] == 0:
         return 0.0
+    if nt > m:
+        nt = <int>m
+    # Each thread takes one contiguous slice of `order` (Hogwild: no locks).
     with nogil:
-        for k in prange(m, schedule="static", num_threads=nt):
-            u = U[O[k]]
-            i = I[O[k]]
-            pu = &PV[u, 0]
-            qi = &QV[i, 0]
-            err = R[O[k]] - (mu_f + BU[u] + BI[i] + recserve_dot(pu, qi, f))
-            sse += err * err
-            BU[u] = BU[u] + lr_f * (err - reg_f * BU[u])
-            BI[i] = BI[i] + lr_f * (err - reg_f * BI[i])
-            recserve_sgd_update(pu, qi, f, err, lr_f, reg_f)
+        for t in prange(nt, schedule="static", chunksize=1, num_threads=nt):
+            sse += recserve_svd_run(
+                &U[0], &I[0], &R[0], &O[0], m * t // nt, m * (t + 1) // nt,
+                <float>mu, &BU[0], &BI[0], &PV[0, 0], &QV[0, 0], f, <float>lr, <float>reg,
+            )
     return sse
 
 

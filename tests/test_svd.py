@@ -24,15 +24,18 @@ def python_epoch(users, items, ratings, order, mu, bu, bi, p, q, lr, reg):
             q[i][a] += lr * (err * pf - reg * qf)
 
 
-def test_one_epoch_equals_pure_python():
+@pytest.mark.parametrize("factors", [5, 37, 100])
+def test_one_epoch_equals_pure_python(factors):
+    # 5: only the scalar tail of the vector loops; 37: one 32-float block, one
+    # 8-float block and a tail; 100: three 32-float blocks and a tail.
     rng = np.random.default_rng(0)
     n = 400
     users = rng.integers(0, 30, n).astype(np.int32)
     items = rng.integers(0, 20, n).astype(np.int32)
     ratings = rng.integers(1, 6, n).astype(np.float32)
     order = rng.permutation(n).astype(np.int64)
-    p = (rng.standard_normal((30, 5)) * 0.1).astype(np.float32)
-    q = (rng.standard_normal((20, 5)) * 0.1).astype(np.float32)
+    p = (rng.standard_normal((30, factors)) * 0.1).astype(np.float32)
+    q = (rng.standard_normal((20, factors)) * 0.1).astype(np.float32)
     bu, bi = np.zeros(30, np.float32), np.zeros(20, np.float32)
     mu = float(ratings.mean())
     ref = [bu.tolist(), bi.tolist(), p.tolist(), q.tolist()]
@@ -40,6 +43,32 @@ def test_one_epoch_equals_pure_python():
     sgd.svd_epoch(users, items, ratings, order, mu, bu, bi, p, q, 0.01, 0.05, 1)
     for got, want in zip((bu, bi, p, q), ref, strict=True):
         np.testing.assert_allclose(got, np.array(want), rtol=1e-4, atol=1e-6)
+
+
+def test_hogwild_epoch_visits_every_rating_once():
+    # Two blocks with no user or item in common: whatever the interleaving of
+    # the two threads, each must take one contiguous half of `order`, so the
+    # result and the squared-error sum equal the serial epoch's.
+    rng = np.random.default_rng(1)
+    n, f = 600, 24
+    half = np.arange(n) < n // 2
+    users = np.where(half, rng.integers(0, 15, n), rng.integers(15, 30, n)).astype(np.int32)
+    items = np.where(half, rng.integers(0, 10, n), rng.integers(10, 20, n)).astype(np.int32)
+    ratings = rng.integers(1, 6, n).astype(np.float32)
+    order = np.r_[rng.permutation(n // 2), n // 2 + rng.permutation(n - n // 2)].astype(np.int64)
+    start = [
+        (rng.standard_normal((30, f)) * 0.1).astype(np.float32),
+        (rng.standard_normal((20, f)) * 0.1).astype(np.float32),
+    ]
+    out = []
+    for threads in (1, 2):
+        p, q = start[0].copy(), start[1].copy()
+        bu, bi = np.zeros(30, np.float32), np.zeros(20, np.float32)
+        sse = sgd.svd_epoch(users, items, ratings, order, 3.0, bu, bi, p, q, 0.01, 0.05, threads)
+        out.append((sse, bu, bi, p, q))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-6)
+    for got, want in zip(out[1][1:], out[0][1:], strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_predictions_are_clipped_to_the_rating_scale(small):
