@@ -9,7 +9,7 @@ import numpy as np
 from cython.parallel cimport prange
 from libc.math cimport expf
 
-from kernels.parallel cimport recserve_prefetch, recserve_prefetch_write, resolve_threads
+from kernels.parallel cimport recserve_prefetch, resolve_threads
 
 from kernels.topk import check_array, check_rows
 
@@ -37,6 +37,12 @@ cdef extern from *:
        result the update waits for, so the dot's accumulators set the pace.
        The item row of a step a few ahead is prefetched (ratings come grouped
        by user, so the user row stays in cache). */
+    /* Every cache line of a factor row about to be updated. */
+    RS_INLINE void recserve_prefetch_row(const float *row, int f) {
+        for (int a = 0; a < f; a += 16) recserve_prefetch_write(row + a);
+        recserve_prefetch_write(row + f - 1);
+    }
+    #define RECSERVE_SVD_AHEAD 8
     RECSERVE_CLONES
     static double recserve_svd_run(const int *U, const int *I, const float *R,
                                    const long long *O, long long lo, long long hi,
@@ -46,7 +52,11 @@ cdef extern from *:
         for (long long k = lo; k < hi; k++) {
             long long o = O[k];
             int u = U[o], i = I[o];
-            if (k + 4 < hi) recserve_prefetch_write(Q + (long long)I[O[k + 4]] * f);
+            if (k + RECSERVE_SVD_AHEAD < hi) {
+                long long o2 = O[k + RECSERVE_SVD_AHEAD];
+                recserve_prefetch_row(Q + (long long)I[o2] * f, f);
+                if (U[o2] != u) recserve_prefetch_row(P + (long long)U[o2] * f, f);
+            }
             float *p = P + (long long)u * f, *q = Q + (long long)i * f;
             float err = R[o] - (mu + bu[u] + bi[i] + recserve_sdot(p, q, f));
             sse += (double)(err * err);
@@ -119,6 +129,7 @@ cdef extern from *:
     unsigned long long recserve_bounded(unsigned long long r,
                                         unsigned long long n) noexcept nogil
     bint recserve_contains(const int* row, long long n, int item) noexcept nogil
+    void recserve_prefetch_row(const float* row, int f) noexcept nogil
 
 
 def svd_epoch(users, items, ratings, order, double mu, bu, bi, P, Q, double lr, double reg,
@@ -220,13 +231,6 @@ cdef enum:
     RING = 16  # 2 * AHEAD slots, a power of two
 
 
-cdef inline void prefetch_row(const float* row, int f) noexcept nogil:
-    """Prefetch the cache lines of one factor row for an update."""
-    cdef int a
-    for a in range(0, f, 16):
-        recserve_prefetch_write(row + a)
-
-
 cdef long long bpr_run(unsigned long long* state, const long long* ip, const int* ix,
                        const int* rows, long long nnz, int n_items, bint popular,
                        float* P, float* Q, float* B, int f, float lr, float reg,
@@ -286,9 +290,9 @@ cdef long long bpr_run(unsigned long long* state, const long long* ip, const int
             length[slot] = ip[u + 1] - ip[u]
             recserve_prefetch(ix + first[slot] + length[slot] // 2)
             if out == NULL:
-                prefetch_row(P + <Py_ssize_t>u * f, f)
-                prefetch_row(Q + <Py_ssize_t>pos_items[slot] * f, f)
-                prefetch_row(Q + <Py_ssize_t>neg_items[slot] * f, f)
+                recserve_prefetch_row(P + <Py_ssize_t>u * f, f)
+                recserve_prefetch_row(Q + <Py_ssize_t>pos_items[slot] * f, f)
+                recserve_prefetch_row(Q + <Py_ssize_t>neg_items[slot] * f, f)
         t = s - 2 * AHEAD
         if t >= 0:  # step
             slot = t & (RING - 1)
