@@ -4,8 +4,26 @@
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
+from libc.stdlib cimport calloc, free, malloc
 
 from kernels.parallel cimport recserve_have_openmp, threads_for
+
+
+cdef extern from *:
+    """
+    /* scores[i] = q . V[i] (+ bias[i]) for the n rows of V (d floats each):
+       the exact scoring of an embedding model, one query at a time, with the
+       shared vector dot, built for AVX2/FMA and baseline (RECSERVE_CLONES). */
+    RECSERVE_CLONES
+    static void recserve_inner_scores(const float *restrict q, const float *restrict V,
+                                      long long n, int d, const float *restrict bias,
+                                      float *restrict scores) {
+        for (long long i = 0; i < n; i++)
+            scores[i] = recserve_sdot(q, V + i * d, d) + (bias ? bias[i] : 0.0f);
+    }
+    """
+    void recserve_inner_scores(const float* q, const float* V, long long n, int d,
+                               const float* bias, float* scores) noexcept nogil
 
 
 cdef int select_topk(const float* scores, int n, int k, unsigned char* mask,
@@ -174,6 +192,148 @@ def topk_dense(scores, int k, exclude_indptr=None, exclude_indices=None,
                         &HI[t, 0], &HV[t, 0], &oi[q, 0], &ov[q, 0])
             mark(&M[t, 0], &exi[0] if exi.shape[0] else NULL, exp[q], exp[q + 1], n, 0)
     return out_idx, out_val
+
+
+def topk_inner(queries, vectors, int k, exclude_indptr=None, exclude_indices=None,
+               cand_indptr=None, cand_indices=None, bias=None, int n_threads=0):
+    """Top-k of queries @ vectors.T (+ bias per item) per query row, exclusions
+    and candidates as in topk_dense, scored one row at a time into per-thread
+    scratch: no (queries x items) score matrix, and one call instead of a
+    matrix product, a copy and a selection (the single-user serving case).
+
+    queries: float32 (n_queries, d); vectors: float32 (n_items, d) (a
+    memory-mapped array is fine); bias: float32 (n_items,) or None.
+    """
+    check_array(queries, "queries", np.float32, 2)
+    check_array(vectors, "vectors", np.float32, 2)
+    if queries.shape[1] != vectors.shape[1]:
+        raise ValueError(
+            f"queries: {queries.shape[1]} dimensions, vectors have {vectors.shape[1]}")
+    if bias is not None:
+        check_array(bias, "bias", np.float32, 1)
+        if bias.shape[0] != vectors.shape[0]:
+            raise ValueError(f"bias: length {bias.shape[0]}, expected {vectors.shape[0]}")
+    if k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}")
+    cdef Py_ssize_t nq = queries.shape[0]
+    cdef int n = <int> vectors.shape[0]
+    cdef int d = <int> vectors.shape[1]
+    ex_ptr, ex_ind = rows_or_empty(exclude_indptr, exclude_indices, nq, "exclude")
+    ca_ptr, ca_ind = rows_or_empty(cand_indptr, cand_indices, nq, "cand")
+    cdef int nt = threads_for(n_threads, nq)
+    out_idx = np.full((nq, k), -1, np.int32)
+    out_val = np.full((nq, k), -np.inf, np.float32)
+    if nq == 0 or k == 0 or n == 0:
+        return out_idx, out_val
+    masks = np.zeros((nt, n), np.uint8)
+    rows = np.empty((nt, n), np.float32)
+    heap_i = np.empty((nt, k), np.int32)
+    heap_v = np.empty((nt, k), np.float32)
+    cdef const float[:, ::1] Qv = queries
+    cdef const float[:, ::1] V = vectors
+    cdef const float[::1] B
+    cdef const float* bp = NULL
+    if bias is not None:
+        B = bias
+        bp = &B[0]
+    cdef const long long[::1] exp = ex_ptr
+    cdef const int[::1] exi = ex_ind
+    cdef const long long[::1] cap = ca_ptr
+    cdef const int[::1] cai = ca_ind
+    cdef int[:, ::1] oi = out_idx
+    cdef float[:, ::1] ov = out_val
+    cdef unsigned char[:, ::1] M = masks
+    cdef float[:, ::1] R = rows
+    cdef int[:, ::1] HI = heap_i
+    cdef float[:, ::1] HV = heap_v
+    cdef Py_ssize_t q
+    cdef int t, nc
+    with nogil, parallel(num_threads=nt):
+        for q in prange(nq, schedule="dynamic", chunksize=4):
+            t = threadid()
+            recserve_inner_scores(&Qv[q, 0], &V[0, 0], n, d, bp, &R[t, 0])
+            mark(&M[t, 0], &exi[0] if exi.shape[0] else NULL, exp[q], exp[q + 1], n, 1)
+            nc = <int> (cap[q + 1] - cap[q])
+            select_topk(&R[t, 0], n, k, &M[t, 0],
+                        &cai[cap[q]] if nc > 0 else NULL, nc,
+                        &HI[t, 0], &HV[t, 0], &oi[q, 0], &ov[q, 0])
+            mark(&M[t, 0], &exi[0] if exi.shape[0] else NULL, exp[q], exp[q + 1], n, 0)
+    return out_idx, out_val
+
+
+def topk_user(queries, Py_ssize_t user, vectors, int k, seen_indptr, seen_indices,
+              bint filter_seen=True, bias=None):
+    """Top-k of queries[user] . vectors (+ bias) without the user's seen items
+    (row `user` of the seen CSR, when filter_seen): one known user, the common
+    serving request, on the calling thread. Same answer as topk_inner on that
+    row; the scratch is malloc'd, so the call allocates only its two outputs.
+    Returns 1-d (items int32, scores float32), min(k, eligible) long, best first.
+    """
+    check_array(queries, "queries", np.float32, 2)
+    check_array(vectors, "vectors", np.float32, 2)
+    check_array(seen_indptr, "seen_indptr", np.int64, 1)
+    check_array(seen_indices, "seen_indices", np.int32, 1)
+    if queries.shape[1] != vectors.shape[1]:
+        raise ValueError(
+            f"queries: {queries.shape[1]} dimensions, vectors have {vectors.shape[1]}")
+    if not 0 <= user < queries.shape[0]:
+        raise IndexError(f"user: index {user} outside [0, {queries.shape[0]})")
+    if seen_indptr.shape[0] != queries.shape[0] + 1:
+        raise ValueError(
+            f"seen_indptr: expected length {queries.shape[0] + 1}, got {seen_indptr.shape[0]}")
+    if bias is not None:
+        check_array(bias, "bias", np.float32, 1)
+        if bias.shape[0] != vectors.shape[0]:
+            raise ValueError(f"bias: length {bias.shape[0]}, expected {vectors.shape[0]}")
+    if k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}")
+    cdef const float[:, ::1] Qv = queries
+    cdef const float[:, ::1] V = vectors
+    cdef const long long[::1] ip = seen_indptr
+    cdef const int[::1] ix = seen_indices
+    cdef const float[::1] B
+    cdef const float* bp = NULL
+    if bias is not None:
+        B = bias
+        bp = &B[0]
+    cdef int n = <int> vectors.shape[0]
+    cdef int d = <int> vectors.shape[1]
+    cdef long long a = 0, b = 0
+    if filter_seen:
+        a, b = ip[user], ip[user + 1]
+        if b < a or a < 0 or b > ix.shape[0]:
+            raise ValueError(f"seen_indptr: row {user} lies outside seen_indices")
+    out_idx = np.empty(k, np.int32)
+    out_val = np.empty(k, np.float32)
+    if k == 0 or n == 0:
+        return out_idx[:0], out_val[:0]
+    cdef int[::1] oi = out_idx
+    cdef float[::1] ov = out_val
+    cdef int m = 0
+    cdef bint failed = False
+    cdef unsigned char* mask
+    cdef float* scores
+    cdef int* hi
+    cdef float* hv
+    with nogil:
+        mask = <unsigned char*> calloc(n, 1)
+        scores = <float*> malloc(n * sizeof(float))
+        hi = <int*> malloc(k * sizeof(int))
+        hv = <float*> malloc(k * sizeof(float))
+        if mask == NULL or scores == NULL or hi == NULL or hv == NULL:
+            failed = True
+        else:
+            recserve_inner_scores(&Qv[user, 0], &V[0, 0], n, d, bp, scores)
+            if b > a:
+                mark(mask, &ix[0], a, b, n, 1)
+            m = select_topk(scores, n, k, mask, NULL, 0, hi, hv, &oi[0], &ov[0])
+        free(mask)
+        free(scores)
+        free(hi)
+        free(hv)
+    if failed:
+        raise MemoryError(f"topk_user: no scratch for {n} items")
+    return out_idx[:m], out_val[:m]
 
 
 def topk_ranked(order, scores, Py_ssize_t n_queries, int k,

@@ -512,9 +512,8 @@ class Router:
         t2 = time.perf_counter()
         stages["resolve"] += t2 - t
         check()
-        items, scores = m.recommend([user], q.k, filter_seen=not q.include_seen)
-        n = int((items[0] >= 0).sum())
-        served = _Served(slot, items[0, :n], scores[0, :n], user, None)
+        items, scores = m.recommend_user(user, q.k, filter_seen=not q.include_seen)
+        served = _Served(slot, items, scores, user, None)
         t3 = time.perf_counter()
         stages["retrieve"] += t3 - t2
         out = self._ranked_timed(served, q, check)

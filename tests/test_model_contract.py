@@ -39,6 +39,26 @@ def test_recommend_shape_order_and_no_seen_items(fitted, small):
         assert len(set(got)) == got.size
 
 
+@pytest.mark.parametrize("filter_seen", [True, False])
+def test_recommend_user_is_the_top_k_of_the_dense_scores(fitted, small, filter_seen):
+    # The one-user serving call (a fused kernel for exact embedding models)
+    # against the model's dense scores computed by numpy: the returned items
+    # carry those scores, best first, and no eligible item left out scores higher.
+    seen = small.interactions
+    for u in range(0, small.n_users, 41):
+        items, scores = fitted.recommend_user(u, k=12, filter_seen=filter_seen)
+        dense = fitted._score_users(np.array([u]))[0].astype(np.float64)
+        banned = set(seen.indices[seen.indptr[u] : seen.indptr[u + 1]]) if filter_seen else set()
+        eligible = [j for j in range(small.n_items) if j not in banned]
+        assert items.dtype == np.int32 and items.size == min(12, len(eligible))
+        assert not set(items.tolist()) & banned and len(set(items.tolist())) == items.size
+        np.testing.assert_allclose(scores, dense[items], rtol=1e-5, atol=1e-5)
+        assert np.all(np.diff(scores) <= 0)
+        rest = np.setdiff1d(eligible, items)
+        if rest.size:
+            assert dense[rest].max() <= scores[-1] + 1e-5
+
+
 def test_exclusions_never_shorten_results(fitted):
     items, _ = fitted.recommend([0], k=10)
     banned = items[0][:5]

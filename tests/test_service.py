@@ -380,17 +380,22 @@ def test_deadline_stops_work_and_cancel_stops_the_stream(published):
         als = s.app.catalog.get("als").model
         knn = s.app.catalog.get("itemknn").model
         calls = []
-        original_als, original_knn = als.recommend, knn.recommend
+        original_als, original_user = als.recommend, als.recommend_user
+        original_knn = knn.recommend
 
         def slow(*a, **kw):
             time.sleep(0.6)
             return original_als(*a, **kw)
 
+        def slow_user(*a, **kw):  # the plain path's one-user call
+            time.sleep(0.6)
+            return original_user(*a, **kw)
+
         def counted(*a, **kw):
             calls.append(1)
             return original_knn(*a, **kw)
 
-        als.recommend, knn.recommend = slow, counted
+        als.recommend, als.recommend_user, knn.recommend = slow, slow_user, counted
         err = s.error(
             s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3, model="mix"), timeout=0.2
         )

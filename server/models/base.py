@@ -219,6 +219,16 @@ class Recommender(ABC):
             )
         return out_i, out_s
 
+    def recommend_user(
+        self, user: int, k: int = 10, filter_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k for one known user (dense index) with no extra exclusions: the
+        common serving request. Same answer as recommend([user], k)[:, :eligible];
+        1-d (items int32, scores float32), exactly min(k, eligible) long."""
+        items, scores = self.recommend([user], k, filter_seen=filter_seen)
+        n = int((items[0] >= 0).sum())
+        return items[0, :n], scores[0, :n]
+
     def _recommend_one(
         self, user: int, k: int, filter_seen: bool, candidates: Exclude
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +260,7 @@ class Recommender(ABC):
         seen = self.user_items
         cached = getattr(self, "_views", None)
         if cached is None or cached[0] is not seen:
-            cached = (seen, np.asarray(seen.indptr), np.asarray(seen.indices, np.int32))
+            cached = (seen, np.asarray(seen.indptr, np.int64), np.asarray(seen.indices, np.int32))
             self._views = cached
         return cached[1], cached[2]
 

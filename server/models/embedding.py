@@ -23,9 +23,10 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import scipy.sparse as sp
 
+from kernels import topk
 from server import artifacts
 from server.index import ItemIndex, SearchConfig, SimilarIndex
-from server.models.base import Param, Recommender, cosine_similar
+from server.models.base import Param, Recommender, _check_k, cosine_similar
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,21 @@ class EmbeddingIndexMixin(Recommender):
         """Vectors whose cosine defines item-item similarity."""
         raise NotImplementedError
 
+    def _exact_items(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(item vectors, per-item bias or None): exact scores are q . v + b."""
+        return self._item_vectors(), None
+
+    def _exact_user_matrix(self) -> np.ndarray:
+        """(n_users, d) float32 query rows of the known users for `_exact_items`."""
+        raise NotImplementedError
+
+    def _exact_queries(self, users: np.ndarray) -> np.ndarray:
+        """Queries for `_exact_items` (without any column the index needs for a bias)."""
+        return np.asarray(self._exact_user_matrix()[users], np.float32)
+
+    def _exact_history_queries(self, history: sp.csr_matrix) -> np.ndarray:
+        return self._history_queries(history)
+
     # -- index life cycle ------------------------------------------------------------------
 
     def index_kind(self) -> str:
@@ -98,9 +114,44 @@ class EmbeddingIndexMixin(Recommender):
     def _search_config(self) -> SearchConfig:
         return SearchConfig(self.params["ef_search"], self.params["nprobe"], self.n_threads)
 
+    def recommend_user(
+        self, user: int, k: int = 10, filter_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One known user, exact retrieval: scored and selected in one kernel call
+        (topk_user) over the user's vector and the training CSR, with none of the
+        batch path's per-call arrays. Other retrievals take the general path."""
+        if self.item_index is not None:
+            return super().recommend_user(user, k, filter_seen)
+        self._require_fitted()
+        _check_k(k)
+        if not 0 <= user < self.n_users:
+            raise IndexError(f"users: indices must be in [0, {self.n_users})")
+        indptr, indices = self._csr_views()
+        vectors, bias = self._exact_items()
+        return topk.topk_user(
+            self._exact_user_matrix(), user, vectors, k, indptr, indices, filter_seen, bias
+        )
+
     def _rank(self, users, history, k, excl, cand):
         if self.item_index is None:
-            return super()._rank(users, history, k, excl, cand)
+            # Exact: scored and selected in one kernel call, no score matrix.
+            if users is not None:
+                q = self._exact_queries(users)
+            else:
+                q = self._exact_history_queries(history)
+            vectors, bias = self._exact_items()
+            ca = cand if cand is not None else (None, None)
+            return topk.topk_inner(
+                np.ascontiguousarray(q, np.float32),
+                vectors,
+                k,
+                excl[0],
+                excl[1],
+                ca[0],
+                ca[1],
+                bias,
+                self.n_threads,
+            )
         q = self._user_queries(users) if users is not None else self._history_queries(history)
         return self.item_index.search(q, k, excl, cand, self._search_config())
 

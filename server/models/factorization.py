@@ -152,6 +152,9 @@ class ALS(EmbeddingIndexMixin):
     def _user_queries(self, users: np.ndarray) -> np.ndarray:
         return np.asarray(self.user_factors[users], np.float32)
 
+    def _exact_user_matrix(self) -> np.ndarray:
+        return self.user_factors
+
     def _history_queries(self, history: sp.csr_matrix) -> np.ndarray:
         return self.fold_in(history)
 
@@ -422,6 +425,16 @@ class BPR(EmbeddingIndexMixin):
     def _user_queries(self, users: np.ndarray) -> np.ndarray:
         p = np.asarray(self.P[users], np.float32)
         return np.hstack([p, np.ones((p.shape[0], 1), np.float32)])
+
+    # Exact scoring needs no [p, 1] . [q, b] trick: q . p + b directly.
+    def _exact_items(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.Q, self.bias
+
+    def _exact_user_matrix(self) -> np.ndarray:
+        return self.P
+
+    def _exact_history_queries(self, history: sp.csr_matrix) -> np.ndarray:
+        return self.fold_in(history)
 
     def _history_queries(self, history: sp.csr_matrix) -> np.ndarray:
         p = self.fold_in(history)
