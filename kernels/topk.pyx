@@ -12,8 +12,8 @@ from kernels.parallel cimport recserve_have_openmp, threads_for
 cdef extern from *:
     """
     /* scores[i] = q . V[i] (+ bias[i]) for the n rows of V (d floats each):
-       the exact scoring of an embedding model, one query at a time, with the
-       shared vector dot, built for AVX2/FMA and baseline (RECSERVE_CLONES). */
+       one user's exact scores, with the shared vector dot, built for AVX2/FMA
+       and baseline (RECSERVE_CLONES). */
     RECSERVE_CLONES
     static void recserve_inner_scores(const float *restrict q, const float *restrict V,
                                       long long n, int d, const float *restrict bias,
@@ -194,79 +194,13 @@ def topk_dense(scores, int k, exclude_indptr=None, exclude_indices=None,
     return out_idx, out_val
 
 
-def topk_inner(queries, vectors, int k, exclude_indptr=None, exclude_indices=None,
-               cand_indptr=None, cand_indices=None, bias=None, int n_threads=0):
-    """Top-k of queries @ vectors.T (+ bias per item) per query row, exclusions
-    and candidates as in topk_dense, scored one row at a time into per-thread
-    scratch: no (queries x items) score matrix, and one call instead of a
-    matrix product, a copy and a selection (the single-user serving case).
-
-    queries: float32 (n_queries, d); vectors: float32 (n_items, d) (a
-    memory-mapped array is fine); bias: float32 (n_items,) or None.
-    """
-    check_array(queries, "queries", np.float32, 2)
-    check_array(vectors, "vectors", np.float32, 2)
-    if queries.shape[1] != vectors.shape[1]:
-        raise ValueError(
-            f"queries: {queries.shape[1]} dimensions, vectors have {vectors.shape[1]}")
-    if bias is not None:
-        check_array(bias, "bias", np.float32, 1)
-        if bias.shape[0] != vectors.shape[0]:
-            raise ValueError(f"bias: length {bias.shape[0]}, expected {vectors.shape[0]}")
-    if k < 0:
-        raise ValueError(f"k: must be >= 0, got {k}")
-    cdef Py_ssize_t nq = queries.shape[0]
-    cdef int n = <int> vectors.shape[0]
-    cdef int d = <int> vectors.shape[1]
-    ex_ptr, ex_ind = rows_or_empty(exclude_indptr, exclude_indices, nq, "exclude")
-    ca_ptr, ca_ind = rows_or_empty(cand_indptr, cand_indices, nq, "cand")
-    cdef int nt = threads_for(n_threads, nq)
-    out_idx = np.full((nq, k), -1, np.int32)
-    out_val = np.full((nq, k), -np.inf, np.float32)
-    if nq == 0 or k == 0 or n == 0:
-        return out_idx, out_val
-    masks = np.zeros((nt, n), np.uint8)
-    rows = np.empty((nt, n), np.float32)
-    heap_i = np.empty((nt, k), np.int32)
-    heap_v = np.empty((nt, k), np.float32)
-    cdef const float[:, ::1] Qv = queries
-    cdef const float[:, ::1] V = vectors
-    cdef const float[::1] B
-    cdef const float* bp = NULL
-    if bias is not None:
-        B = bias
-        bp = &B[0]
-    cdef const long long[::1] exp = ex_ptr
-    cdef const int[::1] exi = ex_ind
-    cdef const long long[::1] cap = ca_ptr
-    cdef const int[::1] cai = ca_ind
-    cdef int[:, ::1] oi = out_idx
-    cdef float[:, ::1] ov = out_val
-    cdef unsigned char[:, ::1] M = masks
-    cdef float[:, ::1] R = rows
-    cdef int[:, ::1] HI = heap_i
-    cdef float[:, ::1] HV = heap_v
-    cdef Py_ssize_t q
-    cdef int t, nc
-    with nogil, parallel(num_threads=nt):
-        for q in prange(nq, schedule="dynamic", chunksize=4):
-            t = threadid()
-            recserve_inner_scores(&Qv[q, 0], &V[0, 0], n, d, bp, &R[t, 0])
-            mark(&M[t, 0], &exi[0] if exi.shape[0] else NULL, exp[q], exp[q + 1], n, 1)
-            nc = <int> (cap[q + 1] - cap[q])
-            select_topk(&R[t, 0], n, k, &M[t, 0],
-                        &cai[cap[q]] if nc > 0 else NULL, nc,
-                        &HI[t, 0], &HV[t, 0], &oi[q, 0], &ov[q, 0])
-            mark(&M[t, 0], &exi[0] if exi.shape[0] else NULL, exp[q], exp[q + 1], n, 0)
-    return out_idx, out_val
-
-
 def topk_user(queries, Py_ssize_t user, vectors, int k, seen_indptr, seen_indices,
               bint filter_seen=True, bias=None):
     """Top-k of queries[user] . vectors (+ bias) without the user's seen items
     (row `user` of the seen CSR, when filter_seen): one known user, the common
-    serving request, on the calling thread. Same answer as topk_inner on that
-    row; the scratch is malloc'd, so the call allocates only its two outputs.
+    serving request, on the calling thread. Same answer as topk_dense on that
+    row's scores; the scratch is malloc'd, so the call allocates only its two
+    outputs.
     Returns 1-d (items int32, scores float32), min(k, eligible) long, best first.
     """
     check_array(queries, "queries", np.float32, 2)

@@ -120,28 +120,12 @@ def int_vectors(rng, n, d):
     return rng.integers(-2, 3, (n, d)).astype(np.float32)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("filter_seen", [True, False])
 @pytest.mark.parametrize("d", [5, 37, 64])
-def test_inner_matches_reference(threads, d):
+def test_user_matches_reference(tmp_path, filter_seen, d):
     # d=5: the dot's scalar tail only; 37: 32-float block + 8-float block + tail; 64: blocks.
     rng = np.random.default_rng(d)
-    queries, vectors = int_vectors(rng, 30, d), int_vectors(rng, 50, d)
-    bias = rng.integers(-3, 4, 50).astype(np.float32)
-    excl = [list(rng.integers(0, 50, rng.integers(0, 12))) for _ in range(30)]
-    excl[4] = list(range(50))
-    cand = [[] if q % 4 else list(rng.integers(0, 50, 7)) for q in range(30)]
-    for b in (None, bias):
-        scores = (queries @ vectors.T + (0 if b is None else b)).astype(np.float32)
-        i, s = topk.topk_inner(
-            queries, vectors, 6, *rows(excl), *rows(cand), bias=b, n_threads=threads
-        )
-        check(scores, 6, excl, cand, i, s)
-
-
-@pytest.mark.parametrize("filter_seen", [True, False])
-def test_user_matches_reference(tmp_path, filter_seen):
-    rng = np.random.default_rng(3)
-    users, vectors = int_vectors(rng, 20, 24), int_vectors(rng, 70, 24)
+    users, vectors = int_vectors(rng, 20, d), int_vectors(rng, 70, d)
     bias = rng.integers(-3, 4, 70).astype(np.float32)
     seen = [sorted(set(rng.integers(0, 70, rng.integers(0, 30)).tolist())) for _ in range(20)]
     seen[2] = list(range(68))  # fewer than k eligible
@@ -157,13 +141,13 @@ def test_user_matches_reference(tmp_path, filter_seen):
             np.testing.assert_array_equal(got_s, scores[u, ref])
 
 
-def test_fused_kernels_name_what_is_wrong():
+def test_user_kernel_names_what_is_wrong():
     q, v = np.zeros((2, 4), np.float32), np.zeros((5, 4), np.float32)
     ptr, ind = np.zeros(3, np.int64), np.zeros(0, np.int32)
     with pytest.raises(ValueError, match="queries: 3 dimensions, vectors have 4"):
-        topk.topk_inner(np.zeros((2, 3), np.float32), v, 2)
+        topk.topk_user(np.zeros((2, 3), np.float32), 0, v, 2, ptr, ind)
     with pytest.raises(ValueError, match="bias: length 4, expected 5"):
-        topk.topk_inner(q, v, 2, bias=np.zeros(4, np.float32))
+        topk.topk_user(q, 0, v, 2, ptr, ind, bias=np.zeros(4, np.float32))
     with pytest.raises(IndexError, match=r"user: index 2 outside \[0, 2\)"):
         topk.topk_user(q, 2, v, 2, ptr, ind)
     with pytest.raises(ValueError, match="seen_indptr: expected length 3"):

@@ -81,15 +81,10 @@ class EmbeddingIndexMixin(Recommender):
         return self._item_vectors(), None
 
     def _exact_user_matrix(self) -> np.ndarray:
-        """(n_users, d) float32 query rows of the known users for `_exact_items`."""
+        """(n_users, d) float32 rows of the known users for `_exact_items` (the
+        one-user serving call; batches keep the BLAS product, which reuses each
+        item vector across users where one row at a time would stream them)."""
         raise NotImplementedError
-
-    def _exact_queries(self, users: np.ndarray) -> np.ndarray:
-        """Queries for `_exact_items` (without any column the index needs for a bias)."""
-        return np.asarray(self._exact_user_matrix()[users], np.float32)
-
-    def _exact_history_queries(self, history: sp.csr_matrix) -> np.ndarray:
-        return self._history_queries(history)
 
     # -- index life cycle ------------------------------------------------------------------
 
@@ -134,24 +129,7 @@ class EmbeddingIndexMixin(Recommender):
 
     def _rank(self, users, history, k, excl, cand):
         if self.item_index is None:
-            # Exact: scored and selected in one kernel call, no score matrix.
-            if users is not None:
-                q = self._exact_queries(users)
-            else:
-                q = self._exact_history_queries(history)
-            vectors, bias = self._exact_items()
-            ca = cand if cand is not None else (None, None)
-            return topk.topk_inner(
-                np.ascontiguousarray(q, np.float32),
-                vectors,
-                k,
-                excl[0],
-                excl[1],
-                ca[0],
-                ca[1],
-                bias,
-                self.n_threads,
-            )
+            return super()._rank(users, history, k, excl, cand)
         q = self._user_queries(users) if users is not None else self._history_queries(history)
         return self.item_index.search(q, k, excl, cand, self._search_config())
 

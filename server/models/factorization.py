@@ -433,9 +433,6 @@ class BPR(EmbeddingIndexMixin):
     def _exact_user_matrix(self) -> np.ndarray:
         return self.P
 
-    def _exact_history_queries(self, history: sp.csr_matrix) -> np.ndarray:
-        return self.fold_in(history)
-
     def _history_queries(self, history: sp.csr_matrix) -> np.ndarray:
         p = self.fold_in(history)
         return np.hstack([p, np.ones((p.shape[0], 1), np.float32)])
