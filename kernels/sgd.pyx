@@ -35,8 +35,9 @@ cdef extern from *:
        errors before each update. Built for AVX2/FMA and baseline
        (RECSERVE_CLONES): at 100 factors the step is a 100-float dot whose
        result the update waits for, so the dot's accumulators set the pace.
-       The item row of a step a few ahead is prefetched (ratings come grouped
-       by user, so the user row stays in cache). */
+       Every line of the item row RECSERVE_SVD_AHEAD steps ahead is prefetched,
+       and the user row when that step starts a new user (ratings come grouped
+       by user, so the current user row stays in cache). */
     /* Every cache line of a factor row about to be updated. */
     RS_INLINE void recserve_prefetch_row(const float *row, int f) {
         for (int a = 0; a < f; a += 16) recserve_prefetch_write(row + a);
@@ -174,7 +175,7 @@ def svd_epoch(users, items, ratings, order, double mu, bu, bi, P, Q, double lr, 
     cdef Py_ssize_t m = order.shape[0]
     cdef double sse = 0.0
     cdef int nt = resolve_threads(n_threads)
-    if m == 0 or P.shape[0] == 0 or Q.shape[0] == 0:
+    if m == 0:
         return 0.0
     if nt > m:
         nt = <int>m
