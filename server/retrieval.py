@@ -36,6 +36,7 @@ import scipy.sparse as sp
 
 from server import artifacts
 from server.config import Hybrid, ServerConfig
+from server.data import IdMap
 from server.feedback import OnlineState
 from server.models import Recommender, load
 
@@ -277,21 +278,84 @@ class RecQuery:
     explain: bool = False
 
 
-@dataclass
 class Ranked:
-    """Ranked item ids with scores (and explanations / std where asked and known)."""
+    """Ranked item ids with scores (and explanations / std where asked and known).
 
-    item_ids: list[str]
-    scores: list[float]
-    because: list[list[str]] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
-    model: str = ""  # the name the caller asked for (after defaulting)
-    version: str = ""
-    served_by: str = ""  # set when another model than the asked one answered
-    arm: str = ""
-    start: str = ""  # the model the chain started from (the arm, for experiments)
-    folded_in: bool = False  # a model folded the user in from a history
-    stages: dict[str, float] = field(default_factory=dict)  # seconds per serving stage
+    Built from lists, or by `of` from a model's arrays (item rows best first,
+    float32 scores): then the id strings and float scores are made only when
+    read, and the unary answer encodes the arrays straight to the wire
+    (server.convert.response_bytes)."""
+
+    __slots__ = (
+        "_item_ids",
+        "_scores",
+        "arm",
+        "arrays",
+        "because",
+        "folded_in",
+        "model",
+        "served_by",
+        "stages",
+        "start",
+        "std",
+        "version",
+    )
+
+    def __init__(
+        self,
+        item_ids: list[str],
+        scores: list[float],
+        because: list[list[str]] | None = None,
+        std: list[float] | None = None,
+        model: str = "",
+        version: str = "",
+    ) -> None:
+        self._item_ids: list[str] | None = item_ids
+        self._scores: list[float] | None = scores
+        # (IdMap of the model's items, int32 rows, float32 scores) when built by `of`
+        self.arrays: tuple[IdMap, np.ndarray, np.ndarray] | None = None
+        self.because = because if because is not None else []
+        self.std = std if std is not None else []
+        self.model = model  # the name the caller asked for (after defaulting)
+        self.version = version
+        self.served_by = ""  # set when another model than the asked one answered
+        self.arm = ""
+        self.start = ""  # the model the chain started from (the arm, for experiments)
+        self.folded_in = False  # a model folded the user in from a history
+        self.stages: dict[str, float] = {}  # seconds per serving stage
+
+    @classmethod
+    def of(cls, items: IdMap, rows: np.ndarray, scores: np.ndarray, version: str) -> Ranked:
+        """A ranking held as arrays: `rows` (int32 item rows) and float32 `scores`."""
+        out = cls(None, None, version=version)  # type: ignore[arg-type]
+        out.arrays = (items, rows, scores)
+        return out
+
+    @property
+    def item_ids(self) -> list[str]:
+        if self._item_ids is None:
+            assert self.arrays is not None
+            self._item_ids = self.arrays[0].ids(self.arrays[1])
+        return self._item_ids
+
+    @property
+    def scores(self) -> list[float]:
+        if self._scores is None:
+            assert self.arrays is not None
+            self._scores = self.arrays[2].astype(float).tolist()
+        return self._scores
+
+    def __len__(self) -> int:
+        """How many items, without making the id strings."""
+        if self._item_ids is None and self.arrays is not None:
+            return int(self.arrays[1].shape[0])
+        return len(self.item_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"Ranked(item_ids={self.item_ids!r}, scores={self.scores!r}, model={self.model!r}, "
+            f"version={self.version!r}, served_by={self.served_by!r}, arm={self.arm!r})"
+        )
 
 
 @dataclass
@@ -615,7 +679,7 @@ class Router:
     def _ranked_timed(self, s: _Served, q: RecQuery, check: Check) -> Ranked:
         m = s.slot.model
         assert m is not None and m.items is not None
-        out = Ranked(m.items.ids(s.items), s.scores.astype(float).tolist(), version=s.slot.version)
+        out = Ranked.of(m.items, s.items.astype(np.int32, copy=False), s.scores, s.slot.version)
         out.folded_in = s.folded_in
         if q.explain and s.items.size:
             check()

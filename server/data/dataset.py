@@ -19,12 +19,13 @@ import scipy.sparse as sp
 class IdMap:
     """External string id <-> dense index, backed by a sorted bytes array."""
 
-    __slots__ = ("_ids",)
+    __slots__ = ("_ids", "_rows")
 
     def __init__(self, sorted_ids: np.ndarray) -> None:
         if sorted_ids.dtype.kind != "S" or sorted_ids.ndim != 1:
             raise TypeError(f"IdMap needs a 1-d bytes ('S') array, got {sorted_ids.dtype}")
         self._ids = sorted_ids
+        self._rows: np.ndarray | None = None
 
     @classmethod
     def from_ids(cls, ids: Iterable[str]) -> IdMap:
@@ -38,6 +39,15 @@ class IdMap:
     def array(self) -> np.ndarray:
         """The sorted ids as stored in a bundle (bytes dtype)."""
         return self._ids
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The same ids as a 2-d uint8 view (one NUL-padded UTF-8 id per row, no
+        copy): what kernels.wire encodes from."""
+        if self._rows is None:
+            ids = np.ascontiguousarray(self._ids)
+            self._rows = ids.view(np.uint8).reshape(ids.shape[0], ids.dtype.itemsize)
+        return self._rows
 
     def __len__(self) -> int:
         return int(self._ids.shape[0])

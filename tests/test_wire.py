@@ -1,0 +1,138 @@
+"""kernels.wire and server.convert.response_bytes against protobuf's own encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import wire
+from recserve.v1 import recommender_pb2 as pb
+from server import convert
+from server.data import IdMap
+from server.retrieval import Ranked
+
+
+def reference(ids: list[str], rows: list[int], scores: np.ndarray) -> pb.RecommendResponse:
+    out = pb.RecommendResponse()
+    for pos, (row, score) in enumerate(zip(rows, scores.tolist(), strict=True)):
+        out.items.add(item_id=ids[row], score=score, rank=pos + 1)
+    return out
+
+
+def encode(idmap: IdMap, rows, scores) -> bytes:
+    return wire.encode_ranked(
+        idmap.rows, np.asarray(rows, np.int32), np.asarray(scores, np.float32), b"", b"", 2
+    )
+
+
+ids_strategy = st.lists(
+    st.text(min_size=1, max_size=140).filter(lambda s: "\x00" not in s),
+    min_size=1,
+    max_size=40,
+    unique=True,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=ids_strategy, data=st.data())
+def test_items_encode_as_protobuf_does(ids, data):
+    """Byte for byte what upb writes: unicode and >127-byte ids (two-byte length
+    varints), zero scores (omitted in proto3), any float32, ranks from 1."""
+    idmap = IdMap.from_ids(ids)
+    known = idmap.ids(np.arange(len(idmap)))
+    rows = data.draw(st.lists(st.integers(0, len(idmap) - 1), max_size=30))
+    floats = st.floats(width=32, allow_nan=False) | st.sampled_from([0.0, 1.0, -1.5])
+    scores = np.array(data.draw(st.lists(floats, min_size=len(rows), max_size=len(rows))))
+    scores = scores.astype(np.float32)
+    got = encode(idmap, rows, scores)
+    assert got == reference(known, rows, scores).SerializeToString()
+
+
+def test_long_rankings_and_negative_zero():
+    """Ranks past 127 take a two-byte varint; -0.0 is not the default and is kept."""
+    idmap = IdMap.from_ids([f"item-{i:04d}" for i in range(400)])
+    rows = np.random.default_rng(0).permutation(400).astype(np.int32)
+    scores = np.linspace(5, -5, 400).astype(np.float32)
+    scores[7] = -0.0
+    got = pb.RecommendResponse.FromString(encode(idmap, rows, scores))
+    want = reference(idmap.ids(np.arange(400)), rows.tolist(), scores)
+    assert got == want
+    assert [it.rank for it in got.items] == list(range(1, 401))
+    assert np.signbit(got.items[7].score)
+
+
+def test_head_and_tail_frame_the_items():
+    idmap = IdMap.from_ids(["a", "b"])
+    out = wire.encode_ranked(
+        idmap.rows, np.array([1], np.int32), np.array([2.0], np.float32), b"\x0a\x01x", b"Z", 2
+    )
+    assert out == b"\x0a\x01x" + reference(["a", "b"], [1], np.float32([2])).SerializeToString() + (
+        b"Z"
+    )
+
+
+def test_memory_mapped_ids(tmp_path):
+    ids = np.array(sorted(b"id-%d" % i for i in range(50)), dtype="S")
+    np.save(tmp_path / "ids.npy", ids)
+    idmap = IdMap(np.load(tmp_path / "ids.npy", mmap_mode="r"))
+    rows, scores = [3, 49, 0], np.float32([3, 2, 1])
+    assert (
+        encode(idmap, rows, scores)
+        == reference(idmap.ids(np.arange(50)), rows, scores).SerializeToString()
+    )
+
+
+def test_errors_name_the_argument():
+    idmap = IdMap.from_ids(["a", "b"])
+    with pytest.raises(IndexError, match="idx: row 2"):
+        encode(idmap, [0, 2], [1, 1])
+    with pytest.raises(IndexError, match="idx: row -1"):
+        encode(idmap, [-1], [1])
+    with pytest.raises(ValueError, match="scores: length 1, expected 2"):
+        encode(idmap, [0, 1], [1])
+    with pytest.raises((TypeError, ValueError), match="ids"):
+        wire.encode_ranked(
+            np.zeros((2, 2), np.int8), np.zeros(1, np.int32), np.zeros(1, np.float32), b"", b"", 2
+        )
+    with pytest.raises(ValueError, match="field"):
+        wire.encode_ranked(idmap.rows, np.zeros(1, np.int32), np.zeros(1, np.float32), b"", b"", 0)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {},
+        {"served_by": "popularity", "arm": "b"},
+        {"model": "als", "version": "20261123-ab\u00e9"},
+    ],
+)
+@pytest.mark.parametrize("request_id", ["", "req-\u4e00-1"])
+def test_response_bytes_equals_the_message(meta, request_id):
+    """The array-backed answer serializes exactly as convert.response's message,
+    and a list-backed one (explanations) still goes through the message."""
+    idmap = IdMap.from_ids([f"m{i:02d}" for i in range(30)])
+    rows = np.array([29, 4, 11, 0], np.int32)
+    scores = np.array([0.9, 0.5, 0.0, -0.25], np.float64)  # any float dtype
+    r = Ranked.of(idmap, rows, scores, meta.get("version", "v1"))
+    r.model = meta.get("model", "")
+    r.served_by = meta.get("served_by", "")
+    r.arm = meta.get("arm", "")
+    encoded = convert.response_bytes(request_id, r)
+    assert isinstance(encoded, bytes)
+    message = convert.response(request_id, r)
+    assert encoded == message.SerializeToString()
+    assert pb.RecommendResponse.FromString(encoded) == message
+    assert [it.item_id for it in message.items] == ["m29", "m04", "m11", "m00"]
+
+    explained = Ranked(["m1"], [0.5], because=[["m2"]], version="v1")
+    assert isinstance(convert.response_bytes(request_id, explained), pb.RecommendResponse)
+
+
+def test_ranked_of_makes_ids_and_scores_only_when_read():
+    idmap = IdMap.from_ids(["x", "y", "z"])
+    r = Ranked.of(idmap, np.array([2, 0], np.int32), np.float32([1.5, 0.25]), "v")
+    assert len(r) == 2 and r._item_ids is None and r._scores is None
+    assert r.item_ids == ["z", "x"] and r.scores == [1.5, 0.25]
+    assert len(Ranked([], [])) == 0
