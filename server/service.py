@@ -98,8 +98,8 @@ class App:
             memory_budget=int(cfg.memory_budget_mb * 1024 * 1024),
         )
         self.router = Router(cfg, self.catalog, self.online)
-        self._admit = threading.BoundedSemaphore(cfg.max_concurrency)
-        self.active = 0  # admitted calls still running (the drain waits for them)
+        # Admitted calls still running: at most max_concurrency; the drain waits for them.
+        self.active = 0
         self.last_call = 0.0  # monotonic time of the last call that asked for a slot
         self._active_lock = threading.Lock()
         self.draining = False
@@ -324,23 +324,28 @@ class App:
         if self.draining:
             self.metrics.rejected.labels(method, "UNAVAILABLE").inc()
             return grpc.StatusCode.UNAVAILABLE, "server: draining, retry another replica"
-        if not self._admit.acquire(blocking=False):
+        with self._active_lock:
+            full = self.active >= self.cfg.max_concurrency
+            if not full:
+                self.active += 1
+        if full:
             self.metrics.rejected.labels(method, "RESOURCE_EXHAUSTED").inc()
             return (
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server: {self.cfg.max_concurrency} requests in flight (max_concurrency); retry",
             )
         self.metrics.inflight.inc()
-        with self._active_lock:
-            self.active += 1
         return None
 
-    def finish(self, method: str, code: str, t0: float) -> None:
-        """Release the slot and record the call's duration under its final status."""
-        self._admit.release()
+    def release(self) -> None:
+        """Give back the slot try_admit took."""
         with self._active_lock:
             self.active -= 1
         self.metrics.inflight.dec()
+
+    def finish(self, method: str, code: str, t0: float) -> None:
+        """Release the slot and record the call's duration under its final status."""
+        self.release()
         self.metrics.rpc_seconds.labels(method, code).observe(time.perf_counter() - t0)
 
     @staticmethod
@@ -409,17 +414,27 @@ class App:
 
     def answer(
         self, method: str, context: Any, request_id: str, r: Ranked, state: dict[str, Any]
-    ) -> pb.RecommendResponse:
-        """A unary ranking: one message, the metadata as trailers (no extra header
-        write), and the same metrics a stream records; shared by both servers."""
+    ) -> pb.RecommendResponse | bytes:
+        """A unary ranking (the thread-pool server's): one message, the metadata
+        as trailers (no extra header write), and the same metrics a stream records."""
         context.set_trailing_metadata(convert.metadata(r))
+        out = convert.response_bytes(request_id, r)
+        self.record_answer(method, r, state["t0"], time.perf_counter(), finish=False)
+        return out
+
+    def record_answer(
+        self, method: str, r: Ranked, t0: float, t1: float, finish: bool = True
+    ) -> None:
+        """The metrics of a unary answer built at perf_counter t1 for a call
+        admitted at t0 (the call's duration too, with `finish`). The asyncio
+        server runs this after the answer is on its way."""
         self.observe(method, r)
-        if r.item_ids:
-            self.metrics.first_item_seconds.labels(method).observe(
-                time.perf_counter() - state["t0"]
-            )
-            self.metrics.items.labels(method).inc(len(r.item_ids))
-        return convert.response(request_id, r)
+        n = len(r)
+        if n:
+            self.metrics.first_item_seconds.labels(method).observe(t1 - t0)
+            self.metrics.items.labels(method).inc(n)
+        if finish:
+            self.metrics.rpc_seconds.labels(method, "OK").observe(t1 - t0)
 
     def observe(self, method: str, r: Ranked) -> None:
         """Count an answered request: who served it, fallbacks, fold-ins, arms, stages."""
@@ -478,8 +493,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                     yield convert.batch_error(request, number, str(err))
                     continue
                 self.app.observe("RecommendBatch", r)
-                self.app.metrics.items.labels("RecommendBatch").inc(len(r.item_ids))
-                yield convert.response(request.request_id, r)
+                self.app.metrics.items.labels("RecommendBatch").inc(len(r))
+                yield convert.response_bytes(request.request_id, r)
 
     def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext):
         _refuse_undecodable(request, context)

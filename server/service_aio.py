@@ -106,17 +106,36 @@ class AioRecommender(pb_grpc.RecommenderServicer):
             app.metrics.items.labels(method).inc(sent)
 
     async def Recommend(self, request, context):
+        # `_admitted` spelled out: the most frequent call skips the context
+        # manager's generator, and its metrics are recorded once the answer is
+        # handed to gRPC (call_soon), not while the client waits for it.
         app = self.app
         method = "Recommend"
         if isinstance(request, convert.Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        async with _admitted(app, method, context) as state:
+        t0 = time.perf_counter()
+        refused = app.try_admit(method, context)
+        if refused is not None:
+            await context.abort(*refused)
+        try:
             check = _checker(context)
             app.shared_sync()
             r = app.router.recommend(convert.rec_query(request), check)
             check()  # a deadline that passed while computing (a cancel shows only later)
-            return app.answer(method, context, request.request_id, r, state)
-        return pb.RecommendResponse()  # reached only when the client cancelled
+            context.set_trailing_metadata(convert.metadata(r))
+            out = convert.response_bytes(request.request_id, r)
+        except Exception as exc:
+            status, message = app.failure(method, exc)
+            app.finish(method, status.name, t0)
+            if status is not grpc.StatusCode.CANCELLED:
+                await context.abort(status, message)
+            return pb.RecommendResponse()  # reached only when the client cancelled
+        except BaseException:  # the client went away (CancelledError)
+            app.finish(method, "CANCELLED", t0)
+            raise
+        app.release()
+        asyncio.get_running_loop().call_soon(app.record_answer, method, r, t0, time.perf_counter())
+        return out
 
     # grpc.aio needs streaming handlers themselves to be async generator functions.
     async def RecommendStream(self, request, context):
@@ -157,8 +176,8 @@ class AioRecommender(pb_grpc.RecommenderServicer):
                     yield convert.batch_error(request, number, str(err))
                     continue
                 app.observe(method, r)
-                app.metrics.items.labels(method).inc(len(r.item_ids))
-                yield convert.response(request.request_id, r)
+                app.metrics.items.labels(method).inc(len(r))
+                yield convert.response_bytes(request.request_id, r)
 
     async def PredictRatings(self, request, context):
         app = self.app
