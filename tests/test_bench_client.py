@@ -98,3 +98,23 @@ def test_table_prints_ratios():
     b = Result("health", 20, 1.0, 20.0, {**pct, "p50": 0.5, "p99": 1.5}, pct, {}, 1, 0.0, 1)
     text = table([a], b)
     assert "throughput 0.50x" in text and "p50 +0.500 ms" in text and "p99 2.00x" in text
+
+
+def test_user_draws_uniform_and_zipf():
+    """Users drawn ahead in blocks still follow the asked distribution: uniform
+    covers every id about equally; Zipf puts the most weight on the first id."""
+    from collections import Counter
+
+    from clients.bench import _Sender
+
+    users = [f"u{i}" for i in range(50)]
+    uniform = _Sender(Load(users=users), seed=1)
+    counts = Counter(uniform._user() for _ in range(10_000))
+    assert set(counts) == set(users)
+    assert max(counts.values()) < 2 * min(counts.values())
+
+    zipf = _Sender(Load(users=users, zipf=1.5), seed=1)
+    counts = Counter(zipf._user() for _ in range(10_000))
+    top = [u for u, _ in counts.most_common(3)]
+    assert top[0] == "u0" and counts["u0"] > 0.3 * 10_000
+    assert counts["u0"] > 2 * counts["u1"] > 2 * counts["u10"]
