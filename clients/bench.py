@@ -12,7 +12,8 @@ Closed loop: `concurrency` requests in flight, each sent when the previous one
 ends. Open loop: requests start on a fixed schedule whatever the server does,
 and latency counts from the scheduled start (no coordinated omission). Several
 client processes (`--processes`, default 2) each run an asyncio gRPC client, so
-the client is not the bottleneck. `--ceiling` runs the same load against the
+the client is not the bottleneck, over `--connections` TCP connections (default
+4), so a server with several workers gets load on each. `--ceiling` runs the same load against the
 no-op grpc.health.v1 Check on the same server and prints our throughput and
 latency beside it: on a machine where client and server share the cores, the
 ratio is the meaningful figure, not the absolute one.
@@ -66,6 +67,7 @@ class Load:
     history: int = 10
     batch: int = 16  # requests per RecommendBatch stream
     processes: int = 2
+    connections: int = 4  # TCP connections per client process (spread over --workers)
     deadline: float = 10.0
     seed: int = 0
 
@@ -169,7 +171,7 @@ class _Sender:
                 self.ttfi.append((first or end) - started)
 
 
-async def _phase(sender: _Sender, stubs, seconds: float, limit: int, record: bool) -> float:
+async def _phase(sender: _Sender, conns: list, seconds: float, limit: int, record: bool) -> float:
     """Send for `seconds` (or `limit` requests when > 0); returns the elapsed time."""
     load = sender.load
     t0 = time.perf_counter()
@@ -187,6 +189,7 @@ async def _phase(sender: _Sender, stubs, seconds: float, limit: int, record: boo
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            stubs = conns[state["sent"] % len(conns)]
             task = asyncio.create_task(sender.one(stubs, due, record))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -195,13 +198,13 @@ async def _phase(sender: _Sender, stubs, seconds: float, limit: int, record: boo
             await asyncio.gather(*tasks)
     else:  # closed loop: each worker sends when its previous request ends
 
-        async def loop() -> None:
+        async def loop(stubs) -> None:
             while more():
                 state["sent"] += 1
                 await sender.one(stubs, time.perf_counter(), record)
 
         workers = max(1, round(load.concurrency * sender.share))
-        await asyncio.gather(*(loop() for _ in range(workers)))
+        await asyncio.gather(*(loop(conns[i % len(conns)]) for i in range(workers)))
     return time.perf_counter() - t0
 
 
@@ -209,16 +212,28 @@ async def _run(load: Load, seed: int, share: float) -> dict:
     """One process: warm up, then measure; returns raw samples."""
     sender = _Sender(load, seed)
     sender.share = share
-    opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    async with grpc.aio.insecure_channel(load.target, options=opts) as channel:
-        stubs = {
-            "rec": pb_grpc.RecommenderStub(channel),
-            "health": health_pb2_grpc.HealthStub(channel),
-        }
+    # Each channel its own subchannel pool, hence its own TCP connection: with
+    # `recserve serve --workers N` the kernel spreads connections (not calls) over
+    # the workers sharing the port, so one connection would load one worker.
+    opts = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    in_flight = max(1, round(load.concurrency * share)) if load.rate <= 0 else load.connections
+    n = max(1, min(load.connections, in_flight))
+    channels = [grpc.aio.insecure_channel(load.target, options=opts) for _ in range(n)]
+    try:
+        conns = [
+            {"rec": pb_grpc.RecommenderStub(ch), "health": health_pb2_grpc.HealthStub(ch)}
+            for ch in channels
+        ]
         if load.warmup > 0:
-            await _phase(sender, stubs, load.warmup, 0, record=False)
+            await _phase(sender, conns, load.warmup, 0, record=False)
         limit = max(1, round(load.requests * share)) if load.requests else 0
-        elapsed = await _phase(sender, stubs, load.duration, limit, record=True)
+        elapsed = await _phase(sender, conns, load.duration, limit, record=True)
+    finally:
+        for ch in channels:
+            await ch.close()
     return {
         "lat": sender.lat,
         "ttfi": sender.ttfi,
@@ -344,6 +359,7 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--history", type=int, default=10, help="items in a cold user's history")
     ap.add_argument("--batch", type=int, default=16, help="requests per RecommendBatch stream")
     ap.add_argument("--processes", type=int, default=2, help="client processes")
+    ap.add_argument("--connections", type=int, default=4, help="TCP connections per client process")
     ap.add_argument("--ceiling", action="store_true", help="also measure the health-check ceiling")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--seed", type=int, default=0)
@@ -375,6 +391,7 @@ def run_cli(args: argparse.Namespace) -> int:
         history=args.history,
         batch=args.batch,
         processes=args.processes,
+        connections=args.connections,
         seed=args.seed,
     )
     if load.rpc != "health" and (not load.users or not load.items):
