@@ -34,7 +34,8 @@ from server import convert
 from server.config import ServerConfig
 from server.feedback import Event, FeedbackStore, OnlineState, now
 from server.memstat import file_residency, process_memory
-from server.metrics import Metrics
+from server.metrics import FLUSH_SECONDS, Metrics
+from server.metrics import multiprocess as metrics_multiprocess
 from server.retrieval import (
     MAX_ID_BYTES,
     SERVING,
@@ -83,6 +84,11 @@ class App:
     ) -> None:
         self.cfg = cfg
         self.metrics = Metrics(registry) if registry is not None else Metrics()
+        # In-flight calls: read at scrape time from `active`, except with --workers,
+        # where each process writes its count to its metrics file (livesum).
+        self._count_inflight = metrics_multiprocess()
+        if not self._count_inflight:
+            self.metrics.inflight.set_function(lambda: self.active)
         self.aio = cfg.server == "asyncio"
         self.health = health.aio.HealthServicer() if self.aio else health.HealthServicer()
         self._loop: Any = None  # the asyncio server's event loop (server = "asyncio")
@@ -148,6 +154,7 @@ class App:
         self.metrics.workers.set(1)
         self._refresh_health()
         threading.Thread(target=self._sample_forever, name="memory", daemon=True).start()
+        threading.Thread(target=self._flush_forever, name="metrics", daemon=True).start()
         log.info(
             "listening on %s:%d (%d models loading)", self.cfg.host, port, len(self.catalog.slots())
         )
@@ -226,6 +233,7 @@ class App:
                 self.server.stop(grace).wait()
         self.catalog.close()
         self.store.close()
+        self.metrics.flush()
         if self._metrics_http is not None:
             self._metrics_http[0].shutdown()
         log.info("drained and stopped")
@@ -282,6 +290,13 @@ class App:
             except Exception:  # metrics must never take the server down
                 log.exception("memory sampling failed")
 
+    def _flush_forever(self) -> None:
+        while not self._stopped.wait(FLUSH_SECONDS):
+            try:
+                self.metrics.flush()
+            except Exception:  # metrics must never take the server down
+                log.exception("applying metrics failed")
+
     def _refresh_health(self) -> None:
         if self.draining:
             return
@@ -334,14 +349,16 @@ class App:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server: {self.cfg.max_concurrency} requests in flight (max_concurrency); retry",
             )
-        self.metrics.inflight.inc()
+        if self._count_inflight:
+            self.metrics.inflight.inc()
         return None
 
     def release(self) -> None:
         """Give back the slot try_admit took."""
         with self._active_lock:
             self.active -= 1
-        self.metrics.inflight.dec()
+        if self._count_inflight:
+            self.metrics.inflight.dec()
 
     def finish(self, method: str, code: str, t0: float) -> None:
         """Release the slot and record the call's duration under its final status."""

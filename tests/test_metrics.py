@@ -138,3 +138,68 @@ def test_overload_is_counted(published):
         value(fams, "recserve_rejected_requests", method="Recommend", code="RESOURCE_EXHAUSTED")
         == 1
     )
+
+
+def test_queued_updates_equal_direct_ones():
+    """Per-request updates go through a queue applied in aggregate (observe_many
+    writes each bucket once): the exposition equals prometheus_client's own
+    per-value observe()/inc(), values on bucket bounds and past the last one
+    included, and a scrape sees queued updates without an explicit flush."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from server.metrics import LATENCY_BUCKETS, Metrics
+
+    values = [0.0, 0.0001, 0.00010001, 0.0003, 0.0025, 0.0025, 0.7, 10.0, 42.0, 1e-9] * 3
+    direct_reg = CollectorRegistry()
+    hist = Histogram(
+        "recserve_stage_duration_seconds",
+        "h",
+        ["method", "stage"],
+        buckets=LATENCY_BUCKETS,
+        registry=direct_reg,
+    )
+    req = Counter(
+        "recserve_requests", "c", ["method", "model", "served_by", "arm"], registry=direct_reg
+    )
+    m = Metrics(CollectorRegistry())
+    for i, v in enumerate(values):
+        stage = ("resolve", "retrieve")[i % 2]
+        hist.labels("Recommend", stage).observe(v)
+        m.stage_seconds.labels("Recommend", stage).observe(v)
+        req.labels("Recommend", "als", "als", "").inc(i % 3)
+        m.requests.labels("Recommend", "als", "als", "").inc(i % 3)
+    assert len(m.pending) == 2 * len(values)
+
+    def families(registry, names):
+        text = generate_latest(registry).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if f.name in names and not s.name.endswith("_created")
+        }
+
+    names = {"recserve_stage_duration_seconds", "recserve_requests"}
+    direct = families(direct_reg, names)
+    assert len(direct) == 2 * (len(LATENCY_BUCKETS) + 3) + 1  # buckets, +Inf, count, sum
+    assert families(m.registry, names) == direct  # the scrape flushed the queue
+    assert len(m.pending) == 0
+    with pytest.raises(ValueError, match="non-negative"):
+        m.requests.labels("Recommend", "als", "als", "").inc(-1)
+
+
+def test_observe_many_without_value_objects_falls_back():
+    """A histogram child without prometheus_client's value objects still gets
+    every observation, one observe() each."""
+    from server.metrics import observe_many
+
+    class Plain:
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def observe(self, v: float) -> None:
+            self.seen.append(v)
+
+    child = Plain()
+    observe_many(child, [0.5, 0.25])
+    assert child.seen == [0.5, 0.25]

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from clients.client import RecommenderClient
+from server.metrics import FLUSH_SECONDS
 from tests.service_helpers import publish_models
 from tests.test_metrics import free_port, scrape
 from tests.test_serve_process import Proc, wait_serving
@@ -66,12 +67,18 @@ def test_two_workers_share_port_metrics_and_feedback(models_dir, tmp_path):
             with RecommenderClient(target) as rc:
                 after.add(tuple(rc.recommend("33", 10, model="als").item_ids))
         assert len(after) == 1 and after != before  # every worker saw the events
-        fams = scrape(mport)
-        count = [
-            s.value
-            for s in fams["recserve_rpc_duration_seconds"]
-            if s.name.endswith("_count") and s.labels == {"method": "Recommend", "code": "OK"}
-        ]
+        # Workers apply their metric updates every FLUSH_SECONDS (to their files).
+        deadline = time.monotonic() + 10 * FLUSH_SECONDS + 5
+        while True:
+            fams = scrape(mport)
+            count = [
+                s.value
+                for s in fams["recserve_rpc_duration_seconds"]
+                if s.name.endswith("_count") and s.labels == {"method": "Recommend", "code": "OK"}
+            ]
+            if count == [24.0] or time.monotonic() > deadline:
+                break
+            time.sleep(FLUSH_SECONDS / 2)
         assert count == [24.0]  # summed over both workers
         assert [s.value for s in fams["recserve_inflight_requests"]] == [0.0]
         pss = fams["recserve_process_proportional_memory_bytes"][0].value
