@@ -558,8 +558,9 @@ class Router:
         """The common request, answered without the general path's machinery: a
         known user of a loaded real model, asked by name or as the default, with
         no inline or recorded history, exclusions, candidates or explanations.
-        The same calls as the general path (tests/test_service.py compares
-        them); None when the request is anything else."""
+        The general path's answer, up to float rounding in the scores (the
+        one-user kernel sums a dot product in another order than BLAS;
+        tests/test_service.py compares them); None for any other request."""
         if q.history or q.exclude or q.candidates or q.explain or not q.user_id:
             return None
         name = q.model or self.default_model()

@@ -154,7 +154,8 @@ class App:
         self.metrics.workers.set(1)
         self._refresh_health()
         threading.Thread(target=self._sample_forever, name="memory", daemon=True).start()
-        threading.Thread(target=self._flush_forever, name="metrics", daemon=True).start()
+        if not self.aio:  # the asyncio server flushes on its loop, between calls
+            threading.Thread(target=self._flush_forever, name="metrics", daemon=True).start()
         log.info(
             "listening on %s:%d (%d models loading)", self.cfg.host, port, len(self.catalog.slots())
         )

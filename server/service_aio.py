@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 from server import convert
 from server.feedback import Event
+from server.metrics import FLUSH_SECONDS
 from server.retrieval import RequestError
 from server.service import (
     CHECK_EVERY,
@@ -34,6 +36,8 @@ from server.service import (
     _event,
     _Stop,
 )
+
+log = logging.getLogger("recserve.service")
 
 # Seconds without a new call after which a draining asyncio server stops.
 DRAIN_QUIET = 0.25
@@ -276,11 +280,23 @@ def start_aio(app: App) -> int:
             for name, status in list(app._health_state.items()):
                 await app.health.set(name, status)
             await server.start()
+            loop.call_later(FLUSH_SECONDS, flush)
             ready.update(server=server, port=port)
         except BaseException as exc:  # reported to the caller of start_aio
             ready["error"] = exc
         finally:
             started.set()
+
+    def flush() -> None:
+        # The metrics queue is applied here, on the loop between two calls: a
+        # thread doing it would take the GIL whenever a kernel lets go of it,
+        # holding up the call in progress.
+        try:
+            app.metrics.flush()
+        except Exception:  # metrics must never take the server down
+            log.exception("applying metrics failed")
+        if not app._stopped.is_set():
+            loop.call_later(FLUSH_SECONDS, flush)
 
     def run() -> None:
         asyncio.set_event_loop(loop)

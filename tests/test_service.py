@@ -56,9 +56,24 @@ def test_order_ranks_and_k_unary_and_streamed(srv, published, small):
         assert streamed == items and smd == md
 
 
+def assert_same_ranking(a, b, tol: float = 1e-5) -> None:
+    """Equal rankings up to float rounding: the one-user kernel and the batch
+    path's BLAS add a dot product's terms in different orders, so scores agree
+    to ~1e-7 and only items whose scores (nearly) tie may trade places."""
+    assert len(a.item_ids) == len(b.item_ids)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=tol, atol=tol)
+    where = {item: i for i, item in enumerate(b.item_ids)}
+    for i, item in enumerate(a.item_ids):
+        if item != b.item_ids[i]:
+            j = where.get(item)
+            other = b.scores[j] if j is not None else b.scores[-1]  # or just past b's last
+            assert abs(a.scores[i] - other) <= tol * max(1.0, abs(other)), (i, item)
+
+
 def test_plain_requests_answer_as_the_general_path(srv, published, small):
-    """Router._plain (known user, nothing else) equals the general path, reached
-    here by excluding an id no model knows (dropped, so the ranking is the same)."""
+    """Router._plain (known user, nothing else) answers as the general path,
+    reached here by excluding an id no model knows (dropped, so the ranking is
+    the same)."""
     router = srv.app.router
     for name in ("popularity", "itemknn", "als", "bayes_mf"):
         for user in ("1", "7", "42", "300"):
@@ -68,7 +83,7 @@ def test_plain_requests_answer_as_the_general_path(srv, published, small):
                     user_id=user, k=12, model=name, include_seen=include_seen, exclude=["zz-none"]
                 )
                 a, b = router.recommend(q), router.recommend(general)
-                assert a.item_ids == b.item_ids and a.scores == b.scores, (name, user)
+                assert_same_ranking(a, b)
                 assert (a.model, a.version, a.served_by, a.std) == (
                     b.model,
                     b.version,
