@@ -95,6 +95,7 @@ class App:
         self._health_state: dict[str, int] = {}
         self.online = OnlineState(cfg.online_history)
         self.store = FeedbackStore(cfg.feedback_db)
+        self._seen_changes: int | None = None  # the log's change counter at the last sync
         self.catalog = Catalog(
             cfg.models,
             full_verify=cfg.verify == "full",
@@ -245,9 +246,14 @@ class App:
             self.server.wait_for_termination()
 
     def shared_sync(self) -> None:
-        """With several workers, pick up events other workers recorded (one indexed read)."""
+        """With several workers, pick up events other workers recorded: a read of
+        the log when its shared change counter moved since the last one."""
         if self.cfg.workers > 1:
-            self.online.sync(self.store)
+            changes = self.store.changes()
+            if changes != self._seen_changes or changes < 0:
+                # Noted before reading: a bump during the read triggers another one.
+                self._seen_changes = changes
+                self.online.sync(self.store)
 
     # -- health --------------------------------------------------------------------------
 

@@ -1,0 +1,60 @@
+"""The feedback log's change counter: what lets --workers N skip reading the log
+on every request while an event recorded through one worker still shows in the
+next answer of any other."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from prometheus_client import CollectorRegistry
+
+from server.config import ServerConfig
+from server.feedback import Event, FeedbackStore
+from server.service import App
+
+
+def test_every_append_moves_the_shared_counter(tmp_path):
+    db = str(tmp_path / "fb.sqlite")
+    a, b = FeedbackStore(db), FeedbackStore(db)
+    assert a.changes() == b.changes() == 0
+    assert a.append([Event("u1", "i1", 1.0, 0)]) == 1
+    assert a.changes() == b.changes() == 1
+    assert a.append([]) == 0  # nothing stored, nothing to announce
+    assert b.changes() == 1
+    # Another process: its commit shows through the mapped counter here.
+    code = textwrap.dedent(
+        f"""
+        from server.feedback import Event, FeedbackStore
+        FeedbackStore({db!r}).append([Event("u2", "i2", 2.0, 0), Event("u2", "i3", 1.0, 0)])
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert b.changes() == 2
+    assert [e.user_id for e in b.replay()] == ["u1", "u2", "u2"]
+    a.close()
+    assert FeedbackStore(db).changes() == 2  # the counter outlives the processes
+    assert FeedbackStore("").changes() == -1  # in memory: nothing shared
+
+
+def test_worker_reads_the_log_only_when_it_moved(tmp_path, monkeypatch):
+    db = str(tmp_path / "fb.sqlite")
+    app = App(
+        ServerConfig(models=str(tmp_path / "none"), workers=2, feedback_db=db),
+        registry=CollectorRegistry(),
+    )
+    reads = []
+    sync = app.online.sync
+    monkeypatch.setattr(app.online, "sync", lambda store: reads.append(1) or sync(store))
+    app.shared_sync()
+    assert len(reads) == 1  # the first call always reads
+    app.shared_sync()
+    app.shared_sync()
+    assert len(reads) == 1
+    other = FeedbackStore(db)  # another worker records
+    other.append([Event("u9", "i4", 3.0, 0)])
+    app.shared_sync()
+    assert len(reads) == 2 and app.online.history("u9") == [("i4", 3.0)]
+    app.shared_sync()
+    assert len(reads) == 2
