@@ -44,7 +44,7 @@ def serve_patched(mode: str, argv: list[str]) -> int:
 
         async def recommend(self, request, context):
             r = self.app.router.recommend(convert.rec_query(request))
-            return convert.response(request.request_id, r)
+            return convert.response_bytes(request.request_id, r)
 
         AioRecommender.Recommend = recommend
     return main(argv)
