@@ -25,13 +25,11 @@ cdef extern from *:
     #define RS_SHUF8(a, b, ...) __builtin_shuffle((a), (b), (rs_i8){__VA_ARGS__})
     #define RS_HAVE_SHUF8 1
     #endif
-    #ifdef RS_HAVE_SHUF8
-    /* [x0+x1, x2+x3, y0+y1, y2+y3, x4+x5, x6+x7, y4+y5, y6+y7] (AVX's vhaddps) */
-    RS_INLINE rs_v8 rs_hadd(rs_v8 x, rs_v8 y) {
-        return RS_SHUF8(x, y, 0, 2, 8, 10, 4, 6, 12, 14)
-             + RS_SHUF8(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
-    }
-    #endif
+    /* [x0+x1, x2+x3, y0+y1, y2+y3, x4+x5, x6+x7, y4+y5, y6+y7] (AVX's vhaddps);
+       a macro: a function returning a 32-byte vector draws GCC's ABI warning
+       in the baseline build. */
+    #define RS_HADD(x, y) (RS_SHUF8((x), (y), 0, 2, 8, 10, 4, 6, 12, 14) \
+                         + RS_SHUF8((x), (y), 1, 3, 9, 11, 5, 7, 13, 15))
     RECSERVE_CLONES
     static void recserve_inner_scores(const float *restrict q, const float *restrict V,
                                       long long n, int d, const float *restrict bias,
@@ -56,8 +54,9 @@ cdef extern from *:
                     a7 += x * *(const rs_v8 *)(r + 7 * d + k);
                 }
                 /* lo = rows 0-3 (first half of their lanes, then second), hi = rows 4-7 */
-                rs_v8 lo = rs_hadd(rs_hadd(a0, a1), rs_hadd(a2, a3));
-                rs_v8 hi = rs_hadd(rs_hadd(a4, a5), rs_hadd(a6, a7));
+                rs_v8 h01 = RS_HADD(a0, a1), h23 = RS_HADD(a2, a3);
+                rs_v8 h45 = RS_HADD(a4, a5), h67 = RS_HADD(a6, a7);
+                rs_v8 lo = RS_HADD(h01, h23), hi = RS_HADD(h45, h67);
                 rs_v8 sum = RS_SHUF8(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11)
                           + RS_SHUF8(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
                 if (d8 < d)
