@@ -13,9 +13,9 @@ ends. Open loop: requests start on a fixed schedule whatever the server does,
 and latency counts from the scheduled start (no coordinated omission). Several
 client processes (`--processes`, default 2) each run an asyncio gRPC client, so
 the client is not the bottleneck, over `--connections` TCP connections (default
-4), so a server with several workers gets load on each. `--ceiling` runs the same load against the
-no-op grpc.health.v1 Check on the same server and prints our throughput and
-latency beside it: on a machine where client and server share the cores, the
+4), so a server with several workers gets load on each. `--ceiling` runs the
+same load against the no-op grpc.health.v1 Check on the same server and prints
+our throughput and latency beside it: on a machine where client and server share the cores, the
 ratio is the meaningful figure, not the absolute one.
 
 User ids are drawn uniformly or Zipf-distributed from `--users` (a range

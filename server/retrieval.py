@@ -282,7 +282,7 @@ class Ranked:
     """Ranked item ids with scores (and explanations / std where asked and known).
 
     Built from lists, or by `of` from a model's arrays (item rows best first,
-    float32 scores): then the id strings and float scores are made only when
+    their scores): then the id strings and float scores are made only when
     read, and the unary answer encodes the arrays straight to the wire
     (server.convert.response_bytes)."""
 
@@ -326,7 +326,8 @@ class Ranked:
 
     @classmethod
     def of(cls, items: IdMap, rows: np.ndarray, scores: np.ndarray, version: str) -> Ranked:
-        """A ranking held as arrays: `rows` (int32 item rows) and float32 `scores`."""
+        """A ranking held as arrays: `rows` (int32 item rows, best first) and their
+        `scores` (any float dtype; the wire encoder takes them as float32)."""
         out = cls(None, None, version=version)  # type: ignore[arg-type]
         out.arrays = (items, rows, scores)
         return out
