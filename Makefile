@@ -21,7 +21,7 @@ install: $(STAMP)  ## create .venv and install recserve (editable) with dev tool
 build: $(STAMP)  ## rebuild the Cython kernels and the gRPC stubs in place
 	$(BIN)/python setup.py -q build_ext --inplace
 
-proto: $(STAMP)  ## regenerate recserve/v1/*_pb2*.py from proto/
+proto: $(STAMP)  ## regenerate server/v1/*_pb2*.py (recserve.v1) from proto/
 	$(BIN)/python -c 'import setup; setup.generate_stubs()'
 
 # pytest exits 5 when it collected no tests: that is a failure here, never a pass.
@@ -46,6 +46,6 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:  ## remove build products (keeps .venv and var/)
-	rm -rf build dist *.egg-info recserve .pytest_cache .ruff_cache .hypothesis
+	rm -rf build dist *.egg-info server/v1 .pytest_cache .ruff_cache .hypothesis
 	rm -f kernels/*.c kernels/*.so kernels/*.html
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

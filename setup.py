@@ -1,5 +1,10 @@
 """Build recserve: Cython kernels (OpenMP when available) and gRPC stubs from proto/.
 
+Everything installs under one import name, ``recserve``: the design card's folders
+map into it (``server/`` -> ``recserve``, ``kernels/`` -> ``recserve.kernels``,
+``clients/`` -> ``recserve.clients``), and the stubs generated from ``proto/`` land
+in ``server/v1/`` -> ``recserve.v1`` (never committed).
+
 Cython compiler directives are set here, once, for every kernel. ``RECSERVE_DEBUG=1``
 turns bounds checking and wraparound back on for debugging a kernel.
 """
@@ -7,6 +12,7 @@ turns bounds checking and wraparound back on for debugging a kernel.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -17,7 +23,12 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 PROTO_DIR = ROOT / "proto"
-STUB_PACKAGE = ROOT / "recserve"
+PACKAGE_DIR = {"recserve": "server", "recserve.kernels": "kernels", "recserve.clients": "clients"}
+STUBS = ROOT / "server" / "v1"  # recserve.v1, generated
+# Cython resolves a kernel's relative cimport (`from .topk cimport ...`) by its
+# qualified path, recserve/kernels/topk.pxd: this tree mirrors the namespace
+# with links to kernels/*.pxd.
+PXD_TREE = ROOT / "build" / "pxd"
 DEBUG = os.environ.get("RECSERVE_DEBUG", "") not in ("", "0")
 
 DIRECTIVES = {
@@ -32,31 +43,60 @@ DIRECTIVES = {
 
 
 def generate_stubs() -> None:
-    """Generate recserve/v1/*_pb2*.py from proto/recserve/v1/*.proto with grpcio-tools."""
+    """Generate server/v1/*_pb2*.py (recserve.v1) from proto/recserve/v1/*.proto."""
     from grpc_tools import protoc  # build requirement
 
     protos = sorted(PROTO_DIR.rglob("*.proto"))
     if not protos:
         raise SystemExit("setup.py: no .proto files under proto/")
     include = str(Path(protoc.__file__).parent / "_proto")
-    args = [
-        "grpc_tools.protoc",
-        f"-I{PROTO_DIR}",
-        f"-I{include}",
-        f"--python_out={ROOT}",
-        f"--pyi_out={ROOT}",
-        f"--grpc_python_out={ROOT}",
-        *(str(p) for p in protos),
-    ]
-    if protoc.main(args) != 0:
-        raise SystemExit("setup.py: protoc failed on " + " ".join(str(p) for p in protos))
-    # Every generated folder is a regular package so setuptools ships it.
-    for folder in {p.parent for p in STUB_PACKAGE.rglob("*_pb2.py")} | {STUB_PACKAGE}:
-        while folder != ROOT:
-            init = folder / "__init__.py"
-            if not init.exists():
-                init.write_text('"""Generated from proto/ by setup.py; do not edit."""\n')
-            folder = folder.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [
+            "grpc_tools.protoc",
+            f"-I{PROTO_DIR}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *(str(p) for p in protos),
+        ]
+        if protoc.main(args) != 0:
+            raise SystemExit("setup.py: protoc failed on " + " ".join(str(p) for p in protos))
+        STUBS.mkdir(exist_ok=True)
+        for made in (Path(tmp) / "recserve" / "v1").iterdir():
+            target = STUBS / made.name
+            text = made.read_bytes()
+            if not target.exists() or target.read_bytes() != text:  # keep mtimes stable
+                target.write_bytes(text)
+    init = STUBS / "__init__.py"
+    if not init.exists():
+        init.write_text('"""Generated from proto/ by setup.py; do not edit."""\n')
+
+
+def version() -> str:
+    """The version, read from server/__init__.py (its one source)."""
+    text = (ROOT / "server" / "__init__.py").read_text(encoding="utf-8")
+    found = re.search(r'^__version__ = "([^"]+)"', text, re.M)
+    if not found:
+        raise SystemExit("setup.py: no __version__ in server/__init__.py")
+    return found.group(1)
+
+
+def pxd_tree() -> Path:
+    """Link kernels/*.pxd under build/pxd/recserve/kernels/ for Cython's cimports."""
+    target = PXD_TREE / "recserve" / "kernels"
+    target.mkdir(parents=True, exist_ok=True)
+    for marker in (PXD_TREE / "recserve" / "__init__.pxd", target / "__init__.pxd"):
+        marker.touch()
+    for pxd in (ROOT / "kernels").glob("*.pxd"):
+        link = target / pxd.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        try:
+            link.symlink_to(pxd)
+        except OSError:  # no symlinks here: a copy (rebuilds whenever setup runs)
+            shutil.copyfile(pxd, link)
+    return PXD_TREE
 
 
 def openmp_flags(compiler) -> tuple[list[str], list[str]]:
@@ -99,16 +139,30 @@ def extensions() -> list[Extension]:
     from Cython.Build import cythonize  # build requirement
 
     modules = [
-        Extension(f"kernels.{pyx.stem}", [str(pyx.relative_to(ROOT))])
+        Extension(f"recserve.kernels.{pyx.stem}", [str(pyx.relative_to(ROOT))])
         for pyx in sorted((ROOT / "kernels").glob("*.pyx"))
     ]
     return cythonize(
         modules,
         compiler_directives=DIRECTIVES,
+        include_path=[str(pxd_tree())],
         annotate=DEBUG,
         build_dir=None,
         quiet=True,
     )
+
+
+def packages() -> list[str]:
+    """recserve and every sub-package under the folders PACKAGE_DIR maps."""
+    out = []
+    for name, folder in PACKAGE_DIR.items():
+        base = ROOT / folder
+        for init in sorted(base.rglob("__init__.py")):
+            rel = init.parent.relative_to(base)
+            sub = ".".join((name, *rel.parts)) if rel.parts else name
+            if sub not in out:
+                out.append(sub)
+    return out
 
 
 if __name__ == "__main__":
@@ -119,19 +173,12 @@ if __name__ == "__main__":
     generate_stubs()
     setup(
         name="recserve",
-        version="0.1.0",
+        version=version(),
         description="gRPC recommendation backend with Cython kernels and FAISS retrieval",
         python_requires=">=3.11",
-        packages=[
-            "server",
-            "server.data",
-            "server.models",
-            "kernels",
-            "clients",
-            "recserve",
-            "recserve.v1",
-        ],
-        package_data={"kernels": ["*.pxd", "*.pyx"], "recserve.v1": ["*.pyi"]},
+        packages=packages(),
+        package_dir=PACKAGE_DIR,
+        package_data={"recserve.kernels": ["*.pxd", "*.pyx"], "recserve.v1": ["*.pyi"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExt},
         install_requires=[
@@ -161,8 +208,8 @@ if __name__ == "__main__":
         },
         entry_points={
             "console_scripts": [
-                "recserve=server.cli:main",
-                "recserve-health=clients.health:main",
+                "recserve=recserve.cli:main",
+                "recserve-health=recserve.clients.health:main",
             ]
         },
         zip_safe=False,

@@ -27,8 +27,8 @@ def passes(n: int, factors: list[int]) -> None:
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
-    from kernels import als as alsk
-    from server.data import generate, to_dataset
+    from recserve.data import generate, to_dataset
+    from recserve.kernels import als as alsk
 
     ds = to_dataset(generate(n // 50, max(2_000, n // 250), n, seed=11))
     cui = ds.interactions.tocsr().astype(np.float32)

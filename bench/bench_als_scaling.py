@@ -37,8 +37,8 @@ def rss_bytes() -> int:
 def one(n: int, factors: int, iterations: int, threads: int) -> dict:
     """Generate n interactions, fit ALS once, and measure (runs in a child process)."""
     sys.path.insert(0, str(ROOT))
-    from server.data import generate, to_dataset
-    from server.models import create
+    from recserve.data import generate, to_dataset
+    from recserve.models import create
 
     ds = to_dataset(generate(n // 50, max(2_000, n // 250), n, seed=11))
     model = create("als", factors=factors, iterations=iterations, index="exact")

@@ -14,9 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from server import artifacts
-from server.data import generate, to_dataset
-from server.models import create
+from recserve.data import generate, to_dataset
+from recserve.models import bundle, create
 
 LOAD = (
     "import time, json\n"
@@ -45,7 +44,7 @@ def main() -> None:
             t = time.perf_counter()
             path = create(algo).fit(ds).save(tmp, algo)
             train_s = time.perf_counter() - t
-            size = artifacts.bundle_bytes(artifacts.read_manifest(path))
+            size = bundle.bundle_bytes(bundle.read_manifest(path))
             res = {}
             for verify in (True, False):
                 out = subprocess.run(

@@ -29,10 +29,10 @@ ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
 
 def serve_patched(mode: str, argv: list[str]) -> int:
     """Run `recserve serve` with the asyncio Recommend handler swapped (child process)."""
+    from recserve.cli import main
+    from recserve.service import convert
+    from recserve.service.grpc_aio import Recommender as AioRecommender
     from recserve.v1 import recommender_pb2 as pb
-    from server import convert
-    from server.cli import main
-    from server.service_aio import AioRecommender
 
     if mode == "empty":
 
@@ -43,7 +43,7 @@ def serve_patched(mode: str, argv: list[str]) -> int:
     elif mode == "ranking":
 
         async def recommend(self, request, context):
-            r = self.app.router.recommend(convert.rec_query(request))
+            r = self.core.router.recommend(convert.rec_query(request))
             return convert.response_bytes(request.request_id, r)
 
         AioRecommender.Recommend = recommend
@@ -51,8 +51,8 @@ def serve_patched(mode: str, argv: list[str]) -> int:
 
 
 def measure(mode: str, models: Path, users: list[str], duration: float) -> None:
-    from clients.bench import Load, run
-    from clients.health import check
+    from recserve.clients.bench import Load, run
+    from recserve.clients.health import check
 
     proc = subprocess.Popen(
         [
@@ -121,8 +121,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--modes", default="empty,ranking,full")
     args = ap.parse_args()
-    from server.data import generate, load_dataset, to_dataset
-    from server.models import create
+    from recserve.data import generate, load_dataset, to_dataset
+    from recserve.models import create
 
     ds = load_dataset(ML100K) if ML100K.exists() else to_dataset(generate(1000, 2000, 100_000))
     users = ds.users.ids(np.arange(ds.n_users))

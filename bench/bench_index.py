@@ -20,8 +20,8 @@ import time
 import faiss
 import numpy as np
 
-from kernels import topk
-from server.index import ItemIndex, SearchConfig
+from recserve.index import ItemIndex, SearchConfig
+from recserve.kernels import topk
 
 
 def synthetic_factors(n_items: int, dim: int, n_queries: int, seed: int = 0):

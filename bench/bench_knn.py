@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from alternate import best_of
 
-from server.data import generate, load_dataset, to_dataset
-from server.evaluation import ranking_metrics, split_random
-from server.models import create
+from recserve.data import generate, load_dataset, to_dataset
+from recserve.evaluation import ranking_metrics, split_random
+from recserve.models import create
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 

@@ -43,9 +43,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 from alternate import best_of
 
-from server.data import generate, load_dataset, to_dataset
-from server.evaluation import ranking_metrics, rating_metrics, split_random
-from server.models import create
+from recserve.data import generate, load_dataset, to_dataset
+from recserve.evaluation import ranking_metrics, rating_metrics, split_random
+from recserve.models import create
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.bench import Load, Result, run
-from clients.health import check
-from server.data import generate, load_dataset, to_dataset
-from server.models import create
+from recserve.clients.bench import Load, Result, run
+from recserve.clients.health import check
+from recserve.data import generate, load_dataset, to_dataset
+from recserve.models import create
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -42,7 +42,7 @@ def start(models: Path, workers: int, metrics_port: int, kind: str) -> tuple[sub
         [
             sys.executable,
             "-m",
-            "server",
+            "recserve",
             "serve",
             "--models",
             str(models),

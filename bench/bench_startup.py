@@ -24,9 +24,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server import artifacts
-from server.data import generate, load_dataset, to_dataset
-from server.models import create
+from recserve.data import generate, load_dataset, to_dataset
+from recserve.models import bundle, create
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -41,7 +40,7 @@ def train(ds, root: Path) -> None:
     for name, algo, params in MODELS:
         t = time.perf_counter()
         path = create(algo, **params).fit(ds).save(root, name)
-        size = artifacts.bundle_bytes(artifacts.read_manifest(path)) / 1e6
+        size = bundle.bundle_bytes(bundle.read_manifest(path)) / 1e6
         print(f"  trained {name:<10} {time.perf_counter() - t:6.1f} s, bundle {size:7.1f} MB")
 
 
@@ -58,7 +57,7 @@ def startup(models: Path, verify: str) -> dict[str, float]:
         [
             sys.executable,
             "-m",
-            "server",
+            "recserve",
             "serve",
             "--models",
             str(models),

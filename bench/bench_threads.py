@@ -17,11 +17,11 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from server.config import ServerConfig
-from server.data import generate, to_dataset
-from server.feedback import OnlineState
-from server.models import create
-from server.retrieval import Catalog, RecQuery, Router
+from recserve.config import ServerConfig
+from recserve.data import generate, to_dataset
+from recserve.feedback import OnlineState
+from recserve.models import create
+from recserve.serving import Catalog, RecQuery, Router
 
 
 def rate(fn, calls: int, threads: int) -> float:

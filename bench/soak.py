@@ -22,8 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from clients.bench import Load, run
-from clients.health import check
+from recserve.clients.bench import Load, run
+from recserve.clients.health import check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="recserve-soak-"))
     subprocess.run(
-        [sys.executable, "-m", "server", "quickstart", "--workdir", str(work)],
+        [sys.executable, "-m", "recserve", "quickstart", "--workdir", str(work)],
         check=True,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -61,7 +61,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "server",
+            "recserve",
             "serve",
             "--config",
             str(work / "recserve.toml"),

@@ -1,9 +1,9 @@
-"""`python -m clients`: call a recserve server from the shell, print JSON lines.
+"""`python -m recserve.clients`: call a recserve server from the shell, print JSON lines.
 
-python -m clients --target localhost:50051 recommend --user 42 --k 10 [--model als]
-python -m clients recommend --history 12,40,7 --k 5 --explain
-python -m clients similar --item 12 --k 5
-python -m clients models
+python -m recserve.clients --target localhost:50051 recommend --user 42 --k 10 [--model als]
+python -m recserve.clients recommend --history 12,40,7 --k 5 --explain
+python -m recserve.clients similar --item 12 --k 5
+python -m recserve.clients models
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import json
 import sys
 from collections.abc import Sequence
 
-from clients.client import RecommenderClient, RecserveError
+from recserve.clients.client import RecommenderClient, RecserveError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
-    ap = argparse.ArgumentParser(prog="python -m clients", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m recserve.clients", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--target", default="localhost:50051")
     ap.add_argument("--deadline", type=float, default=5.0, help="seconds")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -1,4 +1,4 @@
-"""Load generator for a recserve server (`python -m clients.bench`, also `recserve bench`).
+"""Load generator for a recserve server (`python -m recserve.clients.bench`, also `recserve bench`).
 
     recserve bench --target localhost:50051 --model als --k 10 --concurrency 8 --duration 10
     recserve bench --rate 500 --duration 10                 # open loop: 500 requests/s
@@ -367,7 +367,7 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m clients.bench` and `recserve bench`."""
+    """Entry point of `python -m recserve.clients.bench` and `recserve bench`."""
     args = build_parser().parse_args(argv)
     return run_cli(args)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from recserve import contract
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -172,7 +173,7 @@ class RecommenderClient:
         server's certificate (TLS); `tls_cert` + `tls_key`: this client's certificate
         (mutual TLS)."""
         self.deadline = deadline
-        self._md = (("authorization", f"Bearer {token}"),) if token else None
+        self._md = ((contract.AUTHORIZATION, f"Bearer {token}"),) if token else None
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -305,10 +306,10 @@ class RecommenderClient:
             raise _error(exc) from None
         return Recommendation(
             items,
-            md.get("x-recserve-model", ""),
-            md.get("x-recserve-version", ""),
-            md.get("x-recserve-served-by", ""),
-            md.get("x-recserve-arm", ""),
+            md.get(contract.MODEL, ""),
+            md.get(contract.VERSION, ""),
+            md.get(contract.SERVED_BY, ""),
+            md.get(contract.ARM, ""),
         )
 
     def predict_ratings(

@@ -15,9 +15,9 @@ from libc.math cimport sqrt as csqrt
 from scipy.linalg.cython_blas cimport ssyr, ssyrk
 from scipy.linalg.cython_lapack cimport sposv
 
-from kernels.parallel cimport threads_for
+from .parallel cimport threads_for
 
-from kernels.topk import check_array, check_rows
+from .topk import check_array, check_rows
 
 
 cdef int CHUNK = 64  # items per rank-k update in solve_exact

@@ -9,9 +9,9 @@ import numpy as np
 from cython.parallel cimport prange
 from libc.math cimport expf
 
-from kernels.parallel cimport recserve_prefetch, resolve_threads
+from .parallel cimport recserve_prefetch, resolve_threads
 
-from kernels.topk import check_array, check_rows
+from .topk import check_array, check_rows
 
 
 cdef extern from *:

@@ -7,10 +7,10 @@ import numpy as np
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport pow, sqrt
 
-from kernels.parallel cimport recserve_prefetch, resolve_threads, threads_for
-from kernels.topk cimport best_of_row, buffer_offer, drain_best, heap_drain, heap_offer, mark, select_topk, worse
+from .parallel cimport recserve_prefetch, resolve_threads, threads_for
+from .topk cimport best_of_row, buffer_offer, drain_best, heap_drain, heap_offer, mark, select_topk, worse
 
-from kernels.topk import check_array, check_rows, rows_or_empty
+from .topk import check_array, check_rows, rows_or_empty
 
 
 ctypedef struct Entry:

@@ -6,7 +6,7 @@ import numpy as np
 from cython.parallel cimport parallel, prange, threadid
 from libc.stdlib cimport calloc, free, malloc
 
-from kernels.parallel cimport recserve_have_openmp, threads_for
+from .parallel cimport recserve_have_openmp, threads_for
 
 
 cdef extern from *:

@@ -8,20 +8,73 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from kernels.topk import check_array
-
-# RankedItem's fields this encoder writes, as (number, wire type); server.convert
-# checks them against the generated descriptor at import, so a changed .proto
-# fails loudly instead of sending a wrong wire.
-RANKED_ITEM_FIELDS = {"item_id": (1, 2), "score": (2, 5), "rank": (3, 0)}
+from .topk import check_array
 
 cdef enum:
     WIRE_VARINT = 0
     WIRE_I32 = 5
     WIRE_LEN = 2
-    TAG_ITEM_ID = (1 << 3) | WIRE_LEN
-    TAG_SCORE = (2 << 3) | WIRE_I32
-    TAG_RANK = (3 << 3) | WIRE_VARINT
+
+# RankedItem's fields this encoder writes, as (number, wire type). The tags the
+# encoder writes are made from this table and nothing else, and check_layout
+# compares them with the generated descriptor (recserve.service.convert calls it
+# at import), so a changed .proto fails loudly instead of sending a wrong wire.
+RANKED_ITEM_FIELDS = {"item_id": (1, WIRE_LEN), "score": (2, WIRE_I32), "rank": (3, WIRE_VARINT)}
+
+
+cdef unsigned char tag_of(str name):
+    number, kind = RANKED_ITEM_FIELDS[name]
+    if not 1 <= number < 16:  # one-byte tags: the encoder writes each as one char
+        raise ValueError(f"RankedItem.{name}: field number {number} needs a longer tag")
+    return <unsigned char> ((number << 3) | kind)
+
+
+cdef unsigned char TAG_ITEM_ID = tag_of("item_id")
+cdef unsigned char TAG_SCORE = tag_of("score")
+cdef unsigned char TAG_RANK = tag_of("rank")
+
+
+def written_tags():
+    """The tag byte the encoder writes for each RankedItem field (what is on the wire)."""
+    return {"item_id": TAG_ITEM_ID, "score": TAG_SCORE, "rank": TAG_RANK}
+
+
+def check_layout(item, response):
+    """Raise RuntimeError unless the RankedItem / RecommendResponse descriptors
+    (`item`, `response`) have the numbers and types of the tags this encoder
+    writes; return RecommendResponse's field numbers by name."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    wire_type = {
+        FieldDescriptor.TYPE_STRING: WIRE_LEN,
+        FieldDescriptor.TYPE_FLOAT: WIRE_I32,
+        FieldDescriptor.TYPE_INT32: WIRE_VARINT,
+        FieldDescriptor.TYPE_UINT32: WIRE_VARINT,
+    }
+    fields = item.fields_by_name
+    for name, tag in written_tags().items():
+        f = fields.get(name)
+        if f is None or f.number != tag >> 3 or wire_type.get(f.type, -1) != tag & 7:
+            raise RuntimeError(f"kernels.wire: RankedItem.{name} no longer matches the .proto")
+    items = response.fields_by_name.get("items")
+    if items is None or items.message_type is not item:
+        raise RuntimeError("kernels.wire: RecommendResponse.items is no longer RankedItem")
+    return {f.name: f.number for f in response.fields}
+
+
+def varint(unsigned long long v):
+    """`v` as a protobuf varint."""
+    cdef char buf[10]
+    cdef char* end = put_varint(buf, v)
+    return PyBytes_FromStringAndSize(buf, end - buf)
+
+
+def string_field(int number, str value):
+    """A length-delimited (string) field; empty, the proto3 default, is omitted."""
+    if not value:
+        return b""
+    data = value.encode("utf-8")
+    return varint((<unsigned long long> number << 3) | WIRE_LEN) + varint(len(data)) + data
 
 
 cdef inline int varint_size(uint64_t v) noexcept nogil:

@@ -1,5 +1,5 @@
-"""`python -m server` is the `recserve` command."""
+"""`python -m recserve` is the `recserve` command."""
 
-from server.cli import main
+from recserve.cli import main
 
 raise SystemExit(main())

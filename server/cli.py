@@ -1,4 +1,4 @@
-"""The `recserve` command line (also `python -m server`).
+"""The `recserve` command line (also `python -m recserve`).
 
     recserve data synth --users N --items M --interactions K --seed S --out DIR
     recserve data info --data PATH [--format F]
@@ -27,10 +27,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from server import __version__, artifacts
-from server.data import FORMATS, DataError, generate, write_csv
-from server.evaluation import PROTOCOLS, evaluate
-from server.models import algorithms, create, load, parse_params
+from recserve import __version__
+from recserve.data import FORMATS, DataError, generate, write_csv
+from recserve.evaluation import PROTOCOLS, evaluate
+from recserve.models import algorithms, bundle, create, load, parse_params
 
 log = logging.getLogger("recserve")
 
@@ -200,7 +200,7 @@ def _model(args: argparse.Namespace) -> Any:
 
 def load_dataset(path: str, fmt: str | None = None) -> Any:
     """server.data.load_dataset, imported when a command reads data (pyarrow is heavy)."""
-    from server.data import load_dataset as load
+    from recserve.data import load_dataset as load
 
     return load(path, fmt)
 
@@ -230,7 +230,7 @@ def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    artifacts.check_name(args.name)
+    bundle.check_name(args.name)
     t0 = time.perf_counter()
     model = _model(args)  # fail on bad params before reading data
     stages = ["read data", *(["evaluate"] if args.evaluate else []), "fit", "publish"]
@@ -258,7 +258,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         bar.set_postfix_str("publish")
         path = model.save(args.models, args.name, metrics=metrics, dataset=ds)
         bar.update()
-    doc = artifacts.read_manifest(path)
+    doc = bundle.read_manifest(path)
     return {
         "name": args.name,
         "version": doc["version"],
@@ -266,7 +266,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "path": str(path),
         "seconds": round(time.perf_counter() - t0, 3),
         "fit_seconds": round(fit_s, 3),
-        "bytes": artifacts.bundle_bytes(doc),
+        "bytes": bundle.bundle_bytes(doc),
     }
 
 
@@ -299,21 +299,21 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
-    entries = artifacts.list_bundles(args.models)
+    entries = bundle.list_bundles(args.models)
     if args.name:
         entries = [e for e in entries if e["name"] == args.name]
         if not entries:
-            raise artifacts.BundleError(f"{args.models}: no model named {args.name!r}")
+            raise bundle.BundleError(f"{args.models}: no model named {args.name!r}")
     if args.action == "list":
         return {"models": entries}
     failures = 0
     for e in entries:
         try:
             if not e.get("current"):
-                raise artifacts.BundleError(f"{e['name']}: no current version")
-            artifacts.verify(artifacts.resolve(args.models, e["name"]), full=True)
+                raise bundle.BundleError(f"{e['name']}: no current version")
+            bundle.verify(bundle.resolve(args.models, e["name"]), full=True)
             e["ok"] = True
-        except artifacts.BundleError as exc:
+        except bundle.BundleError as exc:
             e["ok"], e["error"] = False, str(exc)
             failures += 1
             log.error("%s", exc)
@@ -323,7 +323,7 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
-    model = load(artifacts.resolve(args.models, args.name))
+    model = load(bundle.resolve(args.models, args.name))
     if args.user is not None:
         u = model.users.get(args.user)
         if u < 0:
@@ -393,7 +393,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         log.info("default data already at %s", data)
     trained = []
     for name, algo, params in DEFAULT_MODELS:
-        if (models / name / artifacts.CURRENT).is_file():
+        if (models / name / bundle.CURRENT).is_file():
             log.info("model %s already published in %s", name, models)
             continue
         ns = argparse.Namespace(
@@ -421,13 +421,13 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         "models": str(models),
         "config": str(config),
         "trained": trained,
-        "available": [e["name"] for e in artifacts.list_bundles(models)],
+        "available": [e["name"] for e in bundle.list_bundles(models)],
     }
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from server.config import load_config
-    from server.launch import serve
+    from recserve.config import load_config
+    from recserve.launch import serve
 
     cfg = load_config(
         args.config,
@@ -452,7 +452,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
-    from server.importers import spark_als
+    from recserve.importers import spark_als
 
     t = time.perf_counter()
     path = spark_als(
@@ -465,7 +465,7 @@ def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
         alpha=args.alpha,
         index=args.index,
     )
-    doc = artifacts.read_manifest(path)
+    doc = bundle.read_manifest(path)
     return {
         "name": args.name,
         "version": path.name,
@@ -479,7 +479,7 @@ def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from clients.bench import main as bench_main
+    from recserve.clients.bench import main as bench_main
 
     code = bench_main(args.bench_args)
     if code:
@@ -513,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result = COMMANDS[args.command](args)
-    except (DataError, artifacts.BundleError, ValueError, OSError) as exc:
+    except (DataError, bundle.BundleError, ValueError, OSError) as exc:
         print(f"recserve: error: {exc}", file=sys.stderr)
         return 2
     if result is not None:

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from server.data import Dataset
-from server.models.base import Recommender
+from recserve.data import Dataset
+from recserve.models.base import Recommender
 
 log = logging.getLogger(__name__)
 

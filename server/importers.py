@@ -25,10 +25,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from kernels import als as alsk
-from server.data import Dataset, IdMap, load_dataset
-from server.models import create
-from server.models.factorization import ALS
+from recserve.data import Dataset, IdMap, load_dataset
+from recserve.kernels import als as alsk
+from recserve.models import create
+from recserve.models.factorization import ALS
 
 
 class SparkImportError(ValueError):

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels import topk
-from server.lazy import lazy_module
+from recserve.kernels import topk
+from recserve.lazy import lazy_module
 
 faiss = lazy_module("faiss")  # ~70 ms to import: only when an index is built or read
 

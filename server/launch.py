@@ -24,7 +24,7 @@ import tempfile
 import threading
 from dataclasses import replace
 
-from server.config import ServerConfig
+from recserve.config import ServerConfig
 
 log = logging.getLogger("recserve")
 
@@ -42,7 +42,7 @@ def _announce(cfg: ServerConfig, port: int) -> None:
         host,
         port,
     )
-    log.info("  or: python -m clients --target %s:%d recommend --user 1 --k 5", host, port)
+    log.info("  or: python -m recserve.clients --target %s:%d recommend --user 1 --k 5", host, port)
     if cfg.metrics_port:
         log.info("metrics: http://%s:%d/metrics", host, cfg.metrics_port)
 
@@ -61,7 +61,7 @@ def serve(cfg: ServerConfig) -> None:
         return
     from threadpoolctl import threadpool_limits
 
-    from server.service import App
+    from recserve.service import App
 
     # One request's BLAS/OpenMP work runs on kernel_threads threads: the thread
     # pool already spreads concurrent requests over the cores, and waking a
@@ -94,7 +94,7 @@ def _worker(cfg: ServerConfig, index: int) -> int:
     """Body of one forked worker process; returns its exit code."""
     from threadpoolctl import threadpool_limits
 
-    from server.service import App
+    from recserve.service import App
 
     share = max(1, cores() // cfg.workers)
     if cfg.kernel_threads:

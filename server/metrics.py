@@ -209,8 +209,8 @@ class Metrics:
             registry=registry,
         )
         self.items = Counter(
-            "recserve_streamed_items_total",
-            "Ranked items sent",
+            "recserve_returned_items_total",
+            "Ranked items returned to callers, unary answers and streams alike",
             ["method"],
             registry=registry,
         )

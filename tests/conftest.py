@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.data import Dataset, generate, to_dataset
+from recserve.data import Dataset, generate, to_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"

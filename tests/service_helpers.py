@@ -11,12 +11,12 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
+from recserve.config import ServerConfig
+from recserve.models import Recommender, create
+from recserve.service import App
+from recserve.serving import default_loader
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
-from server.config import ServerConfig
-from server.models import Recommender, create
-from server.retrieval import default_loader
-from server.service import App
 
 MODELS = {
     "popularity": ("popularity", {}),

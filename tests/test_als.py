@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from kernels import als as alsk
-from server.evaluation import evaluate
-from server.models import create
+from recserve.evaluation import evaluate
+from recserve.kernels import als as alsk
+from recserve.models import create
 
 
 def weighted_lstsq(conf_row: sp.csr_matrix, y: np.ndarray, reg: float) -> np.ndarray:

@@ -8,30 +8,30 @@ import os
 import numpy as np
 import pytest
 
-from server import artifacts
-from server.artifacts import BundleError
+from recserve.models import bundle
+from recserve.models.bundle import BundleError
 
 
 def publish(tmp_path, name="m", **arrays):
     arrays = arrays or {"a": np.arange(10, dtype=np.float32), "ids": np.array([b"x", b"yy"])}
-    return artifacts.publish(tmp_path, name, {"algorithm": "test", "params": {}}, arrays)
+    return bundle.publish(tmp_path, name, {"algorithm": "test", "params": {}}, arrays)
 
 
 def test_round_trip_is_memory_mapped_and_current_moves(tmp_path):
     first = publish(tmp_path)
     second = publish(tmp_path, a=np.ones(3, np.int64), empty=np.zeros(0, np.float32))
-    assert artifacts.resolve(tmp_path, "m") == second
-    assert artifacts.resolve(tmp_path, "m", first.name) == first
-    doc = artifacts.verify(second)
-    arrays = artifacts.load_arrays(second, doc)
+    assert bundle.resolve(tmp_path, "m") == second
+    assert bundle.resolve(tmp_path, "m", first.name) == first
+    doc = bundle.verify(second)
+    arrays = bundle.load_arrays(second, doc)
     a = arrays["a"]
     # File-backed (its base is the mapping), read-only, but a plain ndarray view.
     assert type(a) is np.ndarray and isinstance(a.base, np.memmap)
     assert not a.flags.writeable
     np.testing.assert_array_equal(arrays["a"], np.ones(3))
     assert arrays["empty"].shape == (0,)
-    assert doc["files"]["a.npy"]["sha256"] == artifacts.sha256_file(second / "a.npy")
-    listing = artifacts.list_bundles(tmp_path)
+    assert doc["files"]["a.npy"]["sha256"] == bundle.sha256_file(second / "a.npy")
+    listing = bundle.list_bundles(tmp_path)
     assert listing[0]["current"] == second.name and len(listing[0]["versions"]) == 2
     assert first.name < second.name  # versions sort by time
 
@@ -54,7 +54,7 @@ def test_damaged_file_is_refused_naming_it(tmp_path, damage, message):
     path = publish(tmp_path)
     damage(path / "a.npy")
     with pytest.raises(BundleError, match=message) as info:
-        artifacts.verify(path)
+        bundle.verify(path)
     assert "a.npy" in str(info.value)
 
 
@@ -62,10 +62,10 @@ def test_bad_manifest_is_refused(tmp_path):
     path = publish(tmp_path)
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match=r"manifest\.json: unreadable"):
-        artifacts.verify(path)
+        bundle.verify(path)
     (path / "manifest.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(BundleError, match="format_version 99"):
-        artifacts.verify(path)
+        bundle.verify(path)
 
 
 def test_pickled_array_is_never_unpickled(tmp_path):
@@ -80,12 +80,12 @@ def test_pickled_array_is_never_unpickled(tmp_path):
     np.save(path / "a.npy", np.array([Evil()], dtype=object), allow_pickle=True)
     doc = json.loads((path / "manifest.json").read_text())
     doc["files"]["a.npy"] = {
-        "sha256": artifacts.sha256_file(path / "a.npy"),
+        "sha256": bundle.sha256_file(path / "a.npy"),
         "bytes": (path / "a.npy").stat().st_size,
     }
     (path / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(BundleError, match=r"a\.npy"):
-        artifacts.load_arrays(path, artifacts.verify(path))
+        bundle.load_arrays(path, bundle.verify(path))
     assert not marker.exists()
 
 
@@ -102,28 +102,28 @@ def test_failed_publish_leaves_nothing_and_keeps_current(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        artifacts.publish(
+        bundle.publish(
             tmp_path,
             "m",
             {"algorithm": "t"},
             {"a": np.ones(2)},
             files={"index.faiss": broken_writer},
         )
-    assert artifacts.resolve(tmp_path, "m") == good
+    assert bundle.resolve(tmp_path, "m") == good
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted([good.name, "current"])
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "", ".", "x" * 65, "-lead"])
 def test_names_are_never_paths(tmp_path, name):
     with pytest.raises(ValueError, match="model name"):
-        artifacts.publish(tmp_path, name, {}, {})
+        bundle.publish(tmp_path, name, {}, {})
     with pytest.raises(ValueError, match="model name"):
-        artifacts.resolve(tmp_path, name)
+        bundle.resolve(tmp_path, name)
 
 
 def test_unpublished_model_and_missing_version(tmp_path):
     with pytest.raises(BundleError, match="no current version"):
-        artifacts.resolve(tmp_path, "nothing")
+        bundle.resolve(tmp_path, "nothing")
     publish(tmp_path)
     with pytest.raises(BundleError, match="version folder is missing"):
-        artifacts.resolve(tmp_path, "m", "20000101T000000000000Z")
+        bundle.resolve(tmp_path, "m", "20000101T000000000000Z")

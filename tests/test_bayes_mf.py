@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.data import load_dataset
-from server.evaluation import evaluate, rating_metrics, split_random
-from server.models import create
+from recserve.data import load_dataset
+from recserve.evaluation import evaluate, rating_metrics, split_random
+from recserve.models import create
 
 Z90 = 1.6448536269514722  # central 90% of a standard normal
 

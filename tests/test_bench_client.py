@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from clients.bench import Load, run, table
-from server.cli import main
+from recserve.cli import main
+from recserve.clients.bench import Load, run, table
 from tests.service_helpers import publish_models, running
 
 
@@ -91,7 +91,7 @@ def test_recserve_bench_json_with_ceiling(srv, capsys):
 
 
 def test_table_prints_ratios():
-    from clients.bench import Result
+    from recserve.clients.bench import Result
 
     pct = {"p50": 1.0, "p90": 2.0, "p99": 3.0, "p99.9": 4.0, "mean": 1.5}
     a = Result("recommend", 10, 1.0, 10.0, pct, pct, {}, 1, 0.0, 1)
@@ -105,7 +105,7 @@ def test_user_draws_uniform_and_zipf():
     covers every id about equally; Zipf puts the most weight on the first id."""
     from collections import Counter
 
-    from clients.bench import _Sender
+    from recserve.clients.bench import _Sender
 
     users = [f"u{i}" for i in range(50)]
     uniform = _Sender(Load(users=users), seed=1)

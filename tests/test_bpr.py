@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from kernels import sgd
-from server.evaluation import evaluate
-from server.models import create
+from recserve.evaluation import evaluate
+from recserve.kernels import sgd
+from recserve.models import create
 
 
 def test_bpr_step_equals_numpy():

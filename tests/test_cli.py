@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from server.cli import main
+from recserve.cli import main
 
 
 def run(capsys, *argv):
@@ -208,7 +208,7 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys, argv, message):
 
 
 def test_quickstart_is_idempotent(tmp_path, capsys, monkeypatch):
-    import server.cli as cli
+    import recserve.cli as cli
 
     monkeypatch.setattr(
         cli, "DEFAULT_DATA", {"users": 200, "items": 90, "interactions": 3000, "seed": 1}
@@ -229,10 +229,10 @@ def test_quickstart_config_serves_the_hybrid_default(tmp_path, capsys, monkeypat
 
     from prometheus_client import CollectorRegistry
 
-    import server.cli as cli
-    from clients.client import RecommenderClient
-    from server.config import load_config
-    from server.service import App
+    import recserve.cli as cli
+    from recserve.clients.client import RecommenderClient
+    from recserve.config import load_config
+    from recserve.service import App
 
     monkeypatch.setattr(
         cli, "DEFAULT_DATA", {"users": 200, "items": 90, "interactions": 3000, "seed": 1}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.config import ConfigError, load_config
+from recserve.config import ConfigError, load_config
 
 TOML = """
 [server]

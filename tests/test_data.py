@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.data import (
+from recserve.data import (
     DataError,
     IdMap,
     build_csr,

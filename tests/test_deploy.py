@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.metrics import Metrics
+from recserve.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,8 @@ def manifests() -> dict[str, dict]:
 
 
 def test_k8s_manifests_agree_with_the_server_config(tmp_path):
-    from server.config import load_config
-    from server.service import OVERALL
+    from recserve.config import load_config
+    from recserve.service import OVERALL
 
     docs = manifests()
     assert {
@@ -122,7 +122,7 @@ def test_dockerfile_serves_as_non_root_with_a_grpc_health_check():
     assert re.search(r"^USER \d+", text, re.M)
     assert re.search(r'HEALTHCHECK .*\n\s*CMD \["recserve-health"', text)
     assert (ROOT / ".dockerignore").is_file()
-    from server import __version__
+    from recserve import __version__
 
     assert f"recserve=={__version__}" in text  # the runtime installs this very wheel
 

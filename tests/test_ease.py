@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.models import create
-from server.models.ease import ease_bytes
+from recserve.models import create
+from recserve.models.ease import ease_bytes
 
 
 def test_weights_equal_numpy_closed_form(small):

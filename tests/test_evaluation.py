@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from server.data import load_dataset
-from server.evaluation import (
+from recserve.data import load_dataset
+from recserve.evaluation import (
     evaluate,
     ranking_metrics,
     rating_metrics,
@@ -17,7 +17,7 @@ from server.evaluation import (
     split_temporal,
     split_users,
 )
-from server.models import create
+from recserve.models import create
 
 
 def test_metrics_hand_computed():

@@ -10,9 +10,9 @@ import textwrap
 
 from prometheus_client import CollectorRegistry
 
-from server.config import ServerConfig
-from server.feedback import Event, FeedbackStore
-from server.service import App
+from recserve.config import ServerConfig
+from recserve.feedback import Event, FeedbackStore
+from recserve.service import App
 
 
 def test_every_append_moves_the_shared_counter(tmp_path):
@@ -26,7 +26,7 @@ def test_every_append_moves_the_shared_counter(tmp_path):
     # Another process: its commit shows through the mapped counter here.
     code = textwrap.dedent(
         f"""
-        from server.feedback import Event, FeedbackStore
+        from recserve.feedback import Event, FeedbackStore
         FeedbackStore({db!r}).append([Event("u2", "i2", 2.0, 0), Event("u2", "i3", 1.0, 0)])
         """
     )

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from recserve.memstat import process_memory
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
-from server.memstat import process_memory
 from tests.service_helpers import publish_models, running
 
 DOCUMENTED = {

@@ -9,10 +9,9 @@ import faiss
 import numpy as np
 import pytest
 
-from server import artifacts
-from server.data import generate, to_dataset
-from server.index import ItemIndex, SearchConfig
-from server.models import create, load_named
+from recserve.data import generate, to_dataset
+from recserve.index import ItemIndex, SearchConfig
+from recserve.models import bundle, create, load_named
 
 
 def brute(q, y, k, banned=None, allowed=None):
@@ -164,7 +163,7 @@ def test_models_rank_through_the_index_and_round_trip(tmp_path, algo):
     se, _ = exact.similar_items(5, 10)
     assert 5 not in si and len(set(si) & set(se)) >= 9
     path = model.save(tmp_path, algo)
-    doc = artifacts.read_manifest(path)
+    doc = bundle.read_manifest(path)
     assert {"items.faiss", "similar.faiss"} <= set(doc["files"])
     loaded = load_named(tmp_path, algo)
     assert loaded.item_index is not None and loaded.item_index.kind == "hnsw"
@@ -176,7 +175,7 @@ def test_models_rank_through_the_index_and_round_trip(tmp_path, algo):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    with pytest.raises(artifacts.BundleError, match=r"items\.faiss"):
+    with pytest.raises(bundle.BundleError, match=r"items\.faiss"):
         load_named(tmp_path, algo)
 
 

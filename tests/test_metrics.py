@@ -10,9 +10,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from recserve.config import Experiment, Hybrid
+from recserve.service import convert
 from recserve.v1 import recommender_pb2 as pb
-from server import convert
-from server.config import Experiment, Hybrid
 from tests.service_helpers import publish_models, running
 
 
@@ -70,7 +70,7 @@ def test_every_family_after_real_calls(published):
     for name in ("resolve", "retrieve", "rank"):
         assert value(fams, stage, stage + "_count", method="Recommend", stage=name) == 14
         assert value(fams, stage, stage + "_sum", method="Recommend", stage=name) > 0
-    assert value(fams, "recserve_streamed_items", method="Recommend") == 5 + 4 + 3 + 20 + 5
+    assert value(fams, "recserve_returned_items", method="Recommend") == 5 + 4 + 3 + 20 + 5
     assert value(fams, "recserve_fallbacks", from_model="als", to_model="popularity") == 1
     assert value(fams, "recserve_fold_ins", model="als") == 1
     arms = [s for s in fams["recserve_experiment_assignments"] if s.name.endswith("_total")]
@@ -147,7 +147,7 @@ def test_queued_updates_equal_direct_ones():
     included, and a scrape sees queued updates without an explicit flush."""
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-    from server.metrics import LATENCY_BUCKETS, Metrics
+    from recserve.metrics import LATENCY_BUCKETS, Metrics
 
     values = [0.0, 0.0001, 0.00010001, 0.0003, 0.0025, 0.0025, 0.7, 10.0, 42.0, 1e-9] * 3
     direct_reg = CollectorRegistry()
@@ -191,7 +191,7 @@ def test_queued_updates_equal_direct_ones():
 def test_observe_many_without_value_objects_falls_back():
     """A histogram child without prometheus_client's value objects still gets
     every observation, one observe() each."""
-    from server.metrics import observe_many
+    from recserve.metrics import observe_many
 
     class Plain:
         def __init__(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.models import NotFittedError, algorithms, create, load_named
+from recserve.models import NotFittedError, algorithms, create, load_named
 
 FAST_PARAMS: dict[str, dict[str, object]] = {
     "als": {"factors": 16, "iterations": 5},

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from server.data import Dataset, IdMap
-from server.models import create
+from recserve.data import Dataset, IdMap
+from recserve.models import create
 
 
 def topk_rows(scores, k, exclude_self):
@@ -136,7 +136,7 @@ def test_userknn_explain_names_history_items(small):
 
 @pytest.mark.parametrize("algo", ["itemknn", "userknn", "content"])
 def test_memory_budget_fallback_gives_the_same_neighbours(small, monkeypatch, algo):
-    import server.models.neighbors as nb
+    import recserve.models.neighbors as nb
 
     pair_once = create(algo, k=25).fit(small).sim
     monkeypatch.setattr(nb, "KNN_SELF_BUDGET", 0)  # force the general kernel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.models import create
+from recserve.models import create
 
 
 def test_counts_values_and_decay_match_numpy(small):

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from clients.client import RecommenderClient
+from recserve.clients.client import RecommenderClient
 from tests.service_helpers import publish_models, running
 
 P99 = (

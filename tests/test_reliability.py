@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from clients.client import RecommenderClient, RecserveError
+from recserve.clients.client import RecommenderClient, RecserveError
+from recserve.models import bundle
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
-from server import artifacts
 from tests.service_helpers import publish_models, running
 from tests.test_serve_process import Proc, wait_serving
 
@@ -76,14 +76,14 @@ def test_reload_under_load_switches_with_zero_failures(published, server):
 
 def test_memory_budget_refuses_before_loading(published):
     root, _ = published
-    sizes = {e["name"]: e["bytes"] for e in artifacts.list_bundles(root)}
+    sizes = {e["name"]: e["bytes"] for e in bundle.list_bundles(root)}
     fits = sorted(sizes, key=lambda n: (sizes[n], n))[:2]  # loads go smallest first
     budget = (sizes[fits[0]] + sizes[fits[1]]) / 2**20 * 1.01
     loaded = []
 
     def loader(path, full):
         loaded.append(path.parent.name)
-        from server.retrieval import default_loader
+        from recserve.serving import default_loader
 
         return default_loader(path, full)
 

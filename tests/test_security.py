@@ -10,7 +10,7 @@ import subprocess
 import grpc
 import pytest
 
-from clients.client import RecommenderClient, RecserveError
+from recserve.clients.client import RecommenderClient, RecserveError
 from tests.service_helpers import publish_models, running
 
 TOKEN = "s3cret-token-value"
@@ -51,7 +51,7 @@ def test_token_for_all_rpcs(models, server):
         with RecommenderClient(s.target, token=TOKEN) as rc:
             assert len(rc.recommend("7", 3).items) == 3
         # Health stays open: probes carry no token.
-        from clients.health import check
+        from recserve.clients.health import check
 
         assert check(s.target) == "SERVING"
 
@@ -129,7 +129,7 @@ def test_tls_and_mutual_tls(models, certs, server):
         target = f"localhost:{s.app.port}"
         with RecommenderClient(target, tls_ca=str(certs / "ca.pem")) as rc:
             assert len(rc.recommend("7", 3).items) == 3
-        from clients.health import check
+        from recserve.clients.health import check
 
         assert check(target, tls_ca=str(certs / "ca.pem")) == "SERVING"
         with RecommenderClient(target, deadline=2) as rc, pytest.raises(RecserveError) as e:
@@ -151,7 +151,7 @@ def test_tls_and_mutual_tls(models, certs, server):
 
 
 def test_tls_config_errors_name_the_key(tmp_path):
-    from server.config import ConfigError, load_config
+    from recserve.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="tls_cert / tls_key"):
         load_config(None, env={"RECSERVE_TLS_CERT": "x.pem"})

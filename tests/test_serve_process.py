@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients.client import RecommenderClient
-from clients.health import check
+from recserve.clients.client import RecommenderClient
+from recserve.clients.health import check
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 from tests.service_helpers import publish_models
@@ -38,7 +38,7 @@ class Proc:
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", *args],
+            [sys.executable, "-m", "recserve", "serve", "--host", "127.0.0.1", *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -144,7 +144,15 @@ def test_health_probe_exit_codes(models_dir):
     p = Proc("--models", str(models_dir), "--port", "0", "--metrics-port", "0")
     try:
         target = p.target()
-        probe = [sys.executable, "-m", "clients.health", "--target", target, "--wait", "30"]
+        probe = [
+            sys.executable,
+            "-m",
+            "recserve.clients.health",
+            "--target",
+            target,
+            "--wait",
+            "30",
+        ]
         ok = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT)
         assert ok.returncode == 0 and "SERVING" in ok.stdout
         model = subprocess.run(
@@ -164,7 +172,15 @@ def test_health_probe_exit_codes(models_dir):
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     down = subprocess.run(
-        [sys.executable, "-m", "clients.health", "--target", f"127.0.0.1:{free}", "--timeout", "1"],
+        [
+            sys.executable,
+            "-m",
+            "recserve.clients.health",
+            "--target",
+            f"127.0.0.1:{free}",
+            "--timeout",
+            "1",
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -179,7 +195,7 @@ def test_serve_refuses_a_bad_config_naming_the_key(models_dir, tmp_path):
         [
             sys.executable,
             "-m",
-            "server",
+            "recserve",
             "serve",
             "--config",
             str(cfg),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import queue
 import time
 
@@ -11,9 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from recserve.config import Experiment, Hybrid
+from recserve.serving import RecQuery
 from recserve.v1 import recommender_pb2 as pb
-from server.config import Experiment, Hybrid
-from server.retrieval import RecQuery, _arm
 from tests.service_helpers import Gate, publish_models, running
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -329,15 +331,31 @@ def test_hybrid_blends_normalized_scores(published, small):
     assert md["x-recserve-model"] == "mix"
 
 
+def reference_arm(salt: str, user: str, arms: dict[str, float]) -> str:
+    """The documented assignment, computed here independently of the server: the
+    first 8 bytes of sha256(salt, NUL, user) as a fraction u of 2^64; the arm whose
+    cumulative share (arms with weight > 0, in configured order) first exceeds u."""
+    digest = hashlib.sha256(salt.encode() + b"\x00" + user.encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    live = {a: w for a, w in arms.items() if w > 0}
+    total, acc = sum(live.values()), 0.0
+    for arm, w in live.items():
+        acc += w / total
+        if u < acc:
+            return arm
+    return list(live)[-1]
+
+
 def test_experiment_assigns_arms_deterministically(published):
     root, _ = published
-    exp = {"homepage": Experiment("homepage", {"als": 0.5, "itemknn": 0.5}, "s1")}
+    arms = {"als": 0.5, "itemknn": 0.5}
+    exp = {"homepage": Experiment("homepage", arms, "s1")}
     with running(root, experiments=exp) as s:
         seen_arms = {}
         for user in [str(i) for i in range(1, 60)]:
             items, md = s.recommend(user_id=user, k=5, model="homepage")
             arm = md["x-recserve-arm"]
-            assert arm == _arm("s1", user, {"als": 0.5, "itemknn": 0.5})
+            assert arm == reference_arm("s1", user, arms)
             direct, _ = s.recommend(user_id=user, k=5, model=arm)
             assert ids(items) == ids(direct)
             seen_arms[user] = arm
@@ -354,6 +372,27 @@ def test_experiment_assigns_arms_deterministically(published):
         assert metric == sum(1 for a in seen_arms.values() if a == "als") + sum(
             1 for a in again.values() if a == "als"
         )
+
+
+def test_experiment_split_follows_uneven_weights_and_skips_zero(published):
+    """A 0.2 / 0.8 split with a zero-weight arm: every user gets the reference arm,
+    the shares over 2,000 users are within 3 sigma of the weights, and the arm of
+    weight 0 is never assigned."""
+    root, _ = published
+    arms = {"popularity": 0.0, "als": 0.2, "itemknn": 0.8}
+    exp = {"split": Experiment("split", arms, "salt-2")}
+    n = 2000
+    users = [f"user-{i}" for i in range(n)]
+    with running(root, experiments=exp) as s:
+        requests = [pb.RecommendRequest(user_id=u, k=1, model="split") for u in users]
+        answers = list(s.rec.RecommendBatch(iter(requests), timeout=120))
+    assert [a.status.code for a in answers] == [0] * n
+    got = [a.arm for a in answers]
+    assert got == [reference_arm("salt-2", u, arms) for u in users]
+    assert "popularity" not in got
+    share = got.count("als") / n
+    sigma = math.sqrt(0.2 * 0.8 / n)
+    assert abs(share - 0.2) <= 3 * sigma, share
 
 
 def hold_a_slot(s):

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import similarity as simk
+from recserve.kernels import similarity as simk
 
 
 def random_csr(rows, cols, density, seed, dtype=np.float32, integer=True):

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from server.cli import main
-from server.models import load_named
+from recserve.cli import main
+from recserve.models import load_named
 
 
 def write_spark(folder, ids, factors, parts=2):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import sgd
-from server.data import load_dataset
-from server.evaluation import evaluate
-from server.models import create
+from recserve.data import load_dataset
+from recserve.evaluation import evaluate
+from recserve.kernels import sgd
+from recserve.models import create
 
 
 def python_epoch(users, items, ratings, order, mu, bu, bi, p, q, lr, reg):

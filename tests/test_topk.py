@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import topk
+from recserve.kernels import topk
 
 
 def reference(scores: np.ndarray, k: int, exclude: set[int], cand: list[int]) -> list[int]:

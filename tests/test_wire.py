@@ -1,4 +1,4 @@
-"""kernels.wire and server.convert.response_bytes against protobuf's own encoder."""
+"""recserve.kernels.wire and convert.response_bytes against protobuf's own encoder."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import wire
+from recserve.data import IdMap
+from recserve.kernels import wire
+from recserve.service import convert
+from recserve.serving import Ranked
 from recserve.v1 import recommender_pb2 as pb
-from server import convert
-from server.data import IdMap
-from server.retrieval import Ranked
 
 
 def reference(ids: list[str], rows: list[int], scores: np.ndarray) -> pb.RecommendResponse:

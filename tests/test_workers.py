@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from clients.client import RecommenderClient
-from server.metrics import FLUSH_SECONDS
+from recserve.clients.client import RecommenderClient
+from recserve.metrics import FLUSH_SECONDS
 from tests.service_helpers import publish_models
 from tests.test_metrics import free_port, scrape
 from tests.test_serve_process import Proc, wait_serving

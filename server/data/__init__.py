@@ -2,9 +2,9 @@
 
 from typing import Any
 
-from server.data.dataset import Dataset, IdMap, build_csr, features_matrix
-from server.data.formats import FORMATS, DataError
-from server.data.synth import generate, to_dataset, write_csv
+from recserve.data.dataset import Dataset, IdMap, build_csr, features_matrix
+from recserve.data.formats import FORMATS, DataError
+from recserve.data.synth import generate, to_dataset, write_csv
 
 # The readers need pyarrow (~75 ms to import); a serving process never reads a
 # dataset, so they are imported on first use (PEP 562).
@@ -13,10 +13,10 @@ _READERS = ("detect_format", "load_dataset")
 
 def __getattr__(name: str) -> Any:
     if name in _READERS:
-        from server.data import readers
+        from recserve.data import readers
 
         return getattr(readers, name)
-    raise AttributeError(f"module 'server.data' has no attribute {name!r}")
+    raise AttributeError(f"module 'recserve.data' has no attribute {name!r}")
 
 
 __all__ = [

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from server.data.dataset import Dataset, IdMap, build_csr, features_matrix
-from server.data.formats import FORMATS, DataError
+from recserve.data.dataset import Dataset, IdMap, build_csr, features_matrix
+from recserve.data.formats import FORMATS, DataError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.data.dataset import Dataset, IdMap, build_csr, features_matrix
+from recserve.data.dataset import Dataset, IdMap, build_csr, features_matrix
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,10 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import scipy.sparse as sp
 
-from kernels import topk
-from server import __version__, artifacts
-from server.data import Dataset, IdMap, build_csr
+from recserve import __version__
+from recserve.data import Dataset, IdMap, build_csr
+from recserve.kernels import topk
+from recserve.models import bundle
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +450,7 @@ class Recommender(ABC):
                 else {}
             ),
         }
-        return artifacts.publish(
+        return bundle.publish(
             models_dir, name, manifest, arrays, self._files(), make_current=make_current
         )
 
@@ -461,7 +462,7 @@ class Recommender(ABC):
     def from_bundle(cls, path: Path, doc: Mapping[str, Any], mmap: bool = True) -> Self:
         """Rebuild a model from a verified bundle's manifest and arrays."""
         model = cls(**doc["params"])
-        arrays = artifacts.load_arrays(path, doc, mmap=mmap)
+        arrays = bundle.load_arrays(path, doc, mmap=mmap)
         model.users = IdMap(arrays["user_ids"])
         model.items = IdMap(arrays["item_ids"])
         model.user_items = sp.csr_matrix(

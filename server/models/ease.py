@@ -17,9 +17,9 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-from server.data import Dataset
-from server.models.base import Param, Recommender, topk_excluding_self
-from server.models.registry import register
+from recserve.data import Dataset
+from recserve.models.base import Param, Recommender, topk_excluding_self
+from recserve.models.registry import register
 
 
 def ease_bytes(n_items: int) -> int:

@@ -23,10 +23,10 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import scipy.sparse as sp
 
-from kernels import topk
-from server import artifacts
-from server.index import ItemIndex, SearchConfig, SimilarIndex
-from server.models.base import Param, Recommender, _check_k, cosine_similar
+from recserve.index import ItemIndex, SearchConfig, SimilarIndex
+from recserve.kernels import topk
+from recserve.models import bundle
+from recserve.models.base import Param, Recommender, _check_k, cosine_similar
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class EmbeddingIndexMixin(Recommender):
         if ITEMS_FILE not in doc["files"]:
             log.warning("%s: no %s in the bundle; ranking by exact scoring", path, ITEMS_FILE)
             return model
-        arrays = artifacts.load_arrays(path, doc, mmap=mmap)  # mapped: no copy
+        arrays = bundle.load_arrays(path, doc, mmap=mmap)  # mapped: no copy
         model.item_index = ItemIndex.read(
             path / ITEMS_FILE,
             kind,

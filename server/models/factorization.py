@@ -22,12 +22,12 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from kernels import als as alsk
-from kernels import sgd as sgdk
-from server.data import Dataset
-from server.models.base import Param, Recommender, cosine_similar
-from server.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
-from server.models.registry import register
+from recserve.data import Dataset
+from recserve.kernels import als as alsk
+from recserve.kernels import sgd as sgdk
+from recserve.models.base import Param, Recommender, cosine_similar
+from recserve.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
+from recserve.models.registry import register
 
 
 def serial_blas() -> threadpool_limits:

@@ -23,10 +23,10 @@ from typing import ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from kernels import similarity as simk
-from server.data import Dataset
-from server.models.base import Param, Recommender
-from server.models.registry import register
+from recserve.data import Dataset
+from recserve.kernels import similarity as simk
+from recserve.models.base import Param, Recommender
+from recserve.models.registry import register
 
 # Bytes of per-row top-k buffers knn_self may hold (threads x rows x 2k slots
 # x 8 bytes); beyond it the general kernel runs instead (same result, less

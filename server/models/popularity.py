@@ -14,10 +14,10 @@ from typing import ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from kernels import topk
-from server.data import Dataset
-from server.models.base import Param, Recommender
-from server.models.registry import register
+from recserve.data import Dataset
+from recserve.kernels import topk
+from recserve.models.base import Param, Recommender
+from recserve.models.registry import register
 
 DAY = 86_400
 

@@ -6,10 +6,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server import artifacts
+from recserve.models import bundle
 
 if TYPE_CHECKING:
-    from server.models.base import Recommender
+    from recserve.models.base import Recommender
 
 MODELS: dict[str, type[Recommender]] = {}
 
@@ -52,10 +52,10 @@ def parse_params(pairs: Iterable[str]) -> dict[str, str]:
 def load(path: str | Path, verify: bool = True, mmap: bool = True) -> Recommender:
     """Load a bundle folder: verify its files (sha256 when `verify`), then map its arrays."""
     folder = Path(path)
-    doc = artifacts.verify(folder, full=verify)
+    doc = bundle.verify(folder, full=verify)
     cls = MODELS.get(doc["algorithm"])
     if cls is None:
-        raise artifacts.BundleError(f"{folder}: unknown algorithm {doc['algorithm']!r}")
+        raise bundle.BundleError(f"{folder}: unknown algorithm {doc['algorithm']!r}")
     model = cls.from_bundle(folder, doc, mmap=mmap)
     model.manifest = dict(doc)
     return model
@@ -65,4 +65,4 @@ def load_named(
     models_dir: str | Path, name: str, version: str | None = None, verify: bool = True
 ) -> Recommender:
     """Load `name`'s current (or given) version from a models folder."""
-    return load(artifacts.resolve(models_dir, name, version), verify=verify)
+    return load(bundle.resolve(models_dir, name, version), verify=verify)

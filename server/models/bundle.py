@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -25,10 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from recserve.config import NAME_RE
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CURRENT = "current"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class BundleError(Exception):

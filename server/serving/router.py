@@ -1,9 +1,4 @@
-"""The serving path, free of gRPC: which model answers, for which user, with what.
-
-`Catalog` owns the loaded bundles: it loads them in the background, cheapest
-first, so the service is ready as soon as popularity is, and swaps in new
-versions on reload (a refused bundle leaves the old one serving). `Router`
-answers requests with plain Python values:
+"""The router: which model answers a request, for which user, with what.
 
 1. name: "" -> the default model; an experiment -> its arm (hash of the id);
 2. chain: the model, its fallbacks, the global fallbacks: the first one that
@@ -15,363 +10,57 @@ answers requests with plain Python values:
    first model that serves cold users (popularity), else to the popularity
    of the first loaded model's training data.
 
-Errors are `RequestError`s with a status name and the offending field; the
-gRPC layer maps them to status codes.
+Answers are plain values (`recserve.serving.answers`); refusals are
+`RequestError`s naming a status and the offending field.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
 import scipy.sparse as sp
 
-from server import artifacts
-from server.config import Hybrid, ServerConfig
-from server.data import IdMap
-from server.feedback import OnlineState
-from server.models import Recommender, load
+from recserve.config import Hybrid, ServerConfig
+from recserve.feedback import OnlineState
+from recserve.models import Recommender, bundle
+from recserve.models.registry import MODELS
+from recserve.serving.answers import (
+    Check,
+    Prediction,
+    Ranked,
+    RecQuery,
+    RequestError,
+    check_id,
+    invalid,
+    nothing,
+)
+from recserve.serving.blend import blend
+from recserve.serving.catalog import SERVING, Catalog, Slot
 
-log = logging.getLogger("recserve.retrieval")
+log = logging.getLogger("recserve.router")
 
-LOADING, SERVING, FAILED = "loading", "serving", "failed"
 BUILTIN = "builtin-popularity"
-MAX_ID_BYTES = 1024
 EXPLAIN_ITEMS = 3
 
 
-class RequestError(Exception):
-    """A request the service refuses; `status` names a gRPC status code."""
-
-    def __init__(self, status: str, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.status = status
-        self.field = field
-
-
-def _invalid(field: str, message: str) -> RequestError:
-    return RequestError("INVALID_ARGUMENT", field, message)
-
-
-# -- the catalogue of loaded models --------------------------------------------------
-
-
-@dataclass
-class Slot:
-    """One named model: its load state and, once loaded, the model."""
-
-    name: str
-    state: str = LOADING
-    model: Recommender | None = None
-    version: str = ""
-    path: str = ""
-    error: str = ""
-    load_seconds: float = 0.0
-    bytes: int = 0
-    _popular: np.ndarray | None = field(default=None, repr=False)
-    _counts: np.ndarray | None = field(default=None, repr=False)
-    reserved: bool = False  # counted against the memory budget while loading
-
-    def popular_counts(self) -> np.ndarray:
-        """Training interactions per item (the last-resort ranking's scores)."""
-        if self._counts is None:
-            assert self.model is not None and self.model.user_items is not None
-            self._counts = np.bincount(self.model.user_items.indices, minlength=self.model.n_items)
-        return self._counts
-
-    def popular_order(self) -> np.ndarray:
-        """Items by training interaction count (ties by index): the last resort."""
-        if self._popular is None:
-            counts = self.popular_counts()
-            self._popular = np.lexsort((np.arange(counts.size), -counts))
-        return self._popular
-
-
-Loader = Callable[[Path, bool], Recommender]
-
-
-def default_loader(path: Path, full_verify: bool) -> Recommender:
-    """Verify (sha256 when full_verify) and memory-map a bundle."""
-    return load(path, verify=full_verify)
-
-
-class Catalog:
-    """Every model under the models folder, loaded in the background."""
-
-    def __init__(
-        self,
-        models_dir: str | Path,
-        full_verify: bool = True,
-        kernel_threads: int = 1,
-        loader: Loader = default_loader,
-        on_change: Callable[[Slot], None] | None = None,
-        memory_budget: int = 0,
-    ) -> None:
-        self.models_dir = Path(models_dir)
-        self.memory_budget = memory_budget  # bytes of bundles mapped at once; 0 = no limit
-        self.full_verify = full_verify
-        self.kernel_threads = kernel_threads
-        self.loader = loader
-        self.on_change = on_change or (lambda slot: None)
-        self._slots: dict[str, Slot] = {}
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: list = []
-        self.started = time.monotonic()
-
-    def discover(self) -> dict[str, tuple[Path, int]]:
-        """name -> (current version folder, bytes) for every published model."""
-        out = {}
-        for entry in artifacts.list_bundles(self.models_dir):
-            if entry.get("current") and "error" not in entry:
-                path = self.models_dir / entry["name"] / entry["current"]
-                out[entry["name"]] = (path, int(entry.get("bytes", 0)))
-            elif entry.get("error"):
-                log.error("model %s: %s", entry["name"], entry["error"])
-        return out
-
-    def start(self, workers: int = 2) -> None:
-        """Register every published model as LOADING and load them, smallest first."""
-        found = self.discover()
-        if not found:
-            log.warning("no published models under %s", self.models_dir)
-        self.started = time.monotonic()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="load")
-        for name, (path, size) in sorted(found.items(), key=lambda kv: (kv[1][1], kv[0])):
-            slot = Slot(name, path=str(path), bytes=size)
-            with self._lock:
-                self._slots[name] = slot
-            self.on_change(slot)
-            self._pending.append(self._pool.submit(self._load_into, slot, path))
-
-    def over_budget(self, slot: Slot) -> str | None:
-        """Why loading `slot` would exceed the memory budget (checked before loading)."""
-        if not self.memory_budget:
-            return None
-        with self._lock:
-            others = sum(
-                s.bytes for s in self._slots.values() if s.state == SERVING and s.name != slot.name
-            )
-        if others + slot.bytes <= self.memory_budget:
-            return None
-        return (
-            f"memory budget: {slot.bytes:,} bytes of bundle + {others:,} already mapped "
-            f"> memory_budget {self.memory_budget:,}"
-        )
-
-    def _load_into(self, slot: Slot, path: Path) -> None:
-        t = time.perf_counter()
-        try:
-            if reason := self.over_budget(slot):
-                raise artifacts.BundleError(reason)
-            model = self.loader(path, self.full_verify)
-            model.n_threads = self.kernel_threads
-        except Exception as exc:  # any failure to load is reported, never fatal
-            slot.state, slot.error, slot.reserved = FAILED, str(exc), False
-            log.error("model %s: failed to load %s: %s", slot.name, path, exc)
-        else:
-            slot.model, slot.version = model, path.name
-            slot.load_seconds = time.perf_counter() - t
-            slot.state = SERVING
-            log.info(
-                "model %s %s serving (%.3fs to load, %.3fs after start)",
-                slot.name,
-                slot.version,
-                slot.load_seconds,
-                time.monotonic() - self.started,
-            )
-        self.on_change(slot)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until every initial load finished; False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for fut in list(self._pending):
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                fut.result(timeout=left)
-            except TimeoutError:
-                return False
-        return True
-
-    def get(self, name: str) -> Slot | None:
-        """The slot of a model name, or None."""
-        with self._lock:
-            return self._slots.get(name)
-
-    def slots(self) -> list[Slot]:
-        """Every slot, by name."""
-        with self._lock:
-            return [self._slots[n] for n in sorted(self._slots)]
-
-    def ready(self, name: str) -> bool:
-        """True when `name` is a loaded real model."""
-        slot = self.get(name)
-        return slot is not None and slot.state == SERVING
-
-    def reload(self) -> tuple[list[Slot], list[Slot]]:
-        """Load every model whose current version changed (or that is new).
-
-        Returns (switched, refused). A refused version leaves the serving one in place.
-        """
-        switched, refused = [], []
-        for name, (path, size) in self.discover().items():
-            old = self.get(name)
-            if old is not None and old.path == str(path) and old.state == SERVING:
-                continue
-            fresh = Slot(name, path=str(path), bytes=size)
-            self._load_into_quiet(fresh, path)
-            if fresh.state == SERVING:
-                with self._lock:
-                    self._slots[name] = fresh
-                self.on_change(fresh)
-                switched.append(fresh)
-            else:
-                if old is None:
-                    with self._lock:
-                        self._slots[name] = fresh
-                    self.on_change(fresh)
-                refused.append(fresh)
-        return switched, refused
-
-    def _load_into_quiet(self, slot: Slot, path: Path) -> None:
-        t = time.perf_counter()
-        try:
-            if reason := self.over_budget(slot):
-                raise artifacts.BundleError(reason)
-            model = self.loader(path, True)  # reloads always check every sha256
-            model.n_threads = self.kernel_threads
-        except Exception as exc:
-            slot.state, slot.error, slot.reserved = FAILED, str(exc), False
-            log.error("model %s: refused %s: %s", slot.name, path, exc)
-            return
-        slot.model, slot.version, slot.state = model, path.name, SERVING
-        slot.load_seconds = time.perf_counter() - t
-
-    def close(self) -> None:
-        """Stop loading (pending loads are abandoned)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-# -- requests and answers --------------------------------------------------------------
-
-
-@dataclass
-class RecQuery:
-    """A Recommend request in plain values."""
-
-    user_id: str = ""
-    history: Sequence[tuple[str, float]] = ()
-    k: int = 10
-    model: str = ""
-    exclude: Sequence[str] = ()
-    candidates: Sequence[str] = ()
-    include_seen: bool = False
-    explain: bool = False
-
-
-class Ranked:
-    """Ranked item ids with scores (and explanations / std where asked and known).
-
-    Built from lists, or by `of` from a model's arrays (item rows best first,
-    their scores): then the id strings and float scores are made only when
-    read, and the unary answer encodes the arrays straight to the wire
-    (server.convert.response_bytes)."""
-
-    __slots__ = (
-        "_item_ids",
-        "_scores",
-        "arm",
-        "arrays",
-        "because",
-        "folded_in",
-        "model",
-        "served_by",
-        "stages",
-        "start",
-        "std",
-        "version",
-    )
-
-    def __init__(
-        self,
-        item_ids: list[str],
-        scores: list[float],
-        because: list[list[str]] | None = None,
-        std: list[float] | None = None,
-        model: str = "",
-        version: str = "",
-    ) -> None:
-        self._item_ids: list[str] | None = item_ids
-        self._scores: list[float] | None = scores
-        # (IdMap of the model's items, int32 rows, float32 scores) when built by `of`
-        self.arrays: tuple[IdMap, np.ndarray, np.ndarray] | None = None
-        self.because = because if because is not None else []
-        self.std = std if std is not None else []
-        self.model = model  # the name the caller asked for (after defaulting)
-        self.version = version
-        self.served_by = ""  # set when another model than the asked one answered
-        self.arm = ""
-        self.start = ""  # the model the chain started from (the arm, for experiments)
-        self.folded_in = False  # a model folded the user in from a history
-        self.stages: dict[str, float] = {}  # seconds per serving stage
-
-    @classmethod
-    def of(cls, items: IdMap, rows: np.ndarray, scores: np.ndarray, version: str) -> Ranked:
-        """A ranking held as arrays: `rows` (int32 item rows, best first) and their
-        `scores` (any float dtype; the wire encoder takes them as float32)."""
-        out = cls(None, None, version=version)  # type: ignore[arg-type]
-        out.arrays = (items, rows, scores)
-        return out
-
-    @property
-    def item_ids(self) -> list[str]:
-        if self._item_ids is None:
-            assert self.arrays is not None
-            self._item_ids = self.arrays[0].ids(self.arrays[1])
-        return self._item_ids
-
-    @property
-    def scores(self) -> list[float]:
-        if self._scores is None:
-            assert self.arrays is not None
-            self._scores = self.arrays[2].astype(float).tolist()
-        return self._scores
-
-    def __len__(self) -> int:
-        """How many items, without making the id strings."""
-        if self._item_ids is None and self.arrays is not None:
-            return int(self.arrays[1].shape[0])
-        return len(self.item_ids)
-
-    def __repr__(self) -> str:
-        return (
-            f"Ranked(item_ids={self.item_ids!r}, scores={self.scores!r}, model={self.model!r}, "
-            f"version={self.version!r}, served_by={self.served_by!r}, arm={self.arm!r})"
-        )
-
-
-@dataclass
-class Prediction:
-    """Predicted ratings in request order."""
-
-    item_ids: list[str]
-    rating: list[float]
-    std: list[float]
-    lower: list[float]
-    upper: list[float]
-    interval: float
-    model: str
-    version: str
-    served_by: str = ""
+def assign_arm(salt: str, key: str, arms: dict[str, float]) -> str:
+    """Deterministic arm of `key`: sha256(salt, key) as a uniform number in [0, 1)."""
+    h = hashlib.sha256(salt.encode() + b"\x00" + key.encode("utf-8", "surrogatepass")).digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    total = sum(arms.values())
+    acc = 0.0
+    names = [n for n in arms if arms[n] > 0]
+    for name in names:
+        acc += arms[name] / total
+        if u < acc:
+            return name
+    return names[-1]
 
 
 @dataclass
@@ -387,32 +76,6 @@ class _Served:
     @property
     def folded_in(self) -> bool:
         return self.row is not None
-
-
-Check = Callable[[], None]
-
-
-def _nothing() -> None:
-    return None
-
-
-def _arm(salt: str, key: str, arms: dict[str, float]) -> str:
-    """Deterministic arm of `key`: sha256(salt, key) as a uniform number in [0, 1)."""
-    h = hashlib.sha256(salt.encode() + b"\x00" + key.encode("utf-8", "surrogatepass")).digest()
-    u = int.from_bytes(h[:8], "big") / 2**64
-    total = sum(arms.values())
-    acc = 0.0
-    names = [n for n in arms if arms[n] > 0]
-    for name in names:
-        acc += arms[name] / total
-        if u < acc:
-            return name
-    return names[-1]
-
-
-def _check_id(field: str, value: str) -> None:
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
-        raise _invalid(field, f"longer than {MAX_ID_BYTES} bytes")
 
 
 def _with_training_row(
@@ -466,10 +129,10 @@ class Router:
     def _target(self, requested: str, key: str) -> tuple[str, str, str]:
         """(name asked, model to start the chain from, experiment arm or "")."""
         name = requested or self.default_model()
-        _check_id("model", name)
+        check_id("model", name)
         exp = self.cfg.experiments.get(name)
         if exp is not None:
-            arm = _arm(exp.salt, key, exp.arms)
+            arm = assign_arm(exp.salt, key, exp.arms)
             return name, arm, arm
         if name in self.cfg.hybrids or self.catalog.get(name) is not None:
             return name, name, ""
@@ -494,25 +157,25 @@ class Router:
     def validate(self, q: RecQuery) -> None:
         """Refuse malformed requests before any work, naming the field."""
         if not 1 <= q.k <= self.cfg.max_k:
-            raise _invalid("k", f"must be in [1, {self.cfg.max_k}], got {q.k}")
-        _check_id("user_id", q.user_id)
+            raise invalid("k", f"must be in [1, {self.cfg.max_k}], got {q.k}")
+        check_id("user_id", q.user_id)
         if not q.user_id and not q.history:
-            raise _invalid("user_id", "give a user_id or a history")
+            raise invalid("user_id", "give a user_id or a history")
         if len(q.history) > self.cfg.max_history:
-            raise _invalid(
+            raise invalid(
                 "history", f"{len(q.history)} events; at most {self.cfg.max_history} allowed"
             )
         for i, (item, value) in enumerate(q.history):
             if not item:
-                raise _invalid(f"history[{i}].item_id", "empty")
-            _check_id(f"history[{i}].item_id", item)
+                raise invalid(f"history[{i}].item_id", "empty")
+            check_id(f"history[{i}].item_id", item)
             if not np.isfinite(value):
-                raise _invalid(f"history[{i}].value", f"must be finite, got {value}")
+                raise invalid(f"history[{i}].value", f"must be finite, got {value}")
         for fname, ids in (("exclude_item_ids", q.exclude), ("candidate_item_ids", q.candidates)):
             if len(ids) > self.cfg.max_ids:
-                raise _invalid(fname, f"{len(ids)} ids; at most {self.cfg.max_ids} allowed")
+                raise invalid(fname, f"{len(ids)} ids; at most {self.cfg.max_ids} allowed")
 
-    def recommend(self, q: RecQuery, check: Check = _nothing) -> Ranked:
+    def recommend(self, q: RecQuery, check: Check = nothing) -> Ranked:
         """Top-k for one request: validated, routed, folded in, explained.
 
         The answer's `stages` holds the seconds spent resolving the user
@@ -605,7 +268,7 @@ class Router:
             unknown = int((idx < 0).sum())
             if unknown > self.cfg.unknown_item_tolerance * len(ids):
                 first = ids[int(np.flatnonzero(idx < 0)[0])]
-                raise _invalid(
+                raise invalid(
                     "history",
                     f"{unknown} of {len(ids)} item ids are unknown to model {name!r} "
                     f"(tolerance {self.cfg.unknown_item_tolerance:.0%}), e.g. {first!r}",
@@ -724,14 +387,10 @@ class Router:
             stages["rank"] += time.perf_counter() - t
 
     def _blend(self, parts: list[tuple[float, _Served]], q: RecQuery, check: Check) -> Ranked:
-        blend: dict[str, float] = {}
-        for w, s in parts:
-            assert s.slot.model is not None and s.slot.model.items is not None
-            lo, hi = float(s.scores.min()), float(s.scores.max())
-            norm = (s.scores - lo) / (hi - lo) if hi > lo else np.ones_like(s.scores)
-            for item_id, v in zip(s.slot.model.items.ids(s.items), norm.tolist(), strict=True):
-                blend[item_id] = blend.get(item_id, 0.0) + w * v
-        order = sorted(blend.items(), key=lambda kv: (-kv[1], kv[0]))[: q.k]
+        order = blend(
+            ((w, s.slot.model.items.ids(s.items), s.scores) for w, s in parts),  # type: ignore[union-attr]
+            q.k,
+        )
         out = Ranked([i for i, _ in order], [v for _, v in order])
         out.version = ",".join(f"{s.slot.name}@{s.slot.version}" for _, s in parts)
         out.folded_in = any(s.folded_in for _, s in parts)
@@ -774,14 +433,14 @@ class Router:
 
     # -- SimilarItems ----------------------------------------------------------------
 
-    def similar(self, item_id: str, k: int, model: str = "", check: Check = _nothing) -> Ranked:
+    def similar(self, item_id: str, k: int, model: str = "", check: Check = nothing) -> Ranked:
         """The k items most similar to one item, from the first model of the chain
         that is loaded, knows the item and has an item similarity."""
         if not 1 <= k <= self.cfg.max_k:
-            raise _invalid("k", f"must be in [1, {self.cfg.max_k}], got {k}")
+            raise invalid("k", f"must be in [1, {self.cfg.max_k}], got {k}")
         if not item_id:
-            raise _invalid("item_id", "empty")
-        _check_id("item_id", item_id)
+            raise invalid("item_id", "empty")
+        check_id("item_id", item_id)
         asked, start, arm = self._target(model, item_id)
         any_ready = False
         for name, entry in self._chain(start):
@@ -817,8 +476,7 @@ class Router:
 
     def _similar_hybrid(self, hy: Hybrid, item_id: str, k: int) -> Ranked | None:
         n = max(3 * k, 100)
-        blend: dict[str, float] = {}
-        versions = []
+        parts, versions = [], []
         for name, w in hy.weights.items():
             slot = self.catalog.get(name)
             if w <= 0 or slot is None:
@@ -827,14 +485,10 @@ class Router:
             if part is None or not part.item_ids:
                 continue
             versions.append(f"{name}@{slot.version}")
-            sc = np.asarray(part.scores)
-            lo, hi = float(sc.min()), float(sc.max())
-            norm = (sc - lo) / (hi - lo) if hi > lo else np.ones_like(sc)
-            for i, v in zip(part.item_ids, norm.tolist(), strict=True):
-                blend[i] = blend.get(i, 0.0) + w * v
-        if not blend:
+            parts.append((w, part.item_ids, np.asarray(part.scores)))
+        if not parts:
             return None
-        order = sorted(blend.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        order = blend(parts, k)
         return Ranked([i for i, _ in order], [v for _, v in order], version=",".join(versions))
 
     # -- PredictRatings ----------------------------------------------------------------
@@ -850,17 +504,17 @@ class Router:
         """Predicted ratings (mean, std, central interval) from a rating model."""
         level = interval or 0.95
         if not 0 < level < 1:
-            raise _invalid("interval", f"must be in (0, 1), got {interval}")
+            raise invalid("interval", f"must be in (0, 1), got {interval}")
         if not item_ids:
-            raise _invalid("item_ids", "give at least one item")
+            raise invalid("item_ids", "give at least one item")
         if len(item_ids) > self.cfg.max_ids:
-            raise _invalid("item_ids", f"{len(item_ids)} ids; at most {self.cfg.max_ids} allowed")
+            raise invalid("item_ids", f"{len(item_ids)} ids; at most {self.cfg.max_ids} allowed")
         q = RecQuery(user_id=user_id, history=history, k=1, model=model)
         if user_id or history:
             self.validate(q)
         asked, start, _ = self._target(model, user_id)
         if model and not self._predicts(start):
-            raise _invalid("model", f"{start!r} does not predict ratings")
+            raise invalid("model", f"{start!r} does not predict ratings")
         rating_models = [n for n in self.cfg.chain(start) if self._predicts(n)]
         if not model:  # the default model may rank only: any rating model will do
             rating_models += [s.name for s in self.catalog.slots() if self._predicts(s.name)]
@@ -882,11 +536,9 @@ class Router:
             return False
         if slot.model is not None:
             return slot.model.predicts_ratings
-        from server.models.registry import MODELS  # the algorithm's class says it
-
         try:
-            algo = artifacts.read_manifest(slot.path)["algorithm"]
-        except artifacts.BundleError:
+            algo = bundle.read_manifest(slot.path)["algorithm"]
+        except bundle.BundleError:
             return False
         cls = MODELS.get(algo)
         return bool(cls and cls.predicts_ratings)

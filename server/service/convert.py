@@ -1,19 +1,24 @@
-"""Protobuf messages <-> the plain values of server.retrieval. No logic beyond shape."""
+"""Protobuf messages <-> the plain values of recserve.serving. No logic beyond shape.
+
+Requests that are not valid protobuf become `Undecodable` (answered
+INVALID_ARGUMENT by the core); the common unary answer is written straight
+from the model's arrays by `recserve.kernels.wire`.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
 
-import grpc
 import numpy as np
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from kernels import wire
+from recserve import contract
+from recserve.kernels import wire
+from recserve.serving import Prediction, Ranked, RecQuery, Slot
 from recserve.v1 import recommender_pb2 as pb
-from server.retrieval import Prediction, Ranked, RecQuery, Slot
 
 
 class Undecodable:
@@ -28,7 +33,22 @@ class Undecodable:
         return f"request: not a valid {self.kind} message"
 
 
-def _parser(cls: Any) -> Callable[[bytes], Any]:
+# This process's id, sent with every answer so a caller (and the tests) can tell
+# the workers of `serve --workers N` apart; refreshed in a forked worker.
+WORKER = str(os.getpid())
+
+
+def _forked() -> None:
+    global WORKER
+    WORKER = str(os.getpid())
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def parser(cls: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: bad bytes become `Undecodable`."""
+
     def parse(data: bytes) -> Any:
         try:
             return cls.FromString(data)
@@ -38,33 +58,9 @@ def _parser(cls: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def add_services(server: Any, recommender: Any, admin: Any) -> None:
-    """Register both services on a sync or asyncio server, as the generated
-    add_*_to_server functions do, but with request parsers that never raise."""
-    for service, impl in (("Recommender", recommender), ("Admin", admin)):
-        desc = pb.DESCRIPTOR.services_by_name[service]
-        handlers = {}
-        for method in desc.methods:
-            kind = (
-                ("stream" if method.client_streaming else "unary")
-                + "_"
-                + ("stream" if method.server_streaming else "unary")
-            )
-            make = getattr(grpc, f"{kind}_rpc_method_handler")
-            request = getattr(pb, method.input_type.name)
-            response = getattr(pb, method.output_type.name)
-            serialize = response.SerializeToString
-            if response is pb.RecommendResponse:
-                serialize = _serialize  # answers may come encoded (response_bytes)
-            handlers[method.name] = make(
-                getattr(impl, method.name),
-                request_deserializer=_parser(request),
-                response_serializer=serialize,
-            )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(desc.full_name, handlers),)
-        )
-        server.add_registered_method_handlers(desc.full_name, handlers)
+def serialize(message: Any) -> bytes:
+    """A response serializer that passes answers already encoded (response_bytes) on."""
+    return message if type(message) is bytes else message.SerializeToString()
 
 
 STATE = {"loading": pb.MODEL_STATE_LOADING, "serving": pb.MODEL_STATE_SERVING}
@@ -97,13 +93,15 @@ def ranked_items(r: Ranked) -> Iterator[pb.RankedItem]:
         )
 
 
-def metadata(r: Ranked) -> tuple[tuple[str, str], ...]:
-    """Initial metadata naming the model, version, fallback and arm."""
-    md = [("x-recserve-model", r.model), ("x-recserve-version", r.version)]
-    if r.served_by:
-        md.append(("x-recserve-served-by", r.served_by))
-    if r.arm:
-        md.append(("x-recserve-arm", r.arm))
+def metadata(
+    model: str, version: str, served_by: str = "", arm: str = ""
+) -> tuple[tuple[str, str], ...]:
+    """Response metadata naming the model, version, fallback, arm and worker."""
+    md = [(contract.MODEL, model), (contract.VERSION, version), (contract.WORKER, WORKER)]
+    if served_by:
+        md.append((contract.SERVED_BY, served_by))
+    if arm:
+        md.append((contract.ARM, arm))
     return tuple(md)
 
 
@@ -134,56 +132,18 @@ def response(request_id: str, r: Ranked) -> pb.RecommendResponse:
     return out
 
 
-def _serialize(message: pb.RecommendResponse | bytes) -> bytes:
-    return message if type(message) is bytes else message.SerializeToString()
-
-
-def _check_wire_layout() -> dict[str, int]:
-    """RecommendResponse's field numbers, after checking that RankedItem still has
-    the numbers and types kernels.wire writes (a changed .proto fails here)."""
-    wire_type = {FieldDescriptor.TYPE_STRING: 2, FieldDescriptor.TYPE_FLOAT: 5}
-    fields = pb.RankedItem.DESCRIPTOR.fields_by_name
-    for name, (number, kind) in wire.RANKED_ITEM_FIELDS.items():
-        f = fields.get(name)
-        if f is None or f.number != number or wire_type.get(f.type, 0) != kind:
-            raise RuntimeError(f"kernels.wire: RankedItem.{name} no longer matches the .proto")
-    numbers = {f.name: f.number for f in pb.RecommendResponse.DESCRIPTOR.fields}
-    if pb.RecommendResponse.DESCRIPTOR.fields_by_name["items"].message_type is not (
-        pb.RankedItem.DESCRIPTOR
-    ):
-        raise RuntimeError("kernels.wire: RecommendResponse.items is no longer RankedItem")
-    return numbers
-
-
-_FIELD = _check_wire_layout()
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def _string(name: str, value: str) -> bytes:
-    """A string field of RecommendResponse; empty (the proto3 default) is omitted."""
-    if not value:
-        return b""
-    data = value.encode("utf-8")
-    return _varint(_FIELD[name] << 3 | 2) + _varint(len(data)) + data
+_FIELD = wire.check_layout(pb.RankedItem.DESCRIPTOR, pb.RecommendResponse.DESCRIPTOR)
 
 
 @lru_cache(maxsize=1024)
 def _tail(model: str, version: str, served_by: str, arm: str) -> bytes:
     # model .. arm, then status = Status(code=0): an empty but present message.
-    status = _varint(_FIELD["status"] << 3 | 2) + b"\x00"
+    status = wire.varint(_FIELD["status"] << 3 | 2) + b"\x00"
     return (
-        _string("model", model)
-        + _string("version", version)
-        + _string("served_by", served_by)
-        + _string("arm", arm)
+        wire.string_field(_FIELD["model"], model)
+        + wire.string_field(_FIELD["version"], version)
+        + wire.string_field(_FIELD["served_by"], served_by)
+        + wire.string_field(_FIELD["arm"], arm)
         + status
     )
 
@@ -191,7 +151,7 @@ def _tail(model: str, version: str, served_by: str, arm: str) -> bytes:
 def response_bytes(request_id: str, r: Ranked) -> pb.RecommendResponse | bytes:
     """`response`, already serialized when the ranking is held as arrays (the
     common answer): kernels.wire writes it from the model's arrays in one call,
-    a tenth of building the message. Both servers' serializer passes bytes on."""
+    a tenth of building the message. `serialize` passes bytes on."""
     if r.arrays is None or r.because or r.std:
         return response(request_id, r)
     items, rows, scores = r.arrays
@@ -199,7 +159,7 @@ def response_bytes(request_id: str, r: Ranked) -> pb.RecommendResponse | bytes:
         items.rows,
         rows,
         scores.astype(np.float32, copy=False),
-        _string("request_id", request_id),
+        wire.string_field(_FIELD["request_id"], request_id),
         _tail(r.model, r.version, r.served_by, r.arm),
         _FIELD["items"],
     )

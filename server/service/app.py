@@ -1,0 +1,213 @@
+"""A running recserve server's life cycle: build, start, health, drain.
+
+`App` assembles the parts (config, feedback store replayed into the online
+state, the catalogue loading in the background, router, core, metrics) and
+runs one gRPC transport over them. Health: overall SERVING as soon as any
+model is loaded, `model/<name>` per model, hybrid and experiment, NOT_SERVING
+while draining. The drain answers in-flight calls and streams before exiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from recserve.config import ServerConfig
+from recserve.feedback import FeedbackStore, OnlineState
+from recserve.memstat import file_residency, process_memory
+from recserve.metrics import Metrics
+from recserve.service import auth
+from recserve.service.core import Core
+from recserve.service.grpc_common import NOT_SERVING, OVERALL, SERVICE_NAMES
+from recserve.service.grpc_common import SERVING as HEALTH_SERVING
+from recserve.serving import SERVING, Catalog, Loader, Router, Slot, default_loader
+
+log = logging.getLogger("recserve.service")
+
+MEMORY_INTERVAL = 5.0  # seconds between memory gauge updates
+
+
+def health_name(model: str) -> str:
+    """The health service name of one model (models cannot contain '/')."""
+    return f"model/{model}"
+
+
+class App:
+    """A configured recserve server: build, start, drain."""
+
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        loader: Loader = default_loader,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics(registry) if registry is not None else Metrics()
+        self.online = OnlineState(cfg.online_history)
+        self.store = FeedbackStore(cfg.feedback_db)
+        self.catalog = Catalog(
+            cfg.models,
+            full_verify=cfg.verify == "full",
+            kernel_threads=cfg.kernel_threads,
+            loader=loader,
+            on_change=self._model_changed,
+            memory_budget=int(cfg.memory_budget_mb * 1024 * 1024),
+        )
+        self.router = Router(cfg, self.catalog, self.online)
+        self.core = Core(cfg, self.catalog, self.router, self.online, self.store, self.metrics)
+        self.transport: Any = None  # grpc_aio.AioTransport or grpc_threads.ThreadsTransport
+        self.port = 0
+        self.metrics_port = 0
+        self.started = time.monotonic()
+        self.serving_after: float | None = None  # seconds from start to overall SERVING
+        self._health: dict[str, int] = {}
+        self._health_lock = threading.Lock()
+        self._info_labels: dict[str, tuple[str, str, str]] = {}
+        self._stopped = threading.Event()
+        self._metrics_http: tuple[Any, Any] | None = None
+        for name in (OVERALL, *SERVICE_NAMES):
+            self._set_health(name, NOT_SERVING)
+
+    @property
+    def draining(self) -> bool:
+        """True once drain began: new calls are refused with UNAVAILABLE."""
+        return self.core.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.core.draining = value
+
+    def shared_sync(self) -> None:
+        """Pick up feedback other workers recorded (see Core.shared_sync)."""
+        self.core.shared_sync()
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Replay feedback, bind, start loading models; returns the bound port."""
+        self.started = time.monotonic()
+        n = self.online.sync(self.store)
+        if n:
+            log.info("replayed %d feedback events for %d users", n, len(self.online))
+        if not self.cfg.admin_token and not auth.is_loopback_host(self.cfg.host):
+            log.warning(
+                "Admin is reachable on %s without admin_token: it answers loopback peers "
+                "only; set admin_token (RECSERVE_ADMIN_TOKEN) to manage this server remotely",
+                self.cfg.host,
+            )
+        if self.cfg.server == "asyncio":
+            from recserve.service.grpc_aio import AioTransport as Transport
+        else:
+            from recserve.service.grpc_threads import ThreadsTransport as Transport
+        transport = Transport(self)
+        with self._health_lock:
+            transport.start(dict(self._health))
+            self.transport = transport
+        self.port = transport.port
+        if self.cfg.metrics_port:
+            self._metrics_http = start_http_server(
+                self.cfg.metrics_port, registry=self.metrics.registry
+            )
+            self.metrics_port = self.cfg.metrics_port
+        self.catalog.start()
+        self.metrics.workers.set(1)
+        self._refresh_health()
+        threading.Thread(target=self._sample_forever, name="memory", daemon=True).start()
+        log.info(
+            "listening on %s:%d (%d models loading)",
+            self.cfg.host,
+            self.port,
+            len(self.catalog.slots()),
+        )
+        return self.port
+
+    def drain(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` s."""
+        grace = self.cfg.grace_seconds if grace is None else grace
+        self.core.draining = True
+        self._stopped.set()
+        if self.transport is not None:
+            self.transport.stop(grace)
+        self.catalog.close()
+        self.store.close()
+        self.metrics.flush()
+        if self._metrics_http is not None:
+            self._metrics_http[0].shutdown()
+        log.info("drained and stopped")
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        if self.transport is not None:
+            self.transport.wait()
+
+    # -- health --------------------------------------------------------------------------
+
+    def _set_health(self, name: str, status: int) -> None:
+        """Set a health status from any thread (applied by the transport once it runs)."""
+        with self._health_lock:
+            if self._health.get(name) == status:
+                return
+            self._health[name] = status
+            if self.transport is not None:
+                self.transport.set_health(name, status)
+
+    def _refresh_health(self) -> None:
+        if self.core.draining:
+            return
+        for name in self.router.names():
+            ready = self.router.ready(name)
+            self._set_health(health_name(name), HEALTH_SERVING if ready else NOT_SERVING)
+        if any(s.state == SERVING for s in self.catalog.slots()):
+            if self.serving_after is None:
+                self.serving_after = time.monotonic() - self.started
+                log.info("SERVING %.3fs after start", self.serving_after)
+            for name in (OVERALL, *SERVICE_NAMES):
+                self._set_health(name, HEALTH_SERVING)
+
+    def _model_changed(self, slot: Slot) -> None:
+        m = self.metrics
+        m.model_serving.labels(slot.name).set(1 if slot.state == SERVING else 0)
+        if slot.state == SERVING and slot.model is not None:
+            m.model_load_seconds.labels(slot.name).set(slot.load_seconds)
+            old = self._info_labels.pop(slot.name, None)
+            if old is not None:
+                with contextlib.suppress(KeyError):
+                    m.model_info.remove(*old)
+            labels = (slot.name, slot.model.algorithm, slot.version)
+            m.model_info.labels(*labels).set(1)
+            self._info_labels[slot.name] = labels
+            self.sample_memory()
+        self._refresh_health()
+
+    # -- memory --------------------------------------------------------------------------
+
+    def sample_memory(self) -> None:
+        """Update the memory gauges: process RSS/PSS, per model file mapped/resident."""
+        m = self.metrics
+        rss, pss = process_memory()
+        m.resident_bytes.set(rss)
+        m.proportional_bytes.set(pss)
+        files: dict[str, tuple[str, str, int]] = {}
+        for slot in self.catalog.slots():
+            if slot.state != SERVING or slot.model is None:
+                continue
+            for fname, entry in slot.model.manifest.get("files", {}).items():
+                path = str((Path(slot.path) / fname).resolve())
+                files[path] = (slot.name, fname.removesuffix(".npy"), int(entry["bytes"]))
+        resident = file_residency(files)
+        for path, (model, component, size) in files.items():
+            m.model_bytes.labels(model, component, "mapped").set(size)
+            m.model_bytes.labels(model, component, "resident").set(resident.get(path, 0))
+
+    def _sample_forever(self) -> None:
+        while not self._stopped.wait(MEMORY_INTERVAL):
+            try:
+                self.sample_memory()
+            except Exception:  # metrics must never take the server down
+                log.exception("memory sampling failed")

@@ -1,0 +1,438 @@
+"""The request core: each RPC's semantics once, in plain Python (no grpc).
+
+A transport (grpc_aio, grpc_threads) turns a gRPC call into a `Call` (deadline,
+cancellation, metadata, peer) and a parsed request, calls the core, and turns
+the answer into bytes or a stream, and a `Failure` into a status. Everything
+else happens here: admission (one counter, fail fast), authorization, request
+validation, routing, ranking, the answer and its metadata, and the metrics of
+every call, recorded once by the call's `Session` with its final status.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from recserve.config import ServerConfig
+from recserve.feedback import Event, FeedbackStore, OnlineState, now
+from recserve.metrics import Metrics
+from recserve.metrics import multiprocess as metrics_multiprocess
+from recserve.service import auth, convert
+from recserve.serving import MAX_ID_BYTES, Catalog, Prediction, Ranked, RequestError, Router
+from recserve.v1 import recommender_pb2 as pb
+
+log = logging.getLogger("recserve.service")
+
+CHECK_EVERY = 64  # streamed items between cancellation checks
+FEEDBACK_BATCH = 1000  # events committed together by RecordInteractions
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+class Code(enum.IntEnum):
+    """The status of an answer: gRPC's codes, by number; transports map them by name."""
+
+    OK = 0
+    CANCELLED = 1
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+class Failure(Exception):
+    """A call answered with a non-OK status; `field` names the offending field."""
+
+    def __init__(self, code: Code, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+
+class Call(Protocol):
+    """What the core needs of a transport's call."""
+
+    def time_remaining(self) -> float | None:
+        """Seconds until the deadline, or None without one."""
+
+    def cancelled(self) -> bool:
+        """True once the client went away."""
+
+    def metadata(self) -> Iterable[tuple[str, Any]]:
+        """The request's metadata (key, value) pairs."""
+
+    def peer(self) -> str:
+        """The peer as gRPC names it (ipv4:1.2.3.4:5, ipv6:[::1]:5, unix:...)."""
+
+
+def checker(call: Call) -> Callable[[], None]:
+    """A callable that raises Failure once the client cancelled or its deadline passed."""
+
+    def check() -> None:
+        remaining = call.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise Failure(Code.DEADLINE_EXCEEDED, "deadline passed before the answer")
+        if call.cancelled():
+            raise Failure(Code.CANCELLED, "client cancelled")
+
+    return check
+
+
+class Session:
+    """One admitted call, from admission to its final status, recorded once.
+
+    Use as a context manager around the call's work. An exception leaving it
+    becomes a `Failure` (an unexpected one is logged and answered INTERNAL), a
+    BaseException (the client went away) counts as CANCELLED. On success the
+    admission slot is released at once and the metrics are recorded by `defer`
+    (the asyncio transport runs them after the answer is handed to gRPC)."""
+
+    __slots__ = ("call", "check", "core", "defer", "method", "ranked", "sent", "t0", "t1")
+
+    def __init__(
+        self, core: Core, method: str, call: Call, t0: float, defer: Callable[..., Any] | None
+    ) -> None:
+        self.core, self.method, self.call, self.t0, self.defer = core, method, call, t0, defer
+        self.check = checker(call)
+        self.ranked: Ranked | None = None  # the answer's ranking (unary Recommend)
+        self.sent = 0  # items streamed
+        self.t1 = 0.0
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb) -> bool:
+        core = self.core
+        if kind is None:
+            self.t1 = time.perf_counter()
+            core.release()
+            if self.defer is not None:
+                self.defer(core.record_ok, self)
+            else:
+                core.record_ok(self)
+            return False
+        if isinstance(exc, Exception):
+            failure = core.failure(self.method, exc)
+            core.finish(self, failure.code.name)
+            if failure is not exc:
+                raise failure from None
+            return False
+        core.finish(self, "CANCELLED")  # GeneratorExit, asyncio.CancelledError
+        return False
+
+
+class Core:
+    """The semantics of every recserve.v1 RPC over a catalogue, router and feedback."""
+
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        catalog: Catalog,
+        router: Router,
+        online: OnlineState,
+        store: FeedbackStore,
+        metrics: Metrics,
+    ) -> None:
+        self.cfg, self.catalog, self.router = cfg, catalog, router
+        self.online, self.store, self.metrics = online, store, metrics
+        # Admitted calls still running: at most max_concurrency; the drain waits for them.
+        self.active = 0
+        self._active_lock = threading.Lock()
+        self.draining = False
+        self.last_call = 0.0  # monotonic time of the last call that asked for a slot
+        self._seen_changes: int | None = None  # the feedback log's counter at the last sync
+        # In flight: read at scrape time from `active`, except with --workers, where
+        # each process writes its count to its metrics file (livesum).
+        self._count_inflight = metrics_multiprocess()
+        if not self._count_inflight:
+            metrics.inflight.set_function(lambda: self.active)
+
+    # -- admission -------------------------------------------------------------------
+
+    def session(self, method: str, call: Call, defer: Callable[..., Any] | None = None) -> Session:
+        """Admit a Recommender call (token, draining, max_concurrency) or raise Failure."""
+        t0 = time.perf_counter()
+        self.last_call = time.monotonic()
+        if self.cfg.token_for_all and (denied := auth.token_error(self.cfg, call.metadata())):
+            self.metrics.rejected.labels(method, "UNAUTHENTICATED").inc()
+            raise Failure(Code.UNAUTHENTICATED, denied, "authorization")
+        if self.draining:
+            self.metrics.rejected.labels(method, "UNAVAILABLE").inc()
+            raise Failure(Code.UNAVAILABLE, "server: draining, retry another replica")
+        with self._active_lock:
+            full = self.active >= self.cfg.max_concurrency
+            if not full:
+                self.active += 1
+        if full:
+            self.metrics.rejected.labels(method, "RESOURCE_EXHAUSTED").inc()
+            raise Failure(
+                Code.RESOURCE_EXHAUSTED,
+                f"server: {self.cfg.max_concurrency} requests in flight (max_concurrency); retry",
+            )
+        if self._count_inflight:
+            self.metrics.inflight.inc()
+        return Session(self, method, call, t0, defer)
+
+    def release(self) -> None:
+        """Give back the admission slot of a finished call."""
+        with self._active_lock:
+            self.active -= 1
+        if self._count_inflight:
+            self.metrics.inflight.dec()
+
+    def finish(self, s: Session, code: str) -> None:
+        """Release a call that ended with `code` and record its duration and items."""
+        self.release()
+        self.metrics.rpc_seconds.labels(s.method, code).observe(time.perf_counter() - s.t0)
+        if s.sent:
+            self.metrics.items.labels(s.method).inc(s.sent)
+
+    def record_ok(self, s: Session) -> None:
+        """The metrics of a call answered OK (its slot is released already)."""
+        m = self.metrics
+        if s.ranked is not None:
+            self.observe(s.method, s.ranked)
+            n = len(s.ranked)
+            if n:
+                m.first_item_seconds.labels(s.method).observe(s.t1 - s.t0)
+                m.items.labels(s.method).inc(n)
+        if s.sent:
+            m.items.labels(s.method).inc(s.sent)
+        m.rpc_seconds.labels(s.method, "OK").observe(s.t1 - s.t0)
+
+    def failure(self, method: str, exc: BaseException) -> Failure:
+        """The Failure to answer for an exception raised while answering."""
+        if isinstance(exc, Failure):
+            return exc
+        if isinstance(exc, RequestError):
+            return Failure(Code[exc.status], str(exc), exc.field)
+        log.exception("%s failed", method, exc_info=exc)
+        return Failure(Code.INTERNAL, f"server: internal error ({type(exc).__name__}), logged")
+
+    def shared_sync(self) -> None:
+        """With several workers, pick up events other workers recorded: a read of
+        the log when its shared change counter moved since the last one."""
+        if self.cfg.workers > 1:
+            changes = self.store.changes()
+            if changes != self._seen_changes or changes < 0:
+                # Noted before reading: a bump during the read triggers another one.
+                self._seen_changes = changes
+                self.online.sync(self.store)
+
+    def observe(self, method: str, r: Ranked) -> None:
+        """Count an answered ranking: who served it, fallbacks, fold-ins, arms, stages."""
+        m = self.metrics
+        m.requests.labels(method, r.model, r.served_by or r.arm or r.model, r.arm).inc()
+        for stage, seconds in r.stages.items():
+            m.stage_seconds.labels(method, stage).observe(seconds)
+        if r.served_by:
+            m.fallbacks.labels(r.start, r.served_by).inc()
+        if r.folded_in:
+            m.fold_ins.labels(r.served_by or r.start).inc()
+        if r.arm:
+            m.assignments.labels(r.model, r.arm).inc()
+
+    # -- Recommender -----------------------------------------------------------------
+
+    def _ranking(self, s: Session, request: Any) -> Ranked:
+        _refuse_undecodable(request)
+        self.shared_sync()
+        r = self.router.recommend(convert.rec_query(request), s.check)
+        s.check()  # a deadline that passed while computing
+        return r
+
+    def recommend(self, s: Session, request: pb.RecommendRequest) -> tuple[Any, Metadata]:
+        """Recommend: the ranking in one message (bytes when encoded from arrays)."""
+        r = self._ranking(s, request)
+        s.ranked = r
+        return convert.response_bytes(request.request_id, r), _metadata(r)
+
+    def recommend_stream(
+        self, s: Session, request: pb.RecommendRequest
+    ) -> tuple[Metadata, Iterator[pb.RankedItem]]:
+        """RecommendStream: the same ranking, one RankedItem per message."""
+        r = self._ranking(s, request)
+        return _metadata(r), self._items(s, r)
+
+    def similar(
+        self, s: Session, request: pb.SimilarItemsRequest
+    ) -> tuple[Metadata, Iterator[pb.RankedItem]]:
+        """SimilarItems: the k items most like one item, streamed."""
+        _refuse_undecodable(request)
+        r = self.router.similar(request.item_id, int(request.k), request.model, s.check)
+        s.check()
+        return _metadata(r), self._items(s, r)
+
+    def _items(self, s: Session, r: Ranked) -> Iterator[pb.RankedItem]:
+        self.observe(s.method, r)
+        for item in convert.ranked_items(r):
+            if s.sent % CHECK_EVERY == 0:
+                if s.sent == 0:
+                    elapsed = time.perf_counter() - s.t0
+                    self.metrics.first_item_seconds.labels(s.method).observe(elapsed)
+                s.check()
+            yield item
+            s.sent += 1
+
+    def batch_one(self, s: Session, request: Any) -> Any:
+        """One answer of a RecommendBatch stream: a refused request is answered with
+        its status in the message and the stream carries on."""
+        s.check()
+        if isinstance(request, convert.Undecodable):
+            code = Code.INVALID_ARGUMENT
+            return convert.batch_error(pb.RecommendRequest(), code, request.message)
+        self.shared_sync()
+        try:
+            r = self.router.recommend(convert.rec_query(request), s.check)
+        except RequestError as err:
+            return convert.batch_error(request, Code[err.status], str(err))
+        self.observe(s.method, r)
+        self.metrics.items.labels(s.method).inc(len(r))
+        return convert.response_bytes(request.request_id, r)
+
+    def predict(self, s: Session, request: pb.PredictRatingsRequest) -> tuple[Any, Metadata]:
+        """PredictRatings: mean, std and a central interval per item, in request order."""
+        _refuse_undecodable(request)
+        self.shared_sync()
+        p: Prediction = self.router.predict(
+            request.user_id,
+            [(h.item_id, float(h.value)) for h in request.history],
+            list(request.item_ids),
+            request.model,
+            float(request.interval),
+        )
+        s.check()
+        self.metrics.requests.labels(s.method, p.model, p.served_by or p.model, "").inc()
+        return convert.predictions(p), convert.metadata(p.model, p.version, p.served_by)
+
+    def recorder(self) -> Recorder:
+        """The state of one RecordInteractions stream."""
+        return Recorder(self)
+
+    def record(
+        self, s: Session, requests: Iterable[pb.Interaction]
+    ) -> tuple[pb.RecordSummary, Metadata]:
+        """RecordInteractions over a plain iterator (the thread-pool transport)."""
+        rec = self.recorder()
+        for ev in requests:
+            if (full := rec.add(ev)) is not None:
+                rec.store(full)
+        rec.store(rec.rest())
+        return rec.summary(), ()
+
+    # -- Admin ---------------------------------------------------------------------------
+
+    def admin(self, call: Call) -> None:
+        """Raise Failure unless the caller may use Admin (token, or loopback without one)."""
+        denied = auth.admin_error(self.cfg, call.metadata(), call.peer())
+        if denied is not None:
+            code, message = denied
+            raise Failure(Code[code], message, "authorization")
+
+    def _infos(self) -> list[pb.ModelInfo]:
+        router, cfg = self.router, self.cfg
+        out = [convert.model_info(s) for s in self.catalog.slots()]
+        out += [
+            convert.virtual_info(h.name, "hybrid", h.weights, router.ready(h.name))
+            for h in cfg.hybrids.values()
+        ]
+        out += [
+            convert.virtual_info(e.name, "experiment", e.arms, router.ready(e.name))
+            for e in cfg.experiments.values()
+        ]
+        return sorted(out, key=lambda i: i.name)
+
+    def list_models(self, request: Any = None) -> pb.ListModelsResponse:
+        """ListModels: every model, hybrid and experiment with its state."""
+        return pb.ListModelsResponse(models=self._infos())
+
+    def get_model(self, request: pb.GetModelRequest) -> pb.ModelInfo:
+        """GetModel: one model by name, or NOT_FOUND naming the known ones."""
+        _refuse_undecodable(request)
+        for info in self._infos():
+            if info.name == request.name:
+                return info
+        known = ", ".join(self.router.names())
+        raise Failure(
+            Code.NOT_FOUND, f"name: unknown model {request.name!r} (available: {known})", "name"
+        )
+
+    def reload(self, request: Any = None) -> pb.ReloadModelsResponse:
+        """ReloadModels: switch to newly published versions (blocking: sha256 of every file)."""
+        switched, refused = self.catalog.reload()
+        for slot in refused:
+            self.metrics.refused_versions.labels(slot.name).inc()
+        return pb.ReloadModelsResponse(
+            reloaded=[convert.model_info(s) for s in switched],
+            refused=[convert.model_info(s) for s in refused],
+        )
+
+
+class Recorder:
+    """Validates, batches and stores the events of one RecordInteractions stream.
+
+    Events are committed FEEDBACK_BATCH at a time; a commit is durable before
+    it counts as accepted, and the online state sees it at once."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.accepted = self.rejected = 0
+        self._batch: list[Event] = []
+
+    def add(self, ev: Any) -> list[Event] | None:
+        """Take one event; returns a full batch to store, else None."""
+        e = None if isinstance(ev, convert.Undecodable) else _event(ev)
+        if e is None or not self.core.router.known_item(e.item_id):
+            self.rejected += 1
+            return None
+        self._batch.append(e)
+        if len(self._batch) < FEEDBACK_BATCH:
+            return None
+        full, self._batch = self._batch, []
+        return full
+
+    def rest(self) -> list[Event]:
+        """The events not yet handed out for storing."""
+        rest, self._batch = self._batch, []
+        return rest
+
+    def store(self, events: Sequence[Event]) -> None:
+        """Commit events (blocking: an fsync) and apply them to the online state."""
+        if events:
+            self.accepted += self.core.store.append(events)  # committed before it counts
+            self.core.online.sync(self.core.store)
+
+    def summary(self) -> pb.RecordSummary:
+        """The stream's answer; also counts the events in the metrics."""
+        m = self.core.metrics
+        m.feedback_events.labels("accepted").inc(self.accepted)
+        m.feedback_events.labels("rejected").inc(self.rejected)
+        return pb.RecordSummary(accepted=self.accepted, rejected=self.rejected)
+
+
+def _metadata(r: Ranked) -> Metadata:
+    return convert.metadata(r.model, r.version, r.served_by, r.arm)
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, convert.Undecodable):
+        raise Failure(Code.INVALID_ARGUMENT, request.message, "request")
+
+
+def _event(ev: pb.Interaction) -> Event | None:
+    """A valid feedback event, or None (counted as rejected)."""
+    if not ev.user_id or not ev.item_id or not np.isfinite(ev.value):
+        return None
+    if max(len(ev.user_id.encode()), len(ev.item_id.encode())) > MAX_ID_BYTES:
+        return None
+    return Event(ev.user_id, ev.item_id, float(ev.value) or 1.0, int(ev.timestamp) or now())

@@ -1,0 +1,33 @@
+"""Hybrid blending, once for Recommend and SimilarItems.
+
+Each component's scores over its own top candidates are min-max normalized to
+[0, 1] (all equal -> 1), weighted, and summed per item id; the blend's top k
+are the items with the largest sums, ties by id, so the answer does not depend
+on the order components are listed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+
+def minmax(scores: np.ndarray) -> np.ndarray:
+    """Scores mapped onto [0, 1] by their min and max (all equal -> all 1)."""
+    scores = np.asarray(scores, np.float64)
+    lo, hi = float(scores.min()), float(scores.max())
+    return (scores - lo) / (hi - lo) if hi > lo else np.ones_like(scores)
+
+
+def blend(
+    parts: Iterable[tuple[float, Sequence[str], np.ndarray]], k: int
+) -> list[tuple[str, float]]:
+    """The k best (item id, blended score) of weighted parts (weight, ids, scores)."""
+    total: dict[str, float] = {}
+    for weight, ids, scores in parts:
+        if len(ids) == 0:
+            continue
+        for item_id, v in zip(ids, minmax(scores).tolist(), strict=True):
+            total[item_id] = total.get(item_id, 0.0) + weight * v
+    return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:k]

@@ -1,0 +1,214 @@
+"""The catalogue of served models: slots, background loading, versions, reloads.
+
+Every published model under the models folder gets a `Slot`. `start` loads
+them in the background, smallest bundle first, so the service answers as soon
+as the cheapest model (usually popularity) is mapped. `reload` swaps in newly
+published versions; a version that fails verification is refused and the one
+serving stays. There is one load path for both, and reloads are serialized.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from recserve.models import Recommender, bundle, load
+
+log = logging.getLogger("recserve.catalog")
+
+LOADING, SERVING, FAILED = "loading", "serving", "failed"
+
+
+@dataclass
+class Slot:
+    """One named model: its load state and, once loaded, the model."""
+
+    name: str
+    state: str = LOADING
+    model: Recommender | None = None
+    version: str = ""
+    path: str = ""
+    error: str = ""
+    load_seconds: float = 0.0
+    bytes: int = 0
+    _popular: np.ndarray | None = field(default=None, repr=False)
+    _counts: np.ndarray | None = field(default=None, repr=False)
+
+    def popular_counts(self) -> np.ndarray:
+        """Training interactions per item (the last-resort ranking's scores)."""
+        if self._counts is None:
+            assert self.model is not None and self.model.user_items is not None
+            self._counts = np.bincount(self.model.user_items.indices, minlength=self.model.n_items)
+        return self._counts
+
+    def popular_order(self) -> np.ndarray:
+        """Items by training interaction count (ties by index): the last resort."""
+        if self._popular is None:
+            counts = self.popular_counts()
+            self._popular = np.lexsort((np.arange(counts.size), -counts))
+        return self._popular
+
+
+Loader = Callable[[Path, bool], Recommender]
+
+
+def default_loader(path: Path, full_verify: bool) -> Recommender:
+    """Verify (sha256 when full_verify) and memory-map a bundle."""
+    return load(path, verify=full_verify)
+
+
+class Catalog:
+    """Every model under the models folder, loaded in the background."""
+
+    def __init__(
+        self,
+        models_dir: str | Path,
+        full_verify: bool = True,
+        kernel_threads: int = 1,
+        loader: Loader = default_loader,
+        on_change: Callable[[Slot], None] | None = None,
+        memory_budget: int = 0,
+    ) -> None:
+        self.models_dir = Path(models_dir)
+        self.memory_budget = memory_budget  # bytes of bundles mapped at once; 0 = no limit
+        self.full_verify = full_verify
+        self.kernel_threads = kernel_threads
+        self.loader = loader
+        self.on_change = on_change or (lambda slot: None)
+        self._slots: dict[str, Slot] = {}
+        self._lock = threading.Lock()
+        self._reloading = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list = []
+        self.started = time.monotonic()
+
+    def discover(self) -> dict[str, tuple[Path, int]]:
+        """name -> (current version folder, bytes) for every published model."""
+        out = {}
+        for entry in bundle.list_bundles(self.models_dir):
+            if entry.get("current") and "error" not in entry:
+                path = self.models_dir / entry["name"] / entry["current"]
+                out[entry["name"]] = (path, int(entry.get("bytes", 0)))
+            elif entry.get("error"):
+                log.error("model %s: %s", entry["name"], entry["error"])
+        return out
+
+    def start(self, workers: int = 2) -> None:
+        """Register every published model as LOADING and load them, smallest first."""
+        found = self.discover()
+        if not found:
+            log.warning("no published models under %s", self.models_dir)
+        self.started = time.monotonic()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="load")
+        for name, (path, size) in sorted(found.items(), key=lambda kv: (kv[1][1], kv[0])):
+            slot = Slot(name, path=str(path), bytes=size)
+            with self._lock:
+                self._slots[name] = slot
+            self.on_change(slot)
+            self._pending.append(self._pool.submit(self._initial, slot, path))
+
+    def over_budget(self, slot: Slot) -> str | None:
+        """Why loading `slot` would exceed the memory budget (checked before loading)."""
+        if not self.memory_budget:
+            return None
+        with self._lock:
+            others = sum(
+                s.bytes for s in self._slots.values() if s.state == SERVING and s.name != slot.name
+            )
+        if others + slot.bytes <= self.memory_budget:
+            return None
+        return (
+            f"memory budget: {slot.bytes:,} bytes of bundle + {others:,} already mapped "
+            f"> memory_budget {self.memory_budget:,}"
+        )
+
+    def _load(self, slot: Slot, path: Path, full_verify: bool) -> bool:
+        """Load `path` into `slot` (SERVING, or FAILED with the reason); True on success.
+        Any failure is reported in the slot, never raised."""
+        t = time.perf_counter()
+        try:
+            if reason := self.over_budget(slot):
+                raise bundle.BundleError(reason)
+            model = self.loader(path, full_verify)
+            model.n_threads = self.kernel_threads
+        except Exception as exc:
+            slot.state, slot.error = FAILED, str(exc)
+            log.error("model %s: refused %s: %s", slot.name, path, exc)
+            return False
+        slot.model, slot.version = model, path.name
+        slot.load_seconds = time.perf_counter() - t
+        slot.state = SERVING
+        return True
+
+    def _initial(self, slot: Slot, path: Path) -> None:
+        if self._load(slot, path, self.full_verify):
+            log.info(
+                "model %s %s serving (%.3fs to load, %.3fs after start)",
+                slot.name,
+                slot.version,
+                slot.load_seconds,
+                time.monotonic() - self.started,
+            )
+        self.on_change(slot)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every initial load finished; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for fut in list(self._pending):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                fut.result(timeout=left)
+            except TimeoutError:
+                return False
+        return True
+
+    def get(self, name: str) -> Slot | None:
+        """The slot of a model name, or None."""
+        with self._lock:
+            return self._slots.get(name)
+
+    def slots(self) -> list[Slot]:
+        """Every slot, by name."""
+        with self._lock:
+            return [self._slots[n] for n in sorted(self._slots)]
+
+    def ready(self, name: str) -> bool:
+        """True when `name` is a loaded real model."""
+        slot = self.get(name)
+        return slot is not None and slot.state == SERVING
+
+    def reload(self) -> tuple[list[Slot], list[Slot]]:
+        """Load every model whose current version changed (or that is new), checking
+        every sha256 whatever `verify` says. One reload at a time.
+
+        Returns (switched, refused). A refused version leaves the serving one in place.
+        """
+        switched, refused = [], []
+        with self._reloading:
+            for name, (path, size) in self.discover().items():
+                old = self.get(name)
+                if old is not None and old.path == str(path) and old.state == SERVING:
+                    continue
+                fresh = Slot(name, path=str(path), bytes=size)
+                if self._load(fresh, path, full_verify=True):
+                    switched.append(fresh)
+                else:
+                    refused.append(fresh)
+                    if old is not None:
+                        continue  # the serving (or failed) version stays
+                with self._lock:
+                    self._slots[name] = fresh
+                self.on_change(fresh)
+        return switched, refused
+
+    def close(self) -> None:
+        """Stop loading (pending loads are abandoned)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
