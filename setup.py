@@ -197,6 +197,7 @@ if __name__ == "__main__":
         extras_require={
             "dev": [
                 "pytest>=8",
+                "pytest-randomly>=3.15",
                 "hypothesis>=6.100",
                 "ruff>=0.6",
                 "cython>=3.0",

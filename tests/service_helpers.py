@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -34,6 +35,19 @@ def publish_models(small, root: Path) -> dict[str, Recommender]:
         model.save(root, name, dataset=small)
         out[name] = model
     return out
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
+    """Poll `pred` until it returns something truthy (returned); AssertionError
+    naming `what` after `timeout` seconds. Tests wait with this, never a bare sleep."""
+    end = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise AssertionError(f"not true after {timeout}s: {what or pred}")
+        time.sleep(0.01)
 
 
 class Gate:
@@ -110,3 +124,25 @@ def running(models: Path, loader=default_loader, wait: bool = True, **settings) 
     finally:
         srv.channel.close()
         app.drain(grace=0)
+
+
+def assert_explanation(model, user: int, item: int, items, contrib, rtol: float = 1e-4) -> None:
+    """model.explain(user, item) is exactly the positive part of a reference
+    decomposition (history items, contributions): same items, largest first
+    (ties by item index), same values within float32 rounding."""
+    import numpy as np
+
+    items, contrib = np.asarray(items), np.asarray(contrib, np.float64)
+    keep = contrib > 0
+    order = np.lexsort((items[keep], -contrib[keep]))
+    got_items, got = model.explain(user, item, n=10_000)
+    np.testing.assert_array_equal(got_items, items[keep][order])
+    np.testing.assert_allclose(got, contrib[keep][order], rtol=rtol, atol=1e-6)
+
+
+def flip_byte(path: Path, offset: int = -1) -> None:
+    """Change one byte of a file in place (xor 0xFF, so never a no-op): a tamper
+    that keeps the size and that a constant write might not make."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))

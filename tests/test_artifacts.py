@@ -10,6 +10,7 @@ import pytest
 
 from recserve.models import bundle
 from recserve.models.bundle import BundleError
+from tests.service_helpers import flip_byte
 
 
 def publish(tmp_path, name="m", **arrays):
@@ -34,12 +35,6 @@ def test_round_trip_is_memory_mapped_and_current_moves(tmp_path):
     listing = bundle.list_bundles(tmp_path)
     assert listing[0]["current"] == second.name and len(listing[0]["versions"]) == 2
     assert first.name < second.name  # versions sort by time
-
-
-def flip_byte(path):
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize(

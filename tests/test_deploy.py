@@ -14,12 +14,30 @@ from recserve.metrics import Metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The series names each metric type exposes (prometheus_client's exposition).
+SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum"),
+    "info": ("_info",),
+}
+
+
 def exported_names() -> set[str]:
+    """Every series name the metrics expose: a counter only as _total, a histogram
+    only as _bucket / _count / _sum, a gauge as itself."""
     names = set()
     for metric in Metrics(CollectorRegistry()).registry.collect():
-        names.add(metric.name)
-        names |= {metric.name + s for s in ("_total", "_bucket", "_count", "_sum")}
+        names |= {metric.name + suffix for suffix in SUFFIXES[metric.type]}
     return names
+
+
+def test_exported_names_follow_the_metric_types():
+    names = exported_names()
+    assert "recserve_requests_total" in names and "recserve_requests" not in names
+    assert "recserve_rpc_duration_seconds_bucket" in names
+    assert "recserve_rpc_duration_seconds" not in names
+    assert "recserve_inflight_requests" in names and "recserve_inflight_requests_total" not in names
 
 
 def test_dashboard_queries_use_existing_metrics():
@@ -29,19 +47,24 @@ def test_dashboard_queries_use_existing_metrics():
     assert len(exprs) >= 12
     used = {m for e in exprs for m in re.findall(r"\b(recserve_[a-z_]+)", e)}
     assert used and used <= known, used - known
-    families = {n.removesuffix("_total") for n in used}
     for required in (
         "recserve_rpc_duration_seconds_bucket",
         "recserve_model_bytes",
         "recserve_process_resident_memory_bytes",
         "recserve_stage_duration_seconds_bucket",
+        "recserve_returned_items_total",
     ):
-        assert required in used or required in families
+        assert required in used
 
 
 def test_scrape_config_targets_the_metrics_port():
-    text = (ROOT / "deploy" / "prometheus.yml").read_text()
-    assert "job_name: recserve" in text and "localhost:9090" in text
+    yaml = pytest.importorskip("yaml", reason="PyYAML is a dev dependency (make install)")
+    from recserve.config import ServerConfig
+
+    doc = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    (job,) = [j for j in doc["scrape_configs"] if j["job_name"] == "recserve"]
+    targets = [t for c in job["static_configs"] for t in c["targets"]]
+    assert targets == [f"localhost:{ServerConfig().metrics_port}"]
 
 
 # -- Kubernetes, compose, Dockerfile -------------------------------------------------

@@ -38,8 +38,8 @@ def du(path: Path) -> int:
 
 
 def test_wheel_installs_alone_and_serves_the_default(tmp_path):
-    if os.environ.get("RECSERVE_SKIP_DOCKER_STEPS"):
-        pytest.skip("RECSERVE_SKIP_DOCKER_STEPS is set")
+    if os.environ.get("RECSERVE_TEST_SKIP_DOCKER_STEPS"):
+        pytest.skip("RECSERVE_TEST_SKIP_DOCKER_STEPS is set")
     wheels = tmp_path / "wheels"
     # Builder stage: `pip wheel --no-deps .` (build deps from this venv, as the
     # builder stage has them installed).

@@ -7,6 +7,7 @@ import pytest
 
 from recserve.models import create
 from recserve.models.ease import ease_bytes
+from tests.service_helpers import assert_explanation
 
 
 def test_weights_equal_numpy_closed_form(small):
@@ -28,9 +29,16 @@ def test_refuses_a_catalogue_that_would_not_fit(small):
     assert ease_bytes(100_000) > 100e9  # 100k items: ~200 GB, refused by default
 
 
-def test_explain_sums_to_the_score(small):
+def test_explain_is_the_decomposition_of_the_score(small):
+    """EASE's score is sum over history items i of x_ui B_ij: explain returns exactly
+    those terms (the positive ones), and all of them add up to the score."""
     model = create("ease").fit(small)
-    items, scores = model.recommend([9], 3)
+    b = np.asarray(model.weights, np.float64)
+    u = 9
+    row = small.interactions[u]
+    x = np.ones_like(row.data) if model.params["binary"] else row.data
+    items, scores = model.recommend([u], 3)
     for item, score in zip(items[0], scores[0], strict=True):
-        _, c = model._contributions(small.interactions[9], int(item), 9)
-        assert c.sum() == pytest.approx(score, rel=1e-4, abs=1e-6)
+        terms = x * b[row.indices, int(item)]
+        assert terms.sum() == pytest.approx(score, rel=1e-4, abs=1e-6)
+        assert_explanation(model, u, int(item), row.indices, terms)

@@ -12,6 +12,7 @@ import pytest
 from recserve.data import generate, to_dataset
 from recserve.index import ItemIndex, SearchConfig
 from recserve.models import bundle, create, load_named
+from tests.service_helpers import flip_byte
 
 
 def brute(q, y, k, banned=None, allowed=None):
@@ -127,18 +128,27 @@ def test_concurrent_searches_with_different_parameters_agree_with_serial(factors
         for c in cfgs
     ]
     results: dict[int, list] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
 
     def run(j):
-        results[j] = [
-            index.search(users[r : r + 1], 10, csr(seen[r : r + 1]), cfg=cfgs[j % 3])[0]
-            for r in range(50)
-        ]
+        try:
+            start.wait(30)  # all six search at once
+            results[j] = [
+                index.search(users[r : r + 1], 10, csr(seen[r : r + 1]), cfg=cfgs[j % 3])[0]
+                for r in range(50)
+            ]
+        except BaseException as exc:  # reported below: a dead thread must fail the test
+            errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(j,)) for j in range(6)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+    assert not [t for t in threads if t.is_alive()], "a search thread did not finish"
+    assert not errors, errors
+    assert sorted(results) == list(range(6))
     for j, rows in results.items():
         np.testing.assert_array_equal(np.vstack(rows), serial[j % 3])
     assert faiss.omp_get_max_threads() == before  # the main thread's setting is untouched
@@ -172,9 +182,7 @@ def test_models_rank_through_the_index_and_round_trip(tmp_path, algo):
     np.testing.assert_allclose(ls, ms, rtol=1e-6)
     np.testing.assert_array_equal(loaded.similar_items(5, 10)[0], si)
     victim = path / "items.faiss"
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    flip_byte(victim, victim.stat().st_size // 2)
     with pytest.raises(bundle.BundleError, match=r"items\.faiss"):
         load_named(tmp_path, algo)
 

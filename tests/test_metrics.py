@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from recserve.config import Experiment, Hybrid
 from recserve.service import convert
 from recserve.v1 import recommender_pb2 as pb
-from tests.service_helpers import publish_models, running
+from tests.service_helpers import publish_models, running, wait_for
 
 
 def free_port() -> int:
@@ -99,26 +99,39 @@ def test_every_family_after_real_calls(published):
 
 
 def test_stream_duration_covers_the_whole_stream(published, monkeypatch):
+    """A stream whose items come DELAY apart (a slowed model): its duration counts
+    every item, its time to first item only the first. Asserted as relations that
+    the delays guarantee, not as wall-clock limits."""
     port = free_port()
     slow_items = convert.ranked_items
+    delay, k = 0.05, 8
 
     def slow(r):
         for item in slow_items(r):
-            time.sleep(0.05)
+            time.sleep(delay)  # the slowed model
             yield item
 
+    rpc = "recserve_rpc_duration_seconds"
+    ttfi = "recserve_time_to_first_item_seconds"
     with running(published, metrics_port=port) as s:
         monkeypatch.setattr(convert, "ranked_items", slow)
-        t = time.perf_counter()
-        items, _ = s.recommend_stream(user_id="7", k=8, model="popularity")
-        elapsed = time.perf_counter() - t
-        time.sleep(0.1)  # the server records after the last item is sent
-        fams = scrape(port)
-    assert len(items) == 8 and elapsed >= 0.4
-    rpc = "recserve_rpc_duration_seconds"
-    assert value(fams, rpc, rpc + "_sum", method="RecommendStream", code="OK") >= 0.38
-    ttfi = "recserve_time_to_first_item_seconds"
-    assert value(fams, ttfi, ttfi + "_sum", method="RecommendStream") < 0.2
+        items, _ = s.recommend_stream(user_id="7", k=k, model="popularity")
+        # The server records the call after its last item is sent: poll for it.
+        fams = wait_for(
+            lambda: (
+                (f := scrape(port))
+                and value(f, rpc, rpc + "_count", method="RecommendStream", code="OK") == 1
+                and f
+            ),
+            what="the stream's duration recorded",
+        )
+    assert [i.rank for i in items] == list(range(1, k + 1))
+    duration = value(fams, rpc, rpc + "_sum", method="RecommendStream", code="OK")
+    first = value(fams, ttfi, ttfi + "_sum", method="RecommendStream")
+    assert value(fams, ttfi, ttfi + "_count", method="RecommendStream") == 1
+    assert duration >= k * delay  # every item's delay is inside the call
+    assert first >= delay  # the first item waited for one delay ...
+    assert duration - first >= (k - 1) * delay  # ... and the other k - 1 came after it
 
 
 def test_overload_is_counted(published):

@@ -8,6 +8,7 @@ import scipy.sparse as sp
 
 from recserve.data import Dataset, IdMap
 from recserve.models import create
+from tests.service_helpers import assert_explanation
 
 
 def topk_rows(scores, k, exclude_self):
@@ -74,10 +75,36 @@ def test_userknn_known_and_folded_in_users_equal_numpy(small):
     assert got.tolist() == rank(top @ x, h > 0, 10)
 
 
-def test_bm25_weighting_changes_neighbours(small):
-    plain = create("itemknn", k=10).fit(small)
-    bm25 = create("itemknn", k=10, weighting="bm25", similarity="dot").fit(small)
-    assert (plain.sim != bm25.sim).nnz > 0
+def bm25_item_knn(user_items: sp.csr_matrix, k: int, k1: float = 1.2, b: float = 0.75):
+    """Independent numpy reference: items are BM25's documents and users its terms;
+    similarity = dot product of the weighted item rows, self excluded."""
+    x = user_items.T.toarray().astype(np.float64)  # items x users
+    n_docs = x.shape[0]
+    df = (x != 0).sum(axis=0)
+    idf = np.log(n_docs) - np.log1p(df)
+    length = x.sum(axis=1)
+    norm = k1 * (1 - b + b * length / length.mean())
+    w = np.where(x != 0, x * (k1 + 1) / (norm[:, None] + x) * idf[None, :], 0.0)
+    s = w @ w.T
+    np.fill_diagonal(s, -np.inf)
+    return s
+
+
+def test_bm25_item_knn_matches_numpy_reference(small):
+    """Each kept neighbour's similarity equals the reference's, and each item keeps
+    the reference's k largest values (which neighbours win a tie is free)."""
+    k = 10
+    model = create("itemknn", k=k, weighting="bm25", similarity="dot").fit(small)
+    ref = bm25_item_knn(model.user_items, k)
+    sim = model.sim.tocsr()
+    for i in range(sim.shape[0]):
+        cols, vals = (
+            sim.indices[sim.indptr[i] : sim.indptr[i + 1]],
+            sim.data[sim.indptr[i] : sim.indptr[i + 1]],
+        )
+        want_top = np.sort(ref[i][np.isfinite(ref[i]) & (ref[i] > 0)])[::-1][:k]
+        np.testing.assert_allclose(np.sort(vals)[::-1], want_top, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(vals, ref[i, cols], rtol=2e-5, atol=1e-6)
 
 
 def test_content_recommends_items_without_interactions():
@@ -126,12 +153,23 @@ def test_explain_contributions_add_up_to_the_score(small, algo):
         assert contrib.sum() == pytest.approx(score, rel=1e-4)
 
 
-def test_userknn_explain_names_history_items(small):
+def test_userknn_explain_credits_the_neighbours_shared_items(small):
+    """userknn scores item j for user u as sum over neighbours v of s_uv x_vj; explain
+    credits each history item i with x_ui sum_v s_uv x_vj x_vi (what the neighbours
+    who have j share with u). Both computed densely here from sim and the data."""
     model = create("userknn", k=30).fit(small)
-    item = int(model.recommend([8], 1)[0][0, 0])
-    because, contrib = model.explain(8, item, n=3)
-    assert 0 < because.size <= 3 and set(because) <= set(small.interactions[8].indices)
-    assert np.all(np.diff(contrib) <= 0)
+    s = model.sim.toarray().astype(np.float64)
+    x = model.user_items.toarray().astype(np.float64)
+    u = 8
+    items, scores = model.recommend([u], 3)
+    history = np.flatnonzero(x[u])
+    for item, score in zip(items[0], scores[0], strict=True):
+        j = int(item)
+        assert (s[u] * x[:, j]).sum() == pytest.approx(score, rel=1e-4)
+        credit = x[u, history] * ((s[u] * x[:, j]) @ x[:, history])
+        assert_explanation(model, u, j, history, credit)
+    because, _ = model.explain(u, int(items[0][0]), n=3)
+    assert 0 < because.size <= 3
 
 
 @pytest.mark.parametrize("algo", ["itemknn", "userknn", "content"])

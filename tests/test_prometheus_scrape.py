@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 
 from recserve.clients.client import RecommenderClient
+from recserve.metrics import LATENCY_BUCKETS
 from tests.service_helpers import publish_models, running
 
 P99 = (
@@ -79,7 +80,8 @@ def test_prometheus_scrapes_and_answers_promql(small, tmp_path):
                         continue  # Prometheus still starting
                     p99 = [r for r in p99 if r["value"][1] not in ("NaN", "+Inf")]
             assert p99, "no p99 latency from Prometheus within 60 s"
-            assert 0 < float(p99[0]["value"][1]) < 10
+            # histogram_quantile interpolates within the buckets: never past the last.
+            assert 0 < float(p99[0]["value"][1]) <= LATENCY_BUCKETS[-1]
             assert memory and float(memory[0]["value"][1]) > 10e6
             up = query(pport, 'up{job="recserve"}')
             assert up and up[0]["value"][1] == "1"

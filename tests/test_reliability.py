@@ -16,7 +16,7 @@ from recserve.clients.client import RecommenderClient, RecserveError
 from recserve.models import bundle
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
-from tests.service_helpers import publish_models, running
+from tests.service_helpers import flip_byte, publish_models, running, wait_for
 from tests.test_serve_process import Proc, wait_serving
 
 
@@ -32,40 +32,45 @@ def test_reload_under_load_switches_with_zero_failures(published, server):
     with running(root, server=server) as s:
         old = s.app.catalog.get("als").version
         seen: list[str] = []
-        errors: list[str] = []
+        errors: list[BaseException] = []  # every exception of every load thread
         stop = threading.Event()
 
         def load() -> None:
-            with RecommenderClient(s.target) as rc:
-                while not stop.is_set():
-                    try:
+            try:
+                with RecommenderClient(s.target) as rc:
+                    while not stop.is_set():
                         seen.append(
                             rc.recommend(str(np.random.randint(1, 900)), 5, model="als").version
                         )
-                    except RecserveError as exc:
-                        errors.append(exc.code)
+            except BaseException as exc:  # a dead load thread must fail the test
+                errors.append(exc)
+
+        def answered(version: str, n: int = 20):
+            return lambda: errors or seen.count(version) >= n
 
         threads = [threading.Thread(target=load) for _ in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        wait_for(answered(old), what="20 answers from the first version")
         new = models["als"].save(root, "als").name
         with RecommenderClient(s.target) as rc:
             reloaded, refused = rc.reload()
         assert [m.name for m in reloaded] == ["als"] and not refused
-        time.sleep(0.5)
+        wait_for(answered(new), what="20 answers from the reloaded version")
         bad = models["als"].save(root, "als")
         victim = bad / "item_factors.npy"
-        victim.write_bytes(victim.read_bytes()[:-16] + b"\xff" * 16)  # same size, new bytes
+        flip_byte(victim)  # same size, other bytes
         with RecommenderClient(s.target) as rc:
             reloaded, refused = rc.reload()
         assert not reloaded and [m.name for m in refused] == ["als"]
         assert "sha256" in refused[0].error
-        time.sleep(0.5)
+        after = seen.count(new)
+        wait_for(answered(new, after + 20), what="20 answers after the refused reload")
         stop.set()
         for t in threads:
             t.join(30)
-        assert errors == [] and len(seen) > 20
+        assert not [t for t in threads if t.is_alive()]
+        assert errors == []
         assert old in seen and new in seen and seen[-1] == new  # the corrupt one never served
         assert bad.name not in seen
         refused_metric = s.app.metrics.registry.get_sample_value(
@@ -147,36 +152,47 @@ def test_acknowledged_feedback_survives_kill_9(published, tmp_path):
 
 
 def test_graceful_shutdown_under_load_cuts_no_stream(published):
-    """SIGTERM while clients hammer the server: every call either completes with all
-    its items or is refused with UNAVAILABLE; none is cut mid-stream."""
+    """SIGTERM while clients hammer the server with RecommendStream: every call
+    either completes with all its items, ranked 1..k, or is refused with
+    UNAVAILABLE before its first item; none is cut mid-stream."""
     root, _ = published
     p = Proc("--models", str(root), "--port", "0", "--metrics-port", "0")
     target = p.target()
     wait_serving(target, "model/als")
+    k = 20
     outcomes: list[str] = []
+    errors: list[BaseException] = []
     lock = threading.Lock()
 
     def hammer() -> None:
-        with RecommenderClient(target, deadline=10) as rc:
-            for _ in range(100_000):
-                try:
-                    rec = rc.recommend(str(np.random.randint(1, 900)), 20, model="als")
-                    result = "OK" if len(rec.items) == 20 else f"SHORT {len(rec.items)}"
-                except RecserveError as exc:
-                    result = exc.code
-                with lock:
-                    outcomes.append(result)
-                if result != "OK":
-                    return
+        try:
+            with RecommenderClient(target, deadline=10) as rc:
+                for _ in range(100_000):
+                    items = []
+                    try:
+                        user = str(np.random.randint(1, 900))
+                        for item in rc.recommend_stream(user, k, model="als"):
+                            items.append(item)
+                        ranks = [i.rank for i in items]
+                        result = "OK" if ranks == list(range(1, k + 1)) else f"SHORT {ranks}"
+                    except RecserveError as exc:
+                        result = exc.code if not items else f"CUT after {len(items)}"
+                    with lock:
+                        outcomes.append(result)
+                    if result != "OK":
+                        return
+        except BaseException as exc:  # a dead thread must fail the test
+            errors.append(exc)
 
     threads = [threading.Thread(target=hammer) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    wait_for(lambda: errors or outcomes.count("OK") >= 40, what="40 complete streams")
     p.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)
     assert p.proc.wait(30) == 0
+    assert not errors, errors
     counts = {o: outcomes.count(o) for o in set(outcomes)}
-    assert counts.get("OK", 0) > 20
+    assert counts.get("OK", 0) >= 40
     assert set(counts) <= {"OK", "UNAVAILABLE"}, counts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import queue
+import threading
 import time
 
 import grpc
@@ -16,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from recserve.config import Experiment, Hybrid
 from recserve.serving import RecQuery
 from recserve.v1 import recommender_pb2 as pb
-from tests.service_helpers import Gate, publish_models, running
+from tests.service_helpers import Gate, flip_byte, publish_models, running, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -276,15 +277,6 @@ def health(channel, service=""):
     return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
-def wait_for(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_fallback_and_health_while_a_slow_model_loads(published):
     root, _ = published
     gate = Gate("als")
@@ -436,13 +428,16 @@ def test_deadline_stops_work_and_cancel_stops_the_stream(published):
         calls = []
         original_als, original_user = als.recommend, als.recommend_user
         original_knn = knn.recommend
+        entered = threading.Event()  # set when a call reaches the slowed model
 
         def slow(*a, **kw):
-            time.sleep(0.6)
+            entered.set()
+            time.sleep(0.6)  # the slowed model
             return original_als(*a, **kw)
 
         def slow_user(*a, **kw):  # the plain path's one-user call
-            time.sleep(0.6)
+            entered.set()
+            time.sleep(0.6)  # the slowed model
             return original_user(*a, **kw)
 
         def counted(*a, **kw):
@@ -464,8 +459,9 @@ def test_deadline_stops_work_and_cancel_stops_the_stream(published):
         assert wait_for(lambda: count("DEADLINE_EXCEEDED") == 1)
         assert calls == []  # the second component never ran: work stopped at the deadline
 
+        entered.clear()
         fut = s.rec.Recommend.future(pb.RecommendRequest(user_id="7", k=3, model="als"))
-        time.sleep(0.1)
+        assert entered.wait(10)  # the call is in the model: cancel it there
         assert fut.cancel() and fut.cancelled()
         if s.app.cfg.server == "threads":
             assert wait_for(lambda: count("CANCELLED") == 1)
@@ -475,8 +471,9 @@ def test_deadline_stops_work_and_cancel_stops_the_stream(published):
             # still sees CANCELLED). Either way it is recorded exactly once.
             assert wait_for(lambda: (count("CANCELLED") or 0) + (count("OK") or 0) == 1)
 
+        entered.clear()
         call = s.rec.RecommendStream(pb.RecommendRequest(user_id="7", k=3, model="als"))
-        time.sleep(0.1)
+        assert entered.wait(10)  # the stream's ranking is being computed: cancel it
         call.cancel()
         with pytest.raises(grpc.RpcError) as info:
             list(call)
@@ -494,7 +491,13 @@ def test_deadline_stops_work_and_cancel_stops_the_stream(published):
             "recserve_requests_total",
             {"method": "RecommendStream", "model": "als", "served_by": "als", "arm": ""},
         )
-        assert answered is None  # nothing was streamed for the cancelled call
+        # The ranking was computed (the model was entered) but never streamed: the
+        # call counts as cancelled, not as an answered request, with no items.
+        assert answered is None
+        returned = reg.get_sample_value(
+            "recserve_returned_items_total", {"method": "RecommendStream"}
+        )
+        assert not returned
 
 
 def test_draining_refuses_new_calls_with_unavailable(published):
@@ -546,7 +549,7 @@ def test_reload_switches_versions_and_refuses_corrupt_ones(published, small, tmp
         published[1]["popularity"].save(root, "popularity")
         bad = published[1]["itemknn"].save(root, "itemknn")
         victim = next(p for p in bad.iterdir() if p.suffix == ".npy")
-        victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)  # same size, new bytes
+        flip_byte(victim)  # same size, other bytes
         out = s.admin.ReloadModels(pb.ReloadModelsRequest())
         assert [m.name for m in out.reloaded] == ["popularity"]
         assert out.reloaded[0].version != old

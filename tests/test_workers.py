@@ -6,13 +6,36 @@ import re
 import signal
 import time
 
+import grpc
 import pytest
 
+from recserve import contract
 from recserve.clients.client import RecommenderClient
 from recserve.metrics import FLUSH_SECONDS
+from recserve.v1 import recommender_pb2 as pb
+from recserve.v1 import recommender_pb2_grpc as pb_grpc
 from tests.service_helpers import publish_models
 from tests.test_metrics import free_port, scrape
 from tests.test_serve_process import Proc, wait_serving
+
+calls_made: list[int] = []
+
+
+def answers_by_worker(target: str, tries: int = 200) -> dict[str, tuple[str, ...]]:
+    """ALS's answer for user 33 by answering worker (x-recserve-worker), each call
+    over a fresh connection, until two workers answered (or `tries` calls)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for _ in range(tries):
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.RecommenderStub(channel)
+            request = pb.RecommendRequest(user_id="33", k=10, model="als")
+            resp, call = stub.Recommend.with_call(request, timeout=10)
+        calls_made.append(1)
+        worker = dict(call.trailing_metadata())[contract.WORKER]
+        out.setdefault(worker, tuple(i.item_id for i in resp.items))
+        if len(out) == 2:
+            break
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +47,7 @@ def models_dir(small, tmp_path_factory):
 
 def test_two_workers_share_port_metrics_and_feedback(models_dir, tmp_path):
     mport = free_port()
+    calls_made.clear()
     p = Proc(
         "--models",
         str(models_dir),
@@ -54,19 +78,17 @@ def test_two_workers_share_port_metrics_and_feedback(models_dir, tmp_path):
                 break
             time.sleep(0.1)
         assert workers == [2] and als == [1]
-        # New connections spread over the workers; all answer the same.
-        before = set()
-        for _ in range(12):
-            with RecommenderClient(target) as rc:
-                before.add(tuple(rc.recommend("33", 10, model="als").item_ids))
-        assert len(before) == 1
+        # New connections spread over the workers; every worker answers, and the same.
+        before = answers_by_worker(target)
+        assert len(before) == 2, before  # both worker processes served
+        assert len(set(before.values())) == 1
         with RecommenderClient(target) as rc:
             assert rc.record("33", ["1", "2", "3", "4"]) == (4, 0)
-        after = set()
-        for _ in range(12):
-            with RecommenderClient(target) as rc:
-                after.add(tuple(rc.recommend("33", 10, model="als").item_ids))
-        assert len(after) == 1 and after != before  # every worker saw the events
+        after = answers_by_worker(target)
+        assert set(after) == set(before)
+        assert len(set(after.values())) == 1
+        assert set(after.values()) != set(before.values())  # every worker saw the events
+        calls = sum(calls_made)
         # Workers apply their metric updates every FLUSH_SECONDS (to their files).
         deadline = time.monotonic() + 10 * FLUSH_SECONDS + 5
         while True:
@@ -76,10 +98,10 @@ def test_two_workers_share_port_metrics_and_feedback(models_dir, tmp_path):
                 for s in fams["recserve_rpc_duration_seconds"]
                 if s.name.endswith("_count") and s.labels == {"method": "Recommend", "code": "OK"}
             ]
-            if count == [24.0] or time.monotonic() > deadline:
+            if count == [float(calls)] or time.monotonic() > deadline:
                 break
             time.sleep(FLUSH_SECONDS / 2)
-        assert count == [24.0]  # summed over both workers
+        assert count == [float(calls)]  # summed over both workers
         assert [s.value for s in fams["recserve_inflight_requests"]] == [0.0]
         pss = fams["recserve_process_proportional_memory_bytes"][0].value
         rss = fams["recserve_process_resident_memory_bytes"][0].value
@@ -90,4 +112,6 @@ def test_two_workers_share_port_metrics_and_feedback(models_dir, tmp_path):
     finally:
         p.proc.send_signal(signal.SIGTERM)
         assert p.proc.wait(30) == 0
-    assert sum(bool(re.search(r"worker \d \(pid \d+\) serving", x)) for x in p.lines) == 2
+    pids = {m[1] for x in p.lines if (m := re.search(r"worker \d \(pid (\d+)\) serving", x))}
+    assert len(pids) == 2
+    assert set(before) == pids  # the answering processes are the two workers

@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from recserve.index import ItemIndex, SearchConfig, SimilarIndex
 from recserve.kernels import topk
 from recserve.models import bundle
-from recserve.models.base import Param, Recommender, _check_k, cosine_similar
+from recserve.models.base import Param, Recommender, check_k, cosine_similar
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class EmbeddingIndexMixin(Recommender):
         if self.item_index is not None:
             return super().recommend_user(user, k, filter_seen)
         self._require_fitted()
-        _check_k(k)
+        check_k(k)
         if not 0 <= user < self.n_users:
             raise IndexError(f"users: indices must be in [0, {self.n_users})")
         indptr, indices = self._csr_views()
