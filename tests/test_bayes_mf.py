@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from recserve.data import load_dataset
 from recserve.evaluation import evaluate, rating_metrics, split_random
@@ -29,7 +30,7 @@ def coverage_and_rmse(model, split):
 def test_ml100k_intervals_are_calibrated_and_rmse_close_to_biased_mf(ml100k_path):
     split = split_random(load_dataset(ml100k_path), 0.2, seed=0)
     coverage, rmse = coverage_and_rmse(create("bayes_mf").fit(split.train), split)
-    assert 0.85 <= coverage <= 0.95, coverage
+    assert 0.87 <= coverage <= 0.93, coverage
     _, svd_rmse = coverage_and_rmse(create("svd").fit(split.train), split)
     assert rmse <= svd_rmse + 0.02, (rmse, svd_rmse)
 
@@ -48,13 +49,24 @@ def test_std_is_positive_and_shrinks_with_more_history(small):
     assert std_full.mean() < std_short.mean()  # more evidence, less uncertainty
 
 
-def test_calibration_on_synthetic_data(small):
-    split = split_random(small, 0.2, seed=1)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_calibration_on_synthetic_data(small, seed):
+    """About 6,000 held-out ratings: the 90% interval's coverage has a standard error
+    of 0.4 points, so 0.87-0.93 fails a std that is ~10% too wide or too narrow."""
+    split = split_random(small, 0.2, seed=seed)
     coverage, _ = coverage_and_rmse(create("bayes_mf", factors=8).fit(split.train), split)
-    assert 0.8 <= coverage <= 0.97, coverage
+    assert 0.87 <= coverage <= 0.93, coverage
 
 
 def test_evaluate_reports_interval_coverage(small):
     result = evaluate(create("bayes_mf", factors=8), small, "random", (10,))
-    assert 0.8 <= result["metrics"]["interval90"] <= 0.97
+    assert 0.87 <= result["metrics"]["interval90"] <= 0.93
     assert "interval90" not in evaluate(create("svd", factors=8), small, "random", (10,))["metrics"]
+
+
+def test_score_history_checks_the_item_range(small):
+    model = create("bayes_mf", factors=4, epochs=2).fit(small)
+    with pytest.raises(IndexError, match=r"items: indices must be in \[0, 300\)"):
+        model.score_history(small.interactions[0], [0, 300])
+    with pytest.raises(IndexError, match="items"):
+        model.score_history(small.interactions[0], [-1])

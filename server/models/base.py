@@ -199,7 +199,7 @@ class Recommender(ABC):
         users = np.asarray(users, dtype=np.int64).reshape(-1)
         if users.size and (users.min() < 0 or users.max() >= self.n_users):
             raise IndexError(f"users: indices must be in [0, {self.n_users})")
-        _check_k(k)
+        check_k(k)
         if users.size == 1 and (exclude is None or len(exclude) == 0):
             return self._recommend_one(int(users[0]), k, filter_seen, candidates)
         out_i = np.empty((users.size, k), np.int32)
@@ -300,7 +300,7 @@ class Recommender(ABC):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Batch fold-in: top-k for each row of a (rows x items) history matrix."""
         self._require_fitted()
-        _check_k(k)
+        check_k(k)
         history = history.tocsr()
         if history.shape[1] != self.n_items:
             raise ValueError(
@@ -322,7 +322,7 @@ class Recommender(ABC):
     def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """The k items most similar to one item (never the item itself), best first."""
         self._require_fitted()
-        _check_k(k)
+        check_k(k)
         if not 0 <= int(item) < self.n_items:
             raise IndexError(f"item: index must be in [0, {self.n_items})")
         i, s = self._similar(np.array([item], np.int64), k)
@@ -372,11 +372,17 @@ class Recommender(ABC):
         self, history: sp.csr_matrix, items: Sequence[int] | np.ndarray
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """score() for a user given only by a history row (fold-in)."""
+        items = self._checked_items(items)
+        return np.asarray(self._score_history(history.tocsr())[0, items], np.float32), None
+
+    def _checked_items(self, items: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Item indices as int64, after checking the model is fitted and every index
+        lies in the catalogue (IndexError naming the range)."""
         self._require_fitted()
         items = np.asarray(items, dtype=np.int64)
         if items.size and (items.min() < 0 or items.max() >= self.n_items):
             raise IndexError(f"items: indices must be in [0, {self.n_items})")
-        return np.asarray(self._score_history(history.tocsr())[0, items], np.float32), None
+        return items
 
     def history_matrix(
         self,
@@ -503,7 +509,7 @@ def cosine_similar(
     return topk_excluding_self(scores, items, k, n_threads)
 
 
-def _check_k(k: int) -> None:
+def check_k(k: int) -> None:
     if not isinstance(k, int | np.integer) or k <= 0:
         raise ValueError(f"k: must be a positive integer, got {k!r}")
 

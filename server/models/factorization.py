@@ -462,7 +462,8 @@ class BayesianMF(BiasedMF):
     intervals overconfident). A folded-in user gets the conditional posterior
     mean (the ridge solution) and the same covariance from their history.
     Uncertainty in the item parameters is not modelled. On ml-100k (random
-    80/20) 92.7% of held-out ratings fall in the central 90% interval.
+    80/20) 90.6% of held-out ratings fall in the central 90% interval, and
+    89-91% on synthetic sets (tests/test_bayes_mf.py).
     """
 
     algorithm = "bayes_mf"
@@ -491,10 +492,28 @@ class BayesianMF(BiasedMF):
         super()._fit(dataset)
         u, i = rows[held], full.indices[held]
         pred = self.mu + self.bu[u] + self.bi[i] + np.einsum("ij,ij->i", self.P[u], self.Q[i])
-        self.sigma = float(np.sqrt(np.mean((full.data[held] - pred) ** 2)))
+        self.sigma = self._noise_std(part, u, i, full.data[held] - pred)
         # 2. The model itself, on every rating.
         self.user_items = full
         super()._fit(dataset)
+
+    def _noise_std(
+        self, part: sp.csr_matrix, users: np.ndarray, items: np.ndarray, resid: np.ndarray
+    ) -> float:
+        """sigma from held-out residuals. A held-out rating's predictive variance is
+        sigma^2 (1 + z^T A^-1 z), the second term being the user posterior's own
+        spread, so sigma^2 = mean(resid^2 / (1 + z^T A^-1 z)); the raw mean square
+        would count that spread twice and widen every interval."""
+        scaled = np.empty(resid.size)
+        order = np.argsort(users, kind="stable")
+        bounds = np.flatnonzero(np.diff(users[order])) + 1
+        for group in np.split(order, bounds):
+            u = int(users[group[0]])
+            a = self._precision(self._design(part.indices[part.indptr[u] : part.indptr[u + 1]]))
+            z = self._design(items[group])
+            quad = np.einsum("ij,ji->i", z, np.linalg.solve(a, z.T))
+            scaled[group] = resid[group] ** 2 / (1.0 + quad)
+        return float(np.sqrt(scaled.mean()))
 
     def _predictive_std(self, a: np.ndarray, items: np.ndarray) -> np.ndarray:
         """sigma * sqrt(1 + z^T A^-1 z) for each item, given a user's precision A."""
@@ -514,7 +533,7 @@ class BayesianMF(BiasedMF):
 
     def score_history(self, history: sp.csr_matrix, items) -> tuple[np.ndarray, np.ndarray]:
         """score() for a user given only by a history row (fold-in), with std."""
-        items = np.asarray(items, dtype=np.int64)
+        items = self._checked_items(items)
         w, a = self._posterior(history.tocsr())
         mean = self.mu + w[0] + self.bi[items] + self.Q[items] @ w[1:]
         return np.clip(mean, *self.scale).astype(np.float32), self._predictive_std(a, items)
