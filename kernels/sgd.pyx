@@ -340,21 +340,13 @@ def bpr_epochs(indptr, indices, P, Q, bias, double lr, double reg, unsigned long
     steps whose triple was already ranked correctly; that of the last epoch
     is returned.
     """
-    for name, arr, dim in (("P", P, 2), ("Q", Q, 2), ("bias", bias, 1)):
-        check_array(arr, name, np.float32, dim)
-        written = name == "P" or update_items
-        if written and not arr.flags.writeable:
-            raise ValueError(f"{name}: must be writeable (updated in place)")
+    _check_bpr_factors(P, Q, bias, lr, reg, update_items)
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     indices = np.ascontiguousarray(indices, dtype=np.int32)
     if indptr.shape[0] != P.shape[0] + 1:
         raise ValueError(f"indptr: expected {P.shape[0] + 1} entries (one row per user)")
-    if P.shape[1] != Q.shape[1] or bias.shape[0] != Q.shape[0]:
-        raise ValueError("P and Q need the same factors, bias one entry per item")
     if indices.size and (indices.min() < 0 or indices.max() >= Q.shape[0]):
         raise ValueError(f"indices: item ids must lie in [0, {Q.shape[0]})")
-    if lr <= 0 or reg < 0:
-        raise ValueError(f"lr must be > 0 and reg >= 0, got lr={lr}, reg={reg}")
     if epochs < 0:
         raise ValueError(f"epochs: must be >= 0, got {epochs}")
     cdef Py_ssize_t nnz = indices.shape[0]
@@ -396,13 +388,32 @@ def bpr_epochs(indptr, indices, P, Q, bias, double lr, double reg, unsigned long
     return correct / <double>nnz
 
 
+def _check_bpr_factors(P, Q, bias, double lr, double reg, bint update_items):
+    """The factor arrays and step sizes of a BPR update, checked before nogil code."""
+    for name, arr, dim in (("P", P, 2), ("Q", Q, 2), ("bias", bias, 1)):
+        check_array(arr, name, np.float32, dim)
+        written = name == "P" or update_items
+        if written and not arr.flags.writeable:
+            raise ValueError(f"{name}: must be writeable (updated in place)")
+    if P.shape[1] != Q.shape[1] or bias.shape[0] != Q.shape[0]:
+        raise ValueError("P and Q need the same factors, bias one entry per item")
+    if lr <= 0 or reg < 0:
+        raise ValueError(f"lr must be > 0 and reg >= 0, got lr={lr}, reg={reg}")
+
+
 def bpr_apply(users, pos_items, neg_items, P, Q, bias, double lr, double reg):
     """Apply given (u, i, j) triples in order (no sampling): the exact BPR step,
-    for tests and for replaying a sample."""
+    for tests and for replaying a sample. Checked as bpr_epochs is, and every
+    user and item id must lie in P's and Q's rows."""
+    _check_bpr_factors(P, Q, bias, lr, reg, True)
+    for name, arr, rows in (("users", users, P.shape[0]), ("pos_items", pos_items, Q.shape[0]),
+                            ("neg_items", neg_items, Q.shape[0])):
+        check_array(arr, name, np.int32, 1)
+        if arr.shape[0] != users.shape[0]:
+            raise ValueError(f"{name}: length {arr.shape[0]}, expected {users.shape[0]} (users)")
+        if arr.size and (arr.min() < 0 or arr.max() >= rows):
+            raise ValueError(f"{name}: ids must lie in [0, {rows})")
     cdef Py_ssize_t n = users.shape[0], s
-    check_array(users, "users", np.int32, 1)
-    check_array(pos_items, "pos_items", np.int32, 1)
-    check_array(neg_items, "neg_items", np.int32, 1)
     cdef const int[::1] U = users
     cdef const int[::1] I = pos_items
     cdef const int[::1] J = neg_items

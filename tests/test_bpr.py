@@ -32,6 +32,27 @@ def test_bpr_step_equals_numpy():
     np.testing.assert_allclose([b[i], b[j]], [want_bi, want_bj], rtol=1e-5)
 
 
+def test_bpr_apply_checks_its_inputs():
+    p, q, b = np.zeros((3, 4), np.float32), np.zeros((5, 4), np.float32), np.zeros(5, np.float32)
+
+    def ids(*v):
+        return np.array(v, np.int32)
+
+    with pytest.raises(ValueError, match=r"users: ids must lie in \[0, 3\)"):
+        sgd.bpr_apply(ids(3), ids(0), ids(1), p, q, b, 0.1, 0.0)
+    with pytest.raises(ValueError, match=r"neg_items: ids must lie in \[0, 5\)"):
+        sgd.bpr_apply(ids(0), ids(0), ids(-1), p, q, b, 0.1, 0.0)
+    with pytest.raises(ValueError, match=r"pos_items: length 2, expected 1 \(users\)"):
+        sgd.bpr_apply(ids(0), ids(0, 1), ids(1), p, q, b, 0.1, 0.0)
+    with pytest.raises(ValueError, match="P and Q need the same factors"):
+        sgd.bpr_apply(ids(0), ids(0), ids(1), p, q[:, :3].copy(), b, 0.1, 0.0)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        sgd.bpr_apply(ids(0), ids(0), ids(1), p, q, b, 0.0, 0.0)
+    q.setflags(write=False)
+    with pytest.raises(ValueError, match="Q: must be writeable"):
+        sgd.bpr_apply(ids(0), ids(0), ids(1), p, q, b, 0.1, 0.0)
+
+
 def test_sampler_never_picks_a_positive_and_covers_the_rest():
     x = sp.random(50, 30, density=0.3, random_state=1, format="lil", dtype=np.float32)
     x[7, :] = 1.0  # a user with every item: always skipped
