@@ -56,7 +56,7 @@ def passes(n: int, factors: list[int]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--interactions", type=int, default=4_000_000)
     ap.add_argument("--factors", default="64,128")
     ap.add_argument("--blas-threads", default="1,2")

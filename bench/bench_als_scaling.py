@@ -74,7 +74,7 @@ def one(n: int, factors: int, iterations: int, threads: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1000000,5000000,20000000")
     ap.add_argument("--factors", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=10)

@@ -30,7 +30,7 @@ LOAD = (
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--interactions", type=int, default=5_000_000)
     args = ap.parse_args()
     n = args.interactions

@@ -51,7 +51,7 @@ def run_phase(code: str) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--interactions", type=int, default=20_000_000)
     ap.add_argument("--users", type=int, default=200_000)
     ap.add_argument("--items", type=int, default=50_000)

@@ -117,7 +117,7 @@ def measure(mode: str, models: Path, users: list[str], duration: float) -> None:
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--serve":
         sys.exit(serve_patched(sys.argv[2], sys.argv[3:]))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--modes", default="empty,ranking,full")
     args = ap.parse_args()

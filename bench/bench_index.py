@@ -73,7 +73,7 @@ def measure(name, search, queries, seen, want, k=10):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", default="100000,1000000", help="comma-separated catalogue sizes")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--queries", type=int, default=2000)

@@ -146,7 +146,7 @@ def print_row(r):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--k", type=int, default=100, help="neighbours per item (both libraries)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(

@@ -271,7 +271,7 @@ def synthetic(n):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--factors", default="32,64,128", help="ALS factor counts")
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)

@@ -122,7 +122,7 @@ def report(label: str, models: Path, floor: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--interactions", type=int, default=5_000_000)
     ap.add_argument("--skip-ml100k", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")

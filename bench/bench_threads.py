@@ -44,7 +44,7 @@ def rate(fn, calls: int, threads: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--calls", type=int, default=4000)
     args = ap.parse_args()

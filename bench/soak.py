@@ -40,7 +40,7 @@ def rss(port: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=int, default=10)
     ap.add_argument(
         "--rate", type=float, default=0.0, help="requests/s (default: 70%% of the measured max)"

@@ -17,11 +17,17 @@ from collections.abc import Sequence
 from recserve.clients.client import RecommenderClient, RecserveError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Never takes an abbreviated flag (sub-commands inherit the class)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
-    ap = argparse.ArgumentParser(
-        prog="python -m recserve.clients", description=__doc__.split("\n\n")[0]
-    )
+    ap = _Parser(prog="python -m recserve.clients", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="localhost:50051")
     ap.add_argument("--deadline", type=float, default=5.0, help="seconds")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -342,7 +342,9 @@ def table(results: Sequence[Result], ceiling: Result | None = None) -> str:
 
 def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The bench options (shared by `recserve bench`)."""
-    ap = ap or argparse.ArgumentParser(prog="recserve bench", description=__doc__.split("\n\n")[0])
+    ap = ap or argparse.ArgumentParser(
+        prog="recserve bench", allow_abbrev=False, description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--target", default="localhost:50051")
     ap.add_argument("--rpc", choices=RPCS, default="recommend")
     ap.add_argument("--model", default="")

@@ -56,7 +56,9 @@ def check(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `recserve-health`."""
-    ap = argparse.ArgumentParser(prog="recserve-health", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="recserve-health", allow_abbrev=False, description=__doc__.split("\n\n")[0]
+    )
     default_target = f"localhost:{os.environ.get('RECSERVE_PORT', '50051')}"
     ap.add_argument("--target", default=default_target, help=f"default {default_target}")
     ap.add_argument("--service", default="", help="health service name ('' = the server)")

@@ -47,8 +47,17 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that never takes an abbreviated flag: `--feedback` must not
+    quietly become `--feedback-db`. Sub-command parsers inherit the class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="recserve", description="Train and serve recommenders.")
+    ap = Parser(prog="recserve", description="Train and serve recommenders.")
     ap.add_argument("--version", action="version", version=f"recserve {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -101,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="held-out events count as relevant only if value >= this",
     )
-    ev.add_argument(
-        "--out", default=None, help="JSON results file (default: evaluation-<algo>-<protocol>.json)"
-    )
+    ev.add_argument("--out", default=None, help="also write the full results as JSON to this file")
 
     models = sub.add_parser("models", help="model bundles").add_subparsers(
         dest="action", required=True
@@ -282,8 +289,10 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         leave_last=args.leave_last,
         threshold=args.threshold,
     )
-    out = Path(args.out or f"evaluation-{args.algo}-{args.protocol}.json")
-    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     m = result["metrics"]
     names = ["recall", "ndcg", "precision", "map", "hit_rate", "coverage"]
     print(
@@ -295,7 +304,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{k:>5}" + "".join(f"{m[f'{n}@{k}']:>11.4f}" for n in names))
     extra = {k: v for k, v in m.items() if k in ("mrr", "rmse", "mae", "interval90")}
     print("  ".join(f"{k}={v:.4f}" for k, v in extra.items()))
-    return {"out": str(out)}
+    return {"out": args.out} if args.out else None
 
 
 def cmd_models(args: argparse.Namespace) -> dict[str, Any]:

@@ -26,7 +26,10 @@
     salt = "2026-11"              # changes the assignment; default: the experiment name
 
 Validation happens here, once, with messages naming the key, so a typo in a
-config stops the server at start-up instead of at the first request.
+config stops the server at start-up instead of at the first request: an
+unknown key in the file, an unknown `RECSERVE_*` variable (but RECSERVE_DEBUG
+and RECSERVE_TEST_*, which are not settings), a malformed value of any type
+(booleans take true/false, 1/0, yes/no, on/off), and a URL where a path goes.
 """
 
 from __future__ import annotations
@@ -128,28 +131,65 @@ _CHECKS: dict[str, tuple[float, float]] = {
 }
 
 
+# Settings that name files: a URL there is a mistake (e.g. a Redis address given
+# to the SQLite path), refused instead of becoming a folder named "redis:".
+_PATHS = frozenset({"models", "feedback_db", "tls_cert", "tls_key", "tls_client_ca"})
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(//)?")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+# RECSERVE_* variables that are not server settings: setup.py's build switch and
+# the test suite's own switches. Any other unknown RECSERVE_* stops start-up.
+_NOT_SETTINGS = ("RECSERVE_DEBUG",)
+_NOT_SETTINGS_PREFIX = "RECSERVE_TEST_"
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("expected true/false, 1/0, yes/no or on/off")
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Convert a TOML/env/flag value to the field's type, naming the key on failure."""
     if key not in _SCALARS:
         known = ", ".join(sorted(_SCALARS))
-        raise ConfigError(f"{key}: unknown setting (known: {known})")
+        where = " (a TOML table, not a single value)" if key in _TABLES else ""
+        raise ConfigError(f"{key}: unknown setting{where} (known: {known})")
     default = getattr(ServerConfig(), key)
     try:
         if isinstance(default, tuple):
-            items = value.split(",") if isinstance(value, str) else list(value)
+            if isinstance(value, str):
+                items = value.split(",")
+            elif isinstance(value, list | tuple) and all(isinstance(x, str) for x in value):
+                items = list(value)
+            else:
+                raise ValueError("expected a list of names or a comma-separated string")
             out: Any = tuple(str(x).strip() for x in items if str(x).strip())
         elif isinstance(default, bool):
-            out = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            out = _boolean(value)
         elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError("expected an integer")
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError("not an integer")
             out = int(value)
         elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError("expected a number")
             out = float(value)
             if not math.isfinite(out):
                 raise ValueError("not finite")
         else:
-            out = str(value)
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            out = value
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{key}: cannot use {value!r} ({exc})") from None
     if key in _CHECKS:
@@ -160,6 +200,8 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"verify: expected 'full' (sha256) or 'size', got {out!r}")
     if key == "server" and out not in ("threads", "asyncio"):
         raise ConfigError(f"server: expected 'threads' or 'asyncio', got {out!r}")
+    if key in _PATHS and _URL.match(out):
+        raise ConfigError(f"{key}: {out!r} looks like a URL; {key} takes a file or folder path")
     return out
 
 
@@ -232,13 +274,24 @@ def load_config(
         extra = sorted(set(doc) - {"server", *_TABLES})
         if extra:
             raise ConfigError(f"{path}: unknown table(s) {', '.join(extra)}")
-        for key, value in doc.get("server", {}).items():
-            values[key] = _coerce(key, value)
+        server = doc.get("server", {})
+        if not isinstance(server, Mapping):
+            raise ConfigError(f"{path}: [server] must be a table of settings")
+        for key, value in server.items():
+            try:
+                values[key] = _coerce(key, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: [server] {exc}") from None
     env = os.environ if env is None else env
     for name, value in env.items():
-        key = name[9:].lower()
-        if name.startswith("RECSERVE_") and key in _SCALARS:
-            values[key] = _coerce(key, value)
+        if not name.startswith("RECSERVE_") or name in _NOT_SETTINGS:
+            continue
+        if name.startswith(_NOT_SETTINGS_PREFIX):
+            continue
+        try:
+            values[name[9:].lower()] = _coerce(name[9:].lower(), value)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _coerce(key, value)

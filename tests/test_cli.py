@@ -7,6 +7,7 @@ import json
 import pytest
 
 from recserve.cli import main
+from tests.service_helpers import flip_byte
 
 
 def run(capsys, *argv):
@@ -99,7 +100,7 @@ def test_verify_fails_on_a_tampered_bundle(tmp_path, capsys):
         "--no-evaluate",
     )
     scores = next(models.glob("p/*/scores.npy"))
-    scores.write_bytes(scores.read_bytes()[:-1] + b"\x00")
+    flip_byte(scores)
     with pytest.raises(SystemExit) as info:
         run(capsys, "models", "verify", "--models", models)
     assert info.value.code == 1
@@ -139,6 +140,29 @@ def test_evaluate_prints_a_table_and_writes_json(tmp_path, capsys):
     assert code == 0 and "recall" in out and "temporal" in out
     result = json.loads(out_file.read_text())
     assert result["protocol"] == "temporal" and "ndcg@5" in result["metrics"]
+
+
+def test_evaluate_writes_no_file_unless_asked(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    run(
+        capsys,
+        "data",
+        "synth",
+        "--users",
+        200,
+        "--items",
+        80,
+        "--interactions",
+        4000,
+        "--out",
+        data,
+    )
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, _ = run(capsys, "evaluate", "--data", data, "--algo", "popularity", "--k", "5")
+    assert code == 0 and "recall" in out
+    assert list(work.iterdir()) == []  # nothing left in the working directory
 
 
 @pytest.mark.parametrize(

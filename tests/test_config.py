@@ -84,3 +84,93 @@ def test_errors_name_the_key(tmp_path, text, env, needle):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"RECSERVE_MODLES": "/srv"}, r"RECSERVE_MODLES: modles: unknown setting"),
+        ({"RECSERVE_HYBRIDS": "x"}, r"RECSERVE_HYBRIDS: hybrids: unknown setting \(a TOML table"),
+        ({"RECSERVE_TOKEN_FOR_ALL": "ture"}, r"RECSERVE_TOKEN_FOR_ALL: .*'ture'"),
+        ({"RECSERVE_TOKEN_FOR_ALL": ""}, r"RECSERVE_TOKEN_FOR_ALL: .*expected true/false"),
+        ({"RECSERVE_PORT": "true"}, r"RECSERVE_PORT: port: cannot use 'true'"),
+        ({"RECSERVE_GRACE_SECONDS": "nan"}, r"grace_seconds: cannot use 'nan' \(not finite\)"),
+        ({"RECSERVE_FEEDBACK_DB": "redis://h:6379/0"}, r"feedback_db: .* looks like a URL"),
+        ({"RECSERVE_MODELS": "s3://bucket/models"}, r"models: .* looks like a URL"),
+    ],
+)
+def test_unknown_and_malformed_variables_stop_start_up(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, env=env)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[server]\nmodles = 'x'\n", r"\[server\] modles: unknown setting"),
+        ("[server]\nport = true\n", r"\[server\] port: cannot use True"),
+        ("[server]\nmax_k = '50'\nverify = 5\n", r"verify: cannot use 5 \(expected a string\)"),
+        ("[server]\ntoken_for_all = 'maybe'\n", r"token_for_all: cannot use 'maybe'"),
+        ("[server]\nfallback = [1, 2]\n", r"fallback: cannot use \[1, 2\]"),
+        ("[server]\nfeedback_db = 'memory:'\n", r"feedback_db: 'memory:' looks like a URL"),
+        ("server = 5\n", r"\[server\] must be a table"),
+    ],
+)
+def test_unknown_and_malformed_file_settings_name_file_and_key(tmp_path, text, needle):
+    path = tmp_path / "recserve.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle) as info:
+        load_config(path, env={})
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("given", "want"),
+    [
+        *(("true", True), ("TRUE", True), ("1", True), ("Yes", True), ("on", True)),
+        *(("off", False), ("false", False), ("0", False), ("no", False), (" False ", False)),
+    ],
+)
+def test_booleans_take_only_the_documented_spellings(given, want):
+    cfg = load_config(None, env={"RECSERVE_ADMIN_TOKEN": "t", "RECSERVE_TOKEN_FOR_ALL": given})
+    assert cfg.token_for_all is want
+
+
+def test_variables_that_are_not_settings_are_left_alone():
+    env = {"RECSERVE_DEBUG": "1", "RECSERVE_TEST_SERVER": "asyncio", "RECSERVE_WORKERS": "2"}
+    assert load_config(None, env=env).workers == 2
+
+
+def test_paths_that_are_paths_are_taken():
+    cfg = load_config(
+        None, env={"RECSERVE_FEEDBACK_DB": "var/fb:1.sqlite", "RECSERVE_MODELS": "./m"}
+    )
+    assert (cfg.feedback_db, cfg.models) == ("var/fb:1.sqlite", "./m")
+
+
+def walk_parsers(parser):
+    """The parser and every sub-command parser below it."""
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from walk_parsers(sub)
+
+
+def test_no_parser_takes_abbreviated_flags(tmp_path, capsys, monkeypatch):
+    from recserve.cli import build_parser, main
+
+    parsers = list(walk_parsers(build_parser()))
+    assert len(parsers) > 10 and all(p.allow_abbrev is False for p in parsers)
+    # `--feedback` used to be taken as `--feedback-db` and made a folder "redis:".
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--models", str(tmp_path), "--feedback", "redis://127.0.0.1:6379/0"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --feedback" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["serve", "--models", str(tmp_path), "--feedback-db", "redis://h:1/0"]) == 2
+    assert "feedback_db: 'redis://h:1/0' looks like a URL" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ import subprocess
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from recserve.clients.client import RecommenderClient, RecserveError
 from tests.service_helpers import publish_models, running
@@ -39,7 +40,16 @@ def test_admin_needs_the_token(models, caplog, server):
             assert rc.reload() == ([], [])
         with RecommenderClient(s.target) as rc:  # Recommender RPCs stay open by default
             assert len(rc.recommend("7", 3).items) == 3
-    assert TOKEN not in caplog.text
+    assert_no_token_in(caplog.text)
+
+
+def assert_no_token_in(text: str) -> None:
+    """No 8-character slice of the token appears (a near-miss token the server
+    logged, such as the one missing its last character, would show one)."""
+    leaks = {TOKEN[i : i + 8] for i in range(len(TOKEN) - 7)} & {
+        text[i : i + 8] for i in range(len(text) - 7)
+    }
+    assert not leaks, leaks
 
 
 @pytest.mark.parametrize("server", ["asyncio", "threads"])
@@ -159,4 +169,97 @@ def test_tls_config_errors_name_the_key(tmp_path):
         load_config(None, env={"RECSERVE_TLS_CERT": "x.pem", "RECSERVE_TLS_KEY": "x.key"})
     with pytest.raises(ConfigError, match="token_for_all"):
         load_config(None, env={"RECSERVE_TOKEN_FOR_ALL": "true"})
-    assert grpc  # the module is used by the helpers above
+
+
+class FakeContext:
+    """A grpc.ServicerContext as far as the thread-pool Admin servicer reads it."""
+
+    def __init__(self, peer: str, metadata=()) -> None:
+        self._peer, self._metadata = peer, tuple(metadata)
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def abort(self, code, details):
+        raise Aborted(code, details)
+
+
+class Aborted(Exception):
+    def __init__(self, code, details) -> None:
+        super().__init__(code, details)
+        self.code, self.details = code, details
+
+
+@pytest.mark.parametrize(
+    ("peer", "loopback"),
+    [
+        ("ipv4:127.0.0.1:5000", True),
+        ("ipv4:127.8.9.1:5000", True),
+        ("ipv6:[::1]:5000", True),
+        ("ipv6:%5B::1%5D:5000", True),
+        ("ipv6:[::ffff:127.0.0.1]:5000", True),
+        ("unix:/tmp/recserve.sock", True),
+        ("ipv4:10.1.2.3:5000", False),
+        ("ipv6:[2001:db8::1]:5000", False),
+        ("ipv6:[::ffff:10.0.0.1]:5000", False),
+        ("", False),
+        ("ipv4:not-an-address:1", False),
+    ],
+)
+def test_loopback_peers(peer, loopback):
+    from recserve.service.auth import is_loopback_peer
+
+    assert is_loopback_peer(peer) is loopback
+
+
+def test_admin_without_token_answers_only_loopback_peers(models):
+    """No admin_token: a remote peer gets PERMISSION_DENIED naming the setting; a
+    loopback peer is served; with a token, the token decides wherever the peer is."""
+    from recserve.config import ServerConfig
+    from recserve.service import App
+    from recserve.service.grpc_threads import Admin
+
+    app = App(
+        ServerConfig(models=str(models), port=0, metrics_port=0), registry=CollectorRegistry()
+    )
+    admin = Admin(app.core)
+    with pytest.raises(Aborted) as e:
+        admin.ListModels(None, FakeContext("ipv4:10.1.2.3:40000"))
+    assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "admin_token" in e.value.details and "RECSERVE_ADMIN_TOKEN" in e.value.details
+    with pytest.raises(Aborted):
+        admin.ReloadModels(None, FakeContext("ipv6:[2001:db8::7]:40000"))
+    assert admin.ListModels(None, FakeContext("ipv4:127.0.0.1:40000")).models == []
+    token = App(
+        ServerConfig(models=str(models), port=0, metrics_port=0, admin_token=TOKEN),
+        registry=CollectorRegistry(),
+    )
+    remote = FakeContext("ipv4:10.1.2.3:1", [("authorization", f"Bearer {TOKEN}")])
+    assert Admin(token.core).ListModels(None, remote).models == []
+    with pytest.raises(Aborted) as e:
+        Admin(token.core).ListModels(None, FakeContext("ipv4:127.0.0.1:1"))
+    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_admin_over_grpc_from_loopback_without_token(models):
+    with running(models) as s, RecommenderClient(s.target) as rc:
+        assert {m.name for m in rc.models()} >= {"als", "popularity"}
+
+
+@pytest.mark.parametrize(("host", "warned"), [("127.0.0.1", False), ("[::]", True)])
+def test_start_warns_when_admin_is_reachable_without_a_token(models, caplog, host, warned):
+    from recserve.config import ServerConfig
+    from recserve.service import App
+
+    caplog.set_level(logging.WARNING, logger="recserve.service")
+    cfg = ServerConfig(models=str(models), host=host, port=0, metrics_port=0, server="threads")
+    app = App(cfg, registry=CollectorRegistry())
+    app.start()
+    try:
+        said = [r.getMessage() for r in caplog.records if "without admin_token" in r.getMessage()]
+        assert bool(said) is warned, said
+    finally:
+        app.drain(grace=0)
