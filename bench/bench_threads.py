@@ -5,7 +5,7 @@
 Kernels release the GIL, so threads overlap inside them; the Python around
 them (id mapping, argument checks) does not. Prints calls/s with 1 and 2
 threads and the speed-up, for the model call alone and for the full serving
-path (server.retrieval.Router), on ALS (exact scoring) and item-kNN.
+path (recserve.serving.Router), on ALS (exact scoring) and item-kNN.
 """
 
 from __future__ import annotations

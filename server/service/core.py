@@ -60,7 +60,8 @@ class Failure(Exception):
 
 
 class Call(Protocol):
-    """What the core needs of a transport's call."""
+    """What the core needs of a transport's call. The names are grpc.aio's
+    ServicerContext's, so that transport passes its context as it is."""
 
     def time_remaining(self) -> float | None:
         """Seconds until the deadline, or None without one."""
@@ -68,24 +69,11 @@ class Call(Protocol):
     def cancelled(self) -> bool:
         """True once the client went away."""
 
-    def metadata(self) -> Iterable[tuple[str, Any]]:
+    def invocation_metadata(self) -> Iterable[tuple[str, Any]] | None:
         """The request's metadata (key, value) pairs."""
 
     def peer(self) -> str:
         """The peer as gRPC names it (ipv4:1.2.3.4:5, ipv6:[::1]:5, unix:...)."""
-
-
-def checker(call: Call) -> Callable[[], None]:
-    """A callable that raises Failure once the client cancelled or its deadline passed."""
-
-    def check() -> None:
-        remaining = call.time_remaining()
-        if remaining is not None and remaining <= 0:
-            raise Failure(Code.DEADLINE_EXCEEDED, "deadline passed before the answer")
-        if call.cancelled():
-            raise Failure(Code.CANCELLED, "client cancelled")
-
-    return check
 
 
 class Session:
@@ -97,16 +85,23 @@ class Session:
     admission slot is released at once and the metrics are recorded by `defer`
     (the asyncio transport runs them after the answer is handed to gRPC)."""
 
-    __slots__ = ("call", "check", "core", "defer", "method", "ranked", "sent", "t0", "t1")
+    __slots__ = ("call", "core", "defer", "method", "ranked", "sent", "t0", "t1")
 
     def __init__(
         self, core: Core, method: str, call: Call, t0: float, defer: Callable[..., Any] | None
     ) -> None:
         self.core, self.method, self.call, self.t0, self.defer = core, method, call, t0, defer
-        self.check = checker(call)
         self.ranked: Ranked | None = None  # the answer's ranking (unary Recommend)
         self.sent = 0  # items streamed
         self.t1 = 0.0
+
+    def check(self) -> None:
+        """Raise Failure once the client cancelled or its deadline passed."""
+        remaining = self.call.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise Failure(Code.DEADLINE_EXCEEDED, "deadline passed before the answer")
+        if self.call.cancelled():
+            raise Failure(Code.CANCELLED, "client cancelled")
 
     def __enter__(self) -> Session:
         return self
@@ -163,7 +158,8 @@ class Core:
         """Admit a Recommender call (token, draining, max_concurrency) or raise Failure."""
         t0 = time.perf_counter()
         self.last_call = time.monotonic()
-        if self.cfg.token_for_all and (denied := auth.token_error(self.cfg, call.metadata())):
+        metadata = call.invocation_metadata if self.cfg.token_for_all else None
+        if metadata is not None and (denied := auth.token_error(self.cfg, metadata())):
             self.metrics.rejected.labels(method, "UNAUTHENTICATED").inc()
             raise Failure(Code.UNAUTHENTICATED, denied, "authorization")
         if self.draining:
@@ -334,7 +330,7 @@ class Core:
 
     def admin(self, call: Call) -> None:
         """Raise Failure unless the caller may use Admin (token, or loopback without one)."""
-        denied = auth.admin_error(self.cfg, call.metadata(), call.peer())
+        denied = auth.admin_error(self.cfg, call.invocation_metadata(), call.peer())
         if denied is not None:
             code, message = denied
             raise Failure(Code[code], message, "authorization")

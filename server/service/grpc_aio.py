@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -36,27 +37,6 @@ log = logging.getLogger("recserve.service")
 DRAIN_QUIET = 0.25
 
 
-class _Call:
-    """A grpc.aio.ServicerContext as the core's Call."""
-
-    __slots__ = ("context",)
-
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
-        self.context = context
-
-    def time_remaining(self) -> float | None:
-        return self.context.time_remaining()
-
-    def cancelled(self) -> bool:
-        return self.context.cancelled()
-
-    def metadata(self) -> Any:
-        return self.context.invocation_metadata()
-
-    def peer(self) -> str:
-        return self.context.peer()
-
-
 async def _abort(context: grpc.aio.ServicerContext, f: Failure) -> bytes:
     """Answer the Failure's status (raises), or nothing for a caller that went away."""
     if f.code is not Code.CANCELLED:
@@ -65,25 +45,30 @@ async def _abort(context: grpc.aio.ServicerContext, f: Failure) -> bytes:
 
 
 class Recommender(pb_grpc.RecommenderServicer):
-    """recserve.v1.Recommender over the core, on grpc.aio."""
+    """recserve.v1.Recommender over the core, on grpc.aio. The core reads the aio
+    context itself as its Call (same method names): no adapter per call."""
 
     def __init__(self, core: Core) -> None:
         self.core = core
+        self._defer: Callable | None = None  # the loop's call_soon, once known
 
-    async def _unary(self, method: str, request: Any, context, answer: Callable) -> Any:
-        defer = asyncio.get_running_loop().call_soon
+    def _unary(self, method: str, request: Any, context, answer: Callable) -> Any:
+        """The answer, or the Failure to abort with (a plain function: no extra
+        coroutine on the hottest path)."""
+        if self._defer is None:
+            self._defer = asyncio.get_running_loop().call_soon
         try:
-            with self.core.session(method, _Call(context), defer) as s:
+            with self.core.session(method, context, self._defer) as s:
                 out, md = answer(s, request)
         except Failure as f:
-            return await _abort(context, f)
+            return f
         if md:
             context.set_trailing_metadata(md)
         return out
 
     async def _stream(self, method: str, request: Any, context, answer: Callable):
         try:
-            with self.core.session(method, _Call(context)) as s:
+            with self.core.session(method, context) as s:
                 md, items = answer(s, request)
                 # The loop was busy computing: take in a cancellation or a deadline
                 # that arrived meanwhile before anything is sent.
@@ -95,34 +80,39 @@ class Recommender(pb_grpc.RecommenderServicer):
             await _abort(context, f)
 
     async def Recommend(self, request, context):
-        return await self._unary("Recommend", request, context, self.core.recommend)
+        out = self._unary("Recommend", request, context, self.core.recommend)
+        return out if type(out) is not Failure else await _abort(context, out)
 
-    # grpc.aio needs streaming handlers themselves to be async generator functions.
+    # grpc.aio needs streaming handlers themselves to be async generator functions;
+    # aclosing ends the inner stream (and its session) at once when the client goes.
     async def RecommendStream(self, request, context):
-        async for item in self._stream(
-            "RecommendStream", request, context, self.core.recommend_stream
-        ):
-            yield item
+        answer = self.core.recommend_stream
+        async with aclosing(self._stream("RecommendStream", request, context, answer)) as items:
+            async for item in items:
+                yield item
 
     async def SimilarItems(self, request, context):
-        async for item in self._stream("SimilarItems", request, context, self.core.similar):
-            yield item
+        answer = self.core.similar
+        async with aclosing(self._stream("SimilarItems", request, context, answer)) as items:
+            async for item in items:
+                yield item
 
     async def RecommendBatch(self, request_iterator: AsyncIterator, context):
         try:
-            with self.core.session("RecommendBatch", _Call(context)) as s:
+            with self.core.session("RecommendBatch", context) as s:
                 async for request in request_iterator:
                     yield self.core.batch_one(s, request)
         except Failure as f:
             await _abort(context, f)
 
     async def PredictRatings(self, request, context):
-        return await self._unary("PredictRatings", request, context, self.core.predict)
+        out = self._unary("PredictRatings", request, context, self.core.predict)
+        return out if type(out) is not Failure else await _abort(context, out)
 
     async def RecordInteractions(self, request_iterator: AsyncIterator, context):
         loop = asyncio.get_running_loop()
         try:
-            with self.core.session("RecordInteractions", _Call(context)):
+            with self.core.session("RecordInteractions", context):
                 rec = self.core.recorder()
                 async for ev in request_iterator:
                     if (full := rec.add(ev)) is not None:
@@ -141,7 +131,7 @@ class Admin(pb_grpc.AdminServicer):
 
     async def _admin(self, request: Any, context, answer: Callable, blocking: bool = False):
         try:
-            self.core.admin(_Call(context))
+            self.core.admin(context)
             if blocking:
                 return await asyncio.get_running_loop().run_in_executor(None, answer, request)
             return answer(request)

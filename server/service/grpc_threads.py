@@ -41,7 +41,7 @@ class _Call:
     def cancelled(self) -> bool:
         return not self.context.is_active()
 
-    def metadata(self) -> Any:
+    def invocation_metadata(self) -> Any:
         return self.context.invocation_metadata()
 
     def peer(self) -> str:
