@@ -34,7 +34,8 @@ serve: build  ## make the default dataset and models, then serve them over gRPC 
 	$(BIN)/recserve quickstart --workdir $(WORKDIR)
 	$(BIN)/recserve serve --config $(WORKDIR)/recserve.toml
 
-bench: build  ## data-layer scale benchmark (20M synthetic events)
+bench: build  ## the serving benchmark on ml-100k, then the data-layer scale benchmark (20M events)
+	$(BIN)/python bench/bench_service.py --skip-synthetic
 	$(BIN)/python bench/bench_data.py
 
 lint: $(STAMP)  ## ruff lint and format check

@@ -20,7 +20,7 @@ from recserve.models import bundle, create
 LOAD = (
     "import time, json\n"
     "t0 = time.perf_counter()\n"
-    "from server.models import load\n"
+    "from recserve.models import load\n"
     "t1 = time.perf_counter()\n"
     "m = load({path!r}, verify={verify})\n"
     "m.recommend([0], 10)\n"

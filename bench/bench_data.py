@@ -18,12 +18,12 @@ from pathlib import Path
 
 PHASES = {
     "synth": (
-        "from server.data import generate, write_csv\n"
+        "from recserve.data import generate, write_csv\n"
         "s = generate({users}, {items}, {interactions}, seed=7)\n"
         "write_csv(s, {out!r})\n"
     ),
     "load": (
-        "from server.data import load_dataset\n"
+        "from recserve.data import load_dataset\n"
         "d = load_dataset({out!r})\n"
         "assert d.nnz == {interactions}, d.nnz\n"
     ),

@@ -206,7 +206,7 @@ def _model(args: argparse.Namespace) -> Any:
 
 
 def load_dataset(path: str, fmt: str | None = None) -> Any:
-    """server.data.load_dataset, imported when a command reads data (pyarrow is heavy)."""
+    """recserve.data.load_dataset, imported when a command reads data (pyarrow is heavy)."""
     from recserve.data import load_dataset as load
 
     return load(path, fmt)
