@@ -136,3 +136,52 @@ def test_ranked_of_makes_ids_and_scores_only_when_read():
     assert len(r) == 2 and r._item_ids is None and r._scores is None
     assert r.item_ids == ["z", "x"] and r.scores == [1.5, 0.25]
     assert len(Ranked([], [])) == 0
+
+
+def test_the_tags_written_are_the_descriptors_and_a_mismatch_is_refused():
+    """The tag bytes the encoder writes (read back from the kernel) carry the field
+    numbers and wire types of the generated RankedItem, and check_layout refuses a
+    descriptor whose numbers or types differ from them."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    tags = wire.written_tags()
+    fields = pb.RankedItem.DESCRIPTOR.fields_by_name
+    assert {n: t >> 3 for n, t in tags.items()} == {n: fields[n].number for n in tags}
+    assert {n: t & 7 for n, t in tags.items()} == {"item_id": 2, "score": 5, "rank": 0}
+    numbers = wire.check_layout(pb.RankedItem.DESCRIPTOR, pb.RecommendResponse.DESCRIPTOR)
+    assert numbers["items"] == pb.RecommendResponse.DESCRIPTOR.fields_by_name["items"].number
+
+    def variant(name: str, number: int, kind: int):
+        """A RankedItem whose field `name` has another number or type."""
+        proto = descriptor_pb2.FileDescriptorProto()
+        pb.DESCRIPTOR.CopyToProto(proto)
+        proto.name, proto.package = "variant.proto", "variant"
+        (item,) = [m for m in proto.message_type if m.name == "RankedItem"]
+        (field,) = [f for f in item.field if f.name == name]
+        field.number, field.type = number, kind
+        for m in proto.message_type:
+            for f in m.field:
+                if f.HasField("type_name"):
+                    f.type_name = f.type_name.replace(".recserve.v1.", ".variant.")
+        del proto.service[:]
+        pool = descriptor_pool.DescriptorPool()
+        for dep in pb.DESCRIPTOR.dependencies:
+            dep_proto = descriptor_pb2.FileDescriptorProto()
+            dep.CopyToProto(dep_proto)
+            pool.Add(dep_proto)
+        pool.Add(proto)
+        return pool.FindMessageTypeByName("variant.RankedItem"), pool.FindMessageTypeByName(
+            "variant.RecommendResponse"
+        )
+
+    t = descriptor_pb2.FieldDescriptorProto
+    for name, number, kind in (
+        ("rank", 6, t.TYPE_INT32),  # renumbered
+        ("score", 2, t.TYPE_DOUBLE),  # another wire type (fixed64)
+        ("item_id", 1, t.TYPE_INT32),  # a varint where bytes are written
+    ):
+        item, response = variant(name, number, kind)
+        with pytest.raises(RuntimeError, match=f"RankedItem.{name} no longer matches"):
+            wire.check_layout(item, response)
+    item, response = variant("item_id", 1, t.TYPE_STRING)  # the same layout: accepted
+    assert wire.check_layout(item, response)["items"] == numbers["items"]
