@@ -122,3 +122,95 @@ def test_unpublished_model_and_missing_version(tmp_path):
     publish(tmp_path)
     with pytest.raises(BundleError, match="version folder is missing"):
         bundle.resolve(tmp_path, "m", "20000101T000000000000Z")
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.zeros((0, 5), np.int32),
+        np.array(5.0),
+        np.asfortranarray(np.arange(6, dtype=np.int64).reshape(2, 3)),
+        np.array([b"ab", b"c", b""], dtype="S4"),
+        np.arange(3, dtype=">u2"),
+        np.array([True, False]),
+    ],
+    ids=["f4-2d", "empty", "scalar", "fortran", "bytes", "big-endian", "bool"],
+)
+@pytest.mark.parametrize("mmap", [True, False])
+def test_read_npy_equals_np_load(tmp_path, array, mmap):
+    path = tmp_path / "a.npy"
+    np.save(path, array)
+    got = bundle.read_npy(path, mmap=mmap)
+    want = np.load(path)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert got.flags.f_contiguous == want.flags.f_contiguous
+
+
+def test_read_npy_refuses_what_is_not_a_plain_array(tmp_path):
+    path = tmp_path / "a.npy"
+    np.save(path, np.zeros(3, dtype=[("a", "<i4"), ("b", "<f4")]))
+    with pytest.raises(ValueError, match=r"unexpected \.npy header"):
+        bundle.read_npy(path)
+    np.save(path, np.array([1, "x"], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="not a plain numeric or bytes dtype"):
+        bundle.read_npy(path)
+    np.save(path, np.arange(10, dtype=np.float32))
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="bytes, the header describes"):
+        bundle.read_npy(path)
+    path.write_bytes(b"\x93NUMPX" + bytes(10))
+    with pytest.raises(ValueError, match=r"no \.npy magic"):
+        bundle.read_npy(path)
+
+
+def test_bundles_load_concurrently_under_collector_pressure(tmp_path):
+    """Many threads load bundles at once while the garbage collector runs Python
+    finalizers mid-allocation: the conditions under which np.load's header parse
+    (ast.literal_eval) fails on CPython 3.11 with "AST constructor recursion
+    depth mismatch". Every load must succeed and map the right arrays."""
+    import gc
+    import sys
+    import threading
+
+    rng = np.random.default_rng(0)
+    arrays = {f"a{i}": rng.random((50, 8)).astype(np.float32) for i in range(12)}
+    path = publish(tmp_path, "m", **arrays)
+    doc = bundle.verify(path, full=False)
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            sum(range(50))  # Python code the collector runs, letting other threads in
+
+    errors: list[BaseException] = []
+    loads = [0]
+
+    def load() -> None:
+        try:
+            for _ in range(150):
+                got = bundle.load_arrays(path, doc)
+                assert all(np.array_equal(got[k], v) for k, v in arrays.items())
+                loads[0] += 1
+                Cycle()
+        except BaseException as exc:
+            errors.append(exc)
+
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(5, 1, 1)
+    try:
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    finally:
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)
+    assert not [t for t in threads if t.is_alive()]
+    assert errors == [], errors[:3]
+    assert loads[0] == 6 * 150

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -211,6 +212,65 @@ def verify(path: str | Path, full: bool = True) -> dict[str, Any]:
     return doc
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+# The header np.save writes: a dict literal with these three keys in this order,
+# padded with spaces to a 64-byte boundary and ended by a newline.
+_NPY_HEADER = re.compile(
+    r"\{'descr': '([<>|=][A-Za-z][0-9]*)', 'fortran_order': (True|False), "
+    r"'shape': \(((?:\d+, )*\d*,?)\), \} *\n?"
+)
+
+
+def read_npy(path: str | Path, mmap: bool = True) -> np.ndarray:
+    """A plain .npy array, memory-mapped read-only (or read), without np.load.
+
+    np.load parses the header with ast.literal_eval, and CPython 3.11 keeps that
+    parser's recursion counter per interpreter: two threads loading bundles at
+    once can fail with "AST constructor recursion depth mismatch" when a garbage
+    collection runs Python code mid-parse (tests/test_artifacts.py reproduces
+    it). The format is small and specified (numpy.lib.format): magic, version,
+    header length, a dict literal naming dtype, order and shape, then the data.
+    Only simple dtypes are taken (no object arrays: nothing is ever unpickled),
+    and the file must hold exactly the data the header promises."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        lead = f.read(8)
+        if len(lead) < 8 or lead[:6] != _NPY_MAGIC:
+            raise ValueError("no .npy magic")
+        major = lead[6]
+        if major == 1:
+            (length,), width = np.frombuffer(f.read(2), "<u2"), 2
+        elif major in (2, 3):
+            (length,), width = np.frombuffer(f.read(4), "<u4"), 4
+        else:
+            raise ValueError(f".npy format version {major} is unknown")
+        raw = f.read(int(length))
+    if len(raw) != int(length):
+        raise ValueError("truncated .npy header")
+    header = raw.decode("utf-8" if major == 3 else "latin1")
+    m = _NPY_HEADER.fullmatch(header)
+    if m is None:
+        raise ValueError(f"unexpected .npy header {header.strip()!r}")
+    dtype = np.dtype(m.group(1))
+    if dtype.hasobject or dtype.fields is not None:
+        raise ValueError(f"dtype {dtype.str} is not a plain numeric or bytes dtype")
+    shape = tuple(int(x) for x in m.group(3).replace(",", " ").split())
+    order = "F" if m.group(2) == "True" else "C"
+    offset = 8 + width + int(length)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size != offset + nbytes:
+        raise ValueError(f"{size} bytes, the header describes {offset + nbytes}")
+    if nbytes == 0:
+        return np.zeros(shape, dtype, order=order)
+    if mmap:
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = np.fromfile(f, dtype=dtype, count=nbytes // dtype.itemsize)
+    return data.reshape(shape, order=order)
+
+
 def load_arrays(
     path: str | Path, doc: Mapping[str, Any], mmap: bool = True
 ) -> dict[str, np.ndarray]:
@@ -219,13 +279,11 @@ def load_arrays(
     out: dict[str, np.ndarray] = {}
     for key, meta in doc["arrays"].items():
         fpath = folder / meta["file"]
-        # A zero-length array has no data to map; np.load refuses to mmap it.
-        mode = "r" if mmap and int(np.prod(meta["shape"])) > 0 else None
+        mode = "r" if mmap else None
         try:
-            # np.load refuses pickled (object) arrays by default: a tampered .npy
-            # holding a pickle is refused, never executed (see
+            # A pickled (object) array is refused, never executed (see
             # tests/test_artifacts.py::test_pickled_array_is_never_unpickled).
-            arr = np.load(fpath, mmap_mode=mode)
+            arr = read_npy(fpath, mmap=mode is not None)
         except (ValueError, OSError, EOFError) as exc:
             raise BundleError(f"{fpath}: not a plain .npy array ({exc})") from None
         if arr.dtype.str != meta["dtype"] or list(arr.shape) != meta["shape"]:
