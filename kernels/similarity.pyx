@@ -795,13 +795,14 @@ def score_topk(h_indptr, h_indices, h_data, s_indptr, s_indices, s_data, Py_ssiz
                 if n_touched > 0:
                     m = select_topk(&ACC[t, 0], n, k, &MASK[t, 0], &TOUCH[t, 0], n_touched,
                                     &HI[t, 0], &HV[t, 0], &TI[t, 0], &TV[t, 0])
-                if m == k and TV[t, k - 1] >= 0:
+                if m == k and TV[t, k - 1] > 0:
                     for c in range(k):
                         oi[qi, c] = TI[t, c]
                         ov[qi, c] = TV[t, c]
                 else:
                     # Untouched eligible items score 0: take them in id order and
-                    # merge with the touched ones (negatives rank below zeros).
+                    # merge with the touched ones (negatives rank below zeros, and a
+                    # touched score of exactly 0 ties with them, by lower id).
                     nz = 0
                     for j in range(n):
                         if nz == k:

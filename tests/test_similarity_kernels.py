@@ -205,6 +205,20 @@ def test_wrappers_reject_bad_input():
         simk.weight(x.indptr, x.indices, x.data, 8, "log")
 
 
+def test_score_topk_ties_a_cancelled_score_with_untouched_items_by_id():
+    """Item 5 is reached by the history but its terms cancel to exactly 0 (1 x 2 -
+    2 x 1): it ties with the untouched items, which score 0 too, and the tie goes
+    to the lower id, as in the dense computation (a CI run's random order found
+    the kernel putting the reached zero first)."""
+    h = sp.csr_matrix(np.array([[1.0, -2.0]], np.float32))
+    s = sp.csr_matrix((np.array([2.0, 1.0, 1.0], np.float32), ([0, 0, 1], [5, 7, 5])), shape=(2, 8))
+    for k in (1, 2, 3):
+        i, v = simk.score_topk(h.indptr, h.indices, h.data, s.indptr, s.indices, s.data, 8, k)
+        (want,) = dense_topk((h @ s).toarray(), k, [[]], None)
+        assert i[0].tolist() == want == [7, 0, 1][:k]
+        assert v[0].tolist() == [1.0, 0.0, 0.0][:k]
+
+
 @settings(max_examples=120, deadline=None)
 @given(data=st.data(), k=st.integers(1, 30))
 def test_score_topk_properties(data, k):
