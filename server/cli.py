@@ -10,6 +10,8 @@
     recserve import spark-als --user-factors P --item-factors P --name NAME --models DIR
     recserve bench --target HOST:PORT [--concurrency 8 | --rate QPS] [--ceiling] [--json]
     recserve serve [--config FILE] [--models DIR] [--port 50051] [--metrics-port 9090] [--workers N]
+                   [--feedback sqlite:///PATH|memory:] [--state-dir var]
+                   [--feedback sqlite:///PATH|memory:] [--state-dir var]
 
 Progress and logs go to stderr; results (JSON summaries, tables) to stdout.
 """
@@ -147,7 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=None, help="Prometheus port (default 9090; 0 = off)"
     )
     sv.add_argument("--default-model", default=None, help="model for requests naming none")
-    sv.add_argument("--feedback-db", default=None, help="SQLite feedback log ('' = memory)")
+    sv.add_argument(
+        "--feedback",
+        default=None,
+        metavar="URL",
+        help="where feedback is stored: sqlite:///PATH or memory: "
+        "(default: a SQLite file in --state-dir)",
+    )
+    sv.add_argument(
+        "--state-dir", default=None, help="writable state folder (default var/; never the models)"
+    )
+    sv.add_argument("--feedback-db", default=None, help="the older --feedback sqlite:///PATH")
     sv.add_argument(
         "--workers", type=int, default=None, help="processes sharing the port (default 1)"
     )
@@ -378,7 +390,7 @@ QUICKSTART_CONFIG = """\
 [server]
 models = "{models}"
 default_model = "hybrid"
-feedback_db = "{feedback}"
+state_dir = "{state}"
 
 [fallbacks]
 hybrid = ["als", "itemknn"]
@@ -421,7 +433,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     config = work / "recserve.toml"
     if not config.is_file():
         config.write_text(
-            QUICKSTART_CONFIG.format(models=models, feedback=work / "feedback.sqlite"),
+            QUICKSTART_CONFIG.format(models=models, state=work),
             encoding="utf-8",
         )
     log.info("serve them: recserve serve --config %s", config)
@@ -436,6 +448,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from recserve.config import load_config
+    from recserve.feedback import open_store  # light: no gRPC or metrics before a fork
     from recserve.launch import serve
 
     cfg = load_config(
@@ -446,15 +459,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "port": args.port,
             "metrics_port": args.metrics_port,
             "default_model": args.default_model,
+            "feedback": args.feedback,
+            "state_dir": args.state_dir,
             "feedback_db": args.feedback_db,
             "workers": args.workers,
         },
     )
     if not Path(cfg.models).is_dir():
         raise FileNotFoundError(f"models: {cfg.models} is not a folder (run `make serve` first?)")
-    if not cfg.feedback_db:
+    path = cfg.feedback_path()
+    if path:
+        open_store(path).close()  # create it now: a bad path stops start-up, naming it
+        log.info("feedback: SQLite log %s", path)
+    else:
         log.warning(
-            "feedback_db is not set: recorded interactions live in memory and are lost at exit"
+            "feedback = memory: recorded interactions are lost at exit"
             + ("; with several workers each keeps its own" if cfg.workers > 1 else "")
         )
     serve(cfg)

@@ -12,7 +12,8 @@
     server = "asyncio"            # grpc.aio, requests computed on the loop; or "threads"
     admin_token = ""              # better RECSERVE_ADMIN_TOKEN; "authorization: Bearer <token>"
     tls_cert = ""                 # + tls_key: TLS; + tls_client_ca: mutual TLS
-    feedback_db = "var/feedback.sqlite"   # "" keeps feedback in memory only
+    state_dir = "var"             # writable state (the feedback log); never the models folder
+    feedback = ""                 # "" = sqlite:///<state_dir>/feedback.sqlite; or memory:
 
     [fallbacks]                   # per-model chains, tried in order
     hybrid = ["als", "popularity"]
@@ -86,7 +87,9 @@ class ServerConfig:
     unknown_item_tolerance: float = 0.5
     grace_seconds: float = 10.0
     verify: str = "full"
-    feedback_db: str = ""
+    state_dir: str = "var"  # writable state: the feedback log lives here by default
+    feedback: str = ""  # sqlite:///PATH or memory:; "" = a SQLite file in state_dir
+    feedback_db: str = ""  # the older spelling of feedback = "sqlite:///PATH" (a path)
     online_history: int = 1000
     kernel_threads: int = 1
     workers: int = 1
@@ -102,6 +105,10 @@ class ServerConfig:
     fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     hybrids: dict[str, Hybrid] = field(default_factory=dict)
     experiments: dict[str, Experiment] = field(default_factory=dict)
+
+    def feedback_path(self) -> str:
+        """The SQLite feedback log's path, or "" to keep feedback in memory."""
+        return feedback_target(self.feedback, self.feedback_db, self.state_dir)
 
     def chain(self, name: str) -> list[str]:
         """`name`, its own fallbacks, then the global fallback list, without repeats."""
@@ -133,7 +140,37 @@ _CHECKS: dict[str, tuple[float, float]] = {
 
 # Settings that name files: a URL there is a mistake (e.g. a Redis address given
 # to the SQLite path), refused instead of becoming a folder named "redis:".
-_PATHS = frozenset({"models", "feedback_db", "tls_cert", "tls_key", "tls_client_ca"})
+_PATHS = frozenset({"models", "state_dir", "feedback_db", "tls_cert", "tls_key", "tls_client_ca"})
+FEEDBACK_FILE = "feedback.sqlite"
+
+
+def feedback_target(url: str, path: str, state_dir: str) -> str:
+    """Where feedback goes, from the `feedback` URL (or the older `feedback_db`
+    path): a SQLite file's path, or "" for memory. `sqlite:///PATH` takes PATH as
+    written (relative to the working directory; `sqlite:////abs` is absolute)."""
+    if url and path:
+        raise ConfigError("feedback / feedback_db: give one (feedback_db is the older spelling)")
+    if path:
+        return path
+    if not url:
+        return str(Path(state_dir) / FEEDBACK_FILE)
+    if url == "memory:":
+        return ""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "sqlite" and url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return url[len("sqlite:///") :]
+    if scheme == "sqlite":
+        raise ConfigError(
+            f"feedback: {url!r}: write sqlite:///relative/path or sqlite:////abs/path"
+        )
+    if scheme in ("redis", "rediss"):
+        raise ConfigError(
+            f"feedback: {url!r}: this version stores feedback in SQLite or memory only "
+            "(sqlite:///PATH, memory:)"
+        )
+    raise ConfigError(f"feedback: {url!r}: expected sqlite:///PATH or memory:")
+
+
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(//)?")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -323,5 +360,14 @@ def _check_consistency(cfg: ServerConfig) -> None:
             raise ConfigError(f"{key}: {path} is not a file")
     if cfg.token_for_all and not cfg.admin_token:
         raise ConfigError("token_for_all: set admin_token too")
+    feedback = cfg.feedback_path()  # also validates feedback / feedback_db
+    if feedback:
+        models = Path(cfg.models).resolve()
+        where = Path(feedback).resolve()
+        if where == models or models in where.parents:
+            raise ConfigError(
+                f"feedback: {feedback} is inside the models folder {cfg.models}, which may be "
+                "read-only and is replaced by publishing; keep state in state_dir"
+            )
     if cfg.default_model and not NAME_RE.match(cfg.default_model):
         raise ConfigError(f"default_model: {cfg.default_model!r} is not a valid model name")

@@ -187,3 +187,12 @@ class OnlineState:
 def now() -> int:
     """Unix seconds, the timestamp of events sent with timestamp 0."""
     return int(time.time())
+
+
+def open_store(path: str) -> FeedbackStore:
+    """The feedback log at `path` ("" = memory); OSError naming the path when the
+    file cannot be created or opened (start-up stops: nothing would be durable)."""
+    try:
+        return FeedbackStore(path)
+    except (OSError, sqlite3.Error) as exc:
+        raise OSError(f"feedback: cannot open the SQLite log {path} ({exc})") from None

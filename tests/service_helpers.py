@@ -111,6 +111,10 @@ class Server:
 def running(models: Path, loader=default_loader, wait: bool = True, **settings) -> Iterator[Server]:
     """An App on 127.0.0.1:<free port>, drained at exit."""
     settings.setdefault("metrics_port", 0)
+    # In memory unless a test asks: the default (a SQLite file in var/ under the
+    # working directory) would be shared by every test server.
+    if "feedback_db" not in settings:
+        settings.setdefault("feedback", "memory:")
     # RECSERVE_TEST_SERVER=asyncio runs the same tests on the grpc.aio server.
     settings.setdefault("server", os.environ.get("RECSERVE_TEST_SERVER", "threads"))
     cfg = ServerConfig(models=str(models), host="127.0.0.1", port=0, **settings)

@@ -164,13 +164,50 @@ def test_no_parser_takes_abbreviated_flags(tmp_path, capsys, monkeypatch):
 
     parsers = list(walk_parsers(build_parser()))
     assert len(parsers) > 10 and all(p.allow_abbrev is False for p in parsers)
-    # `--feedback` used to be taken as `--feedback-db` and made a folder "redis:".
+    # An abbreviation is an unknown flag (`--feedback` used to be taken as
+    # `--feedback-db` and made a folder "redis:").
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as info:
-        main(["serve", "--models", str(tmp_path), "--feedback", "redis://127.0.0.1:6379/0"])
+        main(["serve", "--models", str(tmp_path), "--metrics", "9100"])
     assert info.value.code == 2
-    assert "unrecognized arguments: --feedback" in capsys.readouterr().err
+    assert "unrecognized arguments: --metrics" in capsys.readouterr().err
+    assert main(["serve", "--models", str(tmp_path), "--feedback", "redis://h:1/0"]) == 2
+    assert "feedback: 'redis://h:1/0'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert main(["serve", "--models", str(tmp_path), "--feedback-db", "redis://h:1/0"]) == 2
     assert "feedback_db: 'redis://h:1/0' looks like a URL" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("env", "path"),
+    [
+        ({}, "var/feedback.sqlite"),  # durable by default
+        ({"RECSERVE_STATE_DIR": "/srv/state"}, "/srv/state/feedback.sqlite"),
+        ({"RECSERVE_FEEDBACK": "memory:"}, ""),
+        ({"RECSERVE_FEEDBACK": "sqlite:///data/fb.sqlite"}, "data/fb.sqlite"),
+        ({"RECSERVE_FEEDBACK": "sqlite:////abs/fb.sqlite"}, "/abs/fb.sqlite"),
+        ({"RECSERVE_FEEDBACK_DB": "old/fb.sqlite"}, "old/fb.sqlite"),  # the older spelling
+    ],
+)
+def test_where_feedback_goes(env, path):
+    assert load_config(None, env=env).feedback_path() == path
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"RECSERVE_FEEDBACK": "redis://127.0.0.1:6379/0"}, r"feedback: .*SQLite or memory only"),
+        ({"RECSERVE_FEEDBACK": "pg://h/db"}, r"feedback: .*expected sqlite:///PATH or memory:"),
+        ({"RECSERVE_FEEDBACK": "sqlite:fb.sqlite"}, r"feedback: .*sqlite:///relative/path"),
+        ({"RECSERVE_FEEDBACK": "memory:", "RECSERVE_FEEDBACK_DB": "x"}, r"give one"),
+        ({"RECSERVE_STATE_DIR": "s3://bucket"}, r"state_dir: .* looks like a URL"),
+        (
+            {"RECSERVE_MODELS": "/srv/models", "RECSERVE_STATE_DIR": "/srv/models/state"},
+            r"feedback: .* is inside the models folder /srv/models",
+        ),
+    ],
+)
+def test_feedback_settings_are_checked(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, env=env)

@@ -104,7 +104,7 @@ def test_k8s_manifests_agree_with_the_server_config(tmp_path):
         assert c[probe]["grpc"] == {"port": cfg.port, "service": OVERALL}, probe
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["models"] == cfg.models
-    assert Path(cfg.feedback_db).parent.as_posix() == mounts["state"]
+    assert Path(cfg.feedback_path()).parent.as_posix() == mounts["state"]
     config_file = mounts["config"] + "/recserve.toml"
     assert c["args"][-2:] == ["--config", config_file] and c["args"][:2] == ["recserve", "serve"]
     assert pod["spec"]["terminationGracePeriodSeconds"] > cfg.grace_seconds

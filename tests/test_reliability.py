@@ -151,6 +151,50 @@ def test_acknowledged_feedback_survives_kill_9(published, tmp_path):
     assert any(f"replayed {stored} feedback events" in line for line in p2.lines)
 
 
+def test_feedback_is_durable_with_no_setting_at_all(published, tmp_path):
+    """`recserve serve --models DIR`, nothing else: acknowledged events survive
+    SIGKILL and a restart (a SQLite log in var/ under the working directory,
+    never in the models folder), and the restarted server excludes them as seen."""
+    root, _ = published
+    work = tmp_path / "cwd"
+    work.mkdir()
+    args = ("--models", str(root), "--port", "0", "--metrics-port", "0")
+    p = Proc(*args, cwd=work)
+    target = p.target()
+    wait_serving(target, "model/popularity")
+    with RecommenderClient(target) as rc:
+        before = rc.recommend("7", 5, model="popularity").item_ids
+        assert rc.record("7", before[:3]) == (3, 0)  # acknowledged: committed
+    os.kill(p.proc.pid, signal.SIGKILL)  # no drain, no checkpoint
+    p.proc.wait(30)
+    log = work / "var" / "feedback.sqlite"
+    assert log.is_file() and not list(root.rglob("feedback.sqlite"))
+    with sqlite3.connect(log) as conn:
+        stored = conn.execute("SELECT user_id, item_id FROM events").fetchall()
+    assert sorted(stored) == sorted(("7", i) for i in before[:3])
+    p2 = Proc(*args, cwd=work)
+    try:
+        target = p2.target()
+        wait_serving(target, "model/popularity")
+        with RecommenderClient(target) as rc:
+            after = rc.recommend("7", 5, model="popularity").item_ids
+    finally:
+        assert p2.stop() == 0
+    assert not set(after) & set(before[:3])  # the recorded items count as seen
+    assert any("replayed 3 feedback events" in line for line in p2.lines)
+
+
+def test_a_feedback_log_that_cannot_be_created_stops_start_up(published, tmp_path):
+    root, _ = published
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    p = Proc("--models", str(root), "--port", "0", "--state-dir", str(blocked))
+    assert p.proc.wait(60) == 2
+    p.lines.extend(p.proc.stderr.read().splitlines(keepends=True) if p.proc.stderr else [])
+    text = "".join(p.lines)
+    assert f"feedback: cannot open the SQLite log {blocked / 'feedback.sqlite'}" in text, text
+
+
 def test_graceful_shutdown_under_load_cuts_no_stream(published):
     """SIGTERM while clients hammer the server with RecommendStream: every call
     either completes with all its items, ranked 1..k, or is refused with

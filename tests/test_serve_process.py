@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,10 +37,13 @@ def models_dir(small, tmp_path_factory):
 class Proc:
     """A `recserve serve` subprocess; stderr is collected for the bound port and logs."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, cwd: Path | None = None) -> None:
+        # A working directory of its own: the default state (var/feedback.sqlite)
+        # lands there, never in the source tree or shared between servers.
+        self.cwd = cwd or Path(tempfile.mkdtemp(prefix="recserve-proc-"))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "recserve", "serve", "--host", "127.0.0.1", *args],
-            cwd=ROOT,
+            cwd=self.cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

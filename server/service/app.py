@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from recserve.config import ServerConfig
-from recserve.feedback import FeedbackStore, OnlineState
+from recserve.feedback import OnlineState, open_store
 from recserve.memstat import file_residency, process_memory
 from recserve.metrics import Metrics
 from recserve.service import auth
@@ -50,7 +50,7 @@ class App:
         self.cfg = cfg
         self.metrics = Metrics(registry) if registry is not None else Metrics()
         self.online = OnlineState(cfg.online_history)
-        self.store = FeedbackStore(cfg.feedback_db)
+        self.store = open_store(cfg.feedback_path())
         self.catalog = Catalog(
             cfg.models,
             full_verify=cfg.verify == "full",
