@@ -197,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder or ratings file")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: detect from path")
+    p.add_argument(
+        "--columns",
+        default=None,
+        metavar="ROLE=COLUMN,...",
+        help="parquet: which columns hold user, item, value, timestamp, e.g. "
+        "user=uid,item=sku,value=qty,timestamp=ts (default: common names)",
+    )
 
 
 def _algo_args(p: argparse.ArgumentParser) -> None:
@@ -217,11 +224,11 @@ def _model(args: argparse.Namespace) -> Any:
     return model
 
 
-def load_dataset(path: str, fmt: str | None = None) -> Any:
+def load_dataset(path: str, fmt: str | None = None, columns: str | None = None) -> Any:
     """recserve.data.load_dataset, imported when a command reads data (pyarrow is heavy)."""
     from recserve.data import load_dataset as load
 
-    return load(path, fmt)
+    return load(path, fmt, columns=columns)
 
 
 def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,7 +251,7 @@ def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t, 2),
         }
     t = time.perf_counter()
-    ds = load_dataset(args.data, args.format)
+    ds = load_dataset(args.data, args.format, args.columns)
     return {**ds.summary(), "seconds": round(time.perf_counter() - t, 2)}
 
 
@@ -255,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     stages = ["read data", *(["evaluate"] if args.evaluate else []), "fit", "publish"]
     with tqdm(total=len(stages), desc="train", unit="stage", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str(stages[0])
-        ds = load_dataset(args.data, args.format)
+        ds = load_dataset(args.data, args.format, args.columns)
         log.info("data: %s", ds.summary())
         bar.update()
         metrics: dict[str, float] = {}
@@ -290,7 +297,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    ds = load_dataset(args.data, args.format)
+    ds = load_dataset(args.data, args.format, args.columns)
     result = evaluate(
         _model(args),
         ds,
@@ -420,6 +427,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         ns = argparse.Namespace(
             data=str(data),
             format="csv",
+            columns=None,
             algo=algo,
             param=params,
             threads=0,

@@ -3,9 +3,11 @@
 Formats: MovieLens 100K (u.data, u.item), 1M/10M (ratings.dat, movies.dat),
 20M/25M/latest (ratings.csv, movies.csv, tags.csv), goodbooks-10k (ratings.csv,
 books.csv, book_tags.csv + tags.csv) and a generic CSV (user_id,item_id,rating,
-timestamp with a header, optional items.csv with item_id,title,genres|tags).
-Any file may be gzip (.gz) or xz (.xz) compressed. Large files are parsed by
-pyarrow's multithreaded CSV reader, never a Python loop.
+timestamp with a header, optional items.csv with item_id,title,genres|tags),
+and Parquet event logs (a file, or a folder of part files, Spark/Hive
+partition folders such as dt=2026-11-30/ included) with a column mapping.
+Any CSV file may be gzip (.gz) or xz (.xz) compressed. Large files are parsed
+by pyarrow's multithreaded readers, never a Python loop.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from recserve.data.dataset import Dataset, IdMap, build_csr, features_matrix
-from recserve.data.formats import FORMATS, DataError
+from recserve.data.formats import FORMATS, DataError, parse_columns
 
 log = logging.getLogger(__name__)
 
@@ -288,12 +290,16 @@ def detect_format(path: str | Path) -> str:
             f = find_file(p, name)
             if f:
                 return _csv_kind(f)
+        if next(p.rglob("*.parquet"), None) is not None:
+            return "parquet"
         raise DataError(
             p,
             "no known dataset here (looked for u.data, ratings.dat, ratings.csv, "
-            "interactions.csv, each optionally .gz/.xz); pass --format",
+            "interactions.csv, each optionally .gz/.xz, or *.parquet); pass --format",
         )
     name = base_name(p)
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
     if name == "u.data":
         return "ml-100k"
     if name.endswith(".dat"):
@@ -564,6 +570,133 @@ def _raw(t: pa.Table, user: str, item: str, rating: str | None, ts: str | None) 
     )
 
 
+# Column names taken for each role when --columns does not name one (first found).
+PARQUET_DEFAULTS = {
+    "user": ("user_id", "user", "userId", "uid"),
+    "item": ("item_id", "item", "movieId", "book_id", "sku"),
+    "value": ("rating", "value", "weight"),
+    "timestamp": ("timestamp", "ts", "time"),
+}
+
+
+def read_parquet(path: Path, columns: dict[str, str] | None = None) -> tuple[Raw, None]:
+    """Interactions from a Parquet file or folder (hive partitions kept as columns),
+    read file by file so every error names the file and the row within it."""
+    import pyarrow.dataset as pads
+
+    try:
+        dataset = pads.dataset(str(path), format="parquet", partitioning="hive")
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(path, f"not a readable Parquet file or folder ({exc})") from None
+    fragments = list(dataset.get_fragments())
+    if not fragments:
+        raise DataError(path, "no Parquet files here")
+    mapping = dict(columns or {})
+    tables = []
+    for fragment in fragments:
+        where = Path(fragment.path)
+        try:
+            schema = fragment.physical_schema
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(where, f"not a readable Parquet file ({exc})") from None
+        keys = pads.get_partition_keys(fragment.partition_expression)  # dt=... folders
+        names = [*schema.names, *(k for k in keys if k not in schema.names)]
+        chosen = _parquet_columns(where, names, mapping)
+        mapping = {**chosen, **mapping}  # the first file decides defaults for the rest
+        try:
+            table = fragment.to_table(columns=list(dict.fromkeys(chosen.values())))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(where, f"not a readable Parquet file ({exc})") from None
+        tables.append(_typed_events(where, table, chosen))
+    t = pa.concat_tables(tables)
+    if t.num_rows == 0:
+        raise DataError(path, "no data rows")
+    has_value, has_ts = "value" in t.column_names, "timestamp" in t.column_names
+    return _raw(
+        t, "user", "item", "value" if has_value else None, "timestamp" if has_ts else None
+    ), None
+
+
+def _parquet_columns(where: Path, names: list[str], mapping: dict[str, str]) -> dict[str, str]:
+    """{role: column} for one file: the mapping's, else the first default present."""
+    chosen = {}
+    for role, candidates in PARQUET_DEFAULTS.items():
+        if role in mapping:
+            if mapping[role] not in names:
+                raise DataError(
+                    where,
+                    f"missing column {mapping[role]!r} ({role}); columns are {', '.join(names)}",
+                )
+            chosen[role] = mapping[role]
+            continue
+        found = next((c for c in candidates if c in names), None)
+        if found is not None:
+            chosen[role] = found
+        elif role in ("user", "item"):
+            raise DataError(
+                where,
+                f"no {role} column (looked for {', '.join(candidates)}; columns are "
+                f"{', '.join(names)}): pass --columns {role}=NAME",
+            )
+    return chosen
+
+
+def _typed_events(where: Path, table: pa.Table, chosen: dict[str, str]) -> pa.Table:
+    """The chosen columns as user, item (strings), value (float32), timestamp (int64
+    seconds), each checked as the CSV reader checks: no missing, empty or
+    non-finite values; errors name the file and the row (1-based)."""
+    out = {}
+    for role, name in chosen.items():
+        col = table.column(name).combine_chunks() if table.num_rows else table.column(name)
+        kind = col.type
+        if pa.types.is_dictionary(kind):
+            col, kind = col.cast(kind.value_type), kind.value_type
+        if col.null_count:
+            row = int(pc.index(pc.is_null(col), True).as_py())
+            raise DataError(where, f"missing value in column {name}", row + 1, unit="row")
+        if role in ("user", "item"):
+            if not (
+                pa.types.is_integer(kind)
+                or pa.types.is_string(kind)
+                or pa.types.is_large_string(kind)
+            ):
+                raise DataError(
+                    where, f"column {name} ({role}): ids must be strings or integers, not {kind}"
+                )
+            col = col.cast(pa.string())
+            empty = pc.equal(pc.utf8_length(col), 0)
+            if pc.any(empty).as_py():
+                row = int(pc.index(empty, True).as_py())
+                raise DataError(where, f"empty {name}", row + 1, unit="row")
+        elif role == "value":
+            if not (
+                pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+            ):
+                raise DataError(where, f"column {name} (value): expected numbers, not {kind}")
+            col = col.cast(pa.float32())
+            finite = pc.is_finite(col)
+            if not pc.all(finite).as_py():
+                row = int(pc.index(finite, False).as_py())
+                raise DataError(
+                    where,
+                    f"non-finite {name} {col[row].as_py()!r} (NaN or inf)",
+                    row + 1,
+                    unit="row",
+                )
+        else:
+            if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+                col = pc.cast(col, pa.timestamp("s"), safe=False)  # whole seconds
+            elif not pa.types.is_integer(kind):
+                raise DataError(
+                    where,
+                    f"column {name} (timestamp): expected integer seconds or a timestamp, "
+                    f"not {kind}",
+                )
+            col = col.cast(pa.int64())
+        out[role] = col
+    return pa.table(out)
+
+
 READERS: dict[str, Callable[[Path], tuple[Raw, ItemMeta | None]]] = {
     "ml-100k": read_ml100k,
     "ml-1m": read_ml1m,
@@ -591,15 +724,27 @@ def _dense(column: pa.Array, ids: np.ndarray) -> np.ndarray:
     return idx.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
-def load_dataset(path: str | Path, fmt: str | None = None, duplicates: str = "last") -> Dataset:
-    """Read a dataset in any supported format (auto-detected unless `fmt` is given)."""
+def load_dataset(
+    path: str | Path,
+    fmt: str | None = None,
+    duplicates: str = "last",
+    columns: str | dict[str, str] | None = None,
+) -> Dataset:
+    """Read a dataset in any supported format (auto-detected unless `fmt` is given).
+    `columns` maps roles to column names for Parquet (`user=uid,item=sku,...`)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
     fmt = fmt or detect_format(p)
-    if fmt not in READERS:
+    mapping = parse_columns(columns) if isinstance(columns, str | None) else dict(columns)
+    if fmt == "parquet":
+        raw, meta = read_parquet(p, mapping)
+    elif mapping:
+        raise ValueError(f"columns: a column mapping applies to --format parquet, not {fmt}")
+    elif fmt not in READERS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    raw, meta = READERS[fmt](p)
+    else:
+        raw, meta = READERS[fmt](p)
     user_ids = _sorted_ids(raw.users)
     meta_items = pa.array(meta.item_ids, pa.string()) if meta else pa.array([], pa.string())
     item_ids = _sorted_ids(raw.items, meta_items)
