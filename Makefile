@@ -16,6 +16,12 @@ $(STAMP): setup.py pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# The test-only extras (pyspark, for the Spark round trip), apart from `make serve`'s install.
+TEST_STAMP := $(VENV)/.test-extras-stamp
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q 'pyspark>=3.5'
+	@touch $(TEST_STAMP)
+
 install: $(STAMP)  ## create .venv and install recserve (editable) with dev tools
 
 build: $(STAMP)  ## rebuild the Cython kernels and the gRPC stubs in place
@@ -25,7 +31,7 @@ proto: $(STAMP)  ## regenerate server/v1/*_pb2*.py (recserve.v1) from proto/
 	$(BIN)/python -c 'import setup; setup.generate_stubs()'
 
 # pytest exits 5 when it collected no tests: that is a failure here, never a pass.
-test: build  ## run the test suite
+test: build $(TEST_STAMP)  ## run the test suite (installs the test-only extras once)
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc

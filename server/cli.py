@@ -169,17 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     spark = imp.add_parser(
         "spark-als",
-        help="Spark MLlib ALSModel factors (Parquet) -> an als bundle",
-        description="Turn the userFactors / itemFactors Parquet of a saved Spark ALSModel "
-        "into an als bundle (see server/importers.py).",
+        help="a saved Spark MLlib ALSModel -> an als bundle",
+        description="Turn a folder written by Spark's ALSModel.write().save(path) (or its "
+        "userFactors / itemFactors Parquet) into an als bundle (see server/importers.py).",
     )
-    spark.add_argument("--user-factors", required=True, help="userFactors Parquet file or folder")
-    spark.add_argument("--item-factors", required=True, help="itemFactors Parquet file or folder")
+    spark.add_argument("model", nargs="?", default=None, help="the saved ALSModel folder")
+    spark.add_argument("--user-factors", default=None, help="userFactors Parquet file or folder")
+    spark.add_argument("--item-factors", default=None, help="itemFactors Parquet file or folder")
     spark.add_argument("--name", required=True, help="model name to publish as")
     spark.add_argument("--models", required=True, help="models folder")
     spark.add_argument("--data", default=None, help="dataset whose interactions count as seen")
     spark.add_argument("--regularization", type=float, default=0.1, help="fold-in L2 penalty")
-    spark.add_argument("--alpha", type=float, default=1.0, help="fold-in confidence alpha")
+    spark.add_argument(
+        "--alpha", type=float, default=None, help="fold-in confidence alpha (default: the model's)"
+    )
     spark.add_argument("--index", default="auto", help="retrieval: auto, exact, flat, hnsw, ivf")
 
     # The bench client's own parser reads these arguments: importing it (and gRPC)
@@ -488,17 +491,30 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
-    from recserve.importers import spark_als
+    from recserve.importers import saved_model, spark_als
 
     t = time.perf_counter()
+    alpha = args.alpha
+    if args.model is not None:
+        if args.user_factors or args.item_factors:
+            raise ValueError("model: give the saved model folder or --user-factors/--item-factors")
+        users, items, params = saved_model(args.model)
+        if alpha is None and isinstance(params.get("alpha"), int | float):
+            alpha = float(params["alpha"])
+    elif args.user_factors and args.item_factors:
+        users, items = args.user_factors, args.item_factors
+    else:
+        raise ValueError(
+            "model: give the saved ALSModel folder (or both --user-factors and --item-factors)"
+        )
     path = spark_als(
-        args.user_factors,
-        args.item_factors,
+        users,
+        items,
         args.name,
         args.models,
         data=args.data,
         regularization=args.regularization,
-        alpha=args.alpha,
+        alpha=1.0 if alpha is None else alpha,
         index=args.index,
     )
     doc = bundle.read_manifest(path)

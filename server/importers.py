@@ -1,9 +1,12 @@
 """Bundles from factors trained elsewhere: Spark MLlib's ALS.
 
+    recserve import spark-als SAVED_MODEL_DIR --name NAME --models DIR
     recserve import spark-als --user-factors PATH --item-factors PATH --name NAME --models DIR
 
-`ALSModel.write().save(path)` leaves `userFactors` and `itemFactors` as Parquet
-(`id: int`, `features: array<float>`), each a folder of part files. They
+`ALSModel.write().save(path)` leaves `metadata/` (JSON: rank, implicitPrefs,
+alpha, ...), `userFactors` and `itemFactors` as Parquet (`id: int`,
+`features: array<float>`), each a folder of part files; the saved folder is
+taken as it is. They
 become an `als` bundle: ids as strings, rows reordered to recserve's sorted id
 maps, the Gram matrix for exact fold-in of new users, and the retrieval index
 `index=auto` chooses for the catalogue size. An optional `--data` dataset
@@ -18,6 +21,7 @@ are Spark's own dot products either way.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +62,31 @@ def read_factors(path: str | Path, what: str) -> tuple[list[str], np.ndarray]:
     if len(set(ids)) != len(ids):
         raise SparkImportError(f"{what}: {path} repeats ids")
     return ids, factors
+
+
+def saved_model(path: str | Path) -> tuple[Path, Path, dict]:
+    """(userFactors, itemFactors, params) of a folder written by ALSModel.save."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SparkImportError(f"model: {folder} is not a folder (ALSModel.write().save(path))")
+    parts = {name: folder / name for name in ("userFactors", "itemFactors")}
+    missing = [name for name, p in parts.items() if not p.exists()]
+    if missing:
+        raise SparkImportError(
+            f"model: {folder} has no {' or '.join(missing)}: not a saved Spark ALSModel"
+        )
+    params: dict = {}
+    for meta in sorted((folder / "metadata").glob("part-*")):
+        try:
+            doc = json.loads(meta.read_text(encoding="utf-8").splitlines()[0])
+        except (OSError, ValueError, IndexError) as exc:
+            raise SparkImportError(f"model: {meta} is not Spark metadata JSON ({exc})") from None
+        if "ALSModel" not in str(doc.get("class", "")):
+            raise SparkImportError(f"model: {meta} describes {doc.get('class')!r}, not ALSModel")
+        params = {**doc.get("defaultParamMap", {}), **doc.get("paramMap", {})}
+        if "rank" in doc:
+            params["rank"] = doc["rank"]
+    return parts["userFactors"], parts["itemFactors"], params
 
 
 def _sorted(ids: list[str], factors: np.ndarray) -> tuple[IdMap, np.ndarray]:
