@@ -193,6 +193,7 @@ if __name__ == "__main__":
             "prometheus-client>=0.19",
             "threadpoolctl>=3.2",
             "tqdm>=4.66",
+            "redis>=5",  # the client of the shared feedback store (feedback = redis://...)
         ],
         extras_require={
             "dev": [

@@ -478,10 +478,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     if not Path(cfg.models).is_dir():
         raise FileNotFoundError(f"models: {cfg.models} is not a folder (run `make serve` first?)")
-    path = cfg.feedback_path()
-    if path:
-        open_store(path).close()  # create it now: a bad path stops start-up, naming it
-        log.info("feedback: SQLite log %s", path)
+    target = cfg.feedback_target()
+    if target.startswith(("redis://", "rediss://")):
+        store = open_store(target)
+        try:
+            store.ping()
+            log.info("feedback: Redis stream at %s", store.where())
+        except OSError as exc:  # FeedbackUnavailable: served from the trained state meanwhile
+            log.warning("%s; recording is refused until it answers", exc)
+        finally:
+            store.close()
+    elif target:
+        open_store(target).close()  # create it now: a bad path stops start-up, naming it
+        log.info("feedback: SQLite log %s", target)
     else:
         log.warning(
             "feedback = memory: recorded interactions are lost at exit"

@@ -13,7 +13,8 @@
     admin_token = ""              # better RECSERVE_ADMIN_TOKEN; "authorization: Bearer <token>"
     tls_cert = ""                 # + tls_key: TLS; + tls_client_ca: mutual TLS
     state_dir = "var"             # writable state (the feedback log); never the models folder
-    feedback = ""                 # "" = sqlite:///<state_dir>/feedback.sqlite; or memory:
+    feedback = ""                 # "" = sqlite:///<state_dir>/feedback.sqlite; memory:;
+                                  # redis://host:6379/0 (rediss:// with TLS): shared by replicas
 
     [fallbacks]                   # per-model chains, tried in order
     hybrid = ["als", "popularity"]
@@ -88,7 +89,7 @@ class ServerConfig:
     grace_seconds: float = 10.0
     verify: str = "full"
     state_dir: str = "var"  # writable state: the feedback log lives here by default
-    feedback: str = ""  # sqlite:///PATH or memory:; "" = a SQLite file in state_dir
+    feedback: str = ""  # sqlite:///PATH, redis://..., memory:; "" = a SQLite file in state_dir
     feedback_db: str = ""  # the older spelling of feedback = "sqlite:///PATH" (a path)
     online_history: int = 1000
     kernel_threads: int = 1
@@ -106,8 +107,8 @@ class ServerConfig:
     hybrids: dict[str, Hybrid] = field(default_factory=dict)
     experiments: dict[str, Experiment] = field(default_factory=dict)
 
-    def feedback_path(self) -> str:
-        """The SQLite feedback log's path, or "" to keep feedback in memory."""
+    def feedback_target(self) -> str:
+        """Where feedback goes: a SQLite file's path, a redis:// URL, or "" (memory)."""
         return feedback_target(self.feedback, self.feedback_db, self.state_dir)
 
     def chain(self, name: str) -> list[str]:
@@ -146,8 +147,9 @@ FEEDBACK_FILE = "feedback.sqlite"
 
 def feedback_target(url: str, path: str, state_dir: str) -> str:
     """Where feedback goes, from the `feedback` URL (or the older `feedback_db`
-    path): a SQLite file's path, or "" for memory. `sqlite:///PATH` takes PATH as
-    written (relative to the working directory; `sqlite:////abs` is absolute)."""
+    path): a SQLite file's path, a redis:// or rediss:// URL (as given), or ""
+    for memory. `sqlite:///PATH` takes PATH as written (relative to the working
+    directory; `sqlite:////abs` is absolute)."""
     if url and path:
         raise ConfigError("feedback / feedback_db: give one (feedback_db is the older spelling)")
     if path:
@@ -164,11 +166,12 @@ def feedback_target(url: str, path: str, state_dir: str) -> str:
             f"feedback: {url!r}: write sqlite:///relative/path or sqlite:////abs/path"
         )
     if scheme in ("redis", "rediss"):
-        raise ConfigError(
-            f"feedback: {url!r}: this version stores feedback in SQLite or memory only "
-            "(sqlite:///PATH, memory:)"
-        )
-    raise ConfigError(f"feedback: {url!r}: expected sqlite:///PATH or memory:")
+        if not re.match(r"^rediss?://[^/\s]+(/\d+)?/?$", url):
+            raise ConfigError(f"feedback: {url!r}: expected redis://[user:password@]host:port[/db]")
+        return url
+    raise ConfigError(
+        f"feedback: {url!r}: expected sqlite:///PATH, redis://HOST:PORT/DB or memory:"
+    )
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(//)?")
@@ -360,8 +363,8 @@ def _check_consistency(cfg: ServerConfig) -> None:
             raise ConfigError(f"{key}: {path} is not a file")
     if cfg.token_for_all and not cfg.admin_token:
         raise ConfigError("token_for_all: set admin_token too")
-    feedback = cfg.feedback_path()  # also validates feedback / feedback_db
-    if feedback:
+    feedback = cfg.feedback_target()  # also validates feedback / feedback_db
+    if feedback and not feedback.startswith(("redis://", "rediss://")):
         models = Path(cfg.models).resolve()
         where = Path(feedback).resolve()
         if where == models or models in where.parents:

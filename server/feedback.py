@@ -1,4 +1,5 @@
-"""Feedback: durable event log (SQLite, WAL) and the per-user online state it feeds.
+"""Feedback: the durable event log (SQLite with WAL, or a Redis Stream shared by
+replicas) and the per-user online state it feeds.
 
 `RecordInteractions` acknowledges events only after the transaction holding
 them has committed (`synchronous=FULL`, so a commit survives power loss, not
@@ -35,11 +36,18 @@ class Event:
     item_id: str
     value: float
     timestamp: int
-    id: int = 0  # the log's row id, once stored
+    id: int | str = 0  # the log's position once stored (SQLite row id, Redis stream id)
+
+
+class FeedbackUnavailable(OSError):
+    """The feedback store cannot be reached: nothing was stored (answer UNAVAILABLE)."""
 
 
 class FeedbackStore:
-    """Append-only event log; `path=""` keeps events in memory (lost at exit)."""
+    """Append-only event log in SQLite; `path=""` keeps events in memory (lost at exit)."""
+
+    shared = False  # True for a store other processes append to (followed, not polled)
+    start: int | str = 0  # the position before the first event
 
     def __init__(self, path: str | Path = "") -> None:
         self.path = str(path)
@@ -139,14 +147,16 @@ class OnlineState:
 
     def __init__(self, limit: int = 1000) -> None:
         self.limit = limit
-        self.last_id = 0
+        self.last_id: int | str = 0  # the log position applied so far (the store's own kind)
         self._users: dict[str, OrderedDict[str, float]] = {}
         self._lock = threading.Lock()
         self._sync = threading.Lock()
 
-    def sync(self, store: FeedbackStore) -> int:
+    def sync(self, store: FeedbackStore | RedisFeedbackStore) -> int:
         """Apply every event the log holds beyond last_id; returns how many."""
         with self._sync:
+            if self.last_id == 0:
+                self.last_id = store.start
             n = 0
             batch: list[Event] = []
             for e in store.replay(self.last_id):
@@ -159,7 +169,7 @@ class OnlineState:
     def _apply(self, events: list[Event]) -> int:
         if events:
             self.apply(events)
-            self.last_id = max(self.last_id, events[-1].id)
+            self.last_id = events[-1].id  # the log gives events in order
         return len(events)
 
     def apply(self, events: Iterable[Event]) -> None:
@@ -189,10 +199,110 @@ def now() -> int:
     return int(time.time())
 
 
-def open_store(path: str) -> FeedbackStore:
-    """The feedback log at `path` ("" = memory); OSError naming the path when the
-    file cannot be created or opened (start-up stops: nothing would be durable)."""
+class RedisFeedbackStore:
+    """The event log as a Redis Stream that every replica appends to and follows.
+
+    `append` writes a batch with XADD inside MULTI/EXEC and returns only after
+    Redis accepted it (durable as Redis's own settings make it: with AOF and
+    `appendfsync always`, acknowledged means on disk). Replicas follow the
+    stream (XREAD BLOCK) from their last applied id, so an event recorded
+    through one replica shows in the others' answers within milliseconds. Every
+    failure to reach Redis raises FeedbackUnavailable: nothing is acknowledged
+    that was not stored.
+    """
+
+    shared = True
+    start = "0-0"
+
+    def __init__(self, url: str, key: str = "recserve:feedback") -> None:
+        import redis  # the client library; only this store needs it
+
+        self.url, self.key = url, key
+        self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._redis = redis.Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
+        )
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as exc:
+            raise FeedbackUnavailable(
+                f"feedback: {self.where()} unreachable ({what}: {exc})"
+            ) from None
+
+    def where(self) -> str:
+        """The store's address without credentials (for messages and logs)."""
+        head, _, tail = self.url.rpartition("@")
+        scheme = head.split("://", 1)[0] + "://" if "://" in head else ""
+        return scheme + tail if head else self.url
+
+    def ping(self) -> None:
+        """Raise FeedbackUnavailable unless Redis answers."""
+        self._call("ping", self._redis.ping)
+
+    def changes(self) -> int:
+        """Replicas follow the stream instead of polling a counter."""
+        return -1
+
+    def append(self, events: Iterable[Event]) -> int:
+        """Store events in one MULTI/EXEC; returns how many, once Redis accepted them."""
+        rows = list(events)
+        if not rows:
+            return 0
+        pipe = self._redis.pipeline(transaction=True)
+        for e in rows:
+            pipe.xadd(
+                self.key,
+                {"u": e.user_id, "i": e.item_id, "v": repr(e.value), "t": str(e.timestamp)},
+            )
+        self._call("append", pipe.execute)
+        return len(rows)
+
+    def replay(self, after: int | str = "0-0", batch: int = 10_000) -> Iterator[Event]:
+        """Every stored event after stream id `after`, in order."""
+        last = str(after or "0-0")
+        while True:
+            rows = self._call("read", self._redis.xrange, self.key, f"({last}", "+", count=batch)
+            if not rows:
+                return
+            for sid, fields in rows:
+                yield _event_of(sid, fields)
+            last = rows[-1][0].decode() if isinstance(rows[-1][0], bytes) else rows[-1][0]
+
+    def wait(self, after: int | str, block_ms: int) -> bool:
+        """Block up to block_ms for an event after `after`; True when one arrived."""
+        got = self._call(
+            "follow", self._redis.xread, {self.key: str(after or "0-0")}, count=1, block=block_ms
+        )
+        return bool(got)
+
+    def count(self) -> int:
+        """Events stored."""
+        return int(self._call("count", self._redis.xlen, self.key))
+
+    def close(self) -> None:
+        """Close the connections."""
+        self._redis.close()
+
+
+def _event_of(sid: bytes | str, fields: dict) -> Event:
+    f = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in fields.items()
+    }
+    return Event(
+        f["u"], f["i"], float(f["v"]), int(f["t"]), sid.decode() if isinstance(sid, bytes) else sid
+    )
+
+
+def open_store(target: str) -> FeedbackStore | RedisFeedbackStore:
+    """The feedback log: a redis:// or rediss:// URL, a SQLite path, or "" for memory.
+    A SQLite file that cannot be created stops start-up (OSError naming the path);
+    a Redis that cannot be reached is retried by the follower (see App)."""
+    if target.startswith(("redis://", "rediss://")):
+        return RedisFeedbackStore(target)
     try:
-        return FeedbackStore(path)
+        return FeedbackStore(target)
     except (OSError, sqlite3.Error) as exc:
-        raise OSError(f"feedback: cannot open the SQLite log {path} ({exc})") from None
+        raise OSError(f"feedback: cannot open the SQLite log {target} ({exc})") from None

@@ -245,6 +245,13 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.feedback_up = Gauge(
+            "recserve_feedback_store_up",
+            "1 while the feedback store answers; 0 while it cannot be reached "
+            "(RecordInteractions is refused with UNAVAILABLE, answers use what was applied)",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.refused_versions = Counter(
             "recserve_refused_versions_total",
             "Published model versions a reload refused (corrupt, unreadable, over the memory "

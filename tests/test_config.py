@@ -171,8 +171,8 @@ def test_no_parser_takes_abbreviated_flags(tmp_path, capsys, monkeypatch):
         main(["serve", "--models", str(tmp_path), "--metrics", "9100"])
     assert info.value.code == 2
     assert "unrecognized arguments: --metrics" in capsys.readouterr().err
-    assert main(["serve", "--models", str(tmp_path), "--feedback", "redis://h:1/0"]) == 2
-    assert "feedback: 'redis://h:1/0'" in capsys.readouterr().err
+    assert main(["serve", "--models", str(tmp_path), "--feedback", "pg://h:1/0"]) == 2
+    assert "feedback: 'pg://h:1/0'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert main(["serve", "--models", str(tmp_path), "--feedback-db", "redis://h:1/0"]) == 2
     assert "feedback_db: 'redis://h:1/0' looks like a URL" in capsys.readouterr().err
@@ -188,17 +188,22 @@ def test_no_parser_takes_abbreviated_flags(tmp_path, capsys, monkeypatch):
         ({"RECSERVE_FEEDBACK": "sqlite:///data/fb.sqlite"}, "data/fb.sqlite"),
         ({"RECSERVE_FEEDBACK": "sqlite:////abs/fb.sqlite"}, "/abs/fb.sqlite"),
         ({"RECSERVE_FEEDBACK_DB": "old/fb.sqlite"}, "old/fb.sqlite"),  # the older spelling
+        ({"RECSERVE_FEEDBACK": "redis://127.0.0.1:6379/0"}, "redis://127.0.0.1:6379/0"),
+        ({"RECSERVE_FEEDBACK": "rediss://u:p@cache:6380"}, "rediss://u:p@cache:6380"),
     ],
 )
 def test_where_feedback_goes(env, path):
-    assert load_config(None, env=env).feedback_path() == path
+    assert load_config(None, env=env).feedback_target() == path
 
 
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
-        ({"RECSERVE_FEEDBACK": "redis://127.0.0.1:6379/0"}, r"feedback: .*SQLite or memory only"),
-        ({"RECSERVE_FEEDBACK": "pg://h/db"}, r"feedback: .*expected sqlite:///PATH or memory:"),
+        (
+            {"RECSERVE_FEEDBACK": "redis://h:6379/zero"},
+            r"feedback: .*redis://\[user:password@\]host",
+        ),
+        ({"RECSERVE_FEEDBACK": "pg://h/db"}, r"feedback: .*expected sqlite:///PATH, redis://"),
         ({"RECSERVE_FEEDBACK": "sqlite:fb.sqlite"}, r"feedback: .*sqlite:///relative/path"),
         ({"RECSERVE_FEEDBACK": "memory:", "RECSERVE_FEEDBACK_DB": "x"}, r"give one"),
         ({"RECSERVE_STATE_DIR": "s3://bucket"}, r"state_dir: .* looks like a URL"),

@@ -71,13 +71,15 @@ def test_scrape_config_targets_the_metrics_port():
 
 
 def manifests() -> dict[str, dict]:
-    """kind -> document of every deploy/k8s manifest."""
+    """kind/name -> document of every deploy/k8s manifest, and kind -> the recserve one."""
     yaml = pytest.importorskip("yaml", reason="PyYAML is a dev dependency (make install)")
     docs = {}
     for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc and "kind" in doc and "apiVersion" in doc, path
-            docs[doc["kind"]] = doc
+            docs[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+            if not doc["metadata"]["name"].startswith("recserve-redis"):
+                docs[doc["kind"]] = doc
     return docs
 
 
@@ -104,7 +106,16 @@ def test_k8s_manifests_agree_with_the_server_config(tmp_path):
         assert c[probe]["grpc"] == {"port": cfg.port, "service": OVERALL}, probe
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["models"] == cfg.models
-    assert Path(cfg.feedback_path()).parent.as_posix() == mounts["state"]
+    assert Path(cfg.state_dir).as_posix() == mounts["state"]
+    # Feedback is shared through the Redis of redis.yaml, durable (AOF, fsync always).
+    host, port = cfg.feedback_target().removeprefix("redis://").split("/")[0].split(":")
+    redis_svc = docs[f"Service/{host}"]["spec"]
+    assert [p["port"] for p in redis_svc["ports"]] == [int(port)]
+    redis_set = docs[f"StatefulSet/{host}"]["spec"]
+    assert redis_svc["selector"].items() <= redis_set["template"]["metadata"]["labels"].items()
+    (box,) = redis_set["template"]["spec"]["containers"]
+    args = " ".join(box["args"])
+    assert "--appendonly yes" in args and "--appendfsync always" in args
     config_file = mounts["config"] + "/recserve.toml"
     assert c["args"][-2:] == ["--config", config_file] and c["args"][:2] == ["recserve", "serve"]
     assert pod["spec"]["terminationGracePeriodSeconds"] > cfg.grace_seconds
@@ -125,7 +136,10 @@ def test_compose_wires_recserve_prometheus_and_grafana():
     yaml = pytest.importorskip("yaml")
     deploy = ROOT / "deploy"
     compose = yaml.safe_load((deploy / "compose.yaml").read_text())
-    assert set(compose["services"]) == {"recserve", "prometheus", "grafana"}
+    assert set(compose["services"]) == {"recserve", "prometheus", "grafana", "redis"}
+    env = compose["services"]["recserve"]["environment"]
+    assert env["RECSERVE_FEEDBACK"] == "redis://redis:6379/0"
+    assert "--appendfsync always" in " ".join(compose["services"]["redis"]["command"])
     prom = yaml.safe_load((deploy / "compose-prometheus.yml").read_text())
     target = prom["scrape_configs"][0]["static_configs"][0]["targets"][0]
     docker = (ROOT / "Dockerfile").read_text()

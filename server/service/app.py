@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from recserve.config import ServerConfig
-from recserve.feedback import OnlineState, open_store
+from recserve.feedback import FeedbackUnavailable, OnlineState, open_store
 from recserve.memstat import file_residency, process_memory
 from recserve.metrics import Metrics
 from recserve.service import auth
@@ -31,6 +31,9 @@ from recserve.serving import SERVING, Catalog, Loader, Router, Slot, default_loa
 log = logging.getLogger("recserve.service")
 
 MEMORY_INTERVAL = 5.0  # seconds between memory gauge updates
+FEEDBACK_HEALTH = "feedback"  # health name: SERVING while a shared store is followed
+FOLLOW_BLOCK_MS = 1000  # a follower's blocking read; new events end it at once
+FOLLOW_RETRY, FOLLOW_RETRY_MAX = 0.1, 2.0  # seconds between reconnection attempts
 
 
 def health_name(model: str) -> str:
@@ -50,7 +53,7 @@ class App:
         self.cfg = cfg
         self.metrics = Metrics(registry) if registry is not None else Metrics()
         self.online = OnlineState(cfg.online_history)
-        self.store = open_store(cfg.feedback_path())
+        self.store = open_store(cfg.feedback_target())
         self.catalog = Catalog(
             cfg.models,
             full_verify=cfg.verify == "full",
@@ -71,6 +74,7 @@ class App:
         self._info_labels: dict[str, tuple[str, str, str]] = {}
         self._stopped = threading.Event()
         self._metrics_http: tuple[Any, Any] | None = None
+        self._feedback_up: bool | None = None
         for name in (OVERALL, *SERVICE_NAMES):
             self._set_health(name, NOT_SERVING)
 
@@ -92,7 +96,13 @@ class App:
     def start(self) -> int:
         """Replay feedback, bind, start loading models; returns the bound port."""
         self.started = time.monotonic()
-        n = self.online.sync(self.store)
+        try:
+            n = self.online.sync(self.store)  # caught up before any call is answered
+        except FeedbackUnavailable as exc:  # a shared store: the follower retries
+            n = 0
+            self._feedback_state(False, exc)
+        else:
+            self._feedback_state(True)
         if n:
             log.info("replayed %d feedback events for %d users", n, len(self.online))
         if not self.cfg.admin_token and not auth.is_loopback_host(self.cfg.host):
@@ -119,6 +129,8 @@ class App:
         self.metrics.workers.set(1)
         self._refresh_health()
         threading.Thread(target=self._sample_forever, name="memory", daemon=True).start()
+        if self.store.shared:
+            threading.Thread(target=self._follow, name="feedback", daemon=True).start()
         log.info(
             "listening on %s:%d (%d models loading)",
             self.cfg.host,
@@ -184,6 +196,41 @@ class App:
             self._info_labels[slot.name] = labels
             self.sample_memory()
         self._refresh_health()
+
+    # -- feedback ------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        """Apply what other replicas record as it arrives (a shared store); while the
+        store is unreachable, retry with backoff, then catch up without a restart."""
+        backoff = FOLLOW_RETRY
+        while not self._stopped.is_set():
+            try:
+                self.online.sync(self.store)
+                self._feedback_state(True)
+                backoff = FOLLOW_RETRY
+                self.store.wait(self.online.last_id, FOLLOW_BLOCK_MS)
+            except FeedbackUnavailable as exc:
+                if self._stopped.is_set():  # drain closed the store under a blocking read
+                    return
+                self._feedback_state(False, exc)
+                self._stopped.wait(backoff)
+                backoff = min(2 * backoff, FOLLOW_RETRY_MAX)
+            except Exception:  # never let the follower die: log, wait, go on
+                log.exception("following the feedback store failed")
+                self._stopped.wait(FOLLOW_RETRY_MAX)
+
+    def _feedback_state(self, up: bool, why: BaseException | None = None) -> None:
+        """The feedback store's reachability: gauge, health name, one log line per change."""
+        if up != self._feedback_up:
+            if up:
+                if self._feedback_up is not None:
+                    log.info("feedback store reachable again; caught up to %s", self.online.last_id)
+            else:
+                log.warning("%s; answers use the events applied so far", why)
+            self._feedback_up = up
+        self.metrics.feedback_up.set(1 if up else 0)
+        if self.store.shared:
+            self._set_health(FEEDBACK_HEALTH, HEALTH_SERVING if up else NOT_SERVING)
 
     # -- memory --------------------------------------------------------------------------
 

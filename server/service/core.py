@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from recserve.config import ServerConfig
-from recserve.feedback import Event, FeedbackStore, OnlineState, now
+from recserve.feedback import Event, FeedbackStore, FeedbackUnavailable, OnlineState, now
 from recserve.metrics import Metrics
 from recserve.metrics import multiprocess as metrics_multiprocess
 from recserve.service import auth, convert
@@ -212,13 +212,16 @@ class Core:
             return exc
         if isinstance(exc, RequestError):
             return Failure(Code[exc.status], str(exc), exc.field)
+        if isinstance(exc, FeedbackUnavailable):
+            log.warning("%s: %s", method, exc)
+            return Failure(Code.UNAVAILABLE, f"{exc}; nothing more was stored, retry", "feedback")
         log.exception("%s failed", method, exc_info=exc)
         return Failure(Code.INTERNAL, f"server: internal error ({type(exc).__name__}), logged")
 
     def shared_sync(self) -> None:
         """With several workers, pick up events other workers recorded: a read of
         the log when its shared change counter moved since the last one."""
-        if self.cfg.workers > 1:
+        if self.cfg.workers > 1 and not self.store.shared:  # a shared store is followed
             changes = self.store.changes()
             if changes != self._seen_changes or changes < 0:
                 # Noted before reading: a bump during the read triggers another one.

@@ -1,0 +1,188 @@
+"""Feedback shared by replicas through Redis: two real `recserve serve` processes on
+one real `redis-server` (started here on a free loopback port, AOF with
+`appendfsync always`). An event recorded through one replica changes the other's
+next answer; an acknowledged event survives SIGKILL; with Redis down, recording
+is refused with UNAVAILABLE while answers go on, and both replicas catch up
+when it returns."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import grpc
+import pytest
+
+from recserve.clients.client import RecommenderClient, RecserveError
+from recserve.clients.health import check
+from tests.service_helpers import publish_models, wait_for
+from tests.test_serve_process import Proc, wait_serving
+
+if shutil.which("redis-server") is None:
+    pytest.skip(
+        "redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)",
+        allow_module_level=True,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of the test's own on 127.0.0.1, durable (AOF, fsync per write)."""
+
+    def __init__(self, folder) -> None:
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        wait_for(lambda: _pings(client), 20, "redis-server answering")
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def models(small, tmp_path_factory):
+    root = tmp_path_factory.mktemp("redis-models")
+    publish_models(small, root)
+    return root
+
+
+@pytest.fixture()
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def replica(models, redis_server) -> tuple[Proc, str]:
+    p = Proc(
+        "--models",
+        str(models),
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--feedback",
+        redis_server.url,
+    )
+    target = p.target()
+    wait_serving(target, "model/popularity")
+    wait_serving(target, "feedback")
+    return p, target
+
+
+def top(target: str, user: str = "7") -> list[str]:
+    with RecommenderClient(target) as rc:
+        return rc.recommend(user, 5, model="popularity").item_ids
+
+
+def test_an_event_through_one_replica_changes_the_others_next_answer(models, redis_server):
+    a, ta = replica(models, redis_server)
+    b, tb = replica(models, redis_server)
+    try:
+        before = top(tb)
+        with RecommenderClient(ta) as rc:
+            assert rc.record("7", [before[0]]) == (1, 0)  # acknowledged: in Redis
+        t = time.monotonic()
+        wait_for(lambda: before[0] not in top(tb), 10, "replica B to exclude the item")
+        print(f"\nB answered without the item {1000 * (time.monotonic() - t):.1f} ms after A's ack")
+    finally:
+        assert a.stop() == 0 and b.stop() == 0
+
+
+def test_an_acknowledged_event_survives_sigkill(models, redis_server):
+    a, ta = replica(models, redis_server)
+    before = top(ta)
+    with RecommenderClient(ta) as rc:
+        assert rc.record("7", before[:2]) == (2, 0)
+    os.kill(a.proc.pid, signal.SIGKILL)  # right after the acknowledgement
+    a.proc.wait(30)
+    a2, ta2 = replica(models, redis_server)
+    try:
+        assert not set(top(ta2)) & set(before[:2])
+        assert any("replayed 2 feedback events" in line for line in a2.lines)
+    finally:
+        assert a2.stop() == 0
+
+
+def test_with_redis_down_recording_is_refused_answers_go_on_and_replicas_converge(
+    models, redis_server
+):
+    a, ta = replica(models, redis_server)
+    b, tb = replica(models, redis_server)
+    try:
+        redis_server.stop()
+        with RecommenderClient(ta) as rc, pytest.raises(RecserveError) as info:
+            rc.record("7", ["1"])
+        assert info.value.code == "UNAVAILABLE" and "feedback" in info.value.message
+        for target in (ta, tb):
+            assert len(top(target)) == 5  # Recommend still answers
+            wait_for(
+                lambda t=target: _health(t, "feedback") == "NOT_SERVING",
+                10,
+                "feedback health to report the store down",
+            )
+        assert any("unreachable" in line for line in a.lines)
+        redis_server.start()  # same port, same AOF: the stored events come back
+        for target in (ta, tb):
+            wait_for(
+                lambda t=target: _health(t, "feedback") == "SERVING",
+                20,
+                "the replica to reconnect without a restart",
+            )
+        before = top(tb)
+        with RecommenderClient(ta) as rc:
+            assert rc.record("7", [before[0]]) == (1, 0)
+        wait_for(lambda: before[0] not in top(tb), 10, "B to see A's event after Redis returned")
+    finally:
+        assert a.stop() == 0 and b.stop() == 0
+
+
+def _health(target: str, service: str) -> str:
+    try:
+        return check(target, service, 1.0)
+    except grpc.RpcError:
+        return "UNREACHABLE"
