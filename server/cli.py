@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--feedback",
         default=None,
         metavar="URL",
-        help="where feedback is stored: sqlite:///PATH or memory: "
+        help="where feedback is stored: sqlite:///PATH, redis://HOST:PORT/DB (shared by "
+        "replicas) or memory: "
         "(default: a SQLite file in --state-dir)",
     )
     sv.add_argument(

@@ -20,7 +20,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from recserve.config import ServerConfig
-from recserve.feedback import Event, FeedbackStore, FeedbackUnavailable, OnlineState, now
+from recserve.feedback import (
+    Event,
+    FeedbackStore,
+    FeedbackUnavailable,
+    OnlineState,
+    RedisFeedbackStore,
+    now,
+)
 from recserve.metrics import Metrics
 from recserve.metrics import multiprocess as metrics_multiprocess
 from recserve.service import auth, convert
@@ -135,7 +142,7 @@ class Core:
         catalog: Catalog,
         router: Router,
         online: OnlineState,
-        store: FeedbackStore,
+        store: FeedbackStore | RedisFeedbackStore,
         metrics: Metrics,
     ) -> None:
         self.cfg, self.catalog, self.router = cfg, catalog, router
