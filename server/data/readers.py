@@ -170,26 +170,28 @@ def read_table(
         raise _explain(path, exc, columns, read_opts, parse_opts, header_lines, source) from None
     if table.num_rows == 0:
         raise DataError(path, "no data rows", header_lines + 1)
-    for name, dtype in columns.items():
-        col = table.column(name)
-        if col.null_count:
-            row = int(pc.index(pc.is_null(col), True).as_py())
-            raise DataError(path, f"missing value in column {name}", row + header_lines + 1)
-        if pa.types.is_floating(dtype):
-            finite = pc.is_finite(col)
-            if not pc.all(finite).as_py():
-                row = int(pc.index(finite, False).as_py())
-                raise DataError(
-                    path,
-                    f"non-finite {name} {col[row].as_py()!r} (NaN or inf)",
-                    row + header_lines + 1,
-                )
-        if pa.types.is_string(dtype):
-            empty = pc.equal(pc.utf8_length(col), 0)
-            if pc.any(empty).as_py():
-                row = int(pc.index(empty, True).as_py())
-                raise DataError(path, f"empty {name}", row + header_lines + 1)
+    for name in columns:
+        check_values(path, table.column(name), name, header_lines + 1)
     return table
+
+
+def check_values(where: Path, col: pa.Array, name: str, first: int, unit: str = "line") -> None:
+    """Refuse a column's first missing value, non-finite float or empty string, naming
+    the file and its line (or row): `first` is the number of the column's first value."""
+    if col.null_count:
+        row = int(pc.index(pc.is_null(col), True).as_py())
+        raise DataError(where, f"missing value in column {name}", row + first, unit)
+    if pa.types.is_floating(col.type):
+        finite = pc.is_finite(col)
+        if not pc.all(finite).as_py():
+            row = int(pc.index(finite, False).as_py())
+            value = col[row].as_py()
+            raise DataError(where, f"non-finite {name} {value!r} (NaN or inf)", row + first, unit)
+    if pa.types.is_string(col.type):
+        empty = pc.equal(pc.utf8_length(col), 0)
+        if pc.any(empty).as_py():
+            row = int(pc.index(empty, True).as_py())
+            raise DataError(where, f"empty {name}", row + first, unit)
 
 
 def _explain(
@@ -651,9 +653,6 @@ def _typed_events(where: Path, table: pa.Table, chosen: dict[str, str]) -> pa.Ta
         kind = col.type
         if pa.types.is_dictionary(kind):
             col, kind = col.cast(kind.value_type), kind.value_type
-        if col.null_count:
-            row = int(pc.index(pc.is_null(col), True).as_py())
-            raise DataError(where, f"missing value in column {name}", row + 1, unit="row")
         if role in ("user", "item"):
             if not (
                 pa.types.is_integer(kind)
@@ -664,25 +663,12 @@ def _typed_events(where: Path, table: pa.Table, chosen: dict[str, str]) -> pa.Ta
                     where, f"column {name} ({role}): ids must be strings or integers, not {kind}"
                 )
             col = col.cast(pa.string())
-            empty = pc.equal(pc.utf8_length(col), 0)
-            if pc.any(empty).as_py():
-                row = int(pc.index(empty, True).as_py())
-                raise DataError(where, f"empty {name}", row + 1, unit="row")
         elif role == "value":
             if not (
                 pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
             ):
                 raise DataError(where, f"column {name} (value): expected numbers, not {kind}")
             col = col.cast(pa.float32())
-            finite = pc.is_finite(col)
-            if not pc.all(finite).as_py():
-                row = int(pc.index(finite, False).as_py())
-                raise DataError(
-                    where,
-                    f"non-finite {name} {col[row].as_py()!r} (NaN or inf)",
-                    row + 1,
-                    unit="row",
-                )
         else:
             if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
                 col = pc.cast(col, pa.timestamp("s"), safe=False)  # whole seconds
@@ -693,6 +679,7 @@ def _typed_events(where: Path, table: pa.Table, chosen: dict[str, str]) -> pa.Ta
                     f"not {kind}",
                 )
             col = col.cast(pa.int64())
+        check_values(where, col, name, 1, unit="row")
         out[role] = col
     return pa.table(out)
 
