@@ -95,7 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="offline evaluation of an algorithm on a dataset")
     _data_args(ev)
-    _algo_args(ev)
+    _algo_args(ev, required=False)
+    ev.add_argument(
+        "--compare",
+        default=None,
+        metavar="ALGO[:KEY=VALUE...],...",
+        help="several algorithms, or one with other parameters, on one split and in one table, "
+        "e.g. als,als:factors=128:alpha=4,itemknn (instead of --algo)",
+    )
     ev.add_argument("--protocol", choices=PROTOCOLS, default="random")
     ev.add_argument("--k", type=_ks, default=[10, 20, 50], help="cut-offs, e.g. 10,20,50")
     ev.add_argument(
@@ -210,8 +217,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _algo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--algo", required=True, help=f"one of: {', '.join(algorithms())}")
+def _algo_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--algo", required=required, help=f"one of: {', '.join(algorithms())}")
     p.add_argument(
         "--param",
         action="append",
@@ -300,7 +307,70 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def compare_entries(text: str, threads: int) -> list[tuple[str, Any]]:
+    """`als,als:factors=128:alpha=4,itemknn` as (label, model) pairs; ValueError naming
+    the bad entry or parameter."""
+    out = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        algo, *params = entry.split(":")
+        try:
+            model = create(algo, **parse_params(params))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"compare: {entry!r}: {exc}") from None
+        model.n_threads = threads
+        out.append((entry, model))
+    labels = [label for label, _ in out]
+    if len(out) < 2 or len(set(labels)) != len(labels):
+        raise ValueError(f"compare: give two or more different entries, got {text!r}")
+    return out
+
+
+def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
+    from recserve.evaluation import compare
+
+    if args.algo or args.param:
+        raise ValueError("compare: give --compare or --algo/--param, not both")
+    entries = compare_entries(args.compare, args.threads)
+    ds = load_dataset(args.data, args.format, args.columns)
+    results = compare(
+        entries,
+        ds,
+        args.protocol,
+        args.k,
+        fraction=args.fraction,
+        seed=args.seed,
+        leave_last=args.leave_last,
+        threshold=args.threshold,
+    )
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    width = max(len(label) for label in results) + 2
+    cols = [f"{m}@{k}" for k in args.k for m in ("recall", "ndcg")]
+    first = next(iter(results.values()))
+    print(
+        f"{ds.name}, {args.protocol} protocol, one split for all "
+        f"({int(first['metrics']['users'])} users)"
+    )
+    print(f"{'model':<{width}}" + "".join(f"{c:>11}" for c in cols) + f"{'fit s':>9}")
+    for label, r in results.items():
+        m = r["metrics"]
+        print(
+            f"{label:<{width}}"
+            + "".join(f"{m[c]:>11.4f}" for c in cols)
+            + f"{r['fit_seconds']:>9.2f}"
+        )
+    return {"out": args.out} if args.out else None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    if args.compare:
+        return cmd_compare(args)
+    if not args.algo:
+        raise ValueError("algo: give --algo (or --compare A,B,...)")
     ds = load_dataset(args.data, args.format, args.columns)
     result = evaluate(
         _model(args),

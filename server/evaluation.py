@@ -224,16 +224,19 @@ def evaluate(
     seed: int = 0,
     leave_last: int = 1,
     threshold: float | None = None,
+    split: Split | None = None,
 ) -> dict[str, Any]:
     """Fit `model` on a split of `ds` and measure it on the held-out part.
 
     threshold: when set, only held-out interactions with value >= threshold
-    count as relevant (e.g. 4 for "rated 4 or 5").
+    count as relevant (e.g. 4 for "rated 4 or 5"). split: a split already made
+    (by make_split with these settings), so several models share one.
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] <= 0:
         raise ValueError(f"k: expected positive cut-offs, got {ks}")
-    split = make_split(ds, protocol, fraction, seed, leave_last)
+    if split is None:
+        split = make_split(ds, protocol, fraction, seed, leave_last)
     t0 = time.perf_counter()
     model.fit(split.train)
     fit_s = time.perf_counter() - t0
@@ -261,3 +264,22 @@ def evaluate(
     if model.predicts_ratings and split.fold_in is None:
         result["metrics"].update(rating_and_interval_metrics(model, split.test))
     return result
+
+
+def compare(
+    models: Sequence[tuple[str, Recommender]],
+    ds: Dataset,
+    protocol: str = "random",
+    ks: Sequence[int] = (10, 20, 50),
+    fraction: float = 0.2,
+    seed: int = 0,
+    leave_last: int = 1,
+    threshold: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """evaluate() for several (label, model) pairs on one split, made once: the
+    figures differ only by the models, never by the held-out events."""
+    split = make_split(ds, protocol, fraction, seed, leave_last)
+    return {
+        label: evaluate(model, ds, protocol, ks, fraction, seed, leave_last, threshold, split)
+        for label, model in models
+    }

@@ -276,3 +276,41 @@ def test_quickstart_config_serves_the_hybrid_default(tmp_path, capsys, monkeypat
             assert arm in ("hybrid", "als")
     finally:
         app.drain(grace=0)
+
+
+def test_evaluate_compare_prints_one_table(tmp_path, capsys):
+    data = tmp_path / "data"
+    synth = ("--users", 200, "--items", 80, "--interactions", 4000)
+    run(capsys, "data", "synth", *synth, "--out", data)
+    out_file = tmp_path / "cmp.json"
+    code, out, _ = run(
+        capsys,
+        "evaluate",
+        "--data",
+        data,
+        "--compare",
+        "popularity,itemknn,itemknn:k=10:shrink=5",
+        "--k",
+        "10",
+        "--out",
+        out_file,
+    )
+    assert code == 0, out
+    lines = out.splitlines()
+    assert "one split for all" in lines[0] and "recall@10" in lines[1]
+    assert [ln.split()[0] for ln in lines[2:5]] == [
+        "popularity",
+        "itemknn",
+        "itemknn:k=10:shrink=5",
+    ]
+    result = json.loads(out_file.read_text())
+    assert result["itemknn:k=10:shrink=5"]["params"]["shrink"] == 5.0
+    for bad, needle in (
+        ("popularity", "two or more different entries"),
+        ("popularity,nope", "compare: 'nope'"),
+        ("itemknn,itemknn:k=zero", "compare: 'itemknn:k=zero'"),
+    ):
+        code, _, err = run(capsys, "evaluate", "--data", data, "--compare", bad)
+        assert code == 2 and needle in err, err
+    code, _, err = run(capsys, "evaluate", "--data", data)
+    assert code == 2 and "give --algo (or --compare" in err

@@ -124,3 +124,20 @@ def test_ml100k_popularity_recall_matches_numpy_reference(ml100k_path):
     got = evaluate(create("popularity"), ds, "random", (20,), fraction=0.2, seed=0)
     want = numpy_popularity_recall(ds, 20)
     assert got["metrics"]["recall@20"] == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_compare_uses_one_split_and_equals_each_evaluation(small, monkeypatch):
+    """compare() makes the split once and gives every model exactly the figures
+    evaluate() gives it alone on the same seed (same held-out events)."""
+    import recserve.evaluation as ev
+
+    made = []
+    real = ev.make_split
+    monkeypatch.setattr(ev, "make_split", lambda *a, **k: made.append(1) or real(*a, **k))
+    entries = [("pop", create("popularity")), ("knn", create("itemknn", k=20))]
+    both = ev.compare(entries, small, "random", (10, 20), seed=3)
+    assert len(made) == 1 and list(both) == ["pop", "knn"]
+    for label, algo, params in (("pop", "popularity", {}), ("knn", "itemknn", {"k": 20})):
+        alone = evaluate(create(algo, **params), small, "random", (10, 20), seed=3)
+        assert both[label]["metrics"] == alone["metrics"]
+    assert both["knn"]["metrics"]["recall@20"] > both["pop"]["metrics"]["recall@20"]
