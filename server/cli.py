@@ -327,6 +327,24 @@ def compare_entries(text: str, threads: int) -> list[tuple[str, Any]]:
     return out
 
 
+def _split_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The split and relevance flags evaluate and --compare share."""
+    return {
+        "fraction": args.fraction,
+        "seed": args.seed,
+        "leave_last": args.leave_last,
+        "threshold": args.threshold,
+    }
+
+
+def _write_json(path: str | None, payload: Any) -> None:
+    """Write a result file where the user said (--out); nothing without it."""
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     from recserve.evaluation import compare
 
@@ -334,20 +352,8 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("compare: give --compare or --algo/--param, not both")
     entries = compare_entries(args.compare, args.threads)
     ds = load_dataset(args.data, args.format, args.columns)
-    results = compare(
-        entries,
-        ds,
-        args.protocol,
-        args.k,
-        fraction=args.fraction,
-        seed=args.seed,
-        leave_last=args.leave_last,
-        threshold=args.threshold,
-    )
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    results = compare(entries, ds, args.protocol, args.k, **_split_settings(args))
+    _write_json(args.out, results)
     width = max(len(label) for label in results) + 2
     cols = [f"{m}@{k}" for k in args.k for m in ("recall", "ndcg")]
     first = next(iter(results.values()))
@@ -372,20 +378,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if not args.algo:
         raise ValueError("algo: give --algo (or --compare A,B,...)")
     ds = load_dataset(args.data, args.format, args.columns)
-    result = evaluate(
-        _model(args),
-        ds,
-        args.protocol,
-        args.k,
-        fraction=args.fraction,
-        seed=args.seed,
-        leave_last=args.leave_last,
-        threshold=args.threshold,
-    )
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    result = evaluate(_model(args), ds, args.protocol, args.k, **_split_settings(args))
+    _write_json(args.out, result)
     m = result["metrics"]
     names = ["recall", "ndcg", "precision", "map", "hit_rate", "coverage"]
     print(
