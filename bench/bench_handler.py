@@ -57,7 +57,7 @@ def measure(mode: str, models: Path, users: list[str], duration: float) -> None:
     proc = subprocess.Popen(
         [
             *(sys.executable, __file__, "--serve", mode, "serve", "--models", str(models)),
-            *("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"),
+            *("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--feedback", "memory:"),
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,

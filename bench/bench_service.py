@@ -54,6 +54,8 @@ def start(models: Path, workers: int, metrics_port: int, kind: str) -> tuple[sub
             str(metrics_port),
             "--workers",
             str(workers),
+            "--feedback",
+            "memory:",  # no state shared between runs, nothing written in the tree
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,

@@ -67,6 +67,8 @@ def startup(models: Path, verify: str) -> dict[str, float]:
             "0",
             "--metrics-port",
             "0",
+            "--feedback",
+            "memory:",  # start-up of the models alone: no log to open or replay
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
