@@ -42,6 +42,17 @@ DIRECTIVES = {
 }
 
 
+def googleapis_protos() -> Path:
+    """The folder holding google/rpc/*.proto and google/api/*.proto: the
+    googleapis-common-protos package ships them beside its modules."""
+    import google.rpc.status_pb2  # build requirement (googleapis-common-protos)
+
+    root = Path(google.rpc.status_pb2.__file__).resolve().parents[2]
+    if not (root / "google" / "rpc" / "status.proto").is_file():
+        raise SystemExit(f"setup.py: no google/rpc/status.proto under {root}")
+    return root
+
+
 def generate_stubs() -> None:
     """Generate server/v1/*_pb2*.py (recserve.v1) from proto/recserve/v1/*.proto."""
     from grpc_tools import protoc  # build requirement
@@ -55,6 +66,7 @@ def generate_stubs() -> None:
             "grpc_tools.protoc",
             f"-I{PROTO_DIR}",
             f"-I{include}",
+            f"-I{googleapis_protos()}",
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
@@ -178,7 +190,11 @@ if __name__ == "__main__":
         python_requires=">=3.11",
         packages=packages(),
         package_dir=PACKAGE_DIR,
-        package_data={"recserve.kernels": ["*.pxd", "*.pyx"], "recserve.v1": ["*.pyi"]},
+        package_data={
+            "recserve.kernels": ["*.pxd", "*.pyx"],
+            "recserve.v1": ["*.pyi"],
+            "recserve.clients": ["service_config.json"],
+        },
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildExt},
         install_requires=[
@@ -189,6 +205,8 @@ if __name__ == "__main__":
             "grpcio-health-checking>=1.60",
             "grpcio-reflection>=1.60",
             "protobuf>=5.26",
+            # google.rpc.Status / ErrorInfo / BadRequest / RetryInfo (structured errors)
+            "googleapis-common-protos>=1.63",
             "faiss-cpu>=1.8",
             "prometheus-client>=0.19",
             "threadpoolctl>=3.2",

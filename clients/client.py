@@ -7,34 +7,75 @@
         print(rec.model, rec.version, rec.served_by)
 
 Every call has a deadline (the client's default unless given), and failures
-raise `RecserveError` carrying the gRPC status code name and the server's
-message (which names the offending field).
+raise `RecserveError` carrying the gRPC status code name, the stable `reason`
+(recserve.contract.REASONS), the field violations and the retry delay the
+server sent in its google.rpc.Status.
+
+The channel applies the shipped service config (service_config.json beside
+this module: round_robin over every address the target resolves to, retries
+of UNAVAILABLE on the read-only methods, per-method timeouts) and keepalive
+pings, unless `service_config=None` is given.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from recserve import contract
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+KEEPALIVE_MS = 30_000  # a ping on idle connections: dead peers are noticed, NATs stay open
+
+
+def shipped_service_config() -> dict[str, Any]:
+    """The shipped gRPC service config (load balancing, retries, timeouts)."""
+    text = resources.files("recserve.clients").joinpath("service_config.json").read_text()
+    return json.loads(text)
 
 
 class RecserveError(Exception):
-    """A failed call: `code` is the gRPC status name (e.g. 'INVALID_ARGUMENT')."""
+    """A failed call: `code` is the gRPC status name (e.g. 'INVALID_ARGUMENT'),
+    `reason` the stable reason (e.g. 'K_OUT_OF_RANGE'; "" from a server that
+    sent none), `field_violations` (field path, description) pairs,
+    `retry_delay` the seconds to wait before retrying (None: not said), and
+    `metadata` the ErrorInfo metadata."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        reason: str = "",
+        field_violations: Sequence[tuple[str, str]] = (),
+        retry_delay: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.reason = reason
+        self.field_violations = list(field_violations)
+        self.retry_delay = retry_delay
+        self.metadata = metadata or {}
+
+
+class Recorded(NamedTuple):
+    """What record() stored: new events, refused ones, and repeats of events
+    (same user and event_id) stored before."""
+
+    accepted: int
+    rejected: int
+    duplicates: int
 
 
 @dataclass(frozen=True)
@@ -68,12 +109,15 @@ class Recommendation:
 
 @dataclass(frozen=True)
 class Event:
-    """One interaction: a rating, click or play (value 0 means 1; timestamp 0 means now)."""
+    """One interaction: a rating, click or play. `value` None is 1 and
+    `timestamp` None is the time the server records it; `event_id` (unique per
+    user) makes a retried record() store the event once."""
 
     item_id: str
-    value: float = 0.0
-    timestamp: int = 0
+    value: float | None = None
+    timestamp: int | None = None
     user_id: str = ""
+    event_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +129,15 @@ class Rating:
     std: float
     lower: float
     upper: float
+
+
+class Ratings(list[Rating]):
+    """predict_ratings()'s answer: the Ratings, plus who predicted them."""
+
+    model: str = ""
+    version: str = ""
+    served_by: str = ""
+    interval: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -104,17 +157,18 @@ class ModelDetails:
     n_items: int = 0
 
 
+def _interaction(e: Event, user_id: str = "") -> pb.Interaction:
+    return pb.Interaction(
+        user_id=e.user_id or user_id,
+        item_id=e.item_id,
+        value=e.value,
+        timestamp=e.timestamp,
+        event_id=e.event_id,
+    )
+
+
 def _history(events: Iterable[Event | str] | None) -> list[pb.Interaction]:
-    out = []
-    for e in events or ():
-        if isinstance(e, str):
-            e = Event(e)
-        out.append(
-            pb.Interaction(
-                user_id=e.user_id, item_id=e.item_id, value=e.value, timestamp=e.timestamp
-            )
-        )
-    return out
+    return [_interaction(Event(e) if isinstance(e, str) else e) for e in events or ()]
 
 
 def _request(
@@ -127,6 +181,7 @@ def _request(
     include_seen: bool,
     explain: bool,
     request_id: str = "",
+    version: str = "",
 ) -> pb.RecommendRequest:
     return pb.RecommendRequest(
         user_id=user_id,
@@ -138,6 +193,7 @@ def _request(
         include_seen=include_seen,
         explain=explain,
         request_id=request_id,
+        version=version,
     )
 
 
@@ -149,9 +205,50 @@ def _items(msgs: Iterable[pb.RankedItem]) -> list[Item]:
     return [_item(m) for m in msgs]
 
 
+def _first(items: list[Item], first: pb.RankedItem | None, md: dict[str, str]) -> Recommendation:
+    """A streamed ranking: who answered from its first item (or the metadata)."""
+    if first is not None and first.model:
+        return Recommendation(items, first.model, first.version, first.served_by, first.arm)
+    return Recommendation(
+        items,
+        md.get(contract.MODEL, ""),
+        md.get(contract.VERSION, ""),
+        md.get(contract.SERVED_BY, ""),
+        md.get(contract.ARM, ""),
+    )
+
+
+def status_error(code: str, st: status_pb2.Status) -> RecserveError:
+    """A RecserveError from a google.rpc.Status (a refused call's, or a batch answer's)."""
+    reason, metadata, violations, delay = "", {}, [], None
+    for detail in st.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            delay = retry.retry_delay.ToTimedelta().total_seconds()
+    return RecserveError(code, st.message, reason, violations, delay, metadata)
+
+
 def _error(exc: grpc.RpcError) -> RecserveError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    trailer = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailer or ():
+        if key == contract.STATUS_DETAILS:
+            st = status_pb2.Status()
+            try:
+                st.ParseFromString(value)
+            except Exception:  # a malformed trailer: fall back to code and text
+                break
+            return status_error(code.name, st)
     return RecserveError(code.name, details or "")
 
 
@@ -168,16 +265,26 @@ class RecommenderClient:
         tls_ca: str = "",
         tls_cert: str = "",
         tls_key: str = "",
+        service_config: dict[str, Any] | str | None = "shipped",
     ) -> None:
         """`token`: bearer token sent with every call; `tls_ca`: PEM CA file of the
         server's certificate (TLS); `tls_cert` + `tls_key`: this client's certificate
-        (mutual TLS)."""
+        (mutual TLS); `service_config`: "shipped" (service_config.json), a config
+        of your own (dict), or None for gRPC's defaults (pick_first, no retries)."""
         self.deadline = deadline
         self._md = ((contract.AUTHORIZATION, f"Bearer {token}"),) if token else None
-        options = [
+        options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
+        if service_config is not None:
+            config = shipped_service_config() if service_config == "shipped" else service_config
+            if isinstance(config, str):
+                config = json.loads(config)
+            options += [("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1)]
         if channel is None and tls_ca:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=Path(tls_ca).read_bytes(),
@@ -215,10 +322,14 @@ class RecommenderClient:
         candidates: Sequence[str] = (),
         include_seen: bool = False,
         explain: bool = False,
+        version: str = "",
         deadline: float | None = None,
     ) -> Recommendation:
-        """Top-k items for a user id (known, or new with an inline history)."""
-        req = _request(user_id, k, history, model, exclude, candidates, include_seen, explain)
+        """Top-k items for a user id (known, or new with an inline history);
+        `version` pins the bundle version (NOT_FOUND when not served)."""
+        req = _request(
+            user_id, k, history, model, exclude, candidates, include_seen, explain, "", version
+        )
         try:
             resp = self._rec.Recommend(req, timeout=self._timeout(deadline), metadata=self._md)
         except grpc.RpcError as exc:
@@ -238,11 +349,14 @@ class RecommenderClient:
         candidates: Sequence[str] = (),
         include_seen: bool = False,
         explain: bool = False,
+        version: str = "",
         deadline: float | None = None,
     ) -> Iterator[Item]:
         """recommend() as a stream of Items, best first, for long lists a caller
         consumes as they arrive (each message costs the server ~0.15 ms)."""
-        req = _request(user_id, k, history, model, exclude, candidates, include_seen, explain)
+        req = _request(
+            user_id, k, history, model, exclude, candidates, include_seen, explain, "", version
+        )
         try:
             for m in self._rec.RecommendStream(
                 req, timeout=self._timeout(deadline), metadata=self._md
@@ -269,6 +383,7 @@ class RecommenderClient:
                     r.get("include_seen", False),
                     r.get("explain", False),
                     str(r.get("request_id", "")),
+                    r.get("version", ""),
                 )
 
         try:
@@ -277,7 +392,7 @@ class RecommenderClient:
             ):
                 err = None
                 if resp.status.code:
-                    err = RecserveError(_code_name(resp.status.code), resp.status.message)
+                    err = status_error(_code_name(resp.status.code), resp.status)
                 yield Recommendation(
                     _items(resp.items),
                     resp.model,
@@ -291,26 +406,32 @@ class RecommenderClient:
             raise _error(exc) from None
 
     def similar_items(
-        self, item_id: str, k: int = 10, model: str = "", deadline: float | None = None
+        self,
+        item_id: str,
+        k: int = 10,
+        model: str = "",
+        deadline: float | None = None,
+        *,
+        version: str = "",
+        stream: bool = False,
     ) -> Recommendation:
-        """The k items most similar to one item."""
-        call = self._rec.SimilarItems(
-            pb.SimilarItemsRequest(item_id=item_id, k=k, model=model),
-            timeout=self._timeout(deadline),
-            metadata=self._md,
-        )
+        """The k items most similar to one item, in one message (GetSimilarItems),
+        or with `stream` one message per item (SimilarItems, for long lists)."""
+        req = pb.SimilarItemsRequest(item_id=item_id, k=k, model=model, version=version)
         try:
-            items = _items(call)
+            if not stream:
+                resp = self._rec.GetSimilarItems(
+                    req, timeout=self._timeout(deadline), metadata=self._md
+                )
+                return Recommendation(
+                    _items(resp.items), resp.model, resp.version, resp.served_by, resp.arm
+                )
+            call = self._rec.SimilarItems(req, timeout=self._timeout(deadline), metadata=self._md)
+            msgs = list(call)
             md = dict(call.initial_metadata())
         except grpc.RpcError as exc:
             raise _error(exc) from None
-        return Recommendation(
-            items,
-            md.get(contract.MODEL, ""),
-            md.get(contract.VERSION, ""),
-            md.get(contract.SERVED_BY, ""),
-            md.get(contract.ARM, ""),
-        )
+        return _first(_items(msgs), msgs[0] if msgs else None, md)
 
     def predict_ratings(
         self,
@@ -319,53 +440,62 @@ class RecommenderClient:
         *,
         history: Iterable[Event | str] | None = None,
         model: str = "",
-        interval: float = 0.95,
+        interval: float | None = None,
+        version: str = "",
         deadline: float | None = None,
-    ) -> list[Rating]:
-        """Predicted ratings (mean, std, central interval) in item order."""
+    ) -> Ratings:
+        """Predicted ratings (mean, std, central interval; `interval` None is
+        0.95) in item order, with the model and version that predicted them."""
         req = pb.PredictRatingsRequest(
             user_id=user_id,
             history=_history(history),
             item_ids=list(item_ids),
             model=model,
             interval=interval,
+            version=version,
         )
         try:
             resp = self._rec.PredictRatings(req, timeout=self._timeout(deadline), metadata=self._md)
         except grpc.RpcError as exc:
             raise _error(exc) from None
-        return [Rating(p.item_id, p.rating, p.std, p.lower, p.upper) for p in resp.predictions]
+        out = Ratings(
+            Rating(p.item_id, p.rating, p.std, p.lower, p.upper) for p in resp.predictions
+        )
+        out.model, out.version, out.served_by = resp.model, resp.version, resp.served_by
+        out.interval = resp.interval
+        return out
 
     def record(
         self, user_id: str, events: Iterable[Event | str], deadline: float | None = None
-    ) -> tuple[int, int]:
-        """Store feedback for a user; returns (accepted, rejected) once durably stored."""
-        msgs = [
-            pb.Interaction(
-                user_id=e.user_id or user_id,
-                item_id=e.item_id,
-                value=e.value,
-                timestamp=e.timestamp,
-            )
-            for e in (Event(x) if isinstance(x, str) else x for x in events)
-        ]
+    ) -> Recorded:
+        """Store feedback for a user; returns (accepted, rejected, duplicates) once
+        durably stored. Give each Event an event_id to make a retry safe."""
+        msgs = [_interaction(Event(x) if isinstance(x, str) else x, user_id) for x in events]
         try:
             s = self._rec.RecordInteractions(
                 iter(msgs), timeout=self._timeout(deadline), metadata=self._md
             )
         except grpc.RpcError as exc:
             raise _error(exc) from None
-        return int(s.accepted), int(s.rejected)
+        return Recorded(int(s.accepted), int(s.rejected), int(s.duplicates))
 
-    def models(self, deadline: float | None = None) -> list[ModelDetails]:
-        """Every model the server knows, with its state."""
-        try:
-            resp = self._admin.ListModels(
-                pb.ListModelsRequest(), timeout=self._timeout(deadline), metadata=self._md
-            )
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        return [_details(m) for m in resp.models]
+    def models(self, deadline: float | None = None, page_size: int = 0) -> list[ModelDetails]:
+        """Every model the server knows, with its state (all pages)."""
+        out: list[ModelDetails] = []
+        token = ""
+        while True:
+            try:
+                resp = self._admin.ListModels(
+                    pb.ListModelsRequest(page_size=page_size, page_token=token),
+                    timeout=self._timeout(deadline),
+                    metadata=self._md,
+                )
+            except grpc.RpcError as exc:
+                raise _error(exc) from None
+            out += [_details(m) for m in resp.models]
+            token = resp.next_page_token
+            if not token:
+                return out
 
     def model(self, name: str, deadline: float | None = None) -> ModelDetails:
         """One model's details."""

@@ -8,6 +8,9 @@
     fallback = ["popularity"]     # tried after a model's own chain
     max_k = 1000
     max_concurrency = 64          # Recommender RPCs in flight (per worker); more fail fast
+    overload_retry_ms = 50        # RetryInfo delay sent with an OVERLOADED refusal
+    max_connection_age_s = 300    # connections are closed (GOAWAY) after this: clients
+                                  # reconnect and spread onto new replicas; 0 = never
     workers = 1                   # processes sharing the port (SO_REUSEPORT)
     server = "asyncio"            # grpc.aio, requests computed on the loop; or "threads"
     admin_token = ""              # better RECSERVE_ADMIN_TOKEN; "authorization: Bearer <token>"
@@ -82,6 +85,9 @@ class ServerConfig:
     fallback: tuple[str, ...] = ("popularity",)
     max_k: int = 1000
     max_concurrency: int = 64
+    overload_retry_ms: int = 50
+    max_connection_age_s: float = 300.0
+    max_connection_age_grace_s: float = 30.0
     max_history: int = 10_000
     max_ids: int = 100_000
     max_message_bytes: int = 16 * 1024 * 1024
@@ -127,6 +133,9 @@ _CHECKS: dict[str, tuple[float, float]] = {
     "metrics_port": (0, 65535),
     "max_k": (1, 1_000_000),
     "max_concurrency": (1, 100_000),
+    "overload_retry_ms": (0, 60_000),
+    "max_connection_age_s": (0.0, 30 * 86400.0),
+    "max_connection_age_grace_s": (0.0, 3600.0),
     "max_history": (1, 10_000_000),
     "max_ids": (1, 10_000_000),
     "max_message_bytes": (1024, 2**31 - 1),

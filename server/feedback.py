@@ -12,6 +12,12 @@ the next answer of any of them: every append bumps a counter in a small file
 mapped by all workers (`<db>.changes`), and a worker reads the shared log
 (`sync`) before it resolves a user whenever the counter moved; reading the
 counter is a memory load, where asking SQLite costs ~5 us per request.
+
+Idempotency: an event may carry a client-chosen `event_id`. Every store keeps
+at most one event per (user_id, event_id), across restarts (SQLite: a unique
+index; Redis: a marker key per event id, kept `dedup_seconds`, 7 days by
+default), so a retried RecordInteractions stream stores each event once and
+`append` returns how many were new.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class Event:
     value: float
     timestamp: int
     id: int | str = 0  # the log's position once stored (SQLite row id, Redis stream id)
+    event_id: str = ""  # the client's id: stored at most once per (user_id, event_id)
 
 
 class FeedbackUnavailable(OSError):
@@ -66,7 +73,14 @@ class FeedbackStore:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS events ("
             " id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, item_id TEXT NOT NULL,"
-            " value REAL NOT NULL, ts INTEGER NOT NULL)"
+            " value REAL NOT NULL, ts INTEGER NOT NULL, event_id TEXT)"
+        )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        if "event_id" not in columns:  # a log written before event ids existed
+            self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+        self._db.execute(
+            "CREATE UNIQUE INDEX IF NOT EXISTS events_user_event ON events (user_id, event_id)"
+            " WHERE event_id IS NOT NULL"
         )
         self._changes: mmap.mmap | None = None
         if self.path:
@@ -86,27 +100,34 @@ class FeedbackStore:
         return struct.unpack_from("<Q", self._changes)[0]
 
     def append(self, events: Iterable[Event]) -> int:
-        """Store events in one transaction; returns how many, after the commit."""
-        rows = [(e.user_id, e.item_id, e.value, e.timestamp) for e in events]
+        """Store events in one transaction; returns how many were new (an event
+        whose (user_id, event_id) is stored already is skipped), after the commit."""
+        rows = [(e.user_id, e.item_id, e.value, e.timestamp, e.event_id or None) for e in events]
         if not rows:
             return 0
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            before = self._db.total_changes
             try:
                 self._db.executemany(
-                    "INSERT INTO events (user_id, item_id, value, ts) VALUES (?, ?, ?, ?)", rows
+                    "INSERT OR IGNORE INTO events (user_id, item_id, value, ts, event_id)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    rows,
                 )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            new = self._db.total_changes - before
             self._db.execute("COMMIT")
+            if not new:
+                return 0
             if self._changes is not None:
                 # After the commit, so a reader that sees the new value finds the
                 # rows. Two processes bumping at once may merge into one step:
                 # both commits precede it, so one sync still reads both.
                 count = struct.unpack_from("<Q", self._changes)[0]
                 struct.pack_into("<Q", self._changes, 0, count + 1)
-        return len(rows)
+        return new
 
     def replay(self, after: int = 0, batch: int = 10_000) -> Iterator[Event]:
         """Every stored event with id > after, in arrival order."""
@@ -114,14 +135,14 @@ class FeedbackStore:
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT id, user_id, item_id, value, ts FROM events WHERE id > ?"
+                    "SELECT id, user_id, item_id, value, ts, event_id FROM events WHERE id > ?"
                     " ORDER BY id LIMIT ?",
                     (last, batch),
                 ).fetchall()
             if not rows:
                 return
-            for row_id, u, i, v, ts in rows:
-                yield Event(u, i, float(v), int(ts), int(row_id))
+            for row_id, u, i, v, ts, eid in rows:
+                yield Event(u, i, float(v), int(ts), int(row_id), eid or "")
             last = rows[-1][0]
 
     def count(self) -> int:
@@ -214,14 +235,17 @@ class RedisFeedbackStore:
     shared = True
     start = "0-0"
 
-    def __init__(self, url: str, key: str = "recserve:feedback") -> None:
+    def __init__(
+        self, url: str, key: str = "recserve:feedback", dedup_seconds: int = 7 * 86400
+    ) -> None:
         import redis  # the client library; only this store needs it
 
-        self.url, self.key = url, key
+        self.url, self.key, self.dedup_seconds = url, key, dedup_seconds
         self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
         self._redis = redis.Redis.from_url(
             url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
         )
+        self._append = self._redis.register_script(_APPEND_LUA)
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
@@ -246,18 +270,19 @@ class RedisFeedbackStore:
         return -1
 
     def append(self, events: Iterable[Event]) -> int:
-        """Store events in one MULTI/EXEC; returns how many, once Redis accepted them."""
+        """Store events atomically (one Lua script: Redis runs it whole or not at
+        all); returns how many were new, once Redis accepted them. An event with
+        an event_id is added only if its marker key could be set (SET NX)."""
         rows = list(events)
         if not rows:
             return 0
-        pipe = self._redis.pipeline(transaction=True)
+        keys = [self.key]
+        args: list[str | int] = [self.dedup_seconds]
         for e in rows:
-            pipe.xadd(
-                self.key,
-                {"u": e.user_id, "i": e.item_id, "v": repr(e.value), "t": str(e.timestamp)},
-            )
-        self._call("append", pipe.execute)
-        return len(rows)
+            marker = f"{self.key}:id:{len(e.user_id)}:{e.user_id}:{e.event_id}"
+            keys.append(marker if e.event_id else "")
+            args += [e.user_id, e.item_id, repr(e.value), str(e.timestamp), e.event_id]
+        return int(self._call("append", self._append, keys=keys, args=args))
 
     def replay(self, after: int | str = "0-0", batch: int = 10_000) -> Iterator[Event]:
         """Every stored event after stream id `after`, in order."""
@@ -286,13 +311,39 @@ class RedisFeedbackStore:
         self._redis.close()
 
 
+# KEYS[1] the stream, KEYS[1 + n] event n's marker key ("" without an event_id);
+# ARGV[1] the markers' lifetime in seconds, then per event: user, item, value,
+# timestamp, event_id. Returns how many events were added.
+_APPEND_LUA = """
+local added = 0
+for n = 2, #KEYS do
+  local a = 2 + (n - 2) * 5
+  local fresh = true
+  if KEYS[n] ~= "" then
+    fresh = redis.call("SET", KEYS[n], "1", "NX", "EX", ARGV[1])
+  end
+  if fresh then
+    redis.call("XADD", KEYS[1], "*", "u", ARGV[a], "i", ARGV[a + 1], "v", ARGV[a + 2],
+               "t", ARGV[a + 3], "e", ARGV[a + 4])
+    added = added + 1
+  end
+end
+return added
+"""
+
+
 def _event_of(sid: bytes | str, fields: dict) -> Event:
     f = {
         (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
         for k, v in fields.items()
     }
     return Event(
-        f["u"], f["i"], float(f["v"]), int(f["t"]), sid.decode() if isinstance(sid, bytes) else sid
+        f["u"],
+        f["i"],
+        float(f["v"]),
+        int(f["t"]),
+        sid.decode() if isinstance(sid, bytes) else sid,
+        f.get("e", ""),
     )
 
 

@@ -235,8 +235,9 @@ class Metrics:
         )
         self.rejected = Counter(
             "recserve_rejected_requests_total",
-            "Requests refused before any work (overload, draining), by status code",
-            ["method", "code"],
+            "Requests refused before any work, by error reason (OVERLOADED, DRAINING, "
+            "TOKEN_MISSING, TOKEN_INVALID)",
+            ["method", "reason"],
             registry=registry,
         )
         self.feedback_events = Counter(

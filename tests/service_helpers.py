@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry
 
 from recserve.config import ServerConfig
@@ -150,3 +151,40 @@ def flip_byte(path: Path, offset: int = -1) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def status_details(err: grpc.RpcError) -> status_pb2.Status:
+    """The google.rpc.Status a refused call carries in grpc-status-details-bin
+    (AssertionError when there is none, or its code is not the call's)."""
+    trailer = dict(err.trailing_metadata() or ())
+    assert "grpc-status-details-bin" in trailer, f"no status details: {err.details()}"
+    st = status_pb2.Status.FromString(trailer["grpc-status-details-bin"])
+    assert st.code == err.code().value[0] and st.message == err.details()
+    return st
+
+
+def _detail(st: status_pb2.Status, cls):
+    found = [d for d in st.details if d.Is(cls.DESCRIPTOR)]
+    assert len(found) == 1, f"{len(found)} {cls.DESCRIPTOR.name} details in {st}"
+    out = cls()
+    found[0].Unpack(out)
+    return out
+
+
+def error_info(st: status_pb2.Status) -> error_details_pb2.ErrorInfo:
+    """The Status's one ErrorInfo (its domain checked)."""
+    info = _detail(st, error_details_pb2.ErrorInfo)
+    assert info.domain == "recserve.v1"
+    return info
+
+
+def bad_request(st: status_pb2.Status) -> list[tuple[str, str]]:
+    """The (field, description) pairs of the Status's one BadRequest."""
+    return [
+        (v.field, v.description) for v in _detail(st, error_details_pb2.BadRequest).field_violations
+    ]
+
+
+def retry_info(st: status_pb2.Status) -> error_details_pb2.RetryInfo:
+    """The Status's one RetryInfo."""
+    return _detail(st, error_details_pb2.RetryInfo)

@@ -42,18 +42,28 @@ def test_recommend_returns_plain_dataclasses(served, small):
         assert streamed == rec.items
 
 
-def test_errors_carry_the_status_name(served):
+def test_errors_carry_the_status_name_reason_and_violations(served):
     srv, _ = served
     with RecommenderClient(srv.target) as rc:
         with pytest.raises(RecserveError) as info:
-            rc.recommend("7", 0)
-        assert info.value.code == "INVALID_ARGUMENT" and info.value.message.startswith("k:")
+            rc.recommend("7", -1)
+        err = info.value
+        assert err.code == "INVALID_ARGUMENT" and err.message.startswith("k:")
+        assert err.reason == "K_OUT_OF_RANGE" and err.retry_delay is None
+        assert err.field_violations == [("k", "must be in [1, 1000], got -1")]
         with pytest.raises(RecserveError) as info:
-            list(rc.recommend_stream("7", 0))
-        assert info.value.code == "INVALID_ARGUMENT" and info.value.message.startswith("k:")
+            list(rc.recommend_stream("7", -1))
+        assert info.value.code == "INVALID_ARGUMENT" and info.value.reason == "K_OUT_OF_RANGE"
         with pytest.raises(RecserveError) as info:
             rc.model("nope")
-        assert info.value.code == "NOT_FOUND"
+        assert info.value.code == "NOT_FOUND" and info.value.reason == "UNKNOWN_MODEL"
+        assert info.value.metadata["model"] == "nope"
+        with pytest.raises(RecserveError) as info:
+            rc.recommend("7", 3, model="als", version="no-such-version")
+        assert info.value.reason == "VERSION_NOT_SERVED"
+        assert info.value.metadata["served_version"] == srv.app.catalog.get("als").version
+        # k omitted on the wire (0) means 10
+        assert len(rc.recommend("7", 0).items) == 10
 
 
 def test_batch_predict_record_and_admin(served, small):
@@ -73,7 +83,7 @@ def test_batch_predict_record_and_admin(served, small):
         assert [r.item_id for r in ratings] == ["1", "2"]
         np.testing.assert_allclose([r.rating for r in ratings], mean, 1e-5)
         assert all(r.lower <= r.rating <= r.upper for r in ratings)
-        assert rc.record("client-user", ["1", "no-such-item"]) == (1, 1)
+        assert rc.record("client-user", ["1", "no-such-item"]) == (1, 1, 0)
         names = {m.name: m for m in rc.models()}
         assert names["als"].state == "serving" and names["als"].n_items == small.n_items
         assert rc.reload() == ([], [])

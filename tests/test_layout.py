@@ -174,6 +174,7 @@ def test_imports_go_one_way():
                 "recserve.data",
                 "recserve.serving",
                 "recserve.config",
+                "recserve.contract",
                 "recserve.feedback",
                 "recserve.metrics",
             },

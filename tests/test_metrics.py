@@ -57,7 +57,7 @@ def test_every_family_after_real_calls(published):
         s.recommend(user_id="7", k=5, model="mix", explain=True)
         list(s.rec.SimilarItems(pb.SimilarItemsRequest(item_id="10", k=3, model="itemknn")))
         s.rec.RecordInteractions(iter([pb.Interaction(user_id="7", item_id="1")]))
-        s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=0))
+        s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=-1))
         s.app.sample_memory()
         fams = scrape(port)
     rpc = "recserve_rpc_duration_seconds"
@@ -106,8 +106,8 @@ def test_stream_duration_covers_the_whole_stream(published, monkeypatch):
     slow_items = convert.ranked_items
     delay, k = 0.05, 8
 
-    def slow(r):
-        for item in slow_items(r):
+    def slow(r, first=False):
+        for item in slow_items(r, first):
             time.sleep(delay)  # the slowed model
             yield item
 
@@ -141,16 +141,13 @@ def test_overload_is_counted(published):
     with running(published, metrics_port=port, max_concurrency=1) as s:
         release = hold_a_slot(s)
         assert s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3)).code() is (
-            grpc.StatusCode.RESOURCE_EXHAUSTED
+            grpc.StatusCode.UNAVAILABLE
         )
         assert value(scrape(port), "recserve_inflight_requests") == 1
         release()
         fams = scrape(port)
     assert value(fams, "recserve_inflight_requests") == 0
-    assert (
-        value(fams, "recserve_rejected_requests", method="Recommend", code="RESOURCE_EXHAUSTED")
-        == 1
-    )
+    assert value(fams, "recserve_rejected_requests", method="Recommend", reason="OVERLOADED") == 1
 
 
 def test_queued_updates_equal_direct_ones():

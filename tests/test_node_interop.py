@@ -1,9 +1,11 @@
 """Interop: Node.js (@grpc/grpc-js + @grpc/proto-loader) calls Recommend from the .proto
-files alone and gets the same stream and metadata as a Python client."""
+files alone and gets the same ranking and metadata as a Python client, and reads a
+refusal's reason and field violations from its google.rpc.Status with protobufjs."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -46,7 +48,7 @@ def test_node_client_calls_recommend(node, small, tmp_path):
 
         def call(user: str, k: int, model: str = "") -> dict:
             out = subprocess.run(
-                [node, "recommend.js", srv.target, str(ROOT / "proto"), user, str(k), model],
+                [node, "recommend.js", srv.target, include_dirs(), user, str(k), model],
                 cwd=NODE_DIR,
                 capture_output=True,
                 text=True,
@@ -57,7 +59,8 @@ def test_node_client_calls_recommend(node, small, tmp_path):
 
         got = call("7", 6, "als")
         fallback = call("nobody", 3, "als")
-        bad = call("7", 0)
+        bad = call("7", -1)
+        default_k = call("7", 0)
     assert [i["item_id"] for i in got["items"]] == [i.item_id for i in want]
     assert [i["rank"] for i in got["items"]] == [1, 2, 3, 4, 5, 6]
     assert got["metadata"]["x-recserve-model"] == "als"
@@ -65,6 +68,19 @@ def test_node_client_calls_recommend(node, small, tmp_path):
     assert got["model"] == "als"
     assert [i["item_id"] for i in fallback["items"]] == [i.item_id for i in cold]
     assert fallback["metadata"]["x-recserve-served-by"] == cold_md["x-recserve-served-by"]
-    assert bad["error"]["code"] == 3 and bad["error"]["details"].startswith(
-        "k:"
-    )  # INVALID_ARGUMENT
+    assert bad["error"]["code"] == 3 and bad["error"]["details"].startswith("k:")
+    status = bad["error"]["status"]  # decoded by Node from grpc-status-details-bin
+    assert status["code"] == 3 and status["domain"] == "recserve.v1"
+    assert status["reason"] == "K_OUT_OF_RANGE" and status["field_violations"] == ["k"]
+    assert len(default_k["items"]) == 10  # k omitted: the documented default
+
+
+def include_dirs() -> str:
+    """proto/, and the folders of the google/rpc, google/api and google/protobuf
+    protos it imports (shipped by googleapis-common-protos and grpcio-tools)."""
+    import google.rpc.status_pb2
+    import grpc_tools
+
+    googleapis = Path(google.rpc.status_pb2.__file__).resolve().parents[2]
+    well_known = Path(grpc_tools.__file__).resolve().parent / "_proto"
+    return os.pathsep.join(str(d) for d in (ROOT / "proto", googleapis, well_known))

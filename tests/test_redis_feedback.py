@@ -125,7 +125,7 @@ def test_an_event_through_one_replica_changes_the_others_next_answer(models, red
     try:
         before = top(tb)
         with RecommenderClient(ta) as rc:
-            assert rc.record("7", [before[0]]) == (1, 0)  # acknowledged: in Redis
+            assert rc.record("7", [before[0]]) == (1, 0, 0)  # acknowledged: in Redis
         t = time.monotonic()
         wait_for(lambda: before[0] not in top(tb), 10, "replica B to exclude the item")
         print(f"\nB answered without the item {1000 * (time.monotonic() - t):.1f} ms after A's ack")
@@ -137,7 +137,7 @@ def test_an_acknowledged_event_survives_sigkill(models, redis_server):
     a, ta = replica(models, redis_server)
     before = top(ta)
     with RecommenderClient(ta) as rc:
-        assert rc.record("7", before[:2]) == (2, 0)
+        assert rc.record("7", before[:2]) == (2, 0, 0)
     os.kill(a.proc.pid, signal.SIGKILL)  # right after the acknowledgement
     a.proc.wait(30)
     a2, ta2 = replica(models, redis_server)
@@ -175,7 +175,7 @@ def test_with_redis_down_recording_is_refused_answers_go_on_and_replicas_converg
             )
         before = top(tb)
         with RecommenderClient(ta) as rc:
-            assert rc.record("7", [before[0]]) == (1, 0)
+            assert rc.record("7", [before[0]]) == (1, 0, 0)
         wait_for(lambda: before[0] not in top(tb), 10, "B to see A's event after Redis returned")
     finally:
         assert a.stop() == 0 and b.stop() == 0

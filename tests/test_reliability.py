@@ -164,7 +164,7 @@ def test_feedback_is_durable_with_no_setting_at_all(published, tmp_path):
     wait_serving(target, "model/popularity")
     with RecommenderClient(target) as rc:
         before = rc.recommend("7", 5, model="popularity").item_ids
-        assert rc.record("7", before[:3]) == (3, 0)  # acknowledged: committed
+        assert rc.record("7", before[:3]) == (3, 0, 0)  # acknowledged: committed
     os.kill(p.proc.pid, signal.SIGKILL)  # no drain, no checkpoint
     p.proc.wait(30)
     log = work / "var" / "feedback.sqlite"

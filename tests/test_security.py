@@ -9,6 +9,7 @@ import subprocess
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry
 
 from recserve.clients.client import RecommenderClient, RecserveError
@@ -183,14 +184,21 @@ class FakeContext:
     def invocation_metadata(self):
         return self._metadata
 
+    def set_trailing_metadata(self, md) -> None:
+        self.trailer = dict(md)
+
     def abort(self, code, details):
-        raise Aborted(code, details)
+        raise Aborted(code, details, self.trailer)
 
 
 class Aborted(Exception):
-    def __init__(self, code, details) -> None:
+    def __init__(self, code, details, trailer) -> None:
         super().__init__(code, details)
         self.code, self.details = code, details
+        st = status_pb2.Status.FromString(trailer["grpc-status-details-bin"])
+        info = error_details_pb2.ErrorInfo()
+        assert st.details[0].Unpack(info)
+        self.reason = info.reason
 
 
 @pytest.mark.parametrize(
@@ -229,6 +237,7 @@ def test_admin_without_token_answers_only_loopback_peers(models):
     with pytest.raises(Aborted) as e:
         admin.ListModels(None, FakeContext("ipv4:10.1.2.3:40000"))
     assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert e.value.reason == "ADMIN_NOT_ALLOWED"
     assert "admin_token" in e.value.details and "RECSERVE_ADMIN_TOKEN" in e.value.details
     with pytest.raises(Aborted):
         admin.ReloadModels(None, FakeContext("ipv6:[2001:db8::7]:40000"))
@@ -242,6 +251,12 @@ def test_admin_without_token_answers_only_loopback_peers(models):
     with pytest.raises(Aborted) as e:
         Admin(token.core).ListModels(None, FakeContext("ipv4:127.0.0.1:1"))
     assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert e.value.reason == "TOKEN_MISSING"
+    with pytest.raises(Aborted) as e:
+        Admin(token.core).ListModels(
+            None, FakeContext("ipv4:127.0.0.1:1", [("authorization", "Bearer wrong")])
+        )
+    assert e.value.reason == "TOKEN_INVALID"
 
 
 def test_admin_over_grpc_from_loopback_without_token(models):

@@ -94,7 +94,7 @@ def test_sigterm_drains_in_flight_streams_and_feedback_survives_restart(models_d
     for name in ("popularity", "itemknn", "als", "bayes_mf"):
         wait_serving(target, f"model/{name}")
     with RecommenderClient(target) as rc:
-        assert rc.record("501", ["1", "2", "3"]) == (3, 0)
+        assert rc.record("501", ["1", "2", "3"]) == (3, 0, 0)
         before = rc.recommend("501", 10, model="als").item_ids
 
     # An open RecommendBatch stream: requests go in one at a time.

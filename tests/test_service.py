@@ -17,7 +17,16 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from recserve.config import Experiment, Hybrid
 from recserve.serving import RecQuery
 from recserve.v1 import recommender_pb2 as pb
-from tests.service_helpers import Gate, flip_byte, publish_models, running, wait_for
+from tests.service_helpers import (
+    Gate,
+    error_info,
+    flip_byte,
+    publish_models,
+    retry_info,
+    running,
+    status_details,
+    wait_for,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -56,7 +65,12 @@ def test_order_ranks_and_k_unary_and_streamed(srv, published, small):
         assert "x-recserve-served-by" not in md
         # RecommendStream: the same ranking, one message per item, metadata first.
         streamed, smd = srv.recommend_stream(user_id="7", k=15, model=name)
-        assert streamed == items and smd == md
+        assert smd == md
+        # The first item also names the model and version (typed clients drop metadata).
+        assert (streamed[0].model, streamed[0].version) == (name, md["x-recserve-version"])
+        assert not any(i.model or i.version for i in streamed[1:])
+        streamed[0].model = streamed[0].version = ""
+        assert streamed == items
 
 
 def assert_same_ranking(a, b, tol: float = 1e-5) -> None:
@@ -200,7 +214,7 @@ def test_similar_items(srv, published):
 def test_status_codes_name_the_field(srv):
     rec = srv.rec.Recommend
     cases = [
-        (pb.RecommendRequest(user_id="1", k=0), "INVALID_ARGUMENT", "k"),
+        (pb.RecommendRequest(user_id="1", k=-1), "INVALID_ARGUMENT", "k"),
         (pb.RecommendRequest(user_id="1", k=501), "INVALID_ARGUMENT", "k"),
         (pb.RecommendRequest(k=5), "INVALID_ARGUMENT", "user_id"),
         (
@@ -242,7 +256,7 @@ def test_unknown_history_items_within_tolerance_are_dropped(srv, published):
 def test_recommend_batch_answers_each_request(srv, published, small):
     reqs = [
         pb.RecommendRequest(request_id="a", user_id="7", k=4, model="als"),
-        pb.RecommendRequest(request_id="b", user_id="7", k=0),
+        pb.RecommendRequest(request_id="b", user_id="7", k=-1),
         pb.RecommendRequest(request_id="c", user_id="x", k=3, model="als"),
     ]
     out = list(srv.rec.RecommendBatch(iter(reqs), timeout=10))
@@ -406,13 +420,19 @@ def hold_a_slot(s):
     return release
 
 
-def test_resource_exhausted_when_the_concurrency_cap_is_reached(published):
+def test_overload_is_unavailable_with_a_retry_delay(published):
+    """At the concurrency cap a call is refused at once with UNAVAILABLE (retryable,
+    AIP-194), reason OVERLOADED, a RetryInfo delay and gRPC's retry pushback."""
     root, _ = published
-    with running(root, max_concurrency=1) as s:
+    with running(root, max_concurrency=1, overload_retry_ms=75) as s:
         release = hold_a_slot(s)
         err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3))
-        assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.code() is grpc.StatusCode.UNAVAILABLE
         assert "max_concurrency" in err.details()
+        st = status_details(err)
+        assert error_info(st).reason == "OVERLOADED"
+        assert retry_info(st).retry_delay.ToMilliseconds() == 75
+        assert dict(err.trailing_metadata())["grpc-retry-pushback-ms"] == "75"
         assert health(s.channel) == SERVING  # health is never refused
         release()
         items, _ = s.recommend(user_id="7", k=3)

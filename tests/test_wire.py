@@ -165,10 +165,20 @@ def test_the_tags_written_are_the_descriptors_and_a_mismatch_is_refused():
                     f.type_name = f.type_name.replace(".recserve.v1.", ".variant.")
         del proto.service[:]
         pool = descriptor_pool.DescriptorPool()
-        for dep in pb.DESCRIPTOR.dependencies:
+        added: set[str] = set()
+
+        def add(file) -> None:  # a file after its own imports
+            if file.name in added:
+                return
+            for dep in file.dependencies:
+                add(dep)
             dep_proto = descriptor_pb2.FileDescriptorProto()
-            dep.CopyToProto(dep_proto)
+            file.CopyToProto(dep_proto)
             pool.Add(dep_proto)
+            added.add(file.name)
+
+        for dep in pb.DESCRIPTOR.dependencies:
+            add(dep)
         pool.Add(proto)
         return pool.FindMessageTypeByName("variant.RankedItem"), pool.FindMessageTypeByName(
             "variant.RecommendResponse"
@@ -176,7 +186,7 @@ def test_the_tags_written_are_the_descriptors_and_a_mismatch_is_refused():
 
     t = descriptor_pb2.FieldDescriptorProto
     for name, number, kind in (
-        ("rank", 6, t.TYPE_INT32),  # renumbered
+        ("rank", 16, t.TYPE_INT32),  # renumbered
         ("score", 2, t.TYPE_DOUBLE),  # another wire type (fixed64)
         ("item_id", 1, t.TYPE_INT32),  # a varint where bytes are written
     ):

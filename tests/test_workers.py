@@ -83,7 +83,7 @@ def test_two_workers_share_port_metrics_and_feedback(models_dir, tmp_path):
         assert len(before) == 2, before  # both worker processes served
         assert len(set(before.values())) == 1
         with RecommenderClient(target) as rc:
-            assert rc.record("33", ["1", "2", "3", "4"]) == (4, 0)
+            assert rc.record("33", ["1", "2", "3", "4"]) == (4, 0, 0)
         after = answers_by_worker(target)
         assert set(after) == set(before)
         assert len(set(after.values())) == 1

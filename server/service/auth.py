@@ -29,11 +29,14 @@ def bearer(metadata: Iterable[tuple[str, Any]]) -> str:
     return given
 
 
-def token_error(cfg: ServerConfig, metadata: Iterable[tuple[str, Any]]) -> str | None:
-    """Why the call's token is refused, or None when it matches admin_token."""
-    if hmac.compare_digest(bearer(metadata).encode(), cfg.admin_token.encode()):
+def token_error(cfg: ServerConfig, metadata: Iterable[tuple[str, Any]]) -> tuple[str, str] | None:
+    """(reason, message) refusing the call's token, or None when it matches admin_token."""
+    given = bearer(metadata)
+    if hmac.compare_digest(given.encode(), cfg.admin_token.encode()):
         return None
-    return "authorization: missing or wrong bearer token"
+    if not given:
+        return "TOKEN_MISSING", "authorization: no bearer token; this server requires one"
+    return "TOKEN_INVALID", "authorization: wrong bearer token"
 
 
 def is_loopback_peer(peer: str) -> bool:
@@ -64,15 +67,16 @@ def is_loopback_host(host: str) -> bool:
 
 def admin_error(
     cfg: ServerConfig, metadata: Iterable[tuple[str, Any]], peer: str
-) -> tuple[str, str] | None:
-    """(status name, message) refusing an Admin call, or None when it may proceed."""
+) -> tuple[str, str, str] | None:
+    """(status name, reason, message) refusing an Admin call, or None when it may proceed."""
     if cfg.admin_token:
         denied = token_error(cfg, metadata)
-        return None if denied is None else ("UNAUTHENTICATED", denied)
+        return None if denied is None else ("UNAUTHENTICATED", *denied)
     if is_loopback_peer(peer):
         return None
     return (
         "PERMISSION_DENIED",
+        "ADMIN_NOT_ALLOWED",
         "authorization: Admin answers only loopback peers while no admin_token is set; "
         "set admin_token (RECSERVE_ADMIN_TOKEN) to call it from other hosts",
     )

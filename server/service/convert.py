@@ -7,13 +7,16 @@ from the model's arrays by `recserve.kernels.wire`.
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Callable, Iterator
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 from recserve import contract
 from recserve.kernels import wire
@@ -68,29 +71,51 @@ STATE_FAILED = pb.MODEL_STATE_FAILED
 
 
 def rec_query(req: pb.RecommendRequest) -> RecQuery:
-    """A RecommendRequest as a RecQuery (history values stay raw; 0 means 1 later)."""
+    """A RecommendRequest as a RecQuery: k 0 is DEFAULT_K, an omitted history
+    value is 1 (an explicit 0 stays 0)."""
     return RecQuery(
         user_id=req.user_id,
-        history=[(h.item_id, float(h.value)) for h in req.history],
-        k=int(req.k),
+        history=[(h.item_id, h.value if h.HasField("value") else 1.0) for h in req.history],
+        k=req.k or contract.DEFAULT_K,
         model=req.model,
         exclude=list(req.exclude_item_ids),
         candidates=list(req.candidate_item_ids),
         include_seen=req.include_seen,
         explain=req.explain,
+        version=req.version,
     )
 
 
-def ranked_items(r: Ranked) -> Iterator[pb.RankedItem]:
-    """RankedItems best first with 1-based ranks."""
+def ranked_items(r: Ranked, first: bool = False) -> Iterator[pb.RankedItem]:
+    """RankedItems best first with 1-based ranks; with `first`, the first one
+    also names the model, version, fallback and arm (the streams' contract)."""
     for pos, (item_id, score) in enumerate(zip(r.item_ids, r.scores, strict=True)):
-        yield pb.RankedItem(
+        item = pb.RankedItem(
             item_id=item_id,
             score=score,
             rank=pos + 1,
             because=r.because[pos] if r.because else (),
             score_std=r.std[pos] if r.std else 0.0,
         )
+        if first and pos == 0:
+            item.model, item.version, item.served_by, item.arm = (
+                r.model,
+                r.version,
+                r.served_by,
+                r.arm,
+            )
+        yield item
+
+
+def similar_response(r: Ranked) -> pb.SimilarItemsResponse:
+    """GetSimilarItems' answer: the ranking in one message."""
+    out = pb.SimilarItemsResponse(
+        model=r.model, version=r.version, served_by=r.served_by, arm=r.arm
+    )
+    add = out.items.add
+    for pos, (item_id, score) in enumerate(zip(r.item_ids, r.scores, strict=True)):
+        add(item_id=item_id, score=score, rank=pos + 1)
+    return out
 
 
 def metadata(
@@ -114,7 +139,7 @@ def response(request_id: str, r: Ranked) -> pb.RecommendResponse:
         version=r.version,
         served_by=r.served_by,
         arm=r.arm,
-        status=pb.Status(code=0),
+        status=status_pb2.Status(code=0),
     )
     add = out.items.add
     if r.because or r.std:
@@ -137,7 +162,7 @@ _FIELD = wire.check_layout(pb.RankedItem.DESCRIPTOR, pb.RecommendResponse.DESCRI
 
 @lru_cache(maxsize=1024)
 def _tail(model: str, version: str, served_by: str, arm: str) -> bytes:
-    # model .. arm, then status = Status(code=0): an empty but present message.
+    # model .. arm, then status = google.rpc.Status(code=0): an empty but present message.
     status = wire.varint(_FIELD["status"] << 3 | 2) + b"\x00"
     return (
         wire.string_field(_FIELD["model"], model)
@@ -165,24 +190,94 @@ def response_bytes(request_id: str, r: Ranked) -> pb.RecommendResponse | bytes:
     )
 
 
-def batch_error(request: pb.RecommendRequest, code: int, message: str) -> pb.RecommendResponse:
+class Refusal(Protocol):
+    """What a refusal says (recserve.service.core.Failure has these)."""
+
+    code: int
+    reason: str
+    violations: list[tuple[str, str]]
+    info: dict[str, str]
+    retry_ms: int | None
+
+
+def status(f: Refusal) -> status_pb2.Status:
+    """The google.rpc.Status of a refusal (AIP-193): ErrorInfo with its stable
+    reason, BadRequest with every field violation, RetryInfo with its delay."""
+    details = []
+    info = error_details_pb2.ErrorInfo(reason=f.reason, domain=contract.ERROR_DOMAIN)
+    info.metadata.update(f.info)
+    details.append(info)
+    if f.violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=fld, description=text)
+                    for fld, text in f.violations
+                ]
+            )
+        )
+    if f.retry_ms is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(f.retry_ms)
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    out = status_pb2.Status(code=int(f.code), message=str(f))
+    for d in details:
+        packed = any_pb2.Any()
+        packed.Pack(d)
+        out.details.append(packed)
+    return out
+
+
+def status_trailer(f: Refusal) -> tuple[tuple[str, str | bytes], ...]:
+    """The trailing metadata of a refused call: the google.rpc.Status, and gRPC's
+    retry pushback where the refusal says when to retry."""
+    md: list[tuple[str, str | bytes]] = [(contract.STATUS_DETAILS, status(f).SerializeToString())]
+    if f.retry_ms is not None:
+        md.append((contract.RETRY_PUSHBACK, str(f.retry_ms)))
+    return tuple(md)
+
+
+def batch_error(request: pb.RecommendRequest, f: Refusal) -> pb.RecommendResponse:
     """A RecommendBatch answer for one refused request; the stream carries on."""
     return pb.RecommendResponse(
-        request_id=request.request_id,
-        model=request.model,
-        status=pb.Status(code=code, message=message),
+        request_id=request.request_id, model=request.model, status=status(f)
     )
 
 
 def predictions(p: Prediction) -> pb.PredictRatingsResponse:
-    """PredictRatingsResponse in request order."""
+    """PredictRatingsResponse in request order, naming who predicted."""
     return pb.PredictRatingsResponse(
         predictions=[
             pb.RatingPrediction(item_id=i, rating=r, std=s, lower=lo, upper=hi)
             for i, r, s, lo, hi in zip(p.item_ids, p.rating, p.std, p.lower, p.upper, strict=True)
         ],
         interval=p.interval,
+        model=p.model,
+        version=p.version,
+        served_by=p.served_by,
     )
+
+
+_TOKEN_PREFIX = b"recserve.v1/after:"
+
+
+def page_token(last_name: str) -> str:
+    """The opaque ListModels token of the page after `last_name`."""
+    return base64.urlsafe_b64encode(_TOKEN_PREFIX + last_name.encode()).decode()
+
+
+def page_after(token: str) -> str | None:
+    """The name a page token continues after, or None for a token not ours."""
+    try:
+        raw = base64.urlsafe_b64decode(token.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        return None
+    if not raw.startswith(_TOKEN_PREFIX):
+        return None
+    try:
+        return raw[len(_TOKEN_PREFIX) :].decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def model_info(slot: Slot) -> pb.ModelInfo:

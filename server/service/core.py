@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from recserve import contract
 from recserve.config import ServerConfig
 from recserve.feedback import (
     Event,
@@ -38,6 +39,12 @@ log = logging.getLogger("recserve.service")
 
 CHECK_EVERY = 64  # streamed items between cancellation checks
 FEEDBACK_BATCH = 1000  # events committed together by RecordInteractions
+LIST_PAGE, LIST_PAGE_MAX = 100, 1000  # ListModels page sizes: default, largest
+MAX_EVENT_ID_BYTES = 128
+# The RetryInfo delay of a draining refusal: long enough for the client's next
+# attempt to find another replica (a 0 ms gRPC pushback made grpc-python's retry
+# wait out the whole deadline against a stopping server, measured).
+DRAIN_RETRY_MS = 100
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -58,12 +65,39 @@ class Code(enum.IntEnum):
 
 
 class Failure(Exception):
-    """A call answered with a non-OK status; `field` names the offending field."""
+    """A call answered with a non-OK status and the details the transports put
+    in its google.rpc.Status: `reason` (recserve.contract.REASONS), the offending
+    `field`, every field violation, ErrorInfo metadata, and a retry delay."""
 
-    def __init__(self, code: Code, message: str, field: str = "") -> None:
+    def __init__(
+        self,
+        code: Code,
+        message: str,
+        field: str = "",
+        reason: str = "",
+        violations: Sequence[tuple[str, str]] = (),
+        info: dict[str, str] | None = None,
+        retry_ms: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.field = field
+        self.reason = reason or _REASON_OF_CODE.get(code, "INTERNAL_ERROR")
+        if self.reason not in contract.REASONS:
+            raise ValueError(f"unlisted error reason {self.reason!r}")
+        self.violations = list(violations)
+        self.info = dict(info or {})
+        if field and "field" not in self.info:
+            self.info["field"] = field
+        self.retry_ms = retry_ms
+
+
+_REASON_OF_CODE = {
+    Code.DEADLINE_EXCEEDED: "DEADLINE_PASSED",
+    Code.INVALID_ARGUMENT: "MALFORMED_REQUEST",
+    Code.INTERNAL: "INTERNAL_ERROR",
+    Code.CANCELLED: "INTERNAL_ERROR",  # never sent: the caller went away
+}
 
 
 class Call(Protocol):
@@ -106,7 +140,9 @@ class Session:
         """Raise Failure once the client cancelled or its deadline passed."""
         remaining = self.call.time_remaining()
         if remaining is not None and remaining <= 0:
-            raise Failure(Code.DEADLINE_EXCEEDED, "deadline passed before the answer")
+            raise Failure(
+                Code.DEADLINE_EXCEEDED, "deadline passed before the answer", "", "DEADLINE_PASSED"
+            )
         if self.call.cancelled():
             raise Failure(Code.CANCELLED, "client cancelled")
 
@@ -167,20 +203,30 @@ class Core:
         self.last_call = time.monotonic()
         metadata = call.invocation_metadata if self.cfg.token_for_all else None
         if metadata is not None and (denied := auth.token_error(self.cfg, metadata())):
-            self.metrics.rejected.labels(method, "UNAUTHENTICATED").inc()
-            raise Failure(Code.UNAUTHENTICATED, denied, "authorization")
+            reason, message = denied
+            self.metrics.rejected.labels(method, reason).inc()
+            raise Failure(Code.UNAUTHENTICATED, message, "authorization", reason)
         if self.draining:
-            self.metrics.rejected.labels(method, "UNAVAILABLE").inc()
-            raise Failure(Code.UNAVAILABLE, "server: draining, retry another replica")
+            self.metrics.rejected.labels(method, "DRAINING").inc()
+            raise Failure(
+                Code.UNAVAILABLE,
+                "server: draining, retry another replica",
+                reason="DRAINING",
+                retry_ms=DRAIN_RETRY_MS,
+            )
         with self._active_lock:
             full = self.active >= self.cfg.max_concurrency
             if not full:
                 self.active += 1
         if full:
-            self.metrics.rejected.labels(method, "RESOURCE_EXHAUSTED").inc()
+            self.metrics.rejected.labels(method, "OVERLOADED").inc()
             raise Failure(
-                Code.RESOURCE_EXHAUSTED,
-                f"server: {self.cfg.max_concurrency} requests in flight (max_concurrency); retry",
+                Code.UNAVAILABLE,
+                f"server: {self.cfg.max_concurrency} requests in flight (max_concurrency); "
+                "retry after the RetryInfo delay",
+                reason="OVERLOADED",
+                info={"max_concurrency": str(self.cfg.max_concurrency)},
+                retry_ms=self.cfg.overload_retry_ms,
             )
         if self._count_inflight:
             self.metrics.inflight.inc()
@@ -218,12 +264,22 @@ class Core:
         if isinstance(exc, Failure):
             return exc
         if isinstance(exc, RequestError):
-            return Failure(Code[exc.status], str(exc), exc.field)
+            return _failure_of(exc)
         if isinstance(exc, FeedbackUnavailable):
             log.warning("%s: %s", method, exc)
-            return Failure(Code.UNAVAILABLE, f"{exc}; nothing more was stored, retry", "feedback")
+            return Failure(
+                Code.UNAVAILABLE,
+                f"{exc}; nothing more was stored, retry",
+                "feedback",
+                "FEEDBACK_UNAVAILABLE",
+                retry_ms=1000,
+            )
         log.exception("%s failed", method, exc_info=exc)
-        return Failure(Code.INTERNAL, f"server: internal error ({type(exc).__name__}), logged")
+        return Failure(
+            Code.INTERNAL,
+            f"server: internal error ({type(exc).__name__}), logged",
+            reason="INTERNAL_ERROR",
+        )
 
     def shared_sync(self) -> None:
         """With several workers, pick up events other workers recorded: a read of
@@ -270,18 +326,31 @@ class Core:
         r = self._ranking(s, request)
         return _metadata(r), self._items(s, r)
 
+    def _similar(self, s: Session, request: pb.SimilarItemsRequest) -> Ranked:
+        _refuse_undecodable(request)
+        k = int(request.k) or contract.DEFAULT_K
+        r = self.router.similar(request.item_id, k, request.model, s.check, request.version)
+        s.check()
+        return r
+
     def similar(
         self, s: Session, request: pb.SimilarItemsRequest
     ) -> tuple[Metadata, Iterator[pb.RankedItem]]:
         """SimilarItems: the k items most like one item, streamed."""
-        _refuse_undecodable(request)
-        r = self.router.similar(request.item_id, int(request.k), request.model, s.check)
-        s.check()
+        r = self._similar(s, request)
         return _metadata(r), self._items(s, r)
+
+    def similar_unary(
+        self, s: Session, request: pb.SimilarItemsRequest
+    ) -> tuple[pb.SimilarItemsResponse, Metadata]:
+        """GetSimilarItems: the same ranking in one message."""
+        r = self._similar(s, request)
+        s.ranked = r
+        return convert.similar_response(r), _metadata(r)
 
     def _items(self, s: Session, r: Ranked) -> Iterator[pb.RankedItem]:
         self.observe(s.method, r)
-        for item in convert.ranked_items(r):
+        for item in convert.ranked_items(r, first=True):
             if s.sent % CHECK_EVERY == 0:
                 if s.sent == 0:
                     elapsed = time.perf_counter() - s.t0
@@ -295,13 +364,13 @@ class Core:
         its status in the message and the stream carries on."""
         s.check()
         if isinstance(request, convert.Undecodable):
-            code = Code.INVALID_ARGUMENT
-            return convert.batch_error(pb.RecommendRequest(), code, request.message)
+            f = Failure(Code.INVALID_ARGUMENT, request.message, "request", "MALFORMED_REQUEST")
+            return convert.batch_error(pb.RecommendRequest(), f)
         self.shared_sync()
         try:
             r = self.router.recommend(convert.rec_query(request), s.check)
         except RequestError as err:
-            return convert.batch_error(request, Code[err.status], str(err))
+            return convert.batch_error(request, _failure_of(err))
         self.observe(s.method, r)
         self.metrics.items.labels(s.method).inc(len(r))
         return convert.response_bytes(request.request_id, r)
@@ -315,7 +384,8 @@ class Core:
             [(h.item_id, float(h.value)) for h in request.history],
             list(request.item_ids),
             request.model,
-            float(request.interval),
+            float(request.interval) if request.HasField("interval") else None,
+            request.version,
         )
         s.check()
         self.metrics.requests.labels(s.method, p.model, p.served_by or p.model, "").inc()
@@ -342,8 +412,8 @@ class Core:
         """Raise Failure unless the caller may use Admin (token, or loopback without one)."""
         denied = auth.admin_error(self.cfg, call.invocation_metadata(), call.peer())
         if denied is not None:
-            code, message = denied
-            raise Failure(Code[code], message, "authorization")
+            code, reason, message = denied
+            raise Failure(Code[code], message, "authorization", reason)
 
     def _infos(self) -> list[pb.ModelInfo]:
         router, cfg = self.router, self.cfg
@@ -358,9 +428,36 @@ class Core:
         ]
         return sorted(out, key=lambda i: i.name)
 
-    def list_models(self, request: Any = None) -> pb.ListModelsResponse:
-        """ListModels: every model, hybrid and experiment with its state."""
-        return pb.ListModelsResponse(models=self._infos())
+    def list_models(self, request: pb.ListModelsRequest | None = None) -> pb.ListModelsResponse:
+        """ListModels: a page of models, hybrids and experiments with their state,
+        by name. The page token is the last name of the previous page, so a
+        model added or removed between pages neither repeats nor shifts one."""
+        request = request if request is not None else pb.ListModelsRequest()
+        _refuse_undecodable(request)
+        size = int(request.page_size) or LIST_PAGE
+        if not 1 <= size <= LIST_PAGE_MAX:
+            raise Failure(
+                Code.INVALID_ARGUMENT,
+                f"page_size: must be in [0, {LIST_PAGE_MAX}], got {request.page_size}",
+                "page_size",
+                "PAGE_SIZE_OUT_OF_RANGE",
+                [("page_size", f"must be in [0, {LIST_PAGE_MAX}]")],
+            )
+        infos = self._infos()
+        if request.page_token:
+            after = convert.page_after(request.page_token)
+            if after is None:
+                raise Failure(
+                    Code.INVALID_ARGUMENT,
+                    "page_token: not a token this server issued",
+                    "page_token",
+                    "INVALID_PAGE_TOKEN",
+                    [("page_token", "not a token this server issued")],
+                )
+            infos = [i for i in infos if i.name > after]
+        page = infos[:size]
+        token = convert.page_token(page[-1].name) if len(infos) > size else ""
+        return pb.ListModelsResponse(models=page, next_page_token=token)
 
     def get_model(self, request: pb.GetModelRequest) -> pb.ModelInfo:
         """GetModel: one model by name, or NOT_FOUND naming the known ones."""
@@ -370,7 +467,11 @@ class Core:
                 return info
         known = ", ".join(self.router.names())
         raise Failure(
-            Code.NOT_FOUND, f"name: unknown model {request.name!r} (available: {known})", "name"
+            Code.NOT_FOUND,
+            f"name: unknown model {request.name!r} (available: {known})",
+            "name",
+            "UNKNOWN_MODEL",
+            info={"model": request.name},
         )
 
     def reload(self, request: Any = None) -> pb.ReloadModelsResponse:
@@ -388,11 +489,12 @@ class Recorder:
     """Validates, batches and stores the events of one RecordInteractions stream.
 
     Events are committed FEEDBACK_BATCH at a time; a commit is durable before
-    it counts as accepted, and the online state sees it at once."""
+    it counts as accepted, and the online state sees it at once. An event whose
+    (user, event_id) the store already holds counts as a duplicate, not again."""
 
     def __init__(self, core: Core) -> None:
         self.core = core
-        self.accepted = self.rejected = 0
+        self.accepted = self.rejected = self.duplicates = 0
         self._batch: list[Event] = []
 
     def add(self, ev: Any) -> list[Event] | None:
@@ -415,15 +517,21 @@ class Recorder:
     def store(self, events: Sequence[Event]) -> None:
         """Commit events (blocking: an fsync) and apply them to the online state."""
         if events:
-            self.accepted += self.core.store.append(events)  # committed before it counts
-            self.core.online.sync(self.core.store)
+            new = self.core.store.append(events)  # committed before it counts
+            self.accepted += new
+            self.duplicates += len(events) - new
+            if new:
+                self.core.online.sync(self.core.store)
 
     def summary(self) -> pb.RecordSummary:
         """The stream's answer; also counts the events in the metrics."""
         m = self.core.metrics
         m.feedback_events.labels("accepted").inc(self.accepted)
         m.feedback_events.labels("rejected").inc(self.rejected)
-        return pb.RecordSummary(accepted=self.accepted, rejected=self.rejected)
+        m.feedback_events.labels("duplicate").inc(self.duplicates)
+        return pb.RecordSummary(
+            accepted=self.accepted, rejected=self.rejected, duplicates=self.duplicates
+        )
 
 
 def _metadata(r: Ranked) -> Metadata:
@@ -432,13 +540,23 @@ def _metadata(r: Ranked) -> Metadata:
 
 def _refuse_undecodable(request: Any) -> None:
     if isinstance(request, convert.Undecodable):
-        raise Failure(Code.INVALID_ARGUMENT, request.message, "request")
+        raise Failure(Code.INVALID_ARGUMENT, request.message, "request", "MALFORMED_REQUEST")
+
+
+def _failure_of(err: RequestError) -> Failure:
+    """The Failure answering a serving refusal, with its reason and violations."""
+    return Failure(Code[err.status], str(err), err.field, err.reason, err.violations, err.info)
 
 
 def _event(ev: pb.Interaction) -> Event | None:
-    """A valid feedback event, or None (counted as rejected)."""
-    if not ev.user_id or not ev.item_id or not np.isfinite(ev.value):
+    """A valid feedback event, or None (counted as rejected). An omitted value is
+    1 and an omitted timestamp now; explicit zeros are kept."""
+    value = float(ev.value) if ev.HasField("value") else 1.0
+    if not ev.user_id or not ev.item_id or not np.isfinite(value):
         return None
     if max(len(ev.user_id.encode()), len(ev.item_id.encode())) > MAX_ID_BYTES:
         return None
-    return Event(ev.user_id, ev.item_id, float(ev.value) or 1.0, int(ev.timestamp) or now())
+    if len(ev.event_id.encode()) > MAX_EVENT_ID_BYTES:
+        return None
+    ts = int(ev.timestamp) if ev.HasField("timestamp") else now()
+    return Event(ev.user_id, ev.item_id, value, ts, event_id=ev.event_id)

@@ -105,6 +105,10 @@ class Recommender(pb_grpc.RecommenderServicer):
         except Failure as f:
             await _abort(context, f)
 
+    async def GetSimilarItems(self, request, context):
+        out = self._unary("GetSimilarItems", request, context, self.core.similar_unary)
+        return out if type(out) is not Failure else await _abort(context, out)
+
     async def PredictRatings(self, request, context):
         out = self._unary("PredictRatings", request, context, self.core.predict)
         return out if type(out) is not Failure else await _abort(context, out)

@@ -30,20 +30,39 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 STATUS = {code: getattr(grpc.StatusCode, code.name) for code in Code}
 
 
-def status(f: Failure) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and details of a Failure."""
-    return STATUS[f.code], str(f)
+def status(f: Failure) -> tuple[grpc.StatusCode, str, tuple[tuple[str, Any], ...]]:
+    """The gRPC status, details and trailing metadata (the google.rpc.Status,
+    and the retry pushback) of a Failure."""
+    return STATUS[f.code], str(f), convert.status_trailer(f)
+
+
+# The shipped client config pings every 30 s on idle connections
+# (recserve/clients/service_config.json); the server must allow that, or it
+# answers the pings with GOAWAY "too_many_pings".
+CLIENT_PING_MS = 30_000
 
 
 def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     """Channel options of both server kinds."""
-    return [
+    options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         # Several worker processes share the port; one process must fail to
         # bind a taken port instead of silently sharing it.
         ("grpc.so_reuseport", 1 if cfg.workers > 1 else 0),
+        # Keepalive: accept the clients' pings (one per CLIENT_PING_MS, also idle).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_MS // 3),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
+    if cfg.max_connection_age_s > 0:
+        # A connection is closed (GOAWAY, calls in flight finish within the grace)
+        # after its age, so clients reconnect and spread onto replicas added since.
+        options += [
+            ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000)),
+        ]
+    return options
 
 
 def credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:

@@ -52,7 +52,9 @@ def _abort(context: grpc.ServicerContext, f: Failure) -> bytes:
     """Answer the Failure's status (raises), or, for a caller that went away,
     nothing: an empty message nobody reads."""
     if f.code is not Code.CANCELLED:
-        context.abort(*grpc_common.status(f))
+        code, details, trailer = grpc_common.status(f)
+        context.set_trailing_metadata(trailer)
+        context.abort(code, details)
     return b""
 
 
@@ -89,6 +91,9 @@ class Recommender(pb_grpc.RecommenderServicer):
 
     def SimilarItems(self, request, context):
         return self._stream("SimilarItems", request, context, self.core.similar)
+
+    def GetSimilarItems(self, request, context):
+        return self._unary("GetSimilarItems", request, context, self.core.similar_unary)
 
     def RecommendBatch(self, request_iterator, context):
         try:

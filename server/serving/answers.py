@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recserve.contract import REASONS
 from recserve.data import IdMap
 
 MAX_ID_BYTES = 1024  # longest user / item / model id, in UTF-8 bytes
@@ -25,24 +26,53 @@ def nothing() -> None:
 
 
 class RequestError(Exception):
-    """A request the service refuses; `status` names a gRPC status code."""
+    """A request the service refuses: `status` names a gRPC status code, `reason`
+    one of recserve.contract.REASONS, `field` the offending field. `violations`
+    holds (field, description) for every invalid field when there are several;
+    `info` adds ErrorInfo metadata (e.g. the version a model serves)."""
 
-    def __init__(self, status: str, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+    def __init__(
+        self,
+        status: str,
+        field: str,
+        message: str,
+        reason: str = "",
+        violations: Sequence[tuple[str, str]] = (),
+        info: dict[str, str] | None = None,
+    ) -> None:
+        if violations and not field:
+            field, message = violations[0]
+        super().__init__(
+            "; ".join(f"{f}: {m}" for f, m in violations) if violations else f"{field}: {message}"
+        )
         self.status = status
         self.field = field
         self.description = message
+        self.reason = reason or _DEFAULT_REASON[status]
+        if self.reason not in REASONS:
+            raise ValueError(f"unlisted error reason {self.reason!r}")
+        self.violations = list(violations) or (
+            [(field, message)] if status == "INVALID_ARGUMENT" and field else []
+        )
+        self.info = info or {}
 
 
-def invalid(field: str, message: str) -> RequestError:
-    """An INVALID_ARGUMENT refusal naming `field`."""
-    return RequestError("INVALID_ARGUMENT", field, message)
+_DEFAULT_REASON = {
+    "INVALID_ARGUMENT": "MALFORMED_REQUEST",
+    "NOT_FOUND": "UNKNOWN_MODEL",
+    "UNAVAILABLE": "MODEL_NOT_LOADED",
+}
+
+
+def invalid(field: str, message: str, reason: str = "FIELD_EMPTY") -> RequestError:
+    """An INVALID_ARGUMENT refusal naming `field` and its reason."""
+    return RequestError("INVALID_ARGUMENT", field, message, reason)
 
 
 def check_id(field: str, value: str) -> None:
     """Refuse an id longer than MAX_ID_BYTES (ids are stored and hashed as bytes)."""
     if len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
-        raise invalid(field, f"longer than {MAX_ID_BYTES} bytes")
+        raise invalid(field, f"longer than {MAX_ID_BYTES} bytes", "ID_TOO_LONG")
 
 
 @dataclass
@@ -57,6 +87,7 @@ class RecQuery:
     candidates: Sequence[str] = ()
     include_seen: bool = False
     explain: bool = False
+    version: str = ""  # pin: the answer must come from exactly this version
 
 
 class Ranked:

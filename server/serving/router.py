@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,6 +32,7 @@ from recserve.feedback import OnlineState
 from recserve.models import Recommender, bundle
 from recserve.models.registry import MODELS
 from recserve.serving.answers import (
+    MAX_ID_BYTES,
     Check,
     Prediction,
     Ranked,
@@ -137,7 +139,11 @@ class Router:
         if name in self.cfg.hybrids or self.catalog.get(name) is not None:
             return name, name, ""
         raise RequestError(
-            "NOT_FOUND", "model", f"unknown model {name!r} (available: {', '.join(self.names())})"
+            "NOT_FOUND",
+            "model",
+            f"unknown model {name!r} (available: {', '.join(self.names())})",
+            "UNKNOWN_MODEL",
+            info={"model": name},
         )
 
     def _chain(self, start: str) -> Iterable[tuple[str, Slot | Hybrid]]:
@@ -155,25 +161,40 @@ class Router:
     # -- Recommend ---------------------------------------------------------------------
 
     def validate(self, q: RecQuery) -> None:
-        """Refuse malformed requests before any work, naming the field."""
+        """Refuse malformed requests before any work, naming every invalid field
+        (the first reason found is the error's reason)."""
+        bad: list[tuple[str, str, str]] = []  # (field, description, reason)
         if not 1 <= q.k <= self.cfg.max_k:
-            raise invalid("k", f"must be in [1, {self.cfg.max_k}], got {q.k}")
-        check_id("user_id", q.user_id)
+            bad.append(("k", f"must be in [1, {self.cfg.max_k}], got {q.k}", "K_OUT_OF_RANGE"))
+        if len(q.user_id) * 4 > MAX_ID_BYTES or q.version:
+            for fname, value in (("user_id", q.user_id), ("version", q.version)):
+                try:
+                    check_id(fname, value)
+                except RequestError as err:
+                    bad.append((fname, err.description, err.reason))
         if not q.user_id and not q.history:
-            raise invalid("user_id", "give a user_id or a history")
+            bad.append(("user_id", "give a user_id or a history", "USER_OR_HISTORY_REQUIRED"))
         if len(q.history) > self.cfg.max_history:
-            raise invalid(
-                "history", f"{len(q.history)} events; at most {self.cfg.max_history} allowed"
-            )
-        for i, (item, value) in enumerate(q.history):
-            if not item:
-                raise invalid(f"history[{i}].item_id", "empty")
-            check_id(f"history[{i}].item_id", item)
-            if not np.isfinite(value):
-                raise invalid(f"history[{i}].value", f"must be finite, got {value}")
+            n, most = len(q.history), self.cfg.max_history
+            bad.append(("history", f"{n} events; at most {most} allowed", "HISTORY_TOO_LONG"))
+        else:
+            for i, (item, value) in enumerate(q.history):
+                if not item:
+                    bad.append((f"history[{i}].item_id", "empty", "FIELD_EMPTY"))
+                elif len(item) * 4 > MAX_ID_BYTES:
+                    try:
+                        check_id(f"history[{i}].item_id", item)
+                    except RequestError as err:
+                        bad.append((err.field, err.description, err.reason))
+                if not np.isfinite(value):
+                    what = f"must be finite, got {value}"
+                    bad.append((f"history[{i}].value", what, "VALUE_NOT_FINITE"))
         for fname, ids in (("exclude_item_ids", q.exclude), ("candidate_item_ids", q.candidates)):
             if len(ids) > self.cfg.max_ids:
-                raise invalid(fname, f"{len(ids)} ids; at most {self.cfg.max_ids} allowed")
+                what = f"{len(ids)} ids; at most {self.cfg.max_ids} allowed"
+                bad.append((fname, what, "TOO_MANY_IDS"))
+        if bad:
+            raise RequestError("INVALID_ARGUMENT", "", "", bad[0][2], [(f, d) for f, d, _ in bad])
 
     def recommend(self, q: RecQuery, check: Check = nothing) -> Ranked:
         """Top-k for one request: validated, routed, folded in, explained.
@@ -201,11 +222,14 @@ class Router:
             if out is not None:
                 out.model, out.arm, out.start, out.stages = asked, arm, start, stages
                 out.served_by = "" if name == start else name
-                return out
+                return _pinned(out, q.version)
         slot = next((s for s in self.catalog.slots() if s.state == SERVING), None)
         if slot is None:
             raise RequestError(
-                "UNAVAILABLE", "model", f"{start!r} and its fallbacks are not loaded yet"
+                "UNAVAILABLE",
+                "model",
+                f"{start!r} and its fallbacks are not loaded yet",
+                "MODEL_NOT_LOADED",
             )
         if any_ready:
             log.debug("%s: no model of the chain serves this user; builtin popularity", start)
@@ -214,7 +238,7 @@ class Router:
         stages["retrieve"] += time.perf_counter() - t
         out.model, out.arm, out.start, out.stages = asked, arm, start, stages
         out.served_by = f"{BUILTIN}:{slot.name}"
-        return out
+        return _pinned(out, q.version)
 
     def _plain(
         self, q: RecQuery, t: float, stages: dict[str, float], check: Check
@@ -231,7 +255,7 @@ class Router:
         if name in self.cfg.experiments or name in self.cfg.hybrids:
             return None
         slot = self.catalog.get(name)
-        if slot is None or slot.state != SERVING:
+        if slot is None or slot.state != SERVING or (q.version and q.version != slot.version):
             return None
         m = slot.model
         assert m is not None and m.users is not None
@@ -272,8 +296,9 @@ class Router:
                     "history",
                     f"{unknown} of {len(ids)} item ids are unknown to model {name!r} "
                     f"(tolerance {self.cfg.unknown_item_tolerance:.0%}), e.g. {first!r}",
+                    "UNKNOWN_HISTORY_ITEMS",
                 )
-            vals = np.array([v if v != 0 else 1.0 for _, v in q.history], np.float32)
+            vals = np.array([v for _, v in q.history], np.float32)
             keep = idx >= 0
             idx_r = np.concatenate([idx_r, idx[keep]])
             val_r = np.concatenate([val_r, vals[keep]])
@@ -433,14 +458,17 @@ class Router:
 
     # -- SimilarItems ----------------------------------------------------------------
 
-    def similar(self, item_id: str, k: int, model: str = "", check: Check = nothing) -> Ranked:
+    def similar(
+        self, item_id: str, k: int, model: str = "", check: Check = nothing, version: str = ""
+    ) -> Ranked:
         """The k items most similar to one item, from the first model of the chain
         that is loaded, knows the item and has an item similarity."""
         if not 1 <= k <= self.cfg.max_k:
-            raise invalid("k", f"must be in [1, {self.cfg.max_k}], got {k}")
+            raise invalid("k", f"must be in [1, {self.cfg.max_k}], got {k}", "K_OUT_OF_RANGE")
         if not item_id:
             raise invalid("item_id", "empty")
         check_id("item_id", item_id)
+        check_id("version", version)
         asked, start, arm = self._target(model, item_id)
         any_ready = False
         for name, entry in self._chain(start):
@@ -453,13 +481,19 @@ class Router:
             if out is not None:
                 out.model, out.arm = asked, arm
                 out.served_by = "" if name == start else name
-                return out
+                return _pinned(out, version)
         if not any_ready:
             raise RequestError(
-                "UNAVAILABLE", "model", f"{start!r} and its fallbacks are not loaded yet"
+                "UNAVAILABLE",
+                "model",
+                f"{start!r} and its fallbacks are not loaded yet",
+                "MODEL_NOT_LOADED",
             )
         raise RequestError(
-            "NOT_FOUND", "item_id", f"unknown item {item_id!r} for model {start!r} and fallbacks"
+            "NOT_FOUND",
+            "item_id",
+            f"unknown item {item_id!r} for model {start!r} and fallbacks",
+            "UNKNOWN_ITEM",
         )
 
     def _similar_one(self, slot: Slot, item_id: str, k: int) -> Ranked | None:
@@ -499,22 +533,27 @@ class Router:
         history: Sequence[tuple[str, float]],
         item_ids: Sequence[str],
         model: str = "",
-        interval: float = 0.0,
+        interval: float | None = None,
+        version: str = "",
     ) -> Prediction:
         """Predicted ratings (mean, std, central interval) from a rating model."""
-        level = interval or 0.95
+        level = 0.95 if interval is None else interval
         if not 0 < level < 1:
-            raise invalid("interval", f"must be in (0, 1), got {interval}")
+            raise invalid("interval", f"must be in (0, 1), got {interval}", "INTERVAL_OUT_OF_RANGE")
         if not item_ids:
             raise invalid("item_ids", "give at least one item")
         if len(item_ids) > self.cfg.max_ids:
-            raise invalid("item_ids", f"{len(item_ids)} ids; at most {self.cfg.max_ids} allowed")
+            most = self.cfg.max_ids
+            raise invalid(
+                "item_ids", f"{len(item_ids)} ids; at most {most} allowed", "TOO_MANY_IDS"
+            )
+        check_id("version", version)
         q = RecQuery(user_id=user_id, history=history, k=1, model=model)
         if user_id or history:
             self.validate(q)
         asked, start, _ = self._target(model, user_id)
         if model and not self._predicts(start):
-            raise invalid("model", f"{start!r} does not predict ratings")
+            raise invalid("model", f"{start!r} does not predict ratings", "NOT_A_RATING_MODEL")
         rating_models = [n for n in self.cfg.chain(start) if self._predicts(n)]
         if not model:  # the default model may rank only: any rating model will do
             rating_models += [s.name for s in self.catalog.slots() if self._predicts(s.name)]
@@ -525,9 +564,12 @@ class Router:
             out = self._predict_one(slot, q, list(item_ids), level)
             out.model = asked
             out.served_by = "" if name == start else name
-            return out
+            return _pinned(out, version)
         raise RequestError(
-            "UNAVAILABLE", "model", f"no rating model of {start!r}'s chain is loaded"
+            "UNAVAILABLE",
+            "model",
+            f"no rating model of {start!r}'s chain is loaded",
+            "MODEL_NOT_LOADED",
         )
 
     def _predicts(self, name: str) -> bool:
@@ -551,7 +593,8 @@ class Router:
         idx = m.items.index(item_ids)
         if (idx < 0).any():
             bad = item_ids[int(np.flatnonzero(idx < 0)[0])]
-            raise RequestError("NOT_FOUND", "item_ids", f"unknown item {bad!r} for {slot.name!r}")
+            what = f"unknown item {bad!r} for {slot.name!r}"
+            raise RequestError("NOT_FOUND", "item_ids", what, "UNKNOWN_ITEM", info={"item_id": bad})
         extra_idx, extra_val = self._history(m, q, slot.name)
         user = m.users.get(q.user_id) if q.user_id else -1
         if user >= 0 and extra_idx.size == 0:
@@ -588,3 +631,21 @@ class Router:
             ):
                 return True
         return False
+
+
+_A = TypeVar("_A", Ranked, Prediction)
+
+
+def _pinned(out: _A, version: str) -> _A:
+    """The answer, unless the request pinned another version than the one that
+    produced it (NOT_FOUND, reason VERSION_NOT_SERVED)."""
+    if not version or out.version == version:
+        return out
+    who = f"{out.model!r}" + (f" (answered by {out.served_by!r})" if out.served_by else "")
+    raise RequestError(
+        "NOT_FOUND",
+        "version",
+        f"{who} serves version {out.version!r}, not the pinned {version!r}",
+        "VERSION_NOT_SERVED",
+        info={"model": out.model, "served_version": out.version},
+    )
