@@ -186,3 +186,40 @@ def _health(target: str, service: str) -> str:
         return check(target, service, 1.0)
     except grpc.RpcError:
         return "UNREACHABLE"
+
+
+def test_event_ids_are_stored_once_across_replicas_and_restarts(models, redis_server):
+    """A retried stream with event ids stores each event once, whichever replica
+    it reaches, and after Redis itself restarts (the markers are in its AOF)."""
+    from recserve.clients.client import Event
+    from recserve.feedback import RedisFeedbackStore
+
+    evs = [Event("1", event_id="r-1"), Event("2", event_id="r-2"), Event("3")]
+    a, ta = replica(models, redis_server)
+    b, tb = replica(models, redis_server)
+    try:
+        with RecommenderClient(ta) as ra, RecommenderClient(tb) as rb:
+            assert ra.record("dedup-u", evs[:2]) == (2, 0, 0)
+            assert rb.record("dedup-u", evs) == (1, 0, 2)  # the retry, through B
+    finally:
+        assert a.stop() == 0 and b.stop() == 0
+    redis_server.stop()
+    redis_server.start()
+    store = RedisFeedbackStore(redis_server.url)
+    try:
+        from recserve.feedback import Event as Stored
+
+        again = [
+            Stored("dedup-u", "1", 1.0, 1, event_id="r-1"),
+            Stored("dedup-v", "1", 1.0, 1, event_id="r-1"),
+        ]
+        assert store.append(again) == 1  # r-1 of another user is another event
+        stored = [e for e in store.replay("0-0") if e.user_id.startswith("dedup-")]
+        assert sorted((e.user_id, e.event_id) for e in stored) == [
+            ("dedup-u", ""),
+            ("dedup-u", "r-1"),
+            ("dedup-u", "r-2"),
+            ("dedup-v", "r-1"),
+        ]
+    finally:
+        store.close()
