@@ -212,6 +212,7 @@ if __name__ == "__main__":
             "threadpoolctl>=3.2",
             "tqdm>=4.66",
             "redis>=5",  # the client of the shared feedback store (feedback = redis://...)
+            "optuna>=3.6",  # recserve tune, and the hybrid weights quickstart learns
         ],
         extras_require={
             "dev": [

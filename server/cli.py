@@ -30,6 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 from recserve import __version__
+from recserve.config import LEARNED_HYBRIDS
 from recserve.data import FORMATS, DataError, generate, write_csv
 from recserve.evaluation import PROTOCOLS, evaluate
 from recserve.models import algorithms, bundle, create, load, parse_params
@@ -103,23 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="several algorithms, or one with other parameters, on one split and in one table, "
         "e.g. als,als:factors=128:alpha=4,itemknn (instead of --algo)",
     )
-    ev.add_argument("--protocol", choices=PROTOCOLS, default="random")
     ev.add_argument("--k", type=_ks, default=[10, 20, 50], help="cut-offs, e.g. 10,20,50")
-    ev.add_argument(
-        "--fraction",
-        type=float,
-        default=0.2,
-        help="held-out fraction (random: of each user's events; users: of users)",
-    )
-    ev.add_argument("--leave-last", type=int, default=1, help="temporal: events held out per user")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="held-out events count as relevant only if value >= this",
-    )
+    _split_args(ev)
     ev.add_argument("--out", default=None, help="also write the full results as JSON to this file")
+
+    tn = sub.add_parser(
+        "tune",
+        help="search hyper-parameters (Optuna TPE) and publish the best model, "
+        "or fit a hybrid's blend weights",
+    )
+    _data_args(tn)
+    what = tn.add_mutually_exclusive_group(required=True)
+    what.add_argument("--algo", help="algorithm(s) to search, comma-separated: the best wins")
+    what.add_argument(
+        "--hybrid",
+        metavar="MODEL,MODEL,...",
+        help="fit blend weights of these published models (or algorithms) instead",
+    )
+    tn.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="fix a parameter"
+    )
+    tn.add_argument("--trials", type=int, default=30, help="trials per algorithm (default 30)")
+    tn.add_argument("--minutes", type=float, default=None, help="stop searching after this long")
+    tn.add_argument(
+        "--metric", default="ndcg@20", help="recall@K, ndcg@K, map@K, mrr, rmse, ... (ndcg@20)"
+    )
+    _split_args(tn)
+    tn.add_argument("--name", required=True, help="model (or hybrid) name in the models folder")
+    tn.add_argument("--models", required=True, help="models folder")
+    tn.add_argument("--threads", type=int, default=0, help="kernel threads (0 = all cores)")
 
     models = sub.add_parser("models", help="model bundles").add_subparsers(
         dest="action", required=True
@@ -203,6 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return ap
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    """The split and relevance flags evaluate and tune share (tune validates on a
+    split of evaluate's training part, so the two never overlap)."""
+    p.add_argument("--protocol", choices=PROTOCOLS, default="random")
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=0.2,
+        help="held-out fraction (random: of each user's events; users: of users)",
+    )
+    p.add_argument("--leave-last", type=int, default=1, help="temporal: events held out per user")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="held-out events count as relevant only if value >= this",
+    )
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -394,6 +427,37 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out} if args.out else None
 
 
+def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
+    from recserve import tuning
+
+    ds = load_dataset(args.data, args.format, args.columns)
+    common = {
+        "name": args.name,
+        "models_dir": args.models,
+        "trials": args.trials,
+        "metric": args.metric,
+        "protocol": args.protocol,
+        "fraction": args.fraction,
+        "seed": args.seed,
+        "leave_last": args.leave_last,
+        "threads": args.threads,
+    }
+    if args.hybrid:
+        if args.param or args.minutes is not None or args.threshold is not None:
+            raise ValueError("hybrid: --param, --minutes and --threshold apply to --algo only")
+        parts = [c.strip() for c in args.hybrid.split(",") if c.strip()]
+        return tuning.tune_hybrid(ds, parts, **common)
+    algos = [a.strip() for a in args.algo.split(",") if a.strip()]
+    return tuning.tune(
+        ds,
+        algos,
+        minutes=args.minutes,
+        threshold=args.threshold,
+        fixed=parse_params(args.param),
+        **common,
+    )
+
+
 def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
     entries = bundle.list_bundles(args.models)
     if args.name:
@@ -455,6 +519,7 @@ DEFAULT_MODELS = [
     ("content", "content", ["k=100"]),
     ("als", "als", ["factors=64", "iterations=15", "alpha=2"]),
 ]
+DEFAULT_HYBRID = ("als", "itemknn", "content")  # blended by the default model, "hybrid"
 
 
 # The serving config quickstart writes next to the models: a hybrid as the default
@@ -470,10 +535,9 @@ state_dir = "{state}"
 [fallbacks]
 hybrid = ["als", "itemknn"]
 
-[hybrids.hybrid]
-als = 0.5
-itemknn = 0.3
-content = 0.2
+# The hybrid "hybrid" blends als, itemknn and content with weights learned on a
+# validation split (`recserve tune --hybrid`, written to {models}/hybrids.json).
+# A [hybrids.hybrid] table here would replace them, e.g. als = 0.5, itemknn = 0.3.
 
 [experiments.homepage]
 arms = {{ hybrid = 0.5, als = 0.5 }}
@@ -506,6 +570,15 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
             k=[10, 20],
         )
         trained.append(cmd_train(ns))
+    hybrid = None
+    if not (models / LEARNED_HYBRIDS).is_file():
+        from recserve import tuning
+
+        ds = load_dataset(str(data), "csv")
+        hybrid = tuning.tune_hybrid(
+            ds, list(DEFAULT_HYBRID), name="hybrid", models_dir=models, trials=30, seed=0
+        )
+        log.info("hybrid weights learned: %s", hybrid["weights"])
     config = work / "recserve.toml"
     if not config.is_file():
         config.write_text(
@@ -518,6 +591,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         "models": str(models),
         "config": str(config),
         "trained": trained,
+        "hybrid": hybrid,
         "available": [e["name"] for e in bundle.list_bundles(models)],
     }
 
@@ -620,6 +694,7 @@ COMMANDS = {
     "data": cmd_data,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
+    "tune": cmd_tune,
     "models": cmd_models,
     "recommend": cmd_recommend,
     "quickstart": cmd_quickstart,
@@ -642,6 +717,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, bundle.BundleError, ValueError, OSError) as exc:
         print(f"recserve: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (tune keeps the first); nothing half-written
+        print("recserve: interrupted", file=sys.stderr)
+        return 130
     if result is not None:
         _emit(result)
     return 0

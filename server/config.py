@@ -39,6 +39,8 @@ and RECSERVE_TEST_*, which are not settings), a malformed value of any type
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import re
@@ -47,6 +49,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # A model name: one path component of the models folder, and a metric label value.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -345,8 +349,41 @@ def load_config(
         if value is not None:
             values[key] = _coerce(key, value)
     cfg = replace(ServerConfig(), **values, **_tables(doc))
+    cfg = with_learned_hybrids(cfg)
     _check_consistency(cfg)
     return cfg
+
+
+LEARNED_HYBRIDS = "hybrids.json"  # written by `recserve tune --hybrid` into the models folder
+
+
+def with_learned_hybrids(cfg: ServerConfig) -> ServerConfig:
+    """The config plus the hybrids `recserve tune --hybrid` learned into the models
+    folder (`hybrids.json`). A hybrid the config itself defines keeps the
+    config's weights: what an operator wrote wins over what was learned."""
+    path = Path(cfg.models) / LEARNED_HYBRIDS
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return cfg
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable learned hybrids ({exc})") from None
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{path}: expected {{name: {{weights: {{...}}}}}}")
+    learned = {}
+    for name, entry in doc.items():
+        if name in cfg.hybrids:
+            log.info("hybrid %s: the config's weights, not the learned ones in %s", name, path)
+            continue
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{path}: {name}: expected a table with weights")
+        _model_name(str(path), name)
+        learned[name] = Hybrid(
+            name, _weights(f"{path}: {name}.weights", entry.get("weights"), "weight")
+        )
+    if not learned:
+        return cfg
+    return replace(cfg, hybrids={**learned, **cfg.hybrids})
 
 
 def _check_consistency(cfg: ServerConfig) -> None:

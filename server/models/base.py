@@ -12,7 +12,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -32,7 +32,9 @@ SCORE_CHUNK = 1024  # users scored densely at once; bounds memory to chunk x ite
 
 @dataclass(frozen=True)
 class Param:
-    """One hyper-parameter: type, default, help, optional bounds or choices."""
+    """One hyper-parameter: type, default, help, optional bounds or choices, and
+    what `recserve tune` searches: `search` a (low, high) range (on a log scale
+    with `log`) or `search_choices` a set of values; neither = not tuned."""
 
     type: type
     default: Any
@@ -40,6 +42,31 @@ class Param:
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] | None = None
+    search: tuple[float, float] | None = None
+    log: bool = False
+    search_choices: tuple[Any, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.search is not None:
+            lo, hi = self.search
+            if not lo < hi or (self.log and lo <= 0):
+                raise ValueError(
+                    f"search range {self.search} (log={self.log}) is empty or not positive"
+                )
+            for bound in (lo, hi):
+                if (self.min is not None and bound < self.min) or (
+                    self.max is not None and bound > self.max
+                ):
+                    raise ValueError(f"search range {self.search} leaves [{self.min}, {self.max}]")
+
+    @property
+    def tuned(self) -> bool:
+        """Whether `recserve tune` searches this parameter."""
+        return self.search is not None or self.search_choices is not None
+
+    def searched(self, **changes: Any) -> Param:
+        """This parameter with a search declaration (shared Params stay as they are)."""
+        return replace(self, **changes)
 
     def parse(self, name: str, value: Any) -> Any:
         """Convert and check a value (strings come from --param key=value)."""
@@ -74,6 +101,9 @@ class Recommender(ABC):
 
     algorithm: ClassVar[str] = ""
     params_spec: ClassVar[Mapping[str, Param]] = {}
+    # The parameter counting training passes (iterations, epochs), if any: `tune`
+    # scores a trial first at a fraction of it and prunes the unpromising ones.
+    budget_param: ClassVar[str] = ""
     predicts_ratings: ClassVar[bool] = False
     # True when an empty history still gets a meaningful ranking (popularity):
     # the service sends users it knows nothing about only to such models.
@@ -428,8 +458,10 @@ class Recommender(ABC):
         metrics: Mapping[str, float] | None = None,
         dataset: Dataset | None = None,
         make_current: bool = True,
+        tuning: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Publish this model as a new bundle version of `name`; returns its folder."""
+        """Publish this model as a new bundle version of `name`; returns its folder.
+        `tuning`: the search record of `recserve tune`, kept in the manifest."""
         seen = self._require_fitted()
         assert self.users is not None and self.items is not None
         arrays = {
@@ -456,6 +488,8 @@ class Recommender(ABC):
                 else {}
             ),
         }
+        if tuning is not None:
+            manifest["tuning"] = dict(tuning)
         return bundle.publish(
             models_dir, name, manifest, arrays, self._files(), make_current=make_current
         )

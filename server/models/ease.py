@@ -33,7 +33,14 @@ class EASE(Recommender):
 
     algorithm = "ease"
     params_spec: ClassVar[Mapping[str, Param]] = {
-        "l2": Param(float, 500.0, "L2 regularization of the item-item weights", min=0),
+        "l2": Param(
+            float,
+            500.0,
+            "L2 regularization of the item-item weights",
+            min=0,
+            search=(1.0, 20_000.0),
+            log=True,
+        ),
         "binary": Param(bool, True, "use interactions as 0/1"),
         "max_memory_gb": Param(float, 4.0, "refuse catalogues whose solve needs more", min=0),
     }

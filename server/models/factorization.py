@@ -40,11 +40,14 @@ class ALS(EmbeddingIndexMixin):
     """Implicit ALS: user and item factors whose dot product ranks items."""
 
     algorithm = "als"
+    budget_param = "iterations"
     params_spec: ClassVar[Mapping[str, Param]] = {
-        "factors": Param(int, 64, "latent dimensions", min=1, max=1024),
-        "regularization": Param(float, 0.01, "L2 penalty", min=0),
-        "alpha": Param(float, 1.0, "confidence = 1 + alpha * value", min=0),
-        "iterations": Param(int, 15, "alternating sweeps", min=1, max=1000),
+        "factors": Param(int, 64, "latent dimensions", min=1, max=1024, search=(8, 256), log=True),
+        "regularization": Param(float, 0.01, "L2 penalty", min=0, search=(1e-4, 10.0), log=True),
+        "alpha": Param(
+            float, 1.0, "confidence = 1 + alpha * value", min=0, search=(0.1, 100.0), log=True
+        ),
+        "iterations": Param(int, 15, "alternating sweeps", min=1, max=1000, search=(5, 30)),
         "cg_steps": Param(int, 3, "CG steps per solve; 0 = exact Cholesky", min=0, max=100),
         "seed": Param(int, 0, "random seed of the initial factors"),
         "binary": Param(bool, False, "treat every interaction as value 1"),
@@ -197,12 +200,13 @@ class BiasedMF(Recommender):
     """
 
     algorithm = "svd"
+    budget_param = "epochs"
     predicts_ratings = True
     params_spec: ClassVar[Mapping[str, Param]] = {
-        "factors": Param(int, 100, "latent dimensions", min=1, max=1024),
-        "epochs": Param(int, 20, "passes over the ratings", min=1, max=10_000),
-        "lr": Param(float, 0.005, "SGD learning rate", min=1e-9),
-        "reg": Param(float, 0.02, "L2 penalty per rating", min=0),
+        "factors": Param(int, 100, "latent dimensions", min=1, max=1024, search=(5, 200), log=True),
+        "epochs": Param(int, 20, "passes over the ratings", min=1, max=10_000, search=(5, 100)),
+        "lr": Param(float, 0.005, "SGD learning rate", min=1e-9, search=(1e-3, 0.05), log=True),
+        "reg": Param(float, 0.02, "L2 penalty per rating", min=0, search=(1e-3, 0.3), log=True),
         "init_std": Param(float, 0.1, "std of the initial factors", min=0),
         "seed": Param(int, 0, "random seed (initial factors, rating order)"),
         "hogwild": Param(bool, False, "parallel lock-free SGD (nondeterministic)"),
@@ -328,11 +332,20 @@ class BPR(EmbeddingIndexMixin):
     """
 
     algorithm = "bpr"
+    budget_param = "epochs"
     params_spec: ClassVar[Mapping[str, Param]] = {
-        "factors": Param(int, 64, "latent dimensions", min=1, max=1024),
-        "lr": Param(float, 0.01, "SGD learning rate", min=1e-9),
-        "reg": Param(float, 0.01, "L2 penalty", min=0),
-        "epochs": Param(int, 100, "passes (nnz sampled triples each)", min=1, max=100_000),
+        "factors": Param(int, 64, "latent dimensions", min=1, max=1024, search=(8, 256), log=True),
+        "lr": Param(float, 0.01, "SGD learning rate", min=1e-9, search=(1e-3, 0.2), log=True),
+        "reg": Param(float, 0.01, "L2 penalty", min=0, search=(1e-5, 0.1), log=True),
+        "epochs": Param(
+            int,
+            100,
+            "passes (nnz sampled triples each)",
+            min=1,
+            max=100_000,
+            search=(20, 400),
+            log=True,
+        ),
         "fold_in_epochs": Param(int, 50, "SGD passes when folding in a new user", min=1),
         "negatives": Param(
             str,
@@ -341,6 +354,7 @@ class BPR(EmbeddingIndexMixin):
             "popular (proportional to popularity, the step skipped when the draw "
             "is a positive: implicit's sampler)",
             choices=("uniform", "popular"),
+            search_choices=("uniform", "popular"),
         ),
         "seed": Param(int, 0, "random seed (initial factors, sampling)"),
         **INDEX_PARAMS,
@@ -470,7 +484,7 @@ class BayesianMF(BiasedMF):
     uncertainty = True
     params_spec: ClassVar[Mapping[str, Param]] = {
         **BiasedMF.params_spec,
-        "factors": Param(int, 20, "latent dimensions", min=1, max=256),
+        "factors": Param(int, 20, "latent dimensions", min=1, max=256, search=(2, 100), log=True),
         "validation": Param(
             float, 0.1, "fraction of ratings that measures the noise", min=0.01, max=0.5
         ),

@@ -41,11 +41,13 @@ WEIGHTING = Param(
     str, "none", "input weighting: none, bm25 or tfidf", choices=tuple(simk.WEIGHTINGS)
 )
 COMMON: dict[str, Param] = {
-    "k": Param(int, 100, "neighbours kept per row", min=1, max=100_000),
-    "shrink": Param(float, 0.0, "shrinkage added to the similarity denominator", min=0),
-    "similarity": SIMILARITY,
-    "alpha": Param(float, 0.5, "asymmetric cosine exponent", min=0, max=1),
-    "weighting": WEIGHTING,
+    "k": Param(int, 100, "neighbours kept per row", min=1, max=100_000, search=(5, 1000), log=True),
+    "shrink": Param(
+        float, 0.0, "shrinkage added to the similarity denominator", min=0, search=(0, 200)
+    ),
+    "similarity": SIMILARITY.searched(search_choices=tuple(simk.SIMILARITIES)),
+    "alpha": Param(float, 0.5, "asymmetric cosine exponent", min=0, max=1, search=(0, 1)),
+    "weighting": WEIGHTING.searched(search_choices=tuple(simk.WEIGHTINGS)),
     "K1": Param(float, 1.2, "BM25 term saturation", min=0),
     "B": Param(float, 0.75, "BM25 length normalisation", min=0, max=1),
 }
@@ -226,8 +228,10 @@ class RP3beta(_Neighbourhood):
     algorithm = "rp3beta"
     params_spec: ClassVar[Mapping[str, Param]] = {
         "k": COMMON["k"],
-        "alpha": Param(float, 1.0, "exponent on the transition probabilities", min=0),
-        "beta": Param(float, 0.6, "popularity penalty exponent", min=0),
+        "alpha": Param(
+            float, 1.0, "exponent on the transition probabilities", min=0, search=(0.1, 2.0)
+        ),
+        "beta": Param(float, 0.6, "popularity penalty exponent", min=0, search=(0.0, 1.0)),
         "binary": Param(bool, True, "use interactions as 0/1"),
     }
 

@@ -29,9 +29,15 @@ class Popularity(Recommender):
     algorithm = "popularity"
     serves_cold = True
     params_spec: ClassVar[Mapping[str, Param]] = {
-        "half_life_days": Param(float, 0.0, "time decay half-life in days; 0 = no decay", min=0),
+        "half_life_days": Param(
+            float, 0.0, "time decay half-life in days; 0 = no decay", min=0, search=(0, 3650)
+        ),
         "weighting": Param(
-            str, "count", "count events, or sum their values", choices=("count", "value")
+            str,
+            "count",
+            "count events, or sum their values",
+            choices=("count", "value"),
+            search_choices=("count", "value"),
         ),
     }
 

@@ -1,0 +1,588 @@
+"""Hyper-parameter search (`recserve tune`) and learned hybrid weights.
+
+The search space is each model's own `Param` declarations (`search`, `log`,
+`search_choices`): there is no second table. Optuna's TPE sampler, seeded,
+proposes parameters; the first trial is always the defaults, so the best is
+never worse than them on the validation split. A model that trains in passes
+(`budget_param`: ALS iterations, BPR/SVD epochs) is first scored at a quarter
+of its passes, and Optuna's median pruner stops the trials that are already
+behind there.
+
+Validation never touches `evaluate`'s test split: the data is split exactly as
+`evaluate` splits it (same protocol, fraction and seed), and the validation
+split is taken again, by the same protocol, from that training part only.
+
+Hybrid weights are fitted the same way: each component is trained on the
+validation split's training part, its top candidates are scored once, and the
+search re-blends them (min-max per component, weighted sum, as the server
+blends) for each proposed weight vector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recserve.config import LEARNED_HYBRIDS as HYBRIDS_FILE
+from recserve.data import Dataset
+from recserve.evaluation import Split, evaluate, make_split, ranking_metrics
+from recserve.models import Recommender, bundle, create
+from recserve.models.base import Param
+from recserve.models.registry import MODELS
+
+log = logging.getLogger(__name__)
+
+RUNG = 4  # a trial is first scored at 1/RUNG of its passes
+MINIMIZE = ("rmse", "mae")
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:  # pragma: no cover - a dependency; named for a broken install
+        raise RuntimeError("recserve tune needs optuna (pip install optuna)") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def check_metric(metric: str) -> tuple[str, int]:
+    """(metric name as evaluate reports it, the cut-off K); ValueError naming it."""
+    name = metric.strip().lower()
+    if name in MINIMIZE or name == "mrr":
+        return name, 20
+    base, _, k = name.partition("@")
+    if base not in ("recall", "ndcg", "precision", "map", "hit_rate") or not k.isdigit():
+        raise ValueError(
+            f"metric: expected recall@K, ndcg@K, precision@K, map@K, hit_rate@K, mrr, rmse "
+            f"or mae, got {metric!r}"
+        )
+    if int(k) < 1:
+        raise ValueError(f"metric: K must be >= 1, got {metric!r}")
+    return name, int(k)
+
+
+def space(cls: type[Recommender], fixed: Mapping[str, Any] = ()) -> dict[str, Param]:
+    """The parameters `tune` searches for a model class (minus those fixed)."""
+    return {n: p for n, p in cls.params_spec.items() if p.tuned and n not in dict(fixed)}
+
+
+def suggest(trial: Any, name: str, p: Param) -> Any:
+    """One parameter's value for an Optuna trial, from its declaration."""
+    if p.search_choices is not None:
+        return trial.suggest_categorical(name, list(p.search_choices))
+    assert p.search is not None
+    lo, hi = p.search
+    if p.type is int:
+        return trial.suggest_int(name, int(lo), int(hi), log=p.log)
+    return trial.suggest_float(name, float(lo), float(hi), log=p.log)
+
+
+def splits(
+    ds: Dataset, protocol: str, fraction: float, seed: int, leave_last: int
+) -> tuple[Split, Split]:
+    """(evaluate's split, the validation split made from its training part only)."""
+    outer = make_split(ds, protocol, fraction, seed, leave_last)
+    inner = make_split(outer.train, protocol, fraction, seed, leave_last)
+    return outer, inner
+
+
+def score(model: Recommender, split: Split, metric: str, k: int, threshold: float | None) -> float:
+    """Fit on the split's training part; the metric on its held-out part."""
+    result = evaluate(model, split.train, ks=[k], split=split, threshold=threshold)
+    value = result["metrics"].get(metric)
+    if value is None:
+        raise ValueError(f"metric: {model.algorithm} does not report {metric}")
+    return float(value)
+
+
+@dataclass
+class AlgoResult:
+    """One algorithm's search: every trial, the best, the time taken."""
+
+    algorithm: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_value: float | None = None
+    default_value: float | None = None
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm,
+            "best_params": self.best_params,
+            "best_value": self.best_value,
+            "default_value": self.default_value,
+            "seconds": round(self.seconds, 3),
+            "interrupted": self.interrupted,
+            "trials": self.trials,
+        }
+
+
+class _Bar:
+    """A tqdm bar per search showing the best value so far (on stderr, when a
+    tty); without a terminal, one log line per trial instead. The models'
+    own per-fit log lines are held back meanwhile."""
+
+    def __init__(self, total: int, desc: str, disable: bool | None) -> None:
+        from tqdm import tqdm
+
+        self.desc = desc
+        self.bar = tqdm(total=total, desc=desc, unit="trial", file=sys.stderr, disable=disable)
+        self._quiet = [logging.getLogger(n) for n in ("recserve.models", "recserve.evaluation")]
+        self._levels = [q.level for q in self._quiet]
+        for q in self._quiet:
+            q.setLevel(logging.WARNING)
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        self.bar.update()
+        best = None
+        with contextlib.suppress(ValueError):  # no complete trial yet
+            best = study.best_value
+            self.bar.set_postfix(best=f"{best:.4f}", refresh=False)
+        if self.bar.disable:
+            log.info(
+                "%s: trial %d %s value=%s best=%s",
+                self.desc,
+                trial.number,
+                trial.state.name.lower(),
+                trial.value,
+                best,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+        for q, level in zip(self._quiet, self._levels, strict=True):
+            q.setLevel(level)
+
+
+def search(
+    algorithm: str,
+    split: Split,
+    metric: str,
+    k: int,
+    trials: int,
+    seed: int,
+    fixed: Mapping[str, Any] | None = None,
+    timeout: float | None = None,
+    threshold: float | None = None,
+    threads: int = 0,
+    progress: bool | None = None,
+) -> AlgoResult:
+    """Search one algorithm's parameters on a split; Ctrl-C ends it early, keeping
+    every trial completed so far (`interrupted` says so)."""
+    optuna = _optuna()
+    cls = MODELS.get(algorithm)
+    if cls is None:
+        raise ValueError(f"algo: unknown algorithm {algorithm!r} (known: {', '.join(MODELS)})")
+    probe = create(algorithm, **dict(fixed or {}))  # bad fixed params fail before any trial
+    fixed = {n: probe.params[n] for n in dict(fixed or {})}  # parsed ("30" -> 30)
+    params = space(cls, fixed)
+    direction = "minimize" if metric in MINIMIZE else "maximize"
+    study = optuna.create_study(
+        direction=direction,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+    )
+    if params:
+        study.enqueue_trial({n: cls.params_spec[n].default for n in params})
+    budget = cls.budget_param if cls.budget_param in params or cls.budget_param in fixed else ""
+
+    def make(values: Mapping[str, Any]) -> Recommender:
+        model = create(algorithm, **{**fixed, **values})
+        model.n_threads = threads
+        return model
+
+    def objective(trial: Any) -> float:
+        values = {n: suggest(trial, n, p) for n, p in params.items()}
+        model = make(values)
+        if budget and model.params[budget] >= RUNG:
+            low = make({**values, budget: max(1, model.params[budget] // RUNG)})
+            trial.report(score(low, split, metric, k, threshold), 0)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return score(model, split, metric, k, threshold)
+
+    out = AlgoResult(algorithm)
+    n_trials = trials if params else 1
+    bar = _Bar(n_trials, f"tune {algorithm}", None if progress is None else not progress)
+    t0 = time.perf_counter()
+    try:
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=[bar])
+    except KeyboardInterrupt:
+        out.interrupted = True
+        log.warning(
+            "tune %s: interrupted after %d trials; keeping the best", algorithm, len(study.trials)
+        )
+    finally:
+        bar.close()
+    out.seconds = time.perf_counter() - t0
+    for t in study.trials:
+        out.trials.append(
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                "params": dict(t.params),
+                "value": t.value,
+                "seconds": (
+                    round((t.datetime_complete - t.datetime_start).total_seconds(), 3)
+                    if t.datetime_complete and t.datetime_start
+                    else None
+                ),
+            }
+        )
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if complete:
+        best = study.best_trial
+        out.best_params = {**fixed, **best.params}
+        out.best_value = float(best.value)
+        first = study.trials[0]
+        if params and first.state.name == "COMPLETE":
+            out.default_value = float(first.value)
+    return out
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """Whether metric value a beats b."""
+    return a < b if metric in MINIMIZE else a > b
+
+
+# -- learned hybrid weights --------------------------------------------------------------
+
+
+@dataclass
+class Candidates:
+    """Each component's top-n items and min-max-normalized scores for the
+    validation users, scored once; `blend` re-ranks them for any weights."""
+
+    names: list[str]
+    items: list[np.ndarray]  # per component: (users, n) item indices, -1 = none
+    scores: list[np.ndarray]  # per component: (users, n) scores in [0, 1]
+    relevant: Any  # (users, items) held-out interactions of these users
+    n_items: int
+
+    def blend(self, weights: Sequence[float], k: int) -> np.ndarray:
+        """Top-k item indices per user of the weighted blend (the server's blend:
+        summed weighted normalized scores, ties by smaller item index)."""
+        n_users = self.relevant.shape[0]
+        out = np.full((n_users, k), -1, np.int64)
+        for lo in range(0, n_users, 512):
+            hi = min(lo + 512, n_users)
+            total = np.zeros((hi - lo, self.n_items), np.float64)
+            touched = np.zeros((hi - lo, self.n_items), bool)
+            rows = np.arange(hi - lo)[:, None]
+            for w, items, s in zip(weights, self.items, self.scores, strict=True):
+                if w <= 0:
+                    continue
+                it = items[lo:hi]
+                ok = it >= 0
+                r = np.broadcast_to(rows, it.shape)[ok]
+                np.add.at(total, (r, it[ok]), w * s[lo:hi][ok])
+                touched[r, it[ok]] = True
+            total[~touched] = -np.inf
+            order = np.argsort(-total, axis=1, kind="stable")[:, :k]
+            got = np.take_along_axis(total, order, axis=1)
+            out[lo:hi] = np.where(np.isfinite(got), order, -1)
+        return out
+
+
+def candidates(models: Mapping[str, Recommender], split: Split, n: int) -> Candidates:
+    """Fit each component on the split's training part and score its top-n for
+    every user with a held-out item."""
+    from recserve.serving.blend import minmax
+
+    relevant = split.test.tocsr()
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    names, items, scores = [], [], []
+    for name, model in models.items():
+        model.fit(split.train)
+        if split.fold_in is not None:
+            it, sc = model.recommend_histories(split.fold_in[users], min(n, model.n_items))
+        else:
+            it, sc = model.recommend(users, min(n, model.n_items))
+        norm = np.zeros(sc.shape, np.float64)
+        for row in range(it.shape[0]):
+            ok = it[row] >= 0
+            if ok.any():
+                norm[row, ok] = minmax(sc[row, ok])
+        names.append(name)
+        items.append(it.astype(np.int64))
+        scores.append(norm)
+    return Candidates(names, items, scores, relevant[users], split.train.n_items)
+
+
+def fit_weights(
+    cands: Candidates,
+    metric: str,
+    k: int,
+    trials: int,
+    seed: int,
+    start: Sequence[Mapping[str, float]] = (),
+    progress: bool | None = None,
+) -> AlgoResult:
+    """Search blend weights (each in [0, 1], reported normalized to sum 1)."""
+    if metric in MINIMIZE:
+        raise ValueError(f"metric: hybrid weights are fitted on a ranking metric, not {metric}")
+    optuna = _optuna()
+    names = cands.names
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    for weights in (*start, dict.fromkeys(names, 1.0)):
+        study.enqueue_trial({n: float(weights.get(n, 0.0)) for n in names})
+
+    def objective(trial: Any) -> float:
+        w = [trial.suggest_float(n, 0.0, 1.0) for n in names]
+        if sum(w) <= 0:
+            return 0.0
+        recs = cands.blend(w, k)
+        return ranking_metrics(recs, cands.relevant, [k], cands.n_items)[metric]
+
+    out = AlgoResult("hybrid")
+    bar = _Bar(trials, "tune hybrid", None if progress is None else not progress)
+    t0 = time.perf_counter()
+    try:
+        study.optimize(objective, n_trials=trials, callbacks=[bar])
+    except KeyboardInterrupt:
+        out.interrupted = True
+    finally:
+        bar.close()
+    out.seconds = time.perf_counter() - t0
+    out.trials = [
+        {"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value}
+        for t in study.trials
+    ]
+    if any(t.state.name == "COMPLETE" for t in study.trials):
+        best = study.best_trial.params
+        total = sum(best.values()) or 1.0
+        out.best_params = {n: round(best[n] / total, 6) for n in names}
+        out.best_value = float(study.best_value)
+        if start and study.trials[0].state.name == "COMPLETE":
+            out.default_value = float(study.trials[0].value)
+    return out
+
+
+def component(models_dir: Path, name: str) -> tuple[str, dict[str, Any], str]:
+    """(algorithm, params, version) of a component: the published bundle `name`
+    if there is one, else the algorithm `name` with its defaults."""
+    try:
+        doc = bundle.read_manifest(bundle.resolve(models_dir, name))
+        return str(doc["algorithm"]), dict(doc.get("params", {})), str(doc.get("version", ""))
+    except (bundle.BundleError, FileNotFoundError, KeyError):
+        if name not in MODELS:
+            raise ValueError(
+                f"hybrid: {name!r} is neither a published model in {models_dir} "
+                f"nor an algorithm ({', '.join(MODELS)})"
+            ) from None
+        return name, {}, ""
+
+
+def read_hybrids(models_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The learned hybrids of a models folder ({} when none were learned)."""
+    path = Path(models_dir) / HYBRIDS_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable learned hybrids ({exc})") from None
+    if not isinstance(doc, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("weights"), dict) for v in doc.values()
+    ):
+        raise ValueError(f"{path}: expected {{name: {{weights: {{model: weight}}, ...}}}}")
+    return doc
+
+
+def write_hybrid(models_dir: str | Path, name: str, entry: Mapping[str, Any]) -> Path:
+    """Add or replace one learned hybrid, atomically (write, fsync, rename)."""
+    bundle.check_name(name)
+    path = Path(models_dir) / HYBRIDS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = read_hybrids(models_dir)
+    doc[name] = dict(entry)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+# -- the two commands ------------------------------------------------------------------
+
+
+def tune(
+    ds: Dataset,
+    algos: Sequence[str],
+    *,
+    name: str,
+    models_dir: str | Path,
+    trials: int = 30,
+    metric: str = "ndcg@20",
+    protocol: str = "random",
+    fraction: float = 0.2,
+    seed: int = 0,
+    leave_last: int = 1,
+    threshold: float | None = None,
+    minutes: float | None = None,
+    fixed: Mapping[str, Any] | None = None,
+    threads: int = 0,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Search each algorithm on the validation split, pick the best, retrain it on
+    all the data and publish it as `name` with the search record in its manifest.
+    Ctrl-C stops the search and publishes the best so far."""
+    bundle.check_name(name)
+    if trials < 1:
+        raise ValueError(f"trials: must be >= 1, got {trials}")
+    if not algos:
+        raise ValueError("algo: give at least one algorithm")
+    if fixed and len(algos) > 1:
+        raise ValueError("param: fixed --param values need a single --algo")
+    for a in algos:
+        if a not in MODELS:
+            raise ValueError(f"algo: unknown algorithm {a!r} (known: {', '.join(MODELS)})")
+    metric, k = check_metric(metric)
+    t0 = time.perf_counter()
+    deadline = None if minutes is None else time.monotonic() + 60 * minutes
+    outer, inner = splits(ds, protocol, fraction, seed, leave_last)
+    results: list[AlgoResult] = []
+    for i, algo in enumerate(algos):
+        timeout = None
+        if deadline is not None:
+            timeout = max(0.0, deadline - time.monotonic()) / (len(algos) - i)
+        r = search(
+            algo, inner, metric, k, trials, seed, fixed, timeout, threshold, threads, progress
+        )
+        results.append(r)
+        log.info(
+            "tune %s: best %s=%s after %d trials (defaults: %s)",
+            algo,
+            metric,
+            r.best_value,
+            len(r.trials),
+            r.default_value,
+        )
+        if r.interrupted:
+            break
+    done = [r for r in results if r.best_value is not None]
+    if not done:
+        raise ValueError("tune: no trial completed; nothing published")
+    best = done[0]
+    for r in done[1:]:
+        if better(metric, r.best_value, best.best_value):  # type: ignore[arg-type]
+            best = r
+    model = create(best.algorithm, **best.best_params)
+    model.n_threads = threads
+    model.fit(ds)  # all the data: what serves
+    record = {
+        "metric": metric,
+        "protocol": protocol,
+        "fraction": fraction,
+        "seed": seed,
+        "leave_last": leave_last,
+        "threshold": threshold,
+        "validation_events": int(inner.test.nnz),
+        "evaluate_test_events": int(outer.test.nnz),  # never seen by the search
+        "data_fingerprint": ds.fingerprint(),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "interrupted": any(r.interrupted for r in results),
+        "best": {
+            "algorithm": best.algorithm,
+            "params": best.best_params,
+            "value": best.best_value,
+        },
+        "algorithms": [r.record() for r in results],
+    }
+    path = model.save(
+        models_dir, name, metrics={metric: best.best_value}, dataset=ds, tuning=record
+    )
+    doc = bundle.read_manifest(path)
+    return {
+        "name": name,
+        "version": doc["version"],
+        "path": str(path),
+        "algorithm": best.algorithm,
+        "params": best.best_params,
+        "metric": metric,
+        "validation": best.best_value,
+        "defaults": {r.algorithm: r.default_value for r in results},
+        "best_by_algorithm": {r.algorithm: r.best_value for r in results},
+        "trials": {r.algorithm: len(r.trials) for r in results},
+        "interrupted": record["interrupted"],
+        "seconds": record["seconds"],
+    }
+
+
+def tune_hybrid(
+    ds: Dataset,
+    components: Sequence[str],
+    *,
+    name: str,
+    models_dir: str | Path,
+    trials: int = 50,
+    metric: str = "ndcg@20",
+    protocol: str = "random",
+    fraction: float = 0.2,
+    seed: int = 0,
+    leave_last: int = 1,
+    threads: int = 0,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Fit a hybrid's blend weights on the validation split and write them to the
+    models folder's hybrids.json, where `serve` reads hybrids."""
+    bundle.check_name(name)
+    models_dir = Path(models_dir)
+    if len(set(components)) < 2:
+        raise ValueError(f"hybrid: give two or more different components, got {list(components)}")
+    if (models_dir / name).is_dir():
+        raise ValueError(
+            f"name: {name!r} is a published model in {models_dir}; name the hybrid apart"
+        )
+    metric, k = check_metric(metric)
+    t0 = time.perf_counter()
+    _, inner = splits(ds, protocol, fraction, seed, leave_last)
+    models, versions = {}, {}
+    for c in components:
+        algo, params, version = component(models_dir, c)
+        models[c] = create(algo, **params)
+        models[c].n_threads = threads
+        versions[c] = version
+    cands = candidates(models, inner, max(3 * k, 100))
+    previous = read_hybrids(models_dir).get(name, {}).get("weights")
+    start = [previous] if previous and set(previous) == set(components) else []
+    r = fit_weights(cands, metric, k, trials, seed, start, progress)
+    if r.best_value is None:
+        raise ValueError("tune: no trial completed; nothing written")
+    entry = {
+        "weights": r.best_params,
+        "metric": metric,
+        "value": r.best_value,
+        "equal_weights_value": _equal_weights_value(r),
+        "components": versions,
+        "protocol": protocol,
+        "seed": seed,
+        "data_fingerprint": ds.fingerprint(),
+        "trials": len(r.trials),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "interrupted": r.interrupted,
+    }
+    path = write_hybrid(models_dir, name, entry)
+    return {"name": name, "path": str(path), **entry}
+
+
+def _equal_weights_value(r: AlgoResult) -> float | None:
+    """The validation metric of equal weights (always one of the first trials)."""
+    for t in r.trials:
+        if t["value"] is not None and len(set(t["params"].values())) == 1:
+            return float(t["value"])
+    return None

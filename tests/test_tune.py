@@ -1,0 +1,311 @@
+"""`recserve tune`: reproducible seeded search, a validation split apart from
+evaluate's test split, the search record in the manifest, Ctrl-C keeping the best
+so far, and learned hybrid weights that `serve` uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recserve import tuning
+from recserve.config import Hybrid, ServerConfig, load_config
+from recserve.data import generate, to_dataset, write_csv
+from recserve.evaluation import make_split
+from recserve.models import bundle, create
+from recserve.models.registry import MODELS
+from recserve.serving.blend import blend
+from tests.service_helpers import running, wait_for
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return to_dataset(generate(300, 150, 9_000, seed=5), name="tiny")
+
+
+def pairs(m) -> set[tuple[int, int]]:
+    coo = m.tocoo()
+    return set(zip(coo.row.tolist(), coo.col.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("protocol", ["random", "temporal", "users"])
+def test_validation_never_touches_evaluates_test_split(tiny, protocol):
+    outer, inner = tuning.splits(tiny, protocol, 0.2, 3, 1)
+    same = make_split(tiny, protocol, 0.2, 3, 1)  # what `evaluate --seed 3` holds out
+    assert pairs(outer.test) == pairs(same.test)
+    train, valid, test = pairs(outer.train.interactions), pairs(inner.test), pairs(outer.test)
+    assert valid and valid <= train and not valid & test
+    parts = pairs(inner.train.interactions) | valid
+    if inner.fold_in is not None:  # users: held-out users' given histories
+        assert pairs(inner.fold_in) <= train and not pairs(inner.fold_in) & test
+        parts |= pairs(inner.fold_in)
+    assert parts == train  # the validation split is a split of the training part
+
+
+def test_every_searched_parameter_is_declared_sanely():
+    for algo, cls in MODELS.items():
+        for name, p in cls.params_spec.items():
+            if not p.tuned:
+                continue
+            if p.search_choices is not None:
+                assert p.default in p.search_choices, (algo, name)
+                for v in p.search_choices:
+                    p.parse(name, v)
+            else:
+                lo, hi = p.search
+                assert lo <= p.default <= hi, (algo, name, p.default, p.search)
+                p.parse(name, p.type(lo))
+                p.parse(name, p.type(hi))
+        if cls.budget_param:
+            assert cls.params_spec[cls.budget_param].type is int
+
+
+def test_tune_is_reproducible_and_records_the_search(tiny, tmp_path):
+    runs = []
+    for i in range(2):
+        runs.append(
+            tuning.tune(
+                tiny,
+                ["itemknn", "als"],
+                name="best",
+                models_dir=tmp_path / f"m{i}",
+                trials=6,
+                metric="recall@20",
+                seed=11,
+                threads=1,
+                progress=False,
+            )
+        )
+    a, b = runs
+    assert (a["algorithm"], a["params"], a["validation"]) == (
+        b["algorithm"],
+        b["params"],
+        b["validation"],
+    )
+    assert a["validation"] >= max(v for v in a["defaults"].values())  # defaults are trial 0
+    doc = bundle.read_manifest(a["path"])
+    record = doc["tuning"]
+    assert record["data_fingerprint"] == tiny.fingerprint()
+    assert record["metric"] == "recall@20" and record["seconds"] > 0
+    assert record["best"] == {
+        "algorithm": a["algorithm"],
+        "params": a["params"],
+        "value": a["validation"],
+    }
+    assert [r["algorithm"] for r in record["algorithms"]] == ["itemknn", "als"]
+    for r in record["algorithms"]:
+        assert len(r["trials"]) == 6
+        assert r["trials"][0]["params"] == {
+            n: p.default for n, p in tuning.space(MODELS[r["algorithm"]]).items()
+        }
+        values = [t["value"] for t in r["trials"] if t["state"] == "complete"]
+        assert r["best_value"] == max(values)
+    assert doc["algorithm"] == a["algorithm"] and doc["params"] == {
+        **create(a["algorithm"]).params,
+        **a["params"],
+    }
+    # the published model is fitted on all the data
+    assert doc["dataset"]["interactions"] == tiny.interactions.nnz
+
+
+def test_pruning_stops_trials_that_are_behind(tiny, tmp_path):
+    out = tuning.search(
+        "als",
+        tuning.splits(tiny, "random", 0.2, 0, 1)[1],
+        "ndcg@20",
+        20,
+        trials=16,
+        seed=1,
+        threads=1,
+        progress=False,
+    )
+    states = [t["state"] for t in out.trials]
+    assert states.count("complete") >= 5 and "pruned" in states
+
+
+def test_a_bad_request_is_refused_before_any_work(tiny, tmp_path):
+    for kwargs, match in (
+        ({"algos": ["nope"]}, "unknown algorithm"),
+        ({"algos": ["als"], "metric": "recall"}, "metric"),
+        ({"algos": ["als", "itemknn"], "fixed": {"factors": 8}}, "single --algo"),
+        ({"algos": ["als"], "trials": 0}, "trials"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            tuning.tune(tiny, name="x", models_dir=tmp_path, progress=False, **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_sigint_keeps_the_best_so_far_and_publishes_whole_bundles(tmp_path):
+    data = tmp_path / "data"
+    write_csv(generate(400, 200, 12_000, seed=2), data)
+    models = tmp_path / "models"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "recserve",
+            "tune",
+            "--data",
+            str(data),
+            "--algo",
+            "bpr",
+            "--trials",
+            "500",
+            "--name",
+            "tuned",
+            "--models",
+            str(models),
+            "--param",
+            "epochs=30",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+
+    def trials_done() -> bool:
+        line = proc.stderr.readline()
+        if line:
+            lines.append(line)
+        return sum(" trial " in x and "complete" in x for x in lines) >= 3
+
+    wait_for(trials_done, 120, "three complete trials")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["interrupted"] is True and 3 <= summary["trials"]["bpr"] < 500
+    doc = bundle.verify(bundle.resolve(models, "tuned"))  # whole and checksummed
+    assert doc["tuning"]["interrupted"] is True
+    assert doc["tuning"]["best"]["value"] == summary["validation"]
+    assert [p.name for p in (models / "tuned").iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_a_learned_hybrid_is_served_with_its_weights(tiny, tmp_path):
+    models = tmp_path / "models"
+    for name, params in (("als", {"factors": 16, "iterations": 5}), ("itemknn", {"k": 50})):
+        create(name, **params).fit(tiny).save(models, name, dataset=tiny)
+    out = tuning.tune_hybrid(
+        tiny, ["als", "itemknn"], name="mix", models_dir=models, trials=12, seed=4, progress=False
+    )
+    weights = out["weights"]
+    assert set(weights) == {"als", "itemknn"} and abs(sum(weights.values()) - 1) < 1e-5
+    assert out["value"] >= out["equal_weights_value"]  # equal weights were a trial
+    cfg = load_config(overrides={"models": str(models)})
+    assert cfg.hybrids["mix"] == Hybrid("mix", weights)
+    # An explicit [hybrids.mix] in the config wins over the learned weights.
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[server]\nmodels = "{models}"\n[hybrids.mix]\nals = 1.0\nitemknn = 0.0\n')
+    assert load_config(toml).hybrids["mix"].weights == {"als": 1.0, "itemknn": 0.0}
+
+    loaded = {n: bundle_model(models, n) for n in ("als", "itemknn")}
+    user = tiny.users.get("12")
+    parts = []
+    for n, m in loaded.items():
+        items, scores = m.recommend([user], 100)
+        parts.append((weights[n], m.items.ids(items[0]), scores[0]))
+    want = blend(parts, 10)
+    with running(models, hybrids=cfg.hybrids) as srv:
+        got, md = srv.recommend(user_id="12", k=10, model="mix")
+    assert [i.item_id for i in got] == [i for i, _ in want]
+    np.testing.assert_allclose([i.score for i in got], [v for _, v in want], rtol=1e-5)
+    assert "x-recserve-served-by" not in md
+
+
+def bundle_model(models: Path, name: str):
+    from recserve.models import load
+
+    return load(bundle.resolve(models, name))
+
+
+def test_the_cli_tunes_a_hybrid_and_serve_reads_it(tiny, tmp_path):
+    from recserve.cli import main
+
+    data = tmp_path / "data"
+    write_csv(generate(300, 150, 9_000, seed=5), data)
+    models = tmp_path / "models"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--algo",
+                "itemknn",
+                "--name",
+                "itemknn",
+                "--models",
+                str(models),
+                "--no-evaluate",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "tune",
+                "--data",
+                str(data),
+                "--hybrid",
+                "itemknn,popularity",
+                "--trials",
+                "5",
+                "--name",
+                "hybrid",
+                "--models",
+                str(models),
+            ]
+        )
+        == 0
+    )
+    doc = json.loads((models / "hybrids.json").read_text())
+    assert set(doc["hybrid"]["weights"]) == {"itemknn", "popularity"}
+    assert doc["hybrid"]["components"]["popularity"] == ""  # an algorithm, not a bundle
+    assert (
+        main(
+            [
+                "tune",
+                "--data",
+                str(data),
+                "--hybrid",
+                "itemknn",
+                "--trials",
+                "5",
+                "--name",
+                "h2",
+                "--models",
+                str(models),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "tune",
+                "--data",
+                str(data),
+                "--hybrid",
+                "itemknn,als",
+                "--trials",
+                "5",
+                "--name",
+                "itemknn",
+                "--models",
+                str(models),
+            ]
+        )
+        == 2
+    )
+    cfg = load_config(overrides={"models": str(models)})
+    assert "hybrid" in cfg.hybrids and isinstance(cfg, ServerConfig)
