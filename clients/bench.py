@@ -5,8 +5,12 @@
     recserve bench --rpc similar --ceiling --json           # + a health-check ceiling run
 
 `--rpc` picks the call: recommend (unary Recommend), stream (RecommendStream,
-one message per item), batch (RecommendBatch), similar, predict, health, or
-mixed (80% recommend, 10% similar, 10% batch).
+one message per item), batch (RecommendBatch), similar, predict, health,
+mixed (80% recommend, 10% similar, 10% batch), or traffic (the mix of real
+traffic: 64% recommend for known users, 16% recommend for cold users with a
+10-item history, 10% similar, 10% batch of 16). Mixed runs report latency per
+call kind too; every run reports how fast refusals come back. `--deadline`
+sets every call's deadline (seconds).
 
 Closed loop: `concurrency` requests in flight, each sent when the previous one
 ends. Open loop: requests start on a fixed schedule whatever the server does,
@@ -43,8 +47,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 
-RPCS = ("recommend", "stream", "batch", "similar", "predict", "health", "mixed")
-MIX = (("recommend", 0.8), ("similar", 0.1), ("batch", 0.1))  # rpc = "mixed"
+RPCS = ("recommend", "stream", "batch", "similar", "predict", "health", "mixed", "traffic")
+MIXES = {
+    "mixed": (("recommend", 0.8), ("similar", 0.1), ("batch", 0.1)),
+    # Real traffic: known users, cold users with an inline history, similar items
+    # and batches (the shape issue reports and bench/bench_traffic.py use).
+    "traffic": (("recommend", 0.64), ("cold", 0.16), ("similar", 0.1), ("batch", 0.1)),
+}
+MIX = MIXES["mixed"]
 
 
 @dataclass
@@ -86,6 +96,8 @@ class Result:
     concurrency: int
     rate: float
     processes: int
+    refusal_ms: dict[str, float] = field(default_factory=dict)  # non-OK answers' latency
+    by_rpc: dict[str, dict] = field(default_factory=dict)  # mixes: per call kind
 
 
 def _pick_users(load: Load, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -104,7 +116,9 @@ class _Sender:
         self.rng = np.random.default_rng(seed)
         self.lat: list[float] = []
         self.ttfi: list[float] = []
+        self.refused: list[float] = []
         self.codes: Counter[str] = Counter()
+        self.kinds: dict[str, dict] = {}  # per call kind: latencies and codes
         self._drawn: list[int] = []  # user indices drawn ahead, in blocks
 
     def _user(self) -> str:
@@ -114,9 +128,9 @@ class _Sender:
             self._drawn = _pick_users(self.load, self.rng, 4096).tolist()
         return self.load.users[self._drawn.pop()]
 
-    def _request(self) -> pb.RecommendRequest:
+    def _request(self, cold: bool = False) -> pb.RecommendRequest:
         load = self.load
-        if load.cold > 0 and self.rng.random() < load.cold and load.items:
+        if (cold or (load.cold > 0 and self.rng.random() < load.cold)) and load.items:
             picks = self.rng.integers(0, len(load.items), load.history)
             hist = [pb.Interaction(item_id=load.items[int(i)]) for i in picks]
             uid = f"bench-cold-{int(self.rng.integers(1 << 62))}"
@@ -129,11 +143,13 @@ class _Sender:
         first = None
         code = "OK"
         rpc = load.rpc
-        if rpc == "mixed":
-            rpc = MIX[int(np.searchsorted(np.cumsum([w for _, w in MIX]), self.rng.random()))][0]
+        if rpc in MIXES:
+            mix = MIXES[rpc]
+            rpc = mix[int(np.searchsorted(np.cumsum([w for _, w in mix]), self.rng.random()))][0]
         try:
-            if rpc == "recommend":
-                await stubs["rec"].Recommend(self._request(), timeout=load.deadline)
+            if rpc in ("recommend", "cold"):
+                req = self._request(cold=rpc == "cold")
+                await stubs["rec"].Recommend(req, timeout=load.deadline)
                 first = time.perf_counter()
             elif rpc == "stream":
                 async for _ in stubs["rec"].RecommendStream(self._request(), timeout=load.deadline):
@@ -166,9 +182,14 @@ class _Sender:
         end = time.perf_counter()
         if record:
             self.codes[code] += 1
+            kind = self.kinds.setdefault(rpc, {"lat": [], "codes": Counter()})
+            kind["codes"][code] += 1
             if code == "OK":
                 self.lat.append(end - started)
                 self.ttfi.append((first or end) - started)
+                kind["lat"].append(end - started)
+            else:
+                self.refused.append(end - started)
 
 
 async def _phase(sender: _Sender, conns: list, seconds: float, limit: int, record: bool) -> float:
@@ -237,7 +258,9 @@ async def _run(load: Load, seed: int, share: float) -> dict:
     return {
         "lat": sender.lat,
         "ttfi": sender.ttfi,
+        "refused": sender.refused,
         "codes": dict(sender.codes),
+        "kinds": {k: {"lat": v["lat"], "codes": dict(v["codes"])} for k, v in sender.kinds.items()},
         "elapsed": elapsed,
     }
 
@@ -279,6 +302,19 @@ def run(load: Load) -> Result:
         codes.update(p["codes"])
     seconds = max(p["elapsed"] for p in parts)
     total = sum(codes.values())
+    by_rpc: dict[str, dict] = {}
+    if load.rpc in MIXES:
+        for kind in sorted({k for p in parts for k in p["kinds"]}):
+            lat_k = [x for p in parts for x in p["kinds"].get(kind, {}).get("lat", [])]
+            codes_k: Counter[str] = Counter()
+            for p in parts:
+                codes_k.update(p["kinds"].get(kind, {}).get("codes", {}))
+            by_rpc[kind] = {
+                "requests": sum(codes_k.values()),
+                "ok": codes_k.get("OK", 0),
+                "latency_ms": _pcts(lat_k),
+                "errors": {c: n for c, n in codes_k.items() if c != "OK"},
+            }
     return Result(
         rpc=load.rpc,
         requests=total,
@@ -290,6 +326,8 @@ def run(load: Load) -> Result:
         concurrency=load.concurrency,
         rate=load.rate,
         processes=procs,
+        refusal_ms=_pcts([x for p in parts for x in p["refused"]]),
+        by_rpc=by_rpc,
     )
 
 
@@ -330,6 +368,17 @@ def table(results: Sequence[Result], ceiling: Result | None = None) -> str:
             f"{lat['p99']:>9.2f}{lat['p99.9']:>10.2f}{r.first_item_ms['p50']:>10.2f}  "
             + (", ".join(f"{k}={v}" for k, v in sorted(r.errors.items())) or "-")
         )
+    for r in results:
+        for kind, k in r.by_rpc.items():
+            lat = k["latency_ms"]
+            lines.append(
+                f"  {kind:<8}{k['requests']:>8}{'':>10}{lat['p50']:>9.2f}{lat['p90']:>9.2f}"
+                f"{lat['p99']:>9.2f}{lat['p99.9']:>10.2f}{'':>10}  "
+                + (", ".join(f"{c}={n}" for c, n in sorted(k["errors"].items())) or "-")
+            )
+        if r.errors:
+            ref = r.refusal_ms
+            lines.append(f"  refusals answered in p50 {ref['p50']:.2f} ms, p99 {ref['p99']:.2f} ms")
     if ceiling is not None:
         for r in results:
             lines.append(
@@ -364,6 +413,7 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--connections", type=int, default=4, help="TCP connections per client process")
     ap.add_argument("--ceiling", action="store_true", help="also measure the health-check ceiling")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--deadline", type=float, default=10.0, help="every call's deadline, seconds")
     ap.add_argument("--seed", type=int, default=0)
     return ap
 
@@ -394,6 +444,7 @@ def run_cli(args: argparse.Namespace) -> int:
         batch=args.batch,
         processes=args.processes,
         connections=args.connections,
+        deadline=args.deadline,
         seed=args.seed,
     )
     if load.rpc != "health" and (not load.users or not load.items):

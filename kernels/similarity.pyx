@@ -48,6 +48,23 @@ def as_csr(indptr, indices, data, Py_ssize_t n_cols, str name):
     return indptr, indices, data
 
 
+cdef class CheckedCSR:
+    """CSR arrays validated once by as_csr, for a matrix a kernel reads on every
+    request (a model's similarity matrix): score_topk then skips the O(nnz)
+    checks, which cost more than the scoring itself for one user."""
+
+    cdef readonly object indptr, indices, data
+    cdef readonly Py_ssize_t n_cols
+
+    def __init__(self, indptr, indices, data, Py_ssize_t n_cols):
+        self.indptr, self.indices, self.data = as_csr(indptr, indices, data, n_cols, "s")
+        self.n_cols = n_cols
+
+    @property
+    def n_rows(self):
+        return self.indptr.shape[0] - 1
+
+
 def weight(indptr, indices, data, Py_ssize_t n_cols, str scheme="bm25", double K1=1.2,
            double B=0.75, idf=None, double avg_len=0.0, int n_threads=0):
     """BM25 or TF-IDF weights of a CSR whose rows are documents and columns terms.
@@ -708,6 +725,72 @@ cdef inline bint better(float sa, int ia, float sb, int ib) noexcept nogil:
     return sa > sb or (sa == sb and ia < ib)
 
 
+cdef void score_row(const int* hix, const float* hx, long long h0, long long h1,
+                    const long long* sip, const int* six, const float* sx, int n, int k,
+                    const int* exi, long long e0, long long e1, const int* cai, int nc,
+                    float* ACC, unsigned char* FLAG, unsigned char* MASK, int* TOUCH,
+                    int* HI, float* HV, int* TI, float* TV, int* ZI,
+                    int* oi, float* ov) noexcept nogil:
+    """One row of score_topk: accumulate history x S into ACC (touched items
+    listed in TOUCH), select the top k into oi / ov (pre-filled with -1 / -inf),
+    and leave the scratch zeroed again."""
+    cdef long long p, r
+    cdef int i, j, c, m, nz, a, b, o
+    cdef int n_touched = 0
+    cdef float w
+    for p in range(h0, h1):
+        i = hix[p]
+        w = hx[p]
+        for r in range(sip[i], sip[i + 1]):
+            j = six[r]
+            if not FLAG[j]:
+                FLAG[j] = 1
+                TOUCH[n_touched] = j
+                n_touched = n_touched + 1
+            ACC[j] += w * sx[r]
+    mark(MASK, exi, e0, e1, n, 1)
+    if nc > 0:
+        # Dense scores (0 where untouched) restricted to the candidates.
+        select_topk(ACC, n, k, MASK, cai, nc, HI, HV, oi, ov)
+    else:
+        m = 0
+        if n_touched > 0:
+            m = select_topk(ACC, n, k, MASK, TOUCH, n_touched, HI, HV, TI, TV)
+        if m == k and TV[k - 1] > 0:
+            for c in range(k):
+                oi[c] = TI[c]
+                ov[c] = TV[c]
+        else:
+            # Untouched eligible items score 0: take them in id order and
+            # merge with the touched ones (negatives rank below zeros, and a
+            # touched score of exactly 0 ties with them, by lower id).
+            nz = 0
+            for j in range(n):
+                if nz == k:
+                    break
+                if not MASK[j] and not FLAG[j]:
+                    ZI[nz] = j
+                    nz = nz + 1
+            a = 0
+            b = 0
+            for o in range(k):
+                if a < m and (b >= nz or better(TV[a], TI[a], 0.0, ZI[b])):
+                    oi[o] = TI[a]
+                    ov[o] = TV[a]
+                    a = a + 1
+                elif b < nz:
+                    oi[o] = ZI[b]
+                    ov[o] = 0.0
+                    b = b + 1
+                else:
+                    break
+    mark(MASK, exi, e0, e1, n, 0)
+    for c in range(n_touched):
+        j = TOUCH[c]
+        ACC[j] = 0.0
+        FLAG[j] = 0
+
+
 def score_topk(h_indptr, h_indices, h_data, s_indptr, s_indices, s_data, Py_ssize_t n_items,
                int k, exclude_indptr=None, exclude_indices=None, cand_indptr=None,
                cand_indices=None, int n_threads=0):
@@ -717,11 +800,19 @@ def score_topk(h_indptr, h_indices, h_data, s_indptr, s_indices, s_data, Py_ssiz
     similarities (or neighbours' items). Items untouched by a row score 0 and
     still count as eligible, so a row gets exactly min(k, eligible) items,
     matching a dense computation (best first, ties by lower item id).
-    Exclusions / candidates as in kernels.topk.topk_dense.
+    Exclusions / candidates as in kernels.topk.topk_dense. S may be given as a
+    CheckedCSR (with s_indices and s_data None): validated once, not per call.
     """
     if k <= 0:
         raise ValueError(f"k: must be positive, got {k}")
-    s_indptr, s_indices, s_data = as_csr(s_indptr, s_indices, s_data, n_items, "s")
+    if isinstance(s_indptr, CheckedCSR):
+        if s_indices is not None or s_data is not None:
+            raise TypeError("s: give a CheckedCSR alone (s_indices and s_data None)")
+        if s_indptr.n_cols != n_items:
+            raise ValueError(f"s: a CheckedCSR of {s_indptr.n_cols} columns, not {n_items}")
+        s_indptr, s_indices, s_data = s_indptr.indptr, s_indptr.indices, s_indptr.data
+    else:
+        s_indptr, s_indices, s_data = as_csr(s_indptr, s_indices, s_data, n_items, "s")
     h_indptr, h_indices, h_data = as_csr(h_indptr, h_indices, h_data,
                                          s_indptr.shape[0] - 1, "h")
     cdef Py_ssize_t nq = h_indptr.shape[0] - 1
@@ -764,68 +855,98 @@ def score_topk(h_indptr, h_indices, h_data, s_indptr, s_indices, s_data, Py_ssiz
     cdef float[:, ::1] TV = tmp_v
     cdef int[:, ::1] ZI = zero_i
     cdef Py_ssize_t qi
-    cdef long long p, r
-    cdef int t, i, j, c, n_touched, m, nc, nz, a, b, o
-    cdef float w
+    cdef int t
     cdef int n = <int>n_items
     if nq == 0:
         return out_idx, out_val
     with nogil, parallel(num_threads=nt):
         for qi in prange(nq, schedule="dynamic", chunksize=16):
             t = threadid()
-            n_touched = 0
-            for p in range(hip[qi], hip[qi + 1]):
-                i = hix[p]
-                w = hx[p]
-                for r in range(sip[i], sip[i + 1]):
-                    j = six[r]
-                    if not FLAG[t, j]:
-                        FLAG[t, j] = 1
-                        TOUCH[t, n_touched] = j
-                        n_touched = n_touched + 1
-                    ACC[t, j] += w * sx[r]
-            mark(&MASK[t, 0], &exi[0] if exi.shape[0] else NULL, exp[qi], exp[qi + 1], n, 1)
-            nc = <int>(cap[qi + 1] - cap[qi])
-            if nc > 0:
-                # Dense scores (0 where untouched) restricted to the candidates.
-                select_topk(&ACC[t, 0], n, k, &MASK[t, 0], &cai[cap[qi]], nc,
-                            &HI[t, 0], &HV[t, 0], &oi[qi, 0], &ov[qi, 0])
-            else:
-                m = 0
-                if n_touched > 0:
-                    m = select_topk(&ACC[t, 0], n, k, &MASK[t, 0], &TOUCH[t, 0], n_touched,
-                                    &HI[t, 0], &HV[t, 0], &TI[t, 0], &TV[t, 0])
-                if m == k and TV[t, k - 1] > 0:
-                    for c in range(k):
-                        oi[qi, c] = TI[t, c]
-                        ov[qi, c] = TV[t, c]
-                else:
-                    # Untouched eligible items score 0: take them in id order and
-                    # merge with the touched ones (negatives rank below zeros, and a
-                    # touched score of exactly 0 ties with them, by lower id).
-                    nz = 0
-                    for j in range(n):
-                        if nz == k:
-                            break
-                        if not MASK[t, j] and not FLAG[t, j]:
-                            ZI[t, nz] = j
-                            nz = nz + 1
-                    a = 0
-                    b = 0
-                    for o in range(k):
-                        if a < m and (b >= nz or better(TV[t, a], TI[t, a], 0.0, ZI[t, b])):
-                            oi[qi, o] = TI[t, a]
-                            ov[qi, o] = TV[t, a]
-                            a = a + 1
-                        elif b < nz:
-                            oi[qi, o] = ZI[t, b]
-                            ov[qi, o] = 0.0
-                            b = b + 1
-                        else:
-                            break
-            mark(&MASK[t, 0], &exi[0] if exi.shape[0] else NULL, exp[qi], exp[qi + 1], n, 0)
-            for c in range(n_touched):
-                j = TOUCH[t, c]
-                ACC[t, j] = 0.0
-                FLAG[t, j] = 0
+            score_row(&hix[0] if hix.shape[0] else NULL, &hx[0] if hx.shape[0] else NULL,
+                      hip[qi], hip[qi + 1], &sip[0], &six[0] if six.shape[0] else NULL,
+                      &sx[0] if sx.shape[0] else NULL, n, k,
+                      &exi[0] if exi.shape[0] else NULL, exp[qi], exp[qi + 1],
+                      &cai[cap[qi]] if cai.shape[0] else NULL, <int>(cap[qi + 1] - cap[qi]),
+                      &ACC[t, 0], &FLAG[t, 0], &MASK[t, 0], &TOUCH[t, 0], &HI[t, 0], &HV[t, 0],
+                      &TI[t, 0], &TV[t, 0], &ZI[t, 0], &oi[qi, 0], &ov[qi, 0])
     return out_idx, out_val
+
+
+cdef class Scratch:
+    """The buffers of one-row scoring over n items, reused across calls (one per
+    thread: not thread-safe). Grows its top-k buffers to the largest k asked."""
+
+    cdef readonly Py_ssize_t n
+    cdef int k
+    cdef object acc, flag, mask, touch, hi, hv, ti, tv, zi
+
+    def __init__(self, Py_ssize_t n_items):
+        self.n = max(n_items, 1)
+        self.acc = np.zeros(self.n, np.float32)
+        self.flag = np.zeros(self.n, np.uint8)
+        self.mask = np.zeros(self.n, np.uint8)
+        self.touch = np.empty(self.n, np.int32)
+        self.k = 0
+        self._grow(16)
+
+    def _grow(self, int k):
+        if k > self.k:
+            self.k = k
+            self.hi, self.ti, self.zi = (np.empty(k, np.int32) for _ in range(3))
+            self.hv, self.tv = (np.empty(k, np.float32) for _ in range(2))
+
+
+def score_one(CheckedCSR hist, Py_ssize_t row, CheckedCSR sim, int k, CheckedCSR seen,
+              Scratch scratch):
+    """score_topk for one row of validated matrices, the serving path's call: the
+    scores of row `row` of hist x sim, without the items of row `row` of `seen`
+    (None: nothing excluded), with no per-call validation of the big arrays
+    and no allocation but the answer. Returns 1-d (items int32, scores
+    float32), exactly min(k, eligible) long, equal to score_topk's row."""
+    if k <= 0:
+        raise ValueError(f"k: must be positive, got {k}")
+    if hist.n_cols != sim.n_rows:
+        raise ValueError(f"hist: {hist.n_cols} columns, but sim has {sim.n_rows} rows")
+    if not 0 <= row < hist.n_rows:
+        raise IndexError(f"row: must be in [0, {hist.n_rows}), got {row}")
+    if seen is not None and (seen.n_cols != sim.n_cols or seen.n_rows != hist.n_rows):
+        raise ValueError("seen: must have hist's rows and sim's columns")
+    if scratch.n != max(sim.n_cols, 1):
+        raise ValueError(f"scratch: sized for {scratch.n} items, not {sim.n_cols}")
+    cdef const long long[::1] eip = (seen if seen is not None else hist).indptr
+    cdef const int[::1] eix = (seen if seen is not None else hist).indices
+    cdef long long e0 = eip[row] if seen is not None else 0
+    cdef long long e1 = eip[row + 1] if seen is not None else 0
+    scratch._grow(k)
+    out_i = np.full(k, -1, np.int32)
+    out_v = np.full(k, -np.inf, np.float32)
+    cdef const long long[::1] hip = hist.indptr
+    cdef const int[::1] hix = hist.indices
+    cdef const float[::1] hx = hist.data
+    cdef const long long[::1] sip = sim.indptr
+    cdef const int[::1] six = sim.indices
+    cdef const float[::1] sx = sim.data
+    cdef float[::1] ACC = scratch.acc
+    cdef unsigned char[::1] FLAG = scratch.flag
+    cdef unsigned char[::1] MASK = scratch.mask
+    cdef int[::1] TOUCH = scratch.touch
+    cdef int[::1] HI = scratch.hi
+    cdef float[::1] HV = scratch.hv
+    cdef int[::1] TI = scratch.ti
+    cdef float[::1] TV = scratch.tv
+    cdef int[::1] ZI = scratch.zi
+    cdef int[::1] oi = out_i
+    cdef float[::1] ov = out_v
+    cdef long long h0 = hip[row], h1 = hip[row + 1]
+    cdef int n = <int>sim.n_cols
+    cdef int m = 0
+    with nogil:
+        score_row(&hix[0] if hix.shape[0] else NULL, &hx[0] if hx.shape[0] else NULL, h0, h1,
+                  &sip[0], &six[0] if six.shape[0] else NULL, &sx[0] if sx.shape[0] else NULL,
+                  n, k, &eix[0] if (e1 > e0) else NULL, e0, e1, NULL, 0,
+                  &ACC[0], &FLAG[0], &MASK[0], &TOUCH[0], &HI[0], &HV[0], &TI[0], &TV[0],
+                  &ZI[0], &oi[0], &ov[0])
+        while m < k and oi[m] >= 0:
+            m = m + 1
+    return out_i[:m], out_v[:m]
+

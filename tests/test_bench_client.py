@@ -118,3 +118,42 @@ def test_user_draws_uniform_and_zipf():
     top = [u for u, _ in counts.most_common(3)]
     assert top[0] == "u0" and counts["u0"] > 0.3 * 10_000
     assert counts["u0"] > 2 * counts["u1"] > 2 * counts["u10"]
+
+
+def test_the_traffic_mix_reports_each_call_kind_and_the_refusals(srv):
+    reg = srv.app.metrics.registry
+
+    def count(method):
+        labels = {"method": method, "code": "OK"}
+        return reg.get_sample_value("recserve_rpc_duration_seconds_count", labels) or 0
+
+    before = {m: count(m) for m in ("Recommend", "SimilarItems", "RecommendBatch")}
+    load = Load(
+        rpc="traffic",
+        target=srv.target,
+        model="itemknn",
+        concurrency=4,
+        requests=200,
+        warmup=0,
+        users=[str(i) for i in range(1, 200)],
+        items=[str(i) for i in range(1, 300)],
+        processes=1,
+        batch=4,
+        deadline=5.0,
+    )
+    r = run(load)
+    assert r.requests == 200 and not r.errors
+    assert set(r.by_rpc) == {"recommend", "cold", "similar", "batch"}
+    assert sum(k["requests"] for k in r.by_rpc.values()) == 200
+    assert 90 <= r.by_rpc["recommend"]["requests"] <= 165  # 64% of 200
+    # Each kind reached the server as its own RPC (cold users are Recommend calls).
+    got = {m: count(m) - before[m] for m in before}
+    assert got["Recommend"] == r.by_rpc["recommend"]["ok"] + r.by_rpc["cold"]["ok"]
+    assert got["SimilarItems"] == r.by_rpc["similar"]["ok"]
+    assert got["RecommendBatch"] == r.by_rpc["batch"]["ok"]
+    text = table([r])
+    assert "  cold" in text and "  batch" in text
+    refused = run(Load(**{**load.__dict__, "k": -1, "rpc": "recommend", "requests": 20}))
+    assert refused.errors == {"INVALID_ARGUMENT": 20}
+    assert 0 < refused.refusal_ms["p50"] <= refused.refusal_ms["p99"]
+    assert "refusals answered in" in table([refused])

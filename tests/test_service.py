@@ -447,7 +447,7 @@ def test_deadline_stops_work_and_cancel_stops_the_stream(published):
         knn = s.app.catalog.get("itemknn").model
         calls = []
         original_als, original_user = als.recommend, als.recommend_user
-        original_knn = knn.recommend
+        original_knn, original_knn_user = knn.recommend, knn.recommend_user
         entered = threading.Event()  # set when a call reaches the slowed model
 
         def slow(*a, **kw):
@@ -464,7 +464,12 @@ def test_deadline_stops_work_and_cancel_stops_the_stream(published):
             calls.append(1)
             return original_knn(*a, **kw)
 
-        als.recommend, als.recommend_user, knn.recommend = slow, slow_user, counted
+        def counted_user(*a, **kw):  # hybrid components take the one-user call too
+            calls.append(1)
+            return original_knn_user(*a, **kw)
+
+        als.recommend, als.recommend_user = slow, slow_user
+        knn.recommend, knn.recommend_user = counted, counted_user
         err = s.error(
             s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3, model="mix"), timeout=0.2
         )
@@ -592,3 +597,39 @@ def test_unavailable_while_nothing_is_loaded(published):
         assert md["x-recserve-served-by"] == "popularity" and len(items) == 3
         for name in gate.events:
             gate.release(name)
+
+
+def test_a_call_whose_deadline_cannot_be_met_is_refused_uncomputed(published):
+    """Deadline-aware shedding: once Recommend takes ~0.3 s, a call with 0.1 s left
+    is refused at once (UNAVAILABLE, OVERLOADED, cause deadline, pushback -1: a
+    retry cannot help) and never reaches the model; one with time enough is answered."""
+    root, _ = published
+    with running(root) as s:
+        als = s.app.catalog.get("als").model
+        original, calls = als.recommend_user, []
+
+        def slow(*a, **kw):
+            calls.append(1)
+            time.sleep(0.3)
+            return original(*a, **kw)
+
+        als.recommend_user = slow
+        try:
+            s.recommend(user_id="7", k=3, model="als")  # the pace: ~0.3 s
+            before = len(calls)
+            t0 = time.perf_counter()
+            err = s.error(
+                s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3, model="als"), timeout=0.1
+            )
+            took = time.perf_counter() - t0
+            assert err.code() is grpc.StatusCode.UNAVAILABLE and took < 0.1
+            info = error_info(status_details(err))
+            assert info.reason == "OVERLOADED" and info.metadata["cause"] == "deadline"
+            assert dict(err.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
+            assert len(calls) == before  # never computed
+            rejected = s.app.core.metrics.rejected.labels("Recommend", "DEADLINE")._value.get()
+            assert rejected == 1
+            items, _ = s.recommend(user_id="7", k=3, model="als")  # 10 s: answered
+            assert len(items) == 3
+        finally:
+            als.recommend_user = original

@@ -322,3 +322,66 @@ def test_knn_self_matches_dense_reference(k, knn_self_path):
         assert got.tolist() == [j for _, j in want], i
         np.testing.assert_allclose(v[ip[i] : ip[i + 1]], [-s for s, _ in want], rtol=1e-6)
     assert 1 not in ix[ip[0] : ip[1]].tolist()  # the cancelled pair is no neighbour
+
+
+def test_score_one_equals_score_topk_row_by_row_and_checks_its_inputs():
+    """The serving kernel (matrices validated once, scratch reused) gives each row
+    exactly score_topk's answer, negatives and zero fill included, with or without
+    the row's own items excluded, whatever k and whatever ran before it."""
+    rng = np.random.default_rng(4)
+    h = sp.random(40, 30, density=0.15, format="csr", random_state=1, dtype=np.float32)
+    s = sp.random(30, 25, density=0.2, format="csr", random_state=2, dtype=np.float32)
+    s.data -= 0.3  # some negative similarities
+    seen = sp.random(40, 25, density=0.2, format="csr", random_state=3, dtype=np.float32)
+    chk = [simk.CheckedCSR(m.indptr, m.indices, m.data, m.shape[1]) for m in (h, s, seen)]
+    scratch = simk.Scratch(25)
+    for row in rng.permutation(40):
+        for k in (1, 5, 25):
+            for excl in (None, seen):
+                got = simk.score_one(
+                    chk[0], int(row), chk[1], k, None if excl is None else chk[2], scratch
+                )
+                e = (
+                    (np.zeros(2, np.int64), np.zeros(0, np.int32))
+                    if excl is None
+                    else (
+                        np.array([0, excl[row].nnz], np.int64),
+                        excl[row].indices.astype(np.int32),
+                    )
+                )
+                want = simk.score_topk(
+                    h[row].indptr.astype(np.int64),
+                    h[row].indices,
+                    h[row].data,
+                    s.indptr.astype(np.int64),
+                    s.indices,
+                    s.data,
+                    25,
+                    k,
+                    e[0],
+                    e[1],
+                )
+                n = int((want[0][0] >= 0).sum())
+                np.testing.assert_array_equal(got[0], want[0][0][:n])
+                np.testing.assert_array_equal(got[1], want[1][0][:n])
+    with pytest.raises(ValueError, match="values must lie"):
+        simk.CheckedCSR(s.indptr, s.indices, s.data, 3)
+    with pytest.raises(IndexError):
+        simk.score_one(chk[0], 40, chk[1], 5, None, scratch)
+    with pytest.raises(ValueError, match="columns"):
+        simk.score_one(chk[1], 0, chk[1], 5, None, scratch)
+    with pytest.raises(ValueError, match="scratch"):
+        simk.score_one(chk[0], 0, chk[1], 5, None, simk.Scratch(7))
+    # S given as a CheckedCSR to score_topk: the same answers as the raw arrays.
+    a = simk.score_topk(h.indptr.astype(np.int64), h.indices, h.data, chk[1], None, None, 25, 7)
+    b = simk.score_topk(
+        h.indptr.astype(np.int64),
+        h.indices,
+        h.data,
+        s.indptr.astype(np.int64),
+        s.indices,
+        s.data,
+        25,
+        7,
+    )
+    np.testing.assert_array_equal(a[0], b[0])

@@ -17,15 +17,16 @@ differ only in which matrices the neighbours come from:
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 
 from recserve.data import Dataset
 from recserve.kernels import similarity as simk
-from recserve.models.base import Param, Recommender
+from recserve.models.base import Param, Recommender, check_k
 from recserve.models.registry import register
 
 # Bytes of per-row top-k buffers knn_self may hold (threads x rows x 2k slots
@@ -123,6 +124,7 @@ class _Neighbourhood(Recommender):
         similarity: str | None = None,
     ) -> sp.csr_matrix:
         p = self.params
+        sim = similarity or p.get("similarity", "dot")
         ip, ix, v = simk.knn(
             a.indptr,
             a.indices,
@@ -132,8 +134,9 @@ class _Neighbourhood(Recommender):
             b.data,
             n_cols,
             p["k"],
-            similarity or p.get("similarity", "dot"),
-            p.get("alpha", 0.5),
+            sim,
+            # The asymmetric cosine's exponent; rp3beta's own "alpha" is another one.
+            p.get("alpha", 0.5) if sim == "asymmetric" else 0.5,
             p.get("shrink", 0.0),
             col_scale,
             exclude_self,
@@ -154,9 +157,7 @@ class _Neighbourhood(Recommender):
             h.indptr,
             h.indices,
             h.data,
-            s.indptr,
-            s.indices,
-            s.data,
+            *self._checked(s),
             s.shape[1],
             k,
             excl[0],
@@ -166,8 +167,53 @@ class _Neighbourhood(Recommender):
             self.n_threads,
         )
 
+    def _checked(self, s: sp.csr_matrix) -> tuple[Any, Any, Any]:
+        """S's arrays for score_topk: the model's own similarity matrix as a
+        CheckedCSR (validated once, not on every request), others as they are."""
+        if s is not self.sim:
+            return s.indptr, s.indices, s.data
+        cached = getattr(self, "_sim_checked", None)
+        if cached is None or cached[0] is not s:
+            cached = (s, simk.CheckedCSR(s.indptr, s.indices, s.data, s.shape[1]))
+            self._sim_checked = cached
+        return cached[1], None, None
+
     def _rank(self, users, history, k, excl, cand):
         return self._score(history.tocsr(), self.sim, k, excl, cand)
+
+    def _one_user(self) -> tuple[Any, Any]:
+        """(history rows, scored matrix) of a known user's ranking: the training
+        rows x sim here; userknn scores sim rows x the training rows."""
+        return self.user_items, self.sim
+
+    def recommend_user(
+        self, user: int, k: int = 10, filter_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The serving call, fused: one kernel call over matrices validated once
+        (per model), scratch reused per thread. Equal to recommend([user], k)."""
+        check_k(k)
+        seen = self._require_fitted()
+        hist, scored = self._one_user()
+        cache = getattr(self, "_one_cache", None)
+        if cache is None or cache[0] is not hist or cache[1] is not scored or cache[2] is not seen:
+            check = simk.CheckedCSR
+            cache = (
+                hist,
+                scored,
+                seen,
+                check(hist.indptr, hist.indices, hist.data, hist.shape[1]),
+                check(scored.indptr, scored.indices, scored.data, scored.shape[1]),
+                check(seen.indptr, seen.indices, seen.data, seen.shape[1]),
+                threading.local(),
+            )
+            self._one_cache = cache
+        local = cache[6]
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = simk.Scratch(scored.shape[1])
+        return simk.score_one(
+            cache[3], int(user), cache[4], k, cache[5] if filter_seen else None, scratch
+        )
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         assert self.user_items is not None
@@ -324,6 +370,9 @@ class UserKNN(_Neighbourhood):
     def _rank(self, users, history, k, excl, cand):
         h = self.sim[users] if users is not None else self._neighbours(history)
         return self._score(h.tocsr(), self.user_items, k, excl, cand)
+
+    def _one_user(self) -> tuple[Any, Any]:
+        return self.sim, self.user_items
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         return np.asarray((self.sim[users] @ self.user_items).toarray(), np.float32)

@@ -216,7 +216,7 @@ def status(f: Refusal) -> status_pb2.Status:
                 ]
             )
         )
-    if f.retry_ms is not None:
+    if f.retry_ms is not None and f.retry_ms >= 0:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(f.retry_ms)
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
@@ -230,7 +230,7 @@ def status(f: Refusal) -> status_pb2.Status:
 
 def status_trailer(f: Refusal) -> tuple[tuple[str, str | bytes], ...]:
     """The trailing metadata of a refused call: the google.rpc.Status, and gRPC's
-    retry pushback where the refusal says when to retry."""
+    retry pushback where the refusal says when to retry (-1: do not retry)."""
     md: list[tuple[str, str | bytes]] = [(contract.STATUS_DETAILS, status(f).SerializeToString())]
     if f.retry_ms is not None:
         md.append((contract.RETRY_PUSHBACK, str(f.retry_ms)))

@@ -45,6 +45,7 @@ MAX_EVENT_ID_BYTES = 128
 # attempt to find another replica (a 0 ms gRPC pushback made grpc-python's retry
 # wait out the whole deadline against a stopping server, measured).
 DRAIN_RETRY_MS = 100
+EWMA = 0.1  # weight of the newest answer in a method's average duration
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -188,6 +189,7 @@ class Core:
         self._active_lock = threading.Lock()
         self.draining = False
         self.last_call = 0.0  # monotonic time of the last call that asked for a slot
+        self._took: dict[str, float] = {}  # recent seconds per answered call, by method
         self._seen_changes: int | None = None  # the feedback log's counter at the last sync
         # In flight: read at scrape time from `active`, except with --workers, where
         # each process writes its count to its metrics file (livesum).
@@ -213,6 +215,21 @@ class Core:
                 "server: draining, retry another replica",
                 reason="DRAINING",
                 retry_ms=DRAIN_RETRY_MS,
+            )
+        remaining = call.time_remaining()
+        if remaining is not None and remaining < self._took.get(method, 0.0):
+            # Deadline-aware shedding: this call cannot be answered in time at the
+            # pace calls take now, so it is refused at once instead of computed for
+            # a client that will have given up (a retry would fail the same way).
+            took = self._took[method]
+            self.metrics.rejected.labels(method, "DEADLINE").inc()
+            raise Failure(
+                Code.UNAVAILABLE,
+                f"server: {1000 * remaining:.0f} ms left of the deadline, and {method} takes "
+                f"~{1000 * took:.0f} ms now; not computed",
+                reason="OVERLOADED",
+                info={"cause": "deadline", "expected_ms": f"{1000 * took:.1f}"},
+                retry_ms=-1,
             )
         with self._active_lock:
             full = self.active >= self.cfg.max_concurrency
@@ -257,7 +274,12 @@ class Core:
                 m.items.labels(s.method).inc(n)
         if s.sent:
             m.items.labels(s.method).inc(s.sent)
-        m.rpc_seconds.labels(s.method, "OK").observe(s.t1 - s.t0)
+        took = s.t1 - s.t0
+        m.rpc_seconds.labels(s.method, "OK").observe(took)
+        # The pace of this method now (an exponential average of recent answers),
+        # which deadline-aware shedding compares a new call's deadline with.
+        before = self._took.get(s.method)
+        self._took[s.method] = took if before is None else before + EWMA * (took - before)
 
     def failure(self, method: str, exc: BaseException) -> Failure:
         """The Failure to answer for an exception raised while answering."""

@@ -102,6 +102,9 @@ class Recommender(pb_grpc.RecommenderServicer):
             with self.core.session("RecommendBatch", context) as s:
                 async for request in request_iterator:
                     yield self.core.batch_one(s, request)
+                    # Between two requests of a batch, let every other call that is
+                    # waiting take its turn: a long batch never holds the loop.
+                    await asyncio.sleep(0)
         except Failure as f:
             await _abort(context, f)
 

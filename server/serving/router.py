@@ -28,6 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recserve.config import Hybrid, ServerConfig
+from recserve.data import IdMap
 from recserve.feedback import OnlineState
 from recserve.models import Recommender, bundle
 from recserve.models.registry import MODELS
@@ -42,7 +43,7 @@ from recserve.serving.answers import (
     invalid,
     nothing,
 )
-from recserve.serving.blend import blend
+from recserve.serving.blend import blend, blend_rows
 from recserve.serving.catalog import SERVING, Catalog, Slot
 
 log = logging.getLogger("recserve.router")
@@ -333,6 +334,10 @@ class Router:
     def _retrieve(self, slot, q, k, user, extra_idx, extra_val, excl, cand) -> _Served | None:
         """The model's top-k for a resolved user (known row, or history to fold in)."""
         m = slot.model
+        if user >= 0 and extra_idx.size == 0 and excl.size == 0 and cand is None:
+            # The common case (hybrid components too): the one-user serving call.
+            items, scores = m.recommend_user(user, k, filter_seen=not q.include_seen)
+            return _Served(slot, items, scores, user, None)
         if user >= 0 and extra_idx.size == 0:
             items, scores = m.recommend(
                 [user],
@@ -412,11 +417,16 @@ class Router:
             stages["rank"] += time.perf_counter() - t
 
     def _blend(self, parts: list[tuple[float, _Served]], q: RecQuery, check: Check) -> Ranked:
-        order = blend(
-            ((w, s.slot.model.items.ids(s.items), s.scores) for w, s in parts),  # type: ignore[union-attr]
-            q.k,
-        )
-        out = Ranked([i for i, _ in order], [v for _, v in order])
+        first = parts[0][1].slot.model.items  # type: ignore[union-attr]
+        if all(_same_items(first, s.slot.model.items) for _, s in parts[1:]):  # type: ignore[union-attr]
+            rows, scores = blend_rows(((w, s.items, s.scores) for w, s in parts), q.k)
+            out = Ranked.of(first, rows, scores, "")
+        else:  # components over different catalogues: blend by id
+            order = blend(
+                ((w, s.slot.model.items.ids(s.items), s.scores) for w, s in parts),  # type: ignore[union-attr]
+                q.k,
+            )
+            out = Ranked([i for i, _ in order], [v for _, v in order])
         out.version = ",".join(f"{s.slot.name}@{s.slot.version}" for _, s in parts)
         out.folded_in = any(s.folded_in for _, s in parts)
         if q.explain:
@@ -649,3 +659,21 @@ def _pinned(out: _A, version: str) -> _A:
         "VERSION_NOT_SERVED",
         info={"model": out.model, "served_version": out.version},
     )
+
+
+_SAME: dict[tuple[int, int], tuple[IdMap, IdMap, bool]] = {}
+
+
+def _same_items(a: IdMap, b: IdMap) -> bool:
+    """Whether two models index the same items the same way (checked once per
+    pair of loaded id maps; the maps are kept so their ids are never reused)."""
+    if a is b:
+        return True
+    key = (id(a), id(b))
+    hit = _SAME.get(key)
+    if hit is None or hit[0] is not a or hit[1] is not b:
+        if len(_SAME) > 256:
+            _SAME.clear()
+        hit = (a, b, len(a) == len(b) and bool(np.array_equal(a.array, b.array)))
+        _SAME[key] = hit
+    return hit[2]
