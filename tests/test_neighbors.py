@@ -33,7 +33,7 @@ def rank(scores, seen_row, k):
 
 
 def test_itemknn_cosine_equals_numpy(small):
-    model = create("itemknn", k=20).fit(small)
+    model = create("itemknn", k=20, shrink=0.0, weighting="none").fit(small)
     x = small.interactions.toarray().astype(np.float64)
     norms = np.sqrt((x**2).sum(0))
     cos = (x.T @ x) / np.maximum(np.outer(norms, norms), 1e-30)
@@ -55,7 +55,7 @@ def test_rp3beta_equals_numpy(small):
 
 
 def test_userknn_known_and_folded_in_users_equal_numpy(small):
-    model = create("userknn", k=30).fit(small)
+    model = create("userknn", k=30, shrink=0.0, weighting="none").fit(small)
     x = small.interactions.toarray().astype(np.float64)
     norms = np.sqrt((x**2).sum(1))
     cos = (x @ x.T) / np.maximum(np.outer(norms, norms), 1e-30)

@@ -42,12 +42,13 @@ class ALS(EmbeddingIndexMixin):
     algorithm = "als"
     budget_param = "iterations"
     params_spec: ClassVar[Mapping[str, Param]] = {
-        "factors": Param(int, 64, "latent dimensions", min=1, max=1024, search=(8, 256), log=True),
-        "regularization": Param(float, 0.01, "L2 penalty", min=0, search=(1e-4, 10.0), log=True),
+        # Defaults: the study in docs/algorithms.md (was 64 / 0.01 / 1.0 / 15).
+        "factors": Param(int, 18, "latent dimensions", min=1, max=1024, search=(8, 256), log=True),
+        "regularization": Param(float, 0.65, "L2 penalty", min=0, search=(1e-4, 10.0), log=True),
         "alpha": Param(
-            float, 1.0, "confidence = 1 + alpha * value", min=0, search=(0.1, 100.0), log=True
+            float, 3.7, "confidence = 1 + alpha * value", min=0, search=(0.1, 100.0), log=True
         ),
-        "iterations": Param(int, 15, "alternating sweeps", min=1, max=1000, search=(5, 30)),
+        "iterations": Param(int, 22, "alternating sweeps", min=1, max=1000, search=(5, 30)),
         "cg_steps": Param(int, 3, "CG steps per solve; 0 = exact Cholesky", min=0, max=100),
         "seed": Param(int, 0, "random seed of the initial factors"),
         "binary": Param(bool, False, "treat every interaction as value 1"),
@@ -334,12 +335,13 @@ class BPR(EmbeddingIndexMixin):
     algorithm = "bpr"
     budget_param = "epochs"
     params_spec: ClassVar[Mapping[str, Param]] = {
+        # Defaults: the study in docs/algorithms.md (was 64 / 0.01 / 0.01 / 100).
         "factors": Param(int, 64, "latent dimensions", min=1, max=1024, search=(8, 256), log=True),
-        "lr": Param(float, 0.01, "SGD learning rate", min=1e-9, search=(1e-3, 0.2), log=True),
-        "reg": Param(float, 0.01, "L2 penalty", min=0, search=(1e-5, 0.1), log=True),
+        "lr": Param(float, 0.016, "SGD learning rate", min=1e-9, search=(1e-3, 0.2), log=True),
+        "reg": Param(float, 0.002, "L2 penalty", min=0, search=(1e-5, 0.1), log=True),
         "epochs": Param(
             int,
-            100,
+            230,
             "passes (nnz sampled triples each)",
             min=1,
             max=100_000,

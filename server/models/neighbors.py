@@ -259,7 +259,13 @@ class ItemKNN(_Neighbourhood):
     """Item-based kNN: items similar to the user's items, weighted by their history."""
 
     algorithm = "itemknn"
-    params_spec: ClassVar[Mapping[str, Param]] = COMMON
+    # Defaults: the study in docs/algorithms.md (was k 100, shrink 0, no weighting).
+    params_spec: ClassVar[Mapping[str, Param]] = {
+        **COMMON,
+        "k": COMMON["k"].searched(default=600),
+        "shrink": COMMON["shrink"].searched(default=200.0),
+        "weighting": COMMON["weighting"].searched(default="tfidf"),
+    }
 
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
@@ -273,11 +279,12 @@ class RP3beta(_Neighbourhood):
 
     algorithm = "rp3beta"
     params_spec: ClassVar[Mapping[str, Param]] = {
-        "k": COMMON["k"],
+        "k": COMMON["k"].searched(default=22),
+        # Defaults: the study in docs/algorithms.md (was k 100, alpha 1.0, beta 0.6).
         "alpha": Param(
-            float, 1.0, "exponent on the transition probabilities", min=0, search=(0.1, 2.0)
+            float, 1.1, "exponent on the transition probabilities", min=0, search=(0.1, 2.0)
         ),
-        "beta": Param(float, 0.6, "popularity penalty exponent", min=0, search=(0.0, 1.0)),
+        "beta": Param(float, 0.16, "popularity penalty exponent", min=0, search=(0.0, 1.0)),
         "binary": Param(bool, True, "use interactions as 0/1"),
     }
 
@@ -338,7 +345,13 @@ class UserKNN(_Neighbourhood):
     """
 
     algorithm = "userknn"
-    params_spec: ClassVar[Mapping[str, Param]] = COMMON
+    # Defaults: the study in docs/algorithms.md (was k 100, shrink 0, no weighting).
+    params_spec: ClassVar[Mapping[str, Param]] = {
+        **COMMON,
+        "k": COMMON["k"].searched(default=170),
+        "shrink": COMMON["shrink"].searched(default=65.0),
+        "weighting": COMMON["weighting"].searched(default="bm25"),
+    }
     ranks_from_history = False  # known users rank from their sim row
 
     def _fit(self, dataset: Dataset) -> None:

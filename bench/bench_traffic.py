@@ -1,0 +1,163 @@
+"""Serving under real traffic, on the out-of-the-box setup (`recserve quickstart`
+data, models and config; its default model is the learned hybrid), one run:
+
+1. the health-check ceiling (closed loop, concurrency 8);
+2. every model's Recommend (k=10, known users) as a ratio of that ceiling;
+3. the traffic mix's closed-loop maximum (64% Recommend, 16% cold users with a
+   10-item history, 10% SimilarItems, 10% RecommendBatch of 16);
+4. Recommend's p99 alone vs inside the mix, open loop at half the mix's maximum;
+5. the mix at twice its maximum with 1 s deadlines: status codes, goodput
+   (OK per second / the maximum) and how fast refusals come back.
+
+Client and server share this machine's cores: the ratios are the figures to
+quote, not the absolute rates. The targets (issue "Serving under real traffic")
+are printed beside each figure.
+
+    python bench/bench_traffic.py                     # about 4 minutes
+    python bench/bench_traffic.py --duration 5 --workdir /tmp/qs
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from recserve.clients.bench import Load, run
+from recserve.clients.health import check
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRA = [  # models quickstart does not train, so every algorithm is measured
+    ("userknn", "userknn", ["k=100"]),
+    ("rp3beta", "rp3beta", []),
+    ("ease", "ease", []),
+    ("bpr", "bpr", ["epochs=20"]),
+    ("svd", "svd", []),
+    ("bayes_mf", "bayes_mf", []),
+]
+MODELS = ["popularity", "als", "itemknn", "content", "hybrid"] + [n for n, _, _ in EXTRA]
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "recserve", *args], check=True, capture_output=True)
+
+
+def setup(work: Path) -> Path:
+    """quickstart, plus the other algorithms on the same data; returns the config."""
+    cli("quickstart", "--workdir", str(work))
+    data, models = work / "data" / "default", work / "models"
+    for name, algo, params in EXTRA:
+        if not (models / name / "CURRENT").exists() and not (models / name).exists():
+            args = ["train", "--data", str(data), "--algo", algo, "--name", name]
+            args += ["--models", str(models), "--no-evaluate"]
+            for p in params:
+                args += ["--param", p]
+            cli(*args)
+    return work / "recserve.toml"
+
+
+def serve(config: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "recserve",
+            "serve",
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--feedback",
+            "memory:",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        m = re.search(r"listening on \S+:(\d+)", line)
+        if m:
+            target = f"127.0.0.1:{m.group(1)}"
+            break
+    else:
+        raise SystemExit("server did not start")
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        try:
+            if check(target, "model/hybrid", 2.0) == "SERVING":
+                break
+        except Exception:  # not answering yet
+            pass
+        time.sleep(0.2)
+    return proc, target
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--workdir", default=None, help="quickstart folder (default: a temporary one)")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-traffic-"))
+    print(f"setting up {work} (quickstart + {len(EXTRA)} more models)...", flush=True)
+    proc, target = serve(setup(work))
+    users = [str(i) for i in range(1, 6001)]
+    items = [str(i) for i in range(1, 2501)]
+    base = dict(target=target, duration=args.duration, warmup=1.0, users=users, items=items)
+    try:
+        ceiling = run(Load(rpc="health", concurrency=8, **base))
+        print(f"\nhealth-check ceiling, concurrency 8: {ceiling.qps:,.0f} q/s")
+        print(f"\n{'model':<12}{'q/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}   target >= 0.70")
+        for model in MODELS:
+            r = run(Load(rpc="recommend", model=model, concurrency=8, **base))
+            ratio = r.qps / ceiling.qps
+            print(
+                f"{model:<12}{r.qps:>9,.0f}{ratio:>8.2f}{r.latency_ms['p50']:>9.2f}"
+                f"{r.latency_ms['p99']:>9.2f}   {'ok' if ratio >= 0.7 else 'BELOW'}"
+                + (f"  errors {r.errors}" if r.errors else ""),
+                flush=True,
+            )
+        mix = run(Load(rpc="traffic", concurrency=8, **base))
+        print(
+            f"\ntraffic mix, closed-loop maximum: {mix.qps:,.0f} q/s (errors {mix.errors or '-'})"
+        )
+        half = mix.qps / 2
+        alone = run(Load(rpc="recommend", rate=half * 0.64, **base))
+        mixed = run(Load(rpc="traffic", rate=half, **base))
+        p_alone = alone.latency_ms["p99"]
+        p_mixed = mixed.by_rpc.get("recommend", {}).get("latency_ms", {}).get("p99", float("nan"))
+        print(
+            f"open loop at half the maximum: Recommend p99 alone {p_alone:.2f} ms "
+            f"(at {half * 0.64:,.0f} q/s), in the mix {p_mixed:.2f} ms: "
+            f"{p_mixed / p_alone:.2f}x (target <= 2x)"
+        )
+        for kind, k in mixed.by_rpc.items():
+            p50, p99 = k["latency_ms"]["p50"], k["latency_ms"]["p99"]
+            print(f"  {kind:<10}{k['requests']:>7} calls  p50 {p50:.2f}  p99 {p99:.2f} ms")
+        over = run(Load(rpc="traffic", rate=2 * mix.qps, deadline=1.0, **{**base, "duration": 5.0}))
+        goodput = over.qps / mix.qps
+        codes = {"OK": over.requests - sum(over.errors.values()), **over.errors}
+        print(
+            f"\ntwice the maximum ({2 * mix.qps:,.0f} q/s), 1 s deadlines, 5 s: {codes}\n"
+            f"  goodput {over.qps:,.0f} OK/s = {goodput:.2f} of the maximum (target >= 0.8); "
+            f"refusals p50 {over.refusal_ms['p50']:.1f} ms, p99 {over.refusal_ms['p99']:.1f} ms "
+            f"(target <= 10 ms); DEADLINE_EXCEEDED {over.errors.get('DEADLINE_EXCEEDED', 0)}, "
+            f"CANCELLED {over.errors.get('CANCELLED', 0)} (target 0)"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()
