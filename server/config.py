@@ -9,6 +9,8 @@
     max_k = 1000
     max_concurrency = 64          # Recommender RPCs in flight (per worker); more fail fast
     overload_retry_ms = 50        # RetryInfo delay sent with an OVERLOADED refusal
+    queue_budget_ms = 10          # asyncio: refuse new calls while calls wait longer than
+                                  # this for the loop (overload fails fast); 0 = never
     max_connection_age_s = 300    # connections are closed (GOAWAY) after this: clients
                                   # reconnect and spread onto new replicas; 0 = never
     workers = 1                   # processes sharing the port (SO_REUSEPORT)
@@ -90,6 +92,7 @@ class ServerConfig:
     max_k: int = 1000
     max_concurrency: int = 64
     overload_retry_ms: int = 50
+    queue_budget_ms: float = 10.0
     max_connection_age_s: float = 300.0
     max_connection_age_grace_s: float = 30.0
     max_history: int = 10_000
@@ -138,6 +141,7 @@ _CHECKS: dict[str, tuple[float, float]] = {
     "max_k": (1, 1_000_000),
     "max_concurrency": (1, 100_000),
     "overload_retry_ms": (0, 60_000),
+    "queue_budget_ms": (0.0, 60_000.0),
     "max_connection_age_s": (0.0, 30 * 86400.0),
     "max_connection_age_grace_s": (0.0, 3600.0),
     "max_history": (1, 10_000_000),

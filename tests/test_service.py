@@ -633,3 +633,24 @@ def test_a_call_whose_deadline_cannot_be_met_is_refused_uncomputed(published):
             assert len(items) == 3
         finally:
             als.recommend_user = original
+
+
+def test_calls_are_refused_while_the_queue_wait_stays_over_its_budget(published):
+    """Queue-time admission: work waiting for the loop longer than queue_budget_ms
+    for at least that long refuses new calls at once (OVERLOADED, cause queue,
+    RetryInfo); one late probe alone is forgiven, and a short wait re-admits."""
+    root, _ = published
+    with running(root, server="threads", queue_budget_ms=50) as s:  # no probe: fed here
+        core = s.app.core
+        req = pb.RecommendRequest(user_id="7", k=3, model="als")
+        core.note_wait(0.2)  # a backlog just began: not yet refused
+        assert len(s.rec.Recommend(req, timeout=10).items) == 3
+        time.sleep(0.06)
+        core.note_wait(0.2)  # still over the budget a budget's length later
+        err = s.error(s.rec.Recommend, req)
+        assert err.code() is grpc.StatusCode.UNAVAILABLE
+        info = error_info(status_details(err))
+        assert info.reason == "OVERLOADED" and info.metadata["cause"] == "queue"
+        assert s.app.core.metrics.rejected.labels("Recommend", "QUEUE")._value.get() == 1
+        core.note_wait(0.001)  # the backlog drained
+        assert len(s.rec.Recommend(req, timeout=10).items) == 3

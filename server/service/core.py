@@ -190,6 +190,10 @@ class Core:
         self.draining = False
         self.last_call = 0.0  # monotonic time of the last call that asked for a slot
         self._took: dict[str, float] = {}  # recent seconds per answered call, by method
+        # Queue-time admission (asyncio): since when calls have waited for the loop
+        # longer than the budget (0.0: they do not), fed by note_wait.
+        self._budget = cfg.queue_budget_ms / 1000
+        self._backlog_since = 0.0
         self._seen_changes: int | None = None  # the feedback log's counter at the last sync
         # In flight: read at scrape time from `active`, except with --workers, where
         # each process writes its count to its metrics file (livesum).
@@ -215,6 +219,19 @@ class Core:
                 "server: draining, retry another replica",
                 reason="DRAINING",
                 retry_ms=DRAIN_RETRY_MS,
+            )
+        if self._backlog_since and time.monotonic() - self._backlog_since >= self._budget:
+            # Calls have waited longer than queue_budget_ms for the loop for at
+            # least that long: refuse at once, so the backlog drains instead of
+            # growing until every waiting call misses its deadline.
+            self.metrics.rejected.labels(method, "QUEUE").inc()
+            raise Failure(
+                Code.UNAVAILABLE,
+                f"server: calls wait over {1000 * self._budget:.0f} ms to start "
+                "(queue_budget_ms); retry after the RetryInfo delay",
+                reason="OVERLOADED",
+                info={"cause": "queue", "queue_budget_ms": f"{1000 * self._budget:g}"},
+                retry_ms=self.cfg.overload_retry_ms,
             )
         remaining = call.time_remaining()
         if remaining is not None and remaining < self._took.get(method, 0.0):
@@ -248,6 +265,18 @@ class Core:
         if self._count_inflight:
             self.metrics.inflight.inc()
         return Session(self, method, call, t0, defer)
+
+    def note_wait(self, seconds: float) -> None:
+        """How long work queued for the loop waited just now (the asyncio
+        transport's probe). Over the budget, calls are refused once it has
+        lasted a budget's length, so one slow call or a pause is forgiven."""
+        if self._budget <= 0:
+            return
+        if seconds > self._budget:
+            if not self._backlog_since:
+                self._backlog_since = time.monotonic()
+        else:
+            self._backlog_since = 0.0
 
     def release(self) -> None:
         """Give back the admission slot of a finished call."""

@@ -35,6 +35,8 @@ log = logging.getLogger("recserve.service")
 
 # Seconds without a new call after which a draining asyncio server stops.
 DRAIN_QUIET = 0.25
+# How often the loop measures how long queued work waits for it (queue_budget_ms).
+PROBE_SECONDS = 0.002
 
 
 async def _abort(context: grpc.aio.ServicerContext, f: Failure) -> bytes:
@@ -184,6 +186,9 @@ class AioTransport:
                 await server.start()
                 self.server = server
                 loop.call_later(FLUSH_SECONDS, self._flush)
+                if cfg.queue_budget_ms > 0:
+                    due = loop.time() + PROBE_SECONDS
+                    loop.call_at(due, self._probe, due)
             except BaseException as exc:  # reported to the caller of start
                 ready["error"] = exc
             finally:
@@ -209,6 +214,14 @@ class AioTransport:
             log.exception("applying metrics failed")
         if not self._stopped.is_set():
             self.loop.call_later(FLUSH_SECONDS, self._flush)
+
+    def _probe(self, due: float) -> None:
+        # Run when the loop reaches it: its lateness is how long work queued on
+        # the loop (calls gRPC has accepted included) waits before it runs.
+        now = self.loop.time()
+        self.app.core.note_wait(now - due)
+        if not self._stopped.is_set():
+            self.loop.call_at(now + PROBE_SECONDS, self._probe, now + PROBE_SECONDS)
 
     def set_health(self, name: str, state: int) -> None:
         """Set one health status from any thread (the servicer lives on the loop)."""
