@@ -34,21 +34,20 @@ def blend(
 
 
 def blend_rows(
-    parts: Iterable[tuple[float, np.ndarray, np.ndarray]], k: int
+    parts: Iterable[tuple[float, np.ndarray, np.ndarray]], k: int, n_items: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`blend` for parts that share one item index space (weight, item rows,
-    scores): the same sums, added in the same order, and the same ties (an
-    IdMap's rows are in id order), in a few array operations instead of a dict
-    per item. Returns (rows int32, blended scores float64), best first."""
-    rows, vals = [], []
+    """`blend` for parts that share one item index space of n_items (weight, item
+    rows, scores): the same sums, added in the same order (a dense accumulator;
+    rows are distinct within a part), and the same ties (an IdMap's rows are in
+    id order), in a few array operations instead of a dict per item.
+    Returns (rows int32, blended scores float64), best first."""
+    total = np.zeros(n_items, np.float64)
+    touched = np.zeros(n_items, bool)
     for weight, items, scores in parts:
         if len(items) == 0:
             continue
-        rows.append(np.asarray(items, np.int64))
-        vals.append(weight * minmax(scores))
-    if not rows:
-        return np.zeros(0, np.int32), np.zeros(0, np.float64)
-    uniq, inv = np.unique(np.concatenate(rows), return_inverse=True)
-    total = np.bincount(inv, weights=np.concatenate(vals), minlength=uniq.size)
-    order = np.lexsort((uniq, -total))[:k]
-    return uniq[order].astype(np.int32), total[order]
+        total[items] += weight * minmax(scores)
+        touched[items] = True
+    rows = np.flatnonzero(touched)
+    order = np.lexsort((rows, -total[rows]))[:k]
+    return rows[order].astype(np.int32), total[rows[order]]

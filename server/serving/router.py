@@ -419,7 +419,7 @@ class Router:
     def _blend(self, parts: list[tuple[float, _Served]], q: RecQuery, check: Check) -> Ranked:
         first = parts[0][1].slot.model.items  # type: ignore[union-attr]
         if all(_same_items(first, s.slot.model.items) for _, s in parts[1:]):  # type: ignore[union-attr]
-            rows, scores = blend_rows(((w, s.items, s.scores) for w, s in parts), q.k)
+            rows, scores = blend_rows(((w, s.items, s.scores) for w, s in parts), q.k, len(first))
             out = Ranked.of(first, rows, scores, "")
         else:  # components over different catalogues: blend by id
             order = blend(
