@@ -141,7 +141,7 @@ class ThreadsTransport:
         self.app = app
         self.health = health.HealthServicer()
         # Workers beyond the admission cap leave room for health, admin and the
-        # RESOURCE_EXHAUSTED answers themselves.
+        # OVERLOADED refusals themselves.
         pool = ThreadPoolExecutor(cfg.max_concurrency + 8, thread_name_prefix="rpc")
         self.server = grpc.server(pool, options=grpc_common.server_options(cfg))
         self.port = grpc_common.register(
