@@ -14,6 +14,7 @@ the launcher is passed on to every worker, each drains, the launcher exits 0.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import shutil
@@ -27,6 +28,18 @@ from dataclasses import replace
 from recserve.config import ServerConfig
 
 log = logging.getLogger("recserve")
+
+# Seconds past the drain's grace after which a stopping server gives up: it
+# prints every thread's stack to stderr and exits 1 (faulthandler's watchdog,
+# which runs even if Python threads are stuck), so a hung shutdown is reported
+# with its cause instead of waiting for an orchestrator's SIGKILL.
+DRAIN_OVERRUN = 15.0
+
+
+def _drain(app, cfg: ServerConfig) -> None:
+    """Drain under the overrun watchdog (see DRAIN_OVERRUN)."""
+    faulthandler.dump_traceback_later(cfg.grace_seconds + DRAIN_OVERRUN, exit=True)
+    app.drain()
 
 
 def cores() -> int:
@@ -73,7 +86,7 @@ def serve(cfg: ServerConfig) -> None:
     _announce(cfg, port)
     _wait_for_signal()
     log.info("signal received: draining (grace %.1fs)", cfg.grace_seconds)
-    app.drain()
+    _drain(app, cfg)
 
 
 def _reserve_port(cfg: ServerConfig) -> tuple[socket.socket, int]:
@@ -107,7 +120,7 @@ def _worker(cfg: ServerConfig, index: int) -> int:
     app.start()
     log.info("worker %d (pid %d) serving, %d BLAS/OpenMP thread(s)", index, os.getpid(), share)
     stop.wait()
-    app.drain()
+    _drain(app, cfg)
     return 0
 
 

@@ -47,7 +47,9 @@ class Proc:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # PYTHONFAULTHANDLER: a server that hangs in stop() is sent SIGABRT,
+            # which prints every thread's stack to stderr for the failure message.
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
         )
         self.lines: list[str] = []
         self.port: queue.Queue[int] = queue.Queue()
@@ -67,10 +69,20 @@ class Proc:
         except queue.Empty:
             raise AssertionError("server did not start:\n" + "".join(self.lines)) from None
 
-    def stop(self) -> int:
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then the exit code; a server still running after `timeout`
+        fails the test with every thread's stack and its log."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(30)
+            time.sleep(0.5)  # the reader thread collects the dump
+            raise AssertionError(
+                f"server still running {timeout:.0f}s after SIGTERM:\n" + "".join(self.lines[-200:])
+            ) from None
 
 
 def wait_serving(target: str, service: str = "", timeout: float = 30) -> float:
@@ -212,3 +224,32 @@ def test_serve_refuses_a_bad_config_naming_the_key(models_dir, tmp_path):
         timeout=60,
     )
     assert out.returncode == 2 and "max_k: must be in" in out.stderr
+
+
+def test_a_drain_that_hangs_is_reported_with_its_stacks_and_exits_1():
+    """The overrun watchdog: a drain stuck past grace + DRAIN_OVERRUN prints every
+    thread's stack and exits 1 instead of waiting for a SIGKILL."""
+    script = """
+import os, signal, threading, time
+import recserve.launch as launch, recserve.service as service
+from recserve.config import ServerConfig
+
+class StuckApp:
+    def __init__(self, cfg): pass
+    def start(self): return 1
+    def drain(self):
+        threading.Event().wait()  # never returns: a hung shutdown
+
+service.App = StuckApp
+launch.DRAIN_OVERRUN = 1.0
+launch._announce = lambda cfg, port: None
+threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+launch.serve(ServerConfig(grace_seconds=0.5, metrics_port=0))
+"""
+    t = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert out.returncode == 1, out.stderr
+    assert "Timeout (0:00:01.500000)!" in out.stderr and "in drain" in out.stderr
+    assert time.monotonic() - t < 30

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import queue
+import sys
 import threading
 import time
 
@@ -654,3 +655,40 @@ def test_calls_are_refused_while_the_queue_wait_stays_over_its_budget(published)
         assert s.app.core.metrics.rejected.labels("Recommend", "QUEUE")._value.get() == 1
         core.note_wait(0.001)  # the backlog drained
         assert len(s.rec.Recommend(req, timeout=10).items) == 3
+        core.note_wait(0.2, busy=0.05)  # late, but the loop was off the CPU:
+        time.sleep(0.06)
+        core.note_wait(0.2, busy=0.05)  # held back by others, not by calls
+        assert len(s.rec.Recommend(req, timeout=10).items) == 3
+
+
+def test_a_loop_held_back_by_another_thread_is_not_a_queue(published):
+    """The asyncio probe sees the loop late while another thread holds the GIL
+    (a model loading, the machine's other work): the loop's thread is off the CPU,
+    so no call is refused for it (found by CI: an idle server refused a lone
+    RecordInteractions on a starved machine)."""
+    root, _ = published
+    with running(root, server="asyncio", queue_budget_ms=10) as s:
+        core, seen = s.app.core, []
+        note = core.note_wait
+        core.note_wait = lambda seconds, busy=1.0: (seen.append(seconds), note(seconds, busy))
+        stop, old = threading.Event(), sys.getswitchinterval()
+        sys.setswitchinterval(0.05)  # the spinner keeps the GIL 50 ms at a time
+
+        def spin() -> None:
+            while not stop.is_set():
+                pass
+
+        spinner = threading.Thread(target=spin, daemon=True)
+        spinner.start()
+        try:
+            req = pb.RecommendRequest(user_id="7", k=3, model="als")
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                assert len(s.rec.Recommend(req, timeout=10).items) == 3
+        finally:
+            stop.set()
+            spinner.join()
+            sys.setswitchinterval(old)
+            core.note_wait = note
+        assert max(seen) > 0.02  # the probe did see the loop late
+        assert core.metrics.rejected.labels("Recommend", "QUEUE")._value.get() == 0

@@ -45,6 +45,9 @@ MAX_EVENT_ID_BYTES = 128
 # attempt to find another replica (a 0 ms gRPC pushback made grpc-python's retry
 # wait out the whole deadline against a stopping server, measured).
 DRAIN_RETRY_MS = 100
+# The loop thread's least CPU share (CPU seconds per wall second between two
+# probes) for a late probe to count as calls backing up (queue_budget_ms).
+LOOP_BUSY = 0.3
 EWMA = 0.1  # weight of the newest answer in a method's average duration
 
 Metadata = tuple[tuple[str, str], ...]
@@ -265,13 +268,17 @@ class Core:
             self.metrics.inflight.inc()
         return Session(self, method, call, t0, defer)
 
-    def note_wait(self, seconds: float) -> None:
+    def note_wait(self, seconds: float, busy: float = 1.0) -> None:
         """How long work queued for the loop waited just now (the asyncio
-        transport's probe). Over the budget, calls are refused once it has
-        lasted a budget's length, so one slow call or a pause is forgiven."""
+        transport's probe), and the share of that time the loop's thread spent
+        on the CPU. Over the budget, calls are refused once it has lasted a
+        budget's length, so one slow call or a pause is forgiven. A late loop
+        that was mostly off the CPU (`busy` under LOOP_BUSY: the machine's other
+        processes or the model loader's threads held it back, not calls) is not
+        a backlog of ours: refusing would turn away calls an idle server can take."""
         if self._budget <= 0:
             return
-        if seconds > self._budget:
+        if seconds > self._budget and busy >= LOOP_BUSY:
             if not self._backlog_since:
                 self._backlog_since = time.monotonic()
         else:

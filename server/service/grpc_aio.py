@@ -167,6 +167,7 @@ class AioTransport:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = threading.Event()
+        self._probe_cpu = (0.0, 0.0)  # (loop time, loop thread CPU time) at the last probe
 
     def start(self, states: dict[str, int]) -> None:
         """Start the loop thread and the server on it, with the health statuses set
@@ -188,6 +189,7 @@ class AioTransport:
                 loop.call_later(FLUSH_SECONDS, self._flush)
                 if cfg.queue_budget_ms > 0:
                     due = loop.time() + PROBE_SECONDS
+                    self._probe_cpu = (loop.time(), time.thread_time())
                     loop.call_at(due, self._probe, due)
             except BaseException as exc:  # reported to the caller of start
                 ready["error"] = exc
@@ -217,9 +219,13 @@ class AioTransport:
 
     def _probe(self, due: float) -> None:
         # Run when the loop reaches it: its lateness is how long work queued on
-        # the loop (calls gRPC has accepted included) waits before it runs.
-        now = self.loop.time()
-        self.app.core.note_wait(now - due)
+        # the loop (calls gRPC has accepted included) waits before it runs. The
+        # loop thread's CPU time since the last probe tells a loop busy with
+        # calls from one held back by other processes or threads.
+        now, cpu = self.loop.time(), time.thread_time()
+        wall0, cpu0 = self._probe_cpu
+        self._probe_cpu = (now, cpu)
+        self.app.core.note_wait(now - due, (cpu - cpu0) / max(now - wall0, 1e-6))
         if not self._stopped.is_set():
             self.loop.call_at(now + PROBE_SECONDS, self._probe, now + PROBE_SECONDS)
 
