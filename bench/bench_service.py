@@ -3,6 +3,7 @@ health-check ceiling on the same server with the same settings.
 
     python bench/bench_service.py                       # ml-100k ALS + 1M-item synthetic ALS
     python bench/bench_service.py --skip-synthetic --duration 5
+    python bench/bench_service.py --server asyncio --workers 1 --batching 0,0.5  # batching
 
 For each dataset, server kind (thread pool, asyncio), workers (1, 2) and
 concurrency (1, 8, 32): Recommend k=10
@@ -37,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
 
 
-def start(models: Path, workers: int, metrics_port: int, kind: str) -> tuple[subprocess.Popen, str]:
+def start(
+    models: Path, workers: int, metrics_port: int, kind: str, batch: str = ""
+) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -61,7 +64,11 @@ def start(models: Path, workers: int, metrics_port: int, kind: str) -> tuple[sub
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "RECSERVE_SERVER": kind},
+        env={
+            **os.environ,
+            "RECSERVE_SERVER": kind,
+            **({"RECSERVE_BATCH_DELAY_MS": batch} if batch else {}),
+        },
     )
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -115,15 +122,21 @@ def bench(label: str, models: Path, n_users: int, n_items: int, args) -> None:
     items = [str(i) for i in range(1, n_items + 1)]
     print(f"\n{label}")
     print(
-        f"{'server':>8}{'workers':>8}{'conc':>6}{'q/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'server':>8}{'workers':>8}{'batch':>6}{'conc':>6}{'q/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'ceil q/s':>10}{'ceil p50':>10}{'ceil p99':>10}"
         f"{'q/s ratio':>11}{'p50 diff':>10}{'p99 ratio':>11}  ratio range"
     )
-    for kind, workers in [(k, w) for k in args.server.split(",") for w in (1, 2)]:
-        proc, target = start(models, workers, args.metrics_port, kind)
+    setups = [
+        (k, int(w), b)
+        for k in args.server.split(",")
+        for w in args.workers.split(",")
+        for b in args.batching.split(",")
+    ]
+    for kind, workers, batch in setups:
+        proc, target = start(models, workers, args.metrics_port, kind, batch)
         try:
             rss, pss = memory(args.metrics_port)
-            for conc in (1, 8, 32):
+            for conc in [int(c) for c in args.concurrency.split(",")]:
                 common = dict(
                     target=target,
                     model="als",
@@ -147,7 +160,8 @@ def bench(label: str, models: Path, n_users: int, n_items: int, args) -> None:
                 ratios = sorted(a.qps / b.qps for a, b in zip(rs, cs, strict=True))
                 errors = r.errors
                 print(
-                    f"{kind:>8}{workers:>8}{conc:>6}{r.qps:>9,.0f}{r.latency_ms['p50']:>9.2f}"
+                    f"{kind:>8}{workers:>8}{batch or '-':>6}{conc:>6}{r.qps:>9,.0f}"
+                    f"{r.latency_ms['p50']:>9.2f}"
                     f"{r.latency_ms['p99']:>9.2f}{c.qps:>10,.0f}{c.latency_ms['p50']:>10.2f}"
                     f"{c.latency_ms['p99']:>10.2f}{r.qps / c.qps:>11.2f}"
                     f"{r.latency_ms['p50'] - c.latency_ms['p50']:>10.2f}"
@@ -176,6 +190,13 @@ def main() -> None:
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--synthetic-items", type=int, default=1_000_000)
     ap.add_argument("--server", default="threads,asyncio", help="server kinds to compare")
+    ap.add_argument("--workers", default="1,2", help="worker counts to compare")
+    ap.add_argument("--concurrency", default="1,8,32", help="client concurrencies")
+    ap.add_argument(
+        "--batching",
+        default="",
+        help="batch_delay_ms values to compare, e.g. 0,0.5 (asyncio; default: the server's)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_ml100k and ML100K.exists():

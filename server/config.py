@@ -11,6 +11,9 @@
     overload_retry_ms = 50        # RetryInfo delay sent with an OVERLOADED refusal
     queue_budget_ms = 10          # asyncio: refuse new calls while calls wait longer than
                                   # this for the loop (overload fails fast); 0 = never
+    batch_delay_ms = 0.5          # asyncio: concurrent plain Recommend calls to one embedding
+                                  # model are coalesced for up to this long into one batched
+                                  # search (dynamic batching); 0 = never
     max_connection_age_s = 300    # connections are closed (GOAWAY) after this: clients
                                   # reconnect and spread onto new replicas; 0 = never
     workers = 1                   # processes sharing the port (SO_REUSEPORT)
@@ -93,6 +96,9 @@ class ServerConfig:
     max_concurrency: int = 64
     overload_retry_ms: int = 50
     queue_budget_ms: float = 10.0
+    batch_delay_ms: float = 0.5  # dynamic batching's longest wait for peers (0 = off)
+    batch_max: int = 64  # requests in one batched search at most
+    batch_min_ms: float = 0.25  # batch only models whose one-call search costs this much
     max_connection_age_s: float = 300.0
     max_connection_age_grace_s: float = 30.0
     max_history: int = 10_000
@@ -142,6 +148,9 @@ _CHECKS: dict[str, tuple[float, float]] = {
     "max_concurrency": (1, 100_000),
     "overload_retry_ms": (0, 60_000),
     "queue_budget_ms": (0.0, 60_000.0),
+    "batch_delay_ms": (0.0, 1000.0),
+    "batch_max": (1, 100_000),
+    "batch_min_ms": (0.0, 60_000.0),
     "max_connection_age_s": (0.0, 30 * 86400.0),
     "max_connection_age_grace_s": (0.0, 3600.0),
     "max_history": (1, 10_000_000),

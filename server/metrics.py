@@ -233,6 +233,13 @@ class Metrics:
             ["experiment", "arm"],
             registry=registry,
         )
+        self.batch_size = Histogram(
+            "recserve_batch_size",
+            "Plain Recommend calls scored together by dynamic batching, per model",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=registry,
+        )
         self.rejected = Counter(
             "recserve_rejected_requests_total",
             "Requests refused before any work, by error reason (OVERLOADED, DRAINING, "

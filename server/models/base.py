@@ -113,6 +113,10 @@ class Recommender(ABC):
     # True when _rank reads the training rows of known users (item-kNN scores
     # history x similarity); otherwise recommend() passes history=None for them.
     ranks_from_history: ClassVar[bool] = False
+    # True when scoring many known users in one recommend() call costs less per
+    # user than one call each (a FAISS search or a BLAS product over factor
+    # rows): the asyncio server's dynamic batching coalesces concurrent calls.
+    batches_well: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.params_spec))

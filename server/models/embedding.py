@@ -56,6 +56,8 @@ INDEX_PARAMS: Mapping[str, Param] = {
 class EmbeddingIndexMixin(Recommender):
     """Ranks through `item_index` when the model has one; else the dense default."""
 
+    batches_well = True
+
     item_index: ItemIndex | None = None
     similar_index: SimilarIndex | None = None
     _index_kinds: ClassVar[tuple[str, ...]] = INDEX_KINDS

@@ -200,6 +200,8 @@ class BiasedMF(Recommender):
     solution of the same objective for (b_u, p_u) given the item parameters.
     """
 
+    batches_well = True
+
     algorithm = "svd"
     budget_param = "epochs"
     predicts_ratings = True

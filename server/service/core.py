@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,7 +33,16 @@ from recserve.feedback import (
 from recserve.metrics import Metrics
 from recserve.metrics import multiprocess as metrics_multiprocess
 from recserve.service import auth, convert
-from recserve.serving import MAX_ID_BYTES, Catalog, Prediction, Ranked, RequestError, Router
+from recserve.serving import (
+    MAX_ID_BYTES,
+    Catalog,
+    Prediction,
+    Ranked,
+    RecQuery,
+    RequestError,
+    Router,
+    Slot,
+)
 from recserve.v1 import recommender_pb2 as pb
 
 log = logging.getLogger("recserve.service")
@@ -170,6 +180,19 @@ class Session:
             return False
         core.finish(self, "CANCELLED")  # GeneratorExit, asyncio.CancelledError
         return False
+
+
+@dataclass(slots=True)
+class Plan:
+    """A plain Recommend resolved for dynamic batching: requests with the same
+    `key` (model, version, k, filter_seen) can be scored in one batched call."""
+
+    key: tuple[str, str, int, bool]
+    slot: Slot
+    q: RecQuery
+    user: int
+    stages: dict[str, float]
+    request_id: str
 
 
 class Core:
@@ -375,6 +398,43 @@ class Core:
         r = self._ranking(s, request)
         s.ranked = r
         return convert.response_bytes(request.request_id, r), _metadata(r)
+
+    # -- dynamic batching (the asyncio transport's Batcher) --------------------------
+
+    def batch_plan(self, s: Session, request: pb.RecommendRequest) -> Plan | None:
+        """The plan of a Recommend that dynamic batching may score with others: a
+        plain request (Router.plain_target) to a model that `batches_well`
+        (embedding and factor models); None for any other, which `recommend`
+        answers. Validation errors raise as in `recommend`."""
+        t = time.perf_counter()
+        _refuse_undecodable(request)
+        self.shared_sync()
+        q = convert.rec_query(request)
+        self.router.validate(q)
+        target = self.router.plain_target(q)
+        if target is None or not type(target[0].model).batches_well:
+            return None
+        slot, user = target
+        stages = {"resolve": time.perf_counter() - t, "retrieve": 0.0, "rank": 0.0}
+        key = (slot.name, slot.version, q.k, not q.include_seen)
+        return Plan(key, slot, q, user, stages, request.request_id)
+
+    def plan_one(self, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        """A plan's top-k on its own (the one-user kernel, as `recommend` would)."""
+        m = plan.slot.model
+        assert m is not None
+        return m.recommend_user(plan.user, plan.q.k, filter_seen=not plan.q.include_seen)
+
+    def plan_answer(
+        self, s: Session, plan: Plan, items: np.ndarray, scores: np.ndarray, seconds: float
+    ) -> tuple[Any, Metadata]:
+        """Recommend's answer to a plan from its top-k (computed alone or in a batch
+        that took `seconds` from queueing to result)."""
+        plan.stages["retrieve"] += seconds
+        s.check()  # a deadline that passed while the batch was computed
+        r = self.router.plain_answer(plan.slot, plan.q, plan.user, items, scores, plan.stages)
+        s.ranked = r
+        return convert.response_bytes(plan.request_id, r), _metadata(r)
 
     def recommend_stream(
         self, s: Session, request: pb.RecommendRequest

@@ -25,6 +25,7 @@ from grpc_health.v1 import health
 
 from recserve.metrics import FLUSH_SECONDS
 from recserve.service import grpc_common
+from recserve.service.batching import Batcher
 from recserve.service.core import Code, Core, Failure
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -53,6 +54,7 @@ class Recommender(pb_grpc.RecommenderServicer):
     def __init__(self, core: Core) -> None:
         self.core = core
         self._defer: Callable | None = None  # the loop's call_soon, once known
+        self.batcher = Batcher(core) if core.cfg.batch_delay_ms > 0 else None
 
     def _unary(self, method: str, request: Any, context, answer: Callable) -> Any:
         """The answer, or the Failure to abort with (a plain function: no extra
@@ -82,8 +84,19 @@ class Recommender(pb_grpc.RecommenderServicer):
             await _abort(context, f)
 
     async def Recommend(self, request, context):
-        out = self._unary("Recommend", request, context, self.core.recommend)
-        return out if type(out) is not Failure else await _abort(context, out)
+        if self.batcher is None:
+            out = self._unary("Recommend", request, context, self.core.recommend)
+            return out if type(out) is not Failure else await _abort(context, out)
+        if self._defer is None:
+            self._defer = asyncio.get_running_loop().call_soon
+        try:
+            with self.core.session("Recommend", context, self._defer) as s:
+                out, md = await self.batcher.recommend(s, request)
+        except Failure as f:
+            return await _abort(context, f)
+        if md:
+            context.set_trailing_metadata(md)
+        return out
 
     # grpc.aio needs streaming handlers themselves to be async generator functions;
     # aclosing ends the inner stream (and its session) at once when the client goes.
@@ -168,6 +181,7 @@ class AioTransport:
         self.port = 0
         self._stopped = threading.Event()
         self._probe_cpu = (0.0, 0.0)  # (loop time, loop thread CPU time) at the last probe
+        self.recommender = Recommender(app.core)
 
     def start(self, states: dict[str, int]) -> None:
         """Start the loop thread and the server on it, with the health statuses set
@@ -180,7 +194,7 @@ class AioTransport:
             try:
                 server = grpc.aio.server(options=grpc_common.server_options(cfg))
                 self.port = grpc_common.register(
-                    server, cfg, Recommender(core), Admin(core), self.health
+                    server, cfg, self.recommender, Admin(core), self.health
                 )
                 for name, state in states.items():
                     await self.health.set(name, state)
@@ -253,6 +267,8 @@ class AioTransport:
 
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(grace + 30)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        if self.recommender.batcher is not None:
+            self.recommender.batcher.close()
 
     def wait(self) -> None:
         """Block until the server stops."""

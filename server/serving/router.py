@@ -250,6 +250,22 @@ class Router:
         The general path's answer, up to float rounding in the scores (the
         one-user kernel sums a dot product in another order than BLAS;
         tests/test_service.py compares them); None for any other request."""
+        target = self.plain_target(q)
+        if target is None:
+            return None
+        slot, user = target
+        m = slot.model
+        assert m is not None
+        t2 = time.perf_counter()
+        stages["resolve"] += t2 - t
+        check()
+        items, scores = m.recommend_user(user, q.k, filter_seen=not q.include_seen)
+        stages["retrieve"] += time.perf_counter() - t2
+        return self.plain_answer(slot, q, user, items, scores, stages, check)
+
+    def plain_target(self, q: RecQuery) -> tuple[Slot, int] | None:
+        """(slot, user row) when `q` is the plain request (see _plain), else None.
+        Dynamic batching scores several of these in one call (plain_batch)."""
         if q.history or q.exclude or q.candidates or q.explain or not q.user_id:
             return None
         name = q.model or self.default_model()
@@ -263,15 +279,36 @@ class Router:
         user = m.users.get(q.user_id)
         if user < 0 or self.online.history(q.user_id):
             return None
-        t2 = time.perf_counter()
-        stages["resolve"] += t2 - t
-        check()
-        items, scores = m.recommend_user(user, q.k, filter_seen=not q.include_seen)
-        served = _Served(slot, items, scores, user, None)
+        return slot, user
+
+    @staticmethod
+    def plain_batch(
+        slot: Slot, users: list[int], k: int, filter_seen: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k of several plain requests to one model in one batched call
+        (one FAISS search or one BLAS product): rows of (items, scores), padded
+        with -1 where fewer than k items are eligible."""
+        m = slot.model
+        assert m is not None
+        return m.recommend(users, k, filter_seen=filter_seen)
+
+    def plain_answer(
+        self,
+        slot: Slot,
+        q: RecQuery,
+        user: int,
+        items: np.ndarray,
+        scores: np.ndarray,
+        stages: dict[str, float],
+        check: Check = nothing,
+    ) -> Ranked:
+        """The Ranked answer of a plain request from its model's top-k."""
+        n = int((items >= 0).sum())
+        served = _Served(slot, items[:n], scores[:n], user, None)
         t3 = time.perf_counter()
-        stages["retrieve"] += t3 - t2
         out = self._ranked_timed(served, q, check)
         stages["rank"] += time.perf_counter() - t3
+        name = slot.name
         out.model, out.arm, out.start, out.stages, out.served_by = name, "", name, stages, ""
         return out
 
