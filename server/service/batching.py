@@ -1,5 +1,5 @@
 """Dynamic batching for the asyncio transport (as Triton and TF Serving batch
-model calls): concurrent plain Recommend calls to one embedding model are
+model calls): concurrent plain Recommend calls to one factor model are
 scored together, in one batched FAISS search or BLAS product, then answered
 one by one.
 
@@ -123,6 +123,3 @@ class Batcher:
         users = [plan.user for plan, _, _ in batch]
         items, scores = Router.plain_batch(batch[0][0].slot, users, k, filter_seen)
         return list(zip(items, scores, strict=True))
-
-    def close(self) -> None:
-        """Nothing to stop: batches run on the loop (the drain answered the calls)."""

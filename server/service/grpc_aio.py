@@ -267,8 +267,6 @@ class AioTransport:
 
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(grace + 30)
         self.loop.call_soon_threadsafe(self.loop.stop)
-        if self.recommender.batcher is not None:
-            self.recommender.batcher.close()
 
     def wait(self) -> None:
         """Block until the server stops."""
