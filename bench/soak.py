@@ -5,9 +5,12 @@ errors, p99 per minute (drift from the first to the last) and resident-memory gr
 
 Starts `recserve serve` on the embedded default data and models (made with
 `recserve quickstart` in a temporary folder unless --workdir has them), runs
-the bench client's open loop ("mixed": 80% Recommend with 20% cold users
-sending a history, 10% SimilarItems, 10% RecommendBatch), one window per
+the bench client's open loop (by default "traffic", the mix of issue "Serving
+under real traffic": 64% Recommend for known users, 16% for cold users with a
+10-item history, 10% SimilarItems, 10% RecommendBatch of 16), one window per
 minute, and reads the server's RSS from its /metrics at the start and end.
+The targets (0 errors, p99 <= 5x p50 in every minute, RSS growth < 5%) are
+printed beside the figures.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def main() -> None:
     )
     ap.add_argument("--workdir", default="", help="quickstart folder (default: a temp one)")
     ap.add_argument("--server", default="asyncio")
+    ap.add_argument("--rpc", default="traffic", help="the bench client's mix: traffic or mixed")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="recserve-soak-"))
     subprocess.run(
@@ -88,7 +92,7 @@ def main() -> None:
             time.sleep(0.1)
         common = dict(
             target=target,
-            rpc="mixed",
+            rpc=args.rpc,
             cold=0.2,
             zipf=1.1,
             processes=2,
@@ -107,15 +111,19 @@ def main() -> None:
         warm = Load(**common, rate=rate, duration=20, warmup=0)
         run(warm)  # caches, first allocations
         start_rss = rss(mport)
-        print(f"{'minute':>6}{'requests':>10}{'q/s':>8}{'p50 ms':>9}{'p99 ms':>9}  errors")
-        p99s, errors = [], 0
+        print(
+            f"{'minute':>6}{'requests':>10}{'q/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'p99/p50':>9}"
+            "  errors"
+        )
+        p99s, tails, errors = [], [], 0
         for minute in range(1, args.minutes + 1):
             r = run(Load(**{**warm.__dict__, "duration": 60.0}))
             p99s.append(r.latency_ms["p99"])
+            tails.append(r.latency_ms["p99"] / r.latency_ms["p50"])
             errors += sum(r.errors.values())
             print(
                 f"{minute:>6}{r.requests:>10}{r.qps:>8.0f}{r.latency_ms['p50']:>9.2f}"
-                f"{r.latency_ms['p99']:>9.2f}  {r.errors or '-'}",
+                f"{r.latency_ms['p99']:>9.2f}{tails[-1]:>9.2f}  {r.errors or '-'}",
                 flush=True,
             )
         end_rss = rss(mport)
@@ -123,6 +131,12 @@ def main() -> None:
             f"errors: {errors}; p99 first/last minute: {p99s[0]:.2f} / {p99s[-1]:.2f} ms; "
             f"resident memory {start_rss / 1e6:.1f} -> {end_rss / 1e6:.1f} MB "
             f"({(end_rss / start_rss - 1) * 100:+.1f}%)"
+        )
+        growth = end_rss / start_rss - 1
+        print(
+            f"targets: errors 0: {errors}; p99/p50 <= 5 every minute: worst "
+            f"{max(tails):.2f}; RSS growth < 5%: {100 * growth:+.1f}% -> "
+            + ("all met" if errors == 0 and max(tails) <= 5 and growth < 0.05 else "NOT met")
         )
     finally:
         proc.terminate()
