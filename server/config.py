@@ -9,7 +9,7 @@
     max_k = 1000
     max_concurrency = 64          # Recommender RPCs in flight (per worker); more fail fast
     overload_retry_ms = 50        # RetryInfo delay sent with an OVERLOADED refusal
-    queue_budget_ms = 10          # asyncio: refuse new calls while calls wait longer than
+    queue_budget_ms = 100         # asyncio: refuse new calls while calls wait longer than
                                   # this for the loop (overload fails fast); 0 = never
     batch_delay_ms = 0            # asyncio: concurrent plain Recommend calls to one factor
                                   # model are coalesced for up to this long into one batched
@@ -95,7 +95,7 @@ class ServerConfig:
     max_k: int = 1000
     max_concurrency: int = 64
     overload_retry_ms: int = 50
-    queue_budget_ms: float = 10.0
+    queue_budget_ms: float = 100.0
     # Dynamic batching's longest wait for peers; 0 = off (the default: on this
     # 2-core VM it gained nothing on a 1M-item IVF catalogue, docs/performance.md).
     batch_delay_ms: float = 0.0
