@@ -107,6 +107,9 @@ def main() -> None:
     )
     ap.add_argument("--workdir", default=None, help="quickstart folder (default: a temporary one)")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    ap.add_argument(
+        "--models-only", action="store_true", help="stop after the per-model ratios (1 and 2)"
+    )
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-traffic-"))
     print(f"setting up {work} (quickstart + {len(EXTRA)} more models)...", flush=True)
@@ -127,6 +130,8 @@ def main() -> None:
                 + (f"  errors {r.errors}" if r.errors else ""),
                 flush=True,
             )
+        if args.models_only:
+            return
         mix = run(Load(rpc="traffic", concurrency=8, **base))
         print(
             f"\ntraffic mix, closed-loop maximum: {mix.qps:,.0f} q/s (errors {mix.errors or '-'})"

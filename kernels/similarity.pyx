@@ -5,7 +5,7 @@
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport pow, sqrt
+from libc.math cimport NAN, pow, sqrt
 
 from .parallel cimport recserve_prefetch, resolve_threads, threads_for
 from .topk cimport best_of_row, buffer_offer, drain_best, heap_drain, heap_offer, mark, select_topk, worse
@@ -950,3 +950,52 @@ def score_one(CheckedCSR hist, Py_ssize_t row, CheckedCSR sim, int k, CheckedCSR
             m = m + 1
     return out_i[:m], out_v[:m]
 
+
+
+def dense_one(CheckedCSR hist, Py_ssize_t row, CheckedCSR sim, CheckedCSR seen, out):
+    """out[:] = row `row` of hist x sim (0 where untouched), NaN at the items of
+    row `row` of `seen` (None: nothing): the scores score_one selects from,
+    summed in the same order, for a caller that combines rows (the hybrid)."""
+    if hist.n_cols != sim.n_rows:
+        raise ValueError(f"hist: {hist.n_cols} columns, but sim has {sim.n_rows} rows")
+    if not 0 <= row < hist.n_rows:
+        raise IndexError(f"row: must be in [0, {hist.n_rows}), got {row}")
+    if seen is not None and (seen.n_cols != sim.n_cols or seen.n_rows != hist.n_rows):
+        raise ValueError("seen: must have hist's rows and sim's columns")
+    check_array(out, "out", np.float32, 1)
+    if out.shape[0] != sim.n_cols:
+        raise ValueError(f"out: expected {sim.n_cols} entries, got {out.shape[0]}")
+    if not out.flags.writeable:
+        raise ValueError("out: must be writable")
+    cdef const long long[::1] hip = hist.indptr
+    cdef const int[::1] hix = hist.indices
+    cdef const float[::1] hx = hist.data
+    cdef const long long[::1] sip = sim.indptr
+    cdef const int[::1] six = sim.indices
+    cdef const float[::1] sx = sim.data
+    cdef const long long[::1] eip
+    cdef const int[::1] eix
+    cdef long long e0 = 0, e1 = 0
+    if seen is not None:
+        eip = seen.indptr
+        eix = seen.indices
+        e0, e1 = eip[row], eip[row + 1]
+    cdef float[::1] O = out
+    cdef long long h0 = hip[row], h1 = hip[row + 1], p, r
+    cdef int n = <int>sim.n_cols, i, j
+    cdef float w
+    cdef float nan = NAN
+    if n == 0:
+        return
+    with nogil:
+        for j in range(n):
+            O[j] = 0.0
+        for p in range(h0, h1):
+            i = hix[p]
+            w = hx[p]
+            for r in range(sip[i], sip[i + 1]):
+                O[six[r]] += w * sx[r]
+        for p in range(e0, e1):
+            j = eix[p]
+            if 0 <= j < n:
+                O[j] = nan

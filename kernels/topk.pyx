@@ -5,6 +5,7 @@ import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
 from libc.stdlib cimport calloc, free, malloc
+from libc.math cimport NAN
 
 from .parallel cimport recserve_have_openmp, threads_for
 
@@ -405,3 +406,356 @@ def topk_ranked(order, scores, Py_ssize_t n_queries, int k,
                 walk_ranked(&O[0], &S[0], n, k, &M[t, 0], &oi[q, 0], &ov[q, 0])
             mark(&M[t, 0], &exi[0] if exi.shape[0] else NULL, exp[q], exp[q + 1], n, 0)
     return out_idx, out_val
+
+
+# ---------------------------------------------------------------------------
+# Dense one-user rows and the hybrid blend: a hybrid scores each component into
+# a row of one (components x items) scratch matrix (NaN = not eligible), then
+# blend_dense selects, normalises, sums and ranks in one nogil pass, where the
+# general path made one top-n call per component and a dozen numpy operations.
+
+cdef inline void nan_at(float* out, const int* items, long long start, long long stop,
+                        int n) noexcept nogil:
+    cdef long long j
+    cdef int item
+    cdef float nan = NAN
+    for j in range(start, stop):
+        item = items[j]
+        if 0 <= item < n:
+            out[item] = nan
+
+
+def check_row(out, Py_ssize_t n, str name="out"):
+    """Validate a writable C-contiguous float32 row of n entries."""
+    check_array(out, name, np.float32, 1)
+    if out.shape[0] != n:
+        raise ValueError(f"{name}: expected {n} entries, got {out.shape[0]}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name}: must be writable")
+
+
+def dense_user(queries, Py_ssize_t user, vectors, out, seen_indptr=None, seen_indices=None,
+               bias=None):
+    """out[:] = queries[user] . vectors (+ bias), NaN at the items of row `user`
+    of the seen CSR (when given): the scores topk_user selects from, computed
+    the same way (same sums, same rounding), for a caller that combines rows."""
+    check_array(queries, "queries", np.float32, 2)
+    check_array(vectors, "vectors", np.float32, 2)
+    if queries.shape[1] != vectors.shape[1]:
+        raise ValueError(
+            f"queries: {queries.shape[1]} dimensions, vectors have {vectors.shape[1]}")
+    if not 0 <= user < queries.shape[0]:
+        raise IndexError(f"user: index {user} outside [0, {queries.shape[0]})")
+    check_row(out, vectors.shape[0])
+    cdef const float[::1] B
+    cdef const float* bp = NULL
+    if bias is not None:
+        check_array(bias, "bias", np.float32, 1)
+        if bias.shape[0] != vectors.shape[0]:
+            raise ValueError(f"bias: length {bias.shape[0]}, expected {vectors.shape[0]}")
+        B = bias
+        bp = &B[0]
+    cdef const long long[::1] ip
+    cdef const int[::1] ix
+    cdef long long a = 0, b = 0
+    cdef const int* ixp = NULL
+    if seen_indptr is not None:
+        check_array(seen_indptr, "seen_indptr", np.int64, 1)
+        check_array(seen_indices, "seen_indices", np.int32, 1)
+        if seen_indptr.shape[0] != queries.shape[0] + 1:
+            raise ValueError(f"seen_indptr: expected length {queries.shape[0] + 1}, "
+                             f"got {seen_indptr.shape[0]}")
+        ip = seen_indptr
+        ix = seen_indices
+        a, b = ip[user], ip[user + 1]
+        if b < a or a < 0 or b > ix.shape[0]:
+            raise ValueError(f"seen_indptr: row {user} lies outside seen_indices")
+        if b > a:
+            ixp = &ix[0]
+    cdef const float[:, ::1] Qv = queries
+    cdef const float[:, ::1] V = vectors
+    cdef float[::1] O = out
+    cdef int n = <int> vectors.shape[0]
+    cdef int d = <int> vectors.shape[1]
+    if n == 0:
+        return
+    with nogil:
+        recserve_inner_scores(&Qv[user, 0], &V[0, 0], n, d, bp, &O[0])
+        if ixp != NULL:
+            nan_at(&O[0], ixp, a, b, n)
+
+
+def dense_rows_sum(matrix, indices, values, out, seen=None):
+    """out[:] = sum over p of values[p] * matrix[indices[p]], added in p order
+    (scipy's CSR x dense product, one history row of EASE), NaN at the items
+    of `seen` (int32) when given. values None: every weight is 1."""
+    check_array(matrix, "matrix", np.float32, 2)
+    check_array(indices, "indices", np.int32, 1)
+    cdef Py_ssize_t n_in = matrix.shape[0]
+    cdef int n = <int> matrix.shape[1]
+    check_row(out, n)
+    cdef const float[::1] W
+    cdef const float* wp = NULL
+    if values is not None:
+        check_array(values, "values", np.float32, 1)
+        if values.shape[0] != indices.shape[0]:
+            raise ValueError(f"values: length {values.shape[0]}, indices {indices.shape[0]}")
+        W = values
+        if W.shape[0]:
+            wp = &W[0]
+    cdef const int[::1] I = indices
+    cdef Py_ssize_t p
+    for p in range(I.shape[0]):
+        if not 0 <= I[p] < n_in:
+            raise IndexError(f"indices: {I[p]} outside [0, {n_in})")
+    cdef const int[::1] SX
+    cdef const int* sp = NULL
+    cdef long long ns = 0
+    if seen is not None:
+        check_array(seen, "seen", np.int32, 1)
+        SX = seen
+        ns = SX.shape[0]
+        if ns:
+            sp = &SX[0]
+    cdef const float[:, ::1] M = matrix
+    cdef float[::1] O = out
+    cdef const float* row
+    cdef float w
+    cdef int j
+    cdef Py_ssize_t m = I.shape[0]
+    if n == 0:
+        return
+    with nogil:
+        for j in range(n):
+            O[j] = 0.0
+        for p in range(m):
+            row = &M[I[p], 0]
+            w = wp[p] if wp != NULL else 1.0
+            for j in range(n):
+                O[j] += w * row[j]
+        if sp != NULL:
+            nan_at(&O[0], sp, 0, ns, n)
+
+
+def topk_row(scores, int k):
+    """Top-k of one dense float32 row, NaN entries never selected: (items int32,
+    scores float32), min(k, non-NaN) long, best first, ties by lower index."""
+    check_array(scores, "scores", np.float32, 1)
+    if k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}")
+    cdef int n = <int> scores.shape[0]
+    out_idx = np.empty(k, np.int32)
+    out_val = np.empty(k, np.float32)
+    if k == 0 or n == 0:
+        return out_idx[:0], out_val[:0]
+    cdef const float[::1] S = scores
+    cdef int[::1] oi = out_idx
+    cdef float[::1] ov = out_val
+    cdef int m = 0
+    cdef bint failed = False
+    cdef unsigned char* mask
+    cdef int* hi
+    cdef float* hv
+    with nogil:
+        mask = <unsigned char*> calloc(n, 1)
+        hi = <int*> malloc(k * sizeof(int))
+        hv = <float*> malloc(k * sizeof(float))
+        if mask == NULL or hi == NULL or hv == NULL:
+            failed = True
+        else:
+            m = select_topk(&S[0], n, k, mask, NULL, 0, hi, hv, &oi[0], &ov[0])
+        free(mask)
+        free(hi)
+        free(hv)
+    if failed:
+        raise MemoryError(f"topk_row: no scratch for {n} items")
+    return out_idx[:m], out_val[:m]
+
+
+cdef inline bint dworse(double sa, int ia, double sb, int ib) noexcept nogil:
+    return sa < sb or (sa == sb and ia > ib)
+
+
+cdef inline void dsift_down(int* hi, double* hv, int size, int pos) noexcept nogil:
+    cdef int child
+    cdef int ti = hi[pos]
+    cdef double tv = hv[pos]
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and dworse(hv[child + 1], hi[child + 1], hv[child], hi[child]):
+            child += 1
+        if dworse(hv[child], hi[child], tv, ti):
+            hi[pos] = hi[child]
+            hv[pos] = hv[child]
+            pos = child
+        else:
+            break
+    hi[pos] = ti
+    hv[pos] = tv
+
+
+cdef inline void dsift_up(int* hi, double* hv, int pos) noexcept nogil:
+    cdef int parent
+    cdef int ti = hi[pos]
+    cdef double tv = hv[pos]
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if dworse(tv, ti, hv[parent], hi[parent]):
+            hi[pos] = hi[parent]
+            hv[pos] = hv[parent]
+            pos = parent
+        else:
+            break
+    hi[pos] = ti
+    hv[pos] = tv
+
+
+cdef int gather_best(const float* row, int n, int kk, int* ci, float* cv) noexcept nogil:
+    """The kk best entries of a dense row (NaN never), unordered, into ci / cv;
+    returns how many (min(kk, non-NaN)). The kk-th best of an evenly spaced
+    sample sets a floor about 2 kk entries reach; one branch-free pass gathers
+    those, and one partial selection over them finds the kk best. When fewer
+    than kk reach the floor every non-NaN entry is gathered instead."""
+    cdef int si[256]
+    cdef float sv[256]
+    cdef int r = 256 if n > 256 else n
+    cdef int q = <int>((2 * <long long>kk * r) // n) + 1 if n > 0 else 1
+    cdef int a, j, m = 0
+    cdef long long at
+    cdef float tv
+    if q < r:
+        for a in range(r):
+            at = (<long long>a * n) // r
+            sv[a] = row[at] if row[at] == row[at] else -INFINITY  # NaN ranks last
+            si[a] = <int>at
+        nth_best(si, sv, r, q - 1)
+        tv = sv[q - 1]
+        for j in range(n):  # NaN fails the comparison: never gathered
+            ci[m] = j
+            cv[m] = row[j]
+            m = m + (row[j] >= tv)
+    if m < kk:
+        m = 0
+        for j in range(n):
+            ci[m] = j
+            cv[m] = row[j]
+            m = m + (row[j] == row[j])
+    if m > kk:
+        nth_best(ci, cv, m, kk - 1)
+        m = kk
+    return m
+
+
+cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weights,
+                          int n_cand, int k, int* ci, float* cv, double* total,
+                          unsigned char* touched, int* listed, int* hi, double* hv,
+                          int* out_idx, double* out_val) noexcept nogil:
+    """blend_dense's work; scratch total / touched zeroed on entry and on exit."""
+    cdef int c, j, m, t, nt = 0, size = 0, item
+    cdef const float* row
+    cdef double lo, top, v, span
+    for c in range(n_rows):
+        row = S + <long long>c * n
+        m = gather_best(row, n, n_cand, ci, cv)
+        if m == 0:
+            continue
+        lo = cv[0]
+        top = cv[0]
+        for t in range(1, m):
+            if cv[t] < lo:
+                lo = cv[t]
+            if cv[t] > top:
+                top = cv[t]
+        span = top - lo
+        for t in range(m):
+            item = ci[t]
+            v = (<double>cv[t] - lo) / span if top > lo else 1.0
+            if not touched[item]:
+                touched[item] = 1
+                listed[nt] = item
+                nt = nt + 1
+            total[item] = total[item] + weights[c] * v
+    for t in range(nt):
+        item = listed[t]
+        v = total[item]
+        if size < k:
+            hi[size] = item
+            hv[size] = v
+            dsift_up(hi, hv, size)
+            size = size + 1
+        elif dworse(hv[0], hi[0], v, item):
+            hi[0] = item
+            hv[0] = v
+            dsift_down(hi, hv, size, 0)
+        total[item] = 0.0
+        touched[item] = 0
+    m = size
+    while size > 0:
+        size = size - 1
+        out_idx[size] = hi[0]
+        out_val[size] = hv[0]
+        hi[0] = hi[size]
+        hv[0] = hv[size]
+        dsift_down(hi, hv, size, 0)
+    return m
+
+
+def blend_dense(scores, weights, int n_cand, int k):
+    """The hybrid blend of dense component rows (serving.blend.blend_rows's
+    answer): row c's candidates are its n_cand best entries (NaN never, ties
+    by lower index), min-max normalised over those candidates (all equal -> 1),
+    weighted by weights[c] and summed per item in row order (float64); returns
+    the k best (rows int32, sums float64), ties by lower row."""
+    check_array(scores, "scores", np.float32, 2)
+    check_array(weights, "weights", np.float64, 1)
+    if weights.shape[0] != scores.shape[0]:
+        raise ValueError(f"weights: {weights.shape[0]} entries for {scores.shape[0]} rows")
+    if n_cand <= 0:
+        raise ValueError(f"n_cand: must be positive, got {n_cand}")
+    if k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}")
+    cdef int c = <int> scores.shape[0]
+    cdef int n = <int> scores.shape[1]
+    out_idx = np.empty(k, np.int32)
+    out_val = np.empty(k, np.float64)
+    if k == 0 or n == 0 or c == 0:
+        return out_idx[:0], out_val[:0]
+    cdef const float[:, ::1] S = scores
+    cdef const double[::1] W = weights
+    cdef int[::1] oi = out_idx
+    cdef double[::1] ov = out_val
+    cdef int m = 0
+    cdef bint failed = False
+    cdef int* ci
+    cdef float* cv
+    cdef double* total
+    cdef unsigned char* touched
+    cdef int* listed
+    cdef int* hi
+    cdef double* hv
+    with nogil:
+        ci = <int*> malloc(n * sizeof(int))
+        cv = <float*> malloc(n * sizeof(float))
+        total = <double*> calloc(n, sizeof(double))
+        touched = <unsigned char*> calloc(n, 1)
+        listed = <int*> malloc(n * sizeof(int))
+        hi = <int*> malloc(k * sizeof(int))
+        hv = <double*> malloc(k * sizeof(double))
+        if (ci == NULL or cv == NULL or total == NULL or touched == NULL or listed == NULL
+                or hi == NULL or hv == NULL):
+            failed = True
+        else:
+            m = blend_rows_nogil(&S[0, 0], c, n, &W[0], n_cand, k, ci, cv, total, touched,
+                                 listed, hi, hv, &oi[0], &ov[0])
+        free(ci)
+        free(cv)
+        free(total)
+        free(touched)
+        free(listed)
+        free(hi)
+        free(hv)
+    if failed:
+        raise MemoryError(f"blend_dense: no scratch for {n} items")
+    return out_idx[:m], out_val[:m]

@@ -59,6 +59,27 @@ def test_recommend_user_is_the_top_k_of_the_dense_scores(fitted, small, filter_s
             assert dense[rest].max() <= scores[-1] + 1e-5
 
 
+@pytest.mark.parametrize("filter_seen", [True, False])
+def test_dense_user_is_the_row_recommend_user_selects_from(fitted, small, filter_seen):
+    # What a hybrid blends: the one-user row, NaN exactly at the seen items,
+    # whose top-k (numpy, ties by lower index) is recommend_user's answer.
+    seen = small.interactions
+    row = np.empty(small.n_items, np.float32)
+    for u in range(0, small.n_users, 37):
+        assert fitted.dense_user(u, row, filter_seen)
+        banned = seen.indices[seen.indptr[u] : seen.indptr[u + 1]] if filter_seen else []
+        np.testing.assert_array_equal(np.flatnonzero(np.isnan(row)), np.sort(banned))
+        items, scores = fitted.recommend_user(u, k=12, filter_seen=filter_seen)
+        ok = np.flatnonzero(~np.isnan(row))
+        order = ok[np.lexsort((ok, -row[ok]))][:12]
+        np.testing.assert_array_equal(items, order)
+        np.testing.assert_array_equal(scores, row[order])
+    with pytest.raises(ValueError, match="out"):
+        fitted.dense_user(0, np.empty(small.n_items + 1, np.float32))
+    with pytest.raises(IndexError):
+        fitted.dense_user(small.n_users, row)
+
+
 def test_exclusions_never_shorten_results(fitted):
     items, _ = fitted.recommend([0], k=10)
     banned = items[0][:5]

@@ -469,8 +469,19 @@ def test_deadline_stops_work_and_cancel_stops_the_stream(published):
             calls.append(1)
             return original_knn_user(*a, **kw)
 
-        als.recommend, als.recommend_user = slow, slow_user
-        knn.recommend, knn.recommend_user = counted, counted_user
+        original_dense, original_knn_dense = als.dense_user, knn.dense_user
+
+        def slow_dense(*a, **kw):  # the hybrid's dense path scores rows
+            entered.set()
+            time.sleep(0.6)
+            return original_dense(*a, **kw)
+
+        def counted_dense(*a, **kw):
+            calls.append(1)
+            return original_knn_dense(*a, **kw)
+
+        als.recommend, als.recommend_user, als.dense_user = slow, slow_user, slow_dense
+        knn.recommend, knn.recommend_user, knn.dense_user = counted, counted_user, counted_dense
         err = s.error(
             s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3, model="mix"), timeout=0.2
         )

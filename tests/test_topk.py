@@ -161,3 +161,57 @@ def test_user_kernel_names_what_is_wrong():
         topk.topk_user(q, 1, v, 2, np.array([0, 0, 9], np.int64), ind)
     with pytest.raises(TypeError, match="seen_indices: expected dtype int32"):
         topk.topk_user(q, 0, v, 2, ptr, ind.astype(np.int64))
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
+def test_topk_row_and_the_dense_one_user_rows(n, k, seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.choice([0.0, 1.0, -2.0, 0.5, np.nan], n).astype(np.float32)
+    items, vals = topk.topk_row(scores, k)
+    want = reference(scores, k, set(), [])
+    assert items.tolist() == want
+    np.testing.assert_array_equal(vals, scores[want])
+    # dense_user: q . V + bias with NaN at the seen row; dense_rows_sum: weighted rows.
+    d = int(rng.integers(1, 20))
+    Q = rng.standard_normal((3, d)).astype(np.float32)
+    V = rng.standard_normal((n, d)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    indptr, indices = rows([[], sorted(set(rng.integers(0, n, 4).tolist())), [0]])
+    out = np.empty(n, np.float32)
+    topk.dense_user(Q, 1, V, out, indptr, indices, bias)
+    want_row = (V.astype(np.float64) @ Q[1] + bias).astype(np.float32)
+    want_row[indices[indptr[1] : indptr[2]]] = np.nan
+    np.testing.assert_allclose(out, want_row, rtol=1e-5, atol=1e-5)
+    got_i, got_v = topk.topk_user(Q, 1, V, 5, indptr, indices, True, bias)
+    assert got_i.tolist() == reference(out, 5, set(), [])
+    np.testing.assert_array_equal(got_v, out[got_i])  # the same sums, bit for bit
+    M = rng.standard_normal((7, n)).astype(np.float32)
+    picked = rng.integers(0, 7, 5).astype(np.int32)
+    w = rng.random(5).astype(np.float32)
+    topk.dense_rows_sum(M, picked, w, out, picked[:2])
+    want_sum = (w[:, None].astype(np.float64) * M[picked]).sum(0).astype(np.float32)
+    want_sum[picked[:2][picked[:2] < n]] = np.nan
+    np.testing.assert_allclose(out, want_sum, rtol=1e-4, atol=1e-5)
+    topk.dense_rows_sum(M, picked, None, out)
+    np.testing.assert_allclose(out, M[picked].sum(0), rtol=1e-4, atol=1e-5)
+
+
+def test_dense_rows_refuse_bad_arguments():
+    M = np.zeros((3, 4), np.float32)
+    with pytest.raises(IndexError, match="indices"):
+        topk.dense_rows_sum(M, np.array([3], np.int32), None, np.empty(4, np.float32))
+    with pytest.raises(ValueError, match="out"):
+        topk.dense_rows_sum(M, np.array([0], np.int32), None, np.empty(5, np.float32))
+    with pytest.raises(ValueError, match="values"):
+        topk.dense_rows_sum(
+            M, np.array([0], np.int32), np.ones(2, np.float32), np.empty(4, np.float32)
+        )
+    ro = np.empty(4, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        topk.dense_user(np.zeros((1, 2), np.float32), 0, np.zeros((4, 2), np.float32), ro)
+    with pytest.raises(IndexError, match="user"):
+        topk.dense_user(
+            np.zeros((1, 2), np.float32), 1, np.zeros((4, 2), np.float32), np.empty(4, np.float32)
+        )

@@ -9,6 +9,7 @@ on dense indices; external string ids are mapped by the caller through
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -263,6 +264,42 @@ class Recommender(ABC):
         items, scores = self.recommend([user], k, filter_seen=filter_seen)
         n = int((items[0] >= 0).sum())
         return items[0, :n], scores[0, :n]
+
+    def dense_user(self, user: int, out: np.ndarray, filter_seen: bool = True) -> bool:
+        """Write a known user's scores over every item into `out` (float32,
+        n_items), NaN at the seen items when filter_seen: the row whose top-k
+        recommend_user returns (same scores, ties by lower index). A hybrid
+        blends such rows in one kernel pass. False (out untouched) when the
+        model's ranking is not the top-k of a dense row (an approximate index)."""
+        self._require_fitted()
+        if not 0 <= user < self.n_users:
+            raise IndexError(f"users: indices must be in [0, {self.n_users})")
+        topk.check_row(out, self.n_items)
+        out[:] = self._score_users(np.array([user], np.int64))[0]
+        if filter_seen:
+            indptr, indices = self._csr_views()
+            out[indices[indptr[user] : indptr[user + 1]]] = np.nan
+        return True
+
+    def _recommend_dense(
+        self, user: int, k: int, filter_seen: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """recommend_user through dense_user into a per-thread row and one
+        top-k kernel call: for models whose one-user row is cheap to compute
+        but whose batch path (a sparse matrix, a dense product) costs more."""
+        check_k(k)
+        local = self._dense_local()
+        row = getattr(local, "row", None)
+        if row is None or row.shape[0] != self.n_items:
+            row = local.row = np.empty(self.n_items, np.float32)
+        self.dense_user(user, row, filter_seen)
+        return topk.topk_row(row, k)
+
+    def _dense_local(self) -> threading.local:
+        local = self.__dict__.get("_dense_tls")
+        if local is None:
+            local = self.__dict__.setdefault("_dense_tls", threading.local())
+        return local
 
     def _recommend_one(
         self, user: int, k: int, filter_seen: bool, candidates: Exclude

@@ -18,6 +18,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from recserve.data import Dataset
+from recserve.kernels import topk
 from recserve.models.base import Param, Recommender, topk_excluding_self
 from recserve.models.registry import register
 
@@ -72,6 +73,37 @@ class EASE(Recommender):
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         assert self.user_items is not None
         return self._score_history(self.user_items[users])
+
+    def recommend_user(
+        self, user: int, k: int = 10, filter_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One known user: the sum of their items' weight rows, selected in one
+        kernel call each (no sparse product). Same answer as recommend([user], k)."""
+        return self._recommend_dense(user, k, filter_seen)
+
+    def dense_user(self, user: int, out: np.ndarray, filter_seen: bool = True) -> bool:
+        """A known user's scores (their history rows of the weights, summed in
+        the order the sparse product adds them) into `out`."""
+        self._require_fitted()
+        if not 0 <= user < self.n_users:
+            raise IndexError(f"users: indices must be in [0, {self.n_users})")
+        indptr, indices = self._csr_views()
+        items = indices[indptr[user] : indptr[user + 1]]
+        values = (
+            None if self.params["binary"] else self._data_view()[indptr[user] : indptr[user + 1]]
+        )
+        weights = self.weights
+        if not (isinstance(weights, np.ndarray) and weights.flags.c_contiguous):
+            weights = self.weights = np.ascontiguousarray(weights, np.float32)
+        topk.dense_rows_sum(weights, items, values, out, items if filter_seen else None)
+        return True
+
+    def _data_view(self) -> np.ndarray:
+        seen = self.user_items
+        cached = self.__dict__.get("_data")
+        if cached is None or cached[0] is not seen:
+            cached = self._data = (seen, np.ascontiguousarray(seen.data, np.float32))
+        return cached[1]
 
     def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
         h = history.tocsr().astype(np.float32)

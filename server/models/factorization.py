@@ -25,6 +25,7 @@ from tqdm import tqdm
 from recserve.data import Dataset
 from recserve.kernels import als as alsk
 from recserve.kernels import sgd as sgdk
+from recserve.kernels import topk
 from recserve.models.base import Param, Recommender, cosine_similar
 from recserve.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
 from recserve.models.registry import register
@@ -263,6 +264,32 @@ class BiasedMF(Recommender):
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         return self._predict(self.P[users], self.bu[users])
+
+    def recommend_user(
+        self, user: int, k: int = 10, filter_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One known user: the dense row by the vector kernel, selected in one
+        kernel call. Same answer as recommend([user], k) up to float rounding."""
+        return self._recommend_dense(user, k, filter_seen)
+
+    def dense_user(self, user: int, out: np.ndarray, filter_seen: bool = True) -> bool:
+        """A known user's unclipped predictions mu + b_u + b_i + p_u . q_i into
+        `out` (the per-item constant part added as the kernel's bias)."""
+        self._require_fitted()
+        if not 0 <= user < self.n_users:
+            raise IndexError(f"users: indices must be in [0, {self.n_users})")
+        bias = (np.float32(self.mu) + self.bu[user]) + np.asarray(self.bi)
+        indptr, indices = self._csr_views() if filter_seen else (None, None)
+        topk.dense_user(self._vectors("P"), user, self._vectors("Q"), out, indptr, indices, bias)
+        return True
+
+    def _vectors(self, name: str) -> np.ndarray:
+        """P or Q as a C-contiguous float32 array (what the kernels read)."""
+        v = getattr(self, name)
+        if not (v.dtype == np.float32 and v.flags.c_contiguous):
+            v = np.ascontiguousarray(v, np.float32)
+            setattr(self, name, v)
+        return v
 
     def _design(self, items: np.ndarray) -> np.ndarray:
         """Rows z_i = [1, q_i]: the features of a user's (b_u, p_u) regression."""

@@ -192,6 +192,25 @@ class _Neighbourhood(Recommender):
         """The serving call, fused: one kernel call over matrices validated once
         (per model), scratch reused per thread. Equal to recommend([user], k)."""
         check_k(k)
+        cache = self._one_checked()
+        local = cache[6]
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = simk.Scratch(cache[1].shape[1])
+        return simk.score_one(
+            cache[3], int(user), cache[4], k, cache[5] if filter_seen else None, scratch
+        )
+
+    def dense_user(self, user: int, out: np.ndarray, filter_seen: bool = True) -> bool:
+        """The row recommend_user selects from (history x similarity, 0 where
+        untouched), summed in the same order, into `out`."""
+        cache = self._one_checked()
+        simk.dense_one(cache[3], int(user), cache[4], cache[5] if filter_seen else None, out)
+        return True
+
+    def _one_checked(self) -> tuple[Any, ...]:
+        """The one-user call's matrices, validated once per model: (history rows,
+        scored matrix, seen, their CheckedCSRs, per-thread scratch holder)."""
         seen = self._require_fitted()
         hist, scored = self._one_user()
         cache = getattr(self, "_one_cache", None)
@@ -207,13 +226,7 @@ class _Neighbourhood(Recommender):
                 threading.local(),
             )
             self._one_cache = cache
-        local = cache[6]
-        scratch = getattr(local, "scratch", None)
-        if scratch is None:
-            scratch = local.scratch = simk.Scratch(scored.shape[1])
-        return simk.score_one(
-            cache[3], int(user), cache[4], k, cache[5] if filter_seen else None, scratch
-        )
+        return cache
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         assert self.user_items is not None

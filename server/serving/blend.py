@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from recserve.kernels import topk
+
 
 def minmax(scores: np.ndarray) -> np.ndarray:
     """Scores mapped onto [0, 1] by their min and max (all equal -> all 1)."""
@@ -51,3 +53,13 @@ def blend_rows(
     rows = np.flatnonzero(touched)
     order = np.lexsort((rows, -total[rows]))[:k]
     return rows[order].astype(np.int32), total[rows[order]]
+
+
+def blend_dense(
+    rows: np.ndarray, weights: Sequence[float], n_cand: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`blend_rows` of components given as dense score rows (components x
+    items, float32, NaN = not eligible) whose candidates are each row's n_cand
+    best entries: selection, normalisation, sums and the top k in one kernel
+    pass (kernels.topk.blend_dense). Returns (rows int32, sums float64)."""
+    return topk.blend_dense(rows, np.asarray(weights, np.float64), n_cand, k)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from recserve.serving.answers import (
     invalid,
     nothing,
 )
-from recserve.serving.blend import blend, blend_rows
+from recserve.serving.blend import blend, blend_dense, blend_rows
 from recserve.serving.catalog import SERVING, Catalog, Slot
 
 log = logging.getLogger("recserve.router")
@@ -102,6 +103,7 @@ class Router:
         self.cfg = cfg
         self.catalog = catalog
         self.online = online
+        self._local = threading.local()  # per-thread scratch of the dense hybrid blend
 
     # -- names -------------------------------------------------------------------
 
@@ -435,6 +437,9 @@ class Router:
         self, hy: Hybrid, q: RecQuery, check: Check, stages: dict[str, float]
     ) -> Ranked | None:
         """Blend the components' min-max-normalized scores over their top candidates."""
+        dense = self._hybrid_dense(hy, q, check, stages)
+        if dense is not None:
+            return dense
         n = max(3 * q.k, 100)
         parts: list[tuple[float, _Served]] = []
         for name, w in hy.weights.items():
@@ -452,6 +457,57 @@ class Router:
             return self._blend(parts, q, check)
         finally:
             stages["rank"] += time.perf_counter() - t
+
+    def _hybrid_dense(
+        self, hy: Hybrid, q: RecQuery, check: Check, stages: dict[str, float]
+    ) -> Ranked | None:
+        """The common hybrid request (a known user with no inline or recorded
+        history, exclusions, candidates or explanations, components over one
+        catalogue): every component writes its dense row into per-thread
+        scratch and one kernel pass blends them. The general path's answer
+        (tests/test_hybrid_dense.py compares them); None for any other request."""
+        if q.history or q.exclude or q.candidates or q.explain or not q.user_id:
+            return None
+        t = time.perf_counter()
+        if self.online.history(q.user_id):
+            return None
+        comps: list[tuple[float, Slot, int]] = []
+        first: IdMap | None = None
+        for name, w in hy.weights.items():
+            slot = self.catalog.get(name)
+            if w <= 0 or slot is None or slot.model is None:
+                continue
+            m = slot.model
+            assert m.items is not None and m.users is not None
+            if first is None:
+                first = m.items
+            elif not _same_items(first, m.items):
+                return None
+            user = m.users.get(q.user_id)
+            if user < 0:
+                return None
+            comps.append((w, slot, user))
+        if first is None or len(first) == 0:
+            return None
+        n = len(first)
+        rows = getattr(self._local, "rows", None)
+        if rows is None or rows.shape[0] < len(comps) or rows.shape[1] != n:
+            rows = self._local.rows = np.empty((len(comps), n), np.float32)
+        rows = rows[: len(comps)]
+        t2 = time.perf_counter()
+        stages["resolve"] += t2 - t
+        for i, (_, slot, user) in enumerate(comps):
+            check()  # between components too: a passed deadline stops the work
+            if not slot.model.dense_user(user, rows[i], not q.include_seen):  # type: ignore[union-attr]
+                stages["retrieve"] += time.perf_counter() - t2
+                return None
+        t3 = time.perf_counter()
+        stages["retrieve"] += t3 - t2
+        items, scores = blend_dense(rows, [w for w, _, _ in comps], min(max(3 * q.k, 100), n), q.k)
+        out = Ranked.of(first, items, scores, "")
+        out.version = ",".join(f"{s.name}@{s.version}" for _, s, _ in comps)
+        stages["rank"] += time.perf_counter() - t3
+        return out
 
     def _blend(self, parts: list[tuple[float, _Served]], q: RecQuery, check: Check) -> Ranked:
         first = parts[0][1].slot.model.items  # type: ignore[union-attr]

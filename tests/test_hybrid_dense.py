@@ -1,0 +1,139 @@
+"""The hybrid's dense path (every component's row in one scratch matrix, one
+blend kernel pass) against the general path (each component's own top-n call,
+then the numpy row blend), for hybrids of every algorithm, and the blend kernel
+against blend_rows on rows with NaNs and heavy ties."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recserve.config import Hybrid, ServerConfig
+from recserve.feedback import OnlineState
+from recserve.models import algorithms, create
+from recserve.serving import Catalog, RecQuery, Router
+from recserve.serving.blend import blend_dense, blend_rows
+
+FAST = {
+    "als": {"factors": 16, "iterations": 5},
+    "svd": {"factors": 16, "epochs": 5},
+    "bpr": {"factors": 16, "epochs": 5, "fold_in_epochs": 5},
+    "bayes_mf": {"factors": 8, "epochs": 5},
+}
+
+
+def top_n(row: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Independent: the n best non-NaN entries of a row, ties by lower index."""
+    idx = np.flatnonzero(~np.isnan(row))
+    order = np.lexsort((idx, -row[idx].astype(np.float64)))[:n]
+    return idx[order].astype(np.int32), row[idx[order]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_items=st.integers(1, 400), k=st.integers(1, 30), n_cand=st.integers(1, 120), data=st.data()
+)
+def test_blend_kernel_equals_blend_rows_over_each_rows_top_n(n_items, k, n_cand, data):
+    n_rows = data.draw(st.integers(1, 4))
+    # Few distinct values (ties everywhere), NaN for ineligible entries.
+    values = st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.0, -1.0, -np.inf, np.nan])
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if data.draw(st.booleans()):
+        rows = rng.choice([0.0, 0.5, 1.0, 2.0, -1.0, np.nan], (n_rows, n_items)).astype(np.float32)
+    else:
+        rows = rng.standard_normal((n_rows, n_items)).astype(np.float32)
+        rows[rng.random((n_rows, n_items)) < 0.1] = np.nan
+    rows[0, : data.draw(st.integers(0, 3))] = data.draw(values)
+    weights = [data.draw(st.sampled_from([0.1, 0.25, 0.5, 1.0])) for _ in range(n_rows)]
+    parts = []
+    for w, row in zip(weights, rows, strict=True):
+        items, scores = top_n(row, n_cand)
+        if items.size and np.isfinite(scores).all():
+            parts.append((w, items, scores))
+        elif items.size:  # -inf within the candidates: min-max is NaN in both; skip the case
+            return
+    want_rows, want_totals = blend_rows(parts, k, n_items)
+    got_rows, got_totals = blend_dense(rows, weights, n_cand, k)
+    np.testing.assert_array_equal(got_rows, want_rows)
+    np.testing.assert_array_equal(got_totals, want_totals)
+
+
+def test_blend_kernel_refuses_bad_input():
+    rows = np.zeros((2, 5), np.float32)
+    with pytest.raises(ValueError, match="weights"):
+        blend_dense(rows, [1.0], 3, 2)
+    with pytest.raises(ValueError, match="n_cand"):
+        blend_dense(rows, [1.0, 1.0], 0, 2)
+    with pytest.raises(TypeError, match="scores"):
+        blend_dense(rows.astype(np.float64), [1.0, 1.0], 3, 2)
+    assert blend_dense(rows, [1.0, 1.0], 3, 0)[0].size == 0
+
+
+@pytest.fixture(scope="module")
+def router(small, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense-models")
+    for algo in algorithms():
+        create(algo, **FAST.get(algo, {})).fit(small).save(root, algo, dataset=small)
+    pairs = list(itertools.combinations(algorithms(), 2))
+    hybrids = {f"{a}+{b}": Hybrid(f"{a}+{b}", {a: 0.7, b: 0.3}) for a, b in pairs}
+    hybrids["all"] = Hybrid("all", dict.fromkeys(algorithms(), 1.0 / len(algorithms())))
+    cfg = ServerConfig(models=str(root), hybrids=hybrids, max_k=500)
+    catalog = Catalog(cfg.models)
+    catalog.start()
+    catalog.wait(120)
+    yield Router(cfg, catalog, OnlineState())
+    catalog.close()
+
+
+def general(router: Router, q: RecQuery):
+    """The same request through the general path (the dense path switched off)."""
+    dense = router._hybrid_dense
+    router._hybrid_dense = lambda *a: None  # type: ignore[method-assign]
+    try:
+        return router.recommend(q)
+    finally:
+        router._hybrid_dense = dense  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("k", [1, 10, 60])
+def test_dense_hybrid_answers_what_the_general_path_answers(router, small, k):
+    calls = {"dense": 0}
+    real = router._hybrid_dense
+
+    def counted(*a):
+        out = real(*a)
+        calls["dense"] += out is not None
+        return out
+
+    router._hybrid_dense = counted  # type: ignore[method-assign]
+    try:
+        for name in router.cfg.hybrids:
+            for u in small.users.ids(np.arange(0, small.n_users, 53)):
+                for include_seen in (False, True):
+                    q = RecQuery(user_id=u, k=k, model=name, include_seen=include_seen)
+                    got, want = router.recommend(q), general(router, q)
+                    assert got.item_ids == want.item_ids, (name, u)
+                    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-9, atol=1e-12)
+                    assert got.version == want.version
+    finally:
+        router._hybrid_dense = real  # type: ignore[method-assign]
+    assert calls["dense"] > 0
+
+
+def test_requests_the_dense_path_does_not_take_still_blend(router, small):
+    # Exclusions, candidates and inline history take the general path.
+    u = small.users.ids([3])[0]
+    some = small.items.ids([0, 1, 2, 3, 4])
+    for q in (
+        RecQuery(user_id=u, k=5, model="all", exclude=some[:2]),
+        RecQuery(user_id=u, k=5, model="all", candidates=some),
+        RecQuery(user_id="", k=5, model="all", history=[(i, 1.0) for i in some]),
+    ):
+        assert router._hybrid_dense(router.cfg.hybrids["all"], q, lambda: None, {}) is None
+        out = router.recommend(q)
+        assert len(out.item_ids) == 5 and not set(out.item_ids) & set(q.exclude)
