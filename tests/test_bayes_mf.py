@@ -70,3 +70,24 @@ def test_score_history_checks_the_item_range(small):
         model.score_history(small.interactions[0], [0, 300])
     with pytest.raises(IndexError, match="items"):
         model.score_history(small.interactions[0], [-1])
+
+
+def test_known_user_std_kernel_equals_the_numpy_posterior(small):
+    # score() takes one Cholesky kernel call (sgd.predictive_quad); the numpy
+    # posterior (np.linalg.solve on Z^T Z + reg n I) is the reference.
+    from recserve.kernels import sgd
+
+    m = create("bayes_mf", factors=6, epochs=3).fit(small)
+    seen = small.interactions
+    items = np.arange(0, small.n_items, 7)
+    for u in range(0, small.n_users, 29):
+        mean, std = m.score(u, items)
+        want = m.posterior_std(seen[u], items)
+        np.testing.assert_allclose(std, want, rtol=1e-6)
+        raw = m._score_users(np.array([u]))[0, items]
+        np.testing.assert_allclose(mean, np.clip(raw, *m.scale), rtol=1e-5, atol=1e-5)
+    Q = np.ones((3, 2), np.float32)
+    with pytest.raises(ValueError, match="positive definite"):
+        sgd.predictive_quad(Q, np.zeros(0, np.int32), np.array([0]), 0.0)
+    with pytest.raises(IndexError, match="items"):
+        sgd.predictive_quad(Q, np.zeros(0, np.int32), np.array([3]), 1.0)

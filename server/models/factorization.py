@@ -324,9 +324,14 @@ class BiasedMF(Recommender):
         return self._predict(p, b)
 
     def score(self, user: int, items) -> tuple[np.ndarray, np.ndarray | None]:
-        """Predicted ratings clipped to the training rating scale; no std."""
-        raw, _ = super().score(user, items)
-        return np.clip(raw, *self.scale), None
+        """Predicted ratings clipped to the training rating scale; no std.
+        Only the asked items are computed (the serving path asks for k)."""
+        items = self._checked_items(items)
+        if not 0 <= int(user) < self.n_users:
+            raise IndexError(f"users: indices must be in [0, {self.n_users})")
+        u = int(user)
+        raw = (np.float32(self.mu) + self.bu[u]) + self.bi[items] + self.Q[items] @ self.P[u]
+        return np.clip(np.asarray(raw, np.float32), *self.scale), None
 
     def score_history(self, history: sp.csr_matrix, items) -> tuple[np.ndarray, np.ndarray | None]:
         """score() for a user given only by a history row: clipped, no std."""
@@ -573,8 +578,14 @@ class BayesianMF(BiasedMF):
     def score(self, user: int, items) -> tuple[np.ndarray, np.ndarray | None]:
         """Predicted ratings (clipped to the scale) and their predictive std."""
         mean, _ = super().score(user, items)
-        assert self.user_items is not None
-        return mean, self.posterior_std(self.user_items[int(user)], np.asarray(items))
+        indptr, indices = self._csr_views()
+        seen = indices[indptr[int(user)] : indptr[int(user) + 1]]
+        items = np.asarray(items, np.int64)
+        try:  # one kernel call: the serving path asks this for every answer
+            quad = sgdk.predictive_quad(self._vectors("Q"), seen, items, self.params["reg"])
+        except ValueError:  # A singular (reg 0): numpy's solve says how
+            return mean, self._predictive_std(self._precision(self._design(seen)), items)
+        return mean, (self.sigma * np.sqrt(1.0 + quad)).astype(np.float32)
 
     def score_history(self, history: sp.csr_matrix, items) -> tuple[np.ndarray, np.ndarray]:
         """score() for a user given only by a history row (fold-in), with std."""
