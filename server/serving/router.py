@@ -473,6 +473,8 @@ class Router:
             return None
         comps: list[tuple[float, Slot, int]] = []
         first: IdMap | None = None
+        users: IdMap | None = None
+        user = -1
         for name, w in hy.weights.items():
             slot = self.catalog.get(name)
             if w <= 0 or slot is None or slot.model is None:
@@ -483,7 +485,8 @@ class Router:
                 first = m.items
             elif not _same_items(first, m.items):
                 return None
-            user = m.users.get(q.user_id)
+            if users is None or not _same_items(users, m.users):  # one lookup per user map
+                users, user = m.users, m.users.get(q.user_id)
             if user < 0:
                 return None
             comps.append((w, slot, user))
