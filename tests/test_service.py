@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from recserve.config import Experiment, Hybrid
 from recserve.serving import RecQuery
 from recserve.v1 import recommender_pb2 as pb
+from recserve.v1 import recommender_pb2_grpc as pb_grpc
 from tests.service_helpers import (
     Gate,
     error_info,
@@ -419,6 +420,38 @@ def hold_a_slot(s):
         assert list(responses) == []
 
     return release
+
+
+def test_a_refused_batch_is_unavailable_even_while_the_client_still_writes(published):
+    """A RecommendBatch refused at admission is UNAVAILABLE for a grpc.aio client
+    that is still writing its requests (the server reads them before the status;
+    without that, such clients reported INTERNAL "Internal error from Core")."""
+    import asyncio
+    from collections import Counter
+
+    root, _ = published
+
+    async def refused(target: str) -> Counter:
+        async with grpc.aio.insecure_channel(target) as ch:
+            stub = pb_grpc.RecommenderStub(ch)
+
+            async def one() -> str:
+                reqs = [pb.RecommendRequest(user_id="7", k=3) for _ in range(16)]
+                try:
+                    async for _ in stub.RecommendBatch(iter(reqs), timeout=10):
+                        pass
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+                return "OK"
+
+            return Counter(await asyncio.gather(*(one() for _ in range(30))))
+
+    with running(root, max_concurrency=1) as s:
+        release = hold_a_slot(s)
+        try:
+            assert asyncio.run(refused(s.target)) == Counter({"UNAVAILABLE": 30})
+        finally:
+            release()
 
 
 def test_overload_is_unavailable_with_a_retry_delay(published):

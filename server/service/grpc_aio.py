@@ -38,6 +38,9 @@ log = logging.getLogger("recserve.service")
 DRAIN_QUIET = 0.25
 # How often the loop measures how long queued work waits for it (queue_budget_ms).
 PROBE_SECONDS = 0.002
+# How long a refused request stream is read to its end before the refusal is sent:
+# a client that writes its requests at once is answered when the last one arrives.
+DRAIN_REQUESTS_S = 1.0
 
 
 async def _abort(context: grpc.aio.ServicerContext, f: Failure) -> bytes:
@@ -45,6 +48,19 @@ async def _abort(context: grpc.aio.ServicerContext, f: Failure) -> bytes:
     if f.code is not Code.CANCELLED:
         await context.abort(*grpc_common.status(f))
     return b""
+
+
+async def _drain(requests: AsyncIterator, seconds: float) -> None:
+    """Read what a client still sends of a refused request stream (for at most
+    `seconds`) before the status goes out: grpc.aio clients that are still
+    writing when the call ends report INTERNAL ("Internal error from Core")
+    instead of the status (measured: 5 of 18 refused RecommendBatch streams)."""
+    try:
+        async with asyncio.timeout(seconds):
+            async for _ in requests:
+                pass
+    except (TimeoutError, grpc.RpcError):
+        pass
 
 
 class Recommender(pb_grpc.RecommenderServicer):
@@ -121,6 +137,7 @@ class Recommender(pb_grpc.RecommenderServicer):
                     # waiting take its turn: a long batch never holds the loop.
                     await asyncio.sleep(0)
         except Failure as f:
+            await _drain(request_iterator, DRAIN_REQUESTS_S)
             await _abort(context, f)
 
     async def GetSimilarItems(self, request, context):
@@ -142,6 +159,7 @@ class Recommender(pb_grpc.RecommenderServicer):
                 await loop.run_in_executor(None, rec.store, rec.rest())
                 return rec.summary()
         except Failure as f:
+            await _drain(request_iterator, DRAIN_REQUESTS_S)
             return await _abort(context, f)
 
 

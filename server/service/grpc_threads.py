@@ -27,6 +27,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("recserve.service")
 
 
+# How long a refused request stream is read to its end before the refusal is sent:
+# a client that writes its requests at once is answered when the last one arrives.
+DRAIN_REQUESTS_S = 1.0
+
+
+def _drain(requests: Iterator, seconds: float) -> None:
+    """Read what a client still sends of a refused request stream, for at most
+    `seconds`, before the status goes out: clients still writing when the call
+    ends report INTERNAL instead of the status. A reader thread, since the
+    iterator blocks; the status ends the call, and with it the reader."""
+
+    def read() -> None:
+        try:
+            for _ in requests:
+                pass
+        except Exception:  # the call ended meanwhile: nothing left to read
+            pass
+
+    reader = threading.Thread(target=read, name="drain", daemon=True)
+    reader.start()
+    reader.join(seconds)
+
+
 class _Call:
     """A grpc.ServicerContext as the core's Call."""
 
@@ -101,6 +124,7 @@ class Recommender(pb_grpc.RecommenderServicer):
                 for request in request_iterator:
                     yield self.core.batch_one(s, request)
         except Failure as f:
+            _drain(request_iterator, DRAIN_REQUESTS_S)
             _abort(context, f)
 
     def PredictRatings(self, request, context):
