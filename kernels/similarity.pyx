@@ -999,3 +999,53 @@ def dense_one(CheckedCSR hist, Py_ssize_t row, CheckedCSR sim, CheckedCSR seen, 
             j = eix[p]
             if 0 <= j < n:
                 O[j] = nan
+
+
+def dense_history(CheckedCSR sim, indices, data, out, seen=None):
+    """out[:] = sum over p of data[p] * row indices[p] of sim (0 where untouched),
+    added in p order as score_topk adds one history row, NaN at the items of
+    `seen` (int32; None: nothing): a folded-in user's row, for the hybrid."""
+    check_array(indices, "indices", np.int32, 1)
+    check_array(data, "data", np.float32, 1)
+    if indices.shape[0] != data.shape[0]:
+        raise ValueError(f"data: length {data.shape[0]}, indices {indices.shape[0]}")
+    check_array(out, "out", np.float32, 1)
+    if out.shape[0] != sim.n_cols:
+        raise ValueError(f"out: expected {sim.n_cols} entries, got {out.shape[0]}")
+    if not out.flags.writeable:
+        raise ValueError("out: must be writable")
+    cdef const int[::1] HI = indices
+    cdef const float[::1] HX = data
+    cdef Py_ssize_t n_rows = sim.n_rows, p
+    for p in range(HI.shape[0]):
+        if not 0 <= HI[p] < n_rows:
+            raise IndexError(f"indices: {HI[p]} outside [0, {n_rows})")
+    cdef const int[::1] SE
+    cdef long long ns = 0
+    if seen is not None:
+        check_array(seen, "seen", np.int32, 1)
+        SE = seen
+        ns = SE.shape[0]
+    cdef const long long[::1] sip = sim.indptr
+    cdef const int[::1] six = sim.indices
+    cdef const float[::1] sx = sim.data
+    cdef float[::1] O = out
+    cdef int n = <int>sim.n_cols, i, j
+    cdef long long r, q
+    cdef float w
+    cdef float nan = NAN
+    cdef Py_ssize_t m = HI.shape[0]
+    if n == 0:
+        return
+    with nogil:
+        for j in range(n):
+            O[j] = 0.0
+        for p in range(m):
+            i = HI[p]
+            w = HX[p]
+            for r in range(sip[i], sip[i + 1]):
+                O[six[r]] += w * sx[r]
+        for q in range(ns):
+            j = SE[q]
+            if 0 <= j < n:
+                O[j] = nan

@@ -651,7 +651,7 @@ cdef int gather_best(const float* row, int n, int kk, int* ci, float* cv) noexce
 cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weights,
                           int n_cand, int k, int* ci, float* cv, double* total,
                           unsigned char* touched, int* listed, int* hi, double* hv,
-                          int* out_idx, double* out_val) noexcept nogil:
+                          int* out_idx, double* out_val, int* counts) noexcept nogil:
     """blend_dense's work; scratch total / touched zeroed on entry and on exit."""
     cdef int c, j, m, t, nt = 0, size = 0, item
     cdef const float* row
@@ -659,6 +659,7 @@ cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weigh
     for c in range(n_rows):
         row = S + <long long>c * n
         m = gather_best(row, n, n_cand, ci, cv)
+        counts[c] = m
         if m == 0:
             continue
         lo = cv[0]
@@ -707,7 +708,8 @@ def blend_dense(scores, weights, int n_cand, int k):
     answer): row c's candidates are its n_cand best entries (NaN never, ties
     by lower index), min-max normalised over those candidates (all equal -> 1),
     weighted by weights[c] and summed per item in row order (float64); returns
-    the k best (rows int32, sums float64), ties by lower row."""
+    the k best (rows int32, sums float64), ties by lower row, and each row's
+    number of candidates (int32; 0: the row had no eligible entry)."""
     check_array(scores, "scores", np.float32, 2)
     check_array(weights, "weights", np.float64, 1)
     if weights.shape[0] != scores.shape[0]:
@@ -720,8 +722,10 @@ def blend_dense(scores, weights, int n_cand, int k):
     cdef int n = <int> scores.shape[1]
     out_idx = np.empty(k, np.int32)
     out_val = np.empty(k, np.float64)
+    counts = np.zeros(c, np.int32)
     if k == 0 or n == 0 or c == 0:
-        return out_idx[:0], out_val[:0]
+        return out_idx[:0], out_val[:0], counts
+    cdef int[::1] CN = counts
     cdef const float[:, ::1] S = scores
     cdef const double[::1] W = weights
     cdef int[::1] oi = out_idx
@@ -748,7 +752,7 @@ def blend_dense(scores, weights, int n_cand, int k):
             failed = True
         else:
             m = blend_rows_nogil(&S[0, 0], c, n, &W[0], n_cand, k, ci, cv, total, touched,
-                                 listed, hi, hv, &oi[0], &ov[0])
+                                 listed, hi, hv, &oi[0], &ov[0], &CN[0])
         free(ci)
         free(cv)
         free(total)
@@ -758,4 +762,4 @@ def blend_dense(scores, weights, int n_cand, int k):
         free(hv)
     if failed:
         raise MemoryError(f"blend_dense: no scratch for {n} items")
-    return out_idx[:m], out_val[:m]
+    return out_idx[:m], out_val[:m], counts

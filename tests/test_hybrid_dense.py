@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recserve.config import Hybrid, ServerConfig
-from recserve.feedback import OnlineState
+from recserve.feedback import Event, OnlineState
 from recserve.models import algorithms, create
 from recserve.serving import Catalog, RecQuery, Router
 from recserve.serving.blend import blend_dense, blend_rows
@@ -58,7 +58,9 @@ def test_blend_kernel_equals_blend_rows_over_each_rows_top_n(n_items, k, n_cand,
         elif items.size:  # -inf within the candidates: min-max is NaN in both; skip the case
             return
     want_rows, want_totals = blend_rows(parts, k, n_items)
-    got_rows, got_totals = blend_dense(rows, weights, n_cand, k)
+    got_rows, got_totals, counts = blend_dense(rows, weights, n_cand, k)
+    want_counts = [min(n_cand, int((~np.isnan(r)).sum())) for r in rows]
+    np.testing.assert_array_equal(counts, want_counts)
     np.testing.assert_array_equal(got_rows, want_rows)
     np.testing.assert_array_equal(got_totals, want_totals)
 
@@ -100,10 +102,26 @@ def general(router: Router, q: RecQuery):
         router._hybrid_dense = dense  # type: ignore[method-assign]
 
 
+def shapes(small, u: str, k: int, include_seen: bool, rng) -> list[RecQuery]:
+    """The request shapes the dense path answers: a known user, exclusions, an
+    unknown user's inline history, a known user's history on top of training."""
+    some = small.items.ids(rng.choice(small.n_items, 12, replace=False))
+    hist = [(i, float(v)) for i, v in zip(some[:8], rng.integers(1, 6, 8), strict=True)]
+    base = dict(k=k, include_seen=include_seen)
+    return [
+        RecQuery(user_id=u, **base),
+        RecQuery(user_id=u, exclude=some[8:], **base),
+        RecQuery(user_id="", history=hist, **base),
+        RecQuery(user_id="someone-new", history=hist[:3], exclude=some[:1], **base),
+        RecQuery(user_id=u, history=hist[:2], **base),
+    ]
+
+
 @pytest.mark.parametrize("k", [1, 10, 60])
 def test_dense_hybrid_answers_what_the_general_path_answers(router, small, k):
     calls = {"dense": 0}
     real = router._hybrid_dense
+    rng = np.random.default_rng(k)
 
     def counted(*a):
         out = real(*a)
@@ -113,27 +131,43 @@ def test_dense_hybrid_answers_what_the_general_path_answers(router, small, k):
     router._hybrid_dense = counted  # type: ignore[method-assign]
     try:
         for name in router.cfg.hybrids:
-            for u in small.users.ids(np.arange(0, small.n_users, 53)):
+            for u in small.users.ids(np.arange(0, small.n_users, 157)):
                 for include_seen in (False, True):
-                    q = RecQuery(user_id=u, k=k, model=name, include_seen=include_seen)
-                    got, want = router.recommend(q), general(router, q)
-                    assert got.item_ids == want.item_ids, (name, u)
-                    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-9, atol=1e-12)
-                    assert got.version == want.version
+                    for q in shapes(small, u, k, include_seen, rng):
+                        q.model = name
+                        got, want = router.recommend(q), general(router, q)
+                        assert got.item_ids == want.item_ids, (name, q)
+                        # With exclusions the general path scores a known user by
+                        # BLAS, the dense path by the one-user kernel: float rounding.
+                        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-9)
+                        assert (got.version, got.folded_in) == (want.version, want.folded_in)
     finally:
         router._hybrid_dense = real  # type: ignore[method-assign]
     assert calls["dense"] > 0
 
 
-def test_requests_the_dense_path_does_not_take_still_blend(router, small):
-    # Exclusions, candidates and inline history take the general path.
+def test_recorded_events_are_folded_in_on_the_dense_path(router, small):
+    online = OnlineState()
+    mine = Router(router.cfg, router.catalog, online)  # its own events, not the fixture's
+    u = small.users.ids([5])[0]
+    item = small.items.ids([small.n_items - 1])[0]
+    online.apply([Event(u, item, 4.0, 0)])  # an event since training: the user is folded in
+    q = RecQuery(user_id=u, k=10, model="all")
+    got, want = mine.recommend(q), general(mine, q)
+    assert got.folded_in and got.item_ids == want.item_ids and item not in got.item_ids
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-9, atol=1e-12)
+
+
+def test_candidates_and_explanations_take_the_general_path(router, small):
     u = small.users.ids([3])[0]
     some = small.items.ids([0, 1, 2, 3, 4])
+    hy = router.cfg.hybrids["all"]
     for q in (
-        RecQuery(user_id=u, k=5, model="all", exclude=some[:2]),
         RecQuery(user_id=u, k=5, model="all", candidates=some),
-        RecQuery(user_id="", k=5, model="all", history=[(i, 1.0) for i in some]),
+        RecQuery(user_id=u, k=5, model="all", explain=True),
     ):
-        assert router._hybrid_dense(router.cfg.hybrids["all"], q, lambda: None, {}) is None
+        assert router._hybrid_dense(hy, q, lambda: None, {}) is None
         out = router.recommend(q)
-        assert len(out.item_ids) == 5 and not set(out.item_ids) & set(q.exclude)
+        assert len(out.item_ids) == 5
+    with pytest.raises(Exception, match="history"):  # unknown ids: refused as before
+        router.recommend(RecQuery(user_id="", history=[("nope", 1.0)] * 5, k=5, model="all"))

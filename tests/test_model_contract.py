@@ -80,6 +80,29 @@ def test_dense_user_is_the_row_recommend_user_selects_from(fitted, small, filter
         fitted.dense_user(small.n_users, row)
 
 
+@pytest.mark.parametrize("filter_seen", [True, False])
+def test_dense_history_is_the_row_recommend_histories_selects_from(fitted, small, filter_seen):
+    # The fold-in row a hybrid blends: NaN exactly at the history's items, and
+    # its top-k (numpy, ties by lower index) is recommend_histories' answer.
+    rng = np.random.default_rng(3)
+    out = np.empty(small.n_items, np.float32)
+    for _ in range(6):
+        items = np.unique(rng.integers(0, small.n_items, 8))
+        row = fitted.history_matrix([items], [rng.integers(1, 6, items.size)])
+        if not fitted.dense_history(row, out, filter_seen):
+            pytest.skip(f"{fitted.algorithm}: approximate fold-in ranking")
+        banned = items if filter_seen else np.zeros(0, int)
+        np.testing.assert_array_equal(np.flatnonzero(np.isnan(out)), banned)
+        got_i, got_s = fitted.recommend_histories(row, k=12, filter_seen=filter_seen)
+        n = int((got_i[0] >= 0).sum())
+        ok = np.flatnonzero(~np.isnan(out))
+        order = ok[np.lexsort((ok, -out[ok]))][:12]
+        np.testing.assert_array_equal(got_i[0, :n], order)
+        np.testing.assert_array_equal(got_s[0, :n], out[order])
+    with pytest.raises(ValueError, match="row"):
+        fitted.dense_history(fitted.history_matrix([[0], [1]]), out)
+
+
 def test_exclusions_never_shorten_results(fitted):
     items, _ = fitted.recommend([0], k=10)
     banned = items[0][:5]

@@ -281,6 +281,20 @@ class Recommender(ABC):
             out[indices[indptr[user] : indptr[user + 1]]] = np.nan
         return True
 
+    def dense_history(self, row: sp.csr_matrix, out: np.ndarray, filter_seen: bool = True) -> bool:
+        """dense_user for a user given by one history row (fold-in): the row
+        whose top-k recommend_histories returns, NaN at the row's items when
+        filter_seen. False (out untouched) where that ranking is not the top-k
+        of a dense row (an approximate index)."""
+        self._require_fitted()
+        topk.check_row(out, self.n_items)
+        if row.shape != (1, self.n_items):
+            raise ValueError(f"row: expected shape (1, {self.n_items}), got {row.shape}")
+        out[:] = self._score_history(row)[0]
+        if filter_seen:
+            out[row.indices] = np.nan
+        return True
+
     def _recommend_dense(
         self, user: int, k: int, filter_seen: bool
     ) -> tuple[np.ndarray, np.ndarray]:

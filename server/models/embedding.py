@@ -141,6 +141,12 @@ class EmbeddingIndexMixin(Recommender):
         topk.dense_user(self._exact_user_matrix(), user, vectors, out, indptr, indices, bias)
         return True
 
+    def dense_history(self, row: sp.csr_matrix, out: np.ndarray, filter_seen: bool = True) -> bool:
+        """The exact fold-in row; False with an index (the ranking is approximate)."""
+        if self.item_index is not None:
+            return False
+        return super().dense_history(row, out, filter_seen)
+
     def _rank(self, users, history, k, excl, cand):
         if self.item_index is None:
             return super()._rank(users, history, k, excl, cand)

@@ -208,6 +208,23 @@ class _Neighbourhood(Recommender):
         simk.dense_one(cache[3], int(user), cache[4], cache[5] if filter_seen else None, out)
         return True
 
+    def dense_history(self, row: sp.csr_matrix, out: np.ndarray, filter_seen: bool = True) -> bool:
+        """The fold-in row (history x similarity, summed as score_topk sums it)."""
+        cache = self._one_checked()
+        if row.shape != (1, self.n_items):
+            raise ValueError(f"row: expected shape (1, {self.n_items}), got {row.shape}")
+        h = self._history_weights(row)
+        items = np.asarray(row.indices, np.int32) if filter_seen else None
+        simk.dense_history(
+            cache[4], np.asarray(h.indices, np.int32), np.asarray(h.data, np.float32), out, items
+        )
+        return True
+
+    def _history_weights(self, row: sp.csr_matrix) -> sp.csr_matrix:
+        """The sparse row that multiplies the scored matrix for a fold-in: the
+        history itself here; userknn's neighbours of the history."""
+        return row
+
     def _one_checked(self) -> tuple[Any, ...]:
         """The one-user call's matrices, validated once per model: (history rows,
         scored matrix, seen, their CheckedCSRs, per-thread scratch holder)."""
@@ -396,6 +413,9 @@ class UserKNN(_Neighbourhood):
     def _rank(self, users, history, k, excl, cand):
         h = self.sim[users] if users is not None else self._neighbours(history)
         return self._score(h.tocsr(), self.user_items, k, excl, cand)
+
+    def _history_weights(self, row: sp.csr_matrix) -> sp.csr_matrix:
+        return self._neighbours(row).tocsr()
 
     def _one_user(self) -> tuple[Any, Any]:
         return self.sim, self.user_items

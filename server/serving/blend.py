@@ -57,9 +57,10 @@ def blend_rows(
 
 def blend_dense(
     rows: np.ndarray, weights: Sequence[float], n_cand: int, k: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`blend_rows` of components given as dense score rows (components x
     items, float32, NaN = not eligible) whose candidates are each row's n_cand
     best entries: selection, normalisation, sums and the top k in one kernel
-    pass (kernels.topk.blend_dense). Returns (rows int32, sums float64)."""
+    pass (kernels.topk.blend_dense). Returns (rows int32, sums float64, each
+    component's number of candidates: 0 when it had none, as an empty part)."""
     return topk.blend_dense(rows, np.asarray(weights, np.float64), n_cand, k)

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 from recserve.config import Hybrid, ServerConfig
 from recserve.data import IdMap
 from recserve.feedback import OnlineState
+from recserve.kernels import topk
 from recserve.models import Recommender, bundle
 from recserve.models.registry import MODELS
 from recserve.serving.answers import (
@@ -392,6 +393,13 @@ class Router:
             if extra_idx.size == 0 and not m.serves_cold:
                 return None
             row = m.history_matrix([extra_idx], [extra_val])
+            if cand is None:  # the fold-in's dense row and one top-k call, when exact
+                buf = self._row(m.n_items)
+                if m.dense_history(row, buf, not q.include_seen):
+                    if excl.size:
+                        buf[excl] = np.nan
+                    items, scores = topk.topk_row(buf, k)
+                    return _Served(slot, items, scores, -1, row)
             items, scores = m.recommend_histories(
                 row,
                 k,
@@ -402,6 +410,13 @@ class Router:
             items, scores = items[0], scores[0]
         n = int((items >= 0).sum())
         return _Served(slot, items[:n], scores[:n], user, row)
+
+    def _row(self, n: int) -> np.ndarray:
+        """This thread's float32 scratch row of n entries (a fold-in's scores)."""
+        row = getattr(self._local, "row", None)
+        if row is None or row.shape[0] != n:
+            row = self._local.row = np.empty(n, np.float32)
+        return row
 
     def _ranked(self, s: _Served, q: RecQuery, check: Check, stages: dict[str, float]) -> Ranked:
         t = time.perf_counter()
@@ -461,56 +476,87 @@ class Router:
     def _hybrid_dense(
         self, hy: Hybrid, q: RecQuery, check: Check, stages: dict[str, float]
     ) -> Ranked | None:
-        """The common hybrid request (a known user with no inline or recorded
-        history, exclusions, candidates or explanations, components over one
-        catalogue): every component writes its dense row into per-thread
-        scratch and one kernel pass blends them. The general path's answer
-        (tests/test_hybrid_dense.py compares them); None for any other request."""
-        if q.history or q.exclude or q.candidates or q.explain or not q.user_id:
+        """A hybrid request without candidates or explanations, over components
+        that share one catalogue: every component writes its dense row (a known
+        user's, or the folded-in history's, NaN where not eligible) into
+        per-thread scratch and one kernel pass blends them. The general path's
+        answer, up to float rounding (tests/test_hybrid_dense.py compares
+        them); None for any other request."""
+        if q.candidates or q.explain:
             return None
         t = time.perf_counter()
-        if self.online.history(q.user_id):
-            return None
-        comps: list[tuple[float, Slot, int]] = []
+        comps: list[tuple[float, Slot]] = []
         first: IdMap | None = None
-        users: IdMap | None = None
-        user = -1
         for name, w in hy.weights.items():
             slot = self.catalog.get(name)
             if w <= 0 or slot is None or slot.model is None:
                 continue
-            m = slot.model
-            assert m.items is not None and m.users is not None
+            assert slot.model.items is not None
             if first is None:
-                first = m.items
-            elif not _same_items(first, m.items):
+                first = slot.model.items
+            elif not _same_items(first, slot.model.items):
                 return None
-            if users is None or not _same_items(users, m.users):  # one lookup per user map
-                users, user = m.users, m.users.get(q.user_id)
-            if user < 0:
-                return None
-            comps.append((w, slot, user))
+            comps.append((w, slot))
         if first is None or len(first) == 0:
             return None
+        m0 = comps[0][1].model
+        assert m0 is not None
+        # Shared items: the history and exclusions resolve (and are checked) once.
+        extra_idx, extra_val = self._history(m0, q, comps[0][1].name)
+        excl = first.index(list(q.exclude)) if q.exclude else None
+        if excl is not None:
+            excl = excl[excl >= 0]
         n = len(first)
         rows = getattr(self._local, "rows", None)
         if rows is None or rows.shape[0] < len(comps) or rows.shape[1] != n:
             rows = self._local.rows = np.empty((len(comps), n), np.float32)
-        rows = rows[: len(comps)]
         t2 = time.perf_counter()
         stages["resolve"] += t2 - t
-        for i, (_, slot, user) in enumerate(comps):
+        users: IdMap | None = None
+        user = -1
+        shared_row = None  # an unknown user's history row: the same for every component
+        used: list[tuple[float, Slot, bool]] = []
+        for w, slot in comps:
             check()  # between components too: a passed deadline stops the work
-            if not slot.model.dense_user(user, rows[i], not q.include_seen):  # type: ignore[union-attr]
+            m = slot.model
+            assert m is not None and m.users is not None
+            if users is None or not _same_items(users, m.users):  # one lookup per user map
+                users, user = m.users, (m.users.get(q.user_id) if q.user_id else -1)
+            out = rows[len(used)]
+            if user >= 0 and extra_idx.size == 0:
+                ok, folded = m.dense_user(user, out, not q.include_seen), False
+            else:
+                if user < 0 and shared_row is not None:
+                    row = shared_row
+                else:
+                    idx, val = _with_training_row(m, user, extra_idx, extra_val)
+                    if idx.size == 0 and not m.serves_cold:
+                        continue  # the general path skips this component too
+                    row = m.history_matrix([idx], [val])
+                    if user < 0:
+                        shared_row = row
+                ok, folded = m.dense_history(row, out, not q.include_seen), True
+            if not ok:
                 stages["retrieve"] += time.perf_counter() - t2
                 return None
+            if excl is not None and excl.size:
+                out[excl] = np.nan
+            used.append((w, slot, folded))
         t3 = time.perf_counter()
         stages["retrieve"] += t3 - t2
-        items, scores = blend_dense(rows, [w for w, _, _ in comps], min(max(3 * q.k, 100), n), q.k)
-        out = Ranked.of(first, items, scores, "")
-        out.version = ",".join(f"{s.name}@{s.version}" for _, s, _ in comps)
+        if not used:
+            return None
+        n_cand = min(max(3 * q.k, 100), n)
+        weights = [w for w, _, _ in used]
+        items, scores, counts = blend_dense(rows[: len(used)], weights, n_cand, q.k)
+        parts = [u for u, c in zip(used, counts.tolist(), strict=True) if c]
+        if not parts:
+            return None
+        out_r = Ranked.of(first, items, scores, "")
+        out_r.version = ",".join(f"{s.name}@{s.version}" for _, s, _ in parts)
+        out_r.folded_in = any(f for _, _, f in parts)
         stages["rank"] += time.perf_counter() - t3
-        return out
+        return out_r
 
     def _blend(self, parts: list[tuple[float, _Served]], q: RecQuery, check: Check) -> Ranked:
         first = parts[0][1].slot.model.items  # type: ignore[union-attr]
