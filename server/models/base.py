@@ -591,11 +591,26 @@ def cosine_similar(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Items most similar to `items` by cosine of their factor rows; a zero
     row scores 0 against everything rather than NaN."""
-    y = np.asarray(factors, np.float32)
-    norms = np.linalg.norm(y, axis=1)
-    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    scores = (y[items] * inv[items, None]) @ (y * inv[:, None]).T
+    unit = _unit_rows(factors)
+    scores = unit[items] @ unit.T
     return topk_excluding_self(scores, items, k, n_threads)
+
+
+_UNIT: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _unit_rows(factors: np.ndarray) -> np.ndarray:
+    """factors' rows scaled to unit length (zero rows stay zero), made once per
+    factor array (SimilarItems asked it on every call: most of its time)."""
+    hit = _UNIT.get(id(factors))
+    if hit is None or hit[0] is not factors:
+        if len(_UNIT) > 64:
+            _UNIT.clear()
+        y = np.asarray(factors, np.float32)
+        norms = np.linalg.norm(y, axis=1)
+        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        hit = _UNIT[id(factors)] = (factors, y * inv[:, None])
+    return hit[1]
 
 
 def check_k(k: int) -> None:

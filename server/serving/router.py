@@ -649,33 +649,49 @@ class Router:
         )
 
     def _similar_one(self, slot: Slot, item_id: str, k: int) -> Ranked | None:
+        found = self._similar_rows(slot, item_id, k)
+        if found is None:
+            return None
         m = slot.model
         assert m is not None and m.items is not None
+        return Ranked.of(m.items, found[0], found[1], slot.version)
+
+    def _similar_rows(
+        self, slot: Slot, item_id: str, k: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """A model's k most similar items as (rows, scores); None when it does not
+        know the item or has no item similarity."""
+        m = slot.model
+        if m is None or m.items is None:
+            return None
         idx = m.items.get(item_id)
         if idx < 0:
             return None
         try:
-            items, scores = m.similar_items(idx, min(k, max(m.n_items - 1, 1)))
+            return m.similar_items(idx, min(k, max(m.n_items - 1, 1)))
         except NotImplementedError:
             return None
-        return Ranked(m.items.ids(items), scores.astype(float).tolist(), version=slot.version)
 
     def _similar_hybrid(self, hy: Hybrid, item_id: str, k: int) -> Ranked | None:
         n = max(3 * k, 100)
-        parts, versions = [], []
+        parts: list[tuple[float, Slot, np.ndarray, np.ndarray]] = []
         for name, w in hy.weights.items():
             slot = self.catalog.get(name)
             if w <= 0 or slot is None:
                 continue
-            part = self._similar_one(slot, item_id, n)
-            if part is None or not part.item_ids:
+            found = self._similar_rows(slot, item_id, n)
+            if found is None or not found[0].size:
                 continue
-            versions.append(f"{name}@{slot.version}")
-            parts.append((w, part.item_ids, np.asarray(part.scores)))
+            parts.append((w, slot, found[0], found[1]))
         if not parts:
             return None
-        order = blend(parts, k)
-        return Ranked([i for i, _ in order], [v for _, v in order], version=",".join(versions))
+        version = ",".join(f"{s.name}@{s.version}" for _, s, _, _ in parts)
+        first = parts[0][1].model.items  # type: ignore[union-attr]
+        if all(_same_items(first, s.model.items) for _, s, _, _ in parts[1:]):  # type: ignore[union-attr]
+            rows, scores = blend_rows(((w, i, v) for w, _, i, v in parts), k, len(first))
+            return Ranked.of(first, rows, scores, version)
+        order = blend(((w, s.model.items.ids(i), v) for w, s, i, v in parts), k)  # type: ignore[union-attr]
+        return Ranked([i for i, _ in order], [v for _, v in order], version=version)
 
     # -- PredictRatings ----------------------------------------------------------------
 
