@@ -7,7 +7,9 @@ data, models and config; its default model is the learned hybrid), one run:
    10-item history, 10% SimilarItems, 10% RecommendBatch of 16);
 4. Recommend's p99 alone vs inside the mix, open loop at half the mix's maximum;
 5. the mix at twice its maximum with 1 s deadlines: status codes, goodput
-   (OK per second / the maximum) and how fast refusals come back.
+   (OK per second / the maximum) and how fast refusals come back;
+6. what a refusal costs against a mix call, and so the best goodput any
+   admission policy could reach at twice the maximum on this machine.
 
 Client and server share this machine's cores: the ratios are the figures to
 quote, not the absolute rates. The targets (issue "Serving under real traffic")
@@ -20,6 +22,8 @@ are printed beside each figure.
 from __future__ import annotations
 
 import argparse
+import os
+import queue
 import re
 import subprocess
 import sys
@@ -27,8 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
+
 from recserve.clients.bench import Load, run
 from recserve.clients.health import check
+from recserve.v1 import recommender_pb2 as pb
+from recserve.v1 import recommender_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA = [  # models quickstart does not train, so every algorithm is measured
@@ -60,7 +68,7 @@ def setup(work: Path) -> Path:
     return work / "recserve.toml"
 
 
-def serve(config: Path) -> tuple[subprocess.Popen, str]:
+def serve(config: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -81,6 +89,7 @@ def serve(config: Path) -> tuple[subprocess.Popen, str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -162,6 +171,41 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+    refusal_bound(work / "recserve.toml", base, mix.qps)
+
+
+def refusal_bound(config: Path, base: dict, mix_max: float) -> None:
+    """6. What a refusal costs, closed loop, against a server whose one admission
+    slot is held (max_concurrency 1): every Recommend is refused at once. With a
+    refusal costing r of an average mix call (r = mix maximum / refusals per s),
+    no admission policy gets more than (1 - 2r) / (1 - r) of the maximum as
+    goodput at twice the maximum: the refusals alone use 2r of the machine."""
+    proc, target = serve(config, {"RECSERVE_MAX_CONCURRENCY": "1"})
+    requests: queue.Queue = queue.Queue()
+
+    def feed():
+        while (req := requests.get()) is not None:
+            yield req
+
+    try:
+        with grpc.insecure_channel(target) as ch:
+            held = pb_grpc.RecommenderStub(ch).RecommendBatch(feed(), timeout=600)
+            requests.put(pb.RecommendRequest(user_id="1", k=2))
+            next(held)  # admitted: the slot is taken until the stream ends
+            r = run(Load(rpc="recommend", concurrency=8, **{**base, "target": target}))
+            requests.put(None)
+            list(held)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    refused = sum(r.errors.values()) / r.seconds
+    ratio = mix_max / refused
+    bound = max(0.0, (1 - 2 * ratio) / (1 - ratio))
+    print(
+        f"\nrefusal cost: {refused:,.0f} refusals/s closed loop (p50 {r.refusal_ms['p50']:.1f} ms)"
+        f" against the mix's {mix_max:,.0f} calls/s: a refusal costs {ratio:.2f} of a mix call,"
+        f" so goodput at 2x can be at most {bound:.2f} of the maximum on this machine"
+    )
 
 
 if __name__ == "__main__":
