@@ -1,5 +1,6 @@
 """Per-request compute of every model, in process (no gRPC): `Router.recommend`
-for 2,000 known users, k=10, on the quickstart setup, in microseconds per call.
+for 2,000 known users, k=10, on the quickstart setup, in microseconds per call;
+then 1,000 unknown users with a 10-item history (cold) and 1,000 SimilarItems.
 
     python bench/bench_router.py --workdir /tmp/qs      # runs quickstart there if needed
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from recserve.config import load_config
 from recserve.feedback import OnlineState
-from recserve.serving import Catalog, RecQuery, Router
+from recserve.serving import Catalog, RecQuery, RequestError, Router
 
 
 def main() -> None:
@@ -50,6 +51,31 @@ def main() -> None:
         for u in users:
             router.recommend(RecQuery(user_id=u, k=10, model=name))
         print(f"{name:<12}{(time.perf_counter() - t) / len(users) * 1e6:8.1f} us/call", flush=True)
+    # An unknown user with a 10-item inline history (fold-in), and SimilarItems.
+    rng = np.random.default_rng(1)
+    items = [str(i) for i in range(1, 2501)]
+    cold = [
+        [(items[j], 1.0) for j in rng.integers(0, len(items), 10)] for _ in range(args.calls // 2)
+    ]
+    for name in names:
+        qs = [RecQuery(user_id=f"new-{i}", history=h, k=10, model=name) for i, h in enumerate(cold)]
+        for q in qs[:20]:
+            router.recommend(q)
+        t = time.perf_counter()
+        for q in qs:
+            router.recommend(q)
+        per_call = (time.perf_counter() - t) / len(qs) * 1e6
+        print(f"{name:<12}{per_call:8.1f} us/call cold", flush=True)
+    for name in names:
+        asked = [items[j] for j in rng.integers(0, len(items), args.calls // 2)]
+        try:
+            router.similar(asked[0], 10, name)
+        except RequestError:  # no item similarity
+            continue
+        t = time.perf_counter()
+        for item in asked:
+            router.similar(item, 10, name)
+        print(f"{name:<12}{(time.perf_counter() - t) / len(asked) * 1e6:8.1f} us/call similar")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport NAN, pow, sqrt
+from libc.math cimport pow, sqrt
 
 from .parallel cimport recserve_prefetch, resolve_threads, threads_for
-from .topk cimport best_of_row, buffer_offer, drain_best, heap_drain, heap_offer, mark, select_topk, worse
+from .topk cimport (best_of_row, buffer_offer, drain_best, heap_drain, heap_offer, mark, nan_at,
+                   select_topk, worse)
 
 from .topk import check_array, check_rows, rows_or_empty
 
@@ -952,6 +953,23 @@ def score_one(CheckedCSR hist, Py_ssize_t row, CheckedCSR sim, int k, CheckedCSR
 
 
 
+cdef void dense_sum(const int* hix, const float* hx, long long h0, long long h1,
+                    const long long* sip, const int* six, const float* sx, int n,
+                    float* O) noexcept nogil:
+    """O[0:n] = sum over p in [h0, h1) of hx[p] * row hix[p] of S, in p order (the
+    order score_row adds them), 0 where untouched."""
+    cdef long long p, r
+    cdef int i, j
+    cdef float w
+    for j in range(n):
+        O[j] = 0.0
+    for p in range(h0, h1):
+        i = hix[p]
+        w = hx[p]
+        for r in range(sip[i], sip[i + 1]):
+            O[six[r]] += w * sx[r]
+
+
 def dense_one(CheckedCSR hist, Py_ssize_t row, CheckedCSR sim, CheckedCSR seen, out):
     """out[:] = row `row` of hist x sim (0 where untouched), NaN at the items of
     row `row` of `seen` (None: nothing): the scores score_one selects from,
@@ -981,24 +999,15 @@ def dense_one(CheckedCSR hist, Py_ssize_t row, CheckedCSR sim, CheckedCSR seen, 
         eix = seen.indices
         e0, e1 = eip[row], eip[row + 1]
     cdef float[::1] O = out
-    cdef long long h0 = hip[row], h1 = hip[row + 1], p, r
-    cdef int n = <int>sim.n_cols, i, j
-    cdef float w
-    cdef float nan = NAN
+    cdef long long h0 = hip[row], h1 = hip[row + 1]
+    cdef int n = <int>sim.n_cols
     if n == 0:
         return
     with nogil:
-        for j in range(n):
-            O[j] = 0.0
-        for p in range(h0, h1):
-            i = hix[p]
-            w = hx[p]
-            for r in range(sip[i], sip[i + 1]):
-                O[six[r]] += w * sx[r]
-        for p in range(e0, e1):
-            j = eix[p]
-            if 0 <= j < n:
-                O[j] = nan
+        dense_sum(&hix[0] if h1 > h0 else NULL, &hx[0] if h1 > h0 else NULL, h0, h1, &sip[0],
+                  &six[0] if six.shape[0] else NULL, &sx[0] if sx.shape[0] else NULL, n, &O[0])
+        if e1 > e0:
+            nan_at(&O[0], &eix[0], e0, e1, n)
 
 
 def dense_history(CheckedCSR sim, indices, data, out, seen=None):
@@ -1030,22 +1039,12 @@ def dense_history(CheckedCSR sim, indices, data, out, seen=None):
     cdef const int[::1] six = sim.indices
     cdef const float[::1] sx = sim.data
     cdef float[::1] O = out
-    cdef int n = <int>sim.n_cols, i, j
-    cdef long long r, q
-    cdef float w
-    cdef float nan = NAN
+    cdef int n = <int>sim.n_cols
     cdef Py_ssize_t m = HI.shape[0]
     if n == 0:
         return
     with nogil:
-        for j in range(n):
-            O[j] = 0.0
-        for p in range(m):
-            i = HI[p]
-            w = HX[p]
-            for r in range(sip[i], sip[i + 1]):
-                O[six[r]] += w * sx[r]
-        for q in range(ns):
-            j = SE[q]
-            if 0 <= j < n:
-                O[j] = nan
+        dense_sum(&HI[0] if m else NULL, &HX[0] if m else NULL, 0, m, &sip[0],
+                  &six[0] if six.shape[0] else NULL, &sx[0] if sx.shape[0] else NULL, n, &O[0])
+        if ns:
+            nan_at(&O[0], &SE[0], 0, ns, n)

@@ -6,7 +6,7 @@
 # defined here (inline) so every kernel that keeps its own candidates compiles
 # them in place instead of calling across modules.
 
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, NAN
 
 
 cdef inline bint worse(float sa, int ia, float sb, int ib) noexcept nogil:
@@ -233,3 +233,15 @@ cdef int walk_ranked(const int* order, const float* scores, int n, int k,
 
 cdef void mark(unsigned char* mask, const int* items, long long start, long long stop,
                int n, unsigned char value) noexcept nogil
+
+
+cdef inline void nan_at(float* out, const int* items, long long start, long long stop,
+                        int n) noexcept nogil:
+    """out[items[start:stop]] = NaN (not eligible), ignoring out-of-range ids."""
+    cdef long long j
+    cdef int item
+    cdef float nan = NAN
+    for j in range(start, stop):
+        item = items[j]
+        if 0 <= item < n:
+            out[item] = nan

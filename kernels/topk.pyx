@@ -5,7 +5,6 @@ import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
 from libc.stdlib cimport calloc, free, malloc
-from libc.math cimport NAN
 
 from .parallel cimport recserve_have_openmp, threads_for
 
@@ -413,17 +412,6 @@ def topk_ranked(order, scores, Py_ssize_t n_queries, int k,
 # a row of one (components x items) scratch matrix (NaN = not eligible), then
 # blend_dense selects, normalises, sums and ranks in one nogil pass, where the
 # general path made one top-n call per component and a dozen numpy operations.
-
-cdef inline void nan_at(float* out, const int* items, long long start, long long stop,
-                        int n) noexcept nogil:
-    cdef long long j
-    cdef int item
-    cdef float nan = NAN
-    for j in range(start, stop):
-        item = items[j]
-        if 0 <= item < n:
-            out[item] = nan
-
 
 def check_row(out, Py_ssize_t n, str name="out"):
     """Validate a writable C-contiguous float32 row of n entries."""

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from recserve.config import Hybrid, ServerConfig
 from recserve.feedback import Event, OnlineState
 from recserve.models import algorithms, create
-from recserve.serving import Catalog, RecQuery, Router
+from recserve.serving import Catalog, RecQuery, RequestError, Router
 from recserve.serving.blend import blend_dense, blend_rows
 
 FAST = {
@@ -169,5 +169,8 @@ def test_candidates_and_explanations_take_the_general_path(router, small):
         assert router._hybrid_dense(hy, q, lambda: None, {}) is None
         out = router.recommend(q)
         assert len(out.item_ids) == 5
-    with pytest.raises(Exception, match="history"):  # unknown ids: refused as before
+    with pytest.raises(RequestError, match="unknown") as err:  # unknown ids: refused as before
+        router.recommend(RecQuery(user_id="", history=[("nope", 1.0)] * 5, k=5, model="all"))
+    assert err.value.field == "history"
+    with pytest.raises(RequestError):
         router.recommend(RecQuery(user_id="", history=[("nope", 1.0)] * 5, k=5, model="all"))
