@@ -90,12 +90,14 @@ def bm25_item_knn(user_items: sp.csr_matrix, k: int, k1: float = 1.2, b: float =
     return s
 
 
-def test_bm25_item_knn_matches_numpy_reference(small):
+@pytest.mark.parametrize("bm25", [{}, {"K1": 1.2, "B": 0.75}, {"K1": 2.5, "B": 0.0}])
+def test_bm25_item_knn_matches_numpy_reference(small, bm25):
     """Each kept neighbour's similarity equals the reference's, and each item keeps
-    the reference's k largest values (which neighbours win a tie is free)."""
+    the reference's k largest values (which neighbours win a tie is free); at the
+    defaults and at other K1/B."""
     k = 10
-    model = create("itemknn", k=k, weighting="bm25", similarity="dot").fit(small)
-    ref = bm25_item_knn(model.user_items, k)
+    model = create("itemknn", k=k, weighting="bm25", similarity="dot", **bm25).fit(small)
+    ref = bm25_item_knn(model.user_items, k, model.params["K1"], model.params["B"])
     sim = model.sim.tocsr()
     for i in range(sim.shape[0]):
         cols, vals = (

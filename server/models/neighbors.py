@@ -49,8 +49,8 @@ COMMON: dict[str, Param] = {
     "similarity": SIMILARITY.searched(search_choices=tuple(simk.SIMILARITIES)),
     "alpha": Param(float, 0.5, "asymmetric cosine exponent", min=0, max=1, search=(0, 1)),
     "weighting": WEIGHTING.searched(search_choices=tuple(simk.WEIGHTINGS)),
-    "K1": Param(float, 1.2, "BM25 term saturation", min=0),
-    "B": Param(float, 0.75, "BM25 length normalisation", min=0, max=1),
+    "K1": Param(float, 1.2, "BM25 term saturation", min=0, search=(0.2, 3.0), log=True),
+    "B": Param(float, 0.75, "BM25 length normalisation", min=0, max=1, search=(0.0, 1.0)),
 }
 
 
@@ -294,7 +294,9 @@ class ItemKNN(_Neighbourhood):
         **COMMON,
         "k": COMMON["k"].searched(default=600),
         "shrink": COMMON["shrink"].searched(default=200.0),
-        "weighting": COMMON["weighting"].searched(default="tfidf"),
+        "weighting": COMMON["weighting"].searched(default="bm25"),
+        "K1": COMMON["K1"].searched(default=0.4),
+        "B": COMMON["B"].searched(default=0.5),
     }
 
     def _fit(self, dataset: Dataset) -> None:
