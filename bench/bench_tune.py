@@ -17,6 +17,7 @@ The last columns check the targets: default >= 0.95 x tuned, default >= implicit
     python bench/bench_tune.py                      # every set, 30 trials
     python bench/bench_tune.py --sets dense --algos als,bpr --trials 10
     python bench/bench_tune.py --study study.json   # the defaults study (below)
+    python bench/bench_tune.py --algos itemknn --candidates '{"K1": 0.6}' '{"B": 0.3}'
 
 --study: tunes every algorithm on every set, then scores each set's best
 parameters on every set's validation split, and proposes as default the
@@ -215,6 +216,24 @@ def study(sets: dict[str, Dataset], algos: list[str], trials: int, threads: int)
     return out
 
 
+def candidates(sets: dict[str, Dataset], algo: str, configs: list[dict], threads: int) -> None:
+    """Score parameter sets (beside the default) on every set's validation and test
+    splits: how a default is picked by its worst validation ratio, the test split
+    shown only to check it."""
+    splits = {n: tuning.splits(ds, "random", 0.2, 0, 1) for n, ds in sets.items()}
+    scored = []
+    for params in [{}, *configs]:
+        val = {n: score_on(make(algo, params, threads), s[1])["recall"] for n, s in splits.items()}
+        test = {n: score_on(make(algo, params, threads), s[0])["recall"] for n, s in splits.items()}
+        scored.append((params, val, test))
+        cells = " | ".join(f"{n} val {val[n]:.4f} test {test[n]:.4f}" for n in splits)
+        print(f"{json.dumps(params) or '{}'}: {cells}", flush=True)
+    best = {n: max(v[n] for _, v, _ in scored) for n in splits}
+    for params, val, _ in scored:
+        worst = min(val[n] / best[n] for n in splits)
+        print(f"worst validation ratio to the best here {worst:.3f}: {json.dumps(params)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,6 +244,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--study", default=None, metavar="OUT.json", help="run the defaults study")
     ap.add_argument("--out", default=None, help="write the rows as JSON")
+    ap.add_argument(
+        "--candidates",
+        nargs="+",
+        metavar="JSON",
+        help="score these parameter sets of the one --algos on every split, no tuning",
+    )
     args = ap.parse_args()
     algos = [a for a in args.algos.split(",") if a]
     for a in algos:
@@ -233,6 +258,11 @@ def main() -> None:
     sets = datasets([s for s in args.sets.split(",") if s])
     for n, ds in sets.items():
         print(f"{n}: {ds.n_users} users x {ds.n_items} items, {ds.interactions.nnz} events")
+    if args.candidates:
+        if len(algos) != 1:
+            raise SystemExit("--candidates needs exactly one --algos")
+        candidates(sets, algos[0], [json.loads(c) for c in args.candidates], args.threads)
+        return
     if args.study:
         Path(args.study).write_text(
             json.dumps(study(sets, algos, args.trials, args.threads), indent=1, default=str)
