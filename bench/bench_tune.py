@@ -227,7 +227,7 @@ def candidates(sets: dict[str, Dataset], algo: str, configs: list[dict], threads
         test = {n: score_on(make(algo, params, threads), s[0])["recall"] for n, s in splits.items()}
         scored.append((params, val, test))
         cells = " | ".join(f"{n} val {val[n]:.4f} test {test[n]:.4f}" for n in splits)
-        print(f"{json.dumps(params) or '{}'}: {cells}", flush=True)
+        print(f"{json.dumps(params)}: {cells}", flush=True)
     best = {n: max(v[n] for _, v, _ in scored) for n in splits}
     for params, val, _ in scored:
         worst = min(val[n] / best[n] for n in splits)
