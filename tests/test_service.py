@@ -705,6 +705,52 @@ def test_calls_are_refused_while_the_queue_wait_stays_over_its_budget(published)
         assert len(s.rec.Recommend(req, timeout=10).items) == 3
 
 
+@pytest.mark.parametrize("server", ["threads", "asyncio"])
+def test_a_request_stream_broken_off_is_the_caller_gone_not_an_error(published, server, caplog):
+    """A client that cancels a RecommendBatch or RecordInteractions while still
+    streaming requests, or whose deadline passes then, is never counted INTERNAL
+    with a logged traceback (found under overload on the thread-pool server). A
+    passed deadline counts DEADLINE_EXCEEDED or CANCELLED, a cancel CANCELLED;
+    either may end the request stream before gRPC reports why, and then the
+    part answered counts OK."""
+    root, _ = published
+    gone = {"CANCELLED", "OK"}
+    with running(root, server=server) as s:
+        reg = s.app.core.metrics.registry
+
+        def codes(method: str) -> dict[str, float]:
+            name = "recserve_rpc_duration_seconds_count"
+            samples = [x for metric in reg.collect() for x in metric.samples if x.name == name]
+            return {
+                x.labels["code"]: x.value
+                for x in samples
+                if x.labels["method"] == method and x.value
+            }
+
+        def stalled(first):  # one request, then nothing until the call is over
+            yield first
+            time.sleep(1.5)
+
+        req = pb.RecommendRequest(user_id="7", k=3, model="als")
+        call = s.rec.RecommendBatch(stalled(req), timeout=30)
+        assert len(next(call).items) == 3
+        call.cancel()
+        got = wait_for(lambda: codes("RecommendBatch"), what="the cancelled batch's end")
+        assert set(got) <= gone and sum(got.values()) == 1, got
+        err = s.error(s.rec.RecommendBatch, stalled(req), timeout=0.5)
+        assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: sum(codes("RecommendBatch").values()) == 2, what="the late batch's end")
+        late = codes("RecommendBatch")
+        assert set(late) <= gone | {"DEADLINE_EXCEEDED"}, late
+        event = pb.Interaction(user_id="7", item_id="1", event_id="e-broken-1")
+        fut = s.rec.RecordInteractions.future(stalled(event), timeout=30)
+        time.sleep(0.3)
+        fut.cancel()
+        got = wait_for(lambda: codes("RecordInteractions"), what="the cancelled record's end")
+        assert set(got) <= gone, got
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_a_loop_held_back_by_another_thread_is_not_a_queue(published):
     """The asyncio probe sees the loop late while another thread holds the GIL
     (a model loading, the machine's other work): the loop's thread is off the CPU,

@@ -178,7 +178,12 @@ class Session:
             if failure is not exc:
                 raise failure from None
             return False
-        core.finish(self, "CANCELLED")  # GeneratorExit, asyncio.CancelledError
+        # GeneratorExit, asyncio.CancelledError: the caller went away, or its
+        # deadline passed (grpc.aio cancels the handler for both)
+        remaining = self.call.time_remaining()
+        core.finish(
+            self, "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        )
         return False
 
 

@@ -136,6 +136,8 @@ class Recommender(pb_grpc.RecommenderServicer):
                     # Between two requests of a batch, let every other call that is
                     # waiting take its turn: a long batch never holds the loop.
                     await asyncio.sleep(0)
+                # grpc.aio ends the request stream quietly when the deadline passes
+                s.check()
         except Failure as f:
             await _drain(request_iterator, DRAIN_REQUESTS_S)
             await _abort(context, f)
@@ -151,11 +153,12 @@ class Recommender(pb_grpc.RecommenderServicer):
     async def RecordInteractions(self, request_iterator: AsyncIterator, context):
         loop = asyncio.get_running_loop()
         try:
-            with self.core.session("RecordInteractions", context):
+            with self.core.session("RecordInteractions", context) as s:
                 rec = self.core.recorder()
                 async for ev in request_iterator:
                     if (full := rec.add(ev)) is not None:
                         await loop.run_in_executor(None, rec.store, full)
+                s.check()  # a stream ended by the deadline is not the client's last event
                 await loop.run_in_executor(None, rec.store, rec.rest())
                 return rec.summary()
         except Failure as f:

@@ -71,6 +71,22 @@ class _Call:
         return self.context.peer()
 
 
+def _requests(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
+    """A client request stream. gRPC raises a bare RpcError when the call ends
+    while it is read (the client cancelled, or the deadline passed mid-stream):
+    that is the caller gone, not an internal error (found under overload:
+    batches counted INTERNAL, each logged with a traceback)."""
+    try:
+        yield from requests
+    except grpc.RpcError:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise Failure(
+                Code.DEADLINE_EXCEEDED, "deadline passed while the requests were read"
+            ) from None
+        raise Failure(Code.CANCELLED, "client went away while its requests were read") from None
+
+
 def _abort(context: grpc.ServicerContext, f: Failure) -> bytes:
     """Answer the Failure's status (raises), or, for a caller that went away,
     nothing: an empty message nobody reads."""
@@ -121,7 +137,7 @@ class Recommender(pb_grpc.RecommenderServicer):
     def RecommendBatch(self, request_iterator, context):
         try:
             with self.core.session("RecommendBatch", _Call(context)) as s:
-                for request in request_iterator:
+                for request in _requests(request_iterator, context):
                     yield self.core.batch_one(s, request)
         except Failure as f:
             _drain(request_iterator, DRAIN_REQUESTS_S)
@@ -131,7 +147,8 @@ class Recommender(pb_grpc.RecommenderServicer):
         return self._unary("PredictRatings", request, context, self.core.predict)
 
     def RecordInteractions(self, request_iterator, context):
-        return self._unary("RecordInteractions", request_iterator, context, self.core.record)
+        requests = _requests(request_iterator, context)
+        return self._unary("RecordInteractions", requests, context, self.core.record)
 
 
 class Admin(pb_grpc.AdminServicer):
