@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import queue
@@ -16,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recserve.config import Experiment, Hybrid
+from recserve.service import core as core_module
 from recserve.serving import RecQuery
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
@@ -749,6 +751,95 @@ def test_a_request_stream_broken_off_is_the_caller_gone_not_an_error(published, 
         got = wait_for(lambda: codes("RecordInteractions"), what="the cancelled record's end")
         assert set(got) <= gone, got
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturated(published):
+    """Accept-queue shedding: while the loop is saturated (no idle moment, its
+    thread busy), a call that lost more than queue_budget_ms of its deadline
+    before admission, against its peer's best lately, is refused uncomputed
+    (OVERLOADED, cause accept-queue, RetryInfo). Unsaturated, or held back by
+    other threads, or without a deadline, the same call is answered."""
+    root, _ = published
+    with running(root, server="threads", queue_budget_ms=50) as s:  # no probe: fed here
+        core = s.app.core
+        als = s.app.catalog.get("als").model
+        original, calls = als.recommend_user, []
+        als.recommend_user = lambda *a, **kw: (calls.append(1), original(*a, **kw))[1]
+        req = pb.RecommendRequest(user_id="7", k=3, model="als")
+        try:
+            core.note_idle(0.0, busy=1.0)  # saturated
+            assert len(s.rec.Recommend(req, timeout=30).items) == 3  # the peer's best: ~30 s
+            before = len(calls)
+            err = s.error(s.rec.Recommend, req, timeout=10)  # looks ~20 s late: refused
+            assert err.code() is grpc.StatusCode.UNAVAILABLE
+            info = error_info(status_details(err))
+            assert info.reason == "OVERLOADED" and info.metadata["cause"] == "accept-queue"
+            assert int(info.metadata["waited_ms"]) > 19_000
+            delay = retry_info(status_details(err)).retry_delay.ToMilliseconds()
+            assert delay == s.app.cfg.overload_retry_ms
+            assert len(calls) == before  # never computed
+            assert core.metrics.rejected.labels("Recommend", "QUEUE")._value.get() == 1
+            assert len(s.rec.Recommend(req).items) == 3  # no deadline: nothing to tell
+            assert len(s.rec.Recommend(req, timeout=29.99).items) == 3  # within the budget
+            core.note_idle(0.0, busy=0.1)  # not idle, but off the CPU: held back
+            assert len(s.rec.Recommend(req, timeout=10).items) == 3
+            core.note_idle(0.5, busy=1.0)  # busy, but it waits for events: not saturated
+            assert len(s.rec.Recommend(req, timeout=10).items) == 3
+        finally:
+            als.recommend_user = original
+
+
+def _burst_on_a_busy_loop(root, monkeypatch, shedding: bool) -> tuple[collections.Counter, int]:
+    """300 Recommend calls (3 s deadlines) queued behind a held first one, then
+    computed at 20 ms each on the loop (holding the GIL): twice the deadline's
+    worth of work. The status codes, and how many calls reached the model."""
+    if not shedding:
+        monkeypatch.setattr(core_module, "SATURATED_IDLE", -1.0)
+    with running(root, server="asyncio", queue_budget_ms=100) as s:
+        als = s.app.catalog.get("als").model
+        original, calls, gate = als.recommend_user, [], threading.Event()
+
+        def slow(*a, **kw):
+            calls.append(1)
+            gate.wait(10)  # the first call holds the loop while the rest queue in gRPC
+            end = time.perf_counter() + 0.02
+            while time.perf_counter() < end:
+                pass
+            return original(*a, **kw)
+
+        als.recommend_user = slow
+        try:
+            req = pb.RecommendRequest(user_id="7", k=3, model="als")
+            futures = [s.rec.Recommend.future(req, timeout=3) for _ in range(300)]
+            wait_for(lambda: calls, what="the first call to reach the model")
+            time.sleep(0.3)
+            gate.set()
+            codes = collections.Counter()
+            for f in futures:
+                try:
+                    f.result()
+                    codes["OK"] += 1
+                except grpc.RpcError as exc:
+                    codes[exc.code().name] += 1
+        finally:
+            als.recommend_user = original
+            gate.set()
+        return codes, len(calls)
+
+
+def test_overload_on_the_loop_is_refused_fast_not_left_to_expire(published, monkeypatch):
+    """Accept-queue shedding end to end: past what the loop can compute, the calls
+    gRPC holds are refused once they waited past queue_budget_ms (the probe sees
+    the saturated loop), so none is left to expire and the refused are never
+    computed. The same burst without it: calls expire in gRPC's queue."""
+    root, _ = published
+    codes, computed = _burst_on_a_busy_loop(root, monkeypatch, shedding=True)
+    assert codes["DEADLINE_EXCEEDED"] == 0, codes
+    assert codes["OK"] >= 1 and codes["UNAVAILABLE"] >= 100, codes
+    assert computed == codes["OK"]
+    monkeypatch.undo()
+    codes, computed = _burst_on_a_busy_loop(root, monkeypatch, shedding=False)
+    assert codes["DEADLINE_EXCEEDED"] >= 50, codes  # the reference: they wait and expire
 
 
 def test_a_loop_held_back_by_another_thread_is_not_a_queue(published):

@@ -58,6 +58,13 @@ DRAIN_RETRY_MS = 100
 # The loop thread's least CPU share (CPU seconds per wall second between two
 # probes) for a late probe to count as calls backing up (queue_budget_ms).
 LOOP_BUSY = 0.3
+# Accept-queue shedding (asyncio): the loop counts as saturated while it spent
+# less than this share of a probe window waiting for events.
+SATURATED_IDLE = 0.05
+# How long a peer's deadline high-water mark is remembered (two such windows).
+PEAK_WINDOW_S = 10.0
+TIMEOUT_ROUNDING = 0.01  # gRPC's timeout header's rounding, relative
+NO_DEADLINE_S = 1e7  # more time left than this: the call has no deadline
 EWMA = 0.1  # weight of the newest answer in a method's average duration
 
 Metadata = tuple[tuple[str, str], ...]
@@ -224,6 +231,16 @@ class Core:
         # longer than the budget (0.0: they do not), fed by note_wait.
         self._budget = cfg.queue_budget_ms / 1000
         self._backlog_since = 0.0
+        # Accept-queue shedding (asyncio): grpc.aio accepts one new call per method
+        # per loop turn, so past capacity calls wait inside gRPC, where no probe
+        # sees them. What a call's deadline has lost before admission, against the
+        # most its peer's calls had left lately, is that wait. Used only while the
+        # loop is saturated (never waiting for events): a lower remaining time then
+        # is queueing, not a client with a shorter deadline.
+        self._saturated = False
+        self._peak: dict[str, float] = {}  # peer -> most seconds left at admission, this window
+        self._peak_old: dict[str, float] = {}  # the same, the window before
+        self._peak_until = 0.0
         self._seen_changes: int | None = None  # the feedback log's counter at the last sync
         # In flight: read at scrape time from `active`, except with --workers, where
         # each process writes its count to its metrics file (livesum).
@@ -264,6 +281,27 @@ class Core:
                 retry_ms=self.cfg.overload_retry_ms,
             )
         remaining = call.time_remaining()
+        # (the thread-pool server reports a call without a deadline as ~292 years)
+        if remaining is not None and self._budget > 0 and remaining < NO_DEADLINE_S:
+            waited = self._waited(call, remaining)
+            if self._saturated and waited > self._budget:
+                # The call waited in gRPC's own queue longer than the budget while
+                # the loop had no idle moment: answer it (and its successors) at
+                # once, so that queue drains instead of holding every call until
+                # its deadline passes.
+                self.metrics.rejected.labels(method, "QUEUE").inc()
+                raise Failure(
+                    Code.UNAVAILABLE,
+                    f"server: this call waited ~{1000 * waited:.0f} ms to be accepted, over "
+                    f"queue_budget_ms {1000 * self._budget:g}; retry after the RetryInfo delay",
+                    reason="OVERLOADED",
+                    info={
+                        "cause": "accept-queue",
+                        "waited_ms": f"{1000 * waited:.0f}",
+                        "queue_budget_ms": f"{1000 * self._budget:g}",
+                    },
+                    retry_ms=self.cfg.overload_retry_ms,
+                )
         if remaining is not None and remaining < self._took.get(method, 0.0):
             # Deadline-aware shedding: this call cannot be answered in time at the
             # pace calls take now, so it is refused at once instead of computed for
@@ -311,6 +349,32 @@ class Core:
                 self._backlog_since = time.monotonic()
         else:
             self._backlog_since = 0.0
+
+    def note_idle(self, idle: float, busy: float = 1.0) -> None:
+        """The shares of the last probe window the loop spent waiting for events
+        and its thread spent on the CPU (the asyncio transport's probe). Under
+        SATURATED_IDLE idle while busy with calls (`busy` >= LOOP_BUSY), the
+        loop is saturated: calls gRPC holds for it are waiting in its queue
+        (accept-queue shedding). A loop kept from running by other threads (a
+        model loading) is neither idle nor busy, and is not saturated."""
+        self._saturated = idle < SATURATED_IDLE and busy >= LOOP_BUSY
+
+    def _waited(self, call: Call, remaining: float) -> float:
+        """Seconds this call lost before admission, estimated against the most
+        time its peer's calls had left in the last one or two PEAK_WINDOW_S."""
+        now = self.last_call
+        if now >= self._peak_until:
+            self._peak_old, self._peak = self._peak, {}
+            self._peak_until = now + PEAK_WINDOW_S
+        peer = call.peer()
+        peak = self._peak.get(peer, 0.0)
+        if remaining > peak:
+            self._peak[peer] = remaining
+        best = max(peak, self._peak_old.get(peer, 0.0))
+        # The wire carries the timeout rounded up to a few digits (up to 1% more:
+        # 100 ms units for 10-100 s), so only a loss beyond that is a wait.
+        lost = best - remaining - TIMEOUT_ROUNDING * best - 0.001
+        return lost if lost > 0 else 0.0
 
     def release(self) -> None:
         """Give back the admission slot of a finished call."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import selectors
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +39,8 @@ log = logging.getLogger("recserve.service")
 DRAIN_QUIET = 0.25
 # How often the loop measures how long queued work waits for it (queue_budget_ms).
 PROBE_SECONDS = 0.002
+# Probes per window over which the loop's idle share is measured (20 ms).
+IDLE_WINDOW = 10
 # How long a refused request stream is read to its end before the refusal is sent:
 # a client that writes its requests at once is answered when the last one arrives.
 DRAIN_REQUESTS_S = 1.0
@@ -61,6 +64,25 @@ async def _drain(requests: AsyncIterator, seconds: float) -> None:
                 pass
     except (TimeoutError, grpc.RpcError):
         pass
+
+
+class TimedSelector(selectors.DefaultSelector):
+    """The loop's selector, adding up the time the loop spent waiting for events
+    (`idle`): a loop that never waits is saturated, and then gRPC is holding
+    calls for it that it has not accepted yet (accept-queue shedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle = 0.0
+
+    def select(self, timeout: float | None = None) -> list:
+        if timeout == 0:  # the loop has ready callbacks: a poll, not a wait
+            return super().select(0)
+        t0 = time.perf_counter()
+        try:
+            return super().select(timeout)
+        finally:
+            self.idle += time.perf_counter() - t0
 
 
 class Recommender(pb_grpc.RecommenderServicer):
@@ -196,12 +218,15 @@ class AioTransport:
 
     def __init__(self, app: App) -> None:
         self.app = app
-        self.loop = asyncio.new_event_loop()
+        self.selector = TimedSelector()
+        self.loop = asyncio.SelectorEventLoop(self.selector)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = threading.Event()
         self._probe_cpu = (0.0, 0.0)  # (loop time, loop thread CPU time) at the last probe
+        # (probes, perf_counter, selector idle, thread CPU time) at the idle window's start
+        self._idle_window = (0, 0.0, 0.0, 0.0)
         self.recommender = Recommender(app.core)
 
     def start(self, states: dict[str, int]) -> None:
@@ -225,6 +250,12 @@ class AioTransport:
                 if cfg.queue_budget_ms > 0:
                     due = loop.time() + PROBE_SECONDS
                     self._probe_cpu = (loop.time(), time.thread_time())
+                    self._idle_window = (
+                        0,
+                        time.perf_counter(),
+                        self.selector.idle,
+                        time.thread_time(),
+                    )
                     loop.call_at(due, self._probe, due)
             except BaseException as exc:  # reported to the caller of start
                 ready["error"] = exc
@@ -261,6 +292,14 @@ class AioTransport:
         wall0, cpu0 = self._probe_cpu
         self._probe_cpu = (now, cpu)
         self.app.core.note_wait(now - due, (cpu - cpu0) / max(now - wall0, 1e-6))
+        probes, t0, idle0, cpu0 = self._idle_window
+        if probes >= IDLE_WINDOW:
+            t, idle = time.perf_counter(), self.selector.idle
+            span = max(t - t0, 1e-6)
+            self.app.core.note_idle((idle - idle0) / span, (cpu - cpu0) / span)
+            self._idle_window = (0, t, idle, cpu)
+        else:
+            self._idle_window = (probes + 1, t0, idle0, cpu0)
         if not self._stopped.is_set():
             self.loop.call_at(now + PROBE_SECONDS, self._probe, now + PROBE_SECONDS)
 
