@@ -240,7 +240,7 @@ class AioTransport:
             try:
                 server = grpc.aio.server(options=grpc_common.server_options(cfg))
                 self.port = grpc_common.register(
-                    server, cfg, self.recommender, Admin(core), self.health
+                    server, cfg, self.recommender, Admin(core), self.health, registered=False
                 )
                 for name, state in states.items():
                     await self.health.set(name, state)

@@ -77,7 +77,7 @@ def credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def _add_services(server: Any, recommender: Any, admin: Any) -> None:
+def _add_services(server: Any, recommender: Any, admin: Any, registered: bool) -> None:
     for service, impl in (("Recommender", recommender), ("Admin", admin)):
         desc = pb.DESCRIPTOR.services_by_name[service]
         handlers = {}
@@ -96,13 +96,28 @@ def _add_services(server: Any, recommender: Any, admin: Any) -> None:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(desc.full_name, handlers),)
         )
-        server.add_registered_method_handlers(desc.full_name, handlers)
+        if registered:
+            server.add_registered_method_handlers(desc.full_name, handlers)
 
 
-def register(server: Any, cfg: ServerConfig, recommender: Any, admin: Any, health: Any) -> int:
+def register(
+    server: Any,
+    cfg: ServerConfig,
+    recommender: Any,
+    admin: Any,
+    health: Any,
+    registered: bool = True,
+) -> int:
     """Add every service, health and reflection to a (sync or asyncio) server and
-    bind it; returns the port. OSError naming the address when it cannot bind."""
-    _add_services(server, recommender, admin)
+    bind it; returns the port. OSError naming the address when it cannot bind.
+
+    `registered=False` leaves recserve's methods generic, served from one queue
+    in arrival order. grpc.aio takes in one new call per registered method per
+    loop turn, so under overload the frequent method (Recommend) waits in gRPC's
+    per-method queue while rarer, heavier ones are taken at once; generic, every
+    call reaches the handler, where admission can refuse it (measured,
+    docs/performance.md: at twice the maximum 1 DEADLINE_EXCEEDED against 2,515)."""
+    _add_services(server, recommender, admin, registered)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
