@@ -42,6 +42,17 @@ def rss(port: int) -> float:
     return float(re.search(r"^recserve_process_resident_memory_bytes (\S+)", text, re.M)[1])
 
 
+def refusals(port: int) -> dict[str, float]:
+    """recserve_rejected_requests_total summed per reason (why calls were refused)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for reason, n in re.findall(
+        r'^recserve_rejected_requests_total\{[^}]*reason="(\w+)"[^}]*\} (\S+)', text, re.M
+    ):
+        out[reason] = out.get(reason, 0.0) + float(n)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=int, default=10)
@@ -117,14 +128,19 @@ def main() -> None:
         )
         p99s, tails, errors = [], [], 0
         kind_tails: dict[str, list[float]] = {}
+        refused = refusals(mport)
         for minute in range(1, args.minutes + 1):
             r = run(Load(**{**warm.__dict__, "duration": 60.0}))
+            now_refused = refusals(mport)
+            why = {k: int(v - refused.get(k, 0.0)) for k, v in now_refused.items()}
+            refused = now_refused
             p99s.append(r.latency_ms["p99"])
             tails.append(r.latency_ms["p99"] / r.latency_ms["p50"])
             errors += sum(r.errors.values())
             print(
                 f"{minute:>6}{r.requests:>10}{r.qps:>8.0f}{r.latency_ms['p50']:>9.2f}"
-                f"{r.latency_ms['p99']:>9.2f}{tails[-1]:>9.2f}  {r.errors or '-'}",
+                f"{r.latency_ms['p99']:>9.2f}{tails[-1]:>9.2f}  {r.errors or '-'}"
+                + (f" (refused by the server: {why})" if any(why.values()) else ""),
                 flush=True,
             )
             # The whole mix's p99/p50 compares a batch of 16 with one Recommend;

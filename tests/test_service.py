@@ -755,8 +755,9 @@ def test_a_request_stream_broken_off_is_the_caller_gone_not_an_error(published, 
 
 def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturated(published):
     """Accept-queue shedding: while the loop is saturated (no idle moment, its
-    thread busy), a call that lost more than queue_budget_ms of its deadline
-    before admission, against its peer's best lately, is refused uncomputed
+    thread busy), a call that lost more than queue_budget_ms, and more than a
+    quarter of its deadline, before admission (against its peer's best lately)
+    is refused uncomputed
     (OVERLOADED, cause accept-queue, RetryInfo). Unsaturated, or held back by
     other threads, or without a deadline, the same call is answered."""
     root, _ = published
@@ -775,12 +776,13 @@ def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturate
             info = error_info(status_details(err))
             assert info.reason == "OVERLOADED" and info.metadata["cause"] == "accept-queue"
             assert int(info.metadata["waited_ms"]) > 19_000
+            assert int(info.metadata["allowed_ms"]) == 7500  # a quarter of the 30 s deadline
             delay = retry_info(status_details(err)).retry_delay.ToMilliseconds()
             assert delay == s.app.cfg.overload_retry_ms
             assert len(calls) == before  # never computed
-            assert core.metrics.rejected.labels("Recommend", "QUEUE")._value.get() == 1
+            assert core.metrics.rejected.labels("Recommend", "ACCEPT_QUEUE")._value.get() == 1
             assert len(s.rec.Recommend(req).items) == 3  # no deadline: nothing to tell
-            assert len(s.rec.Recommend(req, timeout=29.99).items) == 3  # within the budget
+            assert len(s.rec.Recommend(req, timeout=23).items) == 3  # 7 s: within a quarter
             core.note_idle(0.0, busy=0.1)  # not idle, but off the CPU: held back
             assert len(s.rec.Recommend(req, timeout=10).items) == 3
             core.note_idle(0.5, busy=1.0)  # busy, but it waits for events: not saturated
@@ -873,3 +875,4 @@ def test_a_loop_held_back_by_another_thread_is_not_a_queue(published):
             core.note_wait = note
         assert max(seen) > 0.02  # the probe did see the loop late
         assert core.metrics.rejected.labels("Recommend", "QUEUE")._value.get() == 0
+        assert core.metrics.rejected.labels("Recommend", "ACCEPT_QUEUE")._value.get() == 0

@@ -64,6 +64,7 @@ SATURATED_IDLE = 0.05
 # How long a peer's deadline high-water mark is remembered (two such windows).
 PEAK_WINDOW_S = 10.0
 TIMEOUT_ROUNDING = 0.01  # gRPC's timeout header's rounding, relative
+ACCEPT_WAIT_SHARE = 0.25  # of its deadline, the longest a call may wait to be accepted
 NO_DEADLINE_S = 1e7  # more time left than this: the call has no deadline
 EWMA = 0.1  # weight of the newest answer in a method's average duration
 
@@ -231,12 +232,12 @@ class Core:
         # longer than the budget (0.0: they do not), fed by note_wait.
         self._budget = cfg.queue_budget_ms / 1000
         self._backlog_since = 0.0
-        # Accept-queue shedding (asyncio): grpc.aio accepts one new call per method
-        # per loop turn, so past capacity calls wait inside gRPC, where no probe
-        # sees them. What a call's deadline has lost before admission, against the
-        # most its peer's calls had left lately, is that wait. Used only while the
-        # loop is saturated (never waiting for events): a lower remaining time then
-        # is queueing, not a client with a shorter deadline.
+        # Accept-queue shedding (asyncio): grpc.aio takes in one new call per loop
+        # turn, so past capacity calls wait inside gRPC, where no probe sees them.
+        # What a call's deadline has lost before admission, against the most its
+        # peer's calls had left lately, is that wait. Used only while the loop is
+        # saturated (never waiting for events): a lower remaining time then is
+        # queueing, not a client with a shorter deadline.
         self._saturated = False
         self._peak: dict[str, float] = {}  # peer -> most seconds left at admission, this window
         self._peak_old: dict[str, float] = {}  # the same, the window before
@@ -283,22 +284,22 @@ class Core:
         remaining = call.time_remaining()
         # (the thread-pool server reports a call without a deadline as ~292 years)
         if remaining is not None and self._budget > 0 and remaining < NO_DEADLINE_S:
-            waited = self._waited(call, remaining)
-            if self._saturated and waited > self._budget:
-                # The call waited in gRPC's own queue longer than the budget while
-                # the loop had no idle moment: answer it (and its successors) at
-                # once, so that queue drains instead of holding every call until
-                # its deadline passes.
-                self.metrics.rejected.labels(method, "QUEUE").inc()
+            waited, allowed = self._waited(call, remaining)
+            if self._saturated and waited > allowed:
+                # The call waited in gRPC's own queue longer than the budget, and
+                # than a share of its deadline, while the loop had no idle moment:
+                # answer it (and its successors) at once, so that queue drains
+                # instead of holding every call until its deadline passes.
+                self.metrics.rejected.labels(method, "ACCEPT_QUEUE").inc()
                 raise Failure(
                     Code.UNAVAILABLE,
-                    f"server: this call waited ~{1000 * waited:.0f} ms to be accepted, over "
-                    f"queue_budget_ms {1000 * self._budget:g}; retry after the RetryInfo delay",
+                    f"server: this call waited ~{1000 * waited:.0f} ms to be accepted "
+                    f"(allowed {1000 * allowed:.0f}); retry after the RetryInfo delay",
                     reason="OVERLOADED",
                     info={
                         "cause": "accept-queue",
                         "waited_ms": f"{1000 * waited:.0f}",
-                        "queue_budget_ms": f"{1000 * self._budget:g}",
+                        "allowed_ms": f"{1000 * allowed:.0f}",
                     },
                     retry_ms=self.cfg.overload_retry_ms,
                 )
@@ -359,9 +360,12 @@ class Core:
         model loading) is neither idle nor busy, and is not saturated."""
         self._saturated = idle < SATURATED_IDLE and busy >= LOOP_BUSY
 
-    def _waited(self, call: Call, remaining: float) -> float:
+    def _waited(self, call: Call, remaining: float) -> tuple[float, float]:
         """Seconds this call lost before admission, estimated against the most
-        time its peer's calls had left in the last one or two PEAK_WINDOW_S."""
+        time its peer's calls had left in the last one or two PEAK_WINDOW_S, and
+        the wait allowed: queue_budget_ms, or ACCEPT_WAIT_SHARE of the deadline
+        if more (a client that gives a call 10 s would rather wait 0.3 s than be
+        refused; one that gives it 1 s needs the queue short)."""
         now = self.last_call
         if now >= self._peak_until:
             self._peak_old, self._peak = self._peak, {}
@@ -374,7 +378,8 @@ class Core:
         # The wire carries the timeout rounded up to a few digits (up to 1% more:
         # 100 ms units for 10-100 s), so only a loss beyond that is a wait.
         lost = best - remaining - TIMEOUT_ROUNDING * best - 0.001
-        return lost if lost > 0 else 0.0
+        allowed = ACCEPT_WAIT_SHARE * best
+        return (lost if lost > 0 else 0.0), (allowed if allowed > self._budget else self._budget)
 
     def release(self) -> None:
         """Give back the admission slot of a finished call."""
