@@ -72,6 +72,7 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
     )
     port, mport = free_port(), free_port()
+    server_log = work / "soak-server.log"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -89,9 +90,10 @@ def main() -> None:
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=server_log.open("w"),
         env={"RECSERVE_SERVER": args.server, "PATH": "/usr/bin:/bin"},
     )
+    print(f"server log: {server_log}", flush=True)
     target = f"127.0.0.1:{port}"
     try:
         while True:
