@@ -776,7 +776,7 @@ def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturate
             info = error_info(status_details(err))
             assert info.reason == "OVERLOADED" and info.metadata["cause"] == "accept-queue"
             assert int(info.metadata["waited_ms"]) > 19_000
-            assert int(info.metadata["allowed_ms"]) == 7500  # a quarter of the 30 s deadline
+            assert 7400 < int(info.metadata["allowed_ms"]) <= 7500  # a quarter of ~30 s left
             delay = retry_info(status_details(err)).retry_delay.ToMilliseconds()
             assert delay == s.app.cfg.overload_retry_ms
             assert len(calls) == before  # never computed
