@@ -272,6 +272,53 @@ def test_recommend_batch_answers_each_request(srv, published, small):
     assert out[2].served_by == "popularity" and len(out[2].items) == 3
 
 
+@pytest.mark.parametrize("server", ["asyncio", "threads"])
+def test_a_batch_stream_interleaves_with_concurrent_unary_calls(published, server):
+    """A long RecommendBatch never holds the server: while its 20 requests take
+    40 ms each on the model (holding the GIL, on the asyncio loop), unary calls
+    to another model keep being answered between them, each far sooner than
+    the batch's remaining ~0.8 s."""
+    root, _ = published
+    with running(root, server=server) as s:
+        als = s.app.catalog.get("als").model
+        original = als.recommend_user
+
+        def slow(*a, **kw):
+            end = time.perf_counter() + 0.04
+            while time.perf_counter() < end:
+                pass
+            return original(*a, **kw)
+
+        als.recommend_user = slow
+        try:
+            reqs = [pb.RecommendRequest(user_id="7", k=3, model="als") for _ in range(20)]
+            batch = s.rec.RecommendBatch(iter(reqs), timeout=30)
+            first = next(batch)  # the batch is under way
+            assert len(first.items) == 3
+            took, done = [], threading.Event()
+
+            def rest() -> None:
+                for answer in batch:
+                    assert len(answer.items) == 3
+                done.set()
+
+            reader = threading.Thread(target=rest)
+            reader.start()
+            while not done.is_set():
+                t0 = time.perf_counter()
+                items, _ = s.recommend(user_id="8", k=3, model="popularity")
+                if not done.is_set():
+                    took.append(time.perf_counter() - t0)
+                assert len(items) == 3
+            reader.join()
+        finally:
+            als.recommend_user = original
+        # Without yielding between a batch's requests, one unary call would wait
+        # for the whole rest of the batch (~0.76 s) and at most one would finish.
+        assert len(took) >= 4, took
+        assert max(took) < 0.4, took
+
+
 def test_admin_lists_models_with_state(srv):
     names = {m.name: m for m in srv.admin.ListModels(pb.ListModelsRequest()).models}
     assert set(names) == {"popularity", "itemknn", "als", "bayes_mf"}
@@ -781,6 +828,8 @@ def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturate
             assert delay == s.app.cfg.overload_retry_ms
             assert len(calls) == before  # never computed
             assert core.metrics.rejected.labels("Recommend", "ACCEPT_QUEUE")._value.get() == 1
+            # the same peer's other methods have deadlines of their own: not compared
+            assert len(list(s.rec.RecommendStream(req, timeout=10))) == 3
             assert len(s.rec.Recommend(req).items) == 3  # no deadline: nothing to tell
             assert len(s.rec.Recommend(req, timeout=23).items) == 3  # 7 s: within a quarter
             core.note_idle(0.0, busy=0.1)  # not idle, but off the CPU: held back

@@ -235,12 +235,13 @@ class Core:
         # Accept-queue shedding (asyncio): grpc.aio takes in one new call per loop
         # turn, so past capacity calls wait inside gRPC, where no probe sees them.
         # What a call's deadline has lost before admission, against the most its
-        # peer's calls had left lately, is that wait. Used only while the loop is
+        # peer's calls of that method had left lately, is that wait. Used only while the loop is
         # saturated (never waiting for events): a lower remaining time then is
         # queueing, not a client with a shorter deadline.
         self._saturated = False
-        self._peak: dict[str, float] = {}  # peer -> most seconds left at admission, this window
-        self._peak_old: dict[str, float] = {}  # the same, the window before
+        # (peer, method) -> most seconds left at admission, this window and the one before
+        self._peak: dict[tuple[str, str], float] = {}
+        self._peak_old: dict[tuple[str, str], float] = {}
         self._peak_until = 0.0
         self._seen_changes: int | None = None  # the feedback log's counter at the last sync
         # In flight: read at scrape time from `active`, except with --workers, where
@@ -284,7 +285,7 @@ class Core:
         remaining = call.time_remaining()
         # (the thread-pool server reports a call without a deadline as ~292 years)
         if remaining is not None and self._budget > 0 and remaining < NO_DEADLINE_S:
-            waited, allowed = self._waited(call, remaining)
+            waited, allowed = self._waited(call, method, remaining)
             if self._saturated and waited > allowed:
                 # The call waited in gRPC's own queue longer than the budget, and
                 # than a share of its deadline, while the loop had no idle moment:
@@ -360,9 +361,10 @@ class Core:
         model loading) is neither idle nor busy, and is not saturated."""
         self._saturated = idle < SATURATED_IDLE and busy >= LOOP_BUSY
 
-    def _waited(self, call: Call, remaining: float) -> tuple[float, float]:
+    def _waited(self, call: Call, method: str, remaining: float) -> tuple[float, float]:
         """Seconds this call lost before admission, estimated against the most
-        time its peer's calls had left in the last one or two PEAK_WINDOW_S, and
+        time its peer's calls of the same method had left in the last one or two
+        PEAK_WINDOW_S (one client gives a batch 30 s and a Recommend 1 s), and
         the wait allowed: queue_budget_ms, or ACCEPT_WAIT_SHARE of the deadline
         if more (a client that gives a call 10 s would rather wait 0.3 s than be
         refused; one that gives it 1 s needs the queue short)."""
@@ -370,11 +372,11 @@ class Core:
         if now >= self._peak_until:
             self._peak_old, self._peak = self._peak, {}
             self._peak_until = now + PEAK_WINDOW_S
-        peer = call.peer()
-        peak = self._peak.get(peer, 0.0)
+        key = (call.peer(), method)
+        peak = self._peak.get(key, 0.0)
         if remaining > peak:
-            self._peak[peer] = remaining
-        best = max(peak, self._peak_old.get(peer, 0.0))
+            self._peak[key] = remaining
+        best = max(peak, self._peak_old.get(key, 0.0))
         # The wire carries the timeout rounded up to a few digits (up to 1% more:
         # 100 ms units for 10-100 s), so only a loss beyond that is a wait.
         lost = best - remaining - TIMEOUT_ROUNDING * best - 0.001
