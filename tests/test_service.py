@@ -283,7 +283,10 @@ def test_a_batch_stream_interleaves_with_concurrent_unary_calls(published, serve
         als = s.app.catalog.get("als").model
         original = als.recommend_user
 
+        entered = threading.Event()  # the batch's first request reached the model
+
         def slow(*a, **kw):
+            entered.set()
             end = time.perf_counter() + 0.04
             while time.perf_counter() < end:
                 pass
@@ -293,17 +296,15 @@ def test_a_batch_stream_interleaves_with_concurrent_unary_calls(published, serve
         try:
             reqs = [pb.RecommendRequest(user_id="7", k=3, model="als") for _ in range(20)]
             batch = s.rec.RecommendBatch(iter(reqs), timeout=30)
-            first = next(batch)  # the batch is under way
-            assert len(first.items) == 3
-            took, done = [], threading.Event()
+            took, done, answers = [], threading.Event(), []
 
-            def rest() -> None:
-                for answer in batch:
-                    assert len(answer.items) == 3
+            def read() -> None:
+                answers.extend(batch)
                 done.set()
 
-            reader = threading.Thread(target=rest)
+            reader = threading.Thread(target=read)
             reader.start()
+            assert entered.wait(10)
             while not done.is_set():
                 t0 = time.perf_counter()
                 items, _ = s.recommend(user_id="8", k=3, model="popularity")
@@ -311,10 +312,11 @@ def test_a_batch_stream_interleaves_with_concurrent_unary_calls(published, serve
                     took.append(time.perf_counter() - t0)
                 assert len(items) == 3
             reader.join()
+            assert len(answers) == 20 and all(len(a.items) == 3 for a in answers)
         finally:
             als.recommend_user = original
-        # Without yielding between a batch's requests, one unary call would wait
-        # for the whole rest of the batch (~0.76 s) and at most one would finish.
+        # A batch computed in one go would hold the first unary call for the
+        # rest of it (~0.76 s), and at most one would finish meanwhile.
         assert len(took) >= 4, took
         assert max(took) < 0.4, took
 
