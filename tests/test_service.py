@@ -802,14 +802,17 @@ def test_a_request_stream_broken_off_is_the_caller_gone_not_an_error(published, 
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
-def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturated(published):
+def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturated(
+    published, monkeypatch
+):
     """Accept-queue shedding: while the loop is saturated (no idle moment, its
     thread busy), a call that lost more than queue_budget_ms, and more than a
     quarter of its deadline, before admission (against its peer's best lately)
-    is refused uncomputed
-    (OVERLOADED, cause accept-queue, RetryInfo). Unsaturated, or held back by
-    other threads, or without a deadline, the same call is answered."""
+    is refused uncomputed (OVERLOADED, cause accept-queue, RetryInfo), also for
+    SATURATION_HOLD_S after the last saturated window. Unsaturated since, or
+    held back by other threads, or without a deadline, the same call is answered."""
     root, _ = published
+    monkeypatch.setattr(core_module, "SATURATION_HOLD_S", 1.0)  # outlasts a slow machine's calls
     with running(root, server="threads", queue_budget_ms=50) as s:  # no probe: fed here
         core = s.app.core
         als = s.app.catalog.get("als").model
@@ -834,9 +837,12 @@ def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturate
             assert len(list(s.rec.RecommendStream(req, timeout=10))) == 3
             assert len(s.rec.Recommend(req).items) == 3  # no deadline: nothing to tell
             assert len(s.rec.Recommend(req, timeout=23).items) == 3  # 7 s: within a quarter
-            core.note_idle(0.0, busy=0.1)  # not idle, but off the CPU: held back
+            assert s.error(s.rec.Recommend, req, timeout=10).code() is grpc.StatusCode.UNAVAILABLE
+            core.note_idle(0.5, busy=1.0)  # an idle moment: still saturated for a while
+            assert s.error(s.rec.Recommend, req, timeout=10).code() is grpc.StatusCode.UNAVAILABLE
+            time.sleep(1.05)  # no saturated window for SATURATION_HOLD_S
             assert len(s.rec.Recommend(req, timeout=10).items) == 3
-            core.note_idle(0.5, busy=1.0)  # busy, but it waits for events: not saturated
+            core.note_idle(0.0, busy=0.1)  # not idle, but off the CPU: held back
             assert len(s.rec.Recommend(req, timeout=10).items) == 3
         finally:
             als.recommend_user = original

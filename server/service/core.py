@@ -61,6 +61,9 @@ LOOP_BUSY = 0.3
 # Accept-queue shedding (asyncio): the loop counts as saturated while it spent
 # less than this share of a probe window waiting for events.
 SATURATED_IDLE = 0.05
+# ...and for this long after such a window: refusing fast gives the loop brief
+# idle moments, which must not let the next long-waiting calls be computed.
+SATURATION_HOLD_S = 0.1
 # How long a peer's deadline high-water mark is remembered (two such windows).
 PEAK_WINDOW_S = 10.0
 TIMEOUT_ROUNDING = 0.01  # gRPC's timeout header's rounding, relative
@@ -238,7 +241,7 @@ class Core:
         # peer's calls of that method had left lately, is that wait. Used only while the loop is
         # saturated (never waiting for events): a lower remaining time then is
         # queueing, not a client with a shorter deadline.
-        self._saturated = False
+        self._saturated_until = 0.0  # monotonic time until which the loop counts as saturated
         # (peer, method) -> most seconds left at admission, this window and the one before
         self._peak: dict[tuple[str, str], float] = {}
         self._peak_old: dict[tuple[str, str], float] = {}
@@ -286,7 +289,7 @@ class Core:
         # (the thread-pool server reports a call without a deadline as ~292 years)
         if remaining is not None and self._budget > 0 and remaining < NO_DEADLINE_S:
             waited, allowed = self._waited(call, method, remaining)
-            if self._saturated and waited > allowed:
+            if waited > allowed and self.last_call < self._saturated_until:
                 # The call waited in gRPC's own queue longer than the budget, and
                 # than a share of its deadline, while the loop had no idle moment:
                 # answer it (and its successors) at once, so that queue drains
@@ -357,9 +360,11 @@ class Core:
         and its thread spent on the CPU (the asyncio transport's probe). Under
         SATURATED_IDLE idle while busy with calls (`busy` >= LOOP_BUSY), the
         loop is saturated: calls gRPC holds for it are waiting in its queue
-        (accept-queue shedding). A loop kept from running by other threads (a
-        model loading) is neither idle nor busy, and is not saturated."""
-        self._saturated = idle < SATURATED_IDLE and busy >= LOOP_BUSY
+        (accept-queue shedding), for SATURATION_HOLD_S past the window. A loop
+        kept from running by other threads (a model loading) is neither idle nor
+        busy, and is not saturated."""
+        if idle < SATURATED_IDLE and busy >= LOOP_BUSY:
+            self._saturated_until = time.monotonic() + SATURATION_HOLD_S
 
     def _waited(self, call: Call, method: str, remaining: float) -> tuple[float, float]:
         """Seconds this call lost before admission, estimated against the most
