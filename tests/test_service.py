@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import hashlib
 import math
 import queue
@@ -18,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recserve.config import Experiment, Hybrid
 from recserve.service import core as core_module
+from recserve.service import grpc_aio
 from recserve.serving import RecQuery
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
@@ -270,6 +273,88 @@ def test_recommend_batch_answers_each_request(srv, published, small):
     assert out[1].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert out[1].status.message.startswith("k:") and not out[1].items
     assert out[2].served_by == "popularity" and len(out[2].items) == 3
+
+
+@pytest.mark.parametrize("server", ["asyncio", "threads"])
+def test_a_long_batch_stream_is_answered_in_order_one_answer_per_request(published, server):
+    """More requests than the asyncio transport reads ahead (READ_AHEAD): every
+    one is answered, in request order, as a unary call answers it."""
+    root, _ = published
+    n = 3 * grpc_aio.READ_AHEAD + 5
+    users = [str(1 + (7 * i) % 40) for i in range(n)]
+    with running(root, server=server) as s:
+        reqs = [
+            pb.RecommendRequest(request_id=f"r{i}", user_id=u, k=4, model="als")
+            for i, u in enumerate(users)
+        ]
+        out = list(s.rec.RecommendBatch(iter(reqs), timeout=30))
+        assert [r.request_id for r in out] == [f"r{i}" for i in range(n)]
+        for u, r in zip(users, out, strict=True):
+            single, _ = s.recommend(user_id=u, k=4, model="als")
+            assert r.status.code == 0 and ids(r.items) == ids(single)
+
+
+@pytest.mark.parametrize("server", ["asyncio", "threads"])
+def test_a_batch_whose_deadline_passes_mid_stream_ends_cleanly(published, server, caplog):
+    """The deadline passes while a batch is being answered and its client still
+    has requests to send: the call ends DEADLINE_EXCEEDED (or CANCELLED), the
+    requests read ahead and the rest of the stream are dropped without an
+    error logged, and the server answers the next call."""
+    root, _ = published
+    with running(root, server=server) as s:
+        als = s.app.catalog.get("als").model
+        original = als.recommend_user
+
+        def slow(*a, **kw):
+            time.sleep(0.05)
+            return original(*a, **kw)
+
+        als.recommend_user = slow
+        try:
+            reqs = [pb.RecommendRequest(user_id="7", k=3, model="als") for _ in range(60)]
+            err = s.error(s.rec.RecommendBatch, iter(reqs), timeout=0.5)
+            assert err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+        finally:
+            als.recommend_user = original
+        items, _ = s.recommend(user_id="7", k=3, model="als")
+        assert len(items) == 3
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_read_ahead_is_bounded_raises_the_streams_error_and_stops_its_reader():
+    """_read_ahead keeps at most `depth` requests (plus the one its reader holds)
+    ahead of the consumer, hands on a read error in the request's place, and
+    closing it stops its reader at once."""
+    pulled: list[int] = []
+
+    async def requests(n: int, fail_at: int = -1):
+        for i in range(n):
+            if i == fail_at:
+                raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, None, None, "gone")
+            pulled.append(i)
+            yield i
+
+    async def bounded() -> None:
+        async with contextlib.aclosing(grpc_aio._read_ahead(requests(100), depth=4)) as it:
+            assert await anext(it) == 0
+            for _ in range(5):
+                await asyncio.sleep(0)  # let the reader run as far as it may
+            assert len(pulled) <= 1 + 4 + 1, pulled  # the one taken, the queue, one waiting
+        assert asyncio.all_tasks() == {asyncio.current_task()}  # the reader is gone
+        n = len(pulled)
+        await asyncio.sleep(0.01)
+        assert len(pulled) == n  # closed: nothing more is read
+
+    async def failing() -> list[int]:
+        got = []
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for r in grpc_aio._read_ahead(requests(10, fail_at=3), depth=2):
+                got.append(r)
+        return got
+
+    asyncio.run(bounded())
+    pulled.clear()
+    assert asyncio.run(failing()) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("server", ["asyncio", "threads"])

@@ -44,6 +44,11 @@ IDLE_WINDOW = 10
 # How long a refused request stream is read to its end before the refusal is sent:
 # a client that writes its requests at once is answered when the last one arrives.
 DRAIN_REQUESTS_S = 1.0
+# Requests of a RecommendBatch stream read ahead of the one being answered: each
+# read and each write is a loop turn of its own, and reading while the previous
+# answer is written lets the two overlap; the bound keeps gRPC's flow control
+# (a client that streams faster than it is answered waits, as without it).
+READ_AHEAD = 16
 
 
 async def _abort(context: grpc.aio.ServicerContext, f: Failure) -> bytes:
@@ -64,6 +69,35 @@ async def _drain(requests: AsyncIterator, seconds: float) -> None:
                 pass
     except (TimeoutError, grpc.RpcError):
         pass
+
+
+async def _read_ahead(requests: AsyncIterator, depth: int = READ_AHEAD) -> AsyncIterator:
+    """`requests`, read by a task of their own up to `depth` ahead of the consumer
+    (an error reading them is raised to the consumer in its place). The reader
+    starts with the first request asked for and stops when this is closed."""
+    queue: asyncio.Queue = asyncio.Queue(depth)
+    end = object()
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                await queue.put((request, None))
+            await queue.put((end, None))
+        except Exception as exc:  # a broken stream: the consumer raises it
+            await queue.put((end, exc))
+
+    reader = asyncio.get_running_loop().create_task(read())
+    try:
+        while True:
+            request, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if request is end:
+                return
+            yield request
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 class TimedSelector(selectors.DefaultSelector):
@@ -151,18 +185,23 @@ class Recommender(pb_grpc.RecommenderServicer):
                 yield item
 
     async def RecommendBatch(self, request_iterator: AsyncIterator, context):
+        # One reader of the request stream for the whole call, the drain of a
+        # refused stream included (a second would race the first's pending read).
+        requests = _read_ahead(request_iterator)
         try:
             with self.core.session("RecommendBatch", context) as s:
-                async for request in request_iterator:
+                async for request in requests:
+                    # Each answer's write is a loop turn: between two requests of
+                    # a batch every other waiting call takes its turn, so a long
+                    # batch never holds the loop.
                     yield self.core.batch_one(s, request)
-                    # Between two requests of a batch, let every other call that is
-                    # waiting take its turn: a long batch never holds the loop.
-                    await asyncio.sleep(0)
                 # grpc.aio ends the request stream quietly when the deadline passes
                 s.check()
         except Failure as f:
-            await _drain(request_iterator, DRAIN_REQUESTS_S)
+            await _drain(requests, DRAIN_REQUESTS_S)
             await _abort(context, f)
+        finally:
+            await requests.aclose()
 
     async def GetSimilarItems(self, request, context):
         out = self._unary("GetSimilarItems", request, context, self.core.similar_unary)
