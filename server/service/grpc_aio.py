@@ -73,28 +73,34 @@ async def _drain(requests: AsyncIterator, seconds: float) -> None:
 
 
 async def _read_ahead(requests: AsyncIterator, depth: int = READ_AHEAD) -> AsyncIterator:
-    """`requests`, read by a task of their own up to `depth` ahead of the consumer
-    (an error reading them is raised to the consumer in its place). The reader
-    starts with the first request asked for and stops when this is closed."""
-    queue: asyncio.Queue = asyncio.Queue(depth)
+    """`requests`, read by a task of their own up to `depth` ahead of the consumer.
+    However the reading ends (the stream's end, a broken stream, the read being
+    cancelled under it), the consumer hears of it in its place: it never waits
+    on a reader that is gone. The reader starts with the first request asked
+    for and stops when this is closed."""
+    queue: asyncio.Queue = asyncio.Queue()  # unbounded: `room` is the bound
+    room = asyncio.Semaphore(depth)
     end = object()
 
     async def read() -> None:
+        failed: BaseException | None = None
         try:
             async for request in requests:
-                await queue.put((request, None))
-            await queue.put((end, None))
-        except Exception as exc:  # a broken stream: the consumer raises it
-            await queue.put((end, exc))
+                queue.put_nowait((request, None))
+                await room.acquire()
+        except BaseException as exc:  # handed to the consumer, raised in its place
+            failed = exc
+        queue.put_nowait((end, failed))
 
     reader = asyncio.get_running_loop().create_task(read())
     try:
         while True:
-            request, exc = await queue.get()
-            if exc is not None:
-                raise exc
+            request, failed = await queue.get()
             if request is end:
+                if failed is not None:
+                    raise failed
                 return
+            room.release()
             yield request
     finally:
         reader.cancel()
