@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import hashlib
 import math
 import queue
@@ -20,7 +18,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recserve.config import Experiment, Hybrid
 from recserve.service import core as core_module
-from recserve.service import grpc_aio
 from recserve.serving import RecQuery
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
@@ -277,10 +274,10 @@ def test_recommend_batch_answers_each_request(srv, published, small):
 
 @pytest.mark.parametrize("server", ["asyncio", "threads"])
 def test_a_long_batch_stream_is_answered_in_order_one_answer_per_request(published, server):
-    """More requests than the asyncio transport reads ahead (READ_AHEAD): every
-    one is answered, in request order, as a unary call answers it."""
+    """A batch of 53 requests: every one is answered, in request order, as a
+    unary call answers it."""
     root, _ = published
-    n = 3 * grpc_aio.READ_AHEAD + 5
+    n = 53
     users = [str(1 + (7 * i) % 40) for i in range(n)]
     with running(root, server=server) as s:
         reqs = [
@@ -298,8 +295,8 @@ def test_a_long_batch_stream_is_answered_in_order_one_answer_per_request(publish
 def test_a_batch_whose_deadline_passes_mid_stream_ends_cleanly(published, server, caplog):
     """The deadline passes while a batch is being answered and its client still
     has requests to send: the call ends DEADLINE_EXCEEDED (or CANCELLED), the
-    requests read ahead and the rest of the stream are dropped without an
-    error logged, and the server answers the next call."""
+    rest of the stream is dropped without an error logged, and the server
+    answers the next call."""
     root, _ = published
     with running(root, server=server) as s:
         als = s.app.catalog.get("als").model
@@ -319,55 +316,6 @@ def test_a_batch_whose_deadline_passes_mid_stream_ends_cleanly(published, server
         items, _ = s.recommend(user_id="7", k=3, model="als")
         assert len(items) == 3
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
-
-
-def test_read_ahead_is_bounded_raises_the_streams_error_and_stops_its_reader():
-    """_read_ahead keeps at most `depth` requests (plus the one its reader holds)
-    ahead of the consumer, hands on a read error or a read cancelled under its
-    reader in the request's place, and closing it stops its reader at once."""
-    pulled: list[int] = []
-
-    async def requests(n: int, fail_at: int = -1):
-        for i in range(n):
-            if i == fail_at:
-                raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, None, None, "gone")
-            pulled.append(i)
-            yield i
-
-    async def bounded() -> None:
-        async with contextlib.aclosing(grpc_aio._read_ahead(requests(100), depth=4)) as it:
-            assert await anext(it) == 0
-            for _ in range(5):
-                await asyncio.sleep(0)  # let the reader run as far as it may
-            assert len(pulled) <= 1 + 4 + 1, pulled  # the one taken, the queue, one waiting
-        assert asyncio.all_tasks() == {asyncio.current_task()}  # the reader is gone
-        n = len(pulled)
-        await asyncio.sleep(0.01)
-        assert len(pulled) == n  # closed: nothing more is read
-
-    async def failing() -> list[int]:
-        got = []
-        with pytest.raises(grpc.aio.AioRpcError):
-            async for r in grpc_aio._read_ahead(requests(10, fail_at=3), depth=2):
-                got.append(r)
-        return got
-
-    async def read_cancelled() -> list[int]:
-        async def cancelled_under_it():  # as when gRPC cancels the pending read
-            yield 0
-            raise asyncio.CancelledError
-
-        got = []
-        with pytest.raises(asyncio.CancelledError):
-            async for r in grpc_aio._read_ahead(cancelled_under_it()):
-                got.append(r)
-        return got
-
-    asyncio.run(bounded())
-    pulled.clear()
-    assert asyncio.run(failing()) == [0, 1, 2]
-    # the consumer hears of it at once, instead of waiting on a reader that is gone
-    assert asyncio.run(asyncio.wait_for(read_cancelled(), 5)) == [0]
 
 
 @pytest.mark.parametrize("server", ["asyncio", "threads"])
