@@ -122,7 +122,10 @@ def main() -> None:
         "--models-only", action="store_true", help="stop after the per-model ratios (1 and 2)"
     )
     ap.add_argument(
-        "--rounds", type=int, default=3, help="rounds of step 4 (Recommend alone, then the mix, at half load)"
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of step 4 (Recommend alone, then the mix, at half load)",
     )
     args = ap.parse_args()
     if args.rounds < 1:
