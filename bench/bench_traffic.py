@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def serve(config: Path, env: dict[str, str] | None = None) -> tuple[subprocess.P
             break
     else:
         raise SystemExit("server did not start")
+    # Keep reading its log: a pipe nobody reads fills up, and the server's next
+    # log lines would then block it.
+    threading.Thread(target=proc.stderr.read, name="server-log", daemon=True).start()
     end = time.monotonic() + 120
     while time.monotonic() < end:
         try:
