@@ -854,10 +854,10 @@ def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturate
     """Accept-queue shedding: while the loop is saturated (no idle moment, its
     thread busy), a call that lost more than queue_budget_ms, and more than a
     quarter of its deadline, before admission (against the best lately of its
-    peer's calls to that method)
-    is refused uncomputed (OVERLOADED, cause accept-queue, RetryInfo), also for
-    SATURATION_HOLD_S after the last saturated window. Unsaturated since, or
-    held back by other threads, or without a deadline, the same call is answered."""
+    peer's calls to that method) is refused uncomputed (OVERLOADED, cause
+    accept-queue, RetryInfo), also for SATURATION_HOLD_S after the last
+    saturated window. Unsaturated since, or held back by other threads, or
+    without a deadline, the same call is answered."""
     root, _ = published
     monkeypatch.setattr(core_module, "SATURATION_HOLD_S", 1.0)  # outlasts a slow machine's calls
     with running(root, server="threads", queue_budget_ms=50) as s:  # no probe: fed here

@@ -72,8 +72,8 @@ class App:
         self._health: dict[str, int] = {}
         self._health_lock = threading.Lock()
         self._info_labels: dict[str, tuple[str, str, str]] = {}
-        # (model, bundle path) -> its files, for the memory gauges (_bundle_files)
-        self._files: dict[tuple[str, str], dict[str, tuple[str, str, int]]] = {}
+        # model -> (bundle path, its files), for the memory gauges (_bundle_files)
+        self._files: dict[str, tuple[str, dict[str, tuple[str, str, int]]]] = {}
         self._stopped = threading.Event()
         self._metrics_http: tuple[Any, Any] | None = None
         self._feedback_up: bool | None = None
@@ -255,17 +255,15 @@ class App:
     def _bundle_files(self, slot: Slot) -> dict[str, tuple[str, str, int]]:
         """A loaded bundle's files: resolved path -> (model, component, bytes),
         resolved once per version (a path resolution is a syscall per folder)."""
-        key = (slot.name, slot.path)
-        found = self._files.get(key)
-        if found is None:
-            assert slot.model is not None
-            found = {}
-            for fname, entry in slot.model.manifest.get("files", {}).items():
-                path = str((Path(slot.path) / fname).resolve())
-                found[path] = (slot.name, fname.removesuffix(".npy"), int(entry["bytes"]))
-            if len(self._files) > 4 * len(self.catalog.slots()) + 16:  # old versions
-                self._files.clear()
-            self._files[key] = found
+        known = self._files.get(slot.name)
+        if known is not None and known[0] == slot.path:
+            return known[1]
+        assert slot.model is not None
+        found = {}
+        for fname, entry in slot.model.manifest.get("files", {}).items():
+            path = str((Path(slot.path) / fname).resolve())
+            found[path] = (slot.name, fname.removesuffix(".npy"), int(entry["bytes"]))
+        self._files[slot.name] = (slot.path, found)  # a new version replaces the old
         return found
 
     def _sample_forever(self) -> None:

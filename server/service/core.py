@@ -238,9 +238,9 @@ class Core:
         # Accept-queue shedding (asyncio): grpc.aio takes in one new call per loop
         # turn, so past capacity calls wait inside gRPC, where no probe sees them.
         # What a call's deadline has lost before admission, against the most its
-        # peer's calls of that method had left lately, is that wait. Used only while the loop is
-        # saturated (never waiting for events): a lower remaining time then is
-        # queueing, not a client with a shorter deadline.
+        # peer's calls of that method had left lately, is that wait. Used only
+        # while the loop is saturated (never waiting for events): a lower
+        # remaining time then is queueing, not a client with a shorter deadline.
         self._saturated_until = 0.0  # monotonic time until which the loop counts as saturated
         # (peer, method) -> most seconds left at admission, this window and the one before
         self._peak: dict[tuple[str, str], float] = {}
