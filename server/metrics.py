@@ -243,7 +243,8 @@ class Metrics:
         self.rejected = Counter(
             "recserve_rejected_requests_total",
             "Requests refused before any work, by cause (OVERLOADED: max_concurrency; "
-            "QUEUE: the loop late; ACCEPT_QUEUE: waited in gRPC's queue; DEADLINE: "
+            "QUEUE: the loop late; ACCEPT_QUEUE: waited in gRPC's queue; HEAVY: a bulk "
+            "call while shedding; DEADLINE: "
             "cannot finish in time; DRAINING; TOKEN_MISSING, TOKEN_INVALID)",
             ["method", "reason"],
             registry=registry,

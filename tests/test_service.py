@@ -898,6 +898,50 @@ def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturate
             als.recommend_user = original
 
 
+def test_bulk_calls_are_shed_first_while_the_server_sheds(published, monkeypatch):
+    """While other calls are being shed (an accept-queue refusal of a Recommend
+    in the last SHED_HEAVY_S), a RecommendBatch is refused at once (OVERLOADED, cause heavy,
+    RetryInfo) and never computed, while a Recommend that did not wait is still
+    answered. Before any shedding, on a saturated loop, and once SHED_HEAVY_S has
+    passed, the same batch is answered in full."""
+    root, _ = published
+    monkeypatch.setattr(core_module, "SATURATION_HOLD_S", 30.0)
+    monkeypatch.setattr(core_module, "SHED_HEAVY_S", 1.0)
+    with running(root, server="threads", queue_budget_ms=50) as s:  # no probe: fed here
+        core = s.app.core
+        als = s.app.catalog.get("als").model
+        original, calls = als.recommend_user, []
+        als.recommend_user = lambda *a, **kw: (calls.append(1), original(*a, **kw))[1]
+        req = pb.RecommendRequest(user_id="7", k=3, model="als")
+        batch = [pb.RecommendRequest(user_id=str(u), k=3, model="als") for u in (7, 8, 9)]
+        try:
+            core.note_idle(0.0, busy=1.0)  # saturated, nothing shed yet
+            assert [len(r.items) for r in s.rec.RecommendBatch(iter(batch), timeout=30)] == [3] * 3
+            # a batch's own accept-queue refusal does not start shedding bulk calls:
+            # a load of batches alone is shed by the queue rules
+            err = s.error(s.rec.RecommendBatch, iter(batch), timeout=10)
+            assert error_info(status_details(err)).metadata["cause"] == "accept-queue"
+            assert [len(r.items) for r in s.rec.RecommendBatch(iter(batch), timeout=30)] == [3] * 3
+            assert len(s.rec.Recommend(req, timeout=30).items) == 3  # the peer's best: ~30 s
+            err = s.error(s.rec.Recommend, req, timeout=10)  # looks ~20 s late: shed
+            assert error_info(status_details(err)).metadata["cause"] == "accept-queue"
+            before = len(calls)
+            err = s.error(s.rec.RecommendBatch, iter(batch), timeout=30)
+            assert err.code() is grpc.StatusCode.UNAVAILABLE
+            info = error_info(status_details(err))
+            assert info.reason == "OVERLOADED" and info.metadata["cause"] == "heavy"
+            assert "RecommendBatch" in err.details()
+            delay = retry_info(status_details(err)).retry_delay.ToMilliseconds()
+            assert delay == s.app.cfg.overload_retry_ms
+            assert len(calls) == before  # never computed
+            assert core.metrics.rejected.labels("RecommendBatch", "HEAVY")._value.get() == 1
+            assert len(s.rec.Recommend(req, timeout=30).items) == 3  # a cheap call: answered
+            time.sleep(1.05)  # no refusal for SHED_HEAVY_S
+            assert [len(r.items) for r in s.rec.RecommendBatch(iter(batch), timeout=30)] == [3] * 3
+        finally:
+            als.recommend_user = original
+
+
 def _burst_on_a_busy_loop(root, monkeypatch, shedding: bool) -> tuple[collections.Counter, int]:
     """300 Recommend calls (3 s deadlines) queued behind a held first one, then
     computed at 20 ms each on the loop (holding the GIL): twice the deadline's

@@ -66,6 +66,14 @@ SATURATED_IDLE = 0.05
 SATURATION_HOLD_S = 0.1
 # How long a peer's deadline high-water mark is remembered (two such windows).
 PEAK_WINDOW_S = 10.0
+# While the server sheds other calls (an accept-queue or queue refusal of a
+# non-bulk call in the last SHED_HEAVY_S), bulk calls are refused first: a
+# RecommendBatch costs a dozen Recommends and takes a loop turn per request,
+# turns the loop needs to take in and refuse the calls queued behind it
+# (the mix at 2x its maximum, 1 s deadlines: goodput 0.06-0.17 of the maximum
+# with batches admitted, and some calls expired; 0.28-0.41 and none expired).
+SHED_HEAVY_S = 1.0
+HEAVY = frozenset({"RecommendBatch"})
 TIMEOUT_ROUNDING = 0.01  # gRPC's timeout header's rounding, relative
 ACCEPT_WAIT_SHARE = 0.25  # of its deadline, the longest a call may wait to be accepted
 NO_DEADLINE_S = 1e7  # more time left than this: the call has no deadline
@@ -242,6 +250,7 @@ class Core:
         # while the loop is saturated (never waiting for events): a lower
         # remaining time then is queueing, not a client with a shorter deadline.
         self._saturated_until = 0.0  # monotonic time until which the loop counts as saturated
+        self._shed_at = -SHED_HEAVY_S  # monotonic time of the last such refusal of a cheap call
         # (peer, method) -> most seconds left at admission, this window and the one before
         self._peak: dict[tuple[str, str], float] = {}
         self._peak_old: dict[tuple[str, str], float] = {}
@@ -276,6 +285,7 @@ class Core:
             # Calls have waited longer than queue_budget_ms for the loop for at
             # least that long: refuse at once, so the backlog drains instead of
             # growing until every waiting call misses its deadline.
+            self._shed(method)
             self.metrics.rejected.labels(method, "QUEUE").inc()
             raise Failure(
                 Code.UNAVAILABLE,
@@ -294,6 +304,7 @@ class Core:
                 # than a share of its deadline, while the loop had no idle moment:
                 # answer it (and its successors) at once, so that queue drains
                 # instead of holding every call until its deadline passes.
+                self._shed(method)
                 self.metrics.rejected.labels(method, "ACCEPT_QUEUE").inc()
                 raise Failure(
                     Code.UNAVAILABLE,
@@ -307,6 +318,18 @@ class Core:
                     },
                     retry_ms=self.cfg.overload_retry_ms,
                 )
+        if method in HEAVY and self.last_call - self._shed_at < SHED_HEAVY_S:
+            # Calls are being shed: a bulk call goes first, so the loop's turns go to
+            # the calls it can still answer in time.
+            self.metrics.rejected.labels(method, "HEAVY").inc()
+            raise Failure(
+                Code.UNAVAILABLE,
+                f"server: shedding load, {method} is refused first; "
+                "retry after the RetryInfo delay",
+                reason="OVERLOADED",
+                info={"cause": "heavy"},
+                retry_ms=self.cfg.overload_retry_ms,
+            )
         if remaining is not None and remaining < self._took.get(method, 0.0):
             # Deadline-aware shedding: this call cannot be answered in time at the
             # pace calls take now, so it is refused at once instead of computed for
@@ -338,6 +361,13 @@ class Core:
         if self._count_inflight:
             self.metrics.inflight.inc()
         return Session(self, method, call, t0, defer)
+
+    def _shed(self, method: str) -> None:
+        """A call of `method` is being refused for queueing: from now on, for
+        SHED_HEAVY_S, bulk calls go first. Only a cheap call's refusal counts: a
+        load of batches alone is shed by the queue rules like any other."""
+        if method not in HEAVY:
+            self._shed_at = self.last_call
 
     def note_wait(self, seconds: float, busy: float = 1.0) -> None:
         """How long work queued for the loop waited just now (the asyncio
