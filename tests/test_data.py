@@ -190,6 +190,22 @@ def test_idmap_lookups():
     assert IdMap.from_ids([]).index(["a"]).tolist() == [-1]
 
 
+def test_idmap_lookups_of_ids_longer_than_any_stored():
+    # A key wider than the map's dtype cannot be in it; the lookups answer -1 for
+    # it (without widening the map) and still find the keys that fit beside it.
+    rng = np.random.default_rng(0)
+    stored = sorted({str(int(u)) for u in rng.integers(1, 5000, 300)} | {"ü1"})
+    ids = IdMap.from_ids(stored)
+    where = {k: i for i, k in enumerate(sorted(stored, key=lambda k: k.encode()))}
+    asked = ["new-user-123", stored[5], "ü1", "99999999", stored[-1], "ü12", "", "4\x00"]
+    want = [where.get(k, -1) if k and not k.endswith("\x00") else -1 for k in asked]
+    assert ids.index(asked).tolist() == want
+    assert [ids.get(k) for k in asked] == want
+    encoded = np.array([k.encode() for k in asked[:6]], dtype="S")
+    assert ids.index(encoded).tolist() == want[:6]
+    assert ids.index(["new-user-123"]).tolist() == [-1]
+
+
 def test_synthetic_is_deterministic_long_tailed_and_round_trips(tmp_path):
     a, b = generate(800, 400, 20_000, seed=5), generate(800, 400, 20_000, seed=5)
     np.testing.assert_array_equal(a.items, b.items)

@@ -103,6 +103,35 @@ def test_dense_history_is_the_row_recommend_histories_selects_from(fitted, small
         fitted.dense_history(fitted.history_matrix([[0], [1]]), out)
 
 
+def test_one_history_matrix_is_the_general_one(fitted, small):
+    # A cold request's history takes a shortcut past the general COO build: the
+    # same matrix (sorted indices, a repeated item keeps its last value), checked
+    # against a dict and against the history's row in a two-history call.
+    rng = np.random.default_rng(5)
+    for size in (0, 1, 10, 40):
+        items = rng.integers(0, min(small.n_items, 30), size)  # repeats likely
+        values = rng.integers(1, 6, size).astype(float)
+        for vals in (values, None):
+            one = fitted.history_matrix([items], None if vals is None else [vals])
+            want = {
+                int(i): (1.0 if vals is None else float(v))
+                for i, v in zip(items, values, strict=True)
+            }
+            assert one.shape == (1, small.n_items) and one.has_sorted_indices
+            np.testing.assert_array_equal(one.indices, sorted(want))
+            np.testing.assert_array_equal(one.data, [want[i] for i in sorted(want)])
+            two = fitted.history_matrix([items, [0]], None if vals is None else [vals, [1.0]])
+            assert (one != two[0]).nnz == 0 and one.dtype == two.dtype
+    with pytest.raises(IndexError, match=f"item index {small.n_items} outside"):
+        fitted.history_matrix([[0, small.n_items]])
+    with pytest.raises(IndexError, match="item index -1 outside"):
+        fitted.history_matrix([[-1]])
+    with pytest.raises(ValueError, match="differ in length"):
+        fitted.history_matrix([[0, 1]], [[1.0]])
+    with pytest.raises(ValueError, match="finite"):
+        fitted.history_matrix([[0]], [[float("nan")]])
+
+
 def test_exclusions_never_shorten_results(fitted):
     items, _ = fitted.recommend([0], k=10)
     banned = items[0][:5]

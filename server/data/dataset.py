@@ -65,6 +65,15 @@ class IdMap:
         out = np.full(keys.shape[0], -1, dtype=np.int64)
         if keys.size == 0 or len(self) == 0:
             return out
+        width = self._ids.dtype.itemsize
+        if keys.dtype.itemsize > width:
+            # Keys longer than every stored id never match; the rest are searched in
+            # the map's own dtype (a wider key dtype would make searchsorted copy the
+            # whole map to it first: O(n) per lookup).
+            fits = np.fromiter((len(k) <= width for k in keys.tolist()), bool, keys.shape[0])
+            keys = np.where(fits, keys, b"")
+            valid = fits if valid is None else valid & fits
+        keys = keys.astype(self._ids.dtype, copy=False)
         pos = np.searchsorted(self._ids, keys)
         inside = pos < len(self)
         hit = np.zeros(keys.shape[0], dtype=bool)
@@ -78,6 +87,10 @@ class IdMap:
         """Dense index of one id, or -1 (a scalar search: the serving path's lookup)."""
         key = str(item_id).encode("utf-8")
         if key.endswith(b"\x00") or len(self) == 0:  # NUL-ended ids never match (index())
+            return -1
+        if len(key) > self._ids.dtype.itemsize:
+            # Longer than every stored id, so not among them; and searchsorted would
+            # first copy the whole map to the key's wider dtype (O(n) per lookup).
             return -1
         pos = int(self._ids.searchsorted(key))
         return pos if pos < len(self) and self._ids[pos] == key else -1

@@ -479,6 +479,8 @@ class Recommender(ABC):
         Repeated items keep their last value; indices outside the catalogue
         raise IndexError naming them.
         """
+        if len(histories) == 1:  # one request's history (fold-in): no general COO build
+            return self._history_row(histories[0], None if values is None else values[0])
         rows, cols, vals = [], [], []
         for r, items in enumerate(histories):
             items = np.asarray(items, dtype=np.int64).reshape(-1)
@@ -502,6 +504,35 @@ class Recommender(ABC):
         c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
         v = np.concatenate(vals) if vals else np.zeros(0, np.float32)
         m, _ = build_csr(r, c, v, np.arange(r.size), n, self.n_items)
+        return m
+
+    def _history_row(
+        self, items: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarray | None
+    ) -> sp.csr_matrix:
+        """history_matrix of one history: the same checks, the same matrix (sorted
+        indices, a repeated item keeps its last value), at a third of build_csr's
+        cost on a ten-item history (a cold request's fold-in)."""
+        items = np.asarray(items, dtype=np.int64).reshape(-1)
+        if items.size and (items.min() < 0 or items.max() >= self.n_items):
+            bad = items[(items < 0) | (items >= self.n_items)]
+            raise IndexError(f"history: item index {int(bad[0])} outside [0, {self.n_items})")
+        v = (
+            np.ones(items.size, np.float32)
+            if values is None
+            else np.asarray(values, dtype=np.float32).reshape(-1)
+        )
+        if v.shape != items.shape:
+            raise ValueError("history: values and items differ in length")
+        if not np.isfinite(v).all():
+            raise ValueError("history: values must be finite")
+        order = np.argsort(items, kind="stable")
+        ranked = items[order]
+        last = np.ones(ranked.size, dtype=bool)
+        last[:-1] = ranked[1:] != ranked[:-1]
+        keep = order[last]
+        indptr = np.array([0, keep.size], dtype=np.int32)
+        m = sp.csr_matrix((v[keep], items[keep].astype(np.int32), indptr), shape=(1, self.n_items))
+        m.has_sorted_indices = True
         return m
 
     # -- bundles ----------------------------------------------------------------

@@ -57,10 +57,13 @@ class ALS(EmbeddingIndexMixin):
     }
 
     def _confidence(self, m: sp.csr_matrix) -> sp.csr_matrix:
-        m = m.tocsr().astype(np.float32)
-        values = np.ones_like(m.data) if self.params["binary"] else m.data
-        c = (1.0 + self.params["alpha"] * values).astype(np.float32)
-        return sp.csr_matrix((c, m.indices, m.indptr), shape=m.shape)
+        m = m.tocsr()
+        return sp.csr_matrix((self._confidence_values(m.data), m.indices, m.indptr), shape=m.shape)
+
+    def _confidence_values(self, data: np.ndarray) -> np.ndarray:
+        """c = 1 + alpha r (r = 1 when binary) of a CSR's stored values, float32."""
+        values = np.ones(data.shape, np.float32) if self.params["binary"] else data
+        return (1.0 + self.params["alpha"] * np.asarray(values, np.float32)).astype(np.float32)
 
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
@@ -127,16 +130,16 @@ class ALS(EmbeddingIndexMixin):
 
     def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
         """Factors of users given only by history rows: the exact training solve."""
-        c = self._confidence(history)
-        x = np.zeros((c.shape[0], self.item_factors.shape[1]), np.float32)
+        h = history.tocsr()  # the confidences go to the kernel as arrays: no second CSR
+        x = np.zeros((h.shape[0], self.item_factors.shape[1]), np.float32)
         # Many rows run on every OpenMP thread: serial BLAS inside (see _fit).
         # One row (a serving request) runs on one thread and skips the 0.6 ms
         # threadpoolctl costs.
-        with serial_blas() if c.shape[0] > 1 else contextlib.nullcontext():
+        with serial_blas() if h.shape[0] > 1 else contextlib.nullcontext():
             return alsk.solve_rows(
-                c.indptr,
-                c.indices,
-                c.data,
+                h.indptr,
+                h.indices,
+                self._confidence_values(h.data),
                 self.item_factors,
                 x,
                 self.params["regularization"],
