@@ -130,9 +130,22 @@ def check_knn_params(str similarity, int k, double alpha, double shrink):
         raise ValueError(f"shrink: must be >= 0, got {shrink}")
 
 
+def knn_col_norm(b_indices, b_data, Py_ssize_t n_cols, str similarity="cosine"):
+    """B's per-column norms as knn uses them (sums of squares; counts for
+    jaccard), for a caller that reuses one B across calls (a fold-in's
+    item -> users matrix) and passes them as knn's col_norm, saving that
+    O(nnz(B)) pass per call."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity: expected one of {sorted(SIMILARITIES)}, got {similarity!r}")
+    b_indices = np.asarray(b_indices)
+    if SIMILARITIES[similarity] == 3:
+        return np.bincount(b_indices, minlength=n_cols).astype(np.float64)
+    return np.bincount(b_indices, weights=np.asarray(b_data, np.float64) ** 2, minlength=n_cols)
+
+
 def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_cols,
         int k, str similarity="cosine", double alpha=0.5, double shrink=0.0,
-        col_scale=None, bint exclude_self=False, int n_threads=0):
+        col_scale=None, bint exclude_self=False, int n_threads=0, col_norm=None):
     """Top-k entries of every row of A @ B under a similarity transform.
 
     A is rows x inner (CSR), B is inner x n_cols (CSR). With d = (A @ B)[i, j]:
@@ -141,7 +154,8 @@ def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_c
       asymmetric  d / (|a_i|^2alpha |b_j|^2(1-alpha) + shrink)
       jaccard     c / (n_i + n_j - c + shrink), on binarised A and B
     optionally times col_scale[j] (RP3beta's popularity penalty). With
-    exclude_self, entry (i, i) is never kept. Returns CSR (indptr int64,
+    exclude_self, entry (i, i) is never kept. col_norm: knn_col_norm of B,
+    when the caller keeps it (computed here otherwise). Returns CSR (indptr int64,
     indices int32, data float32), at most k entries per row, best first,
     ties by lower column.
     """
@@ -154,17 +168,20 @@ def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_c
     if exclude_self and n_rows > n_cols:
         raise ValueError("exclude_self needs a square product (rows <= n_cols)")
     binary = kind == 3
+    if col_norm is None:
+        col_norm = knn_col_norm(b_indices, b_data, n_cols, similarity)
+    else:
+        col_norm = check_array(np.asarray(col_norm), "col_norm", np.float64, 1)
+        if col_norm.shape[0] != n_cols:
+            raise ValueError(f"col_norm: expected length {n_cols}, got {col_norm.shape[0]}")
     if binary:
         row_norm = np.diff(a_indptr).astype(np.float64)
-        col_norm = np.bincount(b_indices, minlength=n_cols).astype(np.float64)
     else:
         sq = a_data.astype(np.float64) ** 2
         row_norm = np.zeros(n_rows)
         nz = np.diff(a_indptr) > 0
         if sq.size:
             row_norm[nz] = np.add.reduceat(sq, a_indptr[:n_rows][nz])
-        col_norm = np.bincount(b_indices, weights=b_data.astype(np.float64) ** 2,
-                               minlength=n_cols)
     if kind == 1:
         row_norm, col_norm = np.sqrt(row_norm), np.sqrt(col_norm)
     elif kind == 2:
@@ -175,7 +192,8 @@ def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_c
     if scale.shape[0] != n_cols:
         raise ValueError(f"col_scale: expected length {n_cols}, got {scale.shape[0]}")
 
-    cdef int nt = resolve_threads(n_threads)
+    # no more threads than rows: each thread's scratch is n_cols wide
+    cdef int nt = threads_for(n_threads, n_rows)
     out_idx = np.empty((n_rows, k), np.int32)
     out_val = np.empty((n_rows, k), np.float32)
     counts = np.zeros(n_rows, np.int32)

@@ -64,15 +64,39 @@ def test_userknn_known_and_folded_in_users_equal_numpy(small):
         got, _ = model.recommend([u], 10)
         assert got[0].tolist() == rank(usim[u] @ x, x[u] > 0, 10)
     # A new user: similarities to every training user, top 30, then their items.
-    history = np.array([1, 5, 9, 40, 41])
-    h = np.zeros(x.shape[1])
-    h[history] = 1.0
-    sims = (x @ h) / np.maximum(norms * np.sqrt(h @ h), 1e-30)
-    top = np.zeros_like(sims)
-    keep = [j for j in np.lexsort((np.arange(sims.size), -sims)) if sims[j] != 0][:30]
-    top[keep] = sims[keep]
-    got, _ = model.recommend_from_history(history, k=10)
-    assert got.tolist() == rank(top @ x, h > 0, 10)
+    # Several, since fold-ins after the first search an index the model kept.
+    for history in ([1, 5, 9, 40, 41], [2, 3], [7, 8, 9, 10, 11, 12, 60]):
+        h = np.zeros(x.shape[1])
+        h[history] = 1.0
+        sims = (x @ h) / np.maximum(norms * np.sqrt(h @ h), 1e-30)
+        top = np.zeros_like(sims)
+        keep = [j for j in np.lexsort((np.arange(sims.size), -sims)) if sims[j] != 0][:30]
+        top[keep] = sims[keep]
+        got, _ = model.recommend_from_history(np.array(history), k=10)
+        assert got.tolist() == rank(top @ x, h > 0, 10)
+
+
+def test_userknn_refit_folds_in_against_the_new_users(small):
+    # The fold-in index and the item -> users matrix a model keeps belong to the
+    # data it was fitted on: refitted, it answers as a model fitted afresh.
+    fewer = Dataset(
+        small.interactions[: small.n_users // 2],
+        small.timestamps[: small.interactions.indptr[small.n_users // 2]],
+        IdMap.from_ids([f"u{i}" for i in range(small.n_users // 2)]),
+        small.items,
+    )
+    model = create("userknn", k=20).fit(small)
+    history = np.array([1, 5, 9, 40])
+    model.recommend_from_history(history, k=10)
+    model.similar_items(3, 5)
+    model.fit(fewer)
+    fresh = create("userknn", k=20).fit(fewer)
+    for got, want in (
+        (model.recommend_from_history(history, k=10), fresh.recommend_from_history(history, k=10)),
+        (model.similar_items(3, 5), fresh.similar_items(3, 5)),
+    ):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
 
 
 def bm25_item_knn(user_items: sp.csr_matrix, k: int, k1: float = 1.2, b: float = 0.75):

@@ -57,10 +57,14 @@ def reference_topk(d, s, k, exclude_self):
 @pytest.mark.parametrize("kind", ["dot", "cosine", "asymmetric", "jaccard"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_item_item_knn_matches_dense(kind, dtype, threads):
+@pytest.mark.parametrize("kept_norm", [False, True])
+def test_item_item_knn_matches_dense(kind, dtype, threads, kept_norm):
+    # kept_norm: B's column norms computed once by knn_col_norm and passed in, as
+    # a caller reusing one B does (userknn's fold-in)
     x = random_csr(120, 60, 0.08, seed=1, dtype=dtype)  # users x items
     a = x.T.tocsr()
     b = a.T.tocsr()
+    norm = simk.knn_col_norm(b.indices, b.data, 60, kind) if kept_norm else None
     ip, ix, v = simk.knn(
         a.indptr,
         a.indices,
@@ -75,6 +79,7 @@ def test_item_item_knn_matches_dense(kind, dtype, threads):
         shrink=2.0 if kind != "dot" else 0.0,
         exclude_self=True,
         n_threads=threads,
+        col_norm=norm,
     )
     d, s = dense_similarity(a, b, kind, alpha=0.3, shrink=2.0 if kind != "dot" else 0.0)
     ref = reference_topk(d, s, 7, exclude_self=True)
@@ -199,6 +204,10 @@ def test_wrappers_reject_bad_input():
         simk.knn(x.indptr, x.indices, x.data.astype(np.int32), x.indptr, x.indices, x.data, 8, 3)
     with pytest.raises(ValueError, match=r"b_indices: values must lie in \[0, 4\)"):
         simk.knn(x.indptr, x.indices, x.data, x.indptr, x.indices, x.data, 4, 3)
+    with pytest.raises(ValueError, match="col_norm"):
+        simk.knn(x.indptr, x.indices, x.data, x.indptr, x.indices, x.data, 8, 3, col_norm=[1.0])
+    with pytest.raises(ValueError, match="similarity"):
+        simk.knn_col_norm(x.indices, x.data, 8, "pearson")
     with pytest.raises(ValueError, match="k: must be positive"):
         simk.score_topk(x.indptr, x.indices, x.data, x.indptr, x.indices, x.data, 8, 0)
     with pytest.raises(ValueError, match="weighting: expected bm25 or tfidf"):

@@ -122,6 +122,7 @@ class _Neighbourhood(Recommender):
         exclude_self: bool,
         col_scale: np.ndarray | None = None,
         similarity: str | None = None,
+        col_norm: np.ndarray | None = None,
     ) -> sp.csr_matrix:
         p = self.params
         sim = similarity or p.get("similarity", "dot")
@@ -141,6 +142,7 @@ class _Neighbourhood(Recommender):
             col_scale,
             exclude_self,
             self.n_threads,
+            col_norm,
         )
         return csr(ip, ix, v, (a.shape[0], n_cols))
 
@@ -409,8 +411,31 @@ class UserKNN(_Neighbourhood):
                 n_threads=self.n_threads,
             )
             h = csr(h.indptr.astype(np.int64), h.indices, data, h.shape)
-        b = self.users_w.T.tocsr()
-        return self._knn(h, b, self.n_users, exclude_self=False)
+        b, norm = self._fold_index()
+        return self._knn(h, b, self.n_users, exclude_self=False, col_norm=norm)
+
+    def _fold_index(self) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The weighted training users by item (items x users) and their norms:
+        what every fold-in searches, built on the first one and kept while
+        users_w is the same (was a transpose and a pass over every interaction
+        per cold request). A racing first build makes an equal twin."""
+        w = self.users_w
+        cache = getattr(self, "_fold_cache", None)
+        if cache is None or cache[0] is not w:
+            b = w.T.tocsr()
+            b = csr(b.indptr.astype(np.int64), b.indices, b.data.astype(np.float32), b.shape)
+            sim = self.params.get("similarity", "dot")
+            cache = self._fold_cache = (w, b, simk.knn_col_norm(b.indices, b.data, b.shape[1], sim))
+        return cache[1], cache[2]
+
+    def _item_users(self) -> sp.csr_matrix:
+        """The training interactions by item (items x users), kept while
+        user_items is the same (was a transpose per SimilarItems call)."""
+        x = self.user_items
+        cache = getattr(self, "_item_users_cache", None)
+        if cache is None or cache[0] is not x:
+            cache = self._item_users_cache = (x, x.T.tocsr())
+        return cache[1]
 
     def _rank(self, users, history, k, excl, cand):
         h = self.sim[users] if users is not None else self._neighbours(history)
@@ -431,7 +456,7 @@ class UserKNN(_Neighbourhood):
     def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         # Items co-consumed with the item, weighted like user-user cosine on the item side.
         x = self.user_items
-        cols = x.T.tocsr()
+        cols = self._item_users()
         n = items.size
         h = cols[items]
         excl = (np.arange(n + 1, dtype=np.int64), items.astype(np.int32))
