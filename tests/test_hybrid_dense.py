@@ -146,6 +146,40 @@ def test_dense_hybrid_answers_what_the_general_path_answers(router, small, k):
     assert calls["dense"] > 0
 
 
+@pytest.mark.parametrize("algo", algorithms())
+def test_a_known_users_exclusions_rank_as_the_model_ranks(router, small, algo):
+    # One model, a known user, excluded items: the router takes the user's dense
+    # row with the exclusions NaN (one top-k call); the answer is the model's
+    # own general call's, exclusions built into its sparse matrices.
+    model = router.catalog.get(algo).model
+    rng = np.random.default_rng(7)
+    taken = {"dense": 0}
+    real = model.dense_user
+    model.dense_user = lambda *a: (taken.__setitem__("dense", taken["dense"] + 1), real(*a))[1]
+    try:
+        for u in rng.choice(small.n_users, 6, replace=False):
+            excl = rng.choice(small.n_items, int(rng.integers(1, 40)), replace=False)
+            for include_seen in (False, True):
+                q = RecQuery(
+                    user_id=small.users.ids([u])[0],
+                    k=15,
+                    model=algo,
+                    exclude=small.items.ids(excl),
+                    include_seen=include_seen,
+                )
+                got = router.recommend(q)
+                items, scores = model.recommend(
+                    [int(u)], 15, exclude=np.sort(excl), filter_seen=not include_seen
+                )
+                n = int((items[0] >= 0).sum())
+                assert got.item_ids == small.items.ids(items[0, :n]), (u, include_seen)
+                np.testing.assert_allclose(got.scores, scores[0, :n], rtol=1e-5, atol=1e-6)
+                assert not set(got.item_ids) & set(small.items.ids(excl))
+    finally:
+        model.dense_user = real
+    assert taken["dense"] == 12
+
+
 def test_recorded_events_are_folded_in_on_the_dense_path(router, small):
     online = OnlineState()
     mine = Router(router.cfg, router.catalog, online)  # its own events, not the fixture's

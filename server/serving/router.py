@@ -378,6 +378,16 @@ class Router:
             # The common case (hybrid components too): the one-user serving call.
             items, scores = m.recommend_user(user, k, filter_seen=not q.include_seen)
             return _Served(slot, items, scores, user, None)
+        if user >= 0 and extra_idx.size == 0 and cand is None:
+            # Exclusions: the user's dense row (the one recommend_user selects
+            # from), the excluded items NaN, one top-k call; the general call
+            # builds the exclusions into sparse matrices (measured 0.4-0.9 ms
+            # for 100 excluded items, against 0.05-0.15 ms this way).
+            buf = self._row(m.n_items)
+            if m.dense_user(user, buf, not q.include_seen):
+                buf[excl] = np.nan
+                items, scores = topk.topk_row(buf, k)
+                return _Served(slot, items, scores, user, None)
         if user >= 0 and extra_idx.size == 0:
             items, scores = m.recommend(
                 [user],
