@@ -132,6 +132,31 @@ def test_one_history_matrix_is_the_general_one(fitted, small):
         fitted.history_matrix([[0]], [[float("nan")]])
 
 
+def test_explanations_of_an_answer_at_once_are_each_items_own(fitted, small):
+    # A Recommend with explain asks for every answered item's explanation in one
+    # call (one factorisation or slice shared by the items): item by item, the
+    # same history items and contributions, for a known user and a history row.
+    rng = np.random.default_rng(9)
+    for u in (3, 50):
+        items = rng.choice(small.n_items, 7, replace=False)
+        together = fitted.explain_user_items(u, items, 4)
+        assert len(together) == items.size
+        for item, (idx, contrib) in zip(items, together, strict=True):
+            one_idx, one_contrib = fitted.explain(u, int(item), 4)
+            np.testing.assert_array_equal(idx, one_idx)
+            np.testing.assert_allclose(contrib, one_contrib, rtol=1e-5, atol=1e-7)
+            assert idx.size <= 4 and (contrib > 0).all()
+            assert np.all(np.diff(contrib) <= 0)
+            assert set(idx) <= set(small.interactions[u].indices)
+    row = fitted.history_matrix([[1, 5, 9, 40]], [[4.0, 1.0, 5.0, 2.0]])
+    items = np.array([0, 2, 7, 60])
+    for item, (idx, _) in zip(items, fitted.explain_items(row, items, 3), strict=True):
+        np.testing.assert_array_equal(idx, fitted.explain_history(row, int(item), 3)[0])
+    assert fitted.explain_items(row, [], 3) == []
+    with pytest.raises(IndexError, match="item"):
+        fitted.explain_items(row, [small.n_items], 3)
+
+
 def test_exclusions_never_shorten_results(fitted):
     items, _ = fitted.recommend([0], k=10)
     banned = items[0][:5]

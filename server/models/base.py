@@ -418,24 +418,59 @@ class Recommender(ABC):
         """Up to n items of the user's history that contributed most to `item`'s score,
         with their contributions, largest first. Empty where the model's score does
         not depend on the history (popularity)."""
+        return self.explain_user_items(user, [item], n)[0]
+
+    def explain_user_items(
+        self, user: int, items: Sequence[int] | np.ndarray, n: int = 5
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """explain() for several items of a known user's answer, in one call."""
         seen = self._require_fitted()
         if not 0 <= int(user) < self.n_users:
             raise IndexError(f"user: index must be in [0, {self.n_users})")
-        return self.explain_history(seen[int(user)], item, n, user=int(user))
+        return self.explain_items(seen[int(user)], items, n, user=int(user))
 
     def explain_history(
         self, history: sp.csr_matrix, item: int, n: int = 5, user: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """explain() for a history row (1 x items); `user` when it is a known user."""
+        return self.explain_items(history, [item], n, user)[0]
+
+    def explain_items(
+        self,
+        history: sp.csr_matrix,
+        items: Sequence[int] | np.ndarray,
+        n: int = 5,
+        user: int | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """explain_history for several items of one answer at once: what the
+        history gives every item is computed once (one factorisation, one slice
+        of the similarities), not once per explained item."""
         self._require_fitted()
-        if not 0 <= int(item) < self.n_items:
+        items = np.asarray(items, dtype=np.int64).reshape(-1)
+        if items.size and (items.min() < 0 or items.max() >= self.n_items):
             raise IndexError(f"item: index must be in [0, {self.n_items})")
         history = history.tocsr()
-        items, contrib = self._contributions(history, int(item), user)
-        keep = contrib > 0
-        items, contrib = items[keep], contrib[keep]
-        order = np.lexsort((items, -contrib))[:n]
-        return items[order].astype(np.int32), contrib[order].astype(np.float32)
+        hist, contrib = self._contributions_many(history, items, user)
+        hist = np.asarray(hist)
+        out = []
+        for j in range(items.size):
+            c = np.asarray(contrib[:, j]) if hist.size else np.zeros(0)
+            keep = c > 0
+            idx, c = hist[keep], c[keep]
+            order = np.lexsort((idx, -c))[:n]
+            out.append((idx[order].astype(np.int32), c[order].astype(np.float32)))
+        return out
+
+    def _contributions_many(
+        self, history: sp.csr_matrix, items: np.ndarray, user: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(history items h, their contributions to each of `items`: h x len(items)).
+        By default one _contributions call per item; models whose per-item work
+        shares a part (a factorisation, a slice) override this."""
+        cols = [self._contributions(history, int(i), user) for i in items]
+        if not cols or cols[0][0].size == 0:
+            return np.zeros(0, np.int32), np.zeros((0, items.size))
+        return cols[0][0], np.column_stack([c for _, c in cols])
 
     def _contributions(
         self, history: sp.csr_matrix, item: int, user: int | None

@@ -116,9 +116,10 @@ class EASE(Recommender):
         # Row i of B: how strongly item i predicts each other item.
         return topk_excluding_self(self.weights[items], items, k, self.n_threads)
 
-    def _contributions(self, history, item, user):
+    def _contributions_many(self, history, items, user):
         values = np.ones_like(history.data) if self.params["binary"] else history.data
-        return history.indices, values * np.asarray(self.weights[history.indices, item])
+        w = np.asarray(self.weights[np.ix_(history.indices, items)])
+        return history.indices, values[:, None] * w
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"weights": self.weights}

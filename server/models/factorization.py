@@ -169,14 +169,16 @@ class ALS(EmbeddingIndexMixin):
     def _similarity_vectors(self) -> np.ndarray:
         return self.item_factors
 
-    def _contributions(self, history, item, user):
-        # score(u, j) = y_j . A^-1 sum_i c_i y_i: history item i contributes c_i y_j.A^-1 y_i
-        c = self._confidence(history)
-        y = np.asarray(self.item_factors, np.float64)
-        yi = y[c.indices]
-        a = np.asarray(self.gram, np.float64) + (yi.T * (c.data - 1.0)) @ yi
-        z = np.linalg.solve(a, y[item])
-        return c.indices, c.data * (yi @ z)
+    def _contributions_many(self, history, items, user):
+        # score(u, j) = y_j . A^-1 sum_i c_i y_i: history item i contributes
+        # c_i y_j.A^-1 y_i. A depends on the history only: one solve for every j.
+        # Only the rows involved are read (in float64), never the whole catalogue.
+        h = history.tocsr()
+        c = self._confidence_values(h.data).astype(np.float64)
+        yi = np.asarray(self.item_factors[h.indices], np.float64)
+        a = np.asarray(self.gram, np.float64) + (yi.T * (c - 1.0)) @ yi
+        z = np.linalg.solve(a, np.asarray(self.item_factors[items], np.float64).T)
+        return h.indices, c[:, None] * (yi @ z)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {

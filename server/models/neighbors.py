@@ -263,11 +263,10 @@ class _Neighbourhood(Recommender):
         excl = (np.arange(n + 1, dtype=np.int64), items.astype(np.int32))
         return self._score(unit, self.sim, k, excl, None)
 
-    def _contributions(self, history, item, user):
-        items = history.indices
-        weights = history.data.astype(np.float64)
-        col = np.asarray(self.sim[items][:, [item]].toarray()).ravel()
-        return items, weights * col
+    def _contributions_many(self, history, items, user):
+        hist = history.indices
+        cols = np.asarray(self.sim[hist][:, items].toarray(), np.float64)  # one slice
+        return hist, history.data.astype(np.float64)[:, None] * cols
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -462,15 +461,16 @@ class UserKNN(_Neighbourhood):
         excl = (np.arange(n + 1, dtype=np.int64), items.astype(np.int32))
         return self._score(h, x, k, excl, None)
 
-    def _contributions(self, history, item, user):
-        # Neighbours who have `item`, weighted by similarity; credit the history
-        # items they share with this user.
-        nb = self.sim[user] if user is not None else self._neighbours(history)
+    def _contributions_many(self, history, items, user):
+        # The neighbours once for every explained item (a fold-in's are a search).
+        nb = (self.sim[user] if user is not None else self._neighbours(history)).tocsr()
         x = self.user_items
-        has = np.asarray(x[nb.indices][:, [item]].toarray()).ravel()
-        weights = nb.data * has
-        shared = np.asarray((sp.csr_matrix(weights[None, :]) @ x[nb.indices]).toarray()).ravel()
-        return history.indices, shared[history.indices] * history.data
+        near = x[nb.indices]  # the neighbours' rows
+        has = np.asarray(near[:, items].toarray(), np.float64)  # neighbours x explained
+        weights = nb.data.astype(np.float64)[:, None] * has
+        hist = history.indices
+        shared = np.asarray((sp.csr_matrix(weights.T) @ near[:, hist]).toarray())  # m x h
+        return hist, shared.T * history.data.astype(np.float64)[:, None]
 
     def _arrays(self) -> dict[str, np.ndarray]:
         w = self.users_w

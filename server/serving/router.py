@@ -442,21 +442,23 @@ class Router:
         out.folded_in = s.folded_in
         if q.explain and s.items.size:
             check()
-            out.because = [self._because(s, int(i)) for i in s.items]
+            out.because = self._because(s, s.items)
         if m.uncertainty and s.items.size:
             _, std = m.score(s.user, s.items) if s.row is None else m.score_history(s.row, s.items)
             if std is not None:
                 out.std = np.asarray(std, float).tolist()
         return out
 
-    def _because(self, s: _Served, item: int) -> list[str]:
+    def _because(self, s: _Served, items: np.ndarray) -> list[list[str]]:
+        """Each item's explanation (the history items that gave it most), all
+        computed in one model call."""
         m = s.slot.model
         assert m is not None and m.items is not None
         if s.row is None:
-            idx, _ = m.explain(s.user, item, EXPLAIN_ITEMS)
+            found = m.explain_user_items(s.user, items, EXPLAIN_ITEMS)
         else:
-            idx, _ = m.explain_history(s.row, item, EXPLAIN_ITEMS)
-        return m.items.ids(idx)
+            found = m.explain_items(s.row, items, EXPLAIN_ITEMS)
+        return [m.items.ids(idx) for idx, _ in found]
 
     def _hybrid(
         self, hy: Hybrid, q: RecQuery, check: Check, stages: dict[str, float]
@@ -583,18 +585,25 @@ class Router:
         out.folded_in = any(s.folded_in for _, s in parts)
         if q.explain:
             check()
-            out.because = [self._hybrid_because(parts, item_id) for item_id in out.item_ids]
+            out.because = self._hybrid_because(parts, out.item_ids)
         return out
 
-    def _hybrid_because(self, parts: list[tuple[float, _Served]], item_id: str) -> list[str]:
-        found: list[str] = []
+    def _hybrid_because(
+        self, parts: list[tuple[float, _Served]], item_ids: list[str]
+    ) -> list[list[str]]:
+        """Each blended item's explanation: its components' in weight order, merged
+        without repeats (one explain_items call per component)."""
+        found: list[list[str]] = [[] for _ in item_ids]
         for _, s in sorted(parts, key=lambda p: -p[0]):
             m = s.slot.model
             assert m is not None and m.items is not None
-            idx = m.items.get(item_id)
-            if idx >= 0:
-                found += [b for b in self._because(s, idx) if b not in found]
-        return found[:EXPLAIN_ITEMS]
+            idx = m.items.index(item_ids)
+            known = np.flatnonzero(idx >= 0)
+            if not known.size:
+                continue
+            for j, because in zip(known, self._because(s, idx[known]), strict=True):
+                found[j] += [b for b in because if b not in found[j]]
+        return [f[:EXPLAIN_ITEMS] for f in found]
 
     def _builtin(self, slot: Slot, q: RecQuery) -> Ranked:
         """Most-interacted items of a loaded model's training data, with exclusions."""
