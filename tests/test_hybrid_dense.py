@@ -208,3 +208,25 @@ def test_candidates_and_explanations_take_the_general_path(router, small):
     assert err.value.field == "history"
     with pytest.raises(RequestError):
         router.recommend(RecQuery(user_id="", history=[("nope", 1.0)] * 5, k=5, model="all"))
+
+
+@pytest.mark.parametrize("name", ["itemknn+rp3beta", "als+itemknn", "ease+userknn", "all"])
+@pytest.mark.parametrize("k", [1, 10, 40])
+def test_hybrid_similar_items_blend_the_components_neighbours(router, small, name, k):
+    # A hybrid's SimilarItems: each component's max(3k, 100) most similar items,
+    # min-max normalised, weighted and summed (blend_rows, numpy, as reference).
+    hy = router.cfg.hybrids[name]
+    for item in (0, 13, small.n_items - 1):
+        parts = []
+        for algo, w in hy.weights.items():
+            m = router.catalog.get(algo).model
+            try:
+                i, v = m.similar_items(item, min(max(3 * k, 100), small.n_items - 1))
+            except NotImplementedError:
+                continue
+            if i.size:
+                parts.append((w, i, v))
+        rows, totals = blend_rows(parts, k, small.n_items)
+        got = router.similar(small.items.ids([item])[0], k, name)
+        assert got.item_ids == small.items.ids(rows), (name, item)
+        np.testing.assert_allclose(got.scores, totals, rtol=1e-6)

@@ -223,3 +223,24 @@ def test_rp3beta_alpha_above_one_is_its_own_exponent(small):
     a = create("rp3beta", alpha=1.5).fit(small)
     b = create("rp3beta", alpha=1.0).fit(small)
     assert a.sim.nnz and not np.allclose(a.sim.data[:50], b.sim.data[:50])
+
+
+@pytest.mark.parametrize("algo", ["itemknn", "rp3beta", "userknn"])
+@pytest.mark.parametrize("k", [1, 10, 25, 500])
+def test_similar_items_fused_call_answers_the_general_one(small, algo, k):
+    # SimilarItems for one item is one score_one call over validated matrices
+    # (the identity row picks the item's similarity row and excludes the item);
+    # the general call scores a one-hot row with score_topk. Same answer, zero
+    # fill and ties included (k=500 asks past every stored neighbour).
+    model = create(algo, k=20).fit(small)
+    for item in (0, 7, 31, small.n_items - 1):
+        got_i, got_s = model.similar_items(item, k)
+        want_i, want_s = model._similar(np.array([item], np.int64), k)
+        n = int((want_i[0] >= 0).sum())
+        np.testing.assert_array_equal(got_i, want_i[0, :n])
+        np.testing.assert_array_equal(got_s, want_s[0, :n])
+        assert item not in got_i.tolist() and got_i.size == min(k, small.n_items - 1)
+    with pytest.raises(IndexError, match="item"):
+        model.similar_items(small.n_items, k)
+    with pytest.raises(ValueError, match="k"):
+        model.similar_items(0, 0)

@@ -254,6 +254,39 @@ class _Neighbourhood(Recommender):
     def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
         return np.asarray((history @ self.sim).toarray(), dtype=np.float32)
 
+    def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """One item's neighbours (see Recommender.similar_items): the serving call,
+        fused like recommend_user. Row `item` of the identity picks the item's
+        similarity row and excludes the item itself, so one score_one call over
+        matrices validated once answers what _similar's score_topk answers."""
+        if type(self)._similar is not _Neighbourhood._similar:  # userknn: its own
+            return super().similar_items(item, k)
+        self._require_fitted()
+        check_k(k)
+        if not 0 <= int(item) < self.n_items:
+            raise IndexError(f"item: index must be in [0, {self.n_items})")
+        _, eye, sim, local = self._similar_checked()
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = simk.Scratch(self.n_items)
+        return simk.score_one(eye, int(item), sim, k, eye, scratch)
+
+    def _similar_checked(self) -> tuple[Any, ...]:
+        """(sim, the identity, sim validated, per-thread scratch holder), made once
+        per similarity matrix."""
+        cache = getattr(self, "_similar_cache", None)
+        if cache is None or cache[0] is not self.sim:
+            n = self.n_items
+            eye = simk.CheckedCSR(
+                np.arange(n + 1, dtype=np.int64),
+                np.arange(n, dtype=np.int32),
+                np.ones(n, np.float32),
+                n,
+            )
+            cache = (self.sim, eye, self._checked(self.sim)[0], threading.local())
+            self._similar_cache = cache
+        return cache
+
     def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = items.size
         unit = sp.csr_matrix(

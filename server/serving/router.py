@@ -421,6 +421,14 @@ class Router:
         n = int((items >= 0).sum())
         return _Served(slot, items[:n], scores[:n], user, row)
 
+    def _rows(self, c: int, n: int) -> np.ndarray:
+        """This thread's float32 scratch of c rows of n entries (a hybrid's
+        component rows, for the blend kernel)."""
+        rows = getattr(self._local, "rows", None)
+        if rows is None or rows.shape[0] < c or rows.shape[1] != n:
+            rows = self._local.rows = np.empty((c, n), np.float32)
+        return rows[:c]
+
     def _row(self, n: int) -> np.ndarray:
         """This thread's float32 scratch row of n entries (a fold-in's scores)."""
         row = getattr(self._local, "row", None)
@@ -519,9 +527,7 @@ class Router:
         if excl is not None:
             excl = excl[excl >= 0]
         n = len(first)
-        rows = getattr(self._local, "rows", None)
-        if rows is None or rows.shape[0] < len(comps) or rows.shape[1] != n:
-            rows = self._local.rows = np.empty((len(comps), n), np.float32)
+        rows = self._rows(len(comps), n)
         t2 = time.perf_counter()
         stages["resolve"] += t2 - t
         users: IdMap | None = None
@@ -707,7 +713,14 @@ class Router:
         version = ",".join(f"{s.name}@{s.version}" for _, s, _, _ in parts)
         first = parts[0][1].model.items  # type: ignore[union-attr]
         if all(_same_items(first, s.model.items) for _, s, _, _ in parts[1:]):  # type: ignore[union-attr]
-            rows, scores = blend_rows(((w, i, v) for w, _, i, v in parts), k, len(first))
+            # blend_rows' answer by the blend kernel: each part as a dense row (NaN
+            # off its items), every entry of a row among its candidates
+            dense = self._rows(len(parts), len(first))
+            dense.fill(np.nan)
+            for c, (_, _, i, v) in enumerate(parts):
+                dense[c, i] = v
+            n_cand = max(i.size for _, _, i, _ in parts)
+            rows, scores, _ = blend_dense(dense, [w for w, _, _, _ in parts], n_cand, k)
             return Ranked.of(first, rows, scores, version)
         order = blend(((w, s.model.items.ids(i), v) for w, s, i, v in parts), k)  # type: ignore[union-attr]
         return Ranked([i for i, _ in order], [v for _, v in order], version=version)
