@@ -237,3 +237,32 @@ def test_errors_are_clear(fitted):
         fitted.recommend_from_history([1], [np.nan], k=5)
     with pytest.raises(IndexError, match="item"):
         fitted.similar_items(-1, 5)
+
+
+@pytest.mark.parametrize("algo", ["als", "bpr", "svd", "bayes_mf"])
+@pytest.mark.parametrize("k", [1, 10, 300])
+def test_exact_similar_items_are_the_cosine_top_k(small, algo, k):
+    # A factor model's exact SimilarItems (one fused kernel call) against a
+    # float64 numpy cosine: the same items in order, up to float32 near-ties,
+    # and the general path's (BLAS product, general top-k) answer.
+    model = create(algo, **FAST_PARAMS[algo]).fit(small)
+    y = np.asarray(
+        model.Q if algo in ("svd", "bayes_mf") else model._similarity_vectors(), np.float64
+    )
+    norms = np.linalg.norm(y, axis=1)
+    unit = np.divide(y, norms[:, None], out=np.zeros_like(y), where=norms[:, None] > 0)
+    for item in (0, 17, small.n_items - 1):
+        got_i, got_s = model.similar_items(item, k)
+        cos = unit @ unit[item]
+        cos[item] = -np.inf
+        order = np.lexsort((np.arange(cos.size), -cos))[: min(k, small.n_items - 1)]
+        assert got_i.size == order.size and item not in got_i.tolist()
+        np.testing.assert_allclose(got_s, cos[got_i], atol=2e-6)
+        np.testing.assert_allclose(got_s, cos[order], atol=2e-6)  # the best scores
+        near = np.abs(cos[got_i] - cos[order]) > 2e-6
+        assert not near.any()  # where the items differ, their scores tie
+        gen_i, gen_s = model._similar(np.array([item], np.int64), k)
+        n = int((gen_i[0] >= 0).sum())
+        np.testing.assert_allclose(got_s, gen_s[0, :n], atol=2e-6)
+    with pytest.raises(IndexError, match="item"):
+        model.similar_items(small.n_items, k)

@@ -657,7 +657,7 @@ def cosine_similar(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Items most similar to `items` by cosine of their factor rows; a zero
     row scores 0 against everything rather than NaN."""
-    unit = _unit_rows(factors)
+    unit = unit_rows(factors)
     scores = unit[items] @ unit.T
     return topk_excluding_self(scores, items, k, n_threads)
 
@@ -665,7 +665,23 @@ def cosine_similar(
 _UNIT: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def _unit_rows(factors: np.ndarray) -> np.ndarray:
+def cosine_similar_one(
+    factors: np.ndarray, item: int, k: int, eye: list[Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """cosine_similar for one item, the serving call: one topk_user call over the
+    unit rows, with row `item` of the identity (kept in `eye`, a caller's
+    one-slot cache) excluding the item itself. 1-d, min(k, n - 1) long."""
+    unit = unit_rows(factors)
+    n = unit.shape[0]
+    if not 0 <= int(item) < n:
+        raise IndexError(f"item: index must be in [0, {n})")
+    if not eye or eye[0][1].shape[0] != n:
+        eye[:] = [(np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int32))]
+    ip, ix = eye[0]
+    return topk.topk_user(unit, int(item), unit, k, ip, ix, True, None)
+
+
+def unit_rows(factors: np.ndarray) -> np.ndarray:
     """factors' rows scaled to unit length (zero rows stay zero), made once per
     factor array (SimilarItems asked it on every call: most of its time)."""
     hit = _UNIT.get(id(factors))
