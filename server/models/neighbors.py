@@ -463,11 +463,47 @@ class UserKNN(_Neighbourhood):
     def _item_users(self) -> sp.csr_matrix:
         """The training interactions by item (items x users), kept while
         user_items is the same (was a transpose per SimilarItems call)."""
+        return self._item_users_checked()[1]
+
+    def _item_users_checked(self) -> tuple[Any, ...]:
+        """(user_items, items x users, both as CheckedCSRs, the identity as one,
+        per-thread scratch holder): what the fused SimilarItems call reads,
+        made once while user_items is the same."""
         x = self.user_items
         cache = getattr(self, "_item_users_cache", None)
         if cache is None or cache[0] is not x:
-            cache = self._item_users_cache = (x, x.T.tocsr())
-        return cache[1]
+            xt = x.T.tocsr()
+            n = self.n_items
+            check = simk.CheckedCSR
+            cache = (
+                x,
+                xt,
+                check(xt.indptr, xt.indices, xt.data.astype(np.float32), self.n_users),
+                check(x.indptr, x.indices, x.data, n),
+                check(
+                    np.arange(n + 1, dtype=np.int64),
+                    np.arange(n, dtype=np.int32),
+                    np.ones(n, np.float32),
+                    n,
+                ),
+                threading.local(),
+            )
+            self._item_users_cache = cache
+        return cache
+
+    def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """One item's co-consumed items (see _similar) in one score_one call:
+        the item's users times the training rows, the identity excluding the
+        item itself."""
+        self._require_fitted()
+        check_k(k)
+        if not 0 <= int(item) < self.n_items:
+            raise IndexError(f"item: index must be in [0, {self.n_items})")
+        _, _, by_item, rows, eye, local = self._item_users_checked()
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = simk.Scratch(self.n_items)
+        return simk.score_one(by_item, int(item), rows, k, eye, scratch)
 
     def _rank(self, users, history, k, excl, cand):
         h = self.sim[users] if users is not None else self._neighbours(history)
