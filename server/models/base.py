@@ -8,6 +8,7 @@ on dense indices; external string ids are mapped by the caller through
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -410,9 +411,17 @@ class Recommender(ABC):
         check_k(k)
         if not 0 <= int(item) < self.n_items:
             raise IndexError(f"item: index must be in [0, {self.n_items})")
+        one = self._similar_one(int(item), k)
+        if one is not None:
+            return one
         i, s = self._similar(np.array([item], np.int64), k)
         n = int((i[0] >= 0).sum())
         return i[0, :n], s[0, :n]
+
+    def _similar_one(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """similar_items' answer by a fused one-item kernel call (the serving
+        path), or None for the general _similar call; inputs are checked."""
+        return None
 
     def explain(self, user: int, item: int, n: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Up to n items of the user's history that contributed most to `item`'s score,
@@ -665,20 +674,23 @@ def cosine_similar(
 _UNIT: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def cosine_similar_one(
-    factors: np.ndarray, item: int, k: int, eye: list[Any]
-) -> tuple[np.ndarray, np.ndarray]:
+def cosine_similar_one(factors: np.ndarray, item: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """cosine_similar for one item, the serving call: one topk_user call over the
-    unit rows, with row `item` of the identity (kept in `eye`, a caller's
-    one-slot cache) excluding the item itself. 1-d, min(k, n - 1) long."""
+    unit rows, row `item` of the identity excluding the item itself. 1-d,
+    min(k, n - 1) long."""
     unit = unit_rows(factors)
-    n = unit.shape[0]
-    if not 0 <= int(item) < n:
-        raise IndexError(f"item: index must be in [0, {n})")
-    if not eye or eye[0][1].shape[0] != n:
-        eye[:] = [(np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int32))]
-    ip, ix = eye[0]
-    return topk.topk_user(unit, int(item), unit, k, ip, ix, True, None)
+    indptr, indices, _ = identity_rows(unit.shape[0])
+    return topk.topk_user(unit, int(item), unit, k, indptr, indices, True, None)
+
+
+@functools.lru_cache(maxsize=8)
+def identity_rows(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The n x n identity as read-only CSR arrays (indptr int64, indices int32,
+    data float32): row i picks item i, or, as a seen row, excludes it."""
+    out = (np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int32), np.ones(n, np.float32))
+    for a in out:
+        a.flags.writeable = False
+    return out
 
 
 def unit_rows(factors: np.ndarray) -> np.ndarray:

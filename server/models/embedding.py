@@ -26,13 +26,7 @@ import scipy.sparse as sp
 from recserve.index import ItemIndex, SearchConfig, SimilarIndex
 from recserve.kernels import topk
 from recserve.models import bundle
-from recserve.models.base import (
-    Param,
-    Recommender,
-    check_k,
-    cosine_similar,
-    cosine_similar_one,
-)
+from recserve.models.base import Param, Recommender, check_k, cosine_similar, cosine_similar_one
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +153,10 @@ class EmbeddingIndexMixin(Recommender):
         q = self._user_queries(users) if users is not None else self._history_queries(history)
         return self.item_index.search(q, k, excl, cand, self._search_config())
 
-    def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """One item's neighbours (see Recommender.similar_items); exact cosine
-        in one fused kernel call (cosine_similar_one)."""
+    def _similar_one(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         if self.similar_index is not None:
-            return super().similar_items(item, k)
-        self._require_fitted()
-        check_k(k)
-        eye = self.__dict__.setdefault("_eye", [])  # the identity's arrays, kept
-        return cosine_similar_one(self._similarity_vectors(), item, k, eye)
+            return None
+        return cosine_similar_one(self._similarity_vectors(), item, k)
 
     def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.similar_index is None:

@@ -26,7 +26,7 @@ from recserve.data import Dataset
 from recserve.kernels import als as alsk
 from recserve.kernels import sgd as sgdk
 from recserve.kernels import topk
-from recserve.models.base import Param, Recommender, check_k, cosine_similar, cosine_similar_one
+from recserve.models.base import Param, Recommender, cosine_similar, cosine_similar_one
 from recserve.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
 from recserve.models.registry import register
 
@@ -346,13 +346,8 @@ class BiasedMF(Recommender):
     def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return cosine_similar(self.Q, items, k, self.n_threads)
 
-    def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """One item's neighbours by the cosine of its Q row, in one fused kernel
-        call (cosine_similar_one)."""
-        self._require_fitted()
-        check_k(k)
-        eye = self.__dict__.setdefault("_eye", [])  # the identity's arrays, kept
-        return cosine_similar_one(self.Q, item, k, eye)
+    def _similar_one(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        return cosine_similar_one(self.Q, item, k)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {

@@ -16,6 +16,7 @@ differ only in which matrices the neighbours come from:
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ import scipy.sparse as sp
 
 from recserve.data import Dataset
 from recserve.kernels import similarity as simk
-from recserve.models.base import Param, Recommender, check_k
+from recserve.models.base import Param, Recommender, check_k, identity_rows
 from recserve.models.registry import register
 
 # Bytes of per-row top-k buffers knn_self may hold (threads x rows x 2k slots
@@ -61,6 +62,20 @@ def csr(
     m = sp.csr_matrix((data, indices, indptr), shape=shape, copy=False)
     m.has_sorted_indices = False
     return m
+
+
+@functools.lru_cache(maxsize=8)
+def _identity_checked(n: int) -> simk.CheckedCSR:
+    """The n x n identity, validated once (shared by models of n items)."""
+    return simk.CheckedCSR(*identity_rows(n), n)
+
+
+def _scratch(local: threading.local, n: int) -> simk.Scratch:
+    """This thread's score_one scratch for n items, made on its first call."""
+    scratch = getattr(local, "scratch", None)
+    if scratch is None:
+        scratch = local.scratch = simk.Scratch(n)
+    return scratch
 
 
 class _Neighbourhood(Recommender):
@@ -195,10 +210,7 @@ class _Neighbourhood(Recommender):
         (per model), scratch reused per thread. Equal to recommend([user], k)."""
         check_k(k)
         cache = self._one_checked()
-        local = cache[6]
-        scratch = getattr(local, "scratch", None)
-        if scratch is None:
-            scratch = local.scratch = simk.Scratch(cache[1].shape[1])
+        scratch = _scratch(cache[6], cache[1].shape[1])
         return simk.score_one(
             cache[3], int(user), cache[4], k, cache[5] if filter_seen else None, scratch
         )
@@ -254,38 +266,18 @@ class _Neighbourhood(Recommender):
     def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
         return np.asarray((history @ self.sim).toarray(), dtype=np.float32)
 
-    def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """One item's neighbours (see Recommender.similar_items): the serving call,
-        fused like recommend_user. Row `item` of the identity picks the item's
-        similarity row and excludes the item itself, so one score_one call over
-        matrices validated once answers what _similar's score_topk answers."""
-        if type(self)._similar is not _Neighbourhood._similar:  # userknn: its own
-            return super().similar_items(item, k)
-        self._require_fitted()
-        check_k(k)
-        if not 0 <= int(item) < self.n_items:
-            raise IndexError(f"item: index must be in [0, {self.n_items})")
-        _, eye, sim, local = self._similar_checked()
-        scratch = getattr(local, "scratch", None)
-        if scratch is None:
-            scratch = local.scratch = simk.Scratch(self.n_items)
-        return simk.score_one(eye, int(item), sim, k, eye, scratch)
-
-    def _similar_checked(self) -> tuple[Any, ...]:
-        """(sim, the identity, sim validated, per-thread scratch holder), made once
-        per similarity matrix."""
+    def _similar_one(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Row `item` of the identity picks the item's similarity row and excludes
+        the item itself: one score_one call over matrices validated once answers
+        what _similar's score_topk answers."""
+        if type(self)._similar is not _Neighbourhood._similar:  # a model's own _similar
+            return None
         cache = getattr(self, "_similar_cache", None)
         if cache is None or cache[0] is not self.sim:
-            n = self.n_items
-            eye = simk.CheckedCSR(
-                np.arange(n + 1, dtype=np.int64),
-                np.arange(n, dtype=np.int32),
-                np.ones(n, np.float32),
-                n,
-            )
-            cache = (self.sim, eye, self._checked(self.sim)[0], threading.local())
+            cache = (self.sim, self._checked(self.sim)[0], threading.local())
             self._similar_cache = cache
-        return cache
+        eye = _identity_checked(self.n_items)
+        return simk.score_one(eye, item, cache[1], k, eye, _scratch(cache[2], self.n_items))
 
     def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = items.size
@@ -466,44 +458,30 @@ class UserKNN(_Neighbourhood):
         return self._item_users_checked()[1]
 
     def _item_users_checked(self) -> tuple[Any, ...]:
-        """(user_items, items x users, both as CheckedCSRs, the identity as one,
-        per-thread scratch holder): what the fused SimilarItems call reads,
-        made once while user_items is the same."""
+        """(user_items, items x users, both as CheckedCSRs, per-thread scratch
+        holder): what the fused SimilarItems call reads, made once while
+        user_items is the same."""
         x = self.user_items
         cache = getattr(self, "_item_users_cache", None)
         if cache is None or cache[0] is not x:
             xt = x.T.tocsr()
-            n = self.n_items
             check = simk.CheckedCSR
             cache = (
                 x,
                 xt,
                 check(xt.indptr, xt.indices, xt.data.astype(np.float32), self.n_users),
-                check(x.indptr, x.indices, x.data, n),
-                check(
-                    np.arange(n + 1, dtype=np.int64),
-                    np.arange(n, dtype=np.int32),
-                    np.ones(n, np.float32),
-                    n,
-                ),
+                check(x.indptr, x.indices, x.data, self.n_items),
                 threading.local(),
             )
             self._item_users_cache = cache
         return cache
 
-    def similar_items(self, item: int, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """One item's co-consumed items (see _similar) in one score_one call:
-        the item's users times the training rows, the identity excluding the
-        item itself."""
-        self._require_fitted()
-        check_k(k)
-        if not 0 <= int(item) < self.n_items:
-            raise IndexError(f"item: index must be in [0, {self.n_items})")
-        _, _, by_item, rows, eye, local = self._item_users_checked()
-        scratch = getattr(local, "scratch", None)
-        if scratch is None:
-            scratch = local.scratch = simk.Scratch(self.n_items)
-        return simk.score_one(by_item, int(item), rows, k, eye, scratch)
+    def _similar_one(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """_similar in one score_one call: the item's users times the training
+        rows, the identity excluding the item itself."""
+        _, _, by_item, rows, local = self._item_users_checked()
+        eye = _identity_checked(self.n_items)
+        return simk.score_one(by_item, item, rows, k, eye, _scratch(local, self.n_items))
 
     def _rank(self, users, history, k, excl, cand):
         h = self.sim[users] if users is not None else self._neighbours(history)
