@@ -147,6 +147,35 @@ def test_dense_hybrid_answers_what_the_general_path_answers(router, small, k):
 
 
 @pytest.mark.parametrize("algo", algorithms())
+def test_a_known_users_candidates_rank_as_the_model_ranks(router, small, algo):
+    # Candidates (and exclusions among them) for a known user: the dense row
+    # restricted to the candidates, one top-k; the model's general call's answer.
+    model = router.catalog.get(algo).model
+    rng = np.random.default_rng(8)
+    for u in rng.choice(small.n_users, 5, replace=False):
+        seen = small.interactions[int(u)].indices
+        cand = np.unique(np.r_[rng.choice(small.n_items, 30, replace=False), seen[:3]])
+        excl = cand[:4]
+        for include_seen in (False, True):
+            q = RecQuery(
+                user_id=small.users.ids([u])[0],
+                k=12,
+                model=algo,
+                candidates=small.items.ids(cand),
+                exclude=small.items.ids(excl),
+                include_seen=include_seen,
+            )
+            got = router.recommend(q)
+            items, scores = model.recommend(
+                [int(u)], 12, exclude=excl, filter_seen=not include_seen, candidates=cand
+            )
+            n = int((items[0] >= 0).sum())
+            assert got.item_ids == small.items.ids(items[0, :n]), (u, include_seen)
+            np.testing.assert_allclose(got.scores, scores[0, :n], rtol=1e-5, atol=1e-6)
+            assert set(got.item_ids) <= set(small.items.ids(cand)) - set(small.items.ids(excl))
+
+
+@pytest.mark.parametrize("algo", algorithms())
 def test_a_known_users_exclusions_rank_as_the_model_ranks(router, small, algo):
     # One model, a known user, excluded items: the router takes the user's dense
     # row with the exclusions NaN (one top-k call); the answer is the model's
