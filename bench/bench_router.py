@@ -25,12 +25,9 @@ from recserve.feedback import OnlineState
 from recserve.serving import Catalog, RecQuery, RequestError, Router
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--workdir", default="var/bench-router")
-    ap.add_argument("--calls", type=int, default=2000)
-    args = ap.parse_args()
-    work = Path(args.workdir)
+def quickstart_router(work: Path) -> tuple[Router, Catalog]:
+    """A router over the quickstart setup in `work` (made there first if missing),
+    every model loaded; in process, no gRPC."""
     if not (work / "recserve.toml").exists():
         subprocess.run(
             [sys.executable, "-m", "recserve", "quickstart", "--workdir", str(work)],
@@ -41,7 +38,16 @@ def main() -> None:
     catalog = Catalog(cfg.models)
     catalog.start()
     catalog.wait(120)
-    router = Router(cfg, catalog, OnlineState())
+    return Router(cfg, catalog, OnlineState()), catalog
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--workdir", default="var/bench-router")
+    ap.add_argument("--calls", type=int, default=2000)
+    args = ap.parse_args()
+    router, catalog = quickstart_router(Path(args.workdir))
+    cfg = router.cfg
     users = [str(u) for u in np.random.default_rng(0).integers(1, 6000, args.calls)]
     names = [s.name for s in catalog.slots()] + sorted(cfg.hybrids)
     for name in names:

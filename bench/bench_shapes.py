@@ -14,7 +14,6 @@ with the machine: compare rows within one run.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -22,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from recserve.config import load_config
-from recserve.feedback import OnlineState
-from recserve.serving import Catalog, RecQuery, RequestError, Router
+from recserve.serving import RecQuery, RequestError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_router import quickstart_router
 
 
 def per_call(fn: Callable[[], object], n: int) -> float:
@@ -43,18 +43,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="var/bench-router")
     ap.add_argument("--calls", type=int, default=60, help="calls per model and shape")
     args = ap.parse_args()
-    work = Path(args.workdir)
-    if not (work / "recserve.toml").exists():
-        subprocess.run(
-            [sys.executable, "-m", "recserve", "quickstart", "--workdir", str(work)],
-            check=True,
-            capture_output=True,
-        )
-    cfg = load_config(work / "recserve.toml")
-    catalog = Catalog(cfg.models)
-    catalog.start()
-    catalog.wait(120)
-    router = Router(cfg, catalog, OnlineState())
+    router, catalog = quickstart_router(Path(args.workdir))
+    cfg = router.cfg
     some = next(s for s in catalog.slots() if s.model is not None).model
     users, items = some.users.ids(range(len(some.users))), some.items.ids(range(len(some.items)))
     rng = np.random.default_rng(2)
