@@ -59,9 +59,14 @@ cdef extern from *:
                 rs_v8 lo = RS_HADD(h01, h23), hi = RS_HADD(h45, h67);
                 rs_v8 sum = RS_SHUF8(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11)
                           + RS_SHUF8(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
-                if (d8 < d)
-                    for (int j = 0; j < 8; j++)
-                        for (int k = d8; k < d; k++) sum[j] += q[k] * r[j * d + k];
+                /* The last d % 8 dimensions: one 8-row column vector per dimension
+                   (the same per-row sums; writing single lanes of `sum` in a loop
+                   cost 3-4x the whole row block at d = 20). */
+                for (int k = d8; k < d; k++) {
+                    rs_v8 col = {r[k], r[d + k], r[2 * d + k], r[3 * d + k],
+                                 r[4 * d + k], r[5 * d + k], r[6 * d + k], r[7 * d + k]};
+                    sum += q[k] * col;
+                }
                 if (bias)
                     sum += *(const rs_v8 *)(bias + i);
                 *(rs_v8 *)(scores + i) = sum;
