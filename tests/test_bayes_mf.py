@@ -91,3 +91,26 @@ def test_known_user_std_kernel_equals_the_numpy_posterior(small):
         sgd.predictive_quad(Q, np.zeros(0, np.int32), np.array([0]), 0.0)
     with pytest.raises(IndexError, match="items"):
         sgd.predictive_quad(Q, np.zeros(0, np.int32), np.array([3]), 1.0)
+
+
+def test_std_alone_is_the_scores_std_for_known_and_folded_in_users(small):
+    # The serving path asks std_user / std_history for the std of an answer it
+    # already scored: the same as score()'s / score_history()'s, and the numpy
+    # posterior's; a model without uncertainty answers None.
+    m = create("bayes_mf", factors=6, epochs=3).fit(small)
+    seen = small.interactions
+    items = np.arange(3, small.n_items, 11).astype(np.int32)
+    for u in range(0, small.n_users, 37):
+        np.testing.assert_array_equal(m.std_user(u, items), m.score(u, items)[1])
+        np.testing.assert_allclose(
+            m.std_history(seen[u], items), m.posterior_std(seen[u], items), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            m.std_history(seen[u], items), m.score_history(seen[u], items)[1], rtol=1e-6
+        )
+    with pytest.raises(IndexError, match="users"):
+        m.std_user(small.n_users, items)
+    with pytest.raises(IndexError, match="items"):
+        m.std_user(0, np.array([small.n_items]))
+    svd = create("svd", factors=4, epochs=2).fit(small)
+    assert svd.std_user(0, items) is None and svd.std_history(seen[0], items) is None

@@ -183,6 +183,13 @@ def test_score_std_from_a_bayesian_model(srv, published, small):
     _, std = m.score(small.users.get("9"), m.items.index(ids(items)))
     np.testing.assert_allclose([i.score_std for i in items], std, rtol=1e-5)
     assert all(i.score_std > 0 for i in items)
+    # A folded-in user (inline history): the posterior from that history.
+    hist = [("1", 5.0), ("2", 3.0), ("30", 4.0)]
+    history = [pb.Interaction(item_id=i, value=v) for i, v in hist]
+    items, _ = srv.recommend(user_id="new-9", history=history, k=5, model="bayes_mf")
+    row = m.history_matrix([m.items.index([i for i, _ in hist])], [[v for _, v in hist]])
+    _, std = m.score_history(row, m.items.index(ids(items)))
+    np.testing.assert_allclose([i.score_std for i in items], std, rtol=1e-5)
 
 
 def test_predict_ratings_mean_std_interval(srv, published, small):

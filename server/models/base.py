@@ -504,6 +504,15 @@ class Recommender(ABC):
         items = self._checked_items(items)
         return np.asarray(self._score_history(history.tocsr())[0, items], np.float32), None
 
+    def std_user(self, user: int, items: np.ndarray) -> np.ndarray | None:
+        """The std of score(user, items) alone (None without uncertainty): what
+        the serving path attaches to an answer whose scores it already has."""
+        return self.score(user, items)[1] if self.uncertainty else None
+
+    def std_history(self, history: sp.csr_matrix, items: np.ndarray) -> np.ndarray | None:
+        """std_user for a user given only by a history row (fold-in)."""
+        return self.score_history(history, items)[1] if self.uncertainty else None
+
     def _checked_items(self, items: Sequence[int] | np.ndarray) -> np.ndarray:
         """Item indices as int64, after checking the model is fitted and every index
         lies in the catalogue (IndexError naming the range)."""

@@ -587,14 +587,31 @@ class BayesianMF(BiasedMF):
     def score(self, user: int, items) -> tuple[np.ndarray, np.ndarray | None]:
         """Predicted ratings (clipped to the scale) and their predictive std."""
         mean, _ = super().score(user, items)
+        return mean, self.std_user(user, np.asarray(items, np.int64))
+
+    def std_user(self, user: int, items: np.ndarray) -> np.ndarray:
+        """A known user's predictive std of `items` (int64, in the catalogue):
+        one kernel call, for every answer the serving path returns."""
+        self._require_fitted()
+        if not 0 <= int(user) < self.n_users:
+            raise IndexError(f"users: indices must be in [0, {self.n_users})")
         indptr, indices = self._csr_views()
-        seen = indices[indptr[int(user)] : indptr[int(user) + 1]]
+        return self._std_given(indices[indptr[int(user)] : indptr[int(user) + 1]], items)
+
+    def std_history(self, history: sp.csr_matrix, items: np.ndarray) -> np.ndarray:
+        """std_user for a user given by one history row (fold-in): the same
+        posterior precision, from the row's items."""
+        self._require_fitted()
+        return self._std_given(np.asarray(history.tocsr().indices, np.int32), items)
+
+    def _std_given(self, seen: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """sigma * sqrt(1 + z^T A^-1 z) for items given the rated items `seen`."""
         items = np.asarray(items, np.int64)
-        try:  # one kernel call: the serving path asks this for every answer
+        try:
             quad = sgdk.predictive_quad(self._vectors("Q"), seen, items, self.params["reg"])
         except ValueError:  # A singular (reg 0): numpy's solve says how
-            return mean, self._predictive_std(self._precision(self._design(seen)), items)
-        return mean, (self.sigma * np.sqrt(1.0 + quad)).astype(np.float32)
+            return self._predictive_std(self._precision(self._design(seen)), items)
+        return (self.sigma * np.sqrt(1.0 + quad)).astype(np.float32)
 
     def score_history(self, history: sp.csr_matrix, items) -> tuple[np.ndarray, np.ndarray]:
         """score() for a user given only by a history row (fold-in), with std."""

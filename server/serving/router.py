@@ -457,7 +457,7 @@ class Router:
             check()
             out.because = self._because(s, s.items)
         if m.uncertainty and s.items.size:
-            _, std = m.score(s.user, s.items) if s.row is None else m.score_history(s.row, s.items)
+            std = m.std_user(s.user, s.items) if s.row is None else m.std_history(s.row, s.items)
             if std is not None:
                 out.std = np.asarray(std, float).tolist()
         return out
