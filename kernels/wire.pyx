@@ -2,9 +2,10 @@
 # from the model's arrays (item rows, scores), with no message object per item
 # (upb's RankedItem adds cost ~0.8 us each, and the item ids would first become
 # Python strings). Field layout: https://protobuf.dev/programming-guides/encoding/
+from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy, memset
 
 import numpy as np
 
@@ -174,3 +175,54 @@ def encode_ranked(ids, idx, scores, bytes head, bytes tail, int field):
             p = put_varint(p + 1, <uint64_t> (i + 1))
     memcpy(p, PyBytes_AS_STRING(tail), len(tail))
     return out
+
+
+cdef Py_ssize_t find_row(const unsigned char[:, ::1] rows, object k, unsigned char* key):
+    """lookup's search for one key (`key`: scratch of rows.shape[1] bytes)."""
+    cdef Py_ssize_t n = rows.shape[0], width = rows.shape[1], lo = 0, hi, mid
+    cdef bytes b = (k if type(k) is str else str(k)).encode("utf-8")
+    cdef Py_ssize_t klen = len(b)
+    if n == 0 or klen > width or (klen and (<unsigned char*> PyBytes_AS_STRING(b))[klen - 1] == 0):
+        return -1
+    memcpy(key, PyBytes_AS_STRING(b), klen)
+    memset(key + klen, 0, width - klen)
+    hi = n
+    with nogil:
+        while lo < hi:  # the first row >= key
+            mid = (lo + hi) >> 1
+            if memcmp(&rows[mid, 0], key, width) < 0:
+                lo = mid + 1
+            else:
+                hi = mid
+    return lo if lo < n and memcmp(&rows[lo, 0], key, width) == 0 else -1
+
+
+def lookup(const unsigned char[:, ::1] rows, keys):
+    """Row of each key in `rows` (int64; -1 where absent): an IdMap's sorted ids
+    as fixed-width NUL-padded UTF-8 rows (`IdMap.rows`), `keys` a sequence of
+    str. The same answer as a numpy bytes-dtype searchsorted (whose order is
+    memcmp's over the padded rows), without building a key array first: one
+    binary search per key. A key longer than a row, or ending in NUL (numpy's
+    bytes dtype drops trailing NULs, so such an id is never stored), is absent."""
+    cdef Py_ssize_t t, count = len(keys)
+    out = np.empty(count, np.int64)
+    cdef long long[::1] o = out
+    cdef unsigned char pad[256]
+    cdef bytearray wide
+    cdef unsigned char* key = pad
+    if rows.shape[1] > 256:
+        wide = bytearray(rows.shape[1])
+        key = <unsigned char*> PyByteArray_AS_STRING(wide)
+    for t in range(count):
+        o[t] = find_row(rows, keys[t], key)
+    return out
+
+
+def lookup_one(const unsigned char[:, ::1] rows, key):
+    """lookup() of one key, as an int (the serving path's user lookup)."""
+    cdef unsigned char pad[256]
+    cdef bytearray wide
+    if rows.shape[1] > 256:
+        wide = bytearray(rows.shape[1])
+        return find_row(rows, key, <unsigned char*> PyByteArray_AS_STRING(wide))
+    return find_row(rows, key, pad)

@@ -206,6 +206,40 @@ def test_idmap_lookups_of_ids_longer_than_any_stored():
     assert ids.index(["new-user-123"]).tolist() == [-1]
 
 
+@pytest.mark.parametrize("width", [4, 40, 300])
+def test_idmap_str_lookups_equal_a_dict_on_a_mapped_map(tmp_path, width):
+    # index()/get() of str ids run a binary search over the map's fixed-width
+    # rows (kernels.wire.lookup); a dict of the stored ids is the reference, and
+    # the map is memory-mapped as in a bundle. Ids up to `width` bytes (300: past
+    # the kernel's 256-byte stack buffer), with non-ASCII characters, NULs inside
+    # (stored) and at the end (never stored, never found), and empty keys.
+    rng = np.random.default_rng(width)
+    alphabet = ["a", "b", "z", "0", "9", "ü", "\x00", "-", "日"]
+
+    def some_id(most: int) -> str:
+        n = int(rng.integers(1, most + 1))
+        s = "".join(alphabet[int(j)] for j in rng.integers(0, len(alphabet), n))
+        return s.rstrip("\x00") or "x"
+
+    stored = sorted({some_id(max(1, width // 3)) for _ in range(500)})
+    stored = [s for s in stored if len(s.encode()) <= width]
+    np.save(tmp_path / "ids.npy", IdMap.from_ids(stored).array)
+    ids = IdMap(np.load(tmp_path / "ids.npy", mmap_mode="r"))
+    where = {k: i for i, k in enumerate(sorted(stored, key=lambda k: k.encode()))}
+    asked = stored[::3] + [some_id(width) for _ in range(300)] + ["", "a\x00", "ü\x00\x00"]
+    asked += ["y" * (width + 1), stored[0] + "\x00"]
+    want = [where.get(k, -1) for k in asked]
+    assert ids.index(asked).tolist() == want
+    assert [ids.get(k) for k in asked] == want
+    assert ids.index(np.array(asked, dtype=object)).tolist() == want
+    assert ids.index(iter(asked[:10])).tolist() == want[:10]
+    # Bytes keys keep numpy's search (bundles, importers): the same answers for
+    # keys without trailing NULs.
+    plain = [k for k in asked if not k.endswith("\x00") and k]
+    encoded = np.array([k.encode() for k in plain], dtype="S")
+    assert ids.index(encoded).tolist() == [where.get(k, -1) for k in plain]
+
+
 def test_synthetic_is_deterministic_long_tailed_and_round_trips(tmp_path):
     a, b = generate(800, 400, 20_000, seed=5), generate(800, 400, 20_000, seed=5)
     np.testing.assert_array_equal(a.items, b.items)
