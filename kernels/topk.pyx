@@ -4,6 +4,7 @@
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
+from libc.limits cimport INT_MAX
 from libc.stdlib cimport calloc, free, malloc
 
 from .parallel cimport recserve_have_openmp, threads_for
@@ -96,6 +97,7 @@ cdef extern from *:
     int recserve_any_above(const float* s, float t) noexcept nogil
     void recserve_inner_scores(const float* q, const float* V, long long n, int d,
                                const float* bias, float* scores) noexcept nogil
+    float recserve_sdot(const float* a, const float* b, int f) noexcept nogil
 
 
 cdef int select_topk(const float* scores, int n, int k, unsigned char* mask,
@@ -355,6 +357,76 @@ def topk_user(queries, Py_ssize_t user, vectors, int k, seen_indptr, seen_indice
     if failed:
         raise MemoryError(f"topk_user: no scratch for {n} items")
     return out_idx[:m], out_val[:m]
+
+
+def rank_found(vectors, q, found, banned, int k):
+    """Exact re-ranking of an ANN search's answer for one query: the ids of
+    `found` (int64, FAISS's row; -1 = nothing) that lie in [0, n_items) and are
+    not in `banned` (int32 or int64, any order, repeats allowed), scored
+    q . vectors[id] (float32 sums, as topk_user sums), the best k kept, ties
+    by lower id. FAISS returns each id at most once.
+
+    Returns (items int32, scores float32) best first, min(k, kept) long; the
+    number of ids kept; and the number of distinct banned ids in the catalogue
+    (so the caller knows how many items were eligible at all)."""
+    check_array(vectors, "vectors", np.float32, 2)
+    check_array(q, "q", np.float32, 1)
+    check_array(found, "found", np.int64, 1)
+    if q.shape[0] != vectors.shape[1]:
+        raise ValueError(f"q: {q.shape[0]} dimensions, vectors have {vectors.shape[1]}")
+    if k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}")
+    cdef Py_ssize_t n = vectors.shape[0]
+    if n > INT_MAX:
+        raise ValueError(f"vectors: {n} rows; at most {INT_MAX}")
+    ban = np.sort(np.asarray(banned, np.int64))
+    cdef const long long[::1] B = ban
+    cdef const long long[::1] F = found
+    cdef const float[:, ::1] V = vectors
+    cdef const float[::1] Q = q
+    cdef int d = <int> vectors.shape[1]
+    cdef Py_ssize_t nf = F.shape[0], nb = B.shape[0], t, lo, hi, mid
+    cdef long long f, prev = -1
+    cdef int kept = 0, size = 0, banned_in = 0, m = 0
+    cdef int kk = k if k < nf else <int> nf
+    out_idx = np.empty(kk, np.int32)
+    out_val = np.empty(kk, np.float32)
+    cdef int[::1] oi = out_idx
+    cdef float[::1] ov = out_val
+    cdef int* hi_ = <int*> malloc((kk + 1) * sizeof(int))
+    cdef float* hv = <float*> malloc((kk + 1) * sizeof(float))
+    if hi_ == NULL or hv == NULL:
+        free(hi_)
+        free(hv)
+        raise MemoryError("rank_found: no scratch")
+    with nogil:
+        for t in range(nb):  # distinct banned ids inside the catalogue
+            if 0 <= B[t] < n and B[t] != prev:
+                banned_in += 1
+            prev = B[t]
+        for t in range(nf):
+            f = F[t]
+            if f < 0 or f >= n:
+                continue
+            lo = 0
+            hi = nb
+            while lo < hi:  # the first banned id >= f
+                mid = (lo + hi) >> 1
+                if B[mid] < f:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < nb and B[lo] == f:
+                continue
+            kept += 1
+            if kk > 0:
+                size = heap_offer(hi_, hv, size, kk, <int> f,
+                                  recserve_sdot(&Q[0], &V[f, 0], d))
+        if kk > 0:
+            m = heap_drain(hi_, hv, size, &oi[0], &ov[0])
+    free(hi_)
+    free(hv)
+    return out_idx[:m], out_val[:m], kept, banned_in
 
 
 def topk_ranked(order, scores, Py_ssize_t n_queries, int k,

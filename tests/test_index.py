@@ -120,7 +120,9 @@ def test_concurrent_searches_with_different_parameters_agree_with_serial(factors
     users, items, seen = factors
     index = ItemIndex.build(items, "hnsw")
     before = faiss.omp_get_max_threads()
-    cfgs = [SearchConfig(ef_search=ef) for ef in (16, 64, 256)]
+    # ef_search 4 < k: such a search takes parameters of its own (the shared,
+    # cached ones must not change under the other threads).
+    cfgs = [SearchConfig(ef_search=ef) for ef in (4, 16, 64, 256)]
     serial = [
         np.vstack(
             [index.search(users[r : r + 1], 10, csr(seen[r : r + 1]), cfg=c)[0] for r in range(50)]
@@ -129,29 +131,47 @@ def test_concurrent_searches_with_different_parameters_agree_with_serial(factors
     ]
     results: dict[int, list] = {}
     errors: list[BaseException] = []
-    start = threading.Barrier(6)
+    start = threading.Barrier(8)
 
     def run(j):
         try:
-            start.wait(30)  # all six search at once
+            start.wait(30)  # all eight search at once
             results[j] = [
-                index.search(users[r : r + 1], 10, csr(seen[r : r + 1]), cfg=cfgs[j % 3])[0]
+                index.search(users[r : r + 1], 10, csr(seen[r : r + 1]), cfg=cfgs[j % 4])[0]
                 for r in range(50)
             ]
         except BaseException as exc:  # reported below: a dead thread must fail the test
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(j,)) for j in range(6)]
+    threads = [threading.Thread(target=run, args=(j,)) for j in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert not [t for t in threads if t.is_alive()], "a search thread did not finish"
     assert not errors, errors
-    assert sorted(results) == list(range(6))
+    assert sorted(results) == list(range(8))
     for j, rows in results.items():
-        np.testing.assert_array_equal(np.vstack(rows), serial[j % 3])
+        np.testing.assert_array_equal(np.vstack(rows), serial[j % 4])
     assert faiss.omp_get_max_threads() == before  # the main thread's setting is untouched
+
+
+def test_shared_search_parameters_stay_as_configured(factors):
+    # Parameters without a selector are made once per setting and shared by
+    # every thread: a search asking for more than ef_search results, or with a
+    # selector (the retry after exclusions), gets its own and changes none.
+    users, items, seen = factors
+    for kind, cfg in (("hnsw", SearchConfig(ef_search=4)), ("ivf", SearchConfig(nprobe=2))):
+        index = ItemIndex.build(items, kind)
+        index.search(users[:1], 3, cfg=cfg)
+        shared = index._params(cfg, 1, None)
+        index.search(users[:1], 50, csr(seen[:1]), cfg=cfg)
+        index._retry(users[:1], 10, np.arange(400), cfg)
+        assert index._params(cfg, 1, None) is shared
+        if kind == "hnsw":
+            assert shared.efSearch == 4
+        else:
+            assert shared.nprobe == 2 and shared.sel is None
 
 
 @pytest.mark.parametrize("algo", ["als", "bpr"])

@@ -146,6 +146,39 @@ def test_user_matches_reference(tmp_path, filter_seen, d):
             np.testing.assert_array_equal(got_s, scores[u, ref])
 
 
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(0, 30))
+def test_rank_found_is_the_exact_top_k_of_the_found_ids(seed, k):
+    # An ANN answer re-ranked exactly: found ids (with FAISS's -1 padding and,
+    # defensively, ids outside the catalogue) minus banned ones (any order,
+    # repeats, outside ids), scored q . v, ties by lower id.
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(1, 200)), int(rng.integers(1, 40))
+    vectors, q = int_vectors(rng, n, d), int_vectors(rng, 1, d)[0]
+    found = rng.permutation(n)[: int(rng.integers(0, n + 1))].astype(np.int64)
+    pads = [-1] * int(rng.integers(0, 4)) + [n, n + 7]
+    found = np.concatenate([found, np.array(pads, np.int64)])
+    banned = rng.integers(-3, n + 3, int(rng.integers(0, 30))).astype(np.int32)
+    items, scores, kept, n_banned = topk.rank_found(vectors, q, found, banned, k)
+    scores_all = (vectors @ q).astype(np.float32)
+    ok = [int(f) for f in found if 0 <= f < n and f not in set(banned.tolist())]
+    want = sorted(ok, key=lambda j: (-float(scores_all[j]), j))[:k]
+    assert items.tolist() == want
+    np.testing.assert_array_equal(scores, scores_all[want])
+    assert kept == len(ok)
+    assert n_banned == len({int(b) for b in banned if 0 <= b < n})
+
+
+def test_rank_found_names_what_is_wrong():
+    v = np.zeros((5, 4), np.float32)
+    with pytest.raises(ValueError, match="q: 3 dimensions, vectors have 4"):
+        topk.rank_found(v, np.zeros(3, np.float32), np.zeros(1, np.int64), [], 2)
+    with pytest.raises(TypeError, match="found: expected dtype int64"):
+        topk.rank_found(v, np.zeros(4, np.float32), np.zeros(1, np.int32), [], 2)
+    with pytest.raises(ValueError, match="k: must be >= 0"):
+        topk.rank_found(v, np.zeros(4, np.float32), np.zeros(1, np.int64), [], -1)
+
+
 def test_user_kernel_names_what_is_wrong():
     q, v = np.zeros((2, 4), np.float32), np.zeros((5, 4), np.float32)
     ptr, ind = np.zeros(3, np.int64), np.zeros(0, np.int32)
