@@ -423,13 +423,24 @@ class SimilarIndex:
                 others = others[others != items[r]][:k]
                 out_i[r, : others.size], out_s[r, : others.size] = others, 0.0
                 continue
+            # One kernel call: the neighbours found, without the item itself,
+            # by exact cosine, best k (ties by lower index).
+            v32, unit_norms = self._scoring(vectors)
             found = self.ids[pos[r][pos[r] >= 0]]
-            found = found[found != items[r]]
-            if found.size < min(k, self.ids.size - 1):
-                found = self.ids[self.ids != items[r]]  # ANN came back short: exact
-            w = np.asarray(vectors[found], np.float32)
-            scores = (w @ q[r]) / _norms(w).astype(np.float32)
-            order = np.lexsort((found, -scores))[:k]
-            out_i[r, : order.size] = found[order]
-            out_s[r, : order.size] = scores[order]
+            me = items[r : r + 1]
+            got_i, got_s, kept, _ = topk.rank_found(v32, q[r], found, me, k, unit_norms)
+            if kept < min(k, self.ids.size - 1):  # ANN came back short: exact
+                others = self.ids[self.ids != items[r]]
+                got_i, got_s, _, _ = topk.rank_found(v32, q[r], others, me, k, unit_norms)
+            out_i[r, : got_i.size] = got_i
+            out_s[r, : got_i.size] = got_s
         return out_i, out_s
+
+    def _scoring(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors as C-contiguous float32, their norms as float32), kept while
+        the caller passes the same vectors object (a model's own array)."""
+        cached = self.__dict__.get("_scoring_cache")
+        if cached is None or cached[0] is not vectors:
+            v32 = np.ascontiguousarray(vectors, np.float32)
+            cached = self._scoring_cache = (vectors, v32, _norms(v32).astype(np.float32))
+        return cached[1], cached[2]
