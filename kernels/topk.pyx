@@ -5,6 +5,7 @@ import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
 from libc.limits cimport INT_MAX
+from libc.math cimport sqrtf
 from libc.stdlib cimport calloc, free, malloc
 
 from .parallel cimport recserve_have_openmp, threads_for
@@ -359,14 +360,13 @@ def topk_user(queries, Py_ssize_t user, vectors, int k, seen_indptr, seen_indice
     return out_idx[:m], out_val[:m]
 
 
-def rank_found(vectors, q, found, banned, int k, norms=None):
+def rank_found(vectors, q, found, banned, int k, bint cosine=False):
     """Exact re-ranking of an ANN search's answer for one query: the ids of
     `found` (int64, FAISS's row; -1 = nothing) that lie in [0, n_items) and are
     not in `banned` (int32 or int64, any order, repeats allowed), scored
-    q . vectors[id] (float32 sums, as topk_user sums), divided by norms[id]
-    when `norms` (float32, one per row; a zero norm scores 0) is given (cosine
-    for a unit q), the best k kept, ties by lower id. FAISS returns each id at
-    most once.
+    q . vectors[id] (float32 sums, as topk_user sums), divided by the row's
+    norm when `cosine` (the cosine for a unit q; a zero row scores 0), the
+    best k kept, ties by lower id. FAISS returns each id at most once.
 
     Returns (items int32, scores float32) best first, min(k, kept) long; the
     number of ids kept; and the number of distinct banned ids in the catalogue
@@ -381,18 +381,9 @@ def rank_found(vectors, q, found, banned, int k, norms=None):
     cdef Py_ssize_t n = vectors.shape[0]
     if n > INT_MAX:
         raise ValueError(f"vectors: {n} rows; at most {INT_MAX}")
-    cdef const float[::1] N
-    cdef const float* np_ = NULL
-    if norms is not None:
-        check_array(norms, "norms", np.float32, 1)
-        if norms.shape[0] != n:
-            raise ValueError(f"norms: length {norms.shape[0]}, expected {n}")
-        if n:
-            N = norms
-            np_ = &N[0]
     ban = np.sort(np.asarray(banned, np.int64))
     cdef const long long[::1] B = ban
-    cdef float sc
+    cdef float sc, norm
     cdef const long long[::1] F = found
     cdef const float[:, ::1] V = vectors
     cdef const float[::1] Q = q
@@ -433,8 +424,9 @@ def rank_found(vectors, q, found, banned, int k, norms=None):
             kept += 1
             if kk > 0:
                 sc = recserve_sdot(&Q[0], &V[f, 0], d)
-                if np_ != NULL:
-                    sc = sc / np_[f] if np_[f] > 0 else 0.0
+                if cosine:
+                    norm = sqrtf(recserve_sdot(&V[f, 0], &V[f, 0], d))
+                    sc = sc / norm if norm > 0 else 0.0
                 size = heap_offer(hi_, hv, size, kk, <int> f, sc)
         if kk > 0:
             m = heap_drain(hi_, hv, size, &oi[0], &ov[0])

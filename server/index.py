@@ -415,6 +415,7 @@ class SimilarIndex:
         fetch = min(k + 1, self.ids.size)
         pos = self.index.search(q, fetch, params=p)[1] if fetch else np.zeros((n, 0), np.int64)
         n_items = vectors.shape[0]
+        v32 = np.ascontiguousarray(vectors, np.float32)  # the model's own array, no copy
         for r in range(n):
             if norms[r] == 0:
                 # No direction: cosine 0 with everything, ties by index (as the
@@ -425,22 +426,12 @@ class SimilarIndex:
                 continue
             # One kernel call: the neighbours found, without the item itself,
             # by exact cosine, best k (ties by lower index).
-            v32, unit_norms = self._scoring(vectors)
             found = self.ids[pos[r][pos[r] >= 0]]
             me = items[r : r + 1]
-            got_i, got_s, kept, _ = topk.rank_found(v32, q[r], found, me, k, unit_norms)
+            got_i, got_s, kept, _ = topk.rank_found(v32, q[r], found, me, k, cosine=True)
             if kept < min(k, self.ids.size - 1):  # ANN came back short: exact
                 others = self.ids[self.ids != items[r]]
-                got_i, got_s, _, _ = topk.rank_found(v32, q[r], others, me, k, unit_norms)
+                got_i, got_s, _, _ = topk.rank_found(v32, q[r], others, me, k, cosine=True)
             out_i[r, : got_i.size] = got_i
             out_s[r, : got_i.size] = got_s
         return out_i, out_s
-
-    def _scoring(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors as C-contiguous float32, their norms as float32), kept while
-        the caller passes the same vectors object (a model's own array)."""
-        cached = self.__dict__.get("_scoring_cache")
-        if cached is None or cached[0] is not vectors:
-            v32 = np.ascontiguousarray(vectors, np.float32)
-            cached = self._scoring_cache = (vectors, v32, _norms(v32).astype(np.float32))
-        return cached[1], cached[2]

@@ -167,11 +167,11 @@ def test_rank_found_is_the_exact_top_k_of_the_found_ids(seed, k):
     np.testing.assert_array_equal(scores, scores_all[want])
     assert kept == len(ok)
     assert n_banned == len({int(b) for b in banned if 0 <= b < n})
-    # With norms (the cosine of SimilarItems over an index): score / norm, a zero
-    # norm scoring 0.
-    norms = np.sqrt((vectors.astype(np.float64) ** 2).sum(1)).astype(np.float32)
+    # cosine (SimilarItems over an index): score / the row's norm, a zero row
+    # scoring 0.
+    norms = np.sqrt((vectors**2).sum(1, dtype=np.float32))
     cos = np.where(norms > 0, scores_all / np.where(norms > 0, norms, 1), 0).astype(np.float32)
-    items, scores, _, _ = topk.rank_found(vectors, q, found, banned, k, norms)
+    items, scores, _, _ = topk.rank_found(vectors, q, found, banned, k, cosine=True)
     want = sorted(ok, key=lambda j: (-float(cos[j]), j))[:k]
     assert items.tolist() == want
     np.testing.assert_array_equal(scores, cos[want])
@@ -185,8 +185,6 @@ def test_rank_found_names_what_is_wrong():
         topk.rank_found(v, np.zeros(4, np.float32), np.zeros(1, np.int32), [], 2)
     with pytest.raises(ValueError, match="k: must be >= 0"):
         topk.rank_found(v, np.zeros(4, np.float32), np.zeros(1, np.int64), [], -1)
-    with pytest.raises(ValueError, match="norms: length 4, expected 5"):
-        topk.rank_found(v, np.zeros(4, np.float32), np.zeros(1, np.int64), [], 1, v[0])
 
 
 def test_user_kernel_names_what_is_wrong():
