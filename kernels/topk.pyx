@@ -78,6 +78,27 @@ cdef extern from *:
         for (; i < n; i++)
             scores[i] = recserve_sdot(q, V + i * d, d) + (bias ? bias[i] : 0.0f);
     }
+    /* out = sum over p of w[p] * M[idx[p]] (w NULL: weights 1), rows of n
+       floats ld apart, added in p order with a separate multiply and add (no
+       FMA contraction: the same sums as scipy's CSR x dense product); built
+       for AVX2 and baseline (RECSERVE_CLONES), where the Cython loop it
+       replaces was baseline SSE only. */
+    #if defined(__GNUC__) && !defined(__clang__)
+    #define RS_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+    #else
+    #define RS_NO_CONTRACT
+    #endif
+    RECSERVE_CLONES RS_NO_CONTRACT
+    static void recserve_rows_sum(float *restrict out, const float *restrict M, long long ld,
+                                  const int *restrict idx, const float *restrict w,
+                                  long long m, int n) {
+        for (int j = 0; j < n; j++) out[j] = 0.0f;
+        for (long long p = 0; p < m; p++) {
+            const float *restrict row = M + (long long)idx[p] * ld;
+            float wp = w ? w[p] : 1.0f;
+            for (int j = 0; j < n; j++) out[j] += wp * row[j];
+        }
+    }
     /* Whether any of s[0..7] is above t (NaN never is): two 4-float vector
        compares (SSE, in the baseline build too). */
     #if defined(__GNUC__) || defined(__clang__)
@@ -99,6 +120,8 @@ cdef extern from *:
     void recserve_inner_scores(const float* q, const float* V, long long n, int d,
                                const float* bias, float* scores) noexcept nogil
     float recserve_sdot(const float* a, const float* b, int f) noexcept nogil
+    void recserve_rows_sum(float* out, const float* M, long long ld, const int* idx,
+                           const float* w, long long m, int n) noexcept nogil
 
 
 cdef int select_topk(const float* scores, int n, int k, unsigned char* mask,
@@ -590,20 +613,11 @@ def dense_rows_sum(matrix, indices, values, out, seen=None):
             sp = &SX[0]
     cdef const float[:, ::1] M = matrix
     cdef float[::1] O = out
-    cdef const float* row
-    cdef float w
-    cdef int j
     cdef Py_ssize_t m = I.shape[0]
     if n == 0:
         return
     with nogil:
-        for j in range(n):
-            O[j] = 0.0
-        for p in range(m):
-            row = &M[I[p], 0]
-            w = wp[p] if wp != NULL else 1.0
-            for j in range(n):
-                O[j] += w * row[j]
+        recserve_rows_sum(&O[0], &M[0, 0], n, &I[0] if m else NULL, wp, m, n)
         if sp != NULL:
             nan_at(&O[0], sp, 0, ns, n)
 
