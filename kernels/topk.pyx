@@ -707,14 +707,10 @@ cdef int gather_best(const float* row, int n, int kk, int* ci, float* cv) noexce
     cdef float sv[256]
     cdef int r = 256 if n > 256 else n
     cdef int q = <int>((2 * <long long>kk * r) // n) + 1 if n > 0 else 1
-    cdef int a, j, m = 0
-    cdef long long at
+    cdef int j, m = 0
     cdef float tv
     if q < r:
-        for a in range(r):
-            at = (<long long>a * n) // r
-            sv[a] = row[at] if row[at] == row[at] else -INFINITY  # NaN ranks last
-            si[a] = <int>at
+        sample_row(row, NULL, n, r, si, sv)
         nth_best(si, sv, r, q - 1)
         tv = sv[q - 1]
         for j in range(n):  # NaN fails the comparison: never gathered
