@@ -6,6 +6,8 @@ against blend_rows on rows with NaNs and heavy ties."""
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from recserve.feedback import Event, OnlineState
 from recserve.models import algorithms, create
 from recserve.serving import Catalog, RecQuery, RequestError, Router
 from recserve.serving.blend import blend_dense, blend_rows
+from recserve.serving.catalog import default_loader
 
 FAST = {
     "als": {"factors": 16, "iterations": 5},
@@ -259,3 +262,48 @@ def test_hybrid_similar_items_blend_the_components_neighbours(router, small, nam
         got = router.similar(small.items.ids([item])[0], k, name)
         assert got.item_ids == small.items.ids(rows), (name, item)
         np.testing.assert_allclose(got.scores, totals, rtol=1e-6)
+
+
+def test_a_hybrid_follows_its_components_loads_and_reloads(small, tmp_path):
+    """The router derives a hybrid's components once per catalogue change: the
+    hybrid is not ready while a component loads, and after a component's new
+    version is published and reloaded, answers name (and use) the new version."""
+    for algo in ("popularity", "itemknn"):
+        create(algo).fit(small).save(tmp_path, algo, dataset=small)
+    hy = Hybrid("h", {"popularity": 0.5, "itemknn": 0.5})
+    cfg = ServerConfig(models=str(tmp_path), hybrids={"h": hy})
+    gate = threading.Event()
+
+    def slow_itemknn(path, full_verify):
+        if "itemknn" in str(path):
+            gate.wait(30)
+        return default_loader(path, full_verify)
+
+    catalog = Catalog(cfg.models, loader=slow_itemknn)
+    router = Router(cfg, catalog, OnlineState())
+    catalog.start()
+    u = small.users.ids([0])[0]
+    try:
+        deadline = time.monotonic() + 30
+        while not catalog.ready("popularity") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not router.ready("h")
+        # The hybrid waits for itemknn: the chain's next model answers.
+        assert router.recommend(RecQuery(user_id=u, k=5, model="h")).served_by == "popularity"
+        gate.set()
+        assert catalog.wait(60)
+        assert router.ready("h")
+        first = router.recommend(RecQuery(user_id=u, k=5, model="h"))
+        v_knn = catalog.get("itemknn").version
+        assert first.version == f"popularity@{catalog.get('popularity').version},itemknn@{v_knn}"
+        # A new itemknn that scores differently (a weak shrinkage) is published and reloaded.
+        create("itemknn", k=5, similarity="dot").fit(small).save(tmp_path, "itemknn", dataset=small)
+        switched, refused = catalog.reload()
+        assert [s.name for s in switched] == ["itemknn"] and not refused
+        assert catalog.get("itemknn").version != v_knn
+        again = router.recommend(RecQuery(user_id=u, k=5, model="h"))
+        assert again.version.endswith(f"itemknn@{catalog.get('itemknn').version}")
+        assert again.item_ids == general(router, RecQuery(user_id=u, k=5, model="h")).item_ids
+    finally:
+        gate.set()
+        catalog.close()

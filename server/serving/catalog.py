@@ -88,6 +88,14 @@ class Catalog:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list = []
         self.started = time.monotonic()
+        # Bumped after every change of a slot's state or of which slot serves a
+        # name, so a router can cache what it derives from the slots (hybrid
+        # plans) and rebuild it only when this moved.
+        self.generation = 0
+
+    def _changed(self) -> None:
+        with self._lock:
+            self.generation += 1
 
     def discover(self) -> dict[str, tuple[Path, int]]:
         """name -> (current version folder, bytes) for every published model."""
@@ -111,6 +119,7 @@ class Catalog:
             slot = Slot(name, path=str(path), bytes=size)
             with self._lock:
                 self._slots[name] = slot
+                self.generation += 1
             self.on_change(slot)
             self._pending.append(self._pool.submit(self._initial, slot, path))
 
@@ -140,11 +149,13 @@ class Catalog:
             model.n_threads = self.kernel_threads
         except Exception as exc:
             slot.state, slot.error = FAILED, str(exc)
+            self._changed()
             log.error("model %s: refused %s: %s", slot.name, path, exc)
             return False
         slot.model, slot.version = model, path.name
         slot.load_seconds = time.perf_counter() - t
         slot.state = SERVING
+        self._changed()
         return True
 
     def _initial(self, slot: Slot, path: Path) -> None:
@@ -205,6 +216,7 @@ class Catalog:
                         continue  # the serving (or failed) version stays
                 with self._lock:
                     self._slots[name] = fresh
+                    self.generation += 1
                 self.on_change(fresh)
         return switched, refused
 

@@ -52,6 +52,10 @@ log = logging.getLogger("recserve.router")
 
 BUILTIN = "builtin-popularity"
 EXPLAIN_ITEMS = 3
+# The empty history, shared (read-only: nothing may write into it).
+_NO_IDX = np.zeros(0, np.int64)
+_NO_VAL = np.zeros(0, np.float32)
+_NO_IDX.flags.writeable = _NO_VAL.flags.writeable = False
 
 
 def assign_arm(salt: str, key: str, arms: dict[str, float]) -> str:
@@ -97,6 +101,58 @@ def _with_training_row(
     )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a hybrid request needs from the catalogue, derived once per catalogue
+    generation instead of per request: the weighted components that have a
+    model, whether all of them are ready, their shared item map (None when the
+    catalogues differ: the dense blend does not apply), which components
+    resolve the user id again (a user map differing from the previous
+    component's), the weights, and the version of the whole blend."""
+
+    hy: Hybrid
+    cfg: ServerConfig
+    generation: int
+    comps: tuple[tuple[float, Slot], ...]
+    ready: bool
+    items: IdMap | None
+    new_users: tuple[bool, ...]
+    weights: np.ndarray
+    version: str
+
+    @classmethod
+    def build(cls, hy: Hybrid, cfg: ServerConfig, catalog: Catalog, generation: int) -> _Plan:
+        comps: list[tuple[float, Slot]] = []
+        for name, w in hy.weights.items():
+            slot = catalog.get(name)
+            if w > 0 and slot is not None and slot.model is not None:
+                comps.append((w, slot))
+        ready = all(catalog.ready(n) for n, w in hy.weights.items() if w > 0)
+        items: IdMap | None = None
+        new_users: list[bool] = []
+        users: IdMap | None = None
+        for _, slot in comps:
+            m = slot.model
+            assert m is not None and m.items is not None and m.users is not None
+            new_users.append(users is None or not _same_items(users, m.users))
+            users = m.users
+        if comps:
+            first = comps[0][1].model.items  # type: ignore[union-attr]
+            if len(first) and all(_same_items(first, s.model.items) for _, s in comps[1:]):  # type: ignore[union-attr,arg-type]
+                items = first
+        return cls(
+            hy,
+            cfg,
+            generation,
+            tuple(comps),
+            ready,
+            items,
+            tuple(new_users),
+            np.array([w for w, _ in comps], np.float64),
+            ",".join(f"{s.name}@{s.version}" for _, s in comps),
+        )
+
+
 class Router:
     """Answers Recommend / SimilarItems / PredictRatings from the catalogue."""
 
@@ -105,6 +161,8 @@ class Router:
         self.catalog = catalog
         self.online = online
         self._local = threading.local()  # per-thread scratch of the dense hybrid blend
+        self._plans: dict[str, _Plan] = {}  # per hybrid, rebuilt when the catalogue changes
+        self._chains: dict[str, tuple[ServerConfig, list[str]]] = {}
 
     # -- names -------------------------------------------------------------------
 
@@ -126,7 +184,7 @@ class Router:
         """Whether `name` answers itself now (hybrid: every weighted component)."""
         hy = self.cfg.hybrids.get(name)
         if hy is not None:
-            return all(self.catalog.ready(n) for n, w in hy.weights.items() if w > 0)
+            return self._plan(hy).ready
         exp = self.cfg.experiments.get(name)
         if exp is not None:
             return all(self.ready(a) for a, w in exp.arms.items() if w > 0)
@@ -150,9 +208,22 @@ class Router:
             info={"model": name},
         )
 
+    def _plan(self, hy: Hybrid) -> _Plan:
+        """The hybrid's plan for the catalogue as it is now (cached per generation)."""
+        gen = self.catalog.generation  # read first: a change while building leaves it stale
+        plan = self._plans.get(hy.name)
+        if plan is None or plan.generation != gen or plan.hy is not hy or plan.cfg is not self.cfg:
+            plan = self._plans[hy.name] = _Plan.build(hy, self.cfg, self.catalog, gen)
+        return plan
+
     def _chain(self, start: str) -> Iterable[tuple[str, Slot | Hybrid]]:
         """The ready models of start's chain, in order."""
-        for name in self.cfg.chain(start):
+        hit = self._chains.get(start)
+        if hit is None or hit[0] is not self.cfg:
+            if len(self._chains) > 1024:  # names come from requests only after _target's check
+                self._chains.clear()
+            hit = self._chains[start] = (self.cfg, self.cfg.chain(start))
+        for name in hit[1]:
             hy = self.cfg.hybrids.get(name)
             if hy is not None:
                 if self.ready(name):
@@ -319,6 +390,8 @@ class Router:
         """Recorded + inline history as the model's item indices and values."""
         assert model.items is not None
         recorded = self.online.history(q.user_id)
+        if not recorded and not q.history:
+            return _NO_IDX, _NO_VAL
         if recorded:
             ids = [i for i, _ in recorded]
             idx = model.items.index(ids)
@@ -482,10 +555,8 @@ class Router:
             return dense
         n = max(3 * q.k, 100)
         parts: list[tuple[float, _Served]] = []
-        for name, w in hy.weights.items():
-            slot = self.catalog.get(name)
-            if w <= 0 or slot is None or slot.model is None:
-                continue
+        for w, slot in self._plan(hy).comps:
+            assert slot.model is not None
             check()
             served = self._serve(slot, q, min(n, max(slot.model.n_items, 1)), check, stages)
             if served is not None and served.items.size:
@@ -510,20 +581,11 @@ class Router:
         if q.candidates or q.explain:
             return None
         t = time.perf_counter()
-        comps: list[tuple[float, Slot]] = []
-        first: IdMap | None = None
-        for name, w in hy.weights.items():
-            slot = self.catalog.get(name)
-            if w <= 0 or slot is None or slot.model is None:
-                continue
-            assert slot.model.items is not None
-            if first is None:
-                first = slot.model.items
-            elif not _same_items(first, slot.model.items):
-                return None
-            comps.append((w, slot))
-        if first is None or len(first) == 0:
+        plan = self._plan(hy)
+        first = plan.items
+        if first is None:
             return None
+        comps = plan.comps
         m0 = comps[0][1].model
         assert m0 is not None
         # Shared items: the history and exclusions resolve (and are checked) once.
@@ -535,19 +597,19 @@ class Router:
         rows = self._rows(len(comps), n)
         t2 = time.perf_counter()
         stages["resolve"] += t2 - t
-        users: IdMap | None = None
         user = -1
         shared_row = None  # an unknown user's history row: the same for every component
         used: list[tuple[float, Slot, bool]] = []
-        for w, slot in comps:
+        filter_seen = not q.include_seen
+        for (w, slot), new_users in zip(comps, plan.new_users, strict=True):
             check()  # between components too: a passed deadline stops the work
             m = slot.model
             assert m is not None and m.users is not None
-            if users is None or not _same_items(users, m.users):  # one lookup per user map
-                users, user = m.users, (m.users.get(q.user_id) if q.user_id else -1)
+            if new_users:  # one lookup per user map
+                user = m.users.get(q.user_id) if q.user_id else -1
             out = rows[len(used)]
             if user >= 0 and extra_idx.size == 0:
-                ok, folded = m.dense_user(user, out, not q.include_seen), False
+                ok, folded = m.dense_user(user, out, filter_seen), False
             else:
                 if user < 0 and shared_row is not None:
                     row = shared_row
@@ -558,7 +620,7 @@ class Router:
                     row = m.history_matrix([idx], [val])
                     if user < 0:
                         shared_row = row
-                ok, folded = m.dense_history(row, out, not q.include_seen), True
+                ok, folded = m.dense_history(row, out, filter_seen), True
             if not ok:
                 stages["retrieve"] += time.perf_counter() - t2
                 return None
@@ -570,14 +632,19 @@ class Router:
         if not used:
             return None
         n_cand = min(max(3 * q.k, 100), n)
-        weights = [w for w, _, _ in used]
+        every = len(used) == len(comps)
+        weights = plan.weights if every else np.array([w for w, _, _ in used], np.float64)
         items, scores, counts = blend_dense(rows[: len(used)], weights, n_cand, q.k)
-        parts = [u for u, c in zip(used, counts.tolist(), strict=True) if c]
-        if not parts:
-            return None
         out_r = Ranked.of(first, items, scores, "")
-        out_r.version = ",".join(f"{s.name}@{s.version}" for _, s, _ in parts)
-        out_r.folded_in = any(f for _, _, f in parts)
+        if every and counts.all():
+            out_r.version = plan.version
+            out_r.folded_in = any(f for _, _, f in used)
+        else:
+            parts = [u for u, c in zip(used, counts.tolist(), strict=True) if c]
+            if not parts:
+                return None
+            out_r.version = ",".join(f"{s.name}@{s.version}" for _, s, _ in parts)
+            out_r.folded_in = any(f for _, _, f in parts)
         stages["rank"] += time.perf_counter() - t3
         return out_r
 
