@@ -5,7 +5,7 @@
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport pow, sqrt
+from libc.math cimport isfinite, pow, sqrt
 
 from .parallel cimport recserve_prefetch, resolve_threads, threads_for
 from .topk cimport (best_of_row, buffer_offer, drain_best, heap_drain, heap_offer, mark, nan_at,
@@ -1066,3 +1066,52 @@ def dense_history(CheckedCSR sim, indices, data, out, seen=None):
                   &six[0] if six.shape[0] else NULL, &sx[0] if sx.shape[0] else NULL, n, &O[0])
         if ns:
             nan_at(&O[0], &SE[0], 0, ns, n)
+
+
+def history_row(items, values, Py_ssize_t n_items):
+    """One history as a CSR row's (indices int32, data float32): sorted, a
+    repeated item keeping its last value, `values` None meaning 1 each; an
+    index outside [0, n_items) (the first one, in history order) raises
+    IndexError and a non-finite value ValueError, as history_matrix does.
+    A fold-in's ten-item history costs a few numpy calls otherwise; here it
+    is one pass (histories of up to 64 items are sorted in place by
+    insertion, longer ones by numpy's stable argsort)."""
+    check_array(items, "items", np.int64, 1)
+    cdef Py_ssize_t n = items.shape[0], a, b
+    if values is not None:
+        check_array(values, "values", np.float32, 1)
+        if values.shape[0] != n:
+            raise ValueError("history: values and items differ in length")
+    cdef const long long[::1] I = items
+    cdef const float[::1] V
+    for a in range(n):
+        if not 0 <= I[a] < n_items:
+            raise IndexError(f"history: item index {I[a]} outside [0, {n_items})")
+    if values is not None:
+        V = values
+        for a in range(n):
+            if not isfinite(V[a]):
+                raise ValueError("history: values must be finite")
+    order = np.argsort(items, kind="stable") if n > 64 else np.arange(n)
+    cdef long long[::1] O = order
+    cdef long long t
+    if n <= 64:  # stable insertion sort of positions by item
+        for a in range(1, n):
+            t = O[a]
+            b = a
+            while b > 0 and I[O[b - 1]] > I[t]:
+                O[b] = O[b - 1]
+                b -= 1
+            O[b] = t
+    out_i = np.empty(n, np.int32)
+    out_v = np.empty(n, np.float32)
+    cdef int[::1] OI = out_i
+    cdef float[::1] OV = out_v
+    cdef Py_ssize_t m = 0
+    for a in range(n):
+        if a + 1 < n and I[O[a + 1]] == I[O[a]]:
+            continue  # a later position of the same item follows: it wins
+        OI[m] = <int>I[O[a]]
+        OV[m] = V[O[a]] if values is not None else 1.0
+        m += 1
+    return out_i[:m], out_v[:m]

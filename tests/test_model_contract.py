@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from recserve.models import NotFittedError, algorithms, create, load_named
 
@@ -108,8 +109,8 @@ def test_one_history_matrix_is_the_general_one(fitted, small):
     # same matrix (sorted indices, a repeated item keeps its last value), checked
     # against a dict and against the history's row in a two-history call.
     rng = np.random.default_rng(5)
-    for size in (0, 1, 10, 40):
-        items = rng.integers(0, min(small.n_items, 30), size)  # repeats likely
+    for size in (0, 1, 10, 40, 64, 65, 200):  # up to 64 sorted in the kernel, numpy beyond
+        items = rng.integers(0, min(small.n_items, 30 if size <= 40 else 80), size)  # repeats
         values = rng.integers(1, 6, size).astype(float)
         for vals in (values, None):
             one = fitted.history_matrix([items], None if vals is None else [vals])
@@ -122,6 +123,19 @@ def test_one_history_matrix_is_the_general_one(fitted, small):
             np.testing.assert_array_equal(one.data, [want[i] for i in sorted(want)])
             two = fitted.history_matrix([items, [0]], None if vals is None else [vals, [1.0]])
             assert (one != two[0]).nnz == 0 and one.dtype == two.dtype
+            # The row is made without scipy's constructor: it must be the matrix
+            # the constructor makes of the same arrays, attributes and behaviour.
+            ref = sp.csr_matrix((one.data, one.indices, one.indptr), shape=one.shape)
+            ref.has_canonical_format = True
+            assert one.__dict__.keys() == ref.__dict__.keys()
+            assert (one.indptr.dtype, one.indices.dtype) == (ref.indptr.dtype, ref.indices.dtype)
+            dense = np.zeros((1, small.n_items), np.float32)
+            dense[0, sorted(want)] = [want[i] for i in sorted(want)]
+            np.testing.assert_array_equal(one.toarray(), dense)
+            np.testing.assert_array_equal((one @ one.T).toarray(), (ref @ ref.T).toarray())
+            assert one.has_canonical_format and one.nnz == len(want)
+    with pytest.raises(IndexError, match="item index -2 outside"):  # the first bad one
+        fitted.history_matrix([[0, -2, small.n_items]])
     with pytest.raises(IndexError, match=f"item index {small.n_items} outside"):
         fitted.history_matrix([[0, small.n_items]])
     with pytest.raises(IndexError, match="item index -1 outside"):
@@ -266,3 +280,14 @@ def test_exact_similar_items_are_the_cosine_top_k(small, algo, k):
         np.testing.assert_allclose(got_s, gen_s[0, :n], atol=2e-6)
     with pytest.raises(IndexError, match="item"):
         model.similar_items(small.n_items, k)
+
+
+def test_a_history_row_falls_back_to_scipys_constructor(monkeypatch):
+    """Where scipy's matrices carry attributes the template copy would miss, the
+    constructor builds the row (same matrix either way)."""
+    from recserve.models import base
+
+    monkeypatch.setattr(base, "_ROW_TEMPLATES", {7: base._NO_TEMPLATE})
+    row = base.csr_row(np.array([1, 4], np.int32), np.array([2.0, 3.0], np.float32), 7)
+    np.testing.assert_array_equal(row.toarray(), [[0, 2, 0, 0, 3, 0, 0]])
+    assert row.has_canonical_format and row.dtype == np.float32

@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from recserve import __version__
 from recserve.data import Dataset, IdMap, build_csr
+from recserve.kernels import similarity as simk
 from recserve.kernels import topk
 from recserve.models import bundle
 
@@ -563,30 +564,13 @@ class Recommender(ABC):
         self, items: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarray | None
     ) -> sp.csr_matrix:
         """history_matrix of one history: the same checks, the same matrix (sorted
-        indices, a repeated item keeps its last value), at a third of build_csr's
-        cost on a ten-item history (a cold request's fold-in)."""
+        indices, a repeated item keeps its last value), without the general COO
+        build or scipy's re-validation of arrays built valid (a cold request's
+        fold-in: 48 -> 10 us on a ten-item history)."""
         items = np.asarray(items, dtype=np.int64).reshape(-1)
-        if items.size and (items.min() < 0 or items.max() >= self.n_items):
-            bad = items[(items < 0) | (items >= self.n_items)]
-            raise IndexError(f"history: item index {int(bad[0])} outside [0, {self.n_items})")
-        v = (
-            np.ones(items.size, np.float32)
-            if values is None
-            else np.asarray(values, dtype=np.float32).reshape(-1)
-        )
-        if v.shape != items.shape:
-            raise ValueError("history: values and items differ in length")
-        if not np.isfinite(v).all():
-            raise ValueError("history: values must be finite")
-        order = np.argsort(items, kind="stable")
-        ranked = items[order]
-        last = np.ones(ranked.size, dtype=bool)
-        last[:-1] = ranked[1:] != ranked[:-1]
-        keep = order[last]
-        indptr = np.array([0, keep.size], dtype=np.int32)
-        m = sp.csr_matrix((v[keep], items[keep].astype(np.int32), indptr), shape=(1, self.n_items))
-        m.has_sorted_indices = True
-        return m
+        v = None if values is None else np.asarray(values, dtype=np.float32).reshape(-1)
+        indices, data = simk.history_row(items, v, self.n_items)
+        return csr_row(indices, data, self.n_items)
 
     # -- bundles ----------------------------------------------------------------
 
@@ -771,3 +755,59 @@ def _lists_to_csr(lists: list[np.ndarray], n_rows: int, n_items: int) -> sp.csr_
     m = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols[keep])), shape=(n_rows, n_items))
     m.sum_duplicates()
     return m
+
+
+_ROW_TEMPLATES: dict[int, sp.csr_matrix] = {}
+
+
+def csr_row(indices: np.ndarray, data: np.ndarray, n_items: int) -> sp.csr_matrix:
+    """A 1 x n_items CSR matrix over `indices` (int32, sorted, distinct, in
+    range) and `data` (float32), marked canonical. scipy's constructor checks
+    and converts its arrays again (about 18 us, a third of a cold request's
+    row); these are valid by construction, so the matrix takes the attributes
+    of a template the constructor built once, with its own arrays. If this
+    scipy's constructor sets attributes the copy would miss, the constructor
+    is used instead (tests/test_model_contract.py compares the two)."""
+    tpl = _ROW_TEMPLATES.get(n_items)
+    if tpl is None:
+        tpl = _row_template(n_items)
+        if len(_ROW_TEMPLATES) > 64:
+            _ROW_TEMPLATES.clear()
+        _ROW_TEMPLATES[n_items] = tpl
+    indptr = np.array([0, indices.shape[0]], np.int32)
+    if tpl is _NO_TEMPLATE:
+        m = sp.csr_matrix((data, indices, indptr), shape=(1, n_items))
+        m.has_canonical_format = True
+        return m
+    m = sp.csr_matrix.__new__(sp.csr_matrix)
+    m.__dict__.update(tpl.__dict__)
+    m.data, m.indices, m.indptr = data, indices, indptr
+    return m
+
+
+_NO_TEMPLATE = sp.csr_matrix((1, 1), dtype=np.float32)
+
+
+def _row_template(n_items: int) -> sp.csr_matrix:
+    """The empty canonical float32 row csr_row copies, or _NO_TEMPLATE when a
+    copy would not equal the constructor's matrix on this scipy."""
+    empty = (np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(2, np.int32))
+    tpl = sp.csr_matrix(empty, shape=(1, n_items))
+    tpl.has_canonical_format = True
+    probe = sp.csr_matrix(
+        (np.ones(1, np.float32), np.zeros(1, np.int32), np.array([0, 1], np.int32)),
+        shape=(1, n_items),
+    )
+    probe.has_canonical_format = True
+    arrays = {"data", "indices", "indptr"}
+    a, b = probe.__dict__, tpl.__dict__
+    # Every attribute besides the arrays must be data-independent (a cached
+    # count would differ between the empty template and the probe).
+    same = set(a) == set(b) and all(
+        type(a[key]) is type(b[key]) and not isinstance(a[key], np.ndarray) and a[key] == b[key]
+        for key in set(a) - arrays
+    )
+    if not same:
+        log.warning("csr_row: this scipy's rows carry data-dependent attributes; constructor used")
+        return _NO_TEMPLATE
+    return tpl
