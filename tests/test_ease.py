@@ -42,3 +42,25 @@ def test_explain_is_the_decomposition_of_the_score(small):
         terms = x * b[row.indices, int(item)]
         assert terms.sum() == pytest.approx(score, rel=1e-4, abs=1e-6)
         assert_explanation(model, u, int(item), row.indices, terms)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_a_folded_in_row_is_the_sparse_products_row(small, binary):
+    """dense_history sums the history's weight rows in one kernel call: the
+    same float32 row as scipy's CSR x dense product (rated values when not
+    binary), NaN at the history's items when filtering."""
+    m = create("ease", binary=binary).fit(small)
+    rng = np.random.default_rng(4)
+    out = np.empty(small.n_items, np.float32)
+    for size in (1, 10, 40):
+        items = rng.integers(0, small.n_items, size)
+        row = m.history_matrix([items], [rng.integers(1, 6, size).astype(float)])
+        h = row.astype(np.float32)
+        if binary:
+            h.data[:] = 1.0
+        want = np.asarray(h @ m.weights, np.float32)[0]
+        assert m.dense_history(row, out, filter_seen=False)
+        np.testing.assert_array_equal(out, want)
+        assert m.dense_history(row, out, filter_seen=True)
+        want[row.indices] = np.nan
+        np.testing.assert_array_equal(out, want)
