@@ -224,6 +224,27 @@ def test_recorded_events_are_folded_in_on_the_dense_path(router, small):
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-9, atol=1e-12)
 
 
+def test_recorded_and_inline_history_resolve_to_one_fold_in(router, small):
+    """An unknown user's recorded events, then the request's own history (an
+    unknown item within tolerance dropped): the model folds in exactly those
+    items and values, in that order (a later value of an item wins)."""
+    online = OnlineState()
+    mine = Router(router.cfg, router.catalog, online)
+    ids = small.items.ids([3, 8, 13])
+    online.apply([Event("newcomer", ids[0], 5.0, 0), Event("newcomer", ids[1], 2.0, 0)])
+    hist = [(ids[1], 4.0), ("not-an-item", 1.0), (ids[2], 3.0)]
+    m = router.catalog.get("als").model
+    got = mine.recommend(RecQuery(user_id="newcomer", history=hist, k=7, model="als"))
+    want_i, want_s = m.recommend_histories(
+        m.history_matrix([m.items.index([ids[0], ids[1], ids[1], ids[2]])], [[5, 2, 4, 3]]), 7
+    )
+    assert got.item_ids == m.items.ids(want_i[0]) and got.folded_in
+    np.testing.assert_allclose(got.scores, want_s[0], rtol=1e-6)
+    only_inline = mine.recommend(RecQuery(user_id="", history=hist, k=7, model="als"))
+    w_i, _ = m.recommend_histories(m.history_matrix([m.items.index([ids[1], ids[2]])], [[4, 3]]), 7)
+    assert only_inline.item_ids == m.items.ids(w_i[0])
+
+
 def test_candidates_and_explanations_take_the_general_path(router, small):
     u = small.users.ids([3])[0]
     some = small.items.ids([0, 1, 2, 3, 4])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -780,7 +781,7 @@ def _event(ev: pb.Interaction) -> Event | None:
     """A valid feedback event, or None (counted as rejected). An omitted value is
     1 and an omitted timestamp now; explicit zeros are kept."""
     value = float(ev.value) if ev.HasField("value") else 1.0
-    if not ev.user_id or not ev.item_id or not np.isfinite(value):
+    if not ev.user_id or not ev.item_id or not math.isfinite(value):
         return None
     if max(len(ev.user_id.encode()), len(ev.item_id.encode())) > MAX_ID_BYTES:
         return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -261,7 +262,7 @@ class Router:
                         check_id(f"history[{i}].item_id", item)
                     except RequestError as err:
                         bad.append((err.field, err.description, err.reason))
-                if not np.isfinite(value):
+                if not math.isfinite(value):  # np.isfinite: 1 us per Python float
                     what = f"must be finite, got {value}"
                     bad.append((f"history[{i}].value", what, "VALUE_NOT_FINITE"))
         for fname, ids in (("exclude_item_ids", q.exclude), ("candidate_item_ids", q.candidates)):
@@ -399,11 +400,11 @@ class Router:
             keep = idx >= 0  # recorded events may name items another model knows
             idx_r, val_r = idx[keep], vals[keep]
         else:
-            idx_r, val_r = np.zeros(0, np.int64), np.zeros(0, np.float32)
+            idx_r, val_r = _NO_IDX, _NO_VAL
         if q.history:
             ids = [i for i, _ in q.history]
             idx = model.items.index(ids)
-            unknown = int((idx < 0).sum())
+            unknown = int(np.count_nonzero(idx < 0))
             if unknown > self.cfg.unknown_item_tolerance * len(ids):
                 first = ids[int(np.flatnonzero(idx < 0)[0])]
                 raise invalid(
@@ -413,9 +414,12 @@ class Router:
                     "UNKNOWN_HISTORY_ITEMS",
                 )
             vals = np.array([v for _, v in q.history], np.float32)
-            keep = idx >= 0
-            idx_r = np.concatenate([idx_r, idx[keep]])
-            val_r = np.concatenate([val_r, vals[keep]])
+            if unknown:
+                keep = idx >= 0
+                idx, vals = idx[keep], vals[keep]
+            if recorded:
+                idx, vals = np.concatenate([idx_r, idx]), np.concatenate([val_r, vals])
+            return idx, vals
         return idx_r, val_r
 
     def _serve(
