@@ -116,3 +116,38 @@ def test_solve_rows_rejects_bad_input():
     ro.setflags(write=False)
     with pytest.raises(ValueError, match="writeable"):
         alsk.solve_rows(ip, ix, c, y, ro, 0.1)
+
+
+def test_one_row_solve_is_the_batch_solve(small):
+    """A serving fold-in (one history) takes solve_row: the same factors,
+    bit for bit, as the batch solve gives that history among others, for
+    rated, negative (confidence < 1), repeated-free and empty histories."""
+    model = create("als", factors=16, iterations=3, binary=False).fit(small)
+    rng = np.random.default_rng(2)
+    rows = []
+    for size in (0, 1, 10, 70, 150):  # past one CHUNK of 64 items too
+        items = rng.choice(small.n_items, size, replace=False)
+        values = rng.integers(-3, 6, size).astype(float)  # c = 1 + alpha r < 1 for r < 0
+        rows.append(model.history_matrix([items], [values]))
+    batch = model.fold_in(sp.vstack([*rows, rows[2]]).tocsr())
+    for i, row in enumerate(rows):
+        one = model.fold_in(row)
+        assert one.shape == (1, 16) and one.dtype == np.float32
+        np.testing.assert_array_equal(one[0], batch[i])
+    assert not model.fold_in(rows[0]).any()  # an empty history: zero factors
+
+
+def test_solve_row_rejects_bad_input():
+    y = np.zeros((5, 3), np.float32)
+    g = np.eye(3, dtype=np.float32)
+    ix, c, out = np.array([4], np.int32), np.array([2.0], np.float32), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"item ids must lie in \[0, 5\)"):
+        alsk.solve_row(np.array([5], np.int32), c, y, g, out)
+    with pytest.raises(ValueError, match="G: expected shape"):
+        alsk.solve_row(ix, c, y, np.eye(4, dtype=np.float32), out)
+    with pytest.raises(ValueError, match="out: expected 3"):
+        alsk.solve_row(ix, c, y, g, np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="one value per nonzero"):
+        alsk.solve_row(ix, np.ones(2, np.float32), y, g, out)
+    with pytest.raises(TypeError, match="G: expected dtype float32"):
+        alsk.solve_row(ix, c, y, g.astype(np.float64), out)
