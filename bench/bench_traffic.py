@@ -134,9 +134,17 @@ def main() -> None:
         default=3,
         help="rounds of step 4 (Recommend alone, then the mix, at half load)",
     )
+    ap.add_argument(
+        "--model-rounds",
+        type=int,
+        default=1,
+        help="rounds of step 2 (every model between ceiling runs); above 1 the median is printed",
+    )
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds: must be at least 1")
+    if args.model_rounds < 1:
+        ap.error("--model-rounds: must be at least 1")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-traffic-"))
     print(f"setting up {work} (quickstart + {len(EXTRA)} more models)...", flush=True)
     proc, target = serve(setup(work))
@@ -154,18 +162,34 @@ def main() -> None:
             "   target >= 0.70 (ceiling: the mean of the runs just before and after)"
         )
         before = ceiling
-        for model in MODELS:
-            r = run(Load(rpc="recommend", model=model, concurrency=8, **base))
-            after = run(Load(rpc="health", concurrency=8, **base))
-            around = (before.qps + after.qps) / 2
-            ratio = r.qps / around
-            print(
-                f"{model:<12}{r.qps:>9,.0f}{around:>9,.0f}{ratio:>8.2f}{r.latency_ms['p50']:>9.2f}"
-                f"{r.latency_ms['p99']:>9.2f}   {'ok' if ratio >= 0.7 else 'BELOW'}"
-                + (f"  errors {r.errors}" if r.errors else ""),
-                flush=True,
-            )
-            before = after
+        ratios_of: dict[str, list[float]] = {m: [] for m in MODELS}
+        for rnd in range(args.model_rounds):
+            if args.model_rounds > 1:
+                print(f"round {rnd + 1} of {args.model_rounds}")
+            for model in MODELS:
+                r = run(Load(rpc="recommend", model=model, concurrency=8, **base))
+                after = run(Load(rpc="health", concurrency=8, **base))
+                around = (before.qps + after.qps) / 2
+                ratio = r.qps / around
+                ratios_of[model].append(ratio)
+                print(
+                    f"{model:<12}{r.qps:>9,.0f}{around:>9,.0f}{ratio:>8.2f}"
+                    f"{r.latency_ms['p50']:>9.2f}{r.latency_ms['p99']:>9.2f}   "
+                    f"{'ok' if ratio >= 0.7 else 'BELOW'}"
+                    + (f"  errors {r.errors}" if r.errors else ""),
+                    flush=True,
+                )
+                before = after
+        if args.model_rounds > 1:
+            # One 5-8 s run moves by about 0.1 on this shared machine; the median
+            # of the rounds is the figure to compare with the target.
+            print(f"\n{'model':<12}{'median':>8}{'range':>14}   target >= 0.70")
+            for model, got in ratios_of.items():
+                med = statistics.median(got)
+                print(
+                    f"{model:<12}{med:>8.2f}{min(got):>8.2f}-{max(got):.2f}   "
+                    f"{'ok' if med >= 0.7 else 'BELOW'}"
+                )
         if args.models_only:
             return
         # Every later step is set from this figure: the median of three runs, so
