@@ -21,6 +21,7 @@ are printed beside each figure.
 
     python bench/bench_traffic.py                     # about 4 minutes
     python bench/bench_traffic.py --duration 5 --workdir /tmp/qs
+    python bench/bench_traffic.py --duration 5 --workdir /tmp/qs --overload-rounds 5
 """
 
 from __future__ import annotations
@@ -140,7 +141,16 @@ def main() -> None:
         default=1,
         help="rounds of step 2 (every model between ceiling runs); above 1 the median is printed",
     )
+    ap.add_argument(
+        "--overload-rounds",
+        type=int,
+        default=1,
+        help="rounds of step 5 (the mix at twice its maximum), each printed with its codes per"
+        " call kind; above 1 the median goodput is printed",
+    )
     args = ap.parse_args()
+    if args.overload_rounds < 1:
+        ap.error("--overload-rounds: must be at least 1")
     if args.rounds < 1:
         ap.error("--rounds: must be at least 1")
     if args.model_rounds < 1:
@@ -227,16 +237,33 @@ def main() -> None:
         for kind, k in mixed.by_rpc.items():
             p50, p99 = k["latency_ms"]["p50"], k["latency_ms"]["p99"]
             print(f"  {kind:<10}{k['requests']:>7} calls  p50 {p50:.2f}  p99 {p99:.2f} ms")
-        over = run(Load(rpc="traffic", rate=2 * mix.qps, deadline=1.0, **{**base, "duration": 5.0}))
-        goodput = over.qps / mix.qps
-        codes = {"OK": over.requests - sum(over.errors.values()), **over.errors}
-        print(
-            f"\ntwice the maximum ({2 * mix.qps:,.0f} q/s), 1 s deadlines, 5 s: {codes}\n"
-            f"  goodput {over.qps:,.0f} OK/s = {goodput:.2f} of the maximum (target >= 0.8); "
-            f"refusals p50 {over.refusal_ms['p50']:.1f} ms, p99 {over.refusal_ms['p99']:.1f} ms "
-            f"(target <= 10 ms); DEADLINE_EXCEEDED {over.errors.get('DEADLINE_EXCEEDED', 0)}, "
-            f"CANCELLED {over.errors.get('CANCELLED', 0)} (target 0)"
-        )
+        # At twice the maximum one 5 s run lands anywhere between collapse and
+        # full goodput on this shared machine: --overload-rounds repeats it.
+        goodputs = []
+        for i in range(args.overload_rounds):
+            over = run(
+                Load(rpc="traffic", rate=2 * mix.qps, deadline=1.0, **{**base, "duration": 5.0})
+            )
+            goodputs.append(over.qps / mix.qps)
+            codes = {"OK": over.requests - sum(over.errors.values()), **over.errors}
+            label = f", round {i + 1}" if args.overload_rounds > 1 else ""
+            refusal, errors = over.refusal_ms, over.errors
+            print(
+                f"\ntwice the maximum ({2 * mix.qps:,.0f} q/s), 1 s deadlines, 5 s{label}: "
+                f"{codes}\n  goodput {over.qps:,.0f} OK/s = {goodputs[-1]:.2f} of the maximum "
+                f"(target >= 0.8); refusals p50 {refusal['p50']:.1f} ms, p99 "
+                f"{refusal['p99']:.1f} ms (target <= 10 ms); DEADLINE_EXCEEDED "
+                f"{errors.get('DEADLINE_EXCEEDED', 0)}, CANCELLED {errors.get('CANCELLED', 0)}"
+                " (target 0)",
+                flush=True,
+            )
+            for kind, k in over.by_rpc.items():
+                print(f"  {kind:<10} OK {k['ok']:>5}  refused or failed {k['errors'] or '-'}")
+        if args.overload_rounds > 1:
+            print(
+                f"  median goodput of {len(goodputs)} rounds {statistics.median(goodputs):.2f} "
+                f"(range {min(goodputs):.2f}-{max(goodputs):.2f}; target >= 0.8)"
+            )
     finally:
         proc.terminate()
         proc.wait(30)
