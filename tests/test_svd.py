@@ -95,6 +95,40 @@ def test_fold_in_is_the_ridge_solution(small):
     np.testing.assert_allclose(np.r_[b[0], p[0]], w, rtol=1e-4, atol=1e-6)
 
 
+def _ridge(model, items, ratings):
+    """The fold-in's minimiser by least squares on the stacked system (no normal
+    equations, no dual): the independent reference for both solve paths."""
+    z = np.hstack([np.ones((items.size, 1)), model.Q[items].astype(np.float64)])
+    t = ratings - model.mu - model.bi[items]
+    f1 = z.shape[1]
+    lam = np.sqrt(model.params["reg"] * items.size)
+    w, *_ = np.linalg.lstsq(
+        np.vstack([z, lam * np.eye(f1)]), np.concatenate([t, np.zeros(f1)]), rcond=None
+    )
+    return w
+
+
+@pytest.mark.parametrize("factors", [8, 40])
+def test_fold_in_of_short_and_long_histories_is_the_ridge_solution(small, factors):
+    # Histories shorter than the factor count take the n x n dual system, longer
+    # ones the primal; both must give the ridge solution, row by row in a batch.
+    model = create("svd", factors=factors, epochs=3).fit(small)
+    rng = np.random.default_rng(factors)
+    hists = []
+    for n in (1, 2, factors - 1, factors, factors + 1, factors + 7):
+        items = rng.choice(small.n_items, n, replace=False)
+        hists.append((items, rng.integers(1, 6, n).astype(np.float32)))
+    rows = model.history_matrix([h[0] for h in hists], [h[1] for h in hists])
+    p, b = model.fold_in(rows)
+    for r, (items, ratings) in enumerate(hists):
+        order = np.argsort(items)
+        want = _ridge(model, items[order], ratings[order])
+        np.testing.assert_allclose(np.r_[b[r], p[r]], want, rtol=1e-4, atol=1e-5)
+        one_p, one_b = model.fold_in(rows[r])
+        np.testing.assert_array_equal(one_p[0], p[r])
+        assert one_b[0] == b[r]
+
+
 def test_hogwild_trains_as_well(small):
     serial = evaluate(create("svd", factors=16, epochs=8), small, "random", (10,))
     model = create("svd", factors=16, epochs=8, hogwild=True)
