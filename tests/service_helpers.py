@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -106,6 +107,27 @@ class Server:
         except grpc.RpcError as exc:
             return exc
         raise AssertionError("the call succeeded")
+
+
+# Ports handed out by free_port, held (bound, never listening) until the test
+# process ends.
+_HELD_PORTS: list[socket.socket] = []
+
+
+def free_port() -> int:
+    """A loopback port for a server a test is about to start, held for the rest
+    of the session. A port found free and then released can be handed out again
+    before the server binds it, as a new connection's local port or to a server
+    binding port 0 (the app's own gRPC server): a fresh-clone CI run failed so,
+    EADDRINUSE on the metrics port. Held bound but never listening, with
+    SO_REUSEADDR, the port goes to nobody else, while a server that sets
+    SO_REUSEADDR too (gRPC, prometheus_client, Prometheus and Redis do) still
+    binds and listens on it."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(s)
+    return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 
@@ -13,13 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from recserve.config import Experiment, Hybrid
 from recserve.service import convert
 from recserve.v1 import recommender_pb2 as pb
-from tests.service_helpers import publish_models, running, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.service_helpers import free_port, publish_models, running, wait_for
 
 
 def scrape(port: int) -> dict[str, list]:

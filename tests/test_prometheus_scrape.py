@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -18,19 +17,13 @@ import pytest
 
 from recserve.clients.client import RecommenderClient
 from recserve.metrics import LATENCY_BUCKETS
-from tests.service_helpers import publish_models, running
+from tests.service_helpers import free_port, publish_models, running
 
 P99 = (
     "histogram_quantile(0.99, sum by (le) "
     '(rate(recserve_rpc_duration_seconds_bucket{method="Recommend"}[1m])))'
 )
 MEMORY = "sum(recserve_process_resident_memory_bytes)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def query(port: int, promql: str) -> list:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
@@ -19,7 +18,7 @@ import pytest
 
 from recserve.clients.client import RecommenderClient, RecserveError
 from recserve.clients.health import check
-from tests.service_helpers import publish_models, wait_for
+from tests.service_helpers import free_port, publish_models, wait_for
 from tests.test_serve_process import Proc, wait_serving
 
 if shutil.which("redis-server") is None:
@@ -27,12 +26,6 @@ if shutil.which("redis-server") is None:
         "redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)",
         allow_module_level=True,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

@@ -14,8 +14,8 @@ from recserve.clients.client import RecommenderClient
 from recserve.metrics import FLUSH_SECONDS
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
-from tests.service_helpers import publish_models
-from tests.test_metrics import free_port, scrape
+from tests.service_helpers import free_port, publish_models
+from tests.test_metrics import scrape
 from tests.test_serve_process import Proc, wait_serving
 
 calls_made: list[int] = []
