@@ -7,7 +7,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from recserve.clients.client import RecommenderClient
 from recserve.clients.health import check
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
-from tests.service_helpers import publish_models
+from tests.service_helpers import free_port, publish_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,9 +183,7 @@ def test_health_probe_exit_codes(models_dir):
         assert unknown.returncode == 1 and "SERVICE_UNKNOWN" in unknown.stdout
     finally:
         assert p.stop() == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
+    free = free_port()  # held, never listening: nothing answers there
     down = subprocess.run(
         [
             sys.executable,
