@@ -86,12 +86,7 @@ def test_fold_in_is_the_ridge_solution(small):
     model = create("svd", factors=8, epochs=5).fit(small)
     row = small.interactions[4]
     p, b = model.fold_in(row)
-    z = np.hstack([np.ones((row.nnz, 1)), model.Q[row.indices].astype(np.float64)])
-    t = row.data - model.mu - model.bi[row.indices]
-    lam = np.sqrt(model.params["reg"] * row.nnz)
-    w, *_ = np.linalg.lstsq(
-        np.vstack([z, lam * np.eye(9)]), np.concatenate([t, np.zeros(9)]), rcond=None
-    )
+    w = _ridge(model, row.indices, row.data)
     np.testing.assert_allclose(np.r_[b[0], p[0]], w, rtol=1e-4, atol=1e-6)
 
 
