@@ -173,3 +173,57 @@ def test_epochs_validates_and_reports_progress():
         sgd.bpr_epochs(x.indptr, x.indices, p, q, b, 0.05, 0.01, seed=0, epochs=-1)
     with pytest.raises(ValueError, match="indptr"):
         sgd.bpr_epochs(x.indptr[:-1], x.indices, p, q, b, 0.05, 0.01, seed=0)
+
+
+def test_fold_in_kernel_replays_the_sampled_steps_with_items_frozen():
+    # One epoch: the triples bpr_sample draws for the row, applied by the BPR
+    # step in numpy to the user only, from zero factors.
+    rng = np.random.default_rng(2)
+    q = (rng.standard_normal((40, 6)) * 0.4).astype(np.float32)
+    b = (rng.standard_normal(40) * 0.2).astype(np.float32)
+    items = np.sort(rng.choice(40, 9, replace=False)).astype(np.int32)
+    lr, reg, seed = 0.05, 0.01, 77
+    want = np.zeros(6)
+    indptr = np.array([0, items.size], np.int64)
+    for _, i, j in sgd.bpr_sample(indptr, items, 40, items.size, seed):
+        assert j >= 0
+        z = 1.0 / (1.0 + np.exp(want @ (q[i] - q[j]) + b[i] - b[j]))
+        want = want + lr * (z * (q[i] - q[j]) - reg * want)
+    got = sgd.bpr_fold_in(items, q, b, lr, reg, seed, 1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert got.any()
+
+
+def test_fold_in_kernel_is_the_training_kernel_on_one_frozen_row():
+    rng = np.random.default_rng(3)
+    q = (rng.standard_normal((300, 16)) * 0.3).astype(np.float32)
+    b = (rng.standard_normal(300) * 0.1).astype(np.float32)
+    q.setflags(write=False)  # a memory-mapped bundle's factors
+    for n, seed in [(1, 0), (10, 5), (10, 2**63 + 11), (57, 9), (299, 1), (300, 2)]:
+        items = np.sort(rng.choice(300, n, replace=False)).astype(np.int32)
+        if n == 10:
+            items[4] = items[3]  # a repeated positive counts twice in both
+        p = np.zeros((1, 16), np.float32)
+        sgd.bpr_epochs(
+            np.array([0, n], np.int64), items, p, q, b, 0.03, 0.02, seed,
+            epochs=20, n_threads=1, update_items=False,
+        )  # fmt: skip
+        np.testing.assert_array_equal(sgd.bpr_fold_in(items, q, b, 0.03, 0.02, seed, 20), p[0])
+    empty = sgd.bpr_fold_in(np.zeros(0, np.int32), q, b, 0.03, 0.02, 0, 20)
+    assert empty.shape == (16,) and not empty.any()
+
+
+def test_fold_in_kernel_checks_its_inputs():
+    q, b = np.zeros((5, 4), np.float32), np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match=r"items: item ids must lie in \[0, 5\), got 5"):
+        sgd.bpr_fold_in(np.array([1, 5], np.int32), q, b, 0.1, 0.0, 0, 3)
+    with pytest.raises(ValueError, match="items: must be sorted"):
+        sgd.bpr_fold_in(np.array([3, 1], np.int32), q, b, 0.1, 0.0, 0, 3)
+    with pytest.raises(TypeError, match="items: expected dtype int32"):
+        sgd.bpr_fold_in(np.array([1, 2], np.int64), q, b, 0.1, 0.0, 0, 3)
+    with pytest.raises(ValueError, match="epochs"):
+        sgd.bpr_fold_in(np.array([1], np.int32), q, b, 0.1, 0.0, 0, -1)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        sgd.bpr_fold_in(np.array([1], np.int32), q, b, 0.0, 0.0, 0, 3)
+    with pytest.raises(ValueError, match="bias one entry per item"):
+        sgd.bpr_fold_in(np.array([1], np.int32), q, b[:4].copy(), 0.1, 0.0, 0, 3)

@@ -481,28 +481,16 @@ class BPR(EmbeddingIndexMixin):
         h.sort_indices()
         f = self.Q.shape[1]
         out = np.zeros((h.shape[0], f), np.float32)
-        q = np.ascontiguousarray(self.Q)
-        b = np.ascontiguousarray(self.bias)
+        q = np.ascontiguousarray(self.Q, np.float32)
+        b = np.ascontiguousarray(self.bias, np.float32)
+        p = self.params
         for r in range(h.shape[0]):
-            row = h[r]
-            if row.nnz == 0:
+            # The row's arrays, not h[r] (scipy's row slice costs ~20 us).
+            items = np.asarray(h.indices[h.indptr[r] : h.indptr[r + 1]], np.int32)
+            if items.size == 0:
                 continue
-            seed = int(np.uint64(row.indices.sum() + 7919 * row.nnz))
-            p = np.zeros((1, f), np.float32)
-            sgdk.bpr_epochs(
-                row.indptr,
-                row.indices,
-                p,
-                q,
-                b,
-                self.params["lr"],
-                self.params["reg"],
-                seed,
-                epochs=self.params["fold_in_epochs"],
-                n_threads=1,
-                update_items=False,
-            )
-            out[r] = p[0]
+            seed = int(np.uint64(int(items.sum(dtype=np.int64)) + 7919 * items.size))
+            out[r] = sgdk.bpr_fold_in(items, q, b, p["lr"], p["reg"], seed, p["fold_in_epochs"])
         return out
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
