@@ -5,7 +5,7 @@
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport isfinite, pow, sqrt
+from libc.math cimport NAN, isfinite, pow, sqrt
 
 from .parallel cimport recserve_prefetch, resolve_threads, threads_for
 from .topk cimport (best_of_row, buffer_offer, drain_best, heap_drain, heap_offer, mark, nan_at,
@@ -143,6 +143,63 @@ def knn_col_norm(b_indices, b_data, Py_ssize_t n_cols, str similarity="cosine"):
     return np.bincount(b_indices, weights=np.asarray(b_data, np.float64) ** 2, minlength=n_cols)
 
 
+cdef inline double transform(int kind, double d, double ri, double cj, double sh) noexcept nogil:
+    """Similarity from a dot product d and the two sides' norms (see knn)."""
+    cdef double den
+    if kind == 0:
+        return d
+    if kind == 3:
+        den = ri + cj - d + sh
+    else:
+        den = ri * cj + sh
+    return d / den if den > 0 else 0.0
+
+
+cdef int knn_row(const int* aix, const float* ax, long long a0, long long a1, double rn_i,
+                 const long long* bip, const int* bix, const float* bx, const double* cn,
+                 const float* cs, int kind, bint bin_, double sh, int n_cols, int k,
+                 Py_ssize_t self_col, double* ACC, float* VAL, unsigned char* FLAG,
+                 unsigned char* MASK, int* TOUCH, int* HI, float* HV, int* oi,
+                 float* ov) noexcept nogil:
+    """One row of knn: the row a0..a1 of A times B, transformed, its top k into
+    oi/ov; returns how many. self_col >= 0 is never kept. The scratch (n_cols
+    wide, k for the heap) is left zeroed as found."""
+    cdef long long p, q
+    cdef int j, u, n_touched = 0, m, c
+    cdef double d, w
+    for p in range(a0, a1):
+        u = aix[p]
+        w = 1.0 if bin_ else ax[p]
+        for q in range(bip[u], bip[u + 1]):
+            j = bix[q]
+            if not FLAG[j]:
+                FLAG[j] = 1
+                TOUCH[n_touched] = j
+                n_touched = n_touched + 1
+            ACC[j] += w * (1.0 if bin_ else bx[q])
+    for c in range(n_touched):
+        j = TOUCH[c]
+        d = ACC[j]
+        if d == 0.0:
+            VAL[j] = NAN  # products that cancel exactly make no neighbour
+            continue
+        VAL[j] = <float>(transform(kind, d, rn_i, cn[j], sh) * cs[j])
+    if self_col >= 0:
+        MASK[self_col] = 1
+    m = select_topk(VAL, n_cols, k, MASK, TOUCH if n_touched > 0 else NULL, n_touched,
+                    HI, HV, oi, ov)
+    if n_touched == 0:
+        m = 0
+    if self_col >= 0:
+        MASK[self_col] = 0
+    for c in range(n_touched):
+        j = TOUCH[c]
+        ACC[j] = 0.0
+        VAL[j] = 0.0
+        FLAG[j] = 0
+    return m
+
+
 def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_cols,
         int k, str similarity="cosine", double alpha=0.5, double shrink=0.0,
         col_scale=None, bint exclude_self=False, int n_threads=0, col_norm=None):
@@ -225,74 +282,160 @@ def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_c
     cdef int[:, ::1] TOUCH = touch_buf
     cdef int[:, ::1] HI = heap_i
     cdef float[:, ::1] HV = heap_v
-    cdef double sh = shrink, d, den, s, w
-    cdef float nan = float("nan")
+    cdef double sh = shrink
     cdef bint bin_ = binary, excl = exclude_self
     cdef Py_ssize_t i
-    cdef long long p, q
-    cdef int t, j, u, n_touched, m, c
+    cdef int t
     if n_rows == 0:
         return np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
     with nogil, parallel(num_threads=nt):
         for i in prange(n_rows, schedule="dynamic", chunksize=32):
             t = threadid()
-            n_touched = 0
-            for p in range(aip[i], aip[i + 1]):
-                u = aix[p]
-                w = 1.0 if bin_ else ax[p]
-                for q in range(bip[u], bip[u + 1]):
-                    j = bix[q]
-                    if not FLAG[t, j]:
-                        FLAG[t, j] = 1
-                        TOUCH[t, n_touched] = j
-                        n_touched = n_touched + 1
-                    ACC[t, j] += w * (1.0 if bin_ else bx[q])
-            for c in range(n_touched):
-                j = TOUCH[t, c]
-                d = ACC[t, j]
-                if d == 0.0:
-                    VAL[t, j] = nan  # products that cancel exactly make no neighbour
-                    continue
-                if kind == 0:
-                    s = d
-                elif kind == 3:
-                    den = rn[i] + cn[j] - d + sh
-                    s = d / den if den > 0 else 0.0
-                else:
-                    den = rn[i] * cn[j] + sh
-                    s = d / den if den > 0 else 0.0
-                VAL[t, j] = <float>(s * cs[j])
-            if excl:
-                MASK[t, i] = 1
-            m = select_topk(&VAL[t, 0], <int>n_cols, k, &MASK[t, 0],
-                            &TOUCH[t, 0] if n_touched > 0 else NULL, n_touched,
-                            &HI[t, 0], &HV[t, 0], &oi[i, 0], &ov[i, 0])
-            if n_touched == 0:
-                m = 0
-            cnt[i] = m
-            if excl:
-                MASK[t, i] = 0
-            for c in range(n_touched):
-                j = TOUCH[t, c]
-                ACC[t, j] = 0.0
-                VAL[t, j] = 0.0
-                FLAG[t, j] = 0
+            cnt[i] = knn_row(&aix[0] if aix.shape[0] else NULL, &ax[0] if ax.shape[0] else NULL,
+                             aip[i], aip[i + 1], rn[i], &bip[0],
+                             &bix[0] if bix.shape[0] else NULL, &bx[0] if bx.shape[0] else NULL,
+                             &cn[0] if n_cols else NULL, &cs[0] if n_cols else NULL, kind,
+                             bin_, sh, <int>n_cols, k,
+                             i if excl else -1, &ACC[t, 0], &VAL[t, 0], &FLAG[t, 0],
+                             &MASK[t, 0], &TOUCH[t, 0], &HI[t, 0], &HV[t, 0], &oi[i, 0],
+                             &ov[i, 0])
     keep = np.arange(k)[None, :] < counts[:, None]
     indptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
     return indptr, out_idx[keep], out_val[keep]
 
 
-cdef inline double transform(int kind, double d, double ri, double cj, double sh) noexcept nogil:
-    """Similarity from a dot product d and the two sides' norms (see knn)."""
-    cdef double den
-    if kind == 0:
-        return d
-    if kind == 3:
-        den = ri + cj - d + sh
-    else:
-        den = ri * cj + sh
-    return d / den if den > 0 else 0.0
+cdef class KnnScratch:
+    """The buffers of one KnnIndex.query over n columns, reused across calls (one
+    per thread: not thread-safe); the top-k buffers grow to the largest k."""
+
+    cdef readonly Py_ssize_t n
+    cdef int k
+    cdef object acc, val, flag, mask, touch, hi, hv
+
+    def __init__(self, Py_ssize_t n_cols):
+        self.n = max(n_cols, 1)
+        self.acc = np.zeros(self.n, np.float64)
+        self.val = np.zeros(self.n, np.float32)
+        self.flag = np.zeros(self.n, np.uint8)
+        self.mask = np.zeros(self.n, np.uint8)
+        self.touch = np.empty(self.n, np.int32)
+        self.k = 0
+        self._grow(16)
+
+    def _grow(self, int k):
+        if k > self.k:
+            self.k = k
+            self.hi = np.empty(k, np.int32)
+            self.hv = np.empty(k, np.float32)
+
+
+cdef class KnnIndex:
+    """B (inner x n_cols, CSR) validated once, with its column norms already
+    transformed, for knn queries of one row at a time: a fold-in's search of
+    its neighbours (userknn: a new user's weighted history against every
+    training user). knn() re-validated B (O(nnz)) and recomputed the norms'
+    transform (O(n_cols)) and allocated its scratch on every call, several
+    times the search itself for a ten-item row. query() returns what knn
+    returns for a one-row A, bit for bit."""
+
+    cdef readonly object indptr, indices, data, col_den, col_scale
+    cdef readonly Py_ssize_t n_rows, n_cols
+    cdef readonly str similarity
+    cdef readonly double alpha, shrink
+    cdef int kind
+
+    def __init__(self, b_indptr, b_indices, b_data, Py_ssize_t n_cols, str similarity="cosine",
+                 double alpha=0.5, double shrink=0.0, col_scale=None, col_norm=None):
+        check_knn_params(similarity, 1, alpha, shrink)
+        self.indptr, self.indices, self.data = as_csr(b_indptr, b_indices, b_data, n_cols, "b")
+        self.n_rows = self.indptr.shape[0] - 1
+        self.n_cols = n_cols
+        self.similarity, self.alpha, self.shrink = similarity, alpha, shrink
+        self.kind = SIMILARITIES[similarity]
+        if col_norm is None:
+            col_norm = knn_col_norm(self.indices, self.data, n_cols, similarity)
+        else:
+            col_norm = check_array(np.asarray(col_norm), "col_norm", np.float64, 1)
+            if col_norm.shape[0] != n_cols:
+                raise ValueError(f"col_norm: expected length {n_cols}, got {col_norm.shape[0]}")
+        # The same numpy expressions as knn's, so the same roundings.
+        if self.kind == 1:
+            col_norm = np.sqrt(col_norm)
+        elif self.kind == 2:
+            col_norm = col_norm ** (1.0 - alpha)
+        self.col_den = np.ascontiguousarray(col_norm, dtype=np.float64)
+        scale = (np.ones(n_cols, np.float32) if col_scale is None
+                 else check_array(np.ascontiguousarray(col_scale, dtype=np.float32),
+                                  "col_scale", np.float32, 1))
+        if scale.shape[0] != n_cols:
+            raise ValueError(f"col_scale: expected length {n_cols}, got {scale.shape[0]}")
+        self.col_scale = scale
+
+    def query(self, indices, data, int k, KnnScratch scratch):
+        """The top k columns of a @ B for one row a (indices into B's rows, and
+        their values), transformed like knn: 1-d (columns int32, similarities
+        float32), best first, ties by lower column."""
+        if k <= 0:
+            raise ValueError(f"k: must be positive, got {k}")
+        if scratch.n != max(self.n_cols, 1):
+            raise ValueError(f"scratch: sized for {scratch.n} columns, not {self.n_cols}")
+        if not isinstance(indices, np.ndarray) or indices.dtype.kind not in "iu":
+            raise TypeError("indices: expected an integer numpy array")
+        if not isinstance(data, np.ndarray) or data.dtype not in (np.float32, np.float64):
+            got = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
+            raise TypeError(f"data: expected float32 or float64, got {got}")
+        a_ix = np.ascontiguousarray(indices, dtype=np.int32)
+        a_x = np.ascontiguousarray(data, dtype=np.float32)
+        if a_x.ndim != 1 or a_ix.ndim != 1 or a_x.shape[0] != a_ix.shape[0]:
+            raise ValueError(f"data: expected one value per index ({a_ix.shape[0]})")
+        cdef const int[::1] aix = a_ix
+        cdef const float[::1] ax = a_x
+        cdef Py_ssize_t n = a_ix.shape[0], e
+        cdef int rows = <int>self.n_rows
+        for e in range(n):
+            if aix[e] < 0 or aix[e] >= rows:
+                raise ValueError(f"indices: values must lie in [0, {rows}), got {aix[e]}")
+        # The row norm by knn's expressions (reduceat's summation, numpy's powers).
+        if self.kind == 3:
+            rn = np.array([float(n)])
+        else:
+            rn = np.zeros(1)
+            if n:
+                rn[:] = np.add.reduceat(a_x.astype(np.float64) ** 2, np.zeros(1, np.int64))
+        if self.kind == 1:
+            rn = np.sqrt(rn)
+        elif self.kind == 2:
+            rn = rn ** self.alpha
+        cdef double rn_i = rn[0]
+        scratch._grow(k)
+        out_i = np.empty(k, np.int32)
+        out_v = np.empty(k, np.float32)
+        cdef const long long[::1] bip = self.indptr
+        cdef const int[::1] bix = self.indices
+        cdef const float[::1] bx = self.data
+        cdef const double[::1] cn = self.col_den
+        cdef const float[::1] cs = self.col_scale
+        cdef double[::1] ACC = scratch.acc
+        cdef float[::1] VAL = scratch.val
+        cdef unsigned char[::1] FLAG = scratch.flag
+        cdef unsigned char[::1] MASK = scratch.mask
+        cdef int[::1] TOUCH = scratch.touch
+        cdef int[::1] HI = scratch.hi
+        cdef float[::1] HV = scratch.hv
+        cdef int[::1] oi = out_i
+        cdef float[::1] ov = out_v
+        cdef int m = 0
+        if n == 0:
+            return out_i[:0], out_v[:0]
+        with nogil:
+            m = knn_row(&aix[0], &ax[0], 0, n, rn_i, &bip[0],
+                        &bix[0] if bix.shape[0] else NULL, &bx[0] if bx.shape[0] else NULL,
+                        &cn[0] if self.n_cols else NULL, &cs[0] if self.n_cols else NULL,
+                        self.kind, self.kind == 3, self.shrink, <int>self.n_cols, k, -1,
+                        &ACC[0], &VAL[0], &FLAG[0], &MASK[0], &TOUCH[0], &HI[0], &HV[0],
+                        &oi[0], &ov[0])
+        return out_i[:m], out_v[:m]
 
 
 cdef void apply_offers(const int* rows, const int* items, const float* scores, int m,

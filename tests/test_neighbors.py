@@ -76,6 +76,31 @@ def test_userknn_known_and_folded_in_users_equal_numpy(small):
         assert got.tolist() == rank(top @ x, h > 0, 10)
 
 
+@pytest.mark.parametrize("weighting", ["bm25", "tfidf", "none"])
+def test_userknn_one_row_fold_in_is_the_batch_search(small, weighting):
+    # One history (the serving path) searches a KnnIndex kept by the model;
+    # several rows run the general knn kernel. Same neighbours, bit for bit,
+    # and the one-row ranking is theirs times the training rows.
+    model = create("userknn", k=25, weighting=weighting, shrink=10.0).fit(small)
+    x = small.interactions.toarray().astype(np.float64)
+    rows = [[1, 5, 9, 40, 41], [2, 3], [7, 8, 9, 10, 11, 12, 60], [0]]
+    h = sp.lil_matrix((len(rows), small.n_items), dtype=np.float32)
+    for r, items in enumerate(rows):
+        h[r, items] = np.arange(1, len(items) + 1)
+    h = h.tocsr()
+    many = model._neighbours(h)
+    for r, items in enumerate(rows):
+        one = model._neighbours(h[r])
+        lo, hi = many.indptr[r], many.indptr[r + 1]
+        np.testing.assert_array_equal(one.indices, many.indices[lo:hi])
+        np.testing.assert_array_equal(one.data, many.data[lo:hi])
+        assert one.nnz == min(25, int((x[:, items] != 0).any(axis=1).sum()))
+        got, _ = model.recommend_from_history(np.array(items), h[r].data, k=10)
+        seen = np.zeros(small.n_items, bool)
+        seen[items] = True
+        assert got.tolist() == rank(many[r].toarray()[0] @ x, seen, 10)
+
+
 def test_userknn_refit_folds_in_against_the_new_users(small):
     # The fold-in index and the item -> users matrix a model keeps belong to the
     # data it was fitted on: refitted, it answers as a model fitted afresh.

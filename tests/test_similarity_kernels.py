@@ -394,3 +394,70 @@ def test_score_one_equals_score_topk_row_by_row_and_checks_its_inputs():
         7,
     )
     np.testing.assert_array_equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("kind", ["dot", "cosine", "asymmetric", "jaccard"])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_knn_index_query_is_knn_of_one_row_and_matches_dense(kind, scaled):
+    # A fold-in's search: one new row against B validated once (userknn).
+    b = random_csr(70, 90, 0.1, seed=3, integer=False)  # inner x columns
+    b.data -= 0.2  # negative products, some cancelling
+    rng = np.random.default_rng(4)
+    scale = rng.random(90).astype(np.float32) if scaled else None
+    shrink = 0.0 if kind == "dot" else 1.5
+    index = simk.KnnIndex(b.indptr, b.indices, b.data, 90, kind, 0.3, shrink, scale)
+    scratch = simk.KnnScratch(90)
+    for trial in range(40):
+        n = int(rng.integers(0, 12))
+        ai = rng.choice(70, n, replace=False).astype(np.int32)
+        ad = rng.standard_normal(n).astype(np.float64 if trial % 2 else np.float32)
+        k = int(rng.choice([1, 5, 30, 200]))
+        qi, qv = index.query(ai, ad, k, scratch)
+        _, ix, v = simk.knn(
+            np.array([0, n], np.int64), ai, ad, b.indptr, b.indices, b.data, 90, k, kind,
+            alpha=0.3, shrink=shrink, col_scale=scale, n_threads=1,
+        )  # fmt: skip
+        np.testing.assert_array_equal(qi, ix)
+        np.testing.assert_array_equal(qv, v)  # bit for bit: the same kernel row
+        a = sp.csr_matrix((ad, ai, [0, n]), shape=(1, 70))
+        d, s = dense_similarity(a, b, kind, alpha=0.3, shrink=shrink, col_scale=scale)
+        ref = [j for j in range(90) if d[0, j] != 0]
+        if not ref:
+            assert qi.size == 0
+            continue
+        # best first, and nothing outside the answer beats its last entry
+        np.testing.assert_allclose(qv, s[0, qi], rtol=1e-5, atol=1e-6)
+        assert (np.diff(qv) <= 0).all() and set(qi) <= set(ref)
+        rest = sorted(set(ref) - set(qi.tolist()))
+        assert qi.size == min(k, len(ref))
+        if rest:
+            assert s[0, rest].max() <= qv[-1] + 1e-5
+
+
+def test_knn_index_checks_its_inputs():
+    b = random_csr(20, 30, 0.2, seed=5)
+    index = simk.KnnIndex(b.indptr, b.indices, b.data, 30, "cosine")
+    scratch = simk.KnnScratch(30)
+    ok_i, ok_v = np.array([1, 4], np.int32), np.ones(2, np.float32)
+    with pytest.raises(ValueError, match=r"indices: values must lie in \[0, 20\), got 20"):
+        index.query(np.array([1, 20], np.int32), ok_v, 5, scratch)
+    with pytest.raises(ValueError, match="data: expected one value per index"):
+        index.query(ok_i, np.ones(3, np.float32), 5, scratch)
+    with pytest.raises(TypeError, match="data: expected float32 or float64"):
+        index.query(ok_i, np.ones(2, np.int64), 5, scratch)
+    with pytest.raises(ValueError, match="k: must be positive"):
+        index.query(ok_i, ok_v, 0, scratch)
+    with pytest.raises(ValueError, match="scratch: sized for 31 columns, not 30"):
+        index.query(ok_i, ok_v, 5, simk.KnnScratch(31))
+    with pytest.raises(ValueError, match="similarity"):
+        simk.KnnIndex(b.indptr, b.indices, b.data, 30, "pearson")
+    with pytest.raises(ValueError, match=r"b_indices: values must lie in \[0, 29\)"):
+        simk.KnnIndex(b.indptr, b.indices, b.data, 29, "dot")
+    with pytest.raises(ValueError, match="col_norm: expected length 30"):
+        simk.KnnIndex(b.indptr, b.indices, b.data, 30, "dot", col_norm=np.ones(29))
+    # the scratch is left clean: a query after another answers as on a fresh one
+    index.query(np.array([0, 2, 3], np.int32), np.full(3, 2.0, np.float32), 7, scratch)
+    after = index.query(ok_i, ok_v, 5, scratch)
+    fresh = index.query(ok_i, ok_v, 5, simk.KnnScratch(30))
+    assert after[0].size and after[0].tolist() == fresh[0].tolist()
+    np.testing.assert_array_equal(after[1], fresh[1])

@@ -227,17 +227,16 @@ class _Neighbourhood(Recommender):
         cache = self._one_checked()
         if row.shape != (1, self.n_items):
             raise ValueError(f"row: expected shape (1, {self.n_items}), got {row.shape}")
-        h = self._history_weights(row)
+        indices, weights = self._history_weights(row)
         items = np.asarray(row.indices, np.int32) if filter_seen else None
-        simk.dense_history(
-            cache[4], np.asarray(h.indices, np.int32), np.asarray(h.data, np.float32), out, items
-        )
+        simk.dense_history(cache[4], indices, weights, out, items)
         return True
 
-    def _history_weights(self, row: sp.csr_matrix) -> sp.csr_matrix:
-        """The sparse row that multiplies the scored matrix for a fold-in: the
-        history itself here; userknn's neighbours of the history."""
-        return row
+    def _history_weights(self, row: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        """The sparse row that multiplies the scored matrix for a fold-in, as
+        (indices int32, values float32): the history itself here; userknn's
+        neighbours of the history."""
+        return np.asarray(row.indices, np.int32), np.asarray(row.data, np.float32)
 
     def _one_checked(self) -> tuple[Any, ...]:
         """The one-user call's matrices, validated once per model: (history rows,
@@ -420,37 +419,73 @@ class UserKNN(_Neighbourhood):
 
     def _neighbours(self, history: sp.csr_matrix) -> sp.csr_matrix:
         """Top-k similar training users of each history row (fold-in)."""
-        h = history.tocsr().astype(np.float32)
-        if self.params["weighting"] != "none" and h.nnz:
-            data, _, _ = simk.weight(
-                h.indptr,
-                h.indices,
-                h.data,
-                self.n_items,
-                self.params["weighting"],
-                self.params["K1"],
-                self.params["B"],
-                idf=self._idf,
-                avg_len=self._avg_len,
-                n_threads=self.n_threads,
-            )
-            h = csr(h.indptr.astype(np.int64), h.indices, data, h.shape)
-        b, norm = self._fold_index()
+        h = history.tocsr()
+        if h.shape[0] == 1:
+            ix, v = self._history_weights(h)
+            return csr(np.array([0, ix.size], np.int64), ix, v, (1, self.n_users))
+        data = self._weighted_data(h.indptr, h.indices, h.data)
+        h = csr(h.indptr.astype(np.int64), h.indices, data, h.shape)
+        b, norm, _, _ = self._fold_index()
         return self._knn(h, b, self.n_users, exclude_self=False, col_norm=norm)
 
-    def _fold_index(self) -> tuple[sp.csr_matrix, np.ndarray]:
-        """The weighted training users by item (items x users) and their norms:
-        what every fold-in searches, built on the first one and kept while
+    def _history_weights(self, row: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        # One row from its arrays: scipy's tocsr/astype cost more than the search.
+        indices = np.asarray(row.indices, np.int32)
+        indptr = np.array([0, indices.size], np.int64)
+        return self._neighbour_row(indices, self._weighted_data(indptr, indices, row.data))
+
+    def _weighted_data(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> Any:
+        """History rows' values weighted as the training users were (stored idf,
+        mean row length), float32."""
+        data = np.asarray(data, np.float32)
+        if self.params["weighting"] == "none" or not data.size:
+            return data
+        weighted, _, _ = simk.weight(
+            np.asarray(indptr, np.int64),
+            indices,
+            data,
+            self.n_items,
+            self.params["weighting"],
+            self.params["K1"],
+            self.params["B"],
+            idf=self._idf,
+            avg_len=self._avg_len,
+            n_threads=self.n_threads,
+        )
+        return weighted
+
+    def _neighbour_row(
+        self, indices: np.ndarray, data: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One weighted history's top-k training users, (users int32, similarities
+        float32): knn's row, by a KnnIndex validated once and this thread's scratch."""
+        _, _, index, local = self._fold_index()
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = simk.KnnScratch(self.n_users)
+        return index.query(indices, data, self.params["k"], scratch)
+
+    def _fold_index(self) -> tuple[Any, ...]:
+        """What every fold-in searches, built on the first one and kept while
         users_w is the same (was a transpose and a pass over every interaction
-        per cold request). A racing first build makes an equal twin."""
+        per cold request): the weighted training users by item (items x users),
+        their column norms, the same as a KnnIndex, and a per-thread scratch
+        holder. A racing first build makes an equal twin."""
         w = self.users_w
         cache = getattr(self, "_fold_cache", None)
         if cache is None or cache[0] is not w:
             b = w.T.tocsr()
             b = csr(b.indptr.astype(np.int64), b.indices, b.data.astype(np.float32), b.shape)
-            sim = self.params.get("similarity", "dot")
-            cache = self._fold_cache = (w, b, simk.knn_col_norm(b.indices, b.data, b.shape[1], sim))
-        return cache[1], cache[2]
+            p = self.params
+            sim = p.get("similarity", "dot")
+            norm = simk.knn_col_norm(b.indices, b.data, b.shape[1], sim)
+            alpha = p.get("alpha", 0.5) if sim == "asymmetric" else 0.5
+            index = simk.KnnIndex(
+                b.indptr, b.indices, b.data, b.shape[1], sim, alpha, p.get("shrink", 0.0),
+                col_norm=norm,
+            )  # fmt: skip
+            cache = self._fold_cache = (w, b, norm, index, threading.local())
+        return cache[1:]
 
     def _item_users(self) -> sp.csr_matrix:
         """The training interactions by item (items x users), kept while
@@ -486,9 +521,6 @@ class UserKNN(_Neighbourhood):
     def _rank(self, users, history, k, excl, cand):
         h = self.sim[users] if users is not None else self._neighbours(history)
         return self._score(h.tocsr(), self.user_items, k, excl, cand)
-
-    def _history_weights(self, row: sp.csr_matrix) -> sp.csr_matrix:
-        return self._neighbours(row).tocsr()
 
     def _one_user(self) -> tuple[Any, Any]:
         return self.sim, self.user_items
