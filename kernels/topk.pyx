@@ -513,6 +513,40 @@ def topk_ranked(order, scores, Py_ssize_t n_queries, int k,
     return out_idx, out_val
 
 
+def ranked_one(order, scores, int k, exclude, mask):
+    """topk_ranked for one query without candidates, the serving call of a
+    shared-score model (popularity): the first k items of `order` not in
+    `exclude` (int32 ids; out-of-range ids ignored), with no per-call
+    allocation but the answer. `mask` is the caller's uint8 scratch of
+    len(scores) zero bytes (one per thread), left zeroed. Returns 1-d
+    (items int32, scores float32), exactly min(k, eligible) long, equal to
+    topk_ranked's row."""
+    check_array(order, "order", np.int32, 1)
+    check_array(scores, "scores", np.float32, 1)
+    check_array(exclude, "exclude", np.int32, 1)
+    check_array(mask, "mask", np.uint8, 1)
+    if order.shape[0] != scores.shape[0] or mask.shape[0] != max(scores.shape[0], 1):
+        raise ValueError(f"order and mask: expected length {scores.shape[0]} (scores)")
+    if k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}")
+    cdef int n = <int> scores.shape[0], m = 0
+    out_idx = np.empty(max(k, 1), np.int32)
+    out_val = np.empty(max(k, 1), np.float32)
+    cdef const int[::1] O = order
+    cdef const float[::1] S = scores
+    cdef const int[::1] E = exclude
+    cdef unsigned char[::1] M = mask
+    cdef int[::1] oi = out_idx
+    cdef float[::1] ov = out_val
+    cdef long long ne = E.shape[0]
+    if k > 0 and n > 0:
+        with nogil:
+            mark(&M[0], &E[0] if ne else NULL, 0, ne, n, 1)
+            m = walk_ranked(&O[0], &S[0], n, k, &M[0], &oi[0], &ov[0])
+            mark(&M[0], &E[0] if ne else NULL, 0, ne, n, 0)
+    return out_idx[:m], out_val[:m]
+
+
 # ---------------------------------------------------------------------------
 # Dense one-user rows and the hybrid blend: a hybrid scores each component into
 # a row of one (components x items) scratch matrix (NaN = not eligible), then

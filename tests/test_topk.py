@@ -72,6 +72,30 @@ def test_ranked_walk_equals_dense_selection():
     np.testing.assert_array_equal(s1, s2)
 
 
+def test_ranked_one_is_the_dense_selection_and_leaves_its_mask_clean():
+    # Popularity's serving call: one query, the caller's per-thread mask.
+    rng = np.random.default_rng(5)
+    shared = rng.integers(0, 6, 50).astype(np.float32)
+    order = np.lexsort((np.arange(50), -shared)).astype(np.int32)
+    mask = np.zeros(50, np.uint8)
+    for _ in range(40):
+        excl = rng.integers(-3, 53, rng.integers(0, 45)).astype(np.int32)  # repeats, out of range
+        k = int(rng.integers(0, 60))
+        got_i, got_s = topk.ranked_one(order, shared, k, excl, mask)
+        kept = excl[(excl >= 0) & (excl < 50)]
+        i2, s2 = topk.topk_dense(shared[None, :].copy(), k, *rows([list(kept)]))
+        n = int((i2[0] >= 0).sum())
+        np.testing.assert_array_equal(got_i, i2[0, :n])
+        np.testing.assert_array_equal(got_s, s2[0, :n])
+        assert not mask.any()
+    with pytest.raises(ValueError, match="order and mask: expected length 50"):
+        topk.ranked_one(order, shared, 3, np.zeros(0, np.int32), np.zeros(49, np.uint8))
+    with pytest.raises(TypeError, match="exclude: expected dtype int32"):
+        topk.ranked_one(order, shared, 3, np.zeros(0, np.int64), mask)
+    with pytest.raises(ValueError, match="k: must be >= 0"):
+        topk.ranked_one(order, shared, -1, np.zeros(0, np.int32), mask)
+
+
 def test_wrappers_name_what_is_wrong():
     good = np.zeros((2, 3), np.float32)
     with pytest.raises(TypeError, match="scores: expected dtype float32, got float64"):

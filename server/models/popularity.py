@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from recserve.data import Dataset
 from recserve.kernels import topk
-from recserve.models.base import Param, Recommender
+from recserve.models.base import Param, Recommender, check_k
 from recserve.models.registry import register
 
 DAY = 86_400
@@ -79,6 +79,25 @@ class Popularity(Recommender):
         return topk.topk_ranked(
             self.order, self.scores, n, k, excl[0], excl[1], ca[0], ca[1], self.n_threads
         )
+
+    def recommend_user(
+        self, user: int, k: int = 10, filter_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One known user, the serving call: one walk of the shared order
+        skipping the user's items, a per-thread mask, no validation of the
+        exclusion rows (the general path's numpy reductions cost more than
+        the walk). Equal to recommend([user], k)[:, :eligible]."""
+        self._require_fitted()
+        if not 0 <= user < self.n_users:
+            raise IndexError(f"users: indices must be in [0, {self.n_users})")
+        check_k(k)
+        indptr, indices = self._csr_views()
+        seen = indices[indptr[user] : indptr[user + 1]] if filter_seen else indices[:0]
+        local = self._dense_local()
+        mask = getattr(local, "mask", None)
+        if mask is None or mask.shape[0] != max(self.scores.shape[0], 1):
+            mask = local.mask = np.zeros(max(self.scores.shape[0], 1), np.uint8)
+        return topk.ranked_one(self.order, self.scores, k, seen, mask)
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.scores, (users.size, self.scores.size))
