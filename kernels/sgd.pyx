@@ -499,6 +499,120 @@ def bpr_sample(indptr, indices, int n_items, Py_ssize_t n, unsigned long long se
     return out
 
 
+cdef bint cholesky_lower(double* A, int f) noexcept nogil:
+    """In place: A (f x f, row-major, lower triangle read) = L L^T, L written
+    to the lower triangle. False when A is not positive definite."""
+    cdef int a, b, c
+    cdef double acc
+    for a in range(f):
+        for b in range(a + 1):
+            acc = A[a * f + b]
+            for c in range(b):
+                acc -= A[a * f + c] * A[b * f + c]
+            if a == b:
+                if acc <= 0.0:
+                    return False
+                A[a * f + a] = sqrt(acc)
+            else:
+                A[a * f + b] = acc / A[b * f + b]
+    return True
+
+
+cdef void cholesky_solve(const double* L, int f, double* x) noexcept nogil:
+    """x <- (L L^T)^-1 x, L from cholesky_lower: forward then back substitution."""
+    cdef int a, c
+    for a in range(f):
+        for c in range(a):
+            x[a] -= L[a * f + c] * x[c]
+        x[a] /= L[a * f + a]
+    for a in range(f - 1, -1, -1):
+        for c in range(a + 1, f):
+            x[a] -= L[c * f + a] * x[c]
+        x[a] /= L[a * f + a]
+
+
+def ridge_user(Q, bias, double mu, items, ratings, double reg):
+    """Biased MF's fold-in for one user: w = [b_u, p_u] minimising
+    sum (r - mu - b_i - b_u - q_i.p)^2 + reg n (b_u^2 + |p|^2) over the n
+    rated `items`, z_i = [1, q_i]. With reg > 0 and fewer ratings than f + 1
+    unknowns (a cold request's history) through the n x n dual system
+    (Z Z^T + reg n I) a = t, w = Z^T a; otherwise the primal
+    (Z^T Z + reg n I) w = Z^T t; both by Cholesky in float64, in one call
+    (numpy's hstack, products and solve cost more than the arithmetic).
+    items: int32 ids (rows of Q and bias), ratings: float32 or float64.
+    Returns float64 (f + 1,); ValueError when the system is not positive
+    definite (reg 0 with too few ratings)."""
+    check_array(Q, "Q", np.float32, 2)
+    check_array(bias, "bias", np.float32, 1)
+    check_array(items, "items", np.int32, 1)
+    if not isinstance(ratings, np.ndarray) or ratings.ndim != 1:
+        raise TypeError("ratings: expected a 1-d numpy array")
+    ratings = np.ascontiguousarray(ratings, dtype=np.float64)
+    if ratings.shape[0] != items.shape[0]:
+        raise ValueError(f"ratings: length {ratings.shape[0]}, expected {items.shape[0]} (items)")
+    if bias.shape[0] != Q.shape[0]:
+        raise ValueError(f"bias: length {bias.shape[0]}, expected {Q.shape[0]} (Q's rows)")
+    if reg < 0:
+        raise ValueError(f"reg: must be >= 0, got {reg}")
+    cdef const float[:, ::1] QV = Q
+    cdef const float[::1] BV = bias
+    cdef const int[::1] IV = items
+    cdef const double[::1] RV = ratings
+    cdef int n = <int>items.shape[0], f1 = <int>Q.shape[1] + 1, i, j, a
+    cdef int rows = <int>Q.shape[0]
+    for i in range(n):
+        if not 0 <= IV[i] < rows:
+            raise ValueError(f"items: {IV[i]} outside [0, {rows})")
+    cdef double shift = reg * (n if n > 0 else 1), acc
+    cdef bint dual = shift > 0 and 0 < n < f1
+    cdef int m = n if dual else f1
+    sys_ = np.zeros((m, m), np.float64)
+    rhs = np.zeros(m, np.float64)
+    w = np.zeros(f1, np.float64)
+    t = np.empty(max(n, 1), np.float64)
+    cdef double[:, ::1] K = sys_
+    cdef double[::1] X = rhs
+    cdef double[::1] W = w
+    cdef double[::1] T = t
+    cdef bint ok
+    with nogil:
+        for i in range(n):
+            T[i] = RV[i] - mu - BV[IV[i]]
+        if dual:
+            for i in range(n):  # K = Z Z^T + shift I (lower triangle), X = t
+                for j in range(i + 1):
+                    acc = 1.0
+                    for a in range(f1 - 1):
+                        acc += <double>QV[IV[i], a] * QV[IV[j], a]
+                    K[i, j] = acc
+                K[i, i] += shift
+                X[i] = T[i]
+        else:
+            for i in range(n):  # K = Z^T Z + shift I (lower triangle), X = Z^T t
+                for a in range(f1):
+                    acc = 1.0 if a == 0 else QV[IV[i], a - 1]
+                    X[a] += acc * T[i]
+                    K[a, 0] += acc
+                    for j in range(1, a + 1):
+                        K[a, j] += acc * QV[IV[i], j - 1]
+            for a in range(f1):
+                K[a, a] += shift
+        ok = cholesky_lower(&K[0, 0], m)
+        if ok:
+            cholesky_solve(&K[0, 0], m, &X[0])
+            if dual:
+                for i in range(n):  # w = Z^T a
+                    W[0] += X[i]
+                    for a in range(1, f1):
+                        W[a] += X[i] * QV[IV[i], a - 1]
+            else:
+                for a in range(f1):
+                    W[a] = X[a]
+    if not ok:
+        raise ValueError("the fold-in system is not positive definite (raise reg)")
+    return w
+
+
 def predictive_quad(Q, seen, items, double reg):
     """z_j^T A^-1 z_j for each item j, z = [1, q] (float64), where A = sum over
     the seen items of z z^T + reg * max(len(seen), 1) * I: the quadratic form
@@ -541,21 +655,7 @@ def predictive_quad(Q, seen, items, double reg):
                     A[a, b] += Z[a] * Z[b]
         for a in range(f):
             A[a, a] += shift
-        # In-place Cholesky: A = L L^T, L in the lower triangle.
-        for a in range(f):
-            for b in range(a + 1):
-                acc = A[a, b]
-                for c in range(b):
-                    acc -= A[a, c] * A[b, c]
-                if a == b:
-                    if acc <= 0.0:
-                        ok = False
-                        break
-                    A[a, a] = sqrt(acc)
-                else:
-                    A[a, b] = acc / A[b, b]
-            if not ok:
-                break
+        ok = cholesky_lower(&A[0, 0], f)
         if ok:
             for t in range(I.shape[0]):
                 # Solve L y = z; the quad form is |y|^2.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -122,6 +124,35 @@ def test_fold_in_of_short_and_long_histories_is_the_ridge_solution(small, factor
         one_p, one_b = model.fold_in(rows[r])
         np.testing.assert_array_equal(one_p[0], p[r])
         assert one_b[0] == b[r]
+
+
+@pytest.mark.parametrize("factors", [8, 20, 100])
+def test_ridge_kernel_solves_both_systems_and_checks_its_inputs(factors):
+    # sgd.ridge_user is the serving fold-in of svd and bayes_mf: the dual n x n
+    # system below f + 1 ratings, the primal from there on, against lstsq.
+    rng = np.random.default_rng(factors)
+    q = (rng.standard_normal((300, factors)) * 0.3).astype(np.float32)
+    bi = (rng.standard_normal(300) * 0.2).astype(np.float32)
+    model = SimpleNamespace(Q=q, bi=bi, mu=3.4, params={})
+    for n in (0, 1, 3, factors, factors + 1, factors + 25):
+        for reg in (0.02, 0.7):
+            items = rng.choice(300, n, replace=False).astype(np.int32)
+            ratings = rng.integers(1, 6, n).astype(np.float64)
+            model.params["reg"] = reg
+            want = _ridge(model, items, ratings) if n else np.zeros(factors + 1)
+            got = sgd.ridge_user(q, bi, 3.4, items, ratings, reg)
+            np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9)
+    ok_items, ok_r = np.array([1, 2], np.int32), np.ones(2)
+    with pytest.raises(ValueError, match=r"items: 300 outside \[0, 300\)"):
+        sgd.ridge_user(q, bi, 0.0, np.array([1, 300], np.int32), ok_r, 0.1)
+    with pytest.raises(ValueError, match="ratings: length 3, expected 2"):
+        sgd.ridge_user(q, bi, 0.0, ok_items, np.ones(3), 0.1)
+    with pytest.raises(ValueError, match="bias: length 299"):
+        sgd.ridge_user(q, bi[:299].copy(), 0.0, ok_items, ok_r, 0.1)
+    with pytest.raises(ValueError, match="reg: must be >= 0"):
+        sgd.ridge_user(q, bi, 0.0, ok_items, ok_r, -1.0)
+    with pytest.raises(ValueError, match="not positive definite"):
+        sgd.ridge_user(q, bi, 0.0, ok_items, ok_r, 0.0)  # 2 ratings, f + 1 unknowns
 
 
 def test_hogwild_trains_as_well(small):

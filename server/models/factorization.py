@@ -335,6 +335,17 @@ class BiasedMF(Recommender):
         w = Z^T (Z Z^T + reg n I)^-1 t, the same minimiser (push-through
         identity): a ten-item history with 100 factors solves a 10 x 10 system
         instead of a 101 x 101 one."""
+        try:  # the same two systems by Cholesky in one kernel call
+            return sgdk.ridge_user(
+                self._vectors("Q"),
+                self._bias32(),
+                self.mu,
+                np.asarray(items, np.int32),
+                np.asarray(ratings),
+                self.params["reg"],
+            )
+        except ValueError:  # not positive definite (reg 0): numpy's solve says how
+            pass
         z = self._design(items)
         t = ratings - self.mu - np.asarray(self.bi[items])
         n, f1 = z.shape
@@ -344,6 +355,13 @@ class BiasedMF(Recommender):
             k[np.diag_indices(n)] += shift
             return z.T @ np.linalg.solve(k, t)
         return np.linalg.solve(self._precision(z), z.T @ t)
+
+    def _bias32(self) -> np.ndarray:
+        """bi as a C-contiguous float32 array (what the fold-in kernel reads)."""
+        b = self.bi
+        if not (isinstance(b, np.ndarray) and b.dtype == np.float32 and b.flags.c_contiguous):
+            b = self.bi = np.ascontiguousarray(b, np.float32)
+        return b
 
     def fold_in(self, history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         """(p, b_u) per history row: the objective SGD optimises, solved exactly for
