@@ -59,6 +59,41 @@ def test_read_only_memory_mapped_input(tmp_path):
     check(scores, 4, [[]] * 5, None, i, _)
 
 
+@pytest.mark.parametrize("shape", ["random", "ties", "descending", "ascending", "mostly_nan"])
+def test_large_k_selection_by_a_sampled_floor_matches_reference(shape):
+    # From k = 32 on, over rows at least 8 k long, the selection gathers the
+    # entries above a sampled floor instead of keeping a heap (the hybrid's
+    # 100 candidates, SimilarItems k = 100); sorted rows, heavy exclusions and
+    # NaN make the floor miss and take the heap instead. Same answer either way.
+    rng = np.random.default_rng(len(shape))
+    for trial in range(60):
+        n = int(rng.choice([300, 2500, 4099]))
+        if shape == "random":
+            row = rng.standard_normal(n)
+        elif shape == "ties":
+            row = rng.integers(0, 5, n).astype(float)
+        elif shape == "descending":
+            row = np.sort(rng.standard_normal(n))[::-1]
+        elif shape == "ascending":
+            row = np.sort(rng.standard_normal(n))
+        else:
+            row = rng.standard_normal(n)
+            row[rng.random(n) < 0.9] = np.nan
+        scores = np.ascontiguousarray(row, np.float32)[None, :]
+        k = int(rng.choice([32, 33, 100, 250, n // 8]))
+        excl = [
+            sorted(set(rng.integers(0, n, int(rng.choice([0, 10, n // 2, n - k // 2]))).tolist()))
+        ]
+        out_i, out_s = topk.topk_dense(scores, k, *rows(excl))
+        check(scores, k, excl, None, out_i, out_s)
+        if trial % 10 == 0:  # the one-user call selects the same way
+            q = np.ones((1, 1), np.float32)
+            got_i, got_s = topk.topk_user(q, 0, scores.T.copy(), k, *rows(excl), True, None)
+            np.testing.assert_array_equal(got_i, out_i[0, : got_i.size])
+            np.testing.assert_array_equal(got_s, out_s[0, : got_i.size])
+            assert (out_i[0, got_i.size :] == -1).all()
+
+
 def test_ranked_walk_equals_dense_selection():
     rng = np.random.default_rng(2)
     shared = rng.integers(0, 6, 50).astype(np.float32)
