@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ports import held_port
 
 from recserve.clients.client import RecommenderClient
 from recserve.clients.health import check
@@ -34,12 +34,6 @@ from recserve.models import create
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(models: Path, feedback: str, cwd: Path) -> tuple[subprocess.Popen, str]:
@@ -101,7 +95,7 @@ def main() -> None:
     ds = load_dataset(ML100K) if ML100K.exists() else to_dataset(generate(2000, 1500, 80_000))
     create("als", factors=64).fit(ds).save(work / "models", "als", dataset=ds)
     users = ds.users.ids(np.arange(min(ds.n_users, 2 * args.visibility)))
-    port = free_port()
+    port = held_port()
     redis_proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work),
          "--appendonly", "yes", "--appendfsync", "always", "--save", ""],

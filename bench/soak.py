@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ports import held_port
+
 from recserve.clients.bench import Load, run
 from recserve.clients.health import check
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+START_TIMEOUT_S = 180  # models load in seconds; a server that never serves is an error
 
 
 def rss(port: int) -> float:
@@ -71,7 +67,7 @@ def main() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    port, mport = free_port(), free_port()
+    port, mport = held_port(), held_port()
     server_log = work / "soak-server.log"
     proc = subprocess.Popen(
         [
@@ -96,12 +92,16 @@ def main() -> None:
     print(f"server log: {server_log}", flush=True)
     target = f"127.0.0.1:{port}"
     try:
+        end = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
                 if check(target, "model/hybrid", 1) == "SERVING":
                     break
-            except Exception:
+            except Exception:  # not answering yet
                 pass
+            if proc.poll() is not None or time.monotonic() > end:
+                why = f"exited with {proc.returncode}" if proc.poll() is not None else "timed out"
+                raise SystemExit(f"the server did not start ({why}); see {server_log}")
             time.sleep(0.1)
         common = dict(
             target=target,
