@@ -305,139 +305,6 @@ def knn(a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, Py_ssize_t n_c
     return indptr, out_idx[keep], out_val[keep]
 
 
-cdef class KnnScratch:
-    """The buffers of one KnnIndex.query over n columns, reused across calls (one
-    per thread: not thread-safe); the top-k buffers grow to the largest k."""
-
-    cdef readonly Py_ssize_t n
-    cdef int k
-    cdef object acc, val, flag, mask, touch, hi, hv
-
-    def __init__(self, Py_ssize_t n_cols):
-        self.n = max(n_cols, 1)
-        self.acc = np.zeros(self.n, np.float64)
-        self.val = np.zeros(self.n, np.float32)
-        self.flag = np.zeros(self.n, np.uint8)
-        self.mask = np.zeros(self.n, np.uint8)
-        self.touch = np.empty(self.n, np.int32)
-        self.k = 0
-        self._grow(16)
-
-    def _grow(self, int k):
-        if k > self.k:
-            self.k = k
-            self.hi = np.empty(k, np.int32)
-            self.hv = np.empty(k, np.float32)
-
-
-cdef class KnnIndex:
-    """B (inner x n_cols, CSR) validated once, with its column norms already
-    transformed, for knn queries of one row at a time: a fold-in's search of
-    its neighbours (userknn: a new user's weighted history against every
-    training user). knn() re-validated B (O(nnz)) and recomputed the norms'
-    transform (O(n_cols)) and allocated its scratch on every call, several
-    times the search itself for a ten-item row. query() returns what knn
-    returns for a one-row A, bit for bit."""
-
-    cdef readonly object indptr, indices, data, col_den, col_scale
-    cdef readonly Py_ssize_t n_rows, n_cols
-    cdef readonly str similarity
-    cdef readonly double alpha, shrink
-    cdef int kind
-
-    def __init__(self, b_indptr, b_indices, b_data, Py_ssize_t n_cols, str similarity="cosine",
-                 double alpha=0.5, double shrink=0.0, col_scale=None, col_norm=None):
-        check_knn_params(similarity, 1, alpha, shrink)
-        self.indptr, self.indices, self.data = as_csr(b_indptr, b_indices, b_data, n_cols, "b")
-        self.n_rows = self.indptr.shape[0] - 1
-        self.n_cols = n_cols
-        self.similarity, self.alpha, self.shrink = similarity, alpha, shrink
-        self.kind = SIMILARITIES[similarity]
-        if col_norm is None:
-            col_norm = knn_col_norm(self.indices, self.data, n_cols, similarity)
-        else:
-            col_norm = check_array(np.asarray(col_norm), "col_norm", np.float64, 1)
-            if col_norm.shape[0] != n_cols:
-                raise ValueError(f"col_norm: expected length {n_cols}, got {col_norm.shape[0]}")
-        # The same numpy expressions as knn's, so the same roundings.
-        if self.kind == 1:
-            col_norm = np.sqrt(col_norm)
-        elif self.kind == 2:
-            col_norm = col_norm ** (1.0 - alpha)
-        self.col_den = np.ascontiguousarray(col_norm, dtype=np.float64)
-        scale = (np.ones(n_cols, np.float32) if col_scale is None
-                 else check_array(np.ascontiguousarray(col_scale, dtype=np.float32),
-                                  "col_scale", np.float32, 1))
-        if scale.shape[0] != n_cols:
-            raise ValueError(f"col_scale: expected length {n_cols}, got {scale.shape[0]}")
-        self.col_scale = scale
-
-    def query(self, indices, data, int k, KnnScratch scratch):
-        """The top k columns of a @ B for one row a (indices into B's rows, and
-        their values), transformed like knn: 1-d (columns int32, similarities
-        float32), best first, ties by lower column."""
-        if k <= 0:
-            raise ValueError(f"k: must be positive, got {k}")
-        if scratch.n != max(self.n_cols, 1):
-            raise ValueError(f"scratch: sized for {scratch.n} columns, not {self.n_cols}")
-        if not isinstance(indices, np.ndarray) or indices.dtype.kind not in "iu":
-            raise TypeError("indices: expected an integer numpy array")
-        if not isinstance(data, np.ndarray) or data.dtype not in (np.float32, np.float64):
-            got = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
-            raise TypeError(f"data: expected float32 or float64, got {got}")
-        a_ix = np.ascontiguousarray(indices, dtype=np.int32)
-        a_x = np.ascontiguousarray(data, dtype=np.float32)
-        if a_x.ndim != 1 or a_ix.ndim != 1 or a_x.shape[0] != a_ix.shape[0]:
-            raise ValueError(f"data: expected one value per index ({a_ix.shape[0]})")
-        cdef const int[::1] aix = a_ix
-        cdef const float[::1] ax = a_x
-        cdef Py_ssize_t n = a_ix.shape[0], e
-        cdef int rows = <int>self.n_rows
-        for e in range(n):
-            if aix[e] < 0 or aix[e] >= rows:
-                raise ValueError(f"indices: values must lie in [0, {rows}), got {aix[e]}")
-        # The row norm by knn's expressions (reduceat's summation, numpy's powers).
-        if self.kind == 3:
-            rn = np.array([float(n)])
-        else:
-            rn = np.zeros(1)
-            if n:
-                rn[:] = np.add.reduceat(a_x.astype(np.float64) ** 2, np.zeros(1, np.int64))
-        if self.kind == 1:
-            rn = np.sqrt(rn)
-        elif self.kind == 2:
-            rn = rn ** self.alpha
-        cdef double rn_i = rn[0]
-        scratch._grow(k)
-        out_i = np.empty(k, np.int32)
-        out_v = np.empty(k, np.float32)
-        cdef const long long[::1] bip = self.indptr
-        cdef const int[::1] bix = self.indices
-        cdef const float[::1] bx = self.data
-        cdef const double[::1] cn = self.col_den
-        cdef const float[::1] cs = self.col_scale
-        cdef double[::1] ACC = scratch.acc
-        cdef float[::1] VAL = scratch.val
-        cdef unsigned char[::1] FLAG = scratch.flag
-        cdef unsigned char[::1] MASK = scratch.mask
-        cdef int[::1] TOUCH = scratch.touch
-        cdef int[::1] HI = scratch.hi
-        cdef float[::1] HV = scratch.hv
-        cdef int[::1] oi = out_i
-        cdef float[::1] ov = out_v
-        cdef int m = 0
-        if n == 0:
-            return out_i[:0], out_v[:0]
-        with nogil:
-            m = knn_row(&aix[0], &ax[0], 0, n, rn_i, &bip[0],
-                        &bix[0] if bix.shape[0] else NULL, &bx[0] if bx.shape[0] else NULL,
-                        &cn[0] if self.n_cols else NULL, &cs[0] if self.n_cols else NULL,
-                        self.kind, self.kind == 3, self.shrink, <int>self.n_cols, k, -1,
-                        &ACC[0], &VAL[0], &FLAG[0], &MASK[0], &TOUCH[0], &HI[0], &HV[0],
-                        &oi[0], &ov[0])
-        return out_i[:m], out_v[:m]
-
-
 cdef void apply_offers(const int* rows, const int* items, const float* scores, int m,
                        int* counts, int* order, int n, int k, int cap, int* bn, float* fv,
                        int* fi, int* bi, float* bv) noexcept nogil:
@@ -1056,6 +923,127 @@ cdef class Scratch:
             self.k = k
             self.hi, self.ti, self.zi = (np.empty(k, np.int32) for _ in range(3))
             self.hv, self.tv = (np.empty(k, np.float32) for _ in range(2))
+
+
+cdef class KnnScratch(Scratch):
+    """Scratch for KnnIndex.query: the one-row buffers plus a float64
+    accumulator and a float32 similarity row (knn sums in double and selects
+    from the transformed values)."""
+
+    cdef object acc64, val
+
+    def __init__(self, Py_ssize_t n_cols):
+        super().__init__(n_cols)
+        self.acc64 = np.zeros(self.n, np.float64)
+        self.val = np.zeros(self.n, np.float32)
+
+
+cdef class KnnIndex:
+    """B (inner x n_cols, CSR) validated once, with its column norms already
+    transformed, for knn queries of one row at a time: a fold-in's search of
+    its neighbours (userknn: a new user's weighted history against every
+    training user). knn() re-validated B (O(nnz)) and recomputed the norms'
+    transform (O(n_cols)) and allocated its scratch on every call, several
+    times the search itself for a ten-item row. query() returns what knn
+    returns for a one-row A, bit for bit."""
+
+    cdef readonly object indptr, indices, data, col_den, col_scale
+    cdef readonly Py_ssize_t n_rows, n_cols
+    cdef readonly str similarity
+    cdef readonly double alpha, shrink
+    cdef int kind
+
+    def __init__(self, b_indptr, b_indices, b_data, Py_ssize_t n_cols, str similarity="cosine",
+                 double alpha=0.5, double shrink=0.0, col_scale=None, col_norm=None):
+        check_knn_params(similarity, 1, alpha, shrink)
+        self.indptr, self.indices, self.data = as_csr(b_indptr, b_indices, b_data, n_cols, "b")
+        self.n_rows = self.indptr.shape[0] - 1
+        self.n_cols = n_cols
+        self.similarity, self.alpha, self.shrink = similarity, alpha, shrink
+        self.kind = SIMILARITIES[similarity]
+        if col_norm is None:
+            col_norm = knn_col_norm(self.indices, self.data, n_cols, similarity)
+        else:
+            col_norm = check_array(np.asarray(col_norm), "col_norm", np.float64, 1)
+            if col_norm.shape[0] != n_cols:
+                raise ValueError(f"col_norm: expected length {n_cols}, got {col_norm.shape[0]}")
+        # The same numpy expressions as knn's, so the same roundings.
+        if self.kind == 1:
+            col_norm = np.sqrt(col_norm)
+        elif self.kind == 2:
+            col_norm = col_norm ** (1.0 - alpha)
+        self.col_den = np.ascontiguousarray(col_norm, dtype=np.float64)
+        scale = (np.ones(n_cols, np.float32) if col_scale is None
+                 else check_array(np.ascontiguousarray(col_scale, dtype=np.float32),
+                                  "col_scale", np.float32, 1))
+        if scale.shape[0] != n_cols:
+            raise ValueError(f"col_scale: expected length {n_cols}, got {scale.shape[0]}")
+        self.col_scale = scale
+
+    def query(self, indices, data, int k, KnnScratch scratch):
+        """The top k columns of a @ B for one row a (indices into B's rows, and
+        their values), transformed like knn: 1-d (columns int32, similarities
+        float32), best first, ties by lower column."""
+        if k <= 0:
+            raise ValueError(f"k: must be positive, got {k}")
+        if scratch.n != max(self.n_cols, 1):
+            raise ValueError(f"scratch: sized for {scratch.n} columns, not {self.n_cols}")
+        if not isinstance(indices, np.ndarray) or indices.dtype.kind not in "iu":
+            raise TypeError("indices: expected an integer numpy array")
+        if not isinstance(data, np.ndarray) or data.dtype not in (np.float32, np.float64):
+            got = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
+            raise TypeError(f"data: expected float32 or float64, got {got}")
+        a_ix = np.ascontiguousarray(indices, dtype=np.int32)
+        a_x = np.ascontiguousarray(data, dtype=np.float32)
+        if a_x.ndim != 1 or a_ix.ndim != 1 or a_x.shape[0] != a_ix.shape[0]:
+            raise ValueError(f"data: expected one value per index ({a_ix.shape[0]})")
+        cdef const int[::1] aix = a_ix
+        cdef const float[::1] ax = a_x
+        cdef Py_ssize_t n = a_ix.shape[0], e
+        cdef int rows = <int>self.n_rows
+        for e in range(n):
+            if aix[e] < 0 or aix[e] >= rows:
+                raise ValueError(f"indices: values must lie in [0, {rows}), got {aix[e]}")
+        # The row norm by knn's expressions (reduceat's summation, numpy's powers).
+        if self.kind == 3:
+            rn = np.array([float(n)])
+        else:
+            rn = np.zeros(1)
+            if n:
+                rn[:] = np.add.reduceat(a_x.astype(np.float64) ** 2, np.zeros(1, np.int64))
+        if self.kind == 1:
+            rn = np.sqrt(rn)
+        elif self.kind == 2:
+            rn = rn ** self.alpha
+        cdef double rn_i = rn[0]
+        scratch._grow(k)
+        out_i = np.empty(k, np.int32)
+        out_v = np.empty(k, np.float32)
+        cdef const long long[::1] bip = self.indptr
+        cdef const int[::1] bix = self.indices
+        cdef const float[::1] bx = self.data
+        cdef const double[::1] cn = self.col_den
+        cdef const float[::1] cs = self.col_scale
+        cdef double[::1] ACC = scratch.acc64
+        cdef float[::1] VAL = scratch.val
+        cdef unsigned char[::1] FLAG = scratch.flag
+        cdef unsigned char[::1] MASK = scratch.mask
+        cdef int[::1] TOUCH = scratch.touch
+        cdef int[::1] HI = scratch.hi
+        cdef float[::1] HV = scratch.hv
+        cdef int[::1] oi = out_i
+        cdef float[::1] ov = out_v
+        cdef int m = 0
+        if n == 0:
+            return out_i[:0], out_v[:0]
+        with nogil:
+            m = knn_row(&aix[0], &ax[0], 0, n, rn_i, &bip[0],
+                        &bix[0] if bix.shape[0] else NULL, &bx[0] if bx.shape[0] else NULL,
+                        &cn[0] if self.n_cols else NULL, &cs[0] if self.n_cols else NULL,
+                        self.kind, self.kind == 3, self.shrink, <int>self.n_cols, k, -1,
+                        &ACC[0], &VAL[0], &FLAG[0], &MASK[0], &TOUCH[0], &HI[0], &HV[0],
+                        &oi[0], &ov[0])
+        return out_i[:m], out_v[:m]
 
 
 def score_one(CheckedCSR hist, Py_ssize_t row, CheckedCSR sim, int k, CheckedCSR seen,
