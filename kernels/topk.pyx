@@ -126,9 +126,10 @@ cdef extern from *:
 
 cdef enum:
     # From this k on, select_topk gathers the entries above a sampled floor and
-    # selects among them (select_gathered) instead of keeping a heap: a heap of
-    # 100 over 2,500 scores took ~27 us (hundreds of mispredicted sifts), the
-    # gathered selection ~8 us. Below it the heap's block skip is cheaper.
+    # selects among them (select_gathered) instead of keeping a heap, whose
+    # hundreds of sifts mispredict: topk_user of k = 100 over 2,500 items took
+    # 38-50 us with the heap, 28-32 us so (17-22 us at k = 10). Below it the
+    # heap's block skip is as cheap.
     GATHER_MIN_K = 32
 
 
@@ -147,7 +148,7 @@ cdef int select_gathered(const float* scores, int n, int k, const unsigned char*
     cdef int a, j, m = 0, step = n // r, rem = n % r, acc = 0, at = 0
     # About q n / r ~ 2 k + n / r entries reach the floor; room for 4x that.
     cdef int cap = 8 * k + 4 * (n // r) + 256
-    cdef float x, tv
+    cdef float x, tv, below
     cdef int* ci
     cdef float* cv
     if q >= r:
