@@ -26,7 +26,13 @@ from recserve.data import Dataset
 from recserve.kernels import als as alsk
 from recserve.kernels import sgd as sgdk
 from recserve.kernels import topk
-from recserve.models.base import Param, Recommender, cosine_similar, cosine_similar_one
+from recserve.models.base import (
+    Param,
+    Recommender,
+    check_k,
+    cosine_similar,
+    cosine_similar_one,
+)
 from recserve.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
 from recserve.models.registry import register
 
@@ -290,20 +296,32 @@ class BiasedMF(Recommender):
     def recommend_user(
         self, user: int, k: int = 10, filter_seen: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One known user: the dense row by the vector kernel, selected in one
-        kernel call. Same answer as recommend([user], k) up to float rounding."""
-        return self._recommend_dense(user, k, filter_seen)
+        """One known user in one kernel call (topk_user with the per-item constant
+        part as its bias, as ALS's call): dense_user's row, selected, without
+        writing the row out and selecting it in a second call (31 -> 29 us for
+        svd's 100 factors, 18 -> 15 us for bayes_mf's 20, over 2,500 items).
+        Same answer as recommend([user], k) up to float rounding."""
+        check_k(k)
+        bias = self._user_bias(user)
+        indptr, indices = self._csr_views()
+        return topk.topk_user(
+            self._vectors("P"), user, self._vectors("Q"), k, indptr, indices, filter_seen, bias
+        )
 
     def dense_user(self, user: int, out: np.ndarray, filter_seen: bool = True) -> bool:
         """A known user's unclipped predictions mu + b_u + b_i + p_u . q_i into
         `out` (the per-item constant part added as the kernel's bias)."""
-        self._require_fitted()
-        if not 0 <= user < self.n_users:
-            raise IndexError(f"users: indices must be in [0, {self.n_users})")
-        bias = (np.float32(self.mu) + self.bu[user]) + np.asarray(self.bi)
+        bias = self._user_bias(user)
         indptr, indices = self._csr_views() if filter_seen else (None, None)
         topk.dense_user(self._vectors("P"), user, self._vectors("Q"), out, indptr, indices, bias)
         return True
+
+    def _user_bias(self, user: int) -> np.ndarray:
+        """mu + b_u + b_i for every item i (float32), a known user's constant part."""
+        self._require_fitted()
+        if not 0 <= user < self.n_users:
+            raise IndexError(f"users: indices must be in [0, {self.n_users})")
+        return (np.float32(self.mu) + self.bu[user]) + np.asarray(self.bi)
 
     def _vectors(self, name: str) -> np.ndarray:
         """P or Q as a C-contiguous float32 array (what the kernels read)."""
