@@ -4,6 +4,7 @@
 # Python strings). Field layout: https://protobuf.dev/programming-guides/encoding/
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
@@ -63,6 +64,127 @@ def check_layout(item, response):
     return {f.name: f.number for f in response.fields}
 
 
+# RatingPrediction's fields, as RANKED_ITEM_FIELDS for RankedItem (checked against
+# the descriptor by check_prediction_layout).
+PREDICTION_FIELDS = {
+    "item_id": (1, WIRE_LEN),
+    "rating": (2, WIRE_I32),
+    "std": (3, WIRE_I32),
+    "lower": (4, WIRE_I32),
+    "upper": (5, WIRE_I32),
+}
+
+
+cdef unsigned char prediction_tag(str name):
+    number, kind = PREDICTION_FIELDS[name]
+    if not 1 <= number < 16:
+        raise ValueError(f"RatingPrediction.{name}: field number {number} needs a longer tag")
+    return <unsigned char> ((number << 3) | kind)
+
+
+# item_id, then the four floats in field order (rating, std, lower, upper).
+cdef unsigned char TAG_PRED_ID = prediction_tag("item_id")
+cdef unsigned char TAG_PRED[4]
+TAG_PRED[0] = prediction_tag("rating")
+TAG_PRED[1] = prediction_tag("std")
+TAG_PRED[2] = prediction_tag("lower")
+TAG_PRED[3] = prediction_tag("upper")
+
+
+def written_prediction_tags():
+    """The tag byte encode_predictions writes for each RatingPrediction field."""
+    return {
+        "item_id": TAG_PRED_ID,
+        "rating": TAG_PRED[0],
+        "std": TAG_PRED[1],
+        "lower": TAG_PRED[2],
+        "upper": TAG_PRED[3],
+    }
+
+
+def check_prediction_layout(item, response):
+    """check_layout for PredictRatingsResponse: raise RuntimeError unless the
+    RatingPrediction descriptor `item` has the numbers and types this encoder
+    writes and `response`.predictions is that message; return the response's
+    field numbers by name."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    wire_type = {FieldDescriptor.TYPE_STRING: WIRE_LEN, FieldDescriptor.TYPE_FLOAT: WIRE_I32}
+    fields = item.fields_by_name
+    for name, tag in written_prediction_tags().items():
+        f = fields.get(name)
+        if f is None or f.number != tag >> 3 or wire_type.get(f.type, -1) != tag & 7:
+            raise RuntimeError(
+                f"kernels.wire: RatingPrediction.{name} no longer matches the .proto")
+    preds = response.fields_by_name.get("predictions")
+    if preds is None or preds.message_type is not item:
+        raise RuntimeError(
+            "kernels.wire: PredictRatingsResponse.predictions is no longer RatingPrediction")
+    return {f.name: f.number for f in response.fields}
+
+
+def encode_predictions(list item_ids, values, bytes head, bytes tail, int field):
+    """`head` + one length-delimited RatingPrediction per id (item_id, then
+    rating, std, lower, upper from the row of `values`) as repeated field
+    `field` + `tail`, as one bytes object: PredictRatings' answer without a
+    message object per item (upb's cost ~2 us each, 5 ms for 2,500 items).
+
+    `item_ids` are str (written as UTF-8, in order); `values` is float32
+    (len(item_ids), 4). Fields at their proto3 default (empty id, +0.0) are
+    not written, as protobuf's own encoder does.
+    """
+    check_array(values, "values", np.float32, 2)
+    cdef Py_ssize_t n = len(item_ids)
+    if values.shape[0] != n or values.shape[1] != 4:
+        raise ValueError(f"values: shape {values.shape}, expected ({n}, 4)")
+    if not 1 <= field < (1 << 29):
+        raise ValueError(f"field: must be in [1, 2^29), got {field}")
+    cdef const float[:, ::1] V = values
+    cdef uint64_t tag = (<uint64_t> field << 3) | WIRE_LEN
+    cdef int tag_len = varint_size(tag)
+    cdef Py_ssize_t i, body, total = len(head) + len(tail)
+    cdef Py_ssize_t id_len
+    cdef int c
+    cdef uint32_t bits
+    cdef const char* text
+    cdef object item
+    # First pass: the size (and every id checked to be a str).
+    for i in range(n):
+        item = item_ids[i]
+        if type(item) is not str:
+            raise TypeError(f"item_ids: position {i} is {type(item).__name__}, not str")
+        text = PyUnicode_AsUTF8AndSize(item, &id_len)
+        body = (1 + varint_size(<uint64_t> id_len) + id_len) if id_len else 0
+        for c in range(4):
+            if float_bits(V[i, c]):
+                body += 5
+        total += tag_len + varint_size(<uint64_t> body) + body
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* p = PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(head), len(head))
+    p += len(head)
+    for i in range(n):
+        text = PyUnicode_AsUTF8AndSize(item_ids[i], &id_len)  # cached by CPython
+        body = (1 + varint_size(<uint64_t> id_len) + id_len) if id_len else 0
+        for c in range(4):
+            if float_bits(V[i, c]):
+                body += 5
+        p = put_varint(p, tag)
+        p = put_varint(p, <uint64_t> body)
+        if id_len:
+            p[0] = TAG_PRED_ID
+            p = put_varint(p + 1, <uint64_t> id_len)
+            memcpy(p, text, id_len)
+            p += id_len
+        for c in range(4):
+            bits = float_bits(V[i, c])
+            if bits:
+                p[0] = TAG_PRED[c]
+                p = put_fixed32(p + 1, bits)
+    memcpy(p, PyBytes_AS_STRING(tail), len(tail))
+    return out
+
+
 def varint(unsigned long long v):
     """`v` as a protobuf varint."""
     cdef char buf[10]
@@ -93,6 +215,15 @@ cdef inline char* put_varint(char* p, uint64_t v) noexcept nogil:
         v >>= 7
     p[0] = <char> v
     return p + 1
+
+
+cdef inline char* put_fixed32(char* p, uint32_t bits) noexcept nogil:
+    # fixed32, little-endian whatever the host's byte order
+    p[0] = <char> (bits & 0xFF)
+    p[1] = <char> ((bits >> 8) & 0xFF)
+    p[2] = <char> ((bits >> 16) & 0xFF)
+    p[3] = <char> ((bits >> 24) & 0xFF)
+    return p + 4
 
 
 cdef inline Py_ssize_t id_length(const unsigned char* row, Py_ssize_t width) noexcept nogil:
@@ -165,12 +296,7 @@ def encode_ranked(ids, idx, scores, bytes head, bytes tail, int field):
                 p += id_len
             if bits:
                 p[0] = TAG_SCORE
-                # fixed32, little-endian whatever the host's byte order
-                p[1] = <char> (bits & 0xFF)
-                p[2] = <char> ((bits >> 8) & 0xFF)
-                p[3] = <char> ((bits >> 16) & 0xFF)
-                p[4] = <char> ((bits >> 24) & 0xFF)
-                p += 5
+                p = put_fixed32(p + 1, bits)
             p[0] = TAG_RANK
             p = put_varint(p + 1, <uint64_t> (i + 1))
     memcpy(p, PyBytes_AS_STRING(tail), len(tail))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from recserve.data import IdMap
 from recserve.kernels import wire
 from recserve.service import convert
-from recserve.serving import Ranked
+from recserve.serving import Prediction, Ranked
 from recserve.v1 import recommender_pb2 as pb
 
 
@@ -195,3 +195,85 @@ def test_the_tags_written_are_the_descriptors_and_a_mismatch_is_refused():
             wire.check_layout(item, response)
     item, response = variant("item_id", 1, t.TYPE_STRING)  # the same layout: accepted
     assert wire.check_layout(item, response)["items"] == numbers["items"]
+
+
+def prediction(ids: list[str], values: np.ndarray, interval: float, meta: dict) -> Prediction:
+    v = np.asarray(values, np.float64)
+    return Prediction(
+        ids,
+        v[:, 0],
+        v[:, 1],
+        v[:, 2],
+        v[:, 3],
+        interval,
+        model=meta.get("model", ""),
+        version=meta.get("version", ""),
+        served_by=meta.get("served_by", ""),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ids=st.lists(st.text(max_size=140), max_size=40),
+    data=st.data(),
+    interval=st.sampled_from([0.95, 0.5, 0.0, -0.0, 1e-300]),
+    meta=st.sampled_from([{}, {"model": "svd", "version": "v\u00e9", "served_by": "bayes_mf"}]),
+)
+def test_predictions_encode_as_protobuf_does(ids, data, interval, meta):
+    """PredictRatings' bytes are upb's bytes for the same message: unicode, empty
+    and >127-byte ids, zeros omitted (+0.0) or kept (-0.0), every float32, the
+    interval (a double) and the names after the items."""
+    floats = st.floats(width=32, allow_nan=False) | st.sampled_from([0.0, -0.0, 1.0])
+    values = np.array(
+        data.draw(st.lists(floats, min_size=4 * len(ids), max_size=4 * len(ids))), np.float32
+    ).reshape(len(ids), 4)
+    p = prediction(ids, values, interval, meta)
+    encoded = convert.predictions(p)
+    assert encoded == convert.predictions_message(p).SerializeToString()
+    back = pb.PredictRatingsResponse.FromString(encoded)
+    assert [x.item_id for x in back.predictions] == ids
+    assert back.model == meta.get("model", "") and back.interval == interval
+
+
+def test_predictions_of_many_items_round_trip():
+    ids = [f"item-{i:05d}" for i in range(3000)]
+    values = np.random.default_rng(1).normal(3, 1, (3000, 4))
+    p = prediction(ids, values, 0.9, {"model": "bayes_mf", "version": "3"})
+    encoded = convert.predictions(p)
+    assert encoded == convert.predictions_message(p).SerializeToString()
+    back = pb.PredictRatingsResponse.FromString(encoded)
+    got = np.array([[x.rating, x.std, x.lower, x.upper] for x in back.predictions])
+    np.testing.assert_array_equal(got, values.astype(np.float32))
+
+
+def test_prediction_errors_and_layout_checks():
+    with pytest.raises(TypeError, match="item_ids: position 1 is int"):
+        wire.encode_predictions(["a", 7], np.zeros((2, 4), np.float32), b"", b"", 1)
+    with pytest.raises(ValueError, match="values: shape"):
+        wire.encode_predictions(["a"], np.zeros((1, 3), np.float32), b"", b"", 1)
+    with pytest.raises(ValueError, match="values: shape"):
+        wire.encode_predictions(["a", "b"], np.zeros((1, 4), np.float32), b"", b"", 1)
+    with pytest.raises((TypeError, ValueError), match="values"):
+        wire.encode_predictions(["a"], np.zeros((1, 4), np.float64), b"", b"", 1)
+    with pytest.raises(ValueError, match="field"):
+        wire.encode_predictions(["a"], np.zeros((1, 4), np.float32), b"", b"", 0)
+    tags = wire.written_prediction_tags()
+    fields = pb.RatingPrediction.DESCRIPTOR.fields_by_name
+    assert {n: t >> 3 for n, t in tags.items()} == {n: fields[n].number for n in tags}
+    assert {n: t & 7 for n, t in tags.items()} == {
+        "item_id": 2,
+        "rating": 5,
+        "std": 5,
+        "lower": 5,
+        "upper": 5,
+    }
+    numbers = wire.check_prediction_layout(
+        pb.RatingPrediction.DESCRIPTOR, pb.PredictRatingsResponse.DESCRIPTOR
+    )
+    assert numbers["predictions"] == 1 and numbers["interval"] == 2
+    with pytest.raises(RuntimeError, match=r"RatingPrediction\.rating no longer matches"):
+        wire.check_prediction_layout(pb.RankedItem.DESCRIPTOR, pb.PredictRatingsResponse.DESCRIPTOR)
+    with pytest.raises(RuntimeError, match="predictions is no longer RatingPrediction"):
+        wire.check_prediction_layout(
+            pb.RatingPrediction.DESCRIPTOR, pb.RecommendResponse.DESCRIPTOR
+        )

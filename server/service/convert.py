@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import struct
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any, Protocol
@@ -244,8 +245,29 @@ def batch_error(request: pb.RecommendRequest, f: Refusal) -> pb.RecommendRespons
     )
 
 
-def predictions(p: Prediction) -> pb.PredictRatingsResponse:
-    """PredictRatingsResponse in request order, naming who predicted."""
+_PREDICTION_FIELD = wire.check_prediction_layout(
+    pb.RatingPrediction.DESCRIPTOR, pb.PredictRatingsResponse.DESCRIPTOR
+)
+
+
+def predictions(p: Prediction) -> bytes:
+    """PredictRatingsResponse in request order, naming who predicted, already
+    serialized (kernels.wire: a message object per item cost ~2 us, 5 ms of the
+    loop for 2,500 items); `predictions_message` builds the same message."""
+    values = np.empty((len(p.item_ids), 4), np.float32)
+    for c, column in enumerate((p.rating, p.std, p.lower, p.upper)):
+        values[:, c] = column
+    return wire.encode_predictions(
+        list(p.item_ids),
+        values,
+        b"",
+        _prediction_tail(struct.pack("<d", p.interval), p.model, p.version, p.served_by),
+        _PREDICTION_FIELD["predictions"],
+    )
+
+
+def predictions_message(p: Prediction) -> pb.PredictRatingsResponse:
+    """PredictRatingsResponse as a message (what `predictions` encodes)."""
     return pb.PredictRatingsResponse(
         predictions=[
             pb.RatingPrediction(item_id=i, rating=r, std=s, lower=lo, upper=hi)
@@ -255,6 +277,23 @@ def predictions(p: Prediction) -> pb.PredictRatingsResponse:
         model=p.model,
         version=p.version,
         served_by=p.served_by,
+    )
+
+
+@lru_cache(maxsize=1024)
+def _prediction_tail(interval: bytes, model: str, version: str, served_by: str) -> bytes:
+    # The fields after `predictions`, in number order as protobuf writes them.
+    # `interval` is the double's bytes (a float key would make 0.0 and -0.0 one
+    # entry); omitted at +0.0, the proto3 default.
+    f = _PREDICTION_FIELD
+    head = b""
+    if interval != bytes(8):
+        head = wire.varint(f["interval"] << 3 | 1) + interval
+    return (
+        head
+        + wire.string_field(f["model"], model)
+        + wire.string_field(f["version"], version)
+        + wire.string_field(f["served_by"], served_by)
     )
 
 

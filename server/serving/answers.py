@@ -173,13 +173,13 @@ class Ranked:
 
 @dataclass
 class Prediction:
-    """Predicted ratings in request order."""
+    """Predicted ratings in request order (float64 arrays, one entry per id)."""
 
     item_ids: list[str]
-    rating: list[float]
-    std: list[float]
-    lower: list[float]
-    upper: list[float]
+    rating: np.ndarray
+    std: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
     interval: float
     model: str
     version: str

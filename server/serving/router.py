@@ -885,10 +885,10 @@ class Router:
         lo, hi = getattr(m, "scale", (-np.inf, np.inf))
         return Prediction(
             item_ids,
-            mean.tolist(),
-            std.tolist(),
-            np.clip(mean - z * std, lo, hi).tolist(),
-            np.clip(mean + z * std, lo, hi).tolist(),
+            mean,
+            std,
+            np.clip(mean - z * std, lo, hi),
+            np.clip(mean + z * std, lo, hi),
             level,
             model=slot.name,
             version=slot.version,
