@@ -21,7 +21,12 @@ cdef enum:
 # encoder writes are made from this table and nothing else, and check_layout
 # compares them with the generated descriptor (recserve.service.convert calls it
 # at import), so a changed .proto fails loudly instead of sending a wrong wire.
-RANKED_ITEM_FIELDS = {"item_id": (1, WIRE_LEN), "score": (2, WIRE_I32), "rank": (3, WIRE_VARINT)}
+RANKED_ITEM_FIELDS = {
+    "item_id": (1, WIRE_LEN),
+    "score": (2, WIRE_I32),
+    "rank": (3, WIRE_VARINT),
+    "score_std": (5, WIRE_I32),
+}
 
 
 cdef unsigned char tag_of(str name):
@@ -34,11 +39,12 @@ cdef unsigned char tag_of(str name):
 cdef unsigned char TAG_ITEM_ID = tag_of("item_id")
 cdef unsigned char TAG_SCORE = tag_of("score")
 cdef unsigned char TAG_RANK = tag_of("rank")
+cdef unsigned char TAG_STD = tag_of("score_std")
 
 
 def written_tags():
     """The tag byte the encoder writes for each RankedItem field (what is on the wire)."""
-    return {"item_id": TAG_ITEM_ID, "score": TAG_SCORE, "rank": TAG_RANK}
+    return {"item_id": TAG_ITEM_ID, "score": TAG_SCORE, "rank": TAG_RANK, "score_std": TAG_STD}
 
 
 def check_layout(item, response):
@@ -239,29 +245,43 @@ cdef inline uint32_t float_bits(float x) noexcept nogil:
     return u
 
 
-cdef inline Py_ssize_t item_size(Py_ssize_t id_len, uint32_t score, Py_ssize_t rank) noexcept nogil:
-    # proto3: fields at their default (empty id, +0.0 score) are not written.
+cdef inline Py_ssize_t item_size(Py_ssize_t id_len, uint32_t score, Py_ssize_t rank,
+                                 uint32_t std) noexcept nogil:
+    # proto3: fields at their default (empty id, +0.0 score or std) are not written.
     cdef Py_ssize_t n = 1 + varint_size(<uint64_t> rank)
     if id_len:
         n += 1 + varint_size(<uint64_t> id_len) + id_len
     if score:
         n += 5
+    if std:
+        n += 5
     return n
 
 
-def encode_ranked(ids, idx, scores, bytes head, bytes tail, int field):
-    """`head` + one length-delimited RankedItem (item_id, score, rank from 1)
-    per position as repeated field `field` + `tail`, as one bytes object.
+def encode_ranked(ids, idx, scores, bytes head, bytes tail, int field, std=None):
+    """`head` + one length-delimited RankedItem (item_id, score, rank from 1,
+    score_std when `std` is given) per position as repeated field `field` +
+    `tail`, as one bytes object.
 
     `ids` is a 2-d uint8 array: row i holds item i's UTF-8 id padded with NULs
     (an IdMap's bytes array viewed as uint8). `idx` (int32) are the ranked rows,
-    best first, and `scores` (float32) their scores. Memory-mapped arrays work.
+    best first, `scores` (float32) their scores and `std` (float32, optional)
+    their predictive std (bayes_mf). Memory-mapped arrays work.
     """
     check_array(ids, "ids", np.uint8, 2)
     check_array(idx, "idx", np.int32, 1)
     check_array(scores, "scores", np.float32, 1)
     if idx.shape[0] != scores.shape[0]:
         raise ValueError(f"scores: length {scores.shape[0]}, expected {idx.shape[0]} (idx)")
+    cdef const float[::1] sd
+    cdef const float* sdp = NULL
+    if std is not None:
+        check_array(std, "std", np.float32, 1)
+        if std.shape[0] != idx.shape[0]:
+            raise ValueError(f"std: length {std.shape[0]}, expected {idx.shape[0]} (idx)")
+        sd = std
+        if sd.shape[0]:
+            sdp = &sd[0]
     if not 1 <= field < (1 << 29):
         raise ValueError(f"field: must be in [1, 2^29), got {field}")
     cdef const unsigned char[:, ::1] I = ids
@@ -271,12 +291,14 @@ def encode_ranked(ids, idx, scores, bytes head, bytes tail, int field):
     cdef Py_ssize_t i, row, id_len, body, total = len(head) + len(tail)
     cdef uint64_t tag = (<uint64_t> field << 3) | WIRE_LEN
     cdef int tag_len = varint_size(tag)
-    cdef uint32_t bits
+    cdef uint32_t bits, std_bits = 0
     for i in range(n):
         row = ix[i]
         if not 0 <= row < n_ids:
             raise IndexError(f"idx: row {row} at position {i} outside [0, {n_ids})")
-        body = item_size(id_length(&I[row, 0], width), float_bits(sc[i]), i + 1)
+        if sdp != NULL:
+            std_bits = float_bits(sdp[i])
+        body = item_size(id_length(&I[row, 0], width), float_bits(sc[i]), i + 1, std_bits)
         total += tag_len + varint_size(<uint64_t> body) + body
     out = PyBytes_FromStringAndSize(NULL, total)
     cdef char* p = PyBytes_AS_STRING(out)
@@ -287,8 +309,10 @@ def encode_ranked(ids, idx, scores, bytes head, bytes tail, int field):
             row = ix[i]
             id_len = id_length(&I[row, 0], width)
             bits = float_bits(sc[i])
+            if sdp != NULL:
+                std_bits = float_bits(sdp[i])
             p = put_varint(p, tag)
-            p = put_varint(p, <uint64_t> item_size(id_len, bits, i + 1))
+            p = put_varint(p, <uint64_t> item_size(id_len, bits, i + 1, std_bits))
             if id_len:
                 p[0] = TAG_ITEM_ID
                 p = put_varint(p + 1, <uint64_t> id_len)
@@ -299,6 +323,9 @@ def encode_ranked(ids, idx, scores, bytes head, bytes tail, int field):
                 p = put_fixed32(p + 1, bits)
             p[0] = TAG_RANK
             p = put_varint(p + 1, <uint64_t> (i + 1))
+            if std_bits:
+                p[0] = TAG_STD
+                p = put_fixed32(p + 1, std_bits)
     memcpy(p, PyBytes_AS_STRING(tail), len(tail))
     return out
 

