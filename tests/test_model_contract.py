@@ -171,6 +171,29 @@ def test_explanations_of_an_answer_at_once_are_each_items_own(fitted, small):
         fitted.explain_items(row, [small.n_items], 3)
 
 
+def test_explain_items_ranks_each_items_contributions(small, monkeypatch):
+    # explain_items ranks every item's column of the contribution matrix at once;
+    # against a per-item Python reference: only positive contributions (not 0,
+    # negatives or NaN), largest first, ties by lower history item, at most n.
+    model = create("popularity").fit(small)
+    rng = np.random.default_rng(4)
+    hist = np.array([40, 3, 17, 8, 25, 11], np.int32)  # not sorted: ties go by item
+    c = rng.choice([0.0, -1.0, 0.5, 0.25, 2.0, np.nan], size=(hist.size, 9))
+    c[:, 0] = 0.0  # an item nothing contributes to
+    c[:, 1] = 0.5  # every history item tied
+    monkeypatch.setattr(model, "_contributions_many", lambda history, items, user: (hist, c))
+    row = model.history_matrix([[1]], [[1.0]])
+    for n in (1, 3, 6, 10):
+        got = model.explain_items(row, np.arange(9), n)
+        assert len(got) == 9
+        for j, (idx, val) in enumerate(got):
+            pairs = sorted((-v, int(h)) for h, v in zip(hist, c[:, j], strict=True) if v > 0)[:n]
+            assert idx.dtype == np.int32 and val.dtype == np.float32
+            assert idx.tolist() == [h for _, h in pairs]
+            assert val.tolist() == [np.float32(-v) for v, _ in pairs]
+    assert all(idx.size == 0 for idx, _ in model.explain_items(row, np.arange(3), 0))
+
+
 def test_exclusions_never_shorten_results(fitted):
     items, _ = fitted.recommend([0], k=10)
     banned = items[0][:5]

@@ -462,14 +462,19 @@ class Recommender(ABC):
         history = history.tocsr()
         hist, contrib = self._contributions_many(history, items, user)
         hist = np.asarray(hist)
-        out = []
-        for j in range(items.size):
-            c = np.asarray(contrib[:, j]) if hist.size else np.zeros(0)
-            keep = c > 0
-            idx, c = hist[keep], c[keep]
-            order = np.lexsort((idx, -c))[:n]
-            out.append((idx[order].astype(np.int32), c[order].astype(np.float32)))
-        return out
+        if hist.size == 0 or n <= 0:
+            return [(np.zeros(0, np.int32), np.zeros(0, np.float32)) for _ in range(items.size)]
+        # Every item's column at once (a loop of numpy calls per item cost ~10 us
+        # each, 1 ms for a k=100 answer): positive contributions first, largest
+        # first, ties by lower history item; the rest sort last and are cut.
+        c = np.asarray(contrib).reshape(hist.size, items.size)
+        positive = c > 0
+        key = np.where(positive, -c, np.inf)
+        order = np.lexsort((np.broadcast_to(hist[:, None], c.shape), key), axis=0)[:n]
+        counts = np.take_along_axis(positive, order, 0).sum(0).tolist()
+        best_idx = np.ascontiguousarray(hist[order].T, np.int32)
+        best_val = np.ascontiguousarray(np.take_along_axis(c, order, 0).T, np.float32)
+        return [(best_idx[j, :m], best_val[j, :m]) for j, m in enumerate(counts)]
 
     def _contributions_many(
         self, history: sp.csr_matrix, items: np.ndarray, user: int | None

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from statistics import NormalDist
 from typing import TypeVar
 
@@ -548,7 +549,11 @@ class Router:
             found = m.explain_user_items(s.user, items, EXPLAIN_ITEMS)
         else:
             found = m.explain_items(s.row, items, EXPLAIN_ITEMS)
-        return [m.items.ids(idx) for idx, _ in found]
+        if not found:
+            return []
+        # every item's ids in one lookup, then cut per item
+        ids = iter(m.items.ids(np.concatenate([idx for idx, _ in found])))
+        return [list(islice(ids, idx.size)) for idx, _ in found]
 
     def _hybrid(
         self, hy: Hybrid, q: RecQuery, check: Check, stages: dict[str, float]
