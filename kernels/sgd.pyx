@@ -570,21 +570,43 @@ def ridge_user(Q, bias, double mu, items, ratings, double reg):
     rhs = np.zeros(m, np.float64)
     w = np.zeros(f1, np.float64)
     t = np.empty(max(n, 1), np.float64)
+    # The dual's Z^T in float64: one row per factor, n long.
+    g = np.empty((f1 - 1) * n if dual else 1, np.float64)
     cdef double[:, ::1] K = sys_
     cdef double[::1] X = rhs
     cdef double[::1] W = w
     cdef double[::1] T = t
+    cdef double[::1] G = g
+    cdef double* kp = &K[0, 0]
+    cdef double* gp = &G[0]
+    cdef double* row
+    cdef double* col
+    cdef const float* q
     cdef bint ok
     with nogil:
         for i in range(n):
             T[i] = RV[i] - mu - BV[IV[i]]
         if dual:
-            for i in range(n):  # K = Z Z^T + shift I (lower triangle), X = t
+            # K = Z Z^T + shift I (lower triangle), X = t: K[i, j] = 1 + the sum
+            # over a of q_i[a] q_j[a], added in a's order as a dot product per
+            # entry would, but as one outer-product update per factor over
+            # contiguous rows: no step waits on the one before, and the update
+            # vectorises (f=100, 50 ratings: 197 -> 102 us; the same bits).
+            for i in range(n):
+                q = &QV[IV[i], 0]
+                for a in range(f1 - 1):
+                    gp[<Py_ssize_t>a * n + i] = q[a]
+                row = kp + <Py_ssize_t>i * m
                 for j in range(i + 1):
-                    acc = 1.0
-                    for a in range(f1 - 1):
-                        acc += <double>QV[IV[i], a] * QV[IV[j], a]
-                    K[i, j] = acc
+                    row[j] = 1.0
+            for a in range(f1 - 1):
+                col = gp + <Py_ssize_t>a * n
+                for i in range(n):
+                    acc = col[i]
+                    row = kp + <Py_ssize_t>i * m
+                    for j in range(i + 1):
+                        row[j] += acc * col[j]
+            for i in range(n):
                 K[i, i] += shift
                 X[i] = T[i]
         else:
