@@ -312,3 +312,27 @@ def test_prediction_errors_and_layout_checks():
         wire.check_prediction_layout(
             pb.RatingPrediction.DESCRIPTOR, pb.RecommendResponse.DESCRIPTOR
         )
+
+
+@pytest.mark.parametrize(
+    "meta", [{}, {"model": "hybrid", "version": "als@1,itemknn@2", "served_by": "x", "arm": "b"}]
+)
+def test_similar_bytes_equals_the_message(meta):
+    """GetSimilarItems' array-backed answer serializes exactly as its message."""
+    idmap = IdMap.from_ids([f"s{i:03d}" for i in range(200)])
+    rows = np.random.default_rng(2).permutation(200)[:150].astype(np.int32)  # ranks past 127
+    scores = np.linspace(1, -1, 150)
+    scores[3] = 0.0
+    r = Ranked.of(idmap, rows, scores, meta.get("version", "v1"))
+    r.model, r.served_by, r.arm = (
+        meta.get("model", ""),
+        meta.get("served_by", ""),
+        meta.get("arm", ""),
+    )
+    encoded = convert.similar_bytes(r)
+    assert isinstance(encoded, bytes)
+    message = convert.similar_response(r)
+    assert encoded == message.SerializeToString()
+    assert pb.SimilarItemsResponse.FromString(encoded) == message
+    listed = Ranked(["s1", "s2"], [0.5, 0.25], version="v1")
+    assert isinstance(convert.similar_bytes(listed), pb.SimilarItemsResponse)

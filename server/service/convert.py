@@ -108,6 +108,23 @@ def ranked_items(r: Ranked, first: bool = False) -> Iterator[pb.RankedItem]:
         yield item
 
 
+def similar_bytes(r: Ranked) -> pb.SimilarItemsResponse | bytes:
+    """`similar_response`, already serialized by kernels.wire when the ranking
+    is held as arrays (k=100: ~80 us of RankedItem objects -> a few us)."""
+    if r.arrays is None or r.because:
+        return similar_response(r)
+    items, rows, scores = r.arrays
+    return wire.encode_ranked(
+        items.rows,
+        rows,
+        scores.astype(np.float32, copy=False),
+        b"",
+        _similar_tail(r.model, r.version, r.served_by, r.arm),
+        _SIMILAR_FIELD["items"],
+        np.array(r.std, np.float32) if r.std else None,
+    )
+
+
 def similar_response(r: Ranked) -> pb.SimilarItemsResponse:
     """GetSimilarItems' answer: the ranking in one message."""
     out = pb.SimilarItemsResponse(
@@ -159,6 +176,21 @@ def response(request_id: str, r: Ranked) -> pb.RecommendResponse:
 
 
 _FIELD = wire.check_layout(pb.RankedItem.DESCRIPTOR, pb.RecommendResponse.DESCRIPTOR)
+
+
+_SIMILAR_FIELD = wire.check_layout(pb.RankedItem.DESCRIPTOR, pb.SimilarItemsResponse.DESCRIPTOR)
+
+
+@lru_cache(maxsize=1024)
+def _similar_tail(model: str, version: str, served_by: str, arm: str) -> bytes:
+    # SimilarItemsResponse's fields after `items`, in number order.
+    f = _SIMILAR_FIELD
+    return (
+        wire.string_field(f["model"], model)
+        + wire.string_field(f["version"], version)
+        + wire.string_field(f["served_by"], served_by)
+        + wire.string_field(f["arm"], arm)
+    )
 
 
 @lru_cache(maxsize=1024)

@@ -571,11 +571,11 @@ class Core:
 
     def similar_unary(
         self, s: Session, request: pb.SimilarItemsRequest
-    ) -> tuple[pb.SimilarItemsResponse, Metadata]:
+    ) -> tuple[pb.SimilarItemsResponse | bytes, Metadata]:
         """GetSimilarItems: the same ranking in one message."""
         r = self._similar(s, request)
         s.ranked = r
-        return convert.similar_response(r), _metadata(r)
+        return convert.similar_bytes(r), _metadata(r)
 
     def _items(self, s: Session, r: Ranked) -> Iterator[pb.RankedItem]:
         self.observe(s.method, r)
