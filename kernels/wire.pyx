@@ -6,6 +6,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
 import numpy as np
@@ -148,47 +149,60 @@ def encode_predictions(list item_ids, values, bytes head, bytes tail, int field)
     cdef const float[:, ::1] V = values
     cdef uint64_t tag = (<uint64_t> field << 3) | WIRE_LEN
     cdef int tag_len = varint_size(tag)
-    cdef Py_ssize_t i, body, total = len(head) + len(tail)
-    cdef Py_ssize_t id_len
+    cdef Py_ssize_t i, body, id_len, total = len(head) + len(tail)
     cdef int c
     cdef uint32_t bits
-    cdef const char* text
     cdef object item
-    # First pass: the size (and every id checked to be a str).
-    for i in range(n):
-        item = item_ids[i]
-        if type(item) is not str:
-            raise TypeError(f"item_ids: position {i} is {type(item).__name__}, not str")
-        text = PyUnicode_AsUTF8AndSize(item, &id_len)
-        body = (1 + varint_size(<uint64_t> id_len) + id_len) if id_len else 0
-        for c in range(4):
-            if float_bits(V[i, c]):
-                body += 5
-        total += tag_len + varint_size(<uint64_t> body) + body
-    out = PyBytes_FromStringAndSize(NULL, total)
-    cdef char* p = PyBytes_AS_STRING(out)
-    memcpy(p, PyBytes_AS_STRING(head), len(head))
-    p += len(head)
-    for i in range(n):
-        text = PyUnicode_AsUTF8AndSize(item_ids[i], &id_len)  # cached by CPython
-        body = (1 + varint_size(<uint64_t> id_len) + id_len) if id_len else 0
-        for c in range(4):
-            if float_bits(V[i, c]):
-                body += 5
-        p = put_varint(p, tag)
-        p = put_varint(p, <uint64_t> body)
-        if id_len:
-            p[0] = TAG_PRED_ID
-            p = put_varint(p + 1, <uint64_t> id_len)
-            memcpy(p, text, id_len)
-            p += id_len
-        for c in range(4):
-            bits = float_bits(V[i, c])
-            if bits:
-                p[0] = TAG_PRED[c]
-                p = put_fixed32(p + 1, bits)
-    memcpy(p, PyBytes_AS_STRING(tail), len(tail))
-    return out
+    # A tuple keeps every id (and so its UTF-8 buffer) alive and in place while
+    # the bytes are written without the GIL.
+    ids = tuple(item_ids)
+    cdef const char** texts = <const char**> malloc(max(n, 1) * sizeof(char*))
+    cdef Py_ssize_t* lens = <Py_ssize_t*> malloc(max(n, 1) * sizeof(Py_ssize_t))
+    cdef char* p
+    try:
+        if texts == NULL or lens == NULL:
+            raise MemoryError(f"encode_predictions: no scratch for {n} ids")
+        # First pass: every id checked to be a str, its UTF-8 (cached by
+        # CPython) and the answer's size.
+        for i in range(n):
+            item = ids[i]
+            if type(item) is not str:
+                raise TypeError(f"item_ids: position {i} is {type(item).__name__}, not str")
+            texts[i] = PyUnicode_AsUTF8AndSize(item, &lens[i])
+            id_len = lens[i]
+            body = (1 + varint_size(<uint64_t> id_len) + id_len) if id_len else 0
+            for c in range(4):
+                if float_bits(V[i, c]):
+                    body += 5
+            total += tag_len + varint_size(<uint64_t> body) + body
+        out = PyBytes_FromStringAndSize(NULL, total)
+        p = PyBytes_AS_STRING(out)
+        memcpy(p, PyBytes_AS_STRING(head), len(head))
+        p += len(head)
+        with nogil:
+            for i in range(n):
+                id_len = lens[i]
+                body = (1 + varint_size(<uint64_t> id_len) + id_len) if id_len else 0
+                for c in range(4):
+                    if float_bits(V[i, c]):
+                        body += 5
+                p = put_varint(p, tag)
+                p = put_varint(p, <uint64_t> body)
+                if id_len:
+                    p[0] = TAG_PRED_ID
+                    p = put_varint(p + 1, <uint64_t> id_len)
+                    memcpy(p, texts[i], id_len)
+                    p += id_len
+                for c in range(4):
+                    bits = float_bits(V[i, c])
+                    if bits:
+                        p[0] = TAG_PRED[c]
+                        p = put_fixed32(p + 1, bits)
+        memcpy(p, PyBytes_AS_STRING(tail), len(tail))
+        return out
+    finally:
+        free(texts)
+        free(lens)
 
 
 def varint(unsigned long long v):
