@@ -30,11 +30,16 @@ RANKED_ITEM_FIELDS = {
 }
 
 
-cdef unsigned char tag_of(str name):
-    number, kind = RANKED_ITEM_FIELDS[name]
+cdef unsigned char field_tag(dict fields, str message, str name):
+    """The one-byte tag of field `name` in a fields table of `message`."""
+    number, kind = fields[name]
     if not 1 <= number < 16:  # one-byte tags: the encoder writes each as one char
-        raise ValueError(f"RankedItem.{name}: field number {number} needs a longer tag")
+        raise ValueError(f"{message}.{name}: field number {number} needs a longer tag")
     return <unsigned char> ((number << 3) | kind)
+
+
+cdef unsigned char tag_of(str name):
+    return field_tag(RANKED_ITEM_FIELDS, "RankedItem", name)
 
 
 cdef unsigned char TAG_ITEM_ID = tag_of("item_id")
@@ -48,10 +53,11 @@ def written_tags():
     return {"item_id": TAG_ITEM_ID, "score": TAG_SCORE, "rank": TAG_RANK, "score_std": TAG_STD}
 
 
-def check_layout(item, response):
-    """Raise RuntimeError unless the RankedItem / RecommendResponse descriptors
-    (`item`, `response`) have the numbers and types of the tags this encoder
-    writes; return RecommendResponse's field numbers by name."""
+def _check_fields(item, response, dict tags, str message, str repeated):
+    """Raise RuntimeError unless descriptor `item` (of `message`) has the
+    numbers and wire types of `tags` (name -> tag byte written) and
+    `response`.`repeated` is that message; return the response's field numbers
+    by name."""
     from google.protobuf.descriptor import FieldDescriptor
 
     wire_type = {
@@ -61,14 +67,23 @@ def check_layout(item, response):
         FieldDescriptor.TYPE_UINT32: WIRE_VARINT,
     }
     fields = item.fields_by_name
-    for name, tag in written_tags().items():
+    for name, tag in tags.items():
         f = fields.get(name)
         if f is None or f.number != tag >> 3 or wire_type.get(f.type, -1) != tag & 7:
-            raise RuntimeError(f"kernels.wire: RankedItem.{name} no longer matches the .proto")
-    items = response.fields_by_name.get("items")
-    if items is None or items.message_type is not item:
-        raise RuntimeError("kernels.wire: RecommendResponse.items is no longer RankedItem")
+            raise RuntimeError(f"kernels.wire: {message}.{name} no longer matches the .proto")
+    field = response.fields_by_name.get(repeated)
+    if field is None or field.message_type is not item:
+        raise RuntimeError(
+            f"kernels.wire: {response.name}.{repeated} is no longer {message}")
     return {f.name: f.number for f in response.fields}
+
+
+def check_layout(item, response):
+    """Raise RuntimeError unless the RankedItem / RecommendResponse (or
+    SimilarItemsResponse) descriptors (`item`, `response`) have the numbers and
+    types of the tags this encoder writes; return the response's field numbers
+    by name."""
+    return _check_fields(item, response, written_tags(), "RankedItem", "items")
 
 
 # RatingPrediction's fields, as RANKED_ITEM_FIELDS for RankedItem (checked against
@@ -83,10 +98,7 @@ PREDICTION_FIELDS = {
 
 
 cdef unsigned char prediction_tag(str name):
-    number, kind = PREDICTION_FIELDS[name]
-    if not 1 <= number < 16:
-        raise ValueError(f"RatingPrediction.{name}: field number {number} needs a longer tag")
-    return <unsigned char> ((number << 3) | kind)
+    return field_tag(PREDICTION_FIELDS, "RatingPrediction", name)
 
 
 # item_id, then the four floats in field order (rating, std, lower, upper).
@@ -114,20 +126,8 @@ def check_prediction_layout(item, response):
     RatingPrediction descriptor `item` has the numbers and types this encoder
     writes and `response`.predictions is that message; return the response's
     field numbers by name."""
-    from google.protobuf.descriptor import FieldDescriptor
-
-    wire_type = {FieldDescriptor.TYPE_STRING: WIRE_LEN, FieldDescriptor.TYPE_FLOAT: WIRE_I32}
-    fields = item.fields_by_name
-    for name, tag in written_prediction_tags().items():
-        f = fields.get(name)
-        if f is None or f.number != tag >> 3 or wire_type.get(f.type, -1) != tag & 7:
-            raise RuntimeError(
-                f"kernels.wire: RatingPrediction.{name} no longer matches the .proto")
-    preds = response.fields_by_name.get("predictions")
-    if preds is None or preds.message_type is not item:
-        raise RuntimeError(
-            "kernels.wire: PredictRatingsResponse.predictions is no longer RatingPrediction")
-    return {f.name: f.number for f in response.fields}
+    return _check_fields(
+        item, response, written_prediction_tags(), "RatingPrediction", "predictions")
 
 
 def encode_predictions(list item_ids, values, bytes head, bytes tail, int field):
