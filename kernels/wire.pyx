@@ -130,18 +130,21 @@ def check_prediction_layout(item, response):
         item, response, written_prediction_tags(), "RatingPrediction", "predictions")
 
 
-def encode_predictions(list item_ids, values, bytes head, bytes tail, int field):
+def encode_predictions(item_ids, values, bytes head, bytes tail, int field):
     """`head` + one length-delimited RatingPrediction per id (item_id, then
     rating, std, lower, upper from the row of `values`) as repeated field
     `field` + `tail`, as one bytes object: PredictRatings' answer without a
     message object per item (upb's cost ~2 us each, 5 ms for 2,500 items).
 
-    `item_ids` are str (written as UTF-8, in order); `values` is float32
+    `item_ids` (any sequence) are str (written as UTF-8, in order); `values` is float32
     (len(item_ids), 4). Fields at their proto3 default (empty id, +0.0) are
     not written, as protobuf's own encoder does.
     """
     check_array(values, "values", np.float32, 2)
-    cdef Py_ssize_t n = len(item_ids)
+    # A tuple keeps every id (and so its UTF-8 buffer) alive and in place while
+    # the bytes are written without the GIL (a tuple given is not copied).
+    ids = tuple(item_ids)
+    cdef Py_ssize_t n = len(ids)
     if values.shape[0] != n or values.shape[1] != 4:
         raise ValueError(f"values: shape {values.shape}, expected ({n}, 4)")
     if not 1 <= field < (1 << 29):
@@ -153,9 +156,6 @@ def encode_predictions(list item_ids, values, bytes head, bytes tail, int field)
     cdef int c
     cdef uint32_t bits
     cdef object item
-    # A tuple keeps every id (and so its UTF-8 buffer) alive and in place while
-    # the bytes are written without the GIL.
-    ids = tuple(item_ids)
     cdef const char** texts = <const char**> malloc(max(n, 1) * sizeof(char*))
     cdef Py_ssize_t* lens = <Py_ssize_t*> malloc(max(n, 1) * sizeof(Py_ssize_t))
     cdef char* p

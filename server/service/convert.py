@@ -292,7 +292,7 @@ def predictions(p: Prediction) -> bytes:
     for c, column in enumerate((p.rating, p.std, p.lower, p.upper)):
         values[:, c] = column
     return wire.encode_predictions(
-        list(p.item_ids),
+        p.item_ids,
         values,
         b"",
         _prediction_tail(struct.pack("<d", p.interval), p.model, p.version, p.served_by),
