@@ -230,6 +230,34 @@ def test_fold_in_excludes_history_and_returns_exactly_k(fitted):
     assert empty.size == 5
 
 
+def test_history_items_with_value_zero_are_seen_too(fitted):
+    # An explicit 0 is a value like any other (the contract: "an explicit 0 is
+    # stored and used as 0"), and the item is still one the user has seen. With
+    # exclusions the seen set was once built by adding sparse matrices, which
+    # dropped the zero entries, so those items came back.
+    history = np.array([1, 2, 3, 50])
+    values = np.array([0.0, 2.0, 0.0, 1.0], np.float32)
+    row = fitted.history_matrix([history], [values])
+    cands = [np.array([1, 3, 4, 6, 7, 8, 50])]
+    for exclude in (None, [np.array([4])]):
+        for candidates in (None, cands):
+            items, _ = fitted.recommend_histories(
+                row, k=fitted.n_items, exclude=exclude, candidates=candidates
+            )
+            got = set(items[0][items[0] >= 0].tolist())
+            assert not got & {1, 2, 3, 50}, (exclude, candidates)
+            assert not exclude or 4 not in got
+            if candidates is not None:
+                assert got <= {4, 6, 7, 8}
+    if fitted.n_users > 3:  # a known user's row with an explicit 0, the same way
+        seen = fitted.user_items[3]
+        zeroed = sp.csr_matrix(
+            (np.zeros(seen.indices.size, np.float32), seen.indices, seen.indptr), shape=seen.shape
+        )
+        items, _ = fitted.recommend_histories(zeroed, k=fitted.n_items, exclude=[np.array([0])])
+        assert not set(items[0].tolist()) & set(seen.indices.tolist())
+
+
 def test_similar_items_never_returns_the_item(fitted):
     items, scores = fitted.similar_items(7, k=10)
     assert items.size == 10 and 7 not in items

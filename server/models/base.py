@@ -728,15 +728,23 @@ def _rows_for(spec: Exclude, lo: int, size: int) -> list[np.ndarray] | None:
 def exclusion_rows(
     history: sp.csr_matrix | None, extra: list[np.ndarray] | None, n_rows: int, n_items: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """CSR (indptr int64, indices int32) of items to exclude per row: history plus extras."""
-    parts = []
-    if history is not None:
-        parts.append(history.tocsr())
-    if extra is not None:
-        parts.append(_lists_to_csr(extra, n_rows, n_items))
-    if not parts:
+    """CSR (indptr int64, indices int32) of items to exclude per row: history plus extras.
+
+    Every stored history entry counts, whatever its value: an explicit 0 (a
+    rating of 0, an event sent with value 0) is still an item the user has seen.
+    The union is therefore built on the history's structure (ones), never on its
+    values, which scipy's sum would drop where they add up to 0."""
+    h = history.tocsr() if history is not None else None
+    x = _lists_to_csr(extra, n_rows, n_items) if extra is not None else None
+    if h is None and x is None:
         return np.zeros(n_rows + 1, np.int64), np.zeros(0, np.int32)
-    m = parts[0] if len(parts) == 1 else (abs(parts[0]) + abs(parts[1])).tocsr()
+    if x is None:
+        m = h
+    else:
+        if h is not None:
+            ones = np.ones(h.indices.size, np.float32)
+            x = sp.csr_matrix((ones, h.indices, h.indptr), shape=h.shape) + x
+        m = x.tocsr()
     return m.indptr.astype(np.int64), m.indices.astype(np.int32, copy=False)
 
 
