@@ -136,6 +136,33 @@ def test_generic_csv_with_items_and_optional_columns(tmp_path):
     assert load_dataset(tmp_path / "interactions.csv", fmt="csv").nnz == 3
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "user_id, item_id, rating\nalice, x, 4\nbob, y, 2\n",  # a space after each comma
+        "User_ID,Item_ID,Rating\nalice,x,4\nbob,y,2\n",  # another case
+        '"USER_ID" , "item_id" ,rating\nalice,x,4\nbob,y,2\n',  # quoted, spaced, upper
+        "user_id\titem_id\trating\nalice\tx\t4\nbob\ty\t2\n",  # tab-separated
+        "user_id;item_id;rating\nalice;x;4\nbob;y;2\n",  # semicolons
+        "\ufeffuser_id,item_id,rating\r\nalice,x,4\r\nbob,y,2\r\n",  # BOM, CRLF
+    ],
+)
+def test_generic_csv_as_spreadsheets_write_it(tmp_path, body):
+    # Exports from spreadsheets and databases differ in header case, spaces and
+    # delimiter; the ids must come out the same ("x", never " x"), or requests
+    # naming them would never match.
+    ds = load_dataset(write(tmp_path / "interactions.csv", body))
+    assert entries(ds) == {("alice", "x"): 4.0, ("bob", "y"): 2.0}
+    # items.csv beside it may be written the same way
+    delimiter = "\t" if "\t" in body else (";" if ";" in body else ",")
+    write(
+        tmp_path / "items.csv",
+        f"Item_ID{delimiter} Title{delimiter}tags\nx{delimiter} Ex{delimiter}a|b\n",
+    )
+    ds = load_dataset(tmp_path)
+    assert ds.feature_names == ["a", "b"] and entries(ds)[("alice", "x")] == 4.0
+
+
 def test_duplicates_last_or_sum():
     u = np.array([0, 0, 0, 1])
     i = np.array([1, 1, 1, 0])

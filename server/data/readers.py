@@ -120,6 +120,16 @@ def header_columns(path: Path, delimiter: str = ",", encoding: str = "utf-8") ->
     return [c.strip().strip('"').strip() for c in first_line(path, encoding).split(delimiter)]
 
 
+def sniff_delimiter(path: Path, column: str) -> str:
+    """The delimiter (comma, tab, semicolon or pipe) that makes `column` one of
+    the header's names; a comma when none does (the error then names the header)."""
+    line = first_line(path)
+    for d in (",", "\t", ";", "|"):
+        if column in (c.strip().strip('"').strip().lower() for c in line.split(d)):
+            return d
+    return ","
+
+
 def read_table(
     path: Path,
     columns: dict[str, pa.DataType],
@@ -136,10 +146,21 @@ def read_table(
     must be present in a header (others in `columns` are read when present).
     """
     header_lines = 0 if names else 1
+    spaced = False
     if not names:
+        line = first_line(path, "utf-8" if encoding == "utf8" else encoding)
         cols = header_columns(path, delimiter, "utf-8" if encoding == "utf8" else encoding)
+        # "user_id, item_id, rating": the values have the same space after the
+        # delimiter, and are read trimmed (an id " a" would never match "a").
+        spaced = any(raw != raw.strip() for raw in line.split(delimiter))
         if not any(cols):
             raise DataError(path, "empty file (no header line)", 1)
+        # Header names match whatever their case and surrounding spaces
+        # ("User_ID, Item_ID" from a spreadsheet export); the file is then read
+        # under those names, its header line skipped.
+        wanted = {k.lower(): k for k in columns}
+        cols = [wanted.get(c.lower(), c) for c in cols]
+        names = cols
         dupes = sorted({c for c in cols if cols.count(c) > 1})
         if dupes:
             raise DataError(path, f"duplicate column(s) in header: {', '.join(dupes)}", 1)
@@ -150,7 +171,11 @@ def read_table(
             )
         columns = {k: v for k, v in columns.items() if k in cols}
     read_opts = pacsv.ReadOptions(
-        column_names=names, encoding=encoding, block_size=1 << 24, use_threads=True
+        column_names=names,
+        skip_rows=header_lines,
+        encoding=encoding,
+        block_size=1 << 24,
+        use_threads=True,
     )
     parse_opts = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False)
     # Only an empty field is missing: "nan" or "N/A" must not silently become null.
@@ -170,6 +195,10 @@ def read_table(
         raise _explain(path, exc, columns, read_opts, parse_opts, header_lines, source) from None
     if table.num_rows == 0:
         raise DataError(path, "no data rows", header_lines + 1)
+    if header_lines and spaced:
+        for i, name in enumerate(table.column_names):
+            if pa.types.is_string(table.schema.field(i).type):
+                table = table.set_column(i, name, pc.utf8_trim_whitespace(table.column(i)))
     for name in columns:
         check_values(path, table.column(name), name, header_lines + 1)
     return table
@@ -505,7 +534,8 @@ def read_generic(path: Path) -> tuple[Raw, ItemMeta | None]:
         folder, data = path.parent, path
     t = read_table(
         data,
-        {
+        delimiter=sniff_delimiter(data, "user_id"),
+        columns={
             "user_id": pa.string(),
             "item_id": pa.string(),
             "rating": pa.float32(),
@@ -516,14 +546,15 @@ def read_generic(path: Path) -> tuple[Raw, ItemMeta | None]:
     meta = None
     items = find_file(folder, "items.csv")
     if items:
-        header = header_columns(items)
+        delimiter = sniff_delimiter(items, "item_id")
+        header = [c.lower() for c in header_columns(items, delimiter)]
         tag_col = "genres" if "genres" in header else ("tags" if "tags" in header else None)
         cols = {"item_id": pa.string()}
         if "title" in header:
             cols["title"] = pa.string()
         if tag_col:
             cols[tag_col] = pa.string()
-        it = read_table(items, cols, required=("item_id",))
+        it = read_table(items, cols, delimiter=delimiter, required=("item_id",))
         ids = it.column("item_id").to_pylist()
         meta = ItemMeta(
             item_ids=ids,
