@@ -134,6 +134,26 @@ def test_seen_excluded_unless_include_seen_and_exclusions_never_shorten(srv, pub
     assert ids(got) == ids(items)[3:6]  # only eligible candidates, in model order
 
 
+@pytest.mark.parametrize("name", ["als", "itemknn", "popularity"])
+def test_history_items_sent_with_value_zero_stay_excluded(srv, name):
+    # An explicit 0 is a value, and the item is still seen: with exclusions (and
+    # candidates) the seen set was once a sparse sum that dropped zero entries.
+    hist = ["3", "17", "42"]
+    history = [pb.Interaction(item_id=i, value=0.0) for i in hist]
+    history.append(pb.Interaction(item_id="100", value=2.0))
+    everything = [str(i) for i in range(1, 301)]
+    for extra in (
+        {},
+        {"exclude_item_ids": ["5"]},
+        {"candidate_item_ids": everything},
+        {"exclude_item_ids": ["5"], "candidate_item_ids": everything},
+    ):
+        for user in ("brand-new", "12"):
+            items, _ = srv.recommend(user_id=user, history=history, k=300, model=name, **extra)
+            assert len(items) > 0
+            assert not set(ids(items)) & {*hist, "100", *extra.get("exclude_item_ids", [])}
+
+
 @pytest.mark.parametrize("name", ["als", "itemknn"])
 def test_fold_in_equals_offline_recommend_from_history(srv, published, name):
     m = published[1][name]
