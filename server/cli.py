@@ -459,6 +459,9 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
+    if not Path(args.models).is_dir():
+        # A mistyped path must not list nothing and verify nothing successfully.
+        raise FileNotFoundError(f"models: {args.models} is not a folder")
     entries = bundle.list_bundles(args.models)
     if args.name:
         entries = [e for e in entries if e["name"] == args.name]

@@ -107,6 +107,16 @@ def test_verify_fails_on_a_tampered_bundle(tmp_path, capsys):
     assert "scores.npy: sha256 differs" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("action", ["list", "verify"])
+def test_models_on_a_missing_folder_is_an_error_not_an_empty_success(tmp_path, capsys, action):
+    # A deploy check `recserve models verify --models <typo>` once passed with
+    # nothing verified.
+    missing = tmp_path / "no-such-models"
+    code, out, err = run(capsys, "models", action, "--models", missing)
+    assert code != 0
+    assert f"{missing} is not a folder" in err and out == ""
+
+
 def test_evaluate_prints_a_table_and_writes_json(tmp_path, capsys):
     data = tmp_path / "data"
     run(
