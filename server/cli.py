@@ -500,6 +500,11 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
         ids = [x.strip() for x in args.history.split(",") if x.strip()]
         idx = model.items.index(ids)
         unknown = [i for i, j in zip(ids, idx, strict=True) if j < 0]
+        if unknown and len(unknown) == len(ids):
+            # Nothing to fold in: the answer would be every item at score 0.
+            raise ValueError(
+                f"history: none of the item ids are known to {args.name} (e.g. {unknown[0]!r})"
+            )
         if unknown:
             log.warning("history: ignoring unknown item ids %s", ", ".join(unknown[:10]))
         items, scores = model.recommend_from_history(idx[idx >= 0], k=args.k)

@@ -69,6 +69,11 @@ def test_synth_train_list_verify_recommend(tmp_path, capsys):
         capsys, "recommend", "--models", models, "--name", "pop", "--history", "1,2,nope", "--k", 3
     )
     assert code == 0 and not {"1", "2"} & {i["item_id"] for i in last_json(out)["items"]}
+    # Only unknown ids: nothing to fold in, an error rather than every item at 0.
+    code, out, err = run(
+        capsys, "recommend", "--models", models, "--name", "pop", "--history", "nope,nada"
+    )
+    assert code != 0 and "none of the item ids are known to pop" in err and out == ""
 
 
 def test_verify_fails_on_a_tampered_bundle(tmp_path, capsys):
