@@ -525,7 +525,7 @@ DEFAULT_MODELS = [
     ("popularity", "popularity", []),
     ("itemknn", "itemknn", ["k=100"]),
     ("content", "content", ["k=100"]),
-    ("als", "als", ["factors=64", "iterations=15", "alpha=2"]),
+    ("als", "als", ["factors=64", "iterations=15"]),  # alpha: the default (unit-free)
 ]
 DEFAULT_HYBRID = ("als", "itemknn", "content")  # blended by the default model, "hybrid"
 

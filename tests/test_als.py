@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 from recserve.evaluation import evaluate
 from recserve.kernels import als as alsk
-from recserve.models import create
+from recserve.models import create, load_named
 from tests.service_helpers import assert_explanation
 
 
@@ -72,7 +74,8 @@ def test_fold_in_equals_the_trained_user(small):
 
 def test_explain_is_the_decomposition_of_the_score(small):
     """ALS folds a user in as x = A^-1 sum_i c_i y_i with A = Y'Y + reg I +
-    sum_i (c_i - 1) y_i y_i' (c = 1 + alpha r): the score y_j . x splits into
+    sum_i (c_i - 1) y_i y_i' (c = 1 + alpha r / s, s the training data's mean
+    |value|): the score y_j . x splits into
     c_i y_j' A^-1 y_i per history item. Computed here from the factors alone;
     explain returns exactly the positive terms, and all of them add up to the
     score (the trained user vector is that fold-in up to ALS's convergence)."""
@@ -81,7 +84,8 @@ def test_explain_is_the_decomposition_of_the_score(small):
     y = np.asarray(model.item_factors, np.float64)
     u = 42
     row = small.interactions[u]
-    r = np.ones_like(row.data) if p["binary"] else row.data.astype(np.float64)
+    unit = np.abs(small.interactions.data.astype(np.float64)).mean()
+    r = np.ones_like(row.data) if p["binary"] else row.data.astype(np.float64) / unit
     c = 1.0 + p["alpha"] * r
     yi = y[row.indices]
     a = y.T @ y + p["regularization"] * np.eye(y.shape[1]) + (yi.T * (c - 1.0)) @ yi
@@ -90,6 +94,30 @@ def test_explain_is_the_decomposition_of_the_score(small):
         terms = c * (yi @ np.linalg.solve(a, y[int(item)]))
         assert terms.sum() == pytest.approx(score, rel=1e-3)
         assert_explanation(model, u, int(item), row.indices, terms, rtol=1e-3)
+
+
+def test_alpha_is_unit_free(small, tmp_path):
+    # The same interactions in other units (ratings x 100, as play counts or
+    # watch seconds would be) train the same model: alpha applies to the value
+    # over the training data's mean |value|, kept in the bundle for fold-in.
+    scaled = copy.deepcopy(small)
+    scaled.interactions.data = scaled.interactions.data * 100.0
+    a = create("als", factors=16, iterations=4).fit(small)
+    b = create("als", factors=16, iterations=4).fit(scaled)
+    assert b.value_scale == pytest.approx(100.0 * a.value_scale, rel=1e-6)
+    np.testing.assert_allclose(b.user_factors, a.user_factors, rtol=1e-3, atol=1e-4)
+    items, values = small.interactions[7].indices, small.interactions[7].data
+    want, _ = a.recommend_from_history(items, values, k=10)
+    b.save(tmp_path, "b")
+    loaded = load_named(tmp_path, "b")
+    assert loaded.value_scale == b.value_scale
+    got, _ = loaded.recommend_from_history(items, values * 100.0, k=10)
+    np.testing.assert_array_equal(got, want)
+    # A bundle written before the unit was kept is Hu et al.'s raw form.
+    old = create("als")
+    arrays = {k: v for k, v in b._arrays().items() if k != "value_scale"}
+    old._restore(arrays)
+    assert old.value_scale == 1.0
 
 
 def test_als_beats_popularity_on_collaborative_data(small):
