@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -82,6 +83,19 @@ def test_predictions_are_clipped_to_the_rating_scale(small):
     low, _ = model.score(1, np.arange(small.n_items))
     assert std is None and np.all(high == 5.0) and np.all(low == 1.0)
     assert model.scale == (1.0, 5.0)
+
+
+@pytest.mark.parametrize("algo", ["svd", "bayes_mf"])
+def test_diverging_training_is_an_error_not_a_model_of_nans(small, algo):
+    # Ratings in the hundreds make the default lr overshoot; the model once
+    # trained to NaN and ranked every item at -inf.
+    big = copy.deepcopy(small)
+    big.interactions.data = big.interactions.data * 100.0
+    with pytest.raises(ValueError, match=r"diverged in epoch \d+ .*lower lr"):
+        create(algo, factors=8, epochs=5).fit(big)
+    ok = create(algo, factors=8, epochs=5, lr=0.00002).fit(big)  # the advice works
+    _, scores = ok.recommend([0, 1], k=5)
+    assert np.isfinite(scores).all()
 
 
 def test_fold_in_is_the_ridge_solution(small):

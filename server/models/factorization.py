@@ -297,7 +297,7 @@ class BiasedMF(Recommender):
         # Surprise); the order of the users is reshuffled every epoch.
         starts = self.user_items.indptr[:-1].astype(np.int64)
         lengths = np.diff(self.user_items.indptr).astype(np.int64)
-        for _ in bar:
+        for epoch in bar:
             perm = rng.permutation(self.n_users)
             lens = lengths[perm]
             offsets = np.cumsum(lens) - lens
@@ -316,6 +316,14 @@ class BiasedMF(Recommender):
                 p["reg"],
                 threads,
             )
+            if not np.isfinite(sse):
+                # SGD's steps grow with the ratings' spread: on ratings in the
+                # hundreds the default lr overshoots. Refuse to publish NaNs.
+                raise ValueError(
+                    f"{self.algorithm}: training diverged in epoch {epoch + 1} (ratings "
+                    f"{self.scale[0]:g} to {self.scale[1]:g}); lower lr (now {p['lr']:g}) "
+                    "or rescale the ratings to a few units"
+                )
             bar.set_postfix(rmse=f"{np.sqrt(sse / max(ratings.size, 1)):.4f}")
 
     def _predict(self, p: np.ndarray, bu: np.ndarray) -> np.ndarray:
