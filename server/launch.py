@@ -17,12 +17,13 @@ import contextlib
 import faulthandler
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-import threading
+from collections.abc import Callable
 from dataclasses import replace
 
 from recserve.config import ServerConfig
@@ -60,11 +61,48 @@ def _announce(cfg: ServerConfig, port: int) -> None:
         log.info("metrics: http://%s:%d/metrics", host, cfg.metrics_port)
 
 
+class Signals:
+    """Signals for the main thread, on whichever thread the kernel delivers them.
+
+    CPython runs a signal's Python handler only when the main thread next runs
+    bytecode, and the kernel may deliver a signal sent to the process to any
+    of its threads. A main thread blocked in a lock wait (`Event.wait`) or in
+    `waitpid` is then never woken, and the SIGTERM is lost: 7 of 60 in a
+    process with two busy threads (a server whose models are loading), and a
+    CI run once saw a server ignore its SIGTERM for 30 s. So the handlers only
+    note the signal, and the main thread waits on the wakeup socket that
+    CPython's C-level handler writes to from any thread."""
+
+    def __init__(self, handlers: dict[int, Callable[[int], None] | None]) -> None:
+        self.got: list[int] = []
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        for sig, then in handlers.items():
+            signal.signal(sig, self._handler(then))
+
+    def _handler(self, then: Callable[[int], None] | None) -> Callable:
+        def handle(signum: int, _frame: object) -> None:
+            self.got.append(signum)
+            if then is not None:
+                then(signum)
+
+        return handle
+
+    def wait(self, timeout: float) -> None:
+        """Until a signal has arrived (its handler then runs on return), or
+        `timeout` seconds (a bound, should a wakeup byte ever be dropped)."""
+        select.select([self._r], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            self._r.recv(4096)
+
+
 def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    """Block the main thread until SIGTERM or SIGINT."""
+    signals = Signals({signal.SIGTERM: None, signal.SIGINT: None})
+    while not signals.got:
+        signals.wait(1.0)
 
 
 def serve(cfg: ServerConfig) -> None:
@@ -114,12 +152,12 @@ def _worker(cfg: ServerConfig, index: int) -> int:
         share = min(share, cfg.kernel_threads)
     threadpool_limits(limits=share)
     app = App(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    # Its own wakeup socket: the one inherited from the launcher is the launcher's.
+    signals = Signals({signal.SIGTERM: None, signal.SIGINT: None})
     app.start()
     log.info("worker %d (pid %d) serving, %d BLAS/OpenMP thread(s)", index, os.getpid(), share)
-    stop.wait()
+    while not signals.got:
+        signals.wait(1.0)
     _drain(app, cfg)
     return 0
 
@@ -157,24 +195,26 @@ def serve_workers(cfg: ServerConfig) -> None:
         multiprocess.MultiProcessCollector(registry)
         http = start_http_server(cfg.metrics_port, registry=registry)
     _announce(cfg, port)
-    stopping = threading.Event()
+    stopping: list[bool] = []
 
-    def forward(signum, _frame) -> None:
-        stopping.set()
+    def forward(_signum: int) -> None:
+        stopping.append(True)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
+    # SIGCHLD only wakes the loop below, which reaps without blocking (a
+    # blocking waitpid would not wake for a signal another thread received).
+    signals = Signals({signal.SIGTERM: forward, signal.SIGINT: forward, signal.SIGCHLD: None})
     failed = 0
     alive = set(pids)
     while alive:
         try:
-            pid, status = os.waitpid(-1, 0)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
-        except InterruptedError:
+        if pid == 0:
+            signals.wait(1.0)
             continue
         if pid not in alive:
             continue
@@ -184,9 +224,9 @@ def serve_workers(cfg: ServerConfig) -> None:
         if code != 0:
             failed += 1
             log.error("worker pid %d exited with %d", pid, code)
-        if not stopping.is_set():
+        if not stopping:
             log.error("worker pid %d stopped unexpectedly; stopping the others", pid)
-            forward(signal.SIGTERM, None)
+            forward(signal.SIGTERM)
     if http is not None:
         http[0].shutdown()
     shutil.rmtree(metrics_dir, ignore_errors=True)
