@@ -117,7 +117,11 @@ def first_line(path: Path, encoding: str = "utf-8") -> str:
 
 def header_columns(path: Path, delimiter: str = ",", encoding: str = "utf-8") -> list[str]:
     """Column names from a header line (surrounding quotes removed)."""
-    return [c.strip().strip('"').strip() for c in first_line(path, encoding).split(delimiter)]
+    return _names(first_line(path, encoding), delimiter)
+
+
+def _names(line: str, delimiter: str) -> list[str]:
+    return [c.strip().strip('"').strip() for c in line.split(delimiter)]
 
 
 def sniff_delimiter(path: Path, column: str) -> str:
@@ -125,7 +129,7 @@ def sniff_delimiter(path: Path, column: str) -> str:
     the header's names; a comma when none does (the error then names the header)."""
     line = first_line(path)
     for d in (",", "\t", ";", "|"):
-        if column in (c.strip().strip('"').strip().lower() for c in line.split(d)):
+        if column in (c.lower() for c in _names(line, d)):
             return d
     return ","
 
@@ -149,7 +153,7 @@ def read_table(
     spaced = False
     if not names:
         line = first_line(path, "utf-8" if encoding == "utf8" else encoding)
-        cols = header_columns(path, delimiter, "utf-8" if encoding == "utf8" else encoding)
+        cols = _names(line, delimiter)
         # "user_id, item_id, rating": the values have the same space after the
         # delimiter, and are read trimmed (an id " a" would never match "a").
         spaced = any(raw != raw.strip() for raw in line.split(delimiter))
