@@ -245,8 +245,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
         "--columns",
         default=None,
         metavar="ROLE=COLUMN,...",
-        help="parquet: which columns hold user, item, value, timestamp, e.g. "
-        "user=uid,item=sku,value=qty,timestamp=ts (default: common names)",
+        help="csv and parquet: which columns hold user, item, value, timestamp, e.g. "
+        "user=uid,item=sku,value=qty,timestamp=ts (default: common names, any case)",
     )
 
 

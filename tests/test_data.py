@@ -163,6 +163,59 @@ def test_generic_csv_as_spreadsheets_write_it(tmp_path, body):
     assert ds.feature_names == ["a", "b"] and entries(ds)[("alice", "x")] == 4.0
 
 
+def stamps(ds) -> dict[tuple[str, str], int]:
+    m = ds.interactions
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    users, items = ds.users.ids(rows), ds.items.ids(m.indices)
+    return {(u, i): int(t) for u, i, t in zip(users, items, ds.timestamps, strict=True)}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "user,item,rating,timestamp\nalice,x,4,100\nbob,y,2,200\n",  # the brief's own words
+        "userId,itemId,rating,timestamp\nalice,x,4,100\nbob,y,2,200\n",
+        "UID;SKU;Score;TS\nalice;x;4;100\nbob;y;2;200\n",
+        "customer_id\tproduct_id\tquantity\tevent_time\nalice\tx\t4\t100\nbob\ty\t2\t200\n",
+        "alice,x,4,100\nbob,y,2,200\n",  # no header: user,item,rating,timestamp
+        "alice|x|4.0|100\nbob|y|2|200\n",
+    ],
+)
+def test_generic_csv_finds_columns_by_common_names(tmp_path, body):
+    # Exports name their columns in many ways; the common ones are found as
+    # Parquet's are, and a file without a header is read by position.
+    ds = load_dataset(write(tmp_path / "events.csv", body))
+    assert entries(ds) == {("alice", "x"): 4.0, ("bob", "y"): 2.0}
+    assert stamps(ds) == {("alice", "x"): 100, ("bob", "y"): 200}
+    assert ds.has_timestamps
+
+
+def test_generic_csv_iso_dates_and_a_column_mapping(tmp_path):
+    body = (
+        "who,what,qty,when\n"
+        "a,x,1,2026-01-02\n"  # a date: midnight UTC
+        "a,y,2,2026-01-02T10:00:00Z\n"
+        "b,x,3,2026-01-02 10:00:00+02:00\n"
+        "b,y,4, 2026-01-02T10:00:30.9 \n"  # no zone: UTC; fractions dropped
+    )
+    path = write(tmp_path / "log.csv", body)
+    with pytest.raises(DataError, match=r"line 1: no user column.*--columns user=NAME"):
+        load_dataset(path)
+    ds = load_dataset(path, columns="user=who,item=what,value=qty,timestamp=when")
+    assert entries(ds) == {("a", "x"): 1.0, ("a", "y"): 2.0, ("b", "x"): 3.0, ("b", "y"): 4.0}
+    day = 1767312000  # 2026-01-02T00:00:00Z
+    assert stamps(ds) == {
+        ("a", "x"): day,
+        ("a", "y"): day + 36000,
+        ("b", "x"): day + 28800,
+        ("b", "y"): day + 36030,
+    }
+    with pytest.raises(DataError, match=r"missing column 'qty2' \(value\); columns are who"):
+        load_dataset(path, columns="user=who,item=what,value=qty2")
+    with pytest.raises(ValueError, match="csv or parquet, not ml-100k"):
+        load_dataset(path, fmt="ml-100k", columns="user=who")
+
+
 def test_duplicates_last_or_sum():
     u = np.array([0, 0, 0, 1])
     i = np.array([1, 1, 1, 0])
@@ -178,7 +231,7 @@ def test_duplicates_last_or_sum():
 @pytest.mark.parametrize(
     "body, line, message",
     [
-        ("user_id,rating\n1,2\n", 1, "missing column.*item_id"),
+        ("user_id,rating\n1,2\n", 1, "no item column.*item_id.*--columns item="),
         ("user_id,item_id,rating\n1,2,3\n1,3,abc\n", 3, "rating: 'abc' is not a number"),
         ("user_id,item_id,rating\n1,2,3\nuser_id,item_id,rating\n", 3, "repeated header"),
         ("user_id,item_id,user_id\n1,2,3\n", 1, "duplicate column.*user_id"),
@@ -186,7 +239,11 @@ def test_duplicates_last_or_sum():
         ("user_id,item_id,rating\n1,2,nan\n", 2, "non-finite rating"),
         ("user_id,item_id,rating\n1,,4\n", 2, "empty item_id"),
         ("user_id,item_id,rating\n1,2,\n", 2, "missing value in column rating"),
-        ("user_id,item_id,rating,timestamp\n1,2,3,4.5\n", 2, "timestamp: '4.5' is not an integer"),
+        (
+            "user_id,item_id,rating,timestamp\n1,2,3,4.5\n",
+            2,
+            "timestamp: '4.5' is not integer seconds",
+        ),
         ("user_id,item_id,rating\n", 2, "no data rows"),
     ],
 )

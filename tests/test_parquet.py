@@ -75,6 +75,11 @@ def test_integer_ids_and_timestamp_columns(tmp_path):
     assert sorted(ds.timestamps.tolist()) == [0, 1_700_000_000, 1_700_000_001]
     assert ds.interactions.data.tolist() == [1.0, 1.0, 1.0]  # no value column: 1 each
 
+    # ISO 8601 text, as a CSV export turned into Parquet keeps it
+    text = pa.table({"user": ["a", "b"], "item": ["x", "x"], "time": ["1970-01-02", "5"]})
+    pq.write_table(text, tmp_path / "b.parquet")
+    assert sorted(load_dataset(tmp_path / "b.parquet").timestamps.tolist()) == [5, 86400]
+
 
 @pytest.mark.parametrize(
     ("table", "needle"),
@@ -85,7 +90,10 @@ def test_integer_ids_and_timestamp_columns(tmp_path):
         (pa.table({"user_id": ["a", "b"], "item_id": ["x", ""]}), "row 2: empty item_id"),
         (pa.table({"user_id": ["a"], "item_id": ["x"], "rating": [np.nan]}), "row 1: non-finite"),
         (pa.table({"user_id": [1.5], "item_id": ["x"]}), "ids must be strings or integers"),
-        (pa.table({"user_id": ["a"], "item_id": ["x"], "ts": ["noon"]}), "timestamp"),
+        (
+            pa.table({"user_id": ["a"], "item_id": ["x"], "ts": ["noon"]}),
+            "row 1: column ts: 'noon'",
+        ),
     ],
     ids=["text-value", "no-item", "null", "empty-id", "nan", "float-id", "text-time"],
 )
@@ -120,8 +128,8 @@ def test_a_mapping_is_checked(tmp_path, events):
         load_dataset(tmp_path / "e.parquet", columns="user=uid")
     with pytest.raises(ValueError, match="columns: 'who=uid'"):
         load_dataset(tmp_path / "e.parquet", columns="who=uid")
-    with pytest.raises(ValueError, match="applies to --format parquet"):
-        load_dataset(tmp_path / "e.parquet", "csv", columns="user=user_id")
+    with pytest.raises(ValueError, match="applies to --format csv or parquet, not ml-1m"):
+        load_dataset(tmp_path / "e.parquet", "ml-1m", columns="user=user_id")
 
 
 def test_cli_trains_from_parquet_with_a_mapping(tmp_path, events, capsys):

@@ -2,9 +2,9 @@
 
 Formats: MovieLens 100K (u.data, u.item), 1M/10M (ratings.dat, movies.dat),
 20M/25M/latest (ratings.csv, movies.csv, tags.csv), goodbooks-10k (ratings.csv,
-books.csv, book_tags.csv + tags.csv) and a generic CSV (user_id,item_id,rating,
-timestamp with a header, optional items.csv with item_id,title,genres|tags),
-and Parquet event logs (a file, or a folder of part files, Spark/Hive
+books.csv, book_tags.csv + tags.csv), a generic CSV (user, item, optional value
+and timestamp columns found by common names or named; optional items.csv with
+item_id,title,genres|tags) and Parquet event logs (a file, or a folder of part files, Spark/Hive
 partition folders such as dt=2026-11-30/ included) with a column mapping.
 Any CSV file may be gzip (.gz) or xz (.xz) compressed. Large files are parsed
 by pyarrow's multithreaded readers, never a Python loop.
@@ -128,10 +128,13 @@ def sniff_delimiter(path: Path, column: str) -> str:
     """The delimiter (comma, tab, semicolon or pipe) that makes `column` one of
     the header's names; a comma when none does (the error then names the header)."""
     line = first_line(path)
-    for d in (",", "\t", ";", "|"):
+    for d in DELIMITERS:
         if column in (c.lower() for c in _names(line, d)):
             return d
     return ","
+
+
+DELIMITERS = (",", "\t", ";", "|")
 
 
 def read_table(
@@ -528,7 +531,10 @@ def read_goodbooks(path: Path) -> tuple[Raw, ItemMeta | None]:
     return _raw(t, "user_id", "book_id", "rating", None), meta
 
 
-def read_generic(path: Path) -> tuple[Raw, ItemMeta | None]:
+def read_generic(path: Path, mapping: dict[str, str] | None = None) -> tuple[Raw, ItemMeta | None]:
+    """Interactions from a generic CSV: columns found by common names (COLUMN_NAMES,
+    any case) or named by `mapping` ({role: column}); a file without a header
+    is read as user,item[,rating[,timestamp]] when its third field is a number."""
     if path.is_dir():
         data = find_file(path, "interactions.csv") or find_file(path, "ratings.csv")
         if data is None:
@@ -536,17 +542,26 @@ def read_generic(path: Path) -> tuple[Raw, ItemMeta | None]:
         folder = path
     else:
         folder, data = path.parent, path
+    delimiter, chosen, headerless = _generic_layout(data, mapping or {})
+    types = {
+        "user": pa.string(),
+        "item": pa.string(),
+        "value": pa.float32(),
+        "timestamp": pa.string(),
+    }
     t = read_table(
         data,
-        delimiter=sniff_delimiter(data, "user_id"),
-        columns={
-            "user_id": pa.string(),
-            "item_id": pa.string(),
-            "rating": pa.float32(),
-            "timestamp": pa.int64(),
-        },
-        required=("user_id", "item_id"),
+        delimiter=delimiter,
+        columns={chosen[role]: types[role] for role in chosen},
+        names=headerless,
+        required=tuple(chosen.values()),
     )
+    first = 1 if headerless else 2
+    ts = chosen.get("timestamp")
+    if ts is not None:
+        t = t.set_column(
+            t.column_names.index(ts), ts, _seconds(data, t.column(ts).combine_chunks(), ts, first)
+        )
     meta = None
     items = find_file(folder, "items.csv")
     if items:
@@ -567,9 +582,130 @@ def read_generic(path: Path) -> tuple[Raw, ItemMeta | None]:
             if tag_col
             else [[] for _ in ids],
         )
-    rating = "rating" if "rating" in t.column_names else None
-    ts = "timestamp" if "timestamp" in t.column_names else None
-    return _raw(t, "user_id", "item_id", rating, ts), meta
+    return _raw(t, chosen["user"], chosen["item"], chosen.get("value"), ts), meta
+
+
+def _generic_layout(
+    data: Path, mapping: dict[str, str]
+) -> tuple[str, dict[str, str], list[str] | None]:
+    """(delimiter, {role: column}, column names when the file has no header) of
+    a generic CSV, from its first line."""
+    line = first_line(data)
+    if not line.strip():
+        raise DataError(data, "empty file (no header line)", 1)
+    for d in DELIMITERS:
+        names = _names(line, d)
+        if len(names) < 2:
+            continue
+        try:
+            return d, match_columns(data, names, mapping, unit="line"), None
+        except DataError:
+            continue
+    if not mapping:
+        # No header: user,item,rating[,timestamp], the rating a number (a header's
+        # third name never is).
+        for d in DELIMITERS:
+            fields = [f.strip().strip('"') for f in line.split(d)]
+            if len(fields) in (3, 4) and re.match(_FLOAT_RE, fields[2]):
+                names = ["user", "item", "value", "timestamp"][: len(fields)]
+                log.info("%s: no header line; read as %s", data, ",".join(names))
+                return d, {n: n for n in names}, names
+    delimiter = max(DELIMITERS, key=lambda d: len(line.split(d)))
+    match_columns(data, _names(line, delimiter), mapping, unit="line")  # raises, naming the role
+    raise DataError(data, f"cannot read the header {line[:80]!r}", 1)  # pragma: no cover
+
+
+def match_columns(
+    where: Path, names: list[str], mapping: dict[str, str], unit: str = "row"
+) -> dict[str, str]:
+    """{role: column} among a file's column `names`: the mapping's (--columns),
+    else the first of COLUMN_NAMES[role] present, the same name in any case.
+    User and item are required; DataError naming what was looked for otherwise."""
+    listing = ", ".join(names)
+    if len(listing) > 200:
+        listing = listing[:200] + "..."
+    lower: dict[str, str] = {}
+    for n in names:
+        lower.setdefault(n.lower(), n)
+
+    def find(name: str) -> str | None:
+        return name if name in names else lower.get(name.lower())
+
+    chosen = {}
+    for role, candidates in COLUMN_NAMES.items():
+        if role in mapping:
+            found = find(mapping[role])
+            if found is None:
+                raise DataError(
+                    where,
+                    f"missing column {mapping[role]!r} ({role}); columns are {listing}",
+                    1 if unit == "line" else None,
+                )
+            chosen[role] = found
+            continue
+        found = next((f for f in map(find, candidates) if f is not None), None)
+        if found is not None:
+            chosen[role] = found
+        elif role in ("user", "item"):
+            raise DataError(
+                where,
+                f"no {role} column (looked for {', '.join(candidates)}, in any case; "
+                f"columns are {listing}): pass --columns {role}=NAME",
+                1 if unit == "line" else None,
+            )
+    taken = [c for c in chosen.values()]
+    dupes = sorted({c for c in taken if taken.count(c) > 1})
+    if dupes:
+        raise DataError(where, f"column {dupes[0]} given more than one role", None)
+    return chosen
+
+
+_ISO_DATE_RE = r"^\d{4}-\d{2}-\d{2}$"
+_ZONE_RE = r"(Z|z|[+-]\d{2}(:?\d{2})?)$"
+
+
+def _seconds(where: Path, col: pa.Array, name: str, first: int, unit: str = "line") -> pa.Array:
+    """A text timestamp column as int64 seconds: integer seconds or ISO 8601 dates
+    and times (a date: midnight; no zone: UTC), an error naming the first line
+    (or row) that is neither."""
+    with contextlib.suppress(pa.ArrowInvalid):
+        return pc.cast(col, pa.int64())  # integer seconds, the common case: one pass
+    text = pc.utf8_trim_whitespace(col)
+    is_int = pc.match_substring_regex(text, _INT_RE)
+    ints = pc.cast(pc.if_else(is_int, text, "0"), pa.int64())
+    if pc.all(is_int).as_py():
+        return ints
+    date_only = pc.match_substring_regex(text, _ISO_DATE_RE)
+    iso = pc.if_else(date_only, pc.binary_join_element_wise(text, "T00:00:00", ""), text)
+    zoned = pc.match_substring_regex(iso, _ZONE_RE)
+    iso = pc.if_else(zoned, iso, pc.binary_join_element_wise(iso, "Z", ""))
+    iso = pc.if_else(is_int, "1970-01-01T00:00:00Z", iso)
+    try:
+        micros = pc.cast(pc.cast(iso, pa.timestamp("us", "UTC")), pa.int64())
+    except pa.ArrowInvalid:
+        for row, value in enumerate(col.to_pylist()):  # the error path only
+            if re.match(_INT_RE, value):
+                continue
+            try:
+                pc.cast(pa.array([_iso(value)]), pa.timestamp("us", "UTC"))
+            except pa.ArrowInvalid:
+                raise DataError(
+                    where,
+                    f"column {name}: {value!r} is not integer seconds or an ISO 8601 date/time",
+                    row + first,
+                    unit,
+                ) from None
+        raise
+    seconds = pc.floor(pc.divide(pc.cast(micros, pa.float64()), 1e6))
+    return pc.if_else(is_int, ints, pc.cast(seconds, pa.int64()))
+
+
+def _iso(value: str) -> str:
+    """One value as _seconds normalises it (for the error path)."""
+    value = value.strip()
+    if re.match(_ISO_DATE_RE, value):
+        value += "T00:00:00"
+    return value if re.search(_ZONE_RE, value) else value + "Z"
 
 
 def _split_tags(s: str | None) -> list[str]:
@@ -607,12 +743,13 @@ def _raw(t: pa.Table, user: str, item: str, rating: str | None, ts: str | None) 
     )
 
 
-# Column names taken for each role when --columns does not name one (first found).
-PARQUET_DEFAULTS = {
-    "user": ("user_id", "user", "userId", "uid"),
-    "item": ("item_id", "item", "movieId", "book_id", "sku"),
-    "value": ("rating", "value", "weight"),
-    "timestamp": ("timestamp", "ts", "time"),
+# Column names taken for each role when --columns does not name one (the first
+# present, in any case), in generic CSVs and Parquet.
+COLUMN_NAMES = {
+    "user": ("user_id", "user", "userId", "uid", "customer_id", "visitor_id"),
+    "item": ("item_id", "item", "itemId", "movieId", "book_id", "product_id", "sku"),
+    "value": ("rating", "value", "weight", "score", "count", "quantity"),
+    "timestamp": ("timestamp", "ts", "time", "event_time", "datetime", "date"),
 }
 
 
@@ -638,7 +775,7 @@ def read_parquet(path: Path, columns: dict[str, str] | None = None) -> tuple[Raw
             raise DataError(where, f"not a readable Parquet file ({exc})") from None
         keys = pads.get_partition_keys(fragment.partition_expression)  # dt=... folders
         names = [*schema.names, *(k for k in keys if k not in schema.names)]
-        chosen = _parquet_columns(where, names, mapping)
+        chosen = match_columns(where, names, mapping)
         mapping = {**chosen, **mapping}  # the first file decides defaults for the rest
         try:
             table = fragment.to_table(columns=list(dict.fromkeys(chosen.values())))
@@ -652,30 +789,6 @@ def read_parquet(path: Path, columns: dict[str, str] | None = None) -> tuple[Raw
     return _raw(
         t, "user", "item", "value" if has_value else None, "timestamp" if has_ts else None
     ), None
-
-
-def _parquet_columns(where: Path, names: list[str], mapping: dict[str, str]) -> dict[str, str]:
-    """{role: column} for one file: the mapping's, else the first default present."""
-    chosen = {}
-    for role, candidates in PARQUET_DEFAULTS.items():
-        if role in mapping:
-            if mapping[role] not in names:
-                raise DataError(
-                    where,
-                    f"missing column {mapping[role]!r} ({role}); columns are {', '.join(names)}",
-                )
-            chosen[role] = mapping[role]
-            continue
-        found = next((c for c in candidates if c in names), None)
-        if found is not None:
-            chosen[role] = found
-        elif role in ("user", "item"):
-            raise DataError(
-                where,
-                f"no {role} column (looked for {', '.join(candidates)}; columns are "
-                f"{', '.join(names)}): pass --columns {role}=NAME",
-            )
-    return chosen
 
 
 def _typed_events(where: Path, table: pa.Table, chosen: dict[str, str]) -> pa.Table:
@@ -707,6 +820,9 @@ def _typed_events(where: Path, table: pa.Table, chosen: dict[str, str]) -> pa.Ta
         else:
             if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
                 col = pc.cast(col, pa.timestamp("s"), safe=False)  # whole seconds
+            elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+                check_values(where, col, name, 1, unit="row")
+                col = _seconds(where, col.cast(pa.string()), name, 1, unit="row")
             elif not pa.types.is_integer(kind):
                 raise DataError(
                     where,
@@ -761,8 +877,10 @@ def load_dataset(
     mapping = parse_columns(columns) if isinstance(columns, str | None) else dict(columns)
     if fmt == "parquet":
         raw, meta = read_parquet(p, mapping)
+    elif fmt == "csv":
+        raw, meta = read_generic(p, mapping)
     elif mapping:
-        raise ValueError(f"columns: a column mapping applies to --format parquet, not {fmt}")
+        raise ValueError(f"columns: a column mapping applies to --format csv or parquet, not {fmt}")
     elif fmt not in READERS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     else:
