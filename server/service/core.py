@@ -386,15 +386,19 @@ class Core:
         else:
             self._backlog_since = 0.0
 
-    def note_idle(self, idle: float, busy: float = 1.0) -> None:
-        """The shares of the last probe window the loop spent waiting for events
-        and its thread spent on the CPU (the asyncio transport's probe). Under
-        SATURATED_IDLE idle while busy with calls (`busy` >= LOOP_BUSY), the
-        loop is saturated: calls gRPC holds for it are waiting in its queue
-        (accept-queue shedding), for SATURATION_HOLD_S past the window. A loop
-        kept from running by other threads (a model loading) is neither idle nor
-        busy, and is not saturated."""
-        if idle < SATURATED_IDLE and busy >= LOOP_BUSY:
+    def note_idle(self, idle: float, busy: float = 1.0, waiting: float = 0.0) -> None:
+        """The shares of the last probe window the loop spent waiting for events,
+        its thread spent on the CPU (`busy`) and waiting for a CPU (`waiting`:
+        runnable, while the machine's other processes ran; the asyncio
+        transport's probe). Under SATURATED_IDLE idle while it ran or wanted to
+        run (`busy` + `waiting` >= LOOP_BUSY), the loop is saturated: calls gRPC
+        holds for it are waiting in its queue (accept-queue shedding), for
+        SATURATION_HOLD_S past the window. A loop kept from running by other
+        threads of ours (a model loading: waiting for the GIL) or blocked
+        (a lock, a page fault) is neither idle nor busy, and is not saturated.
+        One starved by a busy machine is: its calls back up all the same
+        (test_overload_on_a_starved_machine_is_refused_fast_too)."""
+        if idle < SATURATED_IDLE and busy + waiting >= LOOP_BUSY:
             self._saturated_until = time.monotonic() + SATURATION_HOLD_S
 
     def _waited(self, call: Call, method: str, remaining: float) -> tuple[float, float]:

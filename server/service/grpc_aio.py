@@ -39,7 +39,8 @@ log = logging.getLogger("recserve.service")
 DRAIN_QUIET = 0.25
 # How often the loop measures how long queued work waits for it (queue_budget_ms).
 PROBE_SECONDS = 0.002
-# Probes per window over which the loop's idle share is measured (20 ms).
+# Probes per window over which the loop's idle share is measured (20 ms; a window
+# also ends once it has lasted that long).
 IDLE_WINDOW = 10
 # How long a refused request stream is read to its end before the refusal is sent:
 # a client that writes its requests at once is answered when the last one arrives.
@@ -64,6 +65,16 @@ async def _drain(requests: AsyncIterator, seconds: float) -> None:
                 pass
     except (TimeoutError, grpc.RpcError):
         pass
+
+
+def run_queue_wait() -> float:
+    """Seconds the calling thread has spent runnable but waiting for a CPU (Linux
+    schedstat: the machine's other processes ran); 0.0 where that is not known."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class TimedSelector(selectors.DefaultSelector):
@@ -255,6 +266,7 @@ class AioTransport:
                         time.perf_counter(),
                         self.selector.idle,
                         time.thread_time(),
+                        run_queue_wait(),
                     )
                     loop.call_at(due, self._probe, due)
             except BaseException as exc:  # reported to the caller of start
@@ -292,14 +304,20 @@ class AioTransport:
         wall0, cpu0 = self._probe_cpu
         self._probe_cpu = (now, cpu)
         self.app.core.note_wait(now - due, (cpu - cpu0) / max(now - wall0, 1e-6))
-        probes, t0, idle0, cpu0 = self._idle_window
-        if probes >= IDLE_WINDOW:
-            t, idle = time.perf_counter(), self.selector.idle
+        probes, t0, idle0, cpu0, wait0 = self._idle_window
+        t = time.perf_counter()
+        # A window is IDLE_WINDOW probes, or as long as those take when calls
+        # are short: with calls of 20 ms each, ten probes spanned ten calls, all
+        # computed whenever a hold ran out before saturation was seen again.
+        if probes >= IDLE_WINDOW or t - t0 >= IDLE_WINDOW * PROBE_SECONDS:
+            idle, wait = self.selector.idle, run_queue_wait()
             span = max(t - t0, 1e-6)
-            self.app.core.note_idle((idle - idle0) / span, (cpu - cpu0) / span)
-            self._idle_window = (0, t, idle, cpu)
+            self.app.core.note_idle(
+                (idle - idle0) / span, (cpu - cpu0) / span, (wait - wait0) / span
+            )
+            self._idle_window = (0, t, idle, cpu, wait)
         else:
-            self._idle_window = (probes + 1, t0, idle0, cpu0)
+            self._idle_window = (probes + 1, t0, idle0, cpu0, wait0)
         if not self._stopped.is_set():
             self.loop.call_at(now + PROBE_SECONDS, self._probe, now + PROBE_SECONDS)
 
