@@ -245,6 +245,11 @@ def test_duplicates_last_or_sum():
             "timestamp: '4.5' is not integer seconds",
         ),
         ("user_id,item_id,rating\n", 2, "no data rows"),
+        ("user,item,rating,ts\n1,2,3,2026-01-02\n1,3,4,yesterday\n", 3, "'yesterday' is not"),
+        ("user,item,rating,ts\n1,2,3,2026-13-02\n", 2, "'2026-13-02' is not"),
+        ("user,item,ts\na,x,+5\nb,y,2026-01-02\nc,z,x5\n", 4, "'x5' is not integer seconds"),
+        ("customer,product,qty\n1,2,3\n", 1, "no user column.*customer_id.*--columns"),
+        ("alice,x\nbob,y\n", 1, r"no user column.*needs one \(user,item"),  # no header
     ],
 )
 def test_bad_input_names_file_line_and_problem(tmp_path, body, line, message):

@@ -20,6 +20,7 @@ class DataError(ValueError):
         super().__init__(f"{where}: {problem}")
         self.path = str(path)
         self.line = line
+        self.problem = problem
 
 
 def parse_columns(text: str | None) -> dict[str, str]:

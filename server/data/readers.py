@@ -611,7 +611,11 @@ def _generic_layout(
                 log.info("%s: no header line; read as %s", data, ",".join(names))
                 return d, {n: n for n in names}, names
     delimiter = max(DELIMITERS, key=lambda d: len(line.split(d)))
-    match_columns(data, _names(line, delimiter), mapping, unit="line")  # raises, naming the role
+    try:
+        match_columns(data, _names(line, delimiter), mapping, unit="line")
+    except DataError as exc:  # name the role, and how to read a file without a header
+        hint = "" if mapping else "; a file without a header needs one (user,item,...)"
+        raise DataError(data, exc.problem + hint, 1) from None
     raise DataError(data, f"cannot read the header {line[:80]!r}", 1)  # pragma: no cover
 
 
@@ -670,7 +674,7 @@ def _seconds(where: Path, col: pa.Array, name: str, first: int, unit: str = "lin
     (or row) that is neither."""
     with contextlib.suppress(pa.ArrowInvalid):
         return pc.cast(col, pa.int64())  # integer seconds, the common case: one pass
-    text = pc.utf8_trim_whitespace(col)
+    text = pc.replace_substring_regex(pc.utf8_trim_whitespace(col), r"^\+", "")  # "+5"
     is_int = pc.match_substring_regex(text, _INT_RE)
     ints = pc.cast(pc.if_else(is_int, text, "0"), pa.int64())
     if pc.all(is_int).as_py():
