@@ -509,6 +509,33 @@ def test_experiment_assigns_arms_deterministically(published):
         )
 
 
+def test_names_the_config_uses_but_nothing_serves_are_warned_at_start(published, caplog):
+    """A typo in an experiment's arm, a hybrid's component or a fallback chain is
+    named at start (its requests would quietly go down the fallback chain)."""
+    root, _ = published
+    exp = {"homepage": Experiment("homepage", {"als": 0.5, "alss": 0.5}, "s1")}
+    hy = {"blend": Hybrid("blend", {"als": 0.5, "itemknm": 0.5})}
+    with (
+        caplog.at_level("WARNING", logger="recserve.service"),
+        running(root, experiments=exp, hybrids=hy, fallbacks={"als": ("popularty",)}) as s,
+    ):
+        warned = [r.getMessage() for r in caplog.records if "is no model" in r.getMessage()]
+        assert len(warned) == 3, warned
+        assert any(w.startswith("experiments.homepage: 'alss'") for w in warned)
+        assert any(w.startswith("hybrids.blend: 'itemknm'") for w in warned)
+        assert any(w.startswith("fallbacks.als: 'popularty'") for w in warned)
+        # still answered: the arm goes on down its chain to the global fallback
+        for user in [str(i) for i in range(1, 30)]:
+            items, md = s.recommend(user_id=user, k=3, model="homepage")
+            assert len(items) == 3 and md["x-recserve-arm"] in ("als", "alss")
+    caplog.clear()
+    with (
+        caplog.at_level("WARNING", logger="recserve.service"),
+        running(root, experiments={"e": Experiment("e", {"als": 1.0}, "s")}),
+    ):
+        assert not [r for r in caplog.records if "is no model" in r.getMessage()]
+
+
 def test_experiment_split_follows_uneven_weights_and_skips_zero(published):
     """A 0.2 / 0.8 split with a zero-weight arm: every user gets the reference arm,
     the shares over 2,000 users are within 3 sigma of the weights, and the arm of

@@ -133,6 +133,14 @@ class App:
         threading.Thread(target=self._sample_forever, name="memory", daemon=True).start()
         if self.store.shared:
             threading.Thread(target=self._follow, name="feedback", daemon=True).start()
+        for where, name in self.router.unknown_names():
+            log.warning(
+                "%s: %r is no model, hybrid or experiment under %s; requests that reach "
+                "it go on down its fallback chain",
+                where,
+                name,
+                self.cfg.models,
+            )
         log.info(
             "listening on %s:%d (%d models loading)",
             self.cfg.host,

@@ -182,6 +182,23 @@ class Router:
         real = [s.name for s in self.catalog.slots()]
         return sorted(set(real) | set(self.cfg.hybrids) | set(self.cfg.experiments))
 
+    def unknown_names(self) -> list[tuple[str, str]]:
+        """(setting, name) for every name the configuration uses that is no model,
+        hybrid or experiment here (a typo, or a model not published yet):
+        requests that reach one go on down their fallback chains."""
+        known = set(self.names())
+        cfg = self.cfg
+        refs = [("default_model", cfg.default_model)] if cfg.default_model else []
+        if cfg.fallback != type(cfg).fallback:  # the default list is no one's choice
+            refs += [("fallback", n) for n in cfg.fallback]
+        for k, chain in cfg.fallbacks.items():
+            refs += [(f"fallbacks.{k}", n) for n in (k, *chain)]
+        for hy in cfg.hybrids.values():
+            refs += [(f"hybrids.{hy.name}", n) for n in hy.weights]
+        for exp in cfg.experiments.values():
+            refs += [(f"experiments.{exp.name}", n) for n in exp.arms]
+        return [(where, n) for where, n in refs if n not in known]
+
     def ready(self, name: str) -> bool:
         """Whether `name` answers itself now (hybrid: every weighted component)."""
         hy = self.cfg.hybrids.get(name)
