@@ -531,6 +531,15 @@ def test_names_the_config_uses_but_nothing_serves_are_warned_at_start(published,
     caplog.clear()
     with (
         caplog.at_level("WARNING", logger="recserve.service"),
+        running(root, default_model="hybird") as s,
+    ):
+        (warned,) = [r.getMessage() for r in caplog.records if "is no model" in r.getMessage()]
+        assert warned.startswith("default_model: 'hybird'") and "NOT_FOUND" in warned
+        err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3), timeout=10)
+        assert err.code() is grpc.StatusCode.NOT_FOUND and "hybird" in err.details()
+    caplog.clear()
+    with (
+        caplog.at_level("WARNING", logger="recserve.service"),
         running(root, experiments={"e": Experiment("e", {"als": 1.0}, "s")}),
     ):
         assert not [r for r in caplog.records if "is no model" in r.getMessage()]

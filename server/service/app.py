@@ -135,11 +135,13 @@ class App:
             threading.Thread(target=self._follow, name="feedback", daemon=True).start()
         for where, name in self.router.unknown_names():
             log.warning(
-                "%s: %r is no model, hybrid or experiment under %s; requests that reach "
-                "it go on down its fallback chain",
+                "%s: %r is no model, hybrid or experiment under %s; %s",
                 where,
                 name,
                 self.cfg.models,
+                "requests naming no model are NOT_FOUND until it is published"
+                if where == "default_model"
+                else "requests that reach it go on down its fallback chain",
             )
         log.info(
             "listening on %s:%d (%d models loading)",
