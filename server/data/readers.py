@@ -4,8 +4,8 @@ Formats: MovieLens 100K (u.data, u.item), 1M/10M (ratings.dat, movies.dat),
 20M/25M/latest (ratings.csv, movies.csv, tags.csv), goodbooks-10k (ratings.csv,
 books.csv, book_tags.csv + tags.csv), a generic CSV (user, item, optional value
 and timestamp columns found by common names or named; optional items.csv with
-item_id,title,genres|tags) and Parquet event logs (a file, or a folder of part files, Spark/Hive
-partition folders such as dt=2026-11-30/ included) with a column mapping.
+item_id,title,genres|tags) and Parquet event logs (a file, or a folder of part
+files, Spark/Hive partition folders such as dt=2026-11-30/ included).
 Any CSV file may be gzip (.gz) or xz (.xz) compressed. Large files are parsed
 by pyarrow's multithreaded readers, never a Python loop.
 """
@@ -124,6 +124,9 @@ def _names(line: str, delimiter: str) -> list[str]:
     return [c.strip().strip('"').strip() for c in line.split(delimiter)]
 
 
+DELIMITERS = (",", "\t", ";", "|")  # the ones a delimited file is sniffed for
+
+
 def sniff_delimiter(path: Path, column: str) -> str:
     """The delimiter (comma, tab, semicolon or pipe) that makes `column` one of
     the header's names; a comma when none does (the error then names the header)."""
@@ -132,9 +135,6 @@ def sniff_delimiter(path: Path, column: str) -> str:
         if column in (c.lower() for c in _names(line, d)):
             return d
     return ","
-
-
-DELIMITERS = (",", "\t", ";", "|")
 
 
 def read_table(
