@@ -190,6 +190,17 @@ def test_generic_csv_finds_columns_by_common_names(tmp_path, body):
     assert ds.has_timestamps
 
 
+def test_a_folder_with_one_csv_is_that_dataset(tmp_path):
+    write(tmp_path / "events.csv.gz", "userId,movieId,rating\nalice,x,4\nbob,y,2\n")
+    write(tmp_path / "items.csv", "item_id,title\nx,Ex\n")
+    ds = load_dataset(tmp_path)
+    assert entries(ds) == {("alice", "x"): 4.0, ("bob", "y"): 2.0}
+    assert list(ds.item_titles) == ["Ex", ""]
+    write(tmp_path / "more.csv", "user,item\na,b\n")  # two candidates: which one is unclear
+    with pytest.raises(DataError, match=r"no known dataset here.*one other \.csv"):
+        load_dataset(tmp_path)
+
+
 def test_generic_csv_iso_dates_and_a_column_mapping(tmp_path):
     body = (
         "who,what,qty,when\n"

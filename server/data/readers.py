@@ -92,6 +92,23 @@ def find_file(folder: Path, name: str) -> Path | None:
     return None
 
 
+SIDE_FILES = ("items.csv", "movies.csv", "tags.csv", "books.csv", "book_tags.csv")
+
+
+def lone_csv(folder: Path) -> Path | None:
+    """The folder's one delimited file (.csv/.tsv, maybe compressed) besides the
+    known metadata files, if it has exactly one: `events.csv` alone is a dataset."""
+    found = [
+        f
+        for f in folder.iterdir()
+        if f.is_file()
+        and base_name(f).endswith((".csv", ".tsv"))
+        and base_name(f) not in SIDE_FILES
+        and not f.name.startswith(".")
+    ]
+    return found[0] if len(found) == 1 else None
+
+
 def base_name(path: Path) -> str:
     """File name without a compression suffix."""
     name = path.name
@@ -330,10 +347,13 @@ def detect_format(path: str | Path) -> str:
                 return _csv_kind(f)
         if next(p.rglob("*.parquet"), None) is not None:
             return "parquet"
+        if lone_csv(p) is not None:  # read by common column names, whatever its layout
+            return "csv"
         raise DataError(
             p,
             "no known dataset here (looked for u.data, ratings.dat, ratings.csv, "
-            "interactions.csv, each optionally .gz/.xz, or *.parquet); pass --format",
+            "interactions.csv, each optionally .gz/.xz, *.parquet, or one other .csv); "
+            "pass the file itself, or --format",
         )
     name = base_name(p)
     if name.endswith((".parquet", ".pq")):
@@ -536,9 +556,13 @@ def read_generic(path: Path, mapping: dict[str, str] | None = None) -> tuple[Raw
     any case) or named by `mapping` ({role: column}); a file without a header
     is read as user,item[,rating[,timestamp]] when its third field is a number."""
     if path.is_dir():
-        data = find_file(path, "interactions.csv") or find_file(path, "ratings.csv")
+        data = (
+            find_file(path, "interactions.csv") or find_file(path, "ratings.csv") or lone_csv(path)
+        )
         if data is None:
-            raise DataError(path, "no interactions.csv or ratings.csv (or .gz/.xz) here")
+            raise DataError(
+                path, "no interactions.csv or ratings.csv (or .gz/.xz), nor one other .csv, here"
+            )
         folder = path
     else:
         folder, data = path.parent, path
