@@ -208,18 +208,29 @@ def test_generic_csv_iso_dates_and_a_column_mapping(tmp_path):
         "a,y,2,2026-01-02T10:00:00Z\n"
         "b,x,3,2026-01-02 10:00:00+02:00\n"
         "b,y,4, 2026-01-02T10:00:30.9 \n"  # no zone: UTC; fractions dropped
+        "c,x,5,2026-01-02t10:00:00.123456789z\n"  # RFC 3339's lower case, nanoseconds
+        "c,y,6,2026-01-02T10:00\n"
     )
     path = write(tmp_path / "log.csv", body)
     with pytest.raises(DataError, match=r"line 1: no user column.*--columns user=NAME"):
         load_dataset(path)
     ds = load_dataset(path, columns="user=who,item=what,value=qty,timestamp=when")
-    assert entries(ds) == {("a", "x"): 1.0, ("a", "y"): 2.0, ("b", "x"): 3.0, ("b", "y"): 4.0}
+    assert entries(ds) == {
+        ("a", "x"): 1.0,
+        ("a", "y"): 2.0,
+        ("b", "x"): 3.0,
+        ("b", "y"): 4.0,
+        ("c", "x"): 5.0,
+        ("c", "y"): 6.0,
+    }
     day = 1767312000  # 2026-01-02T00:00:00Z
     assert stamps(ds) == {
         ("a", "x"): day,
         ("a", "y"): day + 36000,
         ("b", "x"): day + 28800,
         ("b", "y"): day + 36030,
+        ("c", "x"): day + 36000,
+        ("c", "y"): day + 36000,
     }
     with pytest.raises(DataError, match=r"missing column 'qty2' \(value\); columns are who"):
         load_dataset(path, columns="user=who,item=what,value=qty2")

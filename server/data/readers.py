@@ -689,7 +689,7 @@ def match_columns(
 
 
 _ISO_DATE_RE = r"^\d{4}-\d{2}-\d{2}$"
-_ZONE_RE = r"(Z|z|[+-]\d{2}(:?\d{2})?)$"
+_ZONE_RE = r"(Z|[+-]\d{2}(:?\d{2})?)$"
 
 
 def _seconds(where: Path, col: pa.Array, name: str, first: int, unit: str = "line") -> pa.Array:
@@ -703,6 +703,8 @@ def _seconds(where: Path, col: pa.Array, name: str, first: int, unit: str = "lin
     ints = pc.cast(pc.if_else(is_int, text, "0"), pa.int64())
     if pc.all(is_int).as_py():
         return ints
+    # RFC 3339's lower-case t and z; digits past microseconds dropped
+    text = pc.replace_substring_regex(pc.utf8_upper(text), r"(\.\d{6})\d+", r"\1")
     date_only = pc.match_substring_regex(text, _ISO_DATE_RE)
     iso = pc.if_else(date_only, pc.binary_join_element_wise(text, "T00:00:00", ""), text)
     zoned = pc.match_substring_regex(iso, _ZONE_RE)
@@ -730,7 +732,7 @@ def _seconds(where: Path, col: pa.Array, name: str, first: int, unit: str = "lin
 
 def _iso(value: str) -> str:
     """One value as _seconds normalises it (for the error path)."""
-    value = value.strip()
+    value = re.sub(r"(\.\d{6})\d+", r"\1", value.strip().upper())
     if re.match(_ISO_DATE_RE, value):
         value += "T00:00:00"
     return value if re.search(_ZONE_RE, value) else value + "Z"
