@@ -86,11 +86,12 @@ def weight(indptr, indices, data, Py_ssize_t n_cols, str scheme="bm25", double K
         idf = check_array(np.ascontiguousarray(idf, dtype=np.float32), "idf", np.float32, 1)
         if idf.shape[0] != n_cols:
             raise ValueError(f"idf: expected length {n_cols}, got {idf.shape[0]}")
-    lengths = np.add.reduceat(data.astype(np.float64), indptr[:n_rows]) if data.size else None
-    if lengths is not None:
-        lengths[np.diff(indptr) == 0] = 0.0
-    else:
-        lengths = np.zeros(n_rows)
+    # Each row's sum, from the non-empty rows' starts only: reduceat reads an
+    # index equal to data.size (empty rows at the end) as out of bounds.
+    lengths = np.zeros(n_rows)
+    nz = np.diff(indptr) > 0
+    if data.size:
+        lengths[nz] = np.add.reduceat(data.astype(np.float64), indptr[:n_rows][nz])
     if avg_len <= 0:
         avg_len = float(lengths.mean()) if n_rows else 1.0
     if avg_len <= 0:

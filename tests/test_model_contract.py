@@ -342,3 +342,28 @@ def test_a_history_row_falls_back_to_scipys_constructor(monkeypatch):
     row = base.csr_row(np.array([1, 4], np.int32), np.array([2.0, 3.0], np.float32), 7)
     np.testing.assert_array_equal(row.toarray(), [[0, 2, 0, 0, 3, 0, 0]])
     assert row.has_canonical_format and row.dtype == np.float32
+
+
+def test_users_and_items_without_training_events_fit_and_serve(small):
+    # A temporal split leaves the newest items (last in the index when ids
+    # grow with time) and the newest users with no training events; itemknn
+    # and userknn crashed in their BM25 weighting on such trailing empty rows.
+    x = small.interactions  # canonical CSR, timestamps aligned with its data
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    empty_users = [0, small.n_users // 2, small.n_users - 2, small.n_users - 1]
+    empty_items = [0, small.n_items // 2, small.n_items - 2, small.n_items - 1]
+    keep = ~np.isin(rows, empty_users) & ~np.isin(x.indices, empty_items)
+    train = sp.csr_matrix((x.data[keep], (rows[keep], x.indices[keep])), shape=x.shape)
+    assert train.nnz == keep.sum()  # the kept entries, in the same order
+    split = small.with_interactions(train, small.timestamps[keep])
+    for algo in algorithms():
+        model = create(algo, **FAST_PARAMS.get(algo, {})).fit(split)
+        users = np.array([empty_users[0], 1, empty_users[-1]])
+        items, scores = model.recommend(users, 10)
+        assert items.shape == (3, 10) and np.isfinite(scores).all(), algo
+        assert all(len(set(row)) == 10 for row in items.tolist()), algo
+        assert ((items >= 0) & (items < small.n_items)).all(), algo
+        sim, sim_scores = model.similar_items(empty_items[-1], 5)
+        assert np.isfinite(sim_scores).all() and empty_items[-1] not in sim, algo
+        got, got_scores = model.recommend_from_history([empty_items[-1], 5], k=10)
+        assert len(got) == 10 and np.isfinite(got_scores).all(), algo

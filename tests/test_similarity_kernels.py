@@ -129,8 +129,14 @@ def test_col_scale_rp3_style():
         np.testing.assert_allclose(v[ip[i] : ip[i + 1]], s[i, ref[i]], rtol=2e-6)
 
 
-def test_weighting_bm25_and_tfidf_match_formulas():
+@pytest.mark.parametrize("empty_tail", [0, 3], ids=["middle-empty", "last-rows-empty"])
+def test_weighting_bm25_and_tfidf_match_formulas(empty_tail):
     m = random_csr(30, 20, 0.3, seed=4)  # rows are documents
+    if empty_tail:  # documents with no terms at the end (new items in a temporal split)
+        m = m.tolil()
+        m[30 - empty_tail :, :] = 0
+        m = m.tocsr()
+        m.eliminate_zeros()
     dense = m.toarray().astype(np.float64)
     df = (dense != 0).sum(0)
     idf = np.log(30) - np.log1p(df)
