@@ -312,7 +312,13 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         metrics: dict[str, float] = {}
         if args.evaluate:
             bar.set_postfix_str("evaluate")
-            result = evaluate(_model(args), ds, args.protocol, args.k)
+            try:
+                result = evaluate(_model(args), ds, args.protocol, args.k)
+            except ValueError as exc:  # e.g. too few events to hold any out
+                raise ValueError(
+                    f"offline {args.protocol} evaluation: {exc} "
+                    "(--no-evaluate fits and publishes without it)"
+                ) from None
             metrics = {k: round(v, 6) for k, v in result["metrics"].items()}
             log.info(
                 "offline %s: %s",
