@@ -28,7 +28,6 @@ import sqlite3
 import struct
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +168,10 @@ class OnlineState:
     def __init__(self, limit: int = 1000) -> None:
         self.limit = limit
         self.last_id: int | str = 0  # the log position applied so far (the store's own kind)
-        self._users: dict[str, OrderedDict[str, float]] = {}
+        # Plain dicts (insertion-ordered) of str -> float: the cyclic GC does not
+        # track them, so a million online users add nothing to a full
+        # collection (an OrderedDict each made one take ~230 ms instead of ~30).
+        self._users: dict[str, dict[str, float]] = {}
         self._lock = threading.Lock()
         self._sync = threading.Lock()
 
@@ -197,11 +199,11 @@ class OnlineState:
         """Add events; a repeated item moves to the end with its latest value."""
         with self._lock:
             for e in events:
-                items = self._users.setdefault(e.user_id, OrderedDict())
+                items = self._users.setdefault(e.user_id, {})
                 items.pop(e.item_id, None)
                 items[e.item_id] = e.value
                 while len(items) > self.limit:
-                    items.popitem(last=False)
+                    del items[next(iter(items))]  # the oldest
 
     def history(self, user_id: str) -> list[tuple[str, float]]:
         """The user's recorded (item id, value) pairs, oldest first; [] if none."""

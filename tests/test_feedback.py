@@ -4,6 +4,8 @@ next answer of any other."""
 
 from __future__ import annotations
 
+import gc
+import random
 import subprocess
 import sys
 import textwrap
@@ -11,7 +13,7 @@ import textwrap
 from prometheus_client import CollectorRegistry
 
 from recserve.config import ServerConfig
-from recserve.feedback import Event, FeedbackStore
+from recserve.feedback import Event, FeedbackStore, OnlineState
 from recserve.service import App
 
 
@@ -26,7 +28,7 @@ def test_every_append_moves_the_shared_counter(tmp_path):
     # Another process: its commit shows through the mapped counter here.
     code = textwrap.dedent(
         f"""
-        from recserve.feedback import Event, FeedbackStore
+        from recserve.feedback import Event, FeedbackStore, OnlineState
         FeedbackStore({db!r}).append([Event("u2", "i2", 2.0, 0), Event("u2", "i3", 1.0, 0)])
         """
     )
@@ -58,3 +60,31 @@ def test_worker_reads_the_log_only_when_it_moved(tmp_path, monkeypatch):
     assert len(reads) == 2 and app.online.history("u9") == [("i4", 3.0)]
     app.shared_sync()
     assert len(reads) == 2
+
+
+def test_online_state_keeps_each_users_latest_items_in_order():
+    # Against a plain list model: a repeated item moves to the end with its
+    # latest value; only the newest `limit` distinct items stay.
+    rng = random.Random(7)
+    state, model = OnlineState(limit=5), {}
+    for n in range(3000):
+        user, item = f"u{rng.randrange(20)}", f"i{rng.randrange(12)}"
+        state.apply([Event(user, item, float(n), 0)])
+        kept = [(i, v) for i, v in model.get(user, []) if i != item] + [(item, float(n))]
+        model[user] = kept[-5:]
+    assert len(state) == len(model)
+    for user, expected in model.items():
+        assert state.history(user) == expected
+    assert state.history("nobody") == [] and state.history("") == []
+
+
+def test_online_users_add_nothing_to_the_cyclic_collectors_work():
+    # A million online users must not make every full collection scan a
+    # million containers (a stall of every call in flight).
+    state = OnlineState()
+    gc.collect()
+    before = len(gc.get_objects())
+    state.apply(Event(f"u{n}", f"i{n % 50}", 1.0, 0) for n in range(20_000))
+    state.apply(Event(f"u{n}", f"i{n % 7}", 2.0, 0) for n in range(0, 20_000, 3))
+    assert len(state) == 20_000
+    assert len(gc.get_objects()) - before < 100
