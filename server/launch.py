@@ -119,7 +119,7 @@ def serve(cfg: ServerConfig) -> None:
     # BLAS team per request costs more than it saves (measured with
     # `recserve bench`: server CPU per Recommend falls by ~0.5 ms on 2 cores).
     threadpool_limits(limits=cfg.kernel_threads or cores())
-    app = App(cfg)
+    app = App(cfg, settle_heap=True)
     port = app.start()
     _announce(cfg, port)
     _wait_for_signal()
@@ -151,7 +151,7 @@ def _worker(cfg: ServerConfig, index: int) -> int:
     if cfg.kernel_threads:
         share = min(share, cfg.kernel_threads)
     threadpool_limits(limits=share)
-    app = App(cfg)
+    app = App(cfg, settle_heap=True)
     # Its own wakeup socket: the one inherited from the launcher is the launcher's.
     signals = Signals({signal.SIGTERM: None, signal.SIGINT: None})
     app.start()

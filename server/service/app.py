@@ -49,7 +49,10 @@ class App:
         cfg: ServerConfig,
         loader: Loader = default_loader,
         registry: CollectorRegistry | None = None,
+        settle_heap: bool = False,
     ) -> None:
+        """settle_heap: freeze the loaded models' objects out of the cyclic GC
+        (Catalog); for a server process, not for an App embedded in a test."""
         self.cfg = cfg
         self.metrics = Metrics(registry) if registry is not None else Metrics()
         self.online = OnlineState(cfg.online_history)
@@ -61,6 +64,7 @@ class App:
             loader=loader,
             on_change=self._model_changed,
             memory_budget=int(cfg.memory_budget_mb * 1024 * 1024),
+            settle_heap=settle_heap,
         )
         self.router = Router(cfg, self.catalog, self.online)
         self.core = Core(cfg, self.catalog, self.router, self.online, self.store, self.metrics)
