@@ -232,7 +232,7 @@ import recserve.launch as launch, recserve.service as service
 from recserve.config import ServerConfig
 
 class StuckApp:
-    def __init__(self, cfg): pass
+    def __init__(self, cfg, settle_heap=False): pass
     def start(self): return 1
     def drain(self):
         threading.Event().wait()  # never returns: a hung shutdown
