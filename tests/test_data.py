@@ -201,6 +201,42 @@ def test_a_folder_with_one_csv_is_that_dataset(tmp_path):
         load_dataset(tmp_path)
 
 
+def test_fractional_seconds_are_floored(tmp_path):
+    # Exports often write epoch seconds as floats (pandas does once a value is missing).
+    body = "user,item,ts\na,x,1600000000.75\na,y,1.6e9\nb,x,-0.5\nb,y,17\nc,x, +2.0 \n"
+    ds = load_dataset(write(tmp_path / "log.csv", body))
+    assert stamps(ds) == {
+        ("a", "x"): 1600000000,
+        ("a", "y"): 1600000000,
+        ("b", "x"): -1,  # floored, as numpy's floor (and an ISO time's fraction)
+        ("b", "y"): 17,
+        ("c", "x"): 2,
+    }
+    mixed = "user,item,ts\na,x,2026-01-02\na,y,1767312000.5\n"
+    assert set(stamps(load_dataset(write(tmp_path / "mixed.csv", mixed))).values()) == {1767312000}
+
+
+@pytest.mark.parametrize(
+    "scale, unit",
+    [(1, None), (1000, "milliseconds"), (10**6, "microseconds"), (10**9, "nanoseconds")],
+)
+def test_epoch_timestamps_in_finer_units_are_read_as_seconds(tmp_path, caplog, scale, unit):
+    # Kafka and JavaScript log milliseconds since 1970, Spark micro- or nanoseconds:
+    # read as seconds, popularity's half-life in days would mean a thousand times less.
+    seconds = [1767312000, 1767312001, 1767398400]
+    body = "user,item,ts\n" + "".join(
+        f"u{n},i{n},{s * scale + scale // 2}\n" for n, s in enumerate(seconds)
+    )
+    with caplog.at_level("WARNING", logger="recserve.data.readers"):
+        ds = load_dataset(write(tmp_path / "log.csv", body))
+    assert sorted(ds.timestamps.tolist()) == seconds
+    warned = [r.getMessage() for r in caplog.records if "since 1970" in r.getMessage()]
+    if unit is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and f"read as {unit}" in warned[0]
+
+
 def test_generic_csv_iso_dates_and_a_column_mapping(tmp_path):
     body = (
         "who,what,qty,when\n"
@@ -262,14 +298,15 @@ def test_duplicates_last_or_sum():
         ("user_id,item_id,rating\n1,,4\n", 2, "empty item_id"),
         ("user_id,item_id,rating\n1,2,\n", 2, "missing value in column rating"),
         (
-            "user_id,item_id,rating,timestamp\n1,2,3,4.5\n",
-            2,
-            "timestamp: '4.5' is not integer seconds",
+            "user_id,item_id,rating,timestamp\n1,2,3,4.5\n1,3,3,4.5.6\n",
+            3,
+            "timestamp: '4.5.6' is not seconds or an ISO 8601",
         ),
+        ("user_id,item_id,rating,timestamp\n1,2,3,4\n1,3,3,1e30\n", 3, "1e\\+30 is out of range"),
         ("user_id,item_id,rating\n", 2, "no data rows"),
         ("user,item,rating,ts\n1,2,3,2026-01-02\n1,3,4,yesterday\n", 3, "'yesterday' is not"),
         ("user,item,rating,ts\n1,2,3,2026-13-02\n", 2, "'2026-13-02' is not"),
-        ("user,item,ts\na,x,+5\nb,y,2026-01-02\nc,z,x5\n", 4, "'x5' is not integer seconds"),
+        ("user,item,ts\na,x,+5\nb,y,2026-01-02\nc,z,x5\n", 4, "'x5' is not seconds"),
         ("customer,product,qty\n1,2,3\n", 1, "no user column.*customer_id.*--columns"),
         ("alice,x\nbob,y\n", 1, r"no user column.*needs one \(user,item"),  # no header
     ],

@@ -4,6 +4,8 @@ Every read is checked against the same events read from the generic CSV."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -80,6 +82,22 @@ def test_integer_ids_and_timestamp_columns(tmp_path):
     pq.write_table(text, tmp_path / "b.parquet")
     assert sorted(load_dataset(tmp_path / "b.parquet").timestamps.tolist()) == [5, 86400]
 
+    # float seconds (floored) and decimal values, as pandas and SQL exports write them
+    floats = pa.table(
+        {
+            "user": ["a", "b", "c"],
+            "item": ["x", "x", "y"],
+            "rating": pa.array(
+                [Decimal("3.5"), Decimal("4.0"), Decimal("-1.25")], pa.decimal128(4, 2)
+            ),
+            "ts": pa.array([1_600_000_000.75, 5.0, -0.5], pa.float64()),
+        }
+    )
+    pq.write_table(floats, tmp_path / "c.parquet")
+    ds = load_dataset(tmp_path / "c.parquet")
+    assert sorted(ds.timestamps.tolist()) == [-1, 5, 1_600_000_000]
+    assert sorted(ds.interactions.data.tolist()) == [-1.25, 3.5, 4.0]
+
 
 @pytest.mark.parametrize(
     ("table", "needle"),
@@ -94,8 +112,20 @@ def test_integer_ids_and_timestamp_columns(tmp_path):
             pa.table({"user_id": ["a"], "item_id": ["x"], "ts": ["noon"]}),
             "row 1: column ts: 'noon'",
         ),
+        (pa.table({"user_id": ["a"], "item_id": ["x"], "ts": [np.inf]}), "row 1: non-finite ts"),
+        (pa.table({"user_id": ["a"], "item_id": ["x"], "ts": [1e30]}), "row 1: column ts: 1e"),
     ],
-    ids=["text-value", "no-item", "null", "empty-id", "nan", "float-id", "text-time"],
+    ids=[
+        "text-value",
+        "no-item",
+        "null",
+        "empty-id",
+        "nan",
+        "float-id",
+        "text-time",
+        "inf-time",
+        "huge-time",
+    ],
 )
 def test_bad_files_name_the_file(tmp_path, table, needle):
     folder = tmp_path / "log"

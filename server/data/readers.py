@@ -693,14 +693,19 @@ _ZONE_RE = r"(Z|[+-]\d{2}(:?\d{2})?)$"
 
 
 def _seconds(where: Path, col: pa.Array, name: str, first: int, unit: str = "line") -> pa.Array:
-    """A text timestamp column as int64 seconds: integer seconds or ISO 8601 dates
-    and times (a date: midnight; no zone: UTC), an error naming the first line
-    (or row) that is neither."""
+    """A text timestamp column as int64 seconds: seconds (integer, or fractional and
+    floored) or ISO 8601 dates and times (a date: midnight; no zone: UTC), an
+    error naming the first line (or row) that is neither."""
     with contextlib.suppress(pa.ArrowInvalid):
         return pc.cast(col, pa.int64())  # integer seconds, the common case: one pass
     text = pc.replace_substring_regex(pc.utf8_trim_whitespace(col), r"^\+", "")  # "+5"
     is_int = pc.match_substring_regex(text, _INT_RE)
     ints = pc.cast(pc.if_else(is_int, text, "0"), pa.int64())
+    is_frac = pc.and_not(pc.match_substring_regex(text, _FLOAT_RE), is_int)
+    if pc.any(is_frac).as_py():  # fractional seconds (1600000000.25, 1.6e9): floored
+        frac = pc.floor(pc.cast(pc.if_else(is_frac, text, "0"), pa.float64()))
+        ints = pc.if_else(is_frac, _whole_seconds(where, frac, name, first, unit), ints)
+        is_int = pc.or_(is_int, is_frac)
     if pc.all(is_int).as_py():
         return ints
     # RFC 3339's lower-case t and z; digits past microseconds dropped
@@ -714,20 +719,30 @@ def _seconds(where: Path, col: pa.Array, name: str, first: int, unit: str = "lin
         micros = pc.cast(pc.cast(iso, pa.timestamp("us", "UTC")), pa.int64())
     except pa.ArrowInvalid:
         for row, value in enumerate(col.to_pylist()):  # the error path only
-            if re.match(_INT_RE, value):
+            if re.match(_FLOAT_RE, value):
                 continue
             try:
                 pc.cast(pa.array([_iso(value)]), pa.timestamp("us", "UTC"))
             except pa.ArrowInvalid:
                 raise DataError(
                     where,
-                    f"column {name}: {value!r} is not integer seconds or an ISO 8601 date/time",
+                    f"column {name}: {value!r} is not seconds or an ISO 8601 date/time",
                     row + first,
                     unit,
                 ) from None
         raise
     seconds = pc.floor(pc.divide(pc.cast(micros, pa.float64()), 1e6))
     return pc.if_else(is_int, ints, pc.cast(seconds, pa.int64()))
+
+
+def _whole_seconds(where: Path, seconds: pa.Array, name: str, first: int, unit: str) -> pa.Array:
+    """Whole float seconds as int64; an error names the first one int64 cannot hold."""
+    too_big = pc.greater_equal(pc.abs(seconds), 2.0**63)
+    if pc.any(too_big).as_py():
+        row = int(pc.index(too_big, True).as_py())
+        value = seconds[row].as_py()
+        raise DataError(where, f"column {name}: {value!r} is out of range", row + first, unit)
+    return pc.cast(seconds, pa.int64())
 
 
 def _iso(value: str) -> str:
@@ -843,7 +858,10 @@ def _typed_events(where: Path, table: pa.Table, chosen: dict[str, str]) -> pa.Ta
             col = col.cast(pa.string())
         elif role == "value":
             if not (
-                pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+                pa.types.is_integer(kind)
+                or pa.types.is_floating(kind)
+                or pa.types.is_boolean(kind)
+                or pa.types.is_decimal(kind)
             ):
                 raise DataError(where, f"column {name} (value): expected numbers, not {kind}")
             col = col.cast(pa.float32())
@@ -853,11 +871,14 @@ def _typed_events(where: Path, table: pa.Table, chosen: dict[str, str]) -> pa.Ta
             elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
                 check_values(where, col, name, 1, unit="row")
                 col = _seconds(where, col.cast(pa.string()), name, 1, unit="row")
+            elif pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+                col = col.cast(pa.float64())
+                check_values(where, col, name, 1, unit="row")
+                col = _whole_seconds(where, pc.floor(col), name, 1, "row")  # fractions dropped
             elif not pa.types.is_integer(kind):
                 raise DataError(
                     where,
-                    f"column {name} (timestamp): expected integer seconds or a timestamp, "
-                    f"not {kind}",
+                    f"column {name} (timestamp): expected seconds or a timestamp, not {kind}",
                 )
             col = col.cast(pa.int64())
         check_values(where, col, name, 1, unit="row")
@@ -892,6 +913,36 @@ def _dense(column: pa.Array, ids: np.ndarray) -> np.ndarray:
     return idx.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
+# Epoch seconds this large are past the year 5000: such columns are counts of
+# milliseconds, microseconds or nanoseconds since 1970 (Kafka, JavaScript and
+# Spark exports), read as seconds so that time-based parameters (popularity's
+# half-life in days) mean what they say.
+_EPOCH_UNITS = (
+    (1e17, 1_000_000_000, "nanoseconds"),
+    (1e14, 1_000_000, "microseconds"),
+    (1e11, 1_000, "milliseconds"),
+)
+
+
+def epoch_seconds(stamps: np.ndarray, where: Path | str = "") -> np.ndarray:
+    """int64 timestamps as seconds: unchanged when they are seconds, divided
+    (floored) when their median says milliseconds, microseconds or nanoseconds
+    since 1970, with a warning naming the unit."""
+    if stamps.size == 0:
+        return stamps
+    median = float(np.median(np.abs(stamps[:: max(1, stamps.size // 100_000)])))  # a sample
+    for bound, per_second, unit in _EPOCH_UNITS:
+        if median >= bound:
+            log.warning(
+                "%s: timestamps read as %s since 1970 (median %d), stored as seconds",
+                where,
+                unit,
+                int(median),
+            )
+            return stamps // per_second
+    return stamps
+
+
 def load_dataset(
     path: str | Path,
     fmt: str | None = None,
@@ -915,6 +966,8 @@ def load_dataset(
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     else:
         raw, meta = READERS[fmt](p)
+    if raw.has_timestamps:
+        raw.timestamps = epoch_seconds(raw.timestamps, p)
     user_ids = _sorted_ids(raw.users)
     meta_items = pa.array(meta.item_ids, pa.string()) if meta else pa.array([], pa.string())
     item_ids = _sorted_ids(raw.items, meta_items)
