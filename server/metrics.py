@@ -271,7 +271,7 @@ class Metrics:
         )
         self.inflight = Gauge(
             "recserve_inflight_requests",
-            "Recommender RPCs currently running",
+            "Recommender RPCs at work, as max_concurrency counts them",
             registry=registry,
             multiprocess_mode="livesum",
         )

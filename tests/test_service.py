@@ -567,22 +567,82 @@ def test_experiment_split_follows_uneven_weights_and_skips_zero(published):
 
 
 def hold_a_slot(s):
-    """An open RecommendBatch stream: it holds one admission slot until closed."""
-    requests: queue.Queue = queue.Queue()
+    """A call at work until released: a RecordInteractions stream whose commit
+    waits in the feedback store (an open stream that only waits for its client
+    holds no slot: test_idle_streams_hold_no_admission_slot)."""
+    store, gate, entered = s.app.store, threading.Event(), threading.Event()
 
-    def feed():
-        while (req := requests.get()) is not None:
-            yield req
+    def held(events):
+        entered.set()
+        gate.wait(30)
+        return type(store).append(store, events)
 
-    responses = s.rec.RecommendBatch(feed(), timeout=30)
-    requests.put(pb.RecommendRequest(request_id="held", user_id="7", k=2))
-    assert next(responses).request_id == "held"  # admitted and answering
+    store.append = held  # this server's store only
+    done = s.rec.RecordInteractions.future(
+        iter([pb.Interaction(user_id="7", item_id="100")]), timeout=30
+    )
+    assert entered.wait(10)  # admitted and committing
 
     def release():
-        requests.put(None)
-        assert list(responses) == []
+        gate.set()
+        assert done.result(10).accepted == 1
+        del store.append
 
     return release
+
+
+def test_idle_streams_hold_no_admission_slot(published):
+    """Feedback and batch streams left open between messages (a client keeping
+    one per app instance) are not calls in flight: with max_concurrency 4,
+    eight of each idle before let every unary call in, and still answer after.
+    Counted in flight, four of them refused every other call. On the
+    thread-pool server an open stream holds a worker thread, so it holds its
+    slot: a call beyond them is refused at once, not queued for a thread."""
+    root, _ = published
+    if os.environ.get("RECSERVE_TEST_SERVER", "threads") == "threads":
+        with running(root, max_concurrency=4) as s:
+            feeds = [queue.Queue() for _ in range(4)]
+            streams = [s.rec.RecommendBatch(iter(q.get, None), timeout=30) for q in feeds]
+            for n, (q, answers) in enumerate(zip(feeds, streams, strict=True)):
+                q.put(pb.RecommendRequest(request_id=f"b{n}", user_id="7", k=2))
+                assert next(answers).request_id == f"b{n}"
+            t = time.monotonic()
+            err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3))
+            assert err.code() is grpc.StatusCode.UNAVAILABLE and time.monotonic() - t < 5
+            for q, answers in zip(feeds, streams, strict=True):
+                q.put(None)
+                assert list(answers) == []
+            assert len(s.recommend(user_id="7", k=3)[0]) == 3
+        return
+    with running(root, max_concurrency=4) as s:
+        feeds, answers, sums = [], [], []
+        for n in range(8):
+            q1: queue.Queue = queue.Queue()
+            q2: queue.Queue = queue.Queue()
+            feeds += [q1, q2]
+            sums.append(s.rec.RecordInteractions.future(iter(q1.get, None), timeout=30))
+            answers.append(s.rec.RecommendBatch(iter(q2.get, None), timeout=30))
+            q2.put(pb.RecommendRequest(request_id=f"b{n}", user_id="7", k=2))
+            assert next(answers[-1]).request_id == f"b{n}"  # answered, then idle
+        for _ in range(20):
+            items, _ = s.recommend(user_id="7", k=3)
+            assert len(items) == 3
+        assert s.app.core.active == 0  # nothing at work
+        for n in range(8):
+            feeds[2 * n].put(pb.Interaction(user_id=f"idle{n}", item_id="100"))
+            feeds[2 * n + 1].put(pb.RecommendRequest(request_id=f"c{n}", user_id="8", k=2))
+            assert next(answers[n]).request_id == f"c{n}"
+        for q in feeds:
+            q.put(None)
+        assert [f.result(10).accepted for f in sums] == [1] * 8
+        assert all(list(a) == [] for a in answers)
+        assert s.app.core.active == 0
+        with running(root, max_concurrency=1) as t:  # a call at work still counts
+            release = hold_a_slot(t)
+            err = t.error(t.rec.Recommend, pb.RecommendRequest(user_id="7", k=3))
+            assert err.code() is grpc.StatusCode.UNAVAILABLE and t.app.core.active == 1
+            release()
+            assert t.app.core.active == 0
 
 
 def test_a_refused_batch_is_unavailable_even_while_the_client_still_writes(published):

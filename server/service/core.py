@@ -159,7 +159,7 @@ class Session:
     admission slot is released at once and the metrics are recorded by `defer`
     (the asyncio transport runs them after the answer is handed to gRPC)."""
 
-    __slots__ = ("call", "core", "defer", "method", "ranked", "sent", "t0", "t1")
+    __slots__ = ("call", "core", "defer", "held", "method", "ranked", "sent", "t0", "t1")
 
     def __init__(
         self, core: Core, method: str, call: Call, t0: float, defer: Callable[..., Any] | None
@@ -168,6 +168,26 @@ class Session:
         self.ranked: Ranked | None = None  # the answer's ranking (unary Recommend)
         self.sent = 0  # items streamed
         self.t1 = 0.0
+        self.held = True  # holds its admission slot (see pause)
+
+    def pause(self) -> None:
+        """Give the admission slot back while the call only waits: for its
+        client's next message, or for its client to read what it was sent. An
+        open stream is not work in flight; counted as such, 64 idle feedback
+        or batch streams refused every other call (max_concurrency). The
+        asyncio transport pauses its streams; on the thread-pool server a
+        stream holds a worker thread while open, so it keeps its slot too (a
+        call beyond the threads is refused at once instead of queued)."""
+        if self.held:
+            self.held = False
+            self.core.release()
+
+    def resume(self) -> None:
+        """Take the slot back to work on a message. Never refused: the call was
+        admitted, and its work is one message's."""
+        if not self.held:
+            self.held = True
+            self.core.retake()
 
     def check(self) -> None:
         """Raise Failure once the client cancelled or its deadline passed."""
@@ -186,7 +206,9 @@ class Session:
         core = self.core
         if kind is None:
             self.t1 = time.perf_counter()
-            core.release()
+            if self.held:
+                self.held = False
+                core.release()
             if self.defer is not None:
                 self.defer(core.record_ok, self)
             else:
@@ -424,15 +446,24 @@ class Core:
         return (lost if lost > 0 else 0.0), (allowed if allowed > self._budget else self._budget)
 
     def release(self) -> None:
-        """Give back the admission slot of a finished call."""
+        """Give back the admission slot of a finished (or paused) call."""
         with self._active_lock:
             self.active -= 1
         if self._count_inflight:
             self.metrics.inflight.dec()
 
+    def retake(self) -> None:
+        """The slot of a paused call, taken back (Session.resume)."""
+        with self._active_lock:
+            self.active += 1
+        if self._count_inflight:
+            self.metrics.inflight.inc()
+
     def finish(self, s: Session, code: str) -> None:
         """Release a call that ended with `code` and record its duration and items."""
-        self.release()
+        if s.held:
+            s.held = False
+            self.release()
         self.metrics.rpc_seconds.labels(s.method, code).observe(time.perf_counter() - s.t0)
         if s.sent:
             self.metrics.items.labels(s.method).inc(s.sent)

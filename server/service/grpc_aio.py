@@ -126,6 +126,7 @@ class Recommender(pb_grpc.RecommenderServicer):
                 # The loop was busy computing: take in a cancellation or a deadline
                 # that arrived meanwhile before anything is sent.
                 await asyncio.sleep(0)
+                s.pause()  # computed: sending to a slow reader is not work in flight
                 await context.send_initial_metadata(md)
                 for item in items:
                     yield item
@@ -164,8 +165,14 @@ class Recommender(pb_grpc.RecommenderServicer):
     async def RecommendBatch(self, request_iterator: AsyncIterator, context):
         try:
             with self.core.session("RecommendBatch", context) as s:
+                s.pause()  # the slot is held while a request is answered, not between
                 async for request in request_iterator:
-                    yield self.core.batch_one(s, request)
+                    s.resume()
+                    try:
+                        out = self.core.batch_one(s, request)
+                    finally:
+                        s.pause()
+                    yield out
                     # Between two requests of a batch, let every other call that is
                     # waiting take its turn: a long batch never holds the loop.
                     await asyncio.sleep(0)
@@ -188,10 +195,16 @@ class Recommender(pb_grpc.RecommenderServicer):
         try:
             with self.core.session("RecordInteractions", context) as s:
                 rec = self.core.recorder()
+                s.pause()  # while the client sends; a commit is work
                 async for ev in request_iterator:
                     if (full := rec.add(ev)) is not None:
-                        await loop.run_in_executor(None, rec.store, full)
+                        s.resume()
+                        try:
+                            await loop.run_in_executor(None, rec.store, full)
+                        finally:
+                            s.pause()
                 s.check()  # a stream ended by the deadline is not the client's last event
+                s.resume()
                 await loop.run_in_executor(None, rec.store, rec.rest())
                 return rec.summary()
         except Failure as f:
