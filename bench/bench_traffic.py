@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import re
 import statistics
 import subprocess
@@ -38,12 +37,8 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
-
 from recserve.clients.bench import Load, run
 from recserve.clients.health import check
-from recserve.v1 import recommender_pb2 as pb
-from recserve.v1 import recommender_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA = [  # models quickstart does not train, so every algorithm is measured
@@ -271,32 +266,25 @@ def main() -> None:
 
 
 def refusal_bound(config: Path, base: dict, mix_max: float) -> None:
-    """6. What a refusal costs, closed loop, against a server whose one admission
-    slot is held (max_concurrency 1): every Recommend is refused at once. With a
-    refusal costing r of an average mix call (r = mix maximum / refusals per s),
-    no admission policy that serves the mix as it comes gets more than
+    """6. What a refusal costs, closed loop, against a server that refuses every
+    Recommend at admission (a token required, none sent: the first admission
+    check, answered with a google.rpc.Status like an OVERLOADED refusal; an
+    idle stream no longer holds a slot to refuse against). With a refusal
+    costing r of an average mix call (r = mix maximum / refusals per s), no
+    admission policy that serves the mix as it comes gets more than
     (1 - 2r) / (1 - r) of the maximum as goodput at twice the maximum: the
     refusals alone use 2r of the machine. Shedding RecommendBatch first (a
     dozen Recommends' work, counted as one call) changes what is served, so
     OK/s may pass this bound."""
-    proc, target = serve(config, {"RECSERVE_MAX_CONCURRENCY": "1"})
-    requests: queue.Queue = queue.Queue()
-
-    def feed():
-        while (req := requests.get()) is not None:
-            yield req
-
+    env = {"RECSERVE_ADMIN_TOKEN": "bench-refusals", "RECSERVE_TOKEN_FOR_ALL": "true"}
+    proc, target = serve(config, env)
     try:
-        with grpc.insecure_channel(target) as ch:
-            held = pb_grpc.RecommenderStub(ch).RecommendBatch(feed(), timeout=600)
-            requests.put(pb.RecommendRequest(user_id="1", k=2))
-            next(held)  # admitted: the slot is taken until the stream ends
-            r = run(Load(rpc="recommend", concurrency=8, **{**base, "target": target}))
-            requests.put(None)
-            list(held)
+        r = run(Load(rpc="recommend", concurrency=8, **{**base, "target": target}))
     finally:
         proc.terminate()
         proc.wait(30)
+    if not r.errors:
+        raise SystemExit("refusal cost: the server answered calls it should refuse")
     refused = sum(r.errors.values()) / r.seconds
     ratio = mix_max / refused
     bound = max(0.0, (1 - 2 * ratio) / (1 - ratio))
