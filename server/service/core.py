@@ -77,6 +77,7 @@ SHED_HEAVY_S = 1.0
 HEAVY = frozenset({"RecommendBatch"})
 TIMEOUT_ROUNDING = 0.01  # gRPC's timeout header's rounding, relative
 ACCEPT_WAIT_SHARE = 0.25  # of its deadline, the longest a call may wait to be accepted
+DEADLINE_CLASSES = 2.0  # this many times a peer's unqueued time left: another deadline
 NO_DEADLINE_S = 1e7  # more time left than this: the call has no deadline
 EWMA = 0.1  # weight of the newest answer in a method's average duration
 
@@ -278,6 +279,11 @@ class Core:
         self._peak: dict[tuple[str, str], float] = {}
         self._peak_old: dict[tuple[str, str], float] = {}
         self._peak_until = 0.0
+        # (peer, method) whose deadlines vary (see _waited), this window and the one before
+        self._varied: set[tuple[str, str]] = set()
+        self._varied_old: set[tuple[str, str]] = set()
+        self._calm: dict[tuple[str, str], float] = {}  # like _peak, unsaturated calls only
+        self._calm_old: dict[tuple[str, str], float] = {}
         self._seen_changes: int | None = None  # the feedback log's counter at the last sync
         # In flight: read at scrape time from `active`, except with --workers, where
         # each process writes its count to its metrics file (livesum).
@@ -429,16 +435,35 @@ class Core:
         PEAK_WINDOW_S (one client gives a batch 30 s and a Recommend 1 s), and
         the wait allowed: queue_budget_ms, or ACCEPT_WAIT_SHARE of the deadline
         if more (a client that gives a call 10 s would rather wait 0.3 s than be
-        refused; one that gives it 1 s needs the queue short)."""
+        refused; one that gives it 1 s needs the queue short). No wait for a
+        peer seen giving the method deadlines of different lengths lately (a
+        call with DEADLINE_CLASSES times the time left of its calls admitted on
+        an unsaturated loop): its shorter ones would look late (test_fuzz once
+        saw a 10 s Recommend after 10 s and 30 s ones refused as ~20 s late). A
+        peer whose first calls have the longest deadline is not told apart."""
         now = self.last_call
         if now >= self._peak_until:
             self._peak_old, self._peak = self._peak, {}
+            self._varied_old, self._varied = self._varied, set()
+            self._calm_old, self._calm = self._calm, {}
             self._peak_until = now + PEAK_WINDOW_S
         key = (call.peer(), method)
         peak = self._peak.get(key, 0.0)
         if remaining > peak:
             self._peak[key] = remaining
         best = max(peak, self._peak_old.get(key, 0.0))
+        # The most time left of the peer's calls admitted while the loop was not
+        # saturated: those did not wait in gRPC's queue, so theirs are deadlines.
+        calm = max(self._calm.get(key, 0.0), self._calm_old.get(key, 0.0))
+        if now >= self._saturated_until and remaining > calm:
+            self._calm[key] = remaining
+        if calm and remaining > DEADLINE_CLASSES * calm:  # far more: queueing never adds
+            self._varied.add(key)
+        if key in self._varied or key in self._varied_old:
+            # The peer gives this method deadlines of different lengths (or
+            # propagates its callers'): a call with less left may just have had
+            # less. Its calls are not judged by their deadlines for a while.
+            return 0.0, self._budget
         # The wire carries the timeout rounded up to a few digits (up to 1% more:
         # 100 ms units for 10-100 s), so only a loss beyond that is a wait.
         lost = best - remaining - TIMEOUT_ROUNDING * best - 0.001
