@@ -335,25 +335,12 @@ def test_train_on_too_few_events_to_evaluate_names_the_way_out(tmp_path, capsys)
     data = tmp_path / "one.csv"
     data.write_text("user,item,rating\n1,a,5\n2,a,4\n")
     models = tmp_path / "models"
-    code, _, err = run(
-        capsys, "train", "--data", data, "--algo", "als", "--name", "x", "--models", models
-    )
+    train = ["train", "--data", data, "--algo", "als", "--name", "x", "--models", models]
+    code, _, err = run(capsys, *train)
     assert code == 2
     assert "offline random evaluation: no user has a relevant test item" in err
     assert "--no-evaluate" in err and not (models / "x").exists()
-    code, out, _ = run(
-        capsys,
-        "train",
-        "--data",
-        data,
-        "--algo",
-        "als",
-        "--name",
-        "x",
-        "--models",
-        models,
-        "--no-evaluate",
-    )
+    code, out, _ = run(capsys, *train, "--no-evaluate")
     assert code == 0 and last_json(out)["name"] == "x"
     code, out, _ = run(capsys, "recommend", "--models", models, "--name", "x", "--user", "2")
     assert code == 0 and last_json(out)["items"] == []  # the one item is seen
