@@ -125,14 +125,14 @@ class Catalog:
             log.warning("no published models under %s", self.models_dir)
         self.started = time.monotonic()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="load")
+        with self._lock:  # all counted first: the heap settles once, after the last
+            self._loading += len(found)
         for name, (path, size) in sorted(found.items(), key=lambda kv: (kv[1][1], kv[0])):
             slot = Slot(name, path=str(path), bytes=size)
             with self._lock:
                 self._slots[name] = slot
                 self.generation += 1
             self.on_change(slot)
-            with self._lock:
-                self._loading += 1
             self._pending.append(self._pool.submit(self._initial, slot, path))
 
     def over_budget(self, slot: Slot) -> str | None:
