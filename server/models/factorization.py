@@ -222,6 +222,14 @@ class ALS(EmbeddingIndexMixin):
         z = np.linalg.solve(a, np.asarray(self.item_factors[items], np.float64).T)
         return h.indices, c[:, None] * (yi @ z)
 
+    def _cold_among(self, empty: np.ndarray) -> np.ndarray:
+        # ALS solves an empty row to exactly zero; a user without events but with
+        # non-zero factors has them from elsewhere (Spark factors imported
+        # without --data) and is served from them.
+        if not empty.size:
+            return empty
+        return empty[~np.asarray(self.user_factors[empty]).any(axis=1)]
+
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
             "user_factors": self.user_factors,
