@@ -1,6 +1,8 @@
 # Top-k selection with exclusions: the one selection routine every recserve
 # scoring kernel uses. Partial selection with a k-sized heap (O(n log k)),
 # never a full sort; exactly min(k, eligible) results; deterministic ties.
+import threading
+
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
@@ -809,32 +811,58 @@ cdef inline void dsift_up(int* hi, double* hv, int pos) noexcept nogil:
     hv[pos] = tv
 
 
-cdef int gather_best(const float* row, int n, int kk, int* ci, float* cv) noexcept nogil:
-    """The kk best entries of a dense row (NaN never), unordered, into ci / cv;
-    returns how many (min(kk, non-NaN)). The kk-th best of an evenly spaced
-    sample sets a floor about 2 kk entries reach; one branch-free pass gathers
-    those, and one partial selection over them finds the kk best. When fewer
-    than kk reach the floor every non-NaN entry is gathered instead."""
+cdef int gather_floor(const float* row, int n, int kk, int cap, float tv, int* ci,
+                      float* cv) noexcept nogil:
+    """Gather the entries of a row at or above the floor tv (NaN never) into
+    ci / cv (cap >= kk + 16 slots): blocks of 8 with no entry there are
+    skipped with one vector compare (most of them), the others gather
+    branch-free (as select_gathered). A buffer about to fill is cut back to its
+    kk best and the floor rises just above the kk-th best (entries later in
+    the row lose its ties), so the scratch stays small whatever the row holds.
+    Returns how many entries ci / cv hold."""
+    cdef int a, j = 0, m = 0, end
+    cdef float x
+    cdef float below = nextafterf(tv, -INFINITY)  # x > below: x >= tv
+    cdef bint skip = tv > -INFINITY  # -inf: every non-NaN entry, -inf ones too
+    while j < n:
+        if skip and j + 8 <= n and not recserve_any_above(row + j, below):
+            j = j + 8
+            continue
+        end = j + 8 if j + 8 <= n else n
+        for a in range(j, end):  # NaN fails the comparison: never gathered
+            x = row[a]
+            ci[m] = a
+            cv[m] = x
+            m = m + (x >= tv)
+        j = end
+        if m > cap - 8:
+            nth_best(ci, cv, m, kk - 1)
+            m = kk
+            below = cv[kk - 1]
+            tv = nextafterf(below, INFINITY)
+            skip = True
+    return m
+
+
+cdef int gather_best(const float* row, int n, int kk, int cap, int* ci, float* cv) noexcept nogil:
+    """The kk best entries of a dense row (NaN never), unordered, into ci / cv
+    (cap >= kk + 16 slots); returns how many (min(kk, non-NaN)). The kk-th best of an
+    evenly spaced sample sets a floor about 2 kk entries reach; one branch-free
+    pass gathers those, and one partial selection over them finds the kk best.
+    When fewer than kk reach the floor every non-NaN entry is gathered instead."""
     cdef int si[256]
     cdef float sv[256]
     cdef int r = 256 if n > 256 else n
     cdef int q = <int>((2 * <long long>kk * r) // n) + 1 if n > 0 else 1
-    cdef int j, m = 0
-    cdef float tv
+    cdef int m
+    cdef float tv = -INFINITY  # no sample (a short row): every non-NaN entry
     if q < r:
         sample_row(row, NULL, n, r, si, sv)
         nth_best(si, sv, r, q - 1)
         tv = sv[q - 1]
-        for j in range(n):  # NaN fails the comparison: never gathered
-            ci[m] = j
-            cv[m] = row[j]
-            m = m + (row[j] >= tv)
-    if m < kk:
-        m = 0
-        for j in range(n):
-            ci[m] = j
-            cv[m] = row[j]
-            m = m + (row[j] == row[j])
+    m = gather_floor(row, n, kk, cap, tv, ci, cv)
+    if m < kk and tv > -INFINITY:
+        m = gather_floor(row, n, kk, cap, -INFINITY, ci, cv)
     if m > kk:
         nth_best(ci, cv, m, kk - 1)
         m = kk
@@ -842,7 +870,7 @@ cdef int gather_best(const float* row, int n, int kk, int* ci, float* cv) noexce
 
 
 cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weights,
-                          int n_cand, int k, int* ci, float* cv, double* total,
+                          int n_cand, int k, int cap, int* ci, float* cv, double* total,
                           unsigned char* touched, int* listed, int* hi, double* hv,
                           int* out_idx, double* out_val, int* counts) noexcept nogil:
     """blend_dense's work; scratch total / touched zeroed on entry and on exit."""
@@ -851,7 +879,7 @@ cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weigh
     cdef double lo, top, v, span
     for c in range(n_rows):
         row = S + <long long>c * n
-        m = gather_best(row, n, n_cand, ci, cv)
+        m = gather_best(row, n, n_cand, cap, ci, cv)
         counts[c] = m
         if m == 0:
             continue
@@ -896,6 +924,20 @@ cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weigh
     return m
 
 
+# Per-thread zeroed accumulators of blend_dense (float64 sums, touched flags), as
+# long as the largest catalogue the thread blended: allocating them per call cost
+# more than the blend on large catalogues (fresh pages each call). The kernel
+# leaves them zeroed again.
+_blend_tls = threading.local()
+
+
+def _blend_accumulators(int n):
+    acc = getattr(_blend_tls, "acc", None)
+    if acc is None or acc[0].shape[0] < n:
+        acc = _blend_tls.acc = (np.zeros(n, np.float64), np.zeros(n, np.uint8))
+    return acc
+
+
 def blend_dense(scores, weights, int n_cand, int k):
     """The hybrid blend of dense component rows (serving.blend.blend_rows's
     answer): row c's candidates are its n_cand best entries (NaN never, ties
@@ -918,38 +960,38 @@ def blend_dense(scores, weights, int n_cand, int k):
     counts = np.zeros(c, np.int32)
     if k == 0 or n == 0 or c == 0:
         return out_idx[:0], out_val[:0], counts
+    total_a, touched_a = _blend_accumulators(n)
+    cdef double[::1] TT = total_a
+    cdef unsigned char[::1] TO = touched_a
     cdef int[::1] CN = counts
     cdef const float[:, ::1] S = scores
     cdef const double[::1] W = weights
     cdef int[::1] oi = out_idx
     cdef double[::1] ov = out_val
+    cdef int kk = n_cand if n_cand < n else n
+    # Gather buffer: about 2 kk entries reach the sampled floor; a fuller one is cut back.
+    cdef int cap = <int> min(3 * <long long> kk + 512, <long long> INT_MAX)
+    cdef int n_listed = <int> min(<long long> n, <long long> c * kk)
     cdef int m = 0
     cdef bint failed = False
     cdef int* ci
     cdef float* cv
-    cdef double* total
-    cdef unsigned char* touched
     cdef int* listed
     cdef int* hi
     cdef double* hv
     with nogil:
-        ci = <int*> malloc(n * sizeof(int))
-        cv = <float*> malloc(n * sizeof(float))
-        total = <double*> calloc(n, sizeof(double))
-        touched = <unsigned char*> calloc(n, 1)
-        listed = <int*> malloc(n * sizeof(int))
+        ci = <int*> malloc(cap * sizeof(int))
+        cv = <float*> malloc(cap * sizeof(float))
+        listed = <int*> malloc(n_listed * sizeof(int))
         hi = <int*> malloc(k * sizeof(int))
         hv = <double*> malloc(k * sizeof(double))
-        if (ci == NULL or cv == NULL or total == NULL or touched == NULL or listed == NULL
-                or hi == NULL or hv == NULL):
+        if ci == NULL or cv == NULL or listed == NULL or hi == NULL or hv == NULL:
             failed = True
         else:
-            m = blend_rows_nogil(&S[0, 0], c, n, &W[0], n_cand, k, ci, cv, total, touched,
+            m = blend_rows_nogil(&S[0, 0], c, n, &W[0], kk, k, cap, ci, cv, &TT[0], &TO[0],
                                  listed, hi, hv, &oi[0], &ov[0], &CN[0])
         free(ci)
         free(cv)
-        free(total)
-        free(touched)
         free(listed)
         free(hi)
         free(hv)

@@ -68,6 +68,46 @@ def test_blend_kernel_equals_blend_rows_over_each_rows_top_n(n_items, k, n_cand,
     np.testing.assert_array_equal(got_totals, want_totals)
 
 
+@pytest.mark.parametrize("n_items", [3_000, 40_000])
+@pytest.mark.parametrize("n_cand", [1, 7, 100, 900])
+def test_blend_kernel_on_long_rows_of_ties_infinities_and_nans(n_items, n_cand):
+    # Rows far longer than the kernel's gather buffer (3 n_cand + 512 entries):
+    # a constant row, few distinct values, -inf and NaN runs, a rising row
+    # (every entry beats the ones before it) and noise each fill the buffer
+    # again and again; each cut keeps the n_cand best and raises the floor.
+    rng = np.random.default_rng(n_items + n_cand)
+    rising = np.arange(n_items, dtype=np.float32)
+    ties = rng.choice([0.0, 1.0, 2.0], n_items).astype(np.float32)
+    holes = rng.standard_normal(n_items).astype(np.float32)
+    holes[rng.random(n_items) < 0.5] = np.nan
+    holes[rng.random(n_items) < 0.2] = -np.inf
+    infs = np.full(n_items, -np.inf, np.float32)
+    infs[: n_items // 3] = np.nan
+    noise = rng.standard_normal(n_items).astype(np.float32)
+    rows = np.stack([np.zeros(n_items, np.float32), ties, rising, holes, noise, infs])
+    weights = [0.5, 0.25, 1.0, 0.1, 0.3, 0.2]
+    for pick in ([0], [1], [2], [3], [4], [5], [0, 1, 2, 3, 4], [1, 3, 5]):
+        parts = []
+        for c in pick:
+            items, scores = top_n(rows[c], n_cand)
+            if np.isinf(scores).any():  # min-max of -inf is NaN in both: not compared
+                continue
+            parts.append((weights[c], items, scores))
+        sub = rows[[c for c in pick if not np.isinf(top_n(rows[c], n_cand)[1]).any()]]
+        if not parts:
+            continue
+        want_rows, want_totals = blend_rows(parts, 25, n_items)
+        got_rows, got_totals, counts = blend_dense(
+            np.ascontiguousarray(sub), [w for w, _, _ in parts], n_cand, 25
+        )
+        assert counts.tolist() == [len(i) for _, i, _ in parts]
+        np.testing.assert_array_equal(got_rows, want_rows)
+        np.testing.assert_array_equal(got_totals, want_totals)
+    # The -inf row's candidates themselves: the n_cand lowest-indexed -inf entries.
+    got = blend_dense(rows[5:6], [1.0], n_cand, 5)
+    assert got[2].tolist() == [min(n_cand, n_items - n_items // 3)]
+
+
 def test_blend_kernel_refuses_bad_input():
     rows = np.zeros((2, 5), np.float32)
     with pytest.raises(ValueError, match="weights"):
