@@ -96,6 +96,29 @@ def splits(
     return outer, inner
 
 
+def check_validation(
+    inner: Split, metric: str, threshold: float | None, protocol: str, fraction: float
+) -> None:
+    """Refuse, before any trial, a validation split that nothing can be scored
+    on (too few events per user): every trial would fail the same way."""
+    test = inner.test.tocsr().copy()
+    test.eliminate_zeros()
+    if metric not in MINIMIZE and threshold is not None:
+        test.data = (test.data >= threshold).astype(np.float32)
+        test.eliminate_zeros()
+    if test.nnz and inner.train.nnz:
+        return
+    ds = inner.train
+    what = "held-out event" if metric in MINIMIZE else "relevant held-out item"
+    hint = " or a lower --threshold" if threshold is not None and metric not in MINIMIZE else ""
+    raise ValueError(
+        f"data: the validation split ({protocol} protocol, fraction {fraction}, made from "
+        f"the training part of evaluate's split) has no user with a {what} "
+        f"({ds.n_users} users, {ds.nnz + inner.test.nnz} events in it); tune needs more "
+        f"events per user{hint}"
+    )
+
+
 def score(model: Recommender, split: Split, metric: str, k: int, threshold: float | None) -> float:
     """Fit on the split's training part; the metric on its held-out part."""
     result = evaluate(model, split.train, ks=[k], split=split, threshold=threshold)
@@ -455,6 +478,7 @@ def tune(
     t0 = time.perf_counter()
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
     outer, inner = splits(ds, protocol, fraction, seed, leave_last)
+    check_validation(inner, metric, threshold, protocol, fraction)
     results: list[AlgoResult] = []
     for i, algo in enumerate(algos):
         timeout = None
@@ -551,6 +575,7 @@ def tune_hybrid(
     metric, k = check_metric(metric)
     t0 = time.perf_counter()
     _, inner = splits(ds, protocol, fraction, seed, leave_last)
+    check_validation(inner, metric, None, protocol, fraction)
     models, versions = {}, {}
     for c in components:
         algo, params, version = component(models_dir, c)

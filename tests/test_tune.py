@@ -140,6 +140,40 @@ def test_a_bad_request_is_refused_before_any_work(tiny, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_data_too_thin_to_validate_on_is_refused_before_any_trial(tmp_path, monkeypatch):
+    # Three users with two events each: the validation split holds nothing out
+    # (optuna used to print every failed trial's traceback, then a bare
+    # "no user has a relevant test item").
+    path = tmp_path / "thin.csv"
+    rows = ["user,item,rating,timestamp"] + [
+        f"u{u},i{(u + j) % 3},{4 + j},{1_700_000_000 + 10 * u + j}"
+        for u in range(3)
+        for j in (0, 1)
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    from recserve.data import load_dataset
+
+    thin = load_dataset(path)
+    fitted = []
+    monkeypatch.setattr(tuning, "score", lambda *a: fitted.append(a) or 0.0)
+    models = tmp_path / "models"
+    for kwargs in (
+        {"algos": ["als"]},
+        {"algos": ["svd"], "metric": "rmse"},
+        {"algos": ["als"], "protocol": "temporal"},
+    ):
+        with pytest.raises(
+            ValueError, match=r"validation split .* tune needs more events per user"
+        ):
+            tuning.tune(thin, name="x", models_dir=models, progress=False, trials=2, **kwargs)
+    with pytest.raises(ValueError, match="no user with a relevant held-out item"):
+        tuning.tune_hybrid(thin, ["als", "itemknn"], name="h", models_dir=models, progress=False)
+    assert not fitted and not models.exists()
+    # Enough events per user: the same check lets the search run.
+    ok = tuning.splits(to_dataset(generate(100, 60, 1_500, seed=1)), "random", 0.2, 0, 1)[1]
+    tuning.check_validation(ok, "ndcg@20", None, "random", 0.2)
+
+
 def test_sigint_keeps_the_best_so_far_and_publishes_whole_bundles(tmp_path):
     data = tmp_path / "data"
     write_csv(generate(400, 200, 12_000, seed=2), data)
