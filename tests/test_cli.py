@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from recserve.cli import main
+from recserve.models import create
 from tests.service_helpers import flip_byte
 
 
@@ -344,3 +347,26 @@ def test_train_on_too_few_events_to_evaluate_names_the_way_out(tmp_path, capsys)
     assert code == 0 and last_json(out)["name"] == "x"
     code, out, _ = run(capsys, "recommend", "--models", models, "--name", "x", "--user", "2")
     assert code == 0 and last_json(out)["items"] == []  # the one item is seen
+
+
+def test_recommend_for_a_user_without_training_events_says_so(small, tmp_path, capsys):
+    # A bundle fitted on a split (the library's fit, then save): user 0 has no
+    # training events; its ranking would be all zeros in index order.
+    x = small.interactions
+    keep = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr)) != 0
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[keep]
+    train = sp.csr_matrix((x.data[keep], (rows, x.indices[keep])), shape=x.shape)
+    split = small.with_interactions(train, small.timestamps[keep])
+    models = tmp_path / "models"
+    for algo in ("als", "popularity"):
+        create(algo).fit(split).save(models, algo, dataset=split)
+    uid = small.users.ids([0])[0]
+    code, _, err = run(capsys, "recommend", "--models", models, "--name", "als", "--user", uid)
+    assert code == 2 and "has no training events in als" in err and "--history" in err
+    code, out, _ = run(
+        capsys, "recommend", "--models", models, "--name", "popularity", "--user", uid
+    )
+    assert code == 0 and len(last_json(out)["items"]) == 10
+    other = small.users.ids([1])[0]
+    code, out, _ = run(capsys, "recommend", "--models", models, "--name", "als", "--user", other)
+    assert code == 0 and len(last_json(out)["items"]) == 10
