@@ -1,8 +1,6 @@
 # Top-k selection with exclusions: the one selection routine every recserve
 # scoring kernel uses. Partial selection with a k-sized heap (O(n log k)),
 # never a full sort; exactly min(k, eligible) results; deterministic ties.
-import threading
-
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
@@ -924,17 +922,22 @@ cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weigh
     return m
 
 
-# Per-thread zeroed accumulators of blend_dense (float64 sums, touched flags), as
-# long as the largest catalogue the thread blended: allocating them per call cost
-# more than the blend on large catalogues (fresh pages each call). The kernel
-# leaves them zeroed again.
-_blend_tls = threading.local()
+# Zeroed accumulators of blend_dense (float64 sums, touched flags) not in use, as
+# long as the largest catalogue blended: allocating them per call cost more
+# than the blend on large catalogues (fresh pages each call). A pool, not one
+# per thread: the thread-pool server has dozens of threads, but only the calls
+# inside the kernel at once (it releases the GIL) hold a pair. The kernel
+# leaves them zeroed again. list.pop and list.append are atomic.
+_blend_free = []
 
 
 def _blend_accumulators(int n):
-    acc = getattr(_blend_tls, "acc", None)
+    try:
+        acc = _blend_free.pop()
+    except IndexError:
+        acc = None
     if acc is None or acc[0].shape[0] < n:
-        acc = _blend_tls.acc = (np.zeros(n, np.float64), np.zeros(n, np.uint8))
+        acc = (np.zeros(n, np.float64), np.zeros(n, np.uint8))
     return acc
 
 
@@ -960,9 +963,9 @@ def blend_dense(scores, weights, int n_cand, int k):
     counts = np.zeros(c, np.int32)
     if k == 0 or n == 0 or c == 0:
         return out_idx[:0], out_val[:0], counts
-    total_a, touched_a = _blend_accumulators(n)
-    cdef double[::1] TT = total_a
-    cdef unsigned char[::1] TO = touched_a
+    acc = _blend_accumulators(n)
+    cdef double[::1] TT = acc[0]
+    cdef unsigned char[::1] TO = acc[1]
     cdef int[::1] CN = counts
     cdef const float[:, ::1] S = scores
     cdef const double[::1] W = weights
@@ -995,6 +998,7 @@ def blend_dense(scores, weights, int n_cand, int k):
         free(listed)
         free(hi)
         free(hv)
+    _blend_free.append(acc)  # zeroed again by the kernel (or never touched)
     if failed:
         raise MemoryError(f"blend_dense: no scratch for {n} items")
     return out_idx[:m], out_val[:m], counts

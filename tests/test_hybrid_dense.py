@@ -108,6 +108,45 @@ def test_blend_kernel_on_long_rows_of_ties_infinities_and_nans(n_items, n_cand):
     assert got[2].tolist() == [min(n_cand, n_items - n_items // 3)]
 
 
+def test_blend_kernel_from_many_threads_at_once():
+    # The kernel keeps zeroed accumulators between calls (a pool) and releases
+    # the GIL: threads blending catalogues of different sizes at once must each
+    # get the answer they get alone.
+    rng = np.random.default_rng(11)
+    cases = []
+    for n in (50, 3_000, 60_000, 150_000, 700):
+        rows = rng.choice([0.0, 0.5, 1.0, 2.0], (3, n)).astype(np.float32)
+        rows += rng.standard_normal((3, n)).astype(np.float32) * (n % 7 == 0)
+        rows[rng.random((3, n)) < 0.2] = np.nan
+        cases.append((rows, blend_dense(rows, [0.5, 0.3, 0.2], 40, 15)))
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        order = np.random.default_rng(seed).permutation(200) % len(cases)
+        for i in order:
+            rows, (want_rows, want_totals, want_counts) = cases[i]
+            got = blend_dense(rows, [0.5, 0.3, 0.2], 40, 15)
+            if not (
+                np.array_equal(got[0], want_rows)
+                and np.array_equal(got[1], want_totals)
+                and np.array_equal(got[2], want_counts)
+            ):
+                errors.append(f"case {i} differs")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    # The references themselves: blend_rows over each row's top 40.
+    for rows, (want_rows, want_totals, _) in cases:
+        parts = [(w, *top_n(r, 40)) for w, r in zip([0.5, 0.3, 0.2], rows, strict=True)]
+        ref_rows, ref_totals = blend_rows(parts, 15, rows.shape[1])
+        np.testing.assert_array_equal(want_rows, ref_rows)
+        np.testing.assert_array_equal(want_totals, ref_totals)
+
+
 def test_blend_kernel_refuses_bad_input():
     rows = np.zeros((2, 5), np.float32)
     with pytest.raises(ValueError, match="weights"):
