@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -27,7 +26,7 @@ import scipy.sparse as sp
 
 from recserve.data import Dataset
 from recserve.kernels import similarity as simk
-from recserve.models.base import Param, Recommender, check_k, identity_rows
+from recserve.models.base import Param, Recommender, ScratchPool, check_k, identity_rows
 from recserve.models.registry import register
 
 # Bytes of per-row top-k buffers knn_self may hold (threads x rows x 2k slots
@@ -70,12 +69,18 @@ def _identity_checked(n: int) -> simk.CheckedCSR:
     return simk.CheckedCSR(*identity_rows(n), n)
 
 
-def _scratch(local: threading.local, n: int) -> simk.Scratch:
-    """This thread's score_one scratch for n items, made on its first call."""
-    scratch = getattr(local, "scratch", None)
-    if scratch is None:
-        scratch = local.scratch = simk.Scratch(n)
-    return scratch
+def _scratch_pool(n: int) -> ScratchPool[simk.Scratch]:
+    """score_one's scratch for n items, one per call in progress."""
+    return ScratchPool(lambda: simk.Scratch(n))
+
+
+def _score_one(hist, row: int, scored, k: int, seen, pool: ScratchPool[simk.Scratch]):
+    """simk.score_one with a scratch taken from `pool` for the call."""
+    scratch = pool.take()
+    try:
+        return simk.score_one(hist, row, scored, k, seen, scratch)
+    finally:
+        pool.give(scratch)
 
 
 class _Neighbourhood(Recommender):
@@ -207,12 +212,11 @@ class _Neighbourhood(Recommender):
         self, user: int, k: int = 10, filter_seen: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """The serving call, fused: one kernel call over matrices validated once
-        (per model), scratch reused per thread. Equal to recommend([user], k)."""
+        (per model), scratch reused across calls. Equal to recommend([user], k)."""
         check_k(k)
         cache = self._one_checked()
-        scratch = _scratch(cache[6], cache[1].shape[1])
-        return simk.score_one(
-            cache[3], int(user), cache[4], k, cache[5] if filter_seen else None, scratch
+        return _score_one(
+            cache[3], int(user), cache[4], k, cache[5] if filter_seen else None, cache[6]
         )
 
     def dense_user(self, user: int, out: np.ndarray, filter_seen: bool = True) -> bool:
@@ -240,7 +244,7 @@ class _Neighbourhood(Recommender):
 
     def _one_checked(self) -> tuple[Any, ...]:
         """The one-user call's matrices, validated once per model: (history rows,
-        scored matrix, seen, their CheckedCSRs, per-thread scratch holder)."""
+        scored matrix, seen, their CheckedCSRs, a scratch pool)."""
         seen = self._require_fitted()
         hist, scored = self._one_user()
         cache = getattr(self, "_one_cache", None)
@@ -253,7 +257,7 @@ class _Neighbourhood(Recommender):
                 check(hist.indptr, hist.indices, hist.data, hist.shape[1]),
                 check(scored.indptr, scored.indices, scored.data, scored.shape[1]),
                 check(seen.indptr, seen.indices, seen.data, seen.shape[1]),
-                threading.local(),
+                _scratch_pool(scored.shape[1]),
             )
             self._one_cache = cache
         return cache
@@ -273,10 +277,10 @@ class _Neighbourhood(Recommender):
             return None
         cache = getattr(self, "_similar_cache", None)
         if cache is None or cache[0] is not self.sim:
-            cache = (self.sim, self._checked(self.sim)[0], threading.local())
+            cache = (self.sim, self._checked(self.sim)[0], _scratch_pool(self.n_items))
             self._similar_cache = cache
         eye = _identity_checked(self.n_items)
-        return simk.score_one(eye, item, cache[1], k, eye, _scratch(cache[2], self.n_items))
+        return _score_one(eye, item, cache[1], k, eye, cache[2])
 
     def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = items.size
@@ -458,19 +462,20 @@ class UserKNN(_Neighbourhood):
         self, indices: np.ndarray, data: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """One weighted history's top-k training users, (users int32, similarities
-        float32): knn's row, by a KnnIndex validated once and this thread's scratch."""
-        _, _, index, local = self._fold_index()
-        scratch = getattr(local, "scratch", None)
-        if scratch is None:
-            scratch = local.scratch = simk.KnnScratch(self.n_users)
-        return index.query(indices, data, self.params["k"], scratch)
+        float32): knn's row, by a KnnIndex validated once and pooled scratch."""
+        _, _, index, pool = self._fold_index()
+        scratch = pool.take()
+        try:
+            return index.query(indices, data, self.params["k"], scratch)
+        finally:
+            pool.give(scratch)
 
     def _fold_index(self) -> tuple[Any, ...]:
         """What every fold-in searches, built on the first one and kept while
         users_w is the same (was a transpose and a pass over every interaction
         per cold request): the weighted training users by item (items x users),
-        their column norms, the same as a KnnIndex, and a per-thread scratch
-        holder. A racing first build makes an equal twin."""
+        their column norms, the same as a KnnIndex, and a scratch pool.
+        A racing first build makes an equal twin."""
         w = self.users_w
         cache = getattr(self, "_fold_cache", None)
         if cache is None or cache[0] is not w:
@@ -484,7 +489,9 @@ class UserKNN(_Neighbourhood):
                 b.indptr, b.indices, b.data, b.shape[1], sim, alpha, p.get("shrink", 0.0),
                 col_norm=norm,
             )  # fmt: skip
-            cache = self._fold_cache = (w, b, norm, index, threading.local())
+            n_users = self.n_users
+            pool = ScratchPool(lambda: simk.KnnScratch(n_users))
+            cache = self._fold_cache = (w, b, norm, index, pool)
         return cache[1:]
 
     def _item_users(self) -> sp.csr_matrix:
@@ -493,8 +500,8 @@ class UserKNN(_Neighbourhood):
         return self._item_users_checked()[1]
 
     def _item_users_checked(self) -> tuple[Any, ...]:
-        """(user_items, items x users, both as CheckedCSRs, per-thread scratch
-        holder): what the fused SimilarItems call reads, made once while
+        """(user_items, items x users, both as CheckedCSRs, a scratch
+        pool): what the fused SimilarItems call reads, made once while
         user_items is the same."""
         x = self.user_items
         cache = getattr(self, "_item_users_cache", None)
@@ -506,7 +513,7 @@ class UserKNN(_Neighbourhood):
                 xt,
                 check(xt.indptr, xt.indices, xt.data.astype(np.float32), self.n_users),
                 check(x.indptr, x.indices, x.data, self.n_items),
-                threading.local(),
+                _scratch_pool(self.n_items),
             )
             self._item_users_cache = cache
         return cache
@@ -514,9 +521,9 @@ class UserKNN(_Neighbourhood):
     def _similar_one(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """_similar in one score_one call: the item's users times the training
         rows, the identity excluding the item itself."""
-        _, _, by_item, rows, local = self._item_users_checked()
+        _, _, by_item, rows, pool = self._item_users_checked()
         eye = _identity_checked(self.n_items)
-        return simk.score_one(by_item, item, rows, k, eye, _scratch(local, self.n_items))
+        return _score_one(by_item, item, rows, k, eye, pool)
 
     def _rank(self, users, history, k, excl, cand):
         h = self.sim[users] if users is not None else self._neighbours(history)

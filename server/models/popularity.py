@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from recserve.data import Dataset
 from recserve.kernels import topk
-from recserve.models.base import Param, Recommender, check_k
+from recserve.models.base import Param, Recommender, ScratchPool, check_k
 from recserve.models.registry import register
 
 DAY = 86_400
@@ -84,7 +84,7 @@ class Popularity(Recommender):
         self, user: int, k: int = 10, filter_seen: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """One known user, the serving call: one walk of the shared order
-        skipping the user's items, a per-thread mask, no validation of the
+        skipping the user's items, a scratch mask, no validation of the
         exclusion rows (the general path's numpy reductions cost more than
         the walk). Equal to recommend([user], k)[:, :eligible]."""
         self._require_fitted()
@@ -93,11 +93,15 @@ class Popularity(Recommender):
         check_k(k)
         indptr, indices = self._csr_views()
         seen = indices[indptr[user] : indptr[user + 1]] if filter_seen else indices[:0]
-        local = self._dense_local()
-        mask = getattr(local, "mask", None)
-        if mask is None or mask.shape[0] != max(self.scores.shape[0], 1):
-            mask = local.mask = np.zeros(max(self.scores.shape[0], 1), np.uint8)
-        return topk.ranked_one(self.order, self.scores, k, seen, mask)
+        n = max(self.scores.shape[0], 1)
+        held = self.__dict__.get("_masks_free")
+        if held is None or held[0] != n:
+            held = self._masks_free = (n, ScratchPool(lambda: np.zeros(n, np.uint8)))
+        mask = held[1].take()
+        try:
+            return topk.ranked_one(self.order, self.scores, k, seen, mask)
+        finally:
+            held[1].give(mask)  # left as found: all zero
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.scores, (users.size, self.scores.size))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from recserve.data import IdMap
 from recserve.feedback import OnlineState
 from recserve.kernels import topk
 from recserve.models import Recommender, bundle
+from recserve.models.base import ScratchPool
 from recserve.models.registry import MODELS
 from recserve.serving.answers import (
     MAX_ID_BYTES,
@@ -163,7 +163,7 @@ class Router:
         self.cfg = cfg
         self.catalog = catalog
         self.online = online
-        self._local = threading.local()  # per-thread scratch of the dense hybrid blend
+        self._pools: dict[tuple[int, int], ScratchPool[np.ndarray]] = {}  # see _pool
         self._plans: dict[str, _Plan] = {}  # per hybrid, rebuilt when the catalogue changes
         self._chains: dict[str, tuple[ServerConfig, list[str]]] = {}
 
@@ -482,15 +482,19 @@ class Router:
             # the candidates, one top-k call; the general call builds them into
             # sparse matrices (a request excluding 100 items, in process:
             # 0.38-0.97 ms before, 0.14-0.31 ms this way).
-            buf = self._row(m.n_items)
-            if m.dense_user(user, buf, not q.include_seen):
-                if cand is not None:
-                    keep = buf[cand]
-                    buf.fill(np.nan)
-                    buf[cand] = keep
-                buf[excl] = np.nan
-                items, scores = topk.topk_row(buf, k)
-                return _Served(slot, items, scores, user, None)
+            pool = self._pool(0, m.n_items)
+            buf = pool.take()
+            try:
+                if m.dense_user(user, buf, not q.include_seen):
+                    if cand is not None:
+                        keep = buf[cand]
+                        buf.fill(np.nan)
+                        buf[cand] = keep
+                    buf[excl] = np.nan
+                    items, scores = topk.topk_row(buf, k)
+                    return _Served(slot, items, scores, user, None)
+            finally:
+                pool.give(buf)
         if user >= 0 and extra_idx.size == 0:
             items, scores = m.recommend(
                 [user],
@@ -507,12 +511,16 @@ class Router:
                 return None
             row = m.history_matrix([extra_idx], [extra_val])
             if cand is None:  # the fold-in's dense row and one top-k call, when exact
-                buf = self._row(m.n_items)
-                if m.dense_history(row, buf, not q.include_seen):
-                    if excl.size:
-                        buf[excl] = np.nan
-                    items, scores = topk.topk_row(buf, k)
-                    return _Served(slot, items, scores, -1, row)
+                pool = self._pool(0, m.n_items)
+                buf = pool.take()
+                try:
+                    if m.dense_history(row, buf, not q.include_seen):
+                        if excl.size:
+                            buf[excl] = np.nan
+                        items, scores = topk.topk_row(buf, k)
+                        return _Served(slot, items, scores, -1, row)
+                finally:
+                    pool.give(buf)
             items, scores = m.recommend_histories(
                 row,
                 k,
@@ -524,20 +532,18 @@ class Router:
         n = int((items >= 0).sum())
         return _Served(slot, items[:n], scores[:n], user, row)
 
-    def _rows(self, c: int, n: int) -> np.ndarray:
-        """This thread's float32 scratch of c rows of n entries (a hybrid's
-        component rows, for the blend kernel)."""
-        rows = getattr(self._local, "rows", None)
-        if rows is None or rows.shape[0] < c or rows.shape[1] != n:
-            rows = self._local.rows = np.empty((c, n), np.float32)
-        return rows[:c]
-
-    def _row(self, n: int) -> np.ndarray:
-        """This thread's float32 scratch row of n entries (a fold-in's scores)."""
-        row = getattr(self._local, "row", None)
-        if row is None or row.shape[0] != n:
-            row = self._local.row = np.empty(n, np.float32)
-        return row
+    def _pool(self, c: int, n: int) -> ScratchPool[np.ndarray]:
+        """Float32 scratch of c rows of n entries (c = 0: one row), one per call in
+        progress (not per thread: see ScratchPool): a hybrid's component rows
+        for the blend kernel, a fold-in's or an excluding call's scores."""
+        pool = self._pools.get((c, n))
+        if pool is None:
+            if len(self._pools) > 64:  # catalogues that changed size on reloads
+                self._pools.clear()
+            shape = (c, n) if c else (n,)
+            pool = ScratchPool(lambda: np.empty(shape, np.float32))
+            pool = self._pools.setdefault((c, n), pool)
+        return pool
 
     def _ranked(self, s: _Served, q: RecQuery, check: Check, stages: dict[str, float]) -> Ranked:
         t = time.perf_counter()
@@ -604,7 +610,7 @@ class Router:
         """A hybrid request without candidates or explanations, over components
         that share one catalogue: every component writes its dense row (a known
         user's, or the folded-in history's, NaN where not eligible) into
-        per-thread scratch and one kernel pass blends them. The general path's
+        pooled scratch and one kernel pass blends them. The general path's
         answer, up to float rounding (tests/test_hybrid_dense.py compares
         them); None for any other request."""
         if q.candidates or q.explain:
@@ -623,61 +629,65 @@ class Router:
         if excl is not None:
             excl = excl[excl >= 0]
         n = len(first)
-        rows = self._rows(len(comps), n)
-        t2 = time.perf_counter()
-        stages["resolve"] += t2 - t
-        user = -1
-        shared_row = None  # an unknown user's history row: the same for every component
-        used: list[tuple[float, Slot, bool]] = []
-        filter_seen = not q.include_seen
-        for (w, slot), new_users in zip(comps, plan.new_users, strict=True):
-            check()  # between components too: a passed deadline stops the work
-            m = slot.model
-            assert m is not None and m.users is not None
-            if new_users:  # one lookup per user map
-                user = m.users.get(q.user_id) if q.user_id else -1
-            u = -1 if user >= 0 and user in m.cold_users() else user  # as _retrieve
-            out = rows[len(used)]
-            if u >= 0 and extra_idx.size == 0:
-                ok, folded = m.dense_user(u, out, filter_seen), False
-            else:
-                if u < 0 and shared_row is not None:
-                    row = shared_row
+        pool = self._pool(len(comps), n)
+        rows = pool.take()
+        try:
+            t2 = time.perf_counter()
+            stages["resolve"] += t2 - t
+            user = -1
+            shared_row = None  # an unknown user's history row: the same for every component
+            used: list[tuple[float, Slot, bool]] = []
+            filter_seen = not q.include_seen
+            for (w, slot), new_users in zip(comps, plan.new_users, strict=True):
+                check()  # between components too: a passed deadline stops the work
+                m = slot.model
+                assert m is not None and m.users is not None
+                if new_users:  # one lookup per user map
+                    user = m.users.get(q.user_id) if q.user_id else -1
+                u = -1 if user >= 0 and user in m.cold_users() else user  # as _retrieve
+                out = rows[len(used)]
+                if u >= 0 and extra_idx.size == 0:
+                    ok, folded = m.dense_user(u, out, filter_seen), False
                 else:
-                    idx, val = _with_training_row(m, u, extra_idx, extra_val)
-                    if idx.size == 0 and not m.serves_cold:
-                        continue  # the general path skips this component too
-                    row = m.history_matrix([idx], [val])
-                    if u < 0:
-                        shared_row = row
-                ok, folded = m.dense_history(row, out, filter_seen), True
-            if not ok:
-                stages["retrieve"] += time.perf_counter() - t2
+                    if u < 0 and shared_row is not None:
+                        row = shared_row
+                    else:
+                        idx, val = _with_training_row(m, u, extra_idx, extra_val)
+                        if idx.size == 0 and not m.serves_cold:
+                            continue  # the general path skips this component too
+                        row = m.history_matrix([idx], [val])
+                        if u < 0:
+                            shared_row = row
+                    ok, folded = m.dense_history(row, out, filter_seen), True
+                if not ok:
+                    stages["retrieve"] += time.perf_counter() - t2
+                    return None
+                if excl is not None and excl.size:
+                    out[excl] = np.nan
+                used.append((w, slot, folded))
+            t3 = time.perf_counter()
+            stages["retrieve"] += t3 - t2
+            if not used:
                 return None
-            if excl is not None and excl.size:
-                out[excl] = np.nan
-            used.append((w, slot, folded))
-        t3 = time.perf_counter()
-        stages["retrieve"] += t3 - t2
-        if not used:
-            return None
-        n_cand = min(max(3 * q.k, 100), n)
-        every = len(used) == len(comps)
-        weights = plan.weights if every else np.array([w for w, _, _ in used], np.float64)
-        items, scores, counts = blend_dense(rows[: len(used)], weights, n_cand, q.k)
-        out_r = Ranked.of(first, items, scores, "")
-        per_row = counts.tolist()  # a list: numpy's all() on 3 ints cost ~1.5 us a call
-        if every and all(per_row):
-            out_r.version = plan.version
-            out_r.folded_in = any(f for _, _, f in used)
-        else:
-            parts = [u for u, c in zip(used, per_row, strict=True) if c]
-            if not parts:
-                return None
-            out_r.version = ",".join(f"{s.name}@{s.version}" for _, s, _ in parts)
-            out_r.folded_in = any(f for _, _, f in parts)
-        stages["rank"] += time.perf_counter() - t3
-        return out_r
+            n_cand = min(max(3 * q.k, 100), n)
+            every = len(used) == len(comps)
+            weights = plan.weights if every else np.array([w for w, _, _ in used], np.float64)
+            items, scores, counts = blend_dense(rows[: len(used)], weights, n_cand, q.k)
+            out_r = Ranked.of(first, items, scores, "")
+            per_row = counts.tolist()  # a list: numpy's all() on 3 ints cost ~1.5 us a call
+            if every and all(per_row):
+                out_r.version = plan.version
+                out_r.folded_in = any(f for _, _, f in used)
+            else:
+                parts = [u for u, c in zip(used, per_row, strict=True) if c]
+                if not parts:
+                    return None
+                out_r.version = ",".join(f"{s.name}@{s.version}" for _, s, _ in parts)
+                out_r.folded_in = any(f for _, _, f in parts)
+            stages["rank"] += time.perf_counter() - t3
+            return out_r
+        finally:
+            pool.give(rows)
 
     def _blend(self, parts: list[tuple[float, _Served]], q: RecQuery, check: Check) -> Ranked:
         first = parts[0][1].slot.model.items  # type: ignore[union-attr]
@@ -818,12 +828,16 @@ class Router:
         if all(_same_items(first, s.model.items) for _, s, _, _ in parts[1:]):  # type: ignore[union-attr]
             # blend_rows' answer by the blend kernel: each part as a dense row (NaN
             # off its items), every entry of a row among its candidates
-            dense = self._rows(len(parts), len(first))
-            dense.fill(np.nan)
-            for c, (_, _, i, v) in enumerate(parts):
-                dense[c, i] = v
-            n_cand = max(i.size for _, _, i, _ in parts)
-            rows, scores, _ = blend_dense(dense, [w for w, _, _, _ in parts], n_cand, k)
+            pool = self._pool(len(parts), len(first))
+            dense = pool.take()
+            try:
+                dense.fill(np.nan)
+                for c, (_, _, i, v) in enumerate(parts):
+                    dense[c, i] = v
+                n_cand = max(i.size for _, _, i, _ in parts)
+                rows, scores, _ = blend_dense(dense, [w for w, _, _, _ in parts], n_cand, k)
+            finally:
+                pool.give(dense)
             return Ranked.of(first, rows, scores, version)
         order = blend(((w, s.model.items.ids(i), v) for w, s, i, v in parts), k)  # type: ignore[union-attr]
         return Ranked([i for i, _ in order], [v for _, v in order], version=version)
