@@ -1,7 +1,8 @@
 # Implicit-feedback ALS (Hu, Koren & Volinsky 2008) solves, one row at a time:
-#   (YtY + reg I + sum_i (c_i - 1) y_i y_i^T) x = sum_i c_i y_i
-# over the row's nonzeros i with confidences c_i (the matrix values; 1 + alpha r
-# is applied by the caller). Exact solves form the row's f x f matrix with
+#   (YtY + reg I + sum_i (c_i - 1) y_i y_i^T) x = sum_i p_i c_i y_i
+# over the row's nonzeros i, given as signed confidences s_i: c_i = |s_i| (the
+# caller applies 1 + alpha |r|) and the preference p_i = 1 when s_i > 0, 0 when
+# s_i < 0 (negative feedback, a dislike: as implicit and Spark MLlib fit it). Exact solves form the row's f x f matrix with
 # level-3 BLAS and factor it by Cholesky (float32, SciPy's cython_blas and
 # cython_lapack, nogil). The CG solver runs a few warm-started
 # conjugate-gradient steps that never form it (Takacs, Pilaszy & Tikk 2011), in
@@ -40,8 +41,9 @@ cdef extern from *:
     }
 
     /* out = A v = G v + sum over the row's nonzeros of (c - 1)(y . v) y; with
-       residual, out = b - A v instead, where b = sum c y. G is symmetric, so
-       G v is a sum of its rows scaled by v: no horizontal sums. */
+       residual, out = b - A v instead, where b = sum p c y. A nonzero is a
+       signed confidence s: c = |s|, p = (s > 0). G is symmetric, so G v is a
+       sum of its rows scaled by v: no horizontal sums. */
     RS_INLINE void recserve_apply(const long long *ip, const int *ix, const float *c,
                                   long long row, const float *Y, const float *G, int f,
                                   const float *restrict v, float *restrict out, int residual) {
@@ -53,8 +55,9 @@ cdef extern from *:
         for (long long q = ip[row]; q < end; q++) {
             const float *y = Y + (long long)ix[q] * f;
             if (q + 2 < end) recserve_prefetch_keep(Y + (long long)ix[q + 2] * f);
-            float conf = c[q], d = recserve_sdot(y, v, f);
-            recserve_saxpy(residual ? conf - (conf - 1.0f) * d : (conf - 1.0f) * d, y, out, f);
+            float s = c[q], conf = s < 0.0f ? -s : s, d = recserve_sdot(y, v, f);
+            float pc = s > 0.0f ? conf : 0.0f;
+            recserve_saxpy(residual ? pc - (conf - 1.0f) * d : (conf - 1.0f) * d, y, out, f);
         }
     }
 
@@ -93,12 +96,14 @@ cdef extern from *:
 cdef void solve_exact(const long long* ip, const int* ix, const float* c, Py_ssize_t row,
                       const float* Y, const float* G, int f, float* A, float* b,
                       float* Z, float* out) noexcept nogil:
-    """x = (G + sum (c - 1) y y^T)^-1 sum c y, by Cholesky (sposv).
+    """x = (G + sum (c - 1) y y^T)^-1 sum p c y, by Cholesky (sposv), from
+    signed confidences s (c = |s|, p = 1 when s > 0, else 0).
 
     The sum of outer products goes through ssyrk on chunks of CHUNK items
     (rows sqrt(c - 1) y): level-3 BLAS instead of one rank-1 update per item.
-    Items with c < 1 (negative feedback) take a rank-1 ssyr. Fold-in runs this
-    same routine, so a folded-in user reproduces the trained vector.
+    Items with c < 1 (weighted below an unseen item) take a rank-1 ssyr.
+    Fold-in runs this same routine, so a folded-in user reproduces the
+    trained vector.
     """
     cdef long long p
     cdef int a, one = 1, info = 0, nn = f, m = 0
@@ -113,8 +118,11 @@ cdef void solve_exact(const long long* ip, const int* ix, const float* c, Py_ssi
     for p in range(ip[row], ip[row + 1]):
         conf = c[p]
         y = Y + <Py_ssize_t>ix[p] * f
-        for a in range(f):
-            b[a] += conf * y[a]
+        if conf > 0:
+            for a in range(f):
+                b[a] += conf * y[a]
+        else:
+            conf = -conf  # a dislike: preference 0, weight |s|
         w = conf - 1.0
         if w >= 0:
             w = <float>csqrt(w)
@@ -195,7 +203,8 @@ def solve_rows(indptr, indices, confidence, Y, X, double regularization,
                int cg_steps=0, rows=None, G=None, int n_threads=0):
     """Update X[rows] (all rows by default) in place from confidences and fixed Y.
 
-    indptr/indices/confidence: CSR (rows x items), confidence = 1 + alpha r.
+    indptr/indices/confidence: CSR (rows x items) of signed confidences:
+    +(1 + alpha r) for a positive value r, -(1 + alpha |r|) for a negative one.
     cg_steps <= 0 solves exactly (Cholesky); otherwise that many CG steps,
     warm-started from X. G (YtY + reg I) may be passed to share it between
     calls (fold-in). Rows with no nonzeros get the all-zero solution.

@@ -229,7 +229,8 @@ def evaluate(
     """Fit `model` on a split of `ds` and measure it on the held-out part.
 
     threshold: when set, only held-out interactions with value >= threshold
-    count as relevant (e.g. 4 for "rated 4 or 5"). split: a split already made
+    count as relevant (e.g. 4 for "rated 4 or 5"); otherwise those with a
+    positive value (a negative one is a dislike). split: a split already made
     (by make_split with these settings), so several models share one.
     """
     ks = sorted({int(k) for k in ks})
@@ -241,9 +242,11 @@ def evaluate(
     model.fit(split.train)
     fit_s = time.perf_counter() - t0
     relevant = split.test.copy()
-    if threshold is not None:
-        relevant.data = (relevant.data >= threshold).astype(np.float32)
-        relevant.eliminate_zeros()
+    # Without a threshold every held-out event with a positive value is relevant:
+    # a held-out dislike (a negative value) is not something to have recommended.
+    keep = relevant.data >= threshold if threshold is not None else relevant.data > 0
+    relevant.data = keep.astype(np.float32)
+    relevant.eliminate_zeros()
     users = np.flatnonzero(np.diff(relevant.indptr) > 0)
     t1 = time.perf_counter()
     if split.fold_in is not None:

@@ -102,10 +102,10 @@ def check_validation(
     """Refuse, before any trial, a validation split that nothing can be scored
     on (too few events per user): every trial would fail the same way."""
     test = inner.test.tocsr().copy()
+    if metric not in MINIMIZE:  # what evaluate() counts as relevant
+        keep = test.data >= threshold if threshold is not None else test.data > 0
+        test.data = keep.astype(np.float32)
     test.eliminate_zeros()
-    if metric not in MINIMIZE and threshold is not None:
-        test.data = (test.data >= threshold).astype(np.float32)
-        test.eliminate_zeros()
     if test.nnz and inner.train.nnz:
         return
     ds = inner.train
@@ -324,7 +324,9 @@ def candidates(models: Mapping[str, Recommender], split: Split, n: int) -> Candi
     every user with a held-out item."""
     from recserve.serving.blend import minmax
 
-    relevant = split.test.tocsr()
+    relevant = split.test.tocsr().copy()
+    relevant.data = (relevant.data > 0).astype(np.float32)  # as evaluate(): no dislikes
+    relevant.eliminate_zeros()
     users = np.flatnonzero(np.diff(relevant.indptr) > 0)
     names, items, scores = [], [], []
     for name, model in models.items():

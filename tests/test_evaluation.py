@@ -119,6 +119,31 @@ def test_popularity_recall_matches_numpy_reference(small):
     assert got["metrics"]["recall@20"] == pytest.approx(want, rel=1e-12, abs=1e-12)
 
 
+def test_a_held_out_dislike_is_not_relevant(small):
+    # A third of the events are dislikes (value -1): evaluate counts only the
+    # held-out events with a positive value as relevant (it counted every one,
+    # so a model was rewarded for recommending what the user disliked).
+    import copy
+
+    mixed = copy.deepcopy(small)
+    rng = np.random.default_rng(3)
+    mixed.interactions.data = np.where(rng.random(mixed.nnz) < 0.33, -1.0, 1.0).astype(np.float32)
+    got = evaluate(create("popularity"), mixed, "random", (20,), fraction=0.2, seed=0)
+    split = split_random(mixed, 0.2, seed=0)
+    x = split.train.interactions
+    seen = sp.csr_matrix((np.ones(x.nnz), x.indices, x.indptr), shape=x.shape).toarray() > 0
+    counts = seen.sum(axis=0).astype(float)  # popularity counts every event, a dislike too
+    liked = split.test.toarray() > 0
+    recalls = []
+    for u in range(seen.shape[0]):
+        if not liked[u].any():
+            continue  # only dislikes held out: not evaluated
+        scores = np.where(seen[u], -np.inf, counts)
+        top = sorted(range(scores.size), key=lambda j: (-scores[j], j))[:20]
+        recalls.append(liked[u, top].sum() / min(20, liked[u].sum()))
+    assert got["metrics"]["recall@20"] == pytest.approx(float(np.mean(recalls)), rel=1e-12)
+
+
 def test_ml100k_popularity_recall_matches_numpy_reference(ml100k_path):
     ds = load_dataset(ml100k_path)
     got = evaluate(create("popularity"), ds, "random", (20,), fraction=0.2, seed=0)

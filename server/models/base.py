@@ -736,6 +736,24 @@ def cosine_similar_one(factors: np.ndarray, item: int, k: int) -> tuple[np.ndarr
     return topk.topk_user(unit, int(item), unit, k, indptr, indices, True, None)
 
 
+def without_dislikes(m: sp.csr_matrix) -> sp.csr_matrix:
+    """The entries of a CSR whose value is not negative (same shape, same
+    order): negative values are dislikes (a thumbs-down), which the models
+    that learn from positive evidence alone (item and user similarities, BPR's
+    positives) must not count as interest. `m` itself when it has none."""
+    m = m.tocsr()
+    data = np.asarray(m.data)
+    if data.size == 0 or data.min() >= 0:
+        return m
+    keep = data >= 0
+    rows = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
+    indptr = np.zeros(m.shape[0] + 1, np.int64)
+    np.cumsum(np.bincount(rows[keep], minlength=m.shape[0]), out=indptr[1:])
+    out = sp.csr_matrix((data[keep], np.asarray(m.indices)[keep], indptr), shape=m.shape)
+    out.has_sorted_indices = m.has_sorted_indices
+    return out
+
+
 @functools.lru_cache(maxsize=8)
 def identity_rows(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The n x n identity as read-only CSR arrays (indptr int64, indices int32,

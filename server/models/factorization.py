@@ -36,6 +36,7 @@ from recserve.models.base import (
     check_k,
     cosine_similar,
     cosine_similar_one,
+    without_dislikes,
 )
 from recserve.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
 from recserve.models.registry import register
@@ -81,13 +82,18 @@ class ALS(EmbeddingIndexMixin):
     value_scale = 1.0
 
     def _confidence_values(self, data: np.ndarray) -> np.ndarray:
-        """c = 1 + alpha r / value_scale (r = 1 when binary) of a CSR's stored
-        values, float32; training and every fold-in use this one form."""
+        """Signed confidences of a CSR's stored values r, float32, the form the
+        kernels read: c = 1 + alpha |r| / value_scale (|r| = 1 when binary),
+        +c for r >= 0 and -c for a negative r, a dislike: preference 0 at
+        confidence c (Hu et al.'s objective as implicit and Spark MLlib extend
+        it). Training and every fold-in use this one form."""
+        r = np.asarray(data, np.float32)
         if self.params["binary"]:
-            values = np.ones(data.shape, np.float32)
+            magnitude = np.ones(r.shape, np.float32)
         else:
-            values = np.asarray(data, np.float32) / np.float32(self.value_scale)
-        return (1.0 + self.params["alpha"] * values).astype(np.float32)
+            magnitude = np.abs(r) / np.float32(self.value_scale)
+        c = (1.0 + self.params["alpha"] * magnitude).astype(np.float32)
+        return np.where(r < 0, -c, c) if (r < 0).any() else c
 
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
@@ -212,15 +218,16 @@ class ALS(EmbeddingIndexMixin):
         return self.item_factors
 
     def _contributions_many(self, history, items, user):
-        # score(u, j) = y_j . A^-1 sum_i c_i y_i: history item i contributes
-        # c_i y_j.A^-1 y_i. A depends on the history only: one solve for every j.
+        # score(u, j) = y_j . A^-1 sum_i p_i c_i y_i: history item i contributes
+        # p_i c_i y_j.A^-1 y_i. A depends on the history only: one solve for every j.
         # Only the rows involved are read (in float64), never the whole catalogue.
         h = history.tocsr()
-        c = self._confidence_values(h.data).astype(np.float64)
+        s = self._confidence_values(h.data).astype(np.float64)
+        c = np.abs(s)  # a dislike (s < 0) weighs in A but contributes nothing to b
         yi = np.asarray(self.item_factors[h.indices], np.float64)
         a = np.asarray(self.gram, np.float64) + (yi.T * (c - 1.0)) @ yi
         z = np.linalg.solve(a, np.asarray(self.item_factors[items], np.float64).T)
-        return h.indices, c[:, None] * (yi @ z)
+        return h.indices, np.where(s > 0, c, 0.0)[:, None] * (yi @ z)
 
     def _cold_among(self, empty: np.ndarray) -> np.ndarray:
         # ALS solves an empty row to exactly zero; a user without events but with
@@ -525,7 +532,7 @@ class BPR(EmbeddingIndexMixin):
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
         p = self.params
-        x = self.user_items.tocsr()
+        x = without_dislikes(self.user_items)  # a dislike is never a positive
         x.sort_indices()
         rng = np.random.default_rng(p["seed"])
         f = p["factors"]
@@ -559,8 +566,9 @@ class BPR(EmbeddingIndexMixin):
 
     def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
         """User factors for history rows: BPR SGD on the user's own triples, items
-        frozen, negatives uniform (the row alone carries no item popularity)."""
-        h = history.tocsr()
+        frozen, negatives uniform (the row alone carries no item popularity);
+        disliked items are not positives."""
+        h = without_dislikes(history.tocsr())
         h.sort_indices()
         f = self.Q.shape[1]
         out = np.zeros((h.shape[0], f), np.float32)

@@ -26,7 +26,14 @@ import scipy.sparse as sp
 
 from recserve.data import Dataset
 from recserve.kernels import similarity as simk
-from recserve.models.base import Param, Recommender, ScratchPool, check_k, identity_rows
+from recserve.models.base import (
+    Param,
+    Recommender,
+    ScratchPool,
+    check_k,
+    identity_rows,
+    without_dislikes,
+)
 from recserve.models.registry import register
 
 # Bytes of per-row top-k buffers knn_self may hold (threads x rows x 2k slots
@@ -330,7 +337,8 @@ class ItemKNN(_Neighbourhood):
 
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
-        a, _, _ = self._weighted(self.user_items.T.tocsr())  # items are the documents
+        # Items are the documents; a dislike is no evidence two items go together.
+        a, _, _ = self._weighted(without_dislikes(self.user_items).T.tocsr())
         self.sim = self._knn_self(a)
 
 
@@ -351,7 +359,7 @@ class RP3beta(_Neighbourhood):
 
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
-        x = self.user_items.astype(np.float32)
+        x = without_dislikes(self.user_items).astype(np.float32)  # walks follow interest
         if self.params["binary"]:
             x = x.copy()
             x.data[:] = 1.0
@@ -418,12 +426,14 @@ class UserKNN(_Neighbourhood):
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
         # Users are the documents; keep the idf and mean length to weight new users.
-        self.users_w, self._idf, self._avg_len = self._weighted(self.user_items)
+        # Users are alike by what they like: dislikes stay out of the similarity
+        # (they still count against an item when a neighbour's row is scored).
+        self.users_w, self._idf, self._avg_len = self._weighted(without_dislikes(self.user_items))
         self.sim = self._knn_self(self.users_w)
 
     def _neighbours(self, history: sp.csr_matrix) -> sp.csr_matrix:
         """Top-k similar training users of each history row (fold-in)."""
-        h = history.tocsr()
+        h = without_dislikes(history.tocsr())
         if h.shape[0] == 1:
             ix, v = self._history_weights(h)
             return csr(np.array([0, ix.size], np.int64), ix, v, (1, self.n_users))
@@ -434,6 +444,7 @@ class UserKNN(_Neighbourhood):
 
     def _history_weights(self, row: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         # One row from its arrays: scipy's tocsr/astype cost more than the search.
+        row = without_dislikes(row)
         indices = np.asarray(row.indices, np.int32)
         indptr = np.array([0, indices.size], np.int64)
         return self._neighbour_row(indices, self._weighted_data(indptr, indices, row.data))
