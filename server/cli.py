@@ -500,7 +500,7 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
                 f"user: {args.user!r} is not known to {args.name}; "
                 "pass --history to fold in a new user"
             )
-        if u in model.cold_users() and not model.serves_cold:
+        if model.is_cold(u) and not model.serves_cold:
             raise ValueError(
                 f"user: {args.user!r} has no training events in {args.name} (its ranking "
                 "would be all zeros; the server answers it from its fallbacks); "

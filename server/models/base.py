@@ -375,27 +375,19 @@ class Recommender(ABC):
         users = np.array([user], np.int64)
         return self._rank(users, history, k, excl, cand)
 
-    def cold_users(self) -> frozenset[int]:
-        """The known users this model learned nothing about (no training events,
-        e.g. a model fitted on a split): their ranking is all zeros, items in
-        index order. The service answers them as it answers an unknown user
-        without a history (fallbacks, popularity). Computed once per training
-        matrix; usually empty (models trained on the full data)."""
-        cached = self.__dict__.get("_cold")
-        if cached is not None and cached[0] is self.user_items:
-            return cached[1]  # the serving path: one dict lookup
-        seen = self._require_fitted()
+    def is_cold(self, user: int) -> bool:
+        """Whether this model learned nothing about a known user (no training
+        events, e.g. a model fitted on a split): its ranking would be all zeros,
+        items in index order. The service answers such a user as it answers an
+        unknown one without a history (fallbacks, popularity). O(1): one look at
+        the user's training row (and, for ALS, its factors)."""
         indptr, _ = self._csr_views()
-        empty = np.flatnonzero(indptr[1:] == indptr[:-1])
-        cold = frozenset(self._cold_among(empty).tolist())
-        self._cold = (seen, cold)
-        return cold
+        return indptr[user] == indptr[user + 1] and self._learned_nothing(user)
 
-    def _cold_among(self, empty: np.ndarray) -> np.ndarray:
-        """Of the users without training events (`empty`), those the model knows
-        nothing about: all of them, unless it holds user parameters learned
-        elsewhere (imported factors)."""
-        return empty
+    def _learned_nothing(self, user: int) -> bool:
+        """For a user without training events: True unless the model holds user
+        parameters learned elsewhere (imported factors)."""
+        return True
 
     def _csr_views(self) -> tuple[np.ndarray, np.ndarray]:
         """Plain-ndarray views of the training CSR's indptr and indices (a

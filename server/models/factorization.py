@@ -229,13 +229,11 @@ class ALS(EmbeddingIndexMixin):
         z = np.linalg.solve(a, np.asarray(self.item_factors[items], np.float64).T)
         return h.indices, np.where(s > 0, c, 0.0)[:, None] * (yi @ z)
 
-    def _cold_among(self, empty: np.ndarray) -> np.ndarray:
+    def _learned_nothing(self, user: int) -> bool:
         # ALS solves an empty row to exactly zero; a user without events but with
         # non-zero factors has them from elsewhere (Spark factors imported
         # without --data) and is served from them.
-        if not empty.size:
-            return empty
-        return empty[~np.asarray(self.user_factors[empty]).any(axis=1)]
+        return not np.asarray(self.user_factors[user]).any()
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {

@@ -7,7 +7,7 @@
 3. user: a known id uses its training row, plus events recorded since (then
    it is folded in again); an unknown id with a history is folded in exactly
    as the model's recommend_from_history; a user with nothing (a known id the
-   model learned nothing of, `cold_users`, included) goes to the first model
+   model learned nothing of, `is_cold`, included) goes to the first model
    that serves cold users (popularity), else to the popularity of the first
    loaded model's training data.
 
@@ -371,7 +371,7 @@ class Router:
         m = slot.model
         assert m is not None and m.users is not None
         user = m.users.get(q.user_id)
-        if user < 0 or user in m.cold_users() or self.online.history(q.user_id):
+        if user < 0 or m.is_cold(user) or self.online.history(q.user_id):
             return None
         return slot, user
 
@@ -470,7 +470,7 @@ class Router:
     def _retrieve(self, slot, q, k, user, extra_idx, extra_val, excl, cand) -> _Served | None:
         """The model's top-k for a resolved user (known row, or history to fold in)."""
         m = slot.model
-        if user >= 0 and user in m.cold_users():
+        if user >= 0 and m.is_cold(user):
             user = -1  # nothing learned of this user: as an unknown one with its history
         if user >= 0 and extra_idx.size == 0 and excl.size == 0 and cand is None:
             # The common case (hybrid components too): the one-user serving call.
@@ -644,7 +644,7 @@ class Router:
                 assert m is not None and m.users is not None
                 if new_users:  # one lookup per user map
                     user = m.users.get(q.user_id) if q.user_id else -1
-                u = -1 if user >= 0 and user in m.cold_users() else user  # as _retrieve
+                u = -1 if user >= 0 and m.is_cold(user) else user  # as _retrieve
                 out = rows[len(used)]
                 if u >= 0 and extra_idx.size == 0:
                     ok, folded = m.dense_user(u, out, filter_seen), False
