@@ -96,3 +96,60 @@ def test_bpr_never_takes_a_dislike_for_a_positive(mixed, likes):
     liked = row.data > 0
     only = sp.csr_matrix((row.data[liked], row.indices[liked], [0, liked.sum()]), shape=row.shape)
     np.testing.assert_array_equal(a.fold_in(row), b.fold_in(only))
+
+
+@pytest.fixture(scope="module")
+def router(mixed, tmp_path_factory):
+    """Every algorithm fitted on `mixed` where user 4 has only dislikes, served."""
+    from recserve.config import ServerConfig
+    from recserve.feedback import OnlineState
+    from recserve.models import algorithms
+    from recserve.serving import Catalog, Router
+
+    data = copy.deepcopy(mixed)
+    x = data.interactions
+    x.data[x.indptr[4] : x.indptr[5]] = -1.0
+    root = tmp_path_factory.mktemp("dislike-models")
+    fast = {"als": {"factors": 8, "iterations": 4}, "bpr": {"factors": 8, "epochs": 4}}
+    fast |= {"svd": {"factors": 8, "epochs": 4}, "bayes_mf": {"factors": 8, "epochs": 4}}
+    for algo in algorithms():
+        create(algo, **fast.get(algo, {})).fit(data).save(root, algo, dataset=data)
+    cfg = ServerConfig(models=str(root), max_k=500)
+    catalog = Catalog(cfg.models)
+    catalog.start()
+    catalog.wait(120)
+    yield Router(cfg, catalog, OnlineState()), data
+    catalog.close()
+
+
+def test_a_user_with_only_dislikes_is_served_from_the_fallback(router):
+    from recserve.serving import RecQuery
+
+    r, data = router
+    uid = data.users.ids([4])[0]
+    disliked = set(data.items.ids(data.interactions[4].indices))
+    for algo in ("als", "bpr", "itemknn", "userknn", "rp3beta", "ease", "content"):
+        m = r.catalog.get(algo).model
+        assert m.has_dislikes() and m.is_cold(4) and not m.is_cold(5), algo
+        got = r.recommend(RecQuery(user_id=uid, model=algo, k=10))
+        assert got.served_by == "popularity" and len(got.item_ids) == 10, algo
+        assert not disliked & set(got.item_ids), algo
+        # An unknown user whose history is dislikes only: the same way.
+        hist = [(i, -1.0) for i in sorted(disliked)[:3]]
+        got = r.recommend(RecQuery(user_id="someone", model=algo, k=10, history=hist))
+        assert got.served_by == "popularity", algo
+        assert not {i for i, _ in hist} & set(got.item_ids), algo
+    for algo in ("svd", "bayes_mf"):  # ratings on any scale: the user is known
+        m = r.catalog.get(algo).model
+        assert not m.is_cold(4), algo
+        assert r.recommend(RecQuery(user_id=uid, model=algo, k=10)).served_by == "", algo
+
+
+def test_the_bundle_says_whether_its_data_has_dislikes(router, small, tmp_path):
+    from recserve.models import load_named
+
+    r, _ = router
+    assert r.catalog.get("als").model.manifest["dislikes"] is True
+    create("popularity").fit(small).save(tmp_path, "plain", dataset=small)
+    plain = load_named(tmp_path, "plain")
+    assert plain.manifest["dislikes"] is False and not plain.has_dislikes()

@@ -141,6 +141,9 @@ class Recommender(ABC):
     # True when an empty history still gets a meaningful ranking (popularity):
     # the service sends users it knows nothing about only to such models.
     serves_cold: ClassVar[bool] = False
+    # True when negative values are ratings the model fits (svd, bayes_mf), not
+    # dislikes: a user whose values are all negative is still known to it.
+    rates_negatives: ClassVar[bool] = False
     # True when score()/score_history() return a std (Bayesian models).
     uncertainty: ClassVar[bool] = False
     # True when _rank reads the training rows of known users (item-kNN scores
@@ -376,13 +379,35 @@ class Recommender(ABC):
         return self._rank(users, history, k, excl, cand)
 
     def is_cold(self, user: int) -> bool:
-        """Whether this model learned nothing about a known user (no training
-        events, e.g. a model fitted on a split): its ranking would be all zeros,
-        items in index order. The service answers such a user as it answers an
-        unknown one without a history (fallbacks, popularity). O(1): one look at
-        the user's training row (and, for ALS, its factors)."""
+        """Whether this model learned nothing about a known user: no training
+        events (a model fitted on a split), or only dislikes (negative values)
+        where the model learns from likes. Its ranking would be all zeros, items
+        in index order. The service answers such a user as it answers an
+        unknown one without a history (fallbacks, popularity). One look at the
+        user's training row (and, for ALS, its factors). Never for a model that
+        serves cold users: its answer (popular items the user has not seen) is
+        the one a fallback would give."""
+        if self.serves_cold:
+            return False
         indptr, _ = self._csr_views()
-        return indptr[user] == indptr[user + 1] and self._learned_nothing(user)
+        a, b = indptr[user], indptr[user + 1]
+        if a == b:
+            return self._learned_nothing(user)
+        if self.rates_negatives or not self.has_dislikes():
+            return False
+        assert self.user_items is not None
+        top = np.asarray(self.user_items.data)[a:b].max()
+        return bool(top < 0) and self._learned_nothing(user)
+
+    def has_dislikes(self) -> bool:
+        """Whether any training value is negative: the bundle's manifest says so
+        ("dislikes"); else one pass over the values, kept per training matrix."""
+        seen = self._require_fitted()
+        held = self.__dict__.get("_dislikes")
+        if held is None or held[0] is not seen:
+            data = np.asarray(seen.data)
+            held = self._dislikes = (seen, bool(data.size and data.min() < 0))
+        return held[1]
 
     def _learned_nothing(self, user: int) -> bool:
         """For a user without training events: True unless the model holds user
@@ -657,6 +682,7 @@ class Recommender(ABC):
             "n_users": self.n_users,
             "n_items": self.n_items,
             "metrics": dict(metrics or {}),
+            "dislikes": self.has_dislikes(),
             "dataset": (
                 {**dataset.summary(), "fingerprint": dataset.fingerprint()}
                 if dataset is not None
@@ -685,6 +711,8 @@ class Recommender(ABC):
             shape=(len(model.users), len(model.items)),
             copy=False,
         )
+        if "dislikes" in doc:  # bundles written before it was kept: one pass when asked
+            model._dislikes = (model.user_items, bool(doc["dislikes"]))
         model._restore(arrays)
         return model
 

@@ -275,6 +275,7 @@ class BiasedMF(Recommender):
 
     batches_well = True
 
+    rates_negatives = True  # values are ratings, on whatever scale
     algorithm = "svd"
     budget_param = "epochs"
     predicts_ratings = True

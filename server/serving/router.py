@@ -104,6 +104,16 @@ def _with_training_row(
     )
 
 
+def _no_evidence(m: Recommender, values: np.ndarray) -> bool:
+    """Whether a history tells the model nothing to rank by: empty, or only
+    dislikes (negative values) for a model that learns from likes. Such a
+    user goes on down the chain, as one with no history does; a model that
+    serves cold users (popularity) answers anyway."""
+    if m.serves_cold:
+        return False
+    return values.size == 0 or (not m.rates_negatives and bool(values.max() < 0))
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What a hybrid request needs from the catalogue, derived once per catalogue
@@ -507,7 +517,7 @@ class Router:
         else:
             extra_idx, extra_val = _with_training_row(m, user, extra_idx, extra_val)
             user = -1
-            if extra_idx.size == 0 and not m.serves_cold:
+            if _no_evidence(m, extra_val):
                 return None
             row = m.history_matrix([extra_idx], [extra_val])
             if cand is None:  # the fold-in's dense row and one top-k call, when exact
@@ -653,7 +663,7 @@ class Router:
                         row = shared_row
                     else:
                         idx, val = _with_training_row(m, u, extra_idx, extra_val)
-                        if idx.size == 0 and not m.serves_cold:
+                        if _no_evidence(m, val):
                             continue  # the general path skips this component too
                         row = m.history_matrix([idx], [val])
                         if u < 0:
