@@ -16,23 +16,11 @@ microseconds per call of both, alternating in one process, and the ratio
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from bench_scores import best_of
 
 from recserve.serving.blend import blend_dense, blend_rows
-
-
-def best_of(fn, calls: int, rounds: int) -> float:
-    """Microseconds per call, the best of `rounds` rounds of `calls` calls."""
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t) / calls * 1e6)
-    return best
 
 
 def hybrid_rows(rng: np.random.Generator, n: int) -> np.ndarray:
