@@ -410,8 +410,9 @@ class Recommender(ABC):
         return held[1]
 
     def _learned_nothing(self, user: int) -> bool:
-        """For a user without training events: True unless the model holds user
-        parameters learned elsewhere (imported factors)."""
+        """For a user without training events (or with only dislikes): True
+        unless the model holds user parameters learned elsewhere (imported
+        factors)."""
         return True
 
     def _csr_views(self) -> tuple[np.ndarray, np.ndarray]:

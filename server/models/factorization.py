@@ -230,7 +230,7 @@ class ALS(EmbeddingIndexMixin):
         return h.indices, np.where(s > 0, c, 0.0)[:, None] * (yi @ z)
 
     def _learned_nothing(self, user: int) -> bool:
-        # ALS solves an empty row to exactly zero; a user without events but with
+        # ALS solves a row without likes to exactly zero; a user without them but with
         # non-zero factors has them from elsewhere (Spark factors imported
         # without --data) and is served from them.
         return not np.asarray(self.user_factors[user]).any()
