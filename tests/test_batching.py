@@ -97,15 +97,16 @@ def test_batched_answers_equal_unbatched_answers(published, small):
 
 def test_a_lone_call_never_waits_and_a_cheap_model_is_not_batched(published, small):
     """At concurrency 1 a call goes once no peer joined for a quarter of the
-    delay (a batch of one; with a 400 ms delay and a 350 ms deadline, waiting
-    the whole delay would fail it), and a model whose search costs less than
-    batch_min_ms is answered at once, unbatched."""
+    delay (a batch of one; with a 1 s delay and a 0.9 s deadline, waiting the
+    whole delay would fail it, while a quarter leaves a stalled machine time),
+    and a model whose search costs less than batch_min_ms is answered at once,
+    unbatched."""
     root, _ = published
-    with running(root, server="asyncio", batch_delay_ms=400, batch_min_ms=0) as s:
+    with running(root, server="asyncio", batch_delay_ms=1000, batch_min_ms=0) as s:
         req = pb.RecommendRequest(user_id="7", k=10, model="als")
-        for _ in range(20):
-            assert len(s.rec.Recommend(req, timeout=0.35).items) == 10
-        assert batches(s, "als") == (19, 19)  # batches of one; the first call measures
+        for _ in range(10):
+            assert len(s.rec.Recommend(req, timeout=0.9).items) == 10
+        assert batches(s, "als") == (9, 9)  # batches of one; the first call measures
     with running(root, server="asyncio", batch_delay_ms=50, batch_min_ms=1000) as s:
         answers(s, [pb.RecommendRequest(user_id="7", k=10, model="als")] * 20, 8)
         assert batches(s, "als") == (0, 0)
