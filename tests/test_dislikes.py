@@ -153,3 +153,20 @@ def test_the_bundle_says_whether_its_data_has_dislikes(router, small, tmp_path):
     create("popularity").fit(small).save(tmp_path, "plain", dataset=small)
     plain = load_named(tmp_path, "plain")
     assert plain.manifest["dislikes"] is False and not plain.has_dislikes()
+
+
+def test_popularity_counts_no_dislike_as_a_vote(router):
+    """Popularity's count weighting and the router's last-resort ranking count
+    the events that are not dislikes (an item many users thumbed down is not
+    popular); the value weighting sums values, a dislike subtracting."""
+    r, data = router
+    dense = data.interactions.toarray()
+    stored = data.interactions.copy()
+    stored.data[:] = 1.0  # every stored event, whatever its value
+    events = stored.toarray()
+    likes = ((dense >= 0) & (events > 0)).sum(axis=0)
+    assert (likes != events.sum(axis=0)).any()  # the data has dislikes to leave out
+    np.testing.assert_array_equal(create("popularity").fit(data).scores, likes)
+    value = create("popularity", weighting="value").fit(data).scores
+    np.testing.assert_allclose(value, dense.sum(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(r.catalog.get("als").popular_counts(), likes)

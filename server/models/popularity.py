@@ -35,7 +35,7 @@ class Popularity(Recommender):
         "weighting": Param(
             str,
             "count",
-            "count events, or sum their values",
+            "count events (dislikes not counted), or sum their values (dislikes subtract)",
             choices=("count", "value"),
             search_choices=("count", "value"),
         ),
@@ -43,8 +43,10 @@ class Popularity(Recommender):
 
     def _fit(self, dataset: Dataset) -> None:
         m = dataset.interactions
+        # count: the events that are not dislikes (a thumbs-down is no vote for
+        # an item's popularity); value: their sum, where a dislike subtracts
         weights = (
-            np.ones(m.nnz, np.float64)
+            (m.data >= 0).astype(np.float64)
             if self.params["weighting"] == "count"
             else m.data.astype(np.float64)
         )

@@ -49,10 +49,15 @@ class Slot:
     _counts: np.ndarray | None = field(default=None, repr=False)
 
     def popular_counts(self) -> np.ndarray:
-        """Training interactions per item (the last-resort ranking's scores)."""
+        """Training interactions per item, dislikes (negative values) not
+        counted: the last-resort ranking's scores."""
         if self._counts is None:
             assert self.model is not None and self.model.user_items is not None
-            self._counts = np.bincount(self.model.user_items.indices, minlength=self.model.n_items)
+            ui = self.model.user_items
+            items = np.asarray(ui.indices)
+            if ui.nnz and np.asarray(ui.data).min() < 0:
+                items = items[np.asarray(ui.data) >= 0]
+            self._counts = np.bincount(items, minlength=self.model.n_items)
         return self._counts
 
     def popular_order(self) -> np.ndarray:
