@@ -510,6 +510,8 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
         items, scores = items[0][items[0] >= 0], scores[0][: (items[0] >= 0).sum()]
     else:
         ids = [x.strip() for x in args.history.split(",") if x.strip()]
+        if not ids:  # `--history ""` or `,,`: every item would come back at score 0
+            raise ValueError(f"history: no item ids in {args.history!r} (comma-separated ids)")
         idx = model.items.index(ids)
         unknown = [i for i, j in zip(ids, idx, strict=True) if j < 0]
         if unknown and len(unknown) == len(ids):

@@ -370,3 +370,17 @@ def test_recommend_for_a_user_without_training_events_says_so(small, tmp_path, c
     other = small.users.ids([1])[0]
     code, out, _ = run(capsys, "recommend", "--models", models, "--name", "als", "--user", other)
     assert code == 0 and len(last_json(out)["items"]) == 10
+
+
+@pytest.mark.parametrize("history", ["", ",", " , ,"])
+def test_recommend_with_an_empty_history_is_refused(tmp_path, capsys, history):
+    models = tmp_path / "models"
+    data = tmp_path / "d.csv"
+    data.write_text("user,item,rating\n" + "".join(f"u{i % 7},i{i % 11},1\n" for i in range(60)))
+    train = ["train", "--data", data, "--algo", "itemknn", "--name", "x", "--models", models]
+    assert run(capsys, *train, "--no-evaluate")[0] == 0
+    ask = ["recommend", "--models", models, "--name", "x", "--history"]
+    code, out, err = run(capsys, *ask, history)
+    assert code == 2 and "history: no item ids" in err and out.strip() == ""
+    code, out, _ = run(capsys, *ask, "i1,i2")
+    assert code == 0 and len(last_json(out)["items"]) == 9  # 11 items, 2 seen
