@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing as mp
 import sys
 import time
@@ -80,6 +81,32 @@ class Load:
     connections: int = 4  # TCP connections per client process (spread over --workers)
     deadline: float = 10.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would crash or hang a run (zero processes, no end),
+        naming the field; k is left to the server, which refuses bad values itself."""
+        if self.rpc not in RPCS:
+            raise ValueError(f"rpc: must be one of {', '.join(RPCS)}, got {self.rpc!r}")
+        for name in ("concurrency", "processes", "connections", "batch", "history"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.requests < 0:
+            raise ValueError(f"requests: must be >= 0 (0: run for duration), got {self.requests}")
+        if not (self.duration > 0 or self.requests > 0) or not math.isfinite(self.duration):
+            raise ValueError(
+                f"duration: must be > 0 seconds (or give requests), got {self.duration}"
+            )
+        checks = (
+            ("rate", self.rate >= 0, ">= 0 requests/s (0: closed loop)"),
+            ("warmup", self.warmup >= 0, ">= 0 seconds"),
+            ("deadline", self.deadline > 0, "> 0 seconds"),
+            ("cold", 0 <= self.cold <= 1, "a fraction in [0, 1]"),
+            ("zipf", self.zipf == 0 or self.zipf > 1, "0 (uniform) or an exponent > 1"),
+        )
+        for name, ok, rule in checks:
+            value = getattr(self, name)
+            if not ok or not math.isfinite(value):
+                raise ValueError(f"{name}: must be {rule}, got {value}")
 
 
 @dataclass
@@ -331,12 +358,21 @@ def run(load: Load) -> Result:
     )
 
 
-def _ids(spec: str) -> list[str]:
+def _ids(spec: str, name: str = "users") -> list[str]:
+    """Ids from a range lo:hi (inclusive) or a file of one id per line; ValueError
+    naming the option when the file cannot be read or holds no id."""
     if ":" in spec and spec.replace(":", "").isdigit():
         lo, hi = (int(x) for x in spec.split(":"))
-        return [str(i) for i in range(lo, hi + 1)]
-    with open(spec, encoding="utf-8") as fh:
-        return [line.strip() for line in fh if line.strip()]
+        ids = [str(i) for i in range(lo, hi + 1)]
+    else:
+        try:
+            with open(spec, encoding="utf-8") as fh:
+                ids = [line.strip() for line in fh if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{name}: cannot read {spec!r} ({exc})") from None
+    if not ids:
+        raise ValueError(f"{name}: no ids in {spec!r} (a range lo:hi with lo <= hi, or a file)")
+    return ids
 
 
 def _defaults_from_server(load: Load) -> None:
@@ -424,9 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(args)
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """Run from parsed arguments; prints a table or JSON."""
-    load = Load(
+def _load(args: argparse.Namespace) -> Load:
+    """The Load of parsed arguments (ValueError naming a bad setting)."""
+    return Load(
         target=args.target,
         rpc=args.rpc,
         model=args.model,
@@ -436,8 +472,8 @@ def run_cli(args: argparse.Namespace) -> int:
         duration=args.duration,
         requests=args.requests,
         warmup=args.warmup,
-        users=_ids(args.users) if args.users else [],
-        items=_ids(args.items) if args.items else [],
+        users=_ids(args.users, "users") if args.users else [],
+        items=_ids(args.items, "items") if args.items else [],
         zipf=args.zipf,
         cold=args.cold,
         history=args.history,
@@ -447,6 +483,15 @@ def run_cli(args: argparse.Namespace) -> int:
         deadline=args.deadline,
         seed=args.seed,
     )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run from parsed arguments; prints a table or JSON."""
+    try:
+        load = _load(args)
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     if load.rpc != "health" and (not load.users or not load.items):
         try:
             _defaults_from_server(load)

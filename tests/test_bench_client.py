@@ -157,3 +157,46 @@ def test_the_traffic_mix_reports_each_call_kind_and_the_refusals(srv):
     assert refused.errors == {"INVALID_ARGUMENT": 20}
     assert 0 < refused.refusal_ms["p50"] <= refused.refusal_ms["p99"]
     assert "refusals answered in" in table([refused])
+
+
+BAD_LOADS = [
+    ("concurrency", {"concurrency": 0}),  # was a ZeroDivisionError
+    ("processes", {"processes": 0}),
+    ("connections", {"connections": 0}),
+    ("batch", {"batch": 0}),
+    ("duration", {"duration": 0}),  # was a run that never ended
+    ("duration", {"duration": float("inf")}),
+    ("requests", {"requests": -1}),
+    ("rate", {"rate": -5}),
+    ("deadline", {"deadline": 0}),
+    ("deadline", {"deadline": -1}),
+    ("warmup", {"warmup": -1}),
+    ("cold", {"cold": 1.5}),
+    ("zipf", {"zipf": 0.5}),
+    ("rpc", {"rpc": "nosuch"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"), BAD_LOADS, ids=[f"{f}={v}" for f, d in BAD_LOADS for v in d.values()]
+)
+def test_settings_that_would_crash_or_hang_a_run_are_refused(field, bad):
+    with pytest.raises(ValueError, match=f"^{field}: must be"):
+        Load(**bad)
+    Load(duration=0, requests=10)  # a request count instead of a duration is fine
+
+
+def test_recserve_bench_refuses_bad_settings_before_connecting(tmp_path, capsys):
+    # Nothing listens on port 1: each refusal comes before any connection.
+    for argv, message in [
+        (["--concurrency", "0"], "bench: concurrency: must be at least 1"),
+        (["--duration", "0"], "bench: duration: must be > 0"),
+        (["--deadline", "-1"], "bench: deadline: must be > 0"),
+        (["--users", str(tmp_path / "missing.txt")], "bench: users: cannot read"),
+        (["--items", "5:1"], "bench: items: no ids in '5:1'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "--target", "127.0.0.1:1", *argv])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
