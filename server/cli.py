@@ -23,7 +23,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,22 @@ def _ks(text: str) -> list[int]:
     if not ks or ks[0] <= 0:
         raise argparse.ArgumentTypeError(f"expected positive cut-offs, got {text!r}")
     return ks
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= least (a clear usage error, not a traceback
+    or an error naming a library parameter further down)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+
+    return parse
 
 
 class Parser(argparse.ArgumentParser):
@@ -132,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _split_args(tn)
     tn.add_argument("--name", required=True, help="model (or hybrid) name in the models folder")
     tn.add_argument("--models", required=True, help="models folder")
-    tn.add_argument("--threads", type=int, default=0, help="kernel threads (0 = all cores)")
+    tn.add_argument("--threads", type=_count(0), default=0, help="kernel threads (0 = all cores)")
 
     models = sub.add_parser("models", help="model bundles").add_subparsers(
         dest="action", required=True
@@ -228,7 +244,9 @@ def _split_args(p: argparse.ArgumentParser) -> None:
         default=0.2,
         help="held-out fraction (random: of each user's events; users: of users)",
     )
-    p.add_argument("--leave-last", type=int, default=1, help="temporal: events held out per user")
+    p.add_argument(
+        "--leave-last", type=_count(1), default=1, help="temporal: events held out per user"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threshold",
@@ -259,7 +277,7 @@ def _algo_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         metavar="KEY=VALUE",
         help="hyper-parameter (repeatable)",
     )
-    p.add_argument("--threads", type=int, default=0, help="kernel threads (0 = all cores)")
+    p.add_argument("--threads", type=_count(0), default=0, help="kernel threads (0 = all cores)")
 
 
 def _model(args: argparse.Namespace) -> Any:

@@ -238,9 +238,6 @@ def evaluate(
         raise ValueError(f"k: expected positive cut-offs, got {ks}")
     if split is None:
         split = make_split(ds, protocol, fraction, seed, leave_last)
-    t0 = time.perf_counter()
-    model.fit(split.train)
-    fit_s = time.perf_counter() - t0
     relevant = split.test.copy()
     # Without a threshold every held-out event with a positive value is relevant:
     # a held-out dislike (a negative value) is not something to have recommended.
@@ -248,6 +245,16 @@ def evaluate(
     relevant.data = keep.astype(np.float32)
     relevant.eliminate_zeros()
     users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    if users.size == 0 and threshold is not None and split.test.nnz:
+        # Said before the fit, which would be wasted.
+        values = split.test.data
+        raise ValueError(
+            f"threshold: no held-out value is >= {threshold:g} (they range "
+            f"{values.min():g} to {values.max():g}), so no user has a relevant test item"
+        )
+    t0 = time.perf_counter()
+    model.fit(split.train)
+    fit_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     if split.fold_in is not None:
         recs, _ = model.recommend_histories(split.fold_in[users], max(ks))

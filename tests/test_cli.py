@@ -384,3 +384,20 @@ def test_recommend_with_an_empty_history_is_refused(tmp_path, capsys, history):
     assert code == 2 and "history: no item ids" in err and out.strip() == ""
     code, out, _ = run(capsys, *ask, "i1,i2")
     assert code == 0 and len(last_json(out)["items"]) == 9  # 11 items, 2 seen
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--leave-last", "0", "argument --leave-last: expected an integer >= 1, got 0"),
+        ("--threads", "-1", "argument --threads: expected an integer >= 0, got -1"),
+        ("--threads", "two", "argument --threads: expected an integer, got 'two'"),
+    ],
+)
+def test_evaluate_refuses_bad_counts_as_usage_errors(tmp_path, capsys, flag, value, message):
+    # --leave-last 0 was an error naming the library's `n`; --threads -1 was taken.
+    data = tmp_path / "d.csv"
+    data.write_text("user,item,rating\n" + "".join(f"u{i % 7},i{i % 11},1\n" for i in range(60)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--data", str(data), "--algo", "popularity", flag, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

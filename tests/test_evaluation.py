@@ -166,3 +166,15 @@ def test_compare_uses_one_split_and_equals_each_evaluation(small, monkeypatch):
         alone = evaluate(create(algo, **params), small, "random", (10, 20), seed=3)
         assert both[label]["metrics"] == alone["metrics"]
     assert both["knn"]["metrics"]["recall@20"] > both["pop"]["metrics"]["recall@20"]
+
+
+def test_a_threshold_no_held_out_value_reaches_is_named_before_fitting(small, monkeypatch):
+    model = create("als", iterations=1)
+    fitted = []
+    monkeypatch.setattr(model, "fit", lambda ds: fitted.append(ds))
+    hi = float(small.interactions.data.max())
+    with pytest.raises(ValueError, match=rf"^threshold: no held-out value is >= {hi + 1:g} \("):
+        evaluate(model, small, "random", (10,), fraction=0.2, threshold=hi + 1)
+    assert fitted == []  # refused before the fit, which would have been wasted
+    got = evaluate(create("popularity"), small, "random", (10,), fraction=0.2, threshold=hi)
+    assert got["metrics"]["users"] >= 1
