@@ -469,6 +469,8 @@ def tune(
     bundle.check_name(name)
     if trials < 1:
         raise ValueError(f"trials: must be >= 1, got {trials}")
+    if minutes is not None and not minutes > 0:  # NaN too: no trial would ever run
+        raise ValueError(f"minutes: must be > 0, got {minutes}")
     if not algos:
         raise ValueError("algo: give at least one algorithm")
     if fixed and len(algos) > 1:

@@ -134,6 +134,9 @@ def test_a_bad_request_is_refused_before_any_work(tiny, tmp_path):
         ({"algos": ["als"], "metric": "recall"}, "metric"),
         ({"algos": ["als", "itemknn"], "fixed": {"factors": 8}}, "single --algo"),
         ({"algos": ["als"], "trials": 0}, "trials"),
+        ({"algos": ["als"], "minutes": 0}, "^minutes: must be > 0"),  # was "no trial completed"
+        ({"algos": ["als"], "minutes": -1}, "^minutes: must be > 0"),
+        ({"algos": ["als"], "minutes": float("nan")}, "^minutes: must be > 0"),
     ):
         with pytest.raises(ValueError, match=match):
             tuning.tune(tiny, name="x", models_dir=tmp_path, progress=False, **kwargs)
