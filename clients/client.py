@@ -167,7 +167,16 @@ def _interaction(e: Event, user_id: str = "") -> pb.Interaction:
     )
 
 
+def _many(name: str, values: Any) -> Any:
+    """`values` unless it is one string: iterating "i42" would send the ids "i",
+    "4" and "2" (real ids in catalogues numbered 1..n), so that is refused."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name}: expected a list of item ids, got the one string {values!r}")
+    return values
+
+
 def _history(events: Iterable[Event | str] | None) -> list[pb.Interaction]:
+    events = _many("history", events)
     return [_interaction(Event(e) if isinstance(e, str) else e) for e in events or ()]
 
 
@@ -188,8 +197,8 @@ def _request(
         history=_history(history),
         k=k,
         model=model,
-        exclude_item_ids=list(exclude),
-        candidate_item_ids=list(candidates),
+        exclude_item_ids=list(_many("exclude", exclude)),
+        candidate_item_ids=list(_many("candidates", candidates)),
         include_seen=include_seen,
         explain=explain,
         request_id=request_id,
@@ -371,20 +380,26 @@ class RecommenderClient:
         """Many recommend() calls over one stream; each dict takes recommend()'s keywords
         plus `request_id`. Yields results in request order; failures carry `error`."""
 
+        failed: list[Exception] = []  # raised in gRPC's thread reading the requests
+
         def messages() -> Iterator[pb.RecommendRequest]:
-            for r in requests:
-                yield _request(
-                    r.get("user_id", ""),
-                    r.get("k", 10),
-                    r.get("history"),
-                    r.get("model", ""),
-                    r.get("exclude", ()),
-                    r.get("candidates", ()),
-                    r.get("include_seen", False),
-                    r.get("explain", False),
-                    str(r.get("request_id", "")),
-                    r.get("version", ""),
-                )
+            try:
+                for r in requests:
+                    yield _request(
+                        r.get("user_id", ""),
+                        r.get("k", 10),
+                        r.get("history"),
+                        r.get("model", ""),
+                        r.get("exclude", ()),
+                        r.get("candidates", ()),
+                        r.get("include_seen", False),
+                        r.get("explain", False),
+                        str(r.get("request_id", "")),
+                        r.get("version", ""),
+                    )
+            except Exception as exc:  # gRPC would report it only as a cancelled call
+                failed.append(exc)
+                raise
 
         try:
             for resp in self._rec.RecommendBatch(
@@ -403,6 +418,8 @@ class RecommenderClient:
                     err,
                 )
         except grpc.RpcError as exc:
+            if failed:  # the caller's own error, not the call's
+                raise failed[0] from None
             raise _error(exc) from None
 
     def similar_items(
@@ -449,7 +466,7 @@ class RecommenderClient:
         req = pb.PredictRatingsRequest(
             user_id=user_id,
             history=_history(history),
-            item_ids=list(item_ids),
+            item_ids=list(_many("item_ids", item_ids)),
             model=model,
             interval=interval,
             version=version,
@@ -470,6 +487,7 @@ class RecommenderClient:
     ) -> Recorded:
         """Store feedback for a user; returns (accepted, rejected, duplicates) once
         durably stored. Give each Event an event_id to make a retry safe."""
+        events = _many("events", events)
         msgs = [_interaction(Event(x) if isinstance(x, str) else x, user_id) for x in events]
         try:
             s = self._rec.RecordInteractions(

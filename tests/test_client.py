@@ -105,3 +105,30 @@ def test_clients_import_only_the_stubs():
                 continue  # relative: within clients/
             ours = [n for n in names if n.split(".")[0] in ("recserve", "server", "kernels")]
             assert all(n.startswith(allowed) for n in ours), (path, ours)
+
+
+def test_one_string_where_a_list_of_ids_goes_is_refused(served):
+    # list("12") is ["1", "2"]: real ids in a catalogue numbered 1..n, so one
+    # string sent as a history, exclusions, candidates or events would quietly
+    # mean other items (record() would store events nobody made).
+    srv, _ = served
+    with RecommenderClient(srv.target, deadline=5) as rc:
+        before = srv.app.online.history("u-strings")
+        for call, name in [
+            (lambda: rc.recommend(history="12", model="als"), "history"),
+            (lambda: rc.recommend("7", exclude="12", model="als"), "exclude"),
+            (lambda: rc.recommend("7", candidates="12", model="als"), "candidates"),
+            (lambda: rc.predict_ratings("12", "7", model="svd"), "item_ids"),
+            (lambda: rc.record("u-strings", "12"), "events"),
+            (lambda: list(rc.recommend_batch([{"user_id": "7", "exclude": "12"}])), "exclude"),
+            (lambda: list(rc.recommend_batch([{"history": b"12"}])), "history"),
+        ]:
+            with pytest.raises(TypeError, match=f"^{name}: expected a list of item ids"):
+                call()
+        assert srv.app.online.history("u-strings") == before
+        # The same as lists are what they say.
+        rec = rc.recommend("7", 5, exclude=["12"], model="als")
+        assert "12" not in rec.item_ids and len(rec.items) == 5
+        assert rc.record("u-strings", ["12"]).accepted == 1
+        batch = list(rc.recommend_batch([{"user_id": "7", "k": 3, "exclude": ["12"]}]))
+        assert len(batch) == 1 and batch[0].error is None and len(batch[0].items) == 3
