@@ -66,6 +66,29 @@ def test_ml100k(tmp_path, suffix):
     assert sorted(ds.timestamps.tolist()) == [881250949, 881250950, 891717742]
 
 
+@pytest.mark.parametrize("name", ["u1.base", "u5.test.xz", "ua.base.gz", "ub.test"])
+def test_ml100k_split_files_read_as_u_data_with_its_item_metadata(tmp_path, name):
+    # MovieLens 100k ships its own splits (u1.base ... ub.test) beside u.data and
+    # u.item, in u.data's layout: they were "cannot tell the format".
+    write(tmp_path / name, "196\t242\t3\t881250949\n186\t302\t4\t891717742\n")
+    flags = ["0"] * 19
+    write(tmp_path / "u.item", "242|Kolya (1996)|24-Jan-1997||http://x|" + "|".join(flags) + "\n")
+    assert detect_format(tmp_path / name) == "ml-100k"
+    ds = load_dataset(tmp_path / name)
+    assert entries(ds) == {("196", "242"): 3.0, ("186", "302"): 4.0}
+    assert ds.item_titles[ds.items.get("242")] == "Kolya (1996)"
+    assert sorted(ds.timestamps.tolist()) == [881250949, 891717742]
+
+
+def test_a_txt_ratings_file_is_read_as_delimited_text_and_others_are_named(tmp_path):
+    f = write(tmp_path / "ratings.txt", "u1,i1,5,1700000000\nu2,i1,3,1700000001\n")
+    assert detect_format(f) == "csv"
+    assert entries(load_dataset(f)) == {("u1", "i1"): 5.0, ("u2", "i1"): 3.0}
+    other = write(tmp_path / "ratings.json", "[]")
+    with pytest.raises(DataError, match=r"cannot tell the format .*u1\.base\.\.ub\.test"):
+        detect_format(other)
+
+
 def test_ml1m_dat_with_colons_in_titles(tmp_path):
     write(
         tmp_path / "ratings.dat.gz",

@@ -331,6 +331,10 @@ def _explain(
 # formats
 
 
+# MovieLens 100k's own train/test splits, in u.data's layout (tab-separated, no header)
+ML100K_SPLIT = re.compile(r"u[1-5ab]\.(base|test)")
+
+
 def detect_format(path: str | Path) -> str:
     """The format of a dataset path (a folder or a ratings file)."""
     p = Path(path)
@@ -358,13 +362,18 @@ def detect_format(path: str | Path) -> str:
     name = base_name(p)
     if name.endswith((".parquet", ".pq")):
         return "parquet"
-    if name == "u.data":
+    if name == "u.data" or ML100K_SPLIT.fullmatch(name):  # u1.base ... ub.test: u.data's layout
         return "ml-100k"
     if name.endswith(".dat"):
         return "ml-1m"
-    if name.endswith((".csv", ".tsv")):
+    if name.endswith((".csv", ".tsv", ".txt")):
         return _csv_kind(p)
-    raise DataError(p, "cannot tell the format from the file name; pass --format")
+    raise DataError(
+        p,
+        "cannot tell the format from the file name (known: .csv, .tsv, .txt, .parquet, "
+        ".dat, u.data and its splits u1.base..ub.test, each optionally .gz/.xz); "
+        "pass --format",
+    )
 
 
 def _csv_kind(path: Path) -> str:
