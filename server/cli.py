@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--k", type=_ks, default=[10, 20, 50], help="cut-offs, e.g. 10,20,50")
     _split_args(ev)
+    ev.add_argument(
+        "--test",
+        default=None,
+        metavar="FILE",
+        help="held-out events from a file (e.g. MovieLens' u1.test with --data u1.base), "
+        "read like --data, instead of a --protocol split of --data",
+    )
     ev.add_argument("--out", default=None, help="also write the full results as JSON to this file")
 
     tn = sub.add_parser(
@@ -409,14 +416,17 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("compare: give --compare or --algo/--param, not both")
     entries = compare_entries(args.compare, args.threads)
     ds = load_dataset(args.data, args.format, args.columns)
-    results = compare(entries, ds, args.protocol, args.k, **_split_settings(args))
+    split = _given_split(args, ds)
+    results = compare(entries, ds, args.protocol, args.k, **_split_settings(args), split=split)
+    if split is not None:
+        for r in results.values():
+            r["protocol"], r["test"] = "given", args.test
     _write_json(args.out, results)
     width = max(len(label) for label in results) + 2
     cols = [f"{m}@{k}" for k in args.k for m in ("recall", "ndcg")]
     first = next(iter(results.values()))
     print(
-        f"{ds.name}, {args.protocol} protocol, one split for all "
-        f"({int(first['metrics']['users'])} users)"
+        f"{ds.name}, {_protocol(args)}, one split for all ({int(first['metrics']['users'])} users)"
     )
     print(f"{'model':<{width}}" + "".join(f"{c:>11}" for c in cols) + f"{'fit s':>9}")
     for label, r in results.items():
@@ -429,18 +439,45 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out} if args.out else None
 
 
+def _given_split(args: argparse.Namespace, ds: Any) -> Any:
+    """The split of `--test FILE` (read like --data), or None for a protocol split."""
+    if not args.test:
+        return None
+    from recserve.evaluation import given_split
+
+    split, n = given_split(ds, load_dataset(args.test, args.format, args.columns))
+    dropped = n["events"] - n["kept"]
+    log.info(
+        "test: %d of %d events held out%s",
+        n["kept"],
+        n["events"],
+        f" ({n['unknown_users']} of users and {n['unknown_items']} of items not in --data "
+        "dropped: they cannot be recommended)"
+        if dropped
+        else "",
+    )
+    return split
+
+
+def _protocol(args: argparse.Namespace) -> str:
+    return f"held out: {args.test}" if args.test else f"{args.protocol} protocol"
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.compare:
         return cmd_compare(args)
     if not args.algo:
         raise ValueError("algo: give --algo (or --compare A,B,...)")
     ds = load_dataset(args.data, args.format, args.columns)
-    result = evaluate(_model(args), ds, args.protocol, args.k, **_split_settings(args))
+    split = _given_split(args, ds)
+    result = evaluate(_model(args), ds, args.protocol, args.k, **_split_settings(args), split=split)
+    if split is not None:
+        result["protocol"], result["test"] = "given", args.test
     _write_json(args.out, result)
     m = result["metrics"]
     names = ["recall", "ndcg", "precision", "map", "hit_rate", "coverage"]
     print(
-        f"{args.algo} on {ds.name}, {args.protocol} protocol, {int(m['users'])} users "
+        f"{args.algo} on {ds.name}, {_protocol(args)}, {int(m['users'])} users "
         f"(fit {result['fit_seconds']:.2f}s, recommend {result['recommend_seconds']:.2f}s)"
     )
     print(f"{'K':>5}" + "".join(f"{n:>11}" for n in names))

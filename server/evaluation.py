@@ -202,6 +202,35 @@ def rating_and_interval_metrics(model: Recommender, test: sp.csr_matrix) -> dict
     return out
 
 
+def given_split(train: Dataset, test: Dataset) -> tuple[Split, dict[str, int]]:
+    """A split someone else made (MovieLens' u1.base / u1.test, a team's own
+    holdout): `test`'s events on `train`'s users and items. Events of users or
+    items `train` does not know cannot be recommended to or for, so they are
+    dropped and counted. Returns the split and {events, kept, unknown_users,
+    unknown_items} (events counted once, by the first reason)."""
+    u_map = np.asarray(train.users.index(test.users.ids(np.arange(test.n_users))), np.int64)
+    i_map = np.asarray(train.items.index(test.items.ids(np.arange(test.n_items))), np.int64)
+    m = test.interactions.tocoo()
+    rows, cols = u_map[m.row], i_map[m.col]
+    keep = (rows >= 0) & (cols >= 0)
+    held = sp.csr_matrix(
+        (m.data[keep], (rows[keep], cols[keep])), shape=(train.n_users, train.n_items)
+    )
+    counts = {
+        "events": int(m.nnz),
+        "kept": int(keep.sum()),
+        "unknown_users": int((rows < 0).sum()),
+        "unknown_items": int(((rows >= 0) & (cols < 0)).sum()),
+    }
+    if counts["kept"] == 0:
+        raise ValueError(
+            f"test: none of its {m.nnz} events are of a user and an item in the training "
+            f"data ({counts['unknown_users']} of unknown users, {counts['unknown_items']} "
+            "of unknown items)"
+        )
+    return Split(train, held), counts
+
+
 def make_split(
     ds: Dataset, protocol: str, fraction: float = 0.2, seed: int = 0, leave_last: int = 1
 ) -> Split:
@@ -285,10 +314,12 @@ def compare(
     seed: int = 0,
     leave_last: int = 1,
     threshold: float | None = None,
+    split: Split | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """evaluate() for several (label, model) pairs on one split, made once: the
-    figures differ only by the models, never by the held-out events."""
-    split = make_split(ds, protocol, fraction, seed, leave_last)
+    """evaluate() for several (label, model) pairs on one split, made once (or
+    given): the figures differ only by the models, never by the held-out events."""
+    if split is None:
+        split = make_split(ds, protocol, fraction, seed, leave_last)
     return {
         label: evaluate(model, ds, protocol, ks, fraction, seed, leave_last, threshold, split)
         for label, model in models

@@ -401,3 +401,28 @@ def test_evaluate_refuses_bad_counts_as_usage_errors(tmp_path, capsys, flag, val
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--data", str(data), "--algo", "popularity", flag, value])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_evaluate_and_compare_on_a_given_test_file(tmp_path, capsys):
+    train = tmp_path / "u1.base"  # MovieLens 100k's split layout: tab separated, no header
+    test = tmp_path / "u1.test"
+    rng = np.random.default_rng(0)
+    pairs = {(int(u), int(i)) for u, i in rng.integers(1, 30, (400, 2))}
+    rows = [f"{u}\t{i}\t{1 + (u * i) % 5}\t{880000000 + n}\n" for n, (u, i) in enumerate(pairs)]
+    train.write_text("".join(rows[:300]))
+    test.write_text("".join(rows[300:]) + "999\t1\t5\t890000000\n")  # an unknown user
+    out_json = tmp_path / "r.json"
+    code, out, _ = run(
+        capsys, "evaluate", "--data", train, "--test", test, "--algo", "itemknn", "--out", out_json
+    )
+    assert code == 0 and "held out: " in out
+    saved = json.loads(out_json.read_text())
+    assert saved["protocol"] == "given" and saved["test"] == str(test)
+    code, out, _ = run(
+        capsys, "evaluate", "--data", train, "--test", test, "--compare", "popularity,itemknn"
+    )
+    assert code == 0 and "held out: " in out and "itemknn" in out
+    code, _, err = run(
+        capsys, "evaluate", "--data", train, "--test", tmp_path / "no.csv", "--algo", "popularity"
+    )
+    assert code == 2 and "no.csv" in err

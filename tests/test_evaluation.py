@@ -178,3 +178,34 @@ def test_a_threshold_no_held_out_value_reaches_is_named_before_fitting(small, mo
     assert fitted == []  # refused before the fit, which would have been wasted
     got = evaluate(create("popularity"), small, "random", (10,), fraction=0.2, threshold=hi)
     assert got["metrics"]["users"] >= 1
+
+
+def test_a_given_test_file_is_held_out_on_the_training_ids(tmp_path):
+    from recserve.evaluation import given_split
+
+    train_csv = tmp_path / "train.csv"
+    train_csv.write_text(
+        "user,item,rating\nu1,i1,5\nu1,i2,3\nu2,i1,4\nu2,i3,2\nu3,i3,5\nu3,i4,1\nu4,i1,2\n"
+    )
+    test_csv = tmp_path / "test.csv"
+    # i9 and u7 are not in training: they cannot be recommended to or for.
+    test_csv.write_text("user,item,rating\nu1,i4,5\nu2,i9,3\nu7,i1,2\nu3,i2,4\nu4,i3,1\n")
+    train, test = load_dataset(train_csv), load_dataset(test_csv)
+    split, counts = given_split(train, test)
+    assert counts == {"events": 5, "kept": 3, "unknown_users": 1, "unknown_items": 1}
+    assert split.train is train
+    m = split.test.tocoo()
+    got = {
+        (train.users.ids([r])[0], train.items.ids([c])[0]): float(v)
+        for r, c, v in zip(m.row, m.col, m.data, strict=True)
+    }
+    assert got == {("u1", "i4"): 5.0, ("u3", "i2"): 4.0, ("u4", "i3"): 1.0}
+    # Popularity by count (i1: 3, i3: 2, i2 and i4: 1, ties by index) with seen
+    # items excluded: u1 gets i3 then i4, u3 i1 then i2, u4 i3 then i2.
+    out = evaluate(create("popularity"), train, "random", (2,), split=split)
+    assert out["metrics"]["users"] == 3
+    assert out["metrics"]["recall@2"] == pytest.approx(1.0)
+    unknown_only = tmp_path / "other.csv"
+    unknown_only.write_text("user,item,rating\nx,i1,1\n")
+    with pytest.raises(ValueError, match=r"^test: none of its 1 events"):
+        given_split(train, load_dataset(unknown_only))
