@@ -547,6 +547,13 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
+    if not (Path(args.models) / bundle.check_name(args.name)).is_dir():
+        published = [e["name"] for e in bundle.list_bundles(args.models) if e["current"]]
+        raise ValueError(
+            f"name: no model {args.name!r} published in {args.models} (published: "
+            f"{', '.join(published) or 'none'}); hybrids and experiments are defined in "
+            "recserve.toml and answered by `recserve serve`, not read from a bundle"
+        )
     model = load(bundle.resolve(args.models, args.name))
     if args.user is not None:
         u = model.users.get(args.user)

@@ -240,7 +240,7 @@ def test_evaluate_writes_no_file_unless_asked(tmp_path, capsys, monkeypatch):
             ],
             "no such file",
         ),
-        (["recommend", "--models", "{m}", "--name", "x", "--user", "1"], "no current version"),
+        (["recommend", "--models", "{m}", "--name", "x", "--user", "1"], "no model 'x' published"),
     ],
 )
 def test_errors_exit_2_with_a_message(tmp_path, capsys, argv, message):
@@ -426,3 +426,17 @@ def test_evaluate_and_compare_on_a_given_test_file(tmp_path, capsys):
         capsys, "evaluate", "--data", train, "--test", tmp_path / "no.csv", "--algo", "popularity"
     )
     assert code == 2 and "no.csv" in err
+
+
+def test_recommend_names_what_is_published_when_the_name_is_not(tmp_path, capsys):
+    # A hybrid from recserve.toml is the usual case: it has no bundle folder.
+    models = tmp_path / "models"
+    data = tmp_path / "d.csv"
+    data.write_text("user,item,rating\n" + "".join(f"u{i % 7},i{i % 11},1\n" for i in range(60)))
+    for algo in ("itemknn", "popularity"):
+        train = ["train", "--data", data, "--algo", algo, "--name", algo, "--models", models]
+        assert run(capsys, *train, "--no-evaluate")[0] == 0
+    code, _, err = run(capsys, "recommend", "--models", models, "--name", "hybrid", "--user", "u1")
+    assert code == 2
+    assert "no model 'hybrid' published" in err and "(published: itemknn, popularity)" in err
+    assert "recserve.toml" in err
