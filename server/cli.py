@@ -417,10 +417,10 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     entries = compare_entries(args.compare, args.threads)
     ds = load_dataset(args.data, args.format, args.columns)
     split = _given_split(args, ds)
-    results = compare(entries, ds, args.protocol, args.k, **_split_settings(args), split=split)
-    if split is not None:
-        for r in results.values():
-            r["protocol"], r["test"] = "given", args.test
+    protocol = "given" if split is not None else args.protocol
+    results = compare(entries, ds, protocol, args.k, **_split_settings(args), split=split)
+    for r in results.values():
+        r["test"] = args.test
     _write_json(args.out, results)
     width = max(len(label) for label in results) + 2
     cols = [f"{m}@{k}" for k in args.k for m in ("recall", "ndcg")]
@@ -470,9 +470,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("algo: give --algo (or --compare A,B,...)")
     ds = load_dataset(args.data, args.format, args.columns)
     split = _given_split(args, ds)
-    result = evaluate(_model(args), ds, args.protocol, args.k, **_split_settings(args), split=split)
-    if split is not None:
-        result["protocol"], result["test"] = "given", args.test
+    protocol = "given" if split is not None else args.protocol
+    result = evaluate(_model(args), ds, protocol, args.k, **_split_settings(args), split=split)
+    result["test"] = args.test
     _write_json(args.out, result)
     m = result["metrics"]
     names = ["recall", "ndcg", "precision", "map", "hit_rate", "coverage"]

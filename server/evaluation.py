@@ -260,7 +260,8 @@ def evaluate(
     threshold: when set, only held-out interactions with value >= threshold
     count as relevant (e.g. 4 for "rated 4 or 5"); otherwise those with a
     positive value (a negative one is a dislike). split: a split already made
-    (by make_split with these settings), so several models share one.
+    (by make_split with these settings, so several models share one, or by
+    given_split, recorded as protocol "given").
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] <= 0:
