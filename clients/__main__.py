@@ -25,11 +25,22 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type for --deadline: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     ap = _Parser(prog="python -m recserve.clients", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="localhost:50051")
-    ap.add_argument("--deadline", type=float, default=5.0, help="seconds")
+    ap.add_argument("--deadline", type=_positive_seconds, default=5.0, help="seconds (> 0)")
     sub = ap.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("recommend")
     rec.add_argument("--user", default="")

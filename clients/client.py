@@ -171,8 +171,20 @@ def _many(name: str, values: Any) -> Any:
     """`values` unless it is one string: iterating "i42" would send the ids "i",
     "4" and "2" (real ids in catalogues numbered 1..n), so that is refused."""
     if isinstance(values, (str, bytes)):
-        raise TypeError(f"{name}: expected a list of item ids, got the one string {values!r}")
+        what = "item ids or Events" if name in ("history", "events") else "item ids"
+        raise TypeError(f"{name}: expected a list of {what}, got the one string {values!r}")
     return values
+
+
+def _seconds(name: str, value: float) -> float:
+    """A deadline in seconds. 0, a negative, NaN or infinite one would send a call
+    that has already expired (gRPC answers DEADLINE_EXCEEDED without asking the
+    server, even for infinity), so it is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected seconds as a number, got {value!r}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name}: must be a finite number of seconds > 0, got {value!r}")
+    return float(value)
 
 
 def _history(events: Iterable[Event | str] | None) -> list[pb.Interaction]:
@@ -280,7 +292,7 @@ class RecommenderClient:
         server's certificate (TLS); `tls_cert` + `tls_key`: this client's certificate
         (mutual TLS); `service_config`: "shipped" (service_config.json), a config
         of your own (dict), or None for gRPC's defaults (pick_first, no retries)."""
-        self.deadline = deadline
+        self.deadline = _seconds("deadline", deadline)
         self._md = ((contract.AUTHORIZATION, f"Bearer {token}"),) if token else None
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -318,7 +330,7 @@ class RecommenderClient:
         self._channel.close()
 
     def _timeout(self, deadline: float | None) -> float:
-        return self.deadline if deadline is None else deadline
+        return self.deadline if deadline is None else _seconds("deadline", deadline)
 
     def recommend(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +124,8 @@ def test_one_string_where_a_list_of_ids_goes_is_refused(served):
             (lambda: list(rc.recommend_batch([{"user_id": "7", "exclude": "12"}])), "exclude"),
             (lambda: list(rc.recommend_batch([{"history": b"12"}])), "history"),
         ]:
-            with pytest.raises(TypeError, match=f"^{name}: expected a list of item ids"):
+            what = "item ids or Events" if name in ("history", "events") else "item ids"
+            with pytest.raises(TypeError, match=f"^{name}: expected a list of {what}, got"):
                 call()
         assert srv.app.online.history("u-strings") == before
         # The same as lists are what they say.
@@ -132,3 +134,35 @@ def test_one_string_where_a_list_of_ids_goes_is_refused(served):
         assert rc.record("u-strings", ["12"]).accepted == 1
         batch = list(rc.recommend_batch([{"user_id": "7", "k": 3, "exclude": ["12"]}]))
         assert len(batch) == 1 and batch[0].error is None and len(batch[0].items) == 3
+
+
+def test_a_deadline_that_has_already_passed_is_refused_before_any_call(served, capsys):
+    # gRPC answers timeout=0, a negative, NaN or even infinite one with
+    # DEADLINE_EXCEEDED without asking the server: the caller would read that as
+    # a slow server. The client refuses such a deadline, per call or as its default.
+    from recserve.clients.__main__ import main
+
+    srv, _ = served
+    bad = [0, -1, 0.0, float("nan"), float("inf"), -float("inf")]
+    for value in bad:
+        with pytest.raises(ValueError, match=r"^deadline: must be a finite number of seconds > 0"):
+            RecommenderClient(srv.target, deadline=value)
+    for value in ["5", None, True]:
+        with pytest.raises(TypeError, match=r"^deadline: expected seconds as a number"):
+            RecommenderClient(srv.target, deadline=value)
+    with RecommenderClient(srv.target, deadline=5) as rc:
+        for value in bad:
+            with pytest.raises(ValueError, match=r"^deadline: must be"):
+                rc.recommend("7", 3, model="als", deadline=value)
+            with pytest.raises(ValueError, match=r"^deadline: must be"):
+                rc.models(deadline=value)
+        # A small but positive deadline is sent as it is.
+        assert len(rc.recommend("7", 3, model="als", deadline=2.5).items) == 3
+    for flag in ["0", "-2", "nan", "inf", "soon"]:
+        with pytest.raises(SystemExit) as e:
+            main(["--target", srv.target, "--deadline", flag, "models"])
+        assert e.value.code == 2
+        assert "--deadline" in capsys.readouterr().err
+    argv = ["--target", srv.target, "--deadline", "3", "recommend", "--user", "7", "--k", "2"]
+    assert main([*argv, "--model", "als"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["items"]) == 2
