@@ -244,15 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _split_args(p: argparse.ArgumentParser) -> None:
     """The split and relevance flags evaluate and tune share (tune validates on a
     split of evaluate's training part, so the two never overlap)."""
-    p.add_argument("--protocol", choices=PROTOCOLS, default="random")
+    # None until resolved (_resolve_split): a flag the user gave is told apart
+    # from a default, so one that a given split would ignore is refused.
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None, help="default: random")
     p.add_argument(
         "--fraction",
         type=float,
-        default=0.2,
-        help="held-out fraction (random: of each user's events; users: of users)",
+        default=None,
+        help="held-out fraction (random: of each user's events; users: of users); default 0.2",
     )
     p.add_argument(
-        "--leave-last", type=_count(1), default=1, help="temporal: events held out per user"
+        "--leave-last",
+        type=_count(1),
+        default=None,
+        help="temporal: events held out per user; default 1",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -261,6 +266,23 @@ def _split_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="held-out events count as relevant only if value >= this",
     )
+
+
+SPLIT_DEFAULTS = {"protocol": "random", "fraction": 0.2, "leave_last": 1}
+
+
+def _resolve_split(args: argparse.Namespace) -> None:
+    """Fill in the split flags' defaults. With `--test FILE` the split is given, so
+    --protocol, --fraction or --leave-last would be silently ignored: refused."""
+    given = [f"--{k.replace('_', '-')}" for k in SPLIT_DEFAULTS if getattr(args, k) is not None]
+    if getattr(args, "test", None) and given:
+        raise ValueError(
+            f"test: --test {args.test} is the held-out split, so {', '.join(given)} "
+            "would be ignored; leave it out, or drop --test to split --data"
+        )
+    for key, default in SPLIT_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -464,6 +486,7 @@ def _protocol(args: argparse.Namespace) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    _resolve_split(args)
     if args.compare:
         return cmd_compare(args)
     if not args.algo:
@@ -491,6 +514,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
     from recserve import tuning
 
+    _resolve_split(args)
     ds = load_dataset(args.data, args.format, args.columns)
     common = {
         "name": args.name,

@@ -427,6 +427,19 @@ def test_evaluate_and_compare_on_a_given_test_file(tmp_path, capsys):
     )
     assert code == 2 and "no.csv" in err
 
+    # A split flag next to --test would be ignored without a word: refused, before
+    # anything is read or fitted; the defaults still apply without --test.
+    for flag in (["--protocol", "temporal"], ["--fraction", "0.5"], ["--leave-last", "2"]):
+        for how in (["--algo", "popularity"], ["--compare", "popularity,itemknn"]):
+            code, out, err = run(capsys, "evaluate", "--data", train, "--test", test, *how, *flag)
+            assert code == 2 and out == "", (flag, how)
+            assert f"test: --test {test} is the held-out split, so {flag[0]} would" in err
+    code, out, _ = run(
+        capsys, "evaluate", "--data", train, "--algo", "popularity", "--out", out_json
+    )
+    assert code == 0 and "random protocol" in out
+    assert json.loads(out_json.read_text())["protocol"] == "random"
+
 
 def test_recommend_names_what_is_published_when_the_name_is_not(tmp_path, capsys):
     # A hybrid from recserve.toml is the usual case: it has no bundle folder.
