@@ -120,6 +120,7 @@ def spark_als(
         factors=u.shape[1],
         regularization=regularization,
         alpha=alpha,
+        values="linear",  # Spark's confidence: 1 + alpha * value
         index=index,
     )
     assert isinstance(model, ALS)

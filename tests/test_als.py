@@ -74,8 +74,20 @@ def test_cg_converges_to_cholesky(dislikes):
     np.testing.assert_allclose(full, exact, atol=1e-4)
 
 
-def test_fold_in_equals_the_trained_user(small):
+def counts(ds, seed: int = 0):
+    """The dataset's events as heavy-tailed counts (play counts: log-normal)."""
+    out = copy.deepcopy(ds)
+    rng = np.random.default_rng(seed)
+    out.interactions.data = np.round(np.exp(rng.normal(1.5, 1.5, out.nnz))).astype(np.float32) + 1
+    return out
+
+
+@pytest.mark.parametrize("heavy", [False, True])
+def test_fold_in_equals_the_trained_user(small, heavy):
+    if heavy:
+        small = counts(small)
     model = create("als", factors=24, iterations=6).fit(small)
+    assert (model.value_median > 0) == heavy
     for u in (0, 5, 321):
         folded = model.fold_in(small.interactions[u])
         np.testing.assert_allclose(folded[0], model.user_factors[u], rtol=1e-5, atol=1e-6)
@@ -85,25 +97,30 @@ def test_fold_in_equals_the_trained_user(small):
         np.testing.assert_array_equal(a[0], b)
 
 
-@pytest.mark.parametrize("dislikes", [False, True])
-def test_explain_is_the_decomposition_of_the_score(small, dislikes):
+@pytest.mark.parametrize(("dislikes", "heavy"), [(False, False), (True, False), (True, True)])
+def test_explain_is_the_decomposition_of_the_score(small, dislikes, heavy):
     """ALS folds a user in as x = A^-1 sum_i p_i c_i y_i with A = Y'Y + reg I +
     sum_i (c_i - 1) y_i y_i' (c = 1 + alpha |r| / s, s the training data's mean
     |value|; p = 0 for a dislike, a negative r): the score y_j . x splits into
     p_i c_i y_j' A^-1 y_i per history item. Computed here from the factors alone;
     explain returns exactly the positive terms, and all of them add up to the
-    score (the trained user vector is that fold-in up to ALS's convergence)."""
-    data = small
-    if dislikes:  # every third event a dislike (value -1)
-        data = copy.deepcopy(small)
-        data.interactions.data[::3] = -1.0
+    score (the trained user vector is that fold-in up to ALS's convergence).
+    Heavy-tailed values: |r| is log1p(|r| / median) over its mean instead."""
+    data = counts(small) if heavy else small
+    if dislikes:  # every third event a dislike (value -1, or minus the count)
+        data = copy.deepcopy(data)
+        data.interactions.data[::3] = -1.0 if not heavy else -data.interactions.data[::3]
     model = create("als", factors=16, iterations=5).fit(data)
     p = model.params
     y = np.asarray(model.item_factors, np.float64)
     u = 42
     row = data.interactions[u]
-    unit = np.abs(data.interactions.data.astype(np.float64)).mean()
-    r = np.ones_like(row.data) if p["binary"] else np.abs(row.data.astype(np.float64)) / unit
+    every = np.abs(data.interactions.data.astype(np.float64))
+    if heavy:
+        median = np.median(every)
+        r = np.log1p(np.abs(row.data) / median) / np.log1p(every / median).mean()
+    else:
+        r = np.abs(row.data.astype(np.float64)) / every.mean()
     c = 1.0 + p["alpha"] * r
     pref = (row.data > 0).astype(np.float64)
     assert pref.min() == (0.0 if dislikes else 1.0)
@@ -138,6 +155,45 @@ def test_alpha_is_unit_free(small, tmp_path):
     arrays = {k: v for k, v in b._arrays().items() if k != "value_scale"}
     old._restore(arrays)
     assert old.value_scale == 1.0
+
+
+def test_heavy_tailed_values_weigh_on_a_log_scale(small, tmp_path):
+    # Counts whose 99th percentile is many times their median: on the linear
+    # scale a few huge counts set the unit and most events sit at confidence ~1.
+    # "auto" weighs them by log1p(count / median) instead, which no unit changes;
+    # ratings stay linear.
+    heavy = counts(small)
+    v = np.abs(heavy.interactions.data.astype(np.float64))
+    assert np.quantile(v, 0.99) / np.median(v) > 4
+    a = create("als", factors=16, iterations=4).fit(heavy)
+    median = np.median(v)
+    assert a.value_median == pytest.approx(median)
+    assert a.value_scale == pytest.approx(np.log1p(v / median).mean(), rel=1e-6)
+    row = heavy.interactions[3]
+    want = 1 + a.params["alpha"] * np.log1p(row.data / median) / a.value_scale
+    np.testing.assert_allclose(a._confidence_values(row.data), want, rtol=1e-5)
+    scaled = copy.deepcopy(heavy)
+    scaled.interactions.data = scaled.interactions.data * 1000.0
+    b = create("als", factors=16, iterations=4).fit(scaled)
+    np.testing.assert_allclose(b.user_factors, a.user_factors, rtol=1e-3, atol=1e-4)
+    # The bundle keeps the scale: a history in the bundle's units folds in alike.
+    b.save(tmp_path, "b")
+    loaded = load_named(tmp_path, "b")
+    assert loaded.value_median == b.value_median and loaded.value_scale == b.value_scale
+    want_items, _ = a.recommend_from_history(row.indices, row.data, k=10)
+    got, _ = loaded.recommend_from_history(row.indices, row.data * 1000.0, k=10)
+    np.testing.assert_array_equal(got, want_items)
+    # Ratings stay linear under auto; the param forces either scale; binary wins.
+    assert create("als", factors=8, iterations=2).fit(small).value_median == 0
+    assert create("als", factors=8, iterations=2, values="log").fit(small).value_median > 0
+    assert create("als", factors=8, iterations=2, values="linear").fit(heavy).value_median == 0
+    assert create("als", factors=8, iterations=2, binary=True).fit(heavy).value_median == 0
+    with pytest.raises(ValueError, match="param values: expected one of auto, linear, log"):
+        create("als", values="sqrt")
+    # A bundle written before the log scale existed is linear.
+    old = create("als")
+    old._restore({k: v for k, v in b._arrays().items() if k != "value_median"})
+    assert old.value_median == 0 and old.value_scale == b.value_scale
 
 
 def test_als_beats_popularity_on_collaborative_data(small):

@@ -5,7 +5,9 @@ other pair has confidence 1 and preference 0. s is the training data's mean
 |value| (1 with `binary`), kept in the bundle, so alpha means the same on
 ratings 1-5, play counts in the thousands or clicks: with the raw value
 (Hu et al.'s form) the default alpha had ml-100k's ratings x 100 at
-Recall@10 0.08 against 0.36, and now every scale gives 0.41. Each iteration solves all users
+Recall@10 0.08 against 0.36, and now every scale gives 0.41. Heavy-tailed
+values (play counts, quantities) weigh on a log scale instead, log1p(value /
+median) over its mean (`values`, "auto" by default). Each iteration solves all users
 given the items, then all items given the users (kernels.als: a few
 warm-started conjugate-gradient steps by default, exact Cholesky with
 cg_steps=0). Training ends with one exact user pass against the final items,
@@ -17,6 +19,7 @@ was measured: 0.01 lower Recall@20 on ml-100k at 64-128 factors.)
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -41,6 +44,11 @@ from recserve.models.base import (
 from recserve.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
 from recserve.models.registry import register
 
+log = logging.getLogger(__name__)
+
+# `values = "auto"` compresses values whose 99th percentile is more than this many
+# times their median: counts, quantities, durations; not ratings (1-5: 1.25x).
+HEAVY_TAIL_RATIO = 4.0
 
 def serial_blas() -> threadpool_limits:
     """BLAS on one thread, for kernels that call it from every OpenMP thread."""
@@ -65,6 +73,13 @@ class ALS(EmbeddingIndexMixin):
             search=(0.1, 100.0),
             log=True,
         ),
+        "values": Param(
+            str,
+            "auto",
+            "how a value weighs: linear (value / mean), log (log1p(value / median), "
+            "over its mean), auto: log for heavy-tailed values (counts), else linear",
+            choices=("auto", "linear", "log"),
+        ),
         "iterations": Param(int, 22, "alternating sweeps", min=1, max=1000, search=(5, 30)),
         "cg_steps": Param(int, 3, "CG steps per solve; 0 = exact Cholesky", min=0, max=100),
         "seed": Param(int, 0, "random seed of the initial factors"),
@@ -76,20 +91,28 @@ class ALS(EmbeddingIndexMixin):
         m = m.tocsr()
         return sp.csr_matrix((self._confidence_values(m.data), m.indices, m.indptr), shape=m.shape)
 
-    # The unit of the values alpha applies to (the training data's mean |value|);
-    # 1.0 for bundles written before it was kept and for imported Spark factors,
-    # whose confidence is Spark's 1 + alpha * value.
+    # The unit of the values alpha applies to (the training data's mean |value|,
+    # or of log1p(|value| / value_median) on the log scale); 1.0 for bundles
+    # written before it was kept and for imported Spark factors, whose confidence
+    # is Spark's 1 + alpha * value.
     value_scale = 1.0
+    # > 0: values weigh on the log scale, log1p(|value| / value_median); 0: linear
+    # (and for bundles written before the log scale existed).
+    value_median = 0.0
 
     def _confidence_values(self, data: np.ndarray) -> np.ndarray:
         """Signed confidences of a CSR's stored values r, float32, the form the
-        kernels read: c = 1 + alpha |r| / value_scale (|r| = 1 when binary),
+        kernels read: c = 1 + alpha |r| / value_scale (|r| = 1 when binary; on
+        the log scale log1p(|r| / value_median) in place of |r|),
         +c for r >= 0 and -c for a negative r, a dislike: preference 0 at
         confidence c (Hu et al.'s objective as implicit and Spark MLlib extend
         it). Training and every fold-in use this one form."""
         r = np.asarray(data, np.float32)
         if self.params["binary"]:
             magnitude = np.ones(r.shape, np.float32)
+        elif self.value_median > 0:
+            magnitude = np.log1p(np.abs(r) / np.float32(self.value_median))
+            magnitude /= np.float32(self.value_scale)
         else:
             magnitude = np.abs(r) / np.float32(self.value_scale)
         c = (1.0 + self.params["alpha"] * magnitude).astype(np.float32)
@@ -98,7 +121,9 @@ class ALS(EmbeddingIndexMixin):
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
         p = self.params
-        self.value_scale = 1.0 if p["binary"] else value_unit(self.user_items.data)
+        self.value_median, self.value_scale = value_units(
+            self.user_items.data, "linear" if p["binary"] else p["values"]
+        )
         cui = self._confidence(self.user_items)
         ciu = cui.T.tocsr()
         rng = np.random.default_rng(p["seed"])
@@ -241,6 +266,7 @@ class ALS(EmbeddingIndexMixin):
             "item_factors": self.item_factors,
             "gram": self.gram,
             "value_scale": np.array([self.value_scale], np.float64),
+            "value_median": np.array([self.value_median], np.float64),
             **self._index_arrays(),
         }
 
@@ -250,6 +276,33 @@ class ALS(EmbeddingIndexMixin):
         self.gram = arrays["gram"]
         if "value_scale" in arrays:  # bundles written before it was kept: 1.0
             self.value_scale = float(np.asarray(arrays["value_scale"])[0])
+        if "value_median" in arrays:  # bundles written before the log scale: linear
+            self.value_median = float(np.asarray(arrays["value_median"])[0])
+
+
+def value_units(values: np.ndarray, mode: str) -> tuple[float, float]:
+    """(value_median, value_scale) of ALS's confidence for training values and
+    the `values` param: median 0 is the linear scale (unit: mean |value|); on the
+    log scale the unit is the mean of log1p(|value| / median). "auto" takes the
+    log scale when the non-zero |values| are heavy-tailed (99th percentile over
+    HEAVY_TAIL_RATIO x the median): there a few huge counts would otherwise set
+    the unit, leaving most events at confidence ~1 (ml-100k with values
+    10^(rating-1): NDCG@20 0.392 linear, 0.409 log; ratings: 0.429 either way)."""
+    if mode == "linear":
+        return 0.0, value_unit(values)
+    every = np.abs(np.asarray(values, np.float64))
+    every = every[np.isfinite(every)]
+    mags = every[every > 0]
+    if mags.size == 0:
+        return 0.0, value_unit(values)
+    median = float(np.median(mags))
+    if mode == "auto":
+        tail = float(np.quantile(mags, 0.99)) / median
+        if tail <= HEAVY_TAIL_RATIO:
+            return 0.0, value_unit(values)
+        log.info("als: values heavy-tailed (99th percentile %.1fx the median): log scale", tail)
+    unit = float(np.log1p(every / median).mean())
+    return median, unit if np.isfinite(unit) and unit > 0 else 1.0
 
 
 def value_unit(values: np.ndarray) -> float:
