@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # times their median: counts, quantities, durations; not ratings (1-5: 1.25x).
 HEAVY_TAIL_RATIO = 4.0
 
+
 def serial_blas() -> threadpool_limits:
     """BLAS on one thread, for kernels that call it from every OpenMP thread."""
     return threadpool_limits(limits=1, user_api="blas")
