@@ -78,6 +78,8 @@ def test_ml100k_split_files_read_as_u_data_with_its_item_metadata(tmp_path, name
     assert entries(ds) == {("196", "242"): 3.0, ("186", "302"): 4.0}
     assert ds.item_titles[ds.items.get("242")] == "Kolya (1996)"
     assert sorted(ds.timestamps.tolist()) == [881250949, 891717742]
+    # Named by its folder and itself: u1.base and u1.test are two of ten parts.
+    assert ds.name == f"{tmp_path.name}/{name.removesuffix('.xz').removesuffix('.gz')}"
 
 
 def test_a_txt_ratings_file_is_read_as_delimited_text_and_others_are_named(tmp_path):

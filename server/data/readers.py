@@ -1005,6 +1005,8 @@ def load_dataset(
             weights[r] = meta.weights[i] if meta.weights else [1.0] * len(t)
         features, names = features_matrix(tags, weights)
     name = p.name if p.is_dir() else p.parent.name or p.stem
+    if p.is_file() and ML100K_SPLIT.fullmatch(base_name(p)):  # one of ten parts of a folder
+        name = f"{name}/{base_name(p)}" if p.parent.name else base_name(p)
     return Dataset(
         interactions=matrix,
         timestamps=stamps,
