@@ -125,6 +125,53 @@ class Param:
         return v
 
 
+# `values = "auto"` weighs values on a log scale when their 99th percentile is
+# more than this many times their median: counts, quantities, durations; not
+# ratings (1-5: 1.25x).
+HEAVY_TAIL_RATIO = 4.0
+
+VALUES = Param(
+    str,
+    "auto",
+    "how a value weighs: linear, log (log1p(|value| / median)), "
+    "or auto: log for heavy-tailed values (counts), else linear",
+    choices=("auto", "linear", "log"),
+)
+
+
+def log_median(values: np.ndarray, mode: str, algorithm: str = "") -> float:
+    """The median of the non-zero |values| when they weigh on the log scale
+    (`mode` "log", or "auto" and heavy-tailed: 99th percentile over
+    HEAVY_TAIL_RATIO x the median), else 0.0 (linear). A few huge counts would
+    otherwise outweigh the many ordinary ones."""
+    if mode == "linear":
+        return 0.0
+    mags = np.abs(np.asarray(values, np.float64))
+    mags = mags[np.isfinite(mags) & (mags > 0)]
+    if mags.size == 0:
+        return 0.0
+    median = float(np.median(mags))
+    if mode == "auto":
+        tail = float(np.quantile(mags, 0.99)) / median
+        if tail <= HEAVY_TAIL_RATIO:
+            return 0.0
+        log.info(
+            "%s: values heavy-tailed (99th percentile %.1fx the median): log scale",
+            algorithm or "model",
+            tail,
+        )
+    return median
+
+
+def log_scaled(values: np.ndarray, median: float) -> np.ndarray:
+    """float32 values as they weigh: sign(v) log1p(|v| / median) on the log scale
+    (median > 0; a dislike stays negative, a 0 stays 0), as they are otherwise."""
+    v = np.asarray(values, np.float32)
+    if median <= 0:
+        return v
+    return np.copysign(np.log1p(np.abs(v) / np.float32(median)), v).astype(np.float32)
+
+
 class NotFittedError(RuntimeError):
     """The model has neither been fitted nor loaded."""
 

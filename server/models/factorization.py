@@ -19,9 +19,9 @@ was measured: 0.01 lower Recall@20 on ml-100k at 64-128 factors.)
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,21 +34,17 @@ from recserve.kernels import als as alsk
 from recserve.kernels import sgd as sgdk
 from recserve.kernels import topk
 from recserve.models.base import (
+    VALUES,
     Param,
     Recommender,
     check_k,
     cosine_similar,
     cosine_similar_one,
+    log_median,
     without_dislikes,
 )
 from recserve.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
 from recserve.models.registry import register
-
-log = logging.getLogger(__name__)
-
-# `values = "auto"` compresses values whose 99th percentile is more than this many
-# times their median: counts, quantities, durations; not ratings (1-5: 1.25x).
-HEAVY_TAIL_RATIO = 4.0
 
 
 def serial_blas() -> threadpool_limits:
@@ -74,12 +70,10 @@ class ALS(EmbeddingIndexMixin):
             search=(0.1, 100.0),
             log=True,
         ),
-        "values": Param(
-            str,
-            "auto",
-            "how a value weighs: linear (value / mean), log (log1p(value / median), "
+        "values": replace(
+            VALUES,
+            help="how a value weighs: linear (value / mean), log (log1p(value / median), "
             "over its mean), auto: log for heavy-tailed values (counts), else linear",
-            choices=("auto", "linear", "log"),
         ),
         "iterations": Param(int, 22, "alternating sweeps", min=1, max=1000, search=(5, 30)),
         "cg_steps": Param(int, 3, "CG steps per solve; 0 = exact Cholesky", min=0, max=100),
@@ -284,25 +278,14 @@ class ALS(EmbeddingIndexMixin):
 def value_units(values: np.ndarray, mode: str) -> tuple[float, float]:
     """(value_median, value_scale) of ALS's confidence for training values and
     the `values` param: median 0 is the linear scale (unit: mean |value|); on the
-    log scale the unit is the mean of log1p(|value| / median). "auto" takes the
-    log scale when the non-zero |values| are heavy-tailed (99th percentile over
-    HEAVY_TAIL_RATIO x the median): there a few huge counts would otherwise set
-    the unit, leaving most events at confidence ~1 (ml-100k with values
-    10^(rating-1): NDCG@20 0.392 linear, 0.409 log; ratings: 0.429 either way)."""
-    if mode == "linear":
+    log scale (base.log_median) the unit is the mean of log1p(|value| / median).
+    ml-100k with values 10^(rating-1): NDCG@20 0.392 linear, 0.409 log; on
+    ratings "auto" stays linear."""
+    median = log_median(values, mode, "als")
+    if median == 0:
         return 0.0, value_unit(values)
     every = np.abs(np.asarray(values, np.float64))
-    every = every[np.isfinite(every)]
-    mags = every[every > 0]
-    if mags.size == 0:
-        return 0.0, value_unit(values)
-    median = float(np.median(mags))
-    if mode == "auto":
-        tail = float(np.quantile(mags, 0.99)) / median
-        if tail <= HEAVY_TAIL_RATIO:
-            return 0.0, value_unit(values)
-        log.info("als: values heavy-tailed (99th percentile %.1fx the median): log scale", tail)
-    unit = float(np.log1p(every / median).mean())
+    unit = float(np.log1p(every[np.isfinite(every)] / median).mean())
     return median, unit if np.isfinite(unit) and unit > 0 else 1.0
 
 

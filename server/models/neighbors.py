@@ -12,6 +12,10 @@ differ only in which matrices the neighbours come from:
             popularity penalty deg(j)^-beta
   content   items x features (genres, tags) with TF-IDF: it recommends items
             that have no interactions at all (how new items get served)
+
+Heavy-tailed values (counts) weigh as log1p(|value| / median) in the
+similarities and in every history, training rows and fold-ins alike
+(`values`, base.log_median); ratings as they are.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ import scipy.sparse as sp
 from recserve.data import Dataset
 from recserve.kernels import similarity as simk
 from recserve.models.base import (
+    VALUES,
     Param,
     Recommender,
     ScratchPool,
     check_k,
     identity_rows,
+    log_median,
+    log_scaled,
     without_dislikes,
 )
 from recserve.models.registry import register
@@ -58,6 +65,7 @@ COMMON: dict[str, Param] = {
     "weighting": WEIGHTING.searched(search_choices=tuple(simk.WEIGHTINGS)),
     "K1": Param(float, 1.2, "BM25 term saturation", min=0, search=(0.2, 3.0), log=True),
     "B": Param(float, 0.75, "BM25 length normalisation", min=0, max=1, search=(0.0, 1.0)),
+    "values": VALUES,
 }
 
 
@@ -95,6 +103,41 @@ class _Neighbourhood(Recommender):
 
     sim: sp.csr_matrix
     ranks_from_history = True
+    # > 0: values weigh as log1p(|value| / value_median) in the similarity and in
+    # every history (training rows and fold-ins alike); 0: as they are (and for
+    # bundles written before the log scale existed).
+    value_median = 0.0
+
+    def _set_value_scale(self) -> sp.csr_matrix:
+        """Decide the value scale from the training values (`values` param) at
+        fit; returns the training rows as they weigh."""
+        assert self.user_items is not None
+        self.value_median = log_median(self.user_items.data, self.params["values"], self.algorithm)
+        return self._weights_rows()
+
+    def _scaled(self, rows: sp.csr_matrix) -> sp.csr_matrix:
+        """History rows (raw values, as callers give them) as they weigh."""
+        if self.value_median <= 0:
+            return rows
+        rows = rows.tocsr()
+        return sp.csr_matrix(
+            (log_scaled(rows.data, self.value_median), rows.indices, rows.indptr), shape=rows.shape
+        )
+
+    def _weights_rows(self) -> sp.csr_matrix:
+        """The training rows as they weigh: user_items itself on the linear
+        scale; on the log scale a copy of its values (made once per user_items,
+        or read from the bundle), indices and indptr shared."""
+        x = self.user_items
+        assert x is not None
+        if self.value_median <= 0:
+            return x
+        held = self.__dict__.get("_weights_held")
+        if held is None or held[0] is not x or held[1] != self.value_median:
+            data = log_scaled(x.data, self.value_median)
+            weights = csr(x.indptr, x.indices, data, x.shape)
+            held = self._weights_held = (x, self.value_median, weights)
+        return held[2]
 
     def _weighted(self, rows_by_docs: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray, float]:
         """The configured weighting applied to a CSR whose rows are documents, with
@@ -208,12 +251,12 @@ class _Neighbourhood(Recommender):
         return cached[1], None, None
 
     def _rank(self, users, history, k, excl, cand):
-        return self._score(history.tocsr(), self.sim, k, excl, cand)
+        return self._score(self._scaled(history.tocsr()), self.sim, k, excl, cand)
 
     def _one_user(self) -> tuple[Any, Any]:
         """(history rows, scored matrix) of a known user's ranking: the training
-        rows x sim here; userknn scores sim rows x the training rows."""
-        return self.user_items, self.sim
+        rows (as they weigh) x sim here; userknn scores sim rows x those rows."""
+        return self._weights_rows(), self.sim
 
     def recommend_user(
         self, user: int, k: int = 10, filter_seen: bool = True
@@ -245,9 +288,9 @@ class _Neighbourhood(Recommender):
 
     def _history_weights(self, row: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         """The sparse row that multiplies the scored matrix for a fold-in, as
-        (indices int32, values float32): the history itself here; userknn's
-        neighbours of the history."""
-        return np.asarray(row.indices, np.int32), np.asarray(row.data, np.float32)
+        (indices int32, values float32): the history itself (as it weighs) here;
+        userknn's neighbours of the history."""
+        return np.asarray(row.indices, np.int32), log_scaled(row.data, self.value_median)
 
     def _one_checked(self) -> tuple[Any, ...]:
         """The one-user call's matrices, validated once per model: (history rows,
@@ -274,7 +317,7 @@ class _Neighbourhood(Recommender):
         return self._score_history(self.user_items[users])
 
     def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
-        return np.asarray((history @ self.sim).toarray(), dtype=np.float32)
+        return np.asarray((self._scaled(history) @ self.sim).toarray(), dtype=np.float32)
 
     def _similar_one(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Row `item` of the identity picks the item's similarity row and excludes
@@ -301,20 +344,31 @@ class _Neighbourhood(Recommender):
     def _contributions_many(self, history, items, user):
         hist = history.indices
         cols = np.asarray(self.sim[hist][:, items].toarray(), np.float64)  # one slice
-        return hist, history.data.astype(np.float64)[:, None] * cols
+        weights = log_scaled(history.data, self.value_median).astype(np.float64)
+        return hist, weights[:, None] * cols
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        return {
+        out = {
             "sim_indptr": self.sim.indptr,
             "sim_indices": self.sim.indices,
             "sim_data": self.sim.data,
+            "value_median": np.array([self.value_median], np.float64),
         }
+        if self.value_median > 0:  # stored, so loading stays a memory map
+            out["weights_data"] = self._weights_rows().data
+        return out
 
     def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
         n = arrays["sim_indptr"].shape[0] - 1
         self.sim = csr(
             arrays["sim_indptr"], arrays["sim_indices"], arrays["sim_data"], (n, self._sim_cols())
         )
+        if "value_median" in arrays:  # bundles written before the log scale: linear
+            self.value_median = float(np.asarray(arrays["value_median"])[0])
+        x = self.user_items
+        if self.value_median > 0 and x is not None and "weights_data" in arrays:
+            weights = csr(x.indptr, x.indices, arrays["weights_data"], x.shape)
+            self._weights_held = (x, self.value_median, weights)
 
     def _sim_cols(self) -> int:
         return self.n_items
@@ -338,7 +392,7 @@ class ItemKNN(_Neighbourhood):
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
         # Items are the documents; a dislike is no evidence two items go together.
-        a, _, _ = self._weighted(without_dislikes(self.user_items).T.tocsr())
+        a, _, _ = self._weighted(without_dislikes(self._set_value_scale()).T.tocsr())
         self.sim = self._knn_self(a)
 
 
@@ -354,12 +408,12 @@ class RP3beta(_Neighbourhood):
             float, 1.1, "exponent on the transition probabilities", min=0, search=(0.1, 2.0)
         ),
         "beta": Param(float, 0.16, "popularity penalty exponent", min=0, search=(0.0, 1.0)),
-        "binary": Param(bool, True, "use interactions as 0/1"),
+        "binary": Param(bool, True, "the walk's steps ignore values (histories still weigh)"),
+        "values": VALUES,
     }
 
     def _fit(self, dataset: Dataset) -> None:
-        assert self.user_items is not None
-        x = without_dislikes(self.user_items).astype(np.float32)  # walks follow interest
+        x = without_dislikes(self._set_value_scale()).astype(np.float32)  # walks follow interest
         if self.params["binary"]:
             x = x.copy()
             x.data[:] = 1.0
@@ -392,9 +446,11 @@ class ContentKNN(_Neighbourhood):
         ),
         "K1": COMMON["K1"],
         "B": COMMON["B"],
+        "values": VALUES,
     }
 
     def _fit(self, dataset: Dataset) -> None:
+        self._set_value_scale()  # how histories weigh
         f = dataset.item_features
         if f is None or f.nnz == 0:
             raise ValueError(
@@ -428,7 +484,8 @@ class UserKNN(_Neighbourhood):
         # Users are the documents; keep the idf and mean length to weight new users.
         # Users are alike by what they like: dislikes stay out of the similarity
         # (they still count against an item when a neighbour's row is scored).
-        self.users_w, self._idf, self._avg_len = self._weighted(without_dislikes(self.user_items))
+        x = self._set_value_scale()
+        self.users_w, self._idf, self._avg_len = self._weighted(without_dislikes(x))
         self.sim = self._knn_self(self.users_w)
 
     def _neighbours(self, history: sp.csr_matrix) -> sp.csr_matrix:
@@ -451,8 +508,8 @@ class UserKNN(_Neighbourhood):
 
     def _weighted_data(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> Any:
         """History rows' values weighted as the training users were (stored idf,
-        mean row length), float32."""
-        data = np.asarray(data, np.float32)
+        mean row length), float32; on the log scale, scaled first, as they were."""
+        data = log_scaled(data, self.value_median)
         if self.params["weighting"] == "none" or not data.size:
             return data
         weighted, _, _ = simk.weight(
@@ -514,7 +571,7 @@ class UserKNN(_Neighbourhood):
         """(user_items, items x users, both as CheckedCSRs, a scratch
         pool): what the fused SimilarItems call reads, made once while
         user_items is the same."""
-        x = self.user_items
+        x = self._weights_rows()
         cache = getattr(self, "_item_users_cache", None)
         if cache is None or cache[0] is not x:
             xt = x.T.tocsr()
@@ -538,20 +595,21 @@ class UserKNN(_Neighbourhood):
 
     def _rank(self, users, history, k, excl, cand):
         h = self.sim[users] if users is not None else self._neighbours(history)
-        return self._score(h.tocsr(), self.user_items, k, excl, cand)
+        return self._score(h.tocsr(), self._weights_rows(), k, excl, cand)
 
     def _one_user(self) -> tuple[Any, Any]:
-        return self.sim, self.user_items
+        return self.sim, self._weights_rows()
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
-        return np.asarray((self.sim[users] @ self.user_items).toarray(), np.float32)
+        return np.asarray((self.sim[users] @ self._weights_rows()).toarray(), np.float32)
 
     def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
-        return np.asarray((self._neighbours(history) @ self.user_items).toarray(), np.float32)
+        scored = self._weights_rows()
+        return np.asarray((self._neighbours(history) @ scored).toarray(), np.float32)
 
     def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         # Items co-consumed with the item, weighted like user-user cosine on the item side.
-        x = self.user_items
+        x = self._weights_rows()
         cols = self._item_users()
         n = items.size
         h = cols[items]
@@ -561,13 +619,14 @@ class UserKNN(_Neighbourhood):
     def _contributions_many(self, history, items, user):
         # The neighbours once for every explained item (a fold-in's are a search).
         nb = (self.sim[user] if user is not None else self._neighbours(history)).tocsr()
-        x = self.user_items
+        x = self._weights_rows()
         near = x[nb.indices]  # the neighbours' rows
         has = np.asarray(near[:, items].toarray(), np.float64)  # neighbours x explained
         weights = nb.data.astype(np.float64)[:, None] * has
         hist = history.indices
         shared = np.asarray((sp.csr_matrix(weights.T) @ near[:, hist]).toarray())  # m x h
-        return hist, shared.T * history.data.astype(np.float64)[:, None]
+        scaled = log_scaled(history.data, self.value_median).astype(np.float64)
+        return hist, shared.T * scaled[:, None]
 
     def _arrays(self) -> dict[str, np.ndarray]:
         w = self.users_w
