@@ -141,7 +141,9 @@ def knn_col_norm(b_indices, b_data, Py_ssize_t n_cols, str similarity="cosine"):
     b_indices = np.asarray(b_indices)
     if SIMILARITIES[similarity] == 3:
         return np.bincount(b_indices, minlength=n_cols).astype(np.float64)
-    return np.bincount(b_indices, weights=np.asarray(b_data, np.float64) ** 2, minlength=n_cols)
+    # float64 also for an empty B: bincount's weighted sum of nothing is int64 zeros.
+    squares = np.asarray(b_data, np.float64) ** 2
+    return np.bincount(b_indices, weights=squares, minlength=n_cols).astype(np.float64, copy=False)
 
 
 cdef inline double transform(int kind, double d, double ri, double cj, double sh) noexcept nogil:

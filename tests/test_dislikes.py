@@ -170,3 +170,24 @@ def test_popularity_counts_no_dislike_as_a_vote(router):
     value = create("popularity", weighting="value").fit(data).scores
     np.testing.assert_allclose(value, dense.sum(axis=0), rtol=1e-6)
     np.testing.assert_array_equal(r.catalog.get("als").popular_counts(), likes)
+
+
+@pytest.mark.parametrize("algo", ["itemknn", "userknn", "rp3beta", "als", "bpr", "ease"])
+def test_data_of_dislikes_alone_fits_and_answers(tmp_path, algo):
+    # No positive evidence at all: every user is cold to the model, which must
+    # still fit, answer a fold-in and round-trip its bundle (userknn's fold-in
+    # raised TypeError on int64 column norms).
+    from recserve.data import load_dataset
+    from recserve.models import load_named
+
+    f = tmp_path / "r.csv"
+    f.write_text("user,item,rating\nu0,i0,-1\nu1,i1,-2\nu2,i2,-1\nu2,i0,-3\n")
+    params = {"factors": 4, "iterations": 2} if algo == "als" else {}
+    params = {"factors": 4, "epochs": 2} if algo == "bpr" else params
+    model = create(algo, **params).fit(load_dataset(f))
+    assert all(model.is_cold(u) for u in range(model.n_users))
+    items, _ = model.recommend_from_history([0], [1.0], k=2)
+    assert 0 not in items.tolist() and len(set(items.tolist())) == items.size
+    model.save(tmp_path / "m", "x")
+    loaded = load_named(tmp_path / "m", "x")
+    np.testing.assert_array_equal(loaded.recommend_from_history([0], [1.0], k=2)[0], items)

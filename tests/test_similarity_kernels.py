@@ -467,3 +467,18 @@ def test_knn_index_checks_its_inputs():
     fresh = index.query(ok_i, ok_v, 5, simk.KnnScratch(30))
     assert after[0].size and after[0].tolist() == fresh[0].tolist()
     np.testing.assert_array_equal(after[1], fresh[1])
+
+
+@pytest.mark.parametrize("kind", sorted(simk.SIMILARITIES))
+def test_column_norms_of_an_empty_matrix_are_float64_zeros(kind):
+    # numpy's weighted bincount of nothing is int64: KnnIndex refused it, so a
+    # userknn trained on dislikes alone (no positive evidence) failed every fold-in.
+    norm = simk.knn_col_norm(np.zeros(0, np.int32), np.zeros(0, np.float32), 5, kind)
+    assert norm.dtype == np.float64 and norm.tolist() == [0.0] * 5
+    empty = np.zeros(6, np.int64)
+    index = simk.KnnIndex(
+        empty, np.zeros(0, np.int32), np.zeros(0, np.float32), 5, kind, col_norm=norm
+    )
+    scratch = simk.KnnScratch(5)
+    users, sims = index.query(np.array([1], np.int32), np.array([1.0], np.float32), 3, scratch)
+    assert users.size == 0 and sims.size == 0
