@@ -215,6 +215,43 @@ def test_generic_csv_finds_columns_by_common_names(tmp_path, body):
     assert ds.has_timestamps
 
 
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        # Last.fm (hetrec): a tab-separated .dat with a header, play counts as weight
+        ("user_artists.dat", "userID\tartistID\tweight\nalice\tx\t4\nbob\ty\t2\n"),
+        # Book-Crossing: semicolons, every field quoted
+        ("BX-Book-Ratings.csv", '"User-ID";"ISBN";"Book-Rating"\n"alice";"x";"4"\n"bob";"y";"2"\n'),
+        # Amazon reviews, Yelp, a shop export
+        ("reviews.csv", "reviewerID,asin,overall,unixReviewTime\nalice,x,4,100\nbob,y,2,200\n"),
+        (
+            "yelp.csv",
+            "user_id,business_id,stars,date\nalice,x,4,1970-01-01T00:01:40Z\nbob,y,2,200\n",
+        ),
+        ("orders.csv", "customer,product,quantity,created_at\nalice,x,4,100\nbob,y,2,200\n"),
+        ("plays.tsv", "user_id\ttrack_id\tplay_count\nalice\tx\t4\nbob\ty\t2\n"),
+    ],
+)
+def test_public_datasets_own_column_names_are_found(tmp_path, name, body):
+    # They were "no user column" (or, for a .dat, "expected 7 columns": read as
+    # MovieLens 1M's "::" layout).
+    ds = load_dataset(write(tmp_path / name, body))
+    assert entries(ds) == {("alice", "x"): 4.0, ("bob", "y"): 2.0}
+    if "100" in body:
+        assert stamps(ds) == {("alice", "x"): 100, ("bob", "y"): 200}
+
+
+def test_latin_1_text_is_read_as_latin_1(tmp_path):
+    # Book-Crossing and many spreadsheet exports are Latin-1: pyarrow's "invalid
+    # UTF8 data" escaped as an ArrowInvalid naming neither file nor line.
+    body = '"User-ID";"ISBN";"Book-Rating"\n"Jos\xe9";"x";"4"\n"bob";"y";"2"\n'
+    path = tmp_path / "ratings.csv"
+    path.write_bytes(body.encode("latin-1"))
+    assert entries(load_dataset(path)) == {("José", "x"): 4.0, ("bob", "y"): 2.0}
+    path.write_bytes(body.encode("utf-8"))  # the same text as UTF-8 reads the same
+    assert entries(load_dataset(path)) == {("José", "x"): 4.0, ("bob", "y"): 2.0}
+
+
 def test_a_folder_with_one_csv_is_that_dataset(tmp_path):
     write(tmp_path / "events.csv.gz", "userId,movieId,rating\nalice,x,4\nbob,y,2\n")
     write(tmp_path / "items.csv", "item_id,title\nx,Ex\n")
@@ -332,7 +369,7 @@ def test_duplicates_last_or_sum():
         ("user,item,rating,ts\n1,2,3,2026-01-02\n1,3,4,yesterday\n", 3, "'yesterday' is not"),
         ("user,item,rating,ts\n1,2,3,2026-13-02\n", 2, "'2026-13-02' is not"),
         ("user,item,ts\na,x,+5\nb,y,2026-01-02\nc,z,x5\n", 4, "'x5' is not seconds"),
-        ("customer,product,qty\n1,2,3\n", 1, "no user column.*customer_id.*--columns"),
+        ("buyer,thing,qty\n1,2,3\n", 1, "no user column.*customer_id.*--columns"),
         ("alice,x\nbob,y\n", 1, r"no user column.*needs one \(user,item"),  # no header
     ],
 )

@@ -169,6 +169,7 @@ def read_table(
     `names` gives column names for a file without a header. `required` columns
     must be present in a header (others in `columns` are read when present).
     """
+    given = (columns, names)
     header_lines = 0 if names else 1
     spaced = False
     if not names:
@@ -216,6 +217,19 @@ def read_table(
     try:
         table = pacsv.read_csv(source(), read_opts, parse_opts, convert_opts)
     except pa.ArrowInvalid as exc:
+        if "invalid UTF8" in str(exc) and encoding == "utf8":
+            # Older public sets (Book-Crossing) and spreadsheet exports are Latin-1,
+            # in which every byte is a letter: read so, ids keep their accents.
+            log.warning("%s: not UTF-8 text; read as Latin-1", path)
+            return read_table(
+                path,
+                given[0],
+                delimiter=delimiter,
+                names=given[1],
+                encoding="latin-1",
+                quoted=quoted,
+                required=required,
+            )
         raise _explain(path, exc, columns, read_opts, parse_opts, header_lines, source) from None
     if table.num_rows == 0:
         raise DataError(path, "no data rows", header_lines + 1)
@@ -364,8 +378,8 @@ def detect_format(path: str | Path) -> str:
         return "parquet"
     if name == "u.data" or ML100K_SPLIT.fullmatch(name):  # u1.base ... ub.test: u.data's layout
         return "ml-100k"
-    if name.endswith(".dat"):
-        return "ml-1m"
+    if name.endswith(".dat"):  # MovieLens 1M/10M's "::"; other .dat files are delimited text
+        return "ml-1m" if "::" in first_line(p) else _csv_kind(p)
     if name.endswith((".csv", ".tsv", ".txt")):
         return _csv_kind(p)
     raise DataError(
@@ -798,13 +812,29 @@ def _raw(t: pa.Table, user: str, item: str, rating: str | None, ts: str | None) 
 
 
 # Column names taken for each role when --columns does not name one (the first
-# present, in any case), in generic CSVs and Parquet.
+# present, in any case), in generic CSVs and Parquet. The later names are public
+# datasets' own: Last.fm (userID, artistID, weight), Book-Crossing (User-ID, ISBN,
+# Book-Rating), Amazon reviews (reviewerID, asin, overall, unixReviewTime), Yelp
+# (business_id, stars), shop exports.
 COLUMN_NAMES = {
-    "user": ("user_id", "user", "userId", "uid", "customer_id", "visitor_id"),
-    "item": ("item_id", "item", "itemId", "movieId", "book_id", "product_id", "sku"),
-    "value": ("rating", "value", "weight", "score", "count", "quantity"),
-    "timestamp": ("timestamp", "ts", "time", "event_time", "datetime", "date"),
-}
+    "user": (
+        "user_id", "user", "userId", "uid", "customer_id", "visitor_id",
+        "customer", "visitor", "member_id", "account_id", "reviewerID", "User-ID",
+    ),
+    "item": (
+        "item_id", "item", "itemId", "movieId", "book_id", "product_id", "sku",
+        "product", "movie_id", "track_id", "song_id", "artist_id", "artistId",
+        "business_id", "article_id", "video_id", "asin", "ISBN",
+    ),
+    "value": (
+        "rating", "value", "weight", "score", "count", "quantity",
+        "plays", "playcount", "play_count", "clicks", "stars", "overall", "Book-Rating",
+    ),
+    "timestamp": (
+        "timestamp", "ts", "time", "event_time", "datetime", "date",
+        "created_at", "event_timestamp", "unixReviewTime",
+    ),
+}  # fmt: skip
 
 
 def read_parquet(path: Path, columns: dict[str, str] | None = None) -> tuple[Raw, None]:
