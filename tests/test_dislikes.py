@@ -100,7 +100,8 @@ def test_bpr_never_takes_a_dislike_for_a_positive(mixed, likes):
 
 @pytest.fixture(scope="module")
 def router(mixed, tmp_path_factory):
-    """Every algorithm fitted on `mixed` where user 4 has only dislikes, served."""
+    """Every algorithm fitted on `mixed` where user 4 has only dislikes and user 6
+    only events of value 0, served."""
     from recserve.config import ServerConfig
     from recserve.feedback import OnlineState
     from recserve.models import algorithms
@@ -109,6 +110,7 @@ def router(mixed, tmp_path_factory):
     data = copy.deepcopy(mixed)
     x = data.interactions
     x.data[x.indptr[4] : x.indptr[5]] = -1.0
+    x.data[x.indptr[6] : x.indptr[7]] = 0.0
     root = tmp_path_factory.mktemp("dislike-models")
     fast = {"als": {"factors": 8, "iterations": 4}, "bpr": {"factors": 8, "epochs": 4}}
     fast |= {"svd": {"factors": 8, "epochs": 4}, "bayes_mf": {"factors": 8, "epochs": 4}}
@@ -143,6 +145,35 @@ def test_a_user_with_only_dislikes_is_served_from_the_fallback(router):
         m = r.catalog.get(algo).model
         assert not m.is_cold(4), algo
         assert r.recommend(RecQuery(user_id=uid, model=algo, k=10)).served_by == "", algo
+
+
+def test_a_user_whose_values_are_all_zero_is_cold_where_values_weigh(router):
+    # A neighbourhood score is the history's values times similarities: events
+    # of value 0 weigh nothing, and such a user was ranked all zeros, items in
+    # index order. Where a 0 is an interaction (ALS's confidence 1, BPR's
+    # positive, EASE's binary default) the user is known.
+    from recserve.serving import RecQuery
+
+    r, data = router
+    uid = data.users.ids([6])[0]
+    seen = set(data.items.ids(data.interactions[6].indices))
+    hist = [(i, 0.0) for i in sorted(seen)[:3]]
+    for algo in ("itemknn", "userknn", "rp3beta", "content"):
+        m = r.catalog.get(algo).model
+        assert m.weighs_by_value and m.is_cold(6) and not m.is_cold(5), algo
+        got = r.recommend(RecQuery(user_id=uid, model=algo, k=10))
+        assert got.served_by == "popularity" and len(got.item_ids) == 10, algo
+        assert not seen & set(got.item_ids), algo
+        got = r.recommend(RecQuery(user_id="someone", model=algo, k=10, history=hist))
+        assert got.served_by == "popularity" and not {i for i, _ in hist} & set(got.item_ids)
+    for algo in ("als", "bpr", "ease"):
+        m = r.catalog.get(algo).model
+        assert not m.weighs_by_value and not m.is_cold(6), algo
+        got = r.recommend(RecQuery(user_id=uid, model=algo, k=10))
+        assert got.served_by == "" and not seen & set(got.item_ids), algo
+        got = r.recommend(RecQuery(user_id="someone", model=algo, k=10, history=hist))
+        assert got.served_by == "", algo
+    assert create("ease", binary=False).weighs_by_value
 
 
 def test_the_bundle_says_whether_its_data_has_dislikes(router, small, tmp_path):

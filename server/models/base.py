@@ -196,6 +196,11 @@ class Recommender(ABC):
     # True when _rank reads the training rows of known users (item-kNN scores
     # history x similarity); otherwise recommend() passes history=None for them.
     ranks_from_history: ClassVar[bool] = False
+    # True when a history item weighs by its value (neighbourhood scores are
+    # history values x similarities): an event of value 0 then weighs nothing,
+    # and a user whose values are all <= 0 is cold to the model. Otherwise a 0
+    # is an interaction like any other (ALS's confidence 1, BPR's positive).
+    weighs_by_value: ClassVar[bool] = False
     # True when scoring many known users in one recommend() call costs less per
     # user than one call each (a FAISS search or a BLAS product over factor
     # rows): the asyncio server's dynamic batching coalesces concurrent calls.
@@ -428,8 +433,9 @@ class Recommender(ABC):
     def is_cold(self, user: int) -> bool:
         """Whether this model learned nothing about a known user: no training
         events (a model fitted on a split), or only dislikes (negative values)
-        where the model learns from likes. Its ranking would be all zeros, items
-        in index order. The service answers such a user as it answers an
+        where the model learns from likes, or only values <= 0 where a history
+        weighs by its values (`weighs_by_value`). Its ranking would be all
+        zeros, items in index order. The service answers such a user as it answers an
         unknown one without a history (fallbacks, popularity). One look at the
         user's training row (and, for ALS, its factors). Never for a model that
         serves cold users: its answer (popular items the user has not seen) is
@@ -440,11 +446,14 @@ class Recommender(ABC):
         a, b = indptr[user], indptr[user + 1]
         if a == b:
             return self._learned_nothing(user)
-        if self.rates_negatives or not self.has_dislikes():
+        if self.rates_negatives:
+            return False
+        by_value = self.weighs_by_value
+        if not (self.has_dislikes() or (by_value and self._has_nonpositive())):
             return False
         assert self.user_items is not None
         top = np.asarray(self.user_items.data)[a:b].max()
-        return bool(top < 0) and self._learned_nothing(user)
+        return bool(top <= 0 if by_value else top < 0) and self._learned_nothing(user)
 
     def has_dislikes(self) -> bool:
         """Whether any training value is negative: the bundle's manifest says so
@@ -454,6 +463,15 @@ class Recommender(ABC):
         if held is None or held[0] is not seen:
             data = np.asarray(seen.data)
             held = self._dislikes = (seen, bool(data.size and data.min() < 0))
+        return held[1]
+
+    def _has_nonpositive(self) -> bool:
+        """Whether any training value is <= 0 (one pass, kept per training matrix)."""
+        seen = self._require_fitted()
+        held = self.__dict__.get("_nonpositive")
+        if held is None or held[0] is not seen:
+            data = np.asarray(seen.data)
+            held = self._nonpositive = (seen, bool(data.size and data.min() <= 0))
         return held[1]
 
     def _learned_nothing(self, user: int) -> bool:

@@ -46,6 +46,11 @@ class EASE(Recommender):
         "max_memory_gb": Param(float, 4.0, "refuse catalogues whose solve needs more", min=0),
     }
 
+    @property
+    def weighs_by_value(self) -> bool:  # type: ignore[override]
+        """Without `binary` a history weighs by its values (a 0 weighs nothing)."""
+        return not self.params["binary"]
+
     def _fit(self, dataset: Dataset) -> None:
         assert self.user_items is not None
         need = ease_bytes(self.n_items)

@@ -106,12 +106,18 @@ def _with_training_row(
 
 def _no_evidence(m: Recommender, values: np.ndarray) -> bool:
     """Whether a history tells the model nothing to rank by: empty, or only
-    dislikes (negative values) for a model that learns from likes. Such a
-    user goes on down the chain, as one with no history does; a model that
-    serves cold users (popularity) answers anyway."""
+    dislikes (negative values) for a model that learns from likes, or only
+    values <= 0 for one whose history weighs by its values (a 0 weighs
+    nothing). Such a user goes on down the chain, as one with no history does;
+    a model that serves cold users (popularity) answers anyway."""
     if m.serves_cold:
         return False
-    return values.size == 0 or (not m.rates_negatives and bool(values.max() < 0))
+    if values.size == 0:
+        return True
+    if m.rates_negatives:
+        return False
+    top = values.max()
+    return bool(top <= 0 if m.weighs_by_value else top < 0)
 
 
 @dataclass(frozen=True)
