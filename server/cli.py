@@ -295,6 +295,13 @@ def _data_args(p: argparse.ArgumentParser) -> None:
         help="csv and parquet: which columns hold user, item, value, timestamp, e.g. "
         "user=uid,item=sku,value=qty,timestamp=ts (default: common names, any case)",
     )
+    p.add_argument(
+        "--duplicates",
+        choices=("last", "sum"),
+        default=None,
+        help="a repeated (user, item) pair: keep the latest event, or add the values up "
+        "(default: sum when there is no value column, each row one event; else last)",
+    )
 
 
 def _algo_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -315,11 +322,13 @@ def _model(args: argparse.Namespace) -> Any:
     return model
 
 
-def load_dataset(path: str, fmt: str | None = None, columns: str | None = None) -> Any:
+def load_dataset(
+    path: str, fmt: str | None = None, columns: str | None = None, duplicates: str | None = None
+) -> Any:
     """recserve.data.load_dataset, imported when a command reads data (pyarrow is heavy)."""
     from recserve.data import load_dataset as load
 
-    return load(path, fmt, columns=columns)
+    return load(path, fmt, duplicates=duplicates, columns=columns)
 
 
 def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
@@ -342,7 +351,7 @@ def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t, 2),
         }
     t = time.perf_counter()
-    ds = load_dataset(args.data, args.format, args.columns)
+    ds = load_dataset(args.data, args.format, args.columns, args.duplicates)
     return {**ds.summary(), "seconds": round(time.perf_counter() - t, 2)}
 
 
@@ -353,7 +362,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     stages = ["read data", *(["evaluate"] if args.evaluate else []), "fit", "publish"]
     with tqdm(total=len(stages), desc="train", unit="stage", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str(stages[0])
-        ds = load_dataset(args.data, args.format, args.columns)
+        ds = load_dataset(args.data, args.format, args.columns, args.duplicates)
         log.info("data: %s", ds.summary())
         bar.update()
         metrics: dict[str, float] = {}
@@ -437,7 +446,7 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     if args.algo or args.param:
         raise ValueError("compare: give --compare or --algo/--param, not both")
     entries = compare_entries(args.compare, args.threads)
-    ds = load_dataset(args.data, args.format, args.columns)
+    ds = load_dataset(args.data, args.format, args.columns, args.duplicates)
     split = _given_split(args, ds)
     protocol = "given" if split is not None else args.protocol
     results = compare(entries, ds, protocol, args.k, **_split_settings(args), split=split)
@@ -467,7 +476,7 @@ def _given_split(args: argparse.Namespace, ds: Any) -> Any:
         return None
     from recserve.evaluation import given_split
 
-    split, n = given_split(ds, load_dataset(args.test, args.format, args.columns))
+    split, n = given_split(ds, load_dataset(args.test, args.format, args.columns, args.duplicates))
     dropped = n["events"] - n["kept"]
     log.info(
         "test: %d of %d events held out%s",
@@ -491,7 +500,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         return cmd_compare(args)
     if not args.algo:
         raise ValueError("algo: give --algo (or --compare A,B,...)")
-    ds = load_dataset(args.data, args.format, args.columns)
+    ds = load_dataset(args.data, args.format, args.columns, args.duplicates)
     split = _given_split(args, ds)
     protocol = "given" if split is not None else args.protocol
     result = evaluate(_model(args), ds, protocol, args.k, **_split_settings(args), split=split)
@@ -515,7 +524,7 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
     from recserve import tuning
 
     _resolve_split(args)
-    ds = load_dataset(args.data, args.format, args.columns)
+    ds = load_dataset(args.data, args.format, args.columns, args.duplicates)
     common = {
         "name": args.name,
         "models_dir": args.models,
@@ -668,6 +677,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
             data=str(data),
             format="csv",
             columns=None,
+            duplicates=None,
             algo=algo,
             param=params,
             threads=0,

@@ -441,6 +441,26 @@ def test_evaluate_and_compare_on_a_given_test_file(tmp_path, capsys):
     assert json.loads(out_json.read_text())["protocol"] == "random"
 
 
+def test_duplicates_flag_reaches_the_data(tmp_path, capsys):
+    # 200 click rows over 77 (user, item) pairs: without a value column the
+    # repeats are counted (up to 3), with --duplicates last they are not.
+    from recserve.models import load_named
+
+    data = tmp_path / "clicks.csv"
+    data.write_text("user,item\n" + "".join(f"u{i % 7},i{i % 11}\n" for i in range(200)))
+    counts = []
+    for n, flag in enumerate(([], ["--duplicates", "last"])):
+        args = ["train", "--data", data, "--algo", "popularity", "--name", f"p{n}"]
+        assert run(capsys, *args, "--no-evaluate", "--models", tmp_path / "m", *flag)[0] == 0
+        model = load_named(tmp_path / "m", f"p{n}")
+        assert model.user_items.nnz == 77
+        counts.append(float(model.user_items.data.max()))
+    assert counts == [3.0, 1.0]
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--data", str(data), "--algo", "popularity", "--duplicates", "max"])
+    assert exit_.value.code == 2 and "--duplicates" in capsys.readouterr().err
+
+
 def test_recommend_names_what_is_published_when_the_name_is_not(tmp_path, capsys):
     # A hybrid from recserve.toml is the usual case: it has no bundle folder.
     models = tmp_path / "models"

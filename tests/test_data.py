@@ -348,6 +348,25 @@ def test_duplicates_last_or_sum():
     assert summed.toarray().tolist() == [[0, 9], [2, 0]]
 
 
+def test_an_implicit_logs_repeated_events_are_counted(tmp_path, caplog):
+    # Without a value column every row is one event: a pair clicked three times
+    # is worth 3, not 1 (which "keep the latest" made of it). With values, a
+    # repeated pair is a revised rating: the latest is kept. Either is forced
+    # with duplicates= (the CLI's --duplicates).
+    clicks = write(tmp_path / "clicks.csv", "user,item,ts\na,x,1\na,x,2\nb,y,3\na,x,4\nb,x,5\n")
+    with caplog.at_level("INFO", logger="recserve.data.readers"):
+        ds = load_dataset(clicks)
+    assert entries(ds) == {("a", "x"): 3.0, ("b", "y"): 1.0, ("b", "x"): 1.0}
+    assert stamps(ds)[("a", "x")] == 4
+    assert "2 repeated (user, item) events added up (counts)" in caplog.text
+    assert entries(load_dataset(clicks, duplicates="last"))[("a", "x")] == 1.0
+    rated = write(tmp_path / "rated.csv", "user,item,rating,ts\na,x,2,1\na,x,5,2\nb,y,4,3\n")
+    assert entries(load_dataset(rated)) == {("a", "x"): 5.0, ("b", "y"): 4.0}
+    assert entries(load_dataset(rated, duplicates="sum"))[("a", "x")] == 7.0
+    with pytest.raises(ValueError, match="duplicates: expected 'last' or 'sum', got 'max'"):
+        load_dataset(rated, duplicates="max")
+
+
 @pytest.mark.parametrize(
     "body, line, message",
     [

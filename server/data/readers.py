@@ -77,6 +77,8 @@ class Raw:
     values: np.ndarray
     timestamps: np.ndarray
     has_timestamps: bool
+    # False for an implicit log (no value column: every row one event of value 1)
+    has_values: bool = True
 
 
 # ---------------------------------------------------------------------------
@@ -808,6 +810,7 @@ def _raw(t: pa.Table, user: str, item: str, rating: str | None, ts: str | None) 
         values,
         stamps,
         ts is not None,
+        rating is not None,
     )
 
 
@@ -985,11 +988,17 @@ def epoch_seconds(stamps: np.ndarray, where: Path | str = "") -> np.ndarray:
 def load_dataset(
     path: str | Path,
     fmt: str | None = None,
-    duplicates: str = "last",
+    duplicates: str | None = None,
     columns: str | dict[str, str] | None = None,
 ) -> Dataset:
     """Read a dataset in any supported format (auto-detected unless `fmt` is given).
-    `columns` maps roles to column names for Parquet (`user=uid,item=sku,...`)."""
+    `columns` maps roles to column names for Parquet (`user=uid,item=sku,...`).
+    `duplicates`, for a repeated (user, item) pair: "last" keeps the latest event
+    (a revised rating), "sum" adds values; None (default) sums an implicit log's
+    events (no value column: each row one event, so a pair's value is how many
+    times it happened) and keeps the last of anything with values."""
+    if duplicates not in (None, "last", "sum"):
+        raise ValueError(f"duplicates: expected 'last' or 'sum', got {duplicates!r}")
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
@@ -1012,6 +1021,8 @@ def load_dataset(
     item_ids = _sorted_ids(raw.items, meta_items)
     users = _dense(raw.users, user_ids)
     items = _dense(raw.items, item_ids)
+    if duplicates is None:
+        duplicates = "last" if raw.has_values else "sum"
     matrix, stamps = build_csr(
         users,
         items,
@@ -1021,6 +1032,13 @@ def load_dataset(
         len(item_ids),
         duplicates=duplicates,
     )
+    if matrix.nnz < len(raw.values):
+        log.info(
+            "%s: %d repeated (user, item) events %s",
+            p,
+            len(raw.values) - matrix.nnz,
+            "added up (counts)" if duplicates == "sum" else "dropped (the latest kept)",
+        )
     titles = features = None
     names: list[str] = []
     if meta:
