@@ -287,3 +287,28 @@ def test_solve_row_rejects_bad_input():
         alsk.solve_row(ix, np.ones(2, np.float32), y, g, out)
     with pytest.raises(TypeError, match="G: expected dtype float32"):
         alsk.solve_row(ix, c, y, g.astype(np.float64), out)
+
+
+def test_absurd_values_count_as_at_most_ten_thousand_units(small):
+    # A value 10^9 times the unit made a confidence whose float32 solve failed:
+    # the user came out as zeros and got items in index order. And one corrupt
+    # 1e30 in the training file set the unit to ~1e26, so every other value
+    # weighed nothing. Now a value counts as at most 10^4 units, and the unit
+    # counts values above the 99.9th percentile at it.
+    model = create("als", factors=16, iterations=4).fit(small)
+    items = np.array([2, 30, 61])
+    cap = 1e4 * model.value_scale
+    want, _ = model.recommend_from_history(items, [cap, cap, 1.0], k=10)
+    for huge in (1e9, 1e30, 3e38):
+        got, scores = model.recommend_from_history(items, [huge, huge, 1.0], k=10)
+        np.testing.assert_array_equal(got, want)
+        assert np.isfinite(scores).all() and scores[0] > 0
+    corrupt = copy.deepcopy(small)
+    corrupt.interactions.data[7] = 1e30
+    fitted = create("als", factors=16, iterations=4).fit(corrupt)
+    assert fitted.value_scale == pytest.approx(model.value_scale, rel=0.01)
+    ordinary = np.array([1.0, 3.0, 5.0], np.float32)
+    np.testing.assert_allclose(
+        fitted._confidence_values(ordinary), model._confidence_values(ordinary), rtol=0.01
+    )
+    assert np.isfinite(fitted.user_factors).all() and fitted.user_factors.any(axis=1).all()

@@ -228,3 +228,22 @@ def test_svd_epoch_rejects_bad_input():
             0.0,
             0.1,
         )
+
+
+@pytest.mark.parametrize("algo", ["svd", "bayes_mf"])
+def test_history_ratings_beyond_the_scale_count_as_its_ends(small, algo):
+    # A 50 (or 1e30) sent on a 1-5 scale folded into a user vector that long:
+    # bayes_mf's predictions overflowed to inf. Such a rating is the top (or
+    # bottom) of the training scale.
+    model = create(algo, factors=8, epochs=3).fit(small)
+    low, high = model.scale
+    items = np.array([3, 40, 77])
+    for sent, meant in (([50.0, 1e30, 3e38], [high] * 3), ([-1e30, 1e30, 3.0], [low, high, 3.0])):
+        got_i, got_s = model.recommend_from_history(items, sent, k=10)
+        want_i, want_s = model.recommend_from_history(items, meant, k=10)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_array_equal(got_s, want_s)
+        assert np.isfinite(got_s).all()
+        row = model.history_matrix([items], [sent])
+        rated, _ = model.score_history(row, np.array([5, 6]))
+        assert np.isfinite(rated).all() and (low <= rated).all() and (rated <= high).all()

@@ -46,6 +46,9 @@ from recserve.models.base import (
 from recserve.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
 from recserve.models.registry import register
 
+# ALS's confidence counts a value as at most this many units (value_scale).
+MAX_VALUE_UNITS = 1e4
+
 
 def serial_blas() -> threadpool_limits:
     """BLAS on one thread, for kernels that call it from every OpenMP thread."""
@@ -110,6 +113,10 @@ class ALS(EmbeddingIndexMixin):
             magnitude /= np.float32(self.value_scale)
         else:
             magnitude = np.abs(r) / np.float32(self.value_scale)
+        # Capped: a value 10^9 times the unit (a corrupt row, a client's
+        # 1e30) made a confidence whose float32 solve failed, and the user got
+        # zeros: items in index order. 10^4 units is beyond any real value.
+        magnitude = np.minimum(magnitude, np.float32(MAX_VALUE_UNITS))
         c = (1.0 + self.params["alpha"] * magnitude).astype(np.float32)
         return np.where(r < 0, -c, c) if (r < 0).any() else c
 
@@ -291,10 +298,14 @@ def value_units(values: np.ndarray, mode: str) -> tuple[float, float]:
 
 def value_unit(values: np.ndarray) -> float:
     """The mean |value| of training data, the unit ALS's alpha applies to (1.0
-    when there is none, or it is not a positive finite number)."""
+    when there is none, or it is not a positive finite number). Values above
+    the 99.9th percentile count at it: one corrupt 1e30 in a file of ratings
+    set the unit to 1e26, and every other value weighed nothing."""
     if values.size == 0:
         return 1.0
-    unit = float(np.abs(np.asarray(values, np.float64)).mean())
+    mags = np.abs(np.asarray(values, np.float64))
+    top = float(np.quantile(mags, 0.999))
+    unit = float(np.minimum(mags, top).mean())
     return unit if np.isfinite(unit) and unit > 0 else 1.0
 
 
@@ -434,8 +445,15 @@ class BiasedMF(Recommender):
         minimiser of sum (r - mu - b_i - b_u - q_i.p)^2 + reg n (b_u^2 + |p|^2)."""
         z = self._design(row.indices)
         a = self._precision(z)
-        w = np.linalg.solve(a, z.T @ (row.data - self.mu - np.asarray(self.bi[row.indices])))
+        r = self._on_scale(row.data)
+        w = np.linalg.solve(a, z.T @ (r - self.mu - np.asarray(self.bi[row.indices])))
         return w, a
+
+    def _on_scale(self, ratings: np.ndarray) -> np.ndarray:
+        """A history's ratings clipped to the training rating scale: a 50 (or
+        1e30) sent on a 1-5 scale means the top of it, not a user vector 1e30
+        long (whose predictions overflowed to inf)."""
+        return np.clip(np.asarray(ratings, np.float64), *self.scale)
 
     def _posterior_mean(self, items: np.ndarray, ratings: np.ndarray) -> np.ndarray:
         """w of _posterior without A. With fewer ratings n than parameters f + 1
@@ -443,13 +461,14 @@ class BiasedMF(Recommender):
         w = Z^T (Z Z^T + reg n I)^-1 t, the same minimiser (push-through
         identity): a ten-item history with 100 factors solves a 10 x 10 system
         instead of a 101 x 101 one."""
+        ratings = self._on_scale(ratings)
         try:  # the same two systems by Cholesky in one kernel call
             return sgdk.ridge_user(
                 self._vectors("Q"),
                 self._bias32(),
                 self.mu,
                 np.asarray(items, np.int32),
-                np.asarray(ratings),
+                ratings,
                 self.params["reg"],
             )
         except ValueError:  # not positive definite (reg 0): numpy's solve says how
