@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from recserve import __version__
@@ -352,7 +353,36 @@ def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
         }
     t = time.perf_counter()
     ds = load_dataset(args.data, args.format, args.columns, args.duplicates)
-    return {**ds.summary(), "seconds": round(time.perf_counter() - t, 2)}
+    return {
+        **ds.summary(),
+        "values": value_summary(ds),
+        "seconds": round(time.perf_counter() - t, 2),
+    }
+
+
+def value_summary(ds: Any) -> dict[str, Any]:
+    """What the models will make of the values: their range and quantiles,
+    dislikes (< 0) and zeros, and whether `values=auto` weighs them on the log
+    scale (heavy-tailed: counts) or as they are (ratings)."""
+    from recserve.models.base import HEAVY_TAIL_RATIO, log_median
+
+    v = np.asarray(ds.interactions.data, np.float64)
+    if v.size == 0:
+        return {}
+    mags = np.abs(v[v != 0])
+    return {
+        "min": float(v.min()),
+        "median": float(np.median(v)),
+        "p99": float(np.quantile(v, 0.99)),
+        "max": float(v.max()),
+        "dislikes": int((v < 0).sum()),
+        "zeros": int((v == 0).sum()),
+        "tail_ratio": round(float(np.quantile(mags, 0.99) / np.median(mags)), 2)
+        if mags.size
+        else None,
+        "scale": "log" if log_median(v, "auto") > 0 else "linear",
+        "log_scale_above_tail_ratio": HEAVY_TAIL_RATIO,
+    }
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:

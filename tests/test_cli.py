@@ -441,6 +441,26 @@ def test_evaluate_and_compare_on_a_given_test_file(tmp_path, capsys):
     assert json.loads(out_json.read_text())["protocol"] == "random"
 
 
+def test_data_info_says_how_the_values_will_weigh(tmp_path, capsys):
+    ratings = tmp_path / "r.csv"
+    ratings.write_text(
+        "user,item,rating\n" + "".join(f"u{i},i{i % 9},{1 + i % 5}\n" for i in range(50))
+    )
+    code, out, _ = run(capsys, "data", "info", "--data", ratings)
+    values = last_json(out)["values"]
+    assert code == 0 and values["scale"] == "linear" and values["tail_ratio"] <= 4
+    assert (values["min"], values["max"], values["dislikes"], values["zeros"]) == (1, 5, 0, 0)
+    plays = tmp_path / "p.csv"
+    counts = [1, 2, 3, 1, 2, 900, 4, 1, 2, 3] * 10 + [-1, 0]
+    plays.write_text(
+        "user,item,plays\n" + "".join(f"u{i},i{i % 9},{c}\n" for i, c in enumerate(counts))
+    )
+    code, out, _ = run(capsys, "data", "info", "--data", plays)
+    values = last_json(out)["values"]
+    assert values["scale"] == "log" and values["tail_ratio"] > 4
+    assert (values["dislikes"], values["zeros"], values["max"]) == (1, 1, 900)
+
+
 def test_duplicates_flag_reaches_the_data(tmp_path, capsys):
     # 200 click rows over 77 (user, item) pairs: without a value column the
     # repeats are counted (up to 3), with --duplicates last they are not.
