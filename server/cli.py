@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric", default="ndcg@20", help="recall@K, ndcg@K, map@K, mrr, rmse, ... (ndcg@20)"
     )
     _split_args(tn)
+    tn.add_argument(
+        "--test",
+        default=None,
+        metavar="FILE",
+        help="held-out events from a file (as evaluate --test): the tuned model's test "
+        "score is measured on them; the search validates on a split of --data",
+    )
     tn.add_argument("--name", required=True, help="model (or hybrid) name in the models folder")
     tn.add_argument("--models", required=True, help="models folder")
     tn.add_argument("--threads", type=_count(0), default=0, help="kernel threads (0 = all cores)")
@@ -567,8 +574,10 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
     }
     if args.hybrid:
-        if args.param or args.minutes is not None or args.threshold is not None:
-            raise ValueError("hybrid: --param, --minutes and --threshold apply to --algo only")
+        if args.param or args.minutes is not None or args.threshold is not None or args.test:
+            raise ValueError(
+                "hybrid: --param, --minutes, --threshold and --test apply to --algo only"
+            )
         parts = [c.strip() for c in args.hybrid.split(",") if c.strip()]
         return tuning.tune_hybrid(ds, parts, **common)
     algos = [a.strip() for a in args.algo.split(",") if a.strip()]
@@ -578,6 +587,7 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
         minutes=args.minutes,
         threshold=args.threshold,
         fixed=parse_params(args.param),
+        split=_given_split(args, ds),
         **common,
     )
 

@@ -88,10 +88,16 @@ def suggest(trial: Any, name: str, p: Param) -> Any:
 
 
 def splits(
-    ds: Dataset, protocol: str, fraction: float, seed: int, leave_last: int
+    ds: Dataset,
+    protocol: str,
+    fraction: float,
+    seed: int,
+    leave_last: int,
+    given: Split | None = None,
 ) -> tuple[Split, Split]:
-    """(evaluate's split, the validation split made from its training part only)."""
-    outer = make_split(ds, protocol, fraction, seed, leave_last)
+    """(evaluate's split, the validation split made from its training part only).
+    `given`: a split made elsewhere (evaluate --test) in place of evaluate's."""
+    outer = given if given is not None else make_split(ds, protocol, fraction, seed, leave_last)
     inner = make_split(outer.train, protocol, fraction, seed, leave_last)
     return outer, inner
 
@@ -462,10 +468,14 @@ def tune(
     fixed: Mapping[str, Any] | None = None,
     threads: int = 0,
     progress: bool | None = None,
+    split: Split | None = None,
 ) -> dict[str, Any]:
-    """Search each algorithm on the validation split, pick the best, retrain it on
-    all the data and publish it as `name` with the search record in its manifest.
-    Ctrl-C stops the search and publishes the best so far."""
+    """Search each algorithm on the validation split, pick the best, measure it
+    once on evaluate's held-out test (which the search never saw: the figure to
+    quote, the validation one being chosen on), retrain it on all the data and
+    publish it as `name` with the search record in its manifest. `split`: a
+    given split (evaluate --test) in place of evaluate's. Ctrl-C stops the
+    search and publishes the best so far."""
     bundle.check_name(name)
     if trials < 1:
         raise ValueError(f"trials: must be >= 1, got {trials}")
@@ -481,7 +491,7 @@ def tune(
     metric, k = check_metric(metric)
     t0 = time.perf_counter()
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
-    outer, inner = splits(ds, protocol, fraction, seed, leave_last)
+    outer, inner = splits(ds, protocol, fraction, seed, leave_last, split)
     check_validation(inner, metric, threshold, protocol, fraction)
     results: list[AlgoResult] = []
     for i, algo in enumerate(algos):
@@ -509,6 +519,16 @@ def tune(
     for r in done[1:]:
         if better(metric, r.best_value, best.best_value):  # type: ignore[arg-type]
             best = r
+    held_out = create(best.algorithm, **best.best_params)
+    held_out.n_threads = threads
+    test_value = score(held_out, outer, metric, k, threshold)
+    log.info(
+        "tune: %s best, %s %.4f on validation, %.4f on the held-out test",
+        best.algorithm,
+        metric,
+        best.best_value,
+        test_value,
+    )
     model = create(best.algorithm, **best.best_params)
     model.n_threads = threads
     model.fit(ds)  # all the data: what serves
@@ -521,6 +541,8 @@ def tune(
         "threshold": threshold,
         "validation_events": int(inner.test.nnz),
         "evaluate_test_events": int(outer.test.nnz),  # never seen by the search
+        "test": test_value,
+        "given_split": split is not None,
         "data_fingerprint": ds.fingerprint(),
         "seconds": round(time.perf_counter() - t0, 3),
         "interrupted": any(r.interrupted for r in results),
@@ -543,6 +565,7 @@ def tune(
         "params": best.best_params,
         "metric": metric,
         "validation": best.best_value,
+        "test": test_value,
         "defaults": {r.algorithm: r.default_value for r in results},
         "best_by_algorithm": {r.algorithm: r.best_value for r in results},
         "trials": {r.algorithm: len(r.trials) for r in results},

@@ -17,7 +17,7 @@ import pytest
 from recserve import tuning
 from recserve.config import Hybrid, ServerConfig, load_config
 from recserve.data import generate, to_dataset, write_csv
-from recserve.evaluation import make_split
+from recserve.evaluation import evaluate, make_split
 from recserve.models import bundle, create
 from recserve.models.registry import MODELS
 from tests.service_helpers import running, wait_for
@@ -111,6 +111,42 @@ def test_tune_is_reproducible_and_records_the_search(tiny, tmp_path):
     }
     # the published model is fitted on all the data
     assert doc["dataset"]["interactions"] == tiny.interactions.nnz
+    # and the tuned parameters scored once on evaluate's own test split, which
+    # `recserve evaluate --seed 11` reproduces
+    best = create(a["algorithm"], **a["params"])
+    best.n_threads = 1
+    want = evaluate(best, tiny, "random", [20], seed=11)["metrics"]["recall@20"]
+    assert a["test"] == pytest.approx(want) and record["test"] == a["test"]
+    assert record["given_split"] is False
+
+
+def test_tune_measures_the_tuned_model_on_a_given_test_file(tmp_path, capsys):
+    # MovieLens' u1.base / u1.test layout: the search validates on a split of
+    # the training file, the test file is only scored (as evaluate --test does).
+    from recserve.cli import main
+
+    rng = np.random.default_rng(2)
+    rows = sorted({(int(u), int(i)) for u, i in rng.integers(1, 80, (4000, 2))})
+    rng.shuffle(rows)
+    lines = [f"{u}\t{i}\t{1 + (u * i) % 5}\t{880000000 + n}\n" for n, (u, i) in enumerate(rows)]
+    train, test = tmp_path / "u1.base", tmp_path / "u1.test"
+    train.write_text("".join(lines[:2000]))
+    test.write_text("".join(lines[2000:]))
+    argv = ["tune", "--data", str(train), "--test", str(test), "--algo", "itemknn"]
+    argv += ["--trials", "3", "--name", "t", "--models", str(tmp_path / "m"), "--threads", "1"]
+    assert main([*argv, "--metric", "recall@10"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    params = ",".join(f"{k}={v}" for k, v in out["params"].items())
+    check = ["evaluate", "--data", str(train), "--test", str(test), "--algo", "itemknn"]
+    check += ["--k", "10", "--threads", "1", "--out", str(tmp_path / "e.json")]
+    for kv in params.split(",") if params else []:
+        check += ["--param", kv]
+    assert main(check) == 0
+    want = json.loads((tmp_path / "e.json").read_text())["metrics"]["recall@10"]
+    assert out["test"] == pytest.approx(want)
+    assert bundle.read_manifest(out["path"])["tuning"]["given_split"] is True
+    assert main([*argv, "--protocol", "temporal"]) == 2  # ignored next to --test: refused
+    assert "would be ignored" in capsys.readouterr().err
 
 
 def test_pruning_stops_trials_that_are_behind(tiny, tmp_path):
