@@ -371,12 +371,13 @@ def value_summary(ds: Any) -> dict[str, Any]:
     """What the models will make of the values: their range and quantiles,
     dislikes (< 0) and zeros, and whether `values=auto` weighs them on the log
     scale (heavy-tailed: counts) or as they are (ratings)."""
-    from recserve.models.base import HEAVY_TAIL_RATIO, log_median
+    from recserve.models.base import HEAVY_TAIL_RATIO
 
     v = np.asarray(ds.interactions.data, np.float64)
     if v.size == 0:
         return {}
     mags = np.abs(v[v != 0])
+    tail = float(np.quantile(mags, 0.99) / np.median(mags)) if mags.size else None
     return {
         "min": float(v.min()),
         "median": float(np.median(v)),
@@ -384,10 +385,8 @@ def value_summary(ds: Any) -> dict[str, Any]:
         "max": float(v.max()),
         "dislikes": int((v < 0).sum()),
         "zeros": int((v == 0).sum()),
-        "tail_ratio": round(float(np.quantile(mags, 0.99) / np.median(mags)), 2)
-        if mags.size
-        else None,
-        "scale": "log" if log_median(v, "auto") > 0 else "linear",
+        "tail_ratio": None if tail is None else round(tail, 2),
+        "scale": "log" if tail is not None and tail > HEAVY_TAIL_RATIO else "linear",
         "log_scale_above_tail_ratio": HEAVY_TAIL_RATIO,
     }
 
