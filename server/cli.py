@@ -371,13 +371,13 @@ def value_summary(ds: Any) -> dict[str, Any]:
     """What the models will make of the values: their range and quantiles,
     dislikes (< 0) and zeros, and whether `values=auto` weighs them on the log
     scale (heavy-tailed: counts) or as they are (ratings)."""
-    from recserve.models.base import HEAVY_TAIL_RATIO
+    from recserve.models.base import HEAVY_TAIL_RATIO, value_tail
 
     v = np.asarray(ds.interactions.data, np.float64)
     if v.size == 0:
         return {}
-    mags = np.abs(v[v != 0])
-    tail = float(np.quantile(mags, 0.99) / np.median(mags)) if mags.size else None
+    found = value_tail(v)
+    tail = None if found is None else found[1]
     return {
         "min": float(v.min()),
         "median": float(np.median(v)),

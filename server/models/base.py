@@ -139,6 +139,17 @@ VALUES = Param(
 )
 
 
+def value_tail(values: np.ndarray) -> tuple[float, float] | None:
+    """(median, 99th percentile / median) of the non-zero finite |values|, or
+    None when there are none: what `values = "auto"` decides by."""
+    mags = np.abs(np.asarray(values, np.float64))
+    mags = mags[np.isfinite(mags) & (mags > 0)]
+    if mags.size == 0:
+        return None
+    median = float(np.median(mags))
+    return median, float(np.quantile(mags, 0.99)) / median
+
+
 def log_median(values: np.ndarray, mode: str, algorithm: str = "") -> float:
     """The median of the non-zero |values| when they weigh on the log scale
     (`mode` "log", or "auto" and heavy-tailed: 99th percentile over
@@ -146,13 +157,11 @@ def log_median(values: np.ndarray, mode: str, algorithm: str = "") -> float:
     otherwise outweigh the many ordinary ones."""
     if mode == "linear":
         return 0.0
-    mags = np.abs(np.asarray(values, np.float64))
-    mags = mags[np.isfinite(mags) & (mags > 0)]
-    if mags.size == 0:
+    found = value_tail(values)
+    if found is None:
         return 0.0
-    median = float(np.median(mags))
+    median, tail = found
     if mode == "auto":
-        tail = float(np.quantile(mags, 0.99)) / median
         if tail <= HEAVY_TAIL_RATIO:
             return 0.0
         log.info(
