@@ -98,9 +98,10 @@ class Signals:
             self._r.recv(4096)
 
 
-def _wait_for_signal() -> None:
-    """Block the main thread until SIGTERM or SIGINT."""
-    signals = Signals({signal.SIGTERM: None, signal.SIGINT: None})
+def _wait_for_signal(signals: Signals | None = None) -> None:
+    """Block the main thread until SIGTERM or SIGINT (noted by `signals`, or by
+    handlers installed now)."""
+    signals = signals or Signals({signal.SIGTERM: None, signal.SIGINT: None})
     while not signals.got:
         signals.wait(1.0)
 
@@ -119,10 +120,14 @@ def serve(cfg: ServerConfig) -> None:
     # BLAS team per request costs more than it saves (measured with
     # `recserve bench`: server CPU per Recommend falls by ~0.5 ms on 2 cores).
     threadpool_limits(limits=cfg.kernel_threads or cores())
+    # Before the server starts: from "listening on" on, a SIGTERM (a rolling
+    # restart, a test's stop) must drain, and with the handlers installed only
+    # after start it killed the process outright (-15) when it came first.
+    signals = Signals({signal.SIGTERM: None, signal.SIGINT: None})
     app = App(cfg, settle_heap=True)
     port = app.start()
     _announce(cfg, port)
-    _wait_for_signal()
+    _wait_for_signal(signals)
     log.info("signal received: draining (grace %.1fs)", cfg.grace_seconds)
     _drain(app, cfg)
 
@@ -141,8 +146,10 @@ def _reserve_port(cfg: ServerConfig) -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
-def _worker(cfg: ServerConfig, index: int) -> int:
-    """Body of one forked worker process; returns its exit code."""
+def _worker(cfg: ServerConfig, index: int, signals: Signals) -> int:
+    """Body of one forked worker process; returns its exit code. `signals`: its
+    own, installed the moment it was forked (a SIGTERM while it starts drains it
+    once started)."""
     from threadpoolctl import threadpool_limits
 
     from recserve.service import App
@@ -152,8 +159,6 @@ def _worker(cfg: ServerConfig, index: int) -> int:
         share = min(share, cfg.kernel_threads)
     threadpool_limits(limits=share)
     app = App(cfg, settle_heap=True)
-    # Its own wakeup socket: the one inherited from the launcher is the launcher's.
-    signals = Signals({signal.SIGTERM: None, signal.SIGINT: None})
     app.start()
     log.info("worker %d (pid %d) serving, %d BLAS/OpenMP thread(s)", index, os.getpid(), share)
     while not signals.got:
@@ -171,13 +176,34 @@ def serve_workers(cfg: ServerConfig) -> None:
     holder, port = _reserve_port(cfg)
     worker_cfg = replace(cfg, port=port, metrics_port=0)
     pids: list[int] = []
+    stopping: list[bool] = []
+
+    def forward(_signum: int) -> None:
+        stopping.append(True)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    # Installed before the first fork: a SIGTERM at any moment from here on is
+    # passed on to the workers. Installed after "listening on" (and the metrics
+    # server's start), one arriving first killed the launcher and left the
+    # workers running. SIGCHLD only wakes the loop below, which reaps without
+    # blocking (a blocking waitpid would not wake for a signal another thread
+    # received).
+    signals = Signals({signal.SIGTERM: forward, signal.SIGINT: forward, signal.SIGCHLD: None})
     for i in range(cfg.workers):
+        if stopping:  # told to stop while starting: fork no more
+            break
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
+                # Its own handlers and wakeup socket at once: the launcher's
+                # would forward a signal to the siblings.
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                own = Signals({signal.SIGTERM: None, signal.SIGINT: None})
                 holder.close()
-                code = _worker(worker_cfg, i)
+                code = _worker(worker_cfg, i, own)
             except BaseException:
                 log.exception("worker %d failed", i)
             finally:
@@ -195,17 +221,6 @@ def serve_workers(cfg: ServerConfig) -> None:
         multiprocess.MultiProcessCollector(registry)
         http = start_http_server(cfg.metrics_port, registry=registry)
     _announce(cfg, port)
-    stopping: list[bool] = []
-
-    def forward(_signum: int) -> None:
-        stopping.append(True)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    # SIGCHLD only wakes the loop below, which reaps without blocking (a
-    # blocking waitpid would not wake for a signal another thread received).
-    signals = Signals({signal.SIGTERM: forward, signal.SIGINT: forward, signal.SIGCHLD: None})
     failed = 0
     alive = set(pids)
     while alive:

@@ -252,6 +252,38 @@ launch.serve(ServerConfig(grace_seconds=0.5, metrics_port=0))
     assert time.monotonic() - t < 30
 
 
+def test_a_sigterm_right_after_listening_drains(tmp_path):
+    """The handlers were installed after App.start() had logged "listening on":
+    a SIGTERM in between (a test stopping a server it had just used, a rolling
+    restart) killed the process with -15 instead of draining it (one fresh-clone
+    CI run: test_an_acknowledged_event_survives_sigkill). Here the SIGTERM comes
+    the moment start() returns, before anything else runs."""
+    script = f"""
+import logging, os, signal
+import recserve.launch as launch, recserve.service as service
+from recserve.config import ServerConfig
+
+logging.basicConfig(level=logging.INFO)
+
+class App(service.App):
+    def start(self):
+        port = super().start()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return port
+
+service.App = App
+launch.serve(ServerConfig(models={str(tmp_path / "none")!r}, port=0, metrics_port=0,
+                          state_dir={str(tmp_path)!r}, grace_seconds=0.5))
+print("drained", flush=True)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert "listening on" in out.stderr and "signal received: draining" in out.stderr
+    assert out.stdout == "drained\n"
+
+
 def test_sigterm_is_never_lost_to_another_thread():
     """The kernel may deliver SIGTERM to any thread, and CPython runs the handler
     only when the main thread next runs bytecode: a main thread blocked in

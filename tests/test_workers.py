@@ -118,3 +118,41 @@ def test_two_workers_share_port_metrics_and_feedback(models_dir, tmp_path):
     pids = {m[1] for x in p.lines if (m := re.search(r"worker \d \(pid (\d+)\) serving", x))}
     assert len(pids) == 2
     assert set(before) == pids  # the answering processes are the two workers
+
+
+def test_a_sigterm_right_after_listening_stops_the_launcher_and_its_workers(tmp_path):
+    """The launcher installed its handlers after "listening on" and the metrics
+    server's start: a SIGTERM in between killed it (-15) and left its workers
+    running, orphaned. Here the SIGTERM comes the moment it announces itself."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_serve_process import ROOT
+
+    script = f"""
+import logging, os, signal
+import recserve.launch as launch
+from recserve.config import ServerConfig
+
+logging.basicConfig(level=logging.INFO)
+launch._announce = lambda cfg, port: os.kill(os.getpid(), signal.SIGTERM)
+launch.serve(ServerConfig(models={str(tmp_path / "none")!r}, port=0, metrics_port=0,
+                          state_dir={str(tmp_path)!r}, grace_seconds=0.5, workers=2))
+print("stopped", flush=True)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    found = re.search(r"2 workers: \[(\d+), (\d+)\]", out.stderr)
+    assert found, out.stderr
+    pids = [int(p) for p in found.groups()]
+    alive = []
+    for pid in pids:  # the workers are gone (cleaned up here if not: the old bug)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    assert out.returncode == 0 and not alive, (out.returncode, alive, out.stderr)
+    assert "all workers stopped" in out.stderr and out.stdout == "stopped\n"
