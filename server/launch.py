@@ -191,17 +191,22 @@ def serve_workers(cfg: ServerConfig) -> None:
     # blocking (a blocking waitpid would not wake for a signal another thread
     # received).
     signals = Signals({signal.SIGTERM: forward, signal.SIGINT: forward, signal.SIGCHLD: None})
+    held = {signal.SIGTERM, signal.SIGINT}
     for i in range(cfg.workers):
         if stopping:  # told to stop while starting: fork no more
             break
+        # Blocked across the fork: a signal arriving meanwhile waits for the
+        # child's own handlers (the launcher's would forward it to the
+        # siblings from inside the child) or, in the launcher, for the pid to
+        # be on the list it forwards to.
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
-                # Its own handlers and wakeup socket at once: the launcher's
-                # would forward a signal to the siblings.
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 own = Signals({signal.SIGTERM: None, signal.SIGINT: None})
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
                 holder.close()
                 code = _worker(worker_cfg, i, own)
             except BaseException:
@@ -210,8 +215,9 @@ def serve_workers(cfg: ServerConfig) -> None:
                 logging.shutdown()
                 os._exit(code)
         pids.append(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
     holder.close()  # the workers' listening sockets hold the port now
-    log.info("listening on %s:%d (%d workers: %s)", cfg.host, port, cfg.workers, pids)
+    log.info("listening on %s:%d (%d workers: %s)", cfg.host, port, len(pids), pids)
 
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 

@@ -156,3 +156,48 @@ print("stopped", flush=True)
             pass
     assert out.returncode == 0 and not alive, (out.returncode, alive, out.stderr)
     assert "all workers stopped" in out.stderr and out.stdout == "stopped\n"
+
+
+def test_a_sigterm_while_a_worker_is_forked_reaches_that_worker(tmp_path):
+    """A SIGTERM that arrives as the launcher forks (here: just before each
+    fork) was forwarded to the workers already on its list, not to the one
+    being forked, and the launcher then waited for that worker forever. The
+    signal is held across the fork: the new worker gets it and drains."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_serve_process import ROOT
+
+    script = f"""
+import logging, os, signal
+import recserve.launch as launch
+from recserve.config import ServerConfig
+
+logging.basicConfig(level=logging.INFO)
+real_fork = os.fork
+def fork():
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_fork()
+launch.os.fork = fork
+launch.serve(ServerConfig(models={str(tmp_path / "none")!r}, port=0, metrics_port=0,
+                          state_dir={str(tmp_path)!r}, grace_seconds=0.5, workers=2))
+print("stopped", flush=True)
+"""
+    p = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        out, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher and its forgotten worker
+        out, err = p.communicate()
+        raise AssertionError("the launcher waited for a worker it never stopped:\n" + err) from None
+    assert p.returncode == 0, err
+    assert re.search(r"\(1 workers: \[\d+\]\)", err), err  # told to stop: forked no more
+    assert "all workers stopped" in err and out == "stopped\n"
