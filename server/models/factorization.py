@@ -41,6 +41,7 @@ from recserve.models.base import (
     cosine_similar,
     cosine_similar_one,
     log_median,
+    log_scaled,
     without_dislikes,
 )
 from recserve.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
@@ -109,8 +110,7 @@ class ALS(EmbeddingIndexMixin):
         if self.params["binary"]:
             magnitude = np.ones(r.shape, np.float32)
         elif self.value_median > 0:
-            magnitude = np.log1p(np.abs(r) / np.float32(self.value_median))
-            magnitude /= np.float32(self.value_scale)
+            magnitude = np.abs(log_scaled(r, self.value_median)) / np.float32(self.value_scale)
         else:
             magnitude = np.abs(r) / np.float32(self.value_scale)
         # Capped: a value 10^9 times the unit (a corrupt row, a client's
