@@ -11,6 +11,8 @@
     overload_retry_ms = 50        # RetryInfo delay sent with an OVERLOADED refusal
     queue_budget_ms = 100         # asyncio: refuse new calls while calls wait longer than
                                   # this for the loop (overload fails fast); 0 = never
+    max_pending_calls = 10000     # calls gRPC core holds before the server takes them in;
+                                  # past it core cancels new ones (CANCELLED)
     batch_delay_ms = 0            # asyncio: concurrent plain Recommend calls to one factor
                                   # model are coalesced for up to this long into one batched
                                   # search (dynamic batching, e.g. 0.5); 0 = never
@@ -96,6 +98,7 @@ class ServerConfig:
     max_concurrency: int = 64
     overload_retry_ms: int = 50
     queue_budget_ms: float = 100.0
+    max_pending_calls: int = 10_000
     # Dynamic batching's longest wait for peers; 0 = off (the default: on this
     # 2-core VM it gained nothing on a 1M-item IVF catalogue, docs/performance.md).
     batch_delay_ms: float = 0.0
@@ -150,6 +153,7 @@ _CHECKS: dict[str, tuple[float, float]] = {
     "max_concurrency": (1, 100_000),
     "overload_retry_ms": (0, 60_000),
     "queue_budget_ms": (0.0, 60_000.0),
+    "max_pending_calls": (1, 10_000_000),
     "batch_delay_ms": (0.0, 1000.0),
     "batch_max": (1, 100_000),
     "batch_min_ms": (0.0, 60_000.0),

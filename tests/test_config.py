@@ -59,6 +59,7 @@ def test_defaults_without_a_file():
         ("[server]\nport = 70000\n", {}, "port: must be in"),
         ("[server]\nmax_k = 0\n", {}, "max_k: must be in"),
         ("[server]\nmax_k = 1.5\n", {}, "max_k: cannot use"),
+        ("[server]\nmax_pending_calls = 0\n", {}, "max_pending_calls: must be in"),
         ("[server]\nprot = 1\n", {}, "prot: unknown setting"),
         ("[servr]\n", {}, "unknown table(s) servr"),
         ("[server]\nverify = 'maybe'\n", {}, "verify: expected"),
@@ -79,6 +80,20 @@ def test_errors_name_the_key(tmp_path, text, env, needle):
     with pytest.raises(ConfigError) as info:
         load_config(path, env=env)
     assert needle in str(info.value)
+
+
+def test_max_pending_calls_sets_grpc_cores_pending_call_limits():
+    """gRPC core cancels new calls at random past its pending-call limit (and
+    all past the hard limit): the limit is a setting, 10,000 by default (core's
+    own 1,000 cancelled calls that a closed loop of 1,024 clients waited for)."""
+    from recserve.service.grpc_common import server_options
+
+    opts = dict(server_options(load_config(None, env={})))
+    assert opts["grpc.server.max_pending_requests"] == 10_000
+    assert opts["grpc.server.max_pending_requests_hard_limit"] == 20_000
+    opts = dict(server_options(load_config(None, env={"RECSERVE_MAX_PENDING_CALLS": "300"})))
+    assert opts["grpc.server.max_pending_requests"] == 300
+    assert opts["grpc.server.max_pending_requests_hard_limit"] == 600
 
 
 def test_missing_file_is_named(tmp_path):

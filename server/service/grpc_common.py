@@ -54,6 +54,11 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_MS // 3),
         ("grpc.http2.max_ping_strikes", 0),
+        # Calls core holds before the server takes them in: past the limit core
+        # cancels new ones at random (all past the hard limit), before the
+        # server's own admission can refuse them as the contract says.
+        ("grpc.server.max_pending_requests", cfg.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * cfg.max_pending_calls),
     ]
     if cfg.max_connection_age_s > 0:
         # A connection is closed (GOAWAY, calls in flight finish within the grace)
