@@ -645,6 +645,45 @@ def test_idle_streams_hold_no_admission_slot(published):
             assert t.app.core.active == 0
 
 
+def test_commits_waiting_for_a_thread_hold_no_admission_slot(published):
+    """asyncio: 60 RecordInteractions streams whose commits are slow (a busy
+    disk) against max_concurrency 40. A commit at work holds its stream's
+    slot; one queued behind the others for an executor thread (at most 32
+    run) does not. Counted while queued, the writers took all 40 slots:
+    20 of them and every Recommend were refused (a burst of 512 writers
+    refused 12% of a concurrent read load). Now reads are answered and, once
+    the disk catches up, every write is stored."""
+    root, _ = published
+    with running(root, server="asyncio", max_concurrency=40) as s:
+        store, gate, entered = s.app.store, threading.Event(), []
+
+        def slow(events):
+            entered.append(1)
+            gate.wait(30)
+            return type(store).append(store, events)
+
+        store.append = slow
+        try:
+            writes = [
+                s.rec.RecordInteractions.future(
+                    iter([pb.Interaction(user_id=f"w{n}", item_id="100")]), timeout=30
+                )
+                for n in range(60)
+            ]
+            wait_for(lambda: entered, what="a commit to start")
+            time.sleep(0.5)  # the rest reach the server and queue for a thread
+            running_commits = s.app.core.active
+            assert running_commits == len(entered) <= 32, (running_commits, len(entered))
+            for _ in range(5):
+                items, _ = s.recommend(user_id="7", k=3)
+                assert len(items) == 3
+        finally:
+            gate.set()
+        assert [w.result(10).accepted for w in writes] == [1] * 60
+        del store.append
+        assert s.app.core.active == 0
+
+
 def test_a_refused_batch_is_unavailable_even_while_the_client_still_writes(published):
     """A RecommendBatch refused at admission is UNAVAILABLE for a grpc.aio client
     that is still writing its requests (the server reads them before the status;
