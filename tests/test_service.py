@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recserve.config import Experiment, Hybrid
+from recserve.feedback import Event
 from recserve.service import core as core_module
 from recserve.serving import RecQuery
 from recserve.v1 import recommender_pb2 as pb
@@ -680,8 +681,22 @@ def test_commits_waiting_for_a_thread_hold_no_admission_slot(published):
         finally:
             gate.set()
         assert [w.result(10).accepted for w in writes] == [1] * 60
+        # A client gone while its commit runs: the commit finishes (the event
+        # is stored) and gives its slot back; the cancelled call holds none.
+        gate.clear()
+        entered.clear()
+        late = s.rec.RecordInteractions.future(
+            iter([pb.Interaction(user_id="late", item_id="100", event_id="e1")]), timeout=1
+        )
+        wait_for(lambda: entered, what="the commit to start")
+        assert s.app.core.active == 1
+        with pytest.raises(grpc.RpcError) as info:
+            late.result(10)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.set()
+        wait_for(lambda: s.app.core.active == 0, what="the commit's slot back")
         del store.append
-        assert s.app.core.active == 0
+        assert s.app.store.append([Event("late", "100", 1.0, 0, event_id="e1")]) == 0  # stored once
 
 
 def test_a_refused_batch_is_unavailable_even_while_the_client_still_writes(published):

@@ -478,7 +478,8 @@ class Core:
             self.metrics.inflight.dec()
 
     def retake(self) -> None:
-        """The slot of a paused call, taken back (Session.resume)."""
+        """A slot taken back by a paused call (Session.resume), or taken by a
+        stream's commit while it runs on an executor thread."""
         with self._active_lock:
             self.active += 1
         if self._count_inflight:

@@ -27,7 +27,7 @@ from grpc_health.v1 import health
 from recserve.metrics import FLUSH_SECONDS
 from recserve.service import grpc_common
 from recserve.service.batching import Batcher
-from recserve.service.core import Code, Core, Failure, Recorder, Session
+from recserve.service.core import Code, Core, Failure, Recorder
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
@@ -198,26 +198,28 @@ class Recommender(pb_grpc.RecommenderServicer):
                 s.pause()  # while the client sends, and while a commit waits for a thread
                 async for ev in request_iterator:
                     if (full := rec.add(ev)) is not None:
-                        await loop.run_in_executor(None, _store, s, rec, full)
+                        await loop.run_in_executor(None, _store, self.core, rec, full)
                 s.check()  # a stream ended by the deadline is not the client's last event
-                await loop.run_in_executor(None, _store, s, rec, rec.rest())
+                await loop.run_in_executor(None, _store, self.core, rec, rec.rest())
                 return rec.summary()
         except Failure as f:
             await _drain(request_iterator, DRAIN_REQUESTS_S)
             return await _abort(context, f)
 
 
-def _store(s: Session, rec: Recorder, events: list) -> None:
-    """Commit a stream's events on an executor thread, holding the stream's
-    admission slot while the commit runs: a commit is work, but a commit
-    waiting for a thread (behind other streams' commits, on a slow disk) is
-    not, and counted as such a burst of writers refused every read
-    (max_concurrency)."""
-    s.resume()
+def _store(core: Core, rec: Recorder, events: list) -> None:
+    """Commit a stream's events on an executor thread, holding an admission
+    slot while the commit runs: a commit is work, but a commit waiting for a
+    thread (behind other streams' commits, on a slow disk) is not, and counted
+    as such a burst of writers refused every read (max_concurrency). The slot
+    is the thread's own, not the paused session's: a handler cancelled while
+    the commit runs releases nothing of it (its session's flag is never
+    touched from this thread)."""
+    core.retake()
     try:
         rec.store(events)
     finally:
-        s.pause()
+        core.release()
 
 
 class Admin(pb_grpc.AdminServicer):
