@@ -28,7 +28,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,30 @@ class FeedbackUnavailable(OSError):
     """The feedback store cannot be reached: nothing was stored (answer UNAVAILABLE)."""
 
 
+# How long a SQLite connection waits for another process's lock.
+BUSY_WAIT_S = 30.0
+
+
+def _setting_up(step: Callable[[], None], within: float) -> None:
+    """Run `step`, again while SQLite answers "database is locked" at once, up to
+    `within` seconds. Switching a new log to WAL mode takes an exclusive lock,
+    and SQLite answers it busy without calling the connection's busy handler
+    (its timeout) when another process is setting up the same file: worker
+    processes started together on a fresh state_dir (`serve --workers`) lost
+    one of them to that in 1-2% of starts."""
+    end = time.monotonic() + within
+    pause = 0.001
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > end:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.1)
+
+
 class FeedbackStore:
     """Append-only event log in SQLite; `path=""` keeps events in memory (lost at exit)."""
 
@@ -62,8 +86,24 @@ class FeedbackStore:
         self._lock = threading.Lock()
         # timeout: with several worker processes a writer waits for the lock.
         self._db = sqlite3.connect(
-            self.path or ":memory:", check_same_thread=False, isolation_level=None, timeout=30
+            self.path or ":memory:",
+            check_same_thread=False,
+            isolation_level=None,
+            timeout=BUSY_WAIT_S,
         )
+        _setting_up(self._set_up, BUSY_WAIT_S)
+        self._changes: mmap.mmap | None = None
+        if self.path:
+            fd = os.open(self.path + ".changes", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size < 8:
+                    os.ftruncate(fd, 8)  # zeros; a file another process grew stays as it is
+                self._changes = mmap.mmap(fd, 8)
+            finally:
+                os.close(fd)
+
+    def _set_up(self) -> None:
+        """WAL mode and the schema (each step idempotent: retried as a whole)."""
         if self.path:
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -76,20 +116,15 @@ class FeedbackStore:
         )
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
         if "event_id" not in columns:  # a log written before event ids existed
-            self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+            try:
+                self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+            except sqlite3.OperationalError as exc:  # another process added it just now
+                if "duplicate column" not in str(exc):
+                    raise
         self._db.execute(
             "CREATE UNIQUE INDEX IF NOT EXISTS events_user_event ON events (user_id, event_id)"
             " WHERE event_id IS NOT NULL"
         )
-        self._changes: mmap.mmap | None = None
-        if self.path:
-            fd = os.open(self.path + ".changes", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if os.fstat(fd).st_size < 8:
-                    os.ftruncate(fd, 8)  # zeros; a file another process grew stays as it is
-                self._changes = mmap.mmap(fd, 8)
-            finally:
-                os.close(fd)
 
     def changes(self) -> int:
         """A counter every committed append moves (shared by all processes using

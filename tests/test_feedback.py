@@ -88,3 +88,27 @@ def test_online_users_add_nothing_to_the_cyclic_collectors_work():
     state.apply(Event(f"u{n}", f"i{n % 7}", 2.0, 0) for n in range(0, 20_000, 3))
     assert len(state) == 20_000
     assert len(gc.get_objects()) - before < 100
+
+
+def test_a_log_another_process_is_setting_up_is_waited_for(tmp_path):
+    """Worker processes started together on a fresh state_dir open one log at
+    once. SQLite answers the switch to WAL mode "database is locked" at once,
+    without the connection's busy timeout, while another connection holds a
+    write lock (found by a CI run: `serve --workers 2` lost a worker; 4 of 300
+    starts of four processes). Here another connection holds one for 0.3 s:
+    the store waits for it instead of failing."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "feedback.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE other (x)")
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        store = FeedbackStore(path)  # the old code: OperationalError at once
+    finally:
+        release.join()
+        other.close()
+    assert store.append([Event("u", "i", 1.0, 0, event_id="e")]) == 1
