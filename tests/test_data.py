@@ -486,6 +486,23 @@ def test_synthetic_is_deterministic_long_tailed_and_round_trips(tmp_path):
     assert (back.item_features != ds.item_features).nnz == 0
 
 
+@pytest.mark.parametrize("users,items,events", [(200, 15, 1_500), (40, 60, 1_200), (3, 4, 6)])
+def test_synthetic_fills_a_dense_matrix_up_to_half(users, items, events):
+    """Narrow tastes saturate a dense request (users run out of items in their
+    genres): it still gets exactly the events asked for, distinct, every user
+    with one, the same for the same seed (it raised RuntimeError before)."""
+    a = generate(users, items, events, seed=3)
+    keys = a.users * items + a.items
+    assert keys.size == events and np.unique(keys).size == events
+    assert np.bincount(a.users, minlength=users).min() >= 1
+    assert a.items.max() < items
+    np.testing.assert_array_equal(
+        keys, (lambda b: b.users * items + b.items)(generate(users, items, events, seed=3))
+    )
+    with pytest.raises(ValueError, match="more than half"):
+        generate(users, items, events + 1, seed=3)
+
+
 def test_synthetic_carries_collaborative_signal(small):
     """A plain numpy item-cosine kNN beats popularity on held-out events."""
     m = small.interactions.tocsr()

@@ -129,8 +129,13 @@ def generate(
             break
         # Heavy users keep drawing items they already have: over-draw the deficit.
         draw = max(int((target - keys.size) * 3), target // 20) + 16
-    else:  # pragma: no cover - only with pathological parameters
-        raise RuntimeError("could not draw enough distinct interactions; add users or items")
+    else:
+        # A dense request with narrow tastes saturates: its users have drawn every
+        # item of their genres. The rest are drawn uniformly over all pairs
+        # (at most half are taken, so each round keeps at least half its draws).
+        while keys.size < target:
+            more = rng.integers(0, n_users * n_items, 2 * (target - keys.size) + 16)
+            keys = _sorted_unique(np.concatenate([keys, more]))
     if keys.size > target:  # drop surplus events, but never a user's only one
         first = np.r_[True, (keys[1:] // n_items) != (keys[:-1] // n_items)]
         extra = rng.choice(np.flatnonzero(~first), size=keys.size - target, replace=False)
