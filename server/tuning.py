@@ -302,26 +302,50 @@ class Candidates:
 
     def blend(self, weights: Sequence[float], k: int) -> np.ndarray:
         """Top-k item indices per user of the weighted blend (the server's blend:
-        summed weighted normalized scores, ties by smaller item index)."""
+        summed weighted normalized scores, added in component order, ties by
+        smaller item index; -1 past a user's candidates). It works on the
+        candidates alone (sorted keys, not a users x items matrix): a trial on
+        a 30,000-item catalogue took 31 s as dense rows, 2.6 s this way."""
         n_users = self.relevant.shape[0]
         out = np.full((n_users, k), -1, np.int64)
-        for lo in range(0, n_users, 512):
-            hi = min(lo + 512, n_users)
-            total = np.zeros((hi - lo, self.n_items), np.float64)
-            touched = np.zeros((hi - lo, self.n_items), bool)
-            rows = np.arange(hi - lo)[:, None]
-            for w, items, s in zip(weights, self.items, self.scores, strict=True):
-                if w <= 0:
-                    continue
-                it = items[lo:hi]
-                ok = it >= 0
-                r = np.broadcast_to(rows, it.shape)[ok]
-                np.add.at(total, (r, it[ok]), w * s[lo:hi][ok])
-                touched[r, it[ok]] = True
-            total[~touched] = -np.inf
-            order = np.argsort(-total, axis=1, kind="stable")[:, :k]
-            got = np.take_along_axis(total, order, axis=1)
-            out[lo:hi] = np.where(np.isfinite(got), order, -1)
+        parts = [
+            (w, it, s) for w, it, s in zip(weights, self.items, self.scores, strict=True) if w > 0
+        ]
+        if not parts or k <= 0 or n_users == 0:
+            return out
+        width = sum(it.shape[1] for _, it, _ in parts)
+        step = max(1, (1 << 20) // width)
+        span = self.n_items + 1  # item n_items: no candidate
+        for lo in range(0, n_users, step):
+            hi = min(lo + step, n_users)
+            items = np.concatenate([it[lo:hi] for _, it, _ in parts], axis=1)
+            vals = np.concatenate([w * s[lo:hi] for w, _, s in parts], axis=1).ravel()
+            keys = np.where(items >= 0, items, self.n_items)
+            keys += span * np.arange(hi - lo, dtype=np.int64)[:, None]
+            order = np.argsort(keys.ravel(), kind="stable")
+            keys, vals = keys.ravel()[order], vals[order]
+            start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+            length = np.diff(np.r_[start, keys.size])
+            total = vals[start]
+            for j in range(1, int(length.max())):  # in component order, as the server adds
+                more = length > j
+                total[more] += vals[start[more] + j]
+            row, item = np.divmod(keys[start], span)
+            real = item < self.n_items
+            row, item, total = row[real], item[real], total[real]
+            first = np.searchsorted(row, np.arange(hi - lo + 1))
+            if width > k:  # only items at or above each row's k-th best total can place
+                pad = np.full((hi - lo, width), -np.inf)
+                pad[row, np.arange(row.size) - first[row]] = total
+                kth = -np.partition(-pad, k - 1, axis=1)[:, k - 1]
+                top = total >= kth[row]
+                row, item, total = row[top], item[top], total[top]
+                first = np.searchsorted(row, np.arange(hi - lo + 1))
+            order = np.lexsort((item, -total, row))
+            row, item = row[order], item[order]
+            rank = np.arange(row.size) - first[row]
+            keep = rank < k
+            out[lo + row[keep], rank[keep]] = item[keep]
         return out
 
 

@@ -387,3 +387,46 @@ def test_the_cli_tunes_a_hybrid_and_serve_reads_it(tiny, tmp_path):
     )
     cfg = load_config(overrides={"models": str(models)})
     assert "hybrid" in cfg.hybrids and isinstance(cfg, ServerConfig)
+
+
+def _reference_blend(cands: tuning.Candidates, weights, k: int) -> np.ndarray:
+    """One user at a time with a dict: weighted scores added in component order,
+    the best k by (-total, item), -1 past the user's candidates."""
+    out = np.full((cands.relevant.shape[0], k), -1, np.int64)
+    for u in range(out.shape[0]):
+        total: dict[int, float] = {}
+        for w, items, scores in zip(weights, cands.items, cands.scores, strict=True):
+            if w <= 0:
+                continue
+            for i, s in zip(items[u].tolist(), scores[u].tolist(), strict=True):
+                if i >= 0:
+                    total[i] = total.get(i, 0.0) + w * s
+        best = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        out[u, : len(best)] = [i for i, _ in best]
+    return out
+
+
+@pytest.mark.parametrize("n_items", [12, 400])
+def test_hybrid_trials_rank_each_users_candidates_as_the_server_blends(n_items):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(n_items)
+    n_users, n = 700, 10
+    items, scores = [], []
+    for _ in range(3):
+        it = np.stack([rng.choice(n_items, n, replace=False) for _ in range(n_users)])
+        it[rng.random(it.shape) < 0.15] = -1  # fewer candidates than n
+        it[:5] = -1  # users this component had nothing for
+        s = np.round(rng.random(it.shape) * 4) / 4  # coarse: many ties between items
+        s[it < 0] = 0.0
+        items.append(it.astype(np.int64))
+        scores.append(s)
+    cands = tuning.Candidates(
+        ["a", "b", "c"], items, scores, sp.csr_matrix((n_users, n_items)), n_items
+    )
+    for weights in ([0.5, 0.3, 0.2], [0.1, 0.1, 0.1], [1.0, 0.0, 0.7], [0.0, 0.0, 1.0]):
+        for k in (1, 5, 20, 40):  # 40: more than any user's candidates (and than 12 items)
+            got = cands.blend(weights, k)
+            assert got.shape == (n_users, k)
+            np.testing.assert_array_equal(got, _reference_blend(cands, weights, k))
+    assert (cands.blend([0.0, 0.0, 0.0], 5) == -1).all()
