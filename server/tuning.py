@@ -352,8 +352,6 @@ class Candidates:
 def candidates(models: Mapping[str, Recommender], split: Split, n: int) -> Candidates:
     """Fit each component on the split's training part and score its top-n for
     every user with a held-out item."""
-    from recserve.serving.blend import minmax
-
     relevant = split.test.tocsr().copy()
     relevant.data = (relevant.data > 0).astype(np.float32)  # as evaluate(): no dislikes
     relevant.eliminate_zeros()
@@ -365,15 +363,24 @@ def candidates(models: Mapping[str, Recommender], split: Split, n: int) -> Candi
             it, sc = model.recommend_histories(split.fold_in[users], min(n, model.n_items))
         else:
             it, sc = model.recommend(users, min(n, model.n_items))
-        norm = np.zeros(sc.shape, np.float64)
-        for row in range(it.shape[0]):
-            ok = it[row] >= 0
-            if ok.any():
-                norm[row, ok] = minmax(sc[row, ok])
         names.append(name)
         items.append(it.astype(np.int64))
-        scores.append(norm)
+        scores.append(_minmax_rows(it, sc))
     return Candidates(names, items, scores, relevant[users], split.train.n_items)
+
+
+def _minmax_rows(items: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """serving.blend.minmax of each row's candidates (items >= 0), all rows at
+    once (one call per user cost seconds on 100,000 users); 0 elsewhere."""
+    ok = items >= 0
+    s = np.asarray(scores, np.float64)
+    lo = np.where(ok, s, np.inf).min(axis=1, keepdims=True, initial=np.inf)
+    hi = np.where(ok, s, -np.inf).max(axis=1, keepdims=True, initial=-np.inf)
+    span = hi - lo
+    flat = ~(span > 0)  # all equal (or no candidate): 1, as minmax
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.where(flat, 1.0, (s - lo) / np.where(flat, 1.0, span))
+    return np.where(ok, norm, 0.0)
 
 
 def fit_weights(

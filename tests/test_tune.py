@@ -430,3 +430,22 @@ def test_hybrid_trials_rank_each_users_candidates_as_the_server_blends(n_items):
             assert got.shape == (n_users, k)
             np.testing.assert_array_equal(got, _reference_blend(cands, weights, k))
     assert (cands.blend([0.0, 0.0, 0.0], 5) == -1).all()
+
+
+def test_candidate_scores_are_normalized_per_user_as_the_server_does():
+    from recserve.serving.blend import minmax
+
+    rng = np.random.default_rng(3)
+    items = rng.integers(0, 50, (200, 12))
+    items[rng.random(items.shape) < 0.2] = -1
+    items[0] = -1  # no candidates
+    items[1, 1:] = -1  # one
+    scores = rng.standard_normal(items.shape).astype(np.float32)
+    scores[2] = 0.5  # all equal
+    got = tuning._minmax_rows(items, scores)
+    want = np.zeros(items.shape)
+    for r in range(items.shape[0]):
+        ok = items[r] >= 0
+        if ok.any():
+            want[r, ok] = minmax(scores[r, ok])
+    np.testing.assert_array_equal(got, want)  # the same arithmetic, bit for bit
