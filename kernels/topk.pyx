@@ -141,29 +141,17 @@ cdef int select_gathered(const float* scores, int n, int k, const unsigned char*
     orders the k best (the same total order: score, then lower index).
     Returns -1, having written nothing, when the floor gathers fewer than k or
     more than the buffer holds (the caller then keeps a heap)."""
-    cdef int si[256]
-    cdef float sv[256]
     cdef int r = 256 if n > 256 else n
     cdef int q = <int>((2 * <long long>k * r) // n) + 1
-    cdef int a, j, m = 0, step = n // r, rem = n % r, acc = 0, at = 0
+    cdef int a, j, m = 0
     # About q n / r ~ 2 k + n / r entries reach the floor; room for 4x that.
     cdef int cap = 8 * k + 4 * (n // r) + 256
-    cdef float x, tv, below
+    cdef float tv, below
     cdef int* ci
     cdef float* cv
     if q >= r:
         return -1
-    for a in range(r):  # the sample, positions stepped by remainder
-        x = scores[at]
-        sv[a] = x if (x == x and not mask[at]) else -INFINITY
-        si[a] = at
-        at = at + step
-        acc = acc + rem
-        if acc >= r:
-            acc = acc - r
-            at = at + 1
-    nth_best(si, sv, r, q - 1)
-    tv = sv[q - 1]
+    tv = sample_floor(scores, mask, n, r, q)
     if tv == -INFINITY:
         return -1
     if cap > n:
@@ -810,18 +798,20 @@ cdef inline void dsift_up(int* hi, double* hv, int pos) noexcept nogil:
 
 
 cdef int gather_floor(const float* row, int n, int kk, int cap, float tv, int* ci,
-                      float* cv) noexcept nogil:
+                      float* cv, bint* cut) noexcept nogil:
     """Gather the entries of a row at or above the floor tv (NaN never) into
     ci / cv (cap >= kk + 16 slots): blocks of 8 with no entry there are
     skipped with one vector compare (most of them), the others gather
     branch-free (as select_gathered). A buffer about to fill is cut back to its
     kk best and the floor rises just above the kk-th best (entries later in
     the row lose its ties), so the scratch stays small whatever the row holds.
-    Returns how many entries ci / cv hold."""
+    Returns how many entries ci / cv hold; *cut is set when a cut reordered
+    them (else they are in row order)."""
     cdef int a, j = 0, m = 0, end
     cdef float x
     cdef float below = nextafterf(tv, -INFINITY)  # x > below: x >= tv
     cdef bint skip = tv > -INFINITY  # -inf: every non-NaN entry, -inf ones too
+    cut[0] = False
     while j < n:
         if skip and j + 8 <= n and not recserve_any_above(row + j, below):
             j = j + 8
@@ -835,6 +825,7 @@ cdef int gather_floor(const float* row, int n, int kk, int cap, float tv, int* c
         j = end
         if m > cap - 8:
             nth_best(ci, cv, m, kk - 1)
+            cut[0] = True
             m = kk
             below = cv[kk - 1]
             tv = nextafterf(below, INFINITY)
@@ -842,42 +833,68 @@ cdef int gather_floor(const float* row, int n, int kk, int cap, float tv, int* c
     return m
 
 
-cdef int gather_best(const float* row, int n, int kk, int cap, int* ci, float* cv) noexcept nogil:
+cdef int keep_best(int* ci, float* cv, int m, int kk, float* tmp) noexcept nogil:
+    """Cut m > kk gathered entries in row order (ci ascending) to the kk best,
+    ties by lower index, in place and still in row order; returns kk. The
+    kk-th best value comes from a selection on a copy of the values alone
+    (nth_value), then one pass keeps the entries above it and its first ties:
+    half the moves of nth_best on (id, value) pairs."""
+    cdef int t, g = 0, need, j = 0
+    cdef float x, v
+    for t in range(m):
+        tmp[t] = cv[t]
+    v = nth_value(tmp, m, kk - 1)
+    for t in range(m):
+        g = g + (cv[t] > v)
+    need = kk - g  # >= 1: v itself is among the kk best
+    for t in range(m):
+        x = cv[t]
+        if x > v or (x == v and need > 0):
+            need = need - (x == v)
+            ci[j] = ci[t]
+            cv[j] = x
+            j = j + 1
+    return j
+
+
+cdef int gather_best(const float* row, int n, int kk, int cap, int* ci, float* cv,
+                     float* tmp) noexcept nogil:
     """The kk best entries of a dense row (NaN never), unordered, into ci / cv
-    (cap >= kk + 16 slots); returns how many (min(kk, non-NaN)). The kk-th best of an
-    evenly spaced sample sets a floor about 2 kk entries reach; one branch-free
-    pass gathers those, and one partial selection over them finds the kk best.
-    When fewer than kk reach the floor every non-NaN entry is gathered instead."""
-    cdef int si[256]
-    cdef float sv[256]
+    (cap >= kk + 16 slots; tmp: cap floats of scratch); returns how many
+    (min(kk, non-NaN)). The kk-th best of an evenly spaced sample sets a floor
+    about 2 kk entries reach; one branch-free pass gathers those, and one
+    partial selection over them finds the kk best. When fewer than kk reach
+    the floor every non-NaN entry is gathered instead."""
     cdef int r = 256 if n > 256 else n
     cdef int q = <int>((2 * <long long>kk * r) // n) + 1 if n > 0 else 1
     cdef int m
+    cdef bint cut
     cdef float tv = -INFINITY  # no sample (a short row): every non-NaN entry
     if q < r:
-        sample_row(row, NULL, n, r, si, sv)
-        nth_best(si, sv, r, q - 1)
-        tv = sv[q - 1]
-    m = gather_floor(row, n, kk, cap, tv, ci, cv)
+        tv = sample_floor(row, NULL, n, r, q)
+    m = gather_floor(row, n, kk, cap, tv, ci, cv, &cut)
     if m < kk and tv > -INFINITY:
-        m = gather_floor(row, n, kk, cap, -INFINITY, ci, cv)
+        m = gather_floor(row, n, kk, cap, -INFINITY, ci, cv, &cut)
     if m > kk:
-        nth_best(ci, cv, m, kk - 1)
-        m = kk
+        if cut:
+            nth_best(ci, cv, m, kk - 1)
+            m = kk
+        else:
+            m = keep_best(ci, cv, m, kk, tmp)
     return m
 
 
 cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weights,
-                          int n_cand, int k, int cap, int* ci, float* cv, double* total,
-                          unsigned char* touched, int* listed, int* hi, double* hv,
-                          int* out_idx, double* out_val, int* counts) noexcept nogil:
+                          int n_cand, int k, int cap, int* ci, float* cv, float* tmp,
+                          double* total, unsigned char* touched, int* listed, int* hi,
+                          double* hv, int* out_idx, double* out_val, int* counts) noexcept nogil:
     """blend_dense's work; scratch total / touched zeroed on entry and on exit."""
     cdef int c, j, m, t, nt = 0, size = 0, item
     cdef const float* row
     cdef double lo, top, v, span
     for c in range(n_rows):
         row = S + <long long>c * n
-        m = gather_best(row, n, n_cand, cap, ci, cv)
+        m = gather_best(row, n, n_cand, cap, ci, cv, tmp)
         counts[c] = m
         if m == 0:
             continue
@@ -984,15 +1001,15 @@ def blend_dense(scores, weights, int n_cand, int k):
     cdef double* hv
     with nogil:
         ci = <int*> malloc(cap * sizeof(int))
-        cv = <float*> malloc(cap * sizeof(float))
+        cv = <float*> malloc(2 * <size_t> cap * sizeof(float))  # values, then gather_best's scratch
         listed = <int*> malloc(n_listed * sizeof(int))
         hi = <int*> malloc(k * sizeof(int))
         hv = <double*> malloc(k * sizeof(double))
         if ci == NULL or cv == NULL or listed == NULL or hi == NULL or hv == NULL:
             failed = True
         else:
-            m = blend_rows_nogil(&S[0, 0], c, n, &W[0], kk, k, cap, ci, cv, &TT[0], &TO[0],
-                                 listed, hi, hv, &oi[0], &ov[0], &CN[0])
+            m = blend_rows_nogil(&S[0, 0], c, n, &W[0], kk, k, cap, ci, cv, cv + cap, &TT[0],
+                                 &TO[0], listed, hi, hv, &oi[0], &ov[0], &CN[0])
         free(ci)
         free(cv)
         free(listed)
