@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -25,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_router import quickstart_router
+from bench_shapes import per_call
 
 import recserve.serving.blend as blend
 from recserve.kernels import topk
@@ -51,13 +51,6 @@ def rows_of(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
         rows[1:][rng.random((2, n)) < 0.9] = 0.0
         return rows
     return rng.integers(0, 5, (3, n)).astype(np.float32)  # few distinct values
-
-
-def per_call(fn, calls: int) -> float:
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t) / calls * 1e6
 
 
 def main() -> None:
