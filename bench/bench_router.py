@@ -1,6 +1,7 @@
 """Per-request compute of every model, in process (no gRPC): `Router.recommend`
 for 2,000 known users, k=10, on the quickstart setup, in microseconds per call;
-then 1,000 unknown users with a 10-item history (cold) and 1,000 SimilarItems.
+then 1,000 unknown users with a 10-item history (cold), 1,000 SimilarItems and
+500 known users with explanations.
 
     python bench/bench_router.py --workdir /tmp/qs      # runs quickstart there if needed
 
@@ -82,6 +83,16 @@ def main() -> None:
         for item in asked:
             router.similar(item, 10, name)
         print(f"{name:<12}{(time.perf_counter() - t) / len(asked) * 1e6:8.1f} us/call similar")
+    # Known users again, with explanations (the history items behind each answer).
+    for name in names:
+        qs = [RecQuery(user_id=u, k=10, model=name, explain=True) for u in users[: args.calls // 4]]
+        for q in qs[:20]:
+            router.recommend(q)
+        t = time.perf_counter()
+        for q in qs:
+            router.recommend(q)
+        per_call = (time.perf_counter() - t) / len(qs) * 1e6
+        print(f"{name:<12}{per_call:8.1f} us/call explained", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport NAN, isfinite, pow, sqrt
+from libc.stdlib cimport qsort
+from libc.string cimport memset
 
 from .parallel cimport recserve_prefetch, resolve_threads, threads_for
 from .topk cimport (best_of_row, buffer_offer, drain_best, heap_drain, heap_offer, mark, nan_at,
@@ -1200,6 +1202,83 @@ def dense_history(CheckedCSR sim, indices, data, out, seen=None):
                   &six[0] if six.shape[0] else NULL, &sx[0] if sx.shape[0] else NULL, n, &O[0])
         if ns:
             nan_at(&O[0], &SE[0], 0, ns, n)
+
+
+cdef enum:
+    FILTER_BITS = 15  # block's column filter: 32k bits (4 KB on the stack)
+    FILTER_WORDS = (1 << FILTER_BITS) // 64
+
+
+cdef inline unsigned int filter_slot(unsigned int col) noexcept nogil:
+    # Fibonacci hashing: spreads evenly spaced columns over the filter.
+    return (col * 2654435769u) >> (32 - FILTER_BITS)
+
+
+cdef int cmp_keys(const void* a, const void* b) noexcept nogil:
+    cdef long long x = (<const long long*> a)[0], y = (<const long long*> b)[0]
+    return (x > y) - (x < y)
+
+
+def block(CheckedCSR m, rows, cols):
+    """m[rows][:, cols] as a dense float64 (len(rows) x len(cols)) array, as
+    scipy's toarray gives it (repeated rows and columns allowed; a row's
+    repeated entries summed): what an explanation reads of a similarity
+    matrix. scipy's two fancy-index steps cost ~100 us on a 30 x 10 block;
+    this reads each chosen row once: a 32k-bit filter of the wanted columns
+    turns most entries away in a predictable branch (a binary search over
+    the sorted columns per entry mispredicts, ~25 ns each at 10 columns), and
+    the rest are found by binary search."""
+    check_array(rows, "rows", np.int64, 1)
+    check_array(cols, "cols", np.int64, 1)
+    cdef const long long[::1] R = rows
+    cdef const long long[::1] C = cols
+    cdef Py_ssize_t nr = R.shape[0], nc = C.shape[0], i, j
+    cdef Py_ssize_t n_rows = m.n_rows, n_cols = m.n_cols
+    for i in range(nr):
+        if not 0 <= R[i] < n_rows:
+            raise IndexError(f"rows: {R[i]} outside [0, {n_rows})")
+    for j in range(nc):
+        if not 0 <= C[j] < n_cols:
+            raise IndexError(f"cols: {C[j]} outside [0, {n_cols})")
+    out = np.zeros((nr, nc), np.float64)
+    if nr == 0 or nc == 0:
+        return out
+    cdef double[:, ::1] O = out
+    cdef const long long[::1] ip = m.indptr
+    cdef const int[::1] ix = m.indices
+    cdef const float[::1] x = m.data
+    # (column << 32 | position), sorted: a column's positions lie side by side.
+    keys = np.empty(nc, np.int64)
+    cdef long long[::1] K = keys
+    cdef long long p, c, lo, hi, mid
+    cdef long long MASK32 = 0xFFFFFFFF
+    cdef unsigned long long[FILTER_WORDS] wanted
+    cdef unsigned int h
+    with nogil:
+        memset(wanted, 0, sizeof(wanted))
+        for j in range(nc):
+            K[j] = (C[j] << 32) | j
+            h = filter_slot(<unsigned int> C[j])
+            wanted[h >> 6] |= 1ULL << (h & 63)
+        qsort(&K[0], nc, sizeof(long long), cmp_keys)
+        for i in range(nr):
+            for p in range(ip[R[i]], ip[R[i] + 1]):
+                h = filter_slot(<unsigned int> ix[p])
+                if not (wanted[h >> 6] >> (h & 63)) & 1:
+                    continue
+                c = (<long long> ix[p]) << 32
+                lo = 0
+                hi = nc
+                while lo < hi:  # the first key of column ix[p]
+                    mid = (lo + hi) >> 1
+                    if K[mid] < c:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                while lo < nc and (K[lo] >> 32) == ix[p]:
+                    O[i, <Py_ssize_t> (K[lo] & MASK32)] += x[p]
+                    lo += 1
+    return out
 
 
 def history_row(items, values, Py_ssize_t n_items):

@@ -482,3 +482,51 @@ def test_column_norms_of_an_empty_matrix_are_float64_zeros(kind):
     scratch = simk.KnnScratch(5)
     users, sims = index.query(np.array([1], np.int32), np.array([1.0], np.float32), 3, scratch)
     assert users.size == 0 and sims.size == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_rows=st.integers(1, 40),
+    n_cols=st.sampled_from([1, 7, 300, 70_000]),  # past the column filter's 32k slots
+    rows=st.lists(st.integers(0, 39), max_size=30),
+    cols=st.lists(st.integers(0, 69_999), max_size=40),
+    seed=st.integers(0, 2**16),
+)
+def test_block_is_scipys_fancy_index(n_rows, n_cols, rows, cols, seed):
+    """block(m, rows, cols) == m[rows][:, cols].toarray() in float64: rows out of
+    column order (as a kNN matrix keeps them, best first), repeated rows and
+    columns, a row's repeated entries (summed), empty rows, columns that share
+    a filter slot."""
+    rng = np.random.default_rng(seed)
+    rows = np.array([r % n_rows for r in rows], np.int64)
+    wanted = np.array([c % n_cols for c in cols], np.int64)
+    lens = rng.integers(0, 12, n_rows)
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    # Entries drawn from the wanted columns, their filter-slot twins (c + 2**15
+    # hashes near c) and anywhere; unsorted, with repeats.
+    pool = np.concatenate([wanted, (wanted + 2**15) % n_cols, rng.integers(0, n_cols, 8)])
+    indices = rng.choice(pool, int(lens.sum())).astype(np.int32)
+    data = rng.choice([0.5, 1.0, 2.5, -1.0, 1e-3], indices.size).astype(np.float32)
+    m = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols))
+    # The reference sums a row's repeated entries in float64, as block does
+    # (scipy would sum float32 data in float32).
+    m64 = m.astype(np.float64)
+    want = m64[rows][:, wanted].toarray() if rows.size and wanted.size else None
+    got = simk.block(simk.CheckedCSR(indptr, indices, data, n_cols), rows, wanted)
+    assert got.dtype == np.float64 and got.shape == (rows.size, wanted.size)
+    if want is not None:
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_block_checks_its_inputs():
+    m = simk.CheckedCSR(np.array([0, 1, 2]), np.array([0, 2], np.int32), np.ones(2, np.float32), 3)
+    with pytest.raises(IndexError, match="rows: 2 outside"):
+        simk.block(m, np.array([0, 2]), np.array([0]))
+    with pytest.raises(IndexError, match="cols: -1 outside"):
+        simk.block(m, np.array([0]), np.array([-1]))
+    with pytest.raises(TypeError, match="rows: expected dtype int64"):
+        simk.block(m, np.array([0], np.int32), np.array([0]))
+    assert simk.block(m, np.zeros(0, np.int64), np.array([0, 2])).shape == (0, 2)
+    np.testing.assert_array_equal(
+        simk.block(m, np.array([1, 0]), np.array([2, 0, 2])), [[1, 0, 1], [0, 1, 0]]
+    )

@@ -344,7 +344,8 @@ class _Neighbourhood(Recommender):
 
     def _contributions_many(self, history, items, user):
         hist = history.indices
-        cols = np.asarray(self.sim[hist][:, items].toarray(), np.float64)  # one slice
+        scored = self._one_checked()[4]  # the similarity, validated once
+        cols = simk.block(scored, np.asarray(hist, np.int64), np.asarray(items, np.int64))
         weights = log_scaled(history.data, self.value_median).astype(np.float64)
         return hist, weights[:, None] * cols
 
@@ -619,13 +620,19 @@ class UserKNN(_Neighbourhood):
 
     def _contributions_many(self, history, items, user):
         # The neighbours once for every explained item (a fold-in's are a search).
-        nb = (self.sim[user] if user is not None else self._neighbours(history)).tocsr()
-        x = self._weights_rows()
-        near = x[nb.indices]  # the neighbours' rows
-        has = np.asarray(near[:, items].toarray(), np.float64)  # neighbours x explained
-        weights = nb.data.astype(np.float64)[:, None] * has
+        cache = self._one_checked()
+        sim, x = cache[3], cache[4]  # validated once: user x user, the rows as they weigh
+        if user is not None:
+            a, b = sim.indptr[user], sim.indptr[user + 1]
+            nb_users, nb_sims = sim.indices[a:b], sim.data[a:b]
+        else:
+            nb = self._neighbours(history).tocsr()
+            nb_users, nb_sims = nb.indices, nb.data
+        nb_users = np.asarray(nb_users, np.int64)
+        has = simk.block(x, nb_users, np.asarray(items, np.int64))  # neighbours x explained
+        weights = np.asarray(nb_sims, np.float64)[:, None] * has
         hist = history.indices
-        shared = np.asarray((sp.csr_matrix(weights.T) @ near[:, hist]).toarray())  # m x h
+        shared = weights.T @ simk.block(x, nb_users, np.asarray(hist, np.int64))  # m x h
         scaled = log_scaled(history.data, self.value_median).astype(np.float64)
         return hist, shared.T * scaled[:, None]
 
