@@ -202,6 +202,7 @@ def shapes(small, u: str, k: int, include_seen: bool, rng) -> list[RecQuery]:
 @pytest.mark.parametrize("k", [1, 10, 60])
 def test_dense_hybrid_answers_what_the_general_path_answers(router, small, k):
     calls = {"dense": 0}
+    explained = {"any": 0}
     real = router._hybrid_dense
     rng = np.random.default_rng(k)
 
@@ -217,15 +218,18 @@ def test_dense_hybrid_answers_what_the_general_path_answers(router, small, k):
                 for include_seen in (False, True):
                     for q in shapes(small, u, k, include_seen, rng):
                         q.model = name
+                        q.explain = bool(rng.integers(2))  # explanations: the dense path too
                         got, want = router.recommend(q), general(router, q)
                         assert got.item_ids == want.item_ids, (name, q)
+                        assert got.because == want.because, (name, q)
+                        explained["any"] += any(got.because)
                         # With exclusions the general path scores a known user by
                         # BLAS, the dense path by the one-user kernel: float rounding.
                         np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-9)
                         assert (got.version, got.folded_in) == (want.version, want.folded_in)
     finally:
         router._hybrid_dense = real  # type: ignore[method-assign]
-    assert calls["dense"] > 0
+    assert calls["dense"] > 0 and explained["any"] > 0
 
 
 @pytest.mark.parametrize("algo", algorithms())
@@ -324,17 +328,18 @@ def test_recorded_and_inline_history_resolve_to_one_fold_in(router, small):
     assert only_inline.item_ids == m.items.ids(w_i[0])
 
 
-def test_candidates_and_explanations_take_the_general_path(router, small):
+def test_candidates_take_the_general_path_and_explanations_the_dense_one(router, small):
     u = small.users.ids([3])[0]
     some = small.items.ids([0, 1, 2, 3, 4])
     hy = router.cfg.hybrids["all"]
-    for q in (
-        RecQuery(user_id=u, k=5, model="all", candidates=some),
-        RecQuery(user_id=u, k=5, model="all", explain=True),
-    ):
-        assert router._hybrid_dense(hy, q, lambda: None, {}) is None
-        out = router.recommend(q)
-        assert len(out.item_ids) == 5
+    stages = dict.fromkeys(("resolve", "retrieve", "rank"), 0.0)
+    q = RecQuery(user_id=u, k=5, model="all", candidates=some)
+    assert router._hybrid_dense(hy, q, lambda: None, stages) is None
+    assert len(router.recommend(q).item_ids) == 5
+    q = RecQuery(user_id=u, k=5, model="all", explain=True)
+    dense = router._hybrid_dense(hy, q, lambda: None, stages)
+    assert dense is not None and len(dense.item_ids) == 5
+    assert dense.because == general(router, q).because and any(dense.because)
     with pytest.raises(RequestError, match="unknown") as err:  # unknown ids: refused as before
         router.recommend(RecQuery(user_id="", history=[("nope", 1.0)] * 5, k=5, model="all"))
     assert err.value.field == "history"
@@ -407,3 +412,27 @@ def test_a_hybrid_follows_its_components_loads_and_reloads(small, tmp_path):
     finally:
         gate.set()
         catalog.close()
+
+
+@pytest.mark.parametrize(
+    "name", ["als+itemknn", "itemknn+userknn", "content+itemknn", "bpr+itemknn"]
+)
+def test_hybrid_explanations_merge_each_components_in_weight_order(router, small, name):
+    """Independent of the router's merge: each component model's own
+    explanation of every answered item, heavier component first (0.7 before
+    0.3), merged without repeats and cut at EXPLAIN_ITEMS. bpr explains nothing,
+    content only some items: the lighter component fills in."""
+    from recserve.serving.router import EXPLAIN_ITEMS
+
+    a, b = name.split("+")
+    rng = np.random.default_rng(11)
+    for u in rng.choice(small.n_users, 8, replace=False):
+        uid = small.users.ids([u])[0]
+        got = router.recommend(RecQuery(user_id=uid, k=10, model=name, explain=True))
+        idx = small.items.index(got.item_ids)
+        want: list[list[str]] = [[] for _ in got.item_ids]
+        for algo in (a, b):
+            m = router.catalog.get(algo).model
+            for j, (hist, _) in enumerate(m.explain_user_items(int(u), idx, EXPLAIN_ITEMS)):
+                want[j] += [i for i in small.items.ids(hist) if i not in want[j]]
+        assert got.because == [w[:EXPLAIN_ITEMS] for w in want], (name, uid)

@@ -623,13 +623,14 @@ class Router:
     def _hybrid_dense(
         self, hy: Hybrid, q: RecQuery, check: Check, stages: dict[str, float]
     ) -> Ranked | None:
-        """A hybrid request without candidates or explanations, over components
-        that share one catalogue: every component writes its dense row (a known
-        user's, or the folded-in history's, NaN where not eligible) into
-        pooled scratch and one kernel pass blends them. The general path's
+        """A hybrid request without candidates, over components that share one
+        catalogue: every component writes its dense row (a known user's, or
+        the folded-in history's, NaN where not eligible) into pooled scratch
+        and one kernel pass blends them; explanations come from the components
+        that gave candidates, as on the general path. The general path's
         answer, up to float rounding (tests/test_hybrid_dense.py compares
         them); None for any other request."""
-        if q.candidates or q.explain:
+        if q.candidates:
             return None
         t = time.perf_counter()
         plan = self._plan(hy)
@@ -652,7 +653,8 @@ class Router:
             stages["resolve"] += t2 - t
             user = -1
             shared_row = None  # an unknown user's history row: the same for every component
-            used: list[tuple[float, Slot, bool]] = []
+            # (weight, slot, the user's index or -1 when folded in, the folded row)
+            used: list[tuple[float, Slot, int, sp.csr_matrix | None]] = []
             filter_seen = not q.include_seen
             for (w, slot), new_users in zip(comps, plan.new_users, strict=True):
                 check()  # between components too: a passed deadline stops the work
@@ -662,8 +664,9 @@ class Router:
                     user = m.users.get(q.user_id) if q.user_id else -1
                 u = -1 if user >= 0 and m.is_cold(user) else user  # as _retrieve
                 out = rows[len(used)]
+                row = None
                 if u >= 0 and extra_idx.size == 0:
-                    ok, folded = m.dense_user(u, out, filter_seen), False
+                    ok = m.dense_user(u, out, filter_seen)
                 else:
                     if u < 0 and shared_row is not None:
                         row = shared_row
@@ -674,32 +677,37 @@ class Router:
                         row = m.history_matrix([idx], [val])
                         if u < 0:
                             shared_row = row
-                    ok, folded = m.dense_history(row, out, filter_seen), True
+                    ok = m.dense_history(row, out, filter_seen)
                 if not ok:
                     stages["retrieve"] += time.perf_counter() - t2
                     return None
                 if excl is not None and excl.size:
                     out[excl] = np.nan
-                used.append((w, slot, folded))
+                used.append((w, slot, -1 if row is not None else u, row))
             t3 = time.perf_counter()
             stages["retrieve"] += t3 - t2
             if not used:
                 return None
             n_cand = min(max(3 * q.k, 100), n)
             every = len(used) == len(comps)
-            weights = plan.weights if every else np.array([w for w, _, _ in used], np.float64)
+            weights = plan.weights if every else np.array([c[0] for c in used], np.float64)
             items, scores, counts = blend_dense(rows[: len(used)], weights, n_cand, q.k)
             out_r = Ranked.of(first, items, scores, "")
             per_row = counts.tolist()  # a list: numpy's all() on 3 ints cost ~1.5 us a call
             if every and all(per_row):
+                parts = used
                 out_r.version = plan.version
-                out_r.folded_in = any(f for _, _, f in used)
             else:
                 parts = [u for u, c in zip(used, per_row, strict=True) if c]
                 if not parts:
                     return None
-                out_r.version = ",".join(f"{s.name}@{s.version}" for _, s, _ in parts)
-                out_r.folded_in = any(f for _, _, f in parts)
+                out_r.version = ",".join(f"{s.name}@{s.version}" for _, s, _, _ in parts)
+            out_r.folded_in = any(r is not None for _, _, _, r in parts)
+            if q.explain and out_r.item_ids:
+                check()
+                none = np.zeros(0, np.int32)
+                served = [(w, _Served(s, none, none, u, r)) for w, s, u, r in parts]
+                out_r.because = self._hybrid_because(served, out_r.item_ids)
             stages["rank"] += time.perf_counter() - t3
             return out_r
         finally:
@@ -738,6 +746,8 @@ class Router:
                 continue
             for j, because in zip(known, self._because(s, idx[known]), strict=True):
                 found[j] += [b for b in because if b not in found[j]]
+            if all(len(f) >= EXPLAIN_ITEMS for f in found):
+                break  # lighter components could only add past the cut
         return [f[:EXPLAIN_ITEMS] for f in found]
 
     def _builtin(self, slot: Slot, q: RecQuery) -> Ranked:
