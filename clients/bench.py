@@ -81,6 +81,7 @@ class Load:
     connections: int = 4  # TCP connections per client process (spread over --workers)
     deadline: float = 10.0
     seed: int = 0
+    explain: bool = False  # ask for explanations (the history items behind each item)
 
     def __post_init__(self) -> None:
         """Refuse settings that would crash or hang a run (zero processes, no end),
@@ -161,9 +162,11 @@ class _Sender:
             picks = self.rng.integers(0, len(load.items), load.history)
             hist = [pb.Interaction(item_id=load.items[int(i)]) for i in picks]
             uid = f"bench-cold-{int(self.rng.integers(1 << 62))}"
-            return pb.RecommendRequest(user_id=uid, history=hist, k=load.k, model=load.model)
+            return pb.RecommendRequest(
+                user_id=uid, history=hist, k=load.k, model=load.model, explain=load.explain
+            )
         uid = self._user()
-        return pb.RecommendRequest(user_id=uid, k=load.k, model=load.model)
+        return pb.RecommendRequest(user_id=uid, k=load.k, model=load.model, explain=load.explain)
 
     async def one(self, stubs, started: float, record: bool) -> None:
         load = self.load
@@ -451,6 +454,9 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--deadline", type=float, default=10.0, help="every call's deadline, seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--explain", action="store_true", help="ask for explanations with every recommendation"
+    )
     return ap
 
 
@@ -482,6 +488,7 @@ def _load(args: argparse.Namespace) -> Load:
         connections=args.connections,
         deadline=args.deadline,
         seed=args.seed,
+        explain=args.explain,
     )
 
 

@@ -120,6 +120,20 @@ def test_user_draws_uniform_and_zipf():
     assert counts["u0"] > 2 * counts["u1"] > 2 * counts["u10"]
 
 
+def test_explain_asks_every_recommendation_for_its_explanations(srv, capsys):
+    from recserve.clients.bench import _Sender
+
+    sender = _Sender(Load(users=["1", "2"], items=["1", "2", "3"], cold=0.5, explain=True), seed=2)
+    reqs = [sender._request() for _ in range(40)]
+    assert all(r.explain for r in reqs) and any(r.history for r in reqs)
+    assert not any(r.explain for r in (_Sender(Load(users=["1"]), seed=2)._request(),))
+    args = ["bench", "--target", srv.target, "--model", "itemknn", "--requests", "30"]
+    args += ["--warmup", "0", "--processes", "1", "--users", "1:100", "--items", "1:200"]
+    assert main([*args, "--explain", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["result"]
+    assert out["requests"] == 30 and not out["errors"]
+
+
 def test_the_traffic_mix_reports_each_call_kind_and_the_refusals(srv):
     reg = srv.app.metrics.registry
 
