@@ -42,6 +42,16 @@ def quickstart_router(work: Path) -> tuple[Router, Catalog]:
     return Router(cfg, catalog, OnlineState()), catalog
 
 
+def per_call(router: Router, queries: list[RecQuery]) -> float:
+    """Microseconds per Router.recommend over `queries`, after 20 warm-up calls."""
+    for q in queries[:20]:
+        router.recommend(q)
+    t = time.perf_counter()
+    for q in queries:
+        router.recommend(q)
+    return (time.perf_counter() - t) / len(queries) * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workdir", default="var/bench-router")
@@ -66,13 +76,7 @@ def main() -> None:
     ]
     for name in names:
         qs = [RecQuery(user_id=f"new-{i}", history=h, k=10, model=name) for i, h in enumerate(cold)]
-        for q in qs[:20]:
-            router.recommend(q)
-        t = time.perf_counter()
-        for q in qs:
-            router.recommend(q)
-        per_call = (time.perf_counter() - t) / len(qs) * 1e6
-        print(f"{name:<12}{per_call:8.1f} us/call cold", flush=True)
+        print(f"{name:<12}{per_call(router, qs):8.1f} us/call cold", flush=True)
     for name in names:
         asked = [items[j] for j in rng.integers(0, len(items), args.calls // 2)]
         try:
@@ -86,13 +90,7 @@ def main() -> None:
     # Known users again, with explanations (the history items behind each answer).
     for name in names:
         qs = [RecQuery(user_id=u, k=10, model=name, explain=True) for u in users[: args.calls // 4]]
-        for q in qs[:20]:
-            router.recommend(q)
-        t = time.perf_counter()
-        for q in qs:
-            router.recommend(q)
-        per_call = (time.perf_counter() - t) / len(qs) * 1e6
-        print(f"{name:<12}{per_call:8.1f} us/call explained", flush=True)
+        print(f"{name:<12}{per_call(router, qs):8.1f} us/call explained", flush=True)
 
 
 if __name__ == "__main__":
