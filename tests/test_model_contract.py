@@ -194,6 +194,20 @@ def test_explain_items_ranks_each_items_contributions(small, monkeypatch):
     assert all(idx.size == 0 for idx, _ in model.explain_items(row, np.arange(3), 0))
 
 
+def test_training_row_is_the_users_row_of_the_training_csr(fitted, small):
+    # What a known user's fold-in (recorded events on top of training) and
+    # explanations start from: the row's items and values, as scipy gives them.
+    for u in (0, 3, small.n_users // 2, small.n_users - 1):
+        idx, val = fitted.training_row(u)
+        row = small.interactions[u]
+        assert idx.dtype == np.int32 and val.dtype == np.float32
+        np.testing.assert_array_equal(idx, row.indices)
+        np.testing.assert_array_equal(val, row.data.astype(np.float32))
+    for bad in (-1, small.n_users):
+        with pytest.raises(IndexError, match="user"):
+            fitted.training_row(bad)
+
+
 def test_a_known_users_explanations_read_the_training_row_scipy_gives(fitted, small):
     # explain_user_items reads the user's row from the CSR arrays (csr_row), not
     # through scipy's row indexing: the same explanations, bit for bit, for

@@ -593,9 +593,19 @@ class Recommender(ABC):
         assert seen is not None
         if not seen.has_canonical_format:  # csr_row needs sorted, distinct indices
             return seen[user]
+        return csr_row(*self.training_row(user), self.n_items)
+
+    def training_row(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """(item indices int32, values float32) of a known user's training
+        events, views of the training CSR's arrays in their stored order
+        (scipy's row indexing, ~30 us, copies them into a new matrix)."""
+        seen = self.user_items
+        assert seen is not None
+        if not 0 <= user < self.n_users:
+            raise IndexError(f"user: index must be in [0, {self.n_users})")
         indptr, indices = self._csr_views()
         a, b = int(indptr[user]), int(indptr[user + 1])
-        return csr_row(indices[a:b], np.asarray(seen.data[a:b], np.float32), self.n_items)
+        return indices[a:b], np.asarray(seen.data[a:b], np.float32)
 
     def explain_history(
         self, history: sp.csr_matrix, item: int, n: int = 5, user: int | None = None

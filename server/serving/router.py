@@ -96,12 +96,8 @@ def _with_training_row(
     """A known user's training row followed by newer events (later values win)."""
     if user < 0:
         return idx, val
-    assert m.user_items is not None
-    own = m.user_items[user]
-    return (
-        np.concatenate([own.indices.astype(np.int64), idx]),
-        np.concatenate([own.data.astype(np.float32), val]),
-    )
+    own_idx, own_val = m.training_row(user)
+    return np.concatenate([own_idx.astype(np.int64), idx]), np.concatenate([own_val, val])
 
 
 def _no_evidence(m: Recommender, values: np.ndarray) -> bool:
