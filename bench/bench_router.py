@@ -1,7 +1,8 @@
 """Per-request compute of every model, in process (no gRPC): `Router.recommend`
 for 2,000 known users, k=10, on the quickstart setup, in microseconds per call;
-then 1,000 unknown users with a 10-item history (cold), 1,000 SimilarItems and
-500 known users with explanations.
+then 1,000 unknown users with a 10-item history (cold), 1,000 SimilarItems,
+500 known users with explanations, and the same 500 with 2 events recorded
+since training (folded in on their training rows).
 
     python bench/bench_router.py --workdir /tmp/qs      # runs quickstart there if needed
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from recserve.config import load_config
-from recserve.feedback import OnlineState
+from recserve.feedback import Event, OnlineState
 from recserve.serving import Catalog, RecQuery, RequestError, Router
 
 
@@ -91,6 +92,14 @@ def main() -> None:
     for name in names:
         qs = [RecQuery(user_id=u, k=10, model=name, explain=True) for u in users[: args.calls // 4]]
         print(f"{name:<12}{per_call(router, qs):8.1f} us/call explained", flush=True)
+    # Known users with 2 events recorded since training: folded in on their training rows.
+    active = users[: args.calls // 4]
+    picks = rng.integers(0, len(items), (len(active), 2))
+    recorded = zip(active, picks, strict=True)
+    router.online.apply([Event(u, items[j], 4.0, 0) for u, row in recorded for j in row])
+    for name in names:
+        qs = [RecQuery(user_id=u, k=10, model=name) for u in active]
+        print(f"{name:<12}{per_call(router, qs):8.1f} us/call recorded", flush=True)
 
 
 if __name__ == "__main__":
