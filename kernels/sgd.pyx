@@ -388,7 +388,8 @@ def bpr_epochs(indptr, indices, P, Q, bias, double lr, double reg, unsigned long
     return correct / <double>nnz
 
 
-def bpr_fold_in(items, Q, bias, double lr, double reg, unsigned long long seed, int epochs):
+def bpr_fold_in(items, Q, bias, double lr, double reg, unsigned long long seed, int epochs,
+                start=None):
     """One new user's BPR factors from their positives, items frozen: what
     bpr_epochs(indptr=[0, n], items, p, Q, bias, ..., n_threads=1,
     update_items=False) leaves in a zero-initialised p, bit for bit (the same
@@ -396,10 +397,17 @@ def bpr_fold_in(items, Q, bias, double lr, double reg, unsigned long long seed, 
     a ten-item row; through bpr_epochs each epoch entered an OpenMP region
     and the call set up row maps, which cost more than the steps.
     items: sorted int32 ids in [0, n_items) (a repeat counts twice, as in
-    bpr_epochs). Returns float32 (f,)."""
+    bpr_epochs). start: float32 (f,) factors to continue from instead of
+    zeros (a known user's trained factors: bpr_epochs on a p holding them).
+    Returns float32 (f,)."""
     check_array(items, "items", np.int32, 1)
     check_array(Q, "Q", np.float32, 2)
     p = np.zeros((1, Q.shape[1]), np.float32)
+    if start is not None:
+        check_array(start, "start", np.float32, 1)
+        if start.shape[0] != Q.shape[1]:
+            raise ValueError(f"start: expected {Q.shape[1]} factors, got {start.shape[0]}")
+        p[0] = start
     _check_bpr_factors(p, Q, bias, lr, reg, False)
     cdef Py_ssize_t nnz = items.shape[0], e
     cdef const int[::1] ix = items
@@ -531,17 +539,10 @@ cdef void cholesky_solve(const double* L, int f, double* x) noexcept nogil:
         x[a] /= L[a * f + a]
 
 
-def ridge_user(Q, bias, double mu, items, ratings, double reg):
-    """Biased MF's fold-in for one user: w = [b_u, p_u] minimising
-    sum (r - mu - b_i - b_u - q_i.p)^2 + reg n (b_u^2 + |p|^2) over the n
-    rated `items`, z_i = [1, q_i]. With reg > 0 and fewer ratings than f + 1
-    unknowns (a cold request's history) through the n x n dual system
-    (Z Z^T + reg n I) a = t, w = Z^T a; otherwise the primal
-    (Z^T Z + reg n I) w = Z^T t; both by Cholesky in float64, in one call
-    (numpy's hstack, products and solve cost more than the arithmetic).
-    items: int32 ids (rows of Q and bias), ratings: float32 or float64.
-    Returns float64 (f + 1,); ValueError when the system is not positive
-    definite (reg 0 with too few ratings)."""
+def _ridge_inputs(Q, bias, items, ratings):
+    """The checks ridge_user and ridge_pull share: Q float32 (rows, f), bias
+    float32 one per row, int32 items inside Q's rows, one rating each (a 1-d
+    array). Returns the ratings as contiguous float64."""
     check_array(Q, "Q", np.float32, 2)
     check_array(bias, "bias", np.float32, 1)
     check_array(items, "items", np.int32, 1)
@@ -552,17 +553,45 @@ def ridge_user(Q, bias, double mu, items, ratings, double reg):
         raise ValueError(f"ratings: length {ratings.shape[0]}, expected {items.shape[0]} (items)")
     if bias.shape[0] != Q.shape[0]:
         raise ValueError(f"bias: length {bias.shape[0]}, expected {Q.shape[0]} (Q's rows)")
+    cdef const int[::1] IV = items
+    cdef int rows = <int>Q.shape[0]
+    cdef Py_ssize_t i
+    for i in range(IV.shape[0]):
+        if not 0 <= IV[i] < rows:
+            raise ValueError(f"items: {IV[i]} outside [0, {rows})")
+    return ratings
+
+
+def ridge_user(Q, bias, double mu, items, ratings, double reg, extra=None):
+    """Biased MF's fold-in for one user: w = [b_u, p_u] minimising
+    sum (r - mu - b_i - b_u - q_i.p)^2 + reg n (b_u^2 + |p|^2) over the n
+    rated `items`, z_i = [1, q_i]. With reg > 0 and fewer ratings than f + 1
+    unknowns (a cold request's history) through the n x n dual system
+    (Z Z^T + reg n I) a = t, w = Z^T a; otherwise the primal
+    (Z^T Z + reg n I) w = Z^T t; both by Cholesky in float64, in one call
+    (numpy's hstack, products and solve cost more than the arithmetic).
+    extra: float64 (f + 1,) added to the right-hand side, (Z^T Z + s I) w =
+    Z^T t + e (a known user's update from their trained w); the dual solves
+    it as (Z Z^T + s I) a = t - Z e / s, w = Z^T a + e / s (Woodbury).
+    items: int32 ids (rows of Q and bias), ratings: float32 or float64.
+    Returns float64 (f + 1,); ValueError when the system is not positive
+    definite (reg 0 with too few ratings)."""
+    ratings = _ridge_inputs(Q, bias, items, ratings)
     if reg < 0:
         raise ValueError(f"reg: must be >= 0, got {reg}")
+    cdef bint has_extra = extra is not None
+    if has_extra:
+        check_array(extra, "extra", np.float64, 1)
+        if extra.shape[0] != Q.shape[1] + 1:
+            raise ValueError(f"extra: length {extra.shape[0]}, expected {Q.shape[1] + 1}")
+    else:
+        extra = np.zeros(1, np.float64)
+    cdef const double[::1] EV = extra
     cdef const float[:, ::1] QV = Q
     cdef const float[::1] BV = bias
     cdef const int[::1] IV = items
     cdef const double[::1] RV = ratings
     cdef int n = <int>items.shape[0], f1 = <int>Q.shape[1] + 1, i, j, a
-    cdef int rows = <int>Q.shape[0]
-    for i in range(n):
-        if not 0 <= IV[i] < rows:
-            raise ValueError(f"items: {IV[i]} outside [0, {rows})")
     cdef double shift = reg * (n if n > 0 else 1), acc
     cdef bint dual = shift > 0 and 0 < n < f1
     cdef int m = n if dual else f1
@@ -586,6 +615,11 @@ def ridge_user(Q, bias, double mu, items, ratings, double reg):
     with nogil:
         for i in range(n):
             T[i] = RV[i] - mu - BV[IV[i]]
+            if has_extra and dual:  # t - Z e / s
+                acc = EV[0]
+                for a in range(1, f1):
+                    acc = acc + QV[IV[i], a - 1] * EV[a]
+                T[i] -= acc / shift
         if dual:
             # K = Z Z^T + shift I (lower triangle), X = t: K[i, j] = 1 + the sum
             # over a of q_i[a] q_j[a], added in a's order as a dot product per
@@ -619,6 +653,8 @@ def ridge_user(Q, bias, double mu, items, ratings, double reg):
                         K[a, j] += acc * QV[IV[i], j - 1]
             for a in range(f1):
                 K[a, a] += shift
+                if has_extra:
+                    X[a] += EV[a]
         ok = cholesky_lower(&K[0, 0], m)
         if ok:
             cholesky_solve(&K[0, 0], m, &X[0])
@@ -627,12 +663,52 @@ def ridge_user(Q, bias, double mu, items, ratings, double reg):
                     W[0] += X[i]
                     for a in range(1, f1):
                         W[a] += X[i] * QV[IV[i], a - 1]
+                if has_extra:  # + e / s
+                    for a in range(f1):
+                        W[a] += EV[a] / shift
             else:
                 for a in range(f1):
                     W[a] = X[a]
     if not ok:
         raise ValueError("the fold-in system is not positive definite (raise reg)")
     return w
+
+
+def ridge_pull(Q, bias, double mu, items, ratings, w, double reg):
+    """Z^T (Z w - t) + reg n w over the n rated `items` (z_i = [1, q_i],
+    t_i = r_i - mu - b_i; n counts as 1 when 0): at w, the half gradient of
+    the objective ridge_user minimises, (Z^T Z + reg n I) w - Z^T t. A known
+    user's update puts it, at their trained w, on the right-hand side of
+    ridge_user (extra). One pass, no numpy temporaries (numpy's gather,
+    products and sums cost ~70 us on a 100-factor row of 50 ratings).
+    items: int32, ratings: float32 or float64 (used as given: clip first),
+    w: float64 (f + 1,). Returns float64 (f + 1,)."""
+    ratings = _ridge_inputs(Q, bias, items, ratings)
+    check_array(w, "w", np.float64, 1)
+    if w.shape[0] != Q.shape[1] + 1:
+        raise ValueError(f"w: length {w.shape[0]}, expected {Q.shape[1] + 1}")
+    cdef const float[:, ::1] QV = Q
+    cdef const float[::1] BV = bias
+    cdef const int[::1] IV = items
+    cdef const double[::1] RV = ratings
+    cdef const double[::1] WV = w
+    cdef int n = <int>items.shape[0], f1 = <int>Q.shape[1] + 1, i, a
+    out = np.zeros(f1, np.float64)
+    cdef double[::1] O = out
+    cdef double r, shift = reg * (n if n > 0 else 1)
+    cdef const float* q
+    with nogil:
+        for i in range(n):
+            q = &QV[IV[i], 0]
+            r = WV[0] - (RV[i] - mu - BV[IV[i]])
+            for a in range(1, f1):
+                r = r + q[a - 1] * WV[a]
+            O[0] += r
+            for a in range(1, f1):
+                O[a] += r * q[a - 1]
+        for a in range(f1):
+            O[a] += shift * WV[a]
+    return out
 
 
 def predictive_quad(Q, seen, items, double reg):

@@ -9,6 +9,7 @@ import scipy.sparse as sp
 from recserve.evaluation import evaluate
 from recserve.kernels import sgd
 from recserve.models import create
+from recserve.models.base import KnownUserRow
 
 
 def test_bpr_step_equals_numpy():
@@ -211,6 +212,71 @@ def test_fold_in_kernel_is_the_training_kernel_on_one_frozen_row():
         np.testing.assert_array_equal(sgd.bpr_fold_in(items, q, b, 0.03, 0.02, seed, 20), p[0])
     empty = sgd.bpr_fold_in(np.zeros(0, np.int32), q, b, 0.03, 0.02, 0, 20)
     assert empty.shape == (16,) and not empty.any()
+
+
+def test_fold_in_kernel_continues_from_given_factors():
+    # start=: the training kernel on one frozen row whose p holds those factors.
+    rng = np.random.default_rng(4)
+    q = (rng.standard_normal((120, 8)) * 0.3).astype(np.float32)
+    b = (rng.standard_normal(120) * 0.1).astype(np.float32)
+    for n, seed in [(1, 3), (12, 8), (60, 2**62)]:
+        items = np.sort(rng.choice(120, n, replace=False)).astype(np.int32)
+        start = (rng.standard_normal(8) * 0.2).astype(np.float32)
+        p = start[None, :].copy()
+        sgd.bpr_epochs(
+            np.array([0, n], np.int64), items, p, q, b, 0.03, 0.02, seed,
+            epochs=4, n_threads=1, update_items=False,
+        )  # fmt: skip
+        got = sgd.bpr_fold_in(items, q, b, 0.03, 0.02, seed, 4, start=start)
+        np.testing.assert_array_equal(got, p[0])
+        assert not np.shares_memory(got, start) and not np.array_equal(got, start)
+        unmoved = sgd.bpr_fold_in(items, q, b, 0.03, 0.02, seed, 0, start=start)
+        np.testing.assert_array_equal(unmoved, start)
+    with pytest.raises(ValueError, match="start: expected 8 factors, got 7"):
+        sgd.bpr_fold_in(items, q, b, 0.03, 0.02, 0, 2, start=np.zeros(7, np.float32))
+    with pytest.raises(TypeError, match="start: expected dtype float32"):
+        sgd.bpr_fold_in(items, q, b, 0.03, 0.02, 0, 2, start=np.zeros(8))
+
+
+def test_a_known_users_events_continue_from_their_trained_factors(small):
+    # A known user's row with newer events (KnownUserRow): the fold-in's SGD from
+    # their trained factors, for the fold-in's passes times the share of the
+    # row's positives that changed, at least 3; nothing changed, no step.
+    model = create("bpr", factors=8, epochs=5, fold_in_epochs=40).fit(small)
+    q, b = np.ascontiguousarray(model.Q), np.ascontiguousarray(model.bias)
+    lr, reg = model.params["lr"], model.params["reg"]
+    rng = np.random.default_rng(6)
+
+    def folded(u, items, values):
+        row = KnownUserRow.of(model.history_matrix([items], [values]), u)
+        return model.fold_in(row)[0]
+
+    def continued(u, positives, passes):
+        seed = int(np.uint64(int(positives.sum()) + 7919 * positives.size))
+        start = np.array(model.P[u], np.float32)
+        return sgd.bpr_fold_in(positives, q, b, lr, reg, seed, passes, start=start)
+
+    for u in (1, 50, 700):
+        own, own_v = model.training_row(u)
+        n = own.size
+        # Re-recorded with another positive value: the same positives.
+        np.testing.assert_array_equal(folded(u, own, own_v + 1), model.P[u])
+        # One new positive.
+        new = rng.choice(np.setdiff1d(np.arange(small.n_items), own), 12, replace=False)
+        items = np.sort(np.r_[own, new[:1]]).astype(np.int32)
+        want = continued(u, items, max(3, -(-40 // (n + 1))))
+        np.testing.assert_array_equal(folded(u, items, np.ones(n + 1)), want)
+        # A training positive disliked now: one change, that item no positive.
+        values = own_v.copy()
+        values[0] = -1.0
+        want = continued(u, np.delete(own, 0).astype(np.int32), max(3, -(-40 // (n - 1))))
+        np.testing.assert_array_equal(folded(u, own, values), want)
+        # Most positives changed (training ones gone, new ones in): nearly the
+        # whole fold-in's passes.
+        items = np.sort(np.r_[own[:2], new]).astype(np.int32)
+        changed = (n - 2) + new.size
+        want = continued(u, items, min(40, -(-40 * changed // items.size)))
+        np.testing.assert_array_equal(folded(u, own[:2].tolist() + new.tolist(), None), want)
 
 
 def test_fold_in_kernel_checks_its_inputs():

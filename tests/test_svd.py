@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +13,7 @@ from recserve.data import load_dataset
 from recserve.evaluation import evaluate
 from recserve.kernels import sgd
 from recserve.models import create
+from recserve.models.base import KnownUserRow
 
 
 def python_epoch(users, items, ratings, order, mu, bu, bi, p, q, lr, reg):
@@ -167,6 +169,104 @@ def test_ridge_kernel_solves_both_systems_and_checks_its_inputs(factors):
         sgd.ridge_user(q, bi, 0.0, ok_items, ok_r, -1.0)
     with pytest.raises(ValueError, match="not positive definite"):
         sgd.ridge_user(q, bi, 0.0, ok_items, ok_r, 0.0)  # 2 ratings, f + 1 unknowns
+
+
+@pytest.mark.parametrize("factors", [8, 30])
+def test_ridge_kernel_adds_an_extra_right_hand_side_on_both_systems(factors):
+    # (Z^T Z + s I) w = Z^T t + e, the known-user update's system: the primal
+    # adds e, the dual solves it through Woodbury. Against numpy's solve; and
+    # ridge_pull, the e a known user's update puts there, against numpy.
+    rng = np.random.default_rng(40 + factors)
+    q = (rng.standard_normal((200, factors)) * 0.3).astype(np.float32)
+    bi = (rng.standard_normal(200) * 0.2).astype(np.float32)
+    for n in (0, 1, 5, factors, factors + 1, factors + 20):  # dual below f + 1
+        items = rng.choice(200, n, replace=False).astype(np.int32)
+        ratings = rng.integers(1, 6, n).astype(np.float64)
+        e = rng.standard_normal(factors + 1)
+        z = np.hstack([np.ones((n, 1)), q[items].astype(np.float64)])
+        a = z.T @ z + 0.05 * max(n, 1) * np.eye(factors + 1)
+        want = np.linalg.solve(a, z.T @ (ratings - 3.1 - bi[items]) + e)
+        got = sgd.ridge_user(q, bi, 3.1, items, ratings, 0.05, e)
+        np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9)
+        # ridge_pull: (Z^T Z + s I) w - Z^T t at w, what a known user's update adds.
+        want = a @ e - z.T @ (ratings - 3.1 - bi[items])
+        np.testing.assert_allclose(
+            sgd.ridge_pull(q, bi, 3.1, items, ratings, e, 0.05), want, rtol=1e-9, atol=1e-9
+        )
+    with pytest.raises(ValueError, match=f"w: length 3, expected {factors + 1}"):
+        sgd.ridge_pull(q, bi, 3.1, items, ratings, np.zeros(3), 0.05)
+    with pytest.raises(ValueError, match=r"items: 200 outside \[0, 200\)"):
+        sgd.ridge_pull(q, bi, 3.1, np.array([200], np.int32), np.ones(1), e, 0.05)
+    with pytest.raises(ValueError, match=f"extra: length 3, expected {factors + 1}"):
+        sgd.ridge_user(q, bi, 3.1, items, ratings, 0.05, np.zeros(3))
+    with pytest.raises(TypeError, match="extra: expected dtype float64"):
+        sgd.ridge_user(q, bi, 3.1, items, ratings, 0.05, np.zeros(factors + 1, np.float32))
+
+
+def _objective(model, items, ratings, w):
+    """The ridge objective of one user's ratings at w = [b_u, p_u], as a sum of
+    squares (the fold-in's, written out)."""
+    pred = model.mu + model.bi[items] + w[0] + model.Q[items].astype(np.float64) @ w[1:]
+    return ((np.clip(ratings, *model.scale) - pred) ** 2).sum() + model.params["reg"] * max(
+        items.size, 1
+    ) * (w @ w)
+
+
+def _updated_objective(model, wu, a_t, row, own, w):
+    """(w - w_u)^T A_t (w - w_u) + J(row, w) - J(training row, w)."""
+    d = w - wu
+    return d @ a_t @ d + _objective(model, *row, w) - _objective(model, *own, w)
+
+
+def _gradient(f, w, h=1e-3):
+    """Central differences (exact up to rounding on a quadratic)."""
+    return np.array([(f(w + e) - f(w - e)) / (2 * h) for e in h * np.eye(w.size)])
+
+
+@pytest.mark.parametrize("algo", ["svd", "bayes_mf"])
+def test_a_known_users_events_update_their_trained_parameters(small, algo):
+    # A known user's row with newer events (KnownUserRow): their trained w_u is
+    # the prior mean, the training row's ridge precision A_t its weight, and
+    # the newer events the evidence. The answer minimises
+    #   (w - w_u)^T A_t (w - w_u) + J(row, w) - J(training row, w),
+    # written out below as sums of squares and checked by its gradient (finite
+    # differences of a quadratic). It keeps w_u on an unchanged row, and it is
+    # the plain fold-in of the row where w_u is its training row's fold-in.
+    model = create(algo, factors=8, epochs=5).fit(small)
+    rng = np.random.default_rng(5)
+    for u in (2, 40, 333):
+        own, own_r = model.training_row(u)
+        new = rng.choice(np.setdiff1d(np.arange(small.n_items), own), 3, replace=False)
+        items = np.concatenate([own, new])
+        ratings = np.concatenate([own_r, [5.0, 1.0, 4.0]]).astype(np.float32)
+        ratings[0] = 1.0 if own_r[0] > 3 else 5.0  # and one rating changed
+        order = np.argsort(items)
+        items, ratings = items[order], ratings[order]
+        row = KnownUserRow.of(model.history_matrix([items], [ratings]), u)
+        p, b = model.fold_in(row)
+        w = np.r_[b[0], p[0]].astype(np.float64)
+        wu = np.r_[model.bu[u], model.P[u]].astype(np.float64)
+        z_t = np.hstack([np.ones((own.size, 1)), model.Q[own].astype(np.float64)])
+        a_t = z_t.T @ z_t + model.params["reg"] * own.size * np.eye(wu.size)
+        f = functools.partial(_updated_objective, model, wu, a_t, (items, ratings), (own, own_r))
+        grad = _gradient(f, w)
+        assert np.abs(grad).max() < 1e-4 * np.abs(_gradient(f, wu)).max(), (u, grad)
+        # The same user through score_history (Predict) and the dense row.
+        mean, _ = model.score_history(row, new)
+        pred = model.mu + model.bi[new] + w[0] + model.Q[new] @ w[1:]
+        np.testing.assert_allclose(mean, np.clip(pred, *model.scale), rtol=1e-5)
+        # Unchanged: w_u itself.
+        same = KnownUserRow.of(model.history_matrix([own], [own_r]), u)
+        p0, b0 = model.fold_in(same)
+        np.testing.assert_allclose(np.r_[b0[0], p0[0]], wu, rtol=1e-5, atol=1e-6)
+        # w_u at its training row's ridge solution: the new row's ridge solution.
+        exact = copy.deepcopy(model)
+        exact.P, exact.bu = exact.P.copy(), exact.bu.copy()
+        w_t = _ridge(exact, own, own_r.astype(np.float64))
+        exact.bu[u], exact.P[u] = w_t[0], w_t[1:]
+        p1, b1 = exact.fold_in(row)
+        want = _ridge(exact, items, np.clip(ratings, *exact.scale).astype(np.float64))
+        np.testing.assert_allclose(np.r_[b1[0], p1[0]], want, rtol=1e-4, atol=1e-5)
 
 
 def test_hogwild_trains_as_well(small):

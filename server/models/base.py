@@ -544,7 +544,9 @@ class Recommender(ABC):
         out_i = np.empty((n, k), np.int32)
         out_s = np.empty((n, k), np.float32)
         for lo in range(0, n, SCORE_CHUNK):
-            rows = history[lo : lo + SCORE_CHUNK]
+            # One chunk is the matrix itself: a slice would be a plain copy,
+            # without a KnownUserRow's user.
+            rows = history if n <= SCORE_CHUNK else history[lo : lo + SCORE_CHUNK]
             size = rows.shape[0]
             excl = exclusion_rows(
                 rows if filter_seen else None, _rows_for(exclude, lo, size), size, self.n_items
@@ -952,6 +954,41 @@ def _lists_to_csr(lists: list[np.ndarray], n_rows: int, n_items: int) -> sp.csr_
     m = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols[keep])), shape=(n_rows, n_items))
     m.sum_duplicates()
     return m
+
+
+class KnownUserRow(sp.csr_matrix):
+    """A one-row history that continues a known user's training row: their
+    training events followed by newer ones (recorded since training, or sent
+    with the request), later values winning; `user` is that user's index.
+
+    A model whose fold-in of a training row is not the user it trained (the
+    SGD fits: svd, bayes_mf, bpr) updates the trained factors with what the
+    row changes instead of folding the user in from nothing, so that one
+    recorded event moves a known user's answer as far as that event says and
+    no further (folded in from nothing, half of their top 10 changed). Every
+    other model reads it as the plain history row it is. Matrices scipy
+    derives from it (copies, products) have `user` -1: plain rows."""
+
+    user: int = -1
+
+    @classmethod
+    def of(cls, row: sp.csr_matrix, user: int) -> KnownUserRow:
+        """`row` (one row, CSR) as continuing known user `user` (its arrays shared)."""
+        if not isinstance(row, sp.csr_matrix) or row.shape[0] != 1:
+            raise ValueError(f"row: expected a 1-row CSR matrix, got {type(row).__name__}")
+        if user < 0:
+            raise ValueError(f"user: expected a known user's index (>= 0), got {user}")
+        out = cls.__new__(cls)
+        out.__dict__.update(row.__dict__)  # as csr_row: no second validation of the arrays
+        out.user = int(user)
+        return out
+
+
+def known_user(history: sp.csr_matrix) -> int:
+    """The known user a one-row history continues (a KnownUserRow), else -1."""
+    if isinstance(history, KnownUserRow) and history.shape[0] == 1:
+        return history.user
+    return -1
 
 
 _ROW_TEMPLATES: dict[int, sp.csr_matrix] = {}

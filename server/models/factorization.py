@@ -40,6 +40,7 @@ from recserve.models.base import (
     check_k,
     cosine_similar,
     cosine_similar_one,
+    known_user,
     log_median,
     log_scaled,
     without_dislikes,
@@ -442,12 +443,43 @@ class BiasedMF(Recommender):
 
     def _posterior(self, row: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         """(w, A) for one history row: w = [b_u, p_u] = A^-1 Z^T (r - mu - b_i), the
-        minimiser of sum (r - mu - b_i - b_u - q_i.p)^2 + reg n (b_u^2 + |p|^2)."""
+        minimiser of sum (r - mu - b_i - b_u - q_i.p)^2 + reg n (b_u^2 + |p|^2);
+        for a known user's row (KnownUserRow), their trained w updated (_updated)."""
         z = self._design(row.indices)
         a = self._precision(z)
+        known = known_user(row)
+        if known >= 0:
+            return self._updated(known, row.indices, row.data), a
         r = self._on_scale(row.data)
         w = np.linalg.solve(a, z.T @ (r - self.mu - np.asarray(self.bi[row.indices])))
         return w, a
+
+    def _updated(self, user: int, items: np.ndarray, ratings: np.ndarray) -> np.ndarray:
+        """w = [b_u, p_u] of known `user` given the history row (items, ratings)
+        that continues their training row: the trained w_u as the prior mean,
+        with the training row's precision A_t, updated by what the row changes.
+        It minimises (w - w_u)^T A_t (w - w_u) + J(w) - J_t(w), J and J_t the
+        ridge objective (_posterior's) over the row and over the training row:
+        w = A^-1 (Z^T t + A_t w_u - Z_t^T t_t). The training row alone gives
+        w_u back; where w_u is J_t's minimiser, this is J's (the plain
+        fold-in); SGD leaves w_u elsewhere, and folded in from nothing the
+        user's top 10 changed by half on one event (docs/algorithms.md)."""
+        own, own_r = self.training_row(user)
+        q = self._vectors("Q")
+        bi = self._bias32()
+        reg = self.params["reg"]
+        wu = np.empty(q.shape[1] + 1)
+        wu[0], wu[1:] = self.bu[user], self.P[user]
+        # A_t w_u - Z_t^T t_t, the training row's pull toward w_u
+        pull = sgdk.ridge_pull(q, bi, self.mu, own, self._on_scale(own_r), wu, reg)
+        ratings = self._on_scale(ratings)
+        try:  # the fold-in's kernel with `pull` on its right-hand side
+            return sgdk.ridge_user(q, bi, self.mu, np.asarray(items, np.int32), ratings, reg, pull)
+        except ValueError:  # not positive definite (reg 0): least squares
+            z = self._design(items)
+            a = self._precision(z)
+            t = ratings - self.mu - np.asarray(bi[items], np.float64)
+            return np.linalg.lstsq(a, z.T @ t + pull, rcond=None)[0]
 
     def _on_scale(self, ratings: np.ndarray) -> np.ndarray:
         """A history's ratings clipped to the training rating scale: a 50 (or
@@ -492,14 +524,20 @@ class BiasedMF(Recommender):
 
     def fold_in(self, history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         """(p, b_u) per history row: the objective SGD optimises, solved exactly for
-        the user given the items (empty rows get zeros)."""
+        the user given the items (empty rows get zeros); a known user's row
+        (KnownUserRow) updates their trained parameters instead (_updated)."""
         h = history.tocsr()
+        known = known_user(history)
         ps = np.zeros((h.shape[0], self.Q.shape[1]), np.float32)
         bs = np.zeros(h.shape[0], np.float32)
         for r in range(h.shape[0]):
             lo, hi = h.indptr[r], h.indptr[r + 1]
             if hi > lo:  # the row's arrays, not h[r]: scipy's row slice costs ~20 us
-                w = self._posterior_mean(h.indices[lo:hi], h.data[lo:hi])
+                items, ratings = h.indices[lo:hi], h.data[lo:hi]
+                if known >= 0:  # a known user with newer events: their w updated
+                    w = self._updated(known, items, ratings)
+                else:
+                    w = self._posterior_mean(items, ratings)
                 bs[r], ps[r] = w[0], w[1:]
         return ps, bs
 
@@ -622,7 +660,9 @@ class BPR(EmbeddingIndexMixin):
     def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
         """User factors for history rows: BPR SGD on the user's own triples, items
         frozen, negatives uniform (the row alone carries no item popularity);
-        disliked items are not positives."""
+        disliked items are not positives. A known user's row (KnownUserRow)
+        continues from their trained factors (_continued)."""
+        known = known_user(history)
         h = without_dislikes(history.tocsr())
         h.sort_indices()
         f = self.Q.shape[1]
@@ -636,8 +676,33 @@ class BPR(EmbeddingIndexMixin):
             if items.size == 0:
                 continue
             seed = int(np.uint64(int(items.sum(dtype=np.int64)) + 7919 * items.size))
-            out[r] = sgdk.bpr_fold_in(items, q, b, p["lr"], p["reg"], seed, p["fold_in_epochs"])
+            if known >= 0:
+                out[r] = self._continued(known, items, q, b, seed)
+            else:
+                out[r] = sgdk.bpr_fold_in(items, q, b, p["lr"], p["reg"], seed, p["fold_in_epochs"])
         return out
+
+    def _continued(
+        self, user: int, items: np.ndarray, q: np.ndarray, b: np.ndarray, seed: int
+    ) -> np.ndarray:
+        """Known `user`'s factors given their positives `items` (sorted int32: the
+        training row with newer events): the fold-in's SGD started from the
+        trained factors, for the fold-in's passes times the share of the row that
+        changed (positives added or removed), at least 3 (a pass draws each
+        positive once on average: a new one is then drawn with probability
+        1 - e^-3, 95%); the trained factors themselves when nothing changed.
+        Folded in from nothing instead, one recorded event replaced half of a
+        quickstart user's top 10 (docs/algorithms.md); a row that is mostly
+        new gets nearly the whole fold-in."""
+        own_items, own_values = self.training_row(user)
+        own = np.unique(own_items[own_values >= 0])
+        changed = np.setxor1d(own, items).size
+        start = np.array(self.P[user], np.float32)
+        if changed == 0:
+            return start
+        p = self.params
+        passes = min(p["fold_in_epochs"], max(3, -(-p["fold_in_epochs"] * changed // items.size)))
+        return sgdk.bpr_fold_in(items, q, b, p["lr"], p["reg"], seed, passes, start=start)
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         return np.asarray(self.P[users] @ self.Q.T + self.bias[None, :], np.float32)

@@ -37,6 +37,7 @@ from recserve.models.base import (
     ScratchPool,
     check_k,
     identity_rows,
+    known_user,
     log_median,
     log_scaled,
     without_dislikes,
@@ -492,10 +493,10 @@ class UserKNN(_Neighbourhood):
 
     def _neighbours(self, history: sp.csr_matrix) -> sp.csr_matrix:
         """Top-k similar training users of each history row (fold-in)."""
-        h = without_dislikes(history.tocsr())
-        if h.shape[0] == 1:
-            ix, v = self._history_weights(h)
+        if history.shape[0] == 1:  # _history_weights drops the dislikes itself
+            ix, v = self._history_weights(history.tocsr())
             return csr(np.array([0, ix.size], np.int64), ix, v, (1, self.n_users))
+        h = without_dislikes(history.tocsr())
         data = self._weighted_data(h.indptr, h.indices, h.data)
         h = csr(h.indptr.astype(np.int64), h.indices, data, h.shape)
         b, norm, _, _ = self._fold_index()
@@ -503,10 +504,13 @@ class UserKNN(_Neighbourhood):
 
     def _history_weights(self, row: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         # One row from its arrays: scipy's tocsr/astype cost more than the search.
+        # A known user's row (KnownUserRow) is not their own neighbour, as in
+        # training (sim excludes the diagonal): unchanged, it is their trained row.
+        known = known_user(row)
         row = without_dislikes(row)
         indices = np.asarray(row.indices, np.int32)
         indptr = np.array([0, indices.size], np.int64)
-        return self._neighbour_row(indices, self._weighted_data(indptr, indices, row.data))
+        return self._neighbour_row(indices, self._weighted_data(indptr, indices, row.data), known)
 
     def _weighted_data(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> Any:
         """History rows' values weighted as the training users were (stored idf,
@@ -529,16 +533,22 @@ class UserKNN(_Neighbourhood):
         return weighted
 
     def _neighbour_row(
-        self, indices: np.ndarray, data: np.ndarray
+        self, indices: np.ndarray, data: np.ndarray, skip: int = -1
     ) -> tuple[np.ndarray, np.ndarray]:
         """One weighted history's top-k training users, (users int32, similarities
-        float32): knn's row, by a KnnIndex validated once and pooled scratch."""
+        float32): knn's row, by a KnnIndex validated once and pooled scratch;
+        training user `skip` (>= 0) left out."""
         _, _, index, pool = self._fold_index()
+        k = self.params["k"]
         scratch = pool.take()
         try:
-            return index.query(indices, data, self.params["k"], scratch)
+            users, sims = index.query(indices, data, k + (skip >= 0), scratch)
         finally:
             pool.give(scratch)
+        if skip >= 0:
+            keep = users != skip
+            users, sims = users[keep][:k], sims[keep][:k]
+        return users, sims
 
     def _fold_index(self) -> tuple[Any, ...]:
         """What every fold-in searches, built on the first one and kept while

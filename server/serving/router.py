@@ -35,7 +35,7 @@ from recserve.data import IdMap
 from recserve.feedback import OnlineState
 from recserve.kernels import topk
 from recserve.models import Recommender, bundle
-from recserve.models.base import ScratchPool
+from recserve.models.base import KnownUserRow, ScratchPool
 from recserve.models.registry import MODELS
 from recserve.serving.answers import (
     MAX_ID_BYTES,
@@ -98,6 +98,14 @@ def _with_training_row(
         return idx, val
     own_idx, own_val = m.training_row(user)
     return np.concatenate([own_idx.astype(np.int64), idx]), np.concatenate([own_val, val])
+
+
+def _history_row(m: Recommender, user: int, idx: np.ndarray, val: np.ndarray) -> sp.csr_matrix:
+    """The row to fold in (_with_training_row's arrays), marked as continuing
+    `user` when known (KnownUserRow: models fitted by SGD update that user's
+    trained factors instead of starting from nothing)."""
+    row = m.history_matrix([idx], [val])
+    return KnownUserRow.of(row, user) if user >= 0 else row
 
 
 def _no_evidence(m: Recommender, values: np.ndarray) -> bool:
@@ -518,10 +526,10 @@ class Router:
             items, scores, row = items[0], scores[0], None
         else:
             extra_idx, extra_val = _with_training_row(m, user, extra_idx, extra_val)
-            user = -1
             if _no_evidence(m, extra_val):
                 return None
-            row = m.history_matrix([extra_idx], [extra_val])
+            row = _history_row(m, user, extra_idx, extra_val)
+            user = -1
             if cand is None:  # the fold-in's dense row and one top-k call, when exact
                 pool = self._pool(0, m.n_items)
                 buf = pool.take()
@@ -670,7 +678,7 @@ class Router:
                         idx, val = _with_training_row(m, u, extra_idx, extra_val)
                         if _no_evidence(m, val):
                             continue  # the general path skips this component too
-                        row = m.history_matrix([idx], [val])
+                        row = _history_row(m, u, idx, val)
                         if u < 0:
                             shared_row = row
                     ok = m.dense_history(row, out, filter_seen)
@@ -940,7 +948,7 @@ class Router:
             mean, std = m.score(user, idx)
         else:
             extra_idx, extra_val = _with_training_row(m, user, extra_idx, extra_val)
-            mean, std = m.score_history(m.history_matrix([extra_idx], [extra_val]), idx)
+            mean, std = m.score_history(_history_row(m, user, extra_idx, extra_val), idx)
         mean = np.asarray(mean, np.float64)
         std = np.zeros_like(mean) if std is None else np.asarray(std, np.float64)
         z = NormalDist().inv_cdf(0.5 + level / 2)
