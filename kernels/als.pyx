@@ -40,15 +40,17 @@ cdef extern from *:
         for (int k = 0; k < f; k++) b[k] += s * a[k];
     }
 
-    /* out = A v = G v + sum over the row's nonzeros of (c - 1)(y . v) y; with
-       residual, out = b - A v instead, where b = sum p c y. A nonzero is a
+    /* out = A v = G v + shift v + sum over the row's nonzeros of (c - 1)(y . v) y;
+       with residual, out = b - A v instead, where b = sum p c y. A nonzero is a
        signed confidence s: c = |s|, p = (s > 0). G is symmetric, so G v is a
        sum of its rows scaled by v: no horizontal sums. */
     RS_INLINE void recserve_apply(const long long *ip, const int *ix, const float *c,
                                   long long row, const float *Y, const float *G, int f,
-                                  const float *restrict v, float *restrict out, int residual) {
+                                  float shift, const float *restrict v, float *restrict out,
+                                  int residual) {
         for (int k = 0; k < f; k++) out[k] = 0.0f;
         for (int b = 0; b < f; b++) recserve_saxpy(v[b], G + (long long)b * f, out, f);
+        if (shift != 0.0f) recserve_saxpy(shift, v, out, f);
         if (residual)
             for (int k = 0; k < f; k++) out[k] = -out[k];
         long long end = ip[row + 1];
@@ -64,18 +66,25 @@ cdef extern from *:
     /* `steps` CG iterations on x in place (Takacs et al.): r = b - A x, then
        the usual updates with A p computed from G and the row's nonzeros, never
        forming A. Stops early on a vanishing residual or a non-positive
-       curvature (A is SPD, so only from rounding). */
+       curvature (A is SPD, so only from rounding). wreg > 0: ALS-WR, the row's
+       penalty wreg times its positive nonzeros (at least 1), G holding one. */
     RECSERVE_CLONES
     static void recserve_cg_row(const long long *ip, const int *ix, const float *c,
                                 long long row, const float *Y, const float *G, int f,
-                                int steps, float *restrict r, float *restrict p,
+                                int steps, float wreg, float *restrict r, float *restrict p,
                                 float *restrict Ap, float *restrict x) {
-        recserve_apply(ip, ix, c, row, Y, G, f, x, r, 1);
+        float shift = 0.0f;
+        if (wreg > 0.0f) {
+            long long pos = 0;
+            for (long long q = ip[row]; q < ip[row + 1]; q++) pos += c[q] > 0.0f;
+            shift = wreg * (float)((pos > 1 ? pos : 1) - 1);
+        }
+        recserve_apply(ip, ix, c, row, Y, G, f, shift, x, r, 1);
         for (int k = 0; k < f; k++) p[k] = r[k];
         float rs_old = recserve_sdot(r, r, f);
         for (int it = 0; it < steps; it++) {
             if (rs_old < 1e-20f) break;
-            recserve_apply(ip, ix, c, row, Y, G, f, p, Ap, 0);
+            recserve_apply(ip, ix, c, row, Y, G, f, shift, p, Ap, 0);
             float curv = recserve_sdot(p, Ap, f);
             if (curv <= 0.0f) break;
             float alpha = rs_old / curv;
@@ -89,15 +98,17 @@ cdef extern from *:
     }
     """
     void recserve_cg_row(const long long* ip, const int* ix, const float* c, long long row,
-                         const float* Y, const float* G, int f, int steps, float* r,
-                         float* p, float* Ap, float* x) noexcept nogil
+                         const float* Y, const float* G, int f, int steps, float wreg,
+                         float* r, float* p, float* Ap, float* x) noexcept nogil
 
 
 cdef void solve_exact(const long long* ip, const int* ix, const float* c, Py_ssize_t row,
-                      const float* Y, const float* G, int f, float* A, float* b,
+                      const float* Y, const float* G, int f, float wreg, float* A, float* b,
                       float* Z, float* out) noexcept nogil:
     """x = (G + sum (c - 1) y y^T)^-1 sum p c y, by Cholesky (sposv), from
-    signed confidences s (c = |s|, p = 1 when s > 0, else 0).
+    signed confidences s (c = |s|, p = 1 when s > 0, else 0). wreg > 0: ALS-WR
+    (Zhou et al. 2008; Spark MLlib's ALS), the row's penalty wreg times its
+    number of positive nonzeros (at least 1): G holds one, the rest is added.
 
     The sum of outer products goes through ssyrk on chunks of CHUNK items
     (rows sqrt(c - 1) y): level-3 BLAS instead of one rank-1 update per item.
@@ -105,7 +116,7 @@ cdef void solve_exact(const long long* ip, const int* ix, const float* c, Py_ssi
     Fold-in runs this same routine, so a folded-in user reproduces the
     trained vector.
     """
-    cdef long long p
+    cdef long long p, pos = 0
     cdef int a, one = 1, info = 0, nn = f, m = 0
     cdef float conf, w, one_f = 1.0
     cdef const float* y
@@ -119,6 +130,7 @@ cdef void solve_exact(const long long* ip, const int* ix, const float* c, Py_ssi
         conf = c[p]
         y = Y + <Py_ssize_t>ix[p] * f
         if conf > 0:
+            pos = pos + 1
             for a in range(f):
                 b[a] += conf * y[a]
         else:
@@ -136,6 +148,9 @@ cdef void solve_exact(const long long* ip, const int* ix, const float* c, Py_ssi
             ssyr(&lower, &nn, &w, <float*>y, &one, A, &nn)
     if m > 0:
         ssyrk(&lower, &notrans, &nn, &m, &one_f, Z, &nn, &one_f, A, &nn)
+    if wreg > 0 and pos > 1:
+        for a in range(f):
+            A[a * f + a] += wreg * <float>(pos - 1)
     sposv(&lower, &nn, &one, A, &nn, b, &nn, &info)
     if info == 0:
         for a in range(f):
@@ -143,13 +158,14 @@ cdef void solve_exact(const long long* ip, const int* ix, const float* c, Py_ssi
 
 
 
-def solve_row(indices, confidence, Y, G32, out):
+def solve_row(indices, confidence, Y, G32, out, double weighted_reg=0.0):
     """One history's exact factors (solve_rows' Cholesky path for one row, the
     same arithmetic) into `out` (f float32, zeroed first: it stays 0 for an
     empty history or a failed factorisation, as solve_rows leaves a zeroed X).
     A serving fold-in calls this: solve_rows' batch set-up (index checks by
     numpy reductions, the float32 copy of G, thread scratch, an OpenMP region)
-    cost 15 us of its 38 on a ten-item history. G32: YtY + reg I, float32."""
+    cost 15 us of its 38 on a ten-item history. G32: YtY + reg I, float32.
+    weighted_reg: reg for ALS-WR (solve_rows' weighted), else 0."""
     check_array(Y, "Y", np.float32, 2)
     check_array(G32, "G", np.float32, 2)
     check_array(out, "out", np.float32, 1)
@@ -183,8 +199,8 @@ def solve_row(indices, confidence, Y, G32, out):
     with nogil:
         w = <float*> malloc((f * f + f + CHUNK * f) * sizeof(float))
         if w != NULL:
-            solve_exact(ip, &ixv[0], &cv[0], 0, &Yv[0, 0], &Gv[0, 0], f, w, w + f * f,
-                        w + f * f + f, &O[0])
+            solve_exact(ip, &ixv[0], &cv[0], 0, &Yv[0, 0], &Gv[0, 0], f, <float>weighted_reg,
+                        w, w + f * f, w + f * f + f, &O[0])
             free(w)
     if w == NULL:
         raise MemoryError("solve_row: no scratch")
@@ -200,7 +216,7 @@ def gram(Y, double regularization=0.0):
 
 
 def solve_rows(indptr, indices, confidence, Y, X, double regularization,
-               int cg_steps=0, rows=None, G=None, int n_threads=0):
+               int cg_steps=0, rows=None, G=None, int n_threads=0, bint weighted=False):
     """Update X[rows] (all rows by default) in place from confidences and fixed Y.
 
     indptr/indices/confidence: CSR (rows x items) of signed confidences:
@@ -208,6 +224,8 @@ def solve_rows(indptr, indices, confidence, Y, X, double regularization,
     cg_steps <= 0 solves exactly (Cholesky); otherwise that many CG steps,
     warm-started from X. G (YtY + reg I) may be passed to share it between
     calls (fold-in). Rows with no nonzeros get the all-zero solution.
+    weighted: ALS-WR (Zhou et al. 2008; Spark MLlib's ALS): a row's penalty is
+    regularization times its number of positive nonzeros (at least 1).
     """
     check_array(Y, "Y", np.float32, 2)
     check_array(X, "X", np.float32, 2)
@@ -253,6 +271,7 @@ def solve_rows(indptr, indices, confidence, Y, X, double regularization,
     cdef Py_ssize_t n = todo.shape[0], k, row
     cdef int t, a
     cdef bint exact = cg_steps <= 0
+    cdef float wreg = <float>regularization if weighted else 0.0
     cdef long long empty_ptr = 0
     cdef const long long* ip = &ipv[0]
     cdef const int* ix = &ixv[0] if ixv.shape[0] else NULL
@@ -269,10 +288,10 @@ def solve_rows(indptr, indices, confidence, Y, X, double regularization,
                 for a in range(f):
                     Xv[row, a] = 0.0
             elif exact:
-                solve_exact(ip, ix, c, row, &Yv[0, 0], &G32v[0, 0], f, w32, w32 + f * f,
-                            w32 + f * f + f, &Xv[row, 0])
+                solve_exact(ip, ix, c, row, &Yv[0, 0], &G32v[0, 0], f, wreg, w32,
+                            w32 + f * f, w32 + f * f + f, &Xv[row, 0])
             else:
                 w32 = w32 + f * f + f + CHUNK * f
-                recserve_cg_row(ip, ix, c, row, &Yv[0, 0], &G32v[0, 0], f, cg_steps, w32,
+                recserve_cg_row(ip, ix, c, row, &Yv[0, 0], &G32v[0, 0], f, cg_steps, wreg, w32,
                                 w32 + f, w32 + 2 * f, &Xv[row, 0])
     return X

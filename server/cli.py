@@ -231,7 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     spark.add_argument("--name", required=True, help="model name to publish as")
     spark.add_argument("--models", required=True, help="models folder")
     spark.add_argument("--data", default=None, help="dataset whose interactions count as seen")
-    spark.add_argument("--regularization", type=float, default=0.1, help="fold-in L2 penalty")
+    spark.add_argument(
+        "--regularization",
+        type=float,
+        default=0.1,
+        help="Spark's regParam (default: Spark's 0.1): the fold-in's L2 penalty, times the "
+        "user's positive events as Spark's ALS-WR has it, so a folded-in user is Spark's",
+    )
     spark.add_argument(
         "--alpha", type=float, default=None, help="fold-in confidence alpha (default: the model's)"
     )

@@ -121,6 +121,7 @@ def spark_als(
         regularization=regularization,
         alpha=alpha,
         values="linear",  # Spark's confidence: 1 + alpha * value
+        weighted_reg=True,  # Spark's penalty: regParam times the row's positive events
         index=index,
     )
     assert isinstance(model, ALS)

@@ -14,9 +14,14 @@ from recserve.models import create, load_named
 from tests.service_helpers import assert_explanation
 
 
-def weighted_lstsq(conf_row: sp.csr_matrix, y: np.ndarray, reg: float) -> np.ndarray:
+def weighted_lstsq(
+    conf_row: sp.csr_matrix, y: np.ndarray, reg: float, per_positive: bool = False
+) -> np.ndarray:
     """argmin_x sum_i c_i (p_i - y_i.x)^2 + reg |x|^2 over every item i (numpy,
-    float64); a stored value s is c = |s| and p = 1 if s > 0 else 0 (a dislike)."""
+    float64); a stored value s is c = |s| and p = 1 if s > 0 else 0 (a dislike).
+    per_positive: ALS-WR, reg times the row's positive values (at least 1)."""
+    if per_positive:
+        reg *= max(int((conf_row.data > 0).sum()), 1)
     n, f = y.shape
     c, p = np.ones(n), np.zeros(n)
     c[conf_row.indices] = np.abs(conf_row.data)
@@ -40,38 +45,57 @@ def signed(conf: sp.csr_matrix, share: float, seed: int) -> sp.csr_matrix:
     return out
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dislikes", [0.0, 0.3])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_exact_sweep_equals_numpy_least_squares(threads, dislikes):
+def test_exact_sweep_equals_numpy_least_squares(threads, dislikes, weighted):
+    # weighted: ALS-WR (Spark's penalty), reg times each row's positive values.
     rng = np.random.default_rng(0)
     conf = sp.random(60, 40, density=0.15, random_state=2, format="csr", dtype=np.float32)
     conf.data = 1.0 + 5.0 * conf.data
     conf = signed(conf, dislikes, 9)
+    if dislikes:  # a row of dislikes only: no positive event, the penalty counts once
+        conf.data[conf.indptr[0] : conf.indptr[1]] = -np.abs(conf.data[: conf.indptr[1]])
+        assert conf[0].nnz and (conf[0].data < 0).all()
     y = (rng.standard_normal((40, 12)) * 0.5).astype(np.float32)
     x = np.full((60, 12), 7.0, np.float32)  # overwritten, even rows without events
-    alsk.solve_rows(conf.indptr, conf.indices, conf.data, y, x, 0.3, n_threads=threads)
+    alsk.solve_rows(
+        conf.indptr, conf.indices, conf.data, y, x, 0.3, n_threads=threads, weighted=weighted
+    )
     for u in range(60):
-        np.testing.assert_allclose(x[u], weighted_lstsq(conf[u], y, 0.3), rtol=1e-4, atol=1e-6)
+        want = weighted_lstsq(conf[u], y, 0.3, weighted)
+        np.testing.assert_allclose(x[u], want, rtol=1e-4, atol=1e-6)
+        if conf[u].nnz:  # the serving one-row solve too
+            one = np.empty(12, np.float32)
+            g = (y.T @ y + 0.3 * np.eye(12, dtype=np.float32)).astype(np.float32)
+            alsk.solve_row(conf[u].indices, conf[u].data, y, g, one, 0.3 if weighted else 0.0)
+            np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dislikes", [0.0, 0.3])
-def test_cg_converges_to_cholesky(dislikes):
+def test_cg_converges_to_cholesky(dislikes, weighted):
     rng = np.random.default_rng(1)
     conf = sp.random(80, 50, density=0.1, random_state=3, format="csr", dtype=np.float32)
     conf.data = 1.0 + 10.0 * conf.data
     conf = signed(conf, dislikes, 4)
     y = (rng.standard_normal((50, 16)) * 0.3).astype(np.float32)
+    args = (conf.indptr, conf.indices, conf.data, y)
     exact = np.zeros((80, 16), np.float32)
-    alsk.solve_rows(conf.indptr, conf.indices, conf.data, y, exact, 0.05)
+    alsk.solve_rows(*args, exact, 0.05, weighted=weighted)
     cg = np.zeros((80, 16), np.float32)
     errors = []
     for _ in range(30):  # warm-started 3-step rounds, as training runs them
-        alsk.solve_rows(conf.indptr, conf.indices, conf.data, y, cg, 0.05, cg_steps=3)
+        alsk.solve_rows(*args, cg, 0.05, cg_steps=3, weighted=weighted)
         errors.append(float(np.abs(cg - exact).max()))
     assert errors[-1] < 1e-5 and errors[-1] < errors[0] / 1e4
     full = np.zeros((80, 16), np.float32)  # f steps: CG is exact in exact arithmetic
-    alsk.solve_rows(conf.indptr, conf.indices, conf.data, y, full, 0.05, cg_steps=16)
+    alsk.solve_rows(*args, full, 0.05, cg_steps=16, weighted=weighted)
     np.testing.assert_allclose(full, exact, atol=1e-4)
+    if weighted:  # and not the unweighted solution
+        plain = np.zeros((80, 16), np.float32)
+        alsk.solve_rows(*args, plain, 0.05)
+        assert np.abs(plain - exact).max() > 1e-3
 
 
 def counts(ds, seed: int = 0):
@@ -82,11 +106,11 @@ def counts(ds, seed: int = 0):
     return out
 
 
-@pytest.mark.parametrize("heavy", [False, True])
-def test_fold_in_equals_the_trained_user(small, heavy):
+@pytest.mark.parametrize(("heavy", "weighted"), [(False, False), (True, False), (False, True)])
+def test_fold_in_equals_the_trained_user(small, heavy, weighted):
     if heavy:
         small = counts(small)
-    model = create("als", factors=24, iterations=6).fit(small)
+    model = create("als", factors=24, iterations=6, weighted_reg=weighted).fit(small)
     assert (model.value_median > 0) == heavy
     for u in (0, 5, 321):
         folded = model.fold_in(small.interactions[u])
@@ -97,20 +121,24 @@ def test_fold_in_equals_the_trained_user(small, heavy):
         np.testing.assert_array_equal(a[0], b)
 
 
-@pytest.mark.parametrize(("dislikes", "heavy"), [(False, False), (True, False), (True, True)])
-def test_explain_is_the_decomposition_of_the_score(small, dislikes, heavy):
+@pytest.mark.parametrize(
+    ("dislikes", "heavy", "weighted"),
+    [(False, False, False), (True, False, False), (True, True, False), (True, False, True)],
+)
+def test_explain_is_the_decomposition_of_the_score(small, dislikes, heavy, weighted):
     """ALS folds a user in as x = A^-1 sum_i p_i c_i y_i with A = Y'Y + reg I +
     sum_i (c_i - 1) y_i y_i' (c = 1 + alpha |r| / s, s the training data's mean
     |value|; p = 0 for a dislike, a negative r): the score y_j . x splits into
     p_i c_i y_j' A^-1 y_i per history item. Computed here from the factors alone;
     explain returns exactly the positive terms, and all of them add up to the
     score (the trained user vector is that fold-in up to ALS's convergence).
-    Heavy-tailed values: |r| is log1p(|r| / median) over its mean instead."""
+    Heavy-tailed values: |r| is log1p(|r| / median) over its mean instead.
+    weighted (ALS-WR): reg I counts once per positive event of the row."""
     data = counts(small) if heavy else small
     if dislikes:  # every third event a dislike (value -1, or minus the count)
         data = copy.deepcopy(data)
         data.interactions.data[::3] = -1.0 if not heavy else -data.interactions.data[::3]
-    model = create("als", factors=16, iterations=5).fit(data)
+    model = create("als", factors=16, iterations=5, weighted_reg=weighted).fit(data)
     p = model.params
     y = np.asarray(model.item_factors, np.float64)
     u = 42
@@ -125,7 +153,8 @@ def test_explain_is_the_decomposition_of_the_score(small, dislikes, heavy):
     pref = (row.data > 0).astype(np.float64)
     assert pref.min() == (0.0 if dislikes else 1.0)
     yi = y[row.indices]
-    a = y.T @ y + p["regularization"] * np.eye(y.shape[1]) + (yi.T * (c - 1.0)) @ yi
+    reg = p["regularization"] * (max(int(pref.sum()), 1) if weighted else 1)
+    a = y.T @ y + reg * np.eye(y.shape[1]) + (yi.T * (c - 1.0)) @ yi
     items, scores = model.recommend([u], 3)
     for item, score in zip(items[0], scores[0], strict=True):
         terms = pref * c * (yi @ np.linalg.solve(a, y[int(item)]))
@@ -254,11 +283,13 @@ def test_solve_rows_rejects_bad_input():
         alsk.solve_rows(ip, ix, c, y, ro, 0.1)
 
 
-def test_one_row_solve_is_the_batch_solve(small):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_row_solve_is_the_batch_solve(small, weighted):
     """A serving fold-in (one history) takes solve_row: the same factors,
     bit for bit, as the batch solve gives that history among others, for
     rated, negative (confidence < 1), repeated-free and empty histories."""
-    model = create("als", factors=16, iterations=3, binary=False).fit(small)
+    model = create("als", factors=16, iterations=3, binary=False, weighted_reg=weighted)
+    model.fit(small)
     rng = np.random.default_rng(2)
     rows = []
     for size in (0, 1, 10, 70, 150):  # past one CHUNK of 64 items too

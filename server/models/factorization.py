@@ -82,6 +82,13 @@ class ALS(EmbeddingIndexMixin):
         ),
         "iterations": Param(int, 22, "alternating sweeps", min=1, max=1000, search=(5, 30)),
         "cg_steps": Param(int, 3, "CG steps per solve; 0 = exact Cholesky", min=0, max=100),
+        "weighted_reg": Param(
+            bool,
+            False,
+            "ALS-WR (Zhou et al. 2008), as Spark MLlib's ALS: a user's (item's) L2 penalty "
+            "is regularization times their number of positive events (at least 1); "
+            "set by `import spark-als`, so a folded-in user is solved as Spark solved its own",
+        ),
         "seed": Param(int, 0, "random seed of the initial factors"),
         "binary": Param(bool, False, "treat every interaction as value 1"),
         **INDEX_PARAMS,
@@ -152,6 +159,7 @@ class ALS(EmbeddingIndexMixin):
     def _sweeps(self, cui: sp.csr_matrix, ciu: sp.csr_matrix, bar: Any) -> None:
         p = self.params
         reg, steps, nt = p["regularization"], p["cg_steps"], self.n_threads
+        wr = p["weighted_reg"]
         for _ in bar:
             alsk.solve_rows(
                 cui.indptr,
@@ -162,6 +170,7 @@ class ALS(EmbeddingIndexMixin):
                 reg,
                 steps,
                 n_threads=nt,
+                weighted=wr,
             )
             alsk.solve_rows(
                 ciu.indptr,
@@ -172,6 +181,7 @@ class ALS(EmbeddingIndexMixin):
                 reg,
                 steps,
                 n_threads=nt,
+                weighted=wr,
             )
         # Users end fitted to the final items by the exact solve fold-in runs.
         self.gram = alsk.gram(self.item_factors, reg)
@@ -185,6 +195,7 @@ class ALS(EmbeddingIndexMixin):
             0,
             G=self.gram,
             n_threads=nt,
+            weighted=wr,
         )
 
     def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
@@ -198,6 +209,7 @@ class ALS(EmbeddingIndexMixin):
                 self.item_factors,
                 self._gram32(),
                 x[0],
+                self._weighted_reg(),
             )
             return x
         x = np.zeros((h.shape[0], self.item_factors.shape[1]), np.float32)
@@ -215,7 +227,12 @@ class ALS(EmbeddingIndexMixin):
                 0,
                 G=np.asarray(self.gram),
                 n_threads=self.n_threads,
+                weighted=self.params["weighted_reg"],
             )
+
+    def _weighted_reg(self) -> float:
+        """regularization when the penalty is ALS-WR's (per positive event), else 0."""
+        return float(self.params["regularization"]) if self.params["weighted_reg"] else 0.0
 
     def _gram32(self) -> np.ndarray:
         """YtY + reg I as the solve reads it (float32), converted once per gram."""
@@ -254,6 +271,8 @@ class ALS(EmbeddingIndexMixin):
         c = np.abs(s)  # a dislike (s < 0) weighs in A but contributes nothing to b
         yi = np.asarray(self.item_factors[h.indices], np.float64)
         a = np.asarray(self.gram, np.float64) + (yi.T * (c - 1.0)) @ yi
+        # ALS-WR: the penalty times the positive events (G holds one of them).
+        a[np.diag_indices_from(a)] += self._weighted_reg() * (max(int((s > 0).sum()), 1) - 1)
         z = np.linalg.solve(a, np.asarray(self.item_factors[items], np.float64).T)
         return h.indices, np.where(s > 0, c, 0.0)[:, None] * (yi @ z)
 
