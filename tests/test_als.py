@@ -304,6 +304,37 @@ def test_one_row_solve_is_the_batch_solve(small, weighted):
     assert not model.fold_in(rows[0]).any()  # an empty history: zero factors
 
 
+@pytest.mark.parametrize("weighted", [0.0, 0.2])
+def test_contributions_kernel_is_numpys_decomposition(weighted):
+    # What explanations rank: p_i c_i y_j . A^-1 y_i for each history item i and
+    # asked item j, A = G + sum (c_i - 1) y_i y_i^T (+ ALS-WR's penalty), against
+    # numpy's solve; dislikes (s < 0) weigh in A and give nothing.
+    rng = np.random.default_rng(12)
+    y = (rng.standard_normal((90, 10)) * 0.4).astype(np.float32)
+    g = y.T.astype(np.float64) @ y.astype(np.float64) + 0.2 * np.eye(10)
+    for n in (1, 6, 70):
+        idx = np.sort(rng.choice(90, n, replace=False)).astype(np.int32)
+        s = (1.0 + 3.0 * rng.random(n)).astype(np.float32)
+        s[rng.random(n) < 0.3] *= -1.0
+        items = rng.choice(90, 7, replace=False).astype(np.int64)
+        yi = y[idx].astype(np.float64)
+        c = np.abs(s.astype(np.float64))
+        a = g + (yi.T * (c - 1.0)) @ yi + weighted * (max(int((s > 0).sum()), 1) - 1) * np.eye(10)
+        z = np.linalg.solve(a, y[items].T.astype(np.float64))
+        want = np.where(s > 0, c, 0.0)[:, None] * (yi @ z)
+        got = alsk.contributions(idx, s, y, g, items, weighted)
+        assert got.shape == (n, 7) and got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    empty = alsk.contributions(np.zeros(0, np.int32), np.zeros(0, np.float32), y, g, items)
+    assert empty.shape == (0, 7)
+    with pytest.raises(ValueError, match=r"items: ids must lie in \[0, 90\)"):
+        alsk.contributions(idx, s, y, g, np.array([90]))
+    with pytest.raises(ValueError, match="G: expected shape"):
+        alsk.contributions(idx, s, y, np.eye(9), items)
+    with pytest.raises(ValueError, match="one value per nonzero"):
+        alsk.contributions(idx, s[:-1].copy(), y, g, items)
+
+
 def test_solve_row_rejects_bad_input():
     y = np.zeros((5, 3), np.float32)
     g = np.eye(3, dtype=np.float32)

@@ -266,15 +266,16 @@ class ALS(EmbeddingIndexMixin):
         # score(u, j) = y_j . A^-1 sum_i p_i c_i y_i: history item i contributes
         # p_i c_i y_j.A^-1 y_i. A depends on the history only: one solve for every j.
         # Only the rows involved are read (in float64), never the whole catalogue.
+        # One kernel call: A's Cholesky with every item as a right-hand side.
         h = history.tocsr()
-        s = self._confidence_values(h.data).astype(np.float64)
-        c = np.abs(s)  # a dislike (s < 0) weighs in A but contributes nothing to b
-        yi = np.asarray(self.item_factors[h.indices], np.float64)
-        a = np.asarray(self.gram, np.float64) + (yi.T * (c - 1.0)) @ yi
-        # ALS-WR: the penalty times the positive events (G holds one of them).
-        a[np.diag_indices_from(a)] += self._weighted_reg() * (max(int((s > 0).sum()), 1) - 1)
-        z = np.linalg.solve(a, np.asarray(self.item_factors[items], np.float64).T)
-        return h.indices, np.where(s > 0, c, 0.0)[:, None] * (yi @ z)
+        return h.indices, alsk.contributions(
+            np.asarray(h.indices, np.int32),
+            self._confidence_values(h.data),
+            np.ascontiguousarray(self.item_factors, np.float32),
+            np.ascontiguousarray(self.gram, np.float64),
+            np.asarray(items, np.int64),
+            self._weighted_reg(),
+        )
 
     def _learned_nothing(self, user: int) -> bool:
         # ALS solves a row without likes to exactly zero; a user without them but with
