@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from recserve.config import Hybrid, ServerConfig
 from recserve.feedback import Event, OnlineState
 from recserve.models import algorithms, create
 from recserve.serving import Catalog, RecQuery, Router
+from recserve.serving import router as router_module
 
 FAST = {
     "als": {"factors": 16, "iterations": 5},
@@ -139,3 +141,64 @@ def test_candidates_rank_the_same_updated_user(router, small, algo):
         kept = [(i, s) for i, s in zip(full.item_ids, full.scores, strict=True) if i not in dropped]
         assert list(got.item_ids) == [i for i, _ in kept[:10]], (algo, uid)
         np.testing.assert_allclose(got.scores, [s for _, s in kept[:10]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def mixed_router(small, tmp_path_factory):
+    # itemknn and svd on every event; als on two thirds of them (the same
+    # users and items): its training rows differ from the others'.
+    root = tmp_path_factory.mktemp("known-user-hybrids")
+    x = small.interactions
+    keep = np.arange(x.nnz) % 3 != 0
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    part = small.with_interactions(
+        sp.csr_matrix((x.data[keep], (rows[keep], x.indices[keep])), shape=x.shape),
+        small.timestamps[keep],
+    )
+    create("itemknn").fit(small).save(root, "itemknn", dataset=small)
+    create("svd", **FAST["svd"]).fit(small).save(root, "svd", dataset=small)
+    create("als", **FAST["als"]).fit(part).save(root, "als_part", dataset=part)
+    hybrids = {
+        "same": Hybrid("same", {"itemknn": 0.5, "svd": 0.5}),
+        "differ": Hybrid("differ", {"itemknn": 0.5, "als_part": 0.5}),
+    }
+    catalog = Catalog(str(root))
+    catalog.start()
+    catalog.wait(120)
+    yield Router(ServerConfig(models=str(root), hybrids=hybrids), catalog, OnlineState())
+    catalog.close()
+
+
+@pytest.mark.parametrize("hybrid", ["same", "differ"])
+def test_hybrid_components_share_a_known_users_row_only_when_their_rows_are_equal(
+    mixed_router, small, hybrid, monkeypatch
+):
+    # The dense blend builds a known user's row (training row + events) once
+    # and hands it to the next component of the same user map when that
+    # component's training row is equal; als_part's is not, and it must fold
+    # in its own. Against the general path (candidates: every item), which
+    # builds every component's row itself.
+    rng = np.random.default_rng(2)
+    users = rng.choice(small.n_users, 25, replace=False)
+    uids = small.users.ids(users)
+    online = OnlineState()
+    online.apply(
+        [
+            Event(uid, small.items.ids([int(u) % 40])[0], 4.0, 0)
+            for u, uid in zip(users, uids, strict=True)
+        ]
+    )
+    r = Router(mixed_router.cfg, mixed_router.catalog, online)
+    every = small.items.ids(np.arange(small.n_items))
+    built = []
+    real = router_module._history_row
+    monkeypatch.setattr(
+        router_module, "_history_row", lambda m, u, i, v: built.append(u) or real(m, u, i, v)
+    )
+    for uid in uids:
+        built.clear()
+        dense = r.recommend(RecQuery(user_id=uid, k=10, model=hybrid))
+        assert len(built) == (1 if hybrid == "same" else 2), (hybrid, built)
+        general = r.recommend(RecQuery(user_id=uid, k=10, model=hybrid, candidates=every))
+        assert dense.folded_in and list(dense.item_ids) == list(general.item_ids), (hybrid, uid)
+        np.testing.assert_allclose(dense.scores, general.scores, rtol=1e-5, atol=1e-6)
