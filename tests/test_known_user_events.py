@@ -117,22 +117,26 @@ def test_predicted_ratings_of_a_known_user_follow_their_events(router, small, al
         assert was < now <= 5.0, (algo, uid, was, now)
 
 
+def _one_event_each(
+    router: Router, small, n: int, seed: int, value: float
+) -> tuple[list[str], Router]:
+    """n random known users, each with one recorded event (an item among the
+    first 50, seen or not): their ids, and a router over the same catalogue
+    with those events."""
+    users = np.random.default_rng(seed).choice(small.n_users, n, replace=False)
+    uids = small.users.ids(users)
+    online = OnlineState()
+    items = small.items.ids(users % 50)
+    online.apply([Event(uid, item, value, 0) for uid, item in zip(uids, items, strict=True)])
+    return uids, Router(router.cfg, router.catalog, online)
+
+
 @pytest.mark.parametrize("algo", ["svd", "bayes_mf", "bpr", "userknn"])
 def test_candidates_rank_the_same_updated_user(router, small, algo):
     # The general path (candidates: recommend_histories) must continue the user
     # as the dense path does: its answer restricted to candidates is the
     # unrestricted answer without the items left out.
-    rng = np.random.default_rng(3)
-    users = rng.choice(small.n_users, 12, replace=False)
-    uids = small.users.ids(users)
-    online = OnlineState()
-    online.apply(
-        [
-            Event(uid, small.items.ids([int(u) % 50])[0], 5.0, 0)
-            for u, uid in zip(users, uids, strict=True)
-        ]
-    )
-    after = Router(router.cfg, router.catalog, online)
+    uids, after = _one_event_each(router, small, 12, seed=3, value=5.0)
     for uid in uids:
         full = after.recommend(RecQuery(user_id=uid, k=20, model=algo))
         dropped = set(full.item_ids[::3])
@@ -178,17 +182,7 @@ def test_hybrid_components_share_a_known_users_row_only_when_their_rows_are_equa
     # component's training row is equal; als_part's is not, and it must fold
     # in its own. Against the general path (candidates: every item), which
     # builds every component's row itself.
-    rng = np.random.default_rng(2)
-    users = rng.choice(small.n_users, 25, replace=False)
-    uids = small.users.ids(users)
-    online = OnlineState()
-    online.apply(
-        [
-            Event(uid, small.items.ids([int(u) % 40])[0], 4.0, 0)
-            for u, uid in zip(users, uids, strict=True)
-        ]
-    )
-    r = Router(mixed_router.cfg, mixed_router.catalog, online)
+    uids, r = _one_event_each(mixed_router, small, 25, seed=2, value=4.0)
     every = small.items.ids(np.arange(small.n_items))
     built = []
     real = router_module._history_row
