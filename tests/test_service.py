@@ -1043,6 +1043,32 @@ def test_a_request_stream_broken_off_is_the_caller_gone_not_an_error(published, 
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+def test_a_shorter_deadline_is_not_taken_for_a_wait_when_the_loop_was_just_idle(published):
+    """A peer's 30 s call, then its 2 s one: the 2 s call has 28 s less left,
+    which accept-queue shedding reads as a wait while the loop is saturated. A
+    pause of the loop (a collection) marked it saturated once, and such a fresh
+    call was refused as ~28 s late (a make test run). A loop that found nothing
+    to do moments ago had taken in every call gRPC held: the call cannot have
+    waited longer than since then, and is answered. Without that bound (the
+    thread-pool server keeps no such clock) the same call is refused."""
+    root, _ = published
+    with running(root, server="asyncio", queue_budget_ms=50) as s:
+        core = s.app.core
+        req = pb.RecommendRequest(user_id="7", k=3, model="als")
+        assert s.rec.Recommend(req, timeout=30).items  # the peer's best: ~30 s left
+        wait_for(lambda: core.quiet_at() > 0, what="the loop to wait for events")
+        core._saturated_until = time.monotonic() + 60  # as after a pause of the loop
+        assert s.rec.Recommend(req, timeout=2).items
+        bound = core.quiet_at
+        core.quiet_at = None
+        with pytest.raises(grpc.RpcError) as refused:
+            s.rec.Recommend(req, timeout=2)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "to be accepted" in refused.value.details()
+        core.quiet_at = bound
+        assert s.rec.Recommend(req, timeout=2).items
+
+
 def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturated(
     published, monkeypatch
 ):
