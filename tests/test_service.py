@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -1236,22 +1237,31 @@ def starved(hogs: int):
 
 # n Recommend calls (als, `timeout` s deadlines) from another process; prints their codes.
 BURST_CLIENT = """
-import collections, json, sys
+import json, sys
 import grpc
-from recserve.v1 import recommender_pb2 as pb, recommender_pb2_grpc as pb_grpc
+from recserve.v1 import recommender_pb2_grpc as pb_grpc
+from tests.test_service import _burst_codes
 target, n, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 rec = pb_grpc.RecommenderStub(grpc.insecure_channel(target))
-req = pb.RecommendRequest(user_id="7", k=3, model="als")
-futures = [rec.Recommend.future(req, timeout=timeout) for _ in range(n)]
-codes = collections.Counter()
-for f in futures:
-    try:
-        f.result()
-        codes["OK"] += 1
-    except grpc.RpcError as exc:
-        codes[exc.code().name] += 1
-print(json.dumps(codes))
+print(json.dumps(_burst_codes(rec, n, timeout)))
 """
+
+
+def _burst_codes(rec, n: int, timeout: float, before_results=None) -> collections.Counter:
+    """n Recommend calls (als) sent at once through stub `rec`; their status
+    codes. `before_results` runs between sending and reading the answers."""
+    req = pb.RecommendRequest(user_id="7", k=3, model="als")
+    futures = [rec.Recommend.future(req, timeout=timeout) for _ in range(n)]
+    if before_results is not None:
+        before_results()
+    codes: collections.Counter = collections.Counter()
+    for f in futures:
+        try:
+            f.result()
+            codes["OK"] += 1
+        except grpc.RpcError as exc:
+            codes[exc.code().name] += 1
+    return codes
 
 
 def _held_burst(
@@ -1280,7 +1290,10 @@ def _held_burst(
         if hogs:
             args = [s.target, str(n), str(timeout)]
             client = subprocess.Popen(
-                [sys.executable, "-c", BURST_CLIENT, *args], stdout=subprocess.PIPE, text=True
+                [sys.executable, "-c", BURST_CLIENT, *args],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).resolve().parents[1],  # `tests` importable
             )  # started before the pinning: it keeps every CPU
             try:
                 wait_for(lambda: calls, what="the first call to reach the model")
@@ -1291,19 +1304,14 @@ def _held_burst(
             finally:
                 client.kill()
             return collections.Counter(json.loads(out)), len(calls)
-        with starved(hogs):
-            req = pb.RecommendRequest(user_id="7", k=3, model="als")
-            futures = [s.rec.Recommend.future(req, timeout=timeout) for _ in range(n)]
+
+        def release() -> None:
             wait_for(lambda: calls, what="the first call to reach the model")
             time.sleep(settle)  # the rest reach the server and wait in gRPC's queue
             gate.set()
-            codes = collections.Counter()
-            for f in futures:
-                try:
-                    f.result()
-                    codes["OK"] += 1
-                except grpc.RpcError as exc:
-                    codes[exc.code().name] += 1
+
+        with starved(hogs):
+            codes = _burst_codes(s.rec, n, timeout, release)
     finally:
         als.recommend_user = original
         gate.set()
