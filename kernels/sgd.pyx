@@ -8,6 +8,7 @@ import numpy as np
 
 from cython.parallel cimport prange
 from libc.math cimport expf, sqrt
+from scipy.linalg.cython_blas cimport dgemv, dsyrk
 
 from .parallel cimport recserve_prefetch, resolve_threads
 
@@ -539,6 +540,40 @@ cdef void cholesky_solve(const double* L, int f, double* x) noexcept nogil:
         x[a] /= L[a * f + a]
 
 
+cdef enum:
+    GRAM_CHUNK = 512  # rows gathered per rank-k update
+
+
+cdef void gram_z(const float[:, ::1] QV, const int[::1] IV, int n, int f1, double* zbuf,
+                 double* K, const double* t, double* x) noexcept nogil:
+    """K (f1 x f1, row-major, lower triangle) += sum over the n rows of z z^T
+    and, when t is not NULL, x (f1,) += sum of z t_i; z_i = [1, Q[IV[i]]].
+    The rows are gathered GRAM_CHUNK at a time into zbuf (GRAM_CHUNK x f1,
+    float64; bounded whatever the history's length), each chunk one rank-k
+    update (dsyrk; C order's lower triangle is BLAS's upper one) and one
+    dgemv. A power user's primal system (5,000 ratings, 100 factors) took
+    19 ms by the scalar loop this replaced."""
+    cdef int i, a, k, start
+    cdef const float* q
+    cdef double* z
+    cdef double one = 1.0
+    cdef int inc = 1
+    cdef char upper = b"U"
+    cdef char notrans = b"N"
+    start = 0
+    while start < n:
+        k = min(<int>GRAM_CHUNK, n - start)
+        for i in range(k):
+            q = &QV[IV[start + i], 0]
+            z = zbuf + <Py_ssize_t>i * f1
+            z[0] = 1.0
+            for a in range(1, f1):
+                z[a] = q[a - 1]
+        dsyrk(&upper, &notrans, &f1, &k, &one, zbuf, &f1, &one, K, &f1)
+        if t != NULL:
+            dgemv(&notrans, &f1, &k, &one, zbuf, &f1, t + start, &inc, &one, x, &inc)
+        start += k
+
 def _ridge_inputs(Q, bias, items, ratings):
     """The checks ridge_user and ridge_pull share: Q float32 (rows, f), bias
     float32 one per row, int32 items inside Q's rows, one rating each (a 1-d
@@ -601,6 +636,7 @@ def ridge_user(Q, bias, double mu, items, ratings, double reg, extra=None):
     t = np.empty(max(n, 1), np.float64)
     # The dual's Z^T in float64: one row per factor, n long.
     g = np.empty((f1 - 1) * n if dual else 1, np.float64)
+    zb = np.empty(1 if dual else min(max(n, 1), GRAM_CHUNK) * f1, np.float64)
     cdef double[:, ::1] K = sys_
     cdef double[::1] X = rhs
     cdef double[::1] W = w
@@ -608,6 +644,8 @@ def ridge_user(Q, bias, double mu, items, ratings, double reg, extra=None):
     cdef double[::1] G = g
     cdef double* kp = &K[0, 0]
     cdef double* gp = &G[0]
+    cdef double[::1] ZB = zb
+    cdef double* zp = &ZB[0]
     cdef double* row
     cdef double* col
     cdef const float* q
@@ -644,13 +682,8 @@ def ridge_user(Q, bias, double mu, items, ratings, double reg, extra=None):
                 K[i, i] += shift
                 X[i] = T[i]
         else:
-            for i in range(n):  # K = Z^T Z + shift I (lower triangle), X = Z^T t
-                for a in range(f1):
-                    acc = 1.0 if a == 0 else QV[IV[i], a - 1]
-                    X[a] += acc * T[i]
-                    K[a, 0] += acc
-                    for j in range(1, a + 1):
-                        K[a, j] += acc * QV[IV[i], j - 1]
+            # K = Z^T Z + shift I (lower triangle), X = Z^T t
+            gram_z(QV, IV, n, f1, zp, kp, &T[0], &X[0])
             for a in range(f1):
                 K[a, a] += shift
                 if has_extra:
@@ -739,18 +772,14 @@ def predictive_quad(Q, seen, items, double reg):
     cdef double[:, ::1] A = L
     cdef double[::1] O = out
     cdef double[::1] Z = z
-    cdef int a, b, c
+    zb = np.empty(min(max(S.shape[0], 1), GRAM_CHUNK) * f, np.float64)
+    cdef double[::1] ZB = zb
+    cdef double* zp = &ZB[0]
+    cdef int a, c
     cdef double acc, shift = reg * (S.shape[0] if S.shape[0] > 0 else 1)
     cdef bint ok = True
     with nogil:
-        # Lower triangle of A.
-        for t in range(S.shape[0]):
-            Z[0] = 1.0
-            for a in range(1, f):
-                Z[a] = QV[S[t], a - 1]
-            for a in range(f):
-                for b in range(a + 1):
-                    A[a, b] += Z[a] * Z[b]
+        gram_z(QV, S, <int>S.shape[0], f, zp, &A[0, 0], NULL, NULL)  # lower triangle
         for a in range(f):
             A[a, a] += shift
         ok = cholesky_lower(&A[0, 0], f)

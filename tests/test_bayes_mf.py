@@ -114,3 +114,21 @@ def test_std_alone_is_the_scores_std_for_known_and_folded_in_users(small):
         m.std_user(0, np.array([small.n_items]))
     svd = create("svd", factors=4, epochs=2).fit(small)
     assert svd.std_user(0, items) is None and svd.std_history(seen[0], items) is None
+
+
+def test_predictive_quad_on_a_long_history_equals_numpy():
+    # A long history gathers its rows 512 at a time into the BLAS update of A:
+    # 1,300 seen items take three, against numpy's z^T A^-1 z.
+    from recserve.kernels import sgd
+
+    rng = np.random.default_rng(7)
+    q = (rng.standard_normal((2000, 12)) * 0.3).astype(np.float32)
+    for n in (0, 511, 512, 1300):
+        seen = rng.choice(2000, n, replace=False).astype(np.int32)
+        items = rng.choice(2000, 40, replace=False).astype(np.int64)
+        z = np.hstack([np.ones((n, 1)), q[seen].astype(np.float64)])
+        a = z.T @ z + 0.05 * max(n, 1) * np.eye(13)
+        zi = np.hstack([np.ones((40, 1)), q[items].astype(np.float64)])
+        want = np.einsum("ij,ij->i", zi, np.linalg.solve(a, zi.T).T)
+        got = sgd.predictive_quad(q, seen, items, 0.05)
+        np.testing.assert_allclose(got, want, rtol=1e-9)

@@ -146,25 +146,26 @@ def test_fold_in_of_short_and_long_histories_is_the_ridge_solution(small, factor
 def test_ridge_kernel_solves_both_systems_and_checks_its_inputs(factors):
     # sgd.ridge_user is the serving fold-in of svd and bayes_mf: the dual n x n
     # system below f + 1 ratings, the primal from there on, against lstsq.
+    # The primal gathers 512 rows per BLAS update: 1,100 ratings take three.
     rng = np.random.default_rng(factors)
-    q = (rng.standard_normal((300, factors)) * 0.3).astype(np.float32)
-    bi = (rng.standard_normal(300) * 0.2).astype(np.float32)
+    q = (rng.standard_normal((1500, factors)) * 0.3).astype(np.float32)
+    bi = (rng.standard_normal(1500) * 0.2).astype(np.float32)
     model = SimpleNamespace(Q=q, bi=bi, mu=3.4, params={})
-    for n in (0, 1, 3, factors, factors + 1, factors + 25):
+    for n in (0, 1, 3, factors, factors + 1, factors + 25, 512, 1100):
         for reg in (0.02, 0.7):
-            items = rng.choice(300, n, replace=False).astype(np.int32)
+            items = rng.choice(1500, n, replace=False).astype(np.int32)
             ratings = rng.integers(1, 6, n).astype(np.float64)
             model.params["reg"] = reg
             want = _ridge(model, items, ratings) if n else np.zeros(factors + 1)
             got = sgd.ridge_user(q, bi, 3.4, items, ratings, reg)
             np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9)
     ok_items, ok_r = np.array([1, 2], np.int32), np.ones(2)
-    with pytest.raises(ValueError, match=r"items: 300 outside \[0, 300\)"):
-        sgd.ridge_user(q, bi, 0.0, np.array([1, 300], np.int32), ok_r, 0.1)
+    with pytest.raises(ValueError, match=r"items: 1500 outside \[0, 1500\)"):
+        sgd.ridge_user(q, bi, 0.0, np.array([1, 1500], np.int32), ok_r, 0.1)
     with pytest.raises(ValueError, match="ratings: length 3, expected 2"):
         sgd.ridge_user(q, bi, 0.0, ok_items, np.ones(3), 0.1)
-    with pytest.raises(ValueError, match="bias: length 299"):
-        sgd.ridge_user(q, bi[:299].copy(), 0.0, ok_items, ok_r, 0.1)
+    with pytest.raises(ValueError, match="bias: length 1499"):
+        sgd.ridge_user(q, bi[:1499].copy(), 0.0, ok_items, ok_r, 0.1)
     with pytest.raises(ValueError, match="reg: must be >= 0"):
         sgd.ridge_user(q, bi, 0.0, ok_items, ok_r, -1.0)
     with pytest.raises(ValueError, match="not positive definite"):
@@ -177,10 +178,10 @@ def test_ridge_kernel_adds_an_extra_right_hand_side_on_both_systems(factors):
     # adds e, the dual solves it through Woodbury. Against numpy's solve; and
     # ridge_pull, the e a known user's update puts there, against numpy.
     rng = np.random.default_rng(40 + factors)
-    q = (rng.standard_normal((200, factors)) * 0.3).astype(np.float32)
-    bi = (rng.standard_normal(200) * 0.2).astype(np.float32)
-    for n in (0, 1, 5, factors, factors + 1, factors + 20):  # dual below f + 1
-        items = rng.choice(200, n, replace=False).astype(np.int32)
+    q = (rng.standard_normal((1200, factors)) * 0.3).astype(np.float32)
+    bi = (rng.standard_normal(1200) * 0.2).astype(np.float32)
+    for n in (0, 1, 5, factors, factors + 1, factors + 20, 1030):  # dual below f + 1
+        items = rng.choice(1200, n, replace=False).astype(np.int32)
         ratings = rng.integers(1, 6, n).astype(np.float64)
         e = rng.standard_normal(factors + 1)
         z = np.hstack([np.ones((n, 1)), q[items].astype(np.float64)])
@@ -195,8 +196,8 @@ def test_ridge_kernel_adds_an_extra_right_hand_side_on_both_systems(factors):
         )
     with pytest.raises(ValueError, match=f"w: length 3, expected {factors + 1}"):
         sgd.ridge_pull(q, bi, 3.1, items, ratings, np.zeros(3), 0.05)
-    with pytest.raises(ValueError, match=r"items: 200 outside \[0, 200\)"):
-        sgd.ridge_pull(q, bi, 3.1, np.array([200], np.int32), np.ones(1), e, 0.05)
+    with pytest.raises(ValueError, match=r"items: 1200 outside \[0, 1200\)"):
+        sgd.ridge_pull(q, bi, 3.1, np.array([1200], np.int32), np.ones(1), e, 0.05)
     with pytest.raises(ValueError, match=f"extra: length 3, expected {factors + 1}"):
         sgd.ridge_user(q, bi, 3.1, items, ratings, 0.05, np.zeros(3))
     with pytest.raises(TypeError, match="extra: expected dtype float64"):
