@@ -348,3 +348,42 @@ def test_history_ratings_beyond_the_scale_count_as_its_ends(small, algo):
         row = model.history_matrix([items], [sent])
         rated, _ = model.score_history(row, np.array([5, 6]))
         assert np.isfinite(rated).all() and (low <= rated).all() and (rated <= high).all()
+
+
+@pytest.mark.parametrize("algo", ["svd", "bayes_mf"])
+def test_explanations_are_each_ratings_share_of_the_folded_in_score(small, algo):
+    # Item j's score given a history is linear in the ratings (A depends on
+    # the items only), and history item i's contribution is its rating's
+    # residual t_i = r_i - mu - b_i times d score_j / d r_i. Against finite
+    # differences of the serving fold-in (model.fold_in): each contribution,
+    # and that together they are the score past mu + b_j. 6 ratings (the dual
+    # system) and 40 (the primal, past f + 1 = 17).
+    model = create(algo, factors=16, epochs=5).fit(small)
+    lo, hi = model.scale
+    rng = np.random.default_rng(31)
+    items = np.array([0, 7, 50, 120, 299])
+
+    def scores(hist, vals):
+        p, b = model.fold_in(model.history_matrix([hist], [vals]))
+        return model.mu + model.bi[items] + b[0] + model.Q[items] @ p[0]
+
+    for n in (6, 40):
+        hist = np.sort(rng.choice(np.arange(1, 299), n, replace=False))
+        vals = rng.uniform(lo + 0.5, hi - 0.5, n)
+        row = model.history_matrix([hist], [vals])
+        got_hist, c = model._contributions_many(row, items, None)
+        assert got_hist.tolist() == hist.tolist() and c.shape == (n, items.size)
+        base = scores(hist, vals)
+        t = vals - model.mu - model.bi[hist]
+        for i in range(0, n, 5):
+            moved = vals.copy()
+            moved[i] += 0.25
+            slope = (scores(hist, moved) - base) / 0.25
+            np.testing.assert_allclose(c[i], t[i] * slope, rtol=2e-3, atol=2e-5)
+        np.testing.assert_allclose(
+            c.sum(0), base - model.mu - model.bi[items], rtol=1e-4, atol=1e-5
+        )
+        # what a Recommend with explain returns: the largest positive shares
+        for j, (idx, val) in enumerate(model.explain_items(row, items, 3)):
+            want = sorted((-v, int(h)) for h, v in zip(hist, c[:, j], strict=True) if v > 0)
+            assert idx.tolist() == [h for _, h in want[:3]]

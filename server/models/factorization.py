@@ -501,6 +501,35 @@ class BiasedMF(Recommender):
             t = ratings - self.mu - np.asarray(bi[items], np.float64)
             return np.linalg.lstsq(a, z.T @ t + pull, rcond=None)[0]
 
+    def _contributions_many(self, history, items, user):
+        # A user folded in from a history is w = A^-1 Z^T t (_posterior): item
+        # j's score is mu + b_j + z_j . w, and history item i gives it
+        # (z_j^T A^-1 z_i) t_i, t_i = r_i - mu - b_i: a rating above what the
+        # item usually gets lifts the items the model puts near it, one below
+        # lowers them. Exact for a history folded in; a known user's trained w
+        # (or its update with recorded events) adds A^-1 times the training
+        # row's pull, which no one history item gives and is left out.
+        # Through the n x n dual system below f + 1 ratings (push-through:
+        # Z A^-1 = (Z Z^T + s I)^-1 Z), as the fold-in solves it.
+        h = history.tocsr()
+        hist = np.asarray(h.indices, np.int32)
+        if hist.size == 0 or items.size == 0:
+            return hist, np.zeros((hist.size, items.size))
+        z = self._design(hist)
+        t = self._on_scale(h.data) - self.mu - np.asarray(self.bi[hist], np.float64)
+        zj = self._design(np.asarray(items, np.int64))
+        n, f1 = z.shape
+        shift = self.params["reg"] * n
+        if shift > 0 and n < f1:
+            k = z @ z.T
+            k[np.diag_indices(n)] += shift
+            c = np.linalg.solve(k, z @ zj.T)
+        elif shift > 0:
+            c = z @ np.linalg.solve(self._precision(z), zj.T)
+        else:  # reg 0 (A may be singular): the least-squares solution's split
+            c = z @ np.linalg.lstsq(self._precision(z), zj.T, rcond=None)[0]
+        return hist, c * t[:, None]
+
     def _on_scale(self, ratings: np.ndarray) -> np.ndarray:
         """A history's ratings clipped to the training rating scale: a 50 (or
         1e30) sent on a 1-5 scale means the top of it, not a user vector 1e30
