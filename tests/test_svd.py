@@ -387,3 +387,4 @@ def test_explanations_are_each_ratings_share_of_the_folded_in_score(small, algo)
         for j, (idx, val) in enumerate(model.explain_items(row, items, 3)):
             want = sorted((-v, int(h)) for h, v in zip(hist, c[:, j], strict=True) if v > 0)
             assert idx.tolist() == [h for _, h in want[:3]]
+            np.testing.assert_allclose(val, [-v for v, _ in want[:3]], rtol=1e-5)
