@@ -112,3 +112,60 @@ def test_a_log_another_process_is_setting_up_is_waited_for(tmp_path):
         release.join()
         other.close()
     assert store.append([Event("u", "i", 1.0, 0, event_id="e")]) == 1
+
+
+def test_a_log_from_before_event_ids_is_upgraded_once_whoever_adds_the_column(
+    tmp_path, monkeypatch
+):
+    """A log written before event ids existed gets the event_id column on open,
+    its events kept. Two processes opening it at once both see the column
+    missing and both add it: the second's ALTER fails with "duplicate column",
+    which is the other process's work done, not an error. Here a second
+    connection adds the column between this store's schema read and its ALTER."""
+    import sqlite3
+
+    import recserve.feedback as feedback
+
+    path = str(tmp_path / "old.sqlite")
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, user_id TEXT NOT NULL,"
+        " item_id TEXT NOT NULL, value REAL NOT NULL, ts INTEGER NOT NULL)"
+    )
+    old.execute("INSERT INTO events (user_id, item_id, value, ts) VALUES ('u0', 'i0', 2.0, 5)")
+    old.close()
+    real_connect = sqlite3.connect
+    raced = []
+
+    class Racing:
+        """The store's connection; after its schema read, another process's ALTER."""
+
+        def __init__(self, *a, **kw):
+            self._c = real_connect(*a, **kw)
+
+        def execute(self, sql, *args):
+            cur = self._c.execute(sql, *args)
+            if sql.startswith("PRAGMA table_info(events)") and not raced:
+                rows = cur.fetchall()
+                other = real_connect(path, isolation_level=None)
+                other.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+                other.close()
+                raced.append(True)
+                return iter(rows)
+            return cur
+
+        def __getattr__(self, name):
+            return getattr(self._c, name)
+
+    monkeypatch.setattr(feedback.sqlite3, "connect", Racing)
+    store = FeedbackStore(path)
+    monkeypatch.undo()
+    assert raced == [True]
+    assert store.append([Event("u1", "i1", 1.0, 7, event_id="e1")]) == 1
+    assert store.append([Event("u1", "i1", 1.0, 7, event_id="e1")]) == 0  # a retry: skipped
+    got = [(e.user_id, e.item_id, e.value, e.timestamp, e.event_id) for e in store.replay()]
+    assert got == [("u0", "i0", 2.0, 5, ""), ("u1", "i1", 1.0, 7, "e1")]
+    store.close()
+    again = FeedbackStore(path)  # the upgraded log opens as any other
+    assert len(list(again.replay())) == 2
+    again.close()
