@@ -575,6 +575,7 @@ cdef void gram_z(const float[:, ::1] QV, const int[::1] IV, int n, int f1, doubl
             dgemv(&notrans, &f1, &k, &one, zbuf, &f1, t + start, &inc, &one, x, &inc)
         start += k
 
+
 def _ridge_inputs(Q, bias, items, ratings):
     """The checks ridge_user and ridge_pull share: Q float32 (rows, f), bias
     float32 one per row, int32 items inside Q's rows, one rating each (a 1-d
