@@ -1,4 +1,5 @@
-"""svd / bayes_mf fold-in kernel (sgd.ridge_user) against numpy, by history length.
+"""Fold-in kernels on long histories: svd / bayes_mf (sgd.ridge_user) against
+numpy by history length; bpr (sgd.bpr_fold_in) by the share of the catalogue.
 
 A stranger's inline history, or a known user's training row plus recorded
 events, is folded in per request by one ridge solve over the rated items
@@ -8,6 +9,13 @@ factor count, the microseconds of the kernel and of the numpy reference
 (gather, Z^T Z, Z^T t, np.linalg.solve; the same answer, checked), alternated
 in this process (bench/alternate.py), and the ratio (kernel / numpy; < 1 is
 faster). BLAS runs on --threads threads for both (the server limits its own).
+
+Then bpr's fold-in of histories covering a growing share of a --bpr-items
+catalogue (64 factors, 50 passes: bpr's defaults): bpr_fold_in, which past
+half the catalogue draws negatives from the other items at once, against the
+training kernel on the same frozen row (bpr_epochs, redrawing a negative
+while it is a positive: the fold-in before), alternated; ratio fold-in /
+training kernel.
 
     python bench/bench_foldin.py
     python bench/bench_foldin.py --factors 20,100 --lengths 50,500,5000 --threads 2
@@ -46,6 +54,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=30_000, help="catalogue size")
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads for both sides")
     ap.add_argument("--repeat", type=int, default=20, help="alternated rounds (best kept)")
+    ap.add_argument("--bpr-items", type=int, default=2_500, help="bpr part's catalogue")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -66,6 +75,30 @@ def main() -> None:
                 )
                 np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
                 print(f"{f:>8}{n:>9}{ours * 1e6:>11.0f}{ref * 1e6:>10.0f}{ours / ref:>7.2f}")
+        bpr_dense(rng, args.bpr_items, max(3, args.repeat // 5))
+
+
+def bpr_dense(rng: np.random.Generator, n_items: int, repeat: int) -> None:
+    """bpr_fold_in vs bpr_epochs on one frozen row, by the row's share of the items."""
+    q = (rng.standard_normal((n_items, 64)) * 0.1).astype(np.float32)
+    b = np.zeros(n_items, np.float32)
+    indptr = np.zeros(2, np.int64)
+    print(f"\nbpr fold-in, {n_items:,} items, 64 factors, 50 passes")
+    print(f"{'positives':>10}{'share':>7}{'fold-in ms':>12}{'redraw ms':>11}{'ratio':>7}")
+    for share in (0.1, 0.5, 0.6, 0.9, 0.99, (n_items - 1) / n_items):
+        n = round(share * n_items)
+        items = np.sort(rng.choice(n_items, n, replace=False)).astype(np.int32)
+        indptr[1] = n
+
+        def redraw(items=items):
+            p = np.zeros((1, 64), np.float32)
+            sgd.bpr_epochs(indptr, items, p, q, b, 0.025, 0.015, 1, 50, 1, False)
+            return p[0]
+
+        (ours, _), (ref, _) = best_of(
+            repeat, lambda items=items: sgd.bpr_fold_in(items, q, b, 0.025, 0.015, 1, 50), redraw
+        )
+        print(f"{n:>10,}{share:>7.3f}{ours * 1e3:>12.1f}{ref * 1e3:>11.1f}{ours / ref:>7.2f}")
 
 
 if __name__ == "__main__":

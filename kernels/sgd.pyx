@@ -237,7 +237,8 @@ cdef enum:
 cdef long long bpr_run(unsigned long long* state, const long long* ip, const int* ix,
                        const int* rows, long long nnz, int n_items, bint popular,
                        float* P, float* Q, float* B, int f, float lr, float reg,
-                       bint items_too, long long count, int* out) noexcept nogil:
+                       bint items_too, long long count, int* out,
+                       const int* pool=NULL, long long n_pool=0) noexcept nogil:
     """`count` BPR steps of one thread; returns how many were ranked correctly.
 
     Each step draws a positive (u, i) uniformly over the nonzeros and a
@@ -247,7 +248,10 @@ cdef long long bpr_run(unsigned long long* state, const long long* ip, const int
     positive (redrawing instead cost 0.01-0.015 of Recall@20 on ml-100k in a
     scratch build, 3 seeds: heavy users, whose draws hit positives most, got
     extra updates against popular items). A user who has every item is skipped, as is a uniform
-    draw still positive after 1000 tries.
+    draw still positive after 1000 tries. With a pool (one user's run: the
+    items that are not their positives, n_pool of them) j is drawn uniformly
+    from it instead: the same distribution as redrawing, in one draw where
+    the positives are most of the catalogue (none: every step skipped).
 
     The steps are software-pipelined: step t's positions are drawn at t -
     2 AHEAD (prefetching rows/ix there), u, i and j read at t - AHEAD
@@ -286,6 +290,10 @@ cdef long long bpr_run(unsigned long long* state, const long long* ip, const int
             pos_items[slot] = ix[pos[slot]]
             if popular:
                 neg_items[slot] = ix[neg_pos[slot]]
+            elif pool != NULL:
+                neg_items[slot] = pool[recserve_bounded(splitmix64(state),
+                                                        <unsigned long long>n_pool)] \
+                    if n_pool > 0 else -1
             else:
                 neg_items[slot] = <int>recserve_bounded(splitmix64(state),
                                                         <unsigned long long>n_items)
@@ -295,7 +303,8 @@ cdef long long bpr_run(unsigned long long* state, const long long* ip, const int
             if out == NULL:
                 recserve_prefetch_row(P + <Py_ssize_t>u * f, f)
                 recserve_prefetch_row(Q + <Py_ssize_t>pos_items[slot] * f, f)
-                recserve_prefetch_row(Q + <Py_ssize_t>neg_items[slot] * f, f)
+                if neg_items[slot] >= 0:
+                    recserve_prefetch_row(Q + <Py_ssize_t>neg_items[slot] * f, f)
         t = s - 2 * AHEAD
         if t >= 0:  # step
             slot = t & (RING - 1)
@@ -303,9 +312,9 @@ cdef long long bpr_run(unsigned long long* state, const long long* ip, const int
             i = pos_items[slot]
             j = neg_items[slot]
             n_u = length[slot]
-            ok = n_u < n_items
+            ok = n_u < n_items if pool == NULL else j >= 0
             tries = 0
-            while ok and recserve_contains(ix + first[slot], n_u, j):
+            while ok and pool == NULL and recserve_contains(ix + first[slot], n_u, j):
                 tries = tries + 1
                 if popular or tries == 1000:
                     ok = False
@@ -390,6 +399,21 @@ def bpr_epochs(indptr, indices, P, Q, bias, double lr, double reg, unsigned long
     return correct / <double>nnz
 
 
+def _fold_in_pool(items, int n_items):
+    """(pooled, pool, n_pool) for one user's positives `items`: past half the
+    catalogue, their negatives are drawn from the other items directly
+    (redrawing took ~n_items / n_rest tries a step: a history of all but one
+    of 2,500 items took 2.7 s to fold in). pool: int32, never empty (a
+    placeholder when n_pool is 0 or not pooled)."""
+    distinct = np.unique(items)
+    if 2 * distinct.shape[0] <= n_items:
+        return False, np.zeros(1, np.int32), 0
+    neg = np.setdiff1d(np.arange(n_items, dtype=np.int32), distinct, assume_unique=True)
+    if neg.size == 0:
+        return True, np.zeros(1, np.int32), 0
+    return True, np.ascontiguousarray(neg, np.int32), neg.shape[0]
+
+
 def bpr_fold_in(items, Q, bias, double lr, double reg, unsigned long long seed, int epochs,
                 start=None):
     """One new user's BPR factors from their positives, items frozen: what
@@ -399,7 +423,9 @@ def bpr_fold_in(items, Q, bias, double lr, double reg, unsigned long long seed, 
     a ten-item row; through bpr_epochs each epoch entered an OpenMP region
     and the call set up row maps, which cost more than the steps.
     items: sorted int32 ids in [0, n_items) (a repeat counts twice, as in
-    bpr_epochs). start: float32 (f,) factors to continue from instead of
+    bpr_epochs). Where the distinct positives are more than half the
+    catalogue, negatives are drawn from the other items directly: the same
+    distribution, another random stream than bpr_epochs'. start: float32 (f,) factors to continue from instead of
     zeros (a known user's trained factors: bpr_epochs on a p holding them).
     Returns float32 (f,)."""
     check_array(items, "items", np.int32, 1)
@@ -424,6 +450,10 @@ def bpr_fold_in(items, Q, bias, double lr, double reg, unsigned long long seed, 
         raise ValueError(f"epochs: must be >= 0, got {epochs}")
     if nnz == 0 or epochs == 0:
         return p[0]
+    pooled, neg, n_pool_ = _fold_in_pool(items, n_items)
+    cdef const int[::1] NV = neg
+    cdef long long n_pool = n_pool_
+    cdef const int* pool_p = &NV[0] if pooled else NULL
     cdef long long ip[2]
     ip[0] = 0
     ip[1] = nnz
@@ -438,7 +468,8 @@ def bpr_fold_in(items, Q, bias, double lr, double reg, unsigned long long seed, 
     with nogil:
         for epoch in range(epochs):
             bpr_run(&state, &ip[0], &ix[0], &R[0], nnz, n_items, False, &PV[0, 0],
-                    <float*>&QV[0, 0], <float*>&B[0], f, lr_f, reg_f, False, nnz, NULL)
+                    <float*>&QV[0, 0], <float*>&B[0], f, lr_f, reg_f, False, nnz, NULL,
+                    pool_p, n_pool)
     return p[0]
 
 
@@ -482,10 +513,11 @@ def bpr_apply(users, pos_items, neg_items, P, Q, bias, double lr, double reg):
 
 
 def bpr_sample(indptr, indices, int n_items, Py_ssize_t n, unsigned long long seed,
-               bint popular_negatives=False, int thread=0):
+               bint popular_negatives=False, int thread=0, bint fold_in=False):
     """n triples (u, i, j) as thread `thread` of bpr_epochs draws them, from
     the start of its first epoch, for this seed; skipped draws are returned as
-    -1. For tests and inspection."""
+    -1. fold_in: as bpr_fold_in draws them for one row (its negatives pool).
+    For tests and inspection."""
     if thread < 0:
         raise ValueError(f"thread: must be >= 0, got {thread}")
     if n_items <= 0 or n < 0:
@@ -501,11 +533,17 @@ def bpr_sample(indptr, indices, int n_items, Py_ssize_t n, unsigned long long se
     cdef int[:, ::1] o = out
     cdef unsigned long long state = thread_state(seed, thread)
     cdef long long nnz = indices.shape[0]
+    if fold_in and (indptr.shape[0] != 2 or popular_negatives):
+        raise ValueError("fold_in: one row of positives, uniform negatives")
+    pooled, neg, n_pool_ = _fold_in_pool(indices, n_items) if fold_in else (False, None, 0)
+    cdef const int[::1] NV = neg if pooled else np.zeros(1, np.int32)
+    cdef long long n_pool = n_pool_
+    cdef const int* pool_p = &NV[0] if pooled else NULL
     if nnz == 0 or n == 0:
         return out
     with nogil:
         bpr_run(&state, &ip[0], &ix[0], &rows[0], nnz, n_items, popular_negatives, NULL,
-                NULL, NULL, 0, 0.0, 0.0, False, n, &o[0, 0])
+                NULL, NULL, 0, 0.0, 0.0, False, n, &o[0, 0], pool_p, n_pool)
     return out
 
 

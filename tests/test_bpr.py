@@ -200,7 +200,9 @@ def test_fold_in_kernel_is_the_training_kernel_on_one_frozen_row():
     q = (rng.standard_normal((300, 16)) * 0.3).astype(np.float32)
     b = (rng.standard_normal(300) * 0.1).astype(np.float32)
     q.setflags(write=False)  # a memory-mapped bundle's factors
-    for n, seed in [(1, 0), (10, 5), (10, 2**63 + 11), (57, 9), (299, 1), (300, 2)]:
+    # Up to half the catalogue (150 of 300) and all of it; rows denser than
+    # half draw their negatives from a pool (the next test).
+    for n, seed in [(1, 0), (10, 5), (10, 2**63 + 11), (57, 9), (150, 1), (300, 2)]:
         items = np.sort(rng.choice(300, n, replace=False)).astype(np.int32)
         if n == 10:
             items[4] = items[3]  # a repeated positive counts twice in both
@@ -212,6 +214,39 @@ def test_fold_in_kernel_is_the_training_kernel_on_one_frozen_row():
         np.testing.assert_array_equal(sgd.bpr_fold_in(items, q, b, 0.03, 0.02, seed, 20), p[0])
     empty = sgd.bpr_fold_in(np.zeros(0, np.int32), q, b, 0.03, 0.02, 0, 20)
     assert empty.shape == (16,) and not empty.any()
+
+
+def test_a_fold_in_of_most_of_the_catalogue_draws_negatives_from_the_rest():
+    """Past half the catalogue a fold-in draws each negative from the items
+    that are not positives, at once: redrawing while a positive took ~n_items
+    / n_rest tries a step (all but one of 2,500 items: 2.7 s). The draws
+    (bpr_sample fold_in=True) are never positives and uniform over the rest;
+    one epoch of bpr_fold_in is those triples applied by the BPR step in numpy."""
+    rng = np.random.default_rng(12)
+    q = (rng.standard_normal((300, 6)) * 0.4).astype(np.float32)
+    b = (rng.standard_normal(300) * 0.2).astype(np.float32)
+    for n in (151, 250, 299):
+        items = np.sort(rng.choice(300, n, replace=False)).astype(np.int32)
+        items[7] = items[6]  # a repeated positive: the pool is over distinct items
+        rest = np.setdiff1d(np.arange(300), items)
+        indptr = np.array([0, n], np.int64)
+        draws = sgd.bpr_sample(indptr, items, 300, 30_000, 5, fold_in=True)
+        counts = np.bincount(draws[:, 2], minlength=300)
+        assert (draws[:, 2] >= 0).all() and counts[items].sum() == 0
+        expect = 30_000 / rest.size
+        assert np.abs(counts[rest] - expect).max() <= 5 * np.sqrt(expect) + 1
+        lr, reg, seed = 0.05, 0.01, 31 + n
+        want = np.zeros(6)
+        for _, i, j in sgd.bpr_sample(indptr, items, 300, n, seed, fold_in=True):
+            z = 1.0 / (1.0 + np.exp(want @ (q[i] - q[j]) + b[i] - b[j]))
+            want = want + lr * (z * (q[i] - q[j]) - reg * want)
+        got = sgd.bpr_fold_in(items, q, b, lr, reg, seed, 1)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    every = np.arange(300, dtype=np.int32)  # no negative at all: no step
+    assert not sgd.bpr_fold_in(every, q, b, 0.05, 0.01, 1, 3).any()
+    assert (sgd.bpr_sample(np.array([0, 300], np.int64), every, 300, 50, 1, fold_in=True) < 0).all()
+    with pytest.raises(ValueError, match="fold_in: one row"):
+        sgd.bpr_sample(np.array([0, 1, 2], np.int64), every[:2], 300, 5, 1, fold_in=True)
 
 
 def test_fold_in_kernel_continues_from_given_factors():
