@@ -314,6 +314,38 @@ def test_a_known_users_events_continue_from_their_trained_factors(small):
         np.testing.assert_array_equal(folded(u, own[:2].tolist() + new.tolist(), None), want)
 
 
+def test_a_long_history_runs_fewer_fold_in_passes(small):
+    # fold_in_max_steps bounds a fold-in's steps (passes x positives): a
+    # history longer than max_steps / fold_in_epochs runs ceil(max_steps / n)
+    # passes, at least 3; 0 lifts the bound. A known user's continued SGD takes
+    # the smaller of that and its own share of passes.
+    model = create("bpr", factors=8, epochs=5, fold_in_epochs=40, fold_in_max_steps=400).fit(small)
+    q, b = np.ascontiguousarray(model.Q), np.ascontiguousarray(model.bias)
+    lr, reg = model.params["lr"], model.params["reg"]
+    rng = np.random.default_rng(8)
+
+    def kernel(items, passes, start=None):
+        seed = int(np.uint64(int(items.sum()) + 7919 * items.size))
+        return sgd.bpr_fold_in(items, q, b, lr, reg, seed, passes, start=start)
+
+    for n, passes in ((5, 40), (10, 40), (11, 37), (60, 7), (150, 3), (290, 3)):
+        items = np.sort(rng.choice(small.n_items, n, replace=False)).astype(np.int32)
+        got = model.fold_in(model.history_matrix([items]))[0]
+        np.testing.assert_array_equal(got, kernel(items, passes))
+    model.params["fold_in_max_steps"] = 0
+    unbounded = model.fold_in(model.history_matrix([items]))[0]
+    np.testing.assert_array_equal(unbounded, kernel(items, 40))
+    model.params["fold_in_max_steps"] = 400
+    own, _ = model.training_row(3)
+    others = np.setdiff1d(np.arange(small.n_items), own)
+    items = np.sort(np.r_[own[:1], rng.choice(others, 99, replace=False)]).astype(np.int32)
+    row = KnownUserRow.of(model.history_matrix([items]), 3)  # most changed: 40 passes by share
+    want = kernel(items, 4, start=np.array(model.P[3], np.float32))  # ceil(400 / 100)
+    np.testing.assert_array_equal(model.fold_in(row)[0], want)
+    with pytest.raises(ValueError, match="fold_in_max_steps"):
+        create("bpr", fold_in_max_steps=-1)
+
+
 def test_fold_in_kernel_checks_its_inputs():
     q, b = np.zeros((5, 4), np.float32), np.zeros(5, np.float32)
     with pytest.raises(ValueError, match=r"items: item ids must lie in \[0, 5\), got 5"):

@@ -658,6 +658,13 @@ class BPR(EmbeddingIndexMixin):
             log=True,
         ),
         "fold_in_epochs": Param(int, 50, "SGD passes when folding in a new user", min=1),
+        "fold_in_max_steps": Param(
+            int,
+            20_000,
+            "most SGD steps of one fold-in (0: no limit): a history longer than "
+            "max_steps / fold_in_epochs runs fewer passes, at least 3",
+            min=0,
+        ),
         "negatives": Param(
             str,
             "uniform",
@@ -728,8 +735,23 @@ class BPR(EmbeddingIndexMixin):
             if known >= 0:
                 out[r] = self._continued(known, items, q, b, seed)
             else:
-                out[r] = sgdk.bpr_fold_in(items, q, b, p["lr"], p["reg"], seed, p["fold_in_epochs"])
+                passes = self._fold_in_passes(items.size)
+                out[r] = sgdk.bpr_fold_in(items, q, b, p["lr"], p["reg"], seed, passes)
         return out
+
+    def _fold_in_passes(self, n: int) -> int:
+        """Passes of a fold-in over n positives: fold_in_epochs, fewer where that
+        exceeds fold_in_max_steps, at least 3. A step costs the same whatever
+        the history, so 50 passes made a 1,000-item history cost 12 ms against
+        als's 2; and a long history needs fewer passes: on ml-100k (random
+        80/20, users with >= 150 training items, 227 on average) recall@10 of
+        the folded-in users was 0.675 at 50 passes, 0.673 capped at 20,000
+        steps, 0.665 at 3 passes (docs/algorithms.md)."""
+        p = self.params
+        cap = p["fold_in_max_steps"]
+        if cap <= 0 or n <= 0:
+            return p["fold_in_epochs"]
+        return min(p["fold_in_epochs"], max(3, -(-cap // n)))
 
     def _continued(
         self, user: int, items: np.ndarray, q: np.ndarray, b: np.ndarray, seed: int
@@ -750,7 +772,10 @@ class BPR(EmbeddingIndexMixin):
         if changed == 0:
             return start
         p = self.params
-        passes = min(p["fold_in_epochs"], max(3, -(-p["fold_in_epochs"] * changed // items.size)))
+        passes = min(
+            self._fold_in_passes(items.size),
+            max(3, -(-p["fold_in_epochs"] * changed // items.size)),
+        )
         return sgdk.bpr_fold_in(items, q, b, p["lr"], p["reg"], seed, passes, start=start)
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
