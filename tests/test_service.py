@@ -9,6 +9,8 @@ import json
 import math
 import os
 import queue
+import selectors
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +26,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from recserve.config import Experiment, Hybrid
 from recserve.feedback import Event
 from recserve.service import core as core_module
+from recserve.service import grpc_aio as aio_module
 from recserve.serving import RecQuery
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
@@ -1068,6 +1071,65 @@ def test_a_shorter_deadline_is_not_taken_for_a_wait_when_the_loop_was_just_idle(
         assert "to be accepted" in refused.value.details()
         core.quiet_at = bound
         assert s.rec.Recommend(req, timeout=2).items
+
+
+def test_a_wait_right_after_events_is_not_a_quiet_moment(monkeypatch):
+    """The bound above trusts a select that found nothing only once the loop has
+    found no events for QUIET_SPAN: the call gRPC matches when the loop asks for
+    the next one comes through gRPC's own threads, and a wait just after events
+    can end before it arrives."""
+    monkeypatch.setattr(aio_module, "QUIET_SPAN", 0.3)
+    sel, (a, b) = aio_module.TimedSelector(), socket.socketpair()
+    try:
+        sel.register(a, selectors.EVENT_READ)
+        b.send(b"x")
+        assert sel.select(5.0) and sel.quiet_at == 0.0  # events: not quiet
+        a.recv(1)
+        assert sel.select(0.001) == [] and sel.quiet_at == 0.0  # empty, but just after them
+        time.sleep(0.3)
+        assert sel.select(0.001) == [] and sel.quiet_at > sel.events_at + 0.3
+        assert sel.select(0) == [] and sel.idle > 0  # a poll neither waits nor is quiet
+    finally:
+        sel.close()
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("pressure", ["contended", "unknown"])
+def test_quiet_moments_are_not_trusted_while_the_machine_keeps_threads_waiting(
+    published, monkeypatch, pressure
+):
+    """A select finds nothing while gRPC holds calls when gRPC's threads, which hand
+    them to the loop, wait for a CPU: two fresh-clone CI runs computed 101 and 109
+    of a 300-call burst, admitted as if they had not waited. The loop's quiet
+    moments count only from windows in which no thread on the machine waited for
+    a CPU more than QUIET_TRUST_PRESSURE of the time (Linux PSI), and none where
+    that is unknown; a calm window does not adopt the moments judged before it,
+    only its own."""
+    root, _ = published
+    state = {"mode": pressure, "total": 0.0, "t": time.monotonic()}
+
+    def fake_pressure() -> float | None:
+        now = time.monotonic()
+        if state["mode"] == "contended":  # a thread waits for a CPU half the time
+            state["total"] += 0.5 * (now - state["t"])
+        state["t"] = now
+        return None if state["mode"] == "unknown" else state["total"]
+
+    monkeypatch.setattr(aio_module, "cpu_pressure", fake_pressure)
+    with running(root, server="asyncio", queue_budget_ms=50) as s:
+        core = s.app.core
+        assert s.rec.Recommend(pb.RecommendRequest(user_id="7", k=3, model="als")).items
+        time.sleep(0.3)  # idle: a hundred empty selects, fifteen windows
+        assert s.app.transport.selector.quiet_at > 0  # the loop did find nothing
+        assert core.quiet_at() == 0.0  # but none of those moments is trusted
+        monkeypatch.setattr(aio_module, "QUIET_SPAN", 1e9)  # no new quiet moment
+        time.sleep(0.05)  # the windows with the last ones end, still contended
+        state["mode"] = "calm"
+        time.sleep(0.1)  # calm windows: the moments judged before stay untrusted
+        assert core.quiet_at() == 0.0
+        monkeypatch.setattr(aio_module, "QUIET_SPAN", 0.01)
+        wait_for(lambda: core.quiet_at() > 0, what="a quiet moment of a calm window")
 
 
 def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturated(
