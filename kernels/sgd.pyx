@@ -568,19 +568,6 @@ cdef bint cholesky_lower(double* A, int f) noexcept nogil:
     return True
 
 
-cdef void cholesky_solve(const double* L, int f, double* x) noexcept nogil:
-    """x <- (L L^T)^-1 x, L from cholesky_lower: forward then back substitution."""
-    cdef int a, c
-    for a in range(f):
-        for c in range(a):
-            x[a] -= L[a * f + c] * x[c]
-        x[a] /= L[a * f + a]
-    for a in range(f - 1, -1, -1):
-        for c in range(a + 1, f):
-            x[a] -= L[c * f + a] * x[c]
-        x[a] /= L[a * f + a]
-
-
 cdef enum:
     GRAM_CHUNK = 512  # rows gathered per rank-k update
 
