@@ -1100,8 +1100,9 @@ def test_quiet_moments_are_not_trusted_while_the_machine_keeps_threads_waiting(
     published, monkeypatch, pressure
 ):
     """A select finds nothing while gRPC holds calls when gRPC's threads, which hand
-    them to the loop, wait for a CPU: two fresh-clone CI runs computed 101 and 109
-    of a 300-call burst, admitted as if they had not waited. The loop's quiet
+    them to the loop, wait for a CPU, and the calls are then admitted as if they had
+    not waited (with two busy processes: 39-51 of a 300-call burst computed, not
+    17-20; suspected in two fresh-clone CI runs that computed 101 and 109). The loop's quiet
     moments count only from windows in which no thread on the machine waited for
     a CPU more than QUIET_TRUST_PRESSURE of the time (Linux PSI), and none where
     that is unknown; a calm window does not adopt the moments judged before it,
