@@ -1133,6 +1133,62 @@ def test_quiet_moments_are_not_trusted_while_the_machine_keeps_threads_waiting(
         wait_for(lambda: core.quiet_at() > 0, what="a quiet moment of a calm window")
 
 
+class LoopCall:
+    """A call as the core sees it, with fixed time left, for admissions made on
+    the loop by hand."""
+
+    def __init__(self, remaining: float, peer: str) -> None:
+        self.remaining, self._peer = remaining, peer
+
+    def time_remaining(self) -> float:
+        return self.remaining
+
+    def cancelled(self) -> bool:
+        return False
+
+    def invocation_metadata(self) -> list:
+        return []
+
+    def peer(self) -> str:
+        return self._peer
+
+
+@pytest.mark.parametrize("judged", [True, False])
+def test_calls_admitted_late_in_one_loop_turn_see_the_saturation_of_that_turn(
+    published, monkeypatch, judged
+):
+    """The loop runs, in one turn, the callbacks of every call gRPC handed over at
+    once; the probe is a timer and waits for the next turn. Calls computed back to
+    back in such a turn were all admitted, however late, because the saturation
+    last judged was from before it (a starved burst: 36-53 of 300 computed in
+    about 1 run of 30, against 16-22; bench/bench_burst.py). A late call now
+    judges the probe's window itself once it has outlasted its length, as the
+    probe would. The reference: without that judgement it is admitted."""
+    root, _ = published
+    with running(root, server="asyncio", queue_budget_ms=50) as s:
+        core, loop = s.app.core, s.app.transport.loop
+        if not judged:
+            monkeypatch.setattr(core, "judge_open_window", None)
+        outcome: list[str] = []
+
+        def turn() -> None:
+            peer = "ipv4:127.0.0.1:9"
+            with core.session("Recommend", LoopCall(1.0, peer)):
+                pass  # the peer's best: 1 s left, on an idle loop
+            end = time.perf_counter() + 0.4  # computing: no select, no probe meanwhile
+            while time.perf_counter() < end:
+                pass
+            try:
+                with core.session("Recommend", LoopCall(0.5, peer)):  # lost ~0.5 s
+                    outcome.append("admitted")
+            except core_module.Failure as f:
+                outcome.append(f.info.get("cause", f.reason))
+
+        loop.call_soon_threadsafe(turn)
+        wait_for(lambda: outcome, what="the turn")
+        assert outcome == (["accept-queue"] if judged else ["admitted"])
+
+
 def test_calls_that_waited_in_grpcs_queue_are_refused_while_the_loop_is_saturated(
     published, monkeypatch
 ):

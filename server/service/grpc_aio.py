@@ -301,6 +301,7 @@ class AioTransport:
         # was kept waiting for a CPU (see _probe), for the core's wait bound.
         self._quiet = 0.0
         app.core.quiet_at = lambda: self._quiet
+        app.core.judge_open_window = self._judge_open_window
 
     def start(self, states: dict[str, int]) -> None:
         """Start the loop thread and the server on it, with the health statuses set
@@ -402,6 +403,21 @@ class AioTransport:
             self._idle_window = (probes + 1, t0, idle0, cpu0, wait0, pressure0, start)
         if not self._stopped.is_set():
             self.loop.call_at(now + PROBE_SECONDS, self._probe, now + PROBE_SECONDS)
+
+    def _judge_open_window(self) -> None:
+        # On the loop thread, from a call's admission: a window open longer than
+        # its length means the probe has not run since the loop began this turn
+        # (it runs the callbacks of every call gRPC handed over at once). Its
+        # shares so far are what the probe would find; the probe still judges
+        # the whole window when it runs.
+        _, t0, idle0, cpu0, wait0, _, _ = self._idle_window
+        span = time.perf_counter() - t0
+        if t0 and span >= IDLE_WINDOW * PROBE_SECONDS:
+            self.app.core.note_idle(
+                (self.selector.idle - idle0) / span,
+                (time.thread_time() - cpu0) / span,
+                (run_queue_wait() - wait0) / span,
+            )
 
     def set_health(self, name: str, state: int) -> None:
         """Set one health status from any thread (the servicer lives on the loop)."""
