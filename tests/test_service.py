@@ -1174,13 +1174,16 @@ def test_calls_admitted_late_in_one_loop_turn_see_the_saturation_of_that_turn(
 
         def turn() -> None:
             peer = "ipv4:127.0.0.1:9"
-            with core.session("Recommend", LoopCall(1.0, peer)):
-                pass  # the peer's best: 1 s left, on an idle loop
-            end = time.perf_counter() + 0.4  # computing: no select, no probe meanwhile
+            with core.session("Recommend", LoopCall(2.0, peer)):
+                pass  # the peer's best: 2 s left, on an idle loop
+            # Computing: no select, no probe meanwhile. Long against the up to
+            # ~20 ms of idle loop the open window began with (a 0.4 s turn left
+            # it just over SATURATED_IDLE once in a full run: admitted).
+            end = time.perf_counter() + 1.0
             while time.perf_counter() < end:
                 pass
             try:
-                with core.session("Recommend", LoopCall(0.5, peer)):  # lost ~0.5 s
+                with core.session("Recommend", LoopCall(1.0, peer)):  # lost ~1 s
                     outcome.append("admitted")
             except core_module.Failure as f:
                 outcome.append(f.info.get("cause", f.reason))
