@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -74,5 +75,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run(argv: Sequence[str] | None = None) -> int:
+    """main() for a shell pipeline: a reader that stops early (`| head -1`) ends
+    the command quietly, with 141 as a shell does for SIGPIPE, instead of a
+    BrokenPipeError traceback (the Python docs' recipe: stdout goes to devnull so
+    the interpreter's own final flush cannot raise again)."""
+    try:
+        code = main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())

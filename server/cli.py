@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -877,14 +878,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result = COMMANDS[args.command](args)
+        if result is not None:
+            _emit(result)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (`| head -1`): quiet, as a shell's SIGPIPE
+        # stdout goes to devnull so that the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (DataError, bundle.BundleError, ValueError, OSError) as exc:
         print(f"recserve: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C (tune keeps the first); nothing half-written
         print("recserve: interrupted", file=sys.stderr)
         return 130
-    if result is not None:
-        _emit(result)
     return 0
 
 

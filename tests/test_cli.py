@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -493,3 +495,19 @@ def test_recommend_names_what_is_published_when_the_name_is_not(tmp_path, capsys
     assert code == 2
     assert "no model 'hybrid' published" in err and "(published: itemknn, popularity)" in err
     assert "recserve.toml" in err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    # `recserve models list | head -1`: the pipe's reader is gone before the
+    # answer is written. The command ends with 141 (as a shell reports SIGPIPE)
+    # and no BrokenPipeError traceback on stderr.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recserve", "models", "list", "--models", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child has imported anything, let alone printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

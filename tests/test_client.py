@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +168,19 @@ def test_a_deadline_that_has_already_passed_is_refused_before_any_call(served, c
     argv = ["--target", srv.target, "--deadline", "3", "recommend", "--user", "7", "--k", "2"]
     assert main([*argv, "--model", "als"]) == 0
     assert len(json.loads(capsys.readouterr().out)["items"]) == 2
+
+
+def test_the_shell_client_ends_quietly_when_its_reader_stops_early(served):
+    # `python -m recserve.clients models | head -1` printed a BrokenPipeError
+    # traceback: the command now ends with 141, as a shell reports SIGPIPE.
+    srv, _ = served
+    argv = [sys.executable, "-m", "recserve.clients", "--target", srv.target, "models"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    # The same command with its reader present answers as before.
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    assert [json.loads(line)["name"] for line in done.stdout.splitlines()]
