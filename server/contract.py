@@ -29,6 +29,7 @@ REASONS: dict[str, tuple[str, str]] = {  # reason -> (gRPC status name, meaning)
     "FIELD_EMPTY": ("INVALID_ARGUMENT", "a required field is empty"),
     "ID_TOO_LONG": ("INVALID_ARGUMENT", "an id longer than its byte limit"),
     "VALUE_NOT_FINITE": ("INVALID_ARGUMENT", "a value is NaN or infinite"),
+    "VALUE_OUT_OF_RANGE": ("INVALID_ARGUMENT", "a value's magnitude is above 1e30"),
     "TOO_MANY_IDS": ("INVALID_ARGUMENT", "more ids in a list than max_ids"),
     "UNKNOWN_HISTORY_ITEMS": ("INVALID_ARGUMENT", "too many history items the model lacks"),
     "INTERVAL_OUT_OF_RANGE": ("INVALID_ARGUMENT", "interval is outside (0, 1)"),

@@ -66,6 +66,18 @@ def test_refusals_carry_a_status_with_reason_field_and_violations(srv):
             "VALUE_NOT_FINITE",
             ["history[0].value"],
         ),
+        (
+            rec.Recommend,
+            pb.RecommendRequest(
+                k=5,
+                history=[
+                    pb.Interaction(item_id="1", value=1e30),  # the bound itself is a value
+                    pb.Interaction(item_id="2", value=-3e38),
+                ],
+            ),
+            "VALUE_OUT_OF_RANGE",
+            ["history[1].value"],
+        ),
         (rec.Recommend, pb.RecommendRequest(user_id="x" * 1025), "ID_TOO_LONG", ["user_id"]),
         (
             rec.Recommend,

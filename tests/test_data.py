@@ -376,6 +376,8 @@ def test_an_implicit_logs_repeated_events_are_counted(tmp_path, caplog):
         ("user_id,item_id,user_id\n1,2,3\n", 1, "duplicate column.*user_id"),
         ("user_id,item_id,rating\n1,2,3\n1,3\n", 3, "expected 3 columns, got 2"),
         ("user_id,item_id,rating\n1,2,nan\n", 2, "non-finite rating"),
+        # Near float32's limit every score of a model summing them was +inf.
+        ("user_id,item_id,rating\n1,2,1e30\n1,3,-3e38\n", 3, r"rating -3e\+38 beyond \+-1e\+30"),
         ("user_id,item_id,rating\n1,,4\n", 2, "empty item_id"),
         ("user_id,item_id,rating\n1,2,\n", 2, "missing value in column rating"),
         (

@@ -107,6 +107,7 @@ def test_integer_ids_and_timestamp_columns(tmp_path):
         (pa.table({"user_id": ["a", None], "item_id": ["x", "y"]}), "row 2: missing value"),
         (pa.table({"user_id": ["a", "b"], "item_id": ["x", ""]}), "row 2: empty item_id"),
         (pa.table({"user_id": ["a"], "item_id": ["x"], "rating": [np.nan]}), "row 1: non-finite"),
+        (pa.table({"user_id": ["a"], "item_id": ["x"], "rating": [3e38]}), "row 1: rating 3e"),
         (pa.table({"user_id": [1.5], "item_id": ["x"]}), "ids must be strings or integers"),
         (
             pa.table({"user_id": ["a"], "item_id": ["x"], "ts": ["noon"]}),
@@ -121,6 +122,7 @@ def test_integer_ids_and_timestamp_columns(tmp_path):
         "null",
         "empty-id",
         "nan",
+        "huge-value",
         "float-id",
         "text-time",
         "inf-time",

@@ -882,9 +882,10 @@ def test_feedback_is_applied_and_survives_a_restart(published, small, tmp_path):
             pb.Interaction(user_id="33", item_id="no-such-item"),
             pb.Interaction(user_id="", item_id="1"),
             pb.Interaction(user_id="33", item_id="1", value=float("inf")),
+            pb.Interaction(user_id="33", item_id="1", value=3e38),  # beyond MAX_VALUE
         ]
         summary = s.rec.RecordInteractions(iter(events), timeout=10)
-        assert (summary.accepted, summary.rejected) == (4, 3)
+        assert (summary.accepted, summary.rejected) == (4, 4)
         after, _ = s.recommend(user_id="33", k=10, model="als")
         assert ids(after) == m.items.ids(want) and ids(after) != ids(before)
         assert not set(ids(after)) & set(new)  # recorded items now count as seen

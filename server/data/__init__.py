@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from recserve.data.dataset import Dataset, IdMap, build_csr, features_matrix
+from recserve.data.dataset import MAX_VALUE, Dataset, IdMap, build_csr, features_matrix
 from recserve.data.formats import FORMATS, DataError
 from recserve.data.synth import generate, to_dataset, write_csv
 
@@ -21,6 +21,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "FORMATS",
+    "MAX_VALUE",
     "DataError",
     "Dataset",
     "IdMap",

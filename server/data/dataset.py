@@ -17,6 +17,13 @@ import scipy.sparse as sp
 
 from recserve.kernels import wire
 
+# The largest |value| an interaction may carry, in training data and requests
+# alike. Values are float32 (3.4e38 at most): a model sums many of them times its
+# weights, and values near the float32 limit made every score +inf. 1e30 is
+# beyond any count, rating, duration or amount, and leaves 8 orders of magnitude
+# for those sums. As float32 (the wire's and the data's type), so that 1e30 itself passes.
+MAX_VALUE = float(np.float32(1e30))
+
 
 class IdMap:
     """External string id <-> dense index, backed by a sorted bytes array."""

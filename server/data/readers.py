@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from recserve.data.dataset import Dataset, IdMap, build_csr, features_matrix
+from recserve.data.dataset import MAX_VALUE, Dataset, IdMap, build_csr, features_matrix
 from recserve.data.formats import FORMATS, DataError, parse_columns
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,10 @@ def read_table(
 
 
 def check_values(where: Path, col: pa.Array, name: str, first: int, unit: str = "line") -> None:
-    """Refuse a column's first missing value, non-finite float or empty string, naming
-    the file and its line (or row): `first` is the number of the column's first value."""
+    """Refuse a column's first missing value, non-finite float, float32 value
+    beyond +-MAX_VALUE (float32 columns are values; timestamps are integers or
+    float64) or empty string, naming the file and its line (or row): `first` is
+    the number of the column's first value."""
     if col.null_count:
         row = int(pc.index(pc.is_null(col), True).as_py())
         raise DataError(where, f"missing value in column {name}", row + first, unit)
@@ -256,6 +258,13 @@ def check_values(where: Path, col: pa.Array, name: str, first: int, unit: str = 
             row = int(pc.index(finite, False).as_py())
             value = col[row].as_py()
             raise DataError(where, f"non-finite {name} {value!r} (NaN or inf)", row + first, unit)
+        if pa.types.is_float32(col.type):
+            inside = pc.less_equal(pc.abs(col), MAX_VALUE)
+            if not pc.all(inside).as_py():
+                row = int(pc.index(inside, False).as_py())
+                value = col[row].as_py()
+                what = f"{name} {value:g} beyond +-{MAX_VALUE:g} (values are float32; rescale them)"
+                raise DataError(where, what, row + first, unit)
     if pa.types.is_string(col.type):
         empty = pc.equal(pc.utf8_length(col), 0)
         if pc.any(empty).as_py():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 
 from recserve import contract
 from recserve.config import ServerConfig
+from recserve.data import MAX_VALUE
 from recserve.feedback import (
     Event,
     FeedbackStore,
@@ -866,7 +866,7 @@ def _event(ev: pb.Interaction) -> Event | None:
     """A valid feedback event, or None (counted as rejected). An omitted value is
     1 and an omitted timestamp now; explicit zeros are kept."""
     value = float(ev.value) if ev.HasField("value") else 1.0
-    if not ev.user_id or not ev.item_id or not math.isfinite(value):
+    if not ev.user_id or not ev.item_id or not -MAX_VALUE <= value <= MAX_VALUE:  # NaN too
         return None
     if max(len(ev.user_id.encode()), len(ev.item_id.encode())) > MAX_ID_BYTES:
         return None

@@ -31,7 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recserve.config import Hybrid, ServerConfig
-from recserve.data import IdMap
+from recserve.data import MAX_VALUE, IdMap
 from recserve.feedback import OnlineState
 from recserve.kernels import topk
 from recserve.models import Recommender, bundle
@@ -319,6 +319,9 @@ class Router:
                 if not math.isfinite(value):  # np.isfinite: 1 us per Python float
                     what = f"must be finite, got {value}"
                     bad.append((f"history[{i}].value", what, "VALUE_NOT_FINITE"))
+                elif not -MAX_VALUE <= value <= MAX_VALUE:
+                    what = f"must be within +-{MAX_VALUE:g}, got {value:g}"
+                    bad.append((f"history[{i}].value", what, "VALUE_OUT_OF_RANGE"))
         for fname, ids in (("exclude_item_ids", q.exclude), ("candidate_item_ids", q.candidates)):
             if len(ids) > self.cfg.max_ids:
                 what = f"{len(ids)} ids; at most {self.cfg.max_ids} allowed"
