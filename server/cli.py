@@ -36,6 +36,7 @@ from recserve.config import LEARNED_HYBRIDS
 from recserve.data import FORMATS, DataError, generate, write_csv
 from recserve.evaluation import PROTOCOLS, evaluate
 from recserve.models import algorithms, bundle, create, load, parse_params
+from recserve.models.base import TrainingError
 
 log = logging.getLogger("recserve")
 
@@ -413,6 +414,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             bar.set_postfix_str("evaluate")
             try:
                 result = evaluate(_model(args), ds, args.protocol, args.k)
+            except TrainingError:  # the full fit would fail the same way
+                raise
             except ValueError as exc:  # e.g. too few events to hold any out
                 raise ValueError(
                     f"offline {args.protocol} evaluation: {exc} "

@@ -37,7 +37,7 @@ from recserve.config import LEARNED_HYBRIDS as HYBRIDS_FILE
 from recserve.data import Dataset
 from recserve.evaluation import Split, evaluate, make_split, ranking_metrics
 from recserve.models import Recommender, bundle, create
-from recserve.models.base import Param
+from recserve.models.base import Param, TrainingError
 from recserve.models.registry import MODELS
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,11 @@ def search(
     bar = _Bar(n_trials, f"tune {algorithm}", None if progress is None else not progress)
     t0 = time.perf_counter()
     try:
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=[bar])
+        # A trial whose parameters make training diverge is recorded as failed
+        # (optuna logs why) and the search goes on: the space holds such corners.
+        study.optimize(
+            objective, n_trials=n_trials, timeout=timeout, callbacks=[bar], catch=(TrainingError,)
+        )
     except KeyboardInterrupt:
         out.interrupted = True
         log.warning(

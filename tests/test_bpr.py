@@ -360,3 +360,16 @@ def test_fold_in_kernel_checks_its_inputs():
         sgd.bpr_fold_in(np.array([1], np.int32), q, b, 0.0, 0.0, 0, 3)
     with pytest.raises(ValueError, match="bias one entry per item"):
         sgd.bpr_fold_in(np.array([1], np.int32), q, b[:4].copy(), 0.1, 0.0, 0, 3)
+
+
+def test_a_learning_rate_that_diverges_stops_training_with_a_hint(small):
+    # lr=5 left NaN factors: the model was published and answered nothing. The
+    # first epoch's biases show it; fit stops there and names the parameter.
+    from recserve.models.base import TrainingError
+
+    model = create("bpr", factors=8, epochs=50, lr=5.0)
+    with pytest.raises(
+        TrainingError, match=r"^bpr: training diverged \(bias \(epoch 1\).*lower lr \(now 5\)"
+    ):
+        model.fit(small)
+    create("bpr", factors=8, epochs=2).fit(small)  # the default lr trains

@@ -64,3 +64,16 @@ def test_a_folded_in_row_is_the_sparse_products_row(small, binary):
         assert m.dense_history(row, out, filter_seen=True)
         want[row.indices] = np.nan
         np.testing.assert_array_equal(out, want)
+
+
+def test_an_l2_too_small_for_the_data_is_a_clear_error():
+    # scipy's "k-th leading minor of the array is not positive definite" named
+    # neither the model nor the parameter. 100 items among 20 users: the Gram
+    # matrix has rank <= 20, singular without l2.
+    from recserve.data import generate, to_dataset
+    from recserve.models.base import TrainingError
+
+    wide = to_dataset(generate(20, 100, 300, seed=1))
+    with pytest.raises(TrainingError, match=r"^ease: .*not positive definite.*raise l2 \(now 0\)"):
+        create("ease", l2=0.0).fit(wide)
+    create("ease").fit(wide)  # the default l2 solves it

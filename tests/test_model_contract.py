@@ -428,3 +428,28 @@ def test_users_and_items_without_training_events_fit_and_serve(small):
         assert np.isfinite(sim_scores).all() and empty_items[-1] not in sim, algo
         got, got_scores = model.recommend_from_history([empty_items[-1], 5], k=10)
         assert len(got) == 10 and np.isfinite(got_scores).all(), algo
+
+
+@pytest.mark.parametrize("algo", algorithms())
+def test_training_that_ends_with_nan_is_refused_not_published(small, algo, monkeypatch):
+    # A model whose arrays hold NaN answered every request with nothing (NaN is
+    # never eligible) and was published as trained (bpr at lr=5 did). fit()
+    # now refuses it, naming the array, for every algorithm: here the largest
+    # float array of a real fit is poisoned.
+    from recserve.models.base import TrainingError
+
+    cls = type(create(algo))
+    real = cls._fit
+
+    def poisoned(self, dataset):
+        real(self, dataset)
+        floats = [(k, a) for k, a in self._arrays().items() if np.asarray(a).dtype.kind == "f"]
+        key, arr = max(floats, key=lambda ka: np.asarray(ka[1]).size)
+        np.asarray(arr).reshape(-1)[-1] = np.nan
+        poisoned.key = key
+
+    monkeypatch.setattr(cls, "_fit", poisoned)
+    model = create(algo, **FAST_PARAMS.get(algo, {}))
+    with pytest.raises(TrainingError, match=rf"^{algo}: training diverged \(") as info:
+        model.fit(small)
+    assert f"({poisoned.key} holds NaN or inf)" in str(info.value)

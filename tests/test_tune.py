@@ -449,3 +449,38 @@ def test_candidate_scores_are_normalized_per_user_as_the_server_does():
         if ok.any():
             want[r, ok] = minmax(scores[r, ok])
     np.testing.assert_array_equal(got, want)  # the same arithmetic, bit for bit
+
+
+def test_a_trial_whose_training_diverges_is_recorded_failed_and_the_search_goes_on(
+    tiny, monkeypatch
+):
+    # bpr's lr and svd's lr span values that diverge on some data: such a trial
+    # raised out of the whole search. It is now a failed trial, and the best
+    # comes from the trials that completed.
+    from recserve.models.base import TrainingError
+
+    cls = MODELS["itemknn"]
+    real, fits = cls._fit, []
+
+    def sometimes(self, dataset):
+        fits.append(self.params["k"])
+        if len(fits) in (2, 4):
+            raise TrainingError("itemknn: training diverged (test)")
+        real(self, dataset)
+
+    monkeypatch.setattr(cls, "_fit", sometimes)
+    out = tuning.search(
+        "itemknn",
+        tuning.splits(tiny, "random", 0.2, 0, 1)[1],
+        "ndcg@20",
+        20,
+        trials=6,
+        seed=1,
+        threads=1,
+        progress=False,
+    )
+    states = [t["state"] for t in out.trials]
+    assert states == ["complete", "fail", "complete", "fail", "complete", "complete"]
+    done = [t for t in out.trials if t["state"] == "complete"]
+    assert out.best_value == max(t["value"] for t in done)
+    assert out.best_params == next(t["params"] for t in done if t["value"] == out.best_value)

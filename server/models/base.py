@@ -185,6 +185,12 @@ class NotFittedError(RuntimeError):
     """The model has neither been fitted nor loaded."""
 
 
+class TrainingError(ValueError):
+    """Training failed for these parameters on this data (it diverged, or a
+    solve had no answer): there is no model to publish, and the message says
+    which parameter to change."""
+
+
 class Recommender(ABC):
     """Base class of every recserve model: the contract and its shared machinery."""
 
@@ -309,8 +315,29 @@ class Recommender(ABC):
             shape=m.shape,
         )
         self._fit(dataset)
+        self._require_finite(self._arrays())
         log.info("%s: fitted on %s in %.2fs", self.algorithm, dataset.name, time.perf_counter() - t)
         return self
+
+    def _divergence_hint(self) -> str:
+        """What to change when training ended with NaN or inf (names the params)."""
+        return "check the parameters"
+
+    def _require_finite(self, arrays: Mapping[str, Any]) -> None:
+        """Refuse a model whose float arrays hold NaN or inf: it would answer every
+        request with nothing (NaN is never eligible) or with arbitrary ties, and
+        be published as if it had trained. A float64 sum is non-finite exactly
+        when an entry is (float32 entries cannot overflow it), so the common case
+        allocates nothing; a float64 array is confirmed entry by entry."""
+        for key, arr in arrays.items():
+            a = np.asarray(arr)
+            if a.dtype.kind != "f" or a.size == 0 or np.isfinite(a.sum(dtype=np.float64)):
+                continue
+            if a.dtype.itemsize < 8 or not np.isfinite(a).all():
+                raise TrainingError(
+                    f"{self.algorithm}: training diverged ({key} holds NaN or inf); "
+                    + self._divergence_hint()
+                )
 
     def recommend(
         self,

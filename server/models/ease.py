@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from recserve.data import Dataset
 from recserve.kernels import topk
-from recserve.models.base import Param, Recommender, topk_excluding_self
+from recserve.models.base import Param, Recommender, TrainingError, topk_excluding_self
 from recserve.models.registry import register
 
 
@@ -68,9 +68,15 @@ class EASE(Recommender):
         gram = (x.T @ x).toarray()
         gram[np.diag_indices_from(gram)] += self.params["l2"]
         # Cholesky-based inverse of the symmetric positive definite Gram matrix.
-        p = scipy.linalg.cho_solve(
-            scipy.linalg.cho_factor(gram, overwrite_a=True), np.eye(self.n_items), overwrite_b=True
-        )
+        try:
+            factor = scipy.linalg.cho_factor(gram, overwrite_a=True)
+        except np.linalg.LinAlgError:  # "k-th leading minor not positive definite"
+            raise TrainingError(
+                f"ease: the item Gram matrix plus l2 is not positive definite (items used "
+                f"by the same users only, or a catalogue larger than the users); raise l2 "
+                f"(now {self.params['l2']:g})"
+            ) from None
+        p = scipy.linalg.cho_solve(factor, np.eye(self.n_items), overwrite_b=True)
         b = -p / np.diag(p)[None, :]
         np.fill_diagonal(b, 0.0)
         self.weights = np.ascontiguousarray(b, dtype=np.float32)

@@ -103,6 +103,8 @@ class EmbeddingIndexMixin(Recommender):
         self.item_index = self.similar_index = None
         if kind == "exact":
             return
+        # FAISS would index NaN vectors without a word (HNSW's graph, IVF's k-means).
+        self._require_finite({"item vectors": self._item_vectors()})
         seed = int(self.params.get("seed", 0))
         self.item_index = ItemIndex.build(self._item_vectors(), kind, seed)
         if kind != "flat":

@@ -37,6 +37,7 @@ from recserve.models.base import (
     VALUES,
     Param,
     Recommender,
+    TrainingError,
     check_k,
     cosine_similar,
     cosine_similar_one,
@@ -72,6 +73,7 @@ class ALS(EmbeddingIndexMixin):
             3.7,
             "confidence = 1 + alpha * value / mean |value| of the training data",
             min=0,
+            max=1e6,
             search=(0.1, 100.0),
             log=True,
         ),
@@ -93,6 +95,13 @@ class ALS(EmbeddingIndexMixin):
         "binary": Param(bool, False, "treat every interaction as value 1"),
         **INDEX_PARAMS,
     }
+
+    def _divergence_hint(self) -> str:
+        p = self.params
+        return (
+            f"lower alpha (now {p['alpha']:g}) or raise regularization "
+            f"(now {p['regularization']:g})"
+        )
 
     def _confidence(self, m: sp.csr_matrix) -> sp.csr_matrix:
         m = m.tocsr()
@@ -402,7 +411,7 @@ class BiasedMF(Recommender):
             if not np.isfinite(sse):
                 # SGD's steps grow with the ratings' spread: on ratings in the
                 # hundreds the default lr overshoots. Refuse to publish NaNs.
-                raise ValueError(
+                raise TrainingError(
                     f"{self.algorithm}: training diverged in epoch {epoch + 1} (ratings "
                     f"{self.scale[0]:g} to {self.scale[1]:g}); lower lr (now {p['lr']:g}) "
                     "or rescale the ratings to a few units"
@@ -695,6 +704,10 @@ class BPR(EmbeddingIndexMixin):
         def progress(epoch: int, correct: float) -> None:
             bar.update(1)
             bar.set_postfix(correct=f"{correct:.3f}")
+            # Divergence reaches the biases within an epoch (every step reads
+            # them): stop there, not after every remaining epoch; fit() checks
+            # the factors too.
+            self._require_finite({f"bias (epoch {epoch + 1})": self.bias})
 
         with bar:
             sgdk.bpr_epochs(
@@ -712,6 +725,9 @@ class BPR(EmbeddingIndexMixin):
                 on_epoch=progress,
             )
         self.build_index()
+
+    def _divergence_hint(self) -> str:
+        return f"lower lr (now {self.params['lr']:g})"
 
     def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
         """User factors for history rows: BPR SGD on the user's own triples, items
