@@ -4,6 +4,7 @@ python -m recserve.clients --target localhost:50051 recommend --user 42 --k 10 [
 python -m recserve.clients recommend --history 12,40,7 --k 5 --explain
 python -m recserve.clients similar --item 12 --k 5
 python -m recserve.clients models
+python -m recserve.clients reload     # switch to newly published bundles (Admin)
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = _Parser(prog="python -m recserve.clients", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="localhost:50051")
     ap.add_argument("--deadline", type=_positive_seconds, default=5.0, help="seconds (> 0)")
+    ap.add_argument(
+        "--token",
+        default=os.environ.get("RECSERVE_ADMIN_TOKEN", ""),
+        help="bearer token (the server's admin_token; default $RECSERVE_ADMIN_TOKEN): "
+        "Admin calls from a non-loopback peer need it",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("recommend")
     rec.add_argument("--user", default="")
@@ -54,8 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--k", type=int, default=10)
     sim.add_argument("--model", default="")
     sub.add_parser("models")
+    sub.add_parser(
+        "reload",
+        help="switch to newly published versions; one line per model that changed, "
+        "exit 1 when a version was refused (the old one keeps serving)",
+    )
     args = ap.parse_args(argv)
-    with RecommenderClient(args.target, deadline=args.deadline) as rc:
+    with RecommenderClient(args.target, deadline=args.deadline, token=args.token) as rc:
         try:
             if args.command == "recommend":
                 history = [h for h in args.history.split(",") if h]
@@ -64,6 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             elif args.command == "similar":
                 out = rc.similar_items(args.item, args.k, args.model)
+            elif args.command == "reload":
+                reloaded, refused = rc.reload()
+                for outcome, models in (("reloaded", reloaded), ("refused", refused)):
+                    for m in models:
+                        print(json.dumps({"outcome": outcome, **dataclasses.asdict(m)}))
+                if refused:
+                    print(f"error: {len(refused)} version(s) refused", file=sys.stderr)
+                return 1 if refused else 0
             else:
                 for m in rc.models():
                     print(json.dumps(dataclasses.asdict(m)))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from recserve.clients.client import Event, Item, Recommendation, RecommenderClient, RecserveError
-from tests.service_helpers import publish_models, running
+from tests.service_helpers import flip_byte, publish_models, running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,3 +184,32 @@ def test_the_shell_client_ends_quietly_when_its_reader_stops_early(served):
     # The same command with its reader present answers as before.
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
     assert [json.loads(line)["name"] for line in done.stdout.splitlines()]
+
+
+def test_the_shell_client_reloads_and_reports_refused_versions(served, tmp_path, capsys):
+    # `python -m recserve.clients reload` after publishing: one JSON line per
+    # model that changed, exit 1 when a version was refused (the old one serves).
+    from recserve.clients.__main__ import main
+
+    _, models = served
+    root = tmp_path / "models"
+    for name in ("popularity", "itemknn"):
+        models[name].save(root, name)
+    with running(root) as srv:
+        argv = ["--target", srv.target, "reload"]
+        assert main(argv) == 0 and capsys.readouterr().out == ""  # nothing new
+        new = models["popularity"].save(root, "popularity")
+        bad = models["itemknn"].save(root, "itemknn")
+        flip_byte(next(p for p in bad.iterdir() if p.suffix == ".npy"))
+        assert main(argv) == 1
+        out, err = capsys.readouterr()
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert [(m["outcome"], m["name"]) for m in lines] == [
+            ("reloaded", "popularity"),
+            ("refused", "itemknn"),
+        ]
+        assert lines[0]["version"] == new.name and "sha256" in lines[1]["error"]
+        assert "1 version(s) refused" in err
+        with RecommenderClient(srv.target, deadline=5) as rc:
+            served_now = {m.name: m.version for m in rc.models()}
+        assert served_now["popularity"] == new.name and served_now["itemknn"] != bad.name

@@ -3,6 +3,7 @@ certificates, and tokens never in logs."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -278,3 +279,21 @@ def test_start_warns_when_admin_is_reachable_without_a_token(models, caplog, hos
         assert bool(said) is warned, said
     finally:
         app.drain(grace=0)
+
+
+def test_the_shell_client_sends_the_admin_token(models, monkeypatch, capsys):
+    # `python -m recserve.clients reload` (and `models`) take --token, or the
+    # server's own variable RECSERVE_ADMIN_TOKEN, for a server with admin_token.
+    from recserve.clients.__main__ import main
+
+    with running(models, admin_token=TOKEN) as s:
+        monkeypatch.delenv("RECSERVE_ADMIN_TOKEN", raising=False)
+        assert main(["--target", s.target, "reload"]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert main(["--target", s.target, "--token", TOKEN, "reload"]) == 0
+        monkeypatch.setenv("RECSERVE_ADMIN_TOKEN", TOKEN)
+        assert main(["--target", s.target, "models"]) == 0
+        assert {json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()} >= {
+            "als",
+            "popularity",
+        }
