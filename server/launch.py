@@ -9,6 +9,8 @@ so the workers do not oversubscribe. Prometheus runs in multi-process mode:
 the launcher sets PROMETHEUS_MULTIPROC_DIR before prometheus_client is
 imported anywhere and serves /metrics aggregated over the workers. SIGTERM to
 the launcher is passed on to every worker, each drains, the launcher exits 0.
+SIGHUP (to the launcher, or from a worker whose Admin.ReloadModels ran) is passed
+on too: every worker reloads.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from recserve.config import ServerConfig
 
@@ -98,12 +101,34 @@ class Signals:
             self._r.recv(4096)
 
 
-def _wait_for_signal(signals: Signals | None = None) -> None:
+def _wait_for_signal(signals: Signals | None = None, app: Any = None) -> None:
     """Block the main thread until SIGTERM or SIGINT (noted by `signals`, or by
-    handlers installed now)."""
+    handlers installed now); each SIGHUP meanwhile reloads `app`'s models."""
     signals = signals or Signals({signal.SIGTERM: None, signal.SIGINT: None})
-    while not signals.got:
+    reloads = 0  # SIGHUPs handled: a count, as the handler only ever appends
+    while True:
+        if any(s != signal.SIGHUP for s in signals.got):
+            return
+        hups = signals.got.count(signal.SIGHUP)
+        if hups > reloads and app is not None:
+            reloads = hups
+            _reload(app)
+            continue
         signals.wait(1.0)
+
+
+def _reload(app: Any) -> None:
+    """SIGHUP: switch to newly published versions, as Admin.ReloadModels does."""
+    try:
+        switched, refused = app.core.reload_models()
+    except Exception:  # a reload must never take the server down
+        log.exception("SIGHUP: reload failed")
+        return
+    log.info(
+        "SIGHUP: reloaded %s; refused %s",
+        ", ".join(f"{s.name}@{s.version}" for s in switched) or "nothing",
+        ", ".join(f"{s.name} ({s.error})" for s in refused) or "nothing",
+    )
 
 
 def serve(cfg: ServerConfig) -> None:
@@ -123,11 +148,11 @@ def serve(cfg: ServerConfig) -> None:
     # Before the server starts: from "listening on" on, a SIGTERM (a rolling
     # restart, a test's stop) must drain, and with the handlers installed only
     # after start it killed the process outright (-15) when it came first.
-    signals = Signals({signal.SIGTERM: None, signal.SIGINT: None})
+    signals = Signals({signal.SIGTERM: None, signal.SIGINT: None, signal.SIGHUP: None})
     app = App(cfg, settle_heap=True)
     port = app.start()
     _announce(cfg, port)
-    _wait_for_signal(signals)
+    _wait_for_signal(signals, app)
     log.info("signal received: draining (grace %.1fs)", cfg.grace_seconds)
     _drain(app, cfg)
 
@@ -146,10 +171,10 @@ def _reserve_port(cfg: ServerConfig) -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
-def _worker(cfg: ServerConfig, index: int, signals: Signals) -> int:
+def _worker(cfg: ServerConfig, index: int, signals: Signals, launcher: int) -> int:
     """Body of one forked worker process; returns its exit code. `signals`: its
     own, installed the moment it was forked (a SIGTERM while it starts drains it
-    once started)."""
+    once started; a SIGHUP reloads once started)."""
     from threadpoolctl import threadpool_limits
 
     from recserve.service import App
@@ -159,10 +184,18 @@ def _worker(cfg: ServerConfig, index: int, signals: Signals) -> int:
         share = min(share, cfg.kernel_threads)
     threadpool_limits(limits=share)
     app = App(cfg, settle_heap=True)
+
+    def reload_siblings() -> None:
+        # ReloadModels reached this worker only: the launcher passes SIGHUP on to
+        # every worker (this one's second reload finds nothing new). Never to a
+        # process that is no longer our launcher (an orphan's parent is init).
+        if os.getppid() == launcher:
+            os.kill(launcher, signal.SIGHUP)
+
+    app.core.after_reload = reload_siblings
     app.start()
     log.info("worker %d (pid %d) serving, %d BLAS/OpenMP thread(s)", index, os.getpid(), share)
-    while not signals.got:
-        signals.wait(1.0)
+    _wait_for_signal(signals, app)
     _drain(app, cfg)
     return 0
 
@@ -177,6 +210,7 @@ def serve_workers(cfg: ServerConfig) -> None:
     worker_cfg = replace(cfg, port=port, metrics_port=0)
     pids: list[int] = []
     stopping: list[bool] = []
+    launcher = os.getpid()
 
     def forward(_signum: int) -> None:
         stopping.append(True)
@@ -190,8 +224,20 @@ def serve_workers(cfg: ServerConfig) -> None:
     # workers running. SIGCHLD only wakes the loop below, which reaps without
     # blocking (a blocking waitpid would not wake for a signal another thread
     # received).
-    signals = Signals({signal.SIGTERM: forward, signal.SIGINT: forward, signal.SIGCHLD: None})
-    held = {signal.SIGTERM, signal.SIGINT}
+    def reload_all(_signum: int) -> None:  # SIGHUP, from an operator or a worker
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    signals = Signals(
+        {
+            signal.SIGTERM: forward,
+            signal.SIGINT: forward,
+            signal.SIGHUP: reload_all,
+            signal.SIGCHLD: None,
+        }
+    )
+    held = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     for i in range(cfg.workers):
         if stopping:  # told to stop while starting: fork no more
             break
@@ -205,10 +251,10 @@ def serve_workers(cfg: ServerConfig) -> None:
             code = 1
             try:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                own = Signals({signal.SIGTERM: None, signal.SIGINT: None})
+                own = Signals({signal.SIGTERM: None, signal.SIGINT: None, signal.SIGHUP: None})
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
                 holder.close()
-                code = _worker(worker_cfg, i, own)
+                code = _worker(worker_cfg, i, own, launcher)
             except BaseException:
                 log.exception("worker %d failed", i)
             finally:

@@ -319,3 +319,41 @@ print("stopped", flush=True)
             p.wait()
             p.stdout.close()
     assert lost == 0
+
+
+def test_sighup_reloads_newly_published_versions(small, tmp_path):
+    # `kill -HUP` is a server's conventional reload: the same switch as
+    # Admin.ReloadModels, with a version that fails verification refused and
+    # the serving one kept.
+    from recserve.models import create
+    from tests.service_helpers import flip_byte
+
+    root = tmp_path / "models"
+    pop = create("popularity").fit(small)
+    first = pop.save(root, "popularity").name
+    p = Proc("--models", str(root), "--port", "0", "--metrics-port", "0")
+    try:
+        target = p.target()
+        wait_serving(target, "model/popularity")
+
+        def serving() -> str:
+            with RecommenderClient(target) as rc:
+                return rc.recommend("7", 3, model="popularity").version
+
+        assert serving() == first
+        second = pop.save(root, "popularity").name
+        p.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while serving() != second:
+            assert time.monotonic() < deadline, "".join(p.lines)
+            time.sleep(0.1)
+        bad = pop.save(root, "popularity")
+        flip_byte(next(f for f in bad.iterdir() if f.suffix == ".npy"))
+        p.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while not any("SIGHUP: reloaded nothing; refused popularity" in x for x in p.lines):
+            assert time.monotonic() < deadline, "".join(p.lines)
+            time.sleep(0.1)
+        assert serving() == second
+    finally:
+        assert p.stop() == 0

@@ -201,3 +201,61 @@ print("stopped", flush=True)
     assert p.returncode == 0, err
     assert re.search(r"\(1 workers: \[\d+\]\)", err), err  # told to stop: forked no more
     assert "all workers stopped" in err and out == "stopped\n"
+
+
+def versions_by_worker(target: str, tries: int = 200) -> dict[str, str]:
+    """The ALS version each worker answers with (x-recserve-worker), each call
+    over a fresh connection, until two workers answered (or `tries` calls)."""
+    out: dict[str, str] = {}
+    for _ in range(tries):
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.RecommenderStub(channel)
+            request = pb.RecommendRequest(user_id="33", k=3, model="als")
+            resp, call = stub.Recommend.with_call(request, timeout=10)
+        out[dict(call.trailing_metadata())[contract.WORKER]] = resp.version
+        if len(out) == 2:
+            break
+    return out
+
+
+def test_a_reload_reaches_every_worker(small, tmp_path):
+    # Admin.ReloadModels lands on one worker: the other went on serving the old
+    # version, and answers alternated between versions for good. That worker
+    # now has the launcher pass SIGHUP on to every worker; SIGHUP to the
+    # launcher (an operator's reload) does the same.
+    from recserve.models import create
+
+    root = tmp_path / "models"
+    als = create("als", factors=8, iterations=3).fit(small)
+    first = als.save(root, "als").name
+    p = Proc("--models", str(root), "--port", "0", "--metrics-port", "0", "--workers", "2")
+    try:
+        target = p.target()
+        wait_serving(target, "model/als")
+        seen = versions_by_worker(target)
+        assert len(seen) == 2 and set(seen.values()) == {first}, seen
+        second = als.save(root, "als").name
+        with RecommenderClient(target) as rc:
+            reloaded, refused = rc.reload()
+        assert [m.version for m in reloaded] == [second] and not refused
+
+        def every_worker_on(version: str) -> bool:
+            seen = versions_by_worker(target)
+            return len(seen) == 2 and set(seen.values()) == {version}
+
+        deadline = time.monotonic() + 20
+        while not every_worker_on(second):
+            assert time.monotonic() < deadline, versions_by_worker(target)
+            time.sleep(0.2)
+        third = als.save(root, "als").name
+        p.proc.send_signal(signal.SIGHUP)  # the launcher
+        deadline = time.monotonic() + 20
+        while not every_worker_on(third):
+            assert time.monotonic() < deadline, versions_by_worker(target)
+            time.sleep(0.2)
+    except BaseException:
+        print("server log:\n" + "".join(p.lines)[-6000:])
+        raise
+    finally:
+        assert p.stop() == 0
+    assert sum("SIGHUP: reloaded als@" in line for line in p.lines) == 3  # 1 + 2 workers

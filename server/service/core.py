@@ -282,6 +282,11 @@ class Core:
         # note_idle), when that window has outlasted its length: the loop has
         # run callbacks without a probe since. None: no such judge.
         self.judge_open_window: Callable[[], None] | None = None
+        # Called after ReloadModels has reloaded this process. A worker of `serve
+        # --workers N` sets it to ask the launcher to pass the reload on to every
+        # worker (SIGHUP): the call reaches one worker, and the others went on
+        # serving the old versions.
+        self.after_reload: Callable[[], None] | None = None
         self._shed_at = -SHED_HEAVY_S  # monotonic time of the last such refusal of a cheap call
         # (peer, method) -> most seconds left at admission, this window and the one before
         self._peak: dict[tuple[str, str], float] = {}
@@ -788,11 +793,19 @@ class Core:
             info={"model": request.name},
         )
 
-    def reload(self, request: Any = None) -> pb.ReloadModelsResponse:
-        """ReloadModels: switch to newly published versions (blocking: sha256 of every file)."""
+    def reload_models(self) -> tuple[list[Slot], list[Slot]]:
+        """Switch this process to newly published versions (ReloadModels, SIGHUP):
+        (switched, refused), refused ones counted."""
         switched, refused = self.catalog.reload()
         for slot in refused:
             self.metrics.refused_versions.labels(slot.name).inc()
+        return switched, refused
+
+    def reload(self, request: Any = None) -> pb.ReloadModelsResponse:
+        """ReloadModels: switch to newly published versions (blocking: sha256 of every file)."""
+        switched, refused = self.reload_models()
+        if self.after_reload is not None:
+            self.after_reload()
         return pb.ReloadModelsResponse(
             reloaded=[convert.model_info(s) for s in switched],
             refused=[convert.model_info(s) for s in refused],
