@@ -73,6 +73,9 @@ class Hybrid:
 
     name: str
     weights: dict[str, float]
+    # Read from the models folder's hybrids.json (`recserve tune --hybrid`), not
+    # from the config: a reload reads that file again (relearned_hybrids).
+    learned: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -398,14 +401,26 @@ def with_learned_hybrids(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"{path}: {name}: expected a table with weights")
         _model_name(str(path), name)
         learned[name] = Hybrid(
-            name, _weights(f"{path}: {name}.weights", entry.get("weights"), "weight")
+            name, _weights(f"{path}: {name}.weights", entry.get("weights"), "weight"), True
         )
     if not learned:
         return cfg
     return replace(cfg, hybrids={**learned, **cfg.hybrids})
 
 
-def _check_consistency(cfg: ServerConfig) -> None:
+def relearned_hybrids(cfg: ServerConfig) -> ServerConfig:
+    """`cfg` with the models folder's hybrids.json read again: the learned hybrids
+    replaced by the file's current ones (a reload after `recserve tune --hybrid`);
+    the config's own hybrids stay. ConfigError for a file that is unreadable or
+    inconsistent with the config; then nothing changes."""
+    own = {name: h for name, h in cfg.hybrids.items() if not h.learned}
+    out = with_learned_hybrids(replace(cfg, hybrids=own))
+    _check_virtual(out)
+    return out
+
+
+def _check_virtual(cfg: ServerConfig) -> None:
+    """Hybrids and experiments: distinct names, components and arms that are models."""
     virtual = set(cfg.hybrids) | set(cfg.experiments)
     both = set(cfg.hybrids) & set(cfg.experiments)
     if both:
@@ -418,6 +433,10 @@ def _check_consistency(cfg: ServerConfig) -> None:
         nested = sorted(set(e.arms) & set(cfg.experiments))
         if nested:
             raise ConfigError(f"experiments.{e.name}: arms must not be experiments ({nested})")
+
+
+def _check_consistency(cfg: ServerConfig) -> None:
+    _check_virtual(cfg)
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("tls_cert / tls_key: give both or neither")
     if cfg.tls_client_ca and not cfg.tls_cert:

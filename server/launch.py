@@ -120,13 +120,14 @@ def _wait_for_signal(signals: Signals | None = None, app: Any = None) -> None:
 def _reload(app: Any) -> None:
     """SIGHUP: switch to newly published versions, as Admin.ReloadModels does."""
     try:
-        switched, refused = app.core.reload_models()
+        switched, refused, hybrids = app.core.reload_models()
     except Exception:  # a reload must never take the server down
         log.exception("SIGHUP: reload failed")
         return
     log.info(
         "SIGHUP: reloaded %s; refused %s",
-        ", ".join(f"{s.name}@{s.version}" for s in switched) or "nothing",
+        ", ".join([f"{s.name}@{s.version}" for s in switched] + [h.name for h in hybrids])
+        or "nothing",
         ", ".join(f"{s.name} ({s.error})" for s in refused) or "nothing",
     )
 

@@ -484,3 +484,51 @@ def test_a_trial_whose_training_diverges_is_recorded_failed_and_the_search_goes_
     done = [t for t in out.trials if t["state"] == "complete"]
     assert out.best_value == max(t["value"] for t in done)
     assert out.best_params == next(t["params"] for t in done if t["value"] == out.best_value)
+
+
+def test_a_reload_serves_the_hybrid_weights_tune_wrote_last(tiny, tmp_path, caplog):
+    # hybrids.json was read at start only: after `recserve tune --hybrid` on a
+    # running server, ReloadModels (or SIGHUP) kept serving the old weights. It
+    # now reads the file again: new and reweighted hybrids are listed among
+    # the reloaded, a removed one is gone, a broken file changes nothing.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from recserve.v1 import recommender_pb2 as pb
+
+    models = tmp_path / "models"
+    for name, params in (("als", {"factors": 16, "iterations": 5}), ("itemknn", {"k": 50})):
+        create(name, **params).fit(tiny).save(models, name, dataset=tiny)
+    learned = models / "hybrids.json"
+
+    def learn(**weights: dict[str, float]) -> None:
+        learned.write_text(json.dumps({n: {"weights": w} for n, w in weights.items()}))
+
+    def top(srv, model: str) -> list[str]:
+        items, md = srv.recommend(user_id="12", k=10, model=model)
+        assert "x-recserve-served-by" not in md
+        return [i.item_id for i in items][:5]  # the weight-0 part ties at 0 past the top
+
+    learn(mix={"als": 1.0, "itemknn": 0.0})
+    cfg = load_config(overrides={"models": str(models)})
+    with running(models, hybrids=cfg.hybrids) as srv:
+        als, knn = top(srv, "als"), top(srv, "itemknn")
+        assert als != knn and top(srv, "mix") == als
+        learn(mix={"als": 0.0, "itemknn": 1.0}, mix2={"als": 0.5, "itemknn": 0.5})
+        out = srv.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=30)
+        assert [(m.name, m.algorithm) for m in out.reloaded] == [
+            ("mix", "hybrid"),
+            ("mix2", "hybrid"),
+        ]
+        assert top(srv, "mix") == knn and len(top(srv, "mix2")) == 5
+        learned.write_text("{not json")
+        assert not srv.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=30).reloaded
+        assert "unreadable learned hybrids" in caplog.text and top(srv, "mix") == knn
+        learn(mix={"als": 0.0, "itemknn": 1.0})  # mix2 removed
+        assert not srv.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=30).reloaded
+        err = srv.error(srv.rec.Recommend, pb.RecommendRequest(user_id="12", model="mix2"))
+        assert err.code().name == "NOT_FOUND"
+        check = health_pb2_grpc.HealthStub(srv.channel).Check
+        status = check(health_pb2.HealthCheckRequest(service="model/mix2"), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        status = check(health_pb2.HealthCheckRequest(service="model/mix"), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING

@@ -68,6 +68,7 @@ class App:
         )
         self.router = Router(cfg, self.catalog, self.online)
         self.core = Core(cfg, self.catalog, self.router, self.online, self.store, self.metrics)
+        self.core.on_config = self._config_changed
         self.transport: Any = None  # grpc_aio.AioTransport or grpc_threads.ThreadsTransport
         self.port = 0
         self.metrics_port = 0
@@ -197,6 +198,14 @@ class App:
                 log.info("SERVING %.3fs after start", self.serving_after)
             for name in (OVERALL, *SERVICE_NAMES):
                 self._set_health(name, HEALTH_SERVING)
+
+    def _config_changed(self, gone: list[str]) -> None:
+        """A reload swapped in new hybrids (Core._relearn): health for the new ones,
+        NOT_SERVING for those it removed."""
+        self.cfg = self.core.cfg
+        for name in gone:
+            self._set_health(health_name(name), NOT_SERVING)
+        self._refresh_health()
 
     def _model_changed(self, slot: Slot) -> None:
         m = self.metrics

@@ -21,7 +21,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from recserve import contract
-from recserve.config import ServerConfig
+from recserve.config import (
+    LEARNED_HYBRIDS,
+    ConfigError,
+    Hybrid,
+    ServerConfig,
+    relearned_hybrids,
+)
 from recserve.data import MAX_VALUE
 from recserve.feedback import (
     Event,
@@ -287,6 +293,10 @@ class Core:
         # worker (SIGHUP): the call reaches one worker, and the others went on
         # serving the old versions.
         self.after_reload: Callable[[], None] | None = None
+        # Called with the names of hybrids a reload removed, after it swapped in a
+        # config with hybrids.json's current hybrids (the App refreshes health).
+        self.on_config: Callable[[list[str]], None] | None = None
+        self._reload_lock = threading.Lock()  # Admin and SIGHUP may reload at once
         self._shed_at = -SHED_HEAVY_S  # monotonic time of the last such refusal of a cheap call
         # (peer, method) -> most seconds left at admission, this window and the one before
         self._peak: dict[tuple[str, str], float] = {}
@@ -793,21 +803,54 @@ class Core:
             info={"model": request.name},
         )
 
-    def reload_models(self) -> tuple[list[Slot], list[Slot]]:
-        """Switch this process to newly published versions (ReloadModels, SIGHUP):
-        (switched, refused), refused ones counted."""
-        switched, refused = self.catalog.reload()
-        for slot in refused:
-            self.metrics.refused_versions.labels(slot.name).inc()
-        return switched, refused
+    def reload_models(self) -> tuple[list[Slot], list[Slot], list[Hybrid]]:
+        """Switch this process to newly published versions (ReloadModels, SIGHUP),
+        then to the hybrid weights `recserve tune --hybrid` last wrote: (switched,
+        refused, hybrids new or reweighted), refused versions counted."""
+        with self._reload_lock:
+            switched, refused = self.catalog.reload()
+            for slot in refused:
+                self.metrics.refused_versions.labels(slot.name).inc()
+            return switched, refused, self._relearn()
+
+    def _relearn(self) -> list[Hybrid]:
+        """Read the models folder's hybrids.json again; swap in the config that has
+        its hybrids when they changed. A file that cannot be read, or that clashes
+        with the config, is logged and the hybrids keep their weights."""
+        try:
+            cfg = relearned_hybrids(self.cfg)
+        except ConfigError as exc:
+            log.error("reload: %s; the hybrids keep their weights", exc)
+            return []
+        old = self.cfg.hybrids
+        changed = [h for n, h in cfg.hybrids.items() if n not in old or old[n] != h]
+        gone = [n for n in old if n not in cfg.hybrids]
+        if changed or gone:
+            self.cfg = self.router.cfg = cfg  # requests read the new hybrids from here on
+            log.info(
+                "reload: hybrids %s from %s%s",
+                ", ".join(f"{h.name} {h.weights}" for h in changed) or "none",
+                LEARNED_HYBRIDS,
+                f"; removed {', '.join(gone)}" if gone else "",
+            )
+            if self.on_config is not None:
+                self.on_config(gone)
+        return changed
 
     def reload(self, request: Any = None) -> pb.ReloadModelsResponse:
-        """ReloadModels: switch to newly published versions (blocking: sha256 of every file)."""
-        switched, refused = self.reload_models()
+        """ReloadModels: switch to newly published versions (blocking: sha256 of
+        every file) and hybrid weights; hybrids new or reweighted are listed
+        among the reloaded, as algorithm "hybrid"."""
+        switched, refused, hybrids = self.reload_models()
         if self.after_reload is not None:
             self.after_reload()
+        router = self.router
         return pb.ReloadModelsResponse(
-            reloaded=[convert.model_info(s) for s in switched],
+            reloaded=[convert.model_info(s) for s in switched]
+            + [
+                convert.virtual_info(h.name, "hybrid", h.weights, router.ready(h.name))
+                for h in hybrids
+            ],
             refused=[convert.model_info(s) for s in refused],
         )
 
