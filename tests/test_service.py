@@ -1538,3 +1538,21 @@ def test_a_loop_held_back_by_another_thread_is_not_a_queue(published):
         assert max(seen) > 0.02  # the probe did see the loop late
         assert core.metrics.rejected.labels("Recommend", "QUEUE")._value.get() == 0
         assert core.metrics.rejected.labels("Recommend", "ACCEPT_QUEUE")._value.get() == 0
+
+
+def test_a_server_over_an_empty_models_folder_says_so_and_serves_after_a_reload(small, tmp_path):
+    # "unknown model 'popularity' (available: )" told a first-time user nothing:
+    # the refusal names the folder and what to do; a reload then serves.
+    from recserve.models import create
+
+    root = tmp_path / "models"
+    root.mkdir()
+    with running(root, wait=False) as s:
+        err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3))
+        assert err.code() is grpc.StatusCode.NOT_FOUND
+        assert f"no model is published under {root} yet" in err.details()
+        create("popularity").fit(small).save(root, "popularity")
+        out = s.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=30)
+        assert [m.name for m in out.reloaded] == ["popularity"]
+        items, md = s.recommend(user_id="7", k=3)
+        assert len(items) == 3 and md["x-recserve-model"] == "popularity"

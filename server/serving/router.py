@@ -255,10 +255,17 @@ class Router:
             return name, arm, arm
         if name in self.cfg.hybrids or self.catalog.get(name) is not None:
             return name, name, ""
+        names = self.names()
+        available = (
+            f"available: {', '.join(names)}"
+            if names
+            else f"no model is published under {self.cfg.models} yet; publish one, then "
+            "ReloadModels or SIGHUP"
+        )
         raise RequestError(
             "NOT_FOUND",
             "model",
-            f"unknown model {name!r} (available: {', '.join(self.names())})",
+            f"unknown model {name!r} ({available})",
             "UNKNOWN_MODEL",
             info={"model": name},
         )
