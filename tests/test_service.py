@@ -1556,3 +1556,29 @@ def test_a_server_over_an_empty_models_folder_says_so_and_serves_after_a_reload(
         assert [m.name for m in out.reloaded] == ["popularity"]
         items, md = s.recommend(user_id="7", k=3)
         assert len(items) == 3 and md["x-recserve-model"] == "popularity"
+
+
+def test_anonymous_requests_split_over_an_experiments_arms(published):
+    # The arm was sha256(salt, user_id): every anonymous request (history only)
+    # hashed "" and went to one arm whatever the fractions. Its history's item
+    # ids are the key now: the same history keeps its arm, different ones split.
+    from recserve.serving.router import arm_key
+
+    root, _ = published
+    arms = {"als": 0.5, "itemknn": 0.5}
+    exp = {"homepage": Experiment("homepage", arms, "s1")}
+    rng = np.random.default_rng(7)
+    histories = [
+        [str(i) for i in rng.choice(np.arange(1, 200), 5, replace=False)] for _ in range(40)
+    ]
+    with running(root, experiments=exp) as s:
+        got = []
+        for items in histories:
+            history = [pb.Interaction(item_id=i) for i in items]
+            _, md = s.recommend(history=history, k=5, model="homepage")
+            q = RecQuery(user_id="", history=[(i, 1.0) for i in items], k=5)
+            assert md["x-recserve-arm"] == reference_arm("s1", arm_key(q), arms)
+            _, again = s.recommend(history=history, k=5, model="homepage")
+            assert again["x-recserve-arm"] == md["x-recserve-arm"]
+            got.append(md["x-recserve-arm"])
+        assert 8 <= got.count("als") <= 32, got  # 40 draws at 0.5: far from all-or-nothing

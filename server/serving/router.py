@@ -61,6 +61,16 @@ _NO_VAL = np.zeros(0, np.float32)
 _NO_IDX.flags.writeable = _NO_VAL.flags.writeable = False
 
 
+def arm_key(q: RecQuery) -> str:
+    """What an experiment hashes to pick a request's arm: the user id, or for an
+    anonymous request (no user_id, only a history) its history's item ids, in
+    order. With "" every anonymous request went to the same arm, whatever the
+    fractions; a repeated request still gets the same arm."""
+    if q.user_id:
+        return q.user_id
+    return "\x00history\x00" + "\x00".join(item for item, _ in q.history)
+
+
 def assign_arm(salt: str, key: str, arms: dict[str, float]) -> str:
     """Deterministic arm of `key`: sha256(salt, key) as a uniform number in [0, 1)."""
     h = hashlib.sha256(salt.encode() + b"\x00" + key.encode("utf-8", "surrogatepass")).digest()
@@ -348,7 +358,7 @@ class Router:
         plain = self._plain(q, t, stages, check)
         if plain is not None:
             return plain
-        asked, start, arm = self._target(q.model, q.user_id)
+        asked, start, arm = self._target(q.model, arm_key(q))
         stages["resolve"] += time.perf_counter() - t
         any_ready = False
         for name, entry in self._chain(start):
@@ -945,7 +955,7 @@ class Router:
         q = RecQuery(user_id=user_id, history=history, k=1, model=model)
         if user_id or history:
             self.validate(q)
-        asked, start, _ = self._target(model, user_id)
+        asked, start, _ = self._target(model, arm_key(q))
         if model and not self._predicts(start):
             raise invalid("model", f"{start!r} does not predict ratings", "NOT_A_RATING_MODEL")
         rating_models = [n for n in self.cfg.chain(start) if self._predicts(n)]
