@@ -213,11 +213,14 @@ def serve_workers(cfg: ServerConfig) -> None:
     stopping: list[bool] = []
     launcher = os.getpid()
 
-    def forward(_signum: int) -> None:
-        stopping.append(True)
+    def to_workers(sig: int) -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, sig)
+
+    def forward(_signum: int) -> None:
+        stopping.append(True)
+        to_workers(signal.SIGTERM)
 
     # Installed before the first fork: a SIGTERM at any moment from here on is
     # passed on to the workers. Installed after "listening on" (and the metrics
@@ -226,9 +229,7 @@ def serve_workers(cfg: ServerConfig) -> None:
     # blocking (a blocking waitpid would not wake for a signal another thread
     # received).
     def reload_all(_signum: int) -> None:  # SIGHUP, from an operator or a worker
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGHUP)
+        to_workers(signal.SIGHUP)
 
     signals = Signals(
         {
