@@ -300,15 +300,23 @@ def _weights(where: str, table: Any, what: str) -> dict[str, float]:
     return out
 
 
+def _chain(name: str, value: Any) -> tuple[str, ...]:
+    """A [fallbacks] entry: a list of model names, or one comma-separated string
+    (as `fallback` takes); a bare string is not taken letter by letter."""
+    where = f"fallbacks.{name}"
+    if isinstance(value, str):
+        value = [x.strip() for x in value.split(",") if x.strip()]
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{where}: expected a list of model names, got {value!r}")
+    return tuple(_model_name(where, x) for x in value)
+
+
 def _tables(doc: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     fb = doc.get("fallbacks", {})
     if not isinstance(fb, Mapping):
         raise ConfigError("fallbacks: expected a table of model = [models]")
-    out["fallbacks"] = {
-        _model_name("fallbacks", k): tuple(_model_name(f"fallbacks.{k}", x) for x in v)
-        for k, v in fb.items()
-    }
+    out["fallbacks"] = {_model_name("fallbacks", k): _chain(k, v) for k, v in fb.items()}
     hy = doc.get("hybrids", {})
     if not isinstance(hy, Mapping):
         raise ConfigError("hybrids: expected [hybrids.<name>] tables")
@@ -324,8 +332,11 @@ def _tables(doc: Mapping[str, Any]) -> dict[str, Any]:
         _model_name("experiments", k)
         if not isinstance(v, Mapping) or set(v) - {"arms", "salt"}:
             raise ConfigError(f"experiments.{k}: expected keys arms and (optional) salt")
+        salt = v.get("salt", k)
+        if isinstance(salt, bool) or not isinstance(salt, str | int):
+            raise ConfigError(f"experiments.{k}.salt: expected a string, got {salt!r}")
         exps[k] = Experiment(
-            k, _weights(f"experiments.{k}.arms", v.get("arms"), "fraction"), str(v.get("salt", k))
+            k, _weights(f"experiments.{k}.arms", v.get("arms"), "fraction"), str(salt)
         )
     out["experiments"] = exps
     return out

@@ -68,6 +68,9 @@ def test_defaults_without_a_file():
         ("[hybrids.h]\n'bad/name' = 1\n", {}, "is not a valid model name"),
         ("[experiments.e]\narms = 3\n", {}, "experiments.e.arms: expected a table"),
         ("[experiments.e]\nsplit = 3\n", {}, "experiments.e: expected keys"),
+        ("[experiments.e]\narms = {a = 1}\nsalt = {x = 1}\n", {}, "experiments.e.salt: expected"),
+        ("[fallbacks]\nals = 3\n", {}, "fallbacks.als: expected a list of model names"),
+        ("[fallbacks]\nals = ['ok', 'bad/name']\n", {}, "fallbacks.als: 'bad/name' is not"),
         ("[hybrids.h]\ne = 1\n[experiments.e]\narms = {a = 1}\n", {}, "components must be"),
         ("port = [\n", {}, "unreadable TOML"),
         ("", {"RECSERVE_PORT": "http"}, "port: cannot use 'http'"),
@@ -80,6 +83,16 @@ def test_errors_name_the_key(tmp_path, text, env, needle):
     with pytest.raises(ConfigError) as info:
         load_config(path, env=env)
     assert needle in str(info.value)
+
+
+def test_a_fallback_chain_may_be_one_string_never_its_letters(tmp_path):
+    # `als = "itemknn"` was taken as the chain i, t, e, m, k, n, n: every letter a
+    # model name, so nothing was refused and the fallback never reached itemknn.
+    path = tmp_path / "c.toml"
+    path.write_text('[fallbacks]\nals = "itemknn"\nbpr = "svd, popularity"\n')
+    cfg = load_config(path, env={})
+    assert cfg.fallbacks == {"als": ("itemknn",), "bpr": ("svd", "popularity")}
+    assert cfg.chain("als") == ["als", "itemknn", "popularity"]
 
 
 def test_max_pending_calls_sets_grpc_cores_pending_call_limits():
