@@ -42,6 +42,9 @@ config stops the server at start-up instead of at the first request: an
 unknown key in the file, an unknown `RECSERVE_*` variable (but RECSERVE_DEBUG
 and RECSERVE_TEST_*, which are not settings), a malformed value of any type
 (booleans take true/false, 1/0, yes/no, on/off), and a URL where a path goes.
+
+A reload (Admin.ReloadModels, SIGHUP) reads the same sources again (`reread`)
+and applies the settings in LIVE; the others need a restart.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class Hybrid:
     name: str
     weights: dict[str, float]
     # Read from the models folder's hybrids.json (`recserve tune --hybrid`), not
-    # from the config: a reload reads that file again (relearned_hybrids).
+    # from the config: a reload reads that file again (reread, relearned_hybrids).
     learned: bool = field(default=False, compare=False)
 
 
@@ -133,6 +136,12 @@ class ServerConfig:
     fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     hybrids: dict[str, Hybrid] = field(default_factory=dict)
     experiments: dict[str, Experiment] = field(default_factory=dict)
+    # What load_config read this from: (file or "", RECSERVE_* variables, flags), so
+    # that a reload reads the same sources again (reread); None for a config built
+    # in code, whose reload reads only the models folder's hybrids.json.
+    origin: tuple[str, tuple[tuple[str, str], ...], tuple[tuple[str, Any], ...]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def feedback_target(self) -> str:
         """Where feedback goes: a SQLite file's path, a redis:// URL, or "" (memory)."""
@@ -148,7 +157,23 @@ class ServerConfig:
 
 
 _TABLES = ("fallbacks", "hybrids", "experiments")
-_SCALARS = frozenset(f.name for f in fields(ServerConfig)) - set(_TABLES)
+_SCALARS = frozenset(f.name for f in fields(ServerConfig)) - set(_TABLES) - {"origin"}
+# What a reload applies (reread): how requests are routed and bounded, read per
+# request. The rest (ports, workers, TLS, admission, feedback, the models folder)
+# is bound to sockets, threads or files at start and needs a restart.
+LIVE = frozenset(
+    {
+        "default_model",
+        "fallback",
+        "fallbacks",
+        "hybrids",
+        "experiments",
+        "max_k",
+        "max_history",
+        "max_ids",
+        "unknown_item_tolerance",
+    }
+)
 _CHECKS: dict[str, tuple[float, float]] = {
     "port": (0, 65535),
     "metrics_port": (0, 65535),
@@ -369,19 +394,23 @@ def load_config(
             except ConfigError as exc:
                 raise ConfigError(f"{path}: [server] {exc}") from None
     env = os.environ if env is None else env
-    for name, value in env.items():
-        if not name.startswith("RECSERVE_") or name in _NOT_SETTINGS:
-            continue
-        if name.startswith(_NOT_SETTINGS_PREFIX):
-            continue
+    settings = {
+        name: value
+        for name, value in env.items()
+        if name.startswith("RECSERVE_")
+        and name not in _NOT_SETTINGS
+        and not name.startswith(_NOT_SETTINGS_PREFIX)
+    }
+    for name, value in settings.items():
         try:
             values[name[9:].lower()] = _coerce(name[9:].lower(), value)
         except ConfigError as exc:
             raise ConfigError(f"{name}: {exc}") from None
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            values[key] = _coerce(key, value)
-    cfg = replace(ServerConfig(), **values, **_tables(doc))
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in flags.items():
+        values[key] = _coerce(key, value)
+    origin = (str(path or ""), tuple(sorted(settings.items())), tuple(flags.items()))
+    cfg = replace(ServerConfig(), **values, **_tables(doc), origin=origin)
     cfg = with_learned_hybrids(cfg)
     _check_consistency(cfg)
     return cfg
@@ -428,6 +457,26 @@ def relearned_hybrids(cfg: ServerConfig) -> ServerConfig:
     out = with_learned_hybrids(replace(cfg, hybrids=own))
     _check_virtual(out)
     return out
+
+
+def reread(cfg: ServerConfig) -> tuple[ServerConfig, list[str]]:
+    """A reload's config: the sources `cfg` was loaded from read again (the file as
+    it is now; the same variables and flags), and the models folder's hybrids.json.
+    Returns (cfg with the LIVE settings replaced, the other settings whose value
+    changed: they need a restart). ConfigError for a file that no longer loads;
+    the caller keeps `cfg` then. A config built in code re-reads hybrids.json only."""
+    if cfg.origin is None:
+        return relearned_hybrids(cfg), []
+    path, env, flags = cfg.origin
+    new = load_config(path or None, env=dict(env), overrides=dict(flags))
+    pending = [
+        f.name
+        for f in fields(ServerConfig)
+        if f.compare and f.name not in LIVE and getattr(new, f.name) != getattr(cfg, f.name)
+    ]
+    if new.models != cfg.models:  # served from the old folder until a restart
+        new = relearned_hybrids(replace(new, models=cfg.models))
+    return replace(cfg, **{key: getattr(new, key) for key in LIVE}), pending
 
 
 def _check_virtual(cfg: ServerConfig) -> None:

@@ -118,15 +118,16 @@ def _wait_for_signal(signals: Signals | None = None, app: Any = None) -> None:
 
 
 def _reload(app: Any) -> None:
-    """SIGHUP: switch to newly published versions, as Admin.ReloadModels does."""
+    """SIGHUP: switch to newly published versions and read the config again, as
+    Admin.ReloadModels does."""
     try:
-        switched, refused, hybrids = app.core.reload_models()
+        switched, refused, virtual = app.core.reload_models()
     except Exception:  # a reload must never take the server down
         log.exception("SIGHUP: reload failed")
         return
     log.info(
         "SIGHUP: reloaded %s; refused %s",
-        ", ".join([f"{s.name}@{s.version}" for s in switched] + [h.name for h in hybrids])
+        ", ".join([f"{s.name}@{s.version}" for s in switched] + [v.name for v in virtual])
         or "nothing",
         ", ".join(f"{s.name} ({s.error})" for s in refused) or "nothing",
     )

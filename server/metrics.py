@@ -269,6 +269,13 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.config_reload_ok = Gauge(
+            "recserve_config_last_reload_successful",
+            "1 if the last reload read the config file (and hybrids.json) cleanly; 0 if it "
+            "could not, and the config loaded before is still in use",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.inflight = Gauge(
             "recserve_inflight_requests",
             "Recommender RPCs at work, as max_concurrency counts them",

@@ -14,7 +14,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry
 
-from recserve.config import ServerConfig
+from recserve.config import ServerConfig, load_config
 from recserve.models import Recommender, create
 from recserve.service import App
 from recserve.serving import default_loader
@@ -131,8 +131,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(models: Path, loader=default_loader, wait: bool = True, **settings) -> Iterator[Server]:
-    """An App on 127.0.0.1:<free port>, drained at exit."""
+def running(
+    models: Path,
+    loader=default_loader,
+    wait: bool = True,
+    config: Path | None = None,
+    **settings,
+) -> Iterator[Server]:
+    """An App on 127.0.0.1:<free port>, drained at exit. With `config`, the
+    settings come from that TOML file, as `recserve serve --config` reads it,
+    the others given here as flags."""
     settings.setdefault("metrics_port", 0)
     # In memory unless a test asks: the default (a SQLite file in var/ under the
     # working directory) would be shared by every test server.
@@ -140,7 +148,11 @@ def running(models: Path, loader=default_loader, wait: bool = True, **settings) 
         settings.setdefault("feedback", "memory:")
     # RECSERVE_TEST_SERVER=asyncio runs the same tests on the grpc.aio server.
     settings.setdefault("server", os.environ.get("RECSERVE_TEST_SERVER", "threads"))
-    cfg = ServerConfig(models=str(models), host="127.0.0.1", port=0, **settings)
+    if config is not None:
+        flags = {"models": str(models), "host": "127.0.0.1", "port": 0, **settings}
+        cfg = load_config(config, env={}, overrides=flags)
+    else:
+        cfg = ServerConfig(models=str(models), host="127.0.0.1", port=0, **settings)
     app = App(cfg, loader=loader, registry=CollectorRegistry())
     app.start()
     if wait:

@@ -244,3 +244,44 @@ def test_where_feedback_goes(env, path):
 def test_feedback_settings_are_checked(env, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(None, env=env)
+
+
+def test_a_reread_applies_routing_and_names_what_needs_a_restart(tmp_path, monkeypatch):
+    """reread (a reload): the same file, variables and flags read again. Routing
+    and request limits are applied; anything bound at start is named, and stays."""
+    from recserve.config import LIVE, reread
+
+    folder, other = tmp_path / "models", tmp_path / "other"
+    folder.mkdir()
+    other.mkdir()
+    (folder / "hybrids.json").write_text('{"learned": {"weights": {"als": 1}}}')
+    (other / "hybrids.json").write_text('{"elsewhere": {"weights": {"als": 1}}}')
+    path = tmp_path / "c.toml"
+    path.write_text(f'[server]\nmodels = "{folder}"\nmax_k = 50\nport = 6000\n')
+    cfg = load_config(path, env={"RECSERVE_MAX_IDS": "77"}, overrides={"port": 7000})
+    assert reread(cfg) == (cfg, [])
+    monkeypatch.setenv("RECSERVE_MAX_IDS", "5")  # the variables read at start are kept
+    path.write_text(
+        f'[server]\nmodels = "{other}"\nmax_k = 60\nport = 6001\nworkers = 3\n'
+        '[fallbacks]\nals = ["popularity"]\n'
+    )
+    new, pending = reread(cfg)
+    assert pending == ["models", "workers"]  # the port is the flag's, as at start
+    assert (new.max_k, new.max_ids, new.port, new.workers) == (60, 77, 7000, 1)
+    assert new.models == str(folder) and list(new.hybrids) == ["learned"]  # the served folder's
+    assert new.fallbacks == {"als": ("popularity",)} and new.origin == cfg.origin
+    path.write_text("[server]\nmax_k = 0\n")
+    with pytest.raises(ConfigError, match="max_k: must be in"):
+        reread(cfg)
+    assert {"default_model", "hybrids", "experiments", "max_k"} <= LIVE
+    assert not {"port", "workers", "admin_token", "max_concurrency", "models"} & LIVE
+
+
+def test_a_config_built_in_code_rereads_only_the_learned_hybrids(tmp_path):
+    from recserve.config import Hybrid, ServerConfig, reread
+
+    mine = {"mine": Hybrid("mine", {"als": 1.0})}
+    cfg = ServerConfig(models=str(tmp_path), max_k=5, hybrids=mine)
+    (tmp_path / "hybrids.json").write_text('{"learned": {"weights": {"als": 1}}}')
+    new, pending = reread(cfg)
+    assert pending == [] and new.max_k == 5 and sorted(new.hybrids) == ["learned", "mine"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from recserve.clients.client import RecommenderClient
+from recserve.clients.client import RecommenderClient, RecserveError
 from recserve.clients.health import check
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
@@ -319,6 +319,38 @@ print("stopped", flush=True)
             p.wait()
             p.stdout.close()
     assert lost == 0
+
+
+def test_sighup_reads_the_config_file_again(small, tmp_path):
+    # `serve --config FILE`: SIGHUP reads FILE again with the flags given at
+    # start (--port 0 stays), so max_k and a new experiment apply at once.
+    from recserve.models import create
+
+    root = tmp_path / "models"
+    create("popularity").fit(small).save(root, "popularity")
+    config = tmp_path / "recserve.toml"
+    config.write_text("[server]\nmax_k = 5\nport = 1\n")
+    p = Proc("--config", str(config), "--models", str(root), "--port", "0", "--metrics-port", "0")
+    try:
+        target = p.target()
+        wait_serving(target, "model/popularity")
+        with RecommenderClient(target) as rc, pytest.raises(RecserveError) as info:
+            rc.recommend("7", 8)
+        assert info.value.code == "INVALID_ARGUMENT" and info.value.reason == "K_OUT_OF_RANGE"
+        config.write_text(
+            "[server]\nmax_k = 10\nport = 1\n[experiments.ab]\narms = {popularity = 1}\n"
+        )
+        p.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while not any("SIGHUP: reloaded ab; refused nothing" in x for x in p.lines):
+            assert time.monotonic() < deadline, "".join(p.lines)
+            time.sleep(0.1)
+        with RecommenderClient(target) as rc:
+            assert len(rc.recommend("7", 8).items) == 8
+            assert rc.recommend("7", 3, model="ab").arm == "popularity"
+        assert not any("restart to apply" in x for x in p.lines)
+    finally:
+        assert p.stop() == 0
 
 
 def test_sighup_reloads_newly_published_versions(small, tmp_path):

@@ -515,6 +515,68 @@ def test_experiment_assigns_arms_deterministically(published):
         )
 
 
+def test_a_reload_reads_the_config_file_again(published, tmp_path, caplog):
+    """ReloadModels (and SIGHUP) read the config file again, as nginx and
+    Prometheus do: routing and request limits change at once, settings bound at
+    start are named as needing a restart, and a file that no longer loads
+    changes nothing (logged, and the reload metric goes to 0)."""
+    root, _ = published
+    path = tmp_path / "recserve.toml"
+    path.write_text(
+        '[server]\ndefault_model = "als"\nmax_k = 50\n'
+        "[hybrids.mix]\nals = 1.0\nitemknn = 0.5\n"
+        "[experiments.ab]\narms = { als = 1.0 }\n"
+    )
+    reload = pb.ReloadModelsRequest()
+
+    def served(**request) -> str:
+        return srv.recommend(user_id="7", k=5, **request)[1]["x-recserve-model"]
+
+    def arm() -> str:
+        return srv.recommend(user_id="7", k=5, model="ab")[1]["x-recserve-arm"]
+
+    def reload_ok() -> float | None:
+        return srv.app.metrics.registry.get_sample_value("recserve_config_last_reload_successful")
+
+    with caplog.at_level("INFO", logger="recserve.service"), running(root, config=path) as srv:
+        assert served() == "als" and arm() == "als" and reload_ok() == 1
+        assert srv.error(srv.rec.Recommend, pb.RecommendRequest(user_id="7", k=60)).code() == (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
+        path.write_text(
+            '[server]\ndefault_model = "itemknn"\nmax_k = 100\nport = 1\nmax_concurrency = 3\n'
+            "workers = 2\n"
+            "[hybrids.mix2]\nals = 0.5\nitemknn = 0.5\n"
+            "[experiments.ab]\narms = { itemknn = 1.0 }\n"
+        )
+        out = srv.admin.ReloadModels(reload, timeout=30)
+        assert sorted((m.name, m.algorithm) for m in out.reloaded) == [
+            ("ab", "experiment"),
+            ("mix2", "hybrid"),
+        ]
+        assert served() == "itemknn" and arm() == "itemknn"
+        assert served(model="mix2") == "mix2"
+        assert len(srv.recommend(user_id="7", k=60)[0]) == 60
+        err = srv.error(srv.rec.Recommend, pb.RecommendRequest(user_id="7", model="mix"))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert health(srv.channel, "model/mix") == NOT_SERVING
+        assert health(srv.channel, "model/mix2") == SERVING
+        # The port is a flag here, and flags still win over the file.
+        assert "max_concurrency, workers changed; restart to apply" in caplog.text
+        assert srv.app.core.cfg.max_concurrency == 64 and srv.app.core.cfg.workers == 1
+        assert reload_ok() == 1
+        path.write_text('[server]\ndefault_model = "als"\nmax_k = [\n')  # a half-written file
+        assert not srv.admin.ReloadModels(reload, timeout=30).reloaded
+        assert "unreadable TOML" in caplog.text and reload_ok() == 0
+        assert served() == "itemknn" and served(model="mix2") == "mix2"
+        path.write_text('[server]\ndefault_model = "als"\n[fallbacks]\nals = "popularty"\n')
+        out = srv.admin.ReloadModels(reload, timeout=30)
+        assert [m.name for m in out.reloaded] == [] and reload_ok() == 1
+        assert served() == "als" and "fallbacks.als: 'popularty' is no model" in caplog.text
+        err = srv.error(srv.rec.Recommend, pb.RecommendRequest(user_id="7", model="ab"))
+        assert err.code() == grpc.StatusCode.NOT_FOUND  # removed with the file's table
+
+
 def test_names_the_config_uses_but_nothing_serves_are_warned_at_start(published, caplog):
     """A typo in an experiment's arm, a hybrid's component or a fallback chain is
     named at start (its requests would quietly go down the fallback chain)."""

@@ -138,16 +138,7 @@ class App:
         threading.Thread(target=self._sample_forever, name="memory", daemon=True).start()
         if self.store.shared:
             threading.Thread(target=self._follow, name="feedback", daemon=True).start()
-        for where, name in self.router.unknown_names():
-            log.warning(
-                "%s: %r is no model, hybrid or experiment under %s; %s",
-                where,
-                name,
-                self.cfg.models,
-                "requests naming no model are NOT_FOUND until it is published"
-                if where == "default_model"
-                else "requests that reach it go on down its fallback chain",
-            )
+        self._warn_unknown()
         log.info(
             "listening on %s:%d (%d models loading)",
             self.cfg.host,
@@ -199,13 +190,28 @@ class App:
             for name in (OVERALL, *SERVICE_NAMES):
                 self._set_health(name, HEALTH_SERVING)
 
+    def _warn_unknown(self) -> None:
+        """Log every name the config uses that names nothing here (a typo, or a
+        model not published yet), at start and after a reload changed the config."""
+        for where, name in self.router.unknown_names():
+            log.warning(
+                "%s: %r is no model, hybrid or experiment under %s; %s",
+                where,
+                name,
+                self.cfg.models,
+                "requests naming no model are NOT_FOUND until it is published"
+                if where == "default_model"
+                else "requests that reach it go on down its fallback chain",
+            )
+
     def _config_changed(self, gone: list[str]) -> None:
-        """A reload swapped in new hybrids (Core._relearn): health for the new ones,
-        NOT_SERVING for those it removed."""
+        """A reload swapped in a new config (Core._reconfigure): health for new
+        hybrids and experiments, NOT_SERVING for those it removed."""
         self.cfg = self.core.cfg
         for name in gone:
             self._set_health(health_name(name), NOT_SERVING)
         self._refresh_health()
+        self._warn_unknown()
 
     def _model_changed(self, slot: Slot) -> None:
         m = self.metrics

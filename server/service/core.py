@@ -21,13 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from recserve import contract
-from recserve.config import (
-    LEARNED_HYBRIDS,
-    ConfigError,
-    Hybrid,
-    ServerConfig,
-    relearned_hybrids,
-)
+from recserve.config import LIVE, ConfigError, Experiment, Hybrid, ServerConfig, reread
 from recserve.data import MAX_VALUE
 from recserve.feedback import (
     Event,
@@ -293,9 +287,10 @@ class Core:
         # worker (SIGHUP): the call reaches one worker, and the others went on
         # serving the old versions.
         self.after_reload: Callable[[], None] | None = None
-        # Called with the names of hybrids a reload removed, after it swapped in a
-        # config with hybrids.json's current hybrids (the App refreshes health).
+        # Called with the names of hybrids and experiments a reload removed, after
+        # it swapped in the config read again (the App refreshes health).
         self.on_config: Callable[[list[str]], None] | None = None
+        self.metrics.config_reload_ok.set(1)  # the config this process started with
         self._reload_lock = threading.Lock()  # Admin and SIGHUP may reload at once
         self._shed_at = -SHED_HEAVY_S  # monotonic time of the last such refusal of a cheap call
         # (peer, method) -> most seconds left at admission, this window and the one before
@@ -745,16 +740,9 @@ class Core:
             raise Failure(Code[code], message, "authorization", reason)
 
     def _infos(self) -> list[pb.ModelInfo]:
-        router, cfg = self.router, self.cfg
+        cfg = self.cfg
         out = [convert.model_info(s) for s in self.catalog.slots()]
-        out += [
-            convert.virtual_info(h.name, "hybrid", h.weights, router.ready(h.name))
-            for h in cfg.hybrids.values()
-        ]
-        out += [
-            convert.virtual_info(e.name, "experiment", e.arms, router.ready(e.name))
-            for e in cfg.experiments.values()
-        ]
+        out += [self._virtual_info(v) for v in (*cfg.hybrids.values(), *cfg.experiments.values())]
         return sorted(out, key=lambda i: i.name)
 
     def list_models(self, request: pb.ListModelsRequest | None = None) -> pb.ListModelsResponse:
@@ -803,56 +791,81 @@ class Core:
             info={"model": request.name},
         )
 
-    def reload_models(self) -> tuple[list[Slot], list[Slot], list[Hybrid]]:
+    def reload_models(self) -> tuple[list[Slot], list[Slot], list[Hybrid | Experiment]]:
         """Switch this process to newly published versions (ReloadModels, SIGHUP),
-        then to the hybrid weights `recserve tune --hybrid` last wrote: (switched,
-        refused, hybrids new or reweighted), refused versions counted."""
+        then to the config file and hybrids.json as they are now: (switched,
+        refused, hybrids and experiments new or changed), refused versions counted."""
         with self._reload_lock:
             switched, refused = self.catalog.reload()
             for slot in refused:
                 self.metrics.refused_versions.labels(slot.name).inc()
-            return switched, refused, self._relearn()
+            return switched, refused, self._reconfigure()
 
-    def _relearn(self) -> list[Hybrid]:
-        """Read the models folder's hybrids.json again; swap in the config that has
-        its hybrids when they changed. A file that cannot be read, or that clashes
-        with the config, is logged and the hybrids keep their weights."""
+    def _reconfigure(self) -> list[Hybrid | Experiment]:
+        """Read the config's sources again (config.reread) and swap in what changed
+        among the settings a reload applies; log the others, which need a restart.
+        A file that no longer loads is logged and changes nothing (as Prometheus
+        and nginx do): the metric recserve_config_last_reload_successful says so."""
         try:
-            cfg = relearned_hybrids(self.cfg)
+            cfg, pending = reread(self.cfg)
         except ConfigError as exc:
-            log.error("reload: %s; the hybrids keep their weights", exc)
+            self.metrics.config_reload_ok.set(0)
+            log.error("reload: %s; still serving the configuration loaded before", exc)
             return []
-        old = self.cfg.hybrids
-        changed = [h for n, h in cfg.hybrids.items() if n not in old or old[n] != h]
-        gone = [n for n in old if n not in cfg.hybrids]
-        if changed or gone:
-            self.cfg = self.router.cfg = cfg  # requests read the new hybrids from here on
-            log.info(
-                "reload: hybrids %s from %s%s",
-                ", ".join(f"{h.name} {h.weights}" for h in changed) or "none",
-                LEARNED_HYBRIDS,
-                f"; removed {', '.join(gone)}" if gone else "",
-            )
-            if self.on_config is not None:
-                self.on_config(gone)
+        self.metrics.config_reload_ok.set(1)
+        if pending:
+            log.warning("reload: %s changed; restart to apply", ", ".join(pending))
+        old = self.cfg
+        if cfg == old:
+            return []
+        changed: list[Hybrid | Experiment] = [
+            v
+            for new, before in ((cfg.hybrids, old.hybrids), (cfg.experiments, old.experiments))
+            for n, v in new.items()
+            if before.get(n) != v
+        ]
+        gone = [
+            n
+            for n in (*old.hybrids, *old.experiments)
+            if n not in cfg.hybrids and n not in cfg.experiments
+        ]
+        settings = [
+            k
+            for k in sorted(LIVE - {"hybrids", "experiments"})
+            if getattr(cfg, k) != getattr(old, k)
+        ]
+        self.cfg = self.router.cfg = cfg  # requests read the new routing from here on
+        log.info(
+            "reload: %s",
+            "; ".join(
+                [f"hybrid {v.name} {v.weights}" for v in changed if isinstance(v, Hybrid)]
+                + [f"experiment {v.name} {v.arms}" for v in changed if isinstance(v, Experiment)]
+                + ([f"removed {', '.join(gone)}"] if gone else [])
+                + [f"{k} = {getattr(cfg, k)!r}" for k in settings]
+            ),
+        )
+        if self.on_config is not None:
+            self.on_config(gone)
         return changed
 
     def reload(self, request: Any = None) -> pb.ReloadModelsResponse:
         """ReloadModels: switch to newly published versions (blocking: sha256 of
-        every file) and hybrid weights; hybrids new or reweighted are listed
-        among the reloaded, as algorithm "hybrid"."""
-        switched, refused, hybrids = self.reload_models()
+        every file) and to the config as it is now; hybrids and experiments new
+        or changed are listed among the reloaded, as algorithm "hybrid" or
+        "experiment"."""
+        switched, refused, virtual = self.reload_models()
         if self.after_reload is not None:
             self.after_reload()
-        router = self.router
         return pb.ReloadModelsResponse(
             reloaded=[convert.model_info(s) for s in switched]
-            + [
-                convert.virtual_info(h.name, "hybrid", h.weights, router.ready(h.name))
-                for h in hybrids
-            ],
+            + [self._virtual_info(v) for v in virtual],
             refused=[convert.model_info(s) for s in refused],
         )
+
+    def _virtual_info(self, v: Hybrid | Experiment) -> pb.ModelInfo:
+        if isinstance(v, Hybrid):
+            return convert.virtual_info(v.name, "hybrid", v.weights, self.router.ready(v.name))
+        return convert.virtual_info(v.name, "experiment", v.arms, self.router.ready(v.name))
 
 
 class Recorder:
