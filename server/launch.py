@@ -101,15 +101,44 @@ class Signals:
             self._r.recv(4096)
 
 
-def _wait_for_signal(signals: Signals | None = None, app: Any = None) -> None:
+class Terminal:
+    """The controlling terminal this process started on, if any. SIGHUP means
+    two things: an operator's reload (`kill -HUP`), and the terminal's hangup
+    (its window closed, its ssh session dropped), which stops a program run in
+    the foreground. The second leaves the terminal hung up, which a descriptor
+    opened on it at start shows (poll reports POLLHUP); without a terminal (a
+    service, a container) every SIGHUP is a reload."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError:
+            self._fd = -1
+
+    def hung_up(self) -> bool:
+        """Whether the terminal this process started on has hung up since."""
+        if self._fd < 0:
+            return False
+        poll = select.poll()
+        poll.register(self._fd, 0)  # POLLHUP, POLLERR and POLLNVAL are always reported
+        return bool(poll.poll(0))
+
+
+def _wait_for_signal(
+    signals: Signals | None = None, app: Any = None, terminal: Terminal | None = None
+) -> None:
     """Block the main thread until SIGTERM or SIGINT (noted by `signals`, or by
-    handlers installed now); each SIGHUP meanwhile reloads `app`'s models."""
+    handlers installed now), or a SIGHUP from `terminal` hanging up; each other
+    SIGHUP meanwhile reloads `app`."""
     signals = signals or Signals({signal.SIGTERM: None, signal.SIGINT: None})
     reloads = 0  # SIGHUPs handled: a count, as the handler only ever appends
     while True:
         if any(s != signal.SIGHUP for s in signals.got):
             return
         hups = signals.got.count(signal.SIGHUP)
+        if hups > reloads and terminal is not None and terminal.hung_up():
+            log.info("SIGHUP: the terminal closed")
+            return
         if hups > reloads and app is not None:
             reloads = hups
             _reload(app)
@@ -151,10 +180,11 @@ def serve(cfg: ServerConfig) -> None:
     # restart, a test's stop) must drain, and with the handlers installed only
     # after start it killed the process outright (-15) when it came first.
     signals = Signals({signal.SIGTERM: None, signal.SIGINT: None, signal.SIGHUP: None})
+    terminal = Terminal()
     app = App(cfg, settle_heap=True)
     port = app.start()
     _announce(cfg, port)
-    _wait_for_signal(signals, app)
+    _wait_for_signal(signals, app, terminal)
     log.info("signal received: draining (grace %.1fs)", cfg.grace_seconds)
     _drain(app, cfg)
 
@@ -173,7 +203,9 @@ def _reserve_port(cfg: ServerConfig) -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
-def _worker(cfg: ServerConfig, index: int, signals: Signals, launcher: int) -> int:
+def _worker(
+    cfg: ServerConfig, index: int, signals: Signals, launcher: int, terminal: Terminal
+) -> int:
     """Body of one forked worker process; returns its exit code. `signals`: its
     own, installed the moment it was forked (a SIGTERM while it starts drains it
     once started; a SIGHUP reloads once started)."""
@@ -197,7 +229,7 @@ def _worker(cfg: ServerConfig, index: int, signals: Signals, launcher: int) -> i
     app.core.after_reload = reload_siblings
     app.start()
     log.info("worker %d (pid %d) serving, %d BLAS/OpenMP thread(s)", index, os.getpid(), share)
-    _wait_for_signal(signals, app)
+    _wait_for_signal(signals, app, terminal)
     _drain(app, cfg)
     return 0
 
@@ -229,8 +261,14 @@ def serve_workers(cfg: ServerConfig) -> None:
     # workers running. SIGCHLD only wakes the loop below, which reaps without
     # blocking (a blocking waitpid would not wake for a signal another thread
     # received).
-    def reload_all(_signum: int) -> None:  # SIGHUP, from an operator or a worker
-        to_workers(signal.SIGHUP)
+    terminal = Terminal()
+
+    def reload_all(_signum: int) -> None:  # SIGHUP: an operator, a worker, or a hangup
+        if terminal.hung_up():
+            log.info("SIGHUP: the terminal closed")
+            forward(signal.SIGTERM)
+        else:
+            to_workers(signal.SIGHUP)
 
     signals = Signals(
         {
@@ -257,7 +295,7 @@ def serve_workers(cfg: ServerConfig) -> None:
                 own = Signals({signal.SIGTERM: None, signal.SIGINT: None, signal.SIGHUP: None})
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
                 holder.close()
-                code = _worker(worker_cfg, i, own, launcher)
+                code = _worker(worker_cfg, i, own, launcher, terminal)
             except BaseException:
                 log.exception("worker %d failed", i)
             finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -351,6 +352,58 @@ def test_sighup_reads_the_config_file_again(small, tmp_path):
         assert not any("restart to apply" in x for x in p.lines)
     finally:
         assert p.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_closing_its_terminal_stops_the_server_and_kill_hup_reloads_it(small, tmp_path, workers):
+    # A server run in a terminal (`make serve`) gets SIGHUP when the terminal
+    # closes. With SIGHUP meaning reload, it went on running without one,
+    # holding its ports, so the next `make serve` could not bind. A SIGHUP while
+    # the terminal is open is still a reload.
+    import pty
+
+    from recserve.models import create
+
+    root = tmp_path / "models"
+    create("popularity").fit(small).save(root, "popularity")
+    args = ["--host", "127.0.0.1", "--models", str(root), "--port", "0", "--metrics-port", "0"]
+    args += ["--workers", str(workers), "--state-dir", str(tmp_path / "var")]
+    pid, fd = pty.fork()  # the child's controlling terminal is this pty
+    if pid == 0:
+        try:
+            os.execv(sys.executable, [sys.executable, "-m", "recserve", "serve", *args])
+        finally:
+            os._exit(127)
+    out = b""
+
+    def read_until(text: bytes) -> None:
+        nonlocal out
+        deadline = time.monotonic() + 30
+        while text not in out:
+            assert time.monotonic() < deadline, out.decode(errors="replace")
+            if select.select([fd], [], [], 0.5)[0]:
+                out += os.read(fd, 65536)
+
+    try:
+        read_until(b"listening on")
+        if workers > 1:
+            read_until(b"worker 1 (pid")
+        os.kill(pid, signal.SIGHUP)
+        read_until(b"SIGHUP: reloaded ")
+        os.close(fd)  # the terminal closes: the kernel hangs it up and sends SIGHUP
+        fd = -1
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            assert time.monotonic() < deadline, "still serving after its terminal closed"
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        pid = 0
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def test_sighup_reloads_newly_published_versions(small, tmp_path):
