@@ -499,20 +499,28 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     for r in results.values():
         r["test"] = args.test
     _write_json(args.out, results)
+    fitted = [r for r in results.values() if "error" not in r]
+    failed = [label for label, r in results.items() if "error" in r]
+    if not fitted:
+        raise ValueError("compare: no entry could be fitted (each error is logged above)")
     width = max(len(label) for label in results) + 2
     cols = [f"{m}@{k}" for k in args.k for m in ("recall", "ndcg")]
-    first = next(iter(results.values()))
-    print(
-        f"{ds.name}, {_protocol(args)}, one split for all ({int(first['metrics']['users'])} users)"
-    )
+    users = int(fitted[0]["metrics"]["users"])
+    print(f"{ds.name}, {_protocol(args)}, one split for all ({users} users)")
     print(f"{'model':<{width}}" + "".join(f"{c:>11}" for c in cols) + f"{'fit s':>9}")
     for label, r in results.items():
+        if "error" in r:
+            print(f"{label:<{width}}  not fitted: {r['error']}")
+            continue
         m = r["metrics"]
         print(
             f"{label:<{width}}"
             + "".join(f"{m[c]:>11.4f}" for c in cols)
             + f"{r['fit_seconds']:>9.2f}"
         )
+    if failed:  # the table is printed, but a script must not take it as complete
+        sys.stdout.flush()
+        raise SystemExit(1)
     return {"out": args.out} if args.out else None
 
 

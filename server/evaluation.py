@@ -244,6 +244,32 @@ def make_split(
     raise ValueError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
 
 
+def _cutoffs(ks: Sequence[int]) -> list[int]:
+    out = sorted({int(k) for k in ks})
+    if not out or out[0] <= 0:
+        raise ValueError(f"k: expected positive cut-offs, got {out}")
+    return out
+
+
+def _relevant(split: Split, threshold: float | None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The held-out events that count as relevant (0/1), and the users with one."""
+    relevant = split.test.copy()
+    # Without a threshold every held-out event with a positive value is relevant:
+    # a held-out dislike (a negative value) is not something to have recommended.
+    keep = relevant.data >= threshold if threshold is not None else relevant.data > 0
+    relevant.data = keep.astype(np.float32)
+    relevant.eliminate_zeros()
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    if users.size == 0 and threshold is not None and split.test.nnz:
+        # Said before the fit, which would be wasted.
+        values = split.test.data
+        raise ValueError(
+            f"threshold: no held-out value is >= {threshold:g} (they range "
+            f"{values.min():g} to {values.max():g}), so no user has a relevant test item"
+        )
+    return relevant, users
+
+
 def evaluate(
     model: Recommender,
     ds: Dataset,
@@ -263,25 +289,10 @@ def evaluate(
     (by make_split with these settings, so several models share one, or by
     given_split, recorded as protocol "given").
     """
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] <= 0:
-        raise ValueError(f"k: expected positive cut-offs, got {ks}")
+    ks = _cutoffs(ks)
     if split is None:
         split = make_split(ds, protocol, fraction, seed, leave_last)
-    relevant = split.test.copy()
-    # Without a threshold every held-out event with a positive value is relevant:
-    # a held-out dislike (a negative value) is not something to have recommended.
-    keep = relevant.data >= threshold if threshold is not None else relevant.data > 0
-    relevant.data = keep.astype(np.float32)
-    relevant.eliminate_zeros()
-    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
-    if users.size == 0 and threshold is not None and split.test.nnz:
-        # Said before the fit, which would be wasted.
-        values = split.test.data
-        raise ValueError(
-            f"threshold: no held-out value is >= {threshold:g} (they range "
-            f"{values.min():g} to {values.max():g}), so no user has a relevant test item"
-        )
+    relevant, users = _relevant(split, threshold)
     t0 = time.perf_counter()
     model.fit(split.train)
     fit_s = time.perf_counter() - t0
@@ -318,10 +329,22 @@ def compare(
     split: Split | None = None,
 ) -> dict[str, dict[str, Any]]:
     """evaluate() for several (label, model) pairs on one split, made once (or
-    given): the figures differ only by the models, never by the held-out events."""
+    given): the figures differ only by the models, never by the held-out events.
+    A model that cannot be fitted on this data (EASE over its memory bound, a
+    content model without item features, training that diverged) does not
+    lose the others' figures: its entry is {"algorithm", "params", "error"}.
+    What is wrong for every entry (the cut-offs, the threshold) raises first."""
     if split is None:
         split = make_split(ds, protocol, fraction, seed, leave_last)
-    return {
-        label: evaluate(model, ds, protocol, ks, fraction, seed, leave_last, threshold, split)
-        for label, model in models
-    }
+    _cutoffs(ks)
+    _relevant(split, threshold)
+    out: dict[str, dict[str, Any]] = {}
+    for label, model in models:
+        try:
+            out[label] = evaluate(
+                model, ds, protocol, ks, fraction, seed, leave_last, threshold, split
+            )
+        except ValueError as exc:
+            log.error("compare: %s: %s", label, exc)
+            out[label] = {"algorithm": model.algorithm, "params": model.params, "error": str(exc)}
+    return out

@@ -336,6 +336,49 @@ def test_evaluate_compare_prints_one_table(tmp_path, capsys):
     assert code == 2 and "give --algo (or --compare" in err
 
 
+def test_a_compare_keeps_the_figures_of_the_models_that_fit(tmp_path, capsys):
+    # One entry that cannot be fitted on this data (here EASE over its memory
+    # bound) ended the whole comparison with that entry's error, the others'
+    # figures lost. Now its row says why, the rest are measured, and the exit
+    # status is 1, so that a script does not take the table as complete.
+    data = tmp_path / "data"
+    run(
+        capsys,
+        "data",
+        "synth",
+        "--users",
+        200,
+        "--items",
+        80,
+        "--interactions",
+        4000,
+        "--out",
+        data,
+    )
+    out_file = tmp_path / "cmp.json"
+    entries = "popularity,ease:max_memory_gb=0,itemknn"
+    args = ("evaluate", "--data", data, "--k", "10", "--compare", entries)
+    with pytest.raises(SystemExit) as info:
+        run(capsys, *args, "--out", out_file)
+    out, err = capsys.readouterr()
+    assert info.value.code == 1
+    rows = {ln.split()[0]: ln for ln in out.splitlines()[2:]}
+    assert list(rows) == ["popularity", "ease:max_memory_gb=0", "itemknn"]
+    assert "not fitted: ease: 80 items need" in rows["ease:max_memory_gb=0"]
+    assert float(rows["itemknn"].split()[1]) > 0
+    result = json.loads(out_file.read_text())
+    assert "max_memory_gb=0" in result["ease:max_memory_gb=0"]["error"]
+    assert result["itemknn"]["metrics"]["recall@10"] > 0
+    alone = tmp_path / "alone.json"
+    run(capsys, "evaluate", "--data", data, "--k", "10", "--algo", "itemknn", "--out", alone)
+    assert json.loads(alone.read_text())["metrics"] == result["itemknn"]["metrics"]  # same split
+    # What is wrong for every entry still stops before any fit.
+    code, _, err = run(capsys, *args, "--threshold", "99")
+    assert code == 2 and "threshold: no held-out value is >= 99" in err
+    code, _, err = run(capsys, *args[:-1], "ease:max_memory_gb=0,ease:max_memory_gb=0:l2=1")
+    assert code == 2 and "no entry could be fitted" in err
+
+
 def test_train_on_too_few_events_to_evaluate_names_the_way_out(tmp_path, capsys):
     data = tmp_path / "one.csv"
     data.write_text("user,item,rating\n1,a,5\n2,a,4\n")

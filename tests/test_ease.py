@@ -24,7 +24,7 @@ def test_weights_equal_numpy_closed_form(small):
 
 
 def test_refuses_a_catalogue_that_would_not_fit(small):
-    with pytest.raises(ValueError, match=r"ease: 300 items need 0\.0 GB.*max_memory_gb=1e-06"):
+    with pytest.raises(ValueError, match=r"ease: 300 items need 1\.8 MB.*max_memory_gb=1e-06"):
         create("ease", max_memory_gb=1e-6).fit(small)
     assert ease_bytes(100_000) > 100e9  # 100k items: ~200 GB, refused by default
 

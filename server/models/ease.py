@@ -23,6 +23,10 @@ from recserve.models.base import Param, Recommender, TrainingError, topk_excludi
 from recserve.models.registry import register
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def ease_bytes(n_items: int) -> int:
     """Peak bytes of the dense EASE solve for n_items (Gram, inverse, float32 result)."""
     return int(n_items) ** 2 * (8 + 8 + 4)
@@ -57,7 +61,7 @@ class EASE(Recommender):
         limit = self.params["max_memory_gb"] * 1e9
         if need > limit:
             raise ValueError(
-                f"ease: {self.n_items:,} items need {need / 1e9:.1f} GB for the dense "
+                f"ease: {self.n_items:,} items need {_size(need)} for the dense "
                 f"solve, over max_memory_gb={self.params['max_memory_gb']:g}; use itemknn "
                 "or als for a catalogue this size, or raise max_memory_gb"
             )
