@@ -345,6 +345,6 @@ def compare(
                 model, ds, protocol, ks, fraction, seed, leave_last, threshold, split
             )
         except ValueError as exc:
-            log.error("compare: %s: %s", label, exc)
+            log.error("compare: entry %r not fitted: %s", label, exc)
             out[label] = {"algorithm": model.algorithm, "params": model.params, "error": str(exc)}
     return out
