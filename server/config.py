@@ -122,6 +122,9 @@ class ServerConfig:
     feedback: str = ""  # sqlite:///PATH, redis://..., memory:; "" = a SQLite file in state_dir
     feedback_db: str = ""  # the older spelling of feedback = "sqlite:///PATH" (a path)
     online_history: int = 1000
+    # Recorded events held in memory over all users (~100 bytes each, plus ~250 a
+    # user); past it the least recently active users are dropped; 0 = no bound.
+    online_max_events: int = 1_000_000
     kernel_threads: int = 1
     workers: int = 1
     memory_budget_mb: int = (
@@ -193,6 +196,7 @@ _CHECKS: dict[str, tuple[float, float]] = {
     "unknown_item_tolerance": (0.0, 1.0),
     "grace_seconds": (0.0, 3600.0),
     "online_history": (1, 1_000_000),
+    "online_max_events": (0, 1_000_000_000),
     "kernel_threads": (0, 1024),
     "workers": (1, 256),
     "memory_budget_mb": (0.0, 1e7),

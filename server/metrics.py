@@ -269,6 +269,28 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.online_users = Gauge(
+            "recserve_online_users",
+            "Users with recorded events held in memory (each worker holds the same)",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.online_events = Gauge(
+            "recserve_online_events",
+            "Recorded events held in memory over all users (bounded by online_max_events)",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        # A gauge, not a counter: every worker drops the same users, and a
+        # multi-process counter would add them up once per worker.
+        self.online_evicted = Gauge(
+            "recserve_online_evicted_users",
+            "Users whose recorded events were dropped from memory for online_max_events "
+            "since the process started (least recently active first; the feedback log "
+            "keeps the events)",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.config_reload_ok = Gauge(
             "recserve_config_last_reload_successful",
             "1 if the last reload read the config file (and hybrids.json) cleanly; 0 if it "

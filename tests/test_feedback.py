@@ -78,6 +78,39 @@ def test_online_state_keeps_each_users_latest_items_in_order():
     assert state.history("nobody") == [] and state.history("") == []
 
 
+def test_online_state_keeps_at_most_max_events_dropping_the_least_recently_active_users(caplog):
+    # Without a bound a stream of new user ids (sessions) grew the process by
+    # ~350 bytes each until it was killed. Against a plain model: users in the
+    # order of their last event; past max_events the oldest users go whole.
+    rng = random.Random(11)
+    state, model = OnlineState(limit=4, max_events=30), {}
+    dropped = 0
+    for n in range(5000):
+        user, item = f"u{rng.randrange(60)}", f"i{rng.randrange(9)}"
+        state.apply([Event(user, item, float(n), 0)])
+        kept = [(i, v) for i, v in model.pop(user, []) if i != item] + [(item, float(n))]
+        model[user] = kept[-4:]  # reinserted: the most recently active is last
+        while sum(len(v) for v in model.values()) > 30:
+            del model[next(iter(model))]
+            dropped += 1
+    assert state.events == sum(len(v) for v in model.values()) <= 30
+    assert state.evicted == dropped > 0 and len(state) == len(model)
+    for user in (f"u{i}" for i in range(60)):
+        assert state.history(user) == model.get(user, [])
+    assert "over online_max_events=30" in caplog.text
+    # The same log applied in one batch (a restart's replay, another worker)
+    # leaves the same state.
+    rng = random.Random(11)
+    again = OnlineState(limit=4, max_events=30)
+    again.apply(
+        Event(f"u{rng.randrange(60)}", f"i{rng.randrange(9)}", float(n), 0) for n in range(5000)
+    )
+    assert all(again.history(f"u{i}") == state.history(f"u{i}") for i in range(60))
+    unbounded = OnlineState(limit=4)
+    unbounded.apply(Event(f"s{n}", "i", 1.0, 0) for n in range(10_000))
+    assert len(unbounded) == unbounded.events == 10_000 and unbounded.evicted == 0
+
+
 def test_online_users_add_nothing_to_the_cyclic_collectors_work():
     # A million online users must not make every full collection scan a
     # million containers (a stall of every call in flight).

@@ -206,3 +206,30 @@ def test_observe_many_without_value_objects_falls_back():
     child = Plain()
     observe_many(child, [0.5, 0.25])
     assert child.seen == [0.5, 0.25]
+
+
+def test_recorded_events_beyond_online_max_events_drop_the_least_recently_active_user(
+    published,
+):
+    """Memory for recorded events is bounded: past online_max_events the user
+    whose last event is oldest is dropped (and answered as the cold user it
+    is again); the gauges say how many are held and dropped."""
+    port = free_port()
+    with running(published, metrics_port=port, online_max_events=3) as s:
+        for user, items in (("u1", ["1"]), ("u2", ["2", "3"]), ("u3", ["4"])):
+            events = [pb.Interaction(user_id=user, item_id=i) for i in items]
+            assert s.rec.RecordInteractions(iter(events), timeout=10).accepted == len(items)
+        assert [s.app.online.history(u) for u in ("u1", "u2", "u3")] == [
+            [],
+            [("2", 1.0), ("3", 1.0)],
+            [("4", 1.0)],
+        ]
+        _, md = s.recommend(user_id="u2", k=3, model="als")
+        assert "x-recserve-served-by" not in md  # folded in from its recorded events
+        _, md = s.recommend(user_id="u1", k=3, model="als")
+        assert md["x-recserve-served-by"] == "popularity"  # dropped: cold again
+        s.app.sample_memory()
+        fams = scrape(port)
+    assert value(fams, "recserve_online_users") == 2
+    assert value(fams, "recserve_online_events") == 3
+    assert value(fams, "recserve_online_evicted_users") == 1

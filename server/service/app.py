@@ -55,7 +55,7 @@ class App:
         (Catalog); for a server process, not for an App embedded in a test."""
         self.cfg = cfg
         self.metrics = Metrics(registry) if registry is not None else Metrics()
-        self.online = OnlineState(cfg.online_history)
+        self.online = OnlineState(cfg.online_history, cfg.online_max_events)
         self.store = open_store(cfg.feedback_target())
         self.catalog = Catalog(
             cfg.models,
@@ -271,6 +271,10 @@ class App:
         rss, pss = process_memory()
         m.resident_bytes.set(rss)
         m.proportional_bytes.set(pss)
+        online = self.online
+        m.online_users.set(len(online))
+        m.online_events.set(online.events)
+        m.online_evicted.set(online.evicted)
         files: dict[str, tuple[str, str, int]] = {}
         for slot in self.catalog.slots():
             if slot.state != SERVING or slot.model is None:
