@@ -38,6 +38,11 @@ def published(small, tmp_path_factory):
 
 
 def test_every_family_after_real_calls(published):
+    # Resident bytes are read from this process's mappings: a server an earlier
+    # test drained maps the same files until the collector frees its cycles.
+    import gc
+
+    gc.collect()
     port = free_port()
     exp = {"ab": Experiment("ab", {"als": 0.5, "itemknn": 0.5}, "x")}
     hy = {"mix": Hybrid("mix", {"als": 0.5, "itemknn": 0.5})}
@@ -233,3 +238,20 @@ def test_recorded_events_beyond_online_max_events_drop_the_least_recently_active
     assert value(fams, "recserve_online_users") == 2
     assert value(fams, "recserve_online_events") == 3
     assert value(fams, "recserve_online_evicted_users") == 1
+
+
+def test_a_drained_server_lets_go_of_its_models(published):
+    """After drain nothing holds the App, so its bundles are unmapped. On the
+    asyncio server the loop was never closed: the idle thread that had
+    committed recorded events kept the loop, the App and every mapped model
+    alive, and the next server in the process counted its files resident twice."""
+    import gc
+    import weakref
+
+    with running(published) as s:
+        events = [pb.Interaction(user_id="u1", item_id="1")]
+        assert s.rec.RecordInteractions(iter(events), timeout=10).accepted == 1
+        app = weakref.ref(s.app)
+    del s
+    gc.collect()
+    assert app() is None

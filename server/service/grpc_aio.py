@@ -342,9 +342,19 @@ class AioTransport:
         def run() -> None:
             asyncio.set_event_loop(loop)
             ready["boot"] = loop.create_task(boot())
-            loop.run_forever()
+            try:
+                loop.run_forever()
+            finally:
+                # Join the executor threads that committed recorded events, then
+                # close the loop: left idle, those threads kept the loop, and
+                # through it this App and its mapped models, alive for good.
+                try:
+                    loop.run_until_complete(loop.shutdown_default_executor())
+                finally:
+                    loop.close()
 
-        threading.Thread(target=run, name="grpc-aio", daemon=True).start()
+        self._thread = threading.Thread(target=run, name="grpc-aio", daemon=True)
+        self._thread.start()
         started.wait()
         if "error" in ready:
             loop.call_soon_threadsafe(loop.stop)
@@ -420,7 +430,10 @@ class AioTransport:
             )
 
     def set_health(self, name: str, state: int) -> None:
-        """Set one health status from any thread (the servicer lives on the loop)."""
+        """Set one health status from any thread (the servicer lives on the loop);
+        nothing once the server has stopped (its loop is closed)."""
+        if self._stopped.is_set() or self.loop.is_closed():
+            return
         asyncio.run_coroutine_threadsafe(self.health.set(name, state), self.loop)
 
     def stop(self, grace: float) -> None:
@@ -443,6 +456,7 @@ class AioTransport:
 
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(grace + 30)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)  # the loop closed: its executor's commits are done
 
     def wait(self) -> None:
         """Block until the server stops."""
