@@ -16,6 +16,7 @@ on too: every worker reloads.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import faulthandler
 import logging
 import os
@@ -203,6 +204,19 @@ def _reserve_port(cfg: ServerConfig) -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
+def _stop_with(launcher: int) -> None:
+    """Have the kernel send this worker SIGTERM when its launcher dies (Linux's
+    PR_SET_PDEATHSIG), so a launcher killed outright (SIGKILL, the OOM killer)
+    does not leave its workers serving, and holding the port, as orphans."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: orphans as before
+        return
+    if os.getppid() != launcher:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker(
     cfg: ServerConfig, index: int, signals: Signals, launcher: int, terminal: Terminal
 ) -> int:
@@ -295,6 +309,7 @@ def serve_workers(cfg: ServerConfig) -> None:
                 own = Signals({signal.SIGTERM: None, signal.SIGINT: None, signal.SIGHUP: None})
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
                 holder.close()
+                _stop_with(launcher)
                 code = _worker(worker_cfg, i, own, launcher, terminal)
             except BaseException:
                 log.exception("worker %d failed", i)

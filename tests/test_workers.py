@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import time
@@ -259,3 +260,39 @@ def test_a_reload_reaches_every_worker(small, tmp_path):
     finally:
         assert p.stop() == 0
     assert sum("SIGHUP: reloaded als@" in line for line in p.lines) == 3  # 1 + 2 workers
+
+
+def test_workers_stop_when_their_launcher_is_killed(models_dir):
+    """A launcher killed outright (SIGKILL, the OOM killer) cannot pass a
+    SIGTERM on: its workers went on serving as orphans, holding the port. The
+    kernel now sends each worker SIGTERM when its launcher dies, and they drain."""
+    import os
+
+    p = Proc("--models", str(models_dir), "--port", "0", "--metrics-port", "0", "--workers", "2")
+    pids: list[int] = []
+    try:
+        wait_serving(p.target(), "")
+        deadline = time.monotonic() + 30
+        while not (found := re.search(r"2 workers: \[(\d+), (\d+)\]", "".join(p.lines))):
+            assert time.monotonic() < deadline, "".join(p.lines)
+            time.sleep(0.05)
+        pids = [int(x) for x in found.groups()]
+        p.proc.kill()
+        p.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while True:
+            alive = []
+            for pid in pids:
+                try:
+                    os.kill(pid, 0)
+                    alive.append(pid)
+                except ProcessLookupError:
+                    pass
+            if not alive:
+                break
+            assert time.monotonic() < deadline, f"workers {alive} outlived their launcher"
+            time.sleep(0.05)
+    finally:
+        for pid in pids:  # never leave one behind, whatever failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
