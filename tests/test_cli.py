@@ -21,6 +21,14 @@ def run(capsys, *argv):
     return code, out, err
 
 
+def small_synth(capsys, tmp_path):
+    """A 200-user, 80-item synthetic dataset folder under tmp_path."""
+    data = tmp_path / "data"
+    synth = ("--users", 200, "--items", 80, "--interactions", 4000)
+    run(capsys, "data", "synth", *synth, "--out", data)
+    return data
+
+
 def last_json(out):
     return json.loads(out.strip().splitlines()[-1])
 
@@ -128,20 +136,7 @@ def test_models_on_a_missing_folder_is_an_error_not_an_empty_success(tmp_path, c
 
 
 def test_evaluate_prints_a_table_and_writes_json(tmp_path, capsys):
-    data = tmp_path / "data"
-    run(
-        capsys,
-        "data",
-        "synth",
-        "--users",
-        200,
-        "--items",
-        80,
-        "--interactions",
-        4000,
-        "--out",
-        data,
-    )
+    data = small_synth(capsys, tmp_path)
     out_file = tmp_path / "e.json"
     code, out, _ = run(
         capsys,
@@ -163,20 +158,7 @@ def test_evaluate_prints_a_table_and_writes_json(tmp_path, capsys):
 
 
 def test_evaluate_writes_no_file_unless_asked(tmp_path, capsys, monkeypatch):
-    data = tmp_path / "data"
-    run(
-        capsys,
-        "data",
-        "synth",
-        "--users",
-        200,
-        "--items",
-        80,
-        "--interactions",
-        4000,
-        "--out",
-        data,
-    )
+    data = small_synth(capsys, tmp_path)
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -341,20 +323,7 @@ def test_a_compare_keeps_the_figures_of_the_models_that_fit(tmp_path, capsys):
     # bound) ended the whole comparison with that entry's error, the others'
     # figures lost. Now its row says why, the rest are measured, and the exit
     # status is 1, so that a script does not take the table as complete.
-    data = tmp_path / "data"
-    run(
-        capsys,
-        "data",
-        "synth",
-        "--users",
-        200,
-        "--items",
-        80,
-        "--interactions",
-        4000,
-        "--out",
-        data,
-    )
+    data = small_synth(capsys, tmp_path)
     out_file = tmp_path / "cmp.json"
     entries = "popularity,ease:max_memory_gb=0,itemknn"
     args = ("evaluate", "--data", data, "--k", "10", "--compare", entries)
