@@ -97,7 +97,12 @@ class Signals:
     def wait(self, timeout: float) -> None:
         """Until a signal has arrived (its handler then runs on return), or
         `timeout` seconds (a bound, should a wakeup byte ever be dropped)."""
-        select.select([self._r], [], [], timeout)
+        # poll, not select: select refuses descriptors numbered 1024 and up, which
+        # a process embedding the server (a test run holding many mapped files)
+        # reaches.
+        poll = select.poll()
+        poll.register(self._r, select.POLLIN)
+        poll.poll(timeout * 1000)
         with contextlib.suppress(BlockingIOError):
             self._r.recv(4096)
 

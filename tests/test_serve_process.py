@@ -322,6 +322,38 @@ print("stopped", flush=True)
     assert lost == 0
 
 
+def test_the_signal_wait_works_past_descriptor_1023():
+    # A process embedding the server can hold a thousand descriptors before it
+    # waits for signals (a test run holding many mapped bundle files did):
+    # select() refuses descriptors numbered 1024 and up, poll does not.
+    script = """
+import os, resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft != resource.RLIM_INFINITY and soft < 1200:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1200, hard), hard))
+held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+from recserve.launch import _wait_for_signal
+print("waiting", flush=True)
+_wait_for_signal()
+print("stopped", flush=True)
+"""
+    p = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "waiting\n"
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 0 and out == "stopped\n", err
+
+
 def test_sighup_reads_the_config_file_again(small, tmp_path):
     # `serve --config FILE`: SIGHUP reads FILE again with the flags given at
     # start (--port 0 stays), so max_k and a new experiment apply at once.
