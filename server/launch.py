@@ -20,6 +20,7 @@ import ctypes
 import faulthandler
 import logging
 import os
+import resource
 import select
 import shutil
 import signal
@@ -28,6 +29,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from recserve.config import ServerConfig
@@ -168,8 +170,44 @@ def _reload(app: Any) -> None:
     )
 
 
+# Below this many descriptors a busy server runs short: each client connection
+# holds one, and each mapped bundle file one more (a model has 5-15).
+FEW_OPEN_FILES = 4096
+
+
+def more_open_files() -> int:
+    """Raise this process's soft limit on open descriptors to its hard limit, as
+    Go and the JVM do at start; returns the limit now in force. Many systems
+    still set the soft limit to 1,024, and a server past it can no longer
+    accept connections (gRPC logs EMFILE and its clients wait) nor map a
+    model's files on reload. Workers inherit the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel refuses more than fs.nr_open
+        try:
+            top = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            top = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < top:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+            log.info("open files: soft limit raised from %d to %d", soft, top)
+            soft = top
+        except (ValueError, OSError) as exc:
+            log.warning("open files: could not raise the soft limit %d: %s", soft, exc)
+    if soft != resource.RLIM_INFINITY and soft < FEW_OPEN_FILES:
+        log.warning(
+            "open files: the limit is %d; each client connection and each mapped model "
+            "file holds one, so a busy server may run out (raise it: ulimit -n, or "
+            "LimitNOFILE= in a systemd unit)",
+            soft,
+        )
+    return soft
+
+
 def serve(cfg: ServerConfig) -> None:
     """Serve until SIGTERM/SIGINT, then drain; workers > 1 forks worker processes."""
+    more_open_files()
     if cfg.workers > 1:
         serve_workers(cfg)
         return

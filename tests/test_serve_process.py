@@ -37,7 +37,7 @@ def models_dir(small, tmp_path_factory):
 class Proc:
     """A `recserve serve` subprocess; stderr is collected for the bound port and logs."""
 
-    def __init__(self, *args: str, cwd: Path | None = None) -> None:
+    def __init__(self, *args: str, cwd: Path | None = None, preexec_fn=None) -> None:
         # A working directory of its own: the default state (var/feedback.sqlite)
         # lands there, never in the source tree or shared between servers.
         self.cwd = cwd or Path(tempfile.mkdtemp(prefix="recserve-proc-"))
@@ -50,6 +50,7 @@ class Proc:
             # PYTHONFAULTHANDLER: a server that hangs in stop() is sent SIGABRT,
             # which prints every thread's stack to stderr for the failure message.
             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+            preexec_fn=preexec_fn,
         )
         self.lines: list[str] = []
         self.port: queue.Queue[int] = queue.Queue()

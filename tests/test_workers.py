@@ -6,6 +6,7 @@ import contextlib
 import re
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -37,6 +38,15 @@ def answers_by_worker(target: str, tries: int = 200) -> dict[str, tuple[str, ...
         if len(out) == 2:
             break
     return out
+
+
+def worker_pids(p: Proc) -> list[int]:
+    """The worker pids a `serve --workers 2` launcher logged."""
+    deadline = time.monotonic() + 30
+    while not (found := re.search(r"2 workers: \[(\d+), (\d+)\]", "".join(p.lines))):
+        assert time.monotonic() < deadline, "".join(p.lines)
+        time.sleep(0.05)
+    return [int(x) for x in found.groups()]
 
 
 @pytest.fixture(scope="module")
@@ -272,11 +282,7 @@ def test_workers_stop_when_their_launcher_is_killed(models_dir):
     pids: list[int] = []
     try:
         wait_serving(p.target(), "")
-        deadline = time.monotonic() + 30
-        while not (found := re.search(r"2 workers: \[(\d+), (\d+)\]", "".join(p.lines))):
-            assert time.monotonic() < deadline, "".join(p.lines)
-            time.sleep(0.05)
-        pids = [int(x) for x in found.groups()]
+        pids = worker_pids(p)
         p.proc.kill()
         p.proc.wait(10)
         deadline = time.monotonic() + 30
@@ -296,3 +302,47 @@ def test_workers_stop_when_their_launcher_is_killed(models_dir):
         for pid in pids:  # never leave one behind, whatever failed
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    """(soft, hard) open-descriptor limits of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open files limit for {pid}")
+
+
+def test_the_open_files_limit_is_raised_for_launcher_and_workers(models_dir):
+    """Many systems set a soft limit of 1,024 descriptors; a server past it can
+    accept no more connections. `serve` raises its soft limit to the hard one
+    before forking, so the workers have it too."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 512:
+        pytest.skip(f"the hard limit here is {hard}: nothing to raise to")
+
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    p = Proc(
+        "--models",
+        str(models_dir),
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--workers",
+        "2",
+        preexec_fn=low,
+    )
+    try:
+        wait_serving(p.target(), "")
+        for pid in (p.proc.pid, *worker_pids(p)):
+            got_soft, got_hard = _open_files_limit(pid)
+            assert got_soft == got_hard > 256, (pid, got_soft, got_hard)
+        assert any("soft limit raised from 256" in line for line in p.lines), "".join(p.lines)
+    finally:
+        assert p.stop() == 0
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
