@@ -333,9 +333,11 @@ soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if soft != resource.RLIM_INFINITY and soft < 1200:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(1200, hard), hard))
 held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
-from recserve.launch import _wait_for_signal
+import signal
+from recserve.launch import Signals, _wait_for_signal
+signals = Signals({signal.SIGTERM: None, signal.SIGINT: None})  # before "waiting"
 print("waiting", flush=True)
-_wait_for_signal()
+_wait_for_signal(signals)
 print("stopped", flush=True)
 """
     p = subprocess.Popen(
