@@ -195,6 +195,24 @@ def test_chain_without_a_cold_model_ends_in_builtin_popularity(published, small)
     assert ids(items) == small.items.ids(order)
 
 
+def test_builtin_popularity_honours_exclusions_and_candidates(published, small):
+    # The last resort of a chain answers with the same request filters as a model.
+    root, _ = published
+    counts = np.bincount(small.interactions.indices, minlength=small.n_items)
+    top = small.items.ids(np.lexsort((np.arange(counts.size), -counts))[:12])
+    exclude, candidates = [top[0], top[3]], top[2:10]
+    with running(root, fallback=()) as s:
+        items, md = s.recommend(
+            user_id="never-seen",
+            k=5,
+            model="itemknn",
+            exclude_item_ids=exclude,
+            candidate_item_ids=candidates,
+        )
+    assert md["x-recserve-served-by"].startswith("builtin-popularity:")
+    assert ids(items) == [i for i in candidates if i not in exclude][:5]
+
+
 def test_explain_names_history_items(srv, published, small):
     items, _ = srv.recommend(user_id="5", k=5, model="itemknn", explain=True)
     m = published[1]["itemknn"]
