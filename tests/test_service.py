@@ -974,6 +974,31 @@ def test_feedback_is_applied_and_survives_a_restart(published, small, tmp_path):
     assert ids(again) == ids(after)
 
 
+def test_a_long_record_stream_is_committed_batch_by_batch(published, small):
+    # 2,500 events: two full commits mid-stream and the rest at its end, with
+    # rejected events among them; the same events again are duplicates.
+    root, _ = published
+    rng = np.random.default_rng(5)
+    items = small.items.ids(np.arange(small.n_items))
+    events = [
+        pb.Interaction(
+            user_id=f"rec-{i % 700}", item_id=items[rng.integers(len(items))], event_id=f"e{i}"
+        )
+        for i in range(2_500)
+    ]
+    for i in (10, 1_500, 2_499):
+        events[i] = pb.Interaction(user_id="rec-1", item_id="no-such-item", event_id=f"bad{i}")
+    with running(root) as s:
+        summary = s.rec.RecordInteractions(iter(events), timeout=30)
+        assert (summary.accepted, summary.rejected, summary.duplicates) == (2_497, 3, 0)
+        again = s.rec.RecordInteractions(iter(events[:1_200]), timeout=30)
+        assert (again.accepted, again.rejected, again.duplicates) == (0, 1, 1_199)
+        for user in ("rec-5", "rec-699"):  # recorded in the first batch / the last
+            seen = {e.item_id for e in events if e.user_id == user}
+            got, _ = s.recommend(user_id=user, k=100, model="popularity")
+            assert len(got) == 100 and not set(ids(got)) & seen
+
+
 def test_reload_switches_versions_and_refuses_corrupt_ones(published, small, tmp_path):
     import shutil
 
