@@ -135,3 +135,93 @@ def test_bad_inputs_are_named(spark, capsys):
         tmp / "models",
     )
     assert code == 2 and "user-factors" in err and "nope" in err
+
+
+def _table(path, ids, features, id_type=None):
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array(ids, id_type or pa.int32()),
+                "features": pa.array(features, pa.list_(pa.float32())),
+            }
+        ),
+        path,
+    )
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "not found"),
+        ("not_parquet", "is not Spark factor Parquet"),
+        ("no_features", "is not Spark factor Parquet"),
+        ("no_rows", "has no rows"),
+        ("ragged", "have 2..3 features"),
+        ("empty_vectors", "have 0..0 features"),
+        ("nan", "NaN or inf"),
+        ("repeated", "repeats ids"),
+    ],
+)
+def test_each_malformed_factor_file_is_named(tmp_path, case, match):
+    from recserve.importers import SparkImportError, read_factors
+
+    path = tmp_path / "f.parquet"
+    if case == "not_parquet":
+        path.write_text("id,features\n1,2\n")
+    elif case == "no_features":
+        pq.write_table(pa.table({"id": pa.array([1, 2], pa.int32())}), path)
+    elif case == "no_rows":
+        _table(path, [], [])
+    elif case == "ragged":
+        _table(path, [1, 2], [[1.0, 2.0], [1.0, 2.0, 3.0]])
+    elif case == "empty_vectors":
+        _table(path, [1, 2], [[], []])
+    elif case == "nan":
+        _table(path, [1, 2], [[1.0, float("nan")], [1.0, 2.0]])
+    elif case == "repeated":
+        _table(path, [1, 1], [[1.0, 2.0], [1.0, 2.0]])
+    with pytest.raises(SparkImportError, match=match) as info:
+        read_factors(path, "item-factors")
+    assert str(info.value).startswith("item-factors: ")
+    if case != "missing":
+        assert str(path) in str(info.value)
+
+
+def test_ids_of_any_spark_type_read_as_strings(tmp_path):
+    from recserve.importers import read_factors
+
+    path = tmp_path / "f.parquet"
+    _table(path, [7, 10**12], [[1.0, 2.0], [3.0, 4.0]], pa.int64())
+    ids, factors = read_factors(path, "user-factors")
+    assert ids == ["7", "1000000000000"]
+    np.testing.assert_array_equal(factors, [[1.0, 2.0], [3.0, 4.0]])
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("file", "is not a folder"),
+        ("no_items", "has no itemFactors: not a saved Spark ALSModel"),
+        ("bad_metadata", "is not Spark metadata JSON"),
+        ("other_class", "describes 'org.apache.spark.ml.feature.PCAModel', not ALSModel"),
+    ],
+)
+def test_a_folder_that_is_no_saved_alsmodel_is_named(spark, case, match):
+    from recserve.importers import SparkImportError, saved_model
+
+    tmp = spark[0]
+    folder = tmp / "model"
+    if case == "file":
+        folder.write_text("not a folder")
+    else:
+        (folder / "metadata").mkdir(parents=True)
+        (tmp / "userFactors").rename(folder / "userFactors")
+        if case != "no_items":
+            (tmp / "itemFactors").rename(folder / "itemFactors")
+        meta = folder / "metadata" / "part-00000"
+        if case == "bad_metadata":
+            meta.write_text("{not json\n")
+        else:
+            meta.write_text(json.dumps({"class": "org.apache.spark.ml.feature.PCAModel"}) + "\n")
+    with pytest.raises(SparkImportError, match=match):
+        saved_model(folder)
