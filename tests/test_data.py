@@ -529,3 +529,30 @@ def test_synthetic_carries_collaborative_signal(small):
 
     knn, pop = recall(train @ sim), recall(np.broadcast_to(train.sum(0), train.shape))
     assert knn > 1.3 * pop, (knn, pop)
+
+
+@pytest.mark.parametrize(
+    "rel, want",
+    [
+        ("exports/clicks.csv", "clicks"),
+        ("exports/clicks.csv.gz", "clicks"),
+        ("ml-1m/ratings.dat", "ml-1m"),
+        ("goodbooks-10k/ratings.csv", "goodbooks-10k"),
+        ("shop/interactions.csv", "shop"),
+        ("ml-100k/u.data", "ml-100k"),
+    ],
+)
+def test_a_dataset_is_named_by_its_file_unless_the_file_stands_for_its_folder(tmp_path, rel, want):
+    # A generic CSV in a folder of exports was named after the folder ("exports"):
+    # in evaluate's report, train's log and the bundle's manifest.
+    f = tmp_path / rel
+    if rel.endswith("u.data"):
+        write(f, "196\t242\t3\t881250949\n186\t302\t4\t891717742\n")
+    elif rel.endswith("ratings.dat"):
+        write(f, "1::10::5::978300760\n2::10::3::978300761\n")
+    elif rel.startswith("goodbooks"):
+        write(f, "user_id,book_id,rating\n1,10,5\n2,10,3\n")
+    else:
+        write(f, "user,item,rating\n1,10,5\n2,10,3\n")
+    assert load_dataset(f).name == want
+    assert load_dataset(f.parent).name == f.parent.name

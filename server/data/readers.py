@@ -111,6 +111,22 @@ def lone_csv(folder: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
+# Files that stand for their folder's dataset (ml-100k/u.data, ml-1m/ratings.dat,
+# goodbooks-10k/ratings.csv): such a file is named by its folder, any other file
+# by itself (exports/clicks.csv.gz is "clicks", not "exports").
+FOLDER_FILES = frozenset({"u.data", "ratings.dat", "ratings.csv", "interactions.csv"})
+
+
+def _dataset_name(path: Path) -> str:
+    """A dataset's name in logs, reports and manifests."""
+    if path.is_dir():
+        return path.name
+    base = base_name(path)
+    if base in FOLDER_FILES or ML100K_SPLIT.fullmatch(base):
+        return path.absolute().parent.name or Path(base).stem
+    return Path(base).stem or base
+
+
 def base_name(path: Path) -> str:
     """File name without a compression suffix."""
     name = path.name
@@ -1061,7 +1077,7 @@ def load_dataset(
             assert weights is not None
             weights[r] = meta.weights[i] if meta.weights else [1.0] * len(t)
         features, names = features_matrix(tags, weights)
-    name = p.name if p.is_dir() else p.parent.name or p.stem
+    name = _dataset_name(p)
     if p.is_file() and ML100K_SPLIT.fullmatch(base_name(p)):  # one of ten parts of a folder
         name = f"{name}/{base_name(p)}" if p.parent.name else base_name(p)
     return Dataset(
