@@ -202,3 +202,24 @@ def test_a_log_from_before_event_ids_is_upgraded_once_whoever_adds_the_column(
     again = FeedbackStore(path)  # the upgraded log opens as any other
     assert len(list(again.replay())) == 2
     again.close()
+
+
+def test_a_long_log_replays_in_batches_to_the_state_of_one_pass(tmp_path):
+    # A restart replays the whole log, 10,000 events at a time: 25,000 events
+    # (two full batches and a rest) and then more leave the state a single pass
+    # over the same events gives.
+    rng = random.Random(3)
+    # Each user's events in one stretch: a batch not applied loses its users.
+    events = [Event(f"u{n // 100}", f"i{rng.randrange(40)}", float(n), 0) for n in range(25_000)]
+    store = FeedbackStore(str(tmp_path / "log.sqlite"))
+    store.append(events)
+    state = OnlineState(limit=6)
+    assert state.sync(store) == 25_000
+    more = [Event(f"u{rng.randrange(250)}", f"i{rng.randrange(40)}", -1.0, 0) for _ in range(10)]
+    store.append(more)
+    assert state.sync(store) == 10 and state.sync(store) == 0
+    one = OnlineState(limit=6)
+    one.apply(events + more)
+    assert len(state) == len(one) == 250 and state.events == one.events
+    for user in (f"u{i}" for i in range(250)):
+        assert state.history(user) == one.history(user)
