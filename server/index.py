@@ -82,6 +82,11 @@ PQ_REFINE = 16
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _wide(kind: str, k: int) -> int:
+    """How many FAISS results to re-rank for k answers (PQ_REFINE for ivfpq)."""
+    return k * PQ_REFINE if kind == "ivfpq" else k
+
+
 @dataclass
 class SearchConfig:
     """Per-call search settings (never stored on the index)."""
@@ -238,10 +243,6 @@ class ItemIndex:
             p = faiss.SearchParameters()
         return p
 
-    def _wide(self, k: int) -> int:
-        """How many FAISS results to re-rank for k answers (PQ_REFINE)."""
-        return k * PQ_REFINE if self.kind == "ivfpq" else k
-
     def _raw(
         self, q: np.ndarray, k: int, cfg: SearchConfig, widen: int = 1, sel=None
     ) -> np.ndarray:
@@ -280,7 +281,7 @@ class ItemIndex:
         with _omp_threads(cfg.threads(n)):
             if n == 1 and cand is None:  # one request: no per-row bookkeeping
                 banned = _NO_IDS if excl is None else excl[1][excl[0][0] : excl[0][1]]
-                ids = self._raw(q, min(self.n_items, self._wide(k) + banned.size), cfg)
+                ids = self._raw(q, min(self.n_items, _wide(self.kind, k) + banned.size), cfg)
                 self._rank_row(q, 0, ids[0], banned, k, cfg, out_i, out_s)
                 return out_i, out_s
             return self._search(q, k, excl, cand, cfg, out_i, out_s)
@@ -303,7 +304,7 @@ class ItemIndex:
         rows = np.flatnonzero(free)
         if rows.size == 0:
             return out_i, out_s
-        fetch = min(self.n_items, self._wide(k) + int(rows_excl[rows].max(initial=0)))
+        fetch = min(self.n_items, _wide(self.kind, k) + int(rows_excl[rows].max(initial=0)))
         ids = self._raw(q[rows], fetch, cfg)
         for j, r in enumerate(rows):
             self._rank_row(q, r, ids[j], ex_idx[ex_ptr[r] : ex_ptr[r + 1]], k, cfg, out_i, out_s)
@@ -338,7 +339,7 @@ class ItemIndex:
         """One query again, with an IDSelector and a wider search."""
         ids64 = np.ascontiguousarray(banned, dtype=np.int64)
         sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(ids64)) if ids64.size else None
-        found = self._raw(q, min(self._wide(k), self.n_items), cfg, RETRY_WIDEN, sel)[0]
+        found = self._raw(q, min(_wide(self.kind, k), self.n_items), cfg, RETRY_WIDEN, sel)[0]
         return found[found >= 0].astype(np.int64, copy=False)
 
     def _fill(self, qv: np.ndarray, ids: np.ndarray, k: int, oi: np.ndarray, os_: np.ndarray):
@@ -424,7 +425,7 @@ class SimilarIndex:
             p.nprobe = min(cfg.nprobe, self.index.nlist)
         else:
             p = faiss.SearchParameters()
-        fetch = min((k * PQ_REFINE if self.kind == "ivfpq" else k) + 1, self.ids.size)
+        fetch = min(_wide(self.kind, k) + 1, self.ids.size)
         pos = self.index.search(q, fetch, params=p)[1] if fetch else np.zeros((n, 0), np.int64)
         n_items = vectors.shape[0]
         v32 = np.ascontiguousarray(vectors, np.float32)  # the model's own array, no copy
