@@ -34,7 +34,13 @@ from tqdm import tqdm
 from recserve import __version__
 from recserve.config import LEARNED_HYBRIDS
 from recserve.data import FORMATS, DataError, generate, write_csv
-from recserve.evaluation import PROTOCOLS, evaluate
+from recserve.evaluation import (
+    PROTOCOLS,
+    evaluate,
+    make_split,
+    popularity_baseline,
+    popularity_gap,
+)
 from recserve.models import algorithms, bundle, create, load, parse_params
 from recserve.models.base import TrainingError
 
@@ -410,10 +416,16 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         log.info("data: %s", ds.summary())
         bar.update()
         metrics: dict[str, float] = {}
+        baseline: dict[str, Any] | None = None
+        offline: dict[str, Any] | None = None
         if args.evaluate:
             bar.set_postfix_str("evaluate")
             try:
-                result = evaluate(_model(args), ds, args.protocol, args.k)
+                split = make_split(ds, args.protocol)
+                result = evaluate(_model(args), ds, args.protocol, args.k, split=split)
+                floor = (
+                    None if args.algo == "popularity" else popularity_baseline(ds, split, args.k)
+                )
             except TrainingError:  # the full fit would fail the same way
                 raise
             except ValueError as exc:  # e.g. too few events to hold any out
@@ -427,6 +439,19 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                 args.protocol,
                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@" in k),
             )
+            headline = f"ndcg@{min(args.k)}"
+            offline = {"protocol": args.protocol, "metric": headline, "value": metrics[headline]}
+            if floor is not None:
+                baseline = {
+                    "algorithm": "popularity",
+                    "metrics": {k: round(v, 6) for k, v in floor.items()},
+                }
+                offline["popularity"] = baseline["metrics"][headline]
+                gap = popularity_gap(
+                    args.name, args.algo, headline, metrics[headline], offline["popularity"]
+                )
+                if gap is not None:
+                    log.log(*gap)
             bar.update()
         bar.set_postfix_str("fit")
         t_fit = time.perf_counter()
@@ -434,10 +459,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         fit_s = time.perf_counter() - t_fit
         bar.update()
         bar.set_postfix_str("publish")
-        path = model.save(args.models, args.name, metrics=metrics, dataset=ds)
+        path = model.save(args.models, args.name, metrics=metrics, dataset=ds, baseline=baseline)
         bar.update()
     doc = bundle.read_manifest(path)
-    return {
+    out = {
         "name": args.name,
         "version": doc["version"],
         "algorithm": args.algo,
@@ -446,6 +471,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "fit_seconds": round(fit_s, 3),
         "bytes": bundle.bundle_bytes(doc),
     }
+    if offline is not None:
+        out["offline"] = offline
+    return out
 
 
 def compare_entries(text: str, threads: int) -> list[tuple[str, Any]]:

@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recserve.data import Dataset
+from recserve.models import create
 from recserve.models.base import Recommender
 
 log = logging.getLogger(__name__)
@@ -348,3 +349,54 @@ def compare(
             log.error("compare: entry %r not fitted: %s", label, exc)
             out[label] = {"algorithm": model.algorithm, "params": model.params, "error": str(exc)}
     return out
+
+
+# -- popularity as the floor ---------------------------------------------------------
+
+# Content ranks by item features: its place is items and users without events
+# (a hybrid's part, a fallback), so ranking known users below popularity is no
+# sign of a bad fit and is logged without a warning.
+FEATURE_MODELS = ("content",)
+# Below this share of popularity's figure a model is said to rank worse than
+# it; nearer is a tie within a split's noise (EASE and item-kNN land there on
+# data that holds nothing but popularity).
+POPULARITY_MARGIN = 0.9
+TRAIN_HINT = (
+    "`recserve tune` searches its parameters (and can compare algorithms, popularity "
+    "included); `recserve evaluate --compare` shows others on one split"
+)
+
+
+def popularity_baseline(
+    ds: Dataset, split: Split, ks: Sequence[int], threshold: float | None = None
+) -> dict[str, float]:
+    """Popularity's ranking metrics on `split`: the floor a trained model should
+    clear. Data whose only signal is how popular items are (every user takes the
+    head items) makes matrix factorizations fit noise; without this figure beside
+    theirs, such a model publishes and serves lists no better than random."""
+    return evaluate(create("popularity"), ds, ks=ks, split=split, threshold=threshold)["metrics"]
+
+
+def popularity_gap(
+    label: str,
+    algorithm: str,
+    metric: str,
+    value: float,
+    baseline: float,
+    hint: str = TRAIN_HINT,
+) -> tuple[int, str] | None:
+    """(log level, message) when `value` of ranking `metric` is clearly below
+    popularity's `baseline` on the same held-out events (under
+    POPULARITY_MARGIN of it); None when it is not."""
+    if algorithm == "popularity" or not value < POPULARITY_MARGIN * baseline:
+        return None
+    what = (
+        f"{label} ({algorithm}): {metric} {value:.4f} is {value / baseline:.2f} of "
+        f"popularity's {baseline:.4f} on the same held-out events"
+    )
+    if algorithm in FEATURE_MODELS:
+        return logging.INFO, f"{what} (expected: it ranks by item features, for cold items)"
+    return (
+        logging.WARNING,
+        f"{what}: on this data it ranks worse than the most popular items. {hint}",
+    )

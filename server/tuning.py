@@ -35,7 +35,7 @@ import numpy as np
 
 from recserve.config import LEARNED_HYBRIDS as HYBRIDS_FILE
 from recserve.data import Dataset
-from recserve.evaluation import Split, evaluate, make_split, ranking_metrics
+from recserve.evaluation import Split, evaluate, make_split, popularity_gap, ranking_metrics
 from recserve.models import Recommender, bundle, create
 from recserve.models.base import Param, TrainingError
 from recserve.models.registry import MODELS
@@ -134,6 +134,14 @@ def score(model: Recommender, split: Split, metric: str, k: int, threshold: floa
     return float(value)
 
 
+def popularity_floor(split: Split, metric: str, k: int, threshold: float | None) -> float | None:
+    """Popularity's `metric` on the split's held-out part, the floor a tuned
+    model should clear; None for a metric popularity does not report (rmse)."""
+    if metric in MINIMIZE:
+        return None
+    return score(create("popularity"), split, metric, k, threshold)
+
+
 @dataclass
 class AlgoResult:
     """One algorithm's search: every trial, the best, the time taken."""
@@ -145,10 +153,12 @@ class AlgoResult:
     default_value: float | None = None
     seconds: float = 0.0
     interrupted: bool = False
+    error: str | None = None  # why it could not be fitted on this data at all
 
     def record(self) -> dict[str, Any]:
         return {
             "algorithm": self.algorithm,
+            "error": self.error,
             "best_params": self.best_params,
             "best_value": self.best_value,
             "default_value": self.default_value,
@@ -216,6 +226,8 @@ def search(
         raise ValueError(f"algo: unknown algorithm {algorithm!r} (known: {', '.join(MODELS)})")
     probe = create(algorithm, **dict(fixed or {}))  # bad fixed params fail before any trial
     fixed = {n: probe.params[n] for n in dict(fixed or {})}  # parsed ("30" -> 30)
+    # What this data cannot support stays at the class's choice (unless given).
+    fixed = {**cls.fixed_by_data(split.train), **fixed}
     params = space(cls, fixed)
     direction = "minimize" if metric in MINIMIZE else "maximize"
     study = optuna.create_study(
@@ -232,15 +244,30 @@ def search(
         model.n_threads = threads
         return model
 
+    unfit: list[ValueError] = []
+
     def objective(trial: Any) -> float:
         values = {n: suggest(trial, n, p) for n, p in params.items()}
         model = make(values)
-        if budget and model.params[budget] >= RUNG:
-            low = make({**values, budget: max(1, model.params[budget] // RUNG)})
-            trial.report(score(low, split, metric, k, threshold), 0)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-        return score(model, split, metric, k, threshold)
+        try:
+            if budget and model.params[budget] >= RUNG:
+                low = make({**values, budget: max(1, model.params[budget] // RUNG)})
+                trial.report(score(low, split, metric, k, threshold), 0)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+            return score(model, split, metric, k, threshold)
+        except TrainingError:  # diverged: a failed trial (optuna's catch below)
+            raise
+        except ValueError as exc:
+            # The data cannot be fitted with these values. On the first trial
+            # (the defaults) that is the algorithm on this data, so the search
+            # stops and says why; later, a corner of the space, skipped.
+            unfit.append(exc)
+            if trial.number == 0:
+                trial.study.stop()
+            else:
+                log.warning("tune %s: trial %d not fitted: %s", algorithm, trial.number, exc)
+            raise optuna.TrialPruned(str(exc)) from None
 
     out = AlgoResult(algorithm)
     n_trials = trials if params else 1
@@ -275,6 +302,8 @@ def search(
             }
         )
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if not complete and unfit and not out.interrupted:
+        raise unfit[0]
     if complete:
         best = study.best_trial
         out.best_params = {**fixed, **best.params}
@@ -533,9 +562,19 @@ def tune(
         timeout = None
         if deadline is not None:
             timeout = max(0.0, deadline - time.monotonic()) / (len(algos) - i)
-        r = search(
-            algo, inner, metric, k, trials, seed, fixed, timeout, threshold, threads, progress
-        )
+        try:
+            r = search(
+                algo, inner, metric, k, trials, seed, fixed, timeout, threshold, threads, progress
+            )
+        except ValueError as exc:
+            if len(algos) == 1:
+                raise
+            # One algorithm this data cannot fit (content without item
+            # features, a metric it does not report) costs the others nothing,
+            # as in evaluate --compare.
+            log.error("tune %s: not searched: %s", algo, exc)
+            results.append(AlgoResult(algo, error=str(exc)))
+            continue
         results.append(r)
         log.info(
             "tune %s: best %s=%s after %d trials (defaults: %s)",
@@ -549,7 +588,8 @@ def tune(
             break
     done = [r for r in results if r.best_value is not None]
     if not done:
-        raise ValueError("tune: no trial completed; nothing published")
+        why = "; ".join(f"{r.algorithm}: {r.error}" for r in results if r.error)
+        raise ValueError(f"tune: no trial completed; nothing published{f' ({why})' if why else ''}")
     best = done[0]
     for r in done[1:]:
         if better(metric, r.best_value, best.best_value):  # type: ignore[arg-type]
@@ -564,6 +604,16 @@ def tune(
         best.best_value,
         test_value,
     )
+    floor = popularity_floor(outer, metric, k, threshold)
+    if floor is not None:
+        hint = (
+            "More trials may close the gap; with popularity among the algorithms "
+            f"(--algo {','.join(dict.fromkeys([*algos, 'popularity']))}) the search "
+            "publishes popularity when nothing beats it"
+        )
+        gap = popularity_gap(name, best.algorithm, metric, test_value, floor, hint)
+        if gap is not None:
+            log.log(*gap)
     model = create(best.algorithm, **best.best_params)
     model.n_threads = threads
     model.fit(ds)  # all the data: what serves
@@ -577,6 +627,7 @@ def tune(
         "validation_events": int(inner.test.nnz),
         "evaluate_test_events": int(outer.test.nnz),  # never seen by the search
         "test": test_value,
+        "popularity_test": floor,  # the same metric, held-out test (None: not ranked)
         "given_split": split is not None,
         "data_fingerprint": ds.fingerprint(),
         "seconds": round(time.perf_counter() - t0, 3),
@@ -601,6 +652,7 @@ def tune(
         "metric": metric,
         "validation": best.best_value,
         "test": test_value,
+        "popularity_test": floor,
         "defaults": {r.algorithm: r.default_value for r in results},
         "best_by_algorithm": {r.algorithm: r.best_value for r in results},
         "trials": {r.algorithm: len(r.trials) for r in results},

@@ -299,6 +299,13 @@ class Recommender(ABC):
             raise NotFittedError(f"{self.algorithm}: fit or load the model first")
         return self.user_items
 
+    @classmethod
+    def fixed_by_data(cls, dataset: Dataset) -> dict[str, Any]:
+        """Parameters a search must leave at these values on `dataset`: settings
+        the data cannot support (a time decay without timestamps), which a
+        trial would only fail on. None by default."""
+        return {}
+
     def fit(self, dataset: Dataset) -> Self:
         """Train on a dataset; returns self."""
         if dataset.nnz == 0:
@@ -779,9 +786,11 @@ class Recommender(ABC):
         dataset: Dataset | None = None,
         make_current: bool = True,
         tuning: Mapping[str, Any] | None = None,
+        baseline: Mapping[str, Any] | None = None,
     ) -> Path:
         """Publish this model as a new bundle version of `name`; returns its folder.
-        `tuning`: the search record of `recserve tune`, kept in the manifest."""
+        `tuning`: the search record of `recserve tune`, kept in the manifest;
+        `baseline`: popularity's metrics on the split `metrics` came from."""
         seen = self._require_fitted()
         assert self.users is not None and self.items is not None
         arrays = {
@@ -811,6 +820,8 @@ class Recommender(ABC):
         }
         if tuning is not None:
             manifest["tuning"] = dict(tuning)
+        if baseline is not None:
+            manifest["baseline"] = dict(baseline)
         return bundle.publish(
             models_dir, name, manifest, arrays, self._files(), make_current=make_current
         )

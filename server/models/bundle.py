@@ -324,6 +324,8 @@ def list_bundles(models_dir: str | Path) -> list[dict[str, Any]]:
                     created=doc.get("created"),
                     metrics=doc.get("metrics", {}),
                 )
+                if "baseline" in doc:  # popularity on the same split (train)
+                    entry["baseline"] = doc["baseline"]
             except BundleError as exc:
                 entry["error"] = str(exc)
         out.append(entry)

@@ -9,7 +9,7 @@ user, so ranking walks one precomputed order, skipping excluded items
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -40,6 +40,11 @@ class Popularity(Recommender):
             search_choices=("count", "value"),
         ),
     }
+
+    @classmethod
+    def fixed_by_data(cls, dataset: Dataset) -> dict[str, Any]:
+        """No time decay to search without timestamps."""
+        return {} if dataset.has_timestamps else {"half_life_days": 0.0}
 
     def _fit(self, dataset: Dataset) -> None:
         m = dataset.interactions
