@@ -75,6 +75,41 @@ def test_temporal_split_holds_out_the_latest(small):
         assert set(s.test[u].indices) == (set(latest) if hi - lo > 2 else set())
 
 
+@pytest.mark.parametrize("value", [False, True])
+def test_without_timestamps_the_temporal_split_holds_out_the_last_rows(tmp_path, value, caplog):
+    # Rows come in an order unrelated to the ids' sort order: the last rows of
+    # each user, not the items whose ids sort last, are held out. A repeated
+    # pair counts at its last row, whether values are kept (last) or summed.
+    rng = np.random.default_rng(4)
+    rows = []
+    for u in range(40):
+        items = rng.choice(60, size=8, replace=False)
+        rows += [(u, int(i)) for i in items]
+    rng.shuffle(rows)
+    rows += [rows[0]]  # a repeat: its pair's latest row is now the file's last
+    body = "".join(
+        f"u{u},i{i:02d}" + (f",{1 + (u + i) % 5}" if value else "") + "\n" for u, i in rows
+    )
+    path = tmp_path / "events.csv"
+    path.write_text(("user,item,rating\n" if value else "user,item\n") + body)
+    ds = load_dataset(str(path))
+    assert not ds.has_timestamps
+    last: dict[int, list[int]] = {}
+    for u, i in rows:  # each user's items by the last row they appear on
+        seq = last.setdefault(u, [])
+        if i in seq:
+            seq.remove(i)
+        seq.append(i)
+    with caplog.at_level("WARNING"):
+        s = split_temporal(ds, n=2)
+    assert "file order stands in for time" in caplog.text
+    for u, seq in last.items():
+        row = ds.users.index(np.array([f"u{u}".encode()], "S"))[0]
+        held = {ds.items.array[j].decode() for j in s.test[row].indices}
+        assert held == {f"i{i:02d}" for i in seq[-2:]}, u
+    assert {f"i{i:02d}" for i in last[rows[0][0]][-2:]} >= {f"i{rows[0][1]:02d}"}
+
+
 def test_user_split_hides_test_users_from_training(small):
     s = split_users(small, 0.2, seed=2)
     held = np.flatnonzero(np.diff(s.test.indptr))

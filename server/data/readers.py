@@ -828,7 +828,12 @@ def _raw(t: pa.Table, user: str, item: str, rating: str | None, ts: str | None) 
         if rating
         else np.ones(n, np.float32)
     )
-    stamps = t.column(ts).to_numpy().astype(np.int64, copy=False) if ts else np.zeros(n, np.int64)
+    # Without a timestamp column an event's position in the file stands in for
+    # its time (has_timestamps stays False): the temporal split holds out each
+    # user's last rows, not the items whose ids sort last, as zeros made it.
+    stamps = (
+        t.column(ts).to_numpy().astype(np.int64, copy=False) if ts else np.arange(n, dtype=np.int64)
+    )
     return Raw(
         t.column(user).combine_chunks(),
         t.column(item).combine_chunks(),
