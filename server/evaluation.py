@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from recserve.data import Dataset
 from recserve.models import create
 from recserve.models.base import Recommender
+from recserve.models.registry import MODELS
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +397,12 @@ def popularity_gap(
     )
     if algorithm in FEATURE_MODELS:
         return logging.INFO, f"{what} (expected: it ranks by item features, for cold items)"
+    if MODELS[algorithm].predicts_ratings:
+        hint = (
+            f"{algorithm} is fitted to predict ratings (its figures are rmse and mae): "
+            "its highest predictions favour items few users rated. To rank, an implicit "
+            "model (als, ease, itemknn) is the usual choice; " + hint
+        )
     return (
         logging.WARNING,
         f"{what}: on this data it ranks worse than the most popular items. {hint}",

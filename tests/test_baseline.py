@@ -107,6 +107,10 @@ def test_the_gap_rule():
     level, text = popularity_gap("m", "content", "ndcg@10", 0.2, 0.5)
     assert level == logging.INFO and "item features" in text
     assert popularity_gap("m", "popularity", "ndcg@10", 0.2, 0.5) is None
+    # a rating model: what it is fitted for, and what ranks
+    level, text = popularity_gap("m", "svd", "ndcg@10", 0.01, 0.5)
+    assert level == logging.WARNING and "predict ratings" in text and "als" in text
+    assert "predict ratings" not in popularity_gap("m", "bpr", "ndcg@10", 0.01, 0.5)[1]
 
 
 def test_tune_records_popularity_on_the_held_out_test(tmp_path, caplog):
