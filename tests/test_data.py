@@ -556,3 +556,17 @@ def test_a_dataset_is_named_by_its_file_unless_the_file_stands_for_its_folder(tm
         write(f, "user,item,rating\n1,10,5\n2,10,3\n")
     assert load_dataset(f).name == want
     assert load_dataset(f.parent).name == f.parent.name
+
+
+def test_relative_paths_name_the_dataset_as_absolute_ones_do(tmp_path, monkeypatch):
+    # `recserve train --data .` published a manifest whose dataset name was "".
+    folder = tmp_path / "shop"
+    write(folder / "interactions.csv", "user,item\n1,10\n2,10\n")
+    write(folder / "ml-100k" / "u1.base", "196\t242\t3\t881250949\n")
+    monkeypatch.chdir(folder)
+    assert load_dataset(".").name == "shop"
+    assert load_dataset("interactions.csv").name == "shop"
+    monkeypatch.chdir(folder / "ml-100k")
+    assert load_dataset("..").name == "shop"
+    assert load_dataset("u1.base").name == "ml-100k/u1.base"
+    assert load_dataset("./u1.base").name == "ml-100k/u1.base"

@@ -16,6 +16,7 @@ import contextlib
 import gzip
 import logging
 import lzma
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,12 +119,16 @@ FOLDER_FILES = frozenset({"u.data", "ratings.dat", "ratings.csv", "interactions.
 
 
 def _dataset_name(path: Path) -> str:
-    """A dataset's name in logs, reports and manifests."""
+    """A dataset's name in logs, reports and manifests. Taken from the absolute
+    path, `.` and `..` spelled out (`--data .` was named ""), symlinks kept."""
+    path = Path(os.path.abspath(path))
     if path.is_dir():
-        return path.name
+        return path.name or "dataset"
     base = base_name(path)
-    if base in FOLDER_FILES or ML100K_SPLIT.fullmatch(base):
-        return path.absolute().parent.name or Path(base).stem
+    if ML100K_SPLIT.fullmatch(base):  # one of ten parts of a folder
+        return f"{path.parent.name}/{base}" if path.parent.name else base
+    if base in FOLDER_FILES:
+        return path.parent.name or Path(base).stem
     return Path(base).stem or base
 
 
@@ -1083,8 +1088,6 @@ def load_dataset(
             weights[r] = meta.weights[i] if meta.weights else [1.0] * len(t)
         features, names = features_matrix(tags, weights)
     name = _dataset_name(p)
-    if p.is_file() and ML100K_SPLIT.fullmatch(base_name(p)):  # one of ten parts of a folder
-        name = f"{name}/{base_name(p)}" if p.parent.name else base_name(p)
     return Dataset(
         interactions=matrix,
         timestamps=stamps,
