@@ -303,7 +303,7 @@ class Recommender(ABC):
     def fixed_by_data(cls, dataset: Dataset) -> dict[str, Any]:
         """Parameters a search must leave at these values on `dataset`: settings
         the data cannot support (a time decay without timestamps), which a
-        trial would only fail on. None by default."""
+        trial would only fail on. Empty by default."""
         return {}
 
     def fit(self, dataset: Dataset) -> Self:
