@@ -397,7 +397,8 @@ def popularity_gap(
     )
     if algorithm in FEATURE_MODELS:
         return logging.INFO, f"{what} (expected: it ranks by item features, for cold items)"
-    if MODELS[algorithm].predicts_ratings:
+    cls = MODELS.get(algorithm)  # None for a hybrid
+    if cls is not None and cls.predicts_ratings:
         hint = (
             f"{algorithm} is fitted to predict ratings (its figures are rmse and mae): "
             "its highest predictions favour items few users rated. To rank, an implicit "

@@ -702,11 +702,22 @@ def tune_hybrid(
     r = fit_weights(cands, metric, k, trials, seed, start, progress)
     if r.best_value is None:
         raise ValueError("tune: no trial completed; nothing written")
+    # Popularity on the same validation events: the floor the blend should clear.
+    floor = popularity_floor(inner, metric, k, None)
+    if floor is not None:
+        hint = (
+            "A blend ranks no better than its best component allows: `recserve evaluate "
+            f"--compare {','.join([*components, 'popularity'])}` shows each on this data"
+        )
+        gap = popularity_gap(name, "hybrid", metric, r.best_value, floor, hint)
+        if gap is not None:
+            log.log(*gap)
     entry = {
         "weights": r.best_params,
         "metric": metric,
         "value": r.best_value,
         "equal_weights_value": _equal_weights_value(r),
+        "popularity_value": floor,
         "components": versions,
         "protocol": protocol,
         "seed": seed,

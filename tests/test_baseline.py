@@ -162,3 +162,20 @@ def test_tune_skips_an_algorithm_the_data_cannot_fit(tmp_path, caplog):
     with pytest.raises(ValueError, match="item features"):
         tuning.tune(ds, ["content"], name="c", models_dir=tmp_path / "m", trials=3, progress=False)
     assert not (tmp_path / "m" / "c").exists()
+
+
+def test_tune_hybrid_records_popularity_on_the_validation_events(tmp_path, caplog):
+    ds = load_dataset(str(head_only(tmp_path / "head.csv")))
+    with caplog.at_level(logging.WARNING):
+        out = tuning.tune_hybrid(
+            ds, ["als", "bpr"], name="hy", models_dir=tmp_path / "m", trials=3, seed=0,
+            metric="ndcg@10", threads=1, progress=False,
+        )  # fmt: skip
+    _, inner = tuning.splits(ds, "random", 0.2, 0, 1)
+    want = tuning.score(create("popularity"), inner, "ndcg@10", 10, None)
+    assert out["popularity_value"] == pytest.approx(want)
+    assert tuning.read_hybrids(tmp_path / "m")["hy"]["popularity_value"] == out["popularity_value"]
+    assert out["value"] < POPULARITY_MARGIN * want, (out["value"], want)  # both fit noise
+    warned = [r for r in caplog.records if "of popularity's" in r.getMessage()]
+    assert len(warned) == 1 and "hy (hybrid)" in warned[0].getMessage()
+    assert "--compare als,bpr,popularity" in warned[0].getMessage()
