@@ -35,7 +35,14 @@ import numpy as np
 
 from recserve.config import LEARNED_HYBRIDS as HYBRIDS_FILE
 from recserve.data import Dataset
-from recserve.evaluation import Split, evaluate, make_split, popularity_gap, ranking_metrics
+from recserve.evaluation import (
+    Split,
+    evaluate,
+    make_split,
+    popularity_baseline,
+    popularity_gap,
+    ranking_metrics,
+)
 from recserve.models import Recommender, bundle, create
 from recserve.models.base import Param, TrainingError
 from recserve.models.registry import MODELS
@@ -139,7 +146,7 @@ def popularity_floor(split: Split, metric: str, k: int, threshold: float | None)
     model should clear; None for a metric popularity does not report (rmse)."""
     if metric in MINIMIZE:
         return None
-    return score(create("popularity"), split, metric, k, threshold)
+    return float(popularity_baseline(split.train, split, [k], threshold)[metric])
 
 
 @dataclass
