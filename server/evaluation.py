@@ -262,12 +262,19 @@ def _relevant(split: Split, threshold: float | None) -> tuple[sp.csr_matrix, np.
     relevant.data = keep.astype(np.float32)
     relevant.eliminate_zeros()
     users = np.flatnonzero(np.diff(relevant.indptr) > 0)
-    if users.size == 0 and threshold is not None and split.test.nnz:
+    if users.size == 0 and split.test.nnz:
         # Said before the fit, which would be wasted.
         values = split.test.data
+        if threshold is not None:
+            raise ValueError(
+                f"threshold: no held-out value is >= {threshold:g} (they range "
+                f"{values.min():g} to {values.max():g}), so no user has a relevant test item"
+            )
+        # Book-Crossing marks implicit events 0; a column of zeros is the same.
         raise ValueError(
-            f"threshold: no held-out value is >= {threshold:g} (they range "
-            f"{values.min():g} to {values.max():g}), so no user has a relevant test item"
+            f"no held-out value is positive (they range {values.min():g} to "
+            f"{values.max():g}), and a held-out event is relevant when its value is > 0; "
+            "evaluate --threshold 0 counts zeros as relevant too"
         )
     return relevant, users
 

@@ -179,6 +179,37 @@ def test_a_held_out_dislike_is_not_relevant(small):
     assert got["metrics"]["recall@20"] == pytest.approx(float(np.mean(recalls)), rel=1e-12)
 
 
+def test_zero_values_are_not_relevant_unless_the_threshold_says_so(small, tmp_path, capsys):
+    # Book-Crossing marks implicit events 0. With every held-out value 0 the
+    # refusal said "no user has a relevant test item", after the fit, without
+    # saying why; now it names the values and the threshold that counts them.
+    import copy
+
+    from recserve.cli import main
+
+    zeros = copy.deepcopy(small)
+    zeros.interactions.data = np.zeros(zeros.nnz, np.float32)
+    fits = []
+
+    class Counting(type(create("popularity"))):
+        def _fit(self, dataset):
+            fits.append(1)
+            super()._fit(dataset)
+
+    with pytest.raises(ValueError, match=r"no held-out value is positive \(they range 0 to 0\)"):
+        evaluate(Counting(), zeros, "random", (10,))
+    assert fits == []  # refused before the fit
+    got = evaluate(create("popularity"), zeros, "random", (10,), threshold=0)
+    split = split_random(zeros, 0.2, seed=0)
+    assert got["metrics"]["users"] == np.count_nonzero(np.diff(split.test.indptr))
+    path = tmp_path / "zeros.csv"
+    path.write_text("user,item,rating\n" + "".join(f"u{i % 40},i{i % 23},0\n" for i in range(600)))
+    assert main(["train", "--data", str(path), "--algo", "als", "--name", "z",
+                 "--models", str(tmp_path / "m")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--threshold 0 counts zeros" in err and "--no-evaluate" in err
+
+
 def test_ml100k_popularity_recall_matches_numpy_reference(ml100k_path):
     ds = load_dataset(ml100k_path)
     got = evaluate(create("popularity"), ds, "random", (20,), fraction=0.2, seed=0)
