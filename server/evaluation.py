@@ -271,10 +271,15 @@ def _relevant(split: Split, threshold: float | None) -> tuple[sp.csr_matrix, np.
                 f"{values.min():g} to {values.max():g}), so no user has a relevant test item"
             )
         # Book-Crossing marks implicit events 0; a column of zeros is the same.
+        way_out = (
+            "evaluate --threshold 0 counts zeros as relevant too"
+            if values.max() == 0
+            else "negative values are dislikes, never relevant"
+        )
         raise ValueError(
             f"no held-out value is positive (they range {values.min():g} to "
             f"{values.max():g}), and a held-out event is relevant when its value is > 0; "
-            "evaluate --threshold 0 counts zeros as relevant too"
+            f"{way_out}"
         )
     return relevant, users
 

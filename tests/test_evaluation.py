@@ -199,6 +199,10 @@ def test_zero_values_are_not_relevant_unless_the_threshold_says_so(small, tmp_pa
     with pytest.raises(ValueError, match=r"no held-out value is positive \(they range 0 to 0\)"):
         evaluate(Counting(), zeros, "random", (10,))
     assert fits == []  # refused before the fit
+    zeros.interactions.data[:] = -1  # all dislikes: no threshold helps
+    with pytest.raises(ValueError, match=r"range -1 to -1.*dislikes, never relevant"):
+        evaluate(Counting(), zeros, "random", (10,))
+    zeros.interactions.data[:] = 0
     got = evaluate(create("popularity"), zeros, "random", (10,), threshold=0)
     split = split_random(zeros, 0.2, seed=0)
     assert got["metrics"]["users"] == np.count_nonzero(np.diff(split.test.indptr))
