@@ -253,7 +253,7 @@ def _cutoffs(ks: Sequence[int]) -> list[int]:
     return out
 
 
-def _relevant(split: Split, threshold: float | None) -> tuple[sp.csr_matrix, np.ndarray]:
+def relevant_events(split: Split, threshold: float | None) -> tuple[sp.csr_matrix, np.ndarray]:
     """The held-out events that count as relevant (0/1), and the users with one."""
     relevant = split.test.copy()
     # Without a threshold every held-out event with a positive value is relevant:
@@ -272,7 +272,7 @@ def _relevant(split: Split, threshold: float | None) -> tuple[sp.csr_matrix, np.
             )
         # Book-Crossing marks implicit events 0; a column of zeros is the same.
         way_out = (
-            "evaluate --threshold 0 counts zeros as relevant too"
+            "evaluate and tune count zeros as relevant with --threshold 0"
             if values.max() == 0
             else "negative values are dislikes, never relevant"
         )
@@ -306,7 +306,7 @@ def evaluate(
     ks = _cutoffs(ks)
     if split is None:
         split = make_split(ds, protocol, fraction, seed, leave_last)
-    relevant, users = _relevant(split, threshold)
+    relevant, users = relevant_events(split, threshold)
     t0 = time.perf_counter()
     model.fit(split.train)
     fit_s = time.perf_counter() - t0
@@ -351,7 +351,7 @@ def compare(
     if split is None:
         split = make_split(ds, protocol, fraction, seed, leave_last)
     _cutoffs(ks)
-    _relevant(split, threshold)
+    relevant_events(split, threshold)
     out: dict[str, dict[str, Any]] = {}
     for label, model in models:
         try:

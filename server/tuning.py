@@ -42,6 +42,7 @@ from recserve.evaluation import (
     popularity_baseline,
     popularity_gap,
     ranking_metrics,
+    relevant_events,
 )
 from recserve.models import Recommender, bundle, create
 from recserve.models.base import Param, TrainingError
@@ -121,6 +122,8 @@ def check_validation(
     test.eliminate_zeros()
     if test.nnz and inner.train.nnz:
         return
+    if inner.test.nnz and inner.train.nnz and metric not in MINIMIZE:
+        relevant_events(inner, threshold)  # events held out, none relevant: says why
     ds = inner.train
     what = "held-out event" if metric in MINIMIZE else "relevant held-out item"
     hint = " or a lower --threshold" if threshold is not None and metric not in MINIMIZE else ""

@@ -211,7 +211,7 @@ def test_zero_values_are_not_relevant_unless_the_threshold_says_so(small, tmp_pa
     assert main(["train", "--data", str(path), "--algo", "als", "--name", "z",
                  "--models", str(tmp_path / "m")]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert "--threshold 0 counts zeros" in err and "--no-evaluate" in err
+    assert "count zeros as relevant with --threshold 0" in err and "--no-evaluate" in err
 
 
 def test_ml100k_popularity_recall_matches_numpy_reference(ml100k_path):

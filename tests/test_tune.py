@@ -211,6 +211,13 @@ def test_data_too_thin_to_validate_on_is_refused_before_any_trial(tmp_path, monk
     # Enough events per user: the same check lets the search run.
     ok = tuning.splits(to_dataset(generate(100, 60, 1_500, seed=1)), "random", 0.2, 0, 1)[1]
     tuning.check_validation(ok, "ndcg@20", None, "random", 0.2)
+    # Events held out but none relevant (every value 0): said so, not "more
+    # events per user"; --threshold 0 lets the search run.
+    ok.test.data[:] = 0
+    ok.train.interactions.data[:] = 0
+    with pytest.raises(ValueError, match=r"no held-out value is positive \(they range 0 to 0"):
+        tuning.check_validation(ok, "ndcg@20", None, "random", 0.2)
+    tuning.check_validation(ok, "ndcg@20", 0.0, "random", 0.2)
 
 
 def test_sigint_keeps_the_best_so_far_and_publishes_whole_bundles(tmp_path):
