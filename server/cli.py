@@ -179,10 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     for action, text in (
         ("list", "list models and versions"),
         ("verify", "check every file of every current bundle"),
+        ("prune", "delete old versions: all but the current one and the --keep newest"),
+        ("rollback", "point current at an older version (verified first); then reload"),
     ):
         p = models.add_parser(action, help=text)
         p.add_argument("--models", required=True, help="models folder")
-        p.add_argument("--name", default=None, help="only this model")
+        p.add_argument(
+            "--name", default=None, required=action == "rollback", help="only this model"
+        )
+        if action == "prune":
+            p.add_argument(
+                "--keep",
+                type=int,
+                default=2,
+                help="versions kept beside the current one, newest first (default 2)",
+            )
+            p.add_argument("--dry-run", action="store_true", help="say what would go")
+        if action == "rollback":
+            p.add_argument(
+                "--version", default=None, help="default: the newest older than the current"
+            )
 
     rec = sub.add_parser("recommend", help="top-k from a bundle, without a server")
     rec.add_argument("--models", required=True)
@@ -648,6 +664,23 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
             raise bundle.BundleError(f"{args.models}: no model named {args.name!r}")
     if args.action == "list":
         return {"models": entries}
+    if args.action == "rollback":
+        out = bundle.rollback(args.models, args.name, args.version)
+        log.info(
+            "%s: current is now %s (was %s); reload the server to serve it",
+            args.name,
+            out["to"],
+            out["from"],
+        )
+        return out
+    if args.action == "prune":
+        pruned = [
+            bundle.prune(args.models, e["name"], args.keep, args.dry_run)
+            for e in entries
+            if e["current"]
+        ]
+        freed = sum(r["bytes"] for p in pruned for r in p["removed"])
+        return {"models": pruned, "freed_bytes": freed, "dry_run": args.dry_run}
     failures = 0
     for e in entries:
         try:

@@ -302,6 +302,67 @@ def bundle_bytes(doc: Mapping[str, Any]) -> int:
     return int(sum(e["bytes"] for e in doc["files"].values()))
 
 
+def versions(model: Path) -> list[str]:
+    """A model folder's version names, oldest first (they are UTC timestamps);
+    hidden folders (a publish or a prune in progress) are none."""
+    return sorted(p.name for p in model.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def current_version(model: Path) -> str | None:
+    """The version a model folder's `current` names (None: nothing published)."""
+    pointer = model / CURRENT
+    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def prune(models_dir: str | Path, name: str, keep: int, dry_run: bool = False) -> dict[str, Any]:
+    """Delete `name`'s old versions: all but the current one and the `keep`
+    newest others (kept to roll back to). A version leaves in one rename
+    (to a hidden folder, then removed), so a loader sees it whole or not at
+    all; a server that has it mapped keeps serving it until its next reload.
+    Without a current version nothing is deleted."""
+    if keep < 0:
+        raise ValueError(f"keep: must be >= 0, got {keep}")
+    model = Path(models_dir) / check_name(name)
+    current = current_version(model)
+    if current is None:
+        raise BundleError(f"{model}: no {CURRENT} version; nothing pruned")
+    others = [v for v in versions(model) if v != current]
+    kept = [current, *others[len(others) - keep :]] if keep else [current]
+    removed = []
+    for v in others[: max(0, len(others) - keep)]:
+        path = model / v
+        size = _folder_bytes(path)
+        if not dry_run:
+            trash = model / f".prune-{v}-{uuid.uuid4().hex[:8]}"
+            os.rename(path, trash)
+            shutil.rmtree(trash)
+        removed.append({"version": v, "bytes": size})
+    if removed and not dry_run:
+        _fsync_dir(model)
+    return {"name": name, "current": current, "kept": sorted(kept), "removed": removed}
+
+
+def rollback(models_dir: str | Path, name: str, version: str | None = None) -> dict[str, Any]:
+    """Point `name`'s `current` at `version` (default: the newest one older than
+    the current), after verifying every file of it; a server switches on its
+    next reload. A version that fails verification is refused, `current`
+    unchanged."""
+    model = Path(models_dir) / check_name(name)
+    current = current_version(model)
+    if version is None:
+        older = [v for v in versions(model) if current is None or v < current]
+        if not older:
+            raise BundleError(f"{model}: no version older than {current} to roll back to")
+        version = older[-1]
+    verify(model / check_name(version), full=True)
+    set_current(models_dir, name, version)
+    return {"name": name, "from": current, "to": version}
+
+
 def list_bundles(models_dir: str | Path) -> list[dict[str, Any]]:
     """Every model under MODELS with its versions and current version."""
     root = Path(models_dir)
@@ -309,12 +370,12 @@ def list_bundles(models_dir: str | Path) -> list[dict[str, Any]]:
     if not root.is_dir():
         return out
     for model in sorted(p for p in root.iterdir() if p.is_dir() and NAME_RE.match(p.name)):
-        versions = sorted(
-            p.name for p in model.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
-        pointer = model / CURRENT
-        current = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
-        entry: dict[str, Any] = {"name": model.name, "current": current, "versions": versions}
+        current = current_version(model)
+        entry: dict[str, Any] = {
+            "name": model.name,
+            "current": current,
+            "versions": versions(model),
+        }
         if current:
             try:
                 doc = read_manifest(model / current)
