@@ -74,6 +74,14 @@ def test_prune_keeps_the_current_and_the_newest_others(data, tmp_path, capsys):
     assert bundle.versions(models / "knn") == knn
 
 
+def test_keeping_more_than_there_is_keeps_all(data, tmp_path):
+    models = tmp_path / "m"
+    pop = publish(data, models, "pop", 4)
+    out = bundle.prune(models, "pop", keep=4)  # 3 others
+    assert out["kept"] == pop and out["removed"] == []
+    assert bundle.versions(models / "pop") == pop
+
+
 def test_prune_refuses_what_it_cannot_do(data, tmp_path, capsys):
     models = tmp_path / "m"
     publish(data, models, "pop", 2)

@@ -331,9 +331,10 @@ def prune(models_dir: str | Path, name: str, keep: int, dry_run: bool = False) -
     if current is None:
         raise BundleError(f"{model}: no {CURRENT} version; nothing pruned")
     others = [v for v in versions(model) if v != current]
-    kept = [current, *others[len(others) - keep :]] if keep else [current]
+    cut = max(0, len(others) - keep)  # others[:cut] go, the newest `keep` stay
+    kept = [current, *others[cut:]]
     removed = []
-    for v in others[: max(0, len(others) - keep)]:
+    for v in others[:cut]:
         path = model / v
         size = _folder_bytes(path)
         if not dry_run:
