@@ -213,3 +213,22 @@ def test_the_shell_client_reloads_and_reports_refused_versions(served, tmp_path,
         with RecommenderClient(srv.target, deadline=5) as rc:
             served_now = {m.name: m.version for m in rc.models()}
         assert served_now["popularity"] == new.name and served_now["itemknn"] != bad.name
+
+
+def test_the_package_exports_the_client_and_loads_it_on_first_use():
+    # `from recserve.clients import RecommenderClient` was an ImportError; the
+    # documented path was recserve.clients.client.
+    import recserve.clients as pkg
+    from recserve.clients import client
+
+    for name in pkg.__all__:
+        assert getattr(pkg, name) is getattr(client, name)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        pkg.Nope  # noqa: B018
+    code = (
+        "import sys, recserve.clients; "
+        "assert 'recserve.clients.client' not in sys.modules; "
+        "from recserve.clients import RecommenderClient; "
+        "assert 'recserve.clients.client' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
