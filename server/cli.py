@@ -948,6 +948,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        # FAISS's loader reports at INFO each SIMD build it tries; on a wheel
+        # without them that is three "Could not load library ...
+        # ModuleNotFoundError" records per process, which read as failures.
+        logging.getLogger("faiss").setLevel(logging.WARNING)
     try:
         result = COMMANDS[args.command](args)
         if result is not None:

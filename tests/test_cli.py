@@ -523,3 +523,23 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_faiss_loader_chatter_only_with_verbose(tmp_path):
+    # FAISS's loader logs each SIMD build it tries at INFO ("Could not load
+    # library with AVX2 support ... ModuleNotFoundError" on a generic wheel):
+    # an operator read them as failures. Quiet by default, shown with -v.
+    data = tmp_path / "d"
+    assert main(["data", "synth", "--users", "60", "--items", "40", "--interactions", "900",
+                 "--out", str(data)]) == 0  # fmt: skip
+
+    def train(*flags: str) -> str:
+        argv = [sys.executable, "-m", "recserve", *flags, "train", "--data", str(data),
+                "--algo", "als", "--param", "index=hnsw", "--param", "iterations=2",
+                "--name", "als", "--models", str(tmp_path / "m"), "--no-evaluate"]  # fmt: skip
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    assert "faiss" not in train()
+    assert "faiss.loader" in train("-v")  # the index was built: FAISS was loaded
