@@ -4,6 +4,7 @@ calls answered), beside the health check's, on the quickstart setup.
 
     python bench/bench_cpu_per_call.py --workdir /tmp/qs
     python bench/bench_cpu_per_call.py --workdir /tmp/qs --models health,popularity,hybrid
+    python bench/bench_cpu_per_call.py --workdir /tmp/qs --models als,als:cold  # cold users
 
 Throughput ratios (bench_traffic.py) mix the server's cost with the client's,
 which shares the machine's cores; this isolates the server's side. The load
@@ -33,7 +34,12 @@ def cpu_seconds(pid: int) -> float:
 
 def measure(pid: int, target: str, model: str, seconds: float) -> tuple[float, float]:
     """(calls per second, server CPU microseconds per call) of one closed loop."""
-    rpc = ["--rpc", "health"] if model == "health" else ["--rpc", "recommend", "--model", model]
+    name, _, shape = model.partition(":")
+    rpc = ["--rpc", "health"] if name == "health" else ["--rpc", "recommend", "--model", name]
+    if shape == "cold":  # unknown users, each with a 10-item history (folded in)
+        rpc += ["--cold", "1", "--items", "1:2500"]
+    elif shape:
+        raise SystemExit(f"--models: unknown call shape {shape!r} in {model!r} (known: cold)")
     c0 = cpu_seconds(pid)
     out = subprocess.run(
         [sys.executable, "-m", "recserve.clients.bench", "--target", target, *rpc,
