@@ -178,6 +178,11 @@ class AlgoResult:
         }
 
 
+def _short(v: Any) -> str:
+    """A trial's value or parameter for the log: floats to 4 significant digits."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 class _Bar:
     """A tqdm bar per search showing the best value so far (on stderr, when a
     tty); without a terminal, one log line per trial instead. The models'
@@ -200,13 +205,19 @@ class _Bar:
             best = study.best_value
             self.bar.set_postfix(best=f"{best:.4f}", refresh=False)
         if self.bar.disable:
+            # What was tried and how long it took, so a slow or poor region of
+            # the search is visible in the log while it runs.
+            seconds = trial.duration.total_seconds() if trial.duration is not None else 0.0
+            params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
             log.info(
-                "%s: trial %d %s value=%s best=%s",
+                "%s: trial %d %s value=%s best=%s (%.1fs%s)",
                 self.desc,
                 trial.number,
                 trial.state.name.lower(),
-                trial.value,
-                best,
+                _short(trial.value),
+                _short(best),
+                seconds,
+                f"; {params}" if params else "",
             )
 
     def close(self) -> None:
@@ -590,9 +601,9 @@ def tune(
             "tune %s: best %s=%s after %d trials (defaults: %s)",
             algo,
             metric,
-            r.best_value,
+            _short(r.best_value),
             len(r.trials),
-            r.default_value,
+            _short(r.default_value),
         )
         if r.interrupted:
             break

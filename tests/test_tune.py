@@ -5,7 +5,9 @@ so far, and learned hybrid weights that `serve` uses."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -539,3 +541,20 @@ def test_a_reload_serves_the_hybrid_weights_tune_wrote_last(tiny, tmp_path, capl
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         status = check(health_pb2.HealthCheckRequest(service="model/mix"), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_each_trial_is_logged_with_its_parameters_and_time(tiny, tmp_path, caplog):
+    # Without a terminal (no bar) one line per trial: what was tried and how
+    # long it took, so a slow or poor region of the search shows while it runs.
+    caplog.set_level(logging.INFO, logger="recserve.tuning")
+    out = tuning.tune(tiny, ["itemknn"], name="t", models_dir=tmp_path, trials=3, seed=2,
+                      threads=1, progress=False)  # fmt: skip
+    trials = bundle.read_manifest(out["path"])["tuning"]["algorithms"][0]["trials"]
+    lines = [r.getMessage() for r in caplog.records if ": trial " in r.getMessage()]
+    assert len(lines) == len(trials) == 3
+    for line, t in zip(lines, trials, strict=True):
+        assert line.startswith(f"tune itemknn: trial {t['number']} {t['state']} ")
+        assert re.search(r"\(\d+\.\ds; ", line), line
+        for name, value in t["params"].items():
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            assert f" {name}={shown}" in line, (name, line)
