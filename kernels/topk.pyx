@@ -858,23 +858,27 @@ cdef int keep_best(int* ci, float* cv, int m, int kk, float* tmp) noexcept nogil
 
 
 cdef int gather_best(const float* row, int n, int kk, int cap, int* ci, float* cv,
-                     float* tmp) noexcept nogil:
-    """The kk best entries of a dense row (NaN never), unordered, into ci / cv
-    (cap >= kk + 16 slots; tmp: cap floats of scratch); returns how many
-    (min(kk, non-NaN)). The kk-th best of an evenly spaced sample sets a floor
-    about 2 kk entries reach; one branch-free pass gathers those, and one
-    partial selection over them finds the kk best. When fewer than kk reach
-    the floor every non-NaN entry is gathered instead."""
+                     float* tmp, float least) noexcept nogil:
+    """The kk best entries >= least of a dense row (NaN never), unordered, into
+    ci / cv (cap >= kk + 16 slots; tmp: cap floats of scratch); returns how
+    many (min(kk, non-NaN entries >= least)). The kk-th best of an evenly
+    spaced sample sets a floor about 2 kk entries reach; one branch-free pass
+    gathers those, and one partial selection over them finds the kk best.
+    When fewer than kk reach the floor every entry >= least is gathered
+    instead. least = -inf: every entry; the smallest positive float: the
+    entries > 0 only (blocks of 8 with none are skipped)."""
     cdef int r = 256 if n > 256 else n
     cdef int q = <int>((2 * <long long>kk * r) // n) + 1 if n > 0 else 1
     cdef int m
     cdef bint cut
-    cdef float tv = -INFINITY  # no sample (a short row): every non-NaN entry
+    cdef float tv = least  # no sample (a short row): every entry >= least
     if q < r:
         tv = sample_floor(row, NULL, n, r, q)
+        if not tv >= least:
+            tv = least
     m = gather_floor(row, n, kk, cap, tv, ci, cv, &cut)
-    if m < kk and tv > -INFINITY:
-        m = gather_floor(row, n, kk, cap, -INFINITY, ci, cv, &cut)
+    if m < kk and tv > least:
+        m = gather_floor(row, n, kk, cap, least, ci, cv, &cut)
     if m > kk:
         if cut:
             nth_best(ci, cv, m, kk - 1)
@@ -885,16 +889,20 @@ cdef int gather_best(const float* row, int n, int kk, int cap, int* ci, float* c
 
 
 cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weights,
-                          int n_cand, int k, int cap, int* ci, float* cv, float* tmp,
-                          double* total, unsigned char* touched, int* listed, int* hi,
-                          double* hv, int* out_idx, double* out_val, int* counts) noexcept nogil:
+                          const unsigned char* positive, int n_cand, int k, int cap, int* ci,
+                          float* cv, float* tmp, double* total, unsigned char* touched,
+                          int* listed, int* hi, double* hv, int* out_idx, double* out_val,
+                          int* counts) noexcept nogil:
     """blend_dense's work; scratch total / touched zeroed on entry and on exit."""
     cdef int c, j, m, t, nt = 0, size = 0, item
     cdef const float* row
     cdef double lo, top, v, span
+    cdef float least
+    cdef float tiny = nextafterf(0.0, INFINITY)  # x >= tiny: x > 0
     for c in range(n_rows):
         row = S + <long long>c * n
-        m = gather_best(row, n, n_cand, cap, ci, cv, tmp)
+        least = tiny if positive != NULL and positive[c] else -INFINITY
+        m = gather_best(row, n, n_cand, cap, ci, cv, tmp, least)
         counts[c] = m
         if m == 0:
             continue
@@ -958,17 +966,28 @@ def _blend_accumulators(int n):
     return acc
 
 
-def blend_dense(scores, weights, int n_cand, int k):
+def blend_dense(scores, weights, int n_cand, int k, positive=None):
     """The hybrid blend of dense component rows (serving.blend.blend_rows's
     answer): row c's candidates are its n_cand best entries (NaN never, ties
-    by lower index), min-max normalised over those candidates (all equal -> 1),
-    weighted by weights[c] and summed per item in row order (float64); returns
-    the k best (rows int32, sums float64), ties by lower row, and each row's
-    number of candidates (int32; 0: the row had no eligible entry)."""
+    by lower index; where positive[c] is set, entries > 0 only: a
+    neighbourhood row's items its evidence reached), min-max normalised over
+    those candidates (all equal -> 1), weighted by weights[c] and summed per
+    item in row order (float64); returns the k best (rows int32, sums
+    float64), ties by lower row, and each row's number of candidates (int32;
+    0: the row had no eligible entry)."""
     check_array(scores, "scores", np.float32, 2)
     check_array(weights, "weights", np.float64, 1)
     if weights.shape[0] != scores.shape[0]:
         raise ValueError(f"weights: {weights.shape[0]} entries for {scores.shape[0]} rows")
+    cdef const unsigned char[::1] P
+    cdef const unsigned char* pp = NULL
+    if positive is not None:
+        check_array(positive, "positive", np.uint8, 1)
+        if positive.shape[0] != scores.shape[0]:
+            raise ValueError(f"positive: {positive.shape[0]} entries for {scores.shape[0]} rows")
+        if positive.shape[0]:
+            P = positive
+            pp = &P[0]
     if n_cand <= 0:
         raise ValueError(f"n_cand: must be positive, got {n_cand}")
     if k < 0:
@@ -1008,8 +1027,8 @@ def blend_dense(scores, weights, int n_cand, int k):
         if ci == NULL or cv == NULL or listed == NULL or hi == NULL or hv == NULL:
             failed = True
         else:
-            m = blend_rows_nogil(&S[0, 0], c, n, &W[0], kk, k, cap, ci, cv, cv + cap, &TT[0],
-                                 &TO[0], listed, hi, hv, &oi[0], &ov[0], &CN[0])
+            m = blend_rows_nogil(&S[0, 0], c, n, &W[0], pp, kk, k, cap, ci, cv, cv + cap,
+                                 &TT[0], &TO[0], listed, hi, hv, &oi[0], &ov[0], &CN[0])
         free(ci)
         free(cv)
         free(listed)

@@ -417,6 +417,8 @@ def candidates(models: Mapping[str, Recommender], split: Split, n: int) -> Candi
             it, sc = model.recommend_histories(split.fold_in[users], min(n, model.n_items))
         else:
             it, sc = model.recommend(users, min(n, model.n_items))
+        if model.sparse_scores:  # as the server blends: only the items its evidence reached
+            it = np.where(sc > 0, it, -1)
         names.append(name)
         items.append(it.astype(np.int64))
         scores.append(_minmax_rows(it, sc))

@@ -289,16 +289,20 @@ def test_a_learned_hybrid_is_served_with_its_weights(tiny, tmp_path):
     assert load_config(toml).hybrids["mix"].weights == {"als": 1.0, "itemknn": 0.0}
 
     # An independent numpy blend of the loaded components' top 100 (the server
-    # blends max(3k, 100) candidates): min-max each, weight, sum, best first.
+    # blends max(3k, 100) candidates; item-kNN's are the items its evidence
+    # reached, score > 0): min-max each, weight, sum, best first.
     loaded = {n: bundle_model(models, n) for n in ("als", "itemknn")}
     user = tiny.users.get("12")
     total = np.zeros(tiny.n_items)
     touched = np.zeros(tiny.n_items, bool)
     for n, m in loaded.items():
         items, scores = m.recommend([user], 100)
-        s = scores[0].astype(np.float64)
-        total[items[0]] += weights[n] * (s - s.min()) / (s.max() - s.min())
-        touched[items[0]] = True
+        items, s = items[0], scores[0].astype(np.float64)
+        if n == "itemknn":
+            assert (s <= 0).any()  # fewer than 100 reached: the rule matters here
+            items, s = items[s > 0], s[s > 0]
+        total[items] += weights[n] * (s - s.min()) / (s.max() - s.min())
+        touched[items] = True
     order = [j for j in np.lexsort((np.arange(tiny.n_items), -total)) if touched[j]][:10]
     want = [(tiny.items.ids(np.array([j]))[0], total[j]) for j in order]
     with running(models, hybrids=cfg.hybrids) as srv:

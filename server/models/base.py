@@ -220,6 +220,13 @@ class Recommender(ABC):
     # user than one call each (a FAISS search or a BLAS product over factor
     # rows): the asyncio server's dynamic batching coalesces concurrent calls.
     batches_well: ClassVar[bool] = False
+    # True when a score sums the evidence that reaches an item (neighbourhood
+    # models, EASE: history x similarity), so exactly 0 means nothing reached
+    # it, not a low score: the service never ranks such items by index. A
+    # user reaching no item is answered as a cold one (fallbacks, popularity),
+    # unreached items that fill an answer come by popularity, and a hybrid
+    # takes only the reached items (score > 0) as this component's candidates.
+    sparse_scores: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.params_spec))

@@ -49,6 +49,9 @@ class EASE(Recommender):
         "binary": Param(bool, True, "use interactions as 0/1"),
         "max_memory_gb": Param(float, 4.0, "refuse catalogues whose solve needs more", min=0),
     }
+    # history x B: items of another connected component than the history's get
+    # exactly 0 (the solve keeps its block structure), no evidence either way
+    sparse_scores = True
 
     @property
     def weighs_by_value(self) -> bool:  # type: ignore[override]

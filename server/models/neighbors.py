@@ -105,6 +105,7 @@ class _Neighbourhood(Recommender):
     sim: sp.csr_matrix
     ranks_from_history = True
     weighs_by_value = True  # a history's values times the similarities
+    sparse_scores = True  # 0: no neighbour of the history reaches the item
     # > 0: values weigh as log1p(|value| / value_median) in the similarity and in
     # every history (training rows and fold-ins alike); 0: as they are (and for
     # bundles written before the log scale existed).

@@ -56,11 +56,17 @@ def blend_rows(
 
 
 def blend_dense(
-    rows: np.ndarray, weights: Sequence[float], n_cand: int, k: int
+    rows: np.ndarray,
+    weights: Sequence[float],
+    n_cand: int,
+    k: int,
+    positive: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`blend_rows` of components given as dense score rows (components x
     items, float32, NaN = not eligible) whose candidates are each row's n_cand
-    best entries: selection, normalisation, sums and the top k in one kernel
-    pass (kernels.topk.blend_dense). Returns (rows int32, sums float64, each
-    component's number of candidates: 0 when it had none, as an empty part)."""
-    return topk.blend_dense(rows, np.asarray(weights, np.float64), n_cand, k)
+    best entries (only those > 0 where positive[c], uint8: a `sparse_scores`
+    model's reached items): selection, normalisation, sums and the top k in
+    one kernel pass (kernels.topk.blend_dense). Returns (rows int32, sums
+    float64, each component's number of candidates: 0 when it had none, as an
+    empty part)."""
+    return topk.blend_dense(rows, np.asarray(weights, np.float64), n_cand, k, positive)

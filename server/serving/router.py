@@ -167,6 +167,8 @@ class _Plan:
     new_users: tuple[bool, ...]
     weights: np.ndarray
     version: str
+    # per component, 1 where only its items > 0 are candidates (sparse_scores)
+    positive: np.ndarray
 
     @classmethod
     def build(cls, hy: Hybrid, cfg: ServerConfig, catalog: Catalog, generation: int) -> _Plan:
@@ -198,6 +200,7 @@ class _Plan:
             tuple(new_users),
             np.array([w for w, _ in comps], np.float64),
             ",".join(f"{s.name}@{s.version}" for _, s in comps),
+            np.array([s.model.sparse_scores for _, s in comps], np.uint8),  # type: ignore[union-attr]
         )
 
 
@@ -410,6 +413,8 @@ class Router:
         check()
         items, scores = m.recommend_user(user, q.k, filter_seen=not q.include_seen)
         stages["retrieve"] += time.perf_counter() - t2
+        if m.sparse_scores and scores.size and scores[-1] <= 0:
+            return None  # items its evidence did not reach: the general path orders them
         return self.plain_answer(slot, q, user, items, scores, stages, check)
 
     def plain_target(self, q: RecQuery) -> tuple[Slot, int] | None:
@@ -497,9 +502,20 @@ class Router:
         return idx_r, val_r
 
     def _serve(
-        self, slot: Slot, q: RecQuery, k: int, check: Check, stages: dict[str, float]
+        self,
+        slot: Slot,
+        q: RecQuery,
+        k: int,
+        check: Check,
+        stages: dict[str, float],
+        component: bool = False,
     ) -> _Served | None:
-        """One real model's top-k for the request; None when it cannot serve this user."""
+        """One real model's top-k for the request; None when it cannot serve this
+        user. A `sparse_scores` model's items its evidence did not reach (score
+        0) are never ranked by index: as a hybrid's `component` its answer keeps
+        only the reached items (score > 0); otherwise a user reaching none is
+        None (answered as a cold one) and unreached items fill the answer by
+        popularity (_by_popularity)."""
         m = slot.model
         assert m is not None and m.items is not None and m.users is not None
         t = time.perf_counter()
@@ -518,9 +534,58 @@ class Router:
             return _Served(slot, empty, np.zeros(0, np.float32), user, None)
         check()
         try:
-            return self._retrieve(slot, q, k, user, extra_idx, extra_val, excl, cand)
+            s = self._retrieve(slot, q, k, user, extra_idx, extra_val, excl, cand)
+            if s is None or not (m.sparse_scores and s.scores.size and s.scores[-1] <= 0):
+                return s
+            if component:
+                keep = s.scores > 0
+                return _Served(slot, s.items[keep], s.scores[keep], s.user, s.row)
+            return self._by_popularity(s, q, excl, cand)
         finally:
             stages["retrieve"] += time.perf_counter() - t2
+
+    def _by_popularity(
+        self, s: _Served, q: RecQuery, excl: np.ndarray, cand: np.ndarray | None
+    ) -> _Served | None:
+        """A `sparse_scores` answer whose tail holds items scored 0 or less
+        (sorted: reached items > 0, unreached = 0, then < 0): None when no item
+        has a positive score (the user's evidence reaches nothing eligible: a
+        cold user to this model); otherwise the unreached items are replaced by
+        the most popular eligible unreached ones (training counts, ties by
+        index), where the kernel's top-k took the first by index. Same length,
+        their scores stay 0; negative ones follow if room is left."""
+        scores = s.scores
+        pos = int(np.count_nonzero(scores > 0))
+        if pos == 0:
+            return None
+        n = scores.size
+        neg = pos + int(np.count_nonzero(scores == 0))
+        m = s.slot.model
+        assert m is not None
+        pool = self._pool(0, m.n_items)
+        buf = pool.take()
+        try:
+            fs = not q.include_seen
+            ok = m.dense_user(s.user, buf, fs) if s.row is None else m.dense_history(s.row, buf, fs)
+            if not ok:
+                return s
+            if cand is not None:
+                keep = buf[cand]
+                buf.fill(np.nan)
+                buf[cand] = keep
+            if excl.size:
+                buf[excl] = np.nan
+            order = s.slot.popular_order()
+            unreached = order[buf[order] == 0][: n - pos]
+        finally:
+            pool.give(buf)
+        rest = n - pos - unreached.size
+        fill = unreached.astype(s.items.dtype)
+        items = np.concatenate([s.items[:pos], fill, s.items[neg:][:rest]])
+        vals = np.concatenate(
+            [scores[:pos], np.zeros(unreached.size, scores.dtype), scores[neg:][:rest]]
+        )
+        return _Served(s.slot, items, vals, s.user, s.row)
 
     def _retrieve(self, slot, q, k, user, extra_idx, extra_val, excl, cand) -> _Served | None:
         """The model's top-k for a resolved user (known row, or history to fold in)."""
@@ -648,7 +713,8 @@ class Router:
         for w, slot in self._plan(hy).comps:
             assert slot.model is not None
             check()
-            served = self._serve(slot, q, min(n, max(slot.model.n_items, 1)), check, stages)
+            k_c = min(n, max(slot.model.n_items, 1))
+            served = self._serve(slot, q, k_c, check, stages, component=True)
             if served is not None and served.items.size:
                 parts.append((w, served))
         if not parts:
@@ -699,8 +765,9 @@ class Router:
             known = None
             # (weight, slot, the user's index or -1 when folded in, the folded row)
             used: list[tuple[float, Slot, int, sp.csr_matrix | None]] = []
+            picked: list[int] = []  # their positions in comps
             filter_seen = not q.include_seen
-            for (w, slot), new_users in zip(comps, plan.new_users, strict=True):
+            for c, ((w, slot), new_users) in enumerate(zip(comps, plan.new_users, strict=True)):
                 check()  # between components too: a passed deadline stops the work
                 m = slot.model
                 assert m is not None and m.users is not None
@@ -745,14 +812,16 @@ class Router:
                 if excl is not None and excl.size:
                     out[excl] = np.nan
                 used.append((w, slot, -1 if row is not None else u, row))
+                picked.append(c)
             t3 = time.perf_counter()
             stages["retrieve"] += t3 - t2
             if not used:
                 return None
             n_cand = min(max(3 * q.k, 100), n)
             every = len(used) == len(comps)
-            weights = plan.weights if every else np.array([c[0] for c in used], np.float64)
-            items, scores, counts = blend_dense(rows[: len(used)], weights, n_cand, q.k)
+            weights = plan.weights if every else plan.weights[picked]
+            positive = plan.positive if every else plan.positive[picked]
+            items, scores, counts = blend_dense(rows[: len(used)], weights, n_cand, q.k, positive)
             out_r = Ranked.of(first, items, scores, "")
             per_row = counts.tolist()  # a list: numpy's all() on 3 ints cost ~1.5 us a call
             if every and all(per_row):
@@ -848,6 +917,7 @@ class Router:
         check_id("version", version)
         asked, start, arm = self._target(model, item_id)
         any_ready = False
+        empty: Ranked | None = None  # the first model that knows the item, with no neighbour
         for name, entry in self._chain(start):
             any_ready = True
             check()
@@ -858,7 +928,12 @@ class Router:
             if out is not None:
                 out.model, out.arm = asked, arm
                 out.served_by = "" if name == start else name
-                return _pinned(out, version)
+                if len(out):  # not item_ids: the answer's bytes never need the strings
+                    return _pinned(out, version)
+                if empty is None:
+                    empty = out
+        if empty is not None:  # known, but similar to nothing: no fabricated neighbours
+            return _pinned(empty, version)
         if not any_ready:
             raise RequestError(
                 "UNAVAILABLE",
@@ -893,23 +968,36 @@ class Router:
         if idx < 0:
             return None
         try:
-            return m.similar_items(idx, min(k, max(m.n_items - 1, 1)))
+            items, scores = m.similar_items(idx, min(k, max(m.n_items - 1, 1)))
         except NotImplementedError:
             return None
+        if m.sparse_scores and scores.size and scores[-1] <= 0:
+            keep = scores > 0  # 0: no shared user or feature, not a weak likeness
+            items, scores = items[keep], scores[keep]
+        return items, scores
 
     def _similar_hybrid(self, hy: Hybrid, item_id: str, k: int) -> Ranked | None:
         n = max(3 * k, 100)
         parts: list[tuple[float, Slot, np.ndarray, np.ndarray]] = []
+        known: Slot | None = None  # a component that knows the item
         for name, w in hy.weights.items():
             slot = self.catalog.get(name)
             if w <= 0 or slot is None:
                 continue
             found = self._similar_rows(slot, item_id, n)
-            if found is None or not found[0].size:
+            if found is None:
                 continue
-            parts.append((w, slot, found[0], found[1]))
+            if known is None:
+                known = slot
+            if found[0].size:
+                parts.append((w, slot, found[0], found[1]))
         if not parts:
-            return None
+            if known is None:
+                return None
+            assert known.model is not None and known.model.items is not None
+            none = np.zeros(0, np.int32)
+            version = f"{known.name}@{known.version}"
+            return Ranked.of(known.model.items, none, none.astype(np.float32), version)
         version = ",".join(f"{s.name}@{s.version}" for _, s, _, _ in parts)
         first = parts[0][1].model.items  # type: ignore[union-attr]
         if all(_same_items(first, s.model.items) for _, s, _, _ in parts[1:]):  # type: ignore[union-attr]

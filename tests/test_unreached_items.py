@@ -1,0 +1,219 @@
+"""Items a neighbourhood model's evidence does not reach (score exactly 0: no
+co-occurrence with the history) are never ranked by index. Before, a user
+whose only item was seen by no one else got the catalogue's first items in id
+order from itemknn, userknn, rp3beta and EASE, and a hybrid gave such a
+component's all-zero row the full weight of its first 100 items.
+
+The reference here is independent of the models: which items co-occur with a
+history in the training data, and the training counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recserve.config import Hybrid, ServerConfig
+from recserve.data import load_dataset
+from recserve.feedback import OnlineState
+from recserve.models import create
+from recserve.serving import Catalog, RecQuery, Router
+
+SPARSE = ["itemknn", "userknn", "rp3beta", "ease"]
+K = 10
+
+
+def _events() -> list[tuple[str, str]]:
+    """A Zipf-popular main block, plus:
+    - `lonely` saw `rare`, which no one else saw (reaches nothing);
+    - `partial` saw `p`, which co-occurs (through `pal`) with `q1`, `q2` only;
+    - `duo` saw `d1`, `d2`, which co-occur with each other only (both seen)."""
+    rng = np.random.default_rng(7)
+    p = 1.0 / np.arange(1, 201) ** 0.9
+    p /= p.sum()
+    # the popular items sort last by id: index order is not popularity order
+    out = [
+        (f"u{u}", f"i{199 - i:03d}")
+        for u in range(600)
+        for i in rng.choice(200, 10, replace=False, p=p)
+    ]
+    out += [("lonely", "rare"), ("partial", "p"), ("pal", "p"), ("pal", "q1"), ("pal", "q2")]
+    out += [("duo", "d1"), ("duo", "d2")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    path = tmp_path_factory.mktemp("unreached") / "events.csv"
+    rows = [f"{u},{i},1,{t}" for t, (u, i) in enumerate(_events())]
+    path.write_text("user,item,rating,timestamp\n" + "\n".join(rows) + "\n")
+    return load_dataset(str(path))
+
+
+def _router(ds, root: Path, fallback: tuple[str, ...]) -> Router:
+    for algo in [*SPARSE, "als", "popularity"]:
+        params = {"factors": 8, "iterations": 5} if algo == "als" else {}
+        create(algo, **params).fit(ds).save(root, algo, dataset=ds)
+    hybrids = {"als+itemknn": Hybrid("als+itemknn", {"als": 0.15, "itemknn": 0.85})}
+    cfg = ServerConfig(models=str(root), hybrids=hybrids, fallback=fallback)
+    catalog = Catalog(cfg.models)
+    catalog.start()
+    catalog.wait(120)
+    return Router(cfg, catalog, OnlineState())
+
+
+@pytest.fixture(scope="module")
+def router(ds, tmp_path_factory):
+    r = _router(ds, tmp_path_factory.mktemp("models"), ("popularity",))
+    yield r
+    r.catalog.close()
+
+
+def popular(ds, banned: set[str], k: int) -> list[str]:
+    """The k most-interacted training items not in `banned`, ties by lower index."""
+    x = ds.interactions
+    counts = np.bincount(x.indices, minlength=x.shape[1])
+    order = np.lexsort((np.arange(counts.size), -counts))
+    ids = ds.items.ids(order)
+    return [i for i in ids if i not in banned][:k]
+
+
+@pytest.mark.parametrize("algo", SPARSE)
+def test_a_user_whose_history_reaches_nothing_is_answered_as_a_cold_one(router, ds, algo):
+    want = popular(ds, {"rare"}, K)
+    known = router.recommend(RecQuery(user_id="lonely", k=K, model=algo))
+    cold = router.recommend(RecQuery(user_id="new", history=[("rare", 1.0)], k=K, model=algo))
+    for got in (known, cold):
+        assert got.served_by == "popularity", algo
+        assert got.item_ids == want, algo
+    # every item it reaches is seen: nothing eligible has evidence either
+    duo = router.recommend(RecQuery(user_id="duo", k=K, model=algo))
+    assert duo.served_by == "popularity" and duo.item_ids == popular(ds, {"d1", "d2"}, K)
+
+
+@pytest.mark.parametrize("algo", SPARSE)
+def test_unreached_items_fill_an_answer_by_popularity(router, ds, algo):
+    reached = {"q1", "q2"}  # what `p` co-occurs with
+    for q in (
+        RecQuery(user_id="partial", k=K, model=algo),
+        RecQuery(user_id="new", history=[("p", 1.0)], k=K, model=algo),
+    ):
+        got = router.recommend(q)
+        assert got.served_by == "", algo
+        assert set(got.item_ids[:2]) == reached, algo
+        assert all(s > 0 for s in got.scores[:2]) and got.scores[2:] == [0.0] * (K - 2)
+        assert got.item_ids[2:] == popular(ds, {"p", *reached}, K - 2), algo
+    # exclusions and candidates hold on the filled part too
+    top = popular(ds, {"p", *reached}, 3)
+    got = router.recommend(RecQuery(user_id="partial", k=K, model=algo, exclude=top[:2]))
+    assert got.item_ids[2:] == popular(ds, {"p", *reached, *top[:2]}, K - 2)
+    pool = ["q2", top[2], top[0], "i050"]
+    got = router.recommend(RecQuery(user_id="partial", k=3, model=algo, candidates=pool))
+    assert got.item_ids == ["q2", top[0], top[2]]
+    # include_seen: `p` itself is reached (its self-similarity) or filled, never dropped
+    got = router.recommend(RecQuery(user_id="partial", k=K, model=algo, include_seen=True))
+    assert len(got.item_ids) == K and reached <= set(got.item_ids)
+
+
+def test_users_with_full_evidence_keep_the_models_ranking(router, ds):
+    for algo in SPARSE:
+        m = router.catalog.get(algo).model
+        for uid in ("u1", "u17", "u300"):
+            items, scores = m.recommend([m.users.get(uid)], K)
+            got = router.recommend(RecQuery(user_id=uid, k=K, model=algo))
+            assert scores[0][-1] > 0 and got.item_ids == m.items.ids(items[0]), (algo, uid)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_hybrid_takes_only_the_items_a_component_reached(router, ds, dense):
+    real = router._hybrid_dense
+    if not dense:
+        router._hybrid_dense = lambda *a: None  # type: ignore[method-assign]
+    try:
+        # itemknn reaches nothing for `lonely`: the blend is ALS's ranking alone,
+        # not ALS re-ranked inside itemknn's first 100 items by index
+        got = router.recommend(RecQuery(user_id="lonely", k=K, model="als+itemknn"))
+        als = router.recommend(RecQuery(user_id="lonely", k=K, model="als"))
+        assert got.served_by == "" and got.version.startswith("als@")
+        assert got.item_ids == als.item_ids
+        # `partial`: itemknn's candidates are q1 and q2 alone, each ahead of ALS's picks
+        got = router.recommend(RecQuery(user_id="partial", k=K, model="als+itemknn"))
+        assert set(got.item_ids[:2]) == {"q1", "q2"}
+        assert (
+            got.item_ids[2:]
+            == [i for i in als_for(router, "partial") if i not in {"q1", "q2"}][: K - 2]
+        )
+    finally:
+        router._hybrid_dense = real  # type: ignore[method-assign]
+
+
+def als_for(router: Router, uid: str) -> list[str]:
+    return router.recommend(RecQuery(user_id=uid, k=K + 2, model="als")).item_ids
+
+
+def test_similar_items_are_only_the_ones_that_share_evidence(ds, tmp_path):
+    router = _router(ds, tmp_path, ())  # no fallback with an item similarity
+    try:
+        for algo in ("itemknn", "rp3beta"):
+            got = router.similar("p", K, algo)
+            assert set(got.item_ids) == {"q1", "q2"} and min(got.scores) > 0, algo
+            # known, similar to nothing: an empty answer, not NOT_FOUND or index order
+            got = router.similar("rare", K, algo)
+            assert got.item_ids == [] and got.served_by == "", algo
+        got = router.similar("rare", K, "als+itemknn")  # ALS still places it
+        assert len(got.item_ids) == K and got.version.startswith("als@")
+    finally:
+        router.catalog.close()
+
+
+@pytest.mark.parametrize("n", [40, 3000])
+def test_the_blend_kernel_takes_only_positive_entries_where_asked(n):
+    # Reference: blend_rows (numpy) over each row's n_cand best entries, taken
+    # among the entries > 0 for the rows flagged positive.
+    from recserve.serving.blend import blend_dense, blend_rows
+
+    rng = np.random.default_rng(n)
+    rows = rng.standard_normal((3, n)).astype(np.float32)
+    rows[0, rng.random(n) < 0.9] = 0.0  # a sparse row: few reached items
+    rows[1, rng.random(n) < 0.1] = np.nan
+    rows[2] = 0.0  # reached nothing
+    weights = [0.5, 0.3, 0.2]
+    for positive in ([1, 0, 1], [1, 1, 1], [0, 0, 0]):
+        for n_cand, k in ((10, 5), (100, 10), (n, n)):
+            parts = []
+            for c in range(3):
+                r = rows[c]
+                ok = ~np.isnan(r) & ((r > 0) if positive[c] else True)
+                idx = np.flatnonzero(ok)
+                idx = idx[np.lexsort((idx, -r[idx]))][:n_cand]
+                if idx.size:
+                    parts.append((weights[c], idx, r[idx]))
+            want_i, want_s = blend_rows(parts, k, n)
+            got_i, got_s, counts = blend_dense(
+                rows, weights, n_cand, k, np.array(positive, np.uint8)
+            )
+            np.testing.assert_array_equal(got_i, want_i)
+            np.testing.assert_allclose(got_s, want_s, rtol=1e-12)
+            if positive[2]:
+                assert counts[2] == 0
+    with pytest.raises(ValueError, match="positive"):
+        blend_dense(rows, weights, 10, 5, np.ones(2, np.uint8))
+
+
+def test_hybrid_tuning_blends_only_the_reached_items_as_the_server(ds):
+    import scipy.sparse as sp
+
+    from recserve import tuning
+    from recserve.evaluation import Split
+
+    users = [ds.users.get(u) for u in ("lonely", "partial", "u3")]
+    held = ds.items.index(["i199", "i199", "i000"])
+    test = sp.csr_matrix((np.ones(3), (users, held)), shape=ds.interactions.shape)
+    models = {"itemknn": create("itemknn"), "als": create("als", factors=8, iterations=5)}
+    cands = tuning.candidates(models, Split(ds, test), 20)
+    knn = cands.items[0]
+    assert (knn[0] == -1).all()  # lonely: itemknn reaches nothing
+    assert set(ds.items.ids(knn[1][knn[1] >= 0])) == {"q1", "q2"}
+    assert (knn[2] >= 0).all()  # a user of the main block: 20 reached items
+    assert (cands.items[1] >= 0).all()  # ALS scores everything
