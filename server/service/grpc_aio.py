@@ -80,6 +80,28 @@ async def _drain(requests: AsyncIterator, seconds: float) -> None:
         pass
 
 
+def quiet_stale_grpc_events(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's exception handler: everything goes to asyncio's default
+    handler except grpc.aio's known noise. Its completion queue is one per
+    process, read by every loop that ran gRPC; a late event of a call whose
+    loop has closed (a server stopped earlier in the same process, as in tests
+    or an application embedding recserve) raises "Event loop is closed" in the
+    reader callback of another loop, and a loop that wakes for a byte another
+    loop read raises BlockingIOError (grpc/grpc#25364, #34139). Nobody is left
+    to receive the first; the second is harmless; the events behind either in
+    the queue are handled on the next wake-up. Both are logged at DEBUG, not
+    as ERROR with a traceback."""
+    exc = context.get("exception")
+    callback = getattr(context.get("handle"), "_callback", None)
+    if getattr(callback, "__qualname__", "") == "PollerCompletionQueue._handle_events" and (
+        isinstance(exc, BlockingIOError)
+        or (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc))
+    ):
+        log.debug("grpc.aio: an event for another loop dropped: %r", exc)
+        return
+    loop.default_exception_handler(context)
+
+
 def run_queue_wait() -> float:
     """Seconds the calling thread has spent runnable but waiting for a CPU (Linux
     schedstat: the machine's other processes ran); 0.0 where that is not known."""
@@ -288,6 +310,7 @@ class AioTransport:
         self.app = app
         self.selector = TimedSelector()
         self.loop = asyncio.SelectorEventLoop(self.selector)
+        self.loop.set_exception_handler(quiet_stale_grpc_events)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
