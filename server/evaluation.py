@@ -284,6 +284,54 @@ def relevant_events(split: Split, threshold: float | None) -> tuple[sp.csr_matri
     return relevant, users
 
 
+def as_served(
+    model: Recommender,
+    recs: np.ndarray,
+    scores: np.ndarray,
+    users: np.ndarray | None = None,
+    histories: sp.csr_matrix | None = None,
+) -> np.ndarray:
+    """The rows of recommend() (known `users`) or recommend_histories()
+    (`histories`, one row each) as the service answers them (seen items
+    filtered, the default fallback, popularity): for a `sparse_scores` model,
+    a row whose evidence reaches no eligible item is the most popular unseen
+    items, and items scored 0 (unreached) are the most popular unreached ones,
+    not the first by index (docs/serving.md, "Which user"). Other models'
+    rows are returned as they are; so are rows without a score <= 0."""
+    if not model.sparse_scores or recs.size == 0:
+        return recs
+    valid = recs >= 0
+    todo = np.flatnonzero((valid & ~(scores > 0)).any(axis=1))
+    if todo.size == 0:
+        return recs
+    assert model.user_items is not None
+    ui = model.user_items
+    liked = np.asarray(ui.indices)[np.asarray(ui.data) >= 0]  # dislikes are not popularity
+    counts = np.bincount(liked, minlength=model.n_items)
+    order = np.lexsort((np.arange(counts.size), -counts))
+    out = recs.copy()
+    row = np.empty(model.n_items, np.float32)
+    for r in todo:
+        if histories is not None:
+            model.dense_history(histories[int(r)], row, True)
+        else:
+            assert users is not None
+            model.dense_user(int(users[r]), row, True)
+        n = int(valid[r].sum())
+        s = scores[r, :n]
+        pos = int(np.count_nonzero(s > 0))
+        out[r] = -1
+        if pos == 0:  # cold to this model: the popularity fallback's answer
+            fill = order[~np.isnan(row[order])][: recs.shape[1]]
+            out[r, : fill.size] = fill
+            continue
+        neg = pos + int(np.count_nonzero(s == 0))
+        unreached = order[row[order] == 0][: n - pos]
+        rest = n - pos - unreached.size
+        out[r, :n] = np.concatenate([recs[r, :pos], unreached, recs[r, neg:n][:rest]])
+    return out
+
+
 def evaluate(
     model: Recommender,
     ds: Dataset,
@@ -312,9 +360,12 @@ def evaluate(
     fit_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     if split.fold_in is not None:
-        recs, _ = model.recommend_histories(split.fold_in[users], max(ks))
+        histories = split.fold_in[users]
+        recs, scores = model.recommend_histories(histories, max(ks))
+        recs = as_served(model, recs, scores, histories=histories)
     else:
-        recs, _ = model.recommend(users, max(ks))
+        recs, scores = model.recommend(users, max(ks))
+        recs = as_served(model, recs, scores, users=users)
     rec_s = time.perf_counter() - t1
     result: dict[str, Any] = {
         "algorithm": model.algorithm,

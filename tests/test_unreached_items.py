@@ -217,3 +217,27 @@ def test_hybrid_tuning_blends_only_the_reached_items_as_the_server(ds):
     assert set(ds.items.ids(knn[1][knn[1] >= 0])) == {"q1", "q2"}
     assert (knn[2] >= 0).all()  # a user of the main block: 20 reached items
     assert (cands.items[1] >= 0).all()  # ALS scores everything
+
+
+@pytest.mark.parametrize("algo", SPARSE)
+def test_offline_evaluation_scores_the_answers_the_service_gives(router, ds, algo):
+    # evaluate() (and so tune and the below-popularity warning) ranks what a
+    # client would get: the router's answer, user for user, known and folded in.
+    from recserve.evaluation import as_served
+
+    m = router.catalog.get(algo).model
+    users = np.arange(m.n_users)
+    recs, scores = m.recommend(users, K)
+    got = as_served(m, recs, scores, users=users)
+    hist = m.history_matrix([m.items.index(["p"]), m.items.index(["rare"])], [[1.0], [1.0]])
+    h_recs, h_scores = m.recommend_histories(hist, K)
+    got_h = as_served(m, h_recs, h_scores, histories=hist)
+    changed = 0
+    for u in users:
+        want = router.recommend(RecQuery(user_id=m.users.ids([u])[0], k=K, model=algo))
+        assert m.items.ids(got[u][got[u] >= 0]) == want.item_ids, (algo, u)
+        changed += not np.array_equal(got[u], recs[u])
+    assert changed >= 3  # lonely, partial, duo at least
+    for r, item in enumerate(["p", "rare"]):
+        want = router.recommend(RecQuery(user_id="", history=[(item, 1.0)], k=K, model=algo))
+        assert m.items.ids(got_h[r][got_h[r] >= 0]) == want.item_ids, (algo, item)
