@@ -4,6 +4,7 @@
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
+from libc.float cimport FLT_MIN
 from libc.limits cimport INT_MAX
 from libc.math cimport nextafterf, sqrtf
 from libc.stdlib cimport calloc, free, malloc
@@ -899,6 +900,8 @@ cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weigh
     cdef double lo, top, v, span
     cdef float least
     cdef float tiny = nextafterf(0.0, INFINITY)  # x >= tiny: x > 0
+    if not tiny > 0:  # denormals read as 0 (DAZ, set by some fast-math library)
+        tiny = FLT_MIN
     for c in range(n_rows):
         row = S + <long long>c * n
         least = tiny if positive != NULL and positive[c] else -INFINITY
