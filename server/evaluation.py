@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from recserve.data import Dataset
 from recserve.models import create
-from recserve.models.base import Recommender
+from recserve.models.base import Recommender, liked_counts, popular_order
 from recserve.models.registry import MODELS
 
 log = logging.getLogger(__name__)
@@ -305,10 +305,7 @@ def as_served(
     if todo.size == 0:
         return recs
     assert model.user_items is not None
-    ui = model.user_items
-    liked = np.asarray(ui.indices)[np.asarray(ui.data) >= 0]  # dislikes are not popularity
-    counts = np.bincount(liked, minlength=model.n_items)
-    order = np.lexsort((np.arange(counts.size), -counts))
+    order = popular_order(liked_counts(model.user_items))  # the router's Slot.popular_order
     out = recs.copy()
     row = np.empty(model.n_items, np.float32)
     for r in todo:

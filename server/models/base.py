@@ -912,6 +912,20 @@ def without_dislikes(m: sp.csr_matrix) -> sp.csr_matrix:
     return out
 
 
+def liked_counts(user_items: sp.csr_matrix) -> np.ndarray:
+    """Training interactions per item, dislikes (negative values) not counted:
+    the popularity the service falls back on and fills answers with."""
+    items = np.asarray(user_items.indices)
+    if user_items.nnz and np.asarray(user_items.data).min() < 0:
+        items = items[np.asarray(user_items.data) >= 0]
+    return np.bincount(items, minlength=user_items.shape[1])
+
+
+def popular_order(counts: np.ndarray) -> np.ndarray:
+    """Item indices by count, most first, ties by lower index."""
+    return np.lexsort((np.arange(counts.size), -counts))
+
+
 @functools.lru_cache(maxsize=8)
 def identity_rows(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The n x n identity as read-only CSR arrays (indptr int64, indices int32,

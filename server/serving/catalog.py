@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from recserve.models import Recommender, bundle, load
+from recserve.models.base import liked_counts, popular_order
 
 log = logging.getLogger("recserve.catalog")
 
@@ -53,18 +54,13 @@ class Slot:
         counted: the last-resort ranking's scores."""
         if self._counts is None:
             assert self.model is not None and self.model.user_items is not None
-            ui = self.model.user_items
-            items = np.asarray(ui.indices)
-            if ui.nnz and np.asarray(ui.data).min() < 0:
-                items = items[np.asarray(ui.data) >= 0]
-            self._counts = np.bincount(items, minlength=self.model.n_items)
+            self._counts = liked_counts(self.model.user_items)
         return self._counts
 
     def popular_order(self) -> np.ndarray:
         """Items by training interaction count (ties by index): the last resort."""
         if self._popular is None:
-            counts = self.popular_counts()
-            self._popular = np.lexsort((np.arange(counts.size), -counts))
+            self._popular = popular_order(self.popular_counts())
         return self._popular
 
 
