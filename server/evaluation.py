@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from recserve.data import Dataset
 from recserve.models import create
-from recserve.models.base import Recommender, liked_counts, popular_order
+from recserve.models.base import Recommender, fill_unreached, liked_counts, popular_order
 from recserve.models.registry import MODELS
 
 log = logging.getLogger(__name__)
@@ -315,17 +315,13 @@ def as_served(
             assert users is not None
             model.dense_user(int(users[r]), row, True)
         n = int(valid[r].sum())
-        s = scores[r, :n]
-        pos = int(np.count_nonzero(s > 0))
+        filled = fill_unreached(recs[r, :n], scores[r, :n], row, order)
         out[r] = -1
-        if pos == 0:  # cold to this model: the popularity fallback's answer
+        if filled is None:  # cold to this model: the popularity fallback's answer
             fill = order[~np.isnan(row[order])][: recs.shape[1]]
             out[r, : fill.size] = fill
-            continue
-        neg = pos + int(np.count_nonzero(s == 0))
-        unreached = order[row[order] == 0][: n - pos]
-        rest = n - pos - unreached.size
-        out[r, :n] = np.concatenate([recs[r, :pos], unreached, recs[r, neg:n][:rest]])
+        else:
+            out[r, :n] = filled[0]
     return out
 
 

@@ -926,6 +926,28 @@ def popular_order(counts: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(counts.size), -counts))
 
 
+def fill_unreached(
+    items: np.ndarray, scores: np.ndarray, row: np.ndarray, order: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A `sparse_scores` answer (best first, no padding) whose items scored 0
+    (unreached) are replaced by the first items of `order` (popularity) that
+    `row`, the dense row it was ranked from (NaN: not eligible), scores exactly
+    0: same length, their scores 0, items scored < 0 after them if room is
+    left. None when no item scores > 0 (the evidence reaches nothing eligible:
+    a cold user to this model)."""
+    pos = int(np.count_nonzero(scores > 0))
+    if pos == 0:
+        return None
+    n = scores.size
+    neg = pos + int(np.count_nonzero(scores == 0))
+    unreached = order[row[order] == 0][: n - pos].astype(items.dtype)
+    rest = n - pos - unreached.size
+    return (
+        np.concatenate([items[:pos], unreached, items[neg:][:rest]]),
+        np.concatenate([scores[:pos], np.zeros(unreached.size, scores.dtype), scores[neg:][:rest]]),
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def identity_rows(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The n x n identity as read-only CSR arrays (indptr int64, indices int32,

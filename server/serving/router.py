@@ -35,7 +35,7 @@ from recserve.data import MAX_VALUE, IdMap
 from recserve.feedback import OnlineState
 from recserve.kernels import topk
 from recserve.models import Recommender, bundle
-from recserve.models.base import KnownUserRow, ScratchPool
+from recserve.models.base import KnownUserRow, ScratchPool, fill_unreached
 from recserve.models.registry import MODELS
 from recserve.serving.answers import (
     MAX_ID_BYTES,
@@ -554,12 +554,8 @@ class Router:
         the most popular eligible unreached ones (training counts, ties by
         index), where the kernel's top-k took the first by index. Same length,
         their scores stay 0; negative ones follow if room is left."""
-        scores = s.scores
-        pos = int(np.count_nonzero(scores > 0))
-        if pos == 0:
-            return None
-        n = scores.size
-        neg = pos + int(np.count_nonzero(scores == 0))
+        if not (s.scores > 0).any():
+            return None  # before scoring the row again
         m = s.slot.model
         assert m is not None
         pool = self._pool(0, m.n_items)
@@ -575,17 +571,11 @@ class Router:
                 buf[cand] = keep
             if excl.size:
                 buf[excl] = np.nan
-            order = s.slot.popular_order()
-            unreached = order[buf[order] == 0][: n - pos]
+            filled = fill_unreached(s.items, s.scores, buf, s.slot.popular_order())
         finally:
             pool.give(buf)
-        rest = n - pos - unreached.size
-        fill = unreached.astype(s.items.dtype)
-        items = np.concatenate([s.items[:pos], fill, s.items[neg:][:rest]])
-        vals = np.concatenate(
-            [scores[:pos], np.zeros(unreached.size, scores.dtype), scores[neg:][:rest]]
-        )
-        return _Served(s.slot, items, vals, s.user, s.row)
+        assert filled is not None  # an item scores > 0
+        return _Served(s.slot, filled[0], filled[1], s.user, s.row)
 
     def _retrieve(self, slot, q, k, user, extra_idx, extra_val, excl, cand) -> _Served | None:
         """The model's top-k for a resolved user (known row, or history to fold in)."""
