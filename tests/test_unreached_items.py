@@ -9,6 +9,7 @@ history in the training data, and the training counts."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 from recserve.config import Hybrid, ServerConfig
 from recserve.data import load_dataset
-from recserve.feedback import OnlineState
+from recserve.feedback import Event, OnlineState
 from recserve.models import create
 from recserve.serving import Catalog, RecQuery, Router
 
@@ -163,6 +164,31 @@ def test_similar_items_are_only_the_ones_that_share_evidence(ds, tmp_path):
             assert got.item_ids == [] and got.served_by == "", algo
         got = router.similar("rare", K, "als+itemknn")  # ALS still places it
         assert len(got.item_ids) == K and got.version.startswith("als@")
+    finally:
+        router.catalog.close()
+
+
+def test_the_last_resort_never_offers_what_the_user_has_seen(ds, tmp_path):
+    # No model of the chain serves a history that reaches nothing eligible; the
+    # builtin popularity answers, and like a model it leaves out the items of
+    # the inline and the recorded history (it once ranked them first).
+    router = _router(ds, tmp_path, ())
+    try:
+        router.online.apply([Event("back", "d1", 1.0, 0)])
+        n = len(ds.items)
+        for algo in SPARSE:
+            for q in (
+                RecQuery(user_id="new", history=[("d1", 1.0), ("d2", 1.0)], k=n, model=algo),
+                RecQuery(user_id="back", history=[("d2", 1.0)], k=n, model=algo),
+            ):
+                got = router.recommend(q)
+                assert got.served_by.startswith("builtin-popularity:"), algo
+                assert got.item_ids == popular(ds, {"d1", "d2"}, n), algo
+                got = router.recommend(replace(q, include_seen=True))  # whoever answers
+                assert {"d1", "d2"} <= set(got.item_ids), algo
+        # a known user's training items, as before
+        got = router.recommend(RecQuery(user_id="duo", k=n, model="itemknn"))
+        assert got.item_ids == popular(ds, {"d1", "d2"}, n)
     finally:
         router.catalog.close()
 

@@ -871,7 +871,10 @@ class Router:
         return [f[:EXPLAIN_ITEMS] for f in found]
 
     def _builtin(self, slot: Slot, q: RecQuery) -> Ranked:
-        """Most-interacted items of a loaded model's training data, with exclusions."""
+        """Most-interacted items of a loaded model's training data, with the
+        request's filters: exclusions, candidates and, unless include_seen, what
+        the user has seen (training events, recorded events, inline history),
+        as a model's answer would."""
         m = slot.model
         assert m is not None and m.items is not None and m.users is not None
         order = slot.popular_order()
@@ -880,9 +883,17 @@ class Router:
             e = m.items.index(list(q.exclude))
             banned[e[e >= 0]] = True
         user = m.users.get(q.user_id) if q.user_id else -1
-        if user >= 0 and not q.include_seen:
-            assert m.user_items is not None
-            banned[m.user_items[user].indices] = True
+        if not q.include_seen:
+            if user >= 0:
+                assert m.user_items is not None
+                banned[m.user_items[user].indices] = True
+            # Not _history: its tolerance of unknown ids is the requested model's
+            # to apply, and this model may know fewer of them.
+            seen = [i for i, _ in self.online.history(q.user_id)] if q.user_id else []
+            seen += [i for i, _ in q.history]
+            if seen:
+                e = m.items.index(seen)
+                banned[e[e >= 0]] = True
         if q.candidates:
             allowed = np.zeros(m.n_items, bool)
             c = m.items.index(list(q.candidates))
