@@ -42,7 +42,7 @@ from recserve.evaluation import (
     popularity_gap,
 )
 from recserve.models import algorithms, bundle, create, load, parse_params
-from recserve.models.base import TrainingError
+from recserve.models.base import TrainingError, fill_unreached, liked_counts, popular_order
 
 log = logging.getLogger("recserve")
 
@@ -200,7 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "--version", default=None, help="default: the newest older than the current"
             )
 
-    rec = sub.add_parser("recommend", help="top-k from a bundle, without a server")
+    rec = sub.add_parser(
+        "recommend",
+        help="top-k from a bundle, without a server",
+        description="One model's top-k for a user, ranked as the server ranks it; a user "
+        "the model cannot rank (no events, or nothing in common with any item left) is "
+        "refused with the reason, where the server would answer from its fallbacks.",
+    )
     rec.add_argument("--models", required=True)
     rec.add_argument("--name", required=True)
     who = rec.add_mutually_exclusive_group(required=True)
@@ -721,6 +727,7 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
             )
         items, scores = model.recommend([u], args.k)
         items, scores = items[0][items[0] >= 0], scores[0][: (items[0] >= 0).sum()]
+        who: Any = u
     else:
         ids = [x.strip() for x in args.history.split(",") if x.strip()]
         if not ids:  # `--history ""` or `,,`: every item would come back at score 0
@@ -734,7 +741,10 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
             )
         if unknown:
             log.warning("history: ignoring unknown item ids %s", ", ".join(unknown[:10]))
+        who = model.history_matrix([idx[idx >= 0]])
         items, scores = model.recommend_from_history(idx[idx >= 0], k=args.k)
+    if model.sparse_scores and scores.size and scores[-1] <= 0:
+        items, scores = _as_served(model, args, items, scores, who)
     return {
         "model": args.name,
         "version": model.manifest.get("version"),
@@ -743,6 +753,33 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
             for r, (i, s) in enumerate(zip(model.items.ids(items), scores, strict=True))
         ],
     }
+
+
+def _as_served(
+    model: Any, args: argparse.Namespace, items: np.ndarray, scores: np.ndarray, who: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """A `sparse_scores` answer with items its evidence did not reach (score 0)
+    as the server gives it: those are the most popular unreached items, not
+    the first by index; a user reaching nothing is refused, as a user with no
+    training events is (the server answers both from its fallbacks)."""
+    row = np.empty(model.n_items, np.float32)
+    if isinstance(who, (int, np.integer)):
+        model.dense_user(who, row)
+    else:
+        model.dense_history(who, row)
+    filled = fill_unreached(items, scores, row, popular_order(liked_counts(model.user_items)))
+    if filled is None:
+        field, what = (
+            ("user", f"user {args.user!r}")
+            if isinstance(who, (int, np.integer))
+            else ("history", "history")
+        )
+        raise ValueError(
+            f"{field}: the {what} shares no "
+            f"evidence with any item left to rank in {args.name} (its ranking would be all "
+            "zeros); the server answers it from its fallbacks (popularity)"
+        )
+    return filled
 
 
 # The embedded default: a synthetic catalogue big enough to show real

@@ -9,12 +9,14 @@ history in the training data, and the training counts."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from recserve.cli import main
 from recserve.config import Hybrid, ServerConfig
 from recserve.data import load_dataset
 from recserve.feedback import Event, OnlineState
@@ -115,6 +117,28 @@ def test_unreached_items_fill_an_answer_by_popularity(router, ds, algo):
     # include_seen: `p` itself is reached (its self-similarity) or filled, never dropped
     got = router.recommend(RecQuery(user_id="partial", k=K, model=algo, include_seen=True))
     assert len(got.item_ids) == K and reached <= set(got.item_ids)
+
+
+@pytest.mark.parametrize("algo", SPARSE)
+def test_the_recommend_command_answers_as_the_server(router, algo, capsys):
+    # `recserve recommend` reads the bundle without a server: the same fill, and
+    # a user reaching nothing is refused with the reason, not ranked by index.
+    models = router.cfg.models
+    for who, q in (
+        (["--user", "partial"], RecQuery(user_id="partial", k=K, model=algo)),
+        (["--history", "p"], RecQuery(user_id="x", history=[("p", 1.0)], k=K, model=algo)),
+    ):
+        code = main(["recommend", "--models", models, "--name", algo, *who, "--k", str(K)])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        got = json.loads(out.strip().splitlines()[-1])["items"]
+        want = router.recommend(q)
+        assert [x["item_id"] for x in got] == want.item_ids, (algo, who)
+        assert [x["score"] for x in got] == pytest.approx(want.scores, rel=1e-5), (algo, who)
+    for who in (["--user", "lonely"], ["--history", "rare"]):
+        code = main(["recommend", "--models", models, "--name", algo, *who, "--k", str(K)])
+        _, err = capsys.readouterr()
+        assert code == 2 and who[0][2:] + ": " in err and "shares no evidence" in err, (algo, err)
 
 
 def test_users_with_full_evidence_keep_the_models_ranking(router, ds):
