@@ -112,9 +112,20 @@ def split_users(
     lengths = np.diff(m.indptr)
     rng = np.random.default_rng(seed)
     eligible = np.flatnonzero(lengths >= 2)
+    if eligible.size == 0:
+        raise ValueError(
+            f"{ds.name}: the users protocol holds out users with 2 or more events (a "
+            "fold-in part and a test part), and no user has that many"
+        )
     held = rng.choice(eligible, size=max(1, round(fraction * eligible.size)), replace=False)
     is_held = np.zeros(m.shape[0], bool)
     is_held[held] = True
+    if not lengths[~is_held].any():
+        raise ValueError(
+            f"{ds.name}: the users protocol holds out {held.size} of "
+            f"{np.count_nonzero(lengths)} users with events, which leaves no events to train "
+            "on; it needs more users (or use the random or temporal protocol)"
+        )
     row = _row_of(m)
     n_test = np.where(
         is_held,

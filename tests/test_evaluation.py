@@ -120,6 +120,23 @@ def test_user_split_hides_test_users_from_training(small):
     )
 
 
+def test_user_split_refuses_data_it_cannot_split_with_the_reason(tmp_path):
+    def ds(rows):
+        path = tmp_path / f"d{len(rows)}.csv"
+        path.write_text("user,item,rating\n" + "".join(f"{u},{i},1\n" for u, i in rows))
+        return load_dataset(str(path))
+
+    # every user has one event: nothing to split into fold-in and test parts
+    with pytest.raises(ValueError, match="no user has that many"):
+        split_users(ds([(f"u{n}", f"i{n}") for n in range(20)]), 0.2)
+    # one user: holding it out leaves nothing to train on
+    with pytest.raises(ValueError, match="holds out 1 of 1 users with events"):
+        split_users(ds([("u1", f"i{n}") for n in range(20)]), 0.2)
+    # two users with events and one with a single event: the split is made
+    s = split_users(ds([("a", "i1"), ("a", "i2"), ("b", "i1"), ("b", "i3"), ("c", "i2")]), 0.2)
+    assert s.test.nnz > 0 and s.train.interactions.nnz > 0
+
+
 def test_every_protocol_gives_bounded_monotone_metrics(small):
     """Metrics lie in [0, 1] and hit rate cannot fall as K grows."""
     for protocol in ("random", "temporal", "users"):
