@@ -492,11 +492,25 @@ def _check_virtual(cfg: ServerConfig) -> None:
     for h in cfg.hybrids.values():
         nested = sorted(set(h.weights) & virtual)
         if nested:
-            raise ConfigError(f"hybrids.{h.name}: components must be models, not {nested}")
+            n = nested[0]
+            kind = "hybrids" if n in cfg.hybrids else "experiments"
+            where = (
+                f"{Path(cfg.models) / LEARNED_HYBRIDS}: hybrid {h.name}"
+                if h.learned
+                else f"hybrids.{h.name}"
+            )
+            raise ConfigError(
+                f"{where}: components must be models, and {n!r} is the name of "
+                f"[{kind}.{n}] (a hybrid or experiment hides a model of the same name: "
+                "rename one)"
+            )
     for e in cfg.experiments.values():
         nested = sorted(set(e.arms) & set(cfg.experiments))
         if nested:
-            raise ConfigError(f"experiments.{e.name}: arms must not be experiments ({nested})")
+            raise ConfigError(
+                f"experiments.{e.name}: arms must not be experiments ({nested}; a hybrid "
+                "or experiment hides a model of the same name: rename one)"
+            )
 
 
 def _check_consistency(cfg: ServerConfig) -> None:

@@ -285,3 +285,20 @@ def test_a_config_built_in_code_rereads_only_the_learned_hybrids(tmp_path):
     (tmp_path / "hybrids.json").write_text('{"learned": {"weights": {"als": 1}}}')
     new, pending = reread(cfg)
     assert pending == [] and new.max_k == 5 and sorted(new.hybrids) == ["learned", "mine"]
+
+
+def test_an_experiment_named_as_a_learned_hybrids_component_names_the_clash(tmp_path):
+    # `recserve tune --hybrid` learned a blend of als; the config then names an
+    # experiment "als", which would hide the model: the error says where and why.
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "hybrids.json").write_text('{"hybrid": {"weights": {"als": 0.6, "knn": 0.4}}}')
+    path = tmp_path / "recserve.toml"
+    path.write_text(
+        f"[server]\nmodels = '{models}'\n[experiments.als]\narms = {{knn = 1}}\n", encoding="utf-8"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{models / 'hybrids.json'}: hybrid hybrid: components must be models")
+    assert "'als' is the name of [experiments.als]" in msg and "rename one" in msg
