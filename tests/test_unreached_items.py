@@ -21,6 +21,7 @@ from recserve.config import Hybrid, ServerConfig
 from recserve.data import load_dataset
 from recserve.feedback import Event, OnlineState
 from recserve.models import create
+from recserve.models.base import fill_unreached
 from recserve.serving import Catalog, RecQuery, Router
 
 SPARSE = ["itemknn", "userknn", "rp3beta", "ease"]
@@ -215,6 +216,36 @@ def test_the_last_resort_never_offers_what_the_user_has_seen(ds, tmp_path):
         assert got.item_ids == popular(ds, {"d1", "d2"}, n)
     finally:
         router.catalog.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_fill_takes_the_most_popular_unreached_items(seed):
+    # Against the plain reference: every item of the popularity order scored
+    # exactly 0, first ones first. Rows where the popular head is mostly
+    # reached or not eligible make the fill read past its first prefix.
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(50, 5000))
+    k = int(rng.integers(1, min(300, n // 2)))
+    row = np.zeros(n, np.float32)
+    order = rng.permutation(n)
+    # the popular head: seen (NaN) or disliked (< 0), so no zero to fill with
+    head = order[: int(rng.integers(0, n // 2))]
+    row[head] = rng.choice([np.nan, -0.25], head.size, p=[0.8, 0.2])
+    # fewer reached (> 0) items than k, anywhere: the rest of the answer is filled
+    row[rng.choice(n, int(rng.integers(0, k)), replace=False)] = rng.uniform(0.1, 1, 1)
+    elig = np.flatnonzero(~np.isnan(row))
+    top = elig[np.lexsort((elig, -row[elig]))][:k]
+    scores = row[top]
+    if not (scores > 0).any():
+        assert fill_unreached(top.astype(np.int32), scores, row, order) is None
+        return
+    got_items, got_scores = fill_unreached(top.astype(np.int32), scores, row, order)
+    pos = int((scores > 0).sum())
+    zeros = order[row[order] == 0]
+    negs = top[scores < 0]
+    want = np.concatenate([top[:pos], zeros, negs])[: top.size]
+    assert got_items.tolist() == want.tolist()
+    assert got_scores.tolist() == row[want].tolist()
 
 
 @pytest.mark.parametrize("n", [40, 3000])

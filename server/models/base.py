@@ -940,7 +940,18 @@ def fill_unreached(
         return None
     n = scores.size
     neg = pos + int(np.count_nonzero(scores == 0))
-    unreached = order[row[order] == 0][: n - pos].astype(items.dtype)
+    # The first n - pos of `order` scored 0, read a growing prefix at a time: the
+    # most popular items mostly qualify, and a whole large catalogue's gather
+    # cost more than the rest of the call.
+    need, start, step = n - pos, 0, max(64, 4 * (n - pos))
+    parts = []
+    while need > 0 and start < order.size:
+        head = order[start : start + step]
+        got = head[row[head] == 0][:need]
+        parts.append(got)
+        need -= got.size
+        start, step = start + step, 4 * step
+    unreached = (np.concatenate(parts) if parts else order[:0]).astype(items.dtype)
     rest = n - pos - unreached.size
     return (
         np.concatenate([items[:pos], unreached, items[neg:][:rest]]),

@@ -626,8 +626,9 @@ class Core:
         q = convert.rec_query(request)
         self.router.validate(q)
         target = self.router.plain_target(q)
-        if target is None or not type(target[0].model).batches_well:
-            return None
+        kind = None if target is None else type(target[0].model)
+        if kind is None or not kind.batches_well or kind.sparse_scores:
+            return None  # (a sparse_scores answer may need Router._plain's fill)
         slot, user = target
         stages = {"resolve": time.perf_counter() - t, "retrieve": 0.0, "rank": 0.0}
         key = (slot.name, slot.version, q.k, not q.include_seen)

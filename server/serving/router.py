@@ -414,7 +414,15 @@ class Router:
         items, scores = m.recommend_user(user, q.k, filter_seen=not q.include_seen)
         stages["retrieve"] += time.perf_counter() - t2
         if m.sparse_scores and scores.size and scores[-1] <= 0:
-            return None  # items its evidence did not reach: the general path orders them
+            # Items its evidence did not reach: filled by popularity here, as the
+            # general path would (once, not by scoring the user twice more there);
+            # a user it reaches nothing for goes down the chain as a cold one.
+            t3 = time.perf_counter()
+            s = self._by_popularity(_Served(slot, items, scores, user, None), q, _NO_IDX, None)
+            stages["retrieve"] += time.perf_counter() - t3
+            if s is None:
+                return None
+            items, scores = s.items, s.scores
         return self.plain_answer(slot, q, user, items, scores, stages, check)
 
     def plain_target(self, q: RecQuery) -> tuple[Slot, int] | None:
