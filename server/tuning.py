@@ -257,7 +257,8 @@ def search(
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
     )
     if params:
-        study.enqueue_trial({n: cls.params_spec[n].default for n in params})
+        defaults = cls.defaults_on(split.train)  # what `train` would fit with
+        study.enqueue_trial({n: defaults[n] for n in params})
     budget = cls.budget_param if cls.budget_param in params or cls.budget_param in fixed else ""
 
     def make(values: Mapping[str, Any]) -> Recommender:

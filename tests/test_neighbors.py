@@ -321,3 +321,38 @@ def test_itemknn_default_on_a_sparse_log_ranks_with_popularity():
     cosine = recall(create("itemknn", similarity="cosine", weighting="bm25"))
     popular = recall(create("popularity"))
     assert auto >= 0.85 * popular and auto >= 1.4 * cosine, (auto, cosine, popular)
+
+
+@pytest.mark.parametrize("per_user, sparse", [(3, True), (40, False)])
+def test_rp3beta_defaults_follow_the_logs_density(per_user, sparse, tmp_path):
+    # alpha and beta not given: the study's 1.1 / 0.16, or 0.5 / 0 on a sparse
+    # log, the same walk as given explicitly; what is given stands, and `tune`'s
+    # first trial (defaults_on) is what `train` fits with.
+    from recserve.models import load
+    from recserve.models.registry import MODELS
+
+    ds = _log(per_user)
+    want = {"alpha": 0.5, "beta": 0.0} if sparse else {"alpha": 1.1, "beta": 0.16}
+    model = create("rp3beta").fit(ds)
+    assert {n: model.params[n] for n in want} == want
+    assert {n: MODELS["rp3beta"].defaults_on(ds)[n] for n in want} == want
+    assert (model.sim != create("rp3beta", **want).fit(ds).sim).nnz == 0
+    assert create("rp3beta", beta=0.3).fit(ds).params == {**model.params, "beta": 0.3}
+    loaded = load(model.save(tmp_path, "walk", dataset=ds))
+    assert {n: loaded.params[n] for n in want} == want
+    model.fit(_log(43 - per_user, seed=2))  # a refit on the other density chooses again
+    assert model.params["beta"] == (0.16 if sparse else 0.0)
+
+
+def test_rp3beta_default_on_a_sparse_log_ranks_with_popularity():
+    from recserve.evaluation import evaluate
+
+    ds = _log(3)
+
+    def recall(model):
+        return evaluate(model, ds, "random", [20])["metrics"]["recall@20"]
+
+    auto = recall(create("rp3beta"))
+    study = recall(create("rp3beta", alpha=1.1, beta=0.16))
+    popular = recall(create("popularity"))
+    assert auto >= 0.85 * popular and auto >= 1.15 * study, (auto, study, popular)

@@ -313,6 +313,13 @@ class Recommender(ABC):
         trial would only fail on. Empty by default."""
         return {}
 
+    @classmethod
+    def defaults_on(cls, dataset: Dataset) -> dict[str, Any]:
+        """The defaults a fit on `dataset` takes for the parameters not given
+        (some models choose by the data's density); `tune`'s first trial is
+        these. The declared defaults here."""
+        return {n: p.default for n, p in cls.params_spec.items()}
+
     def fit(self, dataset: Dataset) -> Self:
         """Train on a dataset; returns self."""
         if dataset.nnz == 0:

@@ -64,6 +64,15 @@ WEIGHTING = Param(
 # per user the log counts as sparse (docs/algorithms.md, "Very sparse logs").
 SPARSE_LOG_EVENTS = 10
 
+
+def median_events(rows: sp.csr_matrix) -> float:
+    """The median number of events of the users (rows) that have any: how
+    sparse a log is, as its typical user sees it (0.0 for an empty log)."""
+    per_user = np.diff(rows.indptr)
+    per_user = per_user[per_user > 0]
+    return float(np.median(per_user)) if per_user.size else 0.0
+
+
 COMMON: dict[str, Param] = {
     "k": Param(int, 100, "neighbours kept per row", min=1, max=100_000, search=(5, 1000), log=True),
     "shrink": Param(
@@ -438,9 +447,7 @@ class ItemKNN(_Neighbourhood):
         out of co-occurrences that are mostly ones, and its neighbours are rare
         items: on logs with a median of 3-5 events per user it ranked at half
         of popularity's recall, where dot with tfidf ranked at or above it."""
-        per_user = np.diff(likes.indptr)
-        per_user = per_user[per_user > 0]
-        median = float(np.median(per_user)) if per_user.size else 0.0
+        median = median_events(likes)
         sparse_log = median < SPARSE_LOG_EVENTS
         chosen = {"similarity": "dot" if sparse_log else "cosine"}
         chosen["weighting"] = "tfidf" if sparse_log else "bm25"
@@ -462,17 +469,61 @@ class RP3beta(_Neighbourhood):
     algorithm = "rp3beta"
     params_spec: ClassVar[Mapping[str, Param]] = {
         "k": COMMON["k"].searched(default=22),
-        # Defaults: the study in docs/algorithms.md (was k 100, alpha 1.0, beta 0.6).
+        # Defaults: the study in docs/algorithms.md (was k 100, alpha 1.0, beta 0.6);
+        # on a sparse log, SPARSE_DEFAULTS where not given.
         "alpha": Param(
-            float, 1.1, "exponent on the transition probabilities", min=0, search=(0.1, 2.0)
+            float,
+            1.1,
+            "exponent on the transition probabilities (default 1.1; 0.5 on a sparse "
+            f"log, median events per user < {SPARSE_LOG_EVENTS})",
+            min=0,
+            search=(0.1, 2.0),
         ),
-        "beta": Param(float, 0.16, "popularity penalty exponent", min=0, search=(0.0, 1.0)),
+        "beta": Param(
+            float,
+            0.16,
+            "popularity penalty exponent (default 0.16; 0 on a sparse log)",
+            min=0,
+            search=(0.0, 1.0),
+        ),
         "binary": Param(bool, True, "the walk's steps ignore values (histories still weigh)"),
         "values": VALUES,
     }
+    # What a sparse log (median events per user < SPARSE_LOG_EVENTS) gets for the
+    # parameters not given: the study's values penalise popularity, which is
+    # most of what a handful of events per user says (docs/algorithms.md, "Very
+    # sparse logs": 0.59-0.75 of popularity's recall at 3-5 events per
+    # user, 0.81-1.12 with these).
+    SPARSE_DEFAULTS: ClassVar[Mapping[str, float]] = {"alpha": 0.5, "beta": 0.0}
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        # The parameters each fit settles by the log's density (a bundle loaded
+        # gives them all: its manifest records what its fit chose).
+        self._by_density = [n for n in self.SPARSE_DEFAULTS if n not in params]
+
+    @classmethod
+    def defaults_on(cls, dataset: Dataset) -> dict[str, Any]:
+        """SPARSE_DEFAULTS over the declared defaults on a sparse log."""
+        out = super().defaults_on(dataset)
+        if median_events(without_dislikes(dataset.interactions.tocsr())) < SPARSE_LOG_EVENTS:
+            out.update(cls.SPARSE_DEFAULTS)
+        return out
 
     def _fit(self, dataset: Dataset) -> None:
         x = without_dislikes(self._set_value_scale()).astype(np.float32)  # walks follow interest
+        if self._by_density:
+            chosen = self.defaults_on(dataset)
+            for n in self._by_density:
+                self.params[n] = chosen[n]
+            if any(chosen[n] != self.params_spec[n].default for n in self._by_density):
+                log.info(
+                    "rp3beta: %s on %s (median %.0f events per user: a sparse log, < %d)",
+                    ", ".join(f"{n} {self.params[n]:g}" for n in self._by_density),
+                    dataset.name,
+                    median_events(x),
+                    SPARSE_LOG_EVENTS,
+                )
         if self.params["binary"]:
             x = x.copy()
             x.data[:] = 1.0
