@@ -505,23 +505,29 @@ class RP3beta(_Neighbourhood):
     @classmethod
     def defaults_on(cls, dataset: Dataset) -> dict[str, Any]:
         """SPARSE_DEFAULTS over the declared defaults on a sparse log."""
-        out = super().defaults_on(dataset)
-        if median_events(without_dislikes(dataset.interactions.tocsr())) < SPARSE_LOG_EVENTS:
+        return cls._defaults_at(median_events(without_dislikes(dataset.interactions.tocsr())))
+
+    @classmethod
+    def _defaults_at(cls, median: float) -> dict[str, Any]:
+        """The defaults for a log whose median user has `median` events (liked)."""
+        out = {n: p.default for n, p in cls.params_spec.items()}
+        if median < SPARSE_LOG_EVENTS:
             out.update(cls.SPARSE_DEFAULTS)
         return out
 
     def _fit(self, dataset: Dataset) -> None:
         x = without_dislikes(self._set_value_scale()).astype(np.float32)  # walks follow interest
         if self._by_density:
-            chosen = self.defaults_on(dataset)
+            median = median_events(x)
+            chosen = self._defaults_at(median)
             for n in self._by_density:
                 self.params[n] = chosen[n]
-            if any(chosen[n] != self.params_spec[n].default for n in self._by_density):
+            if median < SPARSE_LOG_EVENTS:
                 log.info(
                     "rp3beta: %s on %s (median %.0f events per user: a sparse log, < %d)",
                     ", ".join(f"{n} {self.params[n]:g}" for n in self._by_density),
                     dataset.name,
-                    median_events(x),
+                    median,
                     SPARSE_LOG_EVENTS,
                 )
         if self.params["binary"]:
