@@ -725,6 +725,7 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
                 "would be all zeros; the server answers it from its fallbacks); "
                 "pass --history to fold it in"
             )
+        _check_gate(model, args, "user", model.training_row(u)[1])
         items, scores = model.recommend([u], args.k)
         items, scores = items[0][items[0] >= 0], scores[0][: (items[0] >= 0).sum()]
         who: Any = u
@@ -742,6 +743,7 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             log.warning("history: ignoring unknown item ids %s", ", ".join(unknown[:10]))
         who = model.history_matrix([idx[idx >= 0]])
+        _check_gate(model, args, "history", who.data)
         items, scores = model.recommend_from_history(idx[idx >= 0], k=args.k)
     if model.sparse_scores and scores.size and scores[-1] <= 0:
         items, scores = _as_served(model, args, items, scores, who)
@@ -753,6 +755,19 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
             for r, (i, s) in enumerate(zip(model.items.ids(items), scores, strict=True))
         ],
     }
+
+
+def _check_gate(model: Any, args: argparse.Namespace, field: str, values: np.ndarray) -> None:
+    """Refuse a user or history below the model's `min_events`: the server
+    answers it from its fallbacks, so this model's ranking is not what it gets."""
+    if model.too_little(np.asarray(values, np.float32)):
+        what = f"user {args.user!r}" if field == "user" else "history"
+        raise ValueError(
+            f"{field}: the {what} has {model.evidence(np.asarray(values, np.float32))} "
+            f"event(s), fewer than {args.name}'s min_events={model.params['min_events']} "
+            "(below it the model ranks worse than popularity); the server answers it "
+            "from its fallbacks (popularity)"
+        )
 
 
 def _as_served(

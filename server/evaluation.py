@@ -150,6 +150,19 @@ def ranking_metrics(
     """Mean ranking metrics of recommendation lists (rows of recs, -1 = empty slot)
     against binary relevance (the nonzeros of each test row). Rows without any
     relevant item are skipped."""
+    per_user, coverage = user_metrics(recs, test, ks, n_items)
+    out: dict[str, float] = {"users": float(len(per_user["mrr"]))}
+    for name, values in per_user.items():
+        out[name] = float(np.mean(values))
+    return out | coverage
+
+
+def user_metrics(
+    recs: np.ndarray, test: sp.csr_matrix, ks: Sequence[int], n_items: int
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """`ranking_metrics` per user (one value per row with a relevant item, in
+    row order), and the catalogue coverage at each k: what a choice made per
+    group of users (tune's min_events) is measured with."""
     test = test.tocsr().copy()
     test.eliminate_zeros()
     test.sort_indices()
@@ -168,22 +181,23 @@ def ranking_metrics(
     hits = hits.astype(np.float64)
     discount = 1.0 / np.log2(np.arange(2, width + 2))
     ideal = np.cumsum(discount)
-    out: dict[str, float] = {"users": float(n)}
+    out: dict[str, np.ndarray] = {}
+    coverage: dict[str, float] = {}
     for k in sorted(set(ks)):
         h = hits[:, :k]
         n_hit = h.sum(axis=1)
         denom = np.minimum(k, n_rel)
         precision_at = np.cumsum(h, axis=1) / np.arange(1, k + 1)
         top = recs[:, :k]
-        out[f"recall@{k}"] = float(np.mean(n_hit / denom))
-        out[f"precision@{k}"] = float(np.mean(n_hit / k))
-        out[f"ndcg@{k}"] = float(np.mean((h @ discount[:k]) / ideal[denom - 1]))
-        out[f"map@{k}"] = float(np.mean((precision_at * h).sum(axis=1) / denom))
-        out[f"hit_rate@{k}"] = float(np.mean(n_hit > 0))
-        out[f"coverage@{k}"] = float(np.unique(top[top >= 0]).size / n_items)
+        out[f"recall@{k}"] = n_hit / denom
+        out[f"precision@{k}"] = n_hit / k
+        out[f"ndcg@{k}"] = (h @ discount[:k]) / ideal[denom - 1]
+        out[f"map@{k}"] = (precision_at * h).sum(axis=1) / denom
+        out[f"hit_rate@{k}"] = (n_hit > 0).astype(np.float64)
+        coverage[f"coverage@{k}"] = float(np.unique(top[top >= 0]).size / n_items)
     first = np.argmax(hits, axis=1)
-    out["mrr"] = float(np.mean(np.where(hits.any(axis=1), 1.0 / (first + 1), 0.0)))
-    return out
+    out["mrr"] = np.where(hits.any(axis=1), 1.0 / (first + 1), 0.0)
+    return out, coverage
 
 
 def rating_metrics(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
@@ -295,6 +309,20 @@ def relevant_events(split: Split, threshold: float | None) -> tuple[sp.csr_matri
     return relevant, users
 
 
+def evidence_counts(
+    model: Recommender, users: np.ndarray | None = None, histories: sp.csr_matrix | None = None
+) -> np.ndarray:
+    """Each known user's (training row) or history row's number of events
+    that count as evidence for the model (`Recommender.evidence`): what its
+    `min_events` gate compares."""
+    if histories is not None:
+        rows = [histories[r].data for r in range(histories.shape[0])]
+    else:
+        assert users is not None
+        rows = [model.training_row(int(u))[1] for u in users]
+    return np.array([model.evidence(np.asarray(v, np.float32)) for v in rows], np.int64)
+
+
 def as_served(
     model: Recommender,
     recs: np.ndarray,
@@ -304,15 +332,22 @@ def as_served(
 ) -> np.ndarray:
     """The rows of recommend() (known `users`) or recommend_histories()
     (`histories`, one row each) as the service answers them (seen items
-    filtered, the default fallback, popularity): for a `sparse_scores` model,
-    a row whose evidence reaches no eligible item is the most popular unseen
-    items, and items scored 0 (unreached) are the most popular unreached ones,
-    not the first by index (docs/serving.md, "Which user"). Other models'
-    rows are returned as they are; so are rows without a score <= 0."""
-    if not model.sparse_scores or recs.size == 0:
+    filtered, the default fallback, popularity): a row with fewer events than
+    the model's `min_events` is the most popular unseen items; for a
+    `sparse_scores` model, a row whose evidence reaches no eligible item is
+    too, and items scored 0 (unreached) are the most popular unreached ones,
+    not the first by index (docs/serving.md, "Which user"). Other rows are
+    returned as they are."""
+    if recs.size == 0:
         return recs
+    gated = np.zeros(recs.shape[0], bool)
+    gate = model.params.get("min_events", 0)
+    if gate and not model.serves_cold:
+        gated = evidence_counts(model, users, histories) < gate
     valid = recs >= 0
-    todo = np.flatnonzero((valid & ~(scores > 0)).any(axis=1))
+    todo = np.flatnonzero(gated)
+    if model.sparse_scores:
+        todo = np.union1d(todo, np.flatnonzero((valid & ~(scores > 0)).any(axis=1)))
     if todo.size == 0:
         return recs
     assert model.user_items is not None
@@ -320,13 +355,23 @@ def as_served(
     out = recs.copy()
     row = np.empty(model.n_items, np.float32)
     for r in todo:
-        if histories is not None:
-            model.dense_history(histories[int(r)], row, True)
+        if gated[r]:
+            seen = (
+                histories[int(r)].indices
+                if histories is not None
+                else model.training_row(int(users[r]))[0]  # type: ignore[index]
+            )
+            row.fill(0)
+            row[seen] = np.nan
+            filled = None
         else:
-            assert users is not None
-            model.dense_user(int(users[r]), row, True)
-        n = int(valid[r].sum())
-        filled = fill_unreached(recs[r, :n], scores[r, :n], row, order)
+            if histories is not None:
+                model.dense_history(histories[int(r)], row, True)
+            else:
+                assert users is not None
+                model.dense_user(int(users[r]), row, True)
+            n = int(valid[r].sum())
+            filled = fill_unreached(recs[r, :n], scores[r, :n], row, order)
         out[r] = -1
         if filled is None:  # cold to this model: the popularity fallback's answer
             fill = order[~np.isnan(row[order])][: recs.shape[1]]

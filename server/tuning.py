@@ -37,12 +37,15 @@ from recserve.config import LEARNED_HYBRIDS as HYBRIDS_FILE
 from recserve.data import Dataset
 from recserve.evaluation import (
     Split,
+    as_served,
     evaluate,
+    evidence_counts,
     make_split,
     popularity_baseline,
     popularity_gap,
     ranking_metrics,
     relevant_events,
+    user_metrics,
 )
 from recserve.models import Recommender, bundle, create
 from recserve.models.base import Param, TrainingError
@@ -152,6 +155,96 @@ def popularity_floor(split: Split, metric: str, k: int, threshold: float | None)
     return float(popularity_baseline(split.train, split, [k], threshold)[metric])
 
 
+# The largest min_events tune learns: a model that needs more events than this
+# before it beats popularity is one to replace, not to gate.
+GATE_MAX = 50
+# How clearly popularity must win below min_events: a one-sided paired z on
+# the per-user metric (gain / its standard error), so that chance among the
+# thresholds tried does not set one.
+GATE_Z = 2.0
+
+
+def learn_min_events(
+    algorithm: str,
+    params: Mapping[str, Any],
+    split: Split,
+    metric: str,
+    k: int,
+    threshold: float | None,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """The model's `min_events`, learned on the validation split: the number of
+    events below which popularity's answer (what the service gives a user the
+    gate sends down the chain) beats the model's by the most in total, clearly
+    (paired z >= GATE_Z over the users it gates); 0 when there is no such
+    point. One more fit of the model on the split's training part. Returns
+    {"min_events", "users", "gated", "value", "gated_value"} (validation)."""
+    none = {"min_events": 0, "users": 0, "gated": 0, "value": None, "gated_value": None}
+    cls = MODELS[algorithm]
+    if metric in MINIMIZE or cls.serves_cold or "min_events" not in cls.params_spec:
+        return none
+    model = create(algorithm, **{**params, "min_events": 0})
+    model.n_threads = threads
+    model.fit(split.train)
+    relevant, users = relevant_events(split, threshold)
+    if users.size == 0:
+        return none
+    if split.fold_in is not None:
+        histories = split.fold_in[users]
+        recs, scores = model.recommend_histories(histories, k)
+        where: dict[str, Any] = {"histories": histories}
+    else:
+        recs, scores = model.recommend(users, k)
+        where = {"users": users}
+    evidence = evidence_counts(model, **where)
+    served = as_served(model, recs, scores, **where)
+    model.params["min_events"] = GATE_MAX + 1 + int(evidence.max())  # every row gated
+    popular = as_served(model, recs, scores, **where)
+    n_items = split.train.n_items
+    mine = user_metrics(served, relevant[users], [k], n_items)[0][metric]
+    theirs = user_metrics(popular, relevant[users], [k], n_items)[0][metric]
+    gain = theirs - mine  # per user, in user order
+    best, best_total = 0, 0.0
+    for n in np.unique(evidence[evidence < GATE_MAX]) + 1:
+        d = gain[evidence < n]
+        total = float(d.sum())
+        spread = float(d.std()) * np.sqrt(d.size)
+        if total > best_total and spread > 0 and total / spread >= GATE_Z:
+            best, best_total = int(n), total
+    gated = int((evidence < best).sum())
+    return {
+        "min_events": best,
+        "users": int(users.size),
+        "gated": gated,
+        "value": float(mine.mean()),
+        "gated_value": float((mine.sum() + best_total) / mine.size),
+    }
+
+
+def _gate(
+    r: AlgoResult, split: Split, metric: str, k: int, threshold: float | None, threads: int
+) -> None:
+    """Learn r's min_events (learn_min_events) and add it to its best params."""
+    try:
+        r.gate = learn_min_events(r.algorithm, r.best_params, split, metric, k, threshold, threads)
+    except (ValueError, TrainingError) as exc:  # the search's fits worked: say, go on ungated
+        log.warning("tune %s: min_events not learned: %s", r.algorithm, exc)
+        return
+    if r.gate["min_events"]:
+        r.best_params = {**r.best_params, "min_events": r.gate["min_events"]}
+        log.info(
+            "tune %s: min_events=%d: the %d of %d validation users with fewer events "
+            "are better answered by popularity (%s %.4f -> %.4f)",
+            r.algorithm,
+            r.gate["min_events"],
+            r.gate["gated"],
+            r.gate["users"],
+            metric,
+            r.gate["value"],
+            r.gate["gated_value"],
+        )
+
+
 @dataclass
 class AlgoResult:
     """One algorithm's search: every trial, the best, the time taken."""
@@ -164,6 +257,14 @@ class AlgoResult:
     seconds: float = 0.0
     interrupted: bool = False
     error: str | None = None  # why it could not be fitted on this data at all
+    gate: dict[str, Any] | None = None  # learn_min_events' result for the best params
+
+    def served_value(self) -> float | None:
+        """The best trial's validation value as served: with the learned
+        min_events, users below it answered by popularity."""
+        if self.best_value is None or not self.gate or not self.gate["min_events"]:
+            return self.best_value
+        return self.best_value + self.gate["gated_value"] - self.gate["value"]
 
     def record(self) -> dict[str, Any]:
         return {
@@ -171,6 +272,7 @@ class AlgoResult:
             "error": self.error,
             "best_params": self.best_params,
             "best_value": self.best_value,
+            "min_events": self.gate,
             "default_value": self.default_value,
             "seconds": round(self.seconds, 3),
             "interrupted": self.interrupted,
@@ -420,6 +522,12 @@ def candidates(models: Mapping[str, Recommender], split: Split, n: int) -> Candi
             it, sc = model.recommend(users, min(n, model.n_items))
         if model.sparse_scores:  # as the server blends: only the items its evidence reached
             it = np.where(sc > 0, it, -1)
+        gate = model.params.get("min_events", 0)
+        if gate:  # as the server: a user below the gate leaves this component out
+            if split.fold_in is not None:
+                it[evidence_counts(model, histories=split.fold_in[users]) < gate] = -1
+            else:
+                it[evidence_counts(model, users=users) < gate] = -1
         names.append(name)
         items.append(it.astype(np.int64))
         scores.append(_minmax_rows(it, sc))
@@ -614,10 +722,14 @@ def tune(
     if not done:
         why = "; ".join(f"{r.algorithm}: {r.error}" for r in results if r.error)
         raise ValueError(f"tune: no trial completed; nothing published{f' ({why})' if why else ''}")
+    if "min_events" not in dict(fixed or {}):
+        for r in done:
+            _gate(r, inner, metric, k, threshold, threads)
     best = done[0]
-    for r in done[1:]:
-        if better(metric, r.best_value, best.best_value):  # type: ignore[arg-type]
+    for r in done[1:]:  # as served: with each one's gate
+        if better(metric, r.served_value(), best.served_value()):  # type: ignore[arg-type]
             best = r
+    gate = best.gate
     held_out = create(best.algorithm, **best.best_params)
     held_out.n_threads = threads
     test_value = score(held_out, outer, metric, k, threshold)
@@ -625,7 +737,7 @@ def tune(
         "tune: %s best, %s %.4f on validation, %.4f on the held-out test",
         best.algorithm,
         metric,
-        best.best_value,
+        best.served_value(),
         test_value,
     )
     floor = popularity_floor(outer, metric, k, threshold)
@@ -652,6 +764,7 @@ def tune(
         "evaluate_test_events": int(outer.test.nnz),  # never seen by the search
         "test": test_value,
         "popularity_test": floor,  # the same metric, held-out test (None: not ranked)
+        "min_events": gate,  # learned on the validation split (None: given or not learned)
         "given_split": split is not None,
         "data_fingerprint": ds.fingerprint(),
         "seconds": round(time.perf_counter() - t0, 3),
@@ -664,7 +777,7 @@ def tune(
         "algorithms": [r.record() for r in results],
     }
     path = model.save(
-        models_dir, name, metrics={metric: best.best_value}, dataset=ds, tuning=record
+        models_dir, name, metrics={metric: best.served_value()}, dataset=ds, tuning=record
     )
     doc = bundle.read_manifest(path)
     return {
@@ -674,11 +787,11 @@ def tune(
         "algorithm": best.algorithm,
         "params": best.best_params,
         "metric": metric,
-        "validation": best.best_value,
+        "validation": best.served_value(),
         "test": test_value,
         "popularity_test": floor,
         "defaults": {r.algorithm: r.default_value for r in results},
-        "best_by_algorithm": {r.algorithm: r.best_value for r in results},
+        "best_by_algorithm": {r.algorithm: r.served_value() for r in results},
         "trials": {r.algorithm: len(r.trials) for r in results},
         "interrupted": record["interrupted"],
         "seconds": record["seconds"],

@@ -18,11 +18,11 @@ import pytest
 
 from recserve.cli import main
 from recserve.config import Hybrid, ServerConfig
-from recserve.data import load_dataset
 from recserve.feedback import Event, OnlineState
 from recserve.models import create
 from recserve.models.base import fill_unreached
 from recserve.serving import Catalog, RecQuery, Router
+from tests.event_logs import events_dataset, popular, zipf_block
 
 SPARSE = ["itemknn", "userknn", "rp3beta", "ease"]
 K = 10
@@ -33,15 +33,7 @@ def _events() -> list[tuple[str, str]]:
     - `lonely` saw `rare`, which no one else saw (reaches nothing);
     - `partial` saw `p`, which co-occurs (through `pal`) with `q1`, `q2` only;
     - `duo` saw `d1`, `d2`, which co-occur with each other only (both seen)."""
-    rng = np.random.default_rng(7)
-    p = 1.0 / np.arange(1, 201) ** 0.9
-    p /= p.sum()
-    # the popular items sort last by id: index order is not popularity order
-    out = [
-        (f"u{u}", f"i{199 - i:03d}")
-        for u in range(600)
-        for i in rng.choice(200, 10, replace=False, p=p)
-    ]
+    out = zipf_block(7)
     out += [("lonely", "rare"), ("partial", "p"), ("pal", "p"), ("pal", "q1"), ("pal", "q2")]
     out += [("duo", "d1"), ("duo", "d2")]
     return out
@@ -49,10 +41,7 @@ def _events() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
-    path = tmp_path_factory.mktemp("unreached") / "events.csv"
-    rows = [f"{u},{i},1,{t}" for t, (u, i) in enumerate(_events())]
-    path.write_text("user,item,rating,timestamp\n" + "\n".join(rows) + "\n")
-    return load_dataset(str(path))
+    return events_dataset(tmp_path_factory.mktemp("unreached") / "events.csv", _events())
 
 
 def _router(ds, root: Path, fallback: tuple[str, ...]) -> Router:
@@ -72,15 +61,6 @@ def router(ds, tmp_path_factory):
     r = _router(ds, tmp_path_factory.mktemp("models"), ("popularity",))
     yield r
     r.catalog.close()
-
-
-def popular(ds, banned: set[str], k: int) -> list[str]:
-    """The k most-interacted training items not in `banned`, ties by lower index."""
-    x = ds.interactions
-    counts = np.bincount(x.indices, minlength=x.shape[1])
-    order = np.lexsort((np.arange(counts.size), -counts))
-    ids = ds.items.ids(order)
-    return [i for i in ids if i not in banned][:k]
 
 
 @pytest.mark.parametrize("algo", SPARSE)

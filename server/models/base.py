@@ -125,6 +125,16 @@ class Param:
         return v
 
 
+MIN_EVENTS = Param(
+    int,
+    0,
+    "a user (or an inline history) with fewer events that count as evidence "
+    "(likes: values >= 0, > 0 where values weigh) is answered by the fallbacks "
+    "(popularity), as a cold user is; 0: none. `tune` learns it on the validation split",
+    min=0,
+    max=1_000_000,
+)
+
 # `values = "auto"` weighs values on a log scale when their 99th percentile is
 # more than this many times their median: counts, quantities, durations; not
 # ratings (1-5: 1.25x).
@@ -511,6 +521,27 @@ class Recommender(ABC):
         assert self.user_items is not None
         top = np.asarray(self.user_items.data)[a:b].max()
         return bool(top <= 0 if by_value else top < 0) and self._learned_nothing(user)
+
+    def evidence(self, values: np.ndarray) -> int:
+        """How many of a history's values count as evidence for this model: likes
+        (>= 0; > 0 where a history weighs by its values), or all of them for a
+        model that fits negative ratings."""
+        if self.rates_negatives:
+            return int(values.size)
+        return int(np.count_nonzero(values > 0 if self.weighs_by_value else values >= 0))
+
+    def too_little(self, values: np.ndarray) -> bool:
+        """Whether a history (its values) is below the model's `min_events`: the
+        service answers it as a cold user (fallbacks), where the model ranks
+        worse than popularity (`tune` measures where that is)."""
+        gate = self.params.get("min_events", 0)
+        return bool(gate) and self.evidence(values) < gate
+
+    def gated(self, user: int) -> bool:
+        """`too_little` for a known user's training row."""
+        if not self.params.get("min_events", 0):
+            return False
+        return self.too_little(self.training_row(user)[1])
 
     def has_dislikes(self) -> bool:
         """Whether any training value is negative: the bundle's manifest says so

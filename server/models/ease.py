@@ -19,7 +19,13 @@ import scipy.sparse as sp
 
 from recserve.data import Dataset
 from recserve.kernels import topk
-from recserve.models.base import Param, Recommender, TrainingError, topk_excluding_self
+from recserve.models.base import (
+    MIN_EVENTS,
+    Param,
+    Recommender,
+    TrainingError,
+    topk_excluding_self,
+)
 from recserve.models.registry import register
 
 
@@ -48,6 +54,7 @@ class EASE(Recommender):
         ),
         "binary": Param(bool, True, "use interactions as 0/1"),
         "max_memory_gb": Param(float, 4.0, "refuse catalogues whose solve needs more", min=0),
+        "min_events": MIN_EVENTS,
     }
     # history x B: items of another connected component than the history's get
     # exactly 0 (the solve keeps its block structure), no evidence either way

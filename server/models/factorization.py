@@ -34,6 +34,7 @@ from recserve.kernels import als as alsk
 from recserve.kernels import sgd as sgdk
 from recserve.kernels import topk
 from recserve.models.base import (
+    MIN_EVENTS,
     VALUES,
     Param,
     Recommender,
@@ -94,6 +95,7 @@ class ALS(EmbeddingIndexMixin):
         "seed": Param(int, 0, "random seed of the initial factors"),
         "binary": Param(bool, False, "treat every interaction as value 1"),
         **INDEX_PARAMS,
+        "min_events": MIN_EVENTS,
     }
 
     def _divergence_hint(self) -> str:
@@ -365,6 +367,7 @@ class BiasedMF(Recommender):
         "init_std": Param(float, 0.1, "std of the initial factors", min=0),
         "seed": Param(int, 0, "random seed (initial factors, rating order)"),
         "hogwild": Param(bool, False, "parallel lock-free SGD (nondeterministic)"),
+        "min_events": MIN_EVENTS,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -685,6 +688,7 @@ class BPR(EmbeddingIndexMixin):
         ),
         "seed": Param(int, 0, "random seed (initial factors, sampling)"),
         **INDEX_PARAMS,
+        "min_events": MIN_EVENTS,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -856,6 +860,7 @@ class BayesianMF(BiasedMF):
         "validation": Param(
             float, 0.1, "fraction of ratings that measures the noise", min=0.01, max=0.5
         ),
+        "min_events": MIN_EVENTS,
     }
 
     def _fit(self, dataset: Dataset) -> None:

@@ -33,6 +33,7 @@ import scipy.sparse as sp
 from recserve.data import Dataset
 from recserve.kernels import similarity as simk
 from recserve.models.base import (
+    MIN_EVENTS,
     VALUES,
     Param,
     Recommender,
@@ -425,6 +426,7 @@ class ItemKNN(_Neighbourhood):
         ),
         "K1": COMMON["K1"].searched(default=0.4),
         "B": COMMON["B"].searched(default=0.5),
+        "min_events": MIN_EVENTS,
     }
 
     def __init__(self, **params: Any) -> None:
@@ -488,6 +490,7 @@ class RP3beta(_Neighbourhood):
         ),
         "binary": Param(bool, True, "the walk's steps ignore values (histories still weigh)"),
         "values": VALUES,
+        "min_events": MIN_EVENTS,
     }
     # What a sparse log (median events per user < SPARSE_LOG_EVENTS) gets for the
     # parameters not given: the study's values penalise popularity, which is
@@ -563,6 +566,7 @@ class ContentKNN(_Neighbourhood):
         "K1": COMMON["K1"],
         "B": COMMON["B"],
         "values": VALUES,
+        "min_events": MIN_EVENTS,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -592,6 +596,7 @@ class UserKNN(_Neighbourhood):
         "k": COMMON["k"].searched(default=170),
         "shrink": COMMON["shrink"].searched(default=65.0),
         "weighting": COMMON["weighting"].searched(default="bm25"),
+        "min_events": MIN_EVENTS,
     }
     ranks_from_history = False  # known users rank from their sim row
 

@@ -7,9 +7,10 @@
 3. user: a known id uses its training row, plus events recorded since (then
    it is folded in again); an unknown id with a history is folded in exactly
    as the model's recommend_from_history; a user with nothing (a known id the
-   model learned nothing of, `is_cold`, included) goes to the first model
-   that serves cold users (popularity), else to the popularity of the first
-   loaded model's training data.
+   model learned nothing of, `is_cold`, included), or with fewer events than
+   the model's `min_events`, goes on down the chain, to the first model that
+   serves cold users (popularity), else to the popularity of the first loaded
+   model's training data.
 
 Answers are plain values (`recserve.serving.answers`); refusals are
 `RequestError`s naming a status and the offending field.
@@ -137,12 +138,15 @@ def _no_evidence(m: Recommender, values: np.ndarray) -> bool:
     """Whether a history tells the model nothing to rank by: empty, or only
     dislikes (negative values) for a model that learns from likes, or only
     values <= 0 for one whose history weighs by its values (a 0 weighs
-    nothing). Such a user goes on down the chain, as one with no history does;
-    a model that serves cold users (popularity) answers anyway."""
+    nothing), or fewer events than the model's `min_events` (where it ranks
+    worse than popularity). Such a user goes on down the chain, as one with no
+    history does; a model that serves cold users (popularity) answers anyway."""
     if m.serves_cold:
         return False
     if values.size == 0:
         return True
+    if m.too_little(values):
+        return True  # fewer events than the model's min_events: as a cold user
     if m.rates_negatives:
         return False
     top = values.max()
@@ -439,7 +443,7 @@ class Router:
         m = slot.model
         assert m is not None and m.users is not None
         user = m.users.get(q.user_id)
-        if user < 0 or m.is_cold(user) or self.online.history(q.user_id):
+        if user < 0 or m.is_cold(user) or m.gated(user) or self.online.history(q.user_id):
             return None
         return slot, user
 
@@ -590,6 +594,8 @@ class Router:
         m = slot.model
         if user >= 0 and m.is_cold(user):
             user = -1  # nothing learned of this user: as an unknown one with its history
+        if user >= 0 and extra_idx.size == 0 and m.gated(user):
+            return None  # fewer events than min_events (with newer ones: counted below)
         if user >= 0 and extra_idx.size == 0 and excl.size == 0 and cand is None:
             # The common case (hybrid components too): the one-user serving call.
             items, scores = m.recommend_user(user, k, filter_seen=not q.include_seen)
@@ -776,6 +782,8 @@ class Router:
                 out = rows[len(used)]
                 row = None
                 if u >= 0 and extra_idx.size == 0:
+                    if m.gated(u):
+                        continue  # below min_events: the general path skips it too
                     ok = m.dense_user(u, out, filter_seen)
                 else:
                     if u < 0 and shared_row is not None:

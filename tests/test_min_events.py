@@ -1,0 +1,282 @@
+"""`min_events`: a user (or an inline history) with fewer events than the
+model's gate is answered by the fallbacks, as a cold user is. On sparse logs
+ALS and the neighbourhood models rank users with one to a few events below
+popularity (docs/algorithms.md, "Users with few events"); `tune` learns the
+gate on the validation split.
+
+References are independent of the models: training counts for popularity,
+sets of held-out items for the per-user metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from recserve.cli import main
+from recserve.config import Hybrid, ServerConfig
+from recserve.data import generate, to_dataset
+from recserve.evaluation import as_served, evaluate, ranking_metrics, user_metrics
+from recserve.feedback import Event, OnlineState
+from recserve.models import bundle, create
+from recserve.serving import Catalog, RecQuery, Router
+from recserve.tuning import learn_min_events, splits, tune
+from tests.event_logs import events_dataset, popular, zipf_block
+
+K = 10
+ALS = {"factors": 8, "iterations": 5}
+
+
+def _events() -> list[tuple[str, str]]:
+    """A Zipf-popular main block of 600 users with 10 events each, plus `one`
+    (1 event), `two` and `two_b` (2 events) and `three` (3 events)."""
+    out = zipf_block(11)
+    out += [("one", "i150"), ("two", "i150"), ("two", "i120"), ("two_b", "i150")]
+    out += [("two_b", "i120"), ("three", "i150"), ("three", "i120"), ("three", "i100")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return events_dataset(tmp_path_factory.mktemp("gate") / "events.csv", _events())
+
+
+@pytest.fixture(scope="module")
+def router(ds, tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    for name, algo, params in (
+        ("als", "als", ALS),
+        ("als3", "als", {**ALS, "min_events": 3}),
+        ("knn3", "itemknn", {"min_events": 3}),
+        ("popularity", "popularity", {}),
+    ):
+        create(algo, **params).fit(ds).save(root, name, dataset=ds)
+    hybrids = {"blend": Hybrid("blend", {"als3": 0.5, "als": 0.5})}
+    cfg = ServerConfig(models=str(root), hybrids=hybrids, fallback=("popularity",))
+    catalog = Catalog(cfg.models)
+    catalog.start()
+    catalog.wait(120)
+    r = Router(cfg, catalog, OnlineState())
+    yield r
+    catalog.close()
+
+
+def own(router: Router, name: str, uid: str) -> list[str]:
+    """The model's own ranking of a known user (no gate on this call)."""
+    m = router.catalog.get(name).model
+    items, _ = m.recommend([m.users.get(uid)], K)
+    return m.items.ids(items[0][items[0] >= 0])
+
+
+@pytest.mark.parametrize("name", ["als3", "knn3"])
+def test_a_known_user_below_the_gate_is_answered_by_the_fallback(router, ds, name):
+    for uid, seen in (("one", {"i150"}), ("two", {"i150", "i120"})):
+        got = router.recommend(RecQuery(user_id=uid, k=K, model=name))
+        assert got.served_by == "popularity", (name, uid)
+        assert got.item_ids == popular(ds, seen, K), (name, uid)
+        assert router.plain_target(RecQuery(user_id=uid, k=K, model=name)) is None
+    for uid in ("three", "u5"):
+        got = router.recommend(RecQuery(user_id=uid, k=K, model=name))
+        assert got.served_by == "" and got.item_ids == own(router, name, uid), (name, uid)
+    assert router.plain_target(RecQuery(user_id="u5", k=K, model=name)) is not None
+    # a model without a gate serves them all
+    got = router.recommend(RecQuery(user_id="one", k=K, model="als"))
+    assert got.served_by == "" and got.item_ids == own(router, "als", "one")
+
+
+@pytest.mark.parametrize("name", ["als3", "knn3"])
+def test_an_inline_history_below_the_gate_is_answered_by_the_fallback(router, ds, name):
+    short = [("i150", 1.0), ("i120", 1.0)]
+    got = router.recommend(RecQuery(user_id="new", history=short, k=K, model=name))
+    assert got.served_by == "popularity" and got.item_ids == popular(ds, {"i150", "i120"}, K)
+    # dislikes are no evidence: two likes and a dislike are still two
+    mixed = [*short, ("i100", -1.0)]
+    got = router.recommend(RecQuery(user_id="new", history=mixed, k=K, model=name))
+    assert got.served_by == "popularity"
+    full = [*short, ("i100", 1.0)]
+    got = router.recommend(RecQuery(user_id="new", history=full, k=K, model=name))
+    m = router.catalog.get(name).model
+    items, _ = m.recommend_from_history(m.items.index(["i150", "i120", "i100"]), k=K)
+    assert got.served_by == "" and got.item_ids == m.items.ids(items)
+
+
+def test_events_recorded_since_training_count_toward_the_gate(router):
+    router = Router(router.cfg, router.catalog, OnlineState())  # its own recorded events
+    q = RecQuery(user_id="two_b", k=K, model="als3")
+    assert router.recommend(q).served_by == "popularity"
+    router.online.apply([Event("two_b", "i100", 1.0, 0)])
+    got = router.recommend(q)
+    assert got.served_by == "" and got.folded_in
+    assert not {"i150", "i120", "i100"} & set(got.item_ids)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_hybrid_blends_without_a_gated_component(router, dense):
+    real = router._hybrid_dense
+    if not dense:
+        router._hybrid_dense = lambda *a: None  # type: ignore[method-assign]
+    try:
+        got = router.recommend(RecQuery(user_id="two", k=K, model="blend"))
+        assert got.served_by == "" and got.version.startswith("als@")
+        assert "als3@" not in got.version
+        assert got.item_ids == own(router, "als", "two")
+        both = router.recommend(RecQuery(user_id="u5", k=K, model="blend"))
+        assert "als3@" in both.version and "als@" in both.version
+    finally:
+        router._hybrid_dense = real  # type: ignore[method-assign]
+
+
+def test_the_recommend_command_refuses_a_user_below_the_gate(router, capsys):
+    models = router.cfg.models
+    for who in (["--user", "two"], ["--history", "i150,i120"]):
+        code = main(["recommend", "--models", models, "--name", "als3", *who, "--k", str(K)])
+        _, err = capsys.readouterr()
+        assert code == 2 and "min_events=3" in err and "2 event(s)" in err, err
+    code = main(["recommend", "--models", models, "--name", "als3", "--user", "three"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    got = [x["item_id"] for x in json.loads(out.strip().splitlines()[-1])["items"]]
+    assert got == own(router, "als3", "three")
+
+
+def test_offline_answers_are_the_ones_the_service_gives(router, ds):
+    m = router.catalog.get("als3").model
+    users = np.arange(m.n_users)
+    recs, scores = m.recommend(users, K)
+    got = as_served(m, recs, scores, users=users)
+    for u in users:
+        uid = m.users.ids([u])[0]
+        want = router.recommend(RecQuery(user_id=uid, k=K, model="als3"))
+        assert m.items.ids(got[u][got[u] >= 0]) == want.item_ids, uid
+    rows = [m.items.index(["i150", "i120"]), m.items.index(["i150", "i120", "i100"])]
+    hist = m.history_matrix(rows, [[1.0, 1.0], [1.0, 1.0, 1.0]])
+    h_recs, h_scores = m.recommend_histories(hist, K)
+    got_h = as_served(m, h_recs, h_scores, histories=hist)
+    assert m.items.ids(got_h[0]) == popular(ds, {"i150", "i120"}, K)
+    assert np.array_equal(got_h[1], h_recs[1])
+
+
+def _reference(recs: np.ndarray, relevant: list[set[int]], k: int) -> dict[str, np.ndarray]:
+    out: dict[str, list[float]] = {"recall": [], "ndcg": [], "hit_rate": [], "mrr": []}
+    for row, rel in zip(recs, relevant, strict=True):
+        top = [int(i) for i in row[:k] if i >= 0]
+        hits = [i in rel for i in top]
+        out["recall"].append(sum(hits) / min(k, len(rel)))
+        dcg = sum(1 / np.log2(r + 2) for r, h in enumerate(hits) if h)
+        out["ndcg"].append(dcg / sum(1 / np.log2(r + 2) for r in range(min(k, len(rel)))))
+        out["hit_rate"].append(float(any(hits)))
+        first = [i for i, x in enumerate(row) if x >= 0 and int(x) in rel]
+        out["mrr"].append(1 / (first[0] + 1) if first else 0.0)
+    return {n: np.array(v) for n, v in out.items()}
+
+
+def test_per_user_metrics_match_a_reference_and_average_to_the_means():
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(3)
+    n_users, n_items, k = 40, 30, 5
+    recs = np.stack([rng.permutation(n_items)[:8] for _ in range(n_users)])
+    recs[::7, 6:] = -1  # short lists
+    relevant = [set(rng.choice(n_items, rng.integers(1, 6), replace=False)) for _ in recs]
+    rows = [sorted(r) for r in relevant]
+    test = sp.csr_matrix(
+        (
+            np.ones(sum(map(len, rows))),
+            np.concatenate(rows),
+            np.r_[0, np.cumsum(list(map(len, rows)))],
+        ),
+        shape=(n_users, n_items),
+    )
+    per_user, coverage = user_metrics(recs, test, [k], n_items)
+    want = _reference(recs, relevant, k)
+    for name in ("recall", "ndcg", "hit_rate"):
+        assert per_user[f"{name}@{k}"] == pytest.approx(want[name]), name
+    assert per_user["mrr"] == pytest.approx(want["mrr"])
+    means = ranking_metrics(recs, test, [k], n_items)
+    assert means[f"ndcg@{k}"] == pytest.approx(want["ndcg"].mean())
+    assert means[f"coverage@{k}"] == coverage[f"coverage@{k}"]
+
+
+@pytest.fixture(scope="module")
+def sparse_log():
+    """Three events per user on average: ALS ranks its one- and two-event users
+    below popularity here."""
+    return to_dataset(generate(6000, 3000, 18000, seed=2, zipf=1.1))
+
+
+def test_tune_learns_a_gate_that_holds_on_the_held_out_test(sparse_log):
+    outer, inner = splits(sparse_log, "random", 0.2, 0, 1)
+    gate = learn_min_events("als", ALS, inner, "ndcg@20", 20, None)
+    assert gate["min_events"] > 1 and 0 < gate["gated"] < gate["users"]
+    assert gate["gated_value"] > gate["value"]
+    # the gate learned on validation also raises the test figure, which never saw it
+    plain = evaluate(create("als", **ALS), sparse_log, "random", [20], split=outer)
+    gated = create("als", **ALS, min_events=gate["min_events"])
+    with_gate = evaluate(gated, sparse_log, "random", [20], split=outer)
+    assert with_gate["metrics"]["ndcg@20"] > plain["metrics"]["ndcg@20"]
+
+
+def test_no_gate_where_the_model_beats_popularity_for_everyone():
+    dense = to_dataset(generate(1000, 500, 30000, seed=21, zipf=0.9))
+    _, inner = splits(dense, "random", 0.2, 0, 1)
+    for algo, params in (("als", ALS), ("itemknn", {})):
+        gate = learn_min_events(algo, params, inner, "ndcg@20", 20, None)
+        assert gate["min_events"] == 0 and gate["gated"] == 0, algo
+    assert learn_min_events("popularity", {}, inner, "ndcg@20", 20, None)["min_events"] == 0
+    assert learn_min_events("svd", {}, inner, "rmse", 20, None)["min_events"] == 0
+
+
+def test_tune_publishes_the_learned_gate_and_keeps_a_given_one(sparse_log, tmp_path, caplog):
+    params = {k: v for k, v in ALS.items()}
+    with caplog.at_level(logging.INFO, logger="recserve.tuning"):
+        out = tune(sparse_log, ["als"], name="t", models_dir=tmp_path, trials=1, fixed=params)
+    doc = bundle.read_manifest(bundle.resolve(tmp_path, "t"))
+    learned = doc["tuning"]["min_events"]["min_events"]
+    assert learned > 1 and out["params"]["min_events"] == learned
+    assert doc["params"]["min_events"] == learned
+    assert any("min_events=" in r.getMessage() for r in caplog.records)
+    out = tune(
+        sparse_log,
+        ["als"],
+        name="u",
+        models_dir=tmp_path,
+        trials=1,
+        fixed={**params, "min_events": 0},
+    )
+    doc = bundle.read_manifest(bundle.resolve(tmp_path, "u"))
+    assert doc["params"]["min_events"] == 0 and doc["tuning"]["min_events"] is None
+
+
+def test_hybrid_tuning_leaves_a_gated_component_out_as_the_server(ds):
+    from recserve.evaluation import make_split
+    from recserve.tuning import candidates
+
+    split = make_split(ds, "random", 0.3, 0, 1)
+    cands = candidates(
+        {"als3": create("als", **ALS, min_events=4), "als": create("als", **ALS)}, split, 20
+    )
+    relevant = split.test.tocsr()
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    events = np.diff(split.train.interactions.tocsr().indptr)[users]  # all likes here
+    gated = events < 4
+    assert gated.any() and not gated.all()
+    assert (cands.items[0][gated] == -1).all()
+    assert (cands.items[0][~gated] >= 0).all()
+    assert (cands.items[1] >= 0).all()
+
+
+def test_tune_compares_the_algorithms_as_served(sparse_log, tmp_path):
+    out = tune(sparse_log, ["als", "popularity"], name="t", models_dir=tmp_path, trials=1)
+    doc = bundle.read_manifest(bundle.resolve(tmp_path, "t"))
+    per_algo = {r["algorithm"]: r for r in doc["tuning"]["algorithms"]}
+    als = per_algo["als"]
+    assert als["min_events"]["min_events"] > 1  # the gate lifts ALS on this log
+    lifted = als["best_value"] + als["min_events"]["gated_value"] - als["min_events"]["value"]
+    assert out["best_by_algorithm"]["als"] == pytest.approx(lifted)
+    assert lifted > als["best_value"]
+    assert per_algo["popularity"]["min_events"]["min_events"] == 0
+    want = max(out["best_by_algorithm"], key=out["best_by_algorithm"].get)
+    assert out["algorithm"] == want
+    assert out["validation"] == pytest.approx(out["best_by_algorithm"][want])
