@@ -6,13 +6,16 @@ never saw the choice).
 
     python bench/bench_min_events.py --algos als,userknn,bpr,itemknn
     python bench/bench_min_events.py --z 1.0          # a laxer test than GATE_Z
-    python bench/bench_min_events.py --histories 1,2,3,5,10 --algos als
+    python bench/bench_min_events.py --histories 1,2,3,5 --algos als,itemknn,userknn
 
---histories measures what the validation users' counts cannot show: new users
+--histories measures the gate for inline histories (`min_history`): new users
 folded in from a short history. On each log a fifth of the users with 8 or
-more events (at most 1,000) is held out of training; each is folded in from h
-of its events, chosen at random, and the rest are its test items; Recall@20
-of each model (no gate) against popularity, per h.
+more events (at most 1,000) is held out of training and of the gates'
+learning (tune's, on the other users); each is folded in from h of its
+events, chosen at random, and the rest are its test items; Recall@20 of each
+model without and with its learned gates, and popularity's, per h.
+--no-new-users learns as tune did before min_history: from the validation
+users only (inline histories then follow min_events).
 
 The tables behind docs/algorithms.md, "Users with few events".
 """
@@ -32,7 +35,7 @@ from bench_density import K, logs
 
 from recserve import tuning
 from recserve.data import Dataset
-from recserve.evaluation import evaluate, ranking_metrics
+from recserve.evaluation import as_served, evaluate, ranking_metrics
 from recserve.models import create
 from recserve.tuning import learn_min_events, splits
 
@@ -43,10 +46,19 @@ def main() -> None:
     ap.add_argument("--metric", default=f"recall@{K}", help="what the gate is learned on")
     ap.add_argument("--z", type=float, default=tuning.GATE_Z, help="the gate's paired z")
     ap.add_argument("--histories", default="", help="history lengths for new users, e.g. 1,2,3")
+    ap.add_argument(
+        "--no-new-users",
+        action="store_true",
+        help="learn from the validation users only (tune before it scored new users too)",
+    )
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     if args.histories:
-        short_histories(args.algos.split(","), [int(h) for h in args.histories.split(",")])
+        short_histories(
+            args.algos.split(","),
+            [int(h) for h in args.histories.split(",")],
+            not args.no_new_users,
+        )
         return
     tuning.GATE_Z = args.z
     metric = args.metric
@@ -57,7 +69,9 @@ def main() -> None:
         pop = evaluate(create("popularity"), ds, "random", [k], split=outer)["metrics"][metric]
         for algo in args.algos.split(","):
             t = time.perf_counter()
-            gate = learn_min_events(algo, {}, inner, metric, k, None)
+            gate = learn_min_events(
+                algo, {}, inner, metric, k, None, new_users=not args.no_new_users
+            )
             took = time.perf_counter() - t
             plain = evaluate(create(algo), ds, "random", [k], split=outer)["metrics"][metric]
             n = gate["min_events"]
@@ -66,18 +80,28 @@ def main() -> None:
                 model = create(algo, min_events=n)
                 gated = evaluate(model, ds, "random", [k], split=outer)["metrics"][metric]
             print(
-                f"{name:14} {algo:8} min_events {n:3d}  gates {gate['gated']:5d} of "
-                f"{gate['users']:5d} validation users  test {plain:.4f} -> {gated:.4f} "
+                f"{name:14} {algo:8} min_events {n:3d} (min_history {gate['min_history']:2d})  "
+                f"gates {gate['gated']:5d} of {gate['users']:5d} validation users  "
+                f"test {plain:.4f} -> {gated:.4f} "
                 f"({gated / plain:.2f}x; popularity {pop:.4f})  learned in {took:.1f} s",
                 flush=True,
             )
 
 
-def short_histories(algos: list[str], lengths: list[int]) -> None:
-    """Recall@K of new users folded in from h history items, each model against
+def _gates(g: dict) -> dict:
+    """A learned gate (learn_min_events) as model parameters."""
+    return {"min_events": g["min_events"], "min_history": g["min_history"]}
+
+
+def short_histories(algos: list[str], lengths: list[int], new_users: bool) -> None:
+    """Recall@K of new users folded in from h history items, each model
+    without and with the gate learned on the rest of the log, against
     popularity (see the module's docstring)."""
     rng = np.random.default_rng(0)
-    print(f"new users folded in from h items: test Recall@{K}, model (no gate) vs popularity")
+    print(
+        f"new users folded in from h items: test Recall@{K}, model without -> with the "
+        "gates learned on the other users, and popularity"
+    )
     for name, ds in logs().items():
         m = ds.interactions.tocsr()
         pool = np.flatnonzero(np.diff(m.indptr) >= 8)
@@ -90,8 +114,16 @@ def short_histories(algos: list[str], lengths: list[int]) -> None:
         train = m.multiply(keep[:, None]).tocsr()
         train.eliminate_zeros()
         data: Dataset = ds.with_interactions(train, np.zeros(train.nnz, np.int64))
+        _, inner = splits(data, "random", 0.2, 0, 1)
         models = {"popularity": create("popularity").fit(data)}
-        models |= {a: create(a).fit(data) for a in algos}
+        gates = {}
+        for a in algos:
+            gates[a] = learn_min_events(a, {}, inner, f"recall@{K}", K, None, new_users=new_users)
+            models[a] = create(a).fit(data)
+        print(
+            f"{name:14} gate for histories (min_history; -1: as min_events) "
+            + ", ".join(f"{a} {create(a, **_gates(g)).history_gate()}" for a, g in gates.items())
+        )
         for h in lengths:
             hist, test = [], []
             for u in new:
@@ -111,9 +143,17 @@ def short_histories(algos: list[str], lengths: list[int]) -> None:
             row = []
             for label, model in models.items():
                 rows = model.history_matrix([i for i, _ in hist], [v for _, v in hist])
-                recs, _ = model.recommend_histories(rows, K)
-                value = ranking_metrics(recs, truth, [K], m.shape[1])[f"recall@{K}"]
-                row.append(f"{label} {value:.3f}")
+                recs, scores = model.recommend_histories(rows, K)
+                plain = as_served(model, recs, scores, histories=rows)  # as the service
+                value = ranking_metrics(plain, truth, [K], m.shape[1])[f"recall@{K}"]
+                if label not in gates:
+                    row.append(f"{label} {value:.3f}")
+                    continue
+                model.params |= _gates(gates[label])
+                served = as_served(model, recs, scores, histories=rows)
+                model.params |= {"min_events": 0, "min_history": -1}
+                gated = ranking_metrics(served, truth, [K], m.shape[1])[f"recall@{K}"]
+                row.append(f"{label} {value:.3f} -> {gated:.3f}")
             print(f"{name:14} {new.size:4d} new users, h={h:2d}: " + "  ".join(row), flush=True)
 
 

@@ -758,13 +758,20 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_gate(model: Any, args: argparse.Namespace, field: str, values: np.ndarray) -> None:
-    """Refuse a user or history below the model's `min_events`: the server
-    answers it from its fallbacks, so this model's ranking is not what it gets."""
-    if model.too_little(np.asarray(values, np.float32)):
-        what = f"user {args.user!r}" if field == "user" else "history"
+    """Refuse a user or history below the model's gate (`min_events`, or
+    `min_history` for an inline history): the server answers it from its
+    fallbacks, so this model's ranking is not what it gets."""
+    known = field == "user"
+    if model.too_little(np.asarray(values, np.float32), known):
+        what = f"user {args.user!r}" if known else "history"
+        gate = (
+            f"min_events={model.params['min_events']}"
+            if known
+            else f"min_history={model.history_gate()}"
+        )
         raise ValueError(
             f"{field}: the {what} has {model.evidence(np.asarray(values, np.float32))} "
-            f"event(s), fewer than {args.name}'s min_events={model.params['min_events']} "
+            f"event(s), fewer than {args.name}'s {gate} "
             "(below it the model ranks worse than popularity); the server answers it "
             "from its fallbacks (popularity)"
         )

@@ -333,7 +333,8 @@ def as_served(
     """The rows of recommend() (known `users`) or recommend_histories()
     (`histories`, one row each) as the service answers them (seen items
     filtered, the default fallback, popularity): a row with fewer events than
-    the model's `min_events` is the most popular unseen items; for a
+    the model's gate (`min_events` for a known user, `min_history` for a
+    history) is the most popular unseen items; for a
     `sparse_scores` model, a row whose evidence reaches no eligible item is
     too, and items scored 0 (unreached) are the most popular unreached ones,
     not the first by index (docs/serving.md, "Which user"). Other rows are
@@ -341,7 +342,7 @@ def as_served(
     if recs.size == 0:
         return recs
     gated = np.zeros(recs.shape[0], bool)
-    gate = model.params.get("min_events", 0)
+    gate = model.params.get("min_events", 0) if histories is None else model.history_gate()
     if gate and not model.serves_cold:
         gated = evidence_counts(model, users, histories) < gate
     valid = recs >= 0

@@ -26,12 +26,13 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from recserve.config import LEARNED_HYBRIDS as HYBRIDS_FILE
 from recserve.data import Dataset
@@ -162,6 +163,125 @@ GATE_MAX = 50
 # the per-user metric (gain / its standard error), so that chance among the
 # thresholds tried does not set one.
 GATE_Z = 2.0
+# New users folded in from a short inline history: the validation users' own
+# counts seldom go that low (every ml-100k user has 20 or more ratings), and a
+# known user with one event is not a new user with a one-item history (the
+# first is a light user, the second often is not), so inline histories get
+# their own gate, `min_history`, scored on users held out of one more fit,
+# each folded in from h of its events (h in NEW_USER_LENGTHS) and measured on
+# the rest.
+NEW_USER_LENGTHS = (1, 2, 3, 4, 5)
+NEW_USER_EVENTS = 3  # events a user needs to be one (h to fold in, one or more to score)
+NEW_USER_SHARE = 0.2  # of the users with that many
+NEW_USER_MAX = 1000
+NEW_USER_MIN = 50  # fewer eligible users than this: none are made
+
+
+def new_user_histories(
+    ds: Dataset, threshold: float | None, seed: int = 0
+) -> tuple[Dataset, list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]] | None:
+    """`ds` without a share of its users with NEW_USER_EVENTS or more events,
+    and those users' events in random order: (the training data left,
+    [(items, values)] per user, [which of them are relevant, as `evaluate`
+    counts relevance] per user). None when too few users have that many."""
+    m = ds.interactions.tocsr()
+    lengths = np.diff(m.indptr)
+    pool = np.flatnonzero(lengths >= NEW_USER_EVENTS)
+    n = min(NEW_USER_MAX, int(pool.size * NEW_USER_SHARE))
+    if pool.size < NEW_USER_MIN or n < 1:
+        return None
+    rng = np.random.default_rng(seed)
+    held = np.sort(rng.choice(pool, n, replace=False))
+    events: list[tuple[np.ndarray, np.ndarray]] = []
+    relevant: list[np.ndarray] = []
+    for u in held:
+        lo, hi = m.indptr[u], m.indptr[u + 1]
+        order = rng.permutation(hi - lo)
+        items, values = m.indices[lo:hi][order], m.data[lo:hi][order]
+        events.append((items, values))
+        relevant.append(values >= threshold if threshold is not None else values > 0)
+    lengths = lengths.copy()
+    lengths[held] = 0
+    keep = np.repeat(lengths > 0, np.diff(m.indptr))
+    train = sp.csr_matrix(
+        (m.data[keep], m.indices[keep], np.r_[0, np.cumsum(lengths)]), shape=m.shape
+    )
+    train.has_sorted_indices = m.has_sorted_indices
+    return ds.with_interactions(train, ds.timestamps[keep]), events, relevant
+
+
+def _against_popularity(
+    model: Recommender,
+    recs: np.ndarray,
+    scores: np.ndarray,
+    truth: sp.csr_matrix,
+    metric: str,
+    k: int,
+    **where: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(events, the model's metric as served ungated, popularity's gain over
+    it) per row of recs (`users=` known users, or `histories=`), for a model
+    fitted with no gate."""
+    evidence = evidence_counts(model, **where)
+    served = as_served(model, recs, scores, **where)
+    model.params["min_events"] = GATE_MAX + 1 + int(evidence.max())  # every row gated
+    popular = as_served(model, recs, scores, **where)
+    model.params["min_events"] = 0
+    mine = user_metrics(served, truth, [k], model.n_items)[0][metric]
+    return evidence, mine, user_metrics(popular, truth, [k], model.n_items)[0][metric] - mine
+
+
+def _new_user_gains(
+    fit: Callable[[Dataset], Recommender],
+    train: Dataset,
+    metric: str,
+    k: int,
+    threshold: float | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """_against_popularity for each new user and history length:
+    `new_user_histories` of `train`, one more fit without those users. None
+    when there are too few."""
+    made = new_user_histories(train, threshold)
+    if made is None:
+        return None
+    rest, events, relevant = made
+    model = fit(rest)
+    evidence, mine, gain = [], [], []
+    for h in NEW_USER_LENGTHS:
+        rows = [r for r, rel in enumerate(relevant) if rel[h:].any()]
+        if not rows:
+            continue
+        histories = model.history_matrix(
+            [events[r][0][:h] for r in rows], [events[r][1][:h] for r in rows]
+        )
+        truth_items = [np.sort(events[r][0][h:][relevant[r][h:]]) for r in rows]
+        indptr = np.r_[0, np.cumsum([t.size for t in truth_items])]
+        truth = sp.csr_matrix(
+            (np.ones(indptr[-1], np.float32), np.concatenate(truth_items), indptr),
+            shape=(len(rows), rest.n_items),
+        )
+        recs, scores = model.recommend_histories(histories, k)
+        found = _against_popularity(model, recs, scores, truth, metric, k, histories=histories)
+        evidence.append(found[0])
+        mine.append(found[1])
+        gain.append(found[2])
+    if not evidence:
+        return None
+    return np.concatenate(evidence), np.concatenate(mine), np.concatenate(gain)
+
+
+def _best_count(evidence: np.ndarray, gain: np.ndarray) -> int:
+    """The event count below which popularity's gain over the model (per user)
+    is largest in total, when that total is at least GATE_Z standard errors;
+    0 when there is none."""
+    best, best_total = 0, 0.0
+    for n in np.unique(evidence[evidence < GATE_MAX]) + 1:
+        d = gain[evidence < n]
+        total = float(d.sum())
+        spread = float(d.std()) * np.sqrt(d.size)
+        if total > best_total and spread > 0 and total / spread >= GATE_Z:
+            best, best_total = int(n), total
+    return best
 
 
 def learn_min_events(
@@ -172,77 +292,120 @@ def learn_min_events(
     k: int,
     threshold: float | None,
     threads: int = 0,
+    new_users: bool = True,
 ) -> dict[str, Any]:
-    """The model's `min_events`, learned on the validation split: the number of
-    events below which popularity's answer (what the service gives a user the
-    gate sends down the chain) beats the model's by the most in total, clearly
-    (paired z >= GATE_Z over the users it gates); 0 when there is no such
-    point. One more fit of the model on the split's training part. Returns
-    {"min_events", "users", "gated", "value", "gated_value"} (validation)."""
-    none = {"min_events": 0, "users": 0, "gated": 0, "value": None, "gated_value": None}
+    """The model's gates, learned on the validation split: the number of events
+    below which popularity's answer (what the service gives a user the gate
+    sends down the chain) beats the model's by the most in total, clearly
+    (paired z >= GATE_Z over the users it gates); 0 where there is no such
+    point. `min_events` (known users) is learned on the validation users;
+    with `new_users`, `min_history` (inline histories) on new users folded in
+    from 1 to 5 events (`_new_user_gains`: one more fit), with the validation
+    users too where they are inline histories (users protocol); -1 (as
+    min_events) when too few users could be made new ones.
+
+    Returns {"min_events", "min_history", "users", "gated", "value",
+    "gated_value"} (the validation users, at the gate that applies to them)
+    and {"new_histories", "new_gated", "new_value", "new_gated_value"} (the
+    new users' histories; 0 and None when none were made)."""
+    unknown = {"new_histories": 0, "new_gated": 0, "new_value": None, "new_gated_value": None}
+    none = {"min_events": 0, "min_history": -1, "users": 0, "gated": 0, "value": None}
+    none |= {"gated_value": None} | unknown
     cls = MODELS[algorithm]
     if metric in MINIMIZE or cls.serves_cold or "min_events" not in cls.params_spec:
         return none
-    model = create(algorithm, **{**params, "min_events": 0})
-    model.n_threads = threads
-    model.fit(split.train)
+
+    def fit(data: Dataset) -> Recommender:
+        model = create(algorithm, **{**params, "min_events": 0, "min_history": -1})
+        model.n_threads = threads
+        return model.fit(data)
+
+    model = fit(split.train)
     relevant, users = relevant_events(split, threshold)
     if users.size == 0:
         return none
-    if split.fold_in is not None:
-        histories = split.fold_in[users]
-        recs, scores = model.recommend_histories(histories, k)
-        where: dict[str, Any] = {"histories": histories}
+    inline = split.fold_in is not None  # the validation users are inline histories
+    if inline:
+        where: dict[str, Any] = {"histories": split.fold_in[users]}
+        recs, scores = model.recommend_histories(where["histories"], k)
     else:
         recs, scores = model.recommend(users, k)
         where = {"users": users}
-    evidence = evidence_counts(model, **where)
-    served = as_served(model, recs, scores, **where)
-    model.params["min_events"] = GATE_MAX + 1 + int(evidence.max())  # every row gated
-    popular = as_served(model, recs, scores, **where)
-    n_items = split.train.n_items
-    mine = user_metrics(served, relevant[users], [k], n_items)[0][metric]
-    theirs = user_metrics(popular, relevant[users], [k], n_items)[0][metric]
-    gain = theirs - mine  # per user, in user order
-    best, best_total = 0, 0.0
-    for n in np.unique(evidence[evidence < GATE_MAX]) + 1:
-        d = gain[evidence < n]
-        total = float(d.sum())
-        spread = float(d.std()) * np.sqrt(d.size)
-        if total > best_total and spread > 0 and total / spread >= GATE_Z:
-            best, best_total = int(n), total
-    gated = int((evidence < best).sum())
-    return {
-        "min_events": best,
+    evidence, mine, gain = _against_popularity(
+        model, recs, scores, relevant[users], metric, k, **where
+    )
+    min_events = _best_count(evidence, gain)
+    new = None
+    if new_users:
+        new = _new_user_gains(fit, split.train, metric, k, threshold)
+    min_history = -1
+    if new is not None:
+        pooled = (np.r_[evidence, new[0]], np.r_[gain, new[2]]) if inline else (new[0], new[2])
+        min_history = _best_count(*pooled)
+    gate = min_history if inline and min_history >= 0 else min_events
+    out = {
+        "min_events": min_events,
+        "min_history": min_history,
         "users": int(users.size),
-        "gated": gated,
+        "gated": int((evidence < gate).sum()),
         "value": float(mine.mean()),
-        "gated_value": float((mine.sum() + best_total) / mine.size),
+        "gated_value": float((mine.sum() + gain[evidence < gate].sum()) / mine.size),
+    }
+    if new is None:
+        return out | unknown
+    new_evidence, new_mine, new_gain = new
+    return out | {
+        "new_histories": int(new_mine.size),
+        "new_gated": int((new_evidence < min_history).sum()),
+        "new_value": float(new_mine.mean()),
+        "new_gated_value": float(
+            (new_mine.sum() + new_gain[new_evidence < min_history].sum()) / new_mine.size
+        ),
     }
 
 
 def _gate(
-    r: AlgoResult, split: Split, metric: str, k: int, threshold: float | None, threads: int
+    r: AlgoResult,
+    split: Split,
+    metric: str,
+    k: int,
+    threshold: float | None,
+    threads: int,
+    history_given: bool = False,
 ) -> None:
-    """Learn r's min_events (learn_min_events) and add it to its best params."""
+    """Learn r's gates (learn_min_events) and add them to its best params (not
+    min_history when it was given)."""
     try:
         r.gate = learn_min_events(r.algorithm, r.best_params, split, metric, k, threshold, threads)
     except (ValueError, TrainingError) as exc:  # the search's fits worked: say, go on ungated
         log.warning("tune %s: min_events not learned: %s", r.algorithm, exc)
         return
-    if r.gate["min_events"]:
-        r.best_params = {**r.best_params, "min_events": r.gate["min_events"]}
-        log.info(
-            "tune %s: min_events=%d: the %d of %d validation users with fewer events "
-            "are better answered by popularity (%s %.4f -> %.4f)",
-            r.algorithm,
-            r.gate["min_events"],
-            r.gate["gated"],
-            r.gate["users"],
-            metric,
-            r.gate["value"],
-            r.gate["gated_value"],
+    g = r.gate
+    if g["value"] is None:
+        return  # nothing to learn from (a rating metric, popularity, no held-out user)
+    learned = {"min_events": g["min_events"]} if g["min_events"] else {}
+    if g["min_history"] not in (-1, g["min_events"]) and not history_given:
+        learned["min_history"] = g["min_history"]  # else it follows min_events
+    r.best_params = {**r.best_params, **learned}
+    new = "too few users to make new ones: min_history follows min_events"
+    if g["new_histories"]:
+        new = (
+            f"min_history={g['min_history']}: {g['new_gated']} of {g['new_histories']} "
+            f"histories of {NEW_USER_LENGTHS[0]}-{NEW_USER_LENGTHS[-1]} events of new users "
+            f"gated, {g['new_value']:.4f} -> {g['new_gated_value']:.4f}"
         )
+    log.info(
+        "tune %s: min_events=%d: %d of %d validation users gated, %s %.4f -> %.4f; %s "
+        "(below a gate popularity answers, where it ranks better)",
+        r.algorithm,
+        g["min_events"],
+        g["gated"],
+        g["users"],
+        metric,
+        g["value"],
+        g["gated_value"],
+        new,
+    )
 
 
 @dataclass
@@ -261,8 +424,8 @@ class AlgoResult:
 
     def served_value(self) -> float | None:
         """The best trial's validation value as served: with the learned
-        min_events, users below it answered by popularity."""
-        if self.best_value is None or not self.gate or not self.gate["min_events"]:
+        gate, users below it answered by popularity."""
+        if self.best_value is None or not self.gate or not self.gate["gated"]:
             return self.best_value
         return self.best_value + self.gate["gated_value"] - self.gate["value"]
 
@@ -522,12 +685,12 @@ def candidates(models: Mapping[str, Recommender], split: Split, n: int) -> Candi
             it, sc = model.recommend(users, min(n, model.n_items))
         if model.sparse_scores:  # as the server blends: only the items its evidence reached
             it = np.where(sc > 0, it, -1)
-        gate = model.params.get("min_events", 0)
-        if gate:  # as the server: a user below the gate leaves this component out
-            if split.fold_in is not None:
-                it[evidence_counts(model, histories=split.fold_in[users]) < gate] = -1
-            else:
-                it[evidence_counts(model, users=users) < gate] = -1
+        # as the server: a user below the gate leaves this component out
+        if split.fold_in is not None and model.history_gate():
+            counts = evidence_counts(model, histories=split.fold_in[users])
+            it[counts < model.history_gate()] = -1
+        elif split.fold_in is None and model.params.get("min_events", 0):
+            it[evidence_counts(model, users=users) < model.params["min_events"]] = -1
         names.append(name)
         items.append(it.astype(np.int64))
         scores.append(_minmax_rows(it, sc))
@@ -722,9 +885,9 @@ def tune(
     if not done:
         why = "; ".join(f"{r.algorithm}: {r.error}" for r in results if r.error)
         raise ValueError(f"tune: no trial completed; nothing published{f' ({why})' if why else ''}")
-    if "min_events" not in dict(fixed or {}):
+    if "min_events" not in dict(fixed or {}):  # a given min_events: neither gate is learned
         for r in done:
-            _gate(r, inner, metric, k, threshold, threads)
+            _gate(r, inner, metric, k, threshold, threads, "min_history" in dict(fixed or {}))
     best = done[0]
     for r in done[1:]:  # as served: with each one's gate
         if better(metric, r.served_value(), best.served_value()):  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ sets of held-out items for the per-user metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -22,7 +23,15 @@ from recserve.evaluation import as_served, evaluate, ranking_metrics, user_metri
 from recserve.feedback import Event, OnlineState
 from recserve.models import bundle, create
 from recserve.serving import Catalog, RecQuery, Router
-from recserve.tuning import learn_min_events, splits, tune
+from recserve.tuning import (
+    NEW_USER_EVENTS,
+    NEW_USER_MAX,
+    NEW_USER_SHARE,
+    learn_min_events,
+    new_user_histories,
+    splits,
+    tune,
+)
 from tests.event_logs import events_dataset, popular, zipf_block
 
 K = 10
@@ -50,10 +59,15 @@ def router(ds, tmp_path_factory):
         ("als", "als", ALS),
         ("als3", "als", {**ALS, "min_events": 3}),
         ("knn3", "itemknn", {"min_events": 3}),
+        ("alsh", "als", {**ALS, "min_history": 3}),  # inline histories only
+        ("alsk", "als", {**ALS, "min_events": 3, "min_history": 0}),  # known users only
         ("popularity", "popularity", {}),
     ):
         create(algo, **params).fit(ds).save(root, name, dataset=ds)
-    hybrids = {"blend": Hybrid("blend", {"als3": 0.5, "als": 0.5})}
+    hybrids = {
+        "blend": Hybrid("blend", {"als3": 0.5, "als": 0.5}),
+        "blendh": Hybrid("blendh", {"alsh": 0.5, "als": 0.5}),
+    }
     cfg = ServerConfig(models=str(root), hybrids=hybrids, fallback=("popularity",))
     catalog = Catalog(cfg.models)
     catalog.start()
@@ -102,6 +116,40 @@ def test_an_inline_history_below_the_gate_is_answered_by_the_fallback(router, ds
     assert got.served_by == "" and got.item_ids == m.items.ids(items)
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_inline_histories_and_known_users_have_their_own_gates(router, ds, dense):
+    short = [("i150", 1.0), ("i120", 1.0)]
+
+    def folded(name: str) -> list[str]:
+        m = router.catalog.get(name).model
+        items, _ = m.recommend_from_history(m.items.index(["i150", "i120"]), k=K)
+        return m.items.ids(items)
+
+    # min_history 3 (min_events 0): the two-item history goes down the chain,
+    # the known user with two events does not
+    got = router.recommend(RecQuery(user_id="new", history=short, k=K, model="alsh"))
+    assert got.served_by == "popularity" and got.item_ids == popular(ds, {"i150", "i120"}, K)
+    got = router.recommend(RecQuery(user_id="two", k=K, model="alsh"))
+    assert got.served_by == "" and got.item_ids == own(router, "alsh", "two")
+    # min_events 3, min_history 0: the other way round
+    got = router.recommend(RecQuery(user_id="two", k=K, model="alsk"))
+    assert got.served_by == "popularity" and got.item_ids == popular(ds, {"i150", "i120"}, K)
+    got = router.recommend(RecQuery(user_id="new", history=short, k=K, model="alsk"))
+    assert got.served_by == "" and got.item_ids == folded("alsk")
+    # a hybrid (dense path and general path) blends the history without alsh
+    real = router._hybrid_dense
+    if not dense:
+        router._hybrid_dense = lambda *a: None  # type: ignore[method-assign]
+    try:
+        got = router.recommend(RecQuery(user_id="new", history=short, k=K, model="blendh"))
+        assert "alsh@" not in got.version and got.version.startswith("als@")
+        assert got.item_ids == folded("als")
+        got = router.recommend(RecQuery(user_id="two", k=K, model="blendh"))
+        assert "alsh@" in got.version and "als@" in got.version
+    finally:
+        router._hybrid_dense = real  # type: ignore[method-assign]
+
+
 def test_events_recorded_since_training_count_toward_the_gate(router):
     router = Router(router.cfg, router.catalog, OnlineState())  # its own recorded events
     q = RecQuery(user_id="two_b", k=K, model="als3")
@@ -133,7 +181,8 @@ def test_the_recommend_command_refuses_a_user_below_the_gate(router, capsys):
     for who in (["--user", "two"], ["--history", "i150,i120"]):
         code = main(["recommend", "--models", models, "--name", "als3", *who, "--k", str(K)])
         _, err = capsys.readouterr()
-        assert code == 2 and "min_events=3" in err and "2 event(s)" in err, err
+        gate = "min_events=3" if who[0] == "--user" else "min_history=3"  # -1: as min_events
+        assert code == 2 and gate in err and "2 event(s)" in err, err
     code = main(["recommend", "--models", models, "--name", "als3", "--user", "three"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -228,6 +277,70 @@ def test_no_gate_where_the_model_beats_popularity_for_everyone():
     assert learn_min_events("svd", {}, inner, "rmse", 20, None)["min_events"] == 0
 
 
+def test_new_user_histories_hold_whole_users_out_of_training(sparse_log):
+    m = sparse_log.interactions.tocsr()
+    train, events, relevant = new_user_histories(sparse_log, threshold=4.0)
+    t = train.interactions.tocsr()
+    before, after = np.diff(m.indptr), np.diff(t.indptr)
+    held = np.flatnonzero(after != before)
+    assert (after[held] == 0).all() and (before[held] >= NEW_USER_EVENTS).all()
+    pool = int((before >= NEW_USER_EVENTS).sum())
+    assert held.size == len(events) == min(NEW_USER_MAX, int(pool * NEW_USER_SHARE))
+    others = np.setdiff1d(np.arange(m.shape[0]), held)
+    assert (m[others] != t[others]).nnz == 0 and train.timestamps.size == t.nnz
+    for u, (items, values), rel in zip(held, events, relevant, strict=True):
+        row = m[u]
+        assert sorted(items) == sorted(row.indices)  # every event, in random order
+        assert (values == row.toarray()[0, items]).all()
+        assert (rel == (values >= 4.0)).all()
+    assert new_user_histories(to_dataset(generate(40, 50, 300, seed=1)), None) is None  # too few
+
+
+def _heavy_users(lo: int):
+    """sparse_log's users with `lo` or more events only: the validation users'
+    counts never go as low as a new user's one- or two-item history."""
+    syn = generate(6000, 3000, 18000, seed=2, zipf=1.1)
+    keep = np.bincount(syn.users, minlength=syn.n_users)[syn.users] >= lo
+    return to_dataset(
+        dataclasses.replace(
+            syn,
+            users=syn.users[keep],
+            items=syn.items[keep],
+            ratings=syn.ratings[keep],
+            timestamps=syn.timestamps[keep],
+        )
+    )
+
+
+def test_new_users_from_short_histories_set_a_gate_the_validation_users_cannot():
+    ds = _heavy_users(7)
+    # users the learning never sees, to check its choice on
+    rest, events, _ = new_user_histories(ds, None, seed=1)
+    _, inner = splits(rest, "random", 0.2, 0, 1)
+    alone = learn_min_events("als", ALS, inner, "ndcg@20", 20, None, new_users=False)
+    assert alone["min_events"] == 0 and alone["min_history"] == -1 and not alone["new_histories"]
+    gate = learn_min_events("als", ALS, inner, "ndcg@20", 20, None)
+    assert gate["min_events"] == 0 and gate["gated"] == 0  # the known users keep the model
+    assert gate["gated_value"] == gate["value"]
+    assert gate["min_history"] >= 2 and 0 < gate["new_gated"] <= gate["new_histories"]
+    assert gate["new_gated_value"] > gate["new_value"]
+    # the held-out users, folded in from one event: the gate answers them with
+    # the most popular items (counted here) and that recalls more of the rest
+    model = create("als", **ALS, min_history=gate["min_history"]).fit(rest)
+    counts = np.bincount(rest.interactions.indices, minlength=rest.n_items)
+    order = np.lexsort((np.arange(counts.size), -counts))
+    rows = model.history_matrix([items[:1] for items, _ in events])
+    recs, scores = model.recommend_histories(rows, 20)
+    served = as_served(model, recs, scores, histories=rows)
+    recall = {"model": [], "served": []}
+    for r, (items, _) in enumerate(events):
+        truth = set(items[1:].tolist())
+        assert served[r].tolist() == [i for i in order if i != items[0]][:20]
+        for name, got in (("model", recs[r]), ("served", served[r])):
+            recall[name].append(len(truth & set(got.tolist())) / min(20, len(truth)))
+    assert np.mean(recall["served"]) > np.mean(recall["model"])
+
+
 def test_tune_publishes_the_learned_gate_and_keeps_a_given_one(sparse_log, tmp_path, caplog):
     params = {k: v for k, v in ALS.items()}
     with caplog.at_level(logging.INFO, logger="recserve.tuning"):
@@ -236,6 +349,10 @@ def test_tune_publishes_the_learned_gate_and_keeps_a_given_one(sparse_log, tmp_p
     learned = doc["tuning"]["min_events"]["min_events"]
     assert learned > 1 and out["params"]["min_events"] == learned
     assert doc["params"]["min_events"] == learned
+    history = doc["tuning"]["min_events"]["min_history"]  # learned on new users here
+    assert history >= 0 and doc["tuning"]["min_events"]["new_histories"] > 0
+    assert doc["params"]["min_history"] in (-1, history)  # -1: follows min_events
+    assert create("als", **doc["params"]).history_gate() == history
     assert any("min_events=" in r.getMessage() for r in caplog.records)
     out = tune(
         sparse_log,
@@ -247,6 +364,7 @@ def test_tune_publishes_the_learned_gate_and_keeps_a_given_one(sparse_log, tmp_p
     )
     doc = bundle.read_manifest(bundle.resolve(tmp_path, "u"))
     assert doc["params"]["min_events"] == 0 and doc["tuning"]["min_events"] is None
+    assert doc["params"]["min_history"] == -1  # a given min_events: neither gate learned
 
 
 def test_hybrid_tuning_leaves_a_gated_component_out_as_the_server(ds):

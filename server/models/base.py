@@ -128,10 +128,18 @@ class Param:
 MIN_EVENTS = Param(
     int,
     0,
-    "a user (or an inline history) with fewer events that count as evidence "
-    "(likes: values >= 0, > 0 where values weigh) is answered by the fallbacks "
-    "(popularity), as a cold user is; 0: none. `tune` learns it on the validation split",
+    "a known user with fewer events that count as evidence (likes: values >= 0, "
+    "> 0 where values weigh) is answered by the fallbacks (popularity), as a cold "
+    "user is; 0: none. `tune` learns it on the validation split",
     min=0,
+    max=1_000_000,
+)
+MIN_HISTORY = Param(
+    int,
+    -1,
+    "the same for a new user's inline history (a request's items, no training "
+    "row); -1: as min_events. `tune` learns it on new users folded in from 1-5 events",
+    min=-1,
     max=1_000_000,
 )
 
@@ -530,11 +538,19 @@ class Recommender(ABC):
             return int(values.size)
         return int(np.count_nonzero(values > 0 if self.weighs_by_value else values >= 0))
 
-    def too_little(self, values: np.ndarray) -> bool:
-        """Whether a history (its values) is below the model's `min_events`: the
-        service answers it as a cold user (fallbacks), where the model ranks
-        worse than popularity (`tune` measures where that is)."""
-        gate = self.params.get("min_events", 0)
+    def history_gate(self) -> int:
+        """The gate for a new user's inline history: `min_history`, or
+        `min_events` where that is -1 (the default, and bundles made before it)."""
+        gate = int(self.params.get("min_history", -1))
+        return int(self.params.get("min_events", 0)) if gate < 0 else gate
+
+    def too_little(self, values: np.ndarray, known: bool = True) -> bool:
+        """Whether a history (its values) is below the model's gate, `min_events`
+        for a known user (`known`: training row and newer events) and
+        `history_gate()` for a new user's inline history: the service answers it
+        as a cold user (fallbacks), where the model ranks worse than popularity
+        (`tune` measures where that is)."""
+        gate = self.params.get("min_events", 0) if known else self.history_gate()
         return bool(gate) and self.evidence(values) < gate
 
     def gated(self, user: int) -> bool:

@@ -21,6 +21,7 @@ from recserve.data import Dataset
 from recserve.kernels import topk
 from recserve.models.base import (
     MIN_EVENTS,
+    MIN_HISTORY,
     Param,
     Recommender,
     TrainingError,
@@ -55,6 +56,7 @@ class EASE(Recommender):
         "binary": Param(bool, True, "use interactions as 0/1"),
         "max_memory_gb": Param(float, 4.0, "refuse catalogues whose solve needs more", min=0),
         "min_events": MIN_EVENTS,
+        "min_history": MIN_HISTORY,
     }
     # history x B: items of another connected component than the history's get
     # exactly 0 (the solve keeps its block structure), no evidence either way

@@ -35,6 +35,7 @@ from recserve.kernels import sgd as sgdk
 from recserve.kernels import topk
 from recserve.models.base import (
     MIN_EVENTS,
+    MIN_HISTORY,
     VALUES,
     Param,
     Recommender,
@@ -96,6 +97,7 @@ class ALS(EmbeddingIndexMixin):
         "binary": Param(bool, False, "treat every interaction as value 1"),
         **INDEX_PARAMS,
         "min_events": MIN_EVENTS,
+        "min_history": MIN_HISTORY,
     }
 
     def _divergence_hint(self) -> str:
@@ -368,6 +370,7 @@ class BiasedMF(Recommender):
         "seed": Param(int, 0, "random seed (initial factors, rating order)"),
         "hogwild": Param(bool, False, "parallel lock-free SGD (nondeterministic)"),
         "min_events": MIN_EVENTS,
+        "min_history": MIN_HISTORY,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -689,6 +692,7 @@ class BPR(EmbeddingIndexMixin):
         "seed": Param(int, 0, "random seed (initial factors, sampling)"),
         **INDEX_PARAMS,
         "min_events": MIN_EVENTS,
+        "min_history": MIN_HISTORY,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -861,6 +865,7 @@ class BayesianMF(BiasedMF):
             float, 0.1, "fraction of ratings that measures the noise", min=0.01, max=0.5
         ),
         "min_events": MIN_EVENTS,
+        "min_history": MIN_HISTORY,
     }
 
     def _fit(self, dataset: Dataset) -> None:

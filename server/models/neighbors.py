@@ -34,6 +34,7 @@ from recserve.data import Dataset
 from recserve.kernels import similarity as simk
 from recserve.models.base import (
     MIN_EVENTS,
+    MIN_HISTORY,
     VALUES,
     Param,
     Recommender,
@@ -427,6 +428,7 @@ class ItemKNN(_Neighbourhood):
         "K1": COMMON["K1"].searched(default=0.4),
         "B": COMMON["B"].searched(default=0.5),
         "min_events": MIN_EVENTS,
+        "min_history": MIN_HISTORY,
     }
 
     def __init__(self, **params: Any) -> None:
@@ -491,6 +493,7 @@ class RP3beta(_Neighbourhood):
         "binary": Param(bool, True, "the walk's steps ignore values (histories still weigh)"),
         "values": VALUES,
         "min_events": MIN_EVENTS,
+        "min_history": MIN_HISTORY,
     }
     # What a sparse log (median events per user < SPARSE_LOG_EVENTS) gets for the
     # parameters not given: the study's values penalise popularity, which is
@@ -567,6 +570,7 @@ class ContentKNN(_Neighbourhood):
         "B": COMMON["B"],
         "values": VALUES,
         "min_events": MIN_EVENTS,
+        "min_history": MIN_HISTORY,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -597,6 +601,7 @@ class UserKNN(_Neighbourhood):
         "shrink": COMMON["shrink"].searched(default=65.0),
         "weighting": COMMON["weighting"].searched(default="bm25"),
         "min_events": MIN_EVENTS,
+        "min_history": MIN_HISTORY,
     }
     ranks_from_history = False  # known users rank from their sim row
 

@@ -134,19 +134,20 @@ def _history_row(m: Recommender, user: int, idx: np.ndarray, val: np.ndarray) ->
     return KnownUserRow.of(row, user) if user >= 0 else row
 
 
-def _no_evidence(m: Recommender, values: np.ndarray) -> bool:
+def _no_evidence(m: Recommender, values: np.ndarray, known: bool) -> bool:
     """Whether a history tells the model nothing to rank by: empty, or only
     dislikes (negative values) for a model that learns from likes, or only
     values <= 0 for one whose history weighs by its values (a 0 weighs
-    nothing), or fewer events than the model's `min_events` (where it ranks
-    worse than popularity). Such a user goes on down the chain, as one with no
-    history does; a model that serves cold users (popularity) answers anyway."""
+    nothing), or fewer events than the model's gate (`min_events` for a
+    `known` user, `min_history` for an inline one: where it ranks worse than
+    popularity). Such a user goes on down the chain, as one with no history
+    does; a model that serves cold users (popularity) answers anyway."""
     if m.serves_cold:
         return False
     if values.size == 0:
         return True
-    if m.too_little(values):
-        return True  # fewer events than the model's min_events: as a cold user
+    if m.too_little(values, known):
+        return True  # fewer events than the model's gate: as a cold user
     if m.rates_negatives:
         return False
     top = values.max()
@@ -630,7 +631,7 @@ class Router:
             items, scores, row = items[0], scores[0], None
         else:
             extra_idx, extra_val = _with_training_row(m, user, extra_idx, extra_val)
-            if _no_evidence(m, extra_val):
+            if _no_evidence(m, extra_val, user >= 0):
                 return None
             row = _history_row(m, user, extra_idx, extra_val)
             user = -1
@@ -802,7 +803,7 @@ class Router:
                             val, row = reuse[2], reuse[3]
                         else:
                             idx, val = _with_training_row(m, u, extra_idx, extra_val, own)
-                        if _no_evidence(m, val):
+                        if _no_evidence(m, val, u >= 0):
                             continue  # the general path skips this component too
                         if row is None:
                             row = _history_row(m, u, idx, val)
