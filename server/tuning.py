@@ -178,10 +178,11 @@ NEW_USER_MIN = 50  # fewer eligible users than this: none are made
 
 
 def new_user_histories(
-    ds: Dataset, threshold: float | None, seed: int = 0
+    ds: Dataset, threshold: float | None, seed: int = 0, by_time: bool = False
 ) -> tuple[Dataset, list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]] | None:
     """`ds` without a share of its users with NEW_USER_EVENTS or more events,
-    and those users' events in random order: (the training data left,
+    and those users' events in random order (`by_time`: oldest first, as the
+    temporal protocol holds out the latest): (the training data left,
     [(items, values)] per user, [which of them are relevant, as `evaluate`
     counts relevance] per user). None when too few users have that many."""
     m = ds.interactions.tocsr()
@@ -197,6 +198,8 @@ def new_user_histories(
     for u in held:
         lo, hi = m.indptr[u], m.indptr[u + 1]
         order = rng.permutation(hi - lo)
+        if by_time:  # ties as the temporal split breaks them
+            order = np.lexsort((np.arange(hi - lo), ds.timestamps[lo:hi]))
         items, values = m.indices[lo:hi][order], m.data[lo:hi][order]
         events.append((items, values))
         relevant.append(values >= threshold if threshold is not None else values > 0)
@@ -237,11 +240,12 @@ def _new_user_gains(
     metric: str,
     k: int,
     threshold: float | None,
+    by_time: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """_against_popularity for each new user and history length:
     `new_user_histories` of `train`, one more fit without those users. None
     when there are too few."""
-    made = new_user_histories(train, threshold)
+    made = new_user_histories(train, threshold, by_time=by_time)
     if made is None:
         return None
     rest, events, relevant = made
@@ -293,6 +297,7 @@ def learn_min_events(
     threshold: float | None,
     threads: int = 0,
     new_users: bool = True,
+    by_time: bool = False,
 ) -> dict[str, Any]:
     """The model's gates, learned on the validation split: the number of events
     below which popularity's answer (what the service gives a user the gate
@@ -302,7 +307,8 @@ def learn_min_events(
     with `new_users`, `min_history` (inline histories) on new users folded in
     from 1 to 5 events (`_new_user_gains`: one more fit), with the validation
     users too where they are inline histories (users protocol); -1 (as
-    min_events) when too few users could be made new ones.
+    min_events) when too few users could be made new ones. `by_time`: new
+    users are folded in from their oldest events (temporal protocol).
 
     Returns {"min_events", "min_history", "users", "gated", "value",
     "gated_value"} (the validation users, at the gate that applies to them)
@@ -337,7 +343,7 @@ def learn_min_events(
     min_events = _best_count(evidence, gain)
     new = None
     if new_users:
-        new = _new_user_gains(fit, split.train, metric, k, threshold)
+        new = _new_user_gains(fit, split.train, metric, k, threshold, by_time)
     min_history = -1
     if new is not None:
         pooled = (np.r_[evidence, new[0]], np.r_[gain, new[2]]) if inline else (new[0], new[2])
@@ -372,11 +378,14 @@ def _gate(
     threshold: float | None,
     threads: int,
     history_given: bool = False,
+    by_time: bool = False,
 ) -> None:
     """Learn r's gates (learn_min_events) and add them to its best params (not
     min_history when it was given)."""
     try:
-        r.gate = learn_min_events(r.algorithm, r.best_params, split, metric, k, threshold, threads)
+        r.gate = learn_min_events(
+            r.algorithm, r.best_params, split, metric, k, threshold, threads, by_time=by_time
+        )
     except (ValueError, TrainingError) as exc:  # the search's fits worked: say, go on ungated
         log.warning("tune %s: min_events not learned: %s", r.algorithm, exc)
         return
@@ -887,7 +896,8 @@ def tune(
         raise ValueError(f"tune: no trial completed; nothing published{f' ({why})' if why else ''}")
     if "min_events" not in dict(fixed or {}):  # a given min_events: neither gate is learned
         for r in done:
-            _gate(r, inner, metric, k, threshold, threads, "min_history" in dict(fixed or {}))
+            given = "min_history" in dict(fixed or {})
+            _gate(r, inner, metric, k, threshold, threads, given, protocol == "temporal")
     best = done[0]
     for r in done[1:]:  # as served: with each one's gate
         if better(metric, r.served_value(), best.served_value()):  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ import logging
 import numpy as np
 import pytest
 
+from recserve import tuning
 from recserve.cli import main
 from recserve.config import Hybrid, ServerConfig
 from recserve.data import generate, to_dataset
@@ -294,6 +295,38 @@ def test_new_user_histories_hold_whole_users_out_of_training(sparse_log):
         assert (values == row.toarray()[0, items]).all()
         assert (rel == (values >= 4.0)).all()
     assert new_user_histories(to_dataset(generate(40, 50, 300, seed=1)), None) is None  # too few
+    # by_time (temporal protocol): the same users, each one's events oldest first
+    timed = new_user_histories(sparse_log, threshold=4.0, by_time=True)
+    assert (timed[0].interactions != t).nnz == 0
+    stamps = sparse_log.timestamps
+    for u, (items, _), (same, _) in zip(held, timed[1], events, strict=True):
+        assert sorted(items) == sorted(same)
+        when = stamps[m.indptr[u] : m.indptr[u + 1]][np.searchsorted(m[u].indices, items)]
+        assert (np.diff(when) >= 0).all()
+
+
+def test_tune_folds_new_users_in_from_their_oldest_events_when_temporal(
+    sparse_log, tmp_path, monkeypatch
+):
+    seen = []
+    real = tuning.new_user_histories
+
+    def spy(ds, threshold, seed=0, by_time=False):
+        seen.append(by_time)
+        return real(ds, threshold, seed, by_time)
+
+    monkeypatch.setattr(tuning, "new_user_histories", spy)
+    for protocol in ("temporal", "random"):
+        tune(
+            sparse_log,
+            ["als"],
+            name=protocol,
+            models_dir=tmp_path,
+            trials=1,
+            fixed=ALS,
+            protocol=protocol,
+        )
+    assert seen == [True, False]
 
 
 def _heavy_users(lo: int):
