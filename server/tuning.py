@@ -396,16 +396,30 @@ def _gate(
     if g["min_history"] not in (-1, g["min_events"]) and not history_given:
         learned["min_history"] = g["min_history"]  # else it follows min_events
     r.best_params = {**r.best_params, **learned}
+    lengths = f"{NEW_USER_LENGTHS[0]}-{NEW_USER_LENGTHS[-1]}"
+    if not (g["min_events"] or g["min_history"] > 0 or g["gated"]):
+        log.info(
+            "tune %s: no min_events or min_history gate: popularity does not clearly beat it "
+            "for users with few events (%d validation users; %d histories of %s events of "
+            "new users)",
+            r.algorithm,
+            g["users"],
+            g["new_histories"],
+            lengths,
+        )
+        return
     new = "too few users to make new ones: min_history follows min_events"
-    if g["new_histories"]:
+    if history_given:
+        new = f"min_history={r.best_params['min_history']} as given"
+    elif g["new_histories"]:
         new = (
             f"min_history={g['min_history']}: {g['new_gated']} of {g['new_histories']} "
-            f"histories of {NEW_USER_LENGTHS[0]}-{NEW_USER_LENGTHS[-1]} events of new users "
-            f"gated, {g['new_value']:.4f} -> {g['new_gated_value']:.4f}"
+            f"histories of {lengths} events of new users gated, "
+            f"{g['new_value']:.4f} -> {g['new_gated_value']:.4f}"
         )
     log.info(
         "tune %s: min_events=%d: %d of %d validation users gated, %s %.4f -> %.4f; %s "
-        "(below a gate popularity answers, where it ranks better)",
+        "(below a gate popularity answers: it ranks better there)",
         r.algorithm,
         g["min_events"],
         g["gated"],
