@@ -7,6 +7,7 @@ never saw the choice).
     python bench/bench_min_events.py --algos als,userknn,bpr,itemknn
     python bench/bench_min_events.py --z 1.0          # a laxer test than GATE_Z
     python bench/bench_min_events.py --histories 1,2,3,5 --algos als,itemknn,userknn
+    python bench/bench_min_events.py --histories 1,2,3,5 --algos als,itemknn --blend
 
 --histories measures the gate for inline histories (`min_history`): new users
 folded in from a short history. On each log a fifth of the users with 8 or
@@ -37,6 +38,7 @@ from recserve import tuning
 from recserve.data import Dataset
 from recserve.evaluation import as_served, evaluate, ranking_metrics
 from recserve.models import create
+from recserve.serving.blend import blend_dense
 from recserve.tuning import learn_min_events, splits
 
 
@@ -47,12 +49,20 @@ def main() -> None:
     ap.add_argument("--z", type=float, default=tuning.GATE_Z, help="the gate's paired z")
     ap.add_argument("--histories", default="", help="history lengths for new users, e.g. 1,2,3")
     ap.add_argument(
+        "--blend",
+        action="store_true",
+        help="with --histories: each model blended with popularity, weights (1 - w, w)",
+    )
+    ap.add_argument(
         "--no-new-users",
         action="store_true",
         help="learn from the validation users only (tune before it scored new users too)",
     )
     args = ap.parse_args()
     logging.disable(logging.WARNING)
+    if args.histories and args.blend:
+        soft_blend(args.algos.split(","), [int(h) for h in args.histories.split(",")])
+        return
     if args.histories:
         short_histories(
             args.algos.split(","),
@@ -155,6 +165,61 @@ def short_histories(algos: list[str], lengths: list[int], new_users: bool) -> No
                 gated = ranking_metrics(served, truth, [K], m.shape[1])[f"recall@{K}"]
                 row.append(f"{label} {value:.3f} -> {gated:.3f}")
             print(f"{name:14} {new.size:4d} new users, h={h:2d}: " + "  ".join(row), flush=True)
+
+
+def soft_blend(algos: list[str], lengths: list[int]) -> None:
+    """Recall@K of new users folded in from h items when each model's answer is
+    blended with popularity's, as a hybrid of the two with weights (1 - w, w)
+    blends them (serving.blend.blend_dense), for w from 0 (the model) to 1
+    (popularity); the same held-out users as --histories."""
+    rng = np.random.default_rng(0)
+    weights = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    print(f"new users folded in from h items: test Recall@{K} of model x (1 - w) + popularity x w")
+    for name, ds in logs().items():
+        m = ds.interactions.tocsr()
+        pool = np.flatnonzero(np.diff(m.indptr) >= 8)
+        if pool.size < 50:
+            print(f"{name:14} fewer than 50 users with 8 or more events: skipped")
+            continue
+        new = rng.choice(pool, min(1000, pool.size // 5), replace=False)
+        keep = np.ones(m.shape[0], bool)
+        keep[new] = False
+        train = m.multiply(keep[:, None]).tocsr()
+        train.eliminate_zeros()
+        data: Dataset = ds.with_interactions(train, np.zeros(train.nnz, np.int64))
+        popular = create("popularity").fit(data)
+        models = {a: create(a).fit(data) for a in algos}
+        for h in lengths:
+            hist, test = [], []
+            for u in new:
+                lo, hi = m.indptr[u], m.indptr[u + 1]
+                order = rng.permutation(hi - lo)
+                hist.append((m.indices[lo:hi][order[:h]], m.data[lo:hi][order[:h]]))
+                test.append(np.sort(m.indices[lo:hi][order[h:]]))
+            indptr = np.r_[0, np.cumsum([t.size for t in test])]
+            if indptr[-1] == 0:
+                continue
+            truth = sp.csr_matrix(
+                (np.ones(indptr[-1]), np.concatenate(test), indptr), shape=(new.size, m.shape[1])
+            )
+            for label, model in models.items():
+                rows = model.history_matrix([i for i, _ in hist], [v for _, v in hist])
+                dense = np.empty((new.size, 2, m.shape[1]), np.float32)
+                for r in range(new.size):
+                    model.dense_history(rows[r], dense[r, 0])
+                    popular.dense_history(rows[r], dense[r, 1])
+                positive = np.array([model.sparse_scores, 0], np.uint8)
+                row = []
+                for w in weights:
+                    recs = np.full((new.size, K), -1, np.int64)
+                    for r in range(new.size):
+                        items, _, _ = blend_dense(
+                            dense[r], [1 - w, w], max(3 * K, 100), K, positive
+                        )
+                        recs[r, : items.size] = items
+                    value = ranking_metrics(recs, truth, [K], m.shape[1])[f"recall@{K}"]
+                    row.append(f"w{w:.1f} {value:.3f}")
+                print(f"{name:14} {label:8} h={h:2d}: " + "  ".join(row), flush=True)
 
 
 if __name__ == "__main__":
