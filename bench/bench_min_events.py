@@ -27,6 +27,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,7 +91,8 @@ def main() -> None:
                 model = create(algo, min_events=n)
                 gated = evaluate(model, ds, "random", [k], split=outer)["metrics"][metric]
             print(
-                f"{name:14} {algo:8} min_events {n:3d} (min_history {gate['min_history']:2d})  "
+                f"{name:14} {algo:8} min_events {n:3d} (min_history {gate['min_history']:2d}, "
+                f"history_prior {gate['history_prior']:g})  "
                 f"gates {gate['gated']:5d} of {gate['users']:5d} validation users  "
                 f"test {plain:.4f} -> {gated:.4f} "
                 f"({gated / plain:.2f}x; popularity {pop:.4f})  learned in {took:.1f} s",
@@ -100,18 +102,13 @@ def main() -> None:
 
 def _gates(g: dict) -> dict:
     """A learned gate (learn_min_events) as model parameters."""
-    return {"min_events": g["min_events"], "min_history": g["min_history"]}
+    return {k: g[k] for k in ("min_events", "min_history", "history_prior")}
 
 
-def short_histories(algos: list[str], lengths: list[int], new_users: bool) -> None:
-    """Recall@K of new users folded in from h history items, each model
-    without and with the gate learned on the rest of the log, against
-    popularity (see the module's docstring)."""
-    rng = np.random.default_rng(0)
-    print(
-        f"new users folded in from h items: test Recall@{K}, model without -> with the "
-        "gates learned on the other users, and popularity"
-    )
+def _held_out(rng: np.random.Generator) -> Iterator[tuple[str, sp.csr_matrix, np.ndarray, Dataset]]:
+    """For each log: (its name, its matrix, a fifth of its users with 8 or
+    more events (at most 1,000), the log without them); a log with fewer
+    than 50 such users is skipped, and said."""
     for name, ds in logs().items():
         m = ds.interactions.tocsr()
         pool = np.flatnonzero(np.diff(m.indptr) >= 8)
@@ -123,7 +120,19 @@ def short_histories(algos: list[str], lengths: list[int], new_users: bool) -> No
         keep[new] = False
         train = m.multiply(keep[:, None]).tocsr()
         train.eliminate_zeros()
-        data: Dataset = ds.with_interactions(train, np.zeros(train.nnz, np.int64))
+        yield name, m, new, ds.with_interactions(train, np.zeros(train.nnz, np.int64))
+
+
+def short_histories(algos: list[str], lengths: list[int], new_users: bool) -> None:
+    """Recall@K of new users folded in from h history items, each model
+    without and with the gate learned on the rest of the log, against
+    popularity (see the module's docstring)."""
+    rng = np.random.default_rng(0)
+    print(
+        f"new users folded in from h items: test Recall@{K}, model without -> with the "
+        "gates learned on the other users, and popularity"
+    )
+    for name, m, new, data in _held_out(rng):
         _, inner = splits(data, "random", 0.2, 0, 1)
         models = {"popularity": create("popularity").fit(data)}
         gates = {}
@@ -131,8 +140,11 @@ def short_histories(algos: list[str], lengths: list[int], new_users: bool) -> No
             gates[a] = learn_min_events(a, {}, inner, f"recall@{K}", K, None, new_users=new_users)
             models[a] = create(a).fit(data)
         print(
-            f"{name:14} gate for histories (min_history; -1: as min_events) "
-            + ", ".join(f"{a} {create(a, **_gates(g)).history_gate()}" for a, g in gates.items())
+            f"{name:14} for histories: "
+            + ", ".join(
+                f"{a} gate {create(a, **_gates(g)).history_gate()} prior {g['history_prior']:g}"
+                for a, g in gates.items()
+            )
         )
         for h in lengths:
             hist, test = [], []
@@ -161,7 +173,7 @@ def short_histories(algos: list[str], lengths: list[int], new_users: bool) -> No
                     continue
                 model.params |= _gates(gates[label])
                 served = as_served(model, recs, scores, histories=rows)
-                model.params |= {"min_events": 0, "min_history": -1}
+                model.params |= {"min_events": 0, "min_history": -1, "history_prior": 0.0}
                 gated = ranking_metrics(served, truth, [K], m.shape[1])[f"recall@{K}"]
                 row.append(f"{label} {value:.3f} -> {gated:.3f}")
             print(f"{name:14} {new.size:4d} new users, h={h:2d}: " + "  ".join(row), flush=True)
@@ -175,18 +187,7 @@ def soft_blend(algos: list[str], lengths: list[int]) -> None:
     rng = np.random.default_rng(0)
     weights = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     print(f"new users folded in from h items: test Recall@{K} of model x (1 - w) + popularity x w")
-    for name, ds in logs().items():
-        m = ds.interactions.tocsr()
-        pool = np.flatnonzero(np.diff(m.indptr) >= 8)
-        if pool.size < 50:
-            print(f"{name:14} fewer than 50 users with 8 or more events: skipped")
-            continue
-        new = rng.choice(pool, min(1000, pool.size // 5), replace=False)
-        keep = np.ones(m.shape[0], bool)
-        keep[new] = False
-        train = m.multiply(keep[:, None]).tocsr()
-        train.eliminate_zeros()
-        data: Dataset = ds.with_interactions(train, np.zeros(train.nnz, np.int64))
+    for name, m, new, data in _held_out(rng):
         popular = create("popularity").fit(data)
         models = {a: create(a).fit(data) for a in algos}
         for h in lengths:

@@ -42,7 +42,13 @@ from recserve.evaluation import (
     popularity_gap,
 )
 from recserve.models import algorithms, bundle, create, load, parse_params
-from recserve.models.base import TrainingError, fill_unreached, liked_counts, popular_order
+from recserve.models.base import (
+    TrainingError,
+    blend_popularity,
+    fill_unreached,
+    liked_counts,
+    popular_order,
+)
 
 log = logging.getLogger("recserve")
 
@@ -745,8 +751,18 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
         who = model.history_matrix([idx[idx >= 0]])
         _check_gate(model, args, "history", who.data)
         items, scores = model.recommend_from_history(idx[idx >= 0], k=args.k)
+        blended = _with_prior(model, who, items, scores, args.k)
+        if blended is not None:  # as the server answers a new user under history_prior
+            items, scores = blended
+            return _answer(model, args, items, scores)
     if model.sparse_scores and scores.size and scores[-1] <= 0:
         items, scores = _as_served(model, args, items, scores, who)
+    return _answer(model, args, items, scores)
+
+
+def _answer(
+    model: Any, args: argparse.Namespace, items: np.ndarray, scores: np.ndarray
+) -> dict[str, Any]:
     return {
         "model": args.name,
         "version": model.manifest.get("version"),
@@ -755,6 +771,23 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
             for r, (i, s) in enumerate(zip(model.items.ids(items), scores, strict=True))
         ],
     }
+
+
+def _with_prior(
+    model: Any, row: Any, items: np.ndarray, scores: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A history's answer under the model's `history_prior` (blended with
+    popularity, as the router's _with_prior); None without one, for an
+    approximate index, or for a sparse model's history that reached nothing."""
+    if not model.params.get("history_prior", 0.0) or model.serves_cold:
+        return None
+    if model.sparse_scores and not (scores > 0).any():
+        return None
+    rows = np.empty((2, model.n_items), np.float32)
+    if not model.dense_history(row, rows[0]):
+        return None
+    w = model.prior_weight(np.asarray(row.data, np.float32))
+    return blend_popularity(rows, liked_counts(model.user_items), w, k, model.sparse_scores)
 
 
 def _check_gate(model: Any, args: argparse.Namespace, field: str, values: np.ndarray) -> None:

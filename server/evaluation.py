@@ -24,7 +24,13 @@ import scipy.sparse as sp
 
 from recserve.data import Dataset
 from recserve.models import create
-from recserve.models.base import Recommender, fill_unreached, liked_counts, popular_order
+from recserve.models.base import (
+    Recommender,
+    blend_popularity,
+    fill_unreached,
+    liked_counts,
+    popular_order,
+)
 from recserve.models.registry import MODELS
 
 log = logging.getLogger(__name__)
@@ -337,8 +343,9 @@ def as_served(
     history) is the most popular unseen items; for a
     `sparse_scores` model, a row whose evidence reaches no eligible item is
     too, and items scored 0 (unreached) are the most popular unreached ones,
-    not the first by index (docs/serving.md, "Which user"). Other rows are
-    returned as they are."""
+    not the first by index (docs/serving.md, "Which user"); a history under the
+    model's `history_prior` is its ranking blended with popularity's. Other
+    rows are returned as they are."""
     if recs.size == 0:
         return recs
     gated = np.zeros(recs.shape[0], bool)
@@ -349,11 +356,27 @@ def as_served(
     todo = np.flatnonzero(gated)
     if model.sparse_scores:
         todo = np.union1d(todo, np.flatnonzero((valid & ~(scores > 0)).any(axis=1)))
-    if todo.size == 0:
+    # a new user's history under `history_prior`: blended with popularity
+    # (the router's _with_prior), unless gated or, for a sparse model, cold
+    blend = np.zeros(recs.shape[0], bool)
+    if histories is not None and model.params.get("history_prior", 0.0) and not model.serves_cold:
+        blend = ~gated & ((valid & (scores > 0)).any(axis=1) if model.sparse_scores else True)
+        todo = np.setdiff1d(todo, np.flatnonzero(blend))
+    if todo.size == 0 and not blend.any():
         return recs
     assert model.user_items is not None
-    order = popular_order(liked_counts(model.user_items))  # the router's Slot.popular_order
+    counts = liked_counts(model.user_items)
+    order = popular_order(counts)  # the router's Slot.popular_order
     out = recs.copy()
+    rows = np.empty((2, model.n_items), np.float32)
+    for r in np.flatnonzero(blend):
+        assert histories is not None
+        h = histories[int(r)]
+        if model.dense_history(h, rows[0], True):
+            w = model.prior_weight(np.asarray(h.data, np.float32))
+            items, _ = blend_popularity(rows, counts, w, recs.shape[1], model.sparse_scores)
+            out[r] = -1
+            out[r, : items.size] = items
     row = np.empty(model.n_items, np.float32)
     for r in todo:
         if gated[r]:

@@ -49,7 +49,7 @@ from recserve.evaluation import (
     user_metrics,
 )
 from recserve.models import Recommender, bundle, create
-from recserve.models.base import Param, TrainingError
+from recserve.models.base import Param, TrainingError, blend_popularity, liked_counts
 from recserve.models.registry import MODELS
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,10 @@ NEW_USER_EVENTS = 3  # events a user needs to be one (h to fold in, one or more 
 NEW_USER_SHARE = 0.2  # of the users with that many
 NEW_USER_MAX = 1000
 NEW_USER_MIN = 50  # fewer eligible users than this: none are made
+# The `history_prior` values tune tries (popularity weighs c / (c + n) in a new
+# user's answer of n events): the best blend weight measured fell from about
+# 0.6 at one item to 0.2-0.4 at five (docs/algorithms.md).
+PRIOR_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def new_user_histories(
@@ -234,6 +238,29 @@ def _against_popularity(
     return evidence, mine, user_metrics(popular, truth, [k], model.n_items)[0][metric] - mine
 
 
+def _prior_metrics(
+    model: Recommender, histories: sp.csr_matrix, truth: sp.csr_matrix, metric: str, k: int
+) -> np.ndarray | None:
+    """The metric of each history's answer under each `history_prior` of
+    PRIOR_GRID (as served: blend_popularity), shape (grid, rows); None for a
+    model without dense rows (an approximate index)."""
+    assert model.user_items is not None
+    counts = liked_counts(model.user_items)
+    rows = np.empty((2, model.n_items), np.float32)
+    recs = np.full((len(PRIOR_GRID), histories.shape[0], k), -1, np.int64)
+    for r in range(histories.shape[0]):
+        h = histories[r]
+        if not model.dense_history(h, rows[0], True):
+            return None
+        dense = rows[0].copy()
+        n = max(model.evidence(np.asarray(h.data, np.float32)), 1)
+        for j, c in enumerate(PRIOR_GRID):
+            rows[0] = dense
+            items, _ = blend_popularity(rows, counts, c / (c + n), k, model.sparse_scores)
+            recs[j, r, : items.size] = items
+    return np.stack([user_metrics(x, truth, [k], model.n_items)[0][metric] for x in recs])
+
+
 def _new_user_gains(
     fit: Callable[[Dataset], Recommender],
     train: Dataset,
@@ -241,16 +268,16 @@ def _new_user_gains(
     k: int,
     threshold: float | None,
     by_time: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """_against_popularity for each new user and history length:
-    `new_user_histories` of `train`, one more fit without those users. None
-    when there are too few."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """_against_popularity for each new user and history length, and
+    _prior_metrics of the same histories: `new_user_histories` of `train`, one
+    more fit without those users. None when there are too few."""
     made = new_user_histories(train, threshold, by_time=by_time)
     if made is None:
         return None
     rest, events, relevant = made
     model = fit(rest)
-    evidence, mine, gain = [], [], []
+    evidence, mine, gain, prior = [], [], [], []
     for h in NEW_USER_LENGTHS:
         rows = [r for r, rel in enumerate(relevant) if rel[h:].any()]
         if not rows:
@@ -269,9 +296,28 @@ def _new_user_gains(
         evidence.append(found[0])
         mine.append(found[1])
         gain.append(found[2])
+        prior.append(_prior_metrics(model, histories, truth, metric, k))
     if not evidence:
         return None
-    return np.concatenate(evidence), np.concatenate(mine), np.concatenate(gain)
+    blended = None if any(p is None for p in prior) else np.concatenate(prior, axis=1)
+    return np.concatenate(evidence), np.concatenate(mine), np.concatenate(gain), blended
+
+
+def _z(d: np.ndarray) -> float:
+    """A paired z: the sum of per-user differences over its standard error."""
+    spread = float(d.std()) * np.sqrt(d.size) if d.size else 0.0
+    return float(d.sum()) / spread if spread > 0 else 0.0
+
+
+def _learn_prior(gated: np.ndarray, blended: np.ndarray) -> tuple[float, int]:
+    """The `history_prior` of PRIOR_GRID whose answers (`blended`, grid x
+    histories) score best on average, when they beat the gate's (`gated`, as
+    served with min_history) clearly (paired z >= GATE_Z); (0.0, 0) otherwise.
+    Returns (the prior, its row in the grid)."""
+    j = int(np.argmax(blended.mean(axis=1)))
+    if _z(blended[j] - gated) >= GATE_Z:
+        return PRIOR_GRID[j], j
+    return 0.0, 0
 
 
 def _best_count(evidence: np.ndarray, gain: np.ndarray) -> int:
@@ -310,19 +356,26 @@ def learn_min_events(
     min_events) when too few users could be made new ones. `by_time`: new
     users are folded in from their oldest events (temporal protocol).
 
-    Returns {"min_events", "min_history", "users", "gated", "value",
+    With new users (and dense rows: not for an approximate index), the
+    `history_prior` of PRIOR_GRID whose blend with popularity answers their
+    histories best is learned too, kept only when it beats min_history's
+    answers clearly (paired z >= GATE_Z); min_history is then 0.
+
+    Returns {"min_events", "min_history", "history_prior", "users", "gated", "value",
     "gated_value"} (the validation users, at the gate that applies to them)
     and {"new_histories", "new_gated", "new_value", "new_gated_value"} (the
     new users' histories; 0 and None when none were made)."""
     unknown = {"new_histories": 0, "new_gated": 0, "new_value": None, "new_gated_value": None}
-    none = {"min_events": 0, "min_history": -1, "users": 0, "gated": 0, "value": None}
+    none = {"min_events": 0, "min_history": -1, "history_prior": 0.0, "users": 0, "gated": 0}
+    none |= {"value": None}
     none |= {"gated_value": None} | unknown
     cls = MODELS[algorithm]
     if metric in MINIMIZE or cls.serves_cold or "min_events" not in cls.params_spec:
         return none
 
     def fit(data: Dataset) -> Recommender:
-        model = create(algorithm, **{**params, "min_events": 0, "min_history": -1})
+        ungated = {"min_events": 0, "min_history": -1, "history_prior": 0.0}
+        model = create(algorithm, **{**params, **ungated})
         model.n_threads = threads
         return model.fit(data)
 
@@ -348,10 +401,25 @@ def learn_min_events(
     if new is not None:
         pooled = (np.r_[evidence, new[0]], np.r_[gain, new[2]]) if inline else (new[0], new[2])
         min_history = _best_count(*pooled)
+    history_prior, j, validation_prior = 0.0, 0, None
+    if new is not None and new[3] is not None:
+        served_as_gated = (
+            np.where(evidence < min_history, mine + gain, mine) if inline else mine[:0]
+        )
+        if inline:
+            validation_prior = _prior_metrics(model, where["histories"], relevant[users], metric, k)
+        if not inline or validation_prior is not None:
+            history_prior, j = _learn_prior(
+                np.r_[served_as_gated, np.where(new[0] < min_history, new[1] + new[2], new[1])],
+                new[3] if validation_prior is None else np.c_[validation_prior, new[3]],
+            )
+    if history_prior:
+        min_history = 0  # the blend answers short histories in the gate's place
     gate = min_history if inline and min_history >= 0 else min_events
     out = {
         "min_events": min_events,
         "min_history": min_history,
+        "history_prior": history_prior,
         "users": int(users.size),
         "gated": int((evidence < gate).sum()),
         "value": float(mine.mean()),
@@ -359,14 +427,19 @@ def learn_min_events(
     }
     if new is None:
         return out | unknown
-    new_evidence, new_mine, new_gain = new
+    new_evidence, new_mine, new_gain, new_prior = new
+    served = np.where(new_evidence < min_history, new_mine + new_gain, new_mine)
+    if history_prior:
+        assert new_prior is not None
+        served = new_prior[j]
+        if validation_prior is not None:  # the validation users are histories: blended too
+            out["gated"] = 0
+            out["gated_value"] = float(validation_prior[j].mean())
     return out | {
         "new_histories": int(new_mine.size),
         "new_gated": int((new_evidence < min_history).sum()),
         "new_value": float(new_mine.mean()),
-        "new_gated_value": float(
-            (new_mine.sum() + new_gain[new_evidence < min_history].sum()) / new_mine.size
-        ),
+        "new_gated_value": float(served.mean()),
     }
 
 
@@ -395,9 +468,11 @@ def _gate(
     learned = {"min_events": g["min_events"]} if g["min_events"] else {}
     if g["min_history"] not in (-1, g["min_events"]) and not history_given:
         learned["min_history"] = g["min_history"]  # else it follows min_events
+    if g["history_prior"] and not history_given:
+        learned["history_prior"] = g["history_prior"]
     r.best_params = {**r.best_params, **learned}
     lengths = f"{NEW_USER_LENGTHS[0]}-{NEW_USER_LENGTHS[-1]}"
-    if not (g["min_events"] or g["min_history"] > 0 or g["gated"]):
+    if not (g["min_events"] or g["min_history"] > 0 or g["gated"] or g["history_prior"]):
         log.info(
             "tune %s: no min_events or min_history gate: popularity does not clearly beat it "
             "for users with few events (%d validation users; %d histories of %s events of "
@@ -411,6 +486,12 @@ def _gate(
     new = "too few users to make new ones: min_history follows min_events"
     if history_given:
         new = f"min_history={r.best_params['min_history']} as given"
+    elif g["history_prior"]:
+        new = (
+            f"history_prior={g['history_prior']:g}: {g['new_histories']} histories of "
+            f"{lengths} events of new users blended with popularity, "
+            f"{g['new_value']:.4f} -> {g['new_gated_value']:.4f}"
+        )
     elif g["new_histories"]:
         new = (
             f"min_history={g['min_history']}: {g['new_gated']} of {g['new_histories']} "
@@ -418,8 +499,8 @@ def _gate(
             f"{g['new_value']:.4f} -> {g['new_gated_value']:.4f}"
         )
     log.info(
-        "tune %s: min_events=%d: %d of %d validation users gated, %s %.4f -> %.4f; %s "
-        "(below a gate popularity answers: it ranks better there)",
+        "tune %s: min_events=%d: %d of %d validation users gated, %s %.4f -> %.4f "
+        "(popularity answers below a gate); %s",
         r.algorithm,
         g["min_events"],
         g["gated"],
@@ -447,10 +528,14 @@ class AlgoResult:
 
     def served_value(self) -> float | None:
         """The best trial's validation value as served: with the learned
-        gate, users below it answered by popularity."""
-        if self.best_value is None or not self.gate or not self.gate["gated"]:
+        gate (users below it answered by popularity) and, where the validation
+        users are histories, the learned history_prior."""
+        g = self.gate
+        if self.best_value is None or not g or g["value"] is None:
             return self.best_value
-        return self.best_value + self.gate["gated_value"] - self.gate["value"]
+        if not g["gated"] and g["gated_value"] == g["value"]:  # nothing changed (no rounding)
+            return self.best_value
+        return self.best_value + g["gated_value"] - g["value"]
 
     def record(self) -> dict[str, Any]:
         return {
@@ -910,7 +995,7 @@ def tune(
         raise ValueError(f"tune: no trial completed; nothing published{f' ({why})' if why else ''}")
     if "min_events" not in dict(fixed or {}):  # a given min_events: neither gate is learned
         for r in done:
-            given = "min_history" in dict(fixed or {})
+            given = bool({"min_history", "history_prior"} & set(dict(fixed or {})))
             _gate(r, inner, metric, k, threshold, threads, given, protocol == "temporal")
     best = done[0]
     for r in done[1:]:  # as served: with each one's gate

@@ -62,6 +62,8 @@ def router(ds, tmp_path_factory):
         ("knn3", "itemknn", {"min_events": 3}),
         ("alsh", "als", {**ALS, "min_history": 3}),  # inline histories only
         ("alsk", "als", {**ALS, "min_events": 3, "min_history": 0}),  # known users only
+        ("alsp", "als", {**ALS, "history_prior": 2.0}),
+        ("knnp", "itemknn", {"history_prior": 1.0}),
         ("popularity", "popularity", {}),
     ):
         create(algo, **params).fit(ds).save(root, name, dataset=ds)
@@ -206,6 +208,62 @@ def test_offline_answers_are_the_ones_the_service_gives(router, ds):
     got_h = as_served(m, h_recs, h_scores, histories=hist)
     assert m.items.ids(got_h[0]) == popular(ds, {"i150", "i120"}, K)
     assert np.array_equal(got_h[1], h_recs[1])
+
+
+def _blend_reference(scores: np.ndarray, counts: np.ndarray, w: float, reached_only: bool):
+    """Each eligible item's blended score (NaN: not eligible), computed from
+    the definition: per component, its best max(3k, 100) eligible items (ties
+    by lower index; only scores > 0 for a sparse model) min-max normalised
+    (all equal: 1), weighted (1 - w, w) and summed; items in neither: 0."""
+    eligible = ~np.isnan(scores)
+    total = np.where(eligible, 0.0, np.nan)
+    n_cand = min(max(3 * K, 100), scores.size)
+    for part, weight, only_positive in ((scores, 1 - w, reached_only), (counts, w, False)):
+        ok = eligible & (part > 0 if only_positive else True)
+        idx = np.flatnonzero(ok)
+        best = idx[np.lexsort((idx, -part[idx]))][:n_cand]
+        if best.size == 0:
+            continue
+        lo, hi = part[best].min(), part[best].max()
+        total[best] += weight * ((part[best] - lo) / (hi - lo) if hi > lo else 1.0)
+    return total
+
+
+@pytest.mark.parametrize("name", ["alsp", "knnp"])
+def test_a_new_users_history_is_blended_with_popularity_under_history_prior(
+    router, ds, name, capsys
+):
+    m = router.catalog.get(name).model
+    short = ["i150", "i120"]
+    got = router.recommend(
+        RecQuery(user_id="new", history=[(i, 1.0) for i in short], k=K, model=name)
+    )
+    assert got.served_by == "" and len(got.item_ids) == K
+    # the model's own scores for every item, through its full ranking
+    row = m.history_matrix([m.items.index(short)])
+    items, scores = m.recommend_histories(row, m.n_items)
+    own_scores = np.full(m.n_items, np.nan)
+    keep = items[0] >= 0
+    own_scores[items[0][keep]] = scores[0][keep]
+    counts = np.bincount(ds.interactions.indices, minlength=m.n_items).astype(float)
+    c = m.params["history_prior"]
+    want = _blend_reference(own_scores, counts, c / (c + 2), m.sparse_scores)
+    served = m.items.index(got.item_ids)
+    assert np.allclose(got.scores, want[served], atol=1e-5)
+    others = np.setdiff1d(np.flatnonzero(~np.isnan(want)), served)
+    assert want[served].min() >= want[others].max() - 1e-5  # the k best blended items
+    # popularity reached items the model did not: the blend is neither answer alone
+    assert got.item_ids != popular(ds, set(short), K)
+    # a known user is served by the model as before
+    known = router.recommend(RecQuery(user_id="u5", k=K, model=name))
+    assert known.served_by == "" and known.item_ids == own(router, name, "u5")
+    # offline (evaluate, tune) and the CLI answer the history the same way
+    recs, sc = m.recommend_histories(row, K)
+    assert m.items.ids(as_served(m, recs, sc, histories=row)[0]) == got.item_ids
+    args = ["recommend", "--models", router.cfg.models, "--name", name, "--history", "i150,i120"]
+    assert main([*args, "--k", str(K)]) == 0
+    out, _ = capsys.readouterr()
+    assert [x["item_id"] for x in json.loads(out.strip().splitlines()[-1])["items"]] == got.item_ids
 
 
 def _reference(recs: np.ndarray, relevant: list[set[int]], k: int) -> dict[str, np.ndarray]:
@@ -372,6 +430,44 @@ def test_new_users_from_short_histories_set_a_gate_the_validation_users_cannot()
         for name, got in (("model", recs[r]), ("served", served[r])):
             recall[name].append(len(truth & set(got.tolist())) / min(20, len(truth)))
     assert np.mean(recall["served"]) > np.mean(recall["model"])
+
+
+def test_tune_learns_a_history_prior_that_beats_model_and_popularity_for_new_users():
+    ds = to_dataset(generate(3000, 1500, 45000, seed=4, zipf=1.1))
+    rest, events, _ = new_user_histories(ds, None, seed=1)  # never seen by the learning
+    _, inner = splits(rest, "random", 0.2, 0, 1)
+    gate = learn_min_events("als", ALS, inner, "ndcg@20", 20, None)
+    assert gate["history_prior"] > 0 and gate["min_history"] == 0
+    assert gate["new_gated_value"] > gate["new_value"]
+    assert gate["gated_value"] == gate["value"]  # known users: untouched
+    model = create("als", **ALS, history_prior=gate["history_prior"]).fit(rest)
+    counts = np.bincount(rest.interactions.indices, minlength=rest.n_items)
+    order = np.lexsort((np.arange(counts.size), -counts))
+    for h in (1, 2, 3):  # the held-out users folded in from h events
+        use = [items for items, _ in events if items.size > h]
+        rows = model.history_matrix([items[:h] for items in use])
+        recs, scores = model.recommend_histories(rows, 20)
+        served = as_served(model, recs, scores, histories=rows)
+        recall: dict[str, list[float]] = {"model": [], "served": [], "popularity": []}
+        for r, items in enumerate(use):
+            truth, seen = set(items[h:].tolist()), set(items[:h].tolist())
+            pop = [i for i in order if i not in seen][:20]
+            for name, got in (("model", recs[r]), ("served", served[r]), ("popularity", pop)):
+                recall[name].append(
+                    len(truth & set(np.asarray(got).tolist())) / min(20, len(truth))
+                )
+        mean = {name: np.mean(v) for name, v in recall.items()}
+        assert mean["served"] > max(mean["model"], mean["popularity"]), (h, mean)
+
+
+def test_algorithms_are_compared_with_a_prior_that_changed_the_validation_histories():
+    r = tuning.AlgoResult("als", best_value=0.40)
+    r.gate = {"gated": 0, "value": 0.40, "gated_value": 0.40}  # nothing changed
+    assert r.served_value() == 0.40
+    r.gate = {"gated": 0, "value": 0.40, "gated_value": 0.43}  # users protocol, blended
+    assert r.served_value() == pytest.approx(0.43)
+    r.gate = {"gated": 12, "value": 0.40, "gated_value": 0.41}  # a gate
+    assert r.served_value() == pytest.approx(0.41)
 
 
 def test_tune_publishes_the_learned_gate_and_keeps_a_given_one(sparse_log, tmp_path, caplog):

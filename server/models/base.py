@@ -142,6 +142,15 @@ MIN_HISTORY = Param(
     min=-1,
     max=1_000_000,
 )
+HISTORY_PRIOR = Param(
+    float,
+    0.0,
+    "a new user's inline history of n events is answered by the model's ranking "
+    "blended with popularity's, popularity weighted c / (c + n) (as a hybrid of the "
+    "two blends: min-max, weighted sum); 0: none. `tune` learns it on new users",
+    min=0.0,
+    max=1e6,
+)
 
 # `values = "auto"` weighs values on a log scale when their 99th percentile is
 # more than this many times their median: counts, quantities, durations; not
@@ -543,6 +552,14 @@ class Recommender(ABC):
         `min_events` where that is -1 (the default, and bundles made before it)."""
         gate = int(self.params.get("min_history", -1))
         return int(self.params.get("min_events", 0)) if gate < 0 else gate
+
+    def prior_weight(self, values: np.ndarray) -> float:
+        """Popularity's weight in a new user's answer (`history_prior` c, the
+        history's evidence n): c / (c + n); 0 without a prior."""
+        c = float(self.params.get("history_prior", 0.0))
+        if c <= 0:
+            return 0.0
+        return c / (c + max(self.evidence(values), 1))
 
     def too_little(self, values: np.ndarray, known: bool = True) -> bool:
         """Whether a history (its values) is below the model's gate, `min_events`
@@ -978,6 +995,25 @@ def liked_counts(user_items: sp.csr_matrix) -> np.ndarray:
 def popular_order(counts: np.ndarray) -> np.ndarray:
     """Item indices by count, most first, ties by lower index."""
     return np.lexsort((np.arange(counts.size), -counts))
+
+
+def blend_popularity(
+    rows: np.ndarray, counts: np.ndarray, weight: float, k: int, sparse: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """A new user's answer under `history_prior`: rows[0] holds the model's
+    dense row (NaN: not eligible); rows[1] (scratch) gets the popularity
+    `counts` where that row is eligible; the two are blended as a hybrid of
+    the model and popularity with weights (1 - weight, weight) is (each one's
+    best max(3k, 100) candidates, only reached ones (> 0) for a `sparse`
+    model's row, min-max, weighted sum). Returns (items int32, scores float32)."""
+    pop = rows[1]
+    pop[:] = counts
+    pop[np.isnan(rows[0])] = np.nan
+    n_cand = min(max(3 * k, 100), rows.shape[1])
+    items, sums, _ = topk.blend_dense(
+        rows, np.array([1.0 - weight, weight]), n_cand, k, np.array([sparse, 0], np.uint8)
+    )
+    return items, np.asarray(sums, np.float32)
 
 
 def fill_unreached(

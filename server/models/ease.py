@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from recserve.data import Dataset
 from recserve.kernels import topk
 from recserve.models.base import (
+    HISTORY_PRIOR,
     MIN_EVENTS,
     MIN_HISTORY,
     Param,
@@ -57,6 +58,7 @@ class EASE(Recommender):
         "max_memory_gb": Param(float, 4.0, "refuse catalogues whose solve needs more", min=0),
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
+        "history_prior": HISTORY_PRIOR,
     }
     # history x B: items of another connected component than the history's get
     # exactly 0 (the solve keeps its block structure), no evidence either way

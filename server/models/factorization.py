@@ -34,6 +34,7 @@ from recserve.kernels import als as alsk
 from recserve.kernels import sgd as sgdk
 from recserve.kernels import topk
 from recserve.models.base import (
+    HISTORY_PRIOR,
     MIN_EVENTS,
     MIN_HISTORY,
     VALUES,
@@ -98,6 +99,7 @@ class ALS(EmbeddingIndexMixin):
         **INDEX_PARAMS,
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
+        "history_prior": HISTORY_PRIOR,
     }
 
     def _divergence_hint(self) -> str:
@@ -371,6 +373,7 @@ class BiasedMF(Recommender):
         "hogwild": Param(bool, False, "parallel lock-free SGD (nondeterministic)"),
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
+        "history_prior": HISTORY_PRIOR,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -693,6 +696,7 @@ class BPR(EmbeddingIndexMixin):
         **INDEX_PARAMS,
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
+        "history_prior": HISTORY_PRIOR,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -866,6 +870,7 @@ class BayesianMF(BiasedMF):
         ),
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
+        "history_prior": HISTORY_PRIOR,
     }
 
     def _fit(self, dataset: Dataset) -> None:

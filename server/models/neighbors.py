@@ -33,6 +33,7 @@ import scipy.sparse as sp
 from recserve.data import Dataset
 from recserve.kernels import similarity as simk
 from recserve.models.base import (
+    HISTORY_PRIOR,
     MIN_EVENTS,
     MIN_HISTORY,
     VALUES,
@@ -429,6 +430,7 @@ class ItemKNN(_Neighbourhood):
         "B": COMMON["B"].searched(default=0.5),
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
+        "history_prior": HISTORY_PRIOR,
     }
 
     def __init__(self, **params: Any) -> None:
@@ -494,6 +496,7 @@ class RP3beta(_Neighbourhood):
         "values": VALUES,
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
+        "history_prior": HISTORY_PRIOR,
     }
     # What a sparse log (median events per user < SPARSE_LOG_EVENTS) gets for the
     # parameters not given: the study's values penalise popularity, which is
@@ -571,6 +574,7 @@ class ContentKNN(_Neighbourhood):
         "values": VALUES,
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
+        "history_prior": HISTORY_PRIOR,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -602,6 +606,7 @@ class UserKNN(_Neighbourhood):
         "weighting": COMMON["weighting"].searched(default="bm25"),
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
+        "history_prior": HISTORY_PRIOR,
     }
     ranks_from_history = False  # known users rank from their sim row
 

@@ -36,7 +36,7 @@ from recserve.data import MAX_VALUE, IdMap
 from recserve.feedback import OnlineState
 from recserve.kernels import topk
 from recserve.models import Recommender, bundle
-from recserve.models.base import KnownUserRow, ScratchPool, fill_unreached
+from recserve.models.base import KnownUserRow, ScratchPool, blend_popularity, fill_unreached
 from recserve.models.registry import MODELS
 from recserve.serving.answers import (
     MAX_ID_BYTES,
@@ -548,6 +548,11 @@ class Router:
         check()
         try:
             s = self._retrieve(slot, q, k, user, extra_idx, extra_val, excl, cand)
+            new_user = user < 0 or m.is_cold(user)
+            if s is not None and s.row is not None and new_user and not component:
+                blended = self._with_prior(s, q, k, excl, cand)
+                if blended is not None:
+                    return blended
             if s is None or not (m.sparse_scores and s.scores.size and s.scores[-1] <= 0):
                 return s
             if component:
@@ -556,6 +561,35 @@ class Router:
             return self._by_popularity(s, q, excl, cand)
         finally:
             stages["retrieve"] += time.perf_counter() - t2
+
+    def _with_prior(
+        self, s: _Served, q: RecQuery, k: int, excl: np.ndarray, cand: np.ndarray | None
+    ) -> _Served | None:
+        """A new user's answer under the model's `history_prior`: its dense row
+        blended with popularity's, popularity weighted c / (c + n)
+        (blend_popularity); None without a prior, for an approximate index (no
+        dense row), or for a `sparse_scores` row that reached nothing (a cold
+        user to this model: the chain answers)."""
+        m = s.slot.model
+        assert m is not None and s.row is not None
+        if not m.params.get("history_prior", 0.0) or (m.sparse_scores and not (s.scores > 0).any()):
+            return None
+        pool = self._pool(2, m.n_items)
+        rows = pool.take()
+        try:
+            if not m.dense_history(s.row, rows[0], not q.include_seen):
+                return None
+            if cand is not None:
+                keep = rows[0][cand]
+                rows[0].fill(np.nan)
+                rows[0][cand] = keep
+            if excl.size:
+                rows[0][excl] = np.nan
+            w = m.prior_weight(np.asarray(s.row.data, np.float32))
+            items, scores = blend_popularity(rows, s.slot.popular_counts(), w, k, m.sparse_scores)
+        finally:
+            pool.give(rows)
+        return _Served(s.slot, items, scores, -1, s.row)
 
     def _by_popularity(
         self, s: _Served, q: RecQuery, excl: np.ndarray, cand: np.ndarray | None
