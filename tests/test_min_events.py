@@ -70,6 +70,7 @@ def router(ds, tmp_path_factory):
     hybrids = {
         "blend": Hybrid("blend", {"als3": 0.5, "als": 0.5}),
         "blendh": Hybrid("blendh", {"alsh": 0.5, "als": 0.5}),
+        "blendp": Hybrid("blendp", {"alsp": 0.6, "knnp": 0.4}),
     }
     cfg = ServerConfig(models=str(root), hybrids=hybrids, fallback=("popularity",))
     catalog = Catalog(cfg.models)
@@ -264,6 +265,19 @@ def test_a_new_users_history_is_blended_with_popularity_under_history_prior(
     assert main([*args, "--k", str(K)]) == 0
     out, _ = capsys.readouterr()
     assert [x["item_id"] for x in json.loads(out.strip().splitlines()[-1])["items"]] == got.item_ids
+
+
+def test_a_hybrid_blends_its_components_without_their_history_prior(router):
+    history = [("i150", 1.0), ("i120", 1.0), ("i100", 1.0)]
+    q = RecQuery(user_id="new", history=history, k=K, model="blendp")
+    dense = router.recommend(q)  # the dense path blends the components' own rows
+    real = router._hybrid_dense
+    router._hybrid_dense = lambda *a: None  # type: ignore[method-assign]
+    try:
+        general = router.recommend(q)
+    finally:
+        router._hybrid_dense = real  # type: ignore[method-assign]
+    assert general.item_ids == dense.item_ids and np.allclose(general.scores, dense.scores)
 
 
 def _reference(recs: np.ndarray, relevant: list[set[int]], k: int) -> dict[str, np.ndarray]:

@@ -95,6 +95,7 @@ class _Served:
     scores: np.ndarray
     user: int  # -1 when folded in
     row: sp.csr_matrix | None  # the folded-in history row
+    blended: bool = False  # blended with popularity (history_prior): final as it is
 
     @property
     def folded_in(self) -> bool:
@@ -547,13 +548,12 @@ class Router:
             return _Served(slot, empty, np.zeros(0, np.float32), user, None)
         check()
         try:
-            s = self._retrieve(slot, q, k, user, extra_idx, extra_val, excl, cand)
-            new_user = user < 0 or m.is_cold(user)
-            if s is not None and s.row is not None and new_user and not component:
-                blended = self._with_prior(s, q, k, excl, cand)
-                if blended is not None:
-                    return blended
-            if s is None or not (m.sparse_scores and s.scores.size and s.scores[-1] <= 0):
+            # a new user's history under history_prior: blended with popularity
+            prior = not component and (user < 0 or m.is_cold(user))
+            s = self._retrieve(slot, q, k, user, extra_idx, extra_val, excl, cand, prior)
+            if s is None or s.blended:
+                return s
+            if not (m.sparse_scores and s.scores.size and s.scores[-1] <= 0):
                 return s
             if component:
                 keep = s.scores > 0
@@ -563,33 +563,42 @@ class Router:
             stages["retrieve"] += time.perf_counter() - t2
 
     def _with_prior(
-        self, s: _Served, q: RecQuery, k: int, excl: np.ndarray, cand: np.ndarray | None
-    ) -> _Served | None:
-        """A new user's answer under the model's `history_prior`: its dense row
-        blended with popularity's, popularity weighted c / (c + n)
-        (blend_popularity); None without a prior, for an approximate index (no
-        dense row), or for a `sparse_scores` row that reached nothing (a cold
-        user to this model: the chain answers)."""
-        m = s.slot.model
-        assert m is not None and s.row is not None
-        if not m.params.get("history_prior", 0.0) or (m.sparse_scores and not (s.scores > 0).any()):
-            return None
+        self,
+        slot: Slot,
+        q: RecQuery,
+        k: int,
+        row: sp.csr_matrix,
+        excl: np.ndarray,
+        cand: np.ndarray | None,
+    ) -> tuple[bool, _Served | None]:
+        """A new user's answer under the model's `history_prior` c: its dense
+        row blended with popularity's, popularity weighted c / (c + n)
+        (blend_popularity). (False, None) where it does not apply (no prior, an
+        approximate index: no dense row); (True, None) for a `sparse_scores`
+        row that reaches nothing eligible (a cold user to this model: the chain
+        answers, as without a prior)."""
+        m = slot.model
+        assert m is not None
+        if not m.params.get("history_prior", 0.0):
+            return False, None
         pool = self._pool(2, m.n_items)
         rows = pool.take()
         try:
-            if not m.dense_history(s.row, rows[0], not q.include_seen):
-                return None
+            if not m.dense_history(row, rows[0], not q.include_seen):
+                return False, None
             if cand is not None:
                 keep = rows[0][cand]
                 rows[0].fill(np.nan)
                 rows[0][cand] = keep
             if excl.size:
                 rows[0][excl] = np.nan
-            w = m.prior_weight(np.asarray(s.row.data, np.float32))
-            items, scores = blend_popularity(rows, s.slot.popular_counts(), w, k, m.sparse_scores)
+            if m.sparse_scores and not (rows[0] > 0).any():
+                return True, None
+            w = m.prior_weight(np.asarray(row.data, np.float32))
+            items, scores = blend_popularity(rows, slot.popular_counts(), w, k, m.sparse_scores)
         finally:
             pool.give(rows)
-        return _Served(s.slot, items, scores, -1, s.row)
+        return True, _Served(slot, items, scores, -1, row, blended=True)
 
     def _by_popularity(
         self, s: _Served, q: RecQuery, excl: np.ndarray, cand: np.ndarray | None
@@ -624,8 +633,12 @@ class Router:
         assert filled is not None  # an item scores > 0
         return _Served(s.slot, filled[0], filled[1], s.user, s.row)
 
-    def _retrieve(self, slot, q, k, user, extra_idx, extra_val, excl, cand) -> _Served | None:
-        """The model's top-k for a resolved user (known row, or history to fold in)."""
+    def _retrieve(
+        self, slot, q, k, user, extra_idx, extra_val, excl, cand, prior: bool = False
+    ) -> _Served | None:
+        """The model's top-k for a resolved user (known row, or history to fold
+        in); with `prior` (a new user, not a hybrid's component), blended with
+        popularity under the model's history_prior (_with_prior)."""
         m = slot.model
         if user >= 0 and m.is_cold(user):
             user = -1  # nothing learned of this user: as an unknown one with its history
@@ -669,6 +682,10 @@ class Router:
                 return None
             row = _history_row(m, user, extra_idx, extra_val)
             user = -1
+            if prior:
+                done, blended = self._with_prior(slot, q, k, row, excl, cand)
+                if done:
+                    return blended
             if cand is None:  # the fold-in's dense row and one top-k call, when exact
                 pool = self._pool(0, m.n_items)
                 buf = pool.take()
