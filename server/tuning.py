@@ -179,6 +179,11 @@ NEW_USER_MIN = 50  # fewer eligible users than this: none are made
 # user's answer of n events): the best blend weight measured fell from about
 # 0.6 at one item to 0.2-0.4 at five (docs/algorithms.md).
 PRIOR_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+# Histories x catalogue items one set of new users' blends may read (each blend
+# reads every item): past it, evenly spaced histories only (a 1M-item
+# catalogue: 200 per history length), never fewer than PRIOR_MIN_ROWS.
+PRIOR_CELLS = 200_000_000
+PRIOR_MIN_ROWS = 100
 
 
 def new_user_histories(
@@ -243,13 +248,18 @@ def _prior_metrics(
 ) -> np.ndarray | None:
     """The metric of each history's answer under each `history_prior` of
     PRIOR_GRID (as served: blend_popularity), shape (grid, rows); None for a
-    model without dense rows (an approximate index)."""
+    model without dense rows (an approximate index). A blend reads the whole
+    catalogue, so past PRIOR_CELLS (rows x items) only evenly spaced rows are
+    scored and the others are NaN."""
     assert model.user_items is not None
     counts = liked_counts(model.user_items)
     rows = np.empty((2, model.n_items), np.float32)
-    recs = np.full((len(PRIOR_GRID), histories.shape[0], k), -1, np.int64)
-    for r in range(histories.shape[0]):
-        h = histories[r]
+    n_rows = histories.shape[0]
+    limit = max(PRIOR_MIN_ROWS, PRIOR_CELLS // max(model.n_items, 1))
+    scored = np.unique(np.linspace(0, n_rows - 1, min(n_rows, limit)).astype(np.int64))
+    recs = np.full((len(PRIOR_GRID), scored.size, k), -1, np.int64)
+    for i, r in enumerate(scored):
+        h = histories[int(r)]
         if not model.dense_history(h, rows[0], True):
             return None
         dense = rows[0].copy()
@@ -257,8 +267,11 @@ def _prior_metrics(
         for j, c in enumerate(PRIOR_GRID):
             rows[0] = dense
             items, _ = blend_popularity(rows, counts, c / (c + n), k, model.sparse_scores)
-            recs[j, r, : items.size] = items
-    return np.stack([user_metrics(x, truth, [k], model.n_items)[0][metric] for x in recs])
+            recs[j, i, : items.size] = items
+    out = np.full((len(PRIOR_GRID), n_rows), np.nan)
+    for j, x in enumerate(recs):
+        out[j, scored] = user_metrics(x, truth[scored], [k], model.n_items)[0][metric]
+    return out
 
 
 def _new_user_gains(
@@ -314,8 +327,9 @@ def _learn_prior(gated: np.ndarray, blended: np.ndarray) -> tuple[float, int]:
     histories) score best on average, when they beat the gate's (`gated`, as
     served with min_history) clearly (paired z >= GATE_Z); (0.0, 0) otherwise.
     Returns (the prior, its row in the grid)."""
-    j = int(np.argmax(blended.mean(axis=1)))
-    if _z(blended[j] - gated) >= GATE_Z:
+    scored = ~np.isnan(blended[0])  # _prior_metrics' rows (all, below PRIOR_CELLS)
+    j = int(np.argmax(blended[:, scored].mean(axis=1)))
+    if _z(blended[j, scored] - gated[scored]) >= GATE_Z:
         return PRIOR_GRID[j], j
     return 0.0, 0
 
@@ -431,10 +445,10 @@ def learn_min_events(
     served = np.where(new_evidence < min_history, new_mine + new_gain, new_mine)
     if history_prior:
         assert new_prior is not None
-        served = new_prior[j]
+        served = new_prior[j][~np.isnan(new_prior[j])]
         if validation_prior is not None:  # the validation users are histories: blended too
             out["gated"] = 0
-            out["gated_value"] = float(validation_prior[j].mean())
+            out["gated_value"] = float(np.nanmean(validation_prior[j]))
     return out | {
         "new_histories": int(new_mine.size),
         "new_gated": int((new_evidence < min_history).sum()),

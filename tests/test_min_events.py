@@ -474,6 +474,29 @@ def test_tune_learns_a_history_prior_that_beats_model_and_popularity_for_new_use
         assert mean["served"] > max(mean["model"], mean["popularity"]), (h, mean)
 
 
+def test_the_prior_is_learned_on_a_sample_of_histories_past_a_catalogue_budget(monkeypatch):
+    ds = to_dataset(generate(3000, 1500, 45000, seed=4, zipf=1.1))
+    rest, events, _ = new_user_histories(ds, None, seed=1)
+    model = create("als", **ALS).fit(rest)
+    use = [items for items, _ in events if items.size > 2][:300]
+    rows = model.history_matrix([items[:2] for items in use])
+    truth = model.history_matrix([items[2:] for items in use])
+    whole = tuning._prior_metrics(model, rows, truth, "ndcg@20", 20)
+    assert whole is not None and not np.isnan(whole).any()
+    monkeypatch.setattr(tuning, "PRIOR_CELLS", 120 * model.n_items)
+    part = tuning._prior_metrics(model, rows, truth, "ndcg@20", 20)
+    scored = ~np.isnan(part[0])
+    assert scored.sum() == 120 and scored[0] and scored[-1]  # evenly spaced, ends included
+    assert (np.isnan(part) == ~scored).all()
+    assert np.allclose(part[:, scored], whole[:, scored])
+    # the choice reads the scored rows only
+    gated = whole[0] - 1.0  # a gate far worse than any prior
+    assert tuning._learn_prior(gated, part) == (
+        tuning.PRIOR_GRID[int(np.argmax(whole[:, scored].mean(axis=1)))],
+        int(np.argmax(whole[:, scored].mean(axis=1))),
+    )
+
+
 def test_algorithms_are_compared_with_a_prior_that_changed_the_validation_histories():
     r = tuning.AlgoResult("als", best_value=0.40)
     r.gate = {"gated": 0, "value": 0.40, "gated_value": 0.40}  # nothing changed
