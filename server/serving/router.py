@@ -549,7 +549,12 @@ class Router:
         check()
         try:
             # a new user's history under history_prior: blended with popularity
-            prior = not component and (user < 0 or m.is_cold(user))
+            # (the param first: no look at the user's row for other models)
+            prior = (
+                not component
+                and bool(m.params.get("history_prior", 0.0))
+                and (user < 0 or m.is_cold(user))
+            )
             s = self._retrieve(slot, q, k, user, extra_idx, extra_val, excl, cand, prior)
             if s is None or s.blended:
                 return s
