@@ -70,6 +70,7 @@ def router(ds, tmp_path_factory):
     hybrids = {
         "blend": Hybrid("blend", {"als3": 0.5, "als": 0.5}),
         "blendh": Hybrid("blendh", {"alsh": 0.5, "als": 0.5}),
+        "blendh2": Hybrid("blendh2", {"als": 0.5, "alsh": 0.5}),  # the gated one second
         "blendp": Hybrid("blendp", {"alsp": 0.6, "knnp": 0.4}),
     }
     cfg = ServerConfig(models=str(root), hybrids=hybrids, fallback=("popularity",))
@@ -140,16 +141,18 @@ def test_inline_histories_and_known_users_have_their_own_gates(router, ds, dense
     assert got.served_by == "popularity" and got.item_ids == popular(ds, {"i150", "i120"}, K)
     got = router.recommend(RecQuery(user_id="new", history=short, k=K, model="alsk"))
     assert got.served_by == "" and got.item_ids == folded("alsk")
-    # a hybrid (dense path and general path) blends the history without alsh
+    # a hybrid (dense path and general path) blends the history without alsh,
+    # whichever its place among the components
     real = router._hybrid_dense
     if not dense:
         router._hybrid_dense = lambda *a: None  # type: ignore[method-assign]
     try:
-        got = router.recommend(RecQuery(user_id="new", history=short, k=K, model="blendh"))
-        assert "alsh@" not in got.version and got.version.startswith("als@")
-        assert got.item_ids == folded("als")
-        got = router.recommend(RecQuery(user_id="two", k=K, model="blendh"))
-        assert "alsh@" in got.version and "als@" in got.version
+        for name in ("blendh", "blendh2"):
+            got = router.recommend(RecQuery(user_id="new", history=short, k=K, model=name))
+            assert "alsh@" not in got.version and got.version.startswith("als@"), name
+            assert got.item_ids == folded("als")
+            got = router.recommend(RecQuery(user_id="two", k=K, model=name))
+            assert "alsh@" in got.version and "als@" in got.version
     finally:
         router._hybrid_dense = real  # type: ignore[method-assign]
 

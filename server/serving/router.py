@@ -844,6 +844,8 @@ class Router:
                     ok = m.dense_user(u, out, filter_seen)
                 else:
                     if u < 0 and shared_row is not None:
+                        if _no_evidence(m, extra_val, False):
+                            continue  # this component's gate (or kind of evidence): skipped
                         row = shared_row
                     else:
                         own = m.training_row(u) if u >= 0 else None
