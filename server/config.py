@@ -76,6 +76,9 @@ class Hybrid:
 
     name: str
     weights: dict[str, float]
+    # A new user's answer (an inline history of n events, the user unknown to
+    # every component) blends popularity in with weight c / (c + n); 0: none.
+    history_prior: float = 0.0
     # Read from the models folder's hybrids.json (`recserve tune --hybrid`), not
     # from the config: a reload reads that file again (reread, relearned_hybrids).
     learned: bool = field(default=False, compare=False)
@@ -329,6 +332,29 @@ def _weights(where: str, table: Any, what: str) -> dict[str, float]:
     return out
 
 
+# The one key of a [hybrids.<name>] table that is not a component's weight.
+HYBRID_PRIOR = "history_prior"
+
+
+def _prior(where: str, value: Any) -> float:
+    """A hybrid's history_prior: a finite number >= 0."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where}: must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _hybrid(name: str, table: Any) -> Hybrid:
+    """A [hybrids.<name>] table: component = weight, and optionally
+    history_prior = c (so no component can be named history_prior)."""
+    where = f"hybrids.{name}"
+    prior = 0.0
+    if isinstance(table, Mapping) and HYBRID_PRIOR in table:
+        prior = _prior(f"{where}.{HYBRID_PRIOR}", table[HYBRID_PRIOR])
+        table = {k: v for k, v in table.items() if k != HYBRID_PRIOR}
+    return Hybrid(name, _weights(where, table, "weight"), prior)
+
+
 def _chain(name: str, value: Any) -> tuple[str, ...]:
     """A [fallbacks] entry: a list of model names, or one comma-separated string
     (as `fallback` takes); a bare string is not taken letter by letter."""
@@ -349,10 +375,7 @@ def _tables(doc: Mapping[str, Any]) -> dict[str, Any]:
     hy = doc.get("hybrids", {})
     if not isinstance(hy, Mapping):
         raise ConfigError("hybrids: expected [hybrids.<name>] tables")
-    out["hybrids"] = {
-        _model_name("hybrids", k): Hybrid(k, _weights(f"hybrids.{k}", v, "weight"))
-        for k, v in hy.items()
-    }
+    out["hybrids"] = {_model_name("hybrids", k): _hybrid(k, v) for k, v in hy.items()}
     ex = doc.get("experiments", {})
     if not isinstance(ex, Mapping):
         raise ConfigError("experiments: expected [experiments.<name>] tables")
@@ -445,7 +468,10 @@ def with_learned_hybrids(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"{path}: {name}: expected a table with weights")
         _model_name(str(path), name)
         learned[name] = Hybrid(
-            name, _weights(f"{path}: {name}.weights", entry.get("weights"), "weight"), True
+            name,
+            _weights(f"{path}: {name}.weights", entry.get("weights"), "weight"),
+            _prior(f"{path}: {name}.{HYBRID_PRIOR}", entry.get(HYBRID_PRIOR, 0.0)),
+            True,
         )
     if not learned:
         return cfg

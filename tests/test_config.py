@@ -66,6 +66,9 @@ def test_defaults_without_a_file():
         ("[hybrids.h]\nals = -1\n", {}, "hybrids.h.als: weight must be"),
         ("[hybrids.h]\nals = 0\n", {}, "hybrids.h: weights sum to 0"),
         ("[hybrids.h]\n'bad/name' = 1\n", {}, "is not a valid model name"),
+        ("[hybrids.h]\nals = 1\nhistory_prior = -1\n", {}, "hybrids.h.history_prior: must be"),
+        ("[hybrids.h]\nals = 1\nhistory_prior = 'a'\n", {}, "hybrids.h.history_prior: must be"),
+        ("[hybrids.h]\nhistory_prior = 1\n", {}, "hybrids.h: expected a table of model"),
         ("[experiments.e]\narms = 3\n", {}, "experiments.e.arms: expected a table"),
         ("[experiments.e]\nsplit = 3\n", {}, "experiments.e: expected keys"),
         ("[experiments.e]\narms = {a = 1}\nsalt = {x = 1}\n", {}, "experiments.e.salt: expected"),
@@ -275,6 +278,28 @@ def test_a_reread_applies_routing_and_names_what_needs_a_restart(tmp_path, monke
         reread(cfg)
     assert {"default_model", "hybrids", "experiments", "max_k"} <= LIVE
     assert not {"port", "workers", "admin_token", "max_concurrency", "models"} & LIVE
+
+
+def test_a_hybrid_takes_a_history_prior_from_the_config_or_hybrids_json(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "hybrids.json").write_text(
+        '{"learned": {"weights": {"als": 1, "knn": 1}, "history_prior": 2},'
+        ' "plain": {"weights": {"als": 1}}, "mine": {"weights": {"als": 1}, "history_prior": 4}}'
+    )
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[server]\nmodels = "{models}"\n'
+        "[hybrids.mine]\nals = 0.5\nknn = 0.5\nhistory_prior = 1.5\n"
+    )
+    cfg = load_config(path, env={})
+    assert cfg.hybrids["mine"].weights == {"als": 0.5, "knn": 0.5}  # not a component
+    assert cfg.hybrids["mine"].history_prior == 1.5  # the config's, not the learned 4
+    assert cfg.hybrids["learned"].history_prior == 2.0
+    assert cfg.hybrids["plain"].history_prior == 0.0
+    (models / "hybrids.json").write_text('{"bad": {"weights": {"als": 1}, "history_prior": -2}}')
+    with pytest.raises(ConfigError, match=r"hybrids.json: bad.history_prior: must be"):
+        load_config(path, env={})
 
 
 def test_a_config_built_in_code_rereads_only_the_learned_hybrids(tmp_path):

@@ -447,7 +447,7 @@ def health(channel, service=""):
 def test_fallback_and_health_while_a_slow_model_loads(published):
     root, _ = published
     gate = Gate("als")
-    hybrid = {"hybrid": Hybrid("hybrid", {"als": 0.6, "itemknn": 0.4})}
+    hybrid = {"hybrid": Hybrid("hybrid", {"als": 0.6, "itemknn": 0.4}, 2.0)}
     with running(
         root, loader=gate, wait=False, hybrids=hybrid, fallbacks={"hybrid": ("als",)}
     ) as s:
@@ -468,6 +468,9 @@ def test_fallback_and_health_while_a_slow_model_loads(published):
         items, md = s.recommend(user_id="7", k=5, model="hybrid")
         assert "x-recserve-served-by" not in md
         assert md["x-recserve-version"].startswith("als@")
+        info = s.admin.GetModel(pb.GetModelRequest(name="hybrid"))
+        assert (info.algorithm, info.state) == ("hybrid", pb.MODEL_STATE_SERVING)
+        assert dict(info.params) == {"als": "0.6", "itemknn": "0.4", "history_prior": "2.0"}
 
 
 def test_hybrid_blends_normalized_scores(published, small):

@@ -557,9 +557,7 @@ class Recommender(ABC):
         """Popularity's weight in a new user's answer (`history_prior` c, the
         history's evidence n): c / (c + n); 0 without a prior."""
         c = float(self.params.get("history_prior", 0.0))
-        if c <= 0:
-            return 0.0
-        return c / (c + max(self.evidence(values), 1))
+        return prior_weight(c, self.evidence(values)) if c > 0 else 0.0
 
     def too_little(self, values: np.ndarray, known: bool = True) -> bool:
         """Whether a history (its values) is below the model's gate, `min_events`
@@ -995,6 +993,12 @@ def liked_counts(user_items: sp.csr_matrix) -> np.ndarray:
 def popular_order(counts: np.ndarray) -> np.ndarray:
     """Item indices by count, most first, ties by lower index."""
     return np.lexsort((np.arange(counts.size), -counts))
+
+
+def prior_weight(c: float, n: int) -> float:
+    """Popularity's weight in the answer to a new user's history of n events
+    (evidence) under a history prior c: c / (c + n), n at least 1."""
+    return c / (c + max(n, 1))
 
 
 def blend_popularity(

@@ -21,7 +21,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from recserve import contract
-from recserve.config import LIVE, ConfigError, Experiment, Hybrid, ServerConfig, reread
+from recserve.config import (
+    HYBRID_PRIOR,
+    LIVE,
+    ConfigError,
+    Experiment,
+    Hybrid,
+    ServerConfig,
+    reread,
+)
 from recserve.data import MAX_VALUE
 from recserve.feedback import (
     Event,
@@ -846,7 +854,7 @@ class Core:
         log.info(
             "reload: %s",
             "; ".join(
-                [f"hybrid {v.name} {v.weights}" for v in changed if isinstance(v, Hybrid)]
+                [f"hybrid {v.name} {_hybrid_params(v)}" for v in changed if isinstance(v, Hybrid)]
                 + [f"experiment {v.name} {v.arms}" for v in changed if isinstance(v, Experiment)]
                 + ([f"removed {', '.join(gone)}"] if gone else [])
                 + [f"{k} = {getattr(cfg, k)!r}" for k in settings]
@@ -872,8 +880,15 @@ class Core:
 
     def _virtual_info(self, v: Hybrid | Experiment) -> pb.ModelInfo:
         if isinstance(v, Hybrid):
-            return convert.virtual_info(v.name, "hybrid", v.weights, self.router.ready(v.name))
+            return convert.virtual_info(
+                v.name, "hybrid", _hybrid_params(v), self.router.ready(v.name)
+            )
         return convert.virtual_info(v.name, "experiment", v.arms, self.router.ready(v.name))
+
+
+def _hybrid_params(hy: Hybrid) -> dict[str, float]:
+    """A hybrid's component weights, and its history_prior when it has one."""
+    return {**hy.weights, **({HYBRID_PRIOR: hy.history_prior} if hy.history_prior else {})}
 
 
 class Recorder:

@@ -36,7 +36,13 @@ from recserve.data import MAX_VALUE, IdMap
 from recserve.feedback import OnlineState
 from recserve.kernels import topk
 from recserve.models import Recommender, bundle
-from recserve.models.base import KnownUserRow, ScratchPool, blend_popularity, fill_unreached
+from recserve.models.base import (
+    KnownUserRow,
+    ScratchPool,
+    blend_popularity,
+    fill_unreached,
+    prior_weight,
+)
 from recserve.models.registry import MODELS
 from recserve.serving.answers import (
     MAX_ID_BYTES,
@@ -771,20 +777,60 @@ class Router:
             return dense
         n = max(3 * q.k, 100)
         parts: list[tuple[float, _Served]] = []
-        for w, slot in self._plan(hy).comps:
-            assert slot.model is not None
+        comps = self._plan(hy).comps
+        new_user = hy.history_prior > 0  # unknown (or cold) to every component
+        weight = 0.0  # of the components that answered (if with nothing: as the dense path)
+        for w, slot in comps:
+            m = slot.model
+            assert m is not None and m.users is not None
             check()
-            k_c = min(n, max(slot.model.n_items, 1))
+            if new_user:
+                u = m.users.get(q.user_id) if q.user_id else -1
+                new_user = u < 0 or m.is_cold(u)
+            k_c = min(n, max(m.n_items, 1))
             served = self._serve(slot, q, k_c, check, stages, component=True)
-            if served is not None and served.items.size:
-                parts.append((w, served))
+            if served is not None:
+                weight += w
+                if served.items.size:
+                    parts.append((w, served))
         if not parts:
             return None
         t = time.perf_counter()
         try:
-            return self._blend(parts, q, check)
+            pop = None
+            if new_user:
+                pop = self._prior_part(hy, comps[0][1], q, n)
+                parts = [(w * (1.0 - pop[0]) / weight, s) for w, s in parts]
+            return self._blend(parts, q, check, pop)
         finally:
             stages["rank"] += time.perf_counter() - t
+
+    def _prior_part(self, hy: Hybrid, slot: Slot, q: RecQuery, n: int) -> tuple[float, _Served]:
+        """A new user's popularity part under hybrid `hy`'s history_prior c, from
+        its first component's model (`slot`): the weight c / (c + h), h the
+        history's evidence (inline and recorded events, as folded in) as that
+        model counts it, and the n items with the most training interactions (ties by
+        index) that the request leaves eligible (not excluded, among its
+        candidates, not in the history unless include_seen), their counts as
+        scores."""
+        m = slot.model
+        assert m is not None and m.items is not None
+        h_idx, h_val = self._history(m, q, slot.name)
+        ok = np.ones(m.n_items, bool)
+        if q.candidates:
+            cand = m.items.index(list(q.candidates))
+            ok[:] = False
+            ok[cand[cand >= 0]] = True
+        if q.exclude:
+            excl = m.items.index(list(q.exclude))
+            ok[excl[excl >= 0]] = False
+        if not q.include_seen:
+            ok[h_idx] = False
+        order = slot.popular_order()
+        items = order[ok[order]][:n].astype(np.int32)
+        row = m.history_matrix([h_idx], [h_val])  # repeated items: as folded in
+        w = prior_weight(hy.history_prior, m.evidence(np.asarray(row.data)))
+        return w, _Served(slot, items, slot.popular_counts()[items].astype(np.float32), -1, None)
 
     def _hybrid_dense(
         self, hy: Hybrid, q: RecQuery, check: Check, stages: dict[str, float]
@@ -812,7 +858,8 @@ class Router:
         if excl is not None:
             excl = excl[excl >= 0]
         n = len(first)
-        pool = self._pool(len(comps), n)
+        prior = hy.history_prior
+        pool = self._pool(len(comps) + (prior > 0), n)  # a row for popularity's part
         rows = pool.take()
         try:
             t2 = time.perf_counter()
@@ -836,6 +883,7 @@ class Router:
                     user = m.users.get(q.user_id) if q.user_id else -1
                     known = None
                 u = -1 if user >= 0 and m.is_cold(user) else user  # as _retrieve
+                prior = prior if u < 0 else 0.0  # the hybrid's prior is for new users only
                 out = rows[len(used)]
                 row = None
                 if u >= 0 and extra_idx.size == 0:
@@ -886,9 +934,23 @@ class Router:
             every = len(used) == len(comps)
             weights = plan.weights if every else plan.weights[picked]
             positive = plan.positive if every else plan.positive[picked]
-            items, scores, counts = blend_dense(rows[: len(used)], weights, n_cand, q.k, positive)
+            n_rows = len(used)
+            if prior:  # a new user: popularity's part, as the general path's _prior_part
+                assert shared_row is not None
+                pop = rows[n_rows]
+                pop[:] = comps[0][1].popular_counts()
+                if filter_seen:
+                    pop[shared_row.indices] = np.nan
+                if excl is not None and excl.size:
+                    pop[excl] = np.nan
+                c = prior_weight(prior, m0.evidence(np.asarray(shared_row.data)))
+                weights = np.r_[weights * ((1.0 - c) / weights.sum()), c]
+                positive = np.r_[positive, 0].astype(np.uint8)
+                n_rows += 1
+            items, scores, counts = blend_dense(rows[:n_rows], weights, n_cand, q.k, positive)
             out_r = Ranked.of(first, items, scores, "")
-            per_row = counts.tolist()  # a list: numpy's all() on 3 ints cost ~1.5 us a call
+            # a list: numpy's all() on 3 ints cost ~1.5 us a call
+            per_row = counts[: len(used)].tolist()
             if every and all(per_row):
                 parts = used
                 out_r.version = plan.version
@@ -908,14 +970,24 @@ class Router:
         finally:
             pool.give(rows)
 
-    def _blend(self, parts: list[tuple[float, _Served]], q: RecQuery, check: Check) -> Ranked:
+    def _blend(
+        self,
+        parts: list[tuple[float, _Served]],
+        q: RecQuery,
+        check: Check,
+        pop: tuple[float, _Served] | None = None,
+    ) -> Ranked:
+        """The components' answers blended (their min-max-normalized scores,
+        weighted); `pop`, a new user's popularity part under the hybrid's
+        history_prior, is blended last and neither explains nor versions."""
+        every = [*parts, pop] if pop is not None else parts
         first = parts[0][1].slot.model.items  # type: ignore[union-attr]
-        if all(_same_items(first, s.slot.model.items) for _, s in parts[1:]):  # type: ignore[union-attr]
-            rows, scores = blend_rows(((w, s.items, s.scores) for w, s in parts), q.k, len(first))
+        if all(_same_items(first, s.slot.model.items) for _, s in every[1:]):  # type: ignore[union-attr]
+            rows, scores = blend_rows(((w, s.items, s.scores) for w, s in every), q.k, len(first))
             out = Ranked.of(first, rows, scores, "")
         else:  # components over different catalogues: blend by id
             order = blend(
-                ((w, s.slot.model.items.ids(s.items), s.scores) for w, s in parts),  # type: ignore[union-attr]
+                ((w, s.slot.model.items.ids(s.items), s.scores) for w, s in every),  # type: ignore[union-attr]
                 q.k,
             )
             out = Ranked([i for i, _ in order], [v for _, v in order])

@@ -1,0 +1,193 @@
+"""A hybrid's `history_prior`: a new user's answer (an inline history, the
+user unknown to every component) blends popularity in as one more part,
+weighted c / (c + n) for n events, the components' weights scaled to the
+rest. Checked against a blend computed here from each component's full
+ranking and the training counts, on the dense path, the general path and
+the by-id path (components over different catalogues)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from recserve.config import Hybrid, ServerConfig
+from recserve.data import generate, to_dataset
+from recserve.feedback import Event, OnlineState
+from recserve.models import create
+from recserve.serving import Catalog, RecQuery, Router
+from tests.test_hybrid_dense import general
+
+ALS = {"factors": 16, "iterations": 5}
+C = 1.5
+HYBRIDS = {
+    "p": Hybrid("p", {"als": 0.6, "itemknn": 0.4}, C),
+    "p0": Hybrid("p0", {"als": 0.6, "itemknn": 0.4}),
+    "gated": Hybrid("gated", {"als": 0.6, "knn3": 0.4}, C),  # knn3: min_history 3
+    "apart": Hybrid("apart", {"als": 0.6, "other": 0.4}, C),  # different catalogues
+}
+
+
+@pytest.fixture(scope="module")
+def setup(small, tmp_path_factory):
+    other = to_dataset(generate(1_000, 200, 20_000, seed=8), name="other")
+    root = tmp_path_factory.mktemp("hybrid-prior")
+    for name, algo, params, data in (
+        ("als", "als", ALS, small),
+        ("itemknn", "itemknn", {}, small),
+        ("knn3", "itemknn", {"min_history": 3}, small),
+        ("other", "itemknn", {}, other),
+        ("popularity", "popularity", {}, small),
+    ):
+        create(algo, **params).fit(data).save(root, name, dataset=data)
+    cfg = ServerConfig(models=str(root), hybrids=HYBRIDS, max_k=500)
+    catalog = Catalog(cfg.models)
+    catalog.start()
+    catalog.wait(120)
+    online = OnlineState()
+    yield Router(cfg, catalog, online), online, small
+    catalog.close()
+
+
+def _top(ids: list[str], scores: np.ndarray, n: int) -> dict[str, float]:
+    """The n best (ties by catalogue position), min-max scaled (all equal: 1)."""
+    order = np.lexsort((np.arange(scores.size), -scores))[:n]
+    best = scores[order].astype(np.float64)
+    if not best.size:
+        return {}
+    lo, hi = best.min(), best.max()
+    scaled = (best - lo) / (hi - lo) if hi > lo else np.ones_like(best)
+    return {ids[i]: float(v) for i, v in zip(order, scaled, strict=True)}
+
+
+def reference(router: Router, hy: Hybrid, q: RecQuery) -> dict[str, float]:
+    """Every candidate's blended score, from the definition: each component
+    that is not gated ranks the whole catalogue for the history (only items
+    > 0 for a sparse model); its best max(3k, 100) eligible items, min-max
+    scaled, weigh w (1 - a) / W (W: the weights of those components); the
+    first component's training counts over the eligible items, treated the
+    same way, weigh a = c / (c + n), n the history's distinct items."""
+    n_cand = max(3 * q.k, 100)
+    hist = dict(q.history)  # later values win, as a fold-in
+    parts, total_w = [], 0.0
+    for name, w in hy.weights.items():
+        m = router.catalog.get(name).model
+        idx = m.items.index(list(hist))
+        vals = np.array(list(hist.values()), np.float32)[idx >= 0]
+        if m.evidence(vals) < m.history_gate():
+            continue
+        total_w += w
+        row = m.history_matrix([idx[idx >= 0]], [vals])
+        excl = m.items.index(list(q.exclude)) if q.exclude else np.zeros(0, np.int64)
+        cand = m.items.index(list(q.candidates)) if q.candidates else None
+        items, scores = m.recommend_histories(
+            row,
+            m.n_items,
+            exclude=[excl[excl >= 0]],
+            filter_seen=not q.include_seen,
+            candidates=None if cand is None else [cand[cand >= 0]],
+        )
+        keep = items[0] >= 0
+        if m.sparse_scores:
+            keep &= scores[0] > 0
+        own = np.full(m.n_items, -np.inf)
+        own[items[0][keep]] = scores[0][keep]
+        ok = np.flatnonzero(own > -np.inf)
+        parts.append((w, _top(m.items.ids(ok), own[ok], n_cand)))
+    first = router.catalog.get(next(iter(hy.weights))).model
+    counts = np.bincount(first.user_items.indices, minlength=first.n_items).astype(np.float64)
+    eligible = np.ones(first.n_items, bool)
+    if q.candidates:
+        eligible[:] = False
+        c_idx = first.items.index(list(q.candidates))
+        eligible[c_idx[c_idx >= 0]] = True
+    for banned in ([*q.exclude], [] if q.include_seen else list(hist)):
+        b = first.items.index(banned)
+        eligible[b[b >= 0]] = False
+    ok = np.flatnonzero(eligible)
+    a = hy.history_prior / (hy.history_prior + len(hist))
+    out: dict[str, float] = {}
+    pop = _top(first.items.ids(ok), counts[ok], n_cand)
+    for weight, part in [*((w * (1 - a) / total_w, p) for w, p in parts), (a, pop)]:
+        for i, v in part.items():
+            out[i] = out.get(i, 0.0) + weight * v
+    return out
+
+
+def check(got, want: dict[str, float], k: int) -> None:
+    """The served answer is the reference's k best, with its scores."""
+    assert len(got.item_ids) == min(k, len(want)) and len(set(got.item_ids)) == len(got.item_ids)
+    served = np.array([want[i] for i in got.item_ids])
+    np.testing.assert_allclose(got.scores, served, atol=1e-5)
+    others = [v for i, v in want.items() if i not in set(got.item_ids)]
+    if others:
+        assert served.min() >= max(others) - 1e-5
+
+
+def shapes(ds, rng) -> list[RecQuery]:
+    """New users' histories of 1, 2 and 6 items; with exclusions, with
+    include_seen, with candidates (the general path only), k 1 to 60."""
+    some = ds.items.ids(rng.choice(ds.n_items, 80, replace=False))
+    h = [(i, 1.0) for i in some[:6]]
+    return [
+        RecQuery(user_id="", history=h[:1], k=10),
+        RecQuery(user_id="new-1", history=h[:2], k=60),
+        RecQuery(user_id="", history=h, k=1),
+        RecQuery(user_id="", history=h[:3], exclude=some[6:12], k=10),
+        RecQuery(user_id="", history=h[:2], include_seen=True, k=20),
+        RecQuery(user_id="", history=h[:3], candidates=some[:50], k=10),
+    ]
+
+
+@pytest.mark.parametrize("name", ["p", "gated", "apart"])
+def test_a_new_users_history_blends_popularity_in_as_the_definition_says(setup, name):
+    router, _, ds = setup
+    rng = np.random.default_rng(len(name))
+    hy = router.cfg.hybrids[name]
+    for q in shapes(ds, rng):
+        q.model = name
+        want = reference(router, hy, q)
+        got = router.recommend(q)
+        assert got.served_by == "" and got.folded_in
+        check(got, want, q.k)
+        check(general(router, q), want, q.k)
+
+
+def test_the_prior_changes_short_histories_answers_most(setup):
+    router, _, ds = setup
+    short = RecQuery(user_id="", history=[(ds.items.ids([7])[0], 1.0)], k=10)
+    long = RecQuery(user_id="", history=[(i, 1.0) for i in ds.items.ids(range(40, 70))], k=10)
+    moved = []
+    for q in (short, long):
+        with_prior = router.recommend(dataclasses.replace(q, model="p"))
+        without = router.recommend(dataclasses.replace(q, model="p0"))
+        moved.append(len(set(with_prior.item_ids) - set(without.item_ids)))
+    assert moved[0] > 0 and moved[0] >= moved[1]
+
+
+def test_known_users_are_answered_as_without_a_prior(setup):
+    router, online, ds = setup
+    some = ds.items.ids([3, 5, 8])
+    online.apply([Event("42", some[0], 1.0, 0)])  # a known user with newer events too
+    for uid in ("7", "42", "900"):
+        for q in (
+            RecQuery(user_id=uid, k=10),
+            RecQuery(user_id=uid, history=[(some[1], 1.0)], k=10),
+            RecQuery(user_id=uid, exclude=some[:2], k=30),
+        ):
+            got = router.recommend(dataclasses.replace(q, model="p"))
+            want = router.recommend(dataclasses.replace(q, model="p0"))
+            assert got.item_ids == want.item_ids and np.allclose(got.scores, want.scores)
+            assert general(router, dataclasses.replace(q, model="p")).item_ids == want.item_ids
+
+
+def test_a_new_users_recorded_events_count_as_history(setup):
+    router, online, ds = setup
+    ids = ds.items.ids([11, 12])
+    online.apply([Event("rec-new", ids[0], 1.0, 0)])
+    q = RecQuery(user_id="rec-new", history=[(ids[1], 1.0)], k=10, model="p")
+    both = dataclasses.replace(q, history=[(ids[0], 1.0), (ids[1], 1.0)])
+    want = reference(router, router.cfg.hybrids["p"], both)
+    check(router.recommend(q), want, 10)
+    check(general(router, q), want, 10)
