@@ -1,6 +1,8 @@
 """What `history_prior` costs a new user's call: the router's in-process
 microseconds per Recommend with an inline history, each model without and
-with a prior (the same fitted model saved twice), alternated in one process.
+with a prior (the same fitted model saved twice), and the hybrid of the two
+(weights 0.5, 0.5; its components without a prior) without and with its own
+prior, alternated in one process.
 
     python bench/bench_history_prior.py
     python bench/bench_history_prior.py --history 3 --calls 5000
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recserve.config import ServerConfig
+from recserve.config import Hybrid, ServerConfig
 from recserve.data import generate, to_dataset
 from recserve.feedback import OnlineState
 from recserve.models import create
@@ -42,7 +44,13 @@ def main() -> None:
         model.params["history_prior"] = args.prior
         model.save(root, f"{algo}-prior", dataset=ds)
         names += [algo, f"{algo}-prior"]
-    cfg = ServerConfig(models=str(root), fallback=("itemknn",))
+    weights = {"als": 0.5, "itemknn": 0.5}
+    hybrids = {
+        "hybrid": Hybrid("hybrid", weights),
+        "hybrid-prior": Hybrid("hybrid-prior", weights, args.prior),
+    }
+    names += list(hybrids)
+    cfg = ServerConfig(models=str(root), fallback=("itemknn",), hybrids=hybrids)
     catalog = Catalog(cfg.models)
     catalog.start()
     catalog.wait(120)

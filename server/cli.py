@@ -906,7 +906,11 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         hybrid = tuning.tune_hybrid(
             ds, list(DEFAULT_HYBRID), name="hybrid", models_dir=models, trials=30, seed=0
         )
-        log.info("hybrid weights learned: %s", hybrid["weights"])
+        log.info(
+            "hybrid weights learned: %s; new users' history_prior %g",
+            hybrid["weights"],
+            hybrid["history_prior"],
+        )
     config = work / "recserve.toml"
     if not config.is_file():
         config.write_text(

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,14 @@ from recserve.evaluation import (
     user_metrics,
 )
 from recserve.models import Recommender, bundle, create
-from recserve.models.base import Param, TrainingError, blend_popularity, liked_counts
+from recserve.models.base import (
+    Param,
+    TrainingError,
+    blend_popularity,
+    liked_counts,
+    popular_order,
+    prior_weight,
+)
 from recserve.models.registry import MODELS
 
 log = logging.getLogger(__name__)
@@ -222,6 +229,30 @@ def new_user_histories(
     return ds.with_interactions(train, ds.timestamps[keep]), events, relevant
 
 
+def _new_user_cases(
+    model: Recommender,
+    events: list[tuple[np.ndarray, np.ndarray]],
+    relevant: list[np.ndarray],
+) -> Iterator[tuple[sp.csr_matrix, sp.csr_matrix]]:
+    """For each length h of NEW_USER_LENGTHS, new users' (new_user_histories)
+    first h events as `model`'s history rows and their relevant later events
+    as a truth matrix: the users with a relevant event after h."""
+    for h in NEW_USER_LENGTHS:
+        rows = [r for r, rel in enumerate(relevant) if rel[h:].any()]
+        if not rows:
+            continue
+        histories = model.history_matrix(
+            [events[r][0][:h] for r in rows], [events[r][1][:h] for r in rows]
+        )
+        truth_items = [np.sort(events[r][0][h:][relevant[r][h:]]) for r in rows]
+        indptr = np.r_[0, np.cumsum([t.size for t in truth_items])]
+        truth = sp.csr_matrix(
+            (np.ones(indptr[-1], np.float32), np.concatenate(truth_items), indptr),
+            shape=(len(rows), model.n_items),
+        )
+        yield histories, truth
+
+
 def _against_popularity(
     model: Recommender,
     recs: np.ndarray,
@@ -291,19 +322,7 @@ def _new_user_gains(
     rest, events, relevant = made
     model = fit(rest)
     evidence, mine, gain, prior = [], [], [], []
-    for h in NEW_USER_LENGTHS:
-        rows = [r for r, rel in enumerate(relevant) if rel[h:].any()]
-        if not rows:
-            continue
-        histories = model.history_matrix(
-            [events[r][0][:h] for r in rows], [events[r][1][:h] for r in rows]
-        )
-        truth_items = [np.sort(events[r][0][h:][relevant[r][h:]]) for r in rows]
-        indptr = np.r_[0, np.cumsum([t.size for t in truth_items])]
-        truth = sp.csr_matrix(
-            (np.ones(indptr[-1], np.float32), np.concatenate(truth_items), indptr),
-            shape=(len(rows), rest.n_items),
-        )
+    for histories, truth in _new_user_cases(model, events, relevant):
         recs, scores = model.recommend_histories(histories, k)
         found = _against_popularity(model, recs, scores, truth, metric, k, histories=histories)
         evidence.append(found[0])
@@ -819,6 +838,146 @@ def candidates(models: Mapping[str, Recommender], split: Split, n: int) -> Candi
     return Candidates(names, items, scores, relevant[users], split.train.n_items)
 
 
+def _history_candidates(
+    model: Recommender, histories: sp.csr_matrix, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A hybrid component's top-n for inline histories as the server blends
+    them: (items, min-max-normalized scores, whether the component answers
+    each row: not below its gate, with evidence); only reached items for a
+    sparse model, none for a row it does not answer."""
+    items, scores = model.recommend_histories(histories, min(n, model.n_items))
+    if model.sparse_scores:
+        items = np.where(scores > 0, items, -1)
+    used = np.ones(histories.shape[0], bool)  # a model serving cold users answers all
+    if not model.serves_cold:
+        used = evidence_counts(model, histories=histories) >= max(model.history_gate(), 1)
+    items = np.where(used[:, None], items, -1).astype(np.int64)
+    return items, _minmax_rows(items, scores), used
+
+
+def _popular_candidates(counts: np.ndarray, histories: sp.csr_matrix, n: int) -> np.ndarray:
+    """The n items with the most training interactions (ties by index) outside
+    each history: a hybrid's popularity part for new users (_prior_part)."""
+    order = popular_order(counts)
+    out = np.full((histories.shape[0], min(n, counts.size)), -1, np.int64)
+    for r in range(histories.shape[0]):
+        seen = histories.indices[histories.indptr[r] : histories.indptr[r + 1]]
+        head = order[: out.shape[1] + seen.size]
+        head = head[~np.isin(head, seen)][: out.shape[1]]
+        out[r, : head.size] = head
+    return out
+
+
+def learn_hybrid_prior(
+    specs: Mapping[str, tuple[str, Mapping[str, Any]]],
+    weights: Mapping[str, float],
+    train: Dataset,
+    metric: str,
+    k: int,
+    *,
+    threshold: float | None = None,
+    by_time: bool = False,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """A hybrid's `history_prior`: the c of PRIOR_GRID whose blend of
+    popularity into new users' answers (weight c / (c + n) for n events, the
+    components' weights scaled to the rest, as the router's _prior_part)
+    scores best on users held out of one more fit of every component
+    (`new_user_histories` of `train`), each folded in from 1 to 5 of its
+    events; kept only when it beats the hybrid without it clearly (paired z
+    >= GATE_Z). `specs`: each component's (algorithm, params).
+
+    Returns {"history_prior", "new_histories", "new_value" (the hybrid
+    without a prior on those histories), "new_prior_value"}."""
+    out: dict[str, Any] = {"history_prior": 0.0, "new_histories": 0}
+    out |= {"new_value": None, "new_prior_value": None}
+    if metric in MINIMIZE:
+        return out
+    made = new_user_histories(train, threshold, by_time=by_time)
+    if made is None:
+        return out
+    rest, events, relevant = made
+    names = sorted(specs)  # the order hybrids.json gives them back: the first's counts
+    models = {}
+    for c in names:
+        models[c] = create(specs[c][0], **specs[c][1])
+        models[c].n_threads = threads
+        models[c].fit(rest)
+    first = models[names[0]]
+    w = [float(weights.get(c, 0.0)) for c in names]
+    grid = (0.0, *PRIOR_GRID)
+    answers: list[list[np.ndarray]] = [[] for _ in grid]
+    for hist, truth in _new_user_cases(first, events, relevant):
+        recs = hybrid_history_answers([models[c] for c in names], w, hist, k, grid)
+        for j, x in enumerate(recs):
+            answers[j].append(user_metrics(x, truth, [k], first.n_items)[0][metric])
+    base = answers[0]
+    if not base:
+        return out
+    alone = np.concatenate(base)
+    blended = np.array([np.concatenate(b) for b in answers[1:]])
+    j = int(np.argmax(blended.mean(axis=1)))
+    out |= {"new_histories": int(alone.size), "new_value": float(alone.mean())}
+    if _z(blended[j] - alone) >= GATE_Z:
+        out |= {"history_prior": PRIOR_GRID[j], "new_prior_value": float(blended[j].mean())}
+    return out
+
+
+def hybrid_history_answers(
+    models: Sequence[Recommender],
+    weights: Sequence[float],
+    histories: sp.csr_matrix,
+    k: int,
+    priors: Sequence[float],
+) -> list[np.ndarray]:
+    """A hybrid's top-k for new users' inline histories as the router serves
+    them, under each history_prior c of `priors` (0: none): `models` in the
+    hybrid's order, all fitted on one catalogue (the first one's training
+    counts are popularity's); each component's best max(3k, 100) candidates
+    and popularity's, min-max normalized, popularity weighted c / (c + n) and
+    the answering components' weights scaled to the rest. A history no
+    component answers (all gated) gets popularity's answer, as the chain's
+    fallback gives it. Returns one (histories, k) array per prior, -1 past a
+    row's candidates."""
+    first = models[0]
+    assert first.user_items is not None
+    counts = liked_counts(first.user_items).astype(np.float64)
+    n = max(3 * k, 100)
+    w = np.asarray(weights, np.float64)
+    parts = [_history_candidates(m, histories, n) for m in models]
+    pop = _popular_candidates(counts, histories, n)
+    cands = Candidates(
+        [str(i) for i in range(len(models) + 1)],
+        [p[0] for p in parts] + [pop],
+        [p[1] for p in parts] + [_minmax_rows(pop, counts[np.maximum(pop, 0)])],
+        sp.csr_matrix((histories.shape[0], first.n_items)),
+        first.n_items,
+    )
+    answered = (np.array([p[2] for p in parts]).T * w).sum(axis=1)  # W per row
+    fallback = answered <= 0  # no component answers: the chain's popularity, either way
+    top = min(k, pop.shape[1])
+    evidence = evidence_counts(first, histories=histories)
+    out = []
+    for c in priors:
+        if c <= 0:
+            recs = cands.blend([*w, 0.0], k)
+        else:
+            a = np.array([prior_weight(c, int(e)) for e in evidence])
+            scale = np.where(fallback, 0.0, (1.0 - a) / np.where(fallback, 1.0, answered))
+            scaled = Candidates(
+                cands.names,
+                cands.items,
+                [s * (wc * scale)[:, None] for s, wc in zip(cands.scores[:-1], w, strict=True)]
+                + [cands.scores[-1] * np.where(fallback, 0.0, a)[:, None]],
+                cands.relevant,
+                cands.n_items,
+            )
+            recs = scaled.blend([1.0] * len(cands.names), k)
+        recs[fallback, :top] = pop[fallback, :top]
+        out.append(recs)
+    return out
+
+
 def _minmax_rows(items: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """serving.blend.minmax of each row's candidates (items >= 0), all rows at
     once (one call per user cost seconds on 100,000 users); 0 elsewhere."""
@@ -1113,12 +1272,13 @@ def tune_hybrid(
     t0 = time.perf_counter()
     _, inner = splits(ds, protocol, fraction, seed, leave_last)
     check_validation(inner, metric, None, protocol, fraction)
-    models, versions = {}, {}
+    models, versions, specs = {}, {}, {}
     for c in components:
         algo, params, version = component(models_dir, c)
         models[c] = create(algo, **params)
         models[c].n_threads = threads
         versions[c] = version
+        specs[c] = (algo, params)
     cands = candidates(models, inner, max(3 * k, 100))
     previous = read_hybrids(models_dir).get(name, {}).get("weights")
     start = [previous] if previous and set(previous) == set(components) else []
@@ -1135,8 +1295,19 @@ def tune_hybrid(
         gap = popularity_gap(name, "hybrid", metric, r.best_value, floor, hint)
         if gap is not None:
             log.log(*gap)
+    prior = learn_hybrid_prior(
+        specs,
+        r.best_params,
+        inner.train,
+        metric,
+        k,
+        by_time=protocol == "temporal",
+        threads=threads,
+    )
+    _log_hybrid_prior(name, metric, prior)
     entry = {
         "weights": r.best_params,
+        **prior,
         "metric": metric,
         "value": r.best_value,
         "equal_weights_value": _equal_weights_value(r),
@@ -1151,6 +1322,32 @@ def tune_hybrid(
     }
     path = write_hybrid(models_dir, name, entry)
     return {"name": name, "path": str(path), **entry}
+
+
+def _log_hybrid_prior(name: str, metric: str, prior: Mapping[str, Any]) -> None:
+    """One line on what the new users' histories taught the hybrid."""
+    if not prior["new_histories"]:
+        log.info("hybrid %s: too few users to hold out as new ones; no history_prior", name)
+    elif prior["history_prior"]:
+        log.info(
+            "hybrid %s: history_prior=%g: %d new users' histories of 1-%d events, %s %.4f -> %.4f",
+            name,
+            prior["history_prior"],
+            prior["new_histories"],
+            NEW_USER_LENGTHS[-1],
+            metric,
+            prior["new_value"],
+            prior["new_prior_value"],
+        )
+    else:
+        log.info(
+            "hybrid %s: no history_prior: popularity did not clearly help %d new users' "
+            "histories (%s %.4f)",
+            name,
+            prior["new_histories"],
+            metric,
+            prior["new_value"],
+        )
 
 
 def _equal_weights_value(r: AlgoResult) -> float | None:

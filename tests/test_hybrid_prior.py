@@ -12,11 +12,18 @@ import dataclasses
 import numpy as np
 import pytest
 
-from recserve.config import Hybrid, ServerConfig
+from recserve.config import Hybrid, ServerConfig, load_config
 from recserve.data import generate, to_dataset
 from recserve.feedback import Event, OnlineState
 from recserve.models import create
 from recserve.serving import Catalog, RecQuery, Router
+from recserve.tuning import (
+    hybrid_history_answers,
+    learn_hybrid_prior,
+    new_user_histories,
+    tune_hybrid,
+)
+from tests.event_logs import events_dataset
 from tests.test_hybrid_dense import general
 
 ALS = {"factors": 16, "iterations": 5}
@@ -26,6 +33,7 @@ HYBRIDS = {
     "p0": Hybrid("p0", {"als": 0.6, "itemknn": 0.4}),
     "gated": Hybrid("gated", {"als": 0.6, "knn3": 0.4}, C),  # knn3: min_history 3
     "apart": Hybrid("apart", {"als": 0.6, "other": 0.4}, C),  # different catalogues
+    "knn3": Hybrid("knn3", {"knn3": 1.0}, C),  # a history below the gate: the fallback's
 }
 
 
@@ -191,3 +199,78 @@ def test_a_new_users_recorded_events_count_as_history(setup):
     want = reference(router, router.cfg.hybrids["p"], both)
     check(router.recommend(q), want, 10)
     check(general(router, q), want, 10)
+
+
+@pytest.mark.parametrize("name", ["p0", "p", "gated", "knn3"])
+def test_offline_answers_are_the_ones_the_service_gives(setup, name):
+    # what tune learns the prior from (hybrid_history_answers) is what is served
+    router, _, ds = setup
+    hy = router.cfg.hybrids[name]
+    models = [router.catalog.get(c).model for c in hy.weights]
+    rng = np.random.default_rng(5)
+    lengths = [1, 1, 2, 3, 4, 7, 12]
+    picks = [rng.choice(ds.n_items, h, replace=False) for h in lengths]
+    hist = models[0].history_matrix(picks, [np.ones(h, np.float32) for h in lengths])
+    for k in (1, 10, 40):
+        recs = hybrid_history_answers(
+            models, list(hy.weights.values()), hist, k, [hy.history_prior]
+        )
+        for r, items in enumerate(picks):
+            q = RecQuery(user_id="", history=[(i, 1.0) for i in ds.items.ids(items)], k=k)
+            got = router.recommend(dataclasses.replace(q, model=name))
+            want = recs[0][r]
+            assert got.item_ids == ds.items.ids(want[want >= 0]), (name, k, r)
+            assert (got.served_by == "popularity") == (name == "knn3" and lengths[r] < 3)
+
+
+def _recall(recs: np.ndarray, truth: list[set[int]], k: int) -> float:
+    """Mean recall@k against sets of held-out item indices."""
+    got = [
+        len(t & set(r[r >= 0].tolist())) / min(k, len(t)) for r, t in zip(recs, truth, strict=True)
+    ]
+    return float(np.mean(got))
+
+
+def test_tune_learns_a_hybrid_prior_that_holds_for_held_out_new_users(tmp_path):
+    ds = to_dataset(generate(3000, 1500, 45000, seed=4, zipf=1.1))
+    rest, events, _ = new_user_histories(ds, None, seed=1)  # never seen by the learning
+    models = tmp_path / "models"
+    fitted = []
+    for name, algo, params in (("als", "als", ALS), ("itemknn", "itemknn", {})):
+        fitted.append(create(algo, **params).fit(rest))
+        fitted[-1].save(models, name, dataset=rest)
+    out = tune_hybrid(rest, ["als", "itemknn"], name="h", models_dir=models, trials=8, seed=0)
+    assert out["history_prior"] > 0 and out["new_prior_value"] > out["new_value"]
+    assert out["new_histories"] > 0
+    cfg = load_config(overrides={"models": str(models)})
+    assert cfg.hybrids["h"].history_prior == out["history_prior"]  # what serve reads
+    weights = [out["weights"]["als"], out["weights"]["itemknn"]]
+    counts = np.bincount(rest.interactions.indices, minlength=rest.n_items)
+    order = np.lexsort((np.arange(counts.size), -counts))
+    for h in (1, 2, 3):  # the held-out users folded in from h events
+        use = [items for items, _ in events if items.size > h]
+        rows = fitted[0].history_matrix([items[:h] for items in use])
+        truth = [set(items[h:].tolist()) for items in use]
+        plain, prior = hybrid_history_answers(fitted, weights, rows, 20, [0, out["history_prior"]])
+        pop = np.array([[i for i in order[:40] if i not in set(u[:h].tolist())][:20] for u in use])
+        recall = {
+            n: _recall(x, truth, 20) for n, x in (("plain", plain), ("prior", prior), ("pop", pop))
+        }
+        assert recall["prior"] > max(recall["plain"], recall["pop"]), (h, recall)
+
+
+def test_no_hybrid_prior_where_popularity_does_not_help(tmp_path):
+    # 30 clusters of 20 items, each user's events from one cluster, every item
+    # about as popular as any other: the components find the cluster, and
+    # popularity only adds noise
+    rng = np.random.default_rng(2)
+    rows = []
+    for u in range(1500):
+        cluster = rng.integers(30)
+        for i in rng.choice(20, 8, replace=False):
+            rows.append((f"u{u}", f"i{cluster * 20 + i}"))
+    ds = events_dataset(tmp_path / "clusters.csv", rows)
+    specs = {"als": ("als", ALS), "itemknn": ("itemknn", {})}
+    out = learn_hybrid_prior(specs, {"als": 0.5, "itemknn": 0.5}, ds, "ndcg@20", 20)
+    assert out["new_histories"] > 0 and out["history_prior"] == 0.0
+    assert out["new_prior_value"] is None and out["new_value"] > 0

@@ -282,7 +282,7 @@ def test_a_learned_hybrid_is_served_with_its_weights(tiny, tmp_path):
     assert set(weights) == {"als", "itemknn"} and abs(sum(weights.values()) - 1) < 1e-5
     assert out["value"] >= out["equal_weights_value"]  # equal weights were a trial
     cfg = load_config(overrides={"models": str(models)})
-    assert cfg.hybrids["mix"] == Hybrid("mix", weights)
+    assert cfg.hybrids["mix"] == Hybrid("mix", weights, out["history_prior"])
     # An explicit [hybrids.mix] in the config wins over the learned weights.
     toml = tmp_path / "c.toml"
     toml.write_text(f'[server]\nmodels = "{models}"\n[hybrids.mix]\nals = 1.0\nitemknn = 0.0\n')
