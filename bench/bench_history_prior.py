@@ -2,7 +2,8 @@
 microseconds per Recommend with an inline history, each model without and
 with a prior (the same fitted model saved twice), and the hybrid of the two
 (weights 0.5, 0.5; its components without a prior) without and with its own
-prior, alternated in one process.
+prior, alternated in one process; then known users' calls to the hybrid
+without and with its user_prior.
 
     python bench/bench_history_prior.py
     python bench/bench_history_prior.py --history 3 --calls 5000
@@ -48,8 +49,9 @@ def main() -> None:
     hybrids = {
         "hybrid": Hybrid("hybrid", weights),
         "hybrid-prior": Hybrid("hybrid-prior", weights, args.prior),
+        "hybrid-user-prior": Hybrid("hybrid-user-prior", weights, user_prior=args.prior),
     }
-    names += list(hybrids)
+    names += ["hybrid", "hybrid-prior"]
     cfg = ServerConfig(models=str(root), fallback=("itemknn",), hybrids=hybrids)
     catalog = Catalog(cfg.models)
     catalog.start()
@@ -69,6 +71,16 @@ def main() -> None:
             for h in histories:
                 router.recommend(RecQuery(user_id="", history=h, k=10, model=name))
             row.append(f"{name} {(time.perf_counter() - t) / len(histories) * 1e6:.0f}")
+        print(f"round {rnd}: us/call " + ", ".join(row), flush=True)
+    users = ds.users.ids(rng.choice(ds.n_users, args.calls))
+    print(f"known users, k=10: the hybrid without and with user_prior {args.prior:g}")
+    for rnd in (1, 2):
+        row = []
+        for name in ("hybrid", "hybrid-user-prior"):
+            t = time.perf_counter()
+            for u in users:
+                router.recommend(RecQuery(user_id=u, k=10, model=name))
+            row.append(f"{name} {(time.perf_counter() - t) / len(users) * 1e6:.0f}")
         print(f"round {rnd}: us/call " + ", ".join(row), flush=True)
     catalog.close()
 

@@ -6,10 +6,12 @@ tune --hybrid` and `recserve quickstart` do); each held-out user is then
 folded in from h of its events (at random) and its other events are the test
 items. Recall@20 of the hybrid without the prior, with the learned one, and
 of popularity, per h; the answers are the served ones
-(tuning.hybrid_history_answers, tests/test_hybrid_prior.py).
+(tuning.hybrid_history_answers, tests/test_hybrid_prior.py). Then the same
+for known users and the hybrid's `user_prior` (known_users below).
 
     python bench/bench_hybrid_prior.py
     python bench/bench_hybrid_prior.py --lengths 1,2,3,5,10 --components als,itemknn
+    python bench/bench_hybrid_prior.py --part known
 
 The logs: bench_density.py's (ml-100k when ../shared/data has it, synthetic
 ones) with --components at their defaults, and `quickstart`: the embedded
@@ -33,7 +35,7 @@ from bench_density import logs
 from recserve.cli import DEFAULT_DATA, DEFAULT_HYBRID, DEFAULT_MODELS
 from recserve.data import Dataset, generate, to_dataset
 from recserve.models import create
-from recserve.tuning import hybrid_history_answers, tune_hybrid
+from recserve.tuning import hybrid_history_answers, hybrid_user_answers, splits, tune_hybrid
 
 K = 20
 
@@ -72,11 +74,10 @@ def main() -> None:
     ap.add_argument("--lengths", default="1,2,3,5,10", help="history lengths")
     ap.add_argument("--components", default="als,itemknn", help="the hybrid (bench_density logs)")
     ap.add_argument("--trials", type=int, default=20, help="weight search trials")
+    ap.add_argument("--part", choices=("new", "known", "both"), default="both")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     lengths = [int(h) for h in args.lengths.split(",")]
-    every = {f"h={h}": [] for h in lengths}
-    up = down = 0
     d = DEFAULT_DATA
     quick = to_dataset(
         generate(d["users"], d["items"], d["interactions"], seed=d["seed"]), name="quickstart"
@@ -86,6 +87,29 @@ def main() -> None:
     }
     plain = [(c, c, []) for c in args.components.split(",")]
     specs |= {name: (ds, plain) for name, ds in logs().items()}
+    if args.part in ("new", "both"):
+        new_users(specs, lengths, args.trials)
+    if args.part in ("known", "both"):
+        known_users(specs, args.trials)
+
+
+def _publish(ds: Dataset, comps: list, root: Path) -> list:
+    """Each component fitted on `ds` and published under `root` by its name
+    (tune_hybrid reads the parameters there); the fitted models, in order."""
+    fitted = []
+    for c, algo, params in comps:
+        kw = {}
+        for p in params:
+            kw |= _params(p)
+        fitted.append(create(algo, **kw).fit(ds))
+        fitted[-1].save(root, c, dataset=ds)
+    return fitted
+
+
+def new_users(specs: dict, lengths: list[int], trials: int) -> None:
+    """The new-users table (the module's docstring)."""
+    every: dict[str, list] = {f"h={h}": [] for h in lengths}
+    up = down = 0
     print(
         f"Recall@{K} of held-out new users: hybrid without prior / with the learned one "
         "(popularity)"
@@ -98,17 +122,11 @@ def main() -> None:
             continue
         train, held = made
         root = Path(tempfile.mkdtemp(prefix="bench-hybrid-prior-"))
-        fitted = []
         t = time.perf_counter()
-        for c, algo, params in comps:
-            kw = {}
-            for p in params:
-                kw |= _params(p)
-            fitted.append(create(algo, **kw).fit(train))
-            fitted[-1].save(root, c, dataset=train)
+        fitted = _publish(train, comps, root)
         names = [c for c, _, _ in comps]
         out = tune_hybrid(
-            train, names, name="hybrid", models_dir=root, trials=args.trials, progress=False
+            train, names, name="hybrid", models_dir=root, trials=trials, progress=False
         )
         took = time.perf_counter() - t
         order = sorted(range(len(names)), key=lambda i: names[i])  # as served: hybrids.json's order
@@ -148,6 +166,53 @@ def main() -> None:
         )
     )
     print(f"cells up / down with the prior: {up} / {down}")
+
+
+def known_users(specs: dict, trials: int) -> None:
+    """Known users: on evaluate's random split (seed 0) the components are
+    fitted on the training part; tune_hybrid learns the weights and user_prior
+    on its own validation split of that part; Recall@20 of the test users,
+    the hybrid without / with the prior (popularity)."""
+    print(f"Recall@{K} of known users (test split): hybrid without / with user_prior (popularity)")
+    up = down = 0
+    for name, (ds, comps) in specs.items():
+        t = time.perf_counter()
+        outer, _ = splits(ds, "random", 0.2, 0, 1)
+        root = Path(tempfile.mkdtemp(prefix="bench-hybrid-prior-"))
+        _publish(ds, comps, root)
+        names = [c for c, _, _ in comps]
+        out = tune_hybrid(ds, names, name="hybrid", models_dir=root, trials=trials, progress=False)
+        took = time.perf_counter() - t
+        fitted = _publish(outer.train, comps, Path(tempfile.mkdtemp(prefix="bench-hybrid-prior-")))
+        order = sorted(range(len(names)), key=lambda i: names[i])
+        test = outer.test.tocsr()
+        test.data = (test.data > 0).astype(np.float32)
+        test.eliminate_zeros()
+        users = np.flatnonzero(np.diff(test.indptr) > 0)
+        truth = [set(test.indices[test.indptr[u] : test.indptr[u + 1]].tolist()) for u in users]
+        without, prior = hybrid_user_answers(
+            [fitted[i] for i in order],
+            [out["weights"][names[i]] for i in order],
+            users,
+            K,
+            [0.0, out["user_prior"]],
+        )
+        train = outer.train.interactions.tocsr()
+        counts = np.bincount(train.indices, minlength=train.shape[1])
+        popular = np.lexsort((np.arange(counts.size), -counts))
+        pop = []
+        for u in users:
+            seen = set(train.indices[train.indptr[u] : train.indptr[u + 1]].tolist())
+            pop.append([i for i in popular[: K + len(seen)] if i not in seen][:K])
+        r = [_recall(x, truth) for x in (without, prior, np.array(pop))]
+        up += r[1] > r[0]
+        down += r[1] < r[0]
+        print(
+            f"{name:14} user_prior {out['user_prior']:g} (tune {took:.0f} s): "
+            f"{r[0]:.4f} / {r[1]:.4f} ({r[2]:.4f})",
+            flush=True,
+        )
+    print(f"logs up / down with the prior: {up} / {down}")
 
 
 if __name__ == "__main__":

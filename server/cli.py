@@ -907,9 +907,10 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
             ds, list(DEFAULT_HYBRID), name="hybrid", models_dir=models, trials=30, seed=0
         )
         log.info(
-            "hybrid weights learned: %s; new users' history_prior %g",
+            "hybrid weights learned: %s; history_prior %g (new users), user_prior %g",
             hybrid["weights"],
             hybrid["history_prior"],
+            hybrid["user_prior"],
         )
     config = work / "recserve.toml"
     if not config.is_file():

@@ -79,6 +79,9 @@ class Hybrid:
     # A new user's answer (an inline history of n events, the user unknown to
     # every component) blends popularity in with weight c / (c + n); 0: none.
     history_prior: float = 0.0
+    # The same for a user the first component knows, n their events (training,
+    # recorded and inline); 0: none.
+    user_prior: float = 0.0
     # Read from the models folder's hybrids.json (`recserve tune --hybrid`), not
     # from the config: a reload reads that file again (reread, relearned_hybrids).
     learned: bool = field(default=False, compare=False)
@@ -332,8 +335,9 @@ def _weights(where: str, table: Any, what: str) -> dict[str, float]:
     return out
 
 
-# The one key of a [hybrids.<name>] table that is not a component's weight.
+# The keys of a [hybrids.<name>] table that are not a component's weight.
 HYBRID_PRIOR = "history_prior"
+USER_PRIOR = "user_prior"
 
 
 def _prior(where: str, value: Any) -> float:
@@ -346,13 +350,15 @@ def _prior(where: str, value: Any) -> float:
 
 def _hybrid(name: str, table: Any) -> Hybrid:
     """A [hybrids.<name>] table: component = weight, and optionally
-    history_prior = c (so no component can be named history_prior)."""
+    history_prior = c and user_prior = c (so no component can be named so)."""
     where = f"hybrids.{name}"
-    prior = 0.0
-    if isinstance(table, Mapping) and HYBRID_PRIOR in table:
-        prior = _prior(f"{where}.{HYBRID_PRIOR}", table[HYBRID_PRIOR])
-        table = {k: v for k, v in table.items() if k != HYBRID_PRIOR}
-    return Hybrid(name, _weights(where, table, "weight"), prior)
+    priors = {}
+    if isinstance(table, Mapping):
+        for key in (HYBRID_PRIOR, USER_PRIOR):
+            if key in table:
+                priors[key] = _prior(f"{where}.{key}", table[key])
+        table = {k: v for k, v in table.items() if k not in priors}
+    return Hybrid(name, _weights(where, table, "weight"), **priors)
 
 
 def _chain(name: str, value: Any) -> tuple[str, ...]:
@@ -471,6 +477,7 @@ def with_learned_hybrids(cfg: ServerConfig) -> ServerConfig:
             name,
             _weights(f"{path}: {name}.weights", entry.get("weights"), "weight"),
             _prior(f"{path}: {name}.{HYBRID_PRIOR}", entry.get(HYBRID_PRIOR, 0.0)),
+            _prior(f"{path}: {name}.{USER_PRIOR}", entry.get(USER_PRIOR, 0.0)),
             True,
         )
     if not learned:

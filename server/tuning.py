@@ -923,6 +923,56 @@ def learn_hybrid_prior(
     return out
 
 
+# Validation users a hybrid's user_prior is scored on at most (evenly spaced).
+USER_PRIOR_MAX = 20_000
+
+
+def learn_user_prior(
+    models: Mapping[str, Recommender],
+    weights: Mapping[str, float],
+    split: Split,
+    metric: str,
+    k: int,
+) -> dict[str, Any]:
+    """A hybrid's `user_prior`: the c of PRIOR_GRID whose blend of popularity
+    into known users' answers (weight c / (c + n) for n training events, as
+    the router's _prior_of) scores best on the validation users (at most
+    USER_PRIOR_MAX), kept only when it beats the hybrid without it clearly
+    (paired z >= GATE_Z). `models`: the components fitted on the split's
+    training part. Nothing is learned where the validation users are inline
+    histories (users protocol: history_prior answers them).
+
+    Returns {"user_prior", "known_users", "known_value" (the hybrid without
+    it), "known_prior_value"}."""
+    out: dict[str, Any] = {"user_prior": 0.0, "known_users": 0}
+    out |= {"known_value": None, "known_prior_value": None}
+    if metric in MINIMIZE or split.fold_in is not None:
+        return out
+    relevant = split.test.tocsr().copy()
+    relevant.data = (relevant.data > 0).astype(np.float32)  # as candidates()
+    relevant.eliminate_zeros()
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    if users.size > USER_PRIOR_MAX:
+        users = users[np.linspace(0, users.size - 1, USER_PRIOR_MAX).astype(np.int64)]
+    if users.size == 0:
+        return out
+    names = sorted(models)  # the order hybrids.json gives them back: the first's counts
+    answers = hybrid_user_answers(
+        [models[c] for c in names],
+        [float(weights.get(c, 0.0)) for c in names],
+        users,
+        k,
+        (0.0, *PRIOR_GRID),
+    )
+    n_items = models[names[0]].n_items
+    scored = np.array([user_metrics(x, relevant[users], [k], n_items)[0][metric] for x in answers])
+    j = int(np.argmax(scored[1:].mean(axis=1)))
+    out |= {"known_users": int(users.size), "known_value": float(scored[0].mean())}
+    if _z(scored[1 + j] - scored[0]) >= GATE_Z:
+        out |= {"user_prior": PRIOR_GRID[j], "known_prior_value": float(scored[1 + j].mean())}
+    return out
+
+
 def hybrid_history_answers(
     models: Sequence[Recommender],
     weights: Sequence[float],
@@ -932,31 +982,75 @@ def hybrid_history_answers(
 ) -> list[np.ndarray]:
     """A hybrid's top-k for new users' inline histories as the router serves
     them, under each history_prior c of `priors` (0: none): `models` in the
-    hybrid's order, all fitted on one catalogue (the first one's training
-    counts are popularity's); each component's best max(3k, 100) candidates
-    and popularity's, min-max normalized, popularity weighted c / (c + n) and
-    the answering components' weights scaled to the rest. A history no
-    component answers (all gated) gets popularity's answer, as the chain's
-    fallback gives it. Returns one (histories, k) array per prior, -1 past a
-    row's candidates."""
+    hybrid's order, all fitted on one catalogue (_answers_with_prior). Returns
+    one (histories, k) array per prior, -1 past a row's candidates."""
+    n = max(3 * k, 100)
+    parts = [_history_candidates(m, histories, n) for m in models]
+    evidence = evidence_counts(models[0], histories=histories)
+    return _answers_with_prior(models[0], parts, weights, histories, evidence, k, priors)
+
+
+def hybrid_user_answers(
+    models: Sequence[Recommender],
+    weights: Sequence[float],
+    users: np.ndarray,
+    k: int,
+    priors: Sequence[float],
+) -> list[np.ndarray]:
+    """hybrid_history_answers for known users (indices in every model's
+    shared user map) under each user_prior c of `priors`: n is a user's
+    training events as the first model counts them; a component the user is
+    below the `min_events` gate of is left out."""
+    n = max(3 * k, 100)
+    parts = []
+    for m in models:
+        items, scores = m.recommend(users, min(n, m.n_items))
+        if m.sparse_scores:
+            items = np.where(scores > 0, items, -1)
+        used = np.ones(users.size, bool)
+        if m.params.get("min_events", 0):
+            used = evidence_counts(m, users=users) >= m.params["min_events"]
+        items = np.where(used[:, None], items, -1).astype(np.int64)
+        parts.append((items, _minmax_rows(items, scores), used))
     first = models[0]
+    assert first.user_items is not None
+    seen = first.user_items[users]
+    evidence = evidence_counts(first, users=users)
+    return _answers_with_prior(first, parts, weights, seen, evidence, k, priors)
+
+
+def _answers_with_prior(
+    first: Recommender,
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    weights: Sequence[float],
+    seen: sp.csr_matrix,
+    evidence: np.ndarray,
+    k: int,
+    priors: Sequence[float],
+) -> list[np.ndarray]:
+    """The router's hybrid blend with popularity for each prior c of `priors`
+    (0: none), offline: each component's candidates (`parts`: items,
+    min-max-normalized scores, whether it answers the row) and popularity's
+    (`first`'s training counts, its best max(3k, 100) items outside each
+    row's `seen` ones, min-max normalized), popularity weighted c / (c + n)
+    (n: `evidence` per row), the answering components' weights scaled to the
+    rest. A row no component answers (all gated) gets popularity's answer,
+    as the chain's fallback gives it."""
     assert first.user_items is not None
     counts = liked_counts(first.user_items).astype(np.float64)
     n = max(3 * k, 100)
     w = np.asarray(weights, np.float64)
-    parts = [_history_candidates(m, histories, n) for m in models]
-    pop = _popular_candidates(counts, histories, n)
+    pop = _popular_candidates(counts, seen, n)
     cands = Candidates(
-        [str(i) for i in range(len(models) + 1)],
+        [str(i) for i in range(len(parts) + 1)],
         [p[0] for p in parts] + [pop],
         [p[1] for p in parts] + [_minmax_rows(pop, counts[np.maximum(pop, 0)])],
-        sp.csr_matrix((histories.shape[0], first.n_items)),
+        sp.csr_matrix((seen.shape[0], first.n_items)),
         first.n_items,
     )
     answered = (np.array([p[2] for p in parts]).T * w).sum(axis=1)  # W per row
     fallback = answered <= 0  # no component answers: the chain's popularity, either way
     top = min(k, pop.shape[1])
-    evidence = evidence_counts(first, histories=histories)
     out = []
     for c in priors:
         if c <= 0:
@@ -1304,6 +1398,7 @@ def tune_hybrid(
         by_time=protocol == "temporal",
         threads=threads,
     )
+    prior |= learn_user_prior(models, r.best_params, inner, metric, k)
     _log_hybrid_prior(name, metric, prior)
     entry = {
         "weights": r.best_params,
@@ -1347,6 +1442,25 @@ def _log_hybrid_prior(name: str, metric: str, prior: Mapping[str, Any]) -> None:
             prior["new_histories"],
             metric,
             prior["new_value"],
+        )
+    if prior["user_prior"]:
+        log.info(
+            "hybrid %s: user_prior=%g: %d validation users, %s %.4f -> %.4f",
+            name,
+            prior["user_prior"],
+            prior["known_users"],
+            metric,
+            prior["known_value"],
+            prior["known_prior_value"],
+        )
+    elif prior["known_users"]:
+        log.info(
+            "hybrid %s: no user_prior: popularity did not clearly help %d validation users "
+            "(%s %.4f)",
+            name,
+            prior["known_users"],
+            metric,
+            prior["known_value"],
         )
 
 

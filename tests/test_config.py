@@ -68,6 +68,7 @@ def test_defaults_without_a_file():
         ("[hybrids.h]\n'bad/name' = 1\n", {}, "is not a valid model name"),
         ("[hybrids.h]\nals = 1\nhistory_prior = -1\n", {}, "hybrids.h.history_prior: must be"),
         ("[hybrids.h]\nals = 1\nhistory_prior = 'a'\n", {}, "hybrids.h.history_prior: must be"),
+        ("[hybrids.h]\nals = 1\nuser_prior = inf\n", {}, "hybrids.h.user_prior: must be"),
         ("[hybrids.h]\nhistory_prior = 1\n", {}, "hybrids.h: expected a table of model"),
         ("[experiments.e]\narms = 3\n", {}, "experiments.e.arms: expected a table"),
         ("[experiments.e]\nsplit = 3\n", {}, "experiments.e: expected keys"),
@@ -284,19 +285,20 @@ def test_a_hybrid_takes_a_history_prior_from_the_config_or_hybrids_json(tmp_path
     models = tmp_path / "models"
     models.mkdir()
     (models / "hybrids.json").write_text(
-        '{"learned": {"weights": {"als": 1, "knn": 1}, "history_prior": 2},'
+        '{"learned": {"weights": {"als": 1, "knn": 1}, "history_prior": 2, "user_prior": 3},'
         ' "plain": {"weights": {"als": 1}}, "mine": {"weights": {"als": 1}, "history_prior": 4}}'
     )
     path = tmp_path / "c.toml"
     path.write_text(
         f'[server]\nmodels = "{models}"\n'
-        "[hybrids.mine]\nals = 0.5\nknn = 0.5\nhistory_prior = 1.5\n"
+        "[hybrids.mine]\nals = 0.5\nknn = 0.5\nhistory_prior = 1.5\nuser_prior = 0.5\n"
     )
     cfg = load_config(path, env={})
     assert cfg.hybrids["mine"].weights == {"als": 0.5, "knn": 0.5}  # not a component
     assert cfg.hybrids["mine"].history_prior == 1.5  # the config's, not the learned 4
-    assert cfg.hybrids["learned"].history_prior == 2.0
-    assert cfg.hybrids["plain"].history_prior == 0.0
+    assert cfg.hybrids["mine"].user_prior == 0.5
+    assert (cfg.hybrids["learned"].history_prior, cfg.hybrids["learned"].user_prior) == (2, 3)
+    assert (cfg.hybrids["plain"].history_prior, cfg.hybrids["plain"].user_prior) == (0, 0)
     (models / "hybrids.json").write_text('{"bad": {"weights": {"als": 1}, "history_prior": -2}}')
     with pytest.raises(ConfigError, match=r"hybrids.json: bad.history_prior: must be"):
         load_config(path, env={})

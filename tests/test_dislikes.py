@@ -222,3 +222,28 @@ def test_data_of_dislikes_alone_fits_and_answers(tmp_path, algo):
     model.save(tmp_path / "m", "x")
     loaded = load_named(tmp_path / "m", "x")
     np.testing.assert_array_equal(loaded.recommend_from_history([0], [1.0], k=2)[0], items)
+
+
+@pytest.mark.parametrize("algo", ["itemknn", "userknn", "svd", "als"])
+@pytest.mark.parametrize("values", ["likes", "dislikes", "zeros"])
+def test_training_evidence_counts_a_known_users_row_as_evidence_does(small, algo, values):
+    # the serving path's count (the row's length where every value counts)
+    # against a count of the row's values by the definition
+    data = copy.deepcopy(small)
+    rng = np.random.default_rng(4)
+    pick = rng.random(data.nnz) < 0.3
+    fill = {"likes": 1.0, "dislikes": -1.0, "zeros": 0.0}[values]
+    data.interactions.data = np.where(pick, fill, 2.0).astype(np.float32)
+    params = {"factors": 8, "iterations": 2} if algo == "als" else {}
+    params = {"factors": 8, "epochs": 2} if algo == "svd" else params
+    model = create(algo, **params).fit(data)
+    x = data.interactions.tocsr()
+    for u in range(0, data.n_users, 37):
+        row = x.data[x.indptr[u] : x.indptr[u + 1]]
+        if model.rates_negatives:
+            want = row.size
+        elif model.weighs_by_value:
+            want = int((row > 0).sum())
+        else:
+            want = int((row >= 0).sum())
+        assert model.training_evidence(u) == want, (u, row)

@@ -18,9 +18,13 @@ from recserve.feedback import Event, OnlineState
 from recserve.models import create
 from recserve.serving import Catalog, RecQuery, Router
 from recserve.tuning import (
+    candidates,
     hybrid_history_answers,
+    hybrid_user_answers,
     learn_hybrid_prior,
+    learn_user_prior,
     new_user_histories,
+    splits,
     tune_hybrid,
 )
 from tests.event_logs import events_dataset
@@ -31,9 +35,13 @@ C = 1.5
 HYBRIDS = {
     "p": Hybrid("p", {"als": 0.6, "itemknn": 0.4}, C),
     "p0": Hybrid("p0", {"als": 0.6, "itemknn": 0.4}),
+    "pu": Hybrid("pu", {"als": 0.6, "itemknn": 0.4}, user_prior=C),  # known users only
+    "pb": Hybrid("pb", {"als": 0.6, "itemknn": 0.4}, 0.5, 4.0),  # both, each its own c
     "gated": Hybrid("gated", {"als": 0.6, "knn3": 0.4}, C),  # knn3: min_history 3
     "apart": Hybrid("apart", {"als": 0.6, "other": 0.4}, C),  # different catalogues
     "knn3": Hybrid("knn3", {"knn3": 1.0}, C),  # a history below the gate: the fallback's
+    "gatedk": Hybrid("gatedk", {"als": 0.6, "knn25": 0.4}, user_prior=C),
+    "knn25": Hybrid("knn25", {"knn25": 1.0}, user_prior=C),  # light users: the fallback's
 }
 
 
@@ -45,6 +53,7 @@ def setup(small, tmp_path_factory):
         ("als", "als", ALS, small),
         ("itemknn", "itemknn", {}, small),
         ("knn3", "itemknn", {"min_history": 3}, small),
+        ("knn25", "itemknn", {"min_events": 25}, small),  # gates light known users
         ("other", "itemknn", {}, other),
         ("popularity", "popularity", {}, small),
     ):
@@ -71,31 +80,42 @@ def _top(ids: list[str], scores: np.ndarray, n: int) -> dict[str, float]:
 
 def reference(router: Router, hy: Hybrid, q: RecQuery) -> dict[str, float]:
     """Every candidate's blended score, from the definition: each component
-    that is not gated ranks the whole catalogue for the history (only items
+    that is not gated ranks the whole catalogue for the history, or for the
+    known user (q.user_id, known to every component, no history) (only items
     > 0 for a sparse model); its best max(3k, 100) eligible items, min-max
     scaled, weigh w (1 - a) / W (W: the weights of those components); the
     first component's training counts over the eligible items, treated the
-    same way, weigh a = c / (c + n), n the history's distinct items."""
+    same way, weigh a = c / (c + n), n the history's distinct items or the
+    known user's training events, c history_prior or user_prior."""
     n_cand = max(3 * q.k, 100)
+    first = router.catalog.get(next(iter(hy.weights))).model
+    known = first.users.get(q.user_id) if q.user_id else -1
     hist = dict(q.history)  # later values win, as a fold-in
+    if known >= 0:
+        assert not q.history
+        row = first.user_items[known]
+        hist = dict(zip(first.items.ids(row.indices), row.data, strict=True))
     parts, total_w = [], 0.0
     for name, w in hy.weights.items():
         m = router.catalog.get(name).model
         idx = m.items.index(list(hist))
         vals = np.array(list(hist.values()), np.float32)[idx >= 0]
-        if m.evidence(vals) < m.history_gate():
+        gate = m.params.get("min_events", 0) if known >= 0 else m.history_gate()
+        if m.evidence(vals) < gate:
             continue
         total_w += w
-        row = m.history_matrix([idx[idx >= 0]], [vals])
         excl = m.items.index(list(q.exclude)) if q.exclude else np.zeros(0, np.int64)
         cand = m.items.index(list(q.candidates)) if q.candidates else None
-        items, scores = m.recommend_histories(
-            row,
-            m.n_items,
+        how = dict(
             exclude=[excl[excl >= 0]],
             filter_seen=not q.include_seen,
             candidates=None if cand is None else [cand[cand >= 0]],
         )
+        if known >= 0:
+            items, scores = m.recommend([m.users.get(q.user_id)], m.n_items, **how)
+        else:
+            row = m.history_matrix([idx[idx >= 0]], [vals])
+            items, scores = m.recommend_histories(row, m.n_items, **how)
         keep = items[0] >= 0
         if m.sparse_scores:
             keep &= scores[0] > 0
@@ -103,7 +123,6 @@ def reference(router: Router, hy: Hybrid, q: RecQuery) -> dict[str, float]:
         own[items[0][keep]] = scores[0][keep]
         ok = np.flatnonzero(own > -np.inf)
         parts.append((w, _top(m.items.ids(ok), own[ok], n_cand)))
-    first = router.catalog.get(next(iter(hy.weights))).model
     counts = np.bincount(first.user_items.indices, minlength=first.n_items).astype(np.float64)
     eligible = np.ones(first.n_items, bool)
     if q.candidates:
@@ -114,7 +133,8 @@ def reference(router: Router, hy: Hybrid, q: RecQuery) -> dict[str, float]:
         b = first.items.index(banned)
         eligible[b[b >= 0]] = False
     ok = np.flatnonzero(eligible)
-    a = hy.history_prior / (hy.history_prior + len(hist))
+    c = hy.user_prior if known >= 0 else hy.history_prior
+    a = c / (c + len(hist))
     out: dict[str, float] = {}
     pop = _top(first.items.ids(ok), counts[ok], n_cand)
     for weight, part in [*((w * (1 - a) / total_w, p) for w, p in parts), (a, pop)]:
@@ -160,6 +180,47 @@ def test_a_new_users_history_blends_popularity_in_as_the_definition_says(setup, 
         assert got.served_by == "" and got.folded_in
         check(got, want, q.k)
         check(general(router, q), want, q.k)
+
+
+def known_shapes(ds, rng) -> list[RecQuery]:
+    """Known users of few and many training events; with exclusions, with
+    include_seen, with candidates (the general path only), k 1 to 60."""
+    lengths = np.diff(ds.interactions.indptr)
+    light, heavy = ds.users.ids([int(np.argmin(lengths)), int(np.argmax(lengths))])
+    some = ds.items.ids(rng.choice(ds.n_items, 80, replace=False))
+    return [
+        RecQuery(user_id=light, k=10),
+        RecQuery(user_id=heavy, k=60),
+        RecQuery(user_id=light, k=1),
+        RecQuery(user_id=heavy, exclude=some[:6], k=10),
+        RecQuery(user_id=light, include_seen=True, k=20),
+        RecQuery(user_id=light, candidates=some[:50], k=10),
+    ]
+
+
+@pytest.mark.parametrize("name", ["pu", "pb"])
+def test_a_known_users_answer_blends_popularity_in_under_user_prior(setup, name):
+    router, _, ds = setup
+    hy = router.cfg.hybrids[name]
+    for q in known_shapes(ds, np.random.default_rng(3)):
+        q.model = name
+        want = reference(router, hy, q)
+        got = router.recommend(q)
+        assert got.served_by == "" and not got.folded_in
+        check(got, want, q.k)
+        check(general(router, q), want, q.k)
+
+
+def test_each_prior_answers_only_its_own_users(setup):
+    router, _, ds = setup
+    rng = np.random.default_rng(9)
+    for q in [*shapes(ds, rng), *known_shapes(ds, rng)]:
+        known = ds.users.get(q.user_id) >= 0 if q.user_id else False
+        plain = router.recommend(dataclasses.replace(q, model="p0"))
+        other = router.recommend(dataclasses.replace(q, model="p" if known else "pu"))
+        assert other.item_ids == plain.item_ids and np.allclose(other.scores, plain.scores)
+        mine = router.recommend(dataclasses.replace(q, model="pu" if known else "p"))
+        assert not np.allclose(mine.scores, plain.scores[: len(mine.scores)])
 
 
 def test_the_prior_changes_short_histories_answers_most(setup):
@@ -223,6 +284,25 @@ def test_offline_answers_are_the_ones_the_service_gives(setup, name):
             assert (got.served_by == "popularity") == (name == "knn3" and lengths[r] < 3)
 
 
+@pytest.mark.parametrize("name", ["p0", "pu", "pb", "gatedk", "knn25"])
+def test_offline_known_user_answers_are_the_ones_the_service_gives(setup, name):
+    router, _, ds = setup
+    hy = router.cfg.hybrids[name]
+    models = [router.catalog.get(c).model for c in hy.weights]
+    lengths = np.diff(ds.interactions.indptr)
+    users = np.r_[np.argsort(lengths)[:6], np.arange(0, ds.n_users, 97)]
+    assert lengths[users].min() < 25 <= lengths[users].max()  # knn25 gates some, not all
+    for k in (1, 10, 40):
+        recs = hybrid_user_answers(models, list(hy.weights.values()), users, k, [hy.user_prior])
+        for r, u in enumerate(users):
+            q = RecQuery(user_id=ds.users.ids([u])[0], k=k, model=name)
+            got = router.recommend(q)
+            want = recs[0][r]
+            assert got.item_ids == ds.items.ids(want[want >= 0]), (name, k, u)
+            gated_out = name == "knn25" and lengths[u] < 25
+            assert (got.served_by == "popularity") == gated_out
+
+
 def _recall(recs: np.ndarray, truth: list[set[int]], k: int) -> float:
     """Mean recall@k against sets of held-out item indices."""
     got = [
@@ -274,3 +354,31 @@ def test_no_hybrid_prior_where_popularity_does_not_help(tmp_path):
     out = learn_hybrid_prior(specs, {"als": 0.5, "itemknn": 0.5}, ds, "ndcg@20", 20)
     assert out["new_histories"] > 0 and out["history_prior"] == 0.0
     assert out["new_prior_value"] is None and out["new_value"] > 0
+    # nor for known users
+    models = {"als": create("als", **ALS), "itemknn": create("itemknn")}
+    _, inner = splits(ds, "random", 0.2, 0, 1)
+    candidates(models, inner, 100)  # fits them on the validation split's training part
+    known = learn_user_prior(models, {"als": 0.5, "itemknn": 0.5}, inner, "ndcg@20", 20)
+    assert known["known_users"] > 0 and known["user_prior"] == 0.0
+
+
+def test_tune_learns_a_user_prior_that_holds_on_the_test_split(tmp_path):
+    # about four events a user: popularity helps the hybrid's known users
+    ds = to_dataset(generate(4000, 2000, 16000, seed=4, zipf=1.1))
+    outer, _ = splits(ds, "random", 0.2, 0, 1)  # tune learns on outer.train's own split
+    models = tmp_path / "models"
+    fitted = []
+    for name, algo, params in (("als", "als", ALS), ("itemknn", "itemknn", {})):
+        create(algo, **params).fit(ds).save(models, name, dataset=ds)
+        fitted.append(create(algo, **params).fit(outer.train))
+    out = tune_hybrid(ds, ["als", "itemknn"], name="h", models_dir=models, trials=8, seed=0)
+    assert out["user_prior"] > 0 and out["known_prior_value"] > out["known_value"]
+    assert (
+        load_config(overrides={"models": str(models)}).hybrids["h"].user_prior == out["user_prior"]
+    )
+    test = outer.test.tocsr()
+    users = np.flatnonzero(np.diff(test.indptr) > 0)
+    weights = [out["weights"]["als"], out["weights"]["itemknn"]]
+    plain, prior = hybrid_user_answers(fitted, weights, users, 20, [0, out["user_prior"]])
+    truth = [set(test[u].indices.tolist()) for u in users]
+    assert _recall(prior, truth, 20) > _recall(plain, truth, 20)

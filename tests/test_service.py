@@ -447,7 +447,7 @@ def health(channel, service=""):
 def test_fallback_and_health_while_a_slow_model_loads(published):
     root, _ = published
     gate = Gate("als")
-    hybrid = {"hybrid": Hybrid("hybrid", {"als": 0.6, "itemknn": 0.4}, 2.0)}
+    hybrid = {"hybrid": Hybrid("hybrid", {"als": 0.6, "itemknn": 0.4}, 2.0, 0.5)}
     with running(
         root, loader=gate, wait=False, hybrids=hybrid, fallbacks={"hybrid": ("als",)}
     ) as s:
@@ -470,7 +470,8 @@ def test_fallback_and_health_while_a_slow_model_loads(published):
         assert md["x-recserve-version"].startswith("als@")
         info = s.admin.GetModel(pb.GetModelRequest(name="hybrid"))
         assert (info.algorithm, info.state) == ("hybrid", pb.MODEL_STATE_SERVING)
-        assert dict(info.params) == {"als": "0.6", "itemknn": "0.4", "history_prior": "2.0"}
+        want = {"als": "0.6", "itemknn": "0.4", "history_prior": "2.0", "user_prior": "0.5"}
+        assert dict(info.params) == want
 
 
 def test_hybrid_blends_normalized_scores(published, small):

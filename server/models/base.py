@@ -547,6 +547,17 @@ class Recommender(ABC):
             return int(values.size)
         return int(np.count_nonzero(values > 0 if self.weighs_by_value else values >= 0))
 
+    def training_evidence(self, user: int) -> int:
+        """`evidence` of a known user's training row; its length where every
+        training value counts (no dislikes, no values <= 0 for a model that
+        weighs by value): a serving-path count without a pass over the row."""
+        if self.rates_negatives or not (
+            self._has_nonpositive() if self.weighs_by_value else self.has_dislikes()
+        ):
+            seen = self._require_fitted()
+            return int(seen.indptr[user + 1] - seen.indptr[user])
+        return self.evidence(np.asarray(self.training_row(user)[1]))
+
     def history_gate(self) -> int:
         """The gate for a new user's inline history: `min_history`, or
         `min_events` where that is -1 (the default, and bundles made before it)."""

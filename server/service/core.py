@@ -24,6 +24,7 @@ from recserve import contract
 from recserve.config import (
     HYBRID_PRIOR,
     LIVE,
+    USER_PRIOR,
     ConfigError,
     Experiment,
     Hybrid,
@@ -887,8 +888,9 @@ class Core:
 
 
 def _hybrid_params(hy: Hybrid) -> dict[str, float]:
-    """A hybrid's component weights, and its history_prior when it has one."""
-    return {**hy.weights, **({HYBRID_PRIOR: hy.history_prior} if hy.history_prior else {})}
+    """A hybrid's component weights, and its priors where it has them."""
+    priors = {HYBRID_PRIOR: hy.history_prior, USER_PRIOR: hy.user_prior}
+    return {**hy.weights, **{k: v for k, v in priors.items() if v}}
 
 
 class Recorder:

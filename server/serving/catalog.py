@@ -48,6 +48,7 @@ class Slot:
     bytes: int = 0
     _popular: np.ndarray | None = field(default=None, repr=False)
     _counts: np.ndarray | None = field(default=None, repr=False)
+    _row: np.ndarray | None = field(default=None, repr=False)
 
     def popular_counts(self) -> np.ndarray:
         """Training interactions per item, dislikes (negative values) not
@@ -56,6 +57,13 @@ class Slot:
             assert self.model is not None and self.model.user_items is not None
             self._counts = liked_counts(self.model.user_items)
         return self._counts
+
+    def popular_row(self) -> np.ndarray:
+        """popular_counts as float32: a hybrid's popularity row, copied per call
+        into blend scratch (from int64 it cost 8.5 us on 10k items, 1.9 this way)."""
+        if self._row is None:
+            self._row = self.popular_counts().astype(np.float32)
+        return self._row
 
     def popular_order(self) -> np.ndarray:
         """Items by training interaction count (ties by index): the last resort."""
