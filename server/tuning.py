@@ -1462,6 +1462,8 @@ def _log_hybrid_prior(name: str, metric: str, prior: Mapping[str, Any]) -> None:
             metric,
             prior["known_value"],
         )
+    else:
+        log.info("hybrid %s: no user_prior: no known validation users to learn it on", name)
 
 
 def _equal_weights_value(r: AlgoResult) -> float | None:
