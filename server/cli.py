@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--hybrid",
         metavar="MODEL,MODEL,...",
-        help="fit blend weights of these published models (or algorithms) instead",
+        help="fit blend weights of these published models (or algorithms) instead, and how "
+        "much popularity new and known users' answers take (one model: that alone)",
     )
     tn.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="fix a parameter"

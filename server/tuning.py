@@ -1098,8 +1098,15 @@ def fit_weights(
     """Search blend weights (each in [0, 1], reported normalized to sum 1)."""
     if metric in MINIMIZE:
         raise ValueError(f"metric: hybrid weights are fitted on a ranking metric, not {metric}")
-    optuna = _optuna()
     names = cands.names
+    if len(names) == 1:  # one component: every weight ranks alike; its priors are what is learned
+        out = AlgoResult("hybrid")
+        recs = cands.blend([1.0], k)
+        value = float(ranking_metrics(recs, cands.relevant, [k], cands.n_items)[metric])
+        out.best_params, out.best_value = {names[0]: 1.0}, value
+        out.trials = [{"number": 0, "state": "complete", "params": {names[0]: 1.0}, "value": value}]
+        return out
+    optuna = _optuna()
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     for weights in (*start, dict.fromkeys(names, 1.0)):
         study.enqueue_trial({n: float(weights.get(n, 0.0)) for n in names})
@@ -1352,12 +1359,14 @@ def tune_hybrid(
     threads: int = 0,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Fit a hybrid's blend weights on the validation split and write them to the
-    models folder's hybrids.json, where `serve` reads hybrids."""
+    """Fit a hybrid's blend weights on the validation split, and its priors
+    (learn_hybrid_prior, learn_user_prior), and write them to the models
+    folder's hybrids.json, where `serve` reads hybrids. One component is a
+    hybrid too: the model blended with popularity by its priors alone."""
     bundle.check_name(name)
     models_dir = Path(models_dir)
-    if len(set(components)) < 2:
-        raise ValueError(f"hybrid: give two or more different components, got {list(components)}")
+    if not components or len(set(components)) != len(components):
+        raise ValueError(f"hybrid: give one or more components, each once, got {list(components)}")
     if (models_dir / name).is_dir():
         raise ValueError(
             f"name: {name!r} is a published model in {models_dir}; name the hybrid apart"

@@ -362,23 +362,35 @@ def test_no_hybrid_prior_where_popularity_does_not_help(tmp_path):
     assert known["known_users"] > 0 and known["user_prior"] == 0.0
 
 
-def test_tune_learns_a_user_prior_that_holds_on_the_test_split(tmp_path):
+@pytest.mark.parametrize("parts", [["als", "itemknn"], ["als"]])  # one model: its priors alone
+def test_tune_learns_a_user_prior_that_holds_on_the_test_split(tmp_path, parts):
     # about four events a user: popularity helps the hybrid's known users
     ds = to_dataset(generate(4000, 2000, 16000, seed=4, zipf=1.1))
     outer, _ = splits(ds, "random", 0.2, 0, 1)  # tune learns on outer.train's own split
     models = tmp_path / "models"
     fitted = []
-    for name, algo, params in (("als", "als", ALS), ("itemknn", "itemknn", {})):
-        create(algo, **params).fit(ds).save(models, name, dataset=ds)
-        fitted.append(create(algo, **params).fit(outer.train))
-    out = tune_hybrid(ds, ["als", "itemknn"], name="h", models_dir=models, trials=8, seed=0)
+    for name in parts:
+        params = ALS if name == "als" else {}
+        create(name, **params).fit(ds).save(models, name, dataset=ds)
+        fitted.append(create(name, **params).fit(outer.train))
+    out = tune_hybrid(ds, parts, name="h", models_dir=models, trials=8, seed=0)
     assert out["user_prior"] > 0 and out["known_prior_value"] > out["known_value"]
-    assert (
-        load_config(overrides={"models": str(models)}).hybrids["h"].user_prior == out["user_prior"]
-    )
+    served = load_config(overrides={"models": str(models)}).hybrids["h"]
+    assert served.user_prior == out["user_prior"] and list(served.weights) == parts
     test = outer.test.tocsr()
     users = np.flatnonzero(np.diff(test.indptr) > 0)
-    weights = [out["weights"]["als"], out["weights"]["itemknn"]]
+    weights = [out["weights"][c] for c in parts]
     plain, prior = hybrid_user_answers(fitted, weights, users, 20, [0, out["user_prior"]])
     truth = [set(test[u].indices.tolist()) for u in users]
     assert _recall(prior, truth, 20) > _recall(plain, truth, 20)
+
+
+def test_a_hybrid_names_each_component_once(tmp_path):
+    with pytest.raises(ValueError, match="one or more components, each once"):
+        tune_hybrid(generate_small(), ["als", "als"], name="h", models_dir=tmp_path)
+    with pytest.raises(ValueError, match="one or more components, each once"):
+        tune_hybrid(generate_small(), [], name="h", models_dir=tmp_path)
+
+
+def generate_small():
+    return to_dataset(generate(300, 100, 3000, seed=1))
