@@ -341,7 +341,7 @@ USER_PRIOR = "user_prior"
 
 
 def _prior(where: str, value: Any) -> float:
-    """A hybrid's history_prior: a finite number >= 0."""
+    """A hybrid's prior (history_prior, user_prior): a finite number >= 0."""
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value < 0:
         raise ConfigError(f"{where}: must be a finite number >= 0, got {value!r}")

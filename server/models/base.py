@@ -1007,8 +1007,9 @@ def popular_order(counts: np.ndarray) -> np.ndarray:
 
 
 def prior_weight(c: float, n: int) -> float:
-    """Popularity's weight in the answer to a new user's history of n events
-    (evidence) under a history prior c: c / (c + n), n at least 1."""
+    """Popularity's weight in the answer to a user (or history) of n events
+    (evidence) under a prior c (history_prior, a hybrid's user_prior):
+    c / (c + n), n at least 1."""
     return c / (c + max(n, 1))
 
 

@@ -1012,8 +1012,8 @@ class Router:
         pop: tuple[float, _Served] | None = None,
     ) -> Ranked:
         """The components' answers blended (their min-max-normalized scores,
-        weighted); `pop`, a new user's popularity part under the hybrid's
-        history_prior, is blended last and neither explains nor versions."""
+        weighted); `pop`, the popularity part under the hybrid's priors
+        (_prior_part), is blended last and neither explains nor versions."""
         every = [*parts, pop] if pop is not None else parts
         first = parts[0][1].slot.model.items  # type: ignore[union-attr]
         if all(_same_items(first, s.slot.model.items) for _, s in every[1:]):  # type: ignore[union-attr]
