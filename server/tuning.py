@@ -1398,6 +1398,11 @@ def tune_hybrid(
         gap = popularity_gap(name, "hybrid", metric, r.best_value, floor, hint)
         if gap is not None:
             log.log(*gap)
+    log.info(
+        "hybrid %s: learning its priors (one more fit of %s without held-out new users)",
+        name,
+        ", ".join(components),
+    )
     prior = learn_hybrid_prior(
         specs,
         r.best_params,
