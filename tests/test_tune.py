@@ -545,6 +545,14 @@ def test_a_reload_serves_the_hybrid_weights_tune_wrote_last(tiny, tmp_path, capl
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         status = check(health_pb2.HealthCheckRequest(service="model/mix"), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
+        # a prior alone changed is a changed hybrid: reloaded, listed, served
+        before, _ = srv.recommend(user_id="12", k=10, model="mix")
+        doc = {"mix": {"weights": {"als": 0.0, "itemknn": 1.0}, "user_prior": 8.0}}
+        learned.write_text(json.dumps(doc))
+        out = srv.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=30)
+        assert [(m.name, m.params["user_prior"]) for m in out.reloaded] == [("mix", "8.0")]
+        after, _ = srv.recommend(user_id="12", k=10, model="mix")
+        assert [i.score for i in after] != [i.score for i in before]
 
 
 def test_each_trial_is_logged_with_its_parameters_and_time(tiny, tmp_path, caplog):
