@@ -236,7 +236,9 @@ def test_the_prior_changes_short_histories_answers_most(setup):
 
 
 def test_known_users_are_answered_as_without_a_prior(setup):
-    router, online, ds = setup
+    shared, _, ds = setup
+    online = OnlineState()  # its own recorded events, not the fixture's
+    router = Router(shared.cfg, shared.catalog, online)
     some = ds.items.ids([3, 5, 8])
     online.apply([Event("42", some[0], 1.0, 0)])  # a known user with newer events too
     for uid in ("7", "42", "900"):
@@ -252,7 +254,9 @@ def test_known_users_are_answered_as_without_a_prior(setup):
 
 
 def test_a_new_users_recorded_events_count_as_history(setup):
-    router, online, ds = setup
+    shared, _, ds = setup
+    online = OnlineState()  # its own recorded events, not the fixture's
+    router = Router(shared.cfg, shared.catalog, online)
     ids = ds.items.ids([11, 12])
     online.apply([Event("rec-new", ids[0], 1.0, 0)])
     q = RecQuery(user_id="rec-new", history=[(ids[1], 1.0)], k=10, model="p")
