@@ -369,7 +369,7 @@ def test_the_cli_tunes_a_hybrid_and_serve_reads_it(tiny, tmp_path):
                 "--data",
                 str(data),
                 "--hybrid",
-                "itemknn",
+                "itemknn,itemknn",  # a component named twice (one alone is a hybrid)
                 "--trials",
                 "5",
                 "--name",
