@@ -48,6 +48,7 @@ from recserve.models.base import (
     fill_unreached,
     liked_counts,
     popular_order,
+    prior_weight,
 )
 
 log = logging.getLogger("recserve")
@@ -736,6 +737,9 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
         items, scores = model.recommend([u], args.k)
         items, scores = items[0][items[0] >= 0], scores[0][: (items[0] >= 0).sum()]
         who: Any = u
+        blended = _with_prior(model, u, items, scores, args.k)
+        if blended is not None:  # as the server answers a known user under user_prior
+            return _answer(model, args, *blended)
     else:
         ids = [x.strip() for x in args.history.split(",") if x.strip()]
         if not ids:  # `--history ""` or `,,`: every item would come back at score 0
@@ -775,20 +779,27 @@ def _answer(
 
 
 def _with_prior(
-    model: Any, row: Any, items: np.ndarray, scores: np.ndarray, k: int
+    model: Any, who: Any, items: np.ndarray, scores: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """A history's answer under the model's `history_prior` (blended with
-    popularity, as the router's _with_prior); None without one, for an
-    approximate index, or for a sparse model's history that reached nothing."""
-    if not model.params.get("history_prior", 0.0) or model.serves_cold:
+    """An answer under the model's prior, blended with popularity as the
+    router's _with_prior blends it: `who` a history row (`history_prior`) or
+    a known user's index (`user_prior`); None without that prior, for an
+    approximate index, or for a sparse model's row that reached nothing."""
+    known = isinstance(who, int | np.integer)
+    c = model.params.get("user_prior" if known else "history_prior", 0.0)
+    if not c or model.serves_cold:
         return None
     if model.sparse_scores and not (scores > 0).any():
         return None
     rows = np.empty((2, model.n_items), np.float32)
-    if not model.dense_history(row, rows[0]):
+    if known:
+        ok, n = model.dense_user(int(who), rows[0]), model.training_evidence(int(who))
+    else:
+        ok, n = model.dense_history(who, rows[0]), model.evidence(np.asarray(who.data))
+    if not ok:
         return None
-    w = model.prior_weight(np.asarray(row.data, np.float32))
-    return blend_popularity(rows, liked_counts(model.user_items), w, k, model.sparse_scores)
+    counts = liked_counts(model.user_items)
+    return blend_popularity(rows, counts, prior_weight(c, n), k, model.sparse_scores)
 
 
 def _check_gate(model: Any, args: argparse.Namespace, field: str, values: np.ndarray) -> None:

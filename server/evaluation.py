@@ -30,6 +30,7 @@ from recserve.models.base import (
     fill_unreached,
     liked_counts,
     popular_order,
+    prior_weight,
 )
 from recserve.models.registry import MODELS
 
@@ -344,8 +345,8 @@ def as_served(
     `sparse_scores` model, a row whose evidence reaches no eligible item is
     too, and items scored 0 (unreached) are the most popular unreached ones,
     not the first by index (docs/serving.md, "Which user"); a history under the
-    model's `history_prior` is its ranking blended with popularity's. Other
-    rows are returned as they are."""
+    model's `history_prior`, or a known user under its `user_prior`, is its
+    ranking blended with popularity's. Other rows are returned as they are."""
     if recs.size == 0:
         return recs
     gated = np.zeros(recs.shape[0], bool)
@@ -356,11 +357,16 @@ def as_served(
     todo = np.flatnonzero(gated)
     if model.sparse_scores:
         todo = np.union1d(todo, np.flatnonzero((valid & ~(scores > 0)).any(axis=1)))
-    # a new user's history under `history_prior`: blended with popularity
-    # (the router's _with_prior), unless gated or, for a sparse model, cold
+    # a new user's history under `history_prior`, a known user under
+    # `user_prior`: blended with popularity (the router's _with_prior), unless
+    # gated or cold (for a sparse model: its evidence reaches nothing)
     blend = np.zeros(recs.shape[0], bool)
-    if histories is not None and model.params.get("history_prior", 0.0) and not model.serves_cold:
+    c = model.params.get("history_prior" if histories is not None else "user_prior", 0.0)
+    if c and not model.serves_cold:
         blend = ~gated & ((valid & (scores > 0)).any(axis=1) if model.sparse_scores else True)
+        if histories is None:
+            assert users is not None
+            blend &= np.array([not model.is_cold(int(u)) for u in users], bool)
         todo = np.setdiff1d(todo, np.flatnonzero(blend))
     if todo.size == 0 and not blend.any():
         return recs
@@ -370,11 +376,18 @@ def as_served(
     out = recs.copy()
     rows = np.empty((2, model.n_items), np.float32)
     for r in np.flatnonzero(blend):
-        assert histories is not None
-        h = histories[int(r)]
-        if model.dense_history(h, rows[0], True):
-            w = model.prior_weight(np.asarray(h.data, np.float32))
-            items, _ = blend_popularity(rows, counts, w, recs.shape[1], model.sparse_scores)
+        if histories is not None:
+            h = histories[int(r)]
+            ok = model.dense_history(h, rows[0], True)
+            n = model.evidence(np.asarray(h.data, np.float32))
+        else:
+            assert users is not None
+            ok = model.dense_user(int(users[r]), rows[0], True)
+            n = model.training_evidence(int(users[r]))
+        if ok:
+            items, _ = blend_popularity(
+                rows, counts, prior_weight(c, n), recs.shape[1], model.sparse_scores
+            )
             out[r] = -1
             out[r, : items.size] = items
     row = np.empty(model.n_items, np.float32)

@@ -64,6 +64,8 @@ def router(ds, tmp_path_factory):
         ("alsk", "als", {**ALS, "min_events": 3, "min_history": 0}),  # known users only
         ("alsp", "als", {**ALS, "history_prior": 2.0}),
         ("knnp", "itemknn", {"history_prior": 1.0}),
+        ("alsu", "als", {**ALS, "user_prior": 2.0}),
+        ("knnu", "itemknn", {"user_prior": 1.0}),
         ("popularity", "popularity", {}),
     ):
         create(algo, **params).fit(ds).save(root, name, dataset=ds)
@@ -268,6 +270,46 @@ def test_a_new_users_history_is_blended_with_popularity_under_history_prior(
     assert main([*args, "--k", str(K)]) == 0
     out, _ = capsys.readouterr()
     assert [x["item_id"] for x in json.loads(out.strip().splitlines()[-1])["items"]] == got.item_ids
+
+
+@pytest.mark.parametrize("name", ["alsu", "knnu"])
+def test_a_known_users_answer_is_blended_with_popularity_under_user_prior(router, ds, name, capsys):
+    m = router.catalog.get(name).model
+    counts = np.bincount(ds.interactions.indices, minlength=m.n_items).astype(float)
+    c = m.params["user_prior"]
+    plain = "als" if name == "alsu" else None
+    for uid in ("one", "two", "three", "u5"):
+        u = m.users.get(uid)
+        got = router.recommend(RecQuery(user_id=uid, k=K, model=name))
+        assert got.served_by == "" and len(got.item_ids) == K
+        items, scores = m.recommend([u], m.n_items)  # the model's own full ranking
+        own_scores = np.full(m.n_items, np.nan)
+        keep = items[0] >= 0
+        own_scores[items[0][keep]] = scores[0][keep]
+        n = m.user_items[u].nnz  # every value here is a like
+        want = _blend_reference(own_scores, counts, c / (c + n), m.sparse_scores)
+        served = m.items.index(got.item_ids)
+        assert np.allclose(got.scores, want[served], atol=1e-5), uid
+        others = np.setdiff1d(np.flatnonzero(~np.isnan(want)), served)
+        assert want[served].min() >= want[others].max() - 1e-5  # the k best blended items
+        # offline (evaluate, tune) and the CLI answer the user the same way
+        recs, sc = m.recommend([u], K)
+        assert m.items.ids(as_served(m, recs, sc, users=np.array([u]))[0]) == got.item_ids
+        args = ["recommend", "--models", router.cfg.models, "--name", name, "--user", uid]
+        assert main([*args, "--k", str(K)]) == 0
+        out, _ = capsys.readouterr()
+        line = json.loads(out.strip().splitlines()[-1])
+        assert [x["item_id"] for x in line["items"]] == got.item_ids
+    # the blend moves a one-event user's answer (the same ALS without a
+    # prior ranks otherwise), and a new user's history is answered without
+    # it (history_prior 0)
+    if plain is not None:
+        a = router.recommend(RecQuery(user_id="one", k=K, model=name)).item_ids
+        assert a != router.recommend(RecQuery(user_id="one", k=K, model=plain)).item_ids
+        h = [("i150", 1.0), ("i120", 1.0)]
+        a = router.recommend(RecQuery(user_id="new", history=h, k=K, model=name))
+        b = router.recommend(RecQuery(user_id="new", history=h, k=K, model=plain))
+        assert a.item_ids == b.item_ids
 
 
 def test_a_hybrid_blends_its_components_without_their_history_prior(router):

@@ -151,6 +151,15 @@ HISTORY_PRIOR = Param(
     min=0.0,
     max=1e6,
 )
+USER_PRIOR = Param(
+    float,
+    0.0,
+    "a known user with n events (training, recorded, inline) is answered by the "
+    "model's ranking blended with popularity's, popularity weighted c / (c + n); 0: "
+    "none. `tune` learns it on the validation users",
+    min=0.0,
+    max=1e6,
+)
 
 # `values = "auto"` weighs values on a log scale when their 99th percentile is
 # more than this many times their median: counts, quantities, durations; not

@@ -23,6 +23,7 @@ from recserve.models.base import (
     HISTORY_PRIOR,
     MIN_EVENTS,
     MIN_HISTORY,
+    USER_PRIOR,
     Param,
     Recommender,
     TrainingError,
@@ -59,6 +60,7 @@ class EASE(Recommender):
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
         "history_prior": HISTORY_PRIOR,
+        "user_prior": USER_PRIOR,
     }
     # history x B: items of another connected component than the history's get
     # exactly 0 (the solve keeps its block structure), no evidence either way

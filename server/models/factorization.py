@@ -37,6 +37,7 @@ from recserve.models.base import (
     HISTORY_PRIOR,
     MIN_EVENTS,
     MIN_HISTORY,
+    USER_PRIOR,
     VALUES,
     Param,
     Recommender,
@@ -100,6 +101,7 @@ class ALS(EmbeddingIndexMixin):
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
         "history_prior": HISTORY_PRIOR,
+        "user_prior": USER_PRIOR,
     }
 
     def _divergence_hint(self) -> str:
@@ -374,6 +376,7 @@ class BiasedMF(Recommender):
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
         "history_prior": HISTORY_PRIOR,
+        "user_prior": USER_PRIOR,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -697,6 +700,7 @@ class BPR(EmbeddingIndexMixin):
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
         "history_prior": HISTORY_PRIOR,
+        "user_prior": USER_PRIOR,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -871,6 +875,7 @@ class BayesianMF(BiasedMF):
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
         "history_prior": HISTORY_PRIOR,
+        "user_prior": USER_PRIOR,
     }
 
     def _fit(self, dataset: Dataset) -> None:

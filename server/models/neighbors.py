@@ -36,6 +36,7 @@ from recserve.models.base import (
     HISTORY_PRIOR,
     MIN_EVENTS,
     MIN_HISTORY,
+    USER_PRIOR,
     VALUES,
     Param,
     Recommender,
@@ -431,6 +432,7 @@ class ItemKNN(_Neighbourhood):
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
         "history_prior": HISTORY_PRIOR,
+        "user_prior": USER_PRIOR,
     }
 
     def __init__(self, **params: Any) -> None:
@@ -497,6 +499,7 @@ class RP3beta(_Neighbourhood):
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
         "history_prior": HISTORY_PRIOR,
+        "user_prior": USER_PRIOR,
     }
     # What a sparse log (median events per user < SPARSE_LOG_EVENTS) gets for the
     # parameters not given: the study's values penalise popularity, which is
@@ -575,6 +578,7 @@ class ContentKNN(_Neighbourhood):
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
         "history_prior": HISTORY_PRIOR,
+        "user_prior": USER_PRIOR,
     }
 
     def _fit(self, dataset: Dataset) -> None:
@@ -607,6 +611,7 @@ class UserKNN(_Neighbourhood):
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
         "history_prior": HISTORY_PRIOR,
+        "user_prior": USER_PRIOR,
     }
     ranks_from_history = False  # known users rank from their sim row
 

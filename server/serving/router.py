@@ -453,6 +453,8 @@ class Router:
         user = m.users.get(q.user_id)
         if user < 0 or m.is_cold(user) or m.gated(user) or self.online.history(q.user_id):
             return None
+        if m.params.get("user_prior", 0.0):
+            return None  # blended with popularity: _serve's path
         return slot, user
 
     @staticmethod
@@ -554,13 +556,15 @@ class Router:
             return _Served(slot, empty, np.zeros(0, np.float32), user, None)
         check()
         try:
-            # a new user's history under history_prior: blended with popularity
-            # (the param first: no look at the user's row for other models)
-            prior = (
-                not component
-                and bool(m.params.get("history_prior", 0.0))
-                and (user < 0 or m.is_cold(user))
-            )
+            # a new user's history under history_prior, a known user under
+            # user_prior: blended with popularity (the params first: no look at
+            # the user's row for other models)
+            prior = 0.0
+            if not component:
+                new_c = m.params.get("history_prior", 0.0)
+                known_c = m.params.get("user_prior", 0.0)
+                if new_c or known_c:
+                    prior = new_c if user < 0 or m.is_cold(user) else known_c
             s = self._retrieve(slot, q, k, user, extra_idx, extra_val, excl, cand, prior)
             if s is None or s.blended:
                 return s
@@ -578,24 +582,32 @@ class Router:
         slot: Slot,
         q: RecQuery,
         k: int,
-        row: sp.csr_matrix,
+        row: sp.csr_matrix | None,
         excl: np.ndarray,
         cand: np.ndarray | None,
+        c: float,
+        user: int = -1,
     ) -> tuple[bool, _Served | None]:
-        """A new user's answer under the model's `history_prior` c: its dense
-        row blended with popularity's, popularity weighted c / (c + n)
-        (blend_popularity). (False, None) where it does not apply (no prior, an
+        """A user's answer under the model's prior c (`history_prior` for a new
+        user's history, `user_prior` for a known user): its dense row (the
+        folded-in `row`, or known `user`'s own when `row` is None) blended
+        with popularity's, popularity weighted c / (c + n) for the n events
+        (blend_popularity). (False, None) where it does not apply (an
         approximate index: no dense row); (True, None) for a `sparse_scores`
-        row that reaches nothing eligible (a cold user to this model: the chain
-        answers, as without a prior)."""
+        row that reaches nothing eligible (a cold user to this model: the
+        chain answers, as without a prior)."""
         m = slot.model
         assert m is not None
-        if not m.params.get("history_prior", 0.0):
-            return False, None
         pool = self._pool(2, m.n_items)
         rows = pool.take()
         try:
-            if not m.dense_history(row, rows[0], not q.include_seen):
+            fs = not q.include_seen
+            ok = (
+                m.dense_user(user, rows[0], fs)
+                if row is None
+                else m.dense_history(row, rows[0], fs)
+            )
+            if not ok:
                 return False, None
             if cand is not None:
                 keep = rows[0][cand]
@@ -605,11 +617,12 @@ class Router:
                 rows[0][excl] = np.nan
             if m.sparse_scores and not (rows[0] > 0).any():
                 return True, None
-            w = m.prior_weight(np.asarray(row.data, np.float32))
+            n = m.training_evidence(user) if row is None else m.evidence(np.asarray(row.data))
+            w = prior_weight(c, n)
             items, scores = blend_popularity(rows, slot.popular_counts(), w, k, m.sparse_scores)
         finally:
             pool.give(rows)
-        return True, _Served(slot, items, scores, -1, row, blended=True)
+        return True, _Served(slot, items, scores, user if row is None else -1, row, blended=True)
 
     def _by_popularity(
         self, s: _Served, q: RecQuery, excl: np.ndarray, cand: np.ndarray | None
@@ -645,16 +658,21 @@ class Router:
         return _Served(s.slot, filled[0], filled[1], s.user, s.row)
 
     def _retrieve(
-        self, slot, q, k, user, extra_idx, extra_val, excl, cand, prior: bool = False
+        self, slot, q, k, user, extra_idx, extra_val, excl, cand, prior: float = 0.0
     ) -> _Served | None:
         """The model's top-k for a resolved user (known row, or history to fold
-        in); with `prior` (a new user, not a hybrid's component), blended with
-        popularity under the model's history_prior (_with_prior)."""
+        in); with a `prior` c (the model's history_prior for a new user, its
+        user_prior for a known one; not for a hybrid's component), blended with
+        popularity (_with_prior)."""
         m = slot.model
         if user >= 0 and m.is_cold(user):
             user = -1  # nothing learned of this user: as an unknown one with its history
         if user >= 0 and extra_idx.size == 0 and m.gated(user):
             return None  # fewer events than min_events (with newer ones: counted below)
+        if user >= 0 and extra_idx.size == 0 and prior:
+            done, blended = self._with_prior(slot, q, k, None, excl, cand, prior, user)
+            if done:
+                return blended
         if user >= 0 and extra_idx.size == 0 and excl.size == 0 and cand is None:
             # The common case (hybrid components too): the one-user serving call.
             items, scores = m.recommend_user(user, k, filter_seen=not q.include_seen)
@@ -694,7 +712,7 @@ class Router:
             row = _history_row(m, user, extra_idx, extra_val)
             user = -1
             if prior:
-                done, blended = self._with_prior(slot, q, k, row, excl, cand)
+                done, blended = self._with_prior(slot, q, k, row, excl, cand, prior)
                 if done:
                     return blended
             if cand is None:  # the fold-in's dense row and one top-k call, when exact
