@@ -1,8 +1,9 @@
-"""The `min_events` gate `recserve tune` learns, on the eight logs of
-bench_density.py: for each algorithm, the gate learned on the validation split
-(tuning.learn_min_events, defaults otherwise), the validation users it gates,
-and test Recall@20 on evaluate's random split without and with it (the test
-never saw the choice).
+"""The `min_events` gate (or, where it wins, the `user_prior` blend) that
+`recserve tune` learns, on the eight logs of bench_density.py: for each
+algorithm, what was learned on the validation split (tuning.learn_min_events,
+defaults otherwise), the validation users it gates, and test Recall@20 on
+evaluate's random split without and with it (the test never saw the choice).
+--no-user-prior learns the gate alone, as tune did before user_prior.
 
     python bench/bench_min_events.py --algos als,userknn,bpr,itemknn
     python bench/bench_min_events.py --z 1.0          # a laxer test than GATE_Z
@@ -55,6 +56,11 @@ def main() -> None:
         help="with --histories: each model blended with popularity, weights (1 - w, w)",
     )
     ap.add_argument(
+        "--no-user-prior",
+        action="store_true",
+        help="learn the min_events gate alone for known users (tune before user_prior)",
+    )
+    ap.add_argument(
         "--no-new-users",
         action="store_true",
         help="learn from the validation users only (tune before it scored new users too)",
@@ -81,18 +87,26 @@ def main() -> None:
         for algo in args.algos.split(","):
             t = time.perf_counter()
             gate = learn_min_events(
-                algo, {}, inner, metric, k, None, new_users=not args.no_new_users
+                algo,
+                {},
+                inner,
+                metric,
+                k,
+                None,
+                new_users=not args.no_new_users,
+                known_prior=not args.no_user_prior,
             )
             took = time.perf_counter() - t
             plain = evaluate(create(algo), ds, "random", [k], split=outer)["metrics"][metric]
             n = gate["min_events"]
             gated = plain
-            if n:
-                model = create(algo, min_events=n)
+            learned = {p: gate[p] for p in ("min_events", "user_prior") if gate[p]}
+            if learned:
+                model = create(algo, **learned)
                 gated = evaluate(model, ds, "random", [k], split=outer)["metrics"][metric]
             print(
-                f"{name:14} {algo:8} min_events {n:3d} (min_history {gate['min_history']:2d}, "
-                f"history_prior {gate['history_prior']:g})  "
+                f"{name:14} {algo:8} min_events {n:3d} (user_prior {gate['user_prior']:g}, "
+                f"min_history {gate['min_history']:2d}, history_prior {gate['history_prior']:g})  "
                 f"gates {gate['gated']:5d} of {gate['users']:5d} validation users  "
                 f"test {plain:.4f} -> {gated:.4f} "
                 f"({gated / plain:.2f}x; popularity {pop:.4f})  learned in {took:.1f} s",

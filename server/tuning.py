@@ -275,33 +275,50 @@ def _against_popularity(
 
 
 def _prior_metrics(
-    model: Recommender, histories: sp.csr_matrix, truth: sp.csr_matrix, metric: str, k: int
+    model: Recommender,
+    histories: sp.csr_matrix | None,
+    truth: sp.csr_matrix,
+    metric: str,
+    k: int,
+    users: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """The metric of each history's answer under each `history_prior` of
-    PRIOR_GRID (as served: blend_popularity), shape (grid, rows); None for a
+    """The metric of each history's answer (or each known user's, `users`,
+    with `histories` None) under each prior c of PRIOR_GRID (history_prior,
+    user_prior; as served: blend_popularity), shape (grid, rows); None for a
     model without dense rows (an approximate index). A blend reads the whole
     catalogue, so past PRIOR_CELLS (rows x items) only evenly spaced rows are
-    scored and the others are NaN."""
+    scored and the others are NaN, as are users the model learned nothing
+    of (served as new ones)."""
     assert model.user_items is not None
     counts = liked_counts(model.user_items)
     rows = np.empty((2, model.n_items), np.float32)
-    n_rows = histories.shape[0]
+    n_rows = histories.shape[0] if histories is not None else len(users)  # type: ignore[arg-type]
     limit = max(PRIOR_MIN_ROWS, PRIOR_CELLS // max(model.n_items, 1))
     scored = np.unique(np.linspace(0, n_rows - 1, min(n_rows, limit)).astype(np.int64))
+    if histories is None:
+        assert users is not None
+        scored = np.array([r for r in scored if not model.is_cold(int(users[r]))], np.int64)
     recs = np.full((len(PRIOR_GRID), scored.size, k), -1, np.int64)
     for i, r in enumerate(scored):
-        h = histories[int(r)]
-        if not model.dense_history(h, rows[0], True):
+        if histories is not None:
+            h = histories[int(r)]
+            ok = model.dense_history(h, rows[0], True)
+            n = model.evidence(np.asarray(h.data, np.float32))
+        else:
+            assert users is not None
+            ok = model.dense_user(int(users[r]), rows[0], True)
+            n = model.training_evidence(int(users[r]))
+        if not ok:
             return None
         dense = rows[0].copy()
-        n = max(model.evidence(np.asarray(h.data, np.float32)), 1)
         for j, c in enumerate(PRIOR_GRID):
             rows[0] = dense
-            items, _ = blend_popularity(rows, counts, c / (c + n), k, model.sparse_scores)
+            items, _ = blend_popularity(rows, counts, prior_weight(c, n), k, model.sparse_scores)
             recs[j, i, : items.size] = items
     out = np.full((len(PRIOR_GRID), n_rows), np.nan)
-    for j, x in enumerate(recs):
-        out[j, scored] = user_metrics(x, truth[scored], [k], model.n_items)[0][metric]
+    if scored.size:
+        for j, x in enumerate(recs):
+            out[j, scored] = user_metrics(x, truth[scored], [k], model.n_items)[0][metric]
     return out
 
 
@@ -377,6 +394,7 @@ def learn_min_events(
     threads: int = 0,
     new_users: bool = True,
     by_time: bool = False,
+    known_prior: bool = True,
 ) -> dict[str, Any]:
     """The model's gates, learned on the validation split: the number of events
     below which popularity's answer (what the service gives a user the gate
@@ -392,14 +410,18 @@ def learn_min_events(
     With new users (and dense rows: not for an approximate index), the
     `history_prior` of PRIOR_GRID whose blend with popularity answers their
     histories best is learned too, kept only when it beats min_history's
-    answers clearly (paired z >= GATE_Z); min_history is then 0.
+    answers clearly (paired z >= GATE_Z); min_history is then 0. Where the
+    validation users are known ones, `user_prior` is learned on them the same
+    way against min_events' answers (with `known_prior`); min_events is then 0.
 
-    Returns {"min_events", "min_history", "history_prior", "users", "gated", "value",
+    Returns {"min_events", "min_history", "history_prior", "user_prior", "users",
+    "gated", "value",
     "gated_value"} (the validation users, at the gate that applies to them)
     and {"new_histories", "new_gated", "new_value", "new_gated_value"} (the
     new users' histories; 0 and None when none were made)."""
     unknown = {"new_histories": 0, "new_gated": 0, "new_value": None, "new_gated_value": None}
-    none = {"min_events": 0, "min_history": -1, "history_prior": 0.0, "users": 0, "gated": 0}
+    none = {"min_events": 0, "min_history": -1, "history_prior": 0.0, "user_prior": 0.0}
+    none |= {"users": 0, "gated": 0}
     none |= {"value": None}
     none |= {"gated_value": None} | unknown
     cls = MODELS[algorithm]
@@ -407,7 +429,7 @@ def learn_min_events(
         return none
 
     def fit(data: Dataset) -> Recommender:
-        ungated = {"min_events": 0, "min_history": -1, "history_prior": 0.0}
+        ungated = {"min_events": 0, "min_history": -1, "history_prior": 0.0, "user_prior": 0.0}
         model = create(algorithm, **{**params, **ungated})
         model.n_threads = threads
         return model.fit(data)
@@ -427,6 +449,16 @@ def learn_min_events(
         model, recs, scores, relevant[users], metric, k, **where
     )
     min_events = _best_count(evidence, gain)
+    # known users (not inline histories): the user_prior whose blend beats the
+    # min_events gate's answers clearly; min_events is then 0
+    user_prior, blended = 0.0, None
+    if known_prior and not inline:
+        blended = _prior_metrics(model, None, relevant[users], metric, k, users=users)
+        if blended is not None:
+            as_gated = np.where(evidence < min_events, mine + gain, mine)
+            user_prior, ju = _learn_prior(as_gated, blended)
+    if user_prior:
+        min_events = 0
     new = None
     if new_users:
         new = _new_user_gains(fit, split.train, metric, k, threshold, by_time)
@@ -453,11 +485,16 @@ def learn_min_events(
         "min_events": min_events,
         "min_history": min_history,
         "history_prior": history_prior,
+        "user_prior": user_prior,
         "users": int(users.size),
         "gated": int((evidence < gate).sum()),
         "value": float(mine.mean()),
         "gated_value": float((mine.sum() + gain[evidence < gate].sum()) / mine.size),
     }
+    if user_prior:  # the validation users (known ones) are blended, none gated
+        assert blended is not None
+        out["gated"] = 0
+        out["gated_value"] = float(np.nanmean(blended[ju]))
     if new is None:
         return out | unknown
     new_evidence, new_mine, new_gain, new_prior = new
@@ -485,12 +522,21 @@ def _gate(
     threads: int,
     history_given: bool = False,
     by_time: bool = False,
+    known_prior: bool = True,
 ) -> None:
     """Learn r's gates (learn_min_events) and add them to its best params (not
-    min_history when it was given)."""
+    min_history when it was given; user_prior only with `known_prior`)."""
     try:
         r.gate = learn_min_events(
-            r.algorithm, r.best_params, split, metric, k, threshold, threads, by_time=by_time
+            r.algorithm,
+            r.best_params,
+            split,
+            metric,
+            k,
+            threshold,
+            threads,
+            by_time=by_time,
+            known_prior=known_prior,
         )
     except (ValueError, TrainingError) as exc:  # the search's fits worked: say, go on ungated
         log.warning("tune %s: min_events not learned: %s", r.algorithm, exc)
@@ -503,9 +549,23 @@ def _gate(
         learned["min_history"] = g["min_history"]  # else it follows min_events
     if g["history_prior"] and not history_given:
         learned["history_prior"] = g["history_prior"]
+    if g.get("user_prior"):
+        learned["user_prior"] = g["user_prior"]
     r.best_params = {**r.best_params, **learned}
+    if g.get("user_prior"):
+        log.info(
+            "tune %s: user_prior=%g: %d validation users blended with popularity, "
+            "%.4f -> %.4f (no min_events gate)",
+            r.algorithm,
+            g["user_prior"],
+            g["users"],
+            g["value"],
+            g["gated_value"],
+        )
     lengths = f"{NEW_USER_LENGTHS[0]}-{NEW_USER_LENGTHS[-1]}"
     if not (g["min_events"] or g["min_history"] > 0 or g["gated"] or g["history_prior"]):
+        if g.get("user_prior"):
+            return  # said above; new users follow min_history (-1: as min_events, 0)
         log.info(
             "tune %s: no min_events or min_history gate: popularity does not clearly beat it "
             "for users with few events (%d validation users; %d histories of %s events of "
@@ -1270,7 +1330,8 @@ def tune(
     if "min_events" not in dict(fixed or {}):  # a given min_events: neither gate is learned
         for r in done:
             given = bool({"min_history", "history_prior"} & set(dict(fixed or {})))
-            _gate(r, inner, metric, k, threshold, threads, given, protocol == "temporal")
+            known = "user_prior" not in dict(fixed or {})  # a given user_prior stays
+            _gate(r, inner, metric, k, threshold, threads, given, protocol == "temporal", known)
     best = done[0]
     for r in done[1:]:  # as served: with each one's gate
         if better(metric, r.served_value(), best.served_value()):  # type: ignore[arg-type]

@@ -375,7 +375,7 @@ def sparse_log():
 
 def test_tune_learns_a_gate_that_holds_on_the_held_out_test(sparse_log):
     outer, inner = splits(sparse_log, "random", 0.2, 0, 1)
-    gate = learn_min_events("als", ALS, inner, "ndcg@20", 20, None)
+    gate = learn_min_events("als", ALS, inner, "ndcg@20", 20, None, known_prior=False)
     assert gate["min_events"] > 1 and 0 < gate["gated"] < gate["users"]
     assert gate["gated_value"] > gate["value"]
     # the gate learned on validation also raises the test figure, which never saw it
@@ -495,7 +495,7 @@ def test_tune_learns_a_history_prior_that_beats_model_and_popularity_for_new_use
     ds = to_dataset(generate(3000, 1500, 45000, seed=4, zipf=1.1))
     rest, events, _ = new_user_histories(ds, None, seed=1)  # never seen by the learning
     _, inner = splits(rest, "random", 0.2, 0, 1)
-    gate = learn_min_events("als", ALS, inner, "ndcg@20", 20, None)
+    gate = learn_min_events("als", ALS, inner, "ndcg@20", 20, None, known_prior=False)
     assert gate["history_prior"] > 0 and gate["min_history"] == 0
     assert gate["new_gated_value"] > gate["new_value"]
     assert gate["gated_value"] == gate["value"]  # known users: untouched
@@ -553,7 +553,7 @@ def test_algorithms_are_compared_with_a_prior_that_changed_the_validation_histor
 
 
 def test_tune_publishes_the_learned_gate_and_keeps_a_given_one(sparse_log, tmp_path, caplog):
-    params = {k: v for k, v in ALS.items()}
+    params = {**ALS, "user_prior": 0.0}  # given: the gate is what is learned for known users
     with caplog.at_level(logging.INFO, logger="recserve.tuning"):
         out = tune(sparse_log, ["als"], name="t", models_dir=tmp_path, trials=1, fixed=params)
     doc = bundle.read_manifest(bundle.resolve(tmp_path, "t"))
@@ -601,7 +601,8 @@ def test_tune_compares_the_algorithms_as_served(sparse_log, tmp_path):
     doc = bundle.read_manifest(bundle.resolve(tmp_path, "t"))
     per_algo = {r["algorithm"]: r for r in doc["tuning"]["algorithms"]}
     als = per_algo["als"]
-    assert als["min_events"]["min_events"] > 1  # the gate lifts ALS on this log
+    assert als["min_events"]["user_prior"] > 0  # the blend lifts ALS's known users here
+    assert als["min_events"]["min_events"] == 0  # in the gate's place
     lifted = als["best_value"] + als["min_events"]["gated_value"] - als["min_events"]["value"]
     assert out["best_by_algorithm"]["als"] == pytest.approx(lifted)
     assert lifted > als["best_value"]
@@ -609,3 +610,32 @@ def test_tune_compares_the_algorithms_as_served(sparse_log, tmp_path):
     want = max(out["best_by_algorithm"], key=out["best_by_algorithm"].get)
     assert out["algorithm"] == want
     assert out["validation"] == pytest.approx(out["best_by_algorithm"][want])
+
+
+def test_tune_learns_a_user_prior_that_beats_the_gate_on_the_held_out_test(sparse_log, tmp_path):
+    outer, inner = splits(sparse_log, "random", 0.2, 0, 1)
+    learned = learn_min_events("als", ALS, inner, "ndcg@20", 20, None)
+    assert learned["user_prior"] > 0 and learned["min_events"] == 0
+    assert learned["gated_value"] > learned["value"] and learned["gated"] == 0
+    gate = learn_min_events("als", ALS, inner, "ndcg@20", 20, None, known_prior=False)
+    assert gate["min_events"] > 1
+    # on the test split, which the learning never saw: the blend beats the
+    # gate, which beats the model alone (evaluate answers as served: as_served)
+    test = {}
+    for name, extra in (
+        ("plain", {}),
+        ("gate", {"min_events": gate["min_events"]}),
+        ("prior", {"user_prior": learned["user_prior"]}),
+    ):
+        got = evaluate(create("als", **ALS, **extra), sparse_log, "random", [20], split=outer)
+        test[name] = got["metrics"]["ndcg@20"]
+    assert test["prior"] > test["gate"] > test["plain"], test
+    # tune publishes it, and a given user_prior is kept
+    out = tune(sparse_log, ["als"], name="p", models_dir=tmp_path, trials=1, fixed=ALS)
+    doc = bundle.read_manifest(bundle.resolve(tmp_path, "p"))
+    assert doc["params"]["user_prior"] == out["params"]["user_prior"] > 0
+    assert doc["params"]["min_events"] == 0
+    fixed = {**ALS, "user_prior": 0.5}
+    tune(sparse_log, ["als"], name="q", models_dir=tmp_path, trials=1, fixed=fixed)
+    doc = bundle.read_manifest(bundle.resolve(tmp_path, "q"))
+    assert doc["params"]["user_prior"] == 0.5
