@@ -792,11 +792,8 @@ def _with_prior(
     if model.sparse_scores and not (scores > 0).any():
         return None
     rows = np.empty((2, model.n_items), np.float32)
-    if known:
-        ok, n = model.dense_user(int(who), rows[0]), model.training_evidence(int(who))
-    else:
-        ok, n = model.dense_history(who, rows[0]), model.evidence(np.asarray(who.data))
-    if not ok:
+    n = model.prior_row(rows[0], int(who)) if known else model.prior_row(rows[0], row=who)
+    if n is None:
         return None
     counts = liked_counts(model.user_items)
     return blend_popularity(rows, counts, prior_weight(c, n), k, model.sparse_scores)

@@ -377,14 +377,11 @@ def as_served(
     rows = np.empty((2, model.n_items), np.float32)
     for r in np.flatnonzero(blend):
         if histories is not None:
-            h = histories[int(r)]
-            ok = model.dense_history(h, rows[0], True)
-            n = model.evidence(np.asarray(h.data, np.float32))
+            n = model.prior_row(rows[0], row=histories[int(r)])
         else:
             assert users is not None
-            ok = model.dense_user(int(users[r]), rows[0], True)
-            n = model.training_evidence(int(users[r]))
-        if ok:
+            n = model.prior_row(rows[0], int(users[r]))
+        if n is not None:
             items, _ = blend_popularity(
                 rows, counts, prior_weight(c, n), recs.shape[1], model.sparse_scores
             )

@@ -301,14 +301,11 @@ def _prior_metrics(
     recs = np.full((len(PRIOR_GRID), scored.size, k), -1, np.int64)
     for i, r in enumerate(scored):
         if histories is not None:
-            h = histories[int(r)]
-            ok = model.dense_history(h, rows[0], True)
-            n = model.evidence(np.asarray(h.data, np.float32))
+            n = model.prior_row(rows[0], row=histories[int(r)])
         else:
             assert users is not None
-            ok = model.dense_user(int(users[r]), rows[0], True)
-            n = model.training_evidence(int(users[r]))
-        if not ok:
+            n = model.prior_row(rows[0], int(users[r]))
+        if n is None:
             return None
         dense = rows[0].copy()
         for j, c in enumerate(PRIOR_GRID):

@@ -556,6 +556,25 @@ class Recommender(ABC):
             return int(values.size)
         return int(np.count_nonzero(values > 0 if self.weighs_by_value else values >= 0))
 
+    def prior_row(
+        self,
+        out: np.ndarray,
+        user: int = -1,
+        row: sp.csr_matrix | None = None,
+        filter_seen: bool = True,
+    ) -> int | None:
+        """The dense row a prior blends with popularity written into `out` (a
+        known `user`'s own, or a history `row`'s fold-in), and the number of
+        events n that weighs it (`training_evidence`, or the row's `evidence`);
+        None for a model without dense rows (an approximate index)."""
+        if row is None:
+            if not self.dense_user(user, out, filter_seen):
+                return None
+            return self.training_evidence(user)
+        if not self.dense_history(row, out, filter_seen):
+            return None
+        return self.evidence(np.asarray(row.data, np.float32))
+
     def training_evidence(self, user: int) -> int:
         """`evidence` of a known user's training row; its length where every
         training value counts (no dislikes, no values <= 0 for a model that

@@ -601,13 +601,8 @@ class Router:
         pool = self._pool(2, m.n_items)
         rows = pool.take()
         try:
-            fs = not q.include_seen
-            ok = (
-                m.dense_user(user, rows[0], fs)
-                if row is None
-                else m.dense_history(row, rows[0], fs)
-            )
-            if not ok:
+            n = m.prior_row(rows[0], user, row, not q.include_seen)
+            if n is None:
                 return False, None
             if cand is not None:
                 keep = rows[0][cand]
@@ -617,7 +612,6 @@ class Router:
                 rows[0][excl] = np.nan
             if m.sparse_scores and not (rows[0] > 0).any():
                 return True, None
-            n = m.training_evidence(user) if row is None else m.evidence(np.asarray(row.data))
             w = prior_weight(c, n)
             items, scores = blend_popularity(rows, slot.popular_counts(), w, k, m.sparse_scores)
         finally:
