@@ -592,12 +592,6 @@ class Recommender(ABC):
         gate = int(self.params.get("min_history", -1))
         return int(self.params.get("min_events", 0)) if gate < 0 else gate
 
-    def prior_weight(self, values: np.ndarray) -> float:
-        """Popularity's weight in a new user's answer (`history_prior` c, the
-        history's evidence n): c / (c + n); 0 without a prior."""
-        c = float(self.params.get("history_prior", 0.0))
-        return prior_weight(c, self.evidence(values)) if c > 0 else 0.0
-
     def too_little(self, values: np.ndarray, known: bool = True) -> bool:
         """Whether a history (its values) is below the model's gate, `min_events`
         for a known user (`known`: training row and newer events) and
