@@ -66,6 +66,7 @@ def router(ds, tmp_path_factory):
         ("knnp", "itemknn", {"history_prior": 1.0}),
         ("alsu", "als", {**ALS, "user_prior": 2.0}),
         ("knnu", "itemknn", {"user_prior": 1.0}),
+        ("alsu_ivf", "als", {**ALS, "user_prior": 2.0, "index": "ivf", "nprobe": 64}),
         ("popularity", "popularity", {}),
     ):
         create(algo, **params).fit(ds).save(root, name, dataset=ds)
@@ -282,6 +283,10 @@ def test_a_known_users_answer_is_blended_with_popularity_under_user_prior(router
         u = m.users.get(uid)
         got = router.recommend(RecQuery(user_id=uid, k=K, model=name))
         assert got.served_by == "" and len(got.item_ids) == K
+        # the plain request's path (Router._plain) and the general one agree
+        assert router.plain_target(RecQuery(user_id=uid, k=K, model=name)) is not None
+        general = router.recommend(RecQuery(user_id=uid, k=K, model=name, explain=True))
+        assert general.item_ids == got.item_ids and np.allclose(general.scores, got.scores)
         items, scores = m.recommend([u], m.n_items)  # the model's own full ranking
         own_scores = np.full(m.n_items, np.nan)
         keep = items[0] >= 0
@@ -310,6 +315,21 @@ def test_a_known_users_answer_is_blended_with_popularity_under_user_prior(router
         a = router.recommend(RecQuery(user_id="new", history=h, k=K, model=name))
         b = router.recommend(RecQuery(user_id="new", history=h, k=K, model=plain))
         assert a.item_ids == b.item_ids
+
+
+def test_a_user_prior_does_not_apply_through_an_approximate_index(router):
+    """An IVF model has no dense row to blend: its known users are answered by
+    its own ranking on the plain path and the general one alike, and the
+    plain request stays batchable (Router.plain_prior 0)."""
+    m = router.catalog.get("alsu_ivf").model
+    assert m.item_index is not None and m.params["user_prior"] == 2.0
+    assert Router.plain_prior(m) == 0.0
+    assert Router.plain_prior(router.catalog.get("alsu").model) == 2.0
+    for uid in ("one", "three", "u5"):
+        got = router.recommend(RecQuery(user_id=uid, k=K, model="alsu_ivf"))
+        assert got.served_by == "" and got.item_ids == own(router, "alsu_ivf", uid)
+        general = router.recommend(RecQuery(user_id=uid, k=K, model="alsu_ivf", explain=True))
+        assert general.item_ids == got.item_ids
 
 
 def test_a_hybrid_blends_its_components_without_their_history_prior(router):

@@ -445,6 +445,12 @@ class Recommender(ABC):
         n = int((items[0] >= 0).sum())
         return items[0, :n], scores[0, :n]
 
+    @property
+    def has_dense_rows(self) -> bool:
+        """Whether dense_user / dense_history write rows (False: the ranking is
+        an approximate index's, not the top-k of a dense row)."""
+        return True
+
     def dense_user(self, user: int, out: np.ndarray, filter_seen: bool = True) -> bool:
         """Write a known user's scores over every item into `out` (float32,
         n_items), NaN at the seen items when filter_seen: the row whose top-k

@@ -131,6 +131,10 @@ class EmbeddingIndexMixin(Recommender):
             self._exact_user_matrix(), user, vectors, k, indptr, indices, filter_seen, bias
         )
 
+    @property
+    def has_dense_rows(self) -> bool:
+        return self.item_index is None
+
     def dense_user(self, user: int, out: np.ndarray, filter_seen: bool = True) -> bool:
         """Exact retrieval: topk_user's scores, into `out`; False with an index."""
         if self.item_index is not None:

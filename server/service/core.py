@@ -639,6 +639,8 @@ class Core:
         if kind is None or not kind.batches_well or kind.sparse_scores:
             return None  # (a sparse_scores answer may need Router._plain's fill)
         slot, user = target
+        if Router.plain_prior(slot.model):
+            return None  # blended with popularity per user (Router._plain)
         stages = {"resolve": time.perf_counter() - t, "retrieve": 0.0, "rank": 0.0}
         key = (slot.name, slot.version, q.k, not q.include_seen)
         return Plan(key, slot, q, user, stages, request.request_id)

@@ -423,6 +423,15 @@ class Router:
         t2 = time.perf_counter()
         stages["resolve"] += t2 - t
         check()
+        c = self.plain_prior(m)
+        if c:
+            # a known user under user_prior: the general path's _with_prior, here
+            # without its resolving (no history, exclusions or candidates)
+            _, s = self._with_prior(slot, q, q.k, None, _NO_IDX, None, c, user)
+            stages["retrieve"] += time.perf_counter() - t2
+            if s is None:
+                return None  # a sparse row reaching nothing: a cold user, down the chain
+            return self.plain_answer(slot, q, user, s.items, s.scores, stages, check)
         items, scores = m.recommend_user(user, q.k, filter_seen=not q.include_seen)
         stages["retrieve"] += time.perf_counter() - t2
         if m.sparse_scores and scores.size and scores[-1] <= 0:
@@ -453,9 +462,16 @@ class Router:
         user = m.users.get(q.user_id)
         if user < 0 or m.is_cold(user) or m.gated(user) or self.online.history(q.user_id):
             return None
-        if m.params.get("user_prior", 0.0):
-            return None  # blended with popularity: _serve's path
         return slot, user
+
+    @staticmethod
+    def plain_prior(m: Recommender) -> float:
+        """The `user_prior` a plain request to `m` is blended with popularity
+        under (_with_prior): 0 for none, and for a model ranking through an
+        approximate index (no dense row to blend: answered as without it, on
+        every path). A plain request with a prior is not batched."""
+        c = float(m.params.get("user_prior", 0.0))
+        return c if c and m.has_dense_rows else 0.0
 
     @staticmethod
     def plain_batch(
@@ -613,7 +629,7 @@ class Router:
             if m.sparse_scores and not (rows[0] > 0).any():
                 return True, None
             w = prior_weight(c, n)
-            items, scores = blend_popularity(rows, slot.popular_counts(), w, k, m.sparse_scores)
+            items, scores = blend_popularity(rows, slot.popular_row(), w, k, m.sparse_scores)
         finally:
             pool.give(rows)
         return True, _Served(slot, items, scores, user if row is None else -1, row, blended=True)
