@@ -15,7 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from recserve.config import Hybrid
 from recserve.memstat import process_memory
+from recserve.models import create
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 from tests.service_helpers import publish_models, running
@@ -38,7 +40,12 @@ values = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-5, 5).map(float)
 )
 ks = st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-2, 1200))
-models = st.sampled_from(["", "als", "popularity", "itemknn", "bayes_mf", "nope", "../etc", "a/b"])
+# Besides the plain models: ALS and item-kNN with both priors (popularity
+# blended in for new and known users) and a hybrid with both of its own.
+PRIORS = ["als_prior", "knn_prior", "mix"]
+models = st.sampled_from(
+    ["", "als", "popularity", "itemknn", "bayes_mf", *PRIORS, "nope", "../etc", "a/b"]
+)
 interaction = st.builds(
     pb.Interaction,
     user_id=ids,
@@ -64,7 +71,15 @@ recommend = st.builds(
 def srv(request, small, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-models")
     publish_models(small, root)
-    with running(root, server=request.param, max_message_bytes=4 * 1024 * 1024) as s:
+    priors = {"history_prior": 2.0, "user_prior": 2.0}
+    create("als", factors=16, iterations=5, **priors).fit(small).save(
+        root, "als_prior", dataset=small
+    )
+    create("itemknn", k=50, **priors).fit(small).save(root, "knn_prior", dataset=small)
+    mix = Hybrid("mix", {"als": 0.5, "itemknn": 0.5}, history_prior=1.0, user_prior=2.0)
+    with running(
+        root, server=request.param, max_message_bytes=4 * 1024 * 1024, hybrids={"mix": mix}
+    ) as s:
         yield s
         alive = s.rec.Recommend(pb.RecommendRequest(user_id="7", k=3), timeout=10)
         assert len(alive.items) == 3  # still serving after everything below
@@ -211,7 +226,7 @@ def _recommend_like(rnd) -> pb.RecommendRequest:
             for _ in range(rnd.randint(0, 30))
         ],
         k=rnd.choice([rnd.randint(1, 50), rnd.randint(-3, 2000)]),
-        model=rnd.choice(["", "als", "popularity", "itemknn", "bayes_mf", "nope"]),
+        model=rnd.choice(["", "als", "popularity", "itemknn", "bayes_mf", *PRIORS, "nope"]),
         exclude_item_ids=[an_id() for _ in range(rnd.randint(0, 20))],
         candidate_item_ids=[an_id() for _ in range(rnd.randint(0, 5))],
         include_seen=rnd.random() < 0.5,
@@ -230,7 +245,7 @@ known_item = st.integers(1, 310).map(str)  # a few beyond the catalogue (1-300)
         max_size=12,
     ),
     k=st.integers(1, 60),
-    model=st.sampled_from(["", "als", "itemknn", "popularity", "bayes_mf"]),
+    model=st.sampled_from(["", "als", "itemknn", "popularity", "bayes_mf", *PRIORS]),
     exclude=st.lists(known_item, max_size=15),
     candidates=st.one_of(st.just([]), st.lists(known_item, min_size=1, max_size=40)),
     include_seen=st.booleans(),
