@@ -796,6 +796,8 @@ def _with_prior(
     if n is None:
         return None
     counts = liked_counts(model.user_items)
+    if not counts.any():
+        return None  # no training counts: the router does not blend (Slot.popularity_known)
     return blend_popularity(rows, counts, prior_weight(c, n), k, model.sparse_scores)
 
 

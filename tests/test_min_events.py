@@ -323,8 +323,8 @@ def test_a_user_prior_does_not_apply_through_an_approximate_index(router):
     plain request stays batchable (Router.plain_prior 0)."""
     m = router.catalog.get("alsu_ivf").model
     assert m.item_index is not None and m.params["user_prior"] == 2.0
-    assert Router.plain_prior(m) == 0.0
-    assert Router.plain_prior(router.catalog.get("alsu").model) == 2.0
+    assert Router.plain_prior(router.catalog.get("alsu_ivf")) == 0.0
+    assert Router.plain_prior(router.catalog.get("alsu")) == 2.0
     for uid in ("one", "three", "u5"):
         got = router.recommend(RecQuery(user_id=uid, k=K, model="alsu_ivf"))
         assert got.served_by == "" and got.item_ids == own(router, "alsu_ivf", uid)

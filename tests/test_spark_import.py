@@ -11,7 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from recserve.cli import main
+from recserve.config import Hybrid, ServerConfig
+from recserve.evaluation import as_served
+from recserve.feedback import OnlineState
 from recserve.models import load_named
+from recserve.serving import Catalog, RecQuery, Router
 
 
 def write_spark(folder, ids, factors, parts=2):
@@ -225,3 +229,56 @@ def test_a_folder_that_is_no_saved_alsmodel_is_named(spark, case, match):
             meta.write_text(json.dumps({"class": "org.apache.spark.ml.feature.PCAModel"}) + "\n")
     with pytest.raises(SparkImportError, match=match):
         saved_model(folder)
+
+
+def test_priors_do_not_blend_a_popularity_without_counts(spark, capsys):
+    """Imported without --data, a model has no training counts: a prior (a
+    hybrid's, or the model's own) would blend a flat popularity, which adds
+    weight to the first items by index. It does not apply: known users and new
+    users' histories are answered as without it, in the router, as_served and
+    the CLI."""
+    tmp, users, items, u, y = spark
+    models = tmp / "models"
+    args = ["--user-factors", tmp / "userFactors", "--item-factors", tmp / "itemFactors"]
+    code, out, _ = run(capsys, "import", "spark-als", *args, "--name", "spark", "--models", models)
+    assert code == 0, out
+    m = load_named(models, "spark")
+    m.params |= {"history_prior": 2.0, "user_prior": 2.0}
+    m.save(models, "spark_p")
+    hybrids = {
+        "h": Hybrid("h", {"spark": 1.0}, history_prior=2.0, user_prior=2.0),
+        "h_dense": Hybrid("h_dense", {"spark": 0.5, "spark_p": 0.5}, history_prior=2.0),
+    }
+    cfg = ServerConfig(models=str(models), hybrids=hybrids)
+    catalog = Catalog(cfg.models)
+    catalog.start()
+    catalog.wait(60)
+    try:
+        router = Router(cfg, catalog, OnlineState())
+        assert not catalog.get("spark").popularity_known()
+        history = [(str(items[3]), 1.0), (str(items[40]), 1.0)]
+        new = m.items.index([h for h, _ in history])
+        fold, _ = m.recommend_from_history(new, k=10)
+        want_new = m.items.ids(fold)
+        for name in ("spark_p", "h", "h_dense"):
+            for r in (0, 13, 59):
+                uid = str(users[r])
+                want = [str(items[i]) for i in np.argsort(-(y @ u[r]), kind="stable")[:10]]
+                every = tuple(m.items.ids(np.arange(m.n_items)))
+                # the plain path, with explanations, and the general one (candidates)
+                for extra in ({}, {"explain": True}, {"candidates": every}):
+                    got = router.recommend(RecQuery(user_id=uid, k=10, model=name, **extra))
+                    assert got.item_ids == want, (name, uid, extra.keys())
+            got = router.recommend(RecQuery(user_id="newcomer", history=history, k=10, model=name))
+            assert got.item_ids == want_new, name
+        user = m.users.get(str(users[0]))
+        recs, scores = m.recommend([user], 10)
+        assert (
+            as_served(catalog.get("spark_p").model, recs, scores, users=np.array([user])) == recs
+        ).all()
+        cli = ["recommend", "--models", str(models), "--name", "spark_p", "--user", str(users[0])]
+        assert main([*cli, "--k", "10"]) == 0
+        line = json.loads(capsys.readouterr()[0].strip().splitlines()[-1])
+        assert [x["item_id"] for x in line["items"]] == m.items.ids(recs[0])
+    finally:
+        catalog.close()

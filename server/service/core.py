@@ -639,7 +639,7 @@ class Core:
         if kind is None or not kind.batches_well or kind.sparse_scores:
             return None  # (a sparse_scores answer may need Router._plain's fill)
         slot, user = target
-        if Router.plain_prior(slot.model):
+        if Router.plain_prior(slot):
             return None  # blended with popularity per user (Router._plain)
         stages = {"resolve": time.perf_counter() - t, "retrieve": 0.0, "rank": 0.0}
         key = (slot.name, slot.version, q.k, not q.include_seen)

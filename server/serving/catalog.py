@@ -49,6 +49,7 @@ class Slot:
     _popular: np.ndarray | None = field(default=None, repr=False)
     _counts: np.ndarray | None = field(default=None, repr=False)
     _row: np.ndarray | None = field(default=None, repr=False)
+    _counted: bool | None = field(default=None, repr=False)
 
     def popular_counts(self) -> np.ndarray:
         """Training interactions per item, dislikes (negative values) not
@@ -64,6 +65,15 @@ class Slot:
         if self._row is None:
             self._row = self.popular_counts().astype(np.float32)
         return self._row
+
+    def popularity_known(self) -> bool:
+        """Whether any item has a training interaction: a prior blends
+        popularity in only then. A model imported without its interactions
+        (`recserve import` without --data) counts none, and a flat popularity
+        would add weight to the first items by index."""
+        if self._counted is None:
+            self._counted = bool(self.popular_counts().any())
+        return self._counted
 
     def popular_order(self) -> np.ndarray:
         """Items by training interaction count (ties by index): the last resort."""

@@ -423,7 +423,7 @@ class Router:
         t2 = time.perf_counter()
         stages["resolve"] += t2 - t
         check()
-        c = self.plain_prior(m)
+        c = self.plain_prior(slot)
         if c:
             # a known user under user_prior: the general path's _with_prior, here
             # without its resolving (no history, exclusions or candidates)
@@ -465,13 +465,16 @@ class Router:
         return slot, user
 
     @staticmethod
-    def plain_prior(m: Recommender) -> float:
-        """The `user_prior` a plain request to `m` is blended with popularity
-        under (_with_prior): 0 for none, and for a model ranking through an
-        approximate index (no dense row to blend: answered as without it, on
-        every path). A plain request with a prior is not batched."""
+    def plain_prior(slot: Slot) -> float:
+        """The `user_prior` a plain request to the slot's model is blended with
+        popularity under (_with_prior): 0 for none, for a model ranking through
+        an approximate index (no dense row to blend) and for one without
+        training counts (Slot.popularity_known): answered as without it then,
+        on every path. A plain request with a prior is not batched."""
+        m = slot.model
+        assert m is not None
         c = float(m.params.get("user_prior", 0.0))
-        return c if c and m.has_dense_rows else 0.0
+        return c if c and m.has_dense_rows and slot.popularity_known() else 0.0
 
     @staticmethod
     def plain_batch(
@@ -579,7 +582,7 @@ class Router:
             if not component:
                 new_c = m.params.get("history_prior", 0.0)
                 known_c = m.params.get("user_prior", 0.0)
-                if new_c or known_c:
+                if (new_c or known_c) and slot.popularity_known():
                     prior = new_c if user < 0 or m.is_cold(user) else known_c
             s = self._retrieve(slot, q, k, user, extra_idx, extra_val, excl, cand, prior)
             if s is None or s.blended:
@@ -830,7 +833,9 @@ class Router:
         t = time.perf_counter()
         try:
             pop = None
-            if (new_user and hy.history_prior) or (first_user >= 0 and hy.user_prior):
+            if ((new_user and hy.history_prior) or (first_user >= 0 and hy.user_prior)) and comps[
+                0
+            ][1].popularity_known():
                 pop = self._prior_part(hy, comps[0][1], q, n, first_user)
                 parts = [(w * (1.0 - pop[0]) / weight, s) for w, s in parts]
             return self._blend(parts, q, check, pop)
@@ -991,8 +996,10 @@ class Router:
             weights = plan.weights if every else plan.weights[picked]
             positive = plan.positive if every else plan.positive[picked]
             n_rows = len(used)
-            if priors and (
-                (new_user and hy.history_prior) or (first_user >= 0 and hy.user_prior)
+            if (
+                priors
+                and ((new_user and hy.history_prior) or (first_user >= 0 and hy.user_prior))
+                and comps[0][1].popularity_known()
             ):  # popularity's part, as the general path's _prior_part
                 a, seen = self._prior_of(hy, m0, first_user, extra_idx, extra_val)
                 pop = rows[n_rows]
