@@ -131,7 +131,7 @@ def new_users(specs: dict, lengths: list[int], trials: int) -> None:
         took = time.perf_counter() - t
         order = sorted(range(len(names)), key=lambda i: names[i])  # as served: hybrids.json's order
         models = [fitted[i] for i in order]
-        weights = [out["weights"][names[i]] for i in order]
+        weights = [out["weights"].get(names[i], 0.0) for i in order]
         counts = np.bincount(train.interactions.indices, minlength=train.n_items)
         popular = np.lexsort((np.arange(counts.size), -counts))
         cells = []
@@ -192,7 +192,7 @@ def known_users(specs: dict, trials: int) -> None:
         truth = [set(test.indices[test.indptr[u] : test.indptr[u + 1]].tolist()) for u in users]
         without, prior = hybrid_user_answers(
             [fitted[i] for i in order],
-            [out["weights"][names[i]] for i in order],
+            [out["weights"].get(names[i], 0.0) for i in order],
             users,
             K,
             [0.0, out["user_prior"]],

@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="fix a parameter"
     )
+    tn.add_argument(
+        "--keep-components",
+        action="store_true",
+        help="--hybrid: keep every component, even one the validation shows the blend does "
+        "as well without (by default left out: each costs a dense row per served call)",
+    )
     tn.add_argument("--trials", type=int, default=30, help="trials per algorithm (default 30)")
     tn.add_argument("--minutes", type=float, default=None, help="stop searching after this long")
     tn.add_argument(
@@ -654,7 +660,9 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
                 "hybrid: --param, --minutes, --threshold and --test apply to --algo only"
             )
         parts = [c.strip() for c in args.hybrid.split(",") if c.strip()]
-        return tuning.tune_hybrid(ds, parts, **common)
+        return tuning.tune_hybrid(ds, parts, prune=not args.keep_components, **common)
+    if args.keep_components:
+        raise ValueError("keep-components: applies to --hybrid only")
     algos = [a.strip() for a in args.algo.split(",") if a.strip()]
     return tuning.tune(
         ds,
@@ -874,7 +882,8 @@ state_dir = "{state}"
 hybrid = ["als", "itemknn"]
 
 # The hybrid "hybrid" blends als, itemknn and content with weights learned on a
-# validation split (`recserve tune --hybrid`, written to {models}/hybrids.json).
+# validation split (`recserve tune --hybrid`, written to {models}/hybrids.json),
+# less a component the validation shows it does as well without ("dropped" there).
 # A [hybrids.hybrid] table here would replace them, e.g. als = 0.5, itemknn = 0.3.
 
 [experiments.homepage]

@@ -355,6 +355,47 @@ def _z(d: np.ndarray) -> float:
     return float(d.sum()) / spread if spread > 0 else 0.0
 
 
+# A hybrid's component is left out of its blend (tune_hybrid) where the
+# validation shows, at paired z >= GATE_Z, that its answers without it lose
+# less than this share of the metric, for known users (the weight search's
+# validation users) and new users' histories (learn_hybrid_prior's) alike:
+# every served call computes a dense row per component, for nothing there.
+PRUNE_TOLERANCE = 0.005
+
+
+def _bearable(full: np.ndarray, pruned: np.ndarray) -> bool:
+    """Whether per-user scores `pruned` lose less than PRUNE_TOLERANCE of the
+    mean of `full` (the same users), an upper bound at GATE_Z standard errors."""
+    if full.size == 0:
+        return False
+    loss = full - pruned
+    bound = float(loss.mean()) + GATE_Z * float(loss.std()) / np.sqrt(loss.size)
+    return bound < PRUNE_TOLERANCE * float(full.mean())
+
+
+def prunable(
+    cands: Candidates, weights: Mapping[str, float], metric: str, k: int
+) -> tuple[list[str], np.ndarray]:
+    """The components a blend's validation users can do without: in order of
+    weight (the lightest first), each that can be left out together with the
+    ones before it, its answers bearing it against every component's
+    (_bearable); never all. Returns them and the per-user scores of the
+    blend of every component."""
+    names = cands.names
+
+    def scores(left_out: Sequence[str]) -> np.ndarray:
+        w = [0.0 if n in left_out else float(weights.get(n, 0.0)) for n in names]
+        recs = cands.blend(w, k)
+        return user_metrics(recs, cands.relevant, [k], cands.n_items)[0][metric]
+
+    full = scores(())
+    out: list[str] = []
+    for c in sorted(names, key=lambda n: (weights.get(n, 0.0), n)):
+        if len(out) + 1 < len(names) and _bearable(full, scores([*out, c])):
+            out.append(c)
+    return out, full
+
+
 def _learn_prior(gated: np.ndarray, blended: np.ndarray) -> tuple[float, int]:
     """The `history_prior` of PRIOR_GRID whose answers (`blended`, grid x
     histories) score best on average, when they beat the gate's (`gated`, as
@@ -935,6 +976,7 @@ def learn_hybrid_prior(
     threshold: float | None = None,
     by_time: bool = False,
     threads: int = 0,
+    prune: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A hybrid's `history_prior`: the c of PRIOR_GRID whose blend of
     popularity into new users' answers (weight c / (c + n) for n events, the
@@ -944,10 +986,16 @@ def learn_hybrid_prior(
     events; kept only when it beats the hybrid without it clearly (paired z
     >= GATE_Z). `specs`: each component's (algorithm, params).
 
+    `prune`: components the known users can do without (prunable), in the
+    order they would be left out: the longest head of it whose leaving out
+    the new users' answers (each with its own learned prior) can bear too
+    (_bearable) is "pruned", and the prior is learned for the rest.
+
     Returns {"history_prior", "new_histories", "new_value" (the hybrid
-    without a prior on those histories), "new_prior_value"}."""
+    without a prior on those histories), "new_prior_value", "pruned",
+    "new_full_value" (the answers of every component, as served)}."""
     out: dict[str, Any] = {"history_prior": 0.0, "new_histories": 0}
-    out |= {"new_value": None, "new_prior_value": None}
+    out |= {"new_value": None, "new_prior_value": None, "pruned": [], "new_full_value": None}
     if metric in MINIMIZE:
         return out
     made = new_user_histories(train, threshold, by_time=by_time)
@@ -961,22 +1009,40 @@ def learn_hybrid_prior(
         models[c].n_threads = threads
         models[c].fit(rest)
     first = models[names[0]]
-    w = [float(weights.get(c, 0.0)) for c in names]
+    # every component, then each longer head of `prune` left out (weight 0: as absent)
+    sets = [[float(weights.get(c, 0.0)) for c in names]]
+    for i in range(len(prune)):
+        left_out = prune[: i + 1]
+        sets.append([0.0 if c in left_out else w for c, w in zip(names, sets[0], strict=True)])
     grid = (0.0, *PRIOR_GRID)
-    answers: list[list[np.ndarray]] = [[] for _ in grid]
+    answers: list[list[list[np.ndarray]]] = [[[] for _ in grid] for _ in sets]
+    n = max(3 * k, 100)
+    # each set's first component (as served: its counts and its evidence)
+    heads = [models[names[next((i for i, x in enumerate(w) if x > 0), 0)]] for w in sets]
     for hist, truth in _new_user_cases(first, events, relevant):
-        recs = hybrid_history_answers([models[c] for c in names], w, hist, k, grid)
-        for j, x in enumerate(recs):
-            answers[j].append(user_metrics(x, truth, [k], first.n_items)[0][metric])
-    base = answers[0]
-    if not base:
+        parts = [_history_candidates(models[c], hist, n) for c in names]
+        evidence = {id(m): evidence_counts(m, histories=hist) for m in heads}
+        for s, (w, head) in enumerate(zip(sets, heads, strict=True)):
+            recs = _answers_with_prior(head, parts, w, hist, evidence[id(head)], k, grid)
+            for j, x in enumerate(recs):
+                answers[s][j].append(user_metrics(x, truth, [k], first.n_items)[0][metric])
+    if not answers[0][0]:
         return out
-    alone = np.concatenate(base)
-    blended = np.array([np.concatenate(b) for b in answers[1:]])
-    j = int(np.argmax(blended.mean(axis=1)))
+    learned = []  # per weight set: (prior, per-user scores as served, without a prior, blended)
+    for per_prior in answers:
+        alone = np.concatenate(per_prior[0])
+        blended = np.array([np.concatenate(b) for b in per_prior[1:]])
+        j = int(np.argmax(blended.mean(axis=1)))
+        if _z(blended[j] - alone) >= GATE_Z:
+            learned.append((PRIOR_GRID[j], blended[j], alone))
+        else:
+            learned.append((0.0, alone, alone))
+    s = max([i for i in range(1, len(sets)) if _bearable(learned[0][1], learned[i][1])], default=0)
+    c, served, alone = learned[s]
     out |= {"new_histories": int(alone.size), "new_value": float(alone.mean())}
-    if _z(blended[j] - alone) >= GATE_Z:
-        out |= {"history_prior": PRIOR_GRID[j], "new_prior_value": float(blended[j].mean())}
+    out |= {"pruned": list(prune[:s]), "new_full_value": float(learned[0][1].mean())}
+    if c:
+        out |= {"history_prior": c, "new_prior_value": float(served.mean())}
     return out
 
 
@@ -1416,11 +1482,15 @@ def tune_hybrid(
     leave_last: int = 1,
     threads: int = 0,
     progress: bool | None = None,
+    prune: bool = True,
 ) -> dict[str, Any]:
     """Fit a hybrid's blend weights on the validation split, and its priors
     (learn_hybrid_prior, learn_user_prior), and write them to the models
     folder's hybrids.json, where `serve` reads hybrids. One component is a
-    hybrid too: the model blended with popularity by its priors alone."""
+    hybrid too: the model blended with popularity by its priors alone. With
+    `prune`, a component whose leaving out neither the validation users nor
+    new users' histories measurably feel (PRUNE_TOLERANCE) is left out:
+    hybrids.json lists it under "dropped"."""
     bundle.check_name(name)
     models_dir = Path(models_dir)
     if not components or len(set(components)) != len(components):
@@ -1441,26 +1511,20 @@ def tune_hybrid(
         versions[c] = version
         specs[c] = (algo, params)
     cands = candidates(models, inner, max(3 * k, 100))
-    previous = read_hybrids(models_dir).get(name, {}).get("weights")
+    known = read_hybrids(models_dir).get(name, {})
+    previous = known.get("weights")
+    if previous and set(previous) | set(known.get("dropped", {})) == set(components):
+        previous = {c: float(previous.get(c, 0.0)) for c in components}  # dropped: 0
     start = [previous] if previous and set(previous) == set(components) else []
     r = fit_weights(cands, metric, k, trials, seed, start, progress)
     if r.best_value is None:
         raise ValueError("tune: no trial completed; nothing written")
-    # Popularity on the same validation events: the floor the blend should clear.
-    floor = popularity_floor(inner, metric, k, None)
-    if floor is not None:
-        hint = (
-            "A blend ranks no better than its best component allows: `recserve evaluate "
-            f"--compare {','.join([*components, 'popularity'])}` shows each on this data"
-        )
-        gap = popularity_gap(name, "hybrid", metric, r.best_value, floor, hint)
-        if gap is not None:
-            log.log(*gap)
     log.info(
         "hybrid %s: learning its priors (one more fit of %s without held-out new users)",
         name,
         ", ".join(components),
     )
+    drop, full = prunable(cands, r.best_params, metric, k) if prune else ([], None)
     prior = learn_hybrid_prior(
         specs,
         r.best_params,
@@ -1469,14 +1533,38 @@ def tune_hybrid(
         k,
         by_time=protocol == "temporal",
         threads=threads,
+        prune=drop,
     )
-    prior |= learn_user_prior(models, r.best_params, inner, metric, k)
+    weights, value, dropped = r.best_params, r.best_value, {}
+    if prior["pruned"]:
+        dropped = {c: weights[c] for c in prior["pruned"]}
+        total = sum(w for c, w in weights.items() if c not in dropped) or 1.0
+        weights = {c: round(w / total, 6) for c, w in weights.items() if c not in dropped}
+        recs = cands.blend([weights.get(c, 0.0) for c in cands.names], k)
+        value = float(ranking_metrics(recs, cands.relevant, [k], cands.n_items)[metric])
+        _log_pruned(name, metric, dropped, full, value, prior)
+        versions = {c: v for c, v in versions.items() if c not in dropped}
+    kept = {c: m for c, m in models.items() if c not in dropped}
+    # Popularity on the same validation events: the floor the blend should clear.
+    floor = popularity_floor(inner, metric, k, None)
+    if floor is not None:
+        hint = (
+            "A blend ranks no better than its best component allows: `recserve evaluate "
+            f"--compare {','.join([*components, 'popularity'])}` shows each on this data"
+        )
+        gap = popularity_gap(name, "hybrid", metric, value, floor, hint)
+        if gap is not None:
+            log.log(*gap)
+    prior |= learn_user_prior(kept, weights, inner, metric, k)
     _log_hybrid_prior(name, metric, prior)
+    prior.pop("pruned")
     entry = {
-        "weights": r.best_params,
+        "weights": weights,
         **prior,
+        "dropped": dropped,
+        "full_value": r.best_value,
         "metric": metric,
-        "value": r.best_value,
+        "value": value,
         "equal_weights_value": _equal_weights_value(r),
         "popularity_value": floor,
         "components": versions,
@@ -1489,6 +1577,33 @@ def tune_hybrid(
     }
     path = write_hybrid(models_dir, name, entry)
     return {"name": name, "path": str(path), **entry}
+
+
+def _log_pruned(
+    name: str,
+    metric: str,
+    dropped: Mapping[str, float],
+    full: np.ndarray | None,
+    value: float,
+    prior: Mapping[str, Any],
+) -> None:
+    """Say which components a hybrid leaves out, and what the validation saw."""
+    assert full is not None
+    log.info(
+        "hybrid %s: %s left out of the blend (weight %s): without %s, %s %.4f -> %.4f on "
+        "validation users, %.4f -> %.4f on new users' histories, within %g%% (--keep-components "
+        "keeps every component; each costs a dense row per served call)",
+        name,
+        ", ".join(dropped),
+        ", ".join(f"{w:g}" for w in dropped.values()),
+        "them" if len(dropped) > 1 else "it",
+        metric,
+        float(full.mean()),
+        value,
+        prior["new_full_value"],
+        prior["new_prior_value"] if prior["history_prior"] else prior["new_value"],
+        100 * PRUNE_TOLERANCE,
+    )
 
 
 def _log_hybrid_prior(name: str, metric: str, prior: Mapping[str, Any]) -> None:

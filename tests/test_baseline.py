@@ -169,7 +169,7 @@ def test_tune_hybrid_records_popularity_on_the_validation_events(tmp_path, caplo
     with caplog.at_level(logging.WARNING):
         out = tuning.tune_hybrid(
             ds, ["als", "bpr"], name="hy", models_dir=tmp_path / "m", trials=3, seed=0,
-            metric="ndcg@10", threads=1, progress=False,
+            metric="ndcg@10", threads=1, progress=False, prune=False,  # both, as searched
         )  # fmt: skip
     _, inner = tuning.splits(ds, "random", 0.2, 0, 1)
     want = tuning.score(create("popularity"), inner, "ndcg@10", 10, None)

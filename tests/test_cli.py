@@ -265,7 +265,10 @@ def test_quickstart_config_serves_the_hybrid_default(tmp_path, capsys, monkeypat
     )
     code, out, _ = run(capsys, "quickstart", "--workdir", tmp_path)
     assert code == 0
-    cfg = load_config(last_json(out)["config"], env={})
+    summary = last_json(out)
+    cfg = load_config(summary["config"], env={})
+    blended = set(summary["hybrid"]["weights"])  # less any the validation did as well without
+    assert blended | set(summary["hybrid"]["dropped"]) == {"als", "itemknn", "content"}
     app = App(replace(cfg, host="127.0.0.1", port=0, metrics_port=0), registry=CollectorRegistry())
     app.start()
     try:
@@ -273,7 +276,7 @@ def test_quickstart_config_serves_the_hybrid_default(tmp_path, capsys, monkeypat
         with RecommenderClient(f"127.0.0.1:{app.port}") as rc:
             rec = rc.recommend("1", 5)
             assert rec.model == "hybrid" and rec.served_by == "" and len(rec.items) == 5
-            assert rec.version.count("@") == 3  # als, itemknn and content blended
+            assert rec.version.count("@") == len(blended)  # each component blended
             arm = rc.recommend("1", 5, model="homepage").arm
             assert arm in ("hybrid", "als")
     finally:

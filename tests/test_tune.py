@@ -355,12 +355,14 @@ def test_the_cli_tunes_a_hybrid_and_serve_reads_it(tiny, tmp_path):
                 "hybrid",
                 "--models",
                 str(models),
+                "--keep-components",  # both, even where one would do as well alone
             ]
         )
         == 0
     )
     doc = json.loads((models / "hybrids.json").read_text())
     assert set(doc["hybrid"]["weights"]) == {"itemknn", "popularity"}
+    assert doc["hybrid"]["dropped"] == {}
     assert doc["hybrid"]["components"]["popularity"] == ""  # an algorithm, not a bundle
     assert (
         main(
