@@ -333,3 +333,15 @@ def test_dense_rows_refuse_bad_arguments():
         topk.dense_user(
             np.zeros((1, 2), np.float32), 1, np.zeros((4, 2), np.float32), np.empty(4, np.float32)
         )
+
+
+def test_unpadded_counts_the_items_of_a_padded_row():
+    """A top-k row is padded with -1 at its end: what the serving path keeps of
+    it is the same as a full count of entries >= 0."""
+    from recserve.models.base import unpadded
+
+    rng = np.random.default_rng(0)
+    for n in range(0, 12):
+        for pad in range(0, n + 1):
+            row = np.r_[rng.permutation(50)[: n - pad], np.full(pad, -1)].astype(np.int32)
+            assert unpadded(row) == int((row >= 0).sum()) == n - pad

@@ -442,7 +442,7 @@ class Recommender(ABC):
         common serving request. Same answer as recommend([user], k)[:, :eligible];
         1-d (items int32, scores float32), exactly min(k, eligible) long."""
         items, scores = self.recommend([user], k, filter_seen=filter_seen)
-        n = int((items[0] >= 0).sum())
+        n = unpadded(items[0])
         return items[0, :n], scores[0, :n]
 
     @property
@@ -670,7 +670,7 @@ class Recommender(ABC):
             filter_seen,
             None if candidates is None else [candidates],
         )
-        n = int((i[0] >= 0).sum())
+        n = unpadded(i[0])
         return i[0, :n], s[0, :n]
 
     def recommend_histories(
@@ -714,7 +714,7 @@ class Recommender(ABC):
         if one is not None:
             return one
         i, s = self._similar(np.array([item], np.int64), k)
-        n = int((i[0] >= 0).sum())
+        n = unpadded(i[0])
         return i[0, :n], s[0, :n]
 
     def _similar_one(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -1018,6 +1018,17 @@ def without_dislikes(m: sp.csr_matrix) -> sp.csr_matrix:
     out = sp.csr_matrix((data[keep], np.asarray(m.indices)[keep], indptr), shape=m.shape)
     out.has_sorted_indices = m.has_sorted_indices
     return out
+
+
+def unpadded(items: np.ndarray) -> int:
+    """How many entries of a top-k row (1-d) are items: rows are padded with -1
+    at the end past their eligible items, so a row whose last entry is an item
+    has no padding (one look, where `(row >= 0).sum()` cost ~2 us a call on the
+    serving path)."""
+    n = int(items.shape[0])
+    if n and items[n - 1] < 0:
+        return int(np.count_nonzero(items >= 0))
+    return n
 
 
 def liked_counts(user_items: sp.csr_matrix) -> np.ndarray:

@@ -42,6 +42,7 @@ from recserve.models.base import (
     blend_popularity,
     fill_unreached,
     prior_weight,
+    unpadded,
 )
 from recserve.models.registry import MODELS
 from recserve.serving.answers import (
@@ -498,7 +499,7 @@ class Router:
         check: Check = nothing,
     ) -> Ranked:
         """The Ranked answer of a plain request from its model's top-k."""
-        n = int((items >= 0).sum())
+        n = unpadded(items)
         served = _Served(slot, items[:n], scores[:n], user, None)
         t3 = time.perf_counter()
         out = self._ranked_timed(served, q, check)
@@ -747,7 +748,7 @@ class Router:
                 candidates=None if cand is None else [cand],
             )
             items, scores = items[0], scores[0]
-        n = int((items >= 0).sum())
+        n = unpadded(items)
         return _Served(slot, items[:n], scores[:n], user, row)
 
     def _pool(self, c: int, n: int) -> ScratchPool[np.ndarray]:
@@ -1010,7 +1011,7 @@ class Router:
                     pop[excl] = np.nan
                 # (np.r_ cost ~15 us for these two)
                 scaled = np.empty(n_rows + 1)
-                np.multiply(weights, (1.0 - a) / float(weights.sum()), out=scaled[:n_rows])
+                np.multiply(weights, (1.0 - a) / float(np.add.reduce(weights)), out=scaled[:n_rows])
                 scaled[n_rows] = a
                 flags = np.zeros(n_rows + 1, np.uint8)
                 flags[:n_rows] = positive
