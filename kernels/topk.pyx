@@ -889,15 +889,43 @@ cdef int gather_best(const float* row, int n, int kk, int cap, int* ci, float* c
     return m
 
 
+cdef int add_part(const int* ci, const float* cv, int m, double weight, double* total,
+                  unsigned char* touched, int* listed, int nt) noexcept nogil:
+    """One blend part (m candidates ci / cv): min-max normalised over them (all
+    equal -> 1), weighted, added to `total`; first-touched items listed.
+    Returns the new number listed."""
+    cdef int t, item
+    cdef double lo = cv[0], top = cv[0], v, span
+    for t in range(1, m):
+        if cv[t] < lo:
+            lo = cv[t]
+        if cv[t] > top:
+            top = cv[t]
+    span = top - lo
+    for t in range(m):
+        item = ci[t]
+        v = (<double>cv[t] - lo) / span if top > lo else 1.0
+        if not touched[item]:
+            touched[item] = 1
+            listed[nt] = item
+            nt = nt + 1
+        total[item] = total[item] + weight * v
+    return nt
+
+
 cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weights,
                           const unsigned char* positive, int n_cand, int k, int cap, int* ci,
                           float* cv, float* tmp, double* total, unsigned char* touched,
                           int* listed, int* hi, double* hv, int* out_idx, double* out_val,
-                          int* counts) noexcept nogil:
-    """blend_dense's work; scratch total / touched zeroed on entry and on exit."""
+                          int* counts, const int* order, int n_order, const float* values,
+                          const unsigned char* banned) noexcept nogil:
+    """blend_dense's work; scratch total / touched zeroed on entry and on exit.
+    With `order` (n_order item indices, best first), one more part after the
+    rows, weighted weights[n_rows]: its first n_cand items not `banned`,
+    scored values[item]."""
     cdef int c, j, m, t, nt = 0, size = 0, item
     cdef const float* row
-    cdef double lo, top, v, span
+    cdef double v
     cdef float least
     cdef float tiny = nextafterf(0.0, INFINITY)  # x >= tiny: x > 0
     if not tiny > 0:  # denormals read as 0 (DAZ, set by some fast-math library)
@@ -907,24 +935,21 @@ cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weigh
         least = tiny if positive != NULL and positive[c] else -INFINITY
         m = gather_best(row, n, n_cand, cap, ci, cv, tmp, least)
         counts[c] = m
-        if m == 0:
-            continue
-        lo = cv[0]
-        top = cv[0]
-        for t in range(1, m):
-            if cv[t] < lo:
-                lo = cv[t]
-            if cv[t] > top:
-                top = cv[t]
-        span = top - lo
-        for t in range(m):
-            item = ci[t]
-            v = (<double>cv[t] - lo) / span if top > lo else 1.0
-            if not touched[item]:
-                touched[item] = 1
-                listed[nt] = item
-                nt = nt + 1
-            total[item] = total[item] + weights[c] * v
+        if m > 0:
+            nt = add_part(ci, cv, m, weights[c], total, touched, listed, nt)
+    if order != NULL:
+        m = 0
+        for t in range(n_order):
+            if m == n_cand:
+                break
+            item = order[t]
+            if 0 <= item < n and not banned[item]:
+                ci[m] = item
+                cv[m] = values[item]
+                m = m + 1
+        counts[n_rows] = m
+        if m > 0:
+            nt = add_part(ci, cv, m, weights[n_rows], total, touched, listed, nt)
     for t in range(nt):
         item = listed[t]
         v = total[item]
@@ -969,7 +994,8 @@ def _blend_accumulators(int n):
     return acc
 
 
-def blend_dense(scores, weights, int n_cand, int k, positive=None):
+def blend_dense(scores, weights, int n_cand, int k, positive=None, order=None, values=None,
+                banned=None):
     """The hybrid blend of dense component rows (serving.blend.blend_rows's
     answer): row c's candidates are its n_cand best entries (NaN never, ties
     by lower index; where positive[c] is set, entries > 0 only: a
@@ -977,11 +1003,43 @@ def blend_dense(scores, weights, int n_cand, int k, positive=None):
     those candidates (all equal -> 1), weighted by weights[c] and summed per
     item in row order (float64); returns the k best (rows int32, sums
     float64), ties by lower row, and each row's number of candidates (int32;
-    0: the row had no eligible entry)."""
+    0: the row had no eligible entry).
+
+    With `order` (int32 item indices, best first: popularity's order), one
+    more part after the rows, weighted by weights' last entry: the first
+    n_cand items of `order` not in `banned` (int32 indices), scored
+    values[item] (float32, one per item): the same part as a dense row of
+    `values`, NaN at `banned`, whose best entries are `order`'s (ties by
+    lower index), without writing or scanning that row."""
     check_array(scores, "scores", np.float32, 2)
     check_array(weights, "weights", np.float64, 1)
-    if weights.shape[0] != scores.shape[0]:
-        raise ValueError(f"weights: {weights.shape[0]} entries for {scores.shape[0]} rows")
+    cdef int extra = 0 if order is None else 1
+    if weights.shape[0] != scores.shape[0] + extra:
+        raise ValueError(
+            f"weights: {weights.shape[0]} entries for {scores.shape[0] + extra} parts")
+    cdef const int[::1] O
+    cdef const float[::1] V
+    cdef const int[::1] B
+    cdef const int* op = NULL
+    cdef const float* vp = NULL
+    cdef int n_order = 0, n_banned = 0
+    if order is not None:
+        check_array(order, "order", np.int32, 1)
+        check_array(values, "values", np.float32, 1)
+        if values.shape[0] != scores.shape[1]:
+            raise ValueError(f"values: {values.shape[0]} entries for {scores.shape[1]} items")
+        n_order = <int> order.shape[0]
+        if n_order:
+            O = order
+            op = &O[0]
+        if values.shape[0]:
+            V = values
+            vp = &V[0]
+        if banned is not None:
+            check_array(banned, "banned", np.int32, 1)
+            n_banned = <int> banned.shape[0]
+            if n_banned:
+                B = banned
     cdef const unsigned char[::1] P
     cdef const unsigned char* pp = NULL
     if positive is not None:
@@ -999,8 +1057,8 @@ def blend_dense(scores, weights, int n_cand, int k, positive=None):
     cdef int n = <int> scores.shape[1]
     out_idx = np.empty(k, np.int32)
     out_val = np.empty(k, np.float64)
-    counts = np.zeros(c, np.int32)
-    if k == 0 or n == 0 or c == 0:
+    counts = np.zeros(c + extra, np.int32)
+    if k == 0 or n == 0 or c + extra == 0:
         return out_idx[:0], out_val[:0], counts
     acc = _blend_accumulators(n)
     cdef double[::1] TT = acc[0]
@@ -1013,30 +1071,42 @@ def blend_dense(scores, weights, int n_cand, int k, positive=None):
     cdef int kk = n_cand if n_cand < n else n
     # Gather buffer: about 2 kk entries reach the sampled floor; a fuller one is cut back.
     cdef int cap = <int> min(3 * <long long> kk + 512, <long long> INT_MAX)
-    cdef int n_listed = <int> min(<long long> n, <long long> c * kk)
-    cdef int m = 0
+    cdef int n_listed = <int> min(<long long> n, <long long> (c + extra) * kk)
+    cdef int m = 0, t, b
     cdef bint failed = False
     cdef int* ci
     cdef float* cv
     cdef int* listed
     cdef int* hi
     cdef double* hv
+    cdef unsigned char* ban = NULL
+    cdef const float* sp = &S[0, 0] if c else NULL
     with nogil:
         ci = <int*> malloc(cap * sizeof(int))
         cv = <float*> malloc(2 * <size_t> cap * sizeof(float))  # values, then gather_best's scratch
         listed = <int*> malloc(n_listed * sizeof(int))
         hi = <int*> malloc(k * sizeof(int))
         hv = <double*> malloc(k * sizeof(double))
-        if ci == NULL or cv == NULL or listed == NULL or hi == NULL or hv == NULL:
+        if extra:
+            ban = <unsigned char*> calloc(n, 1)
+        if ci == NULL or cv == NULL or listed == NULL or hi == NULL or hv == NULL or (
+            extra and ban == NULL
+        ):
             failed = True
         else:
-            m = blend_rows_nogil(&S[0, 0], c, n, &W[0], pp, kk, k, cap, ci, cv, cv + cap,
-                                 &TT[0], &TO[0], listed, hi, hv, &oi[0], &ov[0], &CN[0])
+            for t in range(n_banned):
+                b = B[t]
+                if 0 <= b < n:
+                    ban[b] = 1
+            m = blend_rows_nogil(sp, c, n, &W[0], pp, kk, k, cap, ci, cv, cv + cap,
+                                 &TT[0], &TO[0], listed, hi, hv, &oi[0], &ov[0], &CN[0],
+                                 op if extra else NULL, n_order, vp, ban)
         free(ci)
         free(cv)
         free(listed)
         free(hi)
         free(hv)
+        free(ban)
     _blend_free.append(acc)  # zeroed again by the kernel (or never touched)
     if failed:
         raise MemoryError(f"blend_dense: no scratch for {n} items")

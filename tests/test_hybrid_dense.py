@@ -147,6 +147,37 @@ def test_blend_kernel_from_many_threads_at_once():
         np.testing.assert_array_equal(want_totals, ref_totals)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    n_items=st.integers(1, 300), k=st.integers(1, 30), n_cand=st.integers(1, 120), data=st.data()
+)
+def test_blend_kernels_popularity_part_equals_its_dense_row(n_items, k, n_cand, data):
+    """The order part (popularity's order, counts and banned items) blends
+    exactly as the dense row of the counts, NaN at the banned items, would:
+    same items, same sums, same candidate counts. Counts with heavy ties,
+    banned items repeated or out of range, rows with NaNs."""
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    n_rows = data.draw(st.integers(0, 3))
+    rows = rng.integers(0, 6, (n_rows, n_items)).astype(np.float32)
+    rows[rng.random((n_rows, n_items)) < 0.2] = np.nan
+    counts = rng.integers(0, data.draw(st.integers(1, 50)), n_items).astype(np.float32)
+    banned = rng.integers(-3, n_items + 3, data.draw(st.integers(0, 40))).astype(np.int32)
+    order = np.lexsort((np.arange(n_items), -counts)).astype(np.int32)
+    weights = rng.random(n_rows + 1) + 0.01
+    positive = rng.integers(0, 2, n_rows).astype(np.uint8)
+    dense = np.empty((n_rows + 1, n_items), np.float32)
+    dense[:n_rows] = rows
+    dense[n_rows] = counts
+    valid = banned[(banned >= 0) & (banned < n_items)]
+    dense[n_rows, valid] = np.nan
+    want = blend_dense(dense, weights, n_cand, k, np.r_[positive, 0].astype(np.uint8))
+    got = blend_dense(rows, weights, n_cand, k, positive, (order, counts, banned))
+    assert got[0].tolist() == want[0].tolist()
+    assert got[1].tolist() == want[1].tolist()  # the same sums, added in the same order
+    assert got[2].tolist() == want[2].tolist()
+
+
 def test_blend_kernel_refuses_bad_input():
     rows = np.zeros((2, 5), np.float32)
     with pytest.raises(ValueError, match="weights"):
@@ -156,6 +187,15 @@ def test_blend_kernel_refuses_bad_input():
     with pytest.raises(TypeError, match="scores"):
         blend_dense(rows.astype(np.float64), [1.0, 1.0], 3, 2)
     assert blend_dense(rows, [1.0, 1.0], 3, 0)[0].size == 0
+    order, counts = np.arange(5, dtype=np.int32), np.ones(5, np.float32)
+    with pytest.raises(ValueError, match="weights"):  # one more for the order part
+        blend_dense(rows, [1.0, 1.0], 3, 2, None, (order, counts, None))
+    with pytest.raises(ValueError, match="values"):
+        blend_dense(rows, [1.0, 1.0, 1.0], 3, 2, None, (order, counts[:4], None))
+    with pytest.raises(TypeError, match="order"):
+        blend_dense(rows, [1.0, 1.0, 1.0], 3, 2, None, (order.astype(np.int64), counts, None))
+    with pytest.raises(TypeError, match="banned"):
+        blend_dense(rows, [1.0, 1.0, 1.0], 3, 2, None, (order, counts, order.astype(np.int64)))
 
 
 @pytest.fixture(scope="module")

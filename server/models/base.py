@@ -1053,21 +1053,34 @@ def prior_weight(c: float, n: int) -> float:
 
 
 def blend_popularity(
-    rows: np.ndarray, counts: np.ndarray, weight: float, k: int, sparse: bool
+    rows: np.ndarray,
+    counts: np.ndarray,
+    weight: float,
+    k: int,
+    sparse: bool,
+    order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A new user's answer under `history_prior`: rows[0] holds the model's
-    dense row (NaN: not eligible); rows[1] (scratch) gets the popularity
-    `counts` where that row is eligible; the two are blended as a hybrid of
-    the model and popularity with weights (1 - weight, weight) is (each one's
-    best max(3k, 100) candidates, only reached ones (> 0) for a `sparse`
-    model's row, min-max, weighted sum). Returns (items int32, scores float32)."""
+    """A user's answer under a prior (`history_prior`, `user_prior`): rows[0]
+    holds the model's dense row (NaN: not eligible); popularity's `counts`
+    where that row is eligible are blended with it as a hybrid of the model
+    and popularity with weights (1 - weight, weight) is (each one's best
+    max(3k, 100) candidates, only reached ones (> 0) for a `sparse` model's
+    row, min-max, weighted sum). With `order` (int32: the counts' items, most
+    first, ties by index) popularity's part is read from it (the serving
+    path); without, rows[1] (scratch) gets the counts. The same answer either
+    way. Returns (items int32, scores float32)."""
+    n_cand = min(max(3 * k, 100), rows.shape[1])
+    w = np.array([1.0 - weight, weight])
+    if order is not None:
+        banned = np.flatnonzero(np.isnan(rows[0])).astype(np.int32)
+        items, sums, _ = topk.blend_dense(
+            rows[:1], w, n_cand, k, np.array([sparse], np.uint8), order, counts, banned
+        )
+        return items, np.asarray(sums, np.float32)
     pop = rows[1]
     pop[:] = counts
     pop[np.isnan(rows[0])] = np.nan
-    n_cand = min(max(3 * k, 100), rows.shape[1])
-    items, sums, _ = topk.blend_dense(
-        rows, np.array([1.0 - weight, weight]), n_cand, k, np.array([sparse, 0], np.uint8)
-    )
+    items, sums, _ = topk.blend_dense(rows, w, n_cand, k, np.array([sparse, 0], np.uint8))
     return items, np.asarray(sums, np.float32)
 
 

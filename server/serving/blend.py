@@ -61,12 +61,19 @@ def blend_dense(
     n_cand: int,
     k: int,
     positive: np.ndarray | None = None,
+    popular: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`blend_rows` of components given as dense score rows (components x
     items, float32, NaN = not eligible) whose candidates are each row's n_cand
     best entries (only those > 0 where positive[c], uint8: a `sparse_scores`
     model's reached items): selection, normalisation, sums and the top k in
-    one kernel pass (kernels.topk.blend_dense). Returns (rows int32, sums
-    float64, each component's number of candidates: 0 when it had none, as an
-    empty part)."""
-    return topk.blend_dense(rows, np.asarray(weights, np.float64), n_cand, k, positive)
+    one kernel pass (kernels.topk.blend_dense). `popular` (order int32, counts
+    float32, banned int32 or None) is one more part, weighted by the last of
+    `weights`: the counts as a row NaN at `banned`, read from the order
+    instead. Returns (rows int32, sums float64, each part's number of
+    candidates: 0 when it had none, as an empty part)."""
+    w = np.asarray(weights, np.float64)
+    if popular is None:
+        return topk.blend_dense(rows, w, n_cand, k, positive)
+    order, counts, banned = popular
+    return topk.blend_dense(rows, w, n_cand, k, positive, order, counts, banned)

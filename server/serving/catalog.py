@@ -50,6 +50,7 @@ class Slot:
     _counts: np.ndarray | None = field(default=None, repr=False)
     _row: np.ndarray | None = field(default=None, repr=False)
     _counted: bool | None = field(default=None, repr=False)
+    _order32: np.ndarray | None = field(default=None, repr=False)
 
     def popular_counts(self) -> np.ndarray:
         """Training interactions per item, dislikes (negative values) not
@@ -65,6 +66,12 @@ class Slot:
         if self._row is None:
             self._row = self.popular_counts().astype(np.float32)
         return self._row
+
+    def popular_order32(self) -> np.ndarray:
+        """popular_order as int32: the blend kernel's popularity part."""
+        if self._order32 is None:
+            self._order32 = self.popular_order().astype(np.int32)
+        return self._order32
 
     def popularity_known(self) -> bool:
         """Whether any item has a training interaction: a prior blends

@@ -633,7 +633,9 @@ class Router:
             if m.sparse_scores and not (rows[0] > 0).any():
                 return True, None
             w = prior_weight(c, n)
-            items, scores = blend_popularity(rows, slot.popular_row(), w, k, m.sparse_scores)
+            items, scores = blend_popularity(
+                rows, slot.popular_row(), w, k, m.sparse_scores, slot.popular_order32()
+            )
         finally:
             pool.give(rows)
         return True, _Served(slot, items, scores, user if row is None else -1, row, blended=True)
@@ -917,8 +919,7 @@ class Router:
         if excl is not None:
             excl = excl[excl >= 0]
         n = len(first)
-        priors = hy.history_prior > 0 or hy.user_prior > 0
-        pool = self._pool(len(comps) + priors, n)  # a row for popularity's part
+        pool = self._pool(len(comps), n)
         rows = pool.take()
         try:
             t2 = time.perf_counter()
@@ -997,27 +998,24 @@ class Router:
             weights = plan.weights if every else plan.weights[picked]
             positive = plan.positive if every else plan.positive[picked]
             n_rows = len(used)
-            if (
-                priors
-                and ((new_user and hy.history_prior) or (first_user >= 0 and hy.user_prior))
-                and comps[0][1].popularity_known()
-            ):  # popularity's part, as the general path's _prior_part
+            popular = None
+            if ((new_user and hy.history_prior) or (first_user >= 0 and hy.user_prior)) and comps[
+                0
+            ][1].popularity_known():  # popularity's part, as the general path's
                 a, seen = self._prior_of(hy, m0, first_user, extra_idx, extra_val)
-                pop = rows[n_rows]
-                pop[:] = comps[0][1].popular_row()
-                if filter_seen:
-                    pop[seen] = np.nan
+                banned = seen if filter_seen else _NO_IDX
                 if excl is not None and excl.size:
-                    pop[excl] = np.nan
+                    banned = np.concatenate([banned, excl])
+                slot0 = comps[0][1]
+                popular = (slot0.popular_order32(), slot0.popular_row(), banned.astype(np.int32))
                 # (np.r_ cost ~15 us for these two)
                 scaled = np.empty(n_rows + 1)
                 np.multiply(weights, (1.0 - a) / float(np.add.reduce(weights)), out=scaled[:n_rows])
                 scaled[n_rows] = a
-                flags = np.zeros(n_rows + 1, np.uint8)
-                flags[:n_rows] = positive
-                weights, positive = scaled, flags
-                n_rows += 1
-            items, scores, counts = blend_dense(rows[:n_rows], weights, n_cand, q.k, positive)
+                weights = scaled
+            items, scores, counts = blend_dense(
+                rows[:n_rows], weights, n_cand, q.k, positive, popular
+            )
             out_r = Ranked.of(first, items, scores, "")
             # a list: numpy's all() on 3 ints cost ~1.5 us a call
             per_row = counts[: len(used)].tolist()
