@@ -16,6 +16,19 @@ def events_dataset(path: Path, events: list[tuple[str, str]]) -> Dataset:
     return load_dataset(str(path))
 
 
+def cluster_events() -> list[tuple[str, str]]:
+    """30 clusters of 20 items, each of 1,500 users with 8 events from one
+    cluster, every item about as popular as any other: a model finds the
+    cluster, popularity only adds noise."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for u in range(1500):
+        cluster = rng.integers(30)
+        for i in rng.choice(20, 8, replace=False):
+            rows.append((f"u{u}", f"i{cluster * 20 + i}"))
+    return rows
+
+
 def popular(ds: Dataset, banned: set[str], k: int) -> list[str]:
     """The k most-interacted training items not in `banned`, ties by lower index:
     the popularity fallback's answer, computed without the models."""

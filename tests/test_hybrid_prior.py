@@ -27,7 +27,7 @@ from recserve.tuning import (
     splits,
     tune_hybrid,
 )
-from tests.event_logs import events_dataset
+from tests.event_logs import cluster_events, events_dataset
 from tests.test_hybrid_dense import general
 
 ALS = {"factors": 16, "iterations": 5}
@@ -344,16 +344,8 @@ def test_tune_learns_a_hybrid_prior_that_holds_for_held_out_new_users(tmp_path):
 
 
 def test_no_hybrid_prior_where_popularity_does_not_help(tmp_path):
-    # 30 clusters of 20 items, each user's events from one cluster, every item
-    # about as popular as any other: the components find the cluster, and
-    # popularity only adds noise
-    rng = np.random.default_rng(2)
-    rows = []
-    for u in range(1500):
-        cluster = rng.integers(30)
-        for i in rng.choice(20, 8, replace=False):
-            rows.append((f"u{u}", f"i{cluster * 20 + i}"))
-    ds = events_dataset(tmp_path / "clusters.csv", rows)
+    # the components find each user's cluster, popularity only adds noise
+    ds = events_dataset(tmp_path / "clusters.csv", cluster_events())
     specs = {"als": ("als", ALS), "itemknn": ("itemknn", {})}
     out = learn_hybrid_prior(specs, {"als": 0.5, "itemknn": 0.5}, ds, "ndcg@20", 20)
     assert out["new_histories"] > 0 and out["history_prior"] == 0.0

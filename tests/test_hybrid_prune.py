@@ -24,24 +24,17 @@ from recserve.tuning import (
     splits,
     tune_hybrid,
 )
-from tests.event_logs import events_dataset
+from tests.event_logs import cluster_events, events_dataset
 
 ALS = {"factors": 16, "iterations": 5}
 
 
 @pytest.fixture(scope="module")
 def clusters(tmp_path_factory):
-    """30 clusters of 20 items, each user's events from one cluster, every item
-    about as popular as any other: ALS finds the cluster, popularity only adds
-    noise to a blend with it."""
-    rng = np.random.default_rng(2)
-    rows = []
-    for u in range(1500):
-        cluster = rng.integers(30)
-        for i in rng.choice(20, 8, replace=False):
-            rows.append((f"u{u}", f"i{cluster * 20 + i}"))
+    """Users of 30 item clusters (event_logs.cluster_events): ALS finds the
+    cluster, popularity only adds noise to a blend with it."""
     path = tmp_path_factory.mktemp("prune") / "clusters.csv"
-    return events_dataset(path, rows), path
+    return events_dataset(path, cluster_events()), path
 
 
 def test_a_loss_is_bearable_only_when_bounded_below_the_tolerance():
