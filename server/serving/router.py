@@ -836,9 +836,8 @@ class Router:
         t = time.perf_counter()
         try:
             pop = None
-            if ((new_user and hy.history_prior) or (first_user >= 0 and hy.user_prior)) and comps[
-                0
-            ][1].popularity_known():
+            prior = (new_user and hy.history_prior) or (first_user >= 0 and hy.user_prior)
+            if prior and comps[0][1].popularity_known():
                 pop = self._prior_part(hy, comps[0][1], q, n, first_user)
                 parts = [(w * (1.0 - pop[0]) / weight, s) for w, s in parts]
             return self._blend(parts, q, check, pop)
@@ -999,16 +998,15 @@ class Router:
             positive = plan.positive if every else plan.positive[picked]
             n_rows = len(used)
             popular = None
-            if ((new_user and hy.history_prior) or (first_user >= 0 and hy.user_prior)) and comps[
-                0
-            ][1].popularity_known():  # popularity's part, as the general path's
+            slot0 = comps[0][1]
+            prior = (new_user and hy.history_prior) or (first_user >= 0 and hy.user_prior)
+            if prior and slot0.popularity_known():  # popularity's part, as the general path's
                 a, seen = self._prior_of(hy, m0, first_user, extra_idx, extra_val)
                 banned = seen if filter_seen else _NO_IDX
                 if excl is not None and excl.size:
                     banned = np.concatenate([banned, excl])
-                slot0 = comps[0][1]
                 popular = (slot0.popular_order32(), slot0.popular_row(), banned.astype(np.int32))
-                # (np.r_ cost ~15 us for these two)
+                # (np.r_ cost ~15 us here)
                 scaled = np.empty(n_rows + 1)
                 np.multiply(weights, (1.0 - a) / float(np.add.reduce(weights)), out=scaled[:n_rows])
                 scaled[n_rows] = a
