@@ -362,8 +362,11 @@ def as_served(
     # gated or cold (for a sparse model: its evidence reaches nothing)
     blend = np.zeros(recs.shape[0], bool)
     c = model.params.get("history_prior" if histories is not None else "user_prior", 0.0)
-    if c and (model.user_items is None or not liked_counts(model.user_items).any()):
-        c = 0.0  # no training counts: the router does not blend (Slot.popularity_known)
+    counts = None  # training counts, read once
+    if c:
+        counts = None if model.user_items is None else liked_counts(model.user_items)
+        if counts is None or not counts.any():
+            c = 0.0  # no training counts: the router does not blend (Slot.popularity_known)
     if c and not model.serves_cold:
         blend = ~gated & ((valid & (scores > 0)).any(axis=1) if model.sparse_scores else True)
         if histories is None:
@@ -373,7 +376,8 @@ def as_served(
     if todo.size == 0 and not blend.any():
         return recs
     assert model.user_items is not None
-    counts = liked_counts(model.user_items)
+    if counts is None:
+        counts = liked_counts(model.user_items)
     order = popular_order(counts)  # the router's Slot.popular_order
     out = recs.copy()
     rows = np.empty((2, model.n_items), np.float32)
