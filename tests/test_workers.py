@@ -216,13 +216,24 @@ print("stopped", flush=True)
 
 def versions_by_worker(target: str, tries: int = 200) -> dict[str, str]:
     """The ALS version each worker answers with (x-recserve-worker), each call
-    over a fresh connection, until two workers answered (or `tries` calls)."""
+    over a fresh connection, until two workers answered (or `tries` calls). A
+    worker still loading its first version answers UNAVAILABLE (health checks
+    are per worker: the one a wait reached may not be this one); that call
+    is tried again."""
     out: dict[str, str] = {}
     for _ in range(tries):
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.RecommenderStub(channel)
             request = pb.RecommendRequest(user_id="33", k=3, model="als")
-            resp, call = stub.Recommend.with_call(request, timeout=10)
+            try:
+                resp, call = stub.Recommend.with_call(request, timeout=10)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or "not loaded yet" not in str(
+                    exc.details()
+                ):
+                    raise
+                time.sleep(0.05)
+                continue
         out[dict(call.trailing_metadata())[contract.WORKER]] = resp.version
         if len(out) == 2:
             break
