@@ -9,15 +9,21 @@
 from libc.math cimport INFINITY, NAN
 
 
-cdef inline bint worse(float sa, int ia, float sb, int ib) noexcept nogil:
+# Scores of a heap: float32 for model scores, float64 for blended sums.
+ctypedef fused score_t:
+    float
+    double
+
+
+cdef inline bint worse(score_t sa, int ia, score_t sb, int ib) noexcept nogil:
     """True when (sa, ia) ranks below (sb, ib): lower score, or equal score and higher index."""
     return sa < sb or (sa == sb and ia > ib)
 
 
-cdef inline void sift_down(int* hi, float* hv, int size, int pos) noexcept nogil:
+cdef inline void sift_down(int* hi, score_t* hv, int size, int pos) noexcept nogil:
     cdef int child
     cdef int ti = hi[pos]
-    cdef float tv = hv[pos]
+    cdef score_t tv = hv[pos]
     while True:
         child = 2 * pos + 1
         if child >= size:
@@ -34,10 +40,10 @@ cdef inline void sift_down(int* hi, float* hv, int size, int pos) noexcept nogil
     hv[pos] = tv
 
 
-cdef inline void sift_up(int* hi, float* hv, int pos) noexcept nogil:
+cdef inline void sift_up(int* hi, score_t* hv, int pos) noexcept nogil:
     cdef int parent
     cdef int ti = hi[pos]
-    cdef float tv = hv[pos]
+    cdef score_t tv = hv[pos]
     while pos > 0:
         parent = (pos - 1) // 2
         if worse(tv, ti, hv[parent], hi[parent]):

@@ -758,46 +758,6 @@ def topk_row(scores, int k):
     return out_idx[:m], out_val[:m]
 
 
-cdef inline bint dworse(double sa, int ia, double sb, int ib) noexcept nogil:
-    return sa < sb or (sa == sb and ia > ib)
-
-
-cdef inline void dsift_down(int* hi, double* hv, int size, int pos) noexcept nogil:
-    cdef int child
-    cdef int ti = hi[pos]
-    cdef double tv = hv[pos]
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        if child + 1 < size and dworse(hv[child + 1], hi[child + 1], hv[child], hi[child]):
-            child += 1
-        if dworse(hv[child], hi[child], tv, ti):
-            hi[pos] = hi[child]
-            hv[pos] = hv[child]
-            pos = child
-        else:
-            break
-    hi[pos] = ti
-    hv[pos] = tv
-
-
-cdef inline void dsift_up(int* hi, double* hv, int pos) noexcept nogil:
-    cdef int parent
-    cdef int ti = hi[pos]
-    cdef double tv = hv[pos]
-    while pos > 0:
-        parent = (pos - 1) // 2
-        if dworse(tv, ti, hv[parent], hi[parent]):
-            hi[pos] = hi[parent]
-            hv[pos] = hv[parent]
-            pos = parent
-        else:
-            break
-    hi[pos] = ti
-    hv[pos] = tv
-
-
 cdef int gather_floor(const float* row, int n, int kk, int cap, float tv, int* ci,
                       float* cv, bint* cut) noexcept nogil:
     """Gather the entries of a row at or above the floor tv (NaN never) into
@@ -956,12 +916,12 @@ cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weigh
         if size < k:
             hi[size] = item
             hv[size] = v
-            dsift_up(hi, hv, size)
+            sift_up(hi, hv, size)
             size = size + 1
-        elif dworse(hv[0], hi[0], v, item):
+        elif worse(hv[0], hi[0], v, item):
             hi[0] = item
             hv[0] = v
-            dsift_down(hi, hv, size, 0)
+            sift_down(hi, hv, size, 0)
         total[item] = 0.0
         touched[item] = 0
     m = size
@@ -971,7 +931,7 @@ cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weigh
         out_val[size] = hv[0]
         hi[0] = hi[size]
         hv[0] = hv[size]
-        dsift_down(hi, hv, size, 0)
+        sift_down(hi, hv, size, 0)
     return m
 
 
