@@ -8,11 +8,11 @@ cdef extern from *:
     """
     #ifdef _OPENMP
     #include <omp.h>
-    static int recserve_max_threads(void) { return omp_get_max_threads(); }
-    static int recserve_have_openmp(void) { return 1; }
+    static inline int recserve_max_threads(void) { return omp_get_max_threads(); }
+    static inline int recserve_have_openmp(void) { return 1; }
     #else
-    static int recserve_max_threads(void) { return 1; }
-    static int recserve_have_openmp(void) { return 0; }
+    static inline int recserve_max_threads(void) { return 1; }
+    static inline int recserve_have_openmp(void) { return 0; }
     #endif
     #if defined(__GNUC__) || defined(__clang__)
     #define recserve_prefetch(p) __builtin_prefetch((p), 0, 1)

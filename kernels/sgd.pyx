@@ -599,7 +599,8 @@ cdef void gram_z(const float[:, ::1] QV, const int[::1] IV, int n, int f1, doubl
                 z[a] = q[a - 1]
         dsyrk(&upper, &notrans, &f1, &k, &one, zbuf, &f1, &one, K, &f1)
         if t != NULL:
-            dgemv(&notrans, &f1, &k, &one, zbuf, &f1, t + start, &inc, &one, x, &inc)
+            # (BLAS's declarations take no const: it only reads t)
+            dgemv(&notrans, &f1, &k, &one, zbuf, &f1, <double*> (t + start), &inc, &one, x, &inc)
         start += k
 
 

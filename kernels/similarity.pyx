@@ -542,6 +542,7 @@ def knn_self(indptr, indices, data, Py_ssize_t n_inner, int k, str similarity="c
     cdef int* fi
     cdef int* hi
     cdef float* hv
+    me = 0  # set in the block, which copies it in (firstprivate): a value first
     with nogil, parallel(num_threads=nt):
         for i in prange(n, schedule="dynamic", chunksize=16):
             t = threadid()
