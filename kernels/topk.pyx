@@ -629,11 +629,23 @@ def check_row(out, Py_ssize_t n, str name="out"):
         raise ValueError(f"{name}: must be writable")
 
 
-def dense_user(queries, Py_ssize_t user, vectors, out, seen_indptr=None, seen_indices=None,
-               bias=None):
-    """out[:] = queries[user] . vectors (+ bias), NaN at the items of row `user`
-    of the seen CSR (when given): the scores topk_user selects from, computed
-    the same way (same sums, same rounding), for a caller that combines rows."""
+cdef struct UserRow:
+    # one known user's scoring inputs: queries[user] . vectors (+ bias), the
+    # seen CSR's row `user` (seen[a:b]) excluded; NULL where not given
+    const float* q
+    const float* vectors
+    const float* bias
+    const int* seen
+    long long a
+    long long b
+    int n
+    int d
+
+
+cdef UserRow user_row(queries, Py_ssize_t user, vectors, seen_indptr, seen_indices,
+                      bias) except *:
+    """The checked inputs of a one-user scoring call (dense_user, prior_user).
+    The pointers are into the given arrays, which the caller holds."""
     check_array(queries, "queries", np.float32, 2)
     check_array(vectors, "vectors", np.float32, 2)
     if queries.shape[1] != vectors.shape[1]:
@@ -641,19 +653,25 @@ def dense_user(queries, Py_ssize_t user, vectors, out, seen_indptr=None, seen_in
             f"queries: {queries.shape[1]} dimensions, vectors have {vectors.shape[1]}")
     if not 0 <= user < queries.shape[0]:
         raise IndexError(f"user: index {user} outside [0, {queries.shape[0]})")
-    check_row(out, vectors.shape[0])
+    cdef UserRow r
+    r.n = <int> vectors.shape[0]
+    r.d = <int> vectors.shape[1]
+    r.bias = r.seen = NULL
+    r.a = r.b = 0
+    cdef const float[:, ::1] Qv = queries
+    cdef const float[:, ::1] V = vectors
+    r.q = &Qv[user, 0] if r.d else NULL
+    r.vectors = &V[0, 0] if r.n and r.d else NULL
     cdef const float[::1] B
-    cdef const float* bp = NULL
     if bias is not None:
         check_array(bias, "bias", np.float32, 1)
         if bias.shape[0] != vectors.shape[0]:
             raise ValueError(f"bias: length {bias.shape[0]}, expected {vectors.shape[0]}")
-        B = bias
-        bp = &B[0]
+        if r.n:
+            B = bias
+            r.bias = &B[0]
     cdef const long long[::1] ip
     cdef const int[::1] ix
-    cdef long long a = 0, b = 0
-    cdef const int* ixp = NULL
     if seen_indptr is not None:
         check_array(seen_indptr, "seen_indptr", np.int64, 1)
         check_array(seen_indices, "seen_indices", np.int32, 1)
@@ -661,23 +679,34 @@ def dense_user(queries, Py_ssize_t user, vectors, out, seen_indptr=None, seen_in
             raise ValueError(f"seen_indptr: expected length {queries.shape[0] + 1}, "
                              f"got {seen_indptr.shape[0]}")
         ip = seen_indptr
-        ix = seen_indices
-        a, b = ip[user], ip[user + 1]
-        if b < a or a < 0 or b > ix.shape[0]:
+        r.a, r.b = ip[user], ip[user + 1]
+        if r.b < r.a or r.a < 0 or r.b > seen_indices.shape[0]:
             raise ValueError(f"seen_indptr: row {user} lies outside seen_indices")
-        if b > a:
-            ixp = &ix[0]
-    cdef const float[:, ::1] Qv = queries
-    cdef const float[:, ::1] V = vectors
-    cdef float[::1] O = out
-    cdef int n = <int> vectors.shape[0]
-    cdef int d = <int> vectors.shape[1]
-    if n == 0:
+        if r.b > r.a:
+            ix = seen_indices
+            r.seen = &ix[0]
+    return r
+
+
+cdef void fill_user_row(const UserRow* r, float* out) noexcept nogil:
+    """out[:n] = the user's scores, NaN at the seen items."""
+    recserve_inner_scores(r.q, r.vectors, r.n, r.d, r.bias, out)
+    if r.seen != NULL:
+        nan_at(out, r.seen, r.a, r.b, r.n)
+
+
+def dense_user(queries, Py_ssize_t user, vectors, out, seen_indptr=None, seen_indices=None,
+               bias=None):
+    """out[:] = queries[user] . vectors (+ bias), NaN at the items of row `user`
+    of the seen CSR (when given): the scores topk_user selects from, computed
+    the same way (same sums, same rounding), for a caller that combines rows."""
+    cdef UserRow r = user_row(queries, user, vectors, seen_indptr, seen_indices, bias)
+    check_row(out, r.n)
+    if r.n == 0:
         return
+    cdef float[::1] O = out
     with nogil:
-        recserve_inner_scores(&Qv[user, 0], &V[0, 0], n, d, bp, &O[0])
-        if ixp != NULL:
-            nan_at(&O[0], ixp, a, b, n)
+        fill_user_row(&r, &O[0])
 
 
 def dense_rows_sum(matrix, indices, values, out, seen=None):
@@ -935,6 +964,50 @@ cdef int blend_rows_nogil(const float* S, int n_rows, int n, const double* weigh
     return m
 
 
+cdef struct BlendScratch:
+    # blend_rows_nogil's buffers for one call
+    int cap  # gather buffer: about 2 kk entries reach the sampled floor; a fuller one is cut back
+    int* ci
+    float* cv  # 2 cap: the gathered values, then gather_best's scratch
+    int* listed
+    int* hi
+    double* hv
+    unsigned char* ban  # n flags, zeroed; NULL without an order part
+
+
+cdef bint take_scratch(BlendScratch* s, int n, int kk, int n_parts, int k,
+                       bint ban) noexcept nogil:
+    """Allocate s's buffers for n items, kk candidates in each of n_parts parts
+    and k answers; False (nothing left allocated) when memory runs out."""
+    s.cap = <int> min(3 * <long long> kk + 512, <long long> INT_MAX)
+    cdef int n_listed = <int> min(<long long> n, <long long> n_parts * kk)
+    s.ci = <int*> malloc(s.cap * sizeof(int))
+    s.cv = <float*> malloc(2 * <size_t> s.cap * sizeof(float))
+    s.listed = <int*> malloc(n_listed * sizeof(int))
+    s.hi = <int*> malloc(k * sizeof(int))
+    s.hv = <double*> malloc(k * sizeof(double))
+    s.ban = <unsigned char*> calloc(n, 1) if ban else NULL
+    if s.ci == NULL or s.cv == NULL or s.listed == NULL or s.hi == NULL or s.hv == NULL or (
+        ban and s.ban == NULL
+    ):
+        give_scratch(s)
+        return False
+    return True
+
+
+cdef void give_scratch(BlendScratch* s) noexcept nogil:
+    free(s.ci)
+    free(s.cv)
+    free(s.listed)
+    free(s.hi)
+    free(s.hv)
+    free(s.ban)
+    s.ci = s.listed = s.hi = NULL
+    s.cv = NULL
+    s.hv = NULL
+    s.ban = NULL
+
+
 # Zeroed accumulators of blend_dense (float64 sums, touched flags) not in use, as
 # long as the largest catalogue blended: allocating them per call cost more
 # than the blend on large catalogues (fresh pages each call). A pool, not one
@@ -1029,45 +1102,94 @@ def blend_dense(scores, weights, int n_cand, int k, positive=None, order=None, v
     cdef int[::1] oi = out_idx
     cdef double[::1] ov = out_val
     cdef int kk = n_cand if n_cand < n else n
-    # Gather buffer: about 2 kk entries reach the sampled floor; a fuller one is cut back.
-    cdef int cap = <int> min(3 * <long long> kk + 512, <long long> INT_MAX)
-    cdef int n_listed = <int> min(<long long> n, <long long> (c + extra) * kk)
     cdef int m = 0, t, b
     cdef bint failed = False
-    cdef int* ci
-    cdef float* cv
-    cdef int* listed
-    cdef int* hi
-    cdef double* hv
-    cdef unsigned char* ban = NULL
+    cdef BlendScratch bs
     cdef const float* sp = &S[0, 0] if c else NULL
     with nogil:
-        ci = <int*> malloc(cap * sizeof(int))
-        cv = <float*> malloc(2 * <size_t> cap * sizeof(float))  # values, then gather_best's scratch
-        listed = <int*> malloc(n_listed * sizeof(int))
-        hi = <int*> malloc(k * sizeof(int))
-        hv = <double*> malloc(k * sizeof(double))
-        if extra:
-            ban = <unsigned char*> calloc(n, 1)
-        if ci == NULL or cv == NULL or listed == NULL or hi == NULL or hv == NULL or (
-            extra and ban == NULL
-        ):
+        if not take_scratch(&bs, n, kk, c + extra, k, extra):
             failed = True
         else:
             for t in range(n_banned):
                 b = B[t]
                 if 0 <= b < n:
-                    ban[b] = 1
-            m = blend_rows_nogil(sp, c, n, &W[0], pp, kk, k, cap, ci, cv, cv + cap,
-                                 &TT[0], &TO[0], listed, hi, hv, &oi[0], &ov[0], &CN[0],
-                                 op if extra else NULL, n_order, vp, ban)
-        free(ci)
-        free(cv)
-        free(listed)
-        free(hi)
-        free(hv)
-        free(ban)
+                    bs.ban[b] = 1
+            m = blend_rows_nogil(sp, c, n, &W[0], pp, kk, k, bs.cap, bs.ci, bs.cv,
+                                 bs.cv + bs.cap, &TT[0], &TO[0], bs.listed, bs.hi, bs.hv,
+                                 &oi[0], &ov[0], &CN[0], op if extra else NULL, n_order, vp,
+                                 bs.ban)
+            give_scratch(&bs)
     _blend_free.append(acc)  # zeroed again by the kernel (or never touched)
     if failed:
         raise MemoryError(f"blend_dense: no scratch for {n} items")
     return out_idx[:m], out_val[:m], counts
+
+
+def prior_user(queries, Py_ssize_t user, vectors, double w_row, double w_pop, int n_cand,
+               int k, order, values, seen_indptr=None, seen_indices=None, bias=None):
+    """A known user's answer under a prior, in one call: dense_user's row
+    (scratch, never returned) blended with popularity as blend_dense blends
+    one row and its popular part, weighted (w_row, w_pop): the row's n_cand
+    best entries, and the first n_cand items of `order` (int32, best first)
+    scored values[item] (float32), each min-max normalised. The seen CSR's
+    row `user` (when given) is neither the row's candidate nor popularity's.
+    Returns the k best (rows int32, sums float64), ties by lower row, and the
+    row's number of candidates (0: no eligible entry): blend_dense's answer
+    for that row, without the row's round trip through Python or the banned
+    items' array (a hybrid's default known-user call)."""
+    cdef UserRow r = user_row(queries, user, vectors, seen_indptr, seen_indices, bias)
+    check_array(order, "order", np.int32, 1)
+    check_array(values, "values", np.float32, 1)
+    if values.shape[0] != vectors.shape[0]:
+        raise ValueError(f"values: {values.shape[0]} entries for {vectors.shape[0]} items")
+    if n_cand <= 0:
+        raise ValueError(f"n_cand: must be positive, got {n_cand}")
+    if k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}")
+    cdef int n = r.n
+    out_idx = np.empty(k, np.int32)
+    out_val = np.empty(k, np.float64)
+    if k == 0 or n == 0:
+        return out_idx[:0], out_val[:0], 0
+    cdef const int[::1] O
+    cdef const int* op = NULL
+    cdef int n_order = <int> order.shape[0]
+    if n_order:
+        O = order
+        op = &O[0]
+    cdef const float[::1] V = values
+    acc = _blend_accumulators(n)
+    cdef double[::1] TT = acc[0]
+    cdef unsigned char[::1] TO = acc[1]
+    cdef int[::1] oi = out_idx
+    cdef double[::1] ov = out_val
+    cdef double w[2]
+    w[0] = w_row
+    w[1] = w_pop
+    cdef int counts[2]
+    counts[0] = 0
+    cdef int kk = n_cand if n_cand < n else n
+    cdef int m = 0
+    cdef long long t
+    cdef bint failed = False
+    cdef BlendScratch bs
+    cdef float* row
+    with nogil:
+        row = <float*> malloc(<size_t> n * sizeof(float))
+        if row == NULL or not take_scratch(&bs, n, kk, 2, k, True):
+            failed = True
+        else:
+            fill_user_row(&r, row)
+            if r.seen != NULL:
+                for t in range(r.a, r.b):
+                    if 0 <= r.seen[t] < n:
+                        bs.ban[r.seen[t]] = 1
+            m = blend_rows_nogil(row, 1, n, w, NULL, kk, k, bs.cap, bs.ci, bs.cv,
+                                 bs.cv + bs.cap, &TT[0], &TO[0], bs.listed, bs.hi, bs.hv,
+                                 &oi[0], &ov[0], counts, op, n_order, &V[0], bs.ban)
+            give_scratch(&bs)
+        free(row)
+    _blend_free.append(acc)  # zeroed again by the kernel (or never touched)
+    if failed:
+        raise MemoryError(f"prior_user: no scratch for {n} items")
+    return out_idx[:m], out_val[:m], counts[0]

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from recserve.config import Hybrid, ServerConfig
 from recserve.feedback import Event, OnlineState
+from recserve.kernels import topk
 from recserve.models import algorithms, create
 from recserve.serving import Catalog, RecQuery, RequestError, Router
 from recserve.serving.blend import blend_dense, blend_rows
@@ -176,6 +177,51 @@ def test_blend_kernels_popularity_part_equals_its_dense_row(n_items, k, n_cand, 
     assert got[0].tolist() == want[0].tolist()
     assert got[1].tolist() == want[1].tolist()  # the same sums, added in the same order
     assert got[2].tolist() == want[2].tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_items=st.integers(1, 300), k=st.integers(0, 30), n_cand=st.integers(1, 120), data=st.data()
+)
+def test_one_users_prior_kernel_is_the_blend_of_its_dense_row(n_items, k, n_cand, data):
+    """topk.prior_user (a known user's row blended with popularity in one call)
+    answers what dense_user's row blended by blend_dense answers, popularity
+    banned at the seen items: same items, same sums. With and without a seen
+    row (include_seen) and a bias, factors that tie, seen ids repeated."""
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    d = data.draw(st.integers(1, 9))
+    Q = rng.integers(-2, 3, (3, d)).astype(np.float32)  # small integers: ties
+    V = rng.integers(-2, 3, (n_items, d)).astype(np.float32)
+    bias = rng.integers(0, 3, n_items).astype(np.float32) if rng.random() < 0.5 else None
+    seen = [sorted(rng.integers(0, n_items, rng.integers(0, 12)).tolist()) for _ in range(3)]
+    indptr = np.zeros(4, np.int64)
+    np.cumsum([len(x) for x in seen], out=indptr[1:])
+    indices = np.array([j for x in seen for j in x], np.int32)
+    counts = rng.integers(0, data.draw(st.integers(1, 50)), n_items).astype(np.float32)
+    order = np.lexsort((np.arange(n_items), -counts)).astype(np.int32)
+    user = int(rng.integers(0, 3))
+    a = float(rng.random())
+    w = (1.0 - a, a)
+    for filter_seen in (True, False):
+        csr = (indptr, indices) if filter_seen else (None, None)
+        row = np.empty(n_items, np.float32)
+        topk.dense_user(Q, user, V, row, *csr, bias)
+        banned = np.array(seen[user] if filter_seen else [], np.int32)
+        if k:
+            want = blend_dense(row[None], w, n_cand, k, None, (order, counts, banned))
+        else:
+            want = (np.zeros(0, np.int32), np.zeros(0), [0])
+        got = topk.prior_user(Q, user, V, *w, n_cand, k, order, counts, *csr, bias)
+        assert got[0].tolist() == want[0].tolist()
+        assert got[1].tolist() == want[1].tolist()  # the same sums, added in the same order
+        assert got[2] == want[2][0]  # the row's candidates
+    with pytest.raises(ValueError, match="values"):
+        topk.prior_user(Q, 0, V, 0.5, 0.5, 3, 2, order, np.ones(n_items + 1, np.float32))
+    with pytest.raises(ValueError, match="n_cand"):
+        topk.prior_user(Q, 0, V, 0.5, 0.5, 0, 2, order, counts)
+    with pytest.raises(IndexError, match="user"):
+        topk.prior_user(Q, 3, V, 0.5, 0.5, 3, 2, order, counts)
 
 
 def test_blend_kernel_refuses_bad_input():

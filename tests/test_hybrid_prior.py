@@ -42,6 +42,10 @@ HYBRIDS = {
     "knn3": Hybrid("knn3", {"knn3": 1.0}, C),  # a history below the gate: the fallback's
     "gatedk": Hybrid("gatedk", {"als": 0.6, "knn25": 0.4}, user_prior=C),
     "knn25": Hybrid("knn25", {"knn25": 1.0}, user_prior=C),  # light users: the fallback's
+    # one component (the quickstart's default hybrid is ALS alone): known users in one
+    # kernel call (Router._one_known_prior), an embedding model's and a biased one's
+    "pa": Hybrid("pa", {"als": 0.6}, 0.5, user_prior=C),
+    "ps": Hybrid("ps", {"svd": 2.0}, user_prior=C),
 }
 
 
@@ -52,6 +56,7 @@ def setup(small, tmp_path_factory):
     for name, algo, params, data in (
         ("als", "als", ALS, small),
         ("itemknn", "itemknn", {}, small),
+        ("svd", "svd", {"factors": 8, "epochs": 5}, small),
         ("knn3", "itemknn", {"min_history": 3}, small),
         ("knn25", "itemknn", {"min_events": 25}, small),  # gates light known users
         ("other", "itemknn", {}, other),
@@ -198,7 +203,7 @@ def known_shapes(ds, rng) -> list[RecQuery]:
     ]
 
 
-@pytest.mark.parametrize("name", ["pu", "pb"])
+@pytest.mark.parametrize("name", ["pu", "pb", "pa", "ps"])
 def test_a_known_users_answer_blends_popularity_in_under_user_prior(setup, name):
     router, _, ds = setup
     hy = router.cfg.hybrids[name]
@@ -209,6 +214,45 @@ def test_a_known_users_answer_blends_popularity_in_under_user_prior(setup, name)
         assert got.served_by == "" and not got.folded_in
         check(got, want, q.k)
         check(general(router, q), want, q.k)
+
+
+@pytest.mark.parametrize("name", ["pa", "ps"])
+def test_a_one_component_hybrid_answers_known_users_in_one_kernel_call(setup, name, monkeypatch):
+    """A known user of a one-component hybrid, nothing excluded or recorded:
+    one Recommender.prior_user call answers (no dense row, no blend_dense),
+    and it answers what the general path does, explanations too. A request
+    with exclusions, and a user with events recorded since, take the dense
+    path and answer as the general one."""
+    router, _, ds = setup
+    slot = router.catalog.get(next(iter(router.cfg.hybrids[name].weights)))
+    calls = []
+    fused = slot.model.prior_user
+    monkeypatch.setattr(slot.model, "prior_user", lambda *a: calls.append(a) or fused(*a))
+    lengths = np.diff(ds.interactions.indptr)
+    users = ds.users.ids([int(np.argmin(lengths)), int(np.argmax(lengths)), 7, 11])
+    some = ds.items.ids(np.arange(5))
+    for i, u in enumerate(users):
+        for q in (
+            RecQuery(user_id=u, k=10, model=name),
+            RecQuery(user_id=u, k=1 + 7 * i, model=name, include_seen=True),
+            RecQuery(user_id=u, k=5, model=name, explain=True),
+        ):
+            before = len(calls)
+            got, want = router.recommend(q), general(router, q)
+            assert len(calls) == before + 1
+            assert got.item_ids == want.item_ids and got.version == want.version
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
+            assert got.because == want.because
+        q = RecQuery(user_id=u, k=10, model=name, exclude=some)
+        before = len(calls)
+        got, want = router.recommend(q), general(router, q)
+        assert len(calls) == before and got.item_ids == want.item_ids
+    mine = Router(router.cfg, router.catalog, OnlineState())  # its own recorded events
+    mine.online.apply([Event(users[2], ds.items.ids([3])[0], 4.0, 0)])
+    q = RecQuery(user_id=users[2], k=10, model=name)
+    before = len(calls)
+    got, want = mine.recommend(q), general(mine, q)
+    assert len(calls) == before and got.item_ids == want.item_ids and got.folded_in
 
 
 def test_each_prior_answers_only_its_own_users(setup):

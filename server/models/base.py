@@ -467,6 +467,39 @@ class Recommender(ABC):
             out[indices[indptr[user] : indptr[user + 1]]] = np.nan
         return True
 
+    def prior_user(
+        self,
+        user: int,
+        k: int,
+        weights: tuple[float, float],
+        popular: tuple[np.ndarray, np.ndarray],
+        n_cand: int,
+        filter_seen: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """A known user's answer under a prior in one kernel call: dense_user's
+        row blended with popularity's part (`popular`: order int32, counts
+        float32), weighted `weights` (row, popularity), each part its n_cand
+        best, popularity's without the seen items when filter_seen; the k best
+        (items int32, sums float64) and the row's number of candidates (0:
+        none eligible). What blend_dense answers for that row, for a model
+        whose rows are products of vectors (_user_vectors); None for any
+        other, whose row the caller blends itself."""
+        found = self._user_vectors(user)
+        if found is None:
+            return None
+        queries, vectors, bias = found
+        indptr, indices = self._csr_views() if filter_seen else (None, None)
+        order, counts = popular
+        return topk.prior_user(
+            queries, user, vectors, *weights, n_cand, k, order, counts, indptr, indices, bias
+        )
+
+    def _user_vectors(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """(queries, item vectors, per-item bias or None), float32, whose
+        queries[user] . vectors + bias is known `user`'s dense row (what the
+        one-user kernels read); None where rows are not such products."""
+        return None
+
     def dense_history(self, row: sp.csr_matrix, out: np.ndarray, filter_seen: bool = True) -> bool:
         """dense_user for a user given by one history row (fold-in): the row
         whose top-k recommend_histories returns, NaN at the row's items when

@@ -131,6 +131,16 @@ class EmbeddingIndexMixin(Recommender):
             self._exact_user_matrix(), user, vectors, k, indptr, indices, filter_seen, bias
         )
 
+    def _user_vectors(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """Exact retrieval's vectors; None with an index (no dense row)."""
+        if self.item_index is not None:
+            return None
+        self._require_fitted()
+        if not 0 <= user < self.n_users:
+            raise IndexError(f"users: indices must be in [0, {self.n_users})")
+        vectors, bias = self._exact_items()
+        return self._exact_user_matrix(), vectors, bias
+
     @property
     def has_dense_rows(self) -> bool:
         return self.item_index is None

@@ -459,6 +459,10 @@ class BiasedMF(Recommender):
         topk.dense_user(self._vectors("P"), user, self._vectors("Q"), out, indptr, indices, bias)
         return True
 
+    def _user_vectors(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """P and Q, the per-item constant part as the bias (as dense_user)."""
+        return self._vectors("P"), self._vectors("Q"), self._user_bias(user)
+
     def _user_bias(self, user: int) -> np.ndarray:
         """mu + b_u + b_i for every item i (float32), a known user's constant part."""
         self._require_fitted()

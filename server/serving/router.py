@@ -618,6 +618,16 @@ class Router:
         chain answers, as without a prior)."""
         m = slot.model
         assert m is not None
+        if row is None and cand is None and not excl.size:
+            # a known user, nothing excluded: row and blend in one kernel call
+            # where the model has it (blend_popularity's answer)
+            a = prior_weight(c, m.training_evidence(user))
+            n_cand = min(max(3 * k, 100), m.n_items)
+            popular = (slot.popular_order32(), slot.popular_row())
+            got = m.prior_user(user, k, (1.0 - a, a), popular, n_cand, not q.include_seen)
+            if got is not None:
+                items, sums, _ = got
+                return True, _Served(slot, items, sums.astype(np.float32), user, None, blended=True)
         pool = self._pool(2, m.n_items)
         rows = pool.take()
         try:
@@ -917,6 +927,11 @@ class Router:
         excl = first.index(list(q.exclude)) if q.exclude else None
         if excl is not None:
             excl = excl[excl >= 0]
+        if len(comps) == 1 and hy.user_prior and not extra_idx.size and not q.exclude:
+            out_r = self._one_known_prior(hy, plan, q, check)
+            if out_r is not None:
+                stages["retrieve"] += time.perf_counter() - t
+                return out_r
         n = len(first)
         pool = self._pool(len(comps), n)
         rows = pool.take()
@@ -1035,6 +1050,39 @@ class Router:
             return out_r
         finally:
             pool.give(rows)
+
+    def _one_known_prior(self, hy: Hybrid, plan: _Plan, q: RecQuery, check: Check) -> Ranked | None:
+        """_hybrid_dense's answer for a hybrid of one component and a known user
+        under its user_prior, nothing recorded since training or excluded: the
+        component's row and popularity's part blended in one kernel call
+        (Recommender.prior_user), as the default quickstart hybrid answers
+        most calls. None where that does not apply (a cold or gated user, no
+        such kernel, no training counts, a row with no eligible item): the
+        dense path answers then."""
+        ((w, slot),) = plan.comps
+        m = slot.model
+        assert m is not None and m.users is not None and plan.items is not None
+        u = m.users.get(q.user_id) if q.user_id else -1
+        if u < 0 or m.is_cold(u) or m.gated(u) or not slot.popularity_known():
+            return None
+        check()
+        a = prior_weight(hy.user_prior, m.training_evidence(u))
+        # the dense path's weights: w scaled to 1 - a (the same float operations)
+        weights = (w * ((1.0 - a) / w), a)
+        n_cand = min(max(3 * q.k, 100), len(plan.items))
+        popular = (slot.popular_order32(), slot.popular_row())
+        got = m.prior_user(u, q.k, weights, popular, n_cand, not q.include_seen)
+        if got is None or not got[2]:
+            return None
+        out = Ranked.of(plan.items, got[0], got[1], "")
+        out.version = plan.version
+        if q.explain and out.item_ids:
+            check()
+            none = np.zeros(0, np.int32)
+            out.because = self._hybrid_because(
+                [(w, _Served(slot, none, none, u, None))], out.item_ids
+            )
+        return out
 
     def _blend(
         self,
