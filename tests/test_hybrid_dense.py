@@ -110,21 +110,27 @@ def test_blend_kernel_on_long_rows_of_ties_infinities_and_nans(n_items, n_cand):
 
 
 def test_blend_kernel_from_many_threads_at_once():
-    # The kernel keeps zeroed accumulators between calls (a pool) and releases
-    # the GIL: threads blending catalogues of different sizes at once must each
-    # get the answer they get alone.
+    # The kernels keep zeroed accumulators between calls (a pool, shared by
+    # blend_dense and prior_user) and release the GIL: threads blending
+    # catalogues of different sizes at once must each get the answer they get
+    # alone.
     rng = np.random.default_rng(11)
     cases = []
+    priors = []
     for n in (50, 3_000, 60_000, 150_000, 700):
         rows = rng.choice([0.0, 0.5, 1.0, 2.0], (3, n)).astype(np.float32)
         rows += rng.standard_normal((3, n)).astype(np.float32) * (n % 7 == 0)
         rows[rng.random((3, n)) < 0.2] = np.nan
         cases.append((rows, blend_dense(rows, [0.5, 0.3, 0.2], 40, 15)))
+        Q, V = rng.standard_normal((2, 8)).astype(np.float32), rng.random((n, 8), np.float32)
+        counts = rng.integers(0, 9, n).astype(np.float32)
+        args = (Q, 1, V, 0.7, 0.3, 40, 15, np.argsort(-counts, kind="stable").astype(np.int32))
+        priors.append((args, counts, topk.prior_user(*args, counts)))
     errors: list[str] = []
 
     def work(seed: int) -> None:
         order = np.random.default_rng(seed).permutation(200) % len(cases)
-        for i in order:
+        for j, i in enumerate(order):
             rows, (want_rows, want_totals, want_counts) = cases[i]
             got = blend_dense(rows, [0.5, 0.3, 0.2], 40, 15)
             if not (
@@ -133,6 +139,11 @@ def test_blend_kernel_from_many_threads_at_once():
                 and np.array_equal(got[2], want_counts)
             ):
                 errors.append(f"case {i} differs")
+            if j % 2:
+                args, counts, want = priors[i]
+                got = topk.prior_user(*args, counts)
+                if not (np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])):
+                    errors.append(f"prior case {i} differs")
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
     for t in threads:
