@@ -928,9 +928,11 @@ class Router:
         if excl is not None:
             excl = excl[excl >= 0]
         if len(comps) == 1 and hy.user_prior and not extra_idx.size and not q.exclude:
+            t2 = time.perf_counter()
             out_r = self._one_known_prior(hy, plan, q, check)
             if out_r is not None:
-                stages["retrieve"] += time.perf_counter() - t
+                stages["resolve"] += t2 - t
+                stages["retrieve"] += time.perf_counter() - t2
                 return out_r
         n = len(first)
         pool = self._pool(len(comps), n)
