@@ -500,6 +500,18 @@ class Recommender(ABC):
         one-user kernels read); None where rows are not such products."""
         return None
 
+    def _vector_row(self, user: int, out: np.ndarray, filter_seen: bool) -> bool:
+        """dense_user for a model whose rows are products of vectors
+        (_user_vectors): the one-user kernel's row, computed as topk_user
+        computes it; False (out untouched) where they are not."""
+        found = self._user_vectors(user)
+        if found is None:
+            return False
+        queries, vectors, bias = found
+        indptr, indices = self._csr_views() if filter_seen else (None, None)
+        topk.dense_user(queries, user, vectors, out, indptr, indices, bias)
+        return True
+
     def dense_history(self, row: sp.csr_matrix, out: np.ndarray, filter_seen: bool = True) -> bool:
         """dense_user for a user given by one history row (fold-in): the row
         whose top-k recommend_histories returns, NaN at the row's items when

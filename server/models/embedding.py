@@ -147,15 +147,7 @@ class EmbeddingIndexMixin(Recommender):
 
     def dense_user(self, user: int, out: np.ndarray, filter_seen: bool = True) -> bool:
         """Exact retrieval: topk_user's scores, into `out`; False with an index."""
-        if self.item_index is not None:
-            return False
-        self._require_fitted()
-        if not 0 <= user < self.n_users:
-            raise IndexError(f"users: indices must be in [0, {self.n_users})")
-        vectors, bias = self._exact_items()
-        indptr, indices = self._csr_views() if filter_seen else (None, None)
-        topk.dense_user(self._exact_user_matrix(), user, vectors, out, indptr, indices, bias)
-        return True
+        return self._vector_row(user, out, filter_seen)
 
     def dense_history(self, row: sp.csr_matrix, out: np.ndarray, filter_seen: bool = True) -> bool:
         """The exact fold-in row; False with an index (the ranking is approximate)."""

@@ -454,10 +454,7 @@ class BiasedMF(Recommender):
     def dense_user(self, user: int, out: np.ndarray, filter_seen: bool = True) -> bool:
         """A known user's unclipped predictions mu + b_u + b_i + p_u . q_i into
         `out` (the per-item constant part added as the kernel's bias)."""
-        bias = self._user_bias(user)
-        indptr, indices = self._csr_views() if filter_seen else (None, None)
-        topk.dense_user(self._vectors("P"), user, self._vectors("Q"), out, indptr, indices, bias)
-        return True
+        return self._vector_row(user, out, filter_seen)
 
     def _user_vectors(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
         """P and Q, the per-item constant part as the bias (as dense_user)."""
