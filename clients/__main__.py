@@ -2,6 +2,7 @@
 
 python -m recserve.clients --target localhost:50051 recommend --user 42 --k 10 [--model als]
 python -m recserve.clients recommend --history 12,40,7 --k 5 --explain
+python -m recserve.clients recommend --history '["sku 1,2", "Café"]'   # ids holding commas
 python -m recserve.clients similar --item 12 --k 5
 python -m recserve.clients models
 python -m recserve.clients reload     # switch to newly published bundles (Admin)
@@ -38,6 +39,20 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _item_ids(text: str) -> list[str]:
+    """argparse type for --history: comma-separated item ids, or a JSON array of
+    strings, for ids that hold a comma (which a split would cut in two)."""
+    if not text.lstrip().startswith("["):
+        return [h for h in text.split(",") if h]
+    try:
+        ids = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not a JSON array: {exc}") from None
+    if not isinstance(ids, list) or not all(isinstance(h, str) for h in ids):
+        raise argparse.ArgumentTypeError("a JSON array must hold item ids as strings")
+    return ids
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     ap = _Parser(prog="python -m recserve.clients", description=__doc__.split("\n\n")[0])
@@ -52,7 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("recommend")
     rec.add_argument("--user", default="")
-    rec.add_argument("--history", default="", help="comma-separated item ids")
+    rec.add_argument(
+        "--history",
+        type=_item_ids,
+        default=[],
+        help='comma-separated item ids, or a JSON array of them (["a,b", "c"]) for ids '
+        "that hold commas",
+    )
     rec.add_argument("--k", type=int, default=10)
     rec.add_argument("--model", default="")
     rec.add_argument("--explain", action="store_true")
@@ -70,9 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with RecommenderClient(args.target, deadline=args.deadline, token=args.token) as rc:
         try:
             if args.command == "recommend":
-                history = [h for h in args.history.split(",") if h]
                 out = rc.recommend(
-                    args.user, args.k, history=history, model=args.model, explain=args.explain
+                    args.user, args.k, history=args.history, model=args.model, explain=args.explain
                 )
             elif args.command == "similar":
                 out = rc.similar_items(args.item, args.k, args.model)

@@ -170,6 +170,27 @@ def test_a_deadline_that_has_already_passed_is_refused_before_any_call(served, c
     assert len(json.loads(capsys.readouterr().out)["items"]) == 2
 
 
+def test_the_shell_client_takes_a_history_of_ids_that_hold_commas(served, capsys):
+    # `--history a,b` splits at commas, so an id such as "sku 1,2" could not be
+    # sent: a JSON array of strings is taken as it is.
+    from recserve.clients.__main__ import main
+
+    srv, _ = served
+    argv = ["--target", srv.target, "recommend", "--k", "3", "--model", "als", "--history"]
+    assert main([*argv, "12,40"]) == 0
+    split = json.loads(capsys.readouterr().out)
+    assert main([*argv, '["12", "40"]']) == 0
+    assert json.loads(capsys.readouterr().out) == split and len(split["items"]) == 3
+    # One id with a comma reaches the server whole: it names it as unknown.
+    assert main([*argv, '["12,40"]']) == 1
+    assert "'12,40'" in capsys.readouterr().err
+    for bad in ["[12, 40]", '["12", 40]', "[oops", ' ["12"']:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, bad])
+        assert e.value.code == 2
+        assert "--history" in capsys.readouterr().err
+
+
 def test_the_shell_client_ends_quietly_when_its_reader_stops_early(served):
     # `python -m recserve.clients models | head -1` printed a BrokenPipeError
     # traceback: the command now ends with 141, as a shell reports SIGPIPE.
