@@ -344,24 +344,34 @@ def encode_ranked(ids, idx, scores, bytes head, bytes tail, int field, std=None)
     return out
 
 
-cdef Py_ssize_t find_row(const unsigned char[:, ::1] rows, object k, unsigned char* key):
-    """lookup's search for one key (`key`: scratch of rows.shape[1] bytes)."""
-    cdef Py_ssize_t n = rows.shape[0], width = rows.shape[1], lo = 0, hi, mid
-    cdef bytes b = (k if type(k) is str else str(k)).encode("utf-8")
-    cdef Py_ssize_t klen = len(b)
-    if n == 0 or klen > width or (klen and (<unsigned char*> PyBytes_AS_STRING(b))[klen - 1] == 0):
+cdef Py_ssize_t find_row(
+    const unsigned char* rows, Py_ssize_t n, Py_ssize_t width, object k, unsigned char* key
+) except -2:
+    """lookup's search for one key in n sorted rows of `width` bytes (`key`:
+    scratch of `width` bytes). The key's UTF-8 is read in place (a str keeps
+    it; ASCII is its own), not encoded into a new bytes object per key, and
+    the search holds the GIL: releasing it costs more than a dozen memcmp."""
+    cdef Py_ssize_t klen, lo = 0, hi = n, mid
+    cdef const char* text
+    if type(k) is not str:
+        k = str(k)
+    text = PyUnicode_AsUTF8AndSize(k, &klen)
+    if n == 0 or klen > width or (klen and (<const unsigned char*> text)[klen - 1] == 0):
         return -1
-    memcpy(key, PyBytes_AS_STRING(b), klen)
+    memcpy(key, text, klen)
     memset(key + klen, 0, width - klen)
-    hi = n
-    with nogil:
-        while lo < hi:  # the first row >= key
-            mid = (lo + hi) >> 1
-            if memcmp(&rows[mid, 0], key, width) < 0:
-                lo = mid + 1
-            else:
-                hi = mid
-    return lo if lo < n and memcmp(&rows[lo, 0], key, width) == 0 else -1
+    while lo < hi:  # the first row >= key
+        mid = (lo + hi) >> 1
+        if memcmp(rows + mid * width, key, width) < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < n and memcmp(rows + lo * width, key, width) == 0 else -1
+
+
+cdef const unsigned char* first_row(const unsigned char[:, ::1] rows):
+    """The rows' first byte (NULL for no rows: find_row answers -1 before reading)."""
+    return &rows[0, 0] if rows.shape[0] and rows.shape[1] else NULL
 
 
 def lookup(const unsigned char[:, ::1] rows, keys):
@@ -380,8 +390,10 @@ def lookup(const unsigned char[:, ::1] rows, keys):
     if rows.shape[1] > 256:
         wide = bytearray(rows.shape[1])
         key = <unsigned char*> PyByteArray_AS_STRING(wide)
+    cdef const unsigned char* first = first_row(rows)
+    cdef Py_ssize_t n = rows.shape[0], width = rows.shape[1]
     for t in range(count):
-        o[t] = find_row(rows, keys[t], key)
+        o[t] = find_row(first, n, width, keys[t], key)
     return out
 
 
@@ -389,7 +401,9 @@ def lookup_one(const unsigned char[:, ::1] rows, key):
     """lookup() of one key, as an int (the serving path's user lookup)."""
     cdef unsigned char pad[256]
     cdef bytearray wide
-    if rows.shape[1] > 256:
-        wide = bytearray(rows.shape[1])
-        return find_row(rows, key, <unsigned char*> PyByteArray_AS_STRING(wide))
-    return find_row(rows, key, pad)
+    cdef const unsigned char* first = first_row(rows)
+    cdef Py_ssize_t n = rows.shape[0], width = rows.shape[1]
+    if width > 256:
+        wide = bytearray(width)
+        return find_row(first, n, width, key, <unsigned char*> PyByteArray_AS_STRING(wide))
+    return find_row(first, n, width, key, pad)
