@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recserve.models import NotFittedError, algorithms, create, load_named
+from recserve.models import NotFittedError, algorithms, base, create, load_named
 from recserve.models.base import KnownUserRow, known_user
 
 FAST_PARAMS: dict[str, dict[str, object]] = {
@@ -145,6 +145,50 @@ def test_one_history_matrix_is_the_general_one(fitted, small):
         fitted.history_matrix([[0, 1]], [[1.0]])
     with pytest.raises(ValueError, match="finite"):
         fitted.history_matrix([[0]], [[float("nan")]])
+
+
+def test_scoring_in_chunks_answers_as_one_chunk(fitted, small, monkeypatch):
+    # recommend() and recommend_histories() score score_chunk(n_items) users
+    # at a time, fewer on a large catalogue (memory): every chunk size gives
+    # the answers of one chunk, exclusions and candidates (per user) included.
+    users = np.arange(0, small.n_users, 7)
+    seen = small.interactions
+    rng = np.random.default_rng(3)
+    exclude = [rng.integers(0, small.n_items, 5) for _ in users]
+    candidates = [rng.integers(0, small.n_items, 40) for _ in users]
+    history = seen[users]
+    whole = [
+        fitted.recommend(users, 9),
+        fitted.recommend(users, 9, exclude=exclude, candidates=candidates),
+        fitted.recommend_histories(history, 9),
+        fitted.recommend_histories(history, 9, exclude=exclude),
+    ]
+    assert users.size > 7 and base.score_chunk(small.n_items) >= users.size
+    for rows in (1, 3, 7):
+        monkeypatch.setattr(base, "SCORE_FLOATS", rows * small.n_items + rows - 1)
+        assert base.score_chunk(small.n_items) == rows
+        parts = [
+            fitted.recommend(users, 9),
+            fitted.recommend(users, 9, exclude=exclude, candidates=candidates),
+            fitted.recommend_histories(history, 9),
+            fitted.recommend_histories(history, 9, exclude=exclude),
+        ]
+        for (items, scores), (want_i, want_s) in zip(parts, whole, strict=True):
+            np.testing.assert_allclose(scores, want_s, rtol=1e-6, atol=1e-6)
+            # BLAS may round a product differently per chunk shape: items may
+            # trade places only within a near-tie.
+            for r in np.flatnonzero((items != want_i).any(axis=1)):
+                moved = np.flatnonzero(items[r] != want_i[r])
+                assert np.ptp(want_s[r, moved]) <= 1e-5, (r, items[r], want_i[r])
+
+
+def test_the_scoring_chunk_bounds_a_chunks_floats():
+    assert base.score_chunk(1_682) == base.SCORE_CHUNK  # ml-100k: the full chunk
+    for n_items in (40_000, 151_669, 10**9):
+        rows = base.score_chunk(n_items)
+        assert rows >= 1 and (rows == 1 or rows * n_items <= base.SCORE_FLOATS)
+    assert base.score_chunk(151_669) == base.SCORE_FLOATS // 151_669
+    assert base.score_chunk(0) == base.SCORE_CHUNK
 
 
 def test_explanations_of_an_answer_at_once_are_each_items_own(fitted, small):

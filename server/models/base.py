@@ -60,7 +60,17 @@ class ScratchPool(Generic[T]):
 
 
 Exclude = np.ndarray | Sequence[int] | Sequence[np.ndarray | Sequence[int]] | None
-SCORE_CHUNK = 1024  # users scored densely at once; bounds memory to chunk x items floats
+SCORE_CHUNK = 1024  # users scored densely at once, at most
+# A chunk's dense scores stay within this many floats (128 MB of float32): on a
+# 150k-item catalogue 1,024 users made 620 MB per temporary, and SVD's
+# evaluation peaked at 1.6 GB.
+SCORE_FLOATS = 1 << 25
+
+
+def score_chunk(n_items: int) -> int:
+    """Users scored densely at once over n_items: SCORE_CHUNK, fewer where
+    chunk x items would pass SCORE_FLOATS."""
+    return max(1, min(SCORE_CHUNK, SCORE_FLOATS // max(n_items, 1)))
 
 
 @dataclass(frozen=True)
@@ -419,8 +429,9 @@ class Recommender(ABC):
             return self._recommend_one(int(users[0]), k, filter_seen, candidates)
         out_i = np.empty((users.size, k), np.int32)
         out_s = np.empty((users.size, k), np.float32)
-        for lo in range(0, users.size, SCORE_CHUNK):
-            chunk = users[lo : lo + SCORE_CHUNK]
+        step = score_chunk(self.n_items)
+        for lo in range(0, users.size, step):
+            chunk = users[lo : lo + step]
             # One user (the serving case): a row slice, far cheaper than fancy indexing.
             history = seen[int(chunk[0]) : int(chunk[0]) + 1] if chunk.size == 1 else seen[chunk]
             excl = exclusion_rows(
@@ -737,10 +748,11 @@ class Recommender(ABC):
         n = history.shape[0]
         out_i = np.empty((n, k), np.int32)
         out_s = np.empty((n, k), np.float32)
-        for lo in range(0, n, SCORE_CHUNK):
+        step = score_chunk(self.n_items)
+        for lo in range(0, n, step):
             # One chunk is the matrix itself: a slice would be a plain copy,
             # without a KnownUserRow's user.
-            rows = history if n <= SCORE_CHUNK else history[lo : lo + SCORE_CHUNK]
+            rows = history if n <= step else history[lo : lo + step]
             size = rows.shape[0]
             excl = exclusion_rows(
                 rows if filter_seen else None, _rows_for(exclude, lo, size), size, self.n_items

@@ -431,7 +431,11 @@ class BiasedMF(Recommender):
             bar.set_postfix(rmse=f"{np.sqrt(sse / max(ratings.size, 1)):.4f}")
 
     def _predict(self, p: np.ndarray, bu: np.ndarray) -> np.ndarray:
-        return np.asarray(self.mu + bu[:, None] + self.bi[None, :] + p @ self.Q.T, np.float32)
+        # (mu + bu + bi) + p.Q in that order, as before, but the product is added
+        # in place: two users x items temporaries instead of three.
+        out = np.asarray(self.mu + bu[:, None] + self.bi[None, :], np.float32)
+        out += p @ self.Q.T
+        return out
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         return self._predict(self.P[users], self.bu[users])
