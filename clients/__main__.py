@@ -39,18 +39,28 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _item_ids(text: str) -> list[str]:
-    """argparse type for --history: comma-separated item ids, or a JSON array of
-    strings, for ids that hold a comma (which a split would cut in two)."""
+def item_ids(text: str) -> list[str]:
+    """Item ids typed in a shell: comma-separated (each stripped, empties
+    dropped), or a JSON array of strings, taken as they are, for ids that hold
+    a comma or spaces. ValueError names what is wrong. `recserve recommend
+    --history` reads its ids with this too."""
     if not text.lstrip().startswith("["):
-        return [h for h in text.split(",") if h]
+        return [h.strip() for h in text.split(",") if h.strip()]
     try:
         ids = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not a JSON array: {exc}") from None
+        raise ValueError(f"not a JSON array: {exc}") from None
     if not isinstance(ids, list) or not all(isinstance(h, str) for h in ids):
-        raise argparse.ArgumentTypeError("a JSON array must hold item ids as strings")
+        raise ValueError("a JSON array must hold item ids as strings")
     return ids
+
+
+def _item_ids(text: str) -> list[str]:
+    """argparse type for --history (item_ids, its errors as argparse's)."""
+    try:
+        return item_ids(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

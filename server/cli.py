@@ -225,7 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--name", required=True)
     who = rec.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="a user id known to the model")
-    who.add_argument("--history", help="comma-separated item ids (fold-in of a new user)")
+    who.add_argument(
+        "--history",
+        help='comma-separated item ids, or a JSON array of them (["a,b", "c"]) for ids that '
+        "hold commas (fold-in of a new user)",
+    )
     rec.add_argument("--k", type=int, default=10)
     qs = sub.add_parser("quickstart", help="make the embedded default dataset and models")
     qs.add_argument("--workdir", default="var", help="holds data/default and models/")
@@ -749,9 +753,17 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
         if blended is not None:  # as the server answers a known user under user_prior
             return _answer(model, args, *blended)
     else:
-        ids = [x.strip() for x in args.history.split(",") if x.strip()]
+        from recserve.clients.__main__ import item_ids
+
+        try:
+            ids = item_ids(args.history)
+        except ValueError as exc:
+            raise ValueError(f"history: {exc}") from None
         if not ids:  # `--history ""` or `,,`: every item would come back at score 0
-            raise ValueError(f"history: no item ids in {args.history!r} (comma-separated ids)")
+            raise ValueError(
+                f"history: no item ids in {args.history!r} (comma-separated ids, or a "
+                "JSON array of them)"
+            )
         idx = model.items.index(ids)
         unknown = [i for i, j in zip(ids, idx, strict=True) if j < 0]
         if unknown and len(unknown) == len(ids):

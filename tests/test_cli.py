@@ -389,7 +389,7 @@ def test_recommend_for_a_user_without_training_events_says_so(small, tmp_path, c
     assert code == 0 and len(last_json(out)["items"]) == 10
 
 
-@pytest.mark.parametrize("history", ["", ",", " , ,"])
+@pytest.mark.parametrize("history", ["", ",", " , ,", "[]", " [ ] "])
 def test_recommend_with_an_empty_history_is_refused(tmp_path, capsys, history):
     models = tmp_path / "models"
     data = tmp_path / "d.csv"
@@ -401,6 +401,25 @@ def test_recommend_with_an_empty_history_is_refused(tmp_path, capsys, history):
     assert code == 2 and "history: no item ids" in err and out.strip() == ""
     code, out, _ = run(capsys, *ask, "i1,i2")
     assert code == 0 and len(last_json(out)["items"]) == 9  # 11 items, 2 seen
+
+
+def test_recommend_takes_a_json_history_for_ids_that_hold_commas(tmp_path, capsys):
+    # `--history a,b` splits at commas: an item id "i,1" (a quoted CSV field)
+    # is sent whole as a JSON array, the same answer as a comma list otherwise.
+    models, data = tmp_path / "models", tmp_path / "d.csv"
+    rows = "".join(f'u{i % 7},"i,{i % 11}",1\n' for i in range(60))
+    data.write_text("user,item,rating\n" + rows)
+    train = ["train", "--data", data, "--algo", "itemknn", "--name", "x", "--models", models]
+    assert run(capsys, *train, "--no-evaluate")[0] == 0
+    ask = ["recommend", "--models", models, "--name", "x", "--history"]
+    code, out, _ = run(capsys, *ask, '["i,1", "i,2"]')
+    items = [i["item_id"] for i in last_json(out)["items"]]
+    assert code == 0 and len(items) == 9 and not {"i,1", "i,2"} & set(items)
+    code, out, err = run(capsys, *ask, "i,1")  # split: "i" and "1", both unknown
+    assert code == 2 and "none of the item ids are known" in err and out == ""
+    for bad in ["[1]", "[oops"]:
+        code, out, err = run(capsys, *ask, bad)
+        assert code == 2 and "history: " in err and out == ""
 
 
 @pytest.mark.parametrize(
