@@ -388,3 +388,21 @@ def test_explanations_are_each_ratings_share_of_the_folded_in_score(small, algo)
             want = sorted((-v, int(h)) for h, v in zip(hist, c[:, j], strict=True) if v > 0)
             assert idx.tolist() == [h for _, h in want[:3]]
             np.testing.assert_allclose(val, [-v for v, _ in want[:3]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["svd", "bayes_mf"])
+def test_dense_predictions_are_mu_plus_biases_plus_the_product(small, algo):
+    # _predict (every dense row: batches, evaluation, fold-ins) adds the product
+    # in place to save a users x items temporary; its sums are still the
+    # definition's, mu + b_u + b_i + p . q in the inputs' precision rounded
+    # once to float32, bit for bit, for float32 rows (known users) and float64
+    # ones (a fold-in's solve).
+    m = create(algo, factors=8, epochs=3).fit(small)
+    users = np.arange(0, small.n_users, 11)
+    for dtype in (np.float32, np.float64):
+        p, bu = m.P[users].astype(dtype), m.bu[users].astype(dtype)
+        want = np.asarray(m.mu + bu[:, None] + m.bi[None, :] + p @ m.Q.T, np.float32)
+        got = m._predict(p, bu)
+        assert got.dtype == np.float32 and got.shape == (users.size, small.n_items)
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(m._score_users(users), m._predict(m.P[users], m.bu[users]))

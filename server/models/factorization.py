@@ -431,11 +431,12 @@ class BiasedMF(Recommender):
             bar.set_postfix(rmse=f"{np.sqrt(sse / max(ratings.size, 1)):.4f}")
 
     def _predict(self, p: np.ndarray, bu: np.ndarray) -> np.ndarray:
-        # (mu + bu + bi) + p.Q in that order, as before, but the product is added
-        # in place: two users x items temporaries instead of three.
-        out = np.asarray(self.mu + bu[:, None] + self.bi[None, :], np.float32)
+        # (mu + bu + bi) + p.Q, each sum in the inputs' own precision as before
+        # (a fold-in's float64 rounds once, at the end), but the product is
+        # added in place: two users x items temporaries instead of three.
+        out = self.mu + bu[:, None] + self.bi[None, :]
         out += p @ self.Q.T
-        return out
+        return np.asarray(out, np.float32)
 
     def _score_users(self, users: np.ndarray) -> np.ndarray:
         return self._predict(self.P[users], self.bu[users])
