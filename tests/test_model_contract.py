@@ -157,23 +157,21 @@ def test_scoring_in_chunks_answers_as_one_chunk(fitted, small, monkeypatch):
     exclude = [rng.integers(0, small.n_items, 5) for _ in users]
     candidates = [rng.integers(0, small.n_items, 40) for _ in users]
     history = seen[users]
-    whole = [
-        fitted.recommend(users, 9),
-        fitted.recommend(users, 9, exclude=exclude, candidates=candidates),
-        fitted.recommend_histories(history, 9),
-        fitted.recommend_histories(history, 9, exclude=exclude),
-    ]
-    assert users.size > 7 and base.score_chunk(small.n_items) >= users.size
-    for rows in (1, 3, 7):
-        monkeypatch.setattr(base, "SCORE_FLOATS", rows * small.n_items + rows - 1)
-        assert base.score_chunk(small.n_items) == rows
-        parts = [
+
+    def answers() -> list[tuple[np.ndarray, np.ndarray]]:
+        return [
             fitted.recommend(users, 9),
             fitted.recommend(users, 9, exclude=exclude, candidates=candidates),
             fitted.recommend_histories(history, 9),
             fitted.recommend_histories(history, 9, exclude=exclude),
         ]
-        for (items, scores), (want_i, want_s) in zip(parts, whole, strict=True):
+
+    whole = answers()
+    assert users.size > 7 and base.score_chunk(small.n_items) >= users.size
+    for rows in (1, 3, 7):
+        monkeypatch.setattr(base, "SCORE_FLOATS", rows * small.n_items + rows - 1)
+        assert base.score_chunk(small.n_items) == rows
+        for (items, scores), (want_i, want_s) in zip(answers(), whole, strict=True):
             np.testing.assert_allclose(scores, want_s, rtol=1e-6, atol=1e-6)
             # BLAS may round a product differently per chunk shape: items may
             # trade places only within a near-tie.
