@@ -11,7 +11,7 @@ import pytest
 
 from recserve.data import generate, to_dataset
 from recserve.index import ItemIndex, SearchConfig, SimilarIndex
-from recserve.models import bundle, create, load_named
+from recserve.models import bundle, create, embedding, load_named
 from tests.service_helpers import flip_byte
 
 
@@ -182,29 +182,43 @@ def test_shared_search_parameters_stay_as_configured(factors):
             assert shared.nprobe == 2 and shared.sel is None
 
 
-@pytest.mark.parametrize("algo", ["als", "bpr"])
+@pytest.mark.parametrize("algo", ["als", "bpr", "svd", "bayes_mf"])
 def test_models_rank_through_the_index_and_round_trip(tmp_path, algo):
+    """Every inner-product model ranks through its index as it ranks exactly
+    (biased MF's mu + b_u added back to the scores), and its bundle maps the
+    index's item vectors from the file where they are composed ([q, b])."""
     ds = to_dataset(generate(1_500, 1_200, 60_000, seed=2))
     params = {"factors": 16, "iterations": 5} if algo == "als" else {"factors": 16, "epochs": 10}
     model = create(algo, **params, index="hnsw").fit(ds)
     exact = copy.copy(model)  # the same factors (BPR's Hogwild fit is not repeatable)
     exact.item_index = exact.similar_index = None
     users = np.arange(0, 1_500, 7)
-    ei, _ = exact.recommend(users, k=10)
+    ei, es = exact.recommend(users, k=10)
     mi, ms = model.recommend(users, k=10)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ei, mi, strict=True)])
     assert overlap >= 0.98
-    hi, _ = model.recommend_from_history([1, 2, 3], k=10)
-    he, _ = exact.recommend_from_history([1, 2, 3], k=10)
+    same = (ei == mi).all(axis=1)
+    assert same.mean() > 0.9
+    np.testing.assert_allclose(ms[same], es[same], rtol=1e-5, atol=1e-5)
+    hi, hs = model.recommend_from_history([1, 2, 3], k=10)
+    he, hes = exact.recommend_from_history([1, 2, 3], k=10)
     assert len(set(hi) & set(he)) >= 9
+    if list(hi) == list(he):
+        np.testing.assert_allclose(hs, hes, rtol=1e-5, atol=1e-5)
+    ui, us = model.recommend_user(int(users[3]), 10)
+    np.testing.assert_array_equal(ui, mi[3])
+    np.testing.assert_allclose(us, ms[3], rtol=1e-6)
     si, _ = model.similar_items(5, 10)
     se, _ = exact.similar_items(5, 10)
     assert 5 not in si and len(set(si) & set(se)) >= 9
     path = model.save(tmp_path, algo)
     doc = bundle.read_manifest(path)
     assert {"items.faiss", "similar.faiss"} <= set(doc["files"])
+    assert ("index_vectors" in doc["arrays"]) == (algo != "als")  # ALS's are its factors
     loaded = load_named(tmp_path, algo)
     assert loaded.item_index is not None and loaded.item_index.kind == "hnsw"
+    assert not loaded.item_index.vectors.flags.writeable  # mapped, not rebuilt
+    np.testing.assert_array_equal(loaded.item_index.vectors, model.item_index.vectors)
     li, ls = loaded.recommend(users, k=10)
     np.testing.assert_array_equal(li, mi)
     np.testing.assert_allclose(ls, ms, rtol=1e-6)
@@ -285,3 +299,79 @@ def test_similar_items_through_every_index_kind(factors, kind):
         want, want_s = brute_cosine(y, int(item), k)
         np.testing.assert_allclose(gs, want_s, rtol=1e-4, atol=1e-5)
         assert len(set(gi.tolist()) & set(want)) >= k - 5  # ties at the cut may differ
+
+
+def _recall_vs(exact, model, users):
+    """recall@10 of `model`'s ranking against `exact`'s for `users`."""
+    want, _ = exact.recommend(users, k=10)
+    got, _ = model.recommend(users, k=10)
+    return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, got, strict=True)])
+
+
+def test_calibration_widens_the_search_until_the_recall_target(tmp_path):
+    """An IVF index asked to probe one list is widened at build until sampled
+    users' recall@10 against exact retrieval reaches recall_target; the
+    breadth found is what serving searches with, after a bundle round trip
+    too. recall_target 0 leaves the configured breadth (and its recall)."""
+    ds = to_dataset(generate(3_000, 4_000, 120_000, seed=5))
+    params = {"factors": 32, "iterations": 4, "index": "ivf", "nprobe": 1}
+    off = create("als", **params, recall_target=0).fit(ds)
+    on = create("als", **params, recall_target=0.95).fit(ds)
+    assert off.index_probes is None and on.index_probes is not None
+    assert on.index_probes[0] > 1 and on.index_probes[1] > 1
+    exact = copy.copy(on)
+    exact.item_index = exact.similar_index = None
+    users = np.arange(1, 3_000, 3)  # mostly users the calibration did not sample
+    assert _recall_vs(exact, off, users) < 0.8
+    assert _recall_vs(exact, on, users) >= 0.93
+    items = np.arange(0, 4_000, 17)
+    want = [exact.similar_items(int(i), 10)[0] for i in items]
+    got = [on.similar_items(int(i), 10)[0] for i in items]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, got, strict=True)]) >= 0.93
+    on.save(tmp_path, "als")
+    loaded = load_named(tmp_path, "als")
+    assert loaded.index_probes == on.index_probes
+    np.testing.assert_array_equal(loaded.recommend(users, 10)[0], on.recommend(users, 10)[0])
+
+
+def test_an_auto_index_that_would_probe_most_lists_ranks_exactly(tmp_path, monkeypatch, caplog):
+    """`auto` picks IVF from AUTO_ANN_ITEMS items; when the recall target needs
+    more than a quarter of the lists, exact scoring is cheaper, so both
+    indexes are dropped, the bundle stores none and says so (no warning about
+    a missing index at load), and the model ranks exactly."""
+    monkeypatch.setattr(embedding, "AUTO_ANN_ITEMS", 1_000)
+    ds = to_dataset(generate(2_000, 3_000, 80_000, seed=6))
+    with caplog.at_level("INFO", logger="recserve.models.embedding"):
+        model = create("svd", factors=24, epochs=5, recall_target=1.0).fit(ds)
+    assert model.index_kind() == "ivf"
+    assert model.item_index is None and model.similar_index is None
+    assert model.index_probes == (0, 0)
+    assert caplog.text.count("scored exactly instead") == 2
+    path = model.save(tmp_path, "svd")
+    assert not {"items.faiss", "similar.faiss"} & set(bundle.read_manifest(path)["files"])
+    caplog.clear()
+    loaded = load_named(tmp_path, "svd")
+    assert "no items.faiss" not in caplog.text
+    assert loaded.item_index is None
+    exact = create("svd", factors=24, epochs=5, index="exact").fit(ds)
+    users = np.arange(0, 2_000, 9)
+    np.testing.assert_array_equal(loaded.recommend(users, 10)[0], exact.recommend(users, 10)[0])
+
+
+@pytest.mark.parametrize(
+    ("start", "limit", "needed", "expect"),
+    [(32, 1557, 64, 64), (32, 1557, 20, 32), (32, 100, 5_000, 100), (1, 8, 3, 4), (50, 8, 3, 8)],
+)
+def test_widen_doubles_from_the_configured_breadth_up_to_the_limit(start, limit, needed, expect):
+    """_widen's breadths: start (clipped to the limit), doubled, at most the
+    limit; the first that meets the target, else the limit."""
+    want = np.arange(10)[None, :]
+    tried = []
+
+    def search(probe):
+        tried.append(probe)
+        return want if probe >= needed else np.full_like(want, -1)
+
+    probe, recall = embedding._widen(search, want, start, limit, 0.95)
+    assert probe == expect and recall == (1.0 if expect >= needed else 0.0)
+    assert tried == sorted(set(tried)) and tried[-1] == expect and tried[0] == min(start, limit)

@@ -40,11 +40,8 @@ from recserve.models.base import (
     USER_PRIOR,
     VALUES,
     Param,
-    Recommender,
     TrainingError,
     check_k,
-    cosine_similar,
-    cosine_similar_one,
     known_user,
     log_median,
     log_scaled,
@@ -348,7 +345,7 @@ def value_unit(values: np.ndarray) -> float:
 
 
 @register
-class BiasedMF(Recommender):
+class BiasedMF(EmbeddingIndexMixin):
     """Explicit biased MF (Surprise's SVD): rating = mu + b_u + b_i + p_u . q_i.
 
     Trained by SGD (kernels.sgd), ratings grouped by user with the users in a
@@ -357,12 +354,16 @@ class BiasedMF(Recommender):
     predicted ratings clipped to the training data's rating scale; ranking
     uses the unclipped predictions. A new user is folded in by the exact ridge
     solution of the same objective for (b_u, p_u) given the item parameters.
+    A user's ranking is by b_i + p_u . q_i = [p_u, 1] . [q_i, b_i] (mu + b_u is
+    the same for every item), an inner product: large catalogues rank through
+    the item index as ALS's do (`index`), the constant added back to the scores.
     """
 
     batches_well = True
 
     rates_negatives = True  # values are ratings, on whatever scale
     algorithm = "svd"
+    composed_items = True
     budget_param = "epochs"
     predicts_ratings = True
     params_spec: ClassVar[Mapping[str, Param]] = {
@@ -373,6 +374,7 @@ class BiasedMF(Recommender):
         "init_std": Param(float, 0.1, "std of the initial factors", min=0),
         "seed": Param(int, 0, "random seed (initial factors, rating order)"),
         "hogwild": Param(bool, False, "parallel lock-free SGD (nondeterministic)"),
+        **INDEX_PARAMS,
         "min_events": MIN_EVENTS,
         "min_history": MIN_HISTORY,
         "history_prior": HISTORY_PRIOR,
@@ -380,6 +382,11 @@ class BiasedMF(Recommender):
     }
 
     def _fit(self, dataset: Dataset) -> None:
+        self._sgd()
+        self.build_index()
+
+    def _sgd(self) -> None:
+        """The SGD fit of mu, biases and factors on `user_items`."""
         assert self.user_items is not None
         p = self.params
         m = self.user_items.tocoo()
@@ -448,7 +455,10 @@ class BiasedMF(Recommender):
         part as its bias, as ALS's call): dense_user's row, selected, without
         writing the row out and selecting it in a second call (31 -> 29 us for
         svd's 100 factors, 18 -> 15 us for bayes_mf's 20, over 2,500 items).
-        Same answer as recommend([user], k) up to float rounding."""
+        Same answer as recommend([user], k) up to float rounding. With an item
+        index, the index's search (the general path)."""
+        if self.item_index is not None:
+            return super().recommend_user(user, k, filter_seen)
         check_k(k)
         bias = self._user_bias(user)
         indptr, indices = self._csr_views()
@@ -462,7 +472,10 @@ class BiasedMF(Recommender):
         return self._vector_row(user, out, filter_seen)
 
     def _user_vectors(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-        """P and Q, the per-item constant part as the bias (as dense_user)."""
+        """P and Q, the per-item constant part as the bias (as dense_user); None
+        with an item index (its ranking is not a dense row's top-k)."""
+        if self.item_index is not None:
+            return None
         return self._vectors("P"), self._vectors("Q"), self._user_bias(user)
 
     def _user_bias(self, user: int) -> np.ndarray:
@@ -636,11 +649,30 @@ class BiasedMF(Recommender):
         raw, _ = super().score_history(history, items)
         return np.clip(raw, *self.scale), None
 
-    def _similar(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return cosine_similar(self.Q, items, k, self.n_threads)
+    # -- the item index: [p, 1] . [q, b_i], plus mu + b_u ---------------------------
 
-    def _similar_one(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        return cosine_similar_one(self.Q, item, k)
+    def _item_vectors(self) -> np.ndarray:
+        return np.hstack([self.Q, np.asarray(self.bi)[:, None]]).astype(np.float32)
+
+    def _user_queries(self, users: np.ndarray) -> np.ndarray:
+        p = np.asarray(self._vectors("P")[users], np.float32)
+        return np.hstack([p, np.ones((p.shape[0], 1), np.float32)])
+
+    def _similarity_vectors(self) -> np.ndarray:
+        return self.Q
+
+    def _rank(self, users, history, k, excl, cand):
+        if self.item_index is None:
+            return super()._rank(users, history, k, excl, cand)
+        if users is not None:
+            q, b = self._user_queries(users), np.asarray(self.bu)[users]
+        else:
+            p, b = self.fold_in(history)
+            q = np.hstack([p, np.ones((p.shape[0], 1), np.float32)])
+        items, scores = self.item_index.search(q, k, excl, cand, self._search_config())
+        # The user's constant part, as the dense path adds it (-inf padding stays).
+        scores += (np.float32(self.mu) + np.asarray(b, np.float32))[:, None]
+        return items, scores
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -649,6 +681,7 @@ class BiasedMF(Recommender):
             "bu": self.bu,
             "bi": self.bi,
             "stats": np.array([self.mu, *self.scale], np.float64),
+            **self._index_arrays(),
         }
 
     def _restore(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -669,6 +702,7 @@ class BPR(EmbeddingIndexMixin):
 
     algorithm = "bpr"
     budget_param = "epochs"
+    composed_items = True
     params_spec: ClassVar[Mapping[str, Param]] = {
         # Defaults: the study in docs/algorithms.md (first 64 / 0.01 / 0.01 / 100,
         # then 64 / 0.016 / 0.002 / 230).
@@ -897,7 +931,7 @@ class BayesianMF(BiasedMF):
         part.sort_indices()
         # 1. Noise variance: fit without the held-out ratings, then predict them.
         self.user_items = part
-        super()._fit(dataset)
+        self._sgd()  # no index: these factors only measure the noise
         u, i = rows[held], full.indices[held]
         pred = self.mu + self.bu[u] + self.bi[i] + np.einsum("ij,ij->i", self.P[u], self.Q[i])
         self.sigma = self._noise_std(part, u, i, full.data[held] - pred)
