@@ -32,6 +32,10 @@ def published(small, tmp_path_factory):
     ivf = create("als", factors=16, iterations=5, index="ivf", nprobe=64).fit(small)
     ivf.save(root, "als_ivf", dataset=small)
     models["als_ivf"] = ivf
+    # Biased MF through an index: mu + b_u added back per row of the batch.
+    svd = create("svd", factors=16, epochs=5, index="ivf", nprobe=64).fit(small)
+    svd.save(root, "svd_ivf", dataset=small)
+    models["svd_ivf"] = svd
     # A known user's prior: blended per user on an exact model (never batched),
     # not applicable through an index (batched as without it).
     for name, index in (("als_prior", "exact"), ("ivf_prior", "ivf")):
@@ -55,7 +59,7 @@ def requests(small) -> list[pb.RecommendRequest]:
     users = [small.users.ids(np.array([u]))[0] for u in rng.choice(small.n_users, 100)]
     out = []
     for n, user in enumerate(users):
-        model = ("als", "als_ivf", "bayes_mf", "als_prior", "ivf_prior")[n % 5]
+        model = ("als", "als_ivf", "bayes_mf", "als_prior", "ivf_prior", "svd_ivf")[n % 6]
         k = (10, 10, 25)[n % 3 if n % 2 else 0]
         req = pb.RecommendRequest(
             user_id=user, k=k, model=model, include_seen=(n % 7 == 0), request_id=f"r{n}"
@@ -87,7 +91,8 @@ def test_batched_answers_equal_unbatched_answers(published, small):
     # Every model batched (no cost floor), a long delay: batches surely form.
     with running(root, server="asyncio", batch_delay_ms=20, batch_min_ms=0) as s:
         got = answers(s, reqs, 16)
-        seen = {name: batches(s, name) for name in ("als", "als_ivf", "bayes_mf", "ivf_prior")}
+        batched = ("als", "als_ivf", "bayes_mf", "ivf_prior", "svd_ivf")
+        seen = {name: batches(s, name) for name in batched}
         assert batches(s, "als_prior") == (0, 0)  # each user's own blend
     for name, (count, calls) in seen.items():  # batches of more than one call were scored
         assert count and calls > count, (name, seen)
