@@ -21,6 +21,10 @@ Scores returned are always the exact inner products of the returned items,
 recomputed from the item vectors. `ivfpq`'s codes are coarse, so it is asked
 for PQ_REFINE times k and the exact scores choose the k (see PQ_REFINE).
 
+Norm-ranging: for the reduced kinds the items of largest norm (HEAD_SHARE)
+stay out of the FAISS index and are scored exactly with every search (see
+HEAD_SHARE); the index holds the rest under their item ids.
+
 Exclusions: one batched search over-fetches k + (most excluded in any row)
 and drops excluded items; a row still short of min(k, eligible) is searched
 again alone with an IDSelector excluding its items and a wider search, and if
@@ -79,6 +83,19 @@ RETRY_WIDEN = 4  # second pass: efSearch / nprobe times this
 # 0.996-0.999 / 0.998-1.0, SimilarItems 0.26-0.61 / 0.89-1.0 / 0.996-1.0 (18 and
 # 32 factors); 0.02-0.03 ms more per query.
 PQ_REFINE = 16
+# Norm-ranging for the reduced kinds: the items of largest norm (HEAD_SHARE of
+# the catalogue, at most HEAD_MAX) are kept out of the inverted lists; every
+# search scores them in one product over their own block and re-ranks its
+# best with FAISS's. Recommender factors' norms follow popularity: over a
+# generated 1M-item log ALS's largest norm was 90, its median 0.05, and every
+# user's exact top 10 lay among the 1,000 largest. The reduction's extra
+# coordinate sqrt(M^2 - |y|^2) is then ~M for nearly every item, k-means
+# spends its lists on the tail, and recall@10 was 0.37 at nprobe 32 and 0.83
+# at 1,024. With the head out (the tail's own largest norm sets M), 1.000 at
+# nprobe 8; on 300k items 0.955 -> 1.000 at 32, on a clustered 151k-item log
+# 0.871 -> 0.998 at 32; about 30 us more per query (docs/performance.md).
+HEAD_SHARE = 0.001
+HEAD_MAX = 1024
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -166,14 +183,32 @@ def _factory(kind: str, n: int, d: int) -> tuple[str, int]:
     raise ValueError(f"index: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-class ItemIndex:
-    """A FAISS index over one model's item vectors (the vectors stay the model's)."""
+def head_size(kind: str, n: int) -> int:
+    """How many items of largest norm a `kind` index over n items scores
+    exactly beside its lists (HEAD_SHARE; none for the unreduced kinds)."""
+    return min(HEAD_MAX, int(n * HEAD_SHARE)) if kind in REDUCED else 0
 
-    def __init__(self, kind: str, index: faiss.Index, vectors: np.ndarray, max_norm: float) -> None:
+
+class ItemIndex:
+    """A FAISS index over one model's item vectors (the vectors stay the model's).
+
+    `head`: item ids kept out of the FAISS index and scored exactly by every
+    search (norm-ranging, HEAD_SHARE); the index holds the others under their
+    own ids."""
+
+    def __init__(
+        self,
+        kind: str,
+        index: faiss.Index,
+        vectors: np.ndarray,
+        max_norm: float,
+        head: np.ndarray | None = None,
+    ) -> None:
         self.kind = kind
         self.index = index
         self.vectors = vectors  # (n_items, d) float32, possibly memory-mapped
         self.max_norm = max_norm
+        self.head = _NO_IDS if head is None else np.asarray(head, np.int64)
 
     @property
     def n_items(self) -> int:
@@ -187,10 +222,22 @@ class ItemIndex:
             raise ValueError(f"index: need a non-empty 2-d array of item vectors, got {v.shape}")
         if not np.isfinite(v).all():
             raise ValueError("index: item vectors contain NaN or inf")
-        n = v.shape[0]
         reduced = kind in REDUCED
-        max_norm = float(_norms(v).max()) if reduced else 0.0
-        data = _augment_items(v, max_norm) if reduced else v
+        head, ids, max_norm = _NO_IDS, None, 0.0
+        data = v
+        if reduced:
+            norms = _norms(v)
+            h = head_size(kind, v.shape[0])
+            if h:  # the h largest norms (ties by lower id), then the rest by id
+                head = np.sort(np.lexsort((np.arange(v.shape[0]), -norms))[:h]).astype(np.int64)
+                keep = np.ones(v.shape[0], bool)
+                keep[head] = False
+                ids = np.flatnonzero(keep).astype(np.int64)
+                data = v[ids]
+                norms = norms[ids]
+            max_norm = float(norms.max())
+            data = _augment_items(data, max_norm)
+        n = data.shape[0]
         factory, metric = _factory(kind, n, data.shape[1])
         index = faiss.index_factory(data.shape[1], factory, metric)
         if kind == "hnsw":
@@ -200,8 +247,11 @@ class ItemIndex:
             rng = np.random.default_rng(seed)
             sample = data if n <= 256 * 1024 else data[rng.choice(n, 256 * 1024, replace=False)]
             index.train(sample)
-        index.add(data)
-        return cls(kind, index, v, max_norm)
+        if ids is None:
+            index.add(data)
+        else:  # inverted lists keep each vector's item id
+            index.add_with_ids(data, ids)
+        return cls(kind, index, v, max_norm, head)
 
     # -- persistence ---------------------------------------------------------------
 
@@ -211,10 +261,19 @@ class ItemIndex:
 
     @classmethod
     def read(
-        cls, path: Path, kind: str, vectors: np.ndarray, max_norm: float, mmap: bool = True
+        cls,
+        path: Path,
+        kind: str,
+        vectors: np.ndarray,
+        max_norm: float,
+        mmap: bool = True,
+        head: np.ndarray | None = None,
     ) -> ItemIndex:
-        """Read an index file, memory-mapped where FAISS can map the index type."""
-        return cls(kind, _read(path, vectors.shape[0], mmap), vectors, max_norm)
+        """Read an index file, memory-mapped where FAISS can map the index type;
+        `head` as built (none in bundles written before norm-ranging)."""
+        n_head = 0 if head is None else len(head)
+        index = _read(path, vectors.shape[0] - n_head, mmap)
+        return cls(kind, index, vectors, max_norm, head)
 
     # -- search ------------------------------------------------------------------------
 
@@ -281,8 +340,10 @@ class ItemIndex:
         with _omp_threads(cfg.threads(n)):
             if n == 1 and cand is None:  # one request: no per-row bookkeeping
                 banned = _NO_IDS if excl is None else excl[1][excl[0][0] : excl[0][1]]
-                ids = self._raw(q, min(self.n_items, _wide(self.kind, k) + banned.size), cfg)
-                self._rank_row(q, 0, ids[0], banned, k, cfg, out_i, out_s)
+                wide = _wide(self.kind, k) + banned.size
+                ids = self._raw(q, min(self.n_items, wide), cfg)
+                found = self._with_head(q, ids, wide)[0]
+                self._rank_row(q, 0, found, banned, k, cfg, out_i, out_s)
                 return out_i, out_s
             return self._search(q, k, excl, cand, cfg, out_i, out_s)
 
@@ -304,8 +365,8 @@ class ItemIndex:
         rows = np.flatnonzero(free)
         if rows.size == 0:
             return out_i, out_s
-        fetch = min(self.n_items, _wide(self.kind, k) + int(rows_excl[rows].max(initial=0)))
-        ids = self._raw(q[rows], fetch, cfg)
+        wide = _wide(self.kind, k) + int(rows_excl[rows].max(initial=0))
+        ids = self._with_head(q[rows], self._raw(q[rows], min(self.n_items, wide), cfg), wide)
         for j, r in enumerate(rows):
             self._rank_row(q, r, ids[j], ex_idx[ex_ptr[r] : ex_ptr[r + 1]], k, cfg, out_i, out_s)
         return out_i, out_s
@@ -327,6 +388,30 @@ class ItemIndex:
         out_i[r, : items.size] = items
         out_s[r, : items.size] = scores
 
+    def _with_head(self, q: np.ndarray, ids: np.ndarray, wide: int) -> np.ndarray:
+        """FAISS's ids per row with the head's candidates appended: its `wide`
+        best items by inner product (plus a margin against float rounding at the
+        cut), from one product over the head's own contiguous copy; enough for
+        the k best eligible ones when `wide` is k plus the row's exclusions."""
+        h = self.head.size
+        if not h:
+            return ids
+        m = min(h, wide + RETRY_WIDEN)
+        if m == h:
+            best = np.broadcast_to(self.head, (q.shape[0], h))
+        else:
+            scores = q @ self._head_vectors().T
+            best = self.head[np.argpartition(-scores, m - 1, axis=1)[:, :m]]
+        return np.concatenate([ids, best], axis=1)
+
+    def _head_vectors(self) -> np.ndarray:
+        """The head's vectors, one contiguous (h, d) float32 block (made once):
+        read from the model's array they are h scattered rows per query."""
+        hv = self.__dict__.get("_head_block")
+        if hv is None:
+            hv = self._head_block = np.ascontiguousarray(self._vectors32()[self.head])
+        return hv
+
     def _vectors32(self) -> np.ndarray:
         """The item vectors as a C-contiguous float32 array (what the kernels read;
         a view of the model's own array when it already is one)."""
@@ -340,7 +425,8 @@ class ItemIndex:
         ids64 = np.ascontiguousarray(banned, dtype=np.int64)
         sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(ids64)) if ids64.size else None
         found = self._raw(q, min(_wide(self.kind, k), self.n_items), cfg, RETRY_WIDEN, sel)[0]
-        return found[found >= 0].astype(np.int64, copy=False)
+        found = found[found >= 0].astype(np.int64, copy=False)
+        return np.concatenate([found, self.head]) if self.head.size else found
 
     def _fill(self, qv: np.ndarray, ids: np.ndarray, k: int, oi: np.ndarray, os_: np.ndarray):
         """Exact scores of found ids, best first (ties by id), first k."""

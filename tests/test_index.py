@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
+from recserve import index as ix
 from recserve.data import generate, to_dataset
 from recserve.index import ItemIndex, SearchConfig, SimilarIndex
 from recserve.models import bundle, create, embedding, load_named
@@ -240,13 +241,15 @@ def test_index_file_round_trip_memory_mapped(factors, tmp_path, kind):
     users, items, seen = factors
     index = ItemIndex.build(items, kind)
     index.write(tmp_path / "i.faiss")
-    loaded = ItemIndex.read(tmp_path / "i.faiss", kind, items, index.max_norm, mmap=True)
+    loaded = ItemIndex.read(
+        tmp_path / "i.faiss", kind, items, index.max_norm, mmap=True, head=index.head
+    )
     a = index.search(users[:20], 10, csr(seen[:20]))
     b = loaded.search(users[:20], 10, csr(seen[:20]))
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     with pytest.raises(ValueError, match="vectors"):
-        ItemIndex.read(tmp_path / "i.faiss", kind, items[:-1], index.max_norm)
+        ItemIndex.read(tmp_path / "i.faiss", kind, items[:-1], index.max_norm, head=index.head)
 
 
 def brute_cosine(y: np.ndarray, item: int, k: int) -> tuple[list[int], np.ndarray]:
@@ -340,9 +343,12 @@ def test_an_auto_index_that_would_probe_most_lists_ranks_exactly(tmp_path, monke
     indexes are dropped, the bundle stores none and says so (no warning about
     a missing index at load), and the model ranks exactly."""
     monkeypatch.setattr(embedding, "AUTO_ANN_ITEMS", 1_000)
+    # Calibration that finds the target only at every list (the measurement
+    # itself is tested above; this is the rule that acts on it).
+    monkeypatch.setattr(embedding, "_breadth", lambda search, want, start, limit, t: (limit, t))
     ds = to_dataset(generate(2_000, 3_000, 80_000, seed=6))
     with caplog.at_level("INFO", logger="recserve.models.embedding"):
-        model = create("svd", factors=24, epochs=5, recall_target=1.0).fit(ds)
+        model = create("svd", factors=24, epochs=5).fit(ds)
     assert model.index_kind() == "ivf"
     assert model.item_index is None and model.similar_index is None
     assert model.index_probes == (0, 0)
@@ -360,11 +366,20 @@ def test_an_auto_index_that_would_probe_most_lists_ranks_exactly(tmp_path, monke
 
 @pytest.mark.parametrize(
     ("start", "limit", "needed", "expect"),
-    [(32, 1557, 64, 64), (32, 1557, 20, 32), (32, 100, 5_000, 100), (1, 8, 3, 4), (50, 8, 3, 8)],
+    [
+        (32, 1557, 64, 64),
+        (32, 1557, 20, 32),
+        (32, 1557, 3, 4),
+        (32, 1557, 1, 1),
+        (32, 100, 5_000, 100),
+        (1, 8, 3, 4),
+        (50, 8, 3, 4),
+    ],
 )
-def test_widen_doubles_from_the_configured_breadth_up_to_the_limit(start, limit, needed, expect):
-    """_widen's breadths: start (clipped to the limit), doubled, at most the
-    limit; the first that meets the target, else the limit."""
+def test_breadth_doubles_or_halves_from_the_configured_one(start, limit, needed, expect):
+    """_breadth: from start (clipped to 1..limit), doubled until the target is
+    met (at most the limit), or halved while it still is; the narrowest that
+    meets it, else the limit."""
     want = np.arange(10)[None, :]
     tried = []
 
@@ -372,6 +387,55 @@ def test_widen_doubles_from_the_configured_breadth_up_to_the_limit(start, limit,
         tried.append(probe)
         return want if probe >= needed else np.full_like(want, -1)
 
-    probe, recall = embedding._widen(search, want, start, limit, 0.95)
+    probe, recall = embedding._breadth(search, want, start, limit, 0.95)
     assert probe == expect and recall == (1.0 if expect >= needed else 0.0)
-    assert tried == sorted(set(tried)) and tried[-1] == expect and tried[0] == min(start, limit)
+    assert tried[0] == min(start, limit) and len(tried) == len(set(tried))
+    assert min(tried) >= 1 and max(tried) <= limit
+
+
+def test_breadth_narrows_only_while_nothing_is_lost():
+    """Met at the configured breadth with recall 1.0, it halves while the
+    sample's recall stays 1.0: a narrower breadth that still meets the target
+    but loses items is not taken."""
+    want = np.arange(100)[None, :]
+
+    def search(probe):  # every item from 8 lists, 96 of 100 below
+        return want if probe >= 8 else np.where(want < 96, want, -1)
+
+    assert embedding._breadth(search, want, 32, 1557, 0.95) == (8, 1.0)
+
+
+def test_norm_ranging_keeps_the_largest_norms_out_of_the_lists(monkeypatch):
+    """Recommender factors' norms are heavy-tailed (they follow popularity),
+    and the MIPS -> L2 reduction then gives nearly every item the same extra
+    coordinate: IVF's lists serve the tail and miss the few large-norm items
+    that fill the top 10. The reduced kinds keep the largest norms out of the
+    lists and score them exactly: recall at a narrow nprobe, never an
+    excluded item (head items included), exact scores."""
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((100_000, 32)).astype(np.float32)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    y *= rng.lognormal(-2.5, 1.5, y.shape[0])[:, None].astype(np.float32)
+    q = rng.standard_normal((200, 32)).astype(np.float32)
+    norms = np.linalg.norm(y, axis=1)
+    top = np.argsort(-norms)[:100]
+    # Each query's own 5 best head items excluded (the head must reach past them).
+    best_head = top[np.argsort(-(q @ y[top].T), axis=1)[:, :5]]
+    banned = [np.concatenate([best_head[r], rng.choice(100_000, 20)]) for r in range(200)]
+    want = brute(q, y, 10, banned)
+    cfg = SearchConfig(nprobe=16)
+
+    def recall(index):
+        got, scores = index.search(q, 10, csr(banned), cfg=cfg)
+        for r in range(len(got)):
+            row = valid(got[r])
+            assert len(set(row)) == 10 and not set(row) & set(banned[r].tolist())
+            np.testing.assert_allclose(scores[r], y[row] @ q[r], rtol=1e-5, atol=1e-4)
+        return np.mean([len(set(valid(g)) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
+
+    index = ItemIndex.build(y, "ivf")
+    assert sorted(index.head.tolist()) == sorted(top.tolist())  # 0.1%: the 100 largest
+    assert recall(index) >= 0.93
+    monkeypatch.setattr(ix, "HEAD_SHARE", 0.0)
+    flat_lists = ItemIndex.build(y, "ivf")
+    assert flat_lists.head.size == 0 and recall(flat_lists) < 0.7

@@ -144,9 +144,11 @@ class EmbeddingIndexMixin(Recommender):
     # -- calibration -------------------------------------------------------------------
 
     def _calibrate(self, seed: int) -> None:
-        """Raise each ANN index's nprobe / efSearch from the configured value
-        until recall@10 against exact retrieval reaches `recall_target` on
-        sampled users (the item index) and items (the similar-items index).
+        """Set each ANN index's nprobe / efSearch from the configured value by
+        recall@10 against exact retrieval on sampled users (the item index)
+        and items (the similar-items index): doubled until it reaches
+        `recall_target`, or, reached there, halved while it stays as it was
+        (less to scan per call, no recall lost on the sample).
         How many lists a good answer needs depends on the vectors, not only on
         the catalogue's size: ALS's 18 factors over 151k generated items reach
         0.87 at nprobe 32 and 0.995 at 64, biased MF's 100 factors 0.93 at 128.
@@ -166,7 +168,7 @@ class EmbeddingIndexMixin(Recommender):
         seen = self._require_fitted()[users]
         excl = (np.asarray(seen.indptr, np.int64), np.asarray(seen.indices, np.int32))
         want = _exact_top(queries, self.item_index.vectors, CALIBRATION_K, excl)
-        p_items, r_items = _widen(
+        p_items, r_items = _breadth(
             lambda p: self.item_index.search(queries, CALIBRATION_K, excl, cfg=self._config(p))[0],
             want,
             start,
@@ -177,7 +179,7 @@ class EmbeddingIndexMixin(Recommender):
         items = np.sort(rng.choice(self.similar_index.ids, min(n, CALIBRATION_QUERIES), False))
         sim = self._similarity_vectors()
         want = _exact_similar(sim, items, CALIBRATION_K)
-        p_sim, r_sim = _widen(
+        p_sim, r_sim = _breadth(
             lambda p: self.similar_index.similar(items, sim, CALIBRATION_K, self._config(p))[0],
             want,
             start,
@@ -330,6 +332,8 @@ class EmbeddingIndexMixin(Recommender):
             out["index_probes"] = np.array(self.index_probes, np.int64)
         if self.item_index is not None:
             out["index_max_norm"] = np.array([self.item_index.max_norm], np.float64)
+            if self.item_index.head.size:
+                out["index_head"] = self.item_index.head
             if self.composed_items:
                 out["index_vectors"] = self.item_index.vectors
         if self.similar_index is not None:
@@ -359,6 +363,7 @@ class EmbeddingIndexMixin(Recommender):
             np.asarray(vectors, np.float32),
             float(arrays["index_max_norm"][0]),
             mmap=mmap,
+            head=arrays.get("index_head"),
         )
         if SIMILAR_FILE in doc["files"]:
             model.similar_index = SimilarIndex.read(
@@ -409,13 +414,23 @@ def _recall(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.mean(shares)) if shares else 1.0
 
 
-def _widen(search, want: np.ndarray, start: int, limit: int, target: float) -> tuple[int, float]:
-    """The smallest breadth start * 2^j (at most `limit`) whose search reaches
-    recall `target` against `want`, and the recall it reached; `limit` and its
-    recall when none does."""
+def _breadth(search, want: np.ndarray, start: int, limit: int, target: float) -> tuple[int, float]:
+    """The breadth start * 2^j (1 to `limit`) to search at, and the recall it
+    reached against `want`: doubled from `start` until recall reaches
+    `target`; or, met at `start`, halved while the recall stays what it was
+    there (narrower, never worse than configured on the sample). `limit` and
+    its recall when nothing meets the target."""
     probe = max(1, min(start, limit))
-    while True:
-        recall = _recall(search(probe), want)
-        if recall >= target or probe >= limit:
-            return probe, recall
+    recall = _recall(search(probe), want)
+    while recall < target and probe < limit:
         probe = min(probe * 2, limit)
+        recall = _recall(search(probe), want)
+    if recall < target or probe != max(1, min(start, limit)):
+        return probe, recall
+    floor = recall
+    while probe > 1:  # met at the start: narrower may do (less to scan per call)
+        narrower = _recall(search(probe // 2), want)
+        if narrower < floor:
+            break
+        probe, recall = probe // 2, narrower
+    return probe, recall
