@@ -62,8 +62,9 @@ INDEX_PARAMS: Mapping[str, Param] = {
         float,
         0.95,
         "ANN indexes: recall@10 against exact retrieval, measured at build on sampled "
-        "users and items, that nprobe / ef_search are raised until met; an auto index "
-        "that needs over a quarter of its lists for it ranks exactly instead; 0 = off",
+        "users and items, that sets nprobe / ef_search (doubled until met, or halved "
+        "while no recall is lost); an auto index that needs over a quarter of its lists "
+        "for it ranks exactly instead; 0 = search at the configured nprobe / ef_search",
         min=0,
         max=1,
     ),
@@ -150,8 +151,9 @@ class EmbeddingIndexMixin(Recommender):
         `recall_target`, or, reached there, halved while it stays as it was
         (less to scan per call, no recall lost on the sample).
         How many lists a good answer needs depends on the vectors, not only on
-        the catalogue's size: ALS's 18 factors over 151k generated items reach
-        0.87 at nprobe 32 and 0.995 at 64, biased MF's 100 factors 0.93 at 128.
+        the catalogue's size: before norm-ranging, ALS's 18 factors over 151k
+        generated items reached 0.87 at nprobe 32 and 0.995 at 64, biased MF's
+        100 factors 0.93 at 128.
         An `auto` index that needs more than a quarter of its lists is dropped
         (exact scoring costs less than such a search); a kind asked for by
         name keeps its index at the breadth found, with a warning."""
