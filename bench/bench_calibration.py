@@ -1,7 +1,8 @@
 """What calibrating an ANN index's search breadth buys (recall_target).
 
     python bench/bench_calibration.py [--users 50000 --items 150000 --events 900000]
-        [--algos als,svd,bayes_mf] [--data events.csv]
+        [--algos als,svd,bayes_mf] [--data events.csv] [--params factors=64,iterations=5]
+        [--no-head]
 
 For each inner-product model trained at its defaults on a catalogue large
 enough for the `auto` index (IVF), one fit, three retrievals side by side in
@@ -11,6 +12,8 @@ before calibration), the index calibrated at build (the default target 0.95;
 scoring. Prints each one's recall@10 against exact for 400 users and 200
 items (SimilarItems), and its time per known-user Recommend call (one
 thread, median of interleaved rounds, so machine noise hits all three alike).
+`--no-head` builds IVF without norm-ranging (every item in the lists), the
+index before it, to compare.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 
 import numpy as np
 
+from recserve import index as faiss_index
 from recserve.data import generate, to_dataset
 from recserve.data.readers import load_dataset
 from recserve.models import create
@@ -48,7 +52,12 @@ def main() -> None:
     ap.add_argument("--data", help="a ratings file instead of generated data")
     ap.add_argument("--algos", default="als,svd,bayes_mf")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--params", default="", help="model parameters KEY=VALUE,... (all algos)")
+    ap.add_argument("--no-head", action="store_true", help="IVF without norm-ranging")
     args = ap.parse_args()
+    if args.no_head:
+        faiss_index.HEAD_SHARE = 0.0
+    params = dict(kv.split("=", 1) for kv in args.params.split(",") if kv)
     if args.data:
         ds = load_dataset(args.data)
     else:
@@ -57,7 +66,7 @@ def main() -> None:
     rng = np.random.default_rng(7)
     for algo in args.algos.split(","):
         t = time.perf_counter()
-        plain = create(algo, recall_target=0).fit(ds)
+        plain = create(algo, **params, recall_target=0).fit(ds)
         fit_s = time.perf_counter() - t
         if plain.item_index is None:
             print(f"{algo}: no index at {ds.n_items:,} items (auto picks exact); skipped")
@@ -80,7 +89,8 @@ def main() -> None:
                 times[name].append(per_call_us(model, users[:100]))
         print(
             f"\n{algo}: fit {fit_s:.1f} s (index included), calibration {cal_s:.2f} s, "
-            f"probes (items, similar; 0 = exact) {calibrated.index_probes}"
+            f"probes (items, similar; 0 = exact) {calibrated.index_probes}, "
+            f"head {plain.item_index.head.size:,} items"
         )
         print(f"  {'retrieval':<12}{'recall@10':>10}{'similar@10':>12}{'us/call':>10}{'ratio':>8}")
         base = statistics.median(times["exact"])
