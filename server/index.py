@@ -93,7 +93,8 @@ PQ_REFINE = 16
 # spends its lists on the tail, and recall@10 was 0.37 at nprobe 32 and 0.83
 # at 1,024. With the head out (the tail's own largest norm sets M), 1.000 at
 # nprobe 8; on 300k items 0.955 -> 1.000 at 32, on a clustered 151k-item log
-# 0.871 -> 0.998 at 32; about 30 us more per query (docs/performance.md).
+# 0.871 -> 0.998 at 32; 30-100 us more per query at a given nprobe, as the
+# tail's balanced lists hold more vectors (docs/performance.md, "Norm-ranging").
 HEAD_SHARE = 0.001
 HEAD_MAX = 1024
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
