@@ -267,7 +267,14 @@ def test_sigint_keeps_the_best_so_far_and_publishes_whole_bundles(tmp_path):
     assert summary["interrupted"] is True and 3 <= summary["trials"]["bpr"] < 500
     doc = bundle.verify(bundle.resolve(models, "tuned"))  # whole and checksummed
     assert doc["tuning"]["interrupted"] is True
-    assert doc["tuning"]["best"]["value"] == summary["validation"]
+    # The best of the trials completed before the signal, and what it serves:
+    # the raw value differs from the served one when a gate was learned for
+    # it, which depends on which trials finished first (a race the test once
+    # lost by comparing the two).
+    record = doc["tuning"]["algorithms"][0]
+    done = [t["value"] for t in record["trials"] if t["state"] == "complete"]
+    assert doc["tuning"]["best"]["value"] == record["best_value"] == max(done)
+    assert doc["metrics"][summary["metric"]] == summary["validation"]
     assert [p.name for p in (models / "tuned").iterdir() if p.name.startswith(".tmp")] == []
 
 
