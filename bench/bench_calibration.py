@@ -29,6 +29,7 @@ from recserve import index as faiss_index
 from recserve.data import generate, to_dataset
 from recserve.data.readers import load_dataset
 from recserve.models import create
+from recserve.models.registry import parse_params
 
 
 def recall(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -57,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.no_head:
         faiss_index.HEAD_SHARE = 0.0
-    params = dict(kv.split("=", 1) for kv in args.params.split(",") if kv)
+    params = parse_params(kv for kv in args.params.split(",") if kv)
     if args.data:
         ds = load_dataset(args.data)
     else:

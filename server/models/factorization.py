@@ -50,6 +50,13 @@ from recserve.models.base import (
 from recserve.models.embedding import INDEX_PARAMS, EmbeddingIndexMixin
 from recserve.models.registry import register
 
+
+def with_one(p: np.ndarray) -> np.ndarray:
+    """[p, 1] per row, float32: the query whose inner product with [q, b] is
+    p . q + b (BPR's and biased MF's index vectors)."""
+    return np.hstack([p, np.ones((p.shape[0], 1), np.float32)]).astype(np.float32, copy=False)
+
+
 # ALS's confidence counts a value as at most this many units (value_scale).
 MAX_VALUE_UNITS = 1e4
 
@@ -656,7 +663,7 @@ class BiasedMF(EmbeddingIndexMixin):
 
     def _user_queries(self, users: np.ndarray) -> np.ndarray:
         p = np.asarray(self._vectors("P")[users], np.float32)
-        return np.hstack([p, np.ones((p.shape[0], 1), np.float32)])
+        return with_one(p)
 
     def _similarity_vectors(self) -> np.ndarray:
         return self.Q
@@ -668,7 +675,7 @@ class BiasedMF(EmbeddingIndexMixin):
             q, b = self._user_queries(users), np.asarray(self.bu)[users]
         else:
             p, b = self.fold_in(history)
-            q = np.hstack([p, np.ones((p.shape[0], 1), np.float32)])
+            q = with_one(p)
         items, scores = self.item_index.search(q, k, excl, cand, self._search_config())
         # The user's constant part, as the dense path adds it (-inf padding stays).
         scores += (np.float32(self.mu) + np.asarray(b, np.float32))[:, None]
@@ -862,7 +869,7 @@ class BPR(EmbeddingIndexMixin):
 
     def _user_queries(self, users: np.ndarray) -> np.ndarray:
         p = np.asarray(self.P[users], np.float32)
-        return np.hstack([p, np.ones((p.shape[0], 1), np.float32)])
+        return with_one(p)
 
     # Exact scoring needs no [p, 1] . [q, b] trick: q . p + b directly.
     def _exact_items(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -873,7 +880,7 @@ class BPR(EmbeddingIndexMixin):
 
     def _history_queries(self, history: sp.csr_matrix) -> np.ndarray:
         p = self.fold_in(history)
-        return np.hstack([p, np.ones((p.shape[0], 1), np.float32)])
+        return with_one(p)
 
     def _similarity_vectors(self) -> np.ndarray:
         return self.Q
