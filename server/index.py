@@ -381,11 +381,13 @@ class ItemIndex:
         items, scores, kept, n_banned = topk.rank_found(vectors, q[r], found, banned, k)
         need = min(k, self.n_items - n_banned)
         if kept < need:
+            # The retry's selector keeps banned ids out of FAISS's answer, but the
+            # head's candidates come unfiltered: count what is left after the ban.
             got = self._retry(q[r : r + 1], k, banned, cfg)
-            if got.size < need:
+            items, scores, kept, _ = topk.rank_found(vectors, q[r], got, banned, k)
+            if kept < need:
                 self._exact_rows(q[r : r + 1], k, banned, None, out_i[r], out_s[r])
                 return
-            items, scores, _, _ = topk.rank_found(vectors, q[r], got, banned, k)
         out_i[r, : items.size] = items
         out_s[r, : items.size] = scores
 
@@ -398,12 +400,17 @@ class ItemIndex:
         if not h:
             return ids
         m = min(h, wide + RETRY_WIDEN)
+        # Rows are handed to a kernel that reads them as C-contiguous: one block
+        # filled in place (np.concatenate of an (n, 1) array and a broadcast one
+        # returns Fortran order).
+        out = np.empty((ids.shape[0], ids.shape[1] + m), np.int64)
+        out[:, : ids.shape[1]] = ids
         if m == h:
-            best = np.broadcast_to(self.head, (q.shape[0], h))
+            out[:, ids.shape[1] :] = self.head
         else:
             scores = q @ self._head_vectors().T
-            best = self.head[np.argpartition(-scores, m - 1, axis=1)[:, :m]]
-        return np.concatenate([ids, best], axis=1)
+            out[:, ids.shape[1] :] = self.head[np.argpartition(-scores, m - 1, axis=1)[:, :m]]
+        return out
 
     def _head_vectors(self) -> np.ndarray:
         """The head's vectors, one contiguous (h, d) float32 block (made once):
