@@ -458,8 +458,25 @@ class ItemIndex:
         oi[:], os_[:] = i[0], s[0]
 
 
+def _zeros_at_cosine_zero(
+    got_i: np.ndarray, got_s: np.ndarray, zeros: np.ndarray, me: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A cosine answer with the zero-vector items merged in as exact cosine
+    ranks them (cosine_similar, a model without an index): 0 with every item,
+    so above negative cosines and past the positive ones; ties by lower id."""
+    z = zeros[zeros != me][:k]
+    all_i = np.concatenate([got_i.astype(np.int64), z])
+    all_s = np.concatenate([got_s, np.zeros(z.size, np.float32)])
+    order = np.lexsort((all_i, -all_s))[:k]
+    return all_i[order].astype(np.int32), all_s[order]
+
+
 class SimilarIndex:
-    """Cosine item-item neighbours from an inner-product index over unit vectors."""
+    """Cosine item-item neighbours from an inner-product index over unit vectors.
+
+    Zero vectors (items training never placed) are left out of the index. Exact
+    cosine scores them 0 with everything, so they are merged back where an
+    answer reaches past its positive cosines (k beyond them, or a short one)."""
 
     def __init__(self, kind: str, index: faiss.Index, ids: np.ndarray) -> None:
         self.kind = kind
@@ -482,6 +499,15 @@ class SimilarIndex:
             index.train(unit)
         index.add(unit)
         return cls(kind, index, ids)
+
+    def _zero_ids(self, n_items: int) -> np.ndarray:
+        """The items not indexed (zero vectors), ascending; made once."""
+        z = self.__dict__.get("_zeros")
+        if z is None:
+            keep = np.ones(n_items, bool)
+            keep[self.ids] = False
+            z = self._zeros = np.flatnonzero(keep).astype(np.int64)
+        return z
 
     def write(self, path: Path) -> None:
         """Write the FAISS index file (ids are stored by the model as .npy)."""
@@ -539,6 +565,9 @@ class SimilarIndex:
             if kept < min(k, self.ids.size - 1):  # ANN came back short: exact
                 others = self.ids[self.ids != items[r]]
                 got_i, got_s, _, _ = topk.rank_found(v32, q[r], others, me, k, cosine=True)
+            zeros = self._zero_ids(n_items)
+            if zeros.size and (got_i.size < k or got_s[-1] < 0):
+                got_i, got_s = _zeros_at_cosine_zero(got_i, got_s, zeros, items[r], k)
             out_i[r, : got_i.size] = got_i
             out_s[r, : got_i.size] = got_s
         return out_i, out_s

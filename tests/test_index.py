@@ -253,15 +253,13 @@ def test_index_file_round_trip_memory_mapped(factors, tmp_path, kind):
 
 
 def brute_cosine(y: np.ndarray, item: int, k: int) -> tuple[list[int], np.ndarray]:
-    """Exact cosine neighbours of one item (never itself), ties by lower index: a
-    zero vector is like nothing, so it has cosine 0 with every item and every
-    item has nothing to say about it (it is never a neighbour of a non-zero one)."""
+    """Exact cosine neighbours of one item (never itself), ties by lower index,
+    as a model without an index answers: a zero vector has cosine 0 with every
+    item, so it ranks below the positive cosines and above the negative ones."""
     norms = np.linalg.norm(y.astype(np.float64), axis=1)
-    if norms[item] == 0:
-        others = [i for i in range(y.shape[0]) if i != item][:k]
-        return others, np.zeros(len(others))
-    s = (y.astype(np.float64) @ y[item].astype(np.float64)) / (norms * norms[item] + 1e-300)
-    idx = np.flatnonzero((norms > 0) & (np.arange(y.shape[0]) != item))
+    unit = np.divide(y, norms[:, None], out=np.zeros(y.shape), where=norms[:, None] > 0)
+    s = unit @ unit[item]
+    idx = np.flatnonzero(np.arange(y.shape[0]) != item)
     order = np.lexsort((idx, -s[idx]))[:k]
     return idx[order].tolist(), s[idx[order]]
 
@@ -271,7 +269,9 @@ def test_similar_items_through_every_index_kind(factors, kind):
     """SimilarIndex against exact cosine: every neighbour it returns carries its
     exact cosine (re-ranked, never the index's approximation), recall at
     defaults; with k so large that the index comes back short (IVF probing one
-    list), the exact answer; zero vectors answered, never returned."""
+    list), the exact answer; zero vectors answered, and returned only where
+    exact cosine ranks them (score 0: past every positive cosine). With k past
+    the catalogue, every other item, in the exact order."""
     _, items, _ = factors
     y = items.copy()
     rng = np.random.default_rng(4)
@@ -287,11 +287,17 @@ def test_similar_items_through_every_index_kind(factors, kind):
         if item in zero:
             assert gi.tolist() == want and (gs == 0).all()
             continue
-        assert not set(gi.tolist()) & set(zero.tolist())
+        assert not set(gi.tolist()) & set(zero.tolist())  # 10 positive cosines came first
         exact = {i: v for i, v in zip(*brute_cosine(y, int(item), y.shape[0]), strict=True)}
         np.testing.assert_allclose(gs, [exact[i] for i in gi.tolist()], rtol=1e-4, atol=1e-5)
         recalls.append(len(set(gi.tolist()) & set(want)) / 10)
     assert np.mean(recalls) >= 0.97, np.mean(recalls)
+    n = y.shape[0]
+    got_i, got_s = index.similar(asked[:5], y, n + 5)
+    for item, gi, gs in zip(asked[:5], got_i, got_s, strict=True):
+        want, want_s = brute_cosine(y, int(item), n + 5)
+        assert sorted(valid(gi)) == sorted(want) and len(valid(gi)) == n - 1
+        np.testing.assert_allclose(gs[: n - 1], want_s, rtol=1e-4, atol=1e-5)
     if kind == "hnsw":
         return  # a graph search returns as many as asked: never short
     # Far more neighbours than one probed list holds: the index comes back short
