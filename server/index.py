@@ -400,17 +400,15 @@ class ItemIndex:
         if not h:
             return ids
         m = min(h, wide + RETRY_WIDEN)
-        # Rows are handed to a kernel that reads them as C-contiguous: one block
-        # filled in place (np.concatenate of an (n, 1) array and a broadcast one
-        # returns Fortran order).
-        out = np.empty((ids.shape[0], ids.shape[1] + m), np.int64)
-        out[:, : ids.shape[1]] = ids
         if m == h:
-            out[:, ids.shape[1] :] = self.head
+            # A copy per row, not a broadcast view: np.concatenate of an (n, 1)
+            # array and a broadcast one returns Fortran order, and the kernel
+            # reads each row as C-contiguous.
+            best = np.repeat(self.head[None, :], q.shape[0], axis=0)
         else:
             scores = q @ self._head_vectors().T
-            out[:, ids.shape[1] :] = self.head[np.argpartition(-scores, m - 1, axis=1)[:, :m]]
-        return out
+            best = self.head[np.argpartition(-scores, m - 1, axis=1)[:, :m]]
+        return np.ascontiguousarray(np.concatenate([ids, best], axis=1))
 
     def _head_vectors(self) -> np.ndarray:
         """The head's vectors, one contiguous (h, d) float32 block (made once):
