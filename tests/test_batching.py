@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from recserve import index as ix
 from recserve.config import ServerConfig
 from recserve.metrics import Metrics
 from recserve.models import create
@@ -36,6 +37,16 @@ def published(small, tmp_path_factory):
     svd = create("svd", factors=16, epochs=5, index="ivf", nprobe=64).fit(small)
     svd.save(root, "svd_ivf", dataset=small)
     models["svd_ivf"] = svd
+    # IVF with a head of norm-ranged items (three of the 300: the share raised,
+    # since 0.1% of so small a catalogue is none). Coalesced k=1 calls with
+    # include_seen searched several rows without exclusions, whose candidate
+    # rows came in Fortran order: every such batch failed (INTERNAL).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ix, "HEAD_SHARE", 0.01)
+        head = create("als", factors=16, iterations=5, index="ivf", nprobe=64).fit(small)
+    assert head.item_index.head.size == 3
+    head.save(root, "als_head", dataset=small)
+    models["als_head"] = head
     # A known user's prior: blended per user on an exact model (never batched),
     # not applicable through an index (batched as without it).
     for name, index in (("als_prior", "exact"), ("ivf_prior", "ivf")):
@@ -67,6 +78,13 @@ def requests(small) -> list[pb.RecommendRequest]:
         if n % 11 == 0:
             req.exclude_item_ids.extend(small.items.ids(np.arange(5)))
         out.append(req)
+    for n, user in enumerate(users[:40]):  # the head-ranged IVF, k=1 with seen items kept
+        k, keep = (1, True) if n % 4 else (10, False)
+        out.append(
+            pb.RecommendRequest(
+                user_id=user, k=k, model="als_head", include_seen=keep, request_id=f"h{n}"
+            )
+        )
     out.append(pb.RecommendRequest(user_id="nobody-knows-me", k=10, model="als"))
     return out
 
@@ -91,7 +109,7 @@ def test_batched_answers_equal_unbatched_answers(published, small):
     # Every model batched (no cost floor), a long delay: batches surely form.
     with running(root, server="asyncio", batch_delay_ms=20, batch_min_ms=0) as s:
         got = answers(s, reqs, 16)
-        batched = ("als", "als_ivf", "bayes_mf", "ivf_prior", "svd_ivf")
+        batched = ("als", "als_ivf", "bayes_mf", "ivf_prior", "svd_ivf", "als_head")
         seen = {name: batches(s, name) for name in batched}
         assert batches(s, "als_prior") == (0, 0)  # each user's own blend
     for name, (count, calls) in seen.items():  # batches of more than one call were scored
