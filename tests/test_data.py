@@ -386,6 +386,12 @@ def test_an_implicit_logs_repeated_events_are_counted(tmp_path, caplog):
             "timestamp: '4.5.6' is not seconds or an ISO 8601",
         ),
         ("user_id,item_id,rating,timestamp\n1,2,3,4\n1,3,3,1e30\n", 3, "1e\\+30 is out of range"),
+        # An integer int64 cannot hold: pyarrow's own message named no line.
+        ("user,item,ts\na,x,5\nb,y,99999999999999999999999\n", 3, "'9+' is out of range"),
+        # Ids are stored as fixed-width bytes, where NUL ends them: the event
+        # matched no id and bincount failed ("no negative elements").
+        ("user_id,item_id,rating\n1,2,3\n\x00\x01,3,4\n", 3, "user_id holds a NUL byte"),
+        ("user_id,item_id,rating\n1,2,3\n1,x\x00,4\n", 3, "item_id holds a NUL byte"),
         ("user_id,item_id,rating\n", 2, "no data rows"),
         ("user,item,rating,ts\n1,2,3,2026-01-02\n1,3,4,yesterday\n", 3, "'yesterday' is not"),
         ("user,item,rating,ts\n1,2,3,2026-13-02\n", 2, "'2026-13-02' is not"),

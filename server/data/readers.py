@@ -291,6 +291,12 @@ def check_values(where: Path, col: pa.Array, name: str, first: int, unit: str = 
         if pc.any(empty).as_py():
             row = int(pc.index(empty, True).as_py())
             raise DataError(where, f"empty {name}", row + first, unit)
+        # Ids are kept as fixed-width bytes, where a NUL byte ends the id: two
+        # ids would merge, or an event would match no id at all.
+        nul = pc.match_substring(col, "\x00")
+        if pc.any(nul).as_py():
+            row = int(pc.index(nul, True).as_py())
+            raise DataError(where, f"{name} holds a NUL byte (\\x00)", row + first, unit)
 
 
 def _explain(
@@ -755,7 +761,17 @@ def _seconds(where: Path, col: pa.Array, name: str, first: int, unit: str = "lin
         return pc.cast(col, pa.int64())  # integer seconds, the common case: one pass
     text = pc.replace_substring_regex(pc.utf8_trim_whitespace(col), r"^\+", "")  # "+5"
     is_int = pc.match_substring_regex(text, _INT_RE)
-    ints = pc.cast(pc.if_else(is_int, text, "0"), pa.int64())
+    try:
+        ints = pc.cast(pc.if_else(is_int, text, "0"), pa.int64())
+    except pa.ArrowInvalid:  # an integer int64 cannot hold: name the first
+        for row, (value, whole) in enumerate(
+            zip(text.to_pylist(), is_int.to_pylist(), strict=True)
+        ):
+            if whole and not -(2**63) <= int(value) < 2**63:
+                raise DataError(
+                    where, f"column {name}: {value!r} is out of range", row + first, unit
+                ) from None
+        raise
     is_frac = pc.and_not(pc.match_substring_regex(text, _FLOAT_RE), is_int)
     if pc.any(is_frac).as_py():  # fractional seconds (1600000000.25, 1.6e9): floored
         frac = pc.floor(pc.cast(pc.if_else(is_frac, text, "0"), pa.float64()))
