@@ -110,6 +110,17 @@ def test_ml1m_dat_with_colons_in_titles(tmp_path):
     assert ds.feature_names == ["Action", "Drama", "Sci-Fi"]
 
 
+@pytest.mark.parametrize("bad", ["1::661::3", "1:661:3:978302109"])
+def test_a_malformed_ml1m_line_is_named_against_its_layout(tmp_path, bad):
+    """ML-1M's '::' is read as ':' around empty fields, so a short line was
+    "expected 7 columns, got 5" for a file of four fields; it is now shown
+    against the layout it should have."""
+    write(tmp_path / "ratings.dat", f"1::1193::5::978300760\n{bad}\n")
+    with pytest.raises(DataError, match="expected UserID::MovieID::Rating::Timestamp") as info:
+        load_dataset(tmp_path)
+    assert info.value.line == 2 and bad in str(info.value)
+
+
 def test_ml20m_csv_with_quoted_titles_and_tags(tmp_path):
     write(
         tmp_path / "ratings.csv.xz",

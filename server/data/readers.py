@@ -186,11 +186,15 @@ def read_table(
     encoding: str = "utf8",
     quoted: bool = True,
     required: tuple[str, ...] = (),
+    layout: str = "",
 ) -> pa.Table:
     """Read the named columns of a delimited file with pyarrow, with errors that name the line.
 
     `names` gives column names for a file without a header. `required` columns
     must be present in a header (others in `columns` are read when present).
+    `layout`, when given, is how a line should look: a line with the wrong
+    number of fields is reported against it rather than as a column count
+    (ML-1M's '::' is read as two ':' around an empty field).
     """
     given = (columns, names)
     header_lines = 0 if names else 1
@@ -252,8 +256,11 @@ def read_table(
                 encoding="latin-1",
                 quoted=quoted,
                 required=required,
+                layout=layout,
             )
-        raise _explain(path, exc, columns, read_opts, parse_opts, header_lines, source) from None
+        raise _explain(
+            path, exc, columns, read_opts, parse_opts, header_lines, source, layout
+        ) from None
     if table.num_rows == 0:
         raise DataError(path, "no data rows", header_lines + 1)
     if header_lines and spaced:
@@ -307,6 +314,7 @@ def _explain(
     parse_opts: pacsv.ParseOptions,
     header_lines: int,
     source: Callable[[], IO[bytes] | str],
+    layout: str = "",
 ) -> DataError:
     """Turn a pyarrow error into a DataError with the offending line (re-reads on failure only)."""
     text = str(exc)
@@ -316,13 +324,9 @@ def _explain(
         bad: list[tuple[int | None, str]] = []
 
         def handler(row: pacsv.InvalidRow) -> str:
-            bad.append(
-                (
-                    row.number,
-                    f"expected {row.expected_columns} columns, "
-                    f"got {row.actual_columns}: {row.text[:80]!r}",
-                )
-            )
+            want = layout or f"{row.expected_columns} columns"
+            got = "" if layout else f"{row.actual_columns}: "
+            bad.append((row.number, f"expected {want}, got {got}{row.text[:80]!r}"))
             return "skip"
 
         serial = pacsv.ReadOptions(
@@ -491,6 +495,7 @@ def read_ml1m(path: Path) -> tuple[Raw, ItemMeta | None]:
         delimiter=":",
         names=names,
         quoted=False,
+        layout="UserID::MovieID::Rating::Timestamp",
     )
     meta = None
     movies = find_file(folder, "movies.dat")
