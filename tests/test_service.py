@@ -327,6 +327,66 @@ def test_recommend_batch_answers_each_request(srv, published, small):
 
 
 @pytest.mark.parametrize("server", ["asyncio", "threads"])
+def test_batch_stream_and_unary_answer_every_request_shape_alike(published, small, server):
+    """Random requests (known and new users, histories with dislikes,
+    exclusions, candidates, explain, k from 1 to 100, every model and an
+    unknown one), each sent as a Recommend, a RecommendStream and one entry
+    of a RecommendBatch: the same items, scores, explanations and model, and
+    where the call fails, the same status code in the batch's entry."""
+    rng = np.random.default_rng(11)
+    users, items = small.users.ids(np.arange(small.n_users)), small.items.ids(np.arange(60))
+    reqs = []
+    for n in range(120):
+        model = ("", "popularity", "itemknn", "als", "bayes_mf", "nosuch")[n % 6]
+        req = pb.RecommendRequest(
+            k=int(rng.choice([1, 5, 10, 100])),
+            model=model,
+            include_seen=bool(n % 5 == 0),
+            explain=bool(n % 7 == 0),
+            request_id=f"q{n}",
+        )
+        if n % 3:
+            req.user_id = users[int(rng.integers(len(users)))]
+        else:  # new (or anonymous) users with an inline history, dislikes included
+            req.user_id = f"new{n}" if n % 9 else ""
+            for i in rng.choice(items, rng.integers(0, 8), replace=False):
+                req.history.add(item_id=str(i), value=float(rng.choice([1.0, 5.0, -1.0])))
+        if n % 4 == 1:
+            req.exclude_item_ids.extend(rng.choice(items, 20, replace=False).tolist())
+        if n % 10 == 3:
+            req.candidate_item_ids.extend(rng.choice(items, 12, replace=False).tolist())
+        reqs.append(req)
+
+    def same(items_a, items_b):
+        a = [(i.item_id, list(i.because)) for i in items_a]
+        b = [(i.item_id, list(i.because)) for i in items_b]
+        sa, sb = [i.score for i in items_a], [i.score for i in items_b]
+        return a == b and np.allclose(sa, sb, rtol=1e-6, atol=1e-6)
+
+    with running(published[0], server=server) as s:
+        batch = list(s.rec.RecommendBatch(iter(reqs), timeout=60))
+        assert [b.request_id for b in batch] == [r.request_id for r in reqs]
+        codes = set()
+        for req, b in zip(reqs, batch, strict=True):
+            try:
+                unary, code = s.rec.Recommend(req, timeout=10), 0
+            except grpc.RpcError as e:
+                unary, code = None, e.code().value[0]
+            try:
+                streamed, scode = list(s.rec.RecommendStream(req, timeout=10)), 0
+            except grpc.RpcError as e:
+                streamed, scode = None, e.code().value[0]
+            codes.add(code)
+            assert (code, scode, b.status.code) == (code, code, code), req
+            if unary is None:
+                assert not b.items
+                continue
+            assert same(b.items, unary.items) and b.model == unary.model, req
+            assert streamed is not None and same(streamed, unary.items), req
+    assert {0, grpc.StatusCode.NOT_FOUND.value[0]} <= codes  # both kinds of answer were met
+
+
+@pytest.mark.parametrize("server", ["asyncio", "threads"])
 def test_a_long_batch_stream_is_answered_in_order_one_answer_per_request(published, server):
     """A batch of 53 requests: every one is answered, in request order, as a
     unary call answers it."""
