@@ -401,13 +401,12 @@ class ItemIndex:
             return ids
         m = min(h, wide + RETRY_WIDEN)
         if m == h:
-            # A copy per row, not a broadcast view: np.concatenate of an (n, 1)
-            # array and a broadcast one returns Fortran order, and the kernel
-            # reads each row as C-contiguous.
-            best = np.repeat(self.head[None, :], q.shape[0], axis=0)
+            best = np.broadcast_to(self.head, (q.shape[0], h))
         else:
             scores = q @ self._head_vectors().T
             best = self.head[np.argpartition(-scores, m - 1, axis=1)[:, :m]]
+        # The kernel reads each row as C-contiguous, and np.concatenate of an
+        # (n, 1) array and a broadcast one returns Fortran order.
         return np.ascontiguousarray(np.concatenate([ids, best], axis=1))
 
     def _head_vectors(self) -> np.ndarray:
