@@ -89,15 +89,49 @@ def test_predictions_are_clipped_to_the_rating_scale(small):
 
 @pytest.mark.parametrize("algo", ["svd", "bayes_mf"])
 def test_diverging_training_is_an_error_not_a_model_of_nans(small, algo):
-    # Ratings in the hundreds make the default lr overshoot; the model once
-    # trained to NaN and ranked every item at -inf.
-    big = copy.deepcopy(small)
-    big.interactions.data = big.interactions.data * 100.0
-    with pytest.raises(ValueError, match=r"diverged in epoch \d+ .*lower lr"):
-        create(algo, factors=8, epochs=5).fit(big)
-    ok = create(algo, factors=8, epochs=5, lr=0.00002).fit(big)  # the advice works
+    # Too large an lr overshoots; the model once trained to NaN and ranked
+    # every item at -inf.
+    with pytest.raises(ValueError, match=r"diverged in epoch \d+ .*lower lr \(now 1\)"):
+        create(algo, factors=8, epochs=5, lr=1.0).fit(small)
+    ok = create(algo, factors=8, epochs=5).fit(small)  # the advice works
     _, scores = ok.recommend([0, 1], k=5)
     assert np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("algo", ["svd", "bayes_mf"])
+@pytest.mark.parametrize("times", [1e-6, 0.2, 20.0, 1e6])
+def test_ratings_on_any_scale_fit_the_same_model_on_that_scale(small, algo, times):
+    # SGD fits the ratings in units of their spread, so ratings times c give the
+    # model of the ratings, times c: every prediction, fold-in and interval, the
+    # same rankings. Fitted on the raw values, 0-100 ratings lost 14% of rmse
+    # to 1-5 stars and 1,000-5,000 diverged.
+    base = create(algo, factors=8, epochs=5).fit(small)
+    scaled_data = copy.deepcopy(small)
+    scaled_data.interactions.data = (small.interactions.data * times).astype(np.float32)
+    scaled = create(algo, factors=8, epochs=5).fit(scaled_data)
+    assert scaled.scale == pytest.approx((base.scale[0] * times, base.scale[1] * times))
+    users = np.array([0, 7, 123, 999])
+    np.testing.assert_allclose(
+        scaled._score_users(users), base._score_users(users) * times, rtol=2e-4, atol=1e-5 * times
+    )
+    items, scores = base.recommend(users, k=10)
+    got_items, got_scores = scaled.recommend(users, k=10)
+    np.testing.assert_array_equal(got_items, items)
+    np.testing.assert_allclose(got_scores, scores * times, rtol=2e-4)
+    hist = small.interactions[[5, 40]]
+    hist_scaled = scaled_data.interactions[[5, 40]]
+    np.testing.assert_allclose(
+        scaled._score_history(hist_scaled),
+        base._score_history(hist) * times,
+        rtol=2e-4,
+        atol=1e-5 * times,
+    )
+    want, want_std = base.score(3, np.arange(20))
+    got, got_std = scaled.score(3, np.arange(20))
+    np.testing.assert_allclose(got, want * times, rtol=2e-4)
+    if algo == "bayes_mf":
+        np.testing.assert_allclose(got_std, want_std * times, rtol=2e-4)
+        assert scaled.sigma == pytest.approx(base.sigma * times, rel=2e-4)
 
 
 def test_fold_in_is_the_ridge_solution(small):

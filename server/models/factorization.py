@@ -57,6 +57,9 @@ def with_one(p: np.ndarray) -> np.ndarray:
     return np.hstack([p, np.ones((p.shape[0], 1), np.float32)]).astype(np.float32, copy=False)
 
 
+# The spread (standard deviation) of 1-5 star ratings, ml-100k's 1.1257: SGD's
+# defaults mean what they were tuned for on ratings of any scale (rating_unit).
+STAR_SPREAD = 1.125
 # ALS's confidence counts a value as at most this many units (value_scale).
 MAX_VALUE_UNITS = 1e4
 
@@ -338,6 +341,22 @@ def value_units(values: np.ndarray, mode: str) -> tuple[float, float]:
     return median, unit if np.isfinite(unit) and unit > 0 else 1.0
 
 
+def rating_unit(ratings: np.ndarray) -> float:
+    """The unit SGD fits ratings in: their standard deviation over STAR_SPREAD,
+    the values past the 0.1th and 99.9th percentiles counted at them (one
+    corrupt 1e30 would set it alone); 1.0 when they do not vary. The defaults
+    (Surprise's) were tuned on 1-5 stars, where the unit is about 1; on 0-100
+    ratings the default lr ran 20x too large (rmse 1.06 against 0.94 on the same
+    ratings in stars) and on 1,000-5,000 it diverged (docs/algorithms.md,
+    "Ratings on any scale")."""
+    r = np.asarray(ratings, np.float64)
+    if r.size < 2:
+        return 1.0
+    lo, hi = np.quantile(r, [0.001, 0.999])
+    unit = float(np.clip(r, lo, hi).std()) / STAR_SPREAD
+    return unit if np.isfinite(unit) and unit > 0 else 1.0
+
+
 def value_unit(values: np.ndarray) -> float:
     """The mean |value| of training data, the unit ALS's alpha applies to (1.0
     when there is none, or it is not a positive finite number). Values above
@@ -401,8 +420,13 @@ class BiasedMF(EmbeddingIndexMixin):
         ratings = m.data.astype(np.float32)
         rng = np.random.default_rng(p["seed"])
         f = p["factors"]
-        self.mu = float(ratings.mean())
         self.scale = (float(ratings.min()), float(ratings.max()))
+        # SGD runs on the ratings in units of their spread, so lr, reg and
+        # init_std (Surprise's defaults, for 1-5 stars) mean the same on any
+        # scale; the user's side takes the unit back afterwards (_in_units).
+        unit = rating_unit(ratings)
+        ratings = ratings / np.float32(unit)
+        self.mu = float(ratings.mean())
         self.P = (rng.standard_normal((self.n_users, f)) * p["init_std"]).astype(np.float32)
         self.Q = (rng.standard_normal((self.n_items, f)) * p["init_std"]).astype(np.float32)
         self.bu = np.zeros(self.n_users, np.float32)
@@ -439,10 +463,24 @@ class BiasedMF(EmbeddingIndexMixin):
                 # hundreds the default lr overshoots. Refuse to publish NaNs.
                 raise TrainingError(
                     f"{self.algorithm}: training diverged in epoch {epoch + 1} (ratings "
-                    f"{self.scale[0]:g} to {self.scale[1]:g}); lower lr (now {p['lr']:g}) "
-                    "or rescale the ratings to a few units"
+                    f"{self.scale[0]:g} to {self.scale[1]:g}, fitted in units of {unit:.3g}); "
+                    f"lower lr (now {p['lr']:g})"
                 )
-            bar.set_postfix(rmse=f"{np.sqrt(sse / max(ratings.size, 1)):.4f}")
+            bar.set_postfix(rmse=f"{unit * np.sqrt(sse / max(ratings.size, 1)):.4g}")
+        self._in_units(unit)
+
+    def _in_units(self, unit: float) -> None:
+        """Put the parameters fitted on ratings / unit back on the ratings' scale:
+        mu, the biases and the user factors times the unit, the item factors as
+        they are. Every prediction is then the unit times the fitted one, and a
+        user's ridge problem (fold-in, newer events, the posterior; its design
+        rows [1, q_i] unchanged) is the fitted one times the unit squared: the
+        same solution times the unit, under the same reg."""
+        if unit == 1.0:
+            return
+        u = np.float32(unit)
+        self.mu = float(self.mu * unit)
+        self.bu, self.bi, self.P = self.bu * u, self.bi * u, self.P * u
 
     def _predict(self, p: np.ndarray, bu: np.ndarray) -> np.ndarray:
         # (mu + bu + bi) + p.Q, each sum in the inputs' own precision as before
