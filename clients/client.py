@@ -109,9 +109,11 @@ class Recommendation:
 
 @dataclass(frozen=True)
 class Event:
-    """One interaction: a rating, click or play. `value` None is 1 and
-    `timestamp` None is the time the server records it; `event_id` (unique per
-    user) makes a retried record() store the event once."""
+    """One interaction: a rating, click or play. `value` None is sent without
+    one: 1 (one event), but a rating model (svd, bayes_mf) takes a history item
+    without one as rated what it expects of the item. `timestamp` None is the
+    time the server records it; `event_id` (unique per user) makes a retried
+    record() store the event once."""
 
     item_id: str
     value: float | None = None

@@ -236,6 +236,54 @@ def test_predictions_name_their_model_and_interval_presence_counts(srv):
     assert all(a < b for a, b in zip(w50, w95, strict=True))
 
 
+def test_a_history_item_without_a_value_means_what_each_model_makes_of_it(srv, published):
+    # Omitted is 1, one event, to a model that ranks from interactions (ALS);
+    # a model that fits ratings takes it as rated what it expects of the item,
+    # mu + b_i: a 1 was a low rating on stars, and the fold-in turned away from
+    # the history. PredictRatings reads a history as Recommend does (it read an
+    # omitted value as 0).
+    _, models = published
+    bmf = models["bayes_mf"]
+    items = ["3", "17", "42", "8"]
+    idx = bmf.items.index(items)
+    expected = np.clip(bmf.mu + np.asarray(bmf.bi, np.float64)[idx], *bmf.scale)
+
+    def history(values):
+        return [
+            pb.Interaction(item_id=i) if v is None else pb.Interaction(item_id=i, value=float(v))
+            for i, v in zip(items, values, strict=True)
+        ]
+
+    def recommend(model, values):
+        req = pb.RecommendRequest(history=history(values), k=20, model=model)
+        out = srv.rec.Recommend(req, timeout=10)
+        return [it.item_id for it in out.items], np.array([it.score for it in out.items])
+
+    omitted = [None] * len(items)
+    got = recommend("bayes_mf", omitted)
+    want = recommend("bayes_mf", expected.astype(np.float32))
+    assert got[0] == want[0] and not set(got[0]) & set(items)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    ones = recommend("bayes_mf", [1.0] * len(items))
+    assert not np.allclose(ones[1], got[1], rtol=1e-3)  # not the low rating any more
+    mixed = [None, 5.0, None, 2.0]
+    got = recommend("bayes_mf", mixed)
+    want = recommend("bayes_mf", [expected[0], 5.0, expected[2], 2.0])
+    assert got[0] == want[0]
+    got, want = recommend("als", omitted), recommend("als", [1.0] * len(items))
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+
+    def predict(values):
+        req = pb.PredictRatingsRequest(
+            history=history(values), item_ids=["1", "2", "5"], model="bayes_mf"
+        )
+        return np.array([p.rating for p in srv.rec.PredictRatings(req, timeout=10).predictions])
+
+    np.testing.assert_allclose(predict(omitted), predict(expected.astype(np.float32)), rtol=1e-5)
+    assert not np.allclose(predict(omitted), predict([0.0] * len(items)), rtol=1e-3)
+
+
 def test_list_models_pages_through_every_model(srv):
     everything = [m.name for m in srv.admin.ListModels(pb.ListModelsRequest()).models]
     assert everything == sorted(everything) and len(everything) == 4

@@ -286,6 +286,8 @@ def shapes(small, u: str, k: int, include_seen: bool, rng) -> list[RecQuery]:
     unknown user's inline history, a known user's history on top of training."""
     some = small.items.ids(rng.choice(small.n_items, 12, replace=False))
     hist = [(i, float(v)) for i, v in zip(some[:8], rng.integers(1, 6, 8), strict=True)]
+    # values sent without one (None): each component's own meaning (unrated)
+    unrated = [(i, None if j % 2 else v) for j, (i, v) in enumerate(hist)]
     base = dict(k=k, include_seen=include_seen)
     return [
         RecQuery(user_id=u, **base),
@@ -293,6 +295,8 @@ def shapes(small, u: str, k: int, include_seen: bool, rng) -> list[RecQuery]:
         RecQuery(user_id="", history=hist, **base),
         RecQuery(user_id="someone-new", history=hist[:3], exclude=some[:1], **base),
         RecQuery(user_id=u, history=hist[:2], **base),
+        RecQuery(user_id="", history=unrated, **base),
+        RecQuery(user_id=u, history=unrated[:3], **base),
     ]
 
 

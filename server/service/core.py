@@ -724,7 +724,7 @@ class Core:
         self.shared_sync()
         p: Prediction = self.router.predict(
             request.user_id,
-            [(h.item_id, float(h.value)) for h in request.history],
+            convert.history(request.history),  # omitted values as in Recommend
             list(request.item_ids),
             request.model,
             float(request.interval) if request.HasField("interval") else None,

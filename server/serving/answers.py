@@ -80,7 +80,8 @@ class RecQuery:
     """A Recommend request in plain values."""
 
     user_id: str = ""
-    history: Sequence[tuple[str, float]] = ()
+    # (item id, value); value None: sent without one (Recommender.unrated)
+    history: Sequence[tuple[str, float | None]] = ()
     k: int = 10
     model: str = ""
     exclude: Sequence[str] = ()

@@ -349,6 +349,8 @@ class Router:
                         check_id(f"history[{i}].item_id", item)
                     except RequestError as err:
                         bad.append((err.field, err.description, err.reason))
+                if value is None:  # sent without a value: the model's `unrated`
+                    continue
                 if not math.isfinite(value):  # np.isfinite: 1 us per Python float
                     what = f"must be finite, got {value}"
                     bad.append((f"history[{i}].value", what, "VALUE_NOT_FINITE"))
@@ -534,10 +536,11 @@ class Router:
                     f"(tolerance {self.cfg.unknown_item_tolerance:.0%}), e.g. {first!r}",
                     "UNKNOWN_HISTORY_ITEMS",
                 )
-            vals = np.array([v for _, v in q.history], np.float32)
+            vals = np.array([np.nan if v is None else v for _, v in q.history], np.float32)
             if unknown:
                 keep = idx >= 0
                 idx, vals = idx[keep], vals[keep]
+            vals = model.unrated(idx, vals)  # values sent without one: this model's meaning
             if recorded:
                 idx, vals = np.concatenate([idx_r, idx]), np.concatenate([val_r, vals])
             return idx, vals
@@ -922,6 +925,12 @@ class Router:
         comps = plan.comps
         m0 = comps[0][1].model
         assert m0 is not None
+        if any(v is None for _, v in q.history) and any(
+            type(c[1].model).unrated is not Recommender.unrated for c in comps
+        ):
+            # A value sent without one means to a rating model what it expects of
+            # the item (its own): the components' rows differ (general path).
+            return None
         # Shared items: the history and exclusions resolve (and are checked) once.
         extra_idx, extra_val = self._history(m0, q, comps[0][1].name)
         excl = first.index(list(q.exclude)) if q.exclude else None
@@ -1286,7 +1295,7 @@ class Router:
     def predict(
         self,
         user_id: str,
-        history: Sequence[tuple[str, float]],
+        history: Sequence[tuple[str, float | None]],
         item_ids: Sequence[str],
         model: str = "",
         interval: float | None = None,
