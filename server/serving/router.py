@@ -536,11 +536,16 @@ class Router:
                     f"(tolerance {self.cfg.unknown_item_tolerance:.0%}), e.g. {first!r}",
                     "UNKNOWN_HISTORY_ITEMS",
                 )
-            vals = np.array([np.nan if v is None else v for _, v in q.history], np.float32)
+            given = [v for _, v in q.history]
+            unrated = None in given
+            if unrated:  # values sent without one: NaN here, then this model's meaning
+                given = [np.nan if v is None else v for v in given]
+            vals = np.array(given, np.float32)
             if unknown:
                 keep = idx >= 0
                 idx, vals = idx[keep], vals[keep]
-            vals = model.unrated(idx, vals)  # values sent without one: this model's meaning
+            if unrated:
+                vals = model.unrated(idx, vals)
             if recorded:
                 idx, vals = np.concatenate([idx_r, idx]), np.concatenate([val_r, vals])
             return idx, vals
