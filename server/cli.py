@@ -773,9 +773,12 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
             )
         if unknown:
             log.warning("history: ignoring unknown item ids %s", ", ".join(unknown[:10]))
-        who = model.history_matrix([idx[idx >= 0]])
+        known = idx[idx >= 0]
+        # ids without values, as the server takes a history sent without them
+        values = model.unrated(known, np.full(known.size, np.nan, np.float32))
+        who = model.history_matrix([known], [values])
         _check_gate(model, args, "history", who.data)
-        items, scores = model.recommend_from_history(idx[idx >= 0], k=args.k)
+        items, scores = model.recommend_from_history(known, values, k=args.k)
         blended = _with_prior(model, who, items, scores, args.k)
         if blended is not None:  # as the server answers a new user under history_prior
             items, scores = blended

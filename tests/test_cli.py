@@ -565,3 +565,33 @@ def test_faiss_loader_chatter_only_with_verbose(tmp_path):
 
     assert "faiss" not in train()
     assert "faiss.loader" in train("-v")  # the index was built: FAISS was loaded
+
+
+@pytest.mark.parametrize("algo", ["svd", "itemknn"])
+def test_recommend_folds_in_a_history_of_ids_as_the_server_does(small, tmp_path, capsys, algo):
+    # `--history` gives ids without values: the server's meaning of such a
+    # history (one event; to a rating model, what it expects of each item), not
+    # a rating of 1, which turned svd's fold-in away from the items.
+    from recserve.config import ServerConfig
+    from recserve.feedback import OnlineState
+    from recserve.serving import Catalog, Router
+    from recserve.serving.answers import RecQuery
+
+    create(algo, **({"epochs": 5} if algo == "svd" else {})).fit(small).save(tmp_path, "m")
+    ids = small.items.ids([3, 17, 42, 8, 120])
+    code, out, err = run(
+        capsys, "recommend", "--models", str(tmp_path), "--name", "m", "--history", ",".join(ids)
+    )
+    assert code == 0, err
+    got = [x["item_id"] for x in json.loads(out)["items"]]
+    catalog = Catalog(str(tmp_path))
+    catalog.start()
+    try:
+        catalog.wait(60)
+        router = Router(ServerConfig(models=str(tmp_path)), catalog, OnlineState())
+        served = router.recommend(RecQuery(history=[(i, None) for i in ids], k=10, model="m"))
+        ones = router.recommend(RecQuery(history=[(i, 1.0) for i in ids], k=10, model="m"))
+    finally:
+        catalog.close()
+    assert got == served.item_ids
+    assert (got != ones.item_ids) == (algo == "svd")  # a 1 is a low rating only to svd
