@@ -134,6 +134,21 @@ def test_ratings_on_any_scale_fit_the_same_model_on_that_scale(small, algo, time
         assert scaled.sigma == pytest.approx(base.sigma * times, rel=2e-4)
 
 
+def test_the_rating_unit_is_the_spread_robust_to_outliers_and_sampled_on_large_data():
+    from recserve.models.factorization import STAR_SPREAD, UNIT_SAMPLE, rating_unit
+
+    rng = np.random.default_rng(4)
+    stars = rng.integers(1, 6, 10_000).astype(np.float32)
+    assert rating_unit(stars) == pytest.approx(stars.std() / STAR_SPREAD, rel=1e-6)
+    corrupt = stars.copy()
+    corrupt[17] = 1e30  # one corrupt value does not set the unit alone
+    assert rating_unit(corrupt) == pytest.approx(rating_unit(stars), rel=0.01)
+    assert rating_unit(np.full(50, 4.0, np.float32)) == 1.0  # no spread: as they are
+    assert rating_unit(np.array([3.0], np.float32)) == 1.0
+    big = rng.integers(1, 6, 3 * UNIT_SAMPLE + 7).astype(np.float32)
+    assert rating_unit(big) == pytest.approx(big.std() / STAR_SPREAD, rel=0.005)
+
+
 def test_fold_in_is_the_ridge_solution(small):
     model = create("svd", factors=8, epochs=5).fit(small)
     row = small.interactions[4]
