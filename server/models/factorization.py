@@ -496,7 +496,7 @@ class BiasedMF(EmbeddingIndexMixin):
         this way, against 0.098 and 0.109 with their real ratings."""
         miss = np.isnan(values)
         if miss.any():
-            expected = self.mu + np.asarray(self.bi, np.float64)[items[miss]]
+            expected = self.mu + np.asarray(self.bi[items[miss]], np.float64)
             values[miss] = np.clip(expected, *self.scale)
         return values
 
