@@ -270,6 +270,11 @@ def test_a_history_item_without_a_value_means_what_each_model_makes_of_it(srv, p
     got = recommend("bayes_mf", mixed)
     want = recommend("bayes_mf", [expected[0], 5.0, expected[2], 2.0])
     assert got[0] == want[0]
+    # an item without a value is no evidence, so it explains nothing
+    for values, rated in ((mixed, {"17", "8"}), (omitted, set())):
+        req = pb.RecommendRequest(history=history(values), k=10, model="bayes_mf", explain=True)
+        because = {b for it in srv.rec.Recommend(req, timeout=10).items for b in it.because}
+        assert because <= rated and (because or not rated), because
     got, want = recommend("als", omitted), recommend("als", [1.0] * len(items))
     assert got[0] == want[0]
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5)

@@ -619,7 +619,11 @@ class BiasedMF(EmbeddingIndexMixin):
         if hist.size == 0 or items.size == 0:
             return hist, np.zeros((hist.size, items.size))
         z = self._design(hist)
-        t = self._on_scale(h.data) - self.mu - np.asarray(self.bi[hist], np.float64)
+        r = self._on_scale(h.data)
+        t = r - self.mu - np.asarray(self.bi[hist], np.float64)
+        # A rating within float32 rounding of mu + b_i (an item sent without one:
+        # `unrated`) is no evidence, and explains nothing.
+        t[np.abs(t) <= 4 * np.finfo(np.float32).eps * np.abs(r)] = 0.0
         zj = self._design(np.asarray(items, np.int64))
         n, f1 = z.shape
         shift = self.params["reg"] * n
