@@ -143,6 +143,26 @@ def test_bad_files_name_the_file(tmp_path, table, needle):
     assert str(folder / "part-1.parquet") in str(info.value)
 
 
+@pytest.mark.parametrize("value", [pa.float64(), pa.float32(), pa.int64(), None])
+def test_a_file_without_rows_is_no_data_not_a_crash(tmp_path, value):
+    # 0 rows with a float column made check_values index row -1 (IndexError);
+    # an empty file among others is only skipped.
+    cols = {"user_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string())}
+    if value is not None:
+        cols["rating"] = pa.array([], value)
+    pq.write_table(pa.table(cols), tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match="no data rows"):
+        load_dataset(tmp_path / "empty.parquet")
+    folder = tmp_path / "log"
+    folder.mkdir()
+    pq.write_table(pa.table(cols), folder / "part-0.parquet")
+    rows = {"user_id": ["a", "b"], "item_id": ["x", "y"]}
+    if value is not None:
+        rows["rating"] = pa.array([1, 2], value)
+    pq.write_table(pa.table(rows), folder / "part-1.parquet")
+    assert load_dataset(folder, "parquet").interactions.nnz == 2
+
+
 def test_a_corrupt_file_is_named(tmp_path):
     folder = tmp_path / "log"
     folder.mkdir()

@@ -277,6 +277,8 @@ def check_values(where: Path, col: pa.Array, name: str, first: int, unit: str = 
     beyond +-MAX_VALUE (float32 columns are values; timestamps are integers or
     float64) or empty string, naming the file and its line (or row): `first` is
     the number of the column's first value."""
+    if len(col) == 0:  # (arrow's all() of nothing is null, not true)
+        return
     if col.null_count:
         row = int(pc.index(pc.is_null(col), True).as_py())
         raise DataError(where, f"missing value in column {name}", row + first, unit)
