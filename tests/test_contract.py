@@ -98,6 +98,18 @@ def test_refusals_carry_a_status_with_reason_field_and_violations(srv):
             ["model"],
         ),
         (rec.GetSimilarItems, pb.SimilarItemsRequest(k=3), "FIELD_EMPTY", ["item_id"]),
+        (  # an empty or over-long id is malformed, not an item not found
+            rec.PredictRatings,
+            pb.PredictRatingsRequest(user_id="7", item_ids=["1", ""], model="bayes_mf"),
+            "FIELD_EMPTY",
+            ["item_ids[1]"],
+        ),
+        (
+            rec.PredictRatings,
+            pb.PredictRatingsRequest(user_id="7", item_ids=["x" * 1100], model="bayes_mf"),
+            "ID_TOO_LONG",
+            ["item_ids[0]"],
+        ),
     ]
     for call, request, reason, fields in cases:
         err = srv.error(call, request)

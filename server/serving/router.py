@@ -1317,6 +1317,11 @@ class Router:
             raise invalid(
                 "item_ids", f"{len(item_ids)} ids; at most {most} allowed", "TOO_MANY_IDS"
             )
+        for i, item in enumerate(item_ids):  # malformed, not a missing item (NOT_FOUND)
+            if not item:
+                raise invalid(f"item_ids[{i}]", "empty", "FIELD_EMPTY")
+            if len(item) * 4 > MAX_ID_BYTES:
+                check_id(f"item_ids[{i}]", item)
         check_id("version", version)
         q = RecQuery(user_id=user_id, history=history, k=1, model=model)
         if user_id or history:
