@@ -23,6 +23,7 @@ default), so a retried RecordInteractions stream stores each event once and
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import sqlite3
@@ -39,7 +40,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Event:
-    """One stored interaction (ids as on the wire; value already defaulted)."""
+    """One stored interaction (ids as on the wire). `value` is NaN for an event
+    sent without one: each model reads that as it reads an inline history item
+    without a value (`Recommender.unrated`: 1, but what a rating model expects of
+    the item), so a recorded click is no low rating to svd."""
 
     user_id: str
     item_id: str
@@ -116,12 +120,17 @@ class FeedbackStore:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS events ("
             " id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, item_id TEXT NOT NULL,"
-            " value REAL NOT NULL, ts INTEGER NOT NULL, event_id TEXT)"
+            " value REAL NOT NULL, ts INTEGER NOT NULL, event_id TEXT,"
+            " unrated INTEGER NOT NULL DEFAULT 0)"
         )
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
-        if "event_id" not in columns:  # a log written before event ids existed
+        # Columns a log written by an older version lacks. `unrated` 1: sent
+        # without a value (stored as value 1, which an older version reads).
+        for name, kind in (("event_id", "TEXT"), ("unrated", "INTEGER NOT NULL DEFAULT 0")):
+            if name in columns:
+                continue
             try:
-                self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+                self._db.execute(f"ALTER TABLE events ADD COLUMN {name} {kind}")
             except sqlite3.OperationalError as exc:  # another process added it just now
                 if "duplicate column" not in str(exc):
                     raise
@@ -140,7 +149,10 @@ class FeedbackStore:
     def append(self, events: Iterable[Event]) -> int:
         """Store events in one transaction; returns how many were new (an event
         whose (user_id, event_id) is stored already is skipped), after the commit."""
-        rows = [(e.user_id, e.item_id, e.value, e.timestamp, e.event_id or None) for e in events]
+        rows = [
+            (e.user_id, e.item_id, *_stored_value(e.value), e.timestamp, e.event_id or None)
+            for e in events
+        ]
         if not rows:
             return 0
         with self._lock:
@@ -148,8 +160,8 @@ class FeedbackStore:
             before = self._db.total_changes
             try:
                 self._db.executemany(
-                    "INSERT OR IGNORE INTO events (user_id, item_id, value, ts, event_id)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO events (user_id, item_id, value, unrated, ts,"
+                    " event_id) VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             except BaseException:
@@ -173,14 +185,15 @@ class FeedbackStore:
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT id, user_id, item_id, value, ts, event_id FROM events WHERE id > ?"
-                    " ORDER BY id LIMIT ?",
+                    "SELECT id, user_id, item_id, value, unrated, ts, event_id FROM events"
+                    " WHERE id > ? ORDER BY id LIMIT ?",
                     (last, batch),
                 ).fetchall()
             if not rows:
                 return
-            for row_id, u, i, v, ts, eid in rows:
-                yield Event(u, i, float(v), int(ts), int(row_id), eid or "")
+            for row_id, u, i, v, unrated, ts, eid in rows:
+                value = math.nan if unrated else float(v)
+                yield Event(u, i, value, int(ts), int(row_id), eid or "")
             last = rows[-1][0]
 
     def count(self) -> int:
@@ -364,7 +377,9 @@ class RedisFeedbackStore:
         for e in rows:
             marker = f"{self.key}:id:{len(e.user_id)}:{e.user_id}:{e.event_id}"
             keys.append(marker if e.event_id else "")
-            args += [e.user_id, e.item_id, repr(e.value), str(e.timestamp), e.event_id]
+            value, unrated = _stored_value(e.value)
+            args += [e.user_id, e.item_id, repr(value), str(e.timestamp), e.event_id]
+            args.append("1" if unrated else "")
         return int(self._call("append", self._append, keys=keys, args=args))
 
     def replay(self, after: int | str = "0-0", batch: int = 10_000) -> Iterator[Event]:
@@ -396,23 +411,37 @@ class RedisFeedbackStore:
 
 # KEYS[1] the stream, KEYS[1 + n] event n's marker key ("" without an event_id);
 # ARGV[1] the markers' lifetime in seconds, then per event: user, item, value,
-# timestamp, event_id. Returns how many events were added.
+# timestamp, event_id, "1" when sent without a value (field "n": the value
+# stored is 1, which a replica of an older version reads) or "". Returns how
+# many events were added.
 _APPEND_LUA = """
 local added = 0
 for n = 2, #KEYS do
-  local a = 2 + (n - 2) * 5
+  local a = 2 + (n - 2) * 6
   local fresh = true
   if KEYS[n] ~= "" then
     fresh = redis.call("SET", KEYS[n], "1", "NX", "EX", ARGV[1])
   end
   if fresh then
-    redis.call("XADD", KEYS[1], "*", "u", ARGV[a], "i", ARGV[a + 1], "v", ARGV[a + 2],
-               "t", ARGV[a + 3], "e", ARGV[a + 4])
+    if ARGV[a + 5] == "1" then
+      redis.call("XADD", KEYS[1], "*", "u", ARGV[a], "i", ARGV[a + 1], "v", ARGV[a + 2],
+                 "t", ARGV[a + 3], "e", ARGV[a + 4], "n", "1")
+    else
+      redis.call("XADD", KEYS[1], "*", "u", ARGV[a], "i", ARGV[a + 1], "v", ARGV[a + 2],
+                 "t", ARGV[a + 3], "e", ARGV[a + 4])
+    end
     added = added + 1
   end
 end
 return added
 """
+
+
+def _stored_value(value: float) -> tuple[float, int]:
+    """(value, unrated) as a log stores an event's value: an event sent without
+    one (NaN) is stored as 1 with the flag, so an older version reading the
+    same log reads the 1 it always stored."""
+    return (1.0, 1) if math.isnan(value) else (value, 0)
 
 
 def _event_of(sid: bytes | str, fields: dict) -> Event:
@@ -423,7 +452,7 @@ def _event_of(sid: bytes | str, fields: dict) -> Event:
     return Event(
         f["u"],
         f["i"],
-        float(f["v"]),
+        math.nan if f.get("n") == "1" else float(f["v"]),
         int(f["t"]),
         sid.decode() if isinstance(sid, bytes) else sid,
         f.get("e", ""),

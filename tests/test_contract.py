@@ -6,6 +6,7 @@ config and connection ageing. Each test runs on both transports."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -301,6 +302,37 @@ def test_a_history_item_without_a_value_means_what_each_model_makes_of_it(srv, p
     assert not np.allclose(predict(omitted), predict([0.0] * len(items)), rtol=1e-3)
 
 
+def test_an_event_recorded_without_a_value_means_what_each_model_makes_of_it(srv, published):
+    # As in a request's history: a recorded click is one event to ALS, and to a
+    # model that fits ratings what it expects of the item (it was stored as a
+    # 1, a low rating on stars, and the fold-in turned away from the clicks).
+    _, models = published
+    bmf = models["bayes_mf"]
+    items = ["5", "23", "31"]
+    expected = np.clip(
+        bmf.mu + np.asarray(bmf.bi, np.float64)[bmf.items.index(items)], *bmf.scale
+    ).astype(np.float32)
+    clicks = [pb.Interaction(user_id="clicker", item_id=i) for i in items]
+    summary = srv.rec.RecordInteractions(iter(clicks), timeout=10)
+    assert (summary.accepted, summary.rejected) == (3, 0)
+
+    def recommend(model, **kw):
+        out = srv.rec.Recommend(pb.RecommendRequest(k=20, model=model, **kw), timeout=10)
+        return [it.item_id for it in out.items], np.array([it.score for it in out.items])
+
+    def inline(values):
+        pairs = zip(items, values, strict=True)
+        return [pb.Interaction(item_id=i, value=float(v)) for i, v in pairs]
+
+    for model, values in (("bayes_mf", expected), ("als", [1.0] * 3)):
+        got = recommend(model, user_id="clicker")
+        want = recommend(model, history=inline(values))
+        assert got[0] == want[0] and not set(got[0]) & set(items), model
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    ones = recommend("bayes_mf", history=inline([1.0] * 3))
+    assert not np.allclose(ones[1], recommend("bayes_mf", user_id="clicker")[1], rtol=1e-3)
+
+
 def test_list_models_pages_through_every_model(srv):
     everything = [m.name for m in srv.admin.ListModels(pb.ListModelsRequest()).models]
     assert everything == sorted(everything) and len(everything) == 4
@@ -338,7 +370,8 @@ def test_explicit_zero_value_and_timestamp_are_kept(srv):
     new = [e for e in store.replay(0) if e.id not in before and e.user_id == "zero-u"]
     explicit, omitted = sorted(new, key=lambda e: e.item_id)
     assert (explicit.value, explicit.timestamp) == (0.0, 0)
-    assert omitted.value == 1.0 and abs(omitted.timestamp - time.time()) < 60
+    # omitted: each model's `unrated` (1 to ALS, mu + b_i to bayes_mf)
+    assert math.isnan(omitted.value) and abs(omitted.timestamp - time.time()) < 60
 
 
 def test_a_retried_stream_stores_each_event_once(srv):

@@ -5,7 +5,9 @@ next answer of any other."""
 from __future__ import annotations
 
 import gc
+import math
 import random
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -147,6 +149,20 @@ def test_a_log_another_process_is_setting_up_is_waited_for(tmp_path):
     assert store.append([Event("u", "i", 1.0, 0, event_id="e")]) == 1
 
 
+def _old_log(folder, more_columns: str, row: tuple) -> str:
+    """A SQLite log as an older version wrote it (the columns up to ts, then
+    `more_columns`), holding one event `row` (user, item, value, ts)."""
+    path = str(folder / "old.sqlite")
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, user_id TEXT NOT NULL,"
+        f" item_id TEXT NOT NULL, value REAL NOT NULL, ts INTEGER NOT NULL{more_columns})"
+    )
+    old.execute("INSERT INTO events (user_id, item_id, value, ts) VALUES (?, ?, ?, ?)", row)
+    old.close()
+    return path
+
+
 def test_a_log_from_before_event_ids_is_upgraded_once_whoever_adds_the_column(
     tmp_path, monkeypatch
 ):
@@ -155,18 +171,9 @@ def test_a_log_from_before_event_ids_is_upgraded_once_whoever_adds_the_column(
     missing and both add it: the second's ALTER fails with "duplicate column",
     which is the other process's work done, not an error. Here a second
     connection adds the column between this store's schema read and its ALTER."""
-    import sqlite3
-
     import recserve.feedback as feedback
 
-    path = str(tmp_path / "old.sqlite")
-    old = sqlite3.connect(path, isolation_level=None)
-    old.execute(
-        "CREATE TABLE events (id INTEGER PRIMARY KEY, user_id TEXT NOT NULL,"
-        " item_id TEXT NOT NULL, value REAL NOT NULL, ts INTEGER NOT NULL)"
-    )
-    old.execute("INSERT INTO events (user_id, item_id, value, ts) VALUES ('u0', 'i0', 2.0, 5)")
-    old.close()
+    path = _old_log(tmp_path, "", ("u0", "i0", 2.0, 5))
     real_connect = sqlite3.connect
     raced = []
 
@@ -223,3 +230,25 @@ def test_a_long_log_replays_in_batches_to_the_state_of_one_pass(tmp_path):
     assert len(state) == len(one) == 250 and state.events == one.events
     for user in (f"u{i}" for i in range(250)):
         assert state.history(user) == one.history(user)
+
+
+def test_an_event_without_a_value_is_kept_unrated_and_an_older_reader_sees_1(tmp_path):
+    """NaN (sent without a value) survives the log and a restart as NaN; in the
+    file it is a 1 with the `unrated` flag, what an older version wrote and
+    reads. A log from before the flag reads as it was written (rated)."""
+    path = _old_log(tmp_path, ", event_id TEXT", ("u", "a", 1.0, 5))
+    store = FeedbackStore(path)
+    events = [Event("u", "b", math.nan, 6), Event("u", "c", 0.0, 7), Event("u", "d", 3.5, 8)]
+    assert store.append(events) == 3
+    store.close()
+    again = FeedbackStore(path)
+    got = [(e.item_id, e.value) for e in again.replay()]
+    assert got[0] == ("a", 1.0) and got[2:] == [("c", 0.0), ("d", 3.5)]
+    assert got[1][0] == "b" and math.isnan(got[1][1])
+    state = OnlineState()
+    state.sync(again)
+    assert [i for i, v in state.history("u") if math.isnan(v)] == ["b"]
+    again.close()
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT value FROM events WHERE item_id = 'b'").fetchone() == (1.0,)
+    raw.close()

@@ -6,6 +6,7 @@ against blend_rows on rows with NaNs and heavy ties."""
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 
@@ -426,6 +427,24 @@ def test_recorded_events_are_folded_in_on_the_dense_path(router, small):
     got, want = mine.recommend(q), general(mine, q)
     assert got.folded_in and got.item_ids == want.item_ids and item not in got.item_ids
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-9, atol=1e-12)
+
+
+def test_events_recorded_without_a_value_fold_in_as_on_the_general_path(router, small):
+    # NaN: recorded without a value, each component's own `unrated` (a rating
+    # model's rows differ from the others': the general path answers)
+    online = OnlineState()
+    mine = Router(router.cfg, router.catalog, online)
+    ids = small.items.ids([3, 8, 13, 21])
+    users = (small.users.ids([5])[0], "recorded-newcomer")
+    for u in users:
+        values = (math.nan, 4.0, math.nan, 2.0)
+        online.apply([Event(u, i, v, 0) for i, v in zip(ids, values, strict=True)])
+    for name in router.cfg.hybrids:
+        for u in users:
+            q = RecQuery(user_id=u, k=10, model=name)
+            got, want = mine.recommend(q), general(mine, q)
+            assert got.item_ids == want.item_ids and not set(got.item_ids) & set(ids), (name, u)
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-9)
 
 
 def test_recorded_and_inline_history_resolve_to_one_fold_in(router, small):

@@ -222,7 +222,7 @@ def test_recorded_events_beyond_online_max_events_drop_the_least_recently_active
     port = free_port()
     with running(published, metrics_port=port, online_max_events=3) as s:
         for user, items in (("u1", ["1"]), ("u2", ["2", "3"]), ("u3", ["4"])):
-            events = [pb.Interaction(user_id=user, item_id=i) for i in items]
+            events = [pb.Interaction(user_id=user, item_id=i, value=1.0) for i in items]
             assert s.rec.RecordInteractions(iter(events), timeout=10).accepted == len(items)
         assert [s.app.online.history(u) for u in ("u1", "u2", "u3")] == [
             [],

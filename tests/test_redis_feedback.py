@@ -216,3 +216,29 @@ def test_event_ids_are_stored_once_across_replicas_and_restarts(models, redis_se
         ]
     finally:
         store.close()
+
+
+def test_an_event_without_a_value_is_kept_unrated_and_an_older_reader_sees_1(redis_server):
+    """NaN (sent without a value) is stored as v=1 plus the field n=1: an older
+    replica reading the stream reads the 1 it always stored; this one reads NaN."""
+    import math
+
+    import redis
+
+    from recserve.feedback import Event as Stored
+    from recserve.feedback import RedisFeedbackStore
+
+    store = RedisFeedbackStore(redis_server.url)
+    try:
+        evs = [Stored("u", "a", math.nan, 1), Stored("u", "b", 2.5, 2, event_id="x")]
+        assert store.append(evs) == 2
+        got = list(store.replay("0-0"))
+        assert [e.item_id for e in got] == ["a", "b"]
+        assert math.isnan(got[0].value) and got[1].value == 2.5 and got[1].event_id == "x"
+        raw = redis.Redis.from_url(redis_server.url)
+        fields = [f for _, f in raw.xrange(store.key)]
+        raw.close()
+        assert float(fields[0][b"v"]) == 1.0 and fields[0][b"n"] == b"1"
+        assert b"n" not in fields[1] and float(fields[1][b"v"]) == 2.5
+    finally:
+        store.close()

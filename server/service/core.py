@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -960,9 +961,15 @@ def _failure_of(err: RequestError) -> Failure:
 
 def _event(ev: pb.Interaction) -> Event | None:
     """A valid feedback event, or None (counted as rejected). An omitted value is
-    1 and an omitted timestamp now; explicit zeros are kept."""
-    value = float(ev.value) if ev.HasField("value") else 1.0
-    if not ev.user_id or not ev.item_id or not -MAX_VALUE <= value <= MAX_VALUE:  # NaN too
+    NaN (each model's `unrated`: 1, but for a rating model what it expects of the
+    item) and an omitted timestamp now; explicit zeros are kept."""
+    if ev.HasField("value"):
+        value = float(ev.value)
+        if not -MAX_VALUE <= value <= MAX_VALUE:  # NaN too
+            return None
+    else:
+        value = math.nan
+    if not ev.user_id or not ev.item_id:
         return None
     if max(len(ev.user_id.encode()), len(ev.item_id.encode())) > MAX_ID_BYTES:
         return None

@@ -182,6 +182,8 @@ class _Plan:
     version: str
     # per component, 1 where only its items > 0 are candidates (sparse_scores)
     positive: np.ndarray
+    # some component reads a value sent without one its own way (`unrated`)
+    own_unrated: bool
 
     @classmethod
     def build(cls, hy: Hybrid, cfg: ServerConfig, catalog: Catalog, generation: int) -> _Plan:
@@ -214,6 +216,7 @@ class _Plan:
             np.array([w for w, _ in comps], np.float64),
             ",".join(f"{s.name}@{s.version}" for _, s in comps),
             np.array([s.model.sparse_scores for _, s in comps], np.uint8),  # type: ignore[union-attr]
+            any(type(s.model).unrated is not Recommender.unrated for _, s in comps),
         )
 
 
@@ -522,6 +525,8 @@ class Router:
             vals = np.array([v for _, v in recorded], np.float32)
             keep = idx >= 0  # recorded events may name items another model knows
             idx_r, val_r = idx[keep], vals[keep]
+            if np.isnan(val_r).any():  # recorded without a value: this model's meaning
+                val_r = model.unrated(idx_r, val_r)
         else:
             idx_r, val_r = _NO_IDX, _NO_VAL
         if q.history:
@@ -930,11 +935,13 @@ class Router:
         comps = plan.comps
         m0 = comps[0][1].model
         assert m0 is not None
-        if any(v is None for _, v in q.history) and any(
-            type(c[1].model).unrated is not Recommender.unrated for c in comps
+        if plan.own_unrated and (
+            any(v is None for _, v in q.history)
+            or any(math.isnan(v) for _, v in self.online.history(q.user_id))
         ):
-            # A value sent without one means to a rating model what it expects of
-            # the item (its own): the components' rows differ (general path).
+            # A value sent (or recorded) without one means to a rating model what
+            # it expects of the item (its own): the components' rows differ
+            # (general path).
             return None
         # Shared items: the history and exclusions resolve (and are checked) once.
         extra_idx, extra_val = self._history(m0, q, comps[0][1].name)
