@@ -332,6 +332,14 @@ def test_an_event_recorded_without_a_value_means_what_each_model_makes_of_it(srv
     ones = recommend("bayes_mf", history=inline([1.0] * 3))
     assert not np.allclose(ones[1], recommend("bayes_mf", user_id="clicker")[1], rtol=1e-3)
 
+    def predict(**kw):
+        req = pb.PredictRatingsRequest(item_ids=["1", "2", "7"], model="bayes_mf", **kw)
+        return np.array([p.rating for p in srv.rec.PredictRatings(req, timeout=10).predictions])
+
+    np.testing.assert_allclose(
+        predict(user_id="clicker"), predict(history=inline(expected)), rtol=1e-5
+    )
+
 
 def test_list_models_pages_through_every_model(srv):
     everything = [m.name for m in srv.admin.ListModels(pb.ListModelsRequest()).models]
