@@ -4,6 +4,8 @@ python -m recserve.clients --target localhost:50051 recommend --user 42 --k 10 [
 python -m recserve.clients recommend --history 12,40,7 --k 5 --explain
 python -m recserve.clients recommend --history '["sku 1,2", "Café"]'   # ids holding commas
 python -m recserve.clients similar --item 12 --k 5
+python -m recserve.clients record --user 42 --items 7,19 [--values 5,3.5]   # feedback
+python -m recserve.clients predict --user 42 --items 1,2,5 --model bayes_mf   # ratings
 python -m recserve.clients models
 python -m recserve.clients reload     # switch to newly published bundles (Admin)
 """
@@ -17,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from recserve.clients.client import RecommenderClient, RecserveError
+from recserve.clients.client import Event, RecommenderClient, RecserveError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +65,36 @@ def _item_ids(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _values(text: str) -> list[float | None]:
+    """argparse type for --values: comma-separated numbers, one per item; an
+    empty entry ("5,,3") sends that item without a value (each model's meaning:
+    one event, or what a rating model expects of the item)."""
+    out: list[float | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            out.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be finite, got {part!r}")
+        out.append(value)
+    return out
+
+
+def _events(ap: argparse.ArgumentParser, ids: list[str], values: list | None, what: str):
+    """Events of item ids with their --values (None: each sent without one);
+    an argparse error when the counts differ."""
+    if values is None:
+        return [Event(i) for i in ids]
+    if len(values) != len(ids):
+        ap.error(f"--values: {len(values)} values for {len(ids)} item ids in {what}")
+    return [Event(i, v) for i, v in zip(ids, values, strict=True)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     ap = _Parser(prog="python -m recserve.clients", description=__doc__.split("\n\n")[0])
@@ -75,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Admin calls from a non-loopback peer need it",
     )
     sub = ap.add_subparsers(dest="command", required=True)
-    rec = sub.add_parser("recommend")
+    rec = sub.add_parser("recommend", help="top k for a user or a history (Recommend)")
     rec.add_argument("--user", default="")
     rec.add_argument(
         "--history",
@@ -84,28 +116,93 @@ def main(argv: Sequence[str] | None = None) -> int:
         help='comma-separated item ids, or a JSON array of them (["a,b", "c"]) for ids '
         "that hold commas",
     )
+    rec.add_argument(
+        "--values", type=_values, default=None, help="the history's values, as record --values"
+    )
     rec.add_argument("--k", type=int, default=10)
     rec.add_argument("--model", default="")
     rec.add_argument("--explain", action="store_true")
-    sim = sub.add_parser("similar")
+    sim = sub.add_parser("similar", help="the items most like one item (GetSimilarItems)")
     sim.add_argument("--item", required=True)
     sim.add_argument("--k", type=int, default=10)
     sim.add_argument("--model", default="")
-    sub.add_parser("models")
+    recd = sub.add_parser(
+        "record",
+        help="store feedback events for a user (RecordInteractions); exit 1 when the "
+        "server rejected any",
+    )
+    recd.add_argument("--user", required=True)
+    recd.add_argument(
+        "--items", type=_item_ids, required=True, help="item ids, as recommend --history"
+    )
+    recd.add_argument(
+        "--values",
+        type=_values,
+        default=None,
+        help="comma-separated values, one per item (a rating, a play count); an empty "
+        "entry or none at all sends an item without one",
+    )
+    pred = sub.add_parser("predict", help="predicted ratings with intervals (PredictRatings)")
+    pred.add_argument("--items", type=_item_ids, required=True, help="the items to predict")
+    pred.add_argument("--user", default="")
+    pred.add_argument("--history", type=_item_ids, default=[], help="as recommend --history")
+    pred.add_argument("--values", type=_values, default=None, help="the history's values")
+    pred.add_argument("--model", default="")
+    pred.add_argument("--interval", type=float, default=None, help="in (0, 1); default 0.95")
+    sub.add_parser("models", help="every model the server knows, one JSON line each (Admin)")
     sub.add_parser(
         "reload",
         help="switch to newly published versions; one line per model that changed, "
         "exit 1 when a version was refused (the old one keeps serving)",
     )
     args = ap.parse_args(argv)
+    sub_parser = sub.choices[args.command]
+    if args.command in ("recommend", "predict"):
+        if args.values is not None and not args.history:
+            sub_parser.error("--values: give them with --history")
+        history = _events(sub_parser, args.history, args.values, "--history")
+    elif args.command == "record":
+        if not args.items:
+            sub_parser.error("--items: no item ids")
+        events = _events(sub_parser, args.items, args.values, "--items")
     with RecommenderClient(args.target, deadline=args.deadline, token=args.token) as rc:
         try:
             if args.command == "recommend":
                 out = rc.recommend(
-                    args.user, args.k, history=args.history, model=args.model, explain=args.explain
+                    args.user, args.k, history=history, model=args.model, explain=args.explain
                 )
             elif args.command == "similar":
                 out = rc.similar_items(args.item, args.k, args.model)
+            elif args.command == "record":
+                got = rc.record(args.user, events)
+                print(json.dumps(got._asdict()))
+                if got.rejected:
+                    print(
+                        f"error: {got.rejected} of {len(events)} event(s) rejected (an item no "
+                        "model knows, or an id too long)",
+                        file=sys.stderr,
+                    )
+                return 1 if got.rejected else 0
+            elif args.command == "predict":
+                ratings = rc.predict_ratings(
+                    args.items,
+                    args.user,
+                    history=history,
+                    model=args.model,
+                    interval=args.interval,
+                )
+                print(
+                    json.dumps(
+                        {
+                            "predictions": [dataclasses.asdict(r) for r in ratings],
+                            "interval": ratings.interval,
+                            "model": ratings.model,
+                            "version": ratings.version,
+                            "served_by": ratings.served_by,
+                        }
+                    )
+                )
+                return 0
             elif args.command == "reload":
                 reloaded, refused = rc.reload()
                 for outcome, models in (("reloaded", reloaded), ("refused", refused)):

@@ -191,6 +191,53 @@ def test_the_shell_client_takes_a_history_of_ids_that_hold_commas(served, capsys
         assert "--history" in capsys.readouterr().err
 
 
+def test_the_shell_client_records_feedback_and_predicts_ratings(served, capsys):
+    # `record` sends events (an empty --values entry: that item without a
+    # value) and exits 1 when the server rejected any; `predict` prints
+    # PredictRatings' answer; `recommend --values` gives the history's values.
+    from recserve.clients.__main__ import main
+
+    srv, _ = served
+    t = ["--target", srv.target]
+    assert main([*t, "record", "--user", "shell-u", "--items", "3,17", "--values", "5,"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"accepted": 2, "rejected": 0, "duplicates": 0}
+    with RecommenderClient(srv.target, deadline=5) as rc:
+        hist = [Event("3", 5.0), Event("17")]
+        for model in ("als", "bayes_mf"):
+            want = rc.recommend(history=hist, k=5, model=model)
+            assert rc.recommend("shell-u", 5, model=model).item_ids == want.item_ids, model
+        want_r = rc.predict_ratings(["1", "2"], "shell-u", model="bayes_mf", interval=0.8)
+        want_h = rc.recommend(history=[Event("3", 2.0), Event("40")], k=4, model="bayes_mf")
+    argv = [*t, "predict", "--user", "shell-u", "--items", "1,2", "--model", "bayes_mf"]
+    assert main([*argv, "--interval", "0.8"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [(p["item_id"], p["rating"], p["lower"]) for p in got["predictions"]] == [
+        (r.item_id, r.rating, r.lower) for r in want_r
+    ]
+    assert (got["model"], got["version"], got["interval"]) == ("bayes_mf", want_r.version, 0.8)
+    argv = [*t, "recommend", "--history", "3,40", "--values", "2,", "--k", "4"]
+    assert main([*argv, "--model", "bayes_mf"]) == 0
+    assert [i["item_id"] for i in json.loads(capsys.readouterr().out)["items"]] == want_h.item_ids
+    # refused by the server: exit 1, the reason on stderr
+    assert main([*t, "record", "--user", "shell-u", "--items", "3,no-such-item"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["rejected"] == 1 and "1 of 2 event(s) rejected" in err
+    assert main([*t, "predict", "--items", "no-such-item", "--user", "shell-u"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    # refused here: exit 2 naming the flag
+    for bad in (
+        ["record", "--user", "u", "--items", "3,17", "--values", "5"],
+        ["record", "--user", "u", "--items", "3", "--values", "five"],
+        ["record", "--user", "u", "--items", "3", "--values", "nan"],
+        ["record", "--user", "u", "--items", ","],
+        ["recommend", "--values", "5"],
+        ["predict", "--items", "1", "--history", "3", "--values", "1,2"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main([*t, *bad])
+        assert e.value.code == 2 and "--" in capsys.readouterr().err, bad
+
+
 def test_the_shell_client_ends_quietly_when_its_reader_stops_early(served):
     # `python -m recserve.clients models | head -1` printed a BrokenPipeError
     # traceback: the command now ends with 141, as a shell reports SIGPIPE.
