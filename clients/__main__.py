@@ -152,8 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("models", help="every model the server knows, one JSON line each (Admin)")
     sub.add_parser(
         "reload",
-        help="switch to newly published versions; one line per model that changed, "
-        "exit 1 when a version was refused (the old one keeps serving)",
+        help="switch to newly published versions and the config as it is now; one line "
+        "per model that changed, exit 1 when a version or the config was refused (the "
+        "old one keeps serving)",
     )
     args = ap.parse_args(argv)
     sub_parser = sub.choices[args.command]
@@ -208,8 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for outcome, models in (("reloaded", reloaded), ("refused", refused)):
                     for m in models:
                         print(json.dumps({"outcome": outcome, **dataclasses.asdict(m)}))
-                if refused:
-                    print(f"error: {len(refused)} version(s) refused", file=sys.stderr)
+                versions = [m for m in refused if m.algorithm != "config"]
+                if versions:
+                    print(f"error: {len(versions)} version(s) refused", file=sys.stderr)
+                for m in refused:
+                    if m.algorithm == "config":
+                        print(f"error: config refused: {m.error}", file=sys.stderr)
                 return 1 if refused else 0
             else:
                 for m in rc.models():

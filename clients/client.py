@@ -542,7 +542,9 @@ class RecommenderClient:
     def reload(
         self, deadline: float | None = None
     ) -> tuple[list[ModelDetails], list[ModelDetails]]:
-        """Ask the server to switch to newly published versions: (reloaded, refused)."""
+        """Ask the server to switch to newly published versions and its config as
+        it is now: (reloaded, refused); a config that no longer loads is among
+        the refused as algorithm "config", its reason in `error`."""
         try:
             r = self._admin.ReloadModels(
                 pb.ReloadModelsRequest(), timeout=self._timeout(deadline), metadata=self._md

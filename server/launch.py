@@ -158,7 +158,7 @@ def _reload(app: Any) -> None:
     """SIGHUP: switch to newly published versions and read the config again, as
     Admin.ReloadModels does."""
     try:
-        switched, refused, virtual = app.core.reload_models()
+        switched, refused, virtual, config_error = app.core.reload_models()
     except Exception:  # a reload must never take the server down
         log.exception("SIGHUP: reload failed")
         return
@@ -166,7 +166,11 @@ def _reload(app: Any) -> None:
         "SIGHUP: reloaded %s; refused %s",
         ", ".join([f"{s.name}@{s.version}" for s in switched] + [v.name for v in virtual])
         or "nothing",
-        ", ".join(f"{s.name} ({s.error})" for s in refused) or "nothing",
+        ", ".join(
+            [f"{s.name} ({s.error})" for s in refused]
+            + ([f"the config ({config_error})"] if config_error else [])
+        )
+        or "nothing",
     )
 
 

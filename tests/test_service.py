@@ -597,7 +597,7 @@ def test_experiment_assigns_arms_deterministically(published):
         )
 
 
-def test_a_reload_reads_the_config_file_again(published, tmp_path, caplog):
+def test_a_reload_reads_the_config_file_again(published, tmp_path, caplog, capsys):
     """ReloadModels (and SIGHUP) read the config file again, as nginx and
     Prometheus do: routing and request limits change at once, settings bound at
     start are named as needing a restart, and a file that no longer loads
@@ -648,8 +648,20 @@ def test_a_reload_reads_the_config_file_again(published, tmp_path, caplog):
         assert srv.app.core.cfg.max_concurrency == 64 and srv.app.core.cfg.workers == 1
         assert reload_ok() == 1
         path.write_text('[server]\ndefault_model = "als"\nmax_k = [\n')  # a half-written file
-        assert not srv.admin.ReloadModels(reload, timeout=30).reloaded
+        out = srv.admin.ReloadModels(reload, timeout=30)
+        assert not out.reloaded
         assert "unreadable TOML" in caplog.text and reload_ok() == 0
+        # the caller hears of it too (it was answered as a reload with nothing new)
+        ((name, algo, state, error),) = [
+            (m.name, m.algorithm, m.state, m.error) for m in out.refused
+        ]
+        assert (name, algo, state) == ("config", "config", pb.MODEL_STATE_FAILED)
+        assert str(path) in error and "unreadable TOML" in error
+        from recserve.clients.__main__ import main
+
+        assert main(["--target", srv.target, "reload"]) == 1  # the shell client: exit 1
+        out_text, err_text = capsys.readouterr()
+        assert json.loads(out_text)["name"] == "config" and "config refused" in err_text
         assert served() == "itemknn" and served(model="mix2") == "mix2"
         path.write_text('[server]\ndefault_model = "als"\n[fallbacks]\nals = "popularty"\n')
         out = srv.admin.ReloadModels(reload, timeout=30)
@@ -684,8 +696,20 @@ def test_names_the_config_uses_but_nothing_serves_are_warned_at_start(published,
         running(root, default_model="hybird") as s,
     ):
         (warned,) = [r.getMessage() for r in caplog.records if "is no model" in r.getMessage()]
-        assert warned.startswith("default_model: 'hybird'") and "NOT_FOUND" in warned
-        err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3), timeout=10)
+        assert warned.startswith("default_model: 'hybird'") and "fallback chain" in warned
+        # The client named no model: the default's chain answers (it was
+        # NOT_FOUND, every default request refused over a typo in the config)
+        items, md = s.recommend(user_id="7", k=3)
+        assert len(items) == 3 and md["x-recserve-served-by"] == "popularity"
+        assert md["x-recserve-model"] == "hybird"
+        sim = s.rec.GetSimilarItems(pb.SimilarItemsRequest(item_id="10", k=3), timeout=10)
+        assert len(sim.items) == 3 and sim.served_by
+        pred = s.rec.PredictRatings(
+            pb.PredictRatingsRequest(user_id="7", item_ids=["1", "2"]), timeout=10
+        )
+        assert pred.served_by == "bayes_mf" and len(pred.predictions) == 2
+        # A client naming the unknown model itself is still told so.
+        err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3, model="hybird"))
         assert err.code() is grpc.StatusCode.NOT_FOUND and "hybird" in err.details()
     caplog.clear()
     with (
@@ -1752,8 +1776,18 @@ def test_a_server_over_an_empty_models_folder_says_so_and_serves_after_a_reload(
     root = tmp_path / "models"
     root.mkdir()
     with running(root, wait=False) as s:
-        err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3))
-        assert err.code() is grpc.StatusCode.NOT_FOUND
+        # The default names nothing yet: UNAVAILABLE (retry), which it is
+        # until a model is published, not NOT_FOUND (the client asked for none)
+        for call, request in (
+            (s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3)),
+            (s.rec.GetSimilarItems, pb.SimilarItemsRequest(item_id="7", k=3)),
+            (s.rec.PredictRatings, pb.PredictRatingsRequest(user_id="7", item_ids=["1"])),
+        ):
+            err = s.error(call, request)
+            assert err.code() is grpc.StatusCode.UNAVAILABLE
+            assert f"no model is published under {root} yet" in err.details()
+        err = s.error(s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3, model="als"))
+        assert err.code() is grpc.StatusCode.NOT_FOUND  # a name the client chose
         assert f"no model is published under {root} yet" in err.details()
         create("popularity").fit(small).save(root, "popularity")
         out = s.admin.ReloadModels(pb.ReloadModelsRequest(), timeout=30)

@@ -199,7 +199,8 @@ class App:
                 where,
                 name,
                 self.cfg.models,
-                "requests naming no model are NOT_FOUND until it is published"
+                "until it is published, requests naming no model are answered by its "
+                "fallback chain (served_by names the model that answered)"
                 if where == "default_model"
                 else "requests that reach it go on down its fallback chain",
             )

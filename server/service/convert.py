@@ -389,5 +389,11 @@ def virtual_info(name: str, kind: str, weights: dict[str, float], ready: bool) -
     )
 
 
+def config_refusal(error: str) -> pb.ModelInfo:
+    """ReloadModels' entry for a config (file, hybrids.json) that no longer
+    loads: algorithm "config", state FAILED, the reason as error."""
+    return pb.ModelInfo(name="config", algorithm="config", state=pb.MODEL_STATE_FAILED, error=error)
+
+
 def _number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)

@@ -811,33 +811,37 @@ class Core:
             info={"model": request.name},
         )
 
-    def reload_models(self) -> tuple[list[Slot], list[Slot], list[Hybrid | Experiment]]:
+    def reload_models(
+        self,
+    ) -> tuple[list[Slot], list[Slot], list[Hybrid | Experiment], str]:
         """Switch this process to newly published versions (ReloadModels, SIGHUP),
         then to the config file and hybrids.json as they are now: (switched,
-        refused, hybrids and experiments new or changed), refused versions counted."""
+        refused, hybrids and experiments new or changed, why the config was
+        refused or ""), refused versions counted."""
         with self._reload_lock:
             switched, refused = self.catalog.reload()
             for slot in refused:
                 self.metrics.refused_versions.labels(slot.name).inc()
-            return switched, refused, self._reconfigure()
+            return switched, refused, *self._reconfigure()
 
-    def _reconfigure(self) -> list[Hybrid | Experiment]:
+    def _reconfigure(self) -> tuple[list[Hybrid | Experiment], str]:
         """Read the config's sources again (config.reread) and swap in what changed
         among the settings a reload applies; log the others, which need a restart.
         A file that no longer loads is logged and changes nothing (as Prometheus
-        and nginx do): the metric recserve_config_last_reload_successful says so."""
+        and nginx do): the metric recserve_config_last_reload_successful says so,
+        and so does the returned reason (else "")."""
         try:
             cfg, pending = reread(self.cfg)
         except ConfigError as exc:
             self.metrics.config_reload_ok.set(0)
             log.error("reload: %s; still serving the configuration loaded before", exc)
-            return []
+            return [], str(exc)
         self.metrics.config_reload_ok.set(1)
         if pending:
             log.warning("reload: %s changed; restart to apply", ", ".join(pending))
         old = self.cfg
         if cfg == old:
-            return []
+            return [], ""
         changed: list[Hybrid | Experiment] = [
             v
             for new, before in ((cfg.hybrids, old.hybrids), (cfg.experiments, old.experiments))
@@ -866,20 +870,23 @@ class Core:
         )
         if self.on_config is not None:
             self.on_config(gone)
-        return changed
+        return changed, ""
 
     def reload(self, request: Any = None) -> pb.ReloadModelsResponse:
         """ReloadModels: switch to newly published versions (blocking: sha256 of
         every file) and to the config as it is now; hybrids and experiments new
         or changed are listed among the reloaded, as algorithm "hybrid" or
-        "experiment"."""
-        switched, refused, virtual = self.reload_models()
+        "experiment"; a config that no longer loads among the refused, as
+        algorithm "config" with the reason (the one loaded before still
+        routes: without it the caller heard nothing of the refusal)."""
+        switched, refused, virtual, config_error = self.reload_models()
         if self.after_reload is not None:
             self.after_reload()
         return pb.ReloadModelsResponse(
             reloaded=[convert.model_info(s) for s in switched]
             + [self._virtual_info(v) for v in virtual],
-            refused=[convert.model_info(s) for s in refused],
+            refused=[convert.model_info(s) for s in refused]
+            + ([convert.config_refusal(config_error)] if config_error else []),
         )
 
     def _virtual_info(self, v: Hybrid | Experiment) -> pb.ModelInfo:

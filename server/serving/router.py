@@ -284,6 +284,12 @@ class Router:
             return name, arm, arm
         if name in self.cfg.hybrids or self.catalog.get(name) is not None:
             return name, name, ""
+        if not requested:
+            # The server's default names nothing here (a typo, or a model not
+            # published yet; logged at start and reload). The client named no
+            # model, so this is no error of theirs: the default's fallback chain
+            # answers, as for a hybrid's missing component (served_by says who).
+            return name, name, ""
         names = self.names()
         available = (
             f"available: {', '.join(names)}"
@@ -396,12 +402,7 @@ class Router:
                 return _pinned(out, q.version)
         slot = next((s for s in self.catalog.slots() if s.state == SERVING), None)
         if slot is None:
-            raise RequestError(
-                "UNAVAILABLE",
-                "model",
-                f"{start!r} and its fallbacks are not loaded yet",
-                "MODEL_NOT_LOADED",
-            )
+            raise self._not_loaded(f"{start!r} and its fallbacks are not loaded yet")
         if any_ready:
             log.debug("%s: no model of the chain serves this user; builtin popularity", start)
         t = time.perf_counter()
@@ -1220,12 +1221,7 @@ class Router:
         if empty is not None:  # known, but similar to nothing: no fabricated neighbours
             return _pinned(empty, version)
         if not any_ready:
-            raise RequestError(
-                "UNAVAILABLE",
-                "model",
-                f"{start!r} and its fallbacks are not loaded yet",
-                "MODEL_NOT_LOADED",
-            )
+            raise self._not_loaded(f"{start!r} and its fallbacks are not loaded yet")
         raise RequestError(
             "NOT_FOUND",
             "item_id",
@@ -1347,12 +1343,17 @@ class Router:
             out.model = asked
             out.served_by = "" if name == start else name
             return _pinned(out, version)
-        raise RequestError(
-            "UNAVAILABLE",
-            "model",
-            f"no rating model of {start!r}'s chain is loaded",
-            "MODEL_NOT_LOADED",
-        )
+        raise self._not_loaded(f"no rating model of {start!r}'s chain is loaded")
+
+    def _not_loaded(self, what: str) -> RequestError:
+        """UNAVAILABLE (MODEL_NOT_LOADED): nothing that could answer is loaded,
+        and when no model is published at all, where to publish one."""
+        if not self.catalog.slots():
+            what = (
+                f"no model is published under {self.cfg.models} yet; publish one, then "
+                "ReloadModels or SIGHUP"
+            )
+        return RequestError("UNAVAILABLE", "model", what, "MODEL_NOT_LOADED")
 
     def _predicts(self, name: str) -> bool:
         slot = self.catalog.get(name)
