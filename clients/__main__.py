@@ -85,7 +85,9 @@ def _values(text: str) -> list[float | None]:
     return out
 
 
-def _events(ap: argparse.ArgumentParser, ids: list[str], values: list | None, what: str):
+def _events(
+    ap: argparse.ArgumentParser, ids: list[str], values: list | None, what: str
+) -> list[Event]:
     """Events of item ids with their --values (None: each sent without one);
     an argparse error when the counts differ."""
     if values is None:

@@ -110,10 +110,10 @@ class Recommendation:
 @dataclass(frozen=True)
 class Event:
     """One interaction: a rating, click or play. `value` None is sent without
-    one: 1 (one event), but a rating model (svd, bayes_mf) takes an item without
-    one (in a history or recorded) as rated what it expects of the item. `timestamp` None is the
-    time the server records it; `event_id` (unique per user) makes a retried
-    record() store the event once."""
+    one: 1 (one event), but a rating model (svd, bayes_mf) takes an item
+    without one (in a history or recorded) as rated what it expects of the
+    item. `timestamp` None is the time the server records it; `event_id`
+    (unique per user) makes a retried record() store the event once."""
 
     item_id: str
     value: float | None = None
