@@ -65,10 +65,11 @@ def _item_ids(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _values(text: str) -> list[float | None]:
-    """argparse type for --values: comma-separated numbers, one per item; an
-    empty entry ("5,,3") sends that item without a value (each model's meaning:
-    one event, or what a rating model expects of the item)."""
+def item_values(text: str) -> list[float | None]:
+    """Values typed in a shell, one per item id: comma-separated numbers; an
+    empty entry ("5,,3") is an item without a value (each model's meaning: one
+    event, or what a rating model expects of the item). ValueError names what
+    is wrong. `recserve recommend --values` reads its values with this too."""
     out: list[float | None] = []
     for part in text.split(","):
         part = part.strip()
@@ -78,11 +79,19 @@ def _values(text: str) -> list[float | None]:
         try:
             value = float(part)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from None
+            raise ValueError(f"not a number: {part!r}") from None
         if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"must be finite, got {part!r}")
+            raise ValueError(f"must be finite, got {part!r}")
         out.append(value)
     return out
+
+
+def _values(text: str) -> list[float | None]:
+    """argparse type for --values (item_values, its errors as argparse's)."""
+    try:
+        return item_values(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _events(

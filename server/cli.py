@@ -230,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
         help='comma-separated item ids, or a JSON array of them (["a,b", "c"]) for ids that '
         "hold commas (fold-in of a new user)",
     )
+    rec.add_argument(
+        "--values",
+        help="with --history: comma-separated values, one per item (an empty entry: "
+        "that item without a value, as the server takes it)",
+    )
     rec.add_argument("--k", type=int, default=10)
     qs = sub.add_parser("quickstart", help="make the embedded default dataset and models")
     qs.add_argument("--workdir", default="var", help="holds data/default and models/")
@@ -724,6 +729,8 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
+    if args.values is not None and args.history is None:
+        raise ValueError("values: give them with --history (a known user's are trained)")
     if not (Path(args.models) / bundle.check_name(args.name)).is_dir():
         published = [e["name"] for e in bundle.list_bundles(args.models) if e["current"]]
         raise ValueError(
@@ -753,12 +760,25 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
         if blended is not None:  # as the server answers a known user under user_prior
             return _answer(model, args, *blended)
     else:
-        from recserve.clients.__main__ import item_ids
+        from recserve.clients.__main__ import item_ids, item_values
 
         try:
             ids = item_ids(args.history)
         except ValueError as exc:
             raise ValueError(f"history: {exc}") from None
+        given: list[float | None] = [None] * len(ids)
+        if args.values is not None:
+            try:
+                given = item_values(args.values)
+            except ValueError as exc:
+                raise ValueError(f"values: {exc}") from None
+            if len(given) != len(ids):
+                raise ValueError(f"values: {len(given)} values for {len(ids)} history item ids")
+            from recserve.data import MAX_VALUE
+
+            far = [v for v in given if v is not None and abs(v) > MAX_VALUE]
+            if far:
+                raise ValueError(f"values: must be within +-{MAX_VALUE:g}, got {far[0]:g}")
         if not ids:  # `--history ""` or `,,`: every item would come back at score 0
             raise ValueError(
                 f"history: no item ids in {args.history!r} (comma-separated ids, or a "
@@ -773,9 +793,11 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
             )
         if unknown:
             log.warning("history: ignoring unknown item ids %s", ", ".join(unknown[:10]))
-        known = idx[idx >= 0]
-        # ids without values, as the server takes a history sent without them
-        values = model.unrated(known, np.full(known.size, np.nan, np.float32))
+        keep = idx >= 0
+        known = idx[keep]
+        # an id without a value as the server takes a history item sent without one
+        values = np.array([np.nan if v is None else v for v in given], np.float32)[keep]
+        values = model.unrated(known, values)
         who = model.history_matrix([known], [values])
         _check_gate(model, args, "history", who.data)
         items, scores = model.recommend_from_history(known, values, k=args.k)

@@ -579,11 +579,15 @@ def test_recommend_folds_in_a_history_of_ids_as_the_server_does(small, tmp_path,
 
     create(algo, **({"epochs": 5} if algo == "svd" else {})).fit(small).save(tmp_path, "m")
     ids = small.items.ids([3, 17, 42, 8, 120])
-    code, out, err = run(
-        capsys, "recommend", "--models", str(tmp_path), "--name", "m", "--history", ",".join(ids)
-    )
+    base = ["recommend", "--models", str(tmp_path), "--name", "m", "--history", ",".join(ids)]
+    code, out, err = run(capsys, *base)
     assert code == 0, err
     got = [x["item_id"] for x in json.loads(out)["items"]]
+    # --values: one per id, an empty entry that item without one
+    values = [5.0, None, 2.0, None, 4.0]
+    code, out, err = run(capsys, *base, "--values", "5,,2,,4")
+    assert code == 0, err
+    got_values = [x["item_id"] for x in json.loads(out)["items"]]
     catalog = Catalog(str(tmp_path))
     catalog.start()
     try:
@@ -591,7 +595,19 @@ def test_recommend_folds_in_a_history_of_ids_as_the_server_does(small, tmp_path,
         router = Router(ServerConfig(models=str(tmp_path)), catalog, OnlineState())
         served = router.recommend(RecQuery(history=[(i, None) for i in ids], k=10, model="m"))
         ones = router.recommend(RecQuery(history=[(i, 1.0) for i in ids], k=10, model="m"))
+        hist = list(zip(ids, values, strict=True))
+        with_values = router.recommend(RecQuery(history=hist, k=10, model="m"))
     finally:
         catalog.close()
     assert got == served.item_ids
     assert (got != ones.item_ids) == (algo == "svd")  # a 1 is a low rating only to svd
+    assert got_values == with_values.item_ids
+    for bad, says in (
+        (["--values", "5,2"], "values: 2 values for 5"),
+        (["--values", "5,x,1,1,1"], "not a number"),
+        (["--values", "1,1,1,1,1e38"], "within"),
+    ):
+        code, _, err = run(capsys, *base, *bad)
+        assert code != 0 and says in err, (bad, err)
+    code, _, err = run(capsys, *base[:5], "--user", small.users.ids([0])[0], "--values", "1")
+    assert code != 0 and "give them with --history" in err
