@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
@@ -42,13 +43,35 @@ class SparkImportError(ValueError):
 def read_factors(path: str | Path, what: str) -> tuple[list[str], np.ndarray]:
     """(ids as strings, float32 factors) of a Spark factor Parquet file or folder."""
     try:
+        names = pq.ParquetDataset(str(path)).schema.names
+        missing = [c for c in ("id", "features") if c not in names]
+        if missing:
+            raise SparkImportError(
+                f"{what}: {path} has no {' or '.join(repr(c) for c in missing)} column "
+                f"(columns: {', '.join(names)}); Spark's factors are id, features"
+            )
         table = pq.read_table(str(path), columns=["id", "features"])
     except FileNotFoundError:
         raise SparkImportError(f"{what}: {path} not found") from None
     except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, SparkImportError):
+            raise
         raise SparkImportError(f"{what}: {path} is not Spark factor Parquet ({exc})") from None
     if table.num_rows == 0:
         raise SparkImportError(f"{what}: {path} has no rows")
+    kind = table.schema.field("features").type
+    listed = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    if not (
+        (listed or pa.types.is_fixed_size_list(kind))
+        and (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type))
+    ):
+        raise SparkImportError(
+            f"{what}: {path}'s features are {kind}, not a list of numbers per row"
+        )
+    for column in ("id", "features"):
+        if table[column].null_count:
+            row = int(np.flatnonzero(table[column].is_null().to_numpy(zero_copy_only=False))[0])
+            raise SparkImportError(f"{what}: {path} row {row}: {column} is null")
     lengths = pc.list_value_length(table["features"]).to_numpy(zero_copy_only=False)
     if lengths.min() != lengths.max() or lengths.min() == 0:
         raise SparkImportError(

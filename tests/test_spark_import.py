@@ -158,7 +158,11 @@ def _table(path, ids, features, id_type=None):
     [
         ("missing", "not found"),
         ("not_parquet", "is not Spark factor Parquet"),
-        ("no_features", "is not Spark factor Parquet"),
+        ("no_features", "has no 'features' column \\(columns: id\\)"),
+        ("other_names", "has no 'id' column \\(columns: user, features\\)"),
+        ("scalar_features", "features are double, not a list of numbers per row"),
+        ("null_features", "row 1: features is null"),
+        ("null_id", "row 0: id is null"),
         ("no_rows", "has no rows"),
         ("ragged", "have 2..3 features"),
         ("empty_vectors", "have 0..0 features"),
@@ -174,6 +178,14 @@ def test_each_malformed_factor_file_is_named(tmp_path, case, match):
         path.write_text("id,features\n1,2\n")
     elif case == "no_features":
         pq.write_table(pa.table({"id": pa.array([1, 2], pa.int32())}), path)
+    elif case == "other_names":
+        pq.write_table(pa.table({"user": [1], "features": pa.array([[1.0]])}), path)
+    elif case == "scalar_features":
+        pq.write_table(pa.table({"id": [1, 2], "features": [1.0, 2.0]}), path)
+    elif case == "null_features":  # it was a traceback, then "nan..nan features"
+        _table(path, [1, 2], [[1.0, 2.0], None])
+    elif case == "null_id":  # it was read as the user id "None"
+        _table(path, [None, 2], [[1.0, 2.0], [1.0, 2.0]])
     elif case == "no_rows":
         _table(path, [], [])
     elif case == "ragged":
