@@ -22,6 +22,7 @@ are Spark's own dot products either way.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from recserve.data import Dataset, IdMap, load_dataset
 from recserve.kernels import als as alsk
 from recserve.models import create
 from recserve.models.factorization import ALS
+
+log = logging.getLogger(__name__)
 
 
 class SparkImportError(ValueError):
@@ -170,6 +173,20 @@ def _align(ds: Dataset, users: IdMap, items: IdMap) -> sp.csr_matrix:
     u = users.index(ds.users.array[m.row])
     i = items.index(ds.items.array[m.col])
     keep = (u >= 0) & (i >= 0)
+    if m.nnz and keep.mean() < 0.5:
+        # Most likely ids of another kind (Spark's StringIndexer indices against
+        # raw ids): the model would treat almost nothing as seen.
+        log.warning(
+            "--data: %d of %d events name a user and an item of the factor files "
+            "(users matched: %d of %d, items: %d of %d); the rest count as unseen: "
+            "are the ids the ones Spark was trained on?",
+            int(keep.sum()),
+            m.nnz,
+            int(np.count_nonzero(users.index(ds.users.array) >= 0)),
+            len(ds.users),
+            int(np.count_nonzero(items.index(ds.items.array) >= 0)),
+            len(ds.items),
+        )
     out = sp.csr_matrix(
         (m.data[keep], (u[keep], i[keep])), shape=(len(users), len(items)), dtype=np.float32
     )

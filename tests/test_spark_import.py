@@ -294,3 +294,28 @@ def test_priors_do_not_blend_a_popularity_without_counts(spark, capsys):
         assert [x["item_id"] for x in line["items"]] == m.items.ids(recs[0])
     finally:
         catalog.close()
+
+
+def test_a_dataset_whose_ids_the_factors_do_not_hold_is_warned_of(tmp_path, caplog):
+    # --data of other ids (Spark's StringIndexer indices against raw ids, say)
+    # left nothing seen without a word; half of the events matching or more is
+    # a dataset that goes with the factors.
+    from recserve.importers import spark_als
+
+    _table(tmp_path / "u.parquet", [1, 2], [[1.0, 2.0], [3.0, 4.0]])
+    _table(tmp_path / "i.parquet", [10, 11, 12], [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    other = tmp_path / "other.csv"
+    other.write_text("user,item\nu-a,sku-1\nu-b,sku-2\n1,10\n")
+    with caplog.at_level("WARNING", logger="recserve.importers"):
+        spark_als(tmp_path / "u.parquet", tmp_path / "i.parquet", "m", tmp_path / "m", other)
+    (warned,) = [r.getMessage() for r in caplog.records]
+    assert warned.startswith("--data: 1 of 3 events name a user and an item")
+    assert "users matched: 1 of 3, items: 1 of 3" in warned
+    caplog.clear()
+    same = tmp_path / "same.csv"
+    same.write_text("user,item\n1,10\n2,12\n2,99\n")
+    with caplog.at_level("WARNING", logger="recserve.importers"):
+        version = spark_als(
+            tmp_path / "u.parquet", tmp_path / "i.parquet", "m", tmp_path / "m", same
+        )
+    assert not caplog.records and version.is_dir()
