@@ -546,6 +546,33 @@ def _check_virtual(cfg: ServerConfig) -> None:
             )
 
 
+def _check_pem(cfg: ServerConfig) -> None:
+    """The TLS files load as a certificate chain with its private key (and CA
+    certificates): gRPC refuses bad ones only when the port is added, as
+    "cannot bind" with nothing about the files."""
+    import ssl
+
+    def no_passphrase() -> bytes:
+        # gRPC takes no passphrase; without this OpenSSL would prompt for one
+        raise ValueError("the key is encrypted; gRPC needs it unencrypted")
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key, password=no_passphrase)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        raise ConfigError(
+            f"tls_cert / tls_key: {cfg.tls_cert} and {cfg.tls_key} do not load as a PEM "
+            f"certificate and its private key ({exc})"
+        ) from None
+    if cfg.tls_client_ca:
+        try:
+            ctx.load_verify_locations(cfg.tls_client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"tls_client_ca: {cfg.tls_client_ca} holds no PEM CA certificate ({exc})"
+            ) from None
+
+
 def _check_consistency(cfg: ServerConfig) -> None:
     _check_virtual(cfg)
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
@@ -556,6 +583,8 @@ def _check_consistency(cfg: ServerConfig) -> None:
         path = getattr(cfg, key)
         if path and not Path(path).is_file():
             raise ConfigError(f"{key}: {path} is not a file")
+    if cfg.tls_cert:
+        _check_pem(cfg)
     if cfg.token_for_all and not cfg.admin_token:
         raise ConfigError("token_for_all: set admin_token too")
     feedback = cfg.feedback_target()  # also validates feedback / feedback_db

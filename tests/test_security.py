@@ -173,6 +173,35 @@ def test_tls_config_errors_name_the_key(tmp_path):
         load_config(None, env={"RECSERVE_TOKEN_FOR_ALL": "true"})
 
 
+def test_tls_files_that_do_not_load_are_named_before_the_port_is_bound(certs, tmp_path):
+    # gRPC refuses bad PEM files only when the port is added, which the server
+    # reported as "port: cannot bind" with nothing about the files.
+    from recserve.config import ConfigError, load_config
+
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    openssl(
+        "pkey", "-in", str(certs / "server.key"), "-aes256", "-passout", "pass:secret",
+        "-out", str(tmp_path / "encrypted.key"), cwd=tmp_path,
+    )  # fmt: skip
+    cert, key = str(certs / "server.pem"), str(certs / "server.key")
+    for tls_cert, tls_key, says in (
+        (str(garbage), key, "do not load as a PEM certificate"),
+        (cert, str(garbage), "do not load as a PEM certificate"),
+        (cert, str(certs / "client.key"), "do not load as a PEM certificate"),  # not its key
+        (cert, str(tmp_path / "encrypted.key"), "encrypted"),  # and no passphrase prompt
+    ):
+        env = {"RECSERVE_TLS_CERT": tls_cert, "RECSERVE_TLS_KEY": tls_key}
+        with pytest.raises(ConfigError, match="tls_cert / tls_key: ") as info:
+            load_config(None, env=env)
+        assert says in str(info.value) and tls_cert in str(info.value)
+    env = {"RECSERVE_TLS_CERT": cert, "RECSERVE_TLS_KEY": key}
+    with pytest.raises(ConfigError, match=r"tls_client_ca: .* holds no PEM CA certificate"):
+        load_config(None, env={**env, "RECSERVE_TLS_CLIENT_CA": str(garbage)})
+    cfg = load_config(None, env={**env, "RECSERVE_TLS_CLIENT_CA": str(certs / "ca.pem")})
+    assert cfg.tls_cert == cert
+
+
 class FakeContext:
     """A grpc.ServicerContext as far as the thread-pool Admin servicer reads it."""
 
