@@ -23,7 +23,6 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -31,6 +30,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from recserve import contract
+from recserve.clients.health import channel_credentials
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -291,8 +291,9 @@ class RecommenderClient:
         service_config: dict[str, Any] | str | None = "shipped",
     ) -> None:
         """`token`: bearer token sent with every call; `tls_ca`: PEM CA file of the
-        server's certificate (TLS); `tls_cert` + `tls_key`: this client's certificate
-        (mutual TLS); `service_config`: "shipped" (service_config.json), a config
+        server's certificate (TLS; "" with tls_cert: the system's roots); `tls_cert`
+        + `tls_key`: this client's certificate (mutual TLS). A TLS file that does not
+        load is a ValueError naming it. `service_config`: "shipped" (service_config.json), a config
         of your own (dict), or None for gRPC's defaults (pick_first, no retries)."""
         self.deadline = _seconds("deadline", deadline)
         self._md = ((contract.AUTHORIZATION, f"Bearer {token}"),) if token else None
@@ -308,12 +309,9 @@ class RecommenderClient:
             if isinstance(config, str):
                 config = json.loads(config)
             options += [("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1)]
-        if channel is None and tls_ca:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(tls_ca).read_bytes(),
-                private_key=Path(tls_key).read_bytes() if tls_key else None,
-                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
-            )
+        if channel is None and (tls_ca or tls_cert or tls_key):
+            # (a client certificate without tls_ca connected in plaintext)
+            creds = channel_credentials(tls_ca, tls_cert, tls_key)
             channel = grpc.secure_channel(target, creds, options=options)
         self._channel = channel or grpc.insecure_channel(target, options=options)
         self._rec = pb_grpc.RecommenderStub(self._channel)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,15 +21,45 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def _channel(target: str, tls_ca: str = "", tls_cert: str = "", tls_key: str = "") -> grpc.Channel:
-    if not tls_ca:
-        return grpc.insecure_channel(target)
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=Path(tls_ca).read_bytes(),
+def channel_credentials(
+    tls_ca: str = "", tls_cert: str = "", tls_key: str = ""
+) -> grpc.ChannelCredentials:
+    """TLS credentials: `tls_ca` the PEM CA of the server's certificate ("" for
+    the system's roots), `tls_cert` + `tls_key` this client's (mutual TLS).
+    The files are loaded here first, so one that does not load is a ValueError
+    naming it: gRPC only fails every call with UNAVAILABLE, "connections to all
+    backends failing", with nothing about the files."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("tls_cert / tls_key: give both or neither")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls_ca:
+        try:
+            ctx.load_verify_locations(tls_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"tls_ca: {tls_ca} holds no PEM CA certificate ({exc})") from None
+    if tls_cert:
+
+        def no_passphrase() -> bytes:  # gRPC takes none; OpenSSL would prompt for it
+            raise ValueError("the key is encrypted; gRPC needs it unencrypted")
+
+        try:
+            ctx.load_cert_chain(tls_cert, tls_key, password=no_passphrase)
+        except (ssl.SSLError, ValueError, OSError) as exc:
+            raise ValueError(
+                f"tls_cert / tls_key: {tls_cert} and {tls_key} do not load as a PEM "
+                f"certificate and its private key ({exc})"
+            ) from None
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
         private_key=Path(tls_key).read_bytes() if tls_key else None,
         certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
     )
-    return grpc.secure_channel(target, creds)
+
+
+def _channel(target: str, tls_ca: str = "", tls_cert: str = "", tls_key: str = "") -> grpc.Channel:
+    if not (tls_ca or tls_cert or tls_key):
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key))
 
 
 def check(
@@ -76,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except grpc.RpcError as exc:
             status, rc = f"unreachable ({exc.code().name})", 2
+        except ValueError as exc:  # a TLS file that does not load
+            ap.error(str(exc))
         else:
             rc = 0 if status == "SERVING" else 1
         if rc == 0 or time.monotonic() >= end:

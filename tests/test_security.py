@@ -202,6 +202,37 @@ def test_tls_files_that_do_not_load_are_named_before_the_port_is_bound(certs, tm
     assert cfg.tls_cert == cert
 
 
+def test_client_tls_files_that_do_not_load_are_named(models, certs, tmp_path, capsys):
+    # A garbage CA, or a certificate with another's key, failed every call with
+    # UNAVAILABLE "connections to all backends failing"; a client certificate
+    # without tls_ca connected in plaintext. The files load first now, and any
+    # TLS setting makes the channel TLS (no tls_ca: the system's roots).
+    from recserve.clients.health import main as health
+
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    ca, cert, key = (str(certs / n) for n in ("ca.pem", "client.pem", "client.key"))
+    for kwargs, says in (
+        ({"tls_ca": str(garbage)}, "tls_ca: .* holds no PEM CA certificate"),
+        ({"tls_ca": ca, "tls_cert": cert, "tls_key": str(certs / "server.key")}, "do not load"),
+        ({"tls_ca": ca, "tls_cert": cert}, "tls_cert / tls_key: give both or neither"),
+        ({"tls_ca": str(tmp_path / "missing.pem")}, "tls_ca: .* holds no PEM CA certificate"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            RecommenderClient("localhost:1", **kwargs)
+    with pytest.raises(SystemExit) as e:
+        health(["--target", "localhost:1", "--tls-ca", str(garbage)])
+    assert e.value.code == 2 and "holds no PEM CA certificate" in capsys.readouterr().err
+    with running(models) as s:  # a plaintext server
+        target = f"localhost:{s.app.port}"
+        with RecommenderClient(target, deadline=2) as rc:
+            assert len(rc.recommend("7", 3).items) == 3
+        with RecommenderClient(target, tls_cert=cert, tls_key=key, deadline=2) as rc:
+            with pytest.raises(RecserveError) as info:
+                rc.recommend("7", 3)  # TLS to a plaintext port: no answer, not plaintext
+            assert info.value.code == "UNAVAILABLE"
+
+
 class FakeContext:
     """A grpc.ServicerContext as far as the thread-pool Admin servicer reads it."""
 
