@@ -368,13 +368,15 @@ def serve_workers(cfg: ServerConfig) -> None:
     holder.close()  # the workers' listening sockets hold the port now
     log.info("listening on %s:%d (%d workers: %s)", cfg.host, port, len(pids), pids)
 
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from recserve.metrics import serve_http
 
     http = None
     if cfg.metrics_port:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        http = start_http_server(cfg.metrics_port, registry=registry)
+        http = serve_http(cfg.metrics_port, registry)
     _announce(cfg, port)
     failed = 0
     alive = set(pids)

@@ -41,6 +41,18 @@ LATENCY_BUCKETS = (
 FLUSH_SECONDS = 0.1
 
 
+def serve_http(port: int, registry: CollectorRegistry) -> Any:
+    """prometheus_client's /metrics server on `port` (all interfaces); an
+    OSError naming the setting when the port cannot be bound (it said only
+    "[Errno 98] Address already in use", which read as the gRPC port's)."""
+    from prometheus_client import start_http_server
+
+    try:
+        return start_http_server(port, registry=registry)
+    except OSError as exc:
+        raise OSError(f"metrics_port: cannot bind port {port} ({exc.strerror or exc})") from None
+
+
 def multiprocess() -> bool:
     """Whether prometheus_client writes values to files (`--workers N`)."""
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))

@@ -225,6 +225,31 @@ def test_serve_refuses_a_bad_config_naming_the_key(models_dir, tmp_path):
     assert out.returncode == 2 and "max_k: must be in" in out.stderr
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_metrics_port_in_use_is_named_before_grpc_listens(models_dir, workers):
+    # It said "[Errno 98] Address already in use" after gRPC was listening,
+    # which read as the gRPC port's.
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen()
+    metrics = taken.getsockname()[1]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "recserve", "serve", "--models", str(models_dir),
+             "--port", "0", "--metrics-port", str(metrics),
+             "--workers", workers],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert out.returncode == 2, out.stderr
+    assert f"metrics_port: cannot bind port {metrics}" in out.stderr
+    if workers == "1":
+        assert "listening on" not in out.stderr  # refused before gRPC took the port
+
+
 def test_a_drain_that_hangs_is_reported_with_its_stacks_and_exits_1():
     """The overrun watchdog: a drain stuck past grace + DRAIN_OVERRUN prints every
     thread's stack and exits 1 instead of waiting for a SIGKILL."""

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from recserve.config import ServerConfig
 from recserve.feedback import FeedbackUnavailable, OnlineState, open_store
 from recserve.memstat import file_residency, process_memory
-from recserve.metrics import Metrics
+from recserve.metrics import Metrics, serve_http
 from recserve.service import auth
 from recserve.service.core import Core
 from recserve.service.grpc_common import NOT_SERVING, OVERALL, SERVICE_NAMES
@@ -122,16 +122,21 @@ class App:
             from recserve.service.grpc_aio import AioTransport as Transport
         else:
             from recserve.service.grpc_threads import ThreadsTransport as Transport
-        transport = Transport(self)
-        with self._health_lock:
-            transport.start(dict(self._health))
-            self.transport = transport
-        self.port = transport.port
-        if self.cfg.metrics_port:
-            self._metrics_http = start_http_server(
-                self.cfg.metrics_port, registry=self.metrics.registry
-            )
+        if self.cfg.metrics_port:  # first: a taken port stops start-up before gRPC listens
+            self._metrics_http = serve_http(self.cfg.metrics_port, self.metrics.registry)
             self.metrics_port = self.cfg.metrics_port
+        transport = Transport(self)
+        try:
+            with self._health_lock:
+                transport.start(dict(self._health))
+                self.transport = transport
+        except BaseException:
+            if self._metrics_http is not None:
+                self._metrics_http[0].shutdown()
+                self._metrics_http[0].server_close()
+                self._metrics_http = None
+            raise
+        self.port = transport.port
         self.catalog.start()
         self.metrics.workers.set(1)
         self._refresh_health()
