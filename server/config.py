@@ -461,6 +461,8 @@ def with_learned_hybrids(cfg: ServerConfig) -> ServerConfig:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return cfg
+    except NotADirectoryError:  # it read "hybrids.json: Not a directory"
+        raise ConfigError(f"models: {cfg.models} is not a folder") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: unreadable learned hybrids ({exc})") from None
     if not isinstance(doc, Mapping):
@@ -598,3 +600,18 @@ def _check_consistency(cfg: ServerConfig) -> None:
             )
     if cfg.default_model and not NAME_RE.match(cfg.default_model):
         raise ConfigError(f"default_model: {cfg.default_model!r} is not a valid model name")
+
+
+def bind_failure(host: str, address: str, detail: str) -> str:
+    """Why `address` (host:port) could not be bound, naming the setting at fault:
+    a bind fails alike for a port in use and for a host that is no address of
+    this machine, and gRPC says only "Failed to bind" for either."""
+    import socket
+
+    try:
+        family, _, _, _, where = socket.getaddrinfo(host.strip("[]"), 0)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(where)  # port 0: only whether the host is this machine's
+    except (socket.gaierror, UnicodeError, OSError) as exc:
+        return f"host: {host!r} is no address this server can listen on ({exc})"
+    return f"port: cannot bind {address}" + (f" ({detail})" if detail else "")

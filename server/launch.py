@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from recserve.config import ServerConfig
+from recserve.config import ServerConfig, bind_failure
 
 log = logging.getLogger("recserve")
 
@@ -247,7 +247,7 @@ def _reserve_port(cfg: ServerConfig) -> tuple[socket.socket, int]:
         sock.bind((host, cfg.port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"port: cannot bind {cfg.host}:{cfg.port} ({exc})") from None
+        raise OSError(bind_failure(cfg.host, f"{cfg.host}:{cfg.port}", str(exc))) from None
     return sock, sock.getsockname()[1]
 
 

@@ -250,6 +250,37 @@ def test_a_metrics_port_in_use_is_named_before_grpc_listens(models_dir, workers)
         assert "listening on" not in out.stderr  # refused before gRPC took the port
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_address_that_cannot_be_bound_names_the_setting_at_fault(models_dir, tmp_path, workers):
+    # gRPC says "Failed to bind" alike for a port in use and a host that is no
+    # address of this machine; a models path that is a file read as a broken
+    # hybrids.json.
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    a_file = tmp_path / "models.txt"
+    a_file.write_text("not a folder")
+    cases = [
+        (["--host", "192.0.2.1"], "host: '192.0.2.1' is no address this server can listen on"),
+        (["--host", "nosuch.invalid"], "host: 'nosuch.invalid' is no address"),
+        (["--host", "127.0.0.1", "--port", str(busy)], f"port: cannot bind 127.0.0.1:{busy}"),
+        (["--models", str(a_file)], f"models: {a_file} is not a folder"),
+    ]
+    try:
+        for extra, says in cases:
+            out = subprocess.run(
+                [sys.executable, "-m", "recserve", "serve", "--models", str(models_dir),
+                 "--port", "0", "--metrics-port", "0", "--workers", workers, *extra],
+                capture_output=True, text=True, cwd=ROOT, timeout=120,
+            )  # fmt: skip
+            assert out.returncode == 2 and says in out.stderr, (extra, out.stderr[-600:])
+    finally:
+        taken.close()
+
+
 def test_a_drain_that_hangs_is_reported_with_its_stacks_and_exits_1():
     """The overrun watchdog: a drain stuck past grace + DRAIN_OVERRUN prints every
     thread's stack and exits 1 instead of waiting for a SIGKILL."""

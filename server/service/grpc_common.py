@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from recserve.config import ServerConfig
+from recserve.config import ServerConfig, bind_failure
 from recserve.service import convert
 from recserve.service.core import Code, Failure
 from recserve.v1 import recommender_pb2 as pb
@@ -141,7 +141,7 @@ def register(
             else server.add_insecure_port(address)
         )
     except RuntimeError as exc:
-        raise OSError(f"port: cannot bind {address} ({exc})") from None
+        raise OSError(bind_failure(cfg.host, address, str(exc))) from None
     if port == 0:
-        raise OSError(f"port: cannot bind {address}")
+        raise OSError(bind_failure(cfg.host, address, ""))
     return port
