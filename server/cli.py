@@ -450,10 +450,26 @@ def value_summary(ds: Any) -> dict[str, Any]:
     }
 
 
+def writable_models(models: str) -> None:
+    """The models folder exists (made if missing) and this process may write
+    there: checked before a fit, which may take hours, not at its publish
+    ("[Errno 2] No such file or directory" at the end, naming no setting)."""
+    path = Path(models)
+    if path.exists() and not path.is_dir():
+        raise OSError(f"models: {models} is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"models: cannot create {models} ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OSError(f"models: {models} is not writable by this user")
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     bundle.check_name(args.name)
     t0 = time.perf_counter()
     model = _model(args)  # fail on bad params before reading data
+    writable_models(args.models)
     stages = ["read data", *(["evaluate"] if args.evaluate else []), "fit", "publish"]
     with tqdm(total=len(stages), desc="train", unit="stage", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str(stages[0])
@@ -651,6 +667,8 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
     from recserve import tuning
 
     _resolve_split(args)
+    bundle.check_name(args.name)
+    writable_models(args.models)
     ds = load_dataset(args.data, args.format, args.columns, args.duplicates)
     common = {
         "name": args.name,
@@ -1036,6 +1054,8 @@ def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
     from recserve.importers import saved_model, spark_als
 
     t = time.perf_counter()
+    bundle.check_name(args.name)
+    writable_models(args.models)
     alpha = args.alpha
     if args.model is not None:
         if args.user_factors or args.item_factors:

@@ -611,3 +611,38 @@ def test_recommend_folds_in_a_history_of_ids_as_the_server_does(small, tmp_path,
         assert code != 0 and says in err, (bad, err)
     code, _, err = run(capsys, *base[:5], "--user", small.users.ids([0])[0], "--values", "1")
     assert code != 0 and "give them with --history" in err
+
+
+def test_a_models_folder_that_cannot_be_written_is_refused_before_any_fit(
+    tmp_path, capsys, monkeypatch
+):
+    # It failed at the publish, after the fit (hours on big data), with
+    # "[Errno 2] No such file or directory" naming no setting.
+    import recserve.cli as cli
+
+    data = tmp_path / "events.csv"
+    data.write_text(
+        "user,item\n" + "".join(f"u{u},i{(u * 7 + j) % 13}\n" for u in range(20) for j in range(4))
+    )
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    fits = []
+    monkeypatch.setattr(cli, "load_dataset", lambda *a, **k: fits.append(a) or 1 / 0)
+    for models, says in (
+        (str(a_file), f"models: {a_file} is not a folder"),
+        (str(a_file / "sub"), f"models: cannot create {a_file / 'sub'}"),
+    ):
+        for argv in (
+            ["train", "--data", str(data), "--algo", "popularity", "--name", "p"],
+            ["tune", "--data", str(data), "--algo", "popularity", "--trials", "1", "--name", "p"],
+        ):
+            code, _, err = run(capsys, *argv, "--models", models)
+            assert code != 0 and says in err, (argv, err)
+    assert fits == []  # refused before the data was read
+    monkeypatch.undo()
+    code, _, err = run(
+        capsys, "train", "--data", str(data), "--algo", "popularity", "--name", "p",
+        "--models", str(tmp_path / "new" / "models"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "new" / "models" / "p").is_dir()
