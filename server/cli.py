@@ -408,6 +408,7 @@ def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.items:,}",
             args.seed,
         )
+        writable_dir("out", args.out)
         s = generate(args.users, args.items, args.interactions, seed=args.seed)
         out = write_csv(s, args.out)
         return {
@@ -450,26 +451,35 @@ def value_summary(ds: Any) -> dict[str, Any]:
     }
 
 
-def writable_models(models: str) -> None:
-    """The models folder exists (made if missing) and this process may write
-    there: checked before a fit, which may take hours, not at its publish
-    ("[Errno 2] No such file or directory" at the end, naming no setting)."""
-    path = Path(models)
+def writable_dir(setting: str, folder: str | Path) -> None:
+    """The folder a command writes into (`setting` names its flag) exists (made
+    if missing) and this process may write there: checked before the work,
+    which may take hours (a fit, a search), not at its end, where the error
+    was a bare "[Errno 2] No such file or directory" naming no setting."""
+    path = Path(folder)
     if path.exists() and not path.is_dir():
-        raise OSError(f"models: {models} is not a folder")
+        raise OSError(f"{setting}: {folder} is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OSError(f"models: cannot create {models} ({exc.strerror or exc})") from None
+        raise OSError(f"{setting}: cannot create {folder} ({exc.strerror or exc})") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise OSError(f"models: {models} is not writable by this user")
+        raise OSError(f"{setting}: {folder} is not writable by this user")
+
+
+def writable_file(setting: str, file: str | None) -> None:
+    """writable_dir for a result file's folder, and the file no folder itself."""
+    if file:
+        if Path(file).is_dir():
+            raise OSError(f"{setting}: {file} is a folder; give a file name")
+        writable_dir(setting, Path(file).parent)
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     bundle.check_name(args.name)
     t0 = time.perf_counter()
     model = _model(args)  # fail on bad params before reading data
-    writable_models(args.models)
+    writable_dir("models", args.models)
     stages = ["read data", *(["evaluate"] if args.evaluate else []), "fit", "publish"]
     with tqdm(total=len(stages), desc="train", unit="stage", file=sys.stderr, disable=None) as bar:
         bar.set_postfix_str(stages[0])
@@ -639,6 +649,7 @@ def _protocol(args: argparse.Namespace) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     _resolve_split(args)
+    writable_file("out", args.out)
     if args.compare:
         return cmd_compare(args)
     if not args.algo:
@@ -668,7 +679,7 @@ def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
 
     _resolve_split(args)
     bundle.check_name(args.name)
-    writable_models(args.models)
+    writable_dir("models", args.models)
     ds = load_dataset(args.data, args.format, args.columns, args.duplicates)
     common = {
         "name": args.name,
@@ -952,6 +963,7 @@ arms = {{ hybrid = 0.5, als = 0.5 }}
 
 def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.workdir)
+    writable_dir("workdir", work)
     data, models = work / "data" / "default", work / "models"
     if not (data / "interactions.csv").is_file():
         cmd_data(argparse.Namespace(action="synth", out=str(data), **DEFAULT_DATA))
@@ -1055,7 +1067,7 @@ def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
 
     t = time.perf_counter()
     bundle.check_name(args.name)
-    writable_models(args.models)
+    writable_dir("models", args.models)
     alpha = args.alpha
     if args.model is not None:
         if args.user_factors or args.item_factors:

@@ -613,9 +613,7 @@ def test_recommend_folds_in_a_history_of_ids_as_the_server_does(small, tmp_path,
     assert code != 0 and "give them with --history" in err
 
 
-def test_a_models_folder_that_cannot_be_written_is_refused_before_any_fit(
-    tmp_path, capsys, monkeypatch
-):
+def test_a_folder_a_command_cannot_write_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
     # It failed at the publish, after the fit (hours on big data), with
     # "[Errno 2] No such file or directory" naming no setting.
     import recserve.cli as cli
@@ -638,6 +636,15 @@ def test_a_models_folder_that_cannot_be_written_is_refused_before_any_fit(
         ):
             code, _, err = run(capsys, *argv, "--models", models)
             assert code != 0 and says in err, (argv, err)
+    for argv, says in (
+        (["evaluate", "--data", data, "--algo", "popularity", "--out", tmp_path], "is a folder"),
+        (["evaluate", "--data", data, "--compare", "popularity", "--out", a_file / "r"], "out: "),
+        (["data", "synth", "--users", 5, "--items", 5, "--interactions", 9, "--out", a_file],
+         f"out: {a_file} is not a folder"),
+        (["quickstart", "--workdir", a_file / "w"], f"workdir: cannot create {a_file / 'w'}"),
+    ):  # fmt: skip
+        code, _, err = run(capsys, *argv)
+        assert code != 0 and says in err, (argv, err)
     assert fits == []  # refused before the data was read
     monkeypatch.undo()
     code, _, err = run(
