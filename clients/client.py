@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from google.rpc import error_details_pb2, status_pb2
 
 from recserve import contract
@@ -159,14 +160,67 @@ class ModelDetails:
     n_items: int = 0
 
 
-def _interaction(e: Event, user_id: str = "") -> pb.Interaction:
-    return pb.Interaction(
+# What a field takes, as a wrong type's TypeError says it: (one, a list of them).
+_KINDS = {
+    FieldDescriptor.TYPE_STRING: ("a string", "strings"),
+    FieldDescriptor.TYPE_INT32: ("an integer", "integers"),
+    FieldDescriptor.TYPE_INT64: ("an integer", "integers"),
+    FieldDescriptor.TYPE_FLOAT: ("a number", "numbers"),
+    FieldDescriptor.TYPE_DOUBLE: ("a number", "numbers"),
+    FieldDescriptor.TYPE_BOOL: ("True or False", "booleans"),
+}
+# The client's own names of request fields (its keyword arguments).
+_ARGUMENTS = {"exclude_item_ids": "exclude", "candidate_item_ids": "candidates"}
+
+
+def _message(cls: Any, where: str = "", **fields: Any) -> Any:
+    """cls(**fields), with a wrong type named by its field (`where` prefixes
+    it, e.g. "history[2]."): protobuf says only "bad argument type for
+    built-in operation" or "'str' object cannot be interpreted as an integer"."""
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError):
+        for name, value in fields.items():
+            try:
+                cls(**{name: value})
+            except (TypeError, ValueError):
+                f = cls.DESCRIPTOR.fields_by_name[name]
+                one, many = _KINDS.get(f.type, ("another type", "other values"))
+                want = f"a list of {many}" if f.is_repeated else one
+                if f.type == FieldDescriptor.TYPE_STRING:
+                    want += " (ids are strings: str(42))"
+                got = f"{type(value).__name__} {value!r}"[:80]
+                name = _ARGUMENTS.get(name, name)
+                raise TypeError(f"{where}{name}: expected {want}, got {got}") from None
+        raise
+
+
+def _interaction(e: Event, user_id: str = "", where: str = "") -> pb.Interaction:
+    return _message(
+        pb.Interaction,
+        where,
         user_id=e.user_id or user_id,
         item_id=e.item_id,
         value=e.value,
         timestamp=e.timestamp,
         event_id=e.event_id,
     )
+
+
+def _events(name: str, events: Iterable[Event | str] | None, user_id: str = "") -> list:
+    """Interactions of item ids (str) and Events; anything else a TypeError
+    naming its place (an int id failed as "'int' object has no attribute")."""
+    out = []
+    for i, e in enumerate(_many(name, events) or ()):
+        if isinstance(e, str):
+            e = Event(e)
+        elif not isinstance(e, Event):
+            got = f"{type(e).__name__} {e!r}"[:80]
+            raise TypeError(
+                f"{name}[{i}]: expected an item id (a string: str(42)) or an Event, got {got}"
+            )
+        out.append(_interaction(e, user_id, f"{name}[{i}]."))
+    return out
 
 
 def _many(name: str, values: Any) -> Any:
@@ -190,8 +244,7 @@ def _seconds(name: str, value: float) -> float:
 
 
 def _history(events: Iterable[Event | str] | None) -> list[pb.Interaction]:
-    events = _many("history", events)
-    return [_interaction(Event(e) if isinstance(e, str) else e) for e in events or ()]
+    return _events("history", events)
 
 
 def _request(
@@ -206,7 +259,8 @@ def _request(
     request_id: str = "",
     version: str = "",
 ) -> pb.RecommendRequest:
-    return pb.RecommendRequest(
+    return _message(
+        pb.RecommendRequest,
         user_id=user_id,
         history=_history(history),
         k=k,
@@ -446,7 +500,7 @@ class RecommenderClient:
     ) -> Recommendation:
         """The k items most similar to one item, in one message (GetSimilarItems),
         or with `stream` one message per item (SimilarItems, for long lists)."""
-        req = pb.SimilarItemsRequest(item_id=item_id, k=k, model=model, version=version)
+        req = _message(pb.SimilarItemsRequest, item_id=item_id, k=k, model=model, version=version)
         try:
             if not stream:
                 resp = self._rec.GetSimilarItems(
@@ -475,7 +529,8 @@ class RecommenderClient:
     ) -> Ratings:
         """Predicted ratings (mean, std, central interval; `interval` None is
         0.95) in item order, with the model and version that predicted them."""
-        req = pb.PredictRatingsRequest(
+        req = _message(
+            pb.PredictRatingsRequest,
             user_id=user_id,
             history=_history(history),
             item_ids=list(_many("item_ids", item_ids)),
@@ -499,8 +554,10 @@ class RecommenderClient:
     ) -> Recorded:
         """Store feedback for a user; returns (accepted, rejected, duplicates) once
         durably stored. Give each Event an event_id to make a retry safe."""
-        events = _many("events", events)
-        msgs = [_interaction(Event(x) if isinstance(x, str) else x, user_id) for x in events]
+        if not isinstance(user_id, str):
+            got = f"{type(user_id).__name__} {user_id!r}"[:80]
+            raise TypeError(f"user_id: expected a string (ids are strings: str(42)), got {got}")
+        msgs = _events("events", events, user_id)
         try:
             s = self._rec.RecordInteractions(
                 iter(msgs), timeout=self._timeout(deadline), metadata=self._md

@@ -238,6 +238,34 @@ def test_the_shell_client_records_feedback_and_predicts_ratings(served, capsys):
         assert e.value.code == 2 and "--" in capsys.readouterr().err, bad
 
 
+def test_a_wrong_type_is_a_type_error_naming_the_argument(served):
+    # protobuf said "bad argument type for built-in operation" (an int user
+    # id), "'str' object cannot be interpreted as an integer" (k "5") or
+    # "'int' object has no attribute 'user_id'" (an int in a history).
+    srv, _ = served
+    with RecommenderClient(srv.target, deadline=5) as rc:
+        for call, says in (
+            (lambda: rc.recommend(7, 5), "user_id: expected a string (ids are strings: str(42))"),
+            (lambda: rc.recommend("7", "5"), "k: expected an integer, got str '5'"),
+            (lambda: rc.recommend("7", 5, explain="yes"), "explain: expected True or False"),
+            (lambda: rc.recommend("7", 5, exclude=[1, 2]), "exclude: expected a list of strings"),
+            (lambda: rc.recommend(history=[3, 17]), "history[0]: expected an item id"),
+            (lambda: rc.recommend(history=["3", Event("17", "5")]), "history[1].value: expected"),
+            (lambda: list(rc.recommend_stream("7", 2.5)), "k: expected an integer"),
+            (lambda: list(rc.recommend_batch([{"user_id": 7}])), "user_id: expected a string"),
+            (lambda: rc.similar_items(10, 3), "item_id: expected a string"),
+            (lambda: rc.predict_ratings([1], "7"), "item_ids: expected a list of strings"),
+            (lambda: rc.predict_ratings(["1"], "7", interval="x"), "interval: expected a number"),
+            (lambda: rc.record(7, ["3"]), "user_id: expected a string"),
+            (lambda: rc.record("7", ["3", 17]), "events[1]: expected an item id"),
+        ):  # fmt: skip
+            with pytest.raises(TypeError) as info:
+                call()
+            assert str(info.value).startswith(says), str(info.value)
+        # the right types still go through
+        assert len(rc.recommend("7", 3, history=[Event("3", 5.0), "17"]).items) == 3
+
+
 def test_the_shell_client_ends_quietly_when_its_reader_stops_early(served):
     # `python -m recserve.clients models | head -1` printed a BrokenPipeError
     # traceback: the command now ends with 141, as a shell reports SIGPIPE.
