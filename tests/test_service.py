@@ -1033,6 +1033,47 @@ def test_draining_refuses_new_calls_with_unavailable(published):
         s.app.draining = False
 
 
+@pytest.mark.parametrize("server", ["threads", "asyncio"])
+def test_drain_closes_the_store_only_after_a_commit_in_progress_returned(published, server):
+    """drain(grace=0) with a RecordInteractions commit still inside the store:
+    gRPC's stop returns once the call is cancelled, while the thread running the
+    handler is still in the commit. The store must not be closed under it (on
+    the threads server it was: drain went straight on to store.close())."""
+    root, _ = published
+    entered, gate = threading.Event(), threading.Event()
+    order: list[str] = []
+    with running(root, server=server) as s:
+        store = s.app.core.store
+        append, close = store.append, store.close
+
+        def slow_append(events):
+            entered.set()
+            gate.wait(10)
+            out = append(events)
+            order.append("append returned")
+            return out
+
+        def traced_close():
+            order.append("close")
+            close()
+
+        store.append, store.close = slow_append, traced_close
+        call = s.rec.RecordInteractions.future(
+            iter([pb.Interaction(user_id="u1", item_id="1")]), timeout=10
+        )
+        assert entered.wait(10)
+        drain = threading.Thread(target=s.app.drain, kwargs={"grace": 0})
+        drain.start()
+        time.sleep(0.5)
+        assert order == []  # drain waits for the commit
+        gate.set()
+        drain.join(15)
+        assert not drain.is_alive()
+        assert order == ["append returned", "close"]
+        with contextlib.suppress(grpc.RpcError):
+            call.result()
+
+
 def test_feedback_is_applied_and_survives_a_restart(published, small, tmp_path):
     root, models = published
     db = tmp_path / "feedback.sqlite"

@@ -32,6 +32,7 @@ log = logging.getLogger("recserve.service")
 
 MEMORY_INTERVAL = 5.0  # seconds between memory gauge updates
 FEEDBACK_HEALTH = "feedback"  # health name: SERVING while a shared store is followed
+THREAD_JOIN_S = 2.0  # drain's wait for the memory sampler and the follower to end
 FOLLOW_BLOCK_MS = 1000  # a follower's blocking read; new events end it at once
 FOLLOW_RETRY, FOLLOW_RETRY_MAX = 0.1, 2.0  # seconds between reconnection attempts
 
@@ -80,6 +81,8 @@ class App:
         # model -> (bundle path, its files), for the memory gauges (_bundle_files)
         self._files: dict[str, tuple[str, dict[str, tuple[str, str, int]]]] = {}
         self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []  # the memory sampler and follower
+        self._drain_lock = threading.RLock()
         self._metrics_http: tuple[Any, Any] | None = None
         self._feedback_up: bool | None = None
         for name in (OVERALL, *SERVICE_NAMES):
@@ -140,9 +143,14 @@ class App:
         self.catalog.start()
         self.metrics.workers.set(1)
         self._refresh_health()
-        threading.Thread(target=self._sample_forever, name="memory", daemon=True).start()
+        self._threads.append(
+            threading.Thread(target=self._sample_forever, name="memory", daemon=True)
+        )
         if self.store.shared:
-            threading.Thread(target=self._follow, name="feedback", daemon=True).start()
+            follower = threading.Thread(target=self._follow, name="feedback", daemon=True)
+            self._threads.append(follower)
+        for thread in self._threads:
+            thread.start()
         self._warn_unknown()
         log.info(
             "listening on %s:%d (%d models loading)",
@@ -153,14 +161,23 @@ class App:
         return self.port
 
     def drain(self, grace: float | None = None) -> None:
-        """NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` s."""
-        grace = self.cfg.grace_seconds if grace is None else grace
+        """NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` s.
+        A second call (a signal handler and a `finally` both draining) waits for
+        the first to finish and returns."""
+        with self._drain_lock:
+            if self._stopped.is_set():
+                return
+            self._drain(self.cfg.grace_seconds if grace is None else grace)
+
+    def _drain(self, grace: float) -> None:
         self.core.draining = True
         self._stopped.set()
         if self.transport is not None:
             self.transport.stop(grace)
         self.catalog.close()
-        self.store.close()
+        self.store.close()  # ends a follower's blocking read
+        for thread in self._threads:  # both end at _stopped: none outlives drain
+            thread.join(THREAD_JOIN_S)
         self.metrics.flush()
         if self._metrics_http is not None:
             self._metrics_http[0].shutdown()

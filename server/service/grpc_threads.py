@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("recserve.service")
 
+
+# How long stop waits for the threads still running handlers once gRPC stopped:
+# gRPC returns when the calls are over for their clients, not when the threads
+# running their handlers have returned, and the app closes the store next.
+HANDLERS_JOIN_S = 10.0
 
 # How long a refused request stream is read to its end before the refusal is sent:
 # a client that writes its requests at once is answered when the last one arrives.
@@ -183,19 +189,26 @@ class ThreadsTransport:
         self.health = health.HealthServicer()
         # Workers beyond the admission cap leave room for health, admin and the
         # OVERLOADED refusals themselves.
-        pool = ThreadPoolExecutor(cfg.max_concurrency + 8, thread_name_prefix="rpc")
-        self.server = grpc.server(pool, options=grpc_common.server_options(cfg))
+        self._workers: list[threading.Thread] = []
+        self._pool = ThreadPoolExecutor(
+            cfg.max_concurrency + 8,
+            thread_name_prefix="rpc",
+            initializer=lambda: self._workers.append(threading.current_thread()),
+        )
+        self.server = grpc.server(self._pool, options=grpc_common.server_options(cfg))
         self.port = grpc_common.register(
             self.server, cfg, Recommender(app.core), Admin(app.core), self.health
         )
         self._stopped = threading.Event()
+        self._flusher: threading.Thread | None = None
 
     def start(self, states: dict[str, int]) -> None:
         """Serve, with the health statuses set so far."""
         for name, state in states.items():
             self.health.set(name, state)
         self.server.start()
-        threading.Thread(target=self._flush_forever, name="metrics", daemon=True).start()
+        self._flusher = threading.Thread(target=self._flush_forever, name="metrics", daemon=True)
+        self._flusher.start()
 
     def set_health(self, name: str, state: int) -> None:
         """Set one health status (from any thread)."""
@@ -213,6 +226,18 @@ class ThreadsTransport:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        # Then the handlers' threads: nothing of ours runs once stop returns.
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        end = time.monotonic() + HANDLERS_JOIN_S
+        for thread in [*self._workers, *filter(None, [self._flusher])]:
+            thread.join(max(0.0, end - time.monotonic()))
+        if busy := [t.name for t in self._workers if t.is_alive()]:
+            log.warning(
+                "%d handler threads still running %.0f s after the server stopped: %s",
+                len(busy),
+                HANDLERS_JOIN_S,
+                ", ".join(busy),
+            )
 
     def wait(self) -> None:
         """Block until the server stops."""
