@@ -499,6 +499,57 @@ def test_reflection_lists_the_services(srv):
     assert {"recserve.v1.Recommender", "recserve.v1.Admin", "grpc.health.v1.Health"} <= names
 
 
+def test_reflection_alone_is_enough_to_call_every_method(srv):
+    """What grpcurl, ghz or a dynamic client in any language does: build the
+    types from the server's reflection (a fresh pool, none of recserve.v1's
+    modules), send JSON, read the answer. Every method's types must resolve,
+    with the googleapis files they import, or such a tool cannot call it."""
+    from google.protobuf import descriptor_pool, json_format, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(srv.channel))
+    for name in ("recserve.v1.Recommender", "recserve.v1.Admin", "grpc.health.v1.Health"):
+        service = pool.FindServiceByName(name)
+        assert service.methods
+        for method in service.methods:
+            assert method.input_type.fields or method.input_type.name.endswith("Request")
+            assert method.output_type.full_name
+    recommend = pool.FindMethodByName("recserve.v1.Recommender.Recommend")
+    file = recommend.containing_service.file
+    assert {d.name for d in file.dependencies} >= {
+        "google/api/field_behavior.proto",
+        "google/rpc/status.proto",
+    }
+    request_cls = message_factory.GetMessageClass(recommend.input_type)
+    response_cls = message_factory.GetMessageClass(recommend.output_type)
+    request = json_format.Parse('{"user_id": "7", "k": 5, "model": "als"}', request_cls())
+    call = srv.channel.unary_unary(
+        "/recserve.v1.Recommender/Recommend",
+        request_serializer=request_cls.SerializeToString,
+        response_deserializer=response_cls.FromString,
+    )
+    answer = json_format.MessageToDict(call(request, timeout=10))
+    items, _ = srv.recommend(user_id="7", k=5, model="als")
+    assert [i["itemId"] for i in answer["items"]] == ids(items)
+    assert answer["model"] == "als"
+    # A streaming method through the same reflected types.
+    similar = pool.FindMethodByName("recserve.v1.Recommender.SimilarItems")
+    similar_cls = message_factory.GetMessageClass(similar.input_type)
+    stream = srv.channel.unary_stream(
+        "/recserve.v1.Recommender/SimilarItems",
+        request_serializer=similar_cls.SerializeToString,
+        response_deserializer=message_factory.GetMessageClass(similar.output_type).FromString,
+    )
+    seed = json.dumps({"item_id": ids(items)[0], "k": 4, "model": "itemknn"})
+    got = [m.item_id for m in stream(json_format.Parse(seed, similar_cls()), timeout=10)]
+    want = srv.rec.GetSimilarItems(
+        pb.SimilarItemsRequest(item_id=ids(items)[0], k=4, model="itemknn"), timeout=10
+    )
+    assert got == [i.item_id for i in want.items] and len(got) == 4
+
+
 def health(channel, service=""):
     stub = health_pb2_grpc.HealthStub(channel)
     return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
