@@ -6,6 +6,15 @@ import gc
 import os
 from pathlib import Path
 
+# Before gRPC is first imported. With its fork support on (grpcio's default
+# here), a child forked to run a preexec_fn (pyspark's Java gateway, the test
+# servers started with one) restarts gRPC's poller, whose epoll descriptor
+# close_fds has closed: the child aborts before exec, "Epoll1Poller ...
+# epoll_wait error: Bad file descriptor" (grpc/grpc#43055; 5 children in 300
+# in a process with a live channel, none with it off). A CPU-loaded run lost
+# the Spark tests' gateway so. Nothing in this process forks to keep gRPC.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import pytest
 
 from recserve.data import Dataset, generate, to_dataset
