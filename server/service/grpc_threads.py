@@ -200,14 +200,13 @@ class ThreadsTransport:
             self.server, cfg, Recommender(app.core), Admin(app.core), self.health
         )
         self._stopped = threading.Event()
-        self._flusher: threading.Thread | None = None
+        self._flusher = threading.Thread(target=self._flush_forever, name="metrics", daemon=True)
 
     def start(self, states: dict[str, int]) -> None:
         """Serve, with the health statuses set so far."""
         for name, state in states.items():
             self.health.set(name, state)
         self.server.start()
-        self._flusher = threading.Thread(target=self._flush_forever, name="metrics", daemon=True)
         self._flusher.start()
 
     def set_health(self, name: str, state: int) -> None:
@@ -229,7 +228,7 @@ class ThreadsTransport:
         # Then the handlers' threads: nothing of ours runs once stop returns.
         self._pool.shutdown(wait=False, cancel_futures=True)
         end = time.monotonic() + HANDLERS_JOIN_S
-        for thread in [*self._workers, *filter(None, [self._flusher])]:
+        for thread in [*self._workers, self._flusher]:
             thread.join(max(0.0, end - time.monotonic()))
         if busy := [t.name for t in self._workers if t.is_alive()]:
             log.warning(
