@@ -47,6 +47,10 @@ REASONS: dict[str, tuple[str, str]] = {  # reason -> (gRPC status name, meaning)
     "TOKEN_MISSING": ("UNAUTHENTICATED", "no bearer token where one is required"),
     "TOKEN_INVALID": ("UNAUTHENTICATED", "a bearer token that does not match"),
     "ADMIN_NOT_ALLOWED": ("PERMISSION_DENIED", "Admin without a token from a non-loopback peer"),
+    "NO_RATING_MODEL": (
+        "FAILED_PRECONDITION",
+        "PredictRatings with no rating model (svd, bayes_mf) published; a retry cannot help",
+    ),
     "DEADLINE_PASSED": ("DEADLINE_EXCEEDED", "the deadline passed before the answer"),
     "INTERNAL_ERROR": ("INTERNAL", "a server bug, logged with its traceback"),
 }

@@ -489,6 +489,42 @@ def test_the_shipped_config_retries_an_overloaded_call(published):
         assert e.value.reason == "OVERLOADED"
 
 
+@pytest.mark.parametrize("server", ["threads", "asyncio"])
+def test_ratings_with_no_rating_model_published_fail_as_a_state_to_fix(published, tmp_path, server):
+    """PredictRatings where only ranking models are published is FAILED_PRECONDITION
+    (NO_RATING_MODEL), which the shipped policy does not retry: waiting cannot
+    help, publishing svd or bayes_mf does. While a rating model is still
+    loading, it is UNAVAILABLE (MODEL_NOT_LOADED), which a retry can outlast."""
+    import shutil
+
+    from tests.service_helpers import Gate
+
+    root, _ = published
+    ranking = tmp_path / "ranking"
+    for name in ("popularity", "itemknn", "als"):
+        shutil.copytree(root / name, ranking / name)
+    with running(ranking, server=server) as s, RecommenderClient(s.target) as rc:
+        with pytest.raises(RecserveError) as e:
+            rc.predict_ratings(["1"], "7")
+        assert (e.value.code, e.value.reason) == ("FAILED_PRECONDITION", "NO_RATING_MODEL")
+        assert "svd" in str(e.value) and e.value.retry_delay is None
+        # A model named explicitly that only ranks stays the caller's mistake.
+        with pytest.raises(RecserveError) as e:
+            rc.predict_ratings(["1"], "7", model="als")
+        assert e.value.reason == "NOT_A_RATING_MODEL"
+    shutil.copytree(root / "bayes_mf", ranking / "bayes_mf")
+    gate = Gate("bayes_mf")
+    with running(ranking, loader=gate, wait=False, server=server) as s:
+        wait_for(lambda: s.app.catalog.ready("popularity"), what="popularity serving")
+        with RecommenderClient(s.target, service_config=None) as rc:
+            with pytest.raises(RecserveError) as e:
+                rc.predict_ratings(["1"], "7")
+            assert (e.value.code, e.value.reason) == ("UNAVAILABLE", "MODEL_NOT_LOADED")
+            gate.release("bayes_mf")
+            wait_for(lambda: s.app.catalog.ready("bayes_mf"), what="bayes_mf serving")
+            assert rc.predict_ratings(["1"], "7").served_by == "bayes_mf"
+
+
 def test_the_shipped_config_names_real_methods_and_agrees_with_the_server():
     cfg = shipped_service_config()
     assert cfg["loadBalancingConfig"] == [{"round_robin": {}}]
@@ -503,6 +539,8 @@ def test_the_shipped_config_names_real_methods_and_agrees_with_the_server():
                 # Overload and draining are refused with a code the policy retries.
                 codes = set(mc["retryPolicy"]["retryableStatusCodes"])
                 assert {contract.REASONS[r][0] for r in ("OVERLOADED", "DRAINING")} <= codes
+                # A state only publishing fixes is not retried.
+                assert contract.REASONS["NO_RATING_MODEL"][0] not in codes
     every = {m for s in services.values() for m in s.methods_by_name}
     assert configured == every  # every method has a timeout
     # Writes are never retried by the channel (feedback retries use event_id).

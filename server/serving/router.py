@@ -1343,7 +1343,15 @@ class Router:
             out.model = asked
             out.served_by = "" if name == start else name
             return _pinned(out, version)
-        raise self._not_loaded(f"no rating model of {start!r}'s chain is loaded")
+        if not rating_models and self.catalog.slots():
+            # Nothing published predicts ratings: not a wait (UNAVAILABLE would
+            # send the shipped retry policy round three times), a state to fix.
+            what = (
+                "no rating model is published (train and publish svd or bayes_mf: "
+                "recserve train --algo svd); the models here only rank"
+            )
+            raise RequestError("FAILED_PRECONDITION", "model", what, "NO_RATING_MODEL")
+        raise self._not_loaded(f"no rating model in the chain of {start!r} is loaded yet")
 
     def _not_loaded(self, what: str) -> RequestError:
         """UNAVAILABLE (MODEL_NOT_LOADED): nothing that could answer is loaded,
