@@ -117,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="bearer token (the server's admin_token; default $RECSERVE_ADMIN_TOKEN): "
         "Admin calls from a non-loopback peer need it",
     )
+    ap.add_argument("--tls-ca", default="", help="PEM CA of the server's certificate (TLS)")
+    ap.add_argument("--tls-cert", default="", help="this client's PEM certificate (mutual TLS)")
+    ap.add_argument("--tls-key", default="", help="this client's PEM private key (mutual TLS)")
     sub = ap.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("recommend", help="top k for a user or a history (Recommend)")
     rec.add_argument("--user", default="")
@@ -177,7 +180,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.items:
             sub_parser.error("--items: no item ids")
         events = _events(sub_parser, args.items, args.values, "--items")
-    with RecommenderClient(args.target, deadline=args.deadline, token=args.token) as rc:
+    try:
+        client = RecommenderClient(
+            args.target,
+            deadline=args.deadline,
+            token=args.token,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+    except ValueError as exc:  # a TLS file that does not load, named
+        ap.error(str(exc))
+    with client as rc:
         try:
             if args.command == "recommend":
                 out = rc.recommend(

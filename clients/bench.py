@@ -10,7 +10,9 @@ mixed (80% recommend, 10% similar, 10% batch), or traffic (the mix of real
 traffic: 64% recommend for known users, 16% recommend for cold users with a
 10-item history, 10% similar, 10% batch of 16). Mixed runs report latency per
 call kind too; every run reports how fast refusals come back. `--deadline`
-sets every call's deadline (seconds).
+sets every call's deadline (seconds). `--tls-ca` (with `--tls-cert` and
+`--tls-key` for mutual TLS) connects over TLS; `--token` sends a bearer token
+with every call (a server with `token_for_all`).
 
 Closed loop: `concurrency` requests in flight, each sent when the previous one
 ends. Open loop: requests start on a fixed schedule whatever the server does,
@@ -35,6 +37,7 @@ import asyncio
 import json
 import math
 import multiprocessing as mp
+import os
 import sys
 import time
 from collections import Counter
@@ -45,6 +48,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from recserve.clients.health import channel_credentials
 from recserve.v1 import recommender_pb2 as pb
 from recserve.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -82,6 +86,10 @@ class Load:
     deadline: float = 10.0
     seed: int = 0
     explain: bool = False  # ask for explanations (the history items behind each item)
+    token: str = field(default="", repr=False)  # bearer token sent with every call
+    tls_ca: str = ""  # PEM CA of the server's certificate: connect over TLS
+    tls_cert: str = ""  # this client's certificate and key (mutual TLS)
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         """Refuse settings that would crash or hang a run (zero processes, no end),
@@ -108,6 +116,18 @@ class Load:
             value = getattr(self, name)
             if not ok or not math.isfinite(value):
                 raise ValueError(f"{name}: must be {rule}, got {value}")
+        self.credentials()  # a TLS file that does not load: named now, not per process
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials when a TLS file is given, else None (plaintext); a file
+        that does not load is a ValueError naming it."""
+        if not (self.tls_ca or self.tls_cert or self.tls_key):
+            return None
+        return channel_credentials(self.tls_ca, self.tls_cert, self.tls_key)
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Every call's metadata: the bearer token, when there is one."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
 
 
 @dataclass
@@ -148,6 +168,7 @@ class _Sender:
         self.codes: Counter[str] = Counter()
         self.kinds: dict[str, dict] = {}  # per call kind: latencies and codes
         self._drawn: list[int] = []  # user indices drawn ahead, in blocks
+        self.md = load.metadata()
 
     def _user(self) -> str:
         # One numpy draw per 4096 requests rather than per request: the client
@@ -179,21 +200,27 @@ class _Sender:
         try:
             if rpc in ("recommend", "cold"):
                 req = self._request(cold=rpc == "cold")
-                await stubs["rec"].Recommend(req, timeout=load.deadline)
+                await stubs["rec"].Recommend(req, timeout=load.deadline, metadata=self.md)
                 first = time.perf_counter()
             elif rpc == "stream":
-                async for _ in stubs["rec"].RecommendStream(self._request(), timeout=load.deadline):
+                async for _ in stubs["rec"].RecommendStream(
+                    self._request(), timeout=load.deadline, metadata=self.md
+                ):
                     if first is None:
                         first = time.perf_counter()
             elif rpc == "batch":
                 reqs = [self._request() for _ in range(load.batch)]
-                async for _ in stubs["rec"].RecommendBatch(iter(reqs), timeout=load.deadline):
+                async for _ in stubs["rec"].RecommendBatch(
+                    iter(reqs), timeout=load.deadline, metadata=self.md
+                ):
                     if first is None:
                         first = time.perf_counter()
             elif rpc == "similar":
                 item = load.items[int(self.rng.integers(0, len(load.items)))]
                 req = pb.SimilarItemsRequest(item_id=item, k=load.k, model=load.model)
-                async for _ in stubs["rec"].SimilarItems(req, timeout=load.deadline):
+                async for _ in stubs["rec"].SimilarItems(
+                    req, timeout=load.deadline, metadata=self.md
+                ):
                     if first is None:
                         first = time.perf_counter()
             elif rpc == "predict":
@@ -202,10 +229,12 @@ class _Sender:
                 req = pb.PredictRatingsRequest(
                     user_id=r.user_id, history=r.history, item_ids=items, model=load.model
                 )
-                await stubs["rec"].PredictRatings(req, timeout=load.deadline)
+                await stubs["rec"].PredictRatings(req, timeout=load.deadline, metadata=self.md)
             else:
                 await stubs["health"].Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=load.deadline
+                    health_pb2.HealthCheckRequest(service=""),
+                    timeout=load.deadline,
+                    metadata=self.md,
                 )
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
@@ -272,7 +301,13 @@ async def _run(load: Load, seed: int, share: float) -> dict:
     ]
     in_flight = max(1, round(load.concurrency * share)) if load.rate <= 0 else load.connections
     n = max(1, min(load.connections, in_flight))
-    channels = [grpc.aio.insecure_channel(load.target, options=opts) for _ in range(n)]
+    creds = load.credentials()
+    channels = [
+        grpc.aio.secure_channel(load.target, creds, options=opts)
+        if creds
+        else grpc.aio.insecure_channel(load.target, options=opts)
+        for _ in range(n)
+    ]
     try:
         conns = [
             {"rec": pb_grpc.RecommenderStub(ch), "health": health_pb2_grpc.HealthStub(ch)}
@@ -380,9 +415,13 @@ def _ids(spec: str, name: str = "users") -> list[str]:
 
 def _defaults_from_server(load: Load) -> None:
     """n_users / n_items of the model (or the first model) -> id ranges 1..n."""
-    with grpc.insecure_channel(load.target) as ch:
+    creds = load.credentials()
+    with (
+        grpc.secure_channel(load.target, creds) if creds else grpc.insecure_channel(load.target)
+    ) as ch:
         admin = pb_grpc.AdminStub(ch)
-        models = admin.ListModels(pb.ListModelsRequest(), timeout=10).models
+        models = admin.ListModels(pb.ListModelsRequest(), timeout=10, metadata=load.metadata())
+        models = models.models
     real = [m for m in models if m.n_items > 0]
     pick = next((m for m in real if m.name == load.model), real[0] if real else None)
     if pick is None:
@@ -457,6 +496,16 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument(
         "--explain", action="store_true", help="ask for explanations with every recommendation"
     )
+    ap.add_argument(
+        "--token",
+        default=os.environ.get("RECSERVE_ADMIN_TOKEN", ""),
+        help="bearer token sent with every call (a server with token_for_all; its Admin "
+        "ListModels, which fills --users/--items, from a non-loopback peer); default "
+        "$RECSERVE_ADMIN_TOKEN",
+    )
+    ap.add_argument("--tls-ca", default="", help="PEM CA of the server's certificate (TLS)")
+    ap.add_argument("--tls-cert", default="", help="this client's PEM certificate (mutual TLS)")
+    ap.add_argument("--tls-key", default="", help="this client's PEM private key (mutual TLS)")
     return ap
 
 
@@ -489,6 +538,10 @@ def _load(args: argparse.Namespace) -> Load:
         deadline=args.deadline,
         seed=args.seed,
         explain=args.explain,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
 
 
@@ -503,7 +556,8 @@ def run_cli(args: argparse.Namespace) -> int:
         try:
             _defaults_from_server(load)
         except grpc.RpcError as exc:
-            print(f"bench: cannot reach {load.target}: {exc.code().name}", file=sys.stderr)
+            what = f"{exc.code().name}: {exc.details()}"
+            print(f"bench: cannot list {load.target}'s models ({what})", file=sys.stderr)
             return 2
     result = run(load)
     ceiling = None

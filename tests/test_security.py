@@ -13,6 +13,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry
 
+from recserve.clients.bench import Load
 from recserve.clients.client import RecommenderClient, RecserveError
 from tests.service_helpers import publish_models, running
 
@@ -357,3 +358,59 @@ def test_the_shell_client_sends_the_admin_token(models, monkeypatch, capsys):
             "als",
             "popularity",
         }
+
+
+def test_the_bench_and_the_shell_client_reach_a_server_with_tls_and_tokens(
+    models, certs, tmp_path, monkeypatch, capsys
+):
+    # `recserve bench` and `python -m recserve.clients` had no TLS options, and
+    # the bench sent no token: against a TLS server neither connected, and with
+    # token_for_all every bench call was UNAUTHENTICATED (its ListModels, which
+    # fills --users/--items, said only "cannot reach").
+    from recserve.cli import main as cli
+    from recserve.clients.__main__ import main as shell
+
+    def bench_rc(args: list[str]) -> int:
+        try:
+            return cli(["bench", *args])
+        except SystemExit as exc:  # `recserve bench` exits with the bench's code
+            return int(exc.code)
+
+    monkeypatch.delenv("RECSERVE_ADMIN_TOKEN", raising=False)
+    tls = {"tls_cert": str(certs / "server.pem"), "tls_key": str(certs / "server.key")}
+    ca = str(certs / "ca.pem")
+    with running(models, admin_token=TOKEN, token_for_all=True, **tls) as s:
+        target = f"localhost:{s.app.port}"
+        calls = s.app.metrics.registry.get_sample_value
+        labels = {"method": "Recommend", "code": "OK"}
+        before = calls("recserve_rpc_duration_seconds_count", labels) or 0
+        bench = ["--target", target, "--requests", "40", "--warmup", "0"]
+        bench += ["--processes", "1", "--concurrency", "2", "--model", "als", "--json"]
+        assert bench_rc([*bench, "--tls-ca", ca, "--token", TOKEN]) == 0
+        got = json.loads(capsys.readouterr().out)["result"]
+        assert (got["requests"], got["errors"]) == (40, {})
+        assert calls("recserve_rpc_duration_seconds_count", labels) - before == 40
+        # Without the token: the listing says why; with ids given, every call is
+        # counted as refused.
+        assert bench_rc([*bench, "--tls-ca", ca]) == 2
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert bench_rc([*bench, "--tls-ca", ca, "--users", "1:50", "--items", "1:50"]) == 0
+        assert json.loads(capsys.readouterr().out)["result"]["errors"] == {"UNAUTHENTICATED": 40}
+        # The token from the server's own variable, as the shell client takes it.
+        monkeypatch.setenv("RECSERVE_ADMIN_TOKEN", TOKEN)
+        assert bench_rc([*bench, "--tls-ca", ca, "--rpc", "similar"]) == 0
+        assert json.loads(capsys.readouterr().out)["result"]["errors"] == {}
+        monkeypatch.delenv("RECSERVE_ADMIN_TOKEN")
+        ask = ["--target", target, "--tls-ca", ca, "--token", TOKEN]
+        assert shell([*ask, "recommend", "--user", "7", "--k", "3", "--model", "als"]) == 0
+        assert len(json.loads(capsys.readouterr().out)["items"]) == 3
+        assert shell([*ask[:2], "--token", TOKEN, "recommend", "--user", "7"]) != 0  # plaintext
+        capsys.readouterr()
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    assert bench_rc(["--target", "localhost:1", "--tls-ca", str(garbage)]) == 2
+    assert "tls_ca: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        shell(["--target", "localhost:1", "--tls-ca", str(garbage), "recommend", "--user", "7"])
+    assert e.value.code == 2 and "holds no PEM CA certificate" in capsys.readouterr().err
+    assert_no_token_in(repr(Load(token=TOKEN)))
