@@ -1218,40 +1218,132 @@ def test_unavailable_while_nothing_is_loaded(published):
             gate.release(name)
 
 
+class SlowModel:
+    """Makes a served model's plain Recommend take `seconds` longer (0: as it was),
+    counting its calls."""
+
+    def __init__(self, model) -> None:
+        self.model, self.original, self.calls, self.seconds = model, model.recommend_user, 0, 0.0
+        model.recommend_user = self
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        if self.seconds:
+            time.sleep(self.seconds)
+        return self.original(*a, **kw)
+
+    def restore(self) -> None:
+        self.model.recommend_user = self.original
+
+
 def test_a_call_whose_deadline_cannot_be_met_is_refused_uncomputed(published):
-    """Deadline-aware shedding: once Recommend takes ~0.8 s, a call with 0.3 s left
+    """Deadline-aware shedding: once Recommend takes ~0.3 s, a call with 0.1 s left
     is refused at once (UNAVAILABLE, OVERLOADED, cause deadline, pushback -1: a
     retry cannot help) and never reaches the model; one with time enough is answered."""
     root, _ = published
     with running(root) as s:
-        als = s.app.catalog.get("als").model
-        original, calls = als.recommend_user, []
-
-        def slow(*a, **kw):
-            calls.append(1)
-            time.sleep(0.8)
-            return original(*a, **kw)
-
-        als.recommend_user = slow
+        slow = SlowModel(s.app.catalog.get("als").model)
+        slow.seconds = 0.3
+        req = pb.RecommendRequest(user_id="7", k=3, model="als")
         try:
-            s.recommend(user_id="7", k=3, model="als")  # the pace: ~0.8 s
-            before = len(calls)
+            for _ in range(core_module.PACE_MIN):  # the pace: ~0.3 s
+                s.recommend(user_id="7", k=3, model="als")
+            before = slow.calls
             t0 = time.perf_counter()
-            err = s.error(
-                s.rec.Recommend, pb.RecommendRequest(user_id="7", k=3, model="als"), timeout=0.3
-            )
+            err = s.error(s.rec.Recommend, req, timeout=0.1)
             took = time.perf_counter() - t0
-            assert err.code() is grpc.StatusCode.UNAVAILABLE and took < 0.3
+            assert err.code() is grpc.StatusCode.UNAVAILABLE and took < 0.1
             info = error_info(status_details(err))
             assert info.reason == "OVERLOADED" and info.metadata["cause"] == "deadline"
             assert dict(err.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
-            assert len(calls) == before  # never computed
+            assert slow.calls == before  # never computed
             rejected = s.app.core.metrics.rejected.labels("Recommend", "DEADLINE")._value.get()
             assert rejected == 1
             items, _ = s.recommend(user_id="7", k=3, model="als")  # 10 s: answered
             assert len(items) == 3
         finally:
-            als.recommend_user = original
+            slow.restore()
+
+
+@pytest.mark.parametrize("server", ["threads", "asyncio"])
+def test_one_heavy_call_does_not_refuse_the_short_deadlines_after_it(published, server):
+    """The pace is a low quantile of recent answers, not their average: one call
+    of 1.5 s among quick ones (a k=1000 request with explanations, say) leaves
+    calls with 0.1 s deadlines answered. With an average (weight 0.1 for the
+    newest) it rose to ~0.15 s, and every such call after it was refused."""
+    root, _ = published
+    with running(root, server=server) as s:
+        slow = SlowModel(s.app.catalog.get("als").model)
+        req = pb.RecommendRequest(user_id="7", k=3, model="als")
+        try:
+            for _ in range(2 * core_module.PACE_MIN):
+                assert len(s.rec.Recommend(req, timeout=10).items) == 3
+            slow.seconds = 1.5
+            assert len(s.rec.Recommend(req, timeout=10).items) == 3
+            slow.seconds = 0.0
+            for _ in range(20):
+                assert len(s.rec.Recommend(req, timeout=0.1).items) == 3
+            assert s.app.core.metrics.rejected.labels("Recommend", "DEADLINE")._value.get() == 0
+        finally:
+            slow.restore()
+
+
+@pytest.mark.parametrize("server", ["threads", "asyncio"])
+def test_a_pace_no_answer_renews_stops_refusing(published, server):
+    """Refused calls add no answers, so a pace from a slow spell would refuse a
+    client with short deadlines for good once the model is fast again (with an
+    average it did: every such call refused, without end). A pace not renewed
+    for PACE_STALE_S (or 4x the pace) is dropped: the calls are answered again,
+    and their quick answers make the new pace."""
+    root, _ = published
+    with running(root, server=server) as s:
+        slow = SlowModel(s.app.catalog.get("als").model)
+        slow.seconds = 0.3
+        req = pb.RecommendRequest(user_id="7", k=3, model="als")
+        try:
+            for _ in range(core_module.PACE_MIN):
+                assert len(s.rec.Recommend(req, timeout=10).items) == 3
+            slow.seconds = 0.0  # fast again, but only short-deadline calls come
+            err = s.error(s.rec.Recommend, req, timeout=0.1)
+            assert error_info(status_details(err)).metadata["cause"] == "deadline"
+
+            def answered() -> bool:
+                try:
+                    return len(s.rec.Recommend(req, timeout=0.1).items) == 3
+                except grpc.RpcError as exc:
+                    assert exc.code() is grpc.StatusCode.UNAVAILABLE
+                    return False
+
+            t0 = time.monotonic()
+            wait_for(answered, timeout=10, what="a short-deadline call answered")
+            assert time.monotonic() - t0 >= core_module.PACE_STALE_S - 0.1  # not at once
+            for _ in range(20):  # and from then on
+                assert len(s.rec.Recommend(req, timeout=0.1).items) == 3
+        finally:
+            slow.restore()
+
+
+def test_a_pace_is_a_low_quantile_of_recent_answers_and_expires():
+    pace = core_module.Pace()
+    for i, took in enumerate([0.001] * (core_module.PACE_MIN - 1)):
+        pace.add(took, 10.0 + i * 0.01)
+    assert pace.now(10.1) == 0.0  # too few answers to trust
+    pace.add(0.001, 10.05)
+    assert pace.now(10.1) == pytest.approx(0.001)
+    for t in range(5):
+        pace.add(2.0, 10.1 + t * 0.01)  # a few heavy answers among 32 recent ones
+    assert pace.now(10.2) == pytest.approx(0.001)
+    for t in range(core_module.PACE_SAMPLES):
+        pace.add(0.5, 10.2 + t * 0.01)  # the method slowed down: every recent answer
+    last = 10.2 + (core_module.PACE_SAMPLES - 1) * 0.01
+    assert pace.now(last) == pytest.approx(0.5)
+    assert pace.now(last + 1.9) == pytest.approx(0.5)  # renewed within 4x the pace
+    assert pace.now(last + 2.1) == 0.0  # stale: dropped
+    pace.add(0.002, last + 2.1)  # a new spell starts from its own answers
+    assert pace.now(last + 2.2) == 0.0
+    for i in range(core_module.PACE_MIN - 1):
+        pace.add(0.002, last + 2.2 + i * 0.01)
+    assert pace.now(last + 2.3) == pytest.approx(0.002)
 
 
 def test_calls_are_refused_while_the_queue_wait_stays_over_its_budget(published):

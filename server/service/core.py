@@ -89,7 +89,18 @@ TIMEOUT_ROUNDING = 0.01  # gRPC's timeout header's rounding, relative
 ACCEPT_WAIT_SHARE = 0.25  # of its deadline, the longest a call may wait to be accepted
 DEADLINE_CLASSES = 2.0  # this many times a peer's unqueued time left: another deadline
 NO_DEADLINE_S = 1e7  # more time left than this: the call has no deadline
-EWMA = 0.1  # weight of the newest answer in a method's average duration
+# Deadline-aware shedding reads a method's pace from its recent answers: a low
+# quantile of the last PACE_SAMPLES, so that one heavy call (k=1000 with
+# explanations, a long history: 90 ms where most take 1) does not make every
+# short-deadline call look hopeless. A pace no answer has renewed for
+# PACE_STALE_S (or four times the pace) is dropped: refused calls add no
+# answers, so an old pace would otherwise refuse a short-deadline client for
+# good (an average of the answers did: one 87 ms call, then every call with a
+# 6 ms deadline refused, without end).
+PACE_SAMPLES = 32
+PACE_QUANTILE = 0.1
+PACE_MIN = 4  # answers needed before the pace is trusted
+PACE_STALE_S = 1.0
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -254,6 +265,39 @@ class Plan:
     request_id: str
 
 
+class Pace:
+    """A method's recent answer times (seconds) and the pace deadline-aware
+    shedding compares a new call's time left with (see PACE_QUANTILE)."""
+
+    __slots__ = ("at", "n", "times", "value")
+
+    def __init__(self) -> None:
+        self.times = [0.0] * PACE_SAMPLES
+        self.n = 0  # answers recorded since the last reset
+        self.at = 0.0  # monotonic time of the last answer
+        self.value = 0.0  # the pace; 0.0: none yet
+
+    def add(self, took: float, now: float) -> None:
+        """Record one answer's time (thread-safe enough: a lost update under a
+        race only drops one sample)."""
+        if self.n and self.stale(now):
+            self.n, self.value = 0, 0.0  # a new episode: the old answers say nothing
+        self.times[self.n % PACE_SAMPLES] = took
+        self.n += 1
+        self.at = now
+        if self.n >= PACE_MIN:
+            recent = sorted(self.times[: min(self.n, PACE_SAMPLES)])
+            self.value = recent[int(PACE_QUANTILE * (len(recent) - 1))]
+
+    def stale(self, now: float) -> bool:
+        """No answer has renewed the pace for long enough that it may no longer hold."""
+        return now - self.at > max(PACE_STALE_S, 4 * self.value)
+
+    def now(self, now: float) -> float:
+        """The pace to judge a call by at `now`: 0.0 when there is none to trust."""
+        return 0.0 if self.stale(now) else self.value
+
+
 class Core:
     """The semantics of every recserve.v1 RPC over a catalogue, router and feedback."""
 
@@ -275,7 +319,7 @@ class Core:
         self.last_call = 0.0  # monotonic time of the last call that asked for a slot
         # Before this no call could wait in gRPC's queue (the server starts later).
         self.created = time.monotonic()
-        self._took: dict[str, float] = {}  # recent seconds per answered call, by method
+        self._paces: dict[str, Pace] = {}  # recent answer times, by method
         # Queue-time admission (asyncio): since when calls have waited for the loop
         # longer than the budget (0.0: they do not), fed by note_wait.
         self._budget = cfg.queue_budget_ms / 1000
@@ -399,16 +443,23 @@ class Core:
                 info={"cause": "heavy"},
                 retry_ms=self.cfg.overload_retry_ms,
             )
-        if remaining is not None and remaining < self._took.get(method, 0.0):
+        pace = self._paces.get(method)
+        took = 0.0 if pace is None else pace.now(time.monotonic())
+        if remaining is not None and (remaining <= 0 or remaining < took):
             # Deadline-aware shedding: this call cannot be answered in time at the
-            # pace calls take now, so it is refused at once instead of computed for
-            # a client that will have given up (a retry would fail the same way).
-            took = self._took[method]
+            # pace calls take now (or its deadline has passed), so it is refused at
+            # once instead of computed for a client that will have given up (a
+            # retry would fail the same way).
             self.metrics.rejected.labels(method, "DEADLINE").inc()
+            why = (
+                f"{1000 * remaining:.0f} ms left of the deadline, and {method} takes "
+                f"~{1000 * took:.0f} ms now"
+                if remaining > 0
+                else "the deadline passed before the call was taken in"
+            )
             raise Failure(
                 Code.UNAVAILABLE,
-                f"server: {1000 * remaining:.0f} ms left of the deadline, and {method} takes "
-                f"~{1000 * took:.0f} ms now; not computed",
+                f"server: {why}; not computed",
                 reason="OVERLOADED",
                 info={"cause": "deadline", "expected_ms": f"{1000 * took:.1f}"},
                 retry_ms=-1,
@@ -559,10 +610,12 @@ class Core:
             m.items.labels(s.method).inc(s.sent)
         took = s.t1 - s.t0
         m.rpc_seconds.labels(s.method, "OK").observe(took)
-        # The pace of this method now (an exponential average of recent answers),
-        # which deadline-aware shedding compares a new call's deadline with.
-        before = self._took.get(s.method)
-        self._took[s.method] = took if before is None else before + EWMA * (took - before)
+        # The pace of this method now, which deadline-aware shedding compares a
+        # new call's time left with.
+        pace = self._paces.get(s.method)
+        if pace is None:
+            pace = self._paces.setdefault(s.method, Pace())
+        pace.add(took, time.monotonic())
 
     def failure(self, method: str, exc: BaseException) -> Failure:
         """The Failure to answer for an exception raised while answering."""
