@@ -1265,14 +1265,13 @@ def test_a_call_whose_deadline_cannot_be_met_is_refused_uncomputed(published):
             slow.restore()
 
 
-@pytest.mark.parametrize("server", ["threads", "asyncio"])
-def test_one_heavy_call_does_not_refuse_the_short_deadlines_after_it(published, server):
+def test_one_heavy_call_does_not_refuse_the_short_deadlines_after_it(published):
     """The pace is a low quantile of recent answers, not their average: one call
     of 1.5 s among quick ones (a k=1000 request with explanations, say) leaves
     calls with 0.1 s deadlines answered. With an average (weight 0.1 for the
     newest) it rose to ~0.15 s, and every such call after it was refused."""
     root, _ = published
-    with running(root, server=server) as s:
+    with running(root) as s:
         slow = SlowModel(s.app.catalog.get("als").model)
         req = pb.RecommendRequest(user_id="7", k=3, model="als")
         try:
@@ -1288,15 +1287,14 @@ def test_one_heavy_call_does_not_refuse_the_short_deadlines_after_it(published, 
             slow.restore()
 
 
-@pytest.mark.parametrize("server", ["threads", "asyncio"])
-def test_a_pace_no_answer_renews_stops_refusing(published, server):
+def test_a_pace_no_answer_renews_stops_refusing(published):
     """Refused calls add no answers, so a pace from a slow spell would refuse a
     client with short deadlines for good once the model is fast again (with an
     average it did: every such call refused, without end). A pace not renewed
     for PACE_STALE_S (or 4x the pace) is dropped: the calls are answered again,
     and their quick answers make the new pace."""
     root, _ = published
-    with running(root, server=server) as s:
+    with running(root) as s:
         slow = SlowModel(s.app.catalog.get("als").model)
         slow.seconds = 0.3
         req = pb.RecommendRequest(user_id="7", k=3, model="als")
