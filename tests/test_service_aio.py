@@ -81,3 +81,32 @@ def test_grpc_events_for_a_closed_loop_are_not_logged_as_errors(published, caplo
         loop.close()
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 3, errors
+
+
+def test_a_probe_that_raises_probes_on_and_leaves_no_backlog(published, caplog, monkeypatch):
+    """The loop probe feeds queue-time admission; an exception in it used to end
+    it (it rescheduled itself last), leaving a backlog it had seen in place, so
+    that every call would be refused (cause queue) for good. Now it logs once,
+    clears the backlog and probes on."""
+    import time
+
+    from recserve.service import grpc_aio
+    from recserve.v1 import recommender_pb2 as pb
+
+    root, _ = published
+    with running(root, server="asyncio", queue_budget_ms=50) as s:  # noqa: F405
+        transport, core = s.app.transport, s.app.core
+        probes = []
+
+        def broken(due: float, now: float) -> None:
+            probes.append(now)
+            core._backlog_since = time.monotonic() - 1.0  # a backlog it had seen
+            raise RuntimeError("probe broke")
+
+        with caplog.at_level("ERROR", logger=grpc_aio.log.name):
+            monkeypatch.setattr(transport, "_measure", broken)
+            wait_for(lambda: len(probes) >= 20, what="20 probes after the first failure")  # noqa: F405
+        req = pb.RecommendRequest(user_id="7", k=3, model="als")
+        assert len(s.rec.Recommend(req, timeout=10).items) == 3
+        failed = [r for r in caplog.records if "the loop probe failed" in r.getMessage()]
+        assert len(failed) == 1

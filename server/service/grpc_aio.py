@@ -320,6 +320,7 @@ class AioTransport:
         self.port = 0
         self._stopped = threading.Event()
         self._probe_cpu = (0.0, 0.0)  # (loop time, loop thread CPU time) at the last probe
+        self._probe_failed = False  # a probe raised (logged once)
         # (probes, perf_counter, selector idle, thread CPU time, run-queue wait,
         # machine CPU pressure, monotonic time) at the idle window's start
         self._idle_window: tuple = (0, 0.0, 0.0, 0.0, 0.0, None, 0.0)
@@ -399,10 +400,25 @@ class AioTransport:
 
     def _probe(self, due: float) -> None:
         # Run when the loop reaches it: its lateness is how long work queued on
-        # the loop (calls gRPC has accepted included) waits before it runs. The
-        # loop thread's CPU time since the last probe tells a loop busy with
+        # the loop (calls gRPC has accepted included) waits before it runs.
+        now = self.loop.time()
+        try:
+            self._measure(due, now)
+        except Exception:
+            # Never lose the probe: one that stopped would leave a backlog it had
+            # seen in place, and queue-time admission would refuse every call.
+            if not self._probe_failed:  # once, not every PROBE_SECONDS
+                log.exception("the loop probe failed; it probes on")
+            self._probe_failed = True
+            self.app.core.note_wait(0.0)
+        finally:
+            if not self._stopped.is_set():
+                self.loop.call_at(now + PROBE_SECONDS, self._probe, now + PROBE_SECONDS)
+
+    def _measure(self, due: float, now: float) -> None:
+        # The loop thread's CPU time since the last probe tells a loop busy with
         # calls from one held back by other processes or threads.
-        now, cpu = self.loop.time(), time.thread_time()
+        cpu = time.thread_time()
         wall0, cpu0 = self._probe_cpu
         self._probe_cpu = (now, cpu)
         self.app.core.note_wait(now - due, (cpu - cpu0) / max(now - wall0, 1e-6))
@@ -438,8 +454,6 @@ class AioTransport:
             self._idle_window = (0, t, idle, cpu, wait, pressure, time.monotonic())
         else:
             self._idle_window = (probes + 1, t0, idle0, cpu0, wait0, pressure0, start)
-        if not self._stopped.is_set():
-            self.loop.call_at(now + PROBE_SECONDS, self._probe, now + PROBE_SECONDS)
 
     def _judge_open_window(self) -> None:
         # On the loop thread, from a call's admission: a window open longer than
