@@ -110,3 +110,39 @@ def test_a_probe_that_raises_probes_on_and_leaves_no_backlog(published, caplog, 
         assert len(s.rec.Recommend(req, timeout=10).items) == 3
         failed = [r for r in caplog.records if "the loop probe failed" in r.getMessage()]
         assert len(failed) == 1
+
+
+def test_a_refusal_past_its_deadline_sends_nothing():
+    """Past the call's deadline a refusal is not sent: gRPC core ends the call
+    itself, and a status sent to it could fail in core, logged by grpc.aio as an
+    ERROR with a traceback (seen under overload). The handler ends as grpc.aio's
+    own cancellation does; within the deadline the status goes out."""
+    import asyncio
+
+    from recserve.service.core import Code, Failure
+    from recserve.service.grpc_aio import _abort
+
+    class Context:
+        def __init__(self, left):
+            self.left, self.aborted = left, []
+
+        def time_remaining(self):
+            return self.left
+
+        async def abort(self, code, details, trailers=()):
+            self.aborted.append(code)
+            raise grpc.aio.AbortError()
+
+    refusal = Failure(Code.UNAVAILABLE, "server: busy", reason="OVERLOADED", retry_ms=50)
+    late = Context(-0.002)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(_abort(late, refusal))
+    assert late.aborted == []
+    for left in (0.5, None):  # time left, or no deadline: the status is sent
+        ctx = Context(left)
+        with pytest.raises(grpc.aio.AbortError):
+            asyncio.run(_abort(ctx, refusal))
+        assert ctx.aborted == [grpc.StatusCode.UNAVAILABLE]
+    gone = Context(0.5)  # a caller that went away: nothing, and no exception
+    assert asyncio.run(_abort(gone, Failure(Code.CANCELLED, "gone"))) == b""
+    assert gone.aborted == []
