@@ -1220,11 +1220,18 @@ def test_unavailable_while_nothing_is_loaded(published):
 
 class SlowModel:
     """Makes a served model's plain Recommend take `seconds` longer (0: as it was),
-    counting its calls."""
+    counting its calls, until the with block ends."""
 
-    def __init__(self, model) -> None:
-        self.model, self.original, self.calls, self.seconds = model, model.recommend_user, 0, 0.0
-        model.recommend_user = self
+    def __init__(self, model, seconds: float = 0.0) -> None:
+        self.model, self.original, self.calls, self.seconds = model, None, 0, seconds
+
+    def __enter__(self) -> SlowModel:
+        self.original = self.model.recommend_user
+        self.model.recommend_user = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.recommend_user = self.original
 
     def __call__(self, *a, **kw):
         self.calls += 1
@@ -1232,59 +1239,47 @@ class SlowModel:
             time.sleep(self.seconds)
         return self.original(*a, **kw)
 
-    def restore(self) -> None:
-        self.model.recommend_user = self.original
-
 
 def test_a_call_whose_deadline_cannot_be_met_is_refused_uncomputed(published):
-    """Deadline-aware shedding: once Recommend takes ~0.3 s, a call with 0.1 s left
+    """Deadline-aware shedding: once Recommend takes ~0.6 s, a call with 0.3 s left
     is refused at once (UNAVAILABLE, OVERLOADED, cause deadline, pushback -1: a
     retry cannot help) and never reaches the model; one with time enough is answered."""
     root, _ = published
-    with running(root) as s:
-        slow = SlowModel(s.app.catalog.get("als").model)
-        slow.seconds = 0.3
+    with running(root) as s, SlowModel(s.app.catalog.get("als").model, 0.6) as slow:
         req = pb.RecommendRequest(user_id="7", k=3, model="als")
-        try:
-            for _ in range(core_module.PACE_MIN):  # the pace: ~0.3 s
-                s.recommend(user_id="7", k=3, model="als")
-            before = slow.calls
-            t0 = time.perf_counter()
-            err = s.error(s.rec.Recommend, req, timeout=0.1)
-            took = time.perf_counter() - t0
-            assert err.code() is grpc.StatusCode.UNAVAILABLE and took < 0.1
-            info = error_info(status_details(err))
-            assert info.reason == "OVERLOADED" and info.metadata["cause"] == "deadline"
-            assert dict(err.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
-            assert slow.calls == before  # never computed
-            rejected = s.app.core.metrics.rejected.labels("Recommend", "DEADLINE")._value.get()
-            assert rejected == 1
-            items, _ = s.recommend(user_id="7", k=3, model="als")  # 10 s: answered
-            assert len(items) == 3
-        finally:
-            slow.restore()
+        for _ in range(core_module.PACE_MIN):  # the pace: ~0.6 s
+            s.recommend(user_id="7", k=3, model="als")
+        before = slow.calls
+        t0 = time.perf_counter()
+        err = s.error(s.rec.Recommend, req, timeout=0.3)
+        took = time.perf_counter() - t0
+        assert err.code() is grpc.StatusCode.UNAVAILABLE and took < 0.3
+        info = error_info(status_details(err))
+        assert info.reason == "OVERLOADED" and info.metadata["cause"] == "deadline"
+        assert dict(err.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
+        assert slow.calls == before  # never computed
+        rejected = s.app.core.metrics.rejected.labels("Recommend", "DEADLINE")._value.get()
+        assert rejected == 1
+        items, _ = s.recommend(user_id="7", k=3, model="als")  # 10 s: answered
+        assert len(items) == 3
 
 
 def test_one_heavy_call_does_not_refuse_the_short_deadlines_after_it(published):
     """The pace is a low quantile of recent answers, not their average: one call
-    of 1.5 s among quick ones (a k=1000 request with explanations, say) leaves
-    calls with 0.1 s deadlines answered. With an average (weight 0.1 for the
-    newest) it rose to ~0.15 s, and every such call after it was refused."""
+    of 4 s among quick ones (a k=1000 request with explanations, say) leaves
+    calls with 0.3 s deadlines answered. With an average (weight 0.1 for the
+    newest) it rose to ~0.4 s, and every such call after it was refused."""
     root, _ = published
-    with running(root) as s:
-        slow = SlowModel(s.app.catalog.get("als").model)
+    with running(root) as s, SlowModel(s.app.catalog.get("als").model) as slow:
         req = pb.RecommendRequest(user_id="7", k=3, model="als")
-        try:
-            for _ in range(2 * core_module.PACE_MIN):
-                assert len(s.rec.Recommend(req, timeout=10).items) == 3
-            slow.seconds = 1.5
+        for _ in range(2 * core_module.PACE_MIN):
             assert len(s.rec.Recommend(req, timeout=10).items) == 3
-            slow.seconds = 0.0
-            for _ in range(20):
-                assert len(s.rec.Recommend(req, timeout=0.1).items) == 3
-            assert s.app.core.metrics.rejected.labels("Recommend", "DEADLINE")._value.get() == 0
-        finally:
-            slow.restore()
+        slow.seconds = 4.0
+        assert len(s.rec.Recommend(req, timeout=10).items) == 3
+        slow.seconds = 0.0
+        for _ in range(20):
+            assert len(s.rec.Recommend(req, timeout=0.3).items) == 3
+        assert s.app.core.metrics.rejected.labels("Recommend", "DEADLINE")._value.get() == 0
 
 
 def test_a_pace_no_answer_renews_stops_refusing(published):
@@ -1294,31 +1289,26 @@ def test_a_pace_no_answer_renews_stops_refusing(published):
     for PACE_STALE_S (or 4x the pace) is dropped: the calls are answered again,
     and their quick answers make the new pace."""
     root, _ = published
-    with running(root) as s:
-        slow = SlowModel(s.app.catalog.get("als").model)
-        slow.seconds = 0.3
+    with running(root) as s, SlowModel(s.app.catalog.get("als").model, 0.6) as slow:
         req = pb.RecommendRequest(user_id="7", k=3, model="als")
-        try:
-            for _ in range(core_module.PACE_MIN):
-                assert len(s.rec.Recommend(req, timeout=10).items) == 3
-            slow.seconds = 0.0  # fast again, but only short-deadline calls come
-            err = s.error(s.rec.Recommend, req, timeout=0.1)
-            assert error_info(status_details(err)).metadata["cause"] == "deadline"
+        for _ in range(core_module.PACE_MIN):
+            assert len(s.rec.Recommend(req, timeout=10).items) == 3
+        slow.seconds = 0.0  # fast again, but only short-deadline calls come
+        err = s.error(s.rec.Recommend, req, timeout=0.3)
+        assert error_info(status_details(err)).metadata["cause"] == "deadline"
 
-            def answered() -> bool:
-                try:
-                    return len(s.rec.Recommend(req, timeout=0.1).items) == 3
-                except grpc.RpcError as exc:
-                    assert exc.code() is grpc.StatusCode.UNAVAILABLE
-                    return False
+        def answered() -> bool:
+            try:
+                return len(s.rec.Recommend(req, timeout=0.3).items) == 3
+            except grpc.RpcError as exc:
+                assert exc.code() is grpc.StatusCode.UNAVAILABLE
+                return False
 
-            t0 = time.monotonic()
-            wait_for(answered, timeout=10, what="a short-deadline call answered")
-            assert time.monotonic() - t0 >= core_module.PACE_STALE_S - 0.1  # not at once
-            for _ in range(20):  # and from then on
-                assert len(s.rec.Recommend(req, timeout=0.1).items) == 3
-        finally:
-            slow.restore()
+        t0 = time.monotonic()
+        wait_for(answered, timeout=10, what="a short-deadline call answered")
+        assert time.monotonic() - t0 >= core_module.PACE_STALE_S - 0.1  # not at once
+        for _ in range(20):  # and from then on
+            assert len(s.rec.Recommend(req, timeout=0.3).items) == 3
 
 
 def test_a_pace_is_a_low_quantile_of_recent_answers_and_expires():
