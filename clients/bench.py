@@ -420,8 +420,8 @@ def _defaults_from_server(load: Load) -> None:
         grpc.secure_channel(load.target, creds) if creds else grpc.insecure_channel(load.target)
     ) as ch:
         admin = pb_grpc.AdminStub(ch)
-        models = admin.ListModels(pb.ListModelsRequest(), timeout=10, metadata=load.metadata())
-        models = models.models
+        listed = admin.ListModels(pb.ListModelsRequest(), timeout=10, metadata=load.metadata())
+    models = listed.models
     real = [m for m in models if m.n_items > 0]
     pick = next((m for m in real if m.name == load.model), real[0] if real else None)
     if pick is None:

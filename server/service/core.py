@@ -444,7 +444,7 @@ class Core:
                 retry_ms=self.cfg.overload_retry_ms,
             )
         pace = self._paces.get(method)
-        took = 0.0 if pace is None else pace.now(time.monotonic())
+        took = 0.0 if pace is None else pace.now(self.last_call)
         if remaining is not None and (remaining <= 0 or remaining < took):
             # Deadline-aware shedding: this call cannot be answered in time at the
             # pace calls take now (or its deadline has passed), so it is refused at
